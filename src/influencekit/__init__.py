@@ -1,0 +1,60 @@
+"""influencekit: which training examples made my model predict this? Influence functions for PyTorch.
+
+Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML 2017.
+"""
+
+from . import solvers
+from .errors import (
+    ConvergenceWarning,
+    CurvatureWarning,
+    InfluenceKitError,
+    InfluenceKitWarning,
+    InputError,
+    InputTypeError,
+    NotFittedError,
+    NumericalError,
+    SolverDivergenceError,
+    StationarityWarning,
+    UnsupportedError,
+)
+from .hessian import HessianOperator
+from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
+from .scoring import Influence
+from .solvers import CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
+from .spectrum import lanczos_extremes, power_iteration
+from .task import ClassificationTask, RegressionTask, Task
+from .training import fit_lbfgs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Influence",
+    "Task",
+    "ClassificationTask",
+    "RegressionTask",
+    "InfluenceScores",
+    "RankedInfluence",
+    "TopK",
+    "CONVENTION",
+    "HessianOperator",
+    "Solver",
+    "SolveReport",
+    "ExactSolver",
+    "CGSolver",
+    "LissaSolver",
+    "solvers",
+    "lanczos_extremes",
+    "power_iteration",
+    "fit_lbfgs",
+    "InfluenceKitError",
+    "InputError",
+    "InputTypeError",
+    "NotFittedError",
+    "NumericalError",
+    "SolverDivergenceError",
+    "UnsupportedError",
+    "InfluenceKitWarning",
+    "ConvergenceWarning",
+    "CurvatureWarning",
+    "StationarityWarning",
+]

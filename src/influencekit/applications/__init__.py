@@ -1,0 +1,1 @@
+"""The paper's applications as workflows (explaining predictions; more land with their issues)."""

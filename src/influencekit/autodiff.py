@@ -1,0 +1,162 @@
+"""Pure torch.func building blocks over a params dict: flat layout, per-example gradients, mean gradient, HVPs.
+
+Everything here works on one batch; the chunking over a whole data set lives in :mod:`influencekit.hessian`
+(curvature) and :mod:`influencekit.scoring` (gradients). Vectors over parameters are flat: a block of
+``k`` vectors has shape ``(k, n_params)``, laid out in the order of :class:`ParamLayout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad, grad_and_value, jvp, vmap
+from torch.utils._pytree import tree_map
+
+from .errors import InputError, NumericalError
+
+__all__ = [
+    "ParamLayout",
+    "LossFn",
+    "per_example_grads",
+    "batch_grad_sum",
+    "hvp_sum",
+    "input_size_per_example",
+]
+
+LossFn = Callable[[dict[str, torch.Tensor], Any], torch.Tensor]  # (params, batch) -> (B,)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How a dict of parameter tensors maps to one flat vector (names in order, shapes, offsets)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def of(cls, params: dict[str, torch.Tensor]) -> "ParamLayout":
+        tensors = list(params.values())
+        dtypes = {t.dtype for t in tensors}
+        devices = {t.device for t in tensors}
+        if len(dtypes) != 1:
+            raise InputError(
+                f"the selected parameters must share one floating dtype. Got {sorted(str(d) for d in dtypes)}; "
+                "convert the model with model.to(dtype)."
+            )
+        if len(devices) != 1:
+            raise InputError(
+                f"the selected parameters must sit on one device. Got {sorted(str(d) for d in devices)}; "
+                "move the model with model.to(device), or select the parameters of one device with `params=`."
+            )
+        dtype = dtypes.pop()
+        if not dtype.is_floating_point:
+            raise InputError(f"the selected parameters must be floating point. Got {dtype}.")
+        return cls(tuple(params), tuple(t.shape for t in tensors), dtype, devices.pop())
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def n(self) -> int:
+        """Total number of parameters."""
+        return sum(self.numels)
+
+    def flatten(self, tensors: dict[str, torch.Tensor], *, batch_dims: int = 0) -> torch.Tensor:
+        """Concatenate a dict (optionally with leading batch dimensions) into ``(*batch, n_params)``."""
+        parts = []
+        for name in self.names:
+            t = tensors[name]
+            parts.append(t.reshape(*t.shape[:batch_dims], -1))
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split ``(*batch, n_params)`` back into a dict of ``(*batch, *shape)`` tensors."""
+        lead = flat.shape[:-1]
+        pieces = torch.split(flat, list(self.numels), dim=-1)
+        return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, pieces, self.shapes)}
+
+
+def _as_single(batch: Any) -> Any:
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def per_example_grads(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``fn`` for each example of ``batch`` separately: ``vmap(grad(fn on one example))``.
+
+    Returns ``(grads, losses)`` of shapes ``(B, n_params)`` and ``(B,)``. ``fn`` is a per-example loss
+    ``(params, batch) -> (B,)``; each example is passed as a batch of one, so ``fn`` never needs to know
+    it is being vectorised.
+    """
+
+    def one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
+        return fn(p, _as_single(example)).squeeze(0)
+
+    grads, losses = vmap(grad_and_value(one), in_dims=(None, 0))(params, batch)
+    return layout.flatten(grads, batch_dims=1), losses
+
+
+def batch_grad_sum(
+    fn: LossFn,
+    params: dict[str, torch.Tensor],
+    batch: Any,
+    layout: ParamLayout,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the (optionally ``weights``-weighted) *sum* of ``fn`` over the batch, ``(n_params,)``,
+    and the per-example losses ``(B,)``."""
+
+    def total(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        losses = fn(p, batch)
+        summed = losses.sum() if weights is None else (weights * losses).sum()
+        return summed, losses.detach()
+
+    g, losses = grad(total, has_aux=True)(params)
+    return layout.flatten(g), losses
+
+
+def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+    """Hessian of the *sum* of ``fn`` over the batch times each row of ``V``: ``(k, n_params) -> (k, n_params)``.
+
+    Forward-over-reverse: ``jvp(grad(Σ fn), θ, v)``, vectorised over the ``k`` tangents with ``vmap``.
+    """
+
+    def total(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return fn(p, batch).sum()
+
+    g = grad(total)
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        _, hv = jvp(g, (params,), (layout.unflatten(v),))
+        return layout.flatten(hv)
+
+    return vmap(one)(V)
+
+
+def input_size_per_example(fn: LossFn, params: dict[str, torch.Tensor], example_batch: Any, model: torch.nn.Module) -> int:
+    """Number of values the model's modules output for one example (a proxy for activation memory)."""
+    total = 0
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        for leaf in (output if isinstance(output, (tuple, list)) else (output,)):
+            if isinstance(leaf, torch.Tensor):
+                total += leaf.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            out = fn(params, example_batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if not torch.isfinite(out).all():
+        raise NumericalError("the loss of the first example is not finite; check the model and the data.")
+    return max(total, 1)

@@ -1,0 +1,110 @@
+"""Argument validation with one message template.
+
+The template follows scikit-learn's: "`name` must be <allowed>. Got <value>." followed by the fix
+when there is one. Library code never uses ``assert`` for user input.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+from .errors import InputError, InputTypeError
+
+__all__ = [
+    "check_number",
+    "check_int",
+    "check_choice",
+    "check_finite_tensor",
+    "parse_bytes",
+]
+
+
+def _fmt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Return ``value`` as a float after checking that it is a finite real in the given interval."""
+    interval = (
+        ("[" if low_inclusive else "(")
+        + ("-inf" if low is None else f"{low:g}")
+        + ", "
+        + ("inf" if high is None else f"{high:g}")
+        + ("]" if high_inclusive else ")")
+    )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"`{name}` must be a float in {interval}. Got {_fmt(value)} of type {type(value).__name__}.")
+    value = float(value)
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if ok and high is not None:
+        ok = value <= high if high_inclusive else value < high
+    if not ok:
+        raise InputError(f"`{name}` must be a float in {interval}. Got {_fmt(value)}.")
+    return value
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` as an int after checking that it is an integer in ``[low, high]``."""
+    interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputTypeError(f"`{name}` must be an int in {interval}. Got {_fmt(value)} of type {type(value).__name__}.")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise InputError(f"`{name}` must be an int in {interval}. Got {value}.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
+    """Return ``value`` after checking that it is one of ``choices``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise InputError(f"`{name}` must be one of {allowed}. Got {_fmt(value)}.")
+    return value
+
+
+def check_finite_tensor(name: str, tensor: torch.Tensor, *, fix: str = "") -> None:
+    """Raise when ``tensor`` holds NaN or inf; the message gives the count and the first position."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        bad = ~torch.isfinite(tensor)
+        if bool(bad.any()):
+            count = int(bad.sum())
+            first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+            raise InputError(
+                f"`{name}` must hold only finite values. Got {count} NaN/inf value(s), the first at index {first}."
+                + (f" {fix}" if fix else "")
+            )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(name: str, value: Any) -> int:
+    """Parse a memory size given as an int number of bytes or a string such as ``"512MB"`` or ``"2GiB"``."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number):]
+        if unit in _UNITS and number:
+            try:
+                amount = float(number)
+            except ValueError:
+                amount = -1.0
+            if amount > 0:
+                return int(amount * _UNITS[unit])
+        raise InputError(f"`{name}` must be a positive number of bytes or a string like '512MB' or '2GiB'. Got {_fmt(value)}.")
+    return check_int(name, value, low=1)

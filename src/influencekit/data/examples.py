@@ -1,0 +1,203 @@
+"""One view over every form of data a user may pass: tensors, (X, y) tuples, dicts, Datasets, DataLoaders.
+
+The engine needs three things from a training or test set: its length, a batch of given indices
+(for LiSSA's random mini-batches and for ``params_influence(idx)``), and its batches in order (for
+streaming gradients). :class:`Examples` provides exactly these, moves batches to the model's device,
+and refuses wrong dtypes and non-finite inputs with a message that names the example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data._utils.collate import default_collate
+
+from ..errors import InputError, InputTypeError, UnsupportedError
+
+__all__ = ["Examples", "Batch"]
+
+Batch = Any  # a tensor, or a tuple/list/dict (nested) of tensors whose first dimension is the batch
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise InputTypeError(f"`{name}` must be a numeric array. Got a numpy array of dtype object; convert it with astype(float).")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (torch.Tensor, np.ndarray)):
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputTypeError(f"`{name}` must be a tensor or an array. Got a {type(value).__name__} that torch cannot convert ({exc}).") from None
+    raise InputTypeError(
+        f"`{name}` must be a tensor, a numpy array, or a tuple/dict of them. Got {type(value).__name__}."
+    )
+
+
+class Examples:
+    """An indexable sequence of examples built from tensors, tuples, dicts, a Dataset or a DataLoader.
+
+    Args:
+        source: a tensor ``(n, ...)``; a tuple/list of tensors or arrays with a common first dimension,
+            e.g. ``(X, y)``; a dict of such; a map-style ``torch.utils.data.Dataset``; or a ``DataLoader``
+            over one that does not shuffle (its ``collate_fn`` is used, its batch size is not).
+        name: how error messages call this data ("train", "test").
+    """
+
+    def __init__(self, source: Any, *, name: str = "data") -> None:
+        self.name = name
+        self._tensors: Any = None
+        self._dataset: Dataset | None = None
+        self._collate = default_collate
+        if isinstance(source, Examples):
+            self._tensors, self._dataset, self._collate = source._tensors, source._dataset, source._collate
+            self._n = len(source)
+            return
+        if isinstance(source, DataLoader):
+            if isinstance(source.dataset, IterableDataset):
+                raise UnsupportedError(
+                    f"`{name}` is a DataLoader over an IterableDataset, which cannot be indexed. "
+                    "Pass a map-style Dataset (one with __len__ and __getitem__) that loads examples lazily."
+                )
+            if not isinstance(source.sampler, SequentialSampler):
+                raise InputError(
+                    f"`{name}` must be a DataLoader that keeps the dataset order (shuffle=False, no sampler). "
+                    f"Got a DataLoader with a {type(source.sampler).__name__}; influence scores are indexed by "
+                    "position in the dataset, so pass DataLoader(dataset, shuffle=False) or the dataset itself."
+                )
+            self._dataset = source.dataset
+            self._collate = source.collate_fn or default_collate
+        elif isinstance(source, IterableDataset):
+            raise UnsupportedError(
+                f"`{name}` is an IterableDataset, which cannot be indexed. Pass a map-style Dataset "
+                "(one with __len__ and __getitem__) that loads examples lazily."
+            )
+        elif isinstance(source, Dataset):
+            self._dataset = source
+        elif isinstance(source, (torch.Tensor, np.ndarray)):
+            self._tensors = _as_tensor(name, source)
+        elif isinstance(source, Mapping):
+            self._tensors = {k: _as_tensor(f"{name}[{k!r}]", v) for k, v in source.items()}
+        elif isinstance(source, Sequence) and not isinstance(source, str):
+            self._tensors = tuple(_as_tensor(f"{name}[{i}]", v) for i, v in enumerate(source))
+        else:
+            raise InputTypeError(
+                f"`{name}` must be a tensor, an (X, y) tuple, a dict of tensors, a map-style torch Dataset "
+                f"or a DataLoader. Got {type(source).__name__}."
+            )
+
+        if self._dataset is not None:
+            if not hasattr(self._dataset, "__len__"):
+                raise InputTypeError(f"`{name}` must be a Dataset with __len__. Got {type(self._dataset).__name__} without it.")
+            self._n = len(self._dataset)  # type: ignore[arg-type]
+        else:
+            leaves, _ = tree_flatten(self._tensors)
+            if not leaves:
+                raise InputError(f"`{name}` must hold at least one tensor. Got an empty {type(source).__name__}.")
+            lengths = []
+            for leaf in leaves:
+                if leaf.dim() == 0:
+                    raise InputError(f"`{name}` must hold tensors with a first (example) dimension. Got a 0-d tensor.")
+                lengths.append(leaf.shape[0])
+            if len(set(lengths)) != 1:
+                raise InputError(
+                    f"`{name}` must hold tensors with the same number of examples (first dimension). "
+                    f"Got lengths {lengths}; check that X and y come from the same split."
+                )
+            self._n = lengths[0]
+        if self._n == 0:
+            raise InputError(f"`{name}` must hold at least one example. Got an empty data set.")
+
+    def __len__(self) -> int:
+        return self._n
+
+    def batch(self, indices: torch.Tensor | Sequence[int] | slice) -> Batch:
+        """The examples at ``indices`` as one batch (a tensor or a tuple/dict of tensors)."""
+        if isinstance(indices, slice):
+            if self._tensors is not None:
+                return tree_map(lambda t: t[indices], self._tensors)
+            indices = range(*indices.indices(self._n))
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        indices = list(indices)
+        for i in indices:
+            if not -self._n <= i < self._n:
+                raise InputError(f"index into `{self.name}` must be in [0, {self._n - 1}]. Got {i}.")
+        if self._tensors is not None:
+            idx = torch.as_tensor(indices, dtype=torch.long)
+            return tree_map(lambda t: t[idx.to(t.device)], self._tensors)
+        items = [self._dataset[i] for i in indices]  # type: ignore[index]
+        batch = self._collate(items)
+        return tree_map(lambda v: _as_tensor(self.name, v) if isinstance(v, np.ndarray) else v, batch)
+
+    def batches(self, batch_size: int, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Batch]]:
+        """Yield ``(offset, batch)`` over examples ``start:stop`` in order, ``batch_size`` at a time."""
+        stop = self._n if stop is None else stop
+        for lo in range(start, stop, batch_size):
+            yield lo, self.batch(slice(lo, min(lo + batch_size, stop)))
+
+
+def batch_size_of(batch: Batch) -> int:
+    """The number of examples in a batch (the first dimension of its first tensor)."""
+    leaves, _ = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise InputError("a batch must contain at least one tensor with a batch dimension. Got none.")
+
+
+def prepare_batch(batch: Batch, *, name: str, offset: int, dtype: torch.dtype, device: torch.device) -> Batch:
+    """Move a batch to ``device``, and refuse floating tensors of another dtype or with NaN/inf.
+
+    ``offset`` is the position of the batch's first example in its data set, so that errors name the
+    example at fault.
+    """
+
+    def visit(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        if leaf.is_floating_point():
+            if leaf.dtype != dtype:
+                raise InputError(
+                    f"`{name}` must hold floating tensors of the model's dtype {dtype}. Got {leaf.dtype}. "
+                    f"Convert the data with .to({dtype}) or the model with .to({leaf.dtype})."
+                )
+            finite = torch.isfinite(leaf.reshape(leaf.shape[0], -1) if leaf.dim() > 0 else leaf.reshape(1, 1))
+            if not bool(finite.all()):
+                bad_rows = (~finite).any(dim=1).nonzero().flatten().tolist()
+                raise InputError(
+                    f"`{name}` must hold only finite values. Got NaN/inf in example(s) "
+                    f"{[offset + r for r in bad_rows[:5]]}{' ...' if len(bad_rows) > 5 else ''}; "
+                    "remove or impute them before computing influence."
+                )
+        return leaf.to(device, non_blocking=True)
+
+    return tree_map(visit, batch)
+
+
+def stream(
+    data: Examples,
+    batch_size: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[tuple[int, Batch]]:
+    """Yield ``(offset, batch)`` with each batch checked and moved by :func:`prepare_batch`."""
+    for lo, batch in data.batches(batch_size, start=start, stop=stop):
+        yield lo, prepare_batch(batch, name=data.name, offset=lo, dtype=dtype, device=device)
+
+
+def take(data: Examples, indices: torch.Tensor | Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Batch:
+    """The examples at ``indices``, checked and moved by :func:`prepare_batch` (errors name the first index)."""
+    indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    batch = data.batch(indices)
+    return prepare_batch(batch, name=data.name, offset=indices[0] if indices else 0, dtype=dtype, device=device)

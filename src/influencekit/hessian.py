@@ -1,0 +1,157 @@
+"""The curvature operator (H + δI) of the training objective at θ̂, applied with Hessian-vector products.
+
+    H = ∇²R(θ̂) = (1/n) Σ_i ∇²ℓ(z_i, θ̂) + λI
+
+The L2 part is added analytically (λv), the data part by forward-over-reverse HVPs streamed over the
+training set in chunks, so memory stays bounded for any number of examples. Solvers receive this object
+in ``fit(operator)`` and never touch the model or the data directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .autodiff import ParamLayout, hvp_sum
+from .data.examples import Examples, stream, take
+from .errors import NumericalError
+from .progress import progress_bar
+from .task import Task
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator:
+    """``V ↦ V (H + δI)`` for blocks ``V`` of shape ``(k, n_params)`` (H is symmetric, so rows or columns alike).
+
+    Args:
+        task: the task (its ``loss`` and ``l2``).
+        params: θ̂, the selected parameters.
+        data: the training examples.
+        damping: δ ≥ 0 added to the diagonal.
+        batch_size: examples per HVP chunk.
+        tangent_block: right-hand sides per vectorised HVP call.
+        weights: optional per-example weights ``(n,)``; H is then the Hessian of Σ w_i L_i / Σ w_i
+            (used by retraining; influence itself uses uniform weights).
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        params: dict[str, torch.Tensor],
+        data: Examples,
+        *,
+        damping: float,
+        batch_size: int,
+        tangent_block: int,
+        progress: bool = False,
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        self.task = task
+        self.params = params
+        self.layout = ParamLayout.of(params)
+        self.data = data
+        self.damping = float(damping)
+        self.l2 = float(task.l2)
+        self.batch_size = int(batch_size)
+        self.tangent_block = max(1, int(tangent_block))
+        self.progress = progress
+        self.weights = None if weights is None else torch.as_tensor(weights).to(self.layout.device, self.layout.dtype)
+        self._total_weight = float(len(data)) if weights is None else float(self.weights.sum())
+        self.hvp_count = 0  # Hessian-vector products over the full data set (one per right-hand side)
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.n
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.data)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    @property
+    def shift(self) -> float:
+        """λ + δ: what is added to the data Hessian's diagonal."""
+        return self.l2 + self.damping
+
+    def _loss_fn(self, offset: int | None) -> Any:
+        if self.weights is None or offset is None:
+            return self.task.loss
+        w = self.weights
+
+        def weighted(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            losses = self.task.loss(params, batch)
+            return losses * w[offset:offset + losses.shape[0]]
+
+        return weighted
+
+    def _data_hvp(self, batch: Any, V: torch.Tensor, offset: int | None = None) -> torch.Tensor:
+        fn = self._loss_fn(offset)
+        out = torch.empty_like(V)
+        for lo in range(0, V.shape[0], self.tangent_block):
+            hi = min(lo + self.tangent_block, V.shape[0])
+            out[lo:hi] = hvp_sum(fn, self.params, batch, self.layout, V[lo:hi])
+        return out
+
+    def _check(self, out: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(out).all()):
+            raise NumericalError(
+                "a Hessian-vector product is not finite: the loss or its curvature overflows at θ̂. "
+                "Check the model's outputs for NaN/inf, or compute in float64."
+            )
+        return out
+
+    def matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """(H + δI) applied to each row of ``V`` ``(k, n_params)``, over the whole training set."""
+        V = V.to(self.dtype)
+        acc = torch.zeros_like(V)
+        for lo, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device):
+            acc += self._data_hvp(batch, V, lo)
+        self.hvp_count += V.shape[0]
+        return self._check(acc / self._total_weight + self.shift * V)
+
+    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """(H_B + δI) V with H_B the Hessian of the mean loss over the examples ``indices`` (plus λI)."""
+        if self.weights is not None:
+            raise NotImplementedError("mini-batch products of a weighted objective are not defined; use matvec().")
+        V = V.to(self.dtype)
+        batch = take(self.data, indices, dtype=self.dtype, device=self.device)
+        return self._check(self._data_hvp(batch, V) / len(indices) + self.shift * V)
+
+    def dense(self, *, progress: bool | None = None) -> torch.Tensor:
+        """The explicit Hessian H ``(n_params, n_params)`` *without* damping, symmetrised.
+
+        Built from HVPs with identity blocks, the data streamed once (outer loop) so a costly data set is
+        read a single time. Memory: one ``n_params²`` matrix plus a tangent block.
+        """
+        p = self.n_params
+        H = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        eye_block = self.tangent_block
+        n_chunks = -(-self.n_examples // self.batch_size)
+        bar = progress_bar(total=n_chunks * (-(-p // eye_block)), desc="dense Hessian", enabled=self.progress if progress is None else progress)
+        for offset, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device):
+            fn = self._loss_fn(offset)
+            for lo in range(0, p, eye_block):
+                hi = min(lo + eye_block, p)
+                E = torch.zeros(hi - lo, p, dtype=self.dtype, device=self.device)
+                E[torch.arange(hi - lo), torch.arange(lo, hi)] = 1
+                H[lo:hi] += hvp_sum(fn, self.params, batch, self.layout, E)
+                bar.update(1)
+        bar.close()
+        self.hvp_count += p
+        H /= self._total_weight
+        H = 0.5 * (H + H.T)
+        H.diagonal().add_(self.l2)
+        return self._check(H)
+
+    def as_callable(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.matvec

@@ -1,0 +1,344 @@
+"""The engine: fit the curvature once, precondition the query side once, stream training gradients.
+
+For test points z_test and training points z (docs/conventions.md)::
+
+    I_up,params(z)        = −(H + δI)⁻¹ ∇L(z, θ̂)
+    I_up,loss(z, z_test)  = −∇ℓ(z_test, θ̂)ᵀ (H + δI)⁻¹ ∇L(z, θ̂)
+    self-influence(z)     =  ∇L(z, θ̂)ᵀ (H + δI)⁻¹ ∇L(z, θ̂)
+
+``scores`` solves (H + δI)⁻¹ for all test gradients in one block solve, then streams per-example training
+gradients in chunks and multiplies, so its cost is about one per-example-gradient pass over the training
+set plus the solve. Chunk sizes follow ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .autodiff import ParamLayout, batch_grad_sum, input_size_per_example, per_example_grads
+from .checks import check_int, check_number, parse_bytes
+from .data.examples import Examples, batch_size_of, stream, take
+from .errors import InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning
+from .hessian import HessianOperator
+from .progress import progress_bar
+from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
+from .solvers import Solver, SolveReport, make_solver
+from .task import Task
+
+__all__ = ["Influence"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """Chunk sizes derived from the memory budget."""
+
+    grad: int  # examples per per-example-gradient chunk
+    hvp: int  # examples per HVP chunk
+    tangents: int  # right-hand sides per vectorised HVP
+    queries: int  # test points solved together
+
+
+class Influence:
+    """Influence of training points on a model's test predictions (Koh & Liang 2017).
+
+    Args:
+        task: a :class:`~influencekit.task.Task` (model, per-example loss, L2, selected parameters).
+        train: the training data the model was fitted on: a tensor, an ``(X, y)`` tuple, a dict of tensors,
+            a map-style Dataset, or a DataLoader that does not shuffle.
+        solver: ``"exact" | "cg" | "lissa"`` or a :class:`~influencekit.solvers.Solver` instance.
+        damping: δ ≥ 0 added to the Hessian's diagonal (non-convex models need δ > 0).
+        solver_options: keyword arguments for the solver's constructor when ``solver`` is a name.
+        batch_size: examples per chunk for gradients and HVPs; ``None`` derives it from ``memory_budget``.
+        memory_budget: working memory for chunks, bytes or a string like ``"2GiB"`` (the exact solver's
+            dense Hessian comes on top; see its ``max_params``).
+        stationarity_tol: ``fit`` warns when ‖∇R(θ̂)‖ exceeds this (influence assumes θ̂ minimises R).
+        progress: show progress bars on long work.
+
+    Example::
+
+        task = ik.ClassificationTask(model, l2=1e-3)
+        inf = ik.Influence(task, (X_train, y_train), solver="cg").fit()
+        scores = inf.scores((X_test, y_test))          # I_up,loss, (n_test, n_train)
+        scores.predicted_loo_change()                  # -I_up,loss / n
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        train: Any,
+        *,
+        solver: str | Solver = "cg",
+        damping: float = 0.0,
+        solver_options: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+        memory_budget: int | str = "2GiB",
+        stationarity_tol: float = 1e-3,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(task, Task):
+            raise InputTypeError(f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}.")
+        self.task = task
+        self.train = train
+        self.solver = solver
+        self.damping = check_number("damping", damping, low=0.0)
+        self.solver_options = dict(solver_options or {})
+        self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, low=1)
+        self.memory_budget = parse_bytes("memory_budget", memory_budget)
+        self.stationarity_tol = check_number("stationarity_tol", stationarity_tol, low=0.0)
+        self.progress = bool(progress)
+        make_solver(solver, **self.solver_options)  # validate the choice now, not at fit time
+
+    # ------------------------------------------------------------------------------------------ fit
+    def fit(self) -> "Influence":
+        """Check the data and θ̂, measure ‖∇R(θ̂)‖, and fit the solver on H + δI. Returns ``self``."""
+        self.task._check_mode()
+        train = Examples(self.train, name="train")
+        params = self.task.params()
+        layout = ParamLayout.of(params)
+        for name, value in params.items():
+            if not bool(torch.isfinite(value).all()):
+                raise InputError(f"the model parameter {name!r} holds NaN/inf values; influence needs a finite trained model.")
+        self.train_ = train
+        self.params_ = params
+        self.layout_ = layout
+        self.chunks_ = self._plan_chunks(train, params, layout)
+
+        grad_sum = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
+        loss_sum = 0.0
+        for lo, batch in stream(train, self.chunks_.grad, dtype=layout.dtype, device=layout.device):
+            g, losses = batch_grad_sum(self.task.loss, params, batch, layout)
+            self._check_losses(losses, "train", lo)
+            grad_sum += g
+            loss_sum += float(losses.sum())
+        theta = layout.flatten(params)
+        mean_grad = grad_sum / len(train) + self.task.l2 * theta
+        self.grad_norm_ = float(mean_grad.norm())
+        self.train_loss_ = loss_sum / len(train)
+        logger.info("fit: n_train=%d, n_params=%d, ||grad R(theta)||=%.3g", len(train), layout.n, self.grad_norm_)
+        if self.grad_norm_ > self.stationarity_tol:
+            warnings.warn(
+                f"the model is far from a stationary point of the training objective: ||grad R(theta)|| = "
+                f"{self.grad_norm_:.3g} > stationarity_tol={self.stationarity_tol:g}. Influence assumes theta minimises "
+                "R (with the same `l2`); train longer or check that `l2` matches the training regularisation.",
+                StationarityWarning,
+                stacklevel=2,
+            )
+
+        self.operator_ = HessianOperator(
+            self.task, params, train, damping=self.damping, batch_size=self.chunks_.hvp,
+            tangent_block=self.chunks_.tangents, progress=self.progress,
+        )
+        self.solver_ = make_solver(self.solver, **self.solver_options)
+        self.solver_.fit(self.operator_)
+        return self
+
+    def _plan_chunks(self, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout) -> _Chunks:
+        first = take(train, [0], dtype=layout.dtype, device=layout.device)
+        act = input_size_per_example(self.task.loss, params, first, self.task.model)
+        item = torch.finfo(layout.dtype).bits // 8
+        p = layout.n
+        budget = self.memory_budget
+        n = len(train)
+        # vmap(grad): per-example gradient rows plus a few copies of activations per example
+        grad = self.batch_size or max(1, min(n, 4096, budget // (item * (2 * p + 4 * act))))
+        hvp = self.batch_size or max(1, min(n, 1024))
+        # vmap over tangents of jvp(grad): each tangent carries activations of the whole chunk and a gradient
+        tangents = max(1, min(4096, budget // (item * 6 * (hvp * act + p))))
+        queries = max(1, budget // (item * 4 * p))
+        return _Chunks(grad=grad, hvp=hvp, tangents=tangents, queries=queries)
+
+    def _require_fitted(self) -> None:
+        if not hasattr(self, "solver_"):
+            raise NotFittedError("this Influence is not fitted yet. Call .fit() before computing scores.")
+
+    @staticmethod
+    def _check_losses(losses: torch.Tensor, name: str, offset: int) -> None:
+        if not bool(torch.isfinite(losses).all()):
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+            raise NumericalError(
+                f"the loss is not finite for `{name}` example(s) {[offset + b for b in bad[:5]]}: check those examples "
+                "and the model's outputs (e.g. log of 0, overflow); compute in float64 if values are extreme."
+            )
+
+    # ------------------------------------------------------------------------------------ gradients
+    def _grads(self, data: Examples, *, train_side: bool, start: int = 0, stop: int | None = None, desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
+        """Per-example gradients in chunks: ∇L (with L2) on the train side, ∇(measurement) on the test side."""
+        layout = self.layout_
+        fn = self.task.loss if train_side else self.task.measurement
+        l2_term = self.task.l2 * layout.flatten(self.params_) if (train_side and self.task.l2) else None
+        stop = len(data) if stop is None else stop
+        bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
+        for lo, batch in stream(data, self.chunks_.grad, dtype=layout.dtype, device=layout.device, start=start, stop=stop):
+            G, losses = per_example_grads(fn, self.params_, batch, layout)
+            self._check_losses(losses, data.name, lo)
+            if l2_term is not None:
+                G = G + l2_term
+            bar.update(batch_size_of(batch))
+            yield lo, G
+        bar.close()
+
+    def _gather(self, data: Examples, indices: Sequence[int], *, train_side: bool) -> torch.Tensor:
+        layout = self.layout_
+        fn = self.task.loss if train_side else self.task.measurement
+        rows = []
+        for lo in range(0, len(indices), self.chunks_.grad):
+            part = list(indices[lo:lo + self.chunks_.grad])
+            batch = take(data, part, dtype=layout.dtype, device=layout.device)
+            G, losses = per_example_grads(fn, self.params_, batch, layout)
+            self._check_losses(losses, data.name, part[0])
+            rows.append(G)
+        G = torch.cat(rows)
+        if train_side and self.task.l2:
+            G = G + self.task.l2 * layout.flatten(self.params_)
+        return G
+
+    def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
+        x, report = self.solver_.solve(V)
+        logger.info("solve: %s", report)
+        return x, report
+
+    def _metadata(self, reports: list[SolveReport], **extra: Any) -> dict[str, Any]:
+        return {
+            "method": "I_up,loss",
+            "convention": CONVENTION,
+            **self.task.describe(),
+            **self.solver_.describe(),
+            "damping": self.damping,
+            "dtype": str(self.layout_.dtype),
+            "n_params": self.layout_.n,
+            "grad_norm": self.grad_norm_,
+            "solve_reports": [r.to_dict() for r in reports],
+            **extra,
+        }
+
+    def _queries(self, test: Any) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
+        """Blocks of preconditioned test gradients: (offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)."""
+        data = test if isinstance(test, Examples) else Examples(test, name="test")
+        block = self.chunks_.queries
+        for lo in range(0, len(data), block):
+            hi = min(lo + block, len(data))
+            G = torch.cat([g for _, g in self._grads(data, train_side=False, start=lo, stop=hi, desc="test gradients")])
+            Q, report = self._solve(G)
+            yield lo, Q, report
+
+    # ------------------------------------------------------------------------------------ public API
+    def scores(self, test: Any) -> InfluenceScores:
+        """I_up,loss for every (test, train) pair, ``(n_test, n_train)``, as an :class:`InfluenceScores`.
+
+        One block solve for the test gradients, then one streamed per-example-gradient pass over the
+        training set (per block of test points that fits the memory budget).
+        """
+        self._require_fitted()
+        test_data = Examples(test, name="test")
+        n_train = len(self.train_)
+        out = torch.empty(len(test_data), n_train, dtype=self.layout_.dtype, device=self.layout_.device)
+        reports = []
+        for qlo, Q, report in self._queries(test_data):
+            reports.append(report)
+            for lo, G in self._grads(self.train_, train_side=True, desc="scoring"):
+                out[qlo:qlo + len(Q), lo:lo + len(G)] = -(Q @ G.T)
+        return InfluenceScores(out, n_train, self._metadata(reports))
+
+    def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
+        """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix)."""
+        self._require_fitted()
+        n_train = len(self.train_)
+        k = check_int("k", k, low=1, high=n_train)
+        test_data = Examples(test, name="test")
+        parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
+        reports = []
+        for _, Q, report in self._queries(test_data):
+            reports.append(report)
+            best_neg = (torch.empty(len(Q), 0, dtype=Q.dtype, device=Q.device), torch.empty(len(Q), 0, dtype=torch.long, device=Q.device))
+            best_pos = best_neg
+            for lo, G in self._grads(self.train_, train_side=True, desc="top-k"):
+                S = -(Q @ G.T)
+                idx = torch.arange(lo, lo + len(G), device=S.device).expand(len(Q), -1)
+                best_neg = _merge_topk(best_neg, -S, idx, k)
+                best_pos = _merge_topk(best_pos, S, idx, k)
+            parts["hv"].append(-best_neg[0]); parts["hi"].append(best_neg[1])
+            parts["xv"].append(best_pos[0]); parts["xi"].append(best_pos[1])
+        helpful = TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"]))
+        harmful = TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"]))
+        return RankedInfluence(helpful, harmful, n_train, self._metadata(reports, k=k))
+
+    def self_influence(self) -> torch.Tensor:
+        """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point, ``(n_train,)``.
+
+        Uses the solver's quadratic form when it has one (exact), else one block solve per gradient chunk.
+        """
+        self._require_fitted()
+        out = torch.empty(len(self.train_), dtype=self.layout_.dtype, device=self.layout_.device)
+        quadratic = "quadratic_form" in self.solver_.capabilities
+        reports = []
+        for lo, G in self._grads(self.train_, train_side=True, desc="self-influence"):
+            if quadratic:
+                out[lo:lo + len(G)] = self.solver_.quadratic_form(G)
+            else:
+                X, report = self._solve(G)
+                reports.append(report)
+                out[lo:lo + len(G)] = (X * G).sum(dim=1)
+        self.self_influence_reports_ = reports
+        return out
+
+    def params_influence(self, idx: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """I_up,params = −(H + δI)⁻¹∇L(z) for the training points ``idx``, ``(len(idx), n_params)``.
+
+        Multiply by −1/n for the predicted parameter change when a point is removed; split a row into
+        named tensors with :meth:`unflatten`.
+        """
+        self._require_fitted()
+        indices = _indices("idx", idx, len(self.train_))
+        G = self._gather(self.train_, indices, train_side=True)
+        X, report = self._solve(G)
+        self.params_influence_report_ = report
+        return -X
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Split flat parameter vectors ``(..., n_params)`` into a dict of named parameter-shaped tensors."""
+        self._require_fitted()
+        if vector.shape[-1] != self.layout_.n:
+            raise InputError(f"`vector` must end in n_params = {self.layout_.n}. Got shape {tuple(vector.shape)}.")
+        return self.layout_.unflatten(vector)
+
+    @property
+    def n_params(self) -> int:
+        self._require_fitted()
+        return self.layout_.n
+
+
+def _indices(name: str, idx: Any, n: int) -> list[int]:
+    if isinstance(idx, torch.Tensor):
+        if idx.is_floating_point():
+            raise InputTypeError(f"`{name}` must hold integer indices. Got a {idx.dtype} tensor.")
+        idx = idx.flatten().tolist()
+    elif isinstance(idx, int) and not isinstance(idx, bool):
+        idx = [idx]
+    else:
+        try:
+            idx = [int(i) for i in idx]
+        except (TypeError, ValueError):
+            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.") from None
+    if not idx:
+        raise InputError(f"`{name}` must name at least one training point. Got an empty selection.")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise InputError(f"`{name}` must hold indices in [0, {n - 1}] (the training set has {n} points). Got {bad[:5]}.")
+    return idx
+
+
+def _merge_topk(
+    current: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, indices: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    vals = torch.cat([current[0], values], dim=1)
+    idx = torch.cat([current[1], indices], dim=1)
+    top, pos = torch.topk(vals, min(k, vals.shape[1]), dim=1)
+    return top, torch.gather(idx, 1, pos)

@@ -1,0 +1,28 @@
+"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa"``) or passed as an instance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InputError, InputTypeError
+from .base import Solution, Solver, SolveReport
+from .cg import CGSolver
+from .exact import ExactSolver
+from .lissa import LissaSolver
+
+__all__ = ["Solver", "SolveReport", "Solution", "ExactSolver", "CGSolver", "LissaSolver", "make_solver", "SOLVERS"]
+
+SOLVERS: dict[str, type[Solver]] = {"exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver}
+
+
+def make_solver(solver: Any, **options: Any) -> Solver:
+    """A solver from its name (with ``options`` passed to its constructor) or a ready instance."""
+    if isinstance(solver, Solver):
+        if options:
+            raise InputError(f"`solver_options` apply only when `solver` is a name. Got an instance and options {sorted(options)}.")
+        return solver
+    if isinstance(solver, str):
+        if solver not in SOLVERS:
+            raise InputError(f"`solver` must be one of {', '.join(repr(s) for s in SOLVERS)} or a Solver instance. Got {solver!r}.")
+        return SOLVERS[solver](**options)
+    raise InputTypeError(f"`solver` must be a name or a Solver instance. Got {type(solver).__name__}.")

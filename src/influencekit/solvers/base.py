@@ -1,0 +1,122 @@
+"""What every inverse-Hessian solver provides: ``fit(operator)``, then ``solve(V)`` with a report.
+
+A solver is configured in ``__init__`` (settings only), does its expensive work in ``fit`` and returns
+``self``, then ``solve(V)`` returns ``(H + δI)⁻¹ V`` for a block ``V`` of shape ``(k, n_params)`` (one
+right-hand side per row) together with a :class:`SolveReport`. The engine reads a solver's declared
+``capabilities``, never its type:
+
+- ``"batched"``: ``solve`` handles many right-hand sides at once efficiently (all solvers here).
+- ``"quadratic_form"``: ``quadratic_form(G)`` gives ``gᵀ(H + δI)⁻¹g`` per row without a solve.
+- ``"dense"``: the solver holds an explicit matrix (memory grows as ``n_params²``).
+- ``"stochastic"``: results depend on a random seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from ..errors import InputError, NotFittedError
+
+__all__ = ["Solver", "SolveReport", "Solution"]
+
+
+@dataclass(frozen=True)
+class SolveReport:
+    """How a block solve went.
+
+    Attributes:
+        solver: the solver's name.
+        iterations: iterations used (the largest over right-hand sides; 0 for a direct solve).
+        relative_residual: the largest ‖(H + δI)x − v‖ / ‖v‖ over the right-hand sides, computed with the
+            full operator after the solve (not the solver's internal estimate).
+        converged: whether every right-hand side met the solver's stopping rule.
+        n_rhs: number of right-hand sides.
+        hvps: Hessian-vector products over the full training set spent (mini-batch products count as
+            their fraction of the data).
+        seconds: wall time of the solve.
+        details: solver-specific figures (e.g. LiSSA's scale).
+    """
+
+    solver: str
+    iterations: int
+    relative_residual: float
+    converged: bool
+    n_rhs: int
+    hvps: float
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Solution(NamedTuple):
+    """``x = (H + δI)⁻¹ V`` of shape ``(k, n_params)`` and the report of the solve."""
+
+    x: torch.Tensor
+    report: SolveReport
+
+
+def relative_residuals(operator: Any, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """‖(H + δI)x − v‖ / ‖v‖ per row, with one batched product over the full training set."""
+    R = operator.matvec(X) - V.to(X.dtype)
+    vn = V.norm(dim=1).to(X.dtype)
+    return torch.where(vn > 0, R.norm(dim=1) / vn.clamp_min(torch.finfo(X.dtype).tiny), R.norm(dim=1))
+
+
+class Solver:
+    """Base class: the shared checks of ``fit``/``solve``; subclasses define ``_fit`` and ``_solve``."""
+
+    name: ClassVar[str] = "solver"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"batched"})
+
+    def __init__(self) -> None:
+        self.operator_: Any = None
+
+    def fit(self, operator: Any) -> "Solver":
+        """Do the expensive preparation on ``operator`` (an :class:`~influencekit.hessian.HessianOperator`)."""
+        self.operator_ = operator
+        self._fit(operator)
+        return self
+
+    def solve(self, V: torch.Tensor) -> Solution:
+        """Return ``(H + δI)⁻¹ V`` for ``V`` of shape ``(k, n_params)`` (or ``(n_params,)``) and a report."""
+        op = self._require_fitted()
+        squeeze = V.dim() == 1
+        if squeeze:
+            V = V.unsqueeze(0)
+        if V.dim() != 2 or V.shape[1] != op.n_params:
+            raise InputError(
+                f"`V` must have shape (k, n_params) = (k, {op.n_params}). Got {tuple(V.shape)}."
+            )
+        if not bool(torch.isfinite(V).all()):
+            raise InputError("`V` must hold only finite values. Got NaN/inf; check the gradients it came from.")
+        start = time.perf_counter()
+        X, info = self._solve(V.to(device=op.device, dtype=op.dtype))
+        seconds = time.perf_counter() - start
+        report = SolveReport(solver=self.name, n_rhs=V.shape[0], seconds=seconds, **info)
+        X = X.to(V.dtype)
+        return Solution(X[0] if squeeze else X, report)
+
+    def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
+        """``gᵀ(H + δI)⁻¹g`` for each row of ``G``; only for solvers with the ``"quadratic_form"`` capability."""
+        raise NotImplementedError(f"solver {self.name!r} has no quadratic_form; use solve().")
+
+    def _require_fitted(self) -> Any:
+        if self.operator_ is None:
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet. Call fit(operator) before solve().")
+        return self.operator_
+
+    def _fit(self, operator: Any) -> None:
+        raise NotImplementedError
+
+    def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The solver's settings, for result metadata."""
+        return {"solver": self.name}

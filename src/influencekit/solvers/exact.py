@@ -1,0 +1,98 @@
+"""Exact inverse-Hessian products from the explicit Hessian and its eigendecomposition.
+
+    H = U diag(λ) Uᵀ,   (H + δI)⁻¹ V = U diag(1 / (λ + δ)) Uᵀ V
+
+The Hessian is assembled from batched HVPs with identity blocks (see
+:meth:`~influencekit.hessian.HessianOperator.dense`), never from a whole-objective ``hessian()`` call, and
+decomposed with the symmetric ``eigh`` in float64 by default. It needs ``n_params²`` memory, so it refuses
+models above ``max_params`` and names the solvers to use instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from ..checks import check_int
+from ..errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
+from .base import Solver
+
+__all__ = ["ExactSolver"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExactSolver(Solver):
+    """Dense Hessian + ``eigh``: the reference every other solver is tested against.
+
+    Args:
+        max_params: refuse models with more selected parameters than this (memory: two
+            ``n_params²`` matrices in ``eig_dtype``; 12,000 float64 parameters need about 2.3 GB).
+        eig_dtype: dtype of the eigendecomposition and the solve (``torch.float64`` by default, so a
+            float32 model still gets an accurate inverse); ``None`` keeps the model's dtype.
+    """
+
+    name = "exact"
+    capabilities = frozenset({"batched", "dense", "quadratic_form"})
+
+    def __init__(self, *, max_params: int = 12_000, eig_dtype: torch.dtype | None = torch.float64) -> None:
+        super().__init__()
+        self.max_params = check_int("max_params", max_params, low=1)
+        if eig_dtype is not None and (not isinstance(eig_dtype, torch.dtype) or not eig_dtype.is_floating_point):
+            raise InputError(f"`eig_dtype` must be a floating torch.dtype or None. Got {eig_dtype!r}.")
+        self.eig_dtype = eig_dtype
+
+    def _fit(self, operator: Any) -> None:
+        p = operator.n_params
+        if p > self.max_params:
+            gb = 2 * p * p * torch.finfo(self.eig_dtype or operator.dtype).bits / 8 / 1e9
+            raise UnsupportedError(
+                f"the exact solver builds a dense Hessian, and this model has {p:,} selected parameters, above "
+                f"`max_params`={self.max_params:,} (it would need about {gb:.1f} GB). Use solver='cg' or "
+                "solver='lissa', restrict `params=` to fewer layers, or raise max_params if the memory is there."
+            )
+        H = operator.dense().to(self.eig_dtype or operator.dtype)
+        evals, evecs = torch.linalg.eigh(H)
+        shifted = evals + operator.damping
+        top = float(evals.abs().max())
+        lowest = float(shifted.min())
+        tiny = torch.finfo(H.dtype).eps * max(top, 1.0) * p
+        if lowest <= tiny and lowest >= -tiny:
+            raise NumericalError(
+                f"H + δI is singular: its smallest eigenvalue is {lowest:.3g} (largest {top:.3g}). "
+                f"Add damping (e.g. damping={max(1e-3 * top, 1e-8):.3g}) or an L2 term (`l2=` of the task)."
+            )
+        if lowest < 0:
+            warnings.warn(
+                f"H + δI has negative eigenvalues (smallest {lowest:.3g}): θ̂ is not a minimum, or the model is "
+                f"non-convex. Influence then has no meaning as a leave-one-out prediction; use "
+                f"damping >= {-float(evals.min()) * 1.01:.3g} (Koh & Liang add damping for non-convex models).",
+                CurvatureWarning,
+                stacklevel=4,
+            )
+        self.hessian_ = H
+        self.eigenvalues_ = evals
+        self.eigenvectors_ = evecs
+        self._inv = 1.0 / shifted
+        logger.info("exact solver: %d parameters, eigenvalues in [%.3g, %.3g]", p, float(evals.min()), float(evals.max()))
+
+    def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        U = self.eigenvectors_
+        Vd = V.to(U.dtype)
+        X = ((Vd @ U) * self._inv) @ U.T
+        R = X @ self.hessian_ + self.operator_.damping * X - Vd
+        vn = Vd.norm(dim=1)
+        rel = torch.where(vn > 0, R.norm(dim=1) / vn.clamp_min(torch.finfo(U.dtype).tiny), R.norm(dim=1))
+        return X, {"iterations": 0, "relative_residual": float(rel.max()) if len(rel) else 0.0, "converged": True, "hvps": 0.0}
+
+    def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
+        self._require_fitted()
+        U = self.eigenvectors_
+        proj = G.to(U.dtype) @ U
+        return ((proj * proj) * self._inv).sum(dim=1).to(G.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"solver": self.name, "max_params": self.max_params, "eig_dtype": str(self.eig_dtype)}

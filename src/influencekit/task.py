@@ -1,0 +1,217 @@
+"""Tasks: what the loss of one example is, which parameters count, and what is measured on a test point.
+
+The training objective is the mean per-example loss with the L2 term inside it (Koh & Liang 2017, and
+docs/conventions.md)::
+
+    R(θ) = (1/n) Σ_i L(z_i, θ),   L(z, θ) = ℓ(z, θ) + (λ/2)‖θ‖²
+
+where θ are the *selected* parameters (all trainable ones by default) and ℓ is :meth:`Task.loss`.
+The test side uses :meth:`Task.measurement`, which defaults to ℓ (no L2 term).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .checks import check_number
+from .errors import InfluenceKitWarning, InputError, InputTypeError
+
+__all__ = ["Task", "ClassificationTask", "RegressionTask", "Params"]
+
+Params = dict[str, torch.Tensor]
+ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+
+
+def _unwrap(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"`model` must be a torch.nn.Module. Got {type(model).__name__}.")
+    # DistributedDataParallel and DataParallel keep the real model in .module.
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
+    named = list(model.named_parameters())
+    if selector is None:
+        names = tuple(n for n, p in named if p.requires_grad)
+        if not names:
+            raise InputError(
+                "`model` must have at least one trainable parameter (requires_grad=True). Got none; "
+                "unfreeze the parameters influence should be computed for, or pass `params=` with their names."
+            )
+        return names
+    if callable(selector) and not isinstance(selector, str):
+        names = tuple(n for n, p in named if selector(n, p))
+    else:
+        wanted = [selector] if isinstance(selector, str) else list(selector)
+        if not all(isinstance(w, str) for w in wanted):
+            raise InputTypeError("`params` must be None, parameter/module names, or a callable(name, param) -> bool.")
+        all_names = [n for n, _ in named]
+        chosen: list[str] = []
+        for w in wanted:
+            hits = [n for n in all_names if n == w or n.startswith(w + ".")]
+            if not hits:
+                raise InputError(
+                    f"`params` names {w!r}, which is neither a parameter nor a module of the model. "
+                    f"Parameters are: {', '.join(all_names[:20])}{' ...' if len(all_names) > 20 else ''}."
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+        names = tuple(n for n in all_names if n in chosen)
+    if not names:
+        raise InputError("`params` selects no parameter of the model. Got an empty selection; name at least one parameter or module.")
+    return names
+
+
+class Task:
+    """A per-example loss over a model, the L2 strength inside it, and the parameters influence is about.
+
+    Subclass it and define :meth:`loss` (and, optionally, :meth:`measurement`)::
+
+        class MyTask(ik.Task):
+            def loss(self, params, batch):
+                x, y = batch
+                return (self.forward(params, x).squeeze(-1) - y) ** 2   # shape (B,)
+
+    Args:
+        model: any ``nn.Module`` (a ``DistributedDataParallel`` wrapper is unwrapped). It should be in eval
+            mode: dropout or batch statistics make the loss random or batch-dependent.
+        l2: λ of the L2 term (λ/2)‖θ‖² inside each example's training loss, over the selected parameters.
+            Use the weight decay the model was trained with, converted to this convention.
+        params: which parameters count: ``None`` (all with ``requires_grad``), names of parameters or of
+            modules (``"fc"`` selects ``fc.weight`` and ``fc.bias``), or ``callable(name, param) -> bool``.
+            The others stay fixed at their values (e.g. a frozen feature extractor).
+    """
+
+    def __init__(self, model: nn.Module, *, l2: float = 0.0, params: ParamSelector = None) -> None:
+        self.model = _unwrap(model)
+        self.l2 = check_number("l2", l2, low=0.0)
+        self.param_names = _select(self.model, params)
+
+    # -- what subclasses define -------------------------------------------------------------------
+    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+        """Per-example loss ℓ(z, θ) of a batch, shape ``(B,)``, without the L2 term."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss(params, batch) returning shape (B,).")
+
+    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+        """What is measured on a test point, shape ``(B,)``; the test loss ℓ by default."""
+        return self.loss(params, batch)
+
+    # -- what the engine uses ---------------------------------------------------------------------
+    def params(self) -> Params:
+        """The selected parameters at their current values θ̂, detached, in model order."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.param_names}
+
+    def forward(self, params: Params, *args: Any, **kwargs: Any) -> Any:
+        """Call the model with ``params`` in place of the selected parameters (the rest stay as they are)."""
+        return functional_call(self.model, params, args, kwargs, strict=False, tie_weights=True)
+
+    def objective(self, params: Params, batch: Any) -> torch.Tensor:
+        """Per-example training loss L(z, θ) = ℓ(z, θ) + (λ/2)‖θ‖², shape ``(B,)``."""
+        loss = self.loss(params, batch)
+        if self.l2 == 0.0:
+            return loss
+        penalty = sum((p * p).sum() for p in params.values())
+        return loss + 0.5 * self.l2 * penalty
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that define this task, for result metadata."""
+        return {"task": type(self).__name__, "l2": self.l2, "params": list(self.param_names)}
+
+    def _check_mode(self) -> None:
+        stochastic = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
+        if self.model.training and any(isinstance(m, stochastic) for m in self.model.modules()):
+            warnings.warn(
+                "the model is in training mode and has dropout or batch-norm layers, so its loss is random or "
+                "depends on the batch; call model.eval() before computing influence.",
+                InfluenceKitWarning,
+                stacklevel=3,
+            )
+
+
+class _SupervisedTask(Task):
+    """A task whose batches are ``(inputs..., target)`` tuples or dicts with an input and a target key."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        l2: float = 0.0,
+        params: ParamSelector = None,
+        input_key: str = "x",
+        target_key: str = "y",
+    ) -> None:
+        super().__init__(model, l2=l2, params=params)
+        self.input_key = input_key
+        self.target_key = target_key
+
+    def split(self, batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
+        """Split a batch into the model's positional inputs and the target."""
+        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            return tuple(batch[:-1]), batch[-1]
+        if isinstance(batch, dict):
+            missing = [k for k in (self.input_key, self.target_key) if k not in batch]
+            if missing:
+                raise InputError(
+                    f"a dict batch must have the keys `input_key`={self.input_key!r} and `target_key`="
+                    f"{self.target_key!r}. Got keys {sorted(batch)}; pass input_key=/target_key= to the task."
+                )
+            return (batch[self.input_key],), batch[self.target_key]
+        raise InputError(
+            f"{type(self).__name__} needs batches of (inputs, target). Got a {type(batch).__name__}; "
+            "pass the data as an (X, y) tuple, a dict, or a Dataset whose items are (x, y)."
+        )
+
+
+class ClassificationTask(_SupervisedTask):
+    """Cross-entropy on logits ``(B, C)`` with integer labels, or logistic loss on one logit ``(B,)``/``(B, 1)``.
+
+    With a single output the labels must be 0/1 and the loss is ``log(1 + exp(-s·f(x)))`` with s = ±1,
+    the binary logistic regression of the paper.
+    """
+
+    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+        inputs, target = self.split(batch)
+        logits = self.forward(params, *inputs)
+        if not isinstance(logits, torch.Tensor):
+            raise InputTypeError(f"the model must return a logits tensor for ClassificationTask. Got {type(logits).__name__}.")
+        if logits.dim() == 2 and logits.shape[1] > 1:
+            if target.is_floating_point() or target.is_complex():
+                raise InputError(
+                    f"ClassificationTask labels must be integer class indices (torch.long). Got dtype {target.dtype}; "
+                    "convert them with y.long()."
+                )
+            return F.cross_entropy(logits, target.long(), reduction="none")
+        if logits.dim() == 2 and logits.shape[1] == 1:
+            logits = logits[:, 0]
+        if logits.dim() != 1:
+            raise InputError(f"ClassificationTask expects logits of shape (B, C) or (B,). Got {tuple(logits.shape)}.")
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+
+
+class RegressionTask(_SupervisedTask):
+    """Squared error per example, averaged over output dimensions: mean_j (f(x)_j − y_j)²."""
+
+    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+        inputs, target = self.split(batch)
+        pred = self.forward(params, *inputs)
+        if not target.is_floating_point():
+            target = target.to(pred.dtype)
+        if pred.shape != target.shape:
+            if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
+                pred = pred[..., 0]
+            else:
+                raise InputError(
+                    f"RegressionTask needs predictions and targets of the same shape. Got predictions "
+                    f"{tuple(pred.shape)} and targets {tuple(target.shape)}."
+                )
+        err = (pred - target) ** 2
+        return err.reshape(err.shape[0], -1).mean(dim=1)
