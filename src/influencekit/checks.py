@@ -104,7 +104,7 @@ def parse_bytes(name: str, value: Any) -> int:
                 amount = float(number)
             except ValueError:
                 amount = -1.0
-            if amount > 0:
+            if amount > 0 and math.isfinite(amount * _UNITS[unit]):
                 return int(amount * _UNITS[unit])
         raise InputError(f"`{name}` must be a positive number of bytes or a string like '512MB' or '2GiB'. Got {_fmt(value)}.")
     return check_int(name, value, low=1)

@@ -114,7 +114,7 @@ class HessianOperator:
         """(H + δI) applied to each row of ``V`` ``(k, n_params)``, over the whole training set."""
         V = V.to(self.dtype)
         acc = torch.zeros_like(V)
-        for lo, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device):
+        for lo, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch):
             acc += self._data_hvp(batch, V, lo)
         self.hvp_count += V.shape[0]
         return self._check(acc / self._total_weight + self.shift * V)
@@ -124,7 +124,7 @@ class HessianOperator:
         if self.weights is not None:
             raise NotImplementedError("mini-batch products of a weighted objective are not defined; use matvec().")
         V = V.to(self.dtype)
-        batch = take(self.data, indices, dtype=self.dtype, device=self.device)
+        batch = take(self.data, indices, dtype=self.dtype, device=self.device, check=self.task.check_batch)
         return self._check(self._data_hvp(batch, V) / len(indices) + self.shift * V)
 
     def dense(self, *, progress: bool | None = None) -> torch.Tensor:
@@ -138,7 +138,7 @@ class HessianOperator:
         eye_block = self.tangent_block
         n_chunks = -(-self.n_examples // self.batch_size)
         bar = progress_bar(total=n_chunks * (-(-p // eye_block)), desc="dense Hessian", enabled=self.progress if progress is None else progress)
-        for offset, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device):
+        for offset, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch):
             fn = self._loss_fn(offset)
             for lo in range(0, p, eye_block):
                 hi = min(lo + eye_block, p)

@@ -14,11 +14,13 @@ set plus the solve. Chunk sizes follow ``memory_budget``.
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .autodiff import ParamLayout, batch_grad_sum, input_size_per_example, per_example_grads
@@ -113,9 +115,12 @@ class Influence:
 
         grad_sum = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
         loss_sum = 0.0
-        for lo, batch in stream(train, self.chunks_.grad, dtype=layout.dtype, device=layout.device):
+        for lo, batch in stream(train, self.chunks_.grad, dtype=layout.dtype, device=layout.device, check=self.task.check_batch):
             g, losses = batch_grad_sum(self.task.loss, params, batch, layout)
             self._check_losses(losses, "train", lo)
+            if not bool(torch.isfinite(g).all()):
+                G, _ = per_example_grads(self.task.loss, params, batch, layout)
+                self._check_grads(G, "train", lo)
             grad_sum += g
             loss_sum += float(losses.sum())
         theta = layout.flatten(params)
@@ -141,7 +146,7 @@ class Influence:
         return self
 
     def _plan_chunks(self, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout) -> _Chunks:
-        first = take(train, [0], dtype=layout.dtype, device=layout.device)
+        first = take(train, [0], dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
         act = input_size_per_example(self.task.loss, params, first, self.task.model)
         item = torch.finfo(layout.dtype).bits // 8
         p = layout.n
@@ -168,6 +173,17 @@ class Influence:
                 "and the model's outputs (e.g. log of 0, overflow); compute in float64 if values are extreme."
             )
 
+    @staticmethod
+    def _check_grads(G: torch.Tensor, name: str, offset: int) -> None:
+        finite = torch.isfinite(G).all(dim=1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise NumericalError(
+                f"the loss gradient is not finite for `{name}` example(s) {[offset + b for b in bad[:5]]} although the "
+                "loss is: the model is not differentiable there (e.g. sqrt or abs at 0, a hard clamp). Smooth the model "
+                "or remove those examples."
+            )
+
     # ------------------------------------------------------------------------------------ gradients
     def _grads(self, data: Examples, *, train_side: bool, start: int = 0, stop: int | None = None, desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
         """Per-example gradients in chunks: ∇L (with L2) on the train side, ∇(measurement) on the test side."""
@@ -176,9 +192,10 @@ class Influence:
         l2_term = self.task.l2 * layout.flatten(self.params_) if (train_side and self.task.l2) else None
         stop = len(data) if stop is None else stop
         bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
-        for lo, batch in stream(data, self.chunks_.grad, dtype=layout.dtype, device=layout.device, start=start, stop=stop):
+        for lo, batch in stream(data, self.chunks_.grad, dtype=layout.dtype, device=layout.device, check=self.task.check_batch, start=start, stop=stop):
             G, losses = per_example_grads(fn, self.params_, batch, layout)
             self._check_losses(losses, data.name, lo)
+            self._check_grads(G, data.name, lo)
             if l2_term is not None:
                 G = G + l2_term
             bar.update(batch_size_of(batch))
@@ -191,9 +208,10 @@ class Influence:
         rows = []
         for lo in range(0, len(indices), self.chunks_.grad):
             part = list(indices[lo:lo + self.chunks_.grad])
-            batch = take(data, part, dtype=layout.dtype, device=layout.device)
+            batch = take(data, part, dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
             G, losses = per_example_grads(fn, self.params_, batch, layout)
             self._check_losses(losses, data.name, part[0])
+            self._check_grads(G, data.name, part[0])
             rows.append(G)
         G = torch.cat(rows)
         if train_side and self.task.l2:
@@ -316,17 +334,22 @@ class Influence:
 
 
 def _indices(name: str, idx: Any, n: int) -> list[int]:
-    if isinstance(idx, torch.Tensor):
-        if idx.is_floating_point():
-            raise InputTypeError(f"`{name}` must hold integer indices. Got a {idx.dtype} tensor.")
-        idx = idx.flatten().tolist()
-    elif isinstance(idx, int) and not isinstance(idx, bool):
-        idx = [idx]
+    if isinstance(idx, (torch.Tensor, np.ndarray)):
+        if idx.dtype in (torch.bool, np.bool_) or not (
+            (isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex())
+            or (isinstance(idx, np.ndarray) and np.issubdtype(idx.dtype, np.integer))
+        ):
+            raise InputTypeError(f"`{name}` must hold integer indices. Got an array of dtype {idx.dtype}.")
+        idx = [int(i) for i in idx.reshape(-1).tolist()]
+    elif isinstance(idx, numbers.Integral) and not isinstance(idx, bool):
+        idx = [int(idx)]
+    elif isinstance(idx, (str, bytes)) or not isinstance(idx, Iterable):
+        raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.")
     else:
-        try:
-            idx = [int(i) for i in idx]
-        except (TypeError, ValueError):
-            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.") from None
+        idx = list(idx)
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx):
+            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {idx[:5]!r}.")
+        idx = [int(i) for i in idx]
     if not idx:
         raise InputError(f"`{name}` must name at least one training point. Got an empty selection.")
     bad = [i for i in idx if not 0 <= i < n]

@@ -122,6 +122,13 @@ class Task:
         penalty = sum((p * p).sum() for p in params.values())
         return loss + 0.5 * self.l2 * penalty
 
+    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+        """Refuse data this task cannot score (e.g. labels out of range); raise :class:`InputError`.
+
+        Called on every batch before any gradient, outside ``vmap``, so it may inspect values. ``offset``
+        is the position of the batch's first example in the data set named ``name``. Does nothing by default.
+        """
+
     def describe(self) -> dict[str, Any]:
         """The settings that define this task, for result metadata."""
         return {"task": type(self).__name__, "l2": self.l2, "params": list(self.param_names)}
@@ -177,6 +184,41 @@ class ClassificationTask(_SupervisedTask):
     With a single output the labels must be 0/1 and the loss is ``log(1 + exp(-s·f(x)))`` with s = ±1,
     the binary logistic regression of the paper.
     """
+
+    def _n_outputs(self, inputs: tuple[Any, ...]) -> int:
+        # the number of logits per example, from one forward pass on one example (cached)
+        if getattr(self, "_outputs", None) is None:
+            one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
+            with torch.no_grad():
+                logits = self.forward(self.params(), *one)
+            self._outputs = int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 1
+        return self._outputs
+
+    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+        inputs, target = self.split(batch)
+        if not isinstance(target, torch.Tensor) or target.dim() != 1:
+            shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            raise InputError(
+                f"ClassificationTask labels in `{name}` must be a 1-D tensor of shape (n,). Got {shape}; "
+                "flatten them with y.reshape(-1)."
+            )
+        classes = self._n_outputs(inputs)
+        if classes > 1:
+            if target.is_floating_point() or target.is_complex():
+                raise InputError(
+                    f"ClassificationTask labels in `{name}` must be integer class indices (torch.long). Got dtype "
+                    f"{target.dtype}; convert them with y.long()."
+                )
+            bad = ((target < 0) | (target >= classes)).nonzero().flatten()
+            allowed = f"0..{classes - 1} (the model has {classes} outputs)"
+        else:
+            bad = ((target != 0) & (target != 1)).nonzero().flatten()
+            allowed = "0 or 1 (the model has one output: binary logistic loss)"
+        if len(bad):
+            raise InputError(
+                f"ClassificationTask labels in `{name}` must be {allowed}. Got {target[bad[0]].item()!r} at example "
+                f"{offset + int(bad[0])}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "."
+            )
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
         inputs, target = self.split(batch)

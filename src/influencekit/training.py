@@ -7,6 +7,7 @@ leave-one-out retraining uses: a zero weight removes an example, warm-started fr
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,10 @@ import torch
 from .autodiff import ParamLayout, batch_grad_sum
 from .checks import check_int, check_number
 from .data.examples import Examples, stream
-from .errors import ConvergenceWarning, InputError, NumericalError
+from .errors import ConvergenceWarning, CurvatureWarning, InputError, NumericalError
 from .hessian import HessianOperator
 from .solvers.cg import CGSolver
+from .solvers.exact import ExactSolver
 from .task import Task
 
 __all__ = ["fit_lbfgs", "TrainReport"]
@@ -40,7 +42,7 @@ def _objective_and_grad(
     total_w = float(weights.sum()) if weights is not None else float(len(data))
     grad = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
     value = 0.0
-    for lo, batch in stream(data, batch_size, dtype=layout.dtype, device=layout.device):
+    for lo, batch in stream(data, batch_size, dtype=layout.dtype, device=layout.device, check=task.check_batch):
         w = None if weights is None else weights[lo:lo + batch_size].to(layout.device, layout.dtype)
         g, losses = batch_grad_sum(task.loss, params, batch, layout, w)
         grad += g
@@ -96,7 +98,7 @@ def fit_lbfgs(
     def closure() -> torch.Tensor:
         current = layout.unflatten(theta.detach())
         value, grad = _objective_and_grad(task, current, data, layout, weights, batch_size)
-        if not torch.isfinite(grad).all() or value != value:
+        if not bool(torch.isfinite(grad).all()) or not math.isfinite(value):
             raise NumericalError("the training objective or its gradient is not finite during L-BFGS; check the data and the model.")
         theta.grad = grad
         state.update(value=value, grad_norm=float(grad.norm()), evals=state["evals"] + 1)
@@ -104,28 +106,41 @@ def fit_lbfgs(
 
     iterations = 0
     for _ in range(20):  # L-BFGS stops early when its line search stalls; restart from where it stopped
+        before = state["grad_norm"]
         optimizer.step(closure)
         iterations += int(optimizer.state[theta].get("n_iter", 0))
-        previous = state["grad_norm"]
         closure()
-        if state["grad_norm"] <= tol or iterations >= max_iter or state["grad_norm"] > 0.5 * previous:
+        if state["grad_norm"] <= tol or iterations >= max_iter or state["grad_norm"] > 0.5 * before:
             break
         optimizer = torch.optim.LBFGS(
             [theta], lr=1.0, max_iter=max_iter - iterations, tolerance_grad=tol / 10, tolerance_change=0.0,
             history_size=50, line_search_fn="strong_wolfe",
         )
     # Near the minimum the objective's round-off hides further decrease from any line search, while the
-    # gradient is still accurate: finish with Newton steps (H + 0·I) d = −∇R solved by CG, which need no
-    # function values and converge quadratically.
+    # gradient is still accurate: finish with Newton steps H d = −∇R (dense for small models, CG otherwise),
+    # which need no function values and converge quadratically. A step that does not shrink ‖∇R‖ (a
+    # non-convex model far from a minimum) is undone and ends the polish.
     newton = 0
     while state["grad_norm"] > tol and newton < 10:
+        saved, saved_norm = theta.detach().clone(), state["grad_norm"]
         current = layout.unflatten(theta.detach())
-        operator = HessianOperator(task, current, data, damping=0.0, batch_size=batch_size, tangent_block=64, weights=weights)
-        step, _ = CGSolver(rtol=1e-12, max_iter=max(100, 2 * layout.n), warn=False).fit(operator).solve(-theta.grad)
+        operator = HessianOperator(
+            task, current, data, damping=0.0, batch_size=batch_size, tangent_block=min(layout.n, 1024), weights=weights
+        )
+        # small models: one dense Hessian beats hundreds of single-vector CG products
+        solver = ExactSolver() if layout.n <= 3000 else CGSolver(rtol=1e-12, max_iter=max(100, 2 * layout.n), warn=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CurvatureWarning)
+            step, _ = solver.fit(operator).solve(-theta.grad)
         with torch.no_grad():
             theta += step
         newton += 1
         closure()
+        if not state["grad_norm"] < saved_norm:
+            with torch.no_grad():
+                theta.copy_(saved)
+            closure()
+            break
     iterations += newton
     with torch.no_grad():
         for name, value in layout.unflatten(theta.detach()).items():

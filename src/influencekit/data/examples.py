@@ -8,7 +8,7 @@ and refuses wrong dtypes and non-finite inputs with a message that names the exa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -153,11 +153,16 @@ def batch_size_of(batch: Batch) -> int:
     raise InputError("a batch must contain at least one tensor with a batch dimension. Got none.")
 
 
-def prepare_batch(batch: Batch, *, name: str, offset: int, dtype: torch.dtype, device: torch.device) -> Batch:
+BatchCheck = Callable[[Batch, str, int], None]  # (batch, data name, offset) -> None, raises on bad data
+
+
+def prepare_batch(
+    batch: Batch, *, name: str, offset: int, dtype: torch.dtype, device: torch.device, check: BatchCheck | None = None
+) -> Batch:
     """Move a batch to ``device``, and refuse floating tensors of another dtype or with NaN/inf.
 
     ``offset`` is the position of the batch's first example in its data set, so that errors name the
-    example at fault.
+    example at fault. ``check`` is the task's own validation (e.g. label ranges), run on the moved batch.
     """
 
     def visit(leaf: Any) -> Any:
@@ -179,7 +184,10 @@ def prepare_batch(batch: Batch, *, name: str, offset: int, dtype: torch.dtype, d
                 )
         return leaf.to(device, non_blocking=True)
 
-    return tree_map(visit, batch)
+    batch = tree_map(visit, batch)
+    if check is not None:
+        check(batch, name, offset)
+    return batch
 
 
 def stream(
@@ -190,14 +198,22 @@ def stream(
     device: torch.device,
     start: int = 0,
     stop: int | None = None,
+    check: BatchCheck | None = None,
 ) -> Iterator[tuple[int, Batch]]:
     """Yield ``(offset, batch)`` with each batch checked and moved by :func:`prepare_batch`."""
     for lo, batch in data.batches(batch_size, start=start, stop=stop):
-        yield lo, prepare_batch(batch, name=data.name, offset=lo, dtype=dtype, device=device)
+        yield lo, prepare_batch(batch, name=data.name, offset=lo, dtype=dtype, device=device, check=check)
 
 
-def take(data: Examples, indices: torch.Tensor | Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Batch:
+def take(
+    data: Examples,
+    indices: torch.Tensor | Sequence[int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    check: BatchCheck | None = None,
+) -> Batch:
     """The examples at ``indices``, checked and moved by :func:`prepare_batch` (errors name the first index)."""
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     batch = data.batch(indices)
-    return prepare_batch(batch, name=data.name, offset=indices[0] if indices else 0, dtype=dtype, device=device)
+    return prepare_batch(batch, name=data.name, offset=indices[0] if indices else 0, dtype=dtype, device=device, check=check)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..errors import InputError, InputTypeError
@@ -24,5 +25,12 @@ def make_solver(solver: Any, **options: Any) -> Solver:
     if isinstance(solver, str):
         if solver not in SOLVERS:
             raise InputError(f"`solver` must be one of {', '.join(repr(s) for s in SOLVERS)} or a Solver instance. Got {solver!r}.")
-        return SOLVERS[solver](**options)
+        cls = SOLVERS[solver]
+        allowed = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise InputError(
+                f"`solver_options` for solver {solver!r} must use the options {', '.join(allowed)}. Got unknown {unknown}."
+            )
+        return cls(**options)
     raise InputTypeError(f"`solver` must be a name or a Solver instance. Got {type(solver).__name__}.")

@@ -112,12 +112,7 @@ class LissaSolver(Solver):
                 h = V + h - op.minibatch_matvec(h, idx) / s
                 hn = h.norm(dim=1)
                 if not bool(torch.isfinite(hn).all()) or bool((hn > 2.0 * (step + 2) * vnorm).any()):
-                    raise SolverDivergenceError(
-                        f"LiSSA diverged at step {step + 1} of repeat {rep + 1}: ‖h‖ grew past 2·(step+1)·‖v‖, which "
-                        f"a contracting recursion never does. `scale`={s:.4g} is below the largest eigenvalue of a "
-                        f"mini-batch Hessian plus damping, or H has negative curvature. Raise scale (e.g. scale={2 * s:.4g}), "
-                        "raise batch_size, or raise damping."
-                    )
+                    raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s))
             total += h / s
         X = total / self.repeats
         rel = relative_residuals(op, X, V)
@@ -139,6 +134,22 @@ class LissaSolver(Solver):
             "hvps": float(self.depth * self.repeats * V.shape[0] * b / n + V.shape[0]),
             "details": {"scale": s, "lambda_max": self.lambda_max_, "lambda_min": self.lambda_min_, "rate": rate},
         }
+
+    def _divergence_message(self, steps: int, repeat: int, s: float) -> str:
+        head = (
+            f"LiSSA diverged after {steps} step(s) of repeat {repeat}: ‖h_j‖ exceeded 2·(j+1)·‖v‖, which a contracting "
+            "recursion never does. "
+        )
+        if self.lambda_min_ < 0:
+            return head + (
+                f"H + δI has negative curvature (smallest eigenvalue ≈ {self.lambda_min_:.3g}): raise `damping` by at least "
+                f"{abs(self.lambda_min_):.3g}."
+            )
+        suggested = max(2.0 * s, 1.5 * self.lambda_max_)
+        return head + (
+            f"`scale`={s:.4g} is below the largest eigenvalue of a mini-batch Hessian plus damping (full Hessian: "
+            f"≈ {self.lambda_max_:.3g}). Use scale={suggested:.4g} or scale=None (automatic), or raise `batch_size`."
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
