@@ -99,7 +99,10 @@ def per_example_grads(
     def one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
         return fn(p, _as_single(example)).squeeze(0)
 
-    grads, losses = vmap(grad_and_value(one), in_dims=(None, 0))(params, batch)
+    # torch.func transforms ignore an outer no_grad; it only stops a graph being recorded through the
+    # model's other (frozen) parameters, so results never require grad.
+    with torch.no_grad():
+        grads, losses = vmap(grad_and_value(one), in_dims=(None, 0))(params, batch)
     return layout.flatten(grads, batch_dims=1), losses
 
 
@@ -118,7 +121,8 @@ def batch_grad_sum(
         summed = losses.sum() if weights is None else (weights * losses).sum()
         return summed, losses.detach()
 
-    g, losses = grad(total, has_aux=True)(params)
+    with torch.no_grad():
+        g, losses = grad(total, has_aux=True)(params)
     return layout.flatten(g), losses
 
 
@@ -137,7 +141,8 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Par
         _, hv = jvp(g, (params,), (layout.unflatten(v),))
         return layout.flatten(hv)
 
-    return vmap(one)(V)
+    with torch.no_grad():
+        return vmap(one)(V)
 
 
 def input_size_per_example(fn: LossFn, params: dict[str, torch.Tensor], example_batch: Any, model: torch.nn.Module) -> int:

@@ -121,7 +121,7 @@ def fit_lbfgs(
     # which need no function values and converge quadratically. A step that does not shrink ‖∇R‖ (a
     # non-convex model far from a minimum) is undone and ends the polish.
     newton = 0
-    while state["grad_norm"] > tol and newton < 10:
+    while state["grad_norm"] > tol and newton < 10 and iterations + newton < max_iter:
         saved, saved_norm = theta.detach().clone(), state["grad_norm"]
         current = layout.unflatten(theta.detach())
         operator = HessianOperator(
@@ -129,9 +129,12 @@ def fit_lbfgs(
         )
         # small models: one dense Hessian beats hundreds of single-vector CG products
         solver = ExactSolver() if layout.n <= 3000 else CGSolver(rtol=1e-12, max_iter=max(100, 2 * layout.n), warn=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CurvatureWarning)
-            step, _ = solver.fit(operator).solve(-theta.grad)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CurvatureWarning)
+                step, _ = solver.fit(operator).solve(-theta.grad)
+        except NumericalError:  # a singular or indefinite Hessian: no Newton step to take
+            break
         with torch.no_grad():
             theta += step
         newton += 1

@@ -34,7 +34,8 @@ class LissaSolver(Solver):
     Args:
         depth: recursion steps per repeat (the paper's T).
         repeats: independent recursions averaged (the paper's r).
-        batch_size: examples per mini-batch Hessian.
+        batch_size: examples per mini-batch Hessian, drawn with replacement; at least the training-set size
+            means the full Hessian at every step (a deterministic recursion).
         scale: s; ``None`` estimates it (see the module docstring).
         scale_margin: factor above the estimated largest eigenvalue for the automatic scale.
         eigen_steps: Lanczos steps (full-data HVPs) for the automatic scale and the curvature check.
@@ -108,8 +109,11 @@ class LissaSolver(Solver):
         for rep in range(self.repeats):
             h = V.clone()
             for step in range(self.depth):
-                idx = torch.randint(n, (b,), generator=gen)
-                h = V + h - op.minibatch_matvec(h, idx) / s
+                if b >= n:  # a batch as large as the data: the deterministic full-Hessian recursion
+                    h = V + h - op.matvec(h) / s
+                else:
+                    idx = torch.randint(n, (b,), generator=gen)
+                    h = V + h - op.minibatch_matvec(h, idx) / s
                 hn = h.norm(dim=1)
                 if not bool(torch.isfinite(hn).all()) or bool((hn > 2.0 * (step + 2) * vnorm).any()):
                     raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s))

@@ -1,0 +1,149 @@
+"""One battery over every solver, plus each solver against its exact reference."""
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+import influencekit as ik
+from influencekit.data import Examples
+from influencekit.hessian import HessianOperator
+from problems import relative_error
+
+# solver factory, and the relative error to the exact inverse the solver promises on this problem
+SOLVERS = {
+    "exact": (lambda: ik.ExactSolver(), 1e-10),
+    "cg": (lambda: ik.CGSolver(rtol=1e-10), 1e-7),
+    # damping 0.05 keeps the recursion short: rate 1 − 0.05/scale per step
+    # batch_size = n: the deterministic full-Hessian recursion; 300 steps at rate ≈ 1 − 0.05/0.6 reach 1e-11
+    "lissa": (lambda: ik.LissaSolver(depth=300, batch_size=300, warn=False), 1e-8),
+}
+
+
+@pytest.fixture(scope="module")
+def operator(digits_small):
+    X, y = digits_small.train
+    return HessianOperator(digits_small.task, digits_small.task.params(), Examples((X, y)), damping=0.05, batch_size=300, tangent_block=256)
+
+
+@pytest.fixture(scope="module")
+def dense(operator):
+    H = operator.dense()
+    return H + 0.05 * torch.eye(H.shape[0], dtype=H.dtype)
+
+
+@pytest.fixture(scope="module")
+def rhs(digits_small):
+    return torch.randn(6, 650, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_fit_returns_self_and_solve_before_fit_errors(name, operator):
+    solver = SOLVERS[name][0]()
+    with pytest.raises(ik.NotFittedError, match=r"not fitted yet\. Call fit\(operator\)"):
+        solver.solve(torch.zeros(1, 650, dtype=torch.float64))
+    assert solver.fit(operator) is solver
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_agrees_with_dense_inverse_within_stated_tolerance(name, operator, dense, rhs):
+    factory, tol = SOLVERS[name]
+    x, report = factory().fit(operator).solve(rhs)
+    expected = torch.linalg.solve(dense, rhs.T).T
+    assert relative_error(x, expected) < tol
+    assert report.solver == name and report.n_rhs == 6
+    assert report.relative_residual < 1e-8
+    assert report.converged
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_batched_solve_equals_column_by_column(name, operator, rhs):
+    solver = SOLVERS[name][0]().fit(operator)
+    batched = solver.solve(rhs).x
+    columns = torch.stack([solver.solve(rhs[j]).x for j in range(len(rhs))])
+    torch.testing.assert_close(batched, columns, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_dtype_is_kept(name, digits_small):
+    X, y = digits_small.train
+    model32 = torch.nn.Linear(64, 10)
+    model32.load_state_dict({k: v.float() for k, v in digits_small.model.state_dict().items()})
+    task = ik.ClassificationTask(model32, l2=1e-3)
+    op = HessianOperator(task, task.params(), Examples((X.float(), y)), damping=0.05, batch_size=300, tangent_block=256)
+    solver = SOLVERS[name][0]()
+    if name == "cg":
+        solver = ik.CGSolver()  # the float32 default rtol (1e-5)
+    x, report = solver.fit(op).solve(torch.ones(2, 650))
+    assert x.dtype == torch.float32
+    assert report.relative_residual < 1e-2
+
+
+def test_solution_is_a_namedtuple_with_report_fields(operator, rhs):
+    solution = ik.CGSolver().fit(operator).solve(rhs)
+    x, report = solution
+    assert x is solution.x
+    assert set(report.to_dict()) >= {"solver", "iterations", "relative_residual", "converged", "n_rhs", "hvps", "seconds"}
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: ik.CGSolver(rtol=0.0), r"`rtol` must be a float in \(0, 1\]\. Got 0\.0"),
+        (lambda: ik.CGSolver(max_iter=0), r"`max_iter` must be an int in \[1, inf\]\. Got 0"),
+        (lambda: ik.LissaSolver(depth=0), r"`depth` must be an int in \[1, inf\]\. Got 0"),
+        (lambda: ik.LissaSolver(scale=-1.0), r"`scale` must be a float in \(0, inf\]\. Got -1\.0"),
+        (lambda: ik.LissaSolver(scale_margin=0.5), r"`scale_margin` must be a float in \[1, inf\]\. Got 0\.5"),
+        (lambda: ik.ExactSolver(max_params=0), r"`max_params` must be an int in \[1, inf\]\. Got 0"),
+    ],
+)
+def test_bad_hyper_parameters_give_the_documented_message(factory, message):
+    with pytest.raises(ik.InputError, match=message):
+        factory()
+
+
+# ---------------------------------------------------------------- each solver against its reference
+def test_cg_matches_scipy_cg(operator, dense, rhs):
+    A = dense.numpy()
+    x, report = ik.CGSolver(rtol=1e-6).fit(operator).solve(rhs[:1])
+    counter = {"n": 0}
+
+    def count(_):
+        counter["n"] += 1
+
+    expected, info = scipy.sparse.linalg.cg(A, rhs[0].numpy(), rtol=1e-6, atol=0.0, maxiter=1000, callback=count)
+    assert info == 0
+    # same stopping rule, same recursion: the same iterate after the same number of iterations
+    assert report.iterations == counter["n"]
+    np.testing.assert_allclose(x[0].numpy(), expected, rtol=1e-6, atol=1e-8 * np.abs(expected).max())
+
+
+def test_cg_warns_when_max_iter_is_too_small(operator, rhs):
+    with pytest.warns(ik.ConvergenceWarning, match=r"CG stopped after max_iter=3 iterations.*Raise `max_iter`"):
+        _, report = ik.CGSolver(max_iter=3).fit(operator).solve(rhs)
+    assert not report.converged and report.iterations == 3
+
+
+def test_exact_eigenvalues_match_numpy(operator, dense):
+    solver = ik.ExactSolver().fit(operator)
+    np.testing.assert_allclose(
+        solver.eigenvalues_.numpy() + 0.05, np.linalg.eigvalsh(dense.numpy()), rtol=1e-9, atol=1e-12
+    )
+    G = torch.randn(4, 650, dtype=torch.float64)
+    expected = torch.einsum("ij,ji->i", G, torch.linalg.solve(dense, G.T))
+    torch.testing.assert_close(solver.quadratic_form(G), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_lissa_automatic_scale_exceeds_the_top_eigenvalue(operator, dense):
+    solver = ik.LissaSolver(depth=10, warn=False).fit(operator)
+    top = float(torch.linalg.eigvalsh(dense)[-1])
+    assert solver.lambda_max_ == pytest.approx(top, rel=1e-2)  # Lanczos, 20 steps
+    assert solver.scale_ >= 1.2 * solver.lambda_max_
+
+
+def test_lissa_repeats_are_averaged(operator, dense, rhs):
+    one = ik.LissaSolver(depth=200, batch_size=32, repeats=1, warn=False, seed=1).fit(operator).solve(rhs).x
+    many = ik.LissaSolver(depth=200, batch_size=32, repeats=8, warn=False, seed=1).fit(operator).solve(rhs).x
+    full = ik.LissaSolver(depth=200, batch_size=300, repeats=1, warn=False, seed=1).fit(operator).solve(rhs).x
+    # averaging repeats shrinks the mini-batch noise towards the full-batch recursion
+    assert relative_error(many, full) < relative_error(one, full)
