@@ -58,10 +58,17 @@ def test_agrees_with_dense_inverse_within_stated_tolerance(name, operator, dense
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_batched_solve_equals_column_by_column(name, operator, rhs):
-    solver = SOLVERS[name][0]().fit(operator)
+    factory, tol = SOLVERS[name]
+    solver = factory().fit(operator)
     batched = solver.solve(rhs).x
     columns = torch.stack([solver.solve(rhs[j]).x for j in range(len(rhs))])
-    torch.testing.assert_close(batched, columns, rtol=1e-9, atol=1e-12)
+    if name == "cg":
+        # block CG shares its Krylov space across right-hand sides: the same answer within the stated
+        # tolerance, not the same round-off (and in fewer iterations)
+        assert relative_error(batched, columns) < tol
+        assert solver.solve(rhs).report.iterations < max(solver.solve(rhs[j]).report.iterations for j in range(len(rhs)))
+    else:
+        torch.testing.assert_close(batched, columns, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", SOLVERS)
