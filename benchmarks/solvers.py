@@ -1,0 +1,471 @@
+"""Benchmark of the inverse-Hessian solvers (exact, cg, lissa) on scikit-learn's bundled digits.
+
+Two problems, both float64, 1,200 training and 597 test images (``influencekit.data.load_digits_split``):
+
+* ``logreg``: multiclass logistic regression, ``nn.Linear(64, 10)`` (650 parameters), ``l2=1e-3``,
+  trained with ``ik.fit_lbfgs``; influence with ``damping=0``.
+* ``mlp``: ``Linear(64, H)-Tanh-Linear(H, 10)`` (H=128: 9,610 parameters), ``l2=1e-3``, trained
+  full-batch with ``torch.optim.LBFGS`` (strong Wolfe) to a small ‖∇R‖; influence with ``damping=0.01``.
+
+For every (problem, solver) pair a fresh Python process (``subprocess``) loads the trained model, runs
+
+    t_fit   = time of ik.Influence(task, train, solver=..., damping=...).fit()
+    t_score = time of inf.scores(test)          # all 597 test points × all 1,200 training points
+    t_grad  = time of list(inf._grads(inf.train_, train_side=True))   # one per-example-gradient pass
+                                                # over the training set, best of 3, after scoring
+
+and reports both times in units of t_grad, its own peak resident memory (``ru_maxrss``) and the
+resident memory it had before ``fit`` (imports, data, model), so that ``peak - base`` is what the
+solver and the scoring added. The parent process compares each score matrix with the exact one
+(relative Frobenius error and Pearson r over all 597 × 1,200 entries) and checks the targets:
+
+* exact: ``t_score <= 3 t_grad`` (scoring costs about one gradient pass once fitted);
+* cg, lissa: ``t_fit + t_score <= 10 (t_fit + t_score)`` of exact.
+
+Warnings raised in a worker are recorded (never silenced) and printed with the table.
+
+Usage::
+
+    python benchmarks/solvers.py                          # both problems, all solvers, print the table
+    python benchmarks/solvers.py --write docs/benchmarks.md   # also write the markdown tables into the file
+    python benchmarks/solvers.py --problems logreg --solvers exact,cg
+
+``--write`` replaces the text between ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` when the
+file has those markers (so hand-written text around them survives), and otherwise writes a new file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROBLEMS = ("logreg", "mlp")
+SOLVERS = ("exact", "cg", "lissa")
+BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+L2 = 1e-3
+DAMPING = {"logreg": 0.0, "mlp": 0.01}
+
+
+# ----------------------------------------------------------------------------------------- models
+def build_model(problem: str, hidden: int) -> torch.nn.Module:
+    if problem == "logreg":
+        return torch.nn.Linear(64, 10).double()
+    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)).double()
+
+
+def train_mlp(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, max_iter: int, tol: float) -> dict[str, Any]:
+    """Full-batch L-BFGS (strong Wolfe) on mean cross-entropy + (l2/2)‖θ‖², the objective of ClassificationTask.
+
+    Restarted when the line search stalls, until ‖∇R‖ <= tol or ``max_iter`` iterations in all.
+    """
+    params = list(model.parameters())
+
+    def objective() -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(X), y) + 0.5 * L2 * sum((p * p).sum() for p in params)
+
+    def closure() -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        value = objective()
+        value.backward()
+        return value
+
+    done = 0
+    grad_norm = float("inf")
+    while done < max_iter:
+        opt = torch.optim.LBFGS(
+            params, lr=1.0, max_iter=max_iter - done, tolerance_grad=tol, tolerance_change=0.0,
+            history_size=50, line_search_fn="strong_wolfe",
+        )
+        opt.step(closure)
+        n_iter = int(opt.state[params[0]].get("n_iter", 0))
+        done += n_iter
+        closure()
+        previous, grad_norm = grad_norm, float(torch.cat([p.grad.flatten() for p in params]).norm())
+        if grad_norm <= tol or n_iter == 0 or grad_norm > 0.5 * previous:
+            break
+    return {"iterations": done, "grad_norm": grad_norm, "objective": float(objective().detach())}
+
+
+def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).double().mean())
+
+
+# ----------------------------------------------------------------------------------------- worker
+def rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    scale = 1.0 if sys.platform == "darwin" else 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One (problem, solver) measurement in this fresh process; writes <out>.json and <out>.npy."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import influencekit as ik
+    from influencekit.data import load_digits_split
+
+    (X, y), (Xt, yt) = load_digits_split(1200)
+    model = build_model(args.problem, args.hidden)
+    model.load_state_dict(torch.load(args.state, weights_only=True))
+    model.eval()
+    task = ik.ClassificationTask(model, l2=L2)
+    options = json.loads(args.options)
+    base = rss_mib()
+    result: dict[str, Any] = {"problem": args.problem, "solver": args.solver, "options": options, "damping": DAMPING[args.problem]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # record every warning (they are all printed by the parent)
+        inf = ik.Influence(task, (X, y), solver=args.solver, damping=DAMPING[args.problem], solver_options=options)
+        t0 = time.perf_counter()
+        inf.fit()
+        t_fit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = inf.scores((Xt, yt))
+        t_score = time.perf_counter() - t0
+        grad_times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            list(inf._grads(inf.train_, train_side=True))
+            grad_times.append(time.perf_counter() - t0)
+    peak = rss_mib()
+    reports = scores.metadata.get("solve_reports", [])
+    result.update(
+        t_fit=t_fit, t_score=t_score, t_grad=min(grad_times), t_grad_all=grad_times,
+        rss_base_mib=base, rss_peak_mib=peak, n_params=inf.n_params, grad_norm=inf.grad_norm_,
+        chunks=vars(inf.chunks_) if hasattr(inf.chunks_, "__dict__") else str(inf.chunks_),
+        solver_describe=inf.solver_.describe(), solve_reports=reports,
+        solver_fitted={k: getattr(inf.solver_, k) for k in ("scale_", "lambda_min_", "lambda_max_") if hasattr(inf.solver_, k)},
+        hvps=getattr(inf.operator_, "hvp_count", None),
+        warnings=group_warnings(caught),
+        threads=torch.get_num_threads(),
+    )
+    np.save(args.out + ".npy", scores.values.numpy() if hasattr(scores, "values") else np.asarray(scores))
+    Path(args.out + ".json").write_text(json.dumps(result, default=str))
+
+
+def group_warnings(caught: list[warnings.WarningMessage]) -> list[dict[str, Any]]:
+    """Identical warnings (category, message, origin) once each, with how often they fired."""
+    groups: dict[tuple[str, str, str], int] = {}
+    for w in caught:
+        key = (w.category.__name__, str(w.message), f"{Path(w.filename).name}:{w.lineno}")
+        groups[key] = groups.get(key, 0) + 1
+    return [{"category": c, "message": m, "origin": o, "count": n} for (c, m, o), n in groups.items()]
+
+
+# ------------------------------------------------------------------------------------------ parent
+def run_worker(problem: str, solver: str, options: dict[str, Any], state: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--worker", "--problem", problem, "--solver", solver,
+        "--options", json.dumps(options), "--state", str(state), "--out", str(out), "--hidden", str(args.hidden),
+    ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired:
+        return {"problem": problem, "solver": solver, "options": options, "error": f"timed out after {args.worker_timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return {"problem": problem, "solver": solver, "options": options, "error": f"exit {proc.returncode}: {tail[0]}"}
+    result = json.loads(Path(str(out) + ".json").read_text())
+    result["wall"] = wall
+    result["scores_path"] = str(out) + ".npy"
+    return result
+
+
+def agreement(S: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    rel = float(np.linalg.norm(S - ref) / np.linalg.norm(ref))
+    r = float(np.corrcoef(S.ravel(), ref.ravel())[0, 1])
+    return rel, r
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["problem"], r["solver"], "—", "—", "—", "—", "—", "—", "—", "—", "—", f"FAILED: {r['error']}"])
+            continue
+        g = r["t_grad"]
+        rep = r["solve_reports"][0] if r["solve_reports"] else {}
+        iters = rep.get("iterations", "")
+        note = f"iters {iters}, resid {rep.get('relative_residual', float('nan')):.1e}" if rep else ""
+        rows.append([
+            r["problem"], r["solver"], f"{g * 1e3:.0f}",
+            f"{r['t_fit']:.2f}", f"{r['t_fit'] / g:.0f}", f"{r['t_score']:.2f}", f"{r['t_score'] / g:.1f}",
+            f"{(r['t_fit'] + r['t_score']) / g:.0f}",
+            f"{r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_base_mib']:.0f})",
+            fmt(r.get("rel_err"), ".1e"), fmt(r.get("pearson"), ".6f"), note,
+        ])
+    return rows
+
+
+HEADER = ["problem", "solver", "grad pass ms", "fit s", "fit /grad", "score s", "score /grad", "fit+score /grad",
+          "peak RSS MiB (+over base)", "rel. err vs exact", "Pearson r", "solve"]
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADER)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(HEADER), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def md_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    by = {(r["problem"], r["solver"]): r for r in results}
+    for problem in dict.fromkeys(r["problem"] for r in results):
+        ex = by.get((problem, "exact"))
+        if ex is None or "error" in ex:
+            lines.append(f"{problem}: exact did not run, targets not checked")
+            continue
+        ratio = ex["t_score"] / ex["t_grad"]
+        lines.append(f"{problem}: exact scores in {ratio:.1f} gradient passes once fitted (target <= 3): {'MET' if ratio <= 3 else 'NOT MET'}")
+        ex_total = ex["t_fit"] + ex["t_score"]
+        for solver in ("cg", "lissa"):
+            r = by.get((problem, solver))
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"{problem}: {solver} failed ({r['error']}): NOT MET")
+                continue
+            x = (r["t_fit"] + r["t_score"]) / ex_total
+            acc = f"rel. err {r['rel_err']:.1e} vs exact" if r.get("rel_err") is not None else ""
+            lines.append(f"{problem}: {solver} fit+score = {x:.2f}x exact's fit+score (target <= 10x): {'MET' if x <= 10 else 'NOT MET'} ({acc})")
+    return lines
+
+
+def settings_lines(results: list[dict[str, Any]], train_info: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    lines = []
+    for problem, info in train_info.items():
+        lines.append(
+            f"{problem}: {info['n_params']} params, trained with {info['trainer']} in {info['seconds']:.1f} s "
+            f"({info['iterations']} iterations), ||grad R|| = {info['grad_norm']:.2e}, train acc {info['train_acc']:.4f}, "
+            f"test acc {info['test_acc']:.4f}, influence damping {DAMPING[problem]:g}"
+        )
+    for r in results:
+        if "error" in r:
+            continue
+        rep = r["solve_reports"][0] if r["solve_reports"] else {}
+        extra = ", ".join(f"{k}={v:.4g}" for k, v in r.get("solver_fitted", {}).items())
+        lines.append(
+            f"{r['problem']}/{r['solver']}: solver settings {r['solver_describe']}; {extra + '; ' if extra else ''}"
+            f"solve: {rep.get('iterations')} iterations, {rep.get('hvps', 0):.0f} full-data HVPs, residual "
+            f"{rep.get('relative_residual', float('nan')):.2e}, converged={rep.get('converged')}, solve {rep.get('seconds', float('nan')):.2f} s; "
+            f"grad passes {', '.join(f'{t * 1e3:.0f}' for t in r['t_grad_all'])} ms; torch threads {r['threads']}"
+        )
+    return lines
+
+
+def warning_lines(results: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in results:
+        for w in r.get("warnings", []):
+            times = f" (x{w['count']})" if w["count"] > 1 else ""
+            lines.append(f"{r['problem']}/{r['solver']}: {w['category']}{times} from {w['origin']}: {w['message']}")
+    return lines
+
+
+def machine_line() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads by default), Python {platform.python_version()}, {platform.system()}"
+    )
+
+
+def source_line() -> str:
+    import influencekit
+
+    root = Path(influencekit.__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=root, capture_output=True, timeout=10).returncode
+        return f"influencekit {influencekit.__version__} from {root} at commit {head}{' with uncommitted changes in src/' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return f"influencekit {influencekit.__version__} from {root}"
+
+
+def write_markdown(path: Path, body: str) -> None:
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    if path.exists():
+        text = path.read_text()
+        if BEGIN in text and END in text:
+            start, stop = text.index(BEGIN), text.index(END) + len(END)
+            path.write_text(text[:start] + block + text[stop:])
+            return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# Solver benchmarks\n\n{block}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated: logreg,mlp")
+    parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated: exact,cg,lissa")
+    parser.add_argument("--hidden", type=int, default=128, help="MLP hidden units (128: 9,610 parameters)")
+    parser.add_argument("--mlp-max-iter", type=int, default=3000, help="L-BFGS iterations budget for the MLP")
+    parser.add_argument("--mlp-tol", type=float, default=1e-6, help="stop MLP training at ||grad R|| <= this")
+    parser.add_argument("--cg-options", default="{}", help="JSON solver_options for cg")
+    parser.add_argument("--lissa-options", default="{}", help="JSON solver_options for lissa (e.g. '{\"depth\": 1000}')")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in the workers (0: torch's default)")
+    parser.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
+    parser.add_argument("--write", metavar="PATH", help="write the tables in markdown into PATH")
+    # internal: one measurement in a fresh process
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--problem", help=argparse.SUPPRESS)
+    parser.add_argument("--solver", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--state", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    problems = [p for p in args.problems.split(",") if p]
+    solvers = [s for s in args.solvers.split(",") if s]
+    for p in problems:
+        if p not in PROBLEMS:
+            parser.error(f"unknown problem {p!r}; choose from {PROBLEMS}")
+    for s in solvers:
+        if s not in SOLVERS:
+            parser.error(f"unknown solver {s!r}; choose from {SOLVERS}")
+    options = {"exact": {}, "cg": json.loads(args.cg_options), "lissa": json.loads(args.lissa_options)}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import influencekit as ik
+    from influencekit.data import load_digits_split
+
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    print(f"machine: {machine_line()}")
+    print(f"source: {source_line()}")
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
+    (X, y), (Xt, yt) = load_digits_split(1200)
+    print(f"data: digits, {len(X)} train / {len(Xt)} test, {X.dtype}")
+
+    results: list[dict[str, Any]] = []
+    train_info: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="ik-bench-") as tmp:
+        for problem in problems:
+            torch.manual_seed(0)
+            model = build_model(problem, args.hidden)
+            task = ik.ClassificationTask(model, l2=L2)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if problem == "logreg":
+                    rep = ik.fit_lbfgs(task, (X, y))
+                    info = {"trainer": "ik.fit_lbfgs (defaults)", "iterations": rep.iterations, "grad_norm": rep.grad_norm}
+                else:
+                    out = train_mlp(model, X, y, max_iter=args.mlp_max_iter, tol=args.mlp_tol)
+                    info = {"trainer": f"torch.optim.LBFGS full batch (max_iter={args.mlp_max_iter}, tol={args.mlp_tol:g})",
+                            "iterations": out["iterations"], "grad_norm": out["grad_norm"]}
+            for w in group_warnings(caught):
+                print(f"note: training {problem} raised {w['category']} (x{w['count']}) from {w['origin']}: {w['message']}")
+            info.update(seconds=time.perf_counter() - t0, n_params=sum(p.numel() for p in model.parameters()),
+                        train_acc=accuracy(model, X, y), test_acc=accuracy(model, Xt, yt))
+            train_info[problem] = info
+            print(f"trained {problem}: {info}", flush=True)
+            state = Path(tmp) / f"{problem}.pt"
+            torch.save(model.state_dict(), state)
+
+            ref = None
+            for solver in solvers:
+                print(f"running {problem}/{solver} {options[solver] or ''} ...", flush=True)
+                r = run_worker(problem, solver, options[solver], state, Path(tmp) / f"{problem}-{solver}", args)
+                if "error" not in r:
+                    S = np.load(r["scores_path"])
+                    if solver == "exact":
+                        ref = S
+                    if ref is not None:
+                        r["rel_err"], r["pearson"] = agreement(S, ref)
+                    print(f"  fit {r['t_fit']:.2f} s, score {r['t_score']:.2f} s, grad pass {r['t_grad'] * 1e3:.0f} ms, "
+                          f"peak RSS {r['rss_peak_mib']:.0f} MiB, worker wall {r['wall']:.1f} s", flush=True)
+                else:
+                    print(f"  {r['error']}", flush=True)
+                results.append(r)
+
+    total = time.perf_counter() - started
+    rows = table_rows(results)
+    target_lines = targets(results)
+    settings = settings_lines(results, train_info, args)
+    warns = warning_lines(results)
+    load_end = os.getloadavg()
+    print()
+    print(text_table(rows))
+    print()
+    print("targets:")
+    for line in target_lines:
+        print("  " + line)
+    print("settings:")
+    for line in settings:
+        print("  " + line)
+    if warns:
+        print("warnings raised during fit/score (recorded, not silenced):")
+        for line in warns:
+            print("  " + line)
+    else:
+        print("no warnings raised during fit/score")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in load_end)}; total {total:.0f} s")
+
+    if args.write:
+        body = "\n".join([
+            f"Command: `python benchmarks/solvers.py {' '.join(sys.argv[1:])}`",
+            "",
+            f"Machine: {machine_line()}; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
+            f"total run time {total:.0f} s.",
+            "",
+            f"Source: {source_line()}.",
+            "",
+            "Times are wall-clock seconds and multiples of one per-example-gradient pass over the 1,200 training "
+            "points (`list(inf._grads(inf.train_, train_side=True))` after scoring, best of 3, in the same process). "
+            "Peak RSS is `ru_maxrss` of the worker process; `+` is what it grew by from before `fit` "
+            "(after imports, data and model).",
+            "",
+            md_table(rows),
+            "",
+            "Targets:",
+            "",
+            *(f"- {line}" for line in target_lines),
+            "",
+            "Settings and solve reports:",
+            "",
+            *(f"- {line}" for line in settings),
+            "",
+            "Warnings raised during fit/score (recorded, not silenced):" if warns else "No warnings were raised during fit/score.",
+            "",
+            *(f"- {line}" for line in warns),
+        ])
+        write_markdown(Path(args.write), body)
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
