@@ -43,3 +43,18 @@ def test_exact_solver_warns_on_negative_curvature_with_a_damping_that_works(mlp_
         ik.ExactSolver().fit(op)
     suggested = float(str(record[0].message).split("damping >= ")[1].split(" ")[0])
     assert suggested + float(evals[0]) > 0
+
+
+def test_influence_eigenvalue_range_warns_and_suggests_a_damping_that_works():
+    torch.manual_seed(0)
+    X = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    task = ik.ClassificationTask(small_mlp(), l2=0.0)
+    with pytest.warns(ik.StationarityWarning):
+        inf = ik.Influence(task, (X, y), solver="cg").fit()
+    evals = torch.linalg.eigvalsh(inf.operator_.dense())
+    with pytest.warns(ik.CurvatureWarning, match=r"use damping >= ([0-9.e-]+)") as record:
+        lo, hi = inf.eigenvalue_range(steps=53)
+    assert lo == pytest.approx(float(evals[0]), rel=1e-6) and hi == pytest.approx(float(evals[-1]), rel=1e-6)
+    suggested = float(str(record[0].message).split("damping >= ")[1].split(" ")[0])
+    assert suggested + float(evals[0]) > 0

@@ -26,11 +26,12 @@ import torch
 from .autodiff import ParamLayout, batch_grad_sum, input_size_per_example, per_example_grads
 from .checks import check_int, check_number, parse_bytes
 from .data.examples import Examples, batch_size_of, stream, take
-from .errors import InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning
+from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning
 from .hessian import HessianOperator
 from .progress import progress_bar
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .solvers import Solver, SolveReport, make_solver
+from .spectrum import lanczos_extremes
 from .task import Task
 
 __all__ = ["Influence"]
@@ -319,6 +320,25 @@ class Influence:
         X, report = self._solve(G)
         self.params_influence_report_ = report
         return -X
+
+    def eigenvalue_range(self, *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
+        """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs.
+
+        Warns with :class:`~influencekit.errors.CurvatureWarning` and a damping that removes the negative
+        curvature when ``λ_min ≤ 0``; the estimates tighten from the inside as ``steps`` grows.
+        """
+        self._require_fitted()
+        op = self.operator_
+        lo, hi = lanczos_extremes(op.matvec, op.n_params, steps=steps, dtype=op.dtype, device=op.device, seed=seed)
+        if lo <= 0:
+            warnings.warn(
+                f"H + δI has negative curvature (Lanczos estimate of its smallest eigenvalue: {lo:.3g} with damping "
+                f"{self.damping:g}); use damping >= {self.damping - lo * 1.5:.3g} (Lanczos under-estimates |λ_min|; "
+                "raise `steps` for a tighter figure).",
+                CurvatureWarning,
+                stacklevel=2,
+            )
+        return lo, hi
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split flat parameter vectors ``(..., n_params)`` into a dict of named parameter-shaped tensors."""
