@@ -1,0 +1,535 @@
+"""Leave-one-out retraining against the influence prediction (Koh & Liang 2017, Section 2 and Figure 2).
+
+For a test point z_test and a training point z_i the influence prediction of removing z_i is
+(docs/conventions.md)::
+
+    predicted = −I_up,loss(z_i, z_test) / n
+    actual    = m(z_test, θ̂₋ᵢ) − m(z_test, θ̂),   θ̂₋ᵢ = argmin (1/(n−1)) Σ_{j≠i} L(z_j, θ)
+
+with m the task's ``measurement`` (the test loss by default). θ̂₋ᵢ is found by retraining a *copy* of the
+model with weight 0 on z_i, warm-started from θ̂ (:func:`~influencekit.fit_lbfgs` by default). One
+retraining serves every chosen test point. Retrainings can be cached on disk, one small file per removed
+training point, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import numbers
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten
+
+from ..autodiff import ParamLayout, batch_grad_sum
+from ..checks import check_int, check_number
+from ..data.examples import Examples, batch_size_of, stream, take
+from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError
+from ..progress import progress_bar
+from ..scoring import Influence
+from ..task import Task
+from ..training import TrainReport, fit_lbfgs
+from .metrics import _correlation_or_nan, pearson, spearman
+
+__all__ = ["leave_one_out", "LOOResult"]
+
+logger = logging.getLogger(__name__)
+
+RetrainFn = Callable[[Task, Any, torch.Tensor], Any]
+
+
+# --------------------------------------------------------------------------------------------- result
+@dataclass(frozen=True)
+class LOOResult:
+    """Predicted against actual leave-one-out change of the test measurement, one entry per (test, train) pair.
+
+    Attributes:
+        predicted: ``(n_pairs,)`` −I_up,loss/n.
+        actual: ``(n_pairs,)`` measurement after retraining without the training point minus before.
+        test_index: ``(n_pairs,)`` position of the pair's test point in the ``test`` data.
+        train_index: ``(n_pairs,)`` the removed training point.
+        pearson: Pearson r of ``predicted`` and ``actual`` over all pairs (NaN if undefined).
+        spearman: Spearman ρ over all pairs (NaN if undefined).
+        per_test: test index -> Pearson r over that test point's pairs.
+        per_test_spearman: test index -> Spearman ρ over that test point's pairs.
+        not_converged: removed training index -> final ‖∇R₋ᵢ‖ of each retraining that did not reach ``tol``.
+            Their pairs are *not* in ``predicted``/``actual`` or the correlations.
+        metadata: solver, damping, convention, task, tol, the trainer, the selection recipe, the final
+            ‖∇R₋ᵢ‖ of every retraining, how many came from the cache, timings.
+    """
+
+    predicted: np.ndarray
+    actual: np.ndarray
+    test_index: np.ndarray
+    train_index: np.ndarray
+    pearson: float
+    spearman: float
+    per_test: dict[int, float]
+    per_test_spearman: dict[int, float]
+    not_converged: dict[int, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.predicted)
+
+    def plot(self, path: str | os.PathLike | None = None, title: str | None = None) -> Any:
+        """Scatter of actual against predicted change (the paper's Figure 2); see :func:`plot_loo`.
+
+        Returns the matplotlib ``Figure``; writes a PNG when ``path`` is given.
+        """
+        from .plot import plot_loo
+
+        return plot_loo(self.predicted, self.actual, test_index=self.test_index, path=path, title=title)
+
+
+# ------------------------------------------------------------------------------------------ selection
+def _check_influence(influence: Any) -> None:
+    if not isinstance(influence, Influence):
+        raise InputTypeError(
+            f"`influence` must be a fitted ik.Influence (ik.Influence(task, train).fit()). Got {type(influence).__name__}."
+        )
+    influence._require_fitted()
+
+
+def _index_array(name: str, idx: Any, n: int, what: str) -> np.ndarray:
+    """Validate indices into a data set of ``n`` points: ints in [0, n-1], at least one, no repeats."""
+    if isinstance(idx, torch.Tensor):
+        idx = idx.detach().cpu().numpy()
+    if isinstance(idx, np.ndarray):
+        if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
+            raise InputTypeError(f"`{name}` must hold integer indices. Got an array of dtype {idx.dtype}.")
+        out = [int(i) for i in idx.reshape(-1)]
+    elif isinstance(idx, numbers.Integral) and not isinstance(idx, bool):
+        out = [int(idx)]
+    elif isinstance(idx, (str, bytes)) or not isinstance(idx, Iterable):
+        raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.")
+    else:
+        out = list(idx)
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in out):
+            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {out[:5]!r}.")
+        out = [int(i) for i in out]
+    if not out:
+        raise InputError(f"`{name}` must name at least one point. Got an empty selection.")
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise InputError(f"`{name}` must hold indices in [0, {n - 1}] (the {what} set has {n} points). Got {bad[:5]}.")
+    if len(set(out)) != len(out):
+        seen: set[int] = set()
+        dup = sorted({i for i in out if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+        raise InputError(f"`{name}` must not repeat an index. Got {dup[:5]} more than once.")
+    return np.asarray(out, dtype=np.int64)
+
+
+def _fingerprint(tensors: Any) -> str:
+    """sha256 of every tensor leaf's dtype, shape and bytes (non-tensor leaves by repr)."""
+    h = hashlib.sha256()
+    leaves, spec = tree_flatten(tensors)
+    h.update(repr(spec).encode())
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            t = leaf.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(leaf).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Tests:
+    indices: np.ndarray  # positions in the test data
+    raw_batch: Any  # the examples as the user gave them (for Influence.scores)
+    batch: Any  # checked and moved to the model's dtype and device (for measurements)
+    fingerprint: str
+
+
+def _select_tests(influence: Influence, test: Any, test_indices: Any) -> _Tests:
+    data = test if isinstance(test, Examples) else Examples(test, name="test")
+    n = len(data)
+    indices = np.arange(n, dtype=np.int64) if test_indices is None else _index_array("test_indices", test_indices, n, "test")
+    raw = data.batch(indices.tolist())
+    layout = influence.layout_
+    batch = take(data, indices.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
+    return _Tests(indices, raw, batch, _fingerprint(batch))
+
+
+# ------------------------------------------------------------------------------------------ retraining
+def _describe_callable(fn: Any) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
+
+
+class _Retrainer:
+    """Retrains a private copy of the task from θ̂ under given example weights and measures the test points.
+
+    The user's model is never touched: the copy is reset to θ̂ (its full ``state_dict``) before each
+    retraining. Convergence means ‖∇R_w(θ)‖ ≤ tol for R_w(θ) = Σ w_i L(z_i, θ) / Σ w_i.
+    """
+
+    def __init__(self, influence: Influence, test_batch: Any, *, retrain: RetrainFn | None, tol: float, max_iter: int) -> None:
+        if retrain is not None and not callable(retrain):
+            raise InputTypeError(f"`retrain` must be None or a callable retrain(task, train, weights) -> None. Got {type(retrain).__name__}.")
+        self.influence = influence
+        self.source = influence.task
+        self.work = copy.deepcopy(influence.task)
+        self.snapshot = copy.deepcopy(self.work.model.state_dict())
+        self.theta_hat = {k: v.detach().clone() for k, v in influence.params_.items()}
+        self.layout: ParamLayout = influence.layout_
+        self.dtype = self.layout.dtype
+        self.test_batch = test_batch
+        self.retrain = retrain
+        self.tol = tol
+        self.max_iter = max_iter
+        self.batch_size = influence.chunks_.hvp
+        self.name = "influencekit.fit_lbfgs" if retrain is None else _describe_callable(retrain)
+        self.before = self.measure(self.source)
+
+    def measure(self, task: Task) -> np.ndarray:
+        with torch.no_grad():
+            values = task.measurement(task.params(), self.test_batch)
+        values = values.detach()
+        n_test = batch_size_of(self.test_batch)
+        if values.shape != (n_test,):
+            raise InputError(f"the task's measurement must return one value per test example, shape ({n_test},). Got {tuple(values.shape)}.")
+        return values.cpu().to(torch.float64).numpy()
+
+    def run(self, weights: torch.Tensor) -> tuple[np.ndarray, float, bool]:
+        """Retrain under ``weights`` (n,) from θ̂; return the test measurements after, ‖∇R_w‖ and whether ≤ tol."""
+        self.work.model.load_state_dict(self.snapshot)
+        if self.retrain is None:
+            report = fit_lbfgs(
+                self.work, self.influence.train_, weights=weights, tol=self.tol, max_iter=self.max_iter,
+                batch_size=self.batch_size, warn=False,
+            )
+            grad_norm = report.grad_norm
+        else:
+            out = self.retrain(self.work, self.influence.train, weights.clone())
+            self._check_user_retrain(out)
+            grad_norm = self._grad_norm(weights)
+            named = dict(self.work.model.named_parameters())
+            if grad_norm > self.tol and all(torch.equal(named[k].detach(), v) for k, v in self.theta_hat.items()):
+                raise InputError(
+                    "`retrain` left the task's parameters at theta-hat: it must retrain the task it is given "
+                    "(`task.model`, a copy of your model warm-started at theta-hat) and update its parameters in place."
+                )
+        after = self.measure(self.work)
+        if not np.isfinite(after).all():
+            raise NumericalError("the test measurement is not finite after retraining; check the trainer and the data.")
+        return after, grad_norm, grad_norm <= self.tol
+
+    def _check_user_retrain(self, out: Any) -> None:
+        if out is not None and not isinstance(out, TrainReport):
+            raise InputError(
+                "`retrain` must update the selected parameters of the task it is given in place and return None. Got a "
+                f"{type(out).__name__} back; copy the new values into the task instead, e.g. "
+                "`with torch.no_grad(): task.model.weight.copy_(new_weight)`."
+            )
+        named = dict(self.work.model.named_parameters())
+        for name, ref in self.theta_hat.items():
+            p = named.get(name)
+            if p is None:
+                raise InputError(f"`retrain` removed the parameter {name!r} from the model; it must update the task's parameters in place.")
+            if p.shape != ref.shape or p.dtype != ref.dtype or p.device != ref.device:
+                raise InputError(
+                    f"`retrain` must keep the shape, dtype and device of each selected parameter. Got {name!r} with shape "
+                    f"{tuple(p.shape)}, {p.dtype}, {p.device} after retraining; expected {tuple(ref.shape)}, {ref.dtype}, "
+                    f"{ref.device}."
+                )
+            if not bool(torch.isfinite(p).all()):
+                raise NumericalError(f"`retrain` left NaN/inf values in the parameter {name!r}.")
+        if any(not torch.equal(self.source.params()[k], v) for k, v in self.theta_hat.items()):
+            raise InputError(
+                "`retrain` modified the original model. It must retrain the copy it is given (`task.model`), not a "
+                "model it holds a reference to; reload your model's trained parameters before going on."
+            )
+
+    def _grad_norm(self, weights: torch.Tensor) -> float:
+        """‖∇R_w(θ)‖ at the copy's current parameters, the same quantity fit_lbfgs stops on."""
+        task = self.work
+        params = task.params()
+        layout = ParamLayout.of(params)
+        grad = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
+        for lo, batch in stream(self.influence.train_, self.batch_size, dtype=layout.dtype, device=layout.device, check=task.check_batch):
+            w = weights[lo:lo + self.batch_size].to(layout.device, layout.dtype)
+            g, _ = batch_grad_sum(task.loss, params, batch, layout, w)
+            grad += g
+        grad = grad / float(weights.sum()) + task.l2 * layout.flatten(params)
+        return float(grad.norm())
+
+
+# ---------------------------------------------------------------------------------------------- cache
+_MANIFEST = "manifest.json"
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _short(config: dict[str, Any]) -> str:
+    def shorten(v: Any) -> Any:
+        return v if not (isinstance(v, list) and len(v) > 12) else [*v[:10], f"... ({len(v)} in all)"]
+
+    return json.dumps({k: shorten(v) for k, v in config.items()}, sort_keys=True)
+
+
+class _Cache:
+    """One ``loo-<train index>.npz`` per finished retraining (measurements after, ‖∇R₋ᵢ‖) + ``manifest.json``."""
+
+    def __init__(self, folder: str | os.PathLike, config: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.config = json.loads(json.dumps(config, default=str))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = self.folder / _MANIFEST
+        if manifest.exists():
+            try:
+                stored = json.loads(manifest.read_text())
+            except (OSError, ValueError) as exc:
+                raise InputError(f"`cache_dir` {str(self.folder)!r} has an unreadable {_MANIFEST} ({exc}); delete it or use another folder.") from None
+            if stored != self.config:
+                keys = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
+                raise InputError(
+                    f"`cache_dir` {str(self.folder)!r} holds leave-one-out results of a different configuration "
+                    f"(differs in: {', '.join(keys)}); refusing to mix them. Use another folder, or delete this one.\n"
+                    f"  stored:    {_short(stored)}\n  requested: {_short(self.config)}"
+                )
+        else:
+            if any(self.folder.glob("loo-*.npz")):
+                raise InputError(
+                    f"`cache_dir` {str(self.folder)!r} holds leave-one-out files but no {_MANIFEST}, so their configuration "
+                    "is unknown; use another folder, or delete those files."
+                )
+            text = json.dumps(self.config, sort_keys=True, indent=1).encode()
+            _atomic_write(manifest, lambda f: f.write(text))
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"loo-{i}.npz"
+
+    def load(self, i: int, n_test: int) -> tuple[np.ndarray, float] | None:
+        path = self.path(i)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                after, grad_norm = np.asarray(z["measurement"], dtype=np.float64), float(z["grad_norm"])
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("ignoring unreadable cache file %s (%s); retraining", path, exc)
+            return None
+        if after.shape != (n_test,) or not np.isfinite(after).all():
+            logger.warning("ignoring cache file %s with shape %s (expected (%d,)); retraining", path, after.shape, n_test)
+            return None
+        return after, grad_norm
+
+    def save(self, i: int, after: np.ndarray, grad_norm: float) -> None:
+        _atomic_write(self.path(i), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def leave_one_out(
+    influence: Influence,
+    test: Any,
+    *,
+    test_indices: Any = None,
+    train_indices: Any = None,
+    top_k: int = 30,
+    n_random: int = 20,
+    seed: int = 0,
+    retrain: RetrainFn | None = None,
+    tol: float = 1e-9,
+    max_iter: int = 2000,
+    strict: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> LOOResult:
+    """Compare −I_up,loss/n with actual leave-one-out retraining (Koh & Liang 2017, Figure 2).
+
+    For each chosen test point the training points to remove are, by default, its ``top_k`` by |influence|
+    plus ``n_random`` others drawn at random (seeded), the paper's recipe. Each distinct training point is
+    removed once: a copy of the model is retrained without it, warm-started from θ̂, and *every* chosen test
+    point is measured on it; the result keeps the (test, train) pairs that were chosen. The user's model is
+    never modified.
+
+    Args:
+        influence: a fitted :class:`~influencekit.Influence`; its task, training data, solver and damping
+            give the prediction, and its training data the retraining.
+        test: the test data (any form ``Influence.scores`` accepts).
+        test_indices: positions in ``test`` to check; ``None`` means all (each costs nothing extra to
+            measure, but brings its own ``top_k + n_random`` removals).
+        train_indices: the training points to remove for every chosen test point, instead of the recipe.
+        top_k, n_random, seed: the default recipe (ignored with ``train_indices``).
+        retrain: ``None`` retrains with ``ik.fit_lbfgs(task, train, weights=w, tol=tol, max_iter=max_iter)``.
+            Otherwise ``retrain(task, train, weights) -> None``: ``task`` is a private copy of your task whose
+            selected parameters hold θ̂, ``train`` is the training data as given to ``Influence``, ``weights``
+            an ``(n,)`` float tensor with 0 at the removed point and 1 elsewhere. It must minimise
+            Σ wᵢ L(zᵢ, θ) / Σ wᵢ and leave the minimiser in the task's selected parameters **in place**
+            (same shapes, dtypes, devices), returning None. Its convergence is checked here: ‖∇R₋ᵢ‖ ≤ tol.
+        tol: a retraining counts as converged when ‖∇R₋ᵢ(θ)‖ ≤ tol. The others are left out of the
+            comparison, listed in ``not_converged`` and warned about (:class:`~influencekit.ConvergenceWarning`).
+        max_iter: L-BFGS iterations per retraining (the default trainer only).
+        strict: raise :class:`~influencekit.NumericalError` at the first retraining that does not converge.
+        cache_dir: a folder for one ``loo-<train index>.npz`` file per finished retraining plus a
+            ``manifest.json`` of the configuration (n_train, test points and their fingerprint, tol, a
+            fingerprint of θ̂, the task, the trainer). A rerun with the same configuration only retrains
+            what is missing; a different configuration in the same folder is refused. Retrainings that did
+            not converge are not cached.
+        progress: show a progress bar over the retrainings.
+
+    Returns:
+        :class:`LOOResult` with one entry per (test, train) pair of converged retrainings.
+    """
+    start = time.perf_counter()
+    _check_influence(influence)
+    tol = check_number("tol", tol, low=0.0)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    seed = check_int("seed", seed, low=0)
+    n = len(influence.train_)
+    if n < 2:
+        raise InputError(f"leave-one-out needs at least 2 training points. Got {n}.")
+    tests = _select_tests(influence, test, test_indices)
+    scores = influence.scores(tests.raw_batch)
+    pred_loo = scores.predicted_loo_change().detach().cpu().to(torch.float64).numpy()  # (n_test, n_train)
+
+    # ------------------------------------------------------------------ which (test, train) pairs
+    if train_indices is not None:
+        chosen = _index_array("train_indices", train_indices, n, "training")
+        selection = [chosen for _ in tests.indices]
+        recipe: dict[str, Any] = {"train_indices": chosen.tolist()}
+    else:
+        top_k = check_int("top_k", top_k, low=0, high=n)
+        n_random = check_int("n_random", n_random, low=0, high=n)
+        if top_k + n_random == 0 or top_k + n_random > n:
+            raise InputError(
+                f"`top_k` + `n_random` must be between 1 and n_train = {n}. Got top_k={top_k}, n_random={n_random}."
+            )
+        rng = np.random.default_rng(seed)
+        selection = []
+        for row in range(len(tests.indices)):
+            top = np.argsort(-np.abs(pred_loo[row]), kind="stable")[:top_k]
+            rest = np.setdiff1d(np.arange(n), top)
+            selection.append(np.concatenate([top, rng.choice(rest, n_random, replace=False)]).astype(np.int64))
+        recipe = {"top_k": top_k, "n_random": n_random, "seed": seed}
+    removals = sorted({int(i) for sel in selection for i in sel})
+
+    # ------------------------------------------------------------------ retrain once per removed point
+    retrainer = _Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter)
+    cache = None
+    if cache_dir is not None:
+        cache = _Cache(cache_dir, {
+            "kind": "influencekit leave-one-out retraining",
+            "format": 1,
+            "n_train": n,
+            "test_indices": tests.indices.tolist(),
+            "test_fingerprint": tests.fingerprint,
+            "theta_fingerprint": _fingerprint(retrainer.theta_hat),
+            "n_params": retrainer.layout.n,
+            "dtype": str(retrainer.dtype),
+            "tol": tol,
+            "task": influence.task.describe(),
+            "measurement": type(influence.task).measurement.__qualname__,
+            "retrain": retrainer.name,
+        })
+    after: dict[int, np.ndarray] = {}
+    grad_norms: dict[int, float] = {}
+    not_converged: dict[int, float] = {}
+    if cache is not None:
+        for i in removals:
+            hit = cache.load(i, len(tests.indices))
+            if hit is not None:
+                after[i], grad_norms[i] = hit
+    from_cache = len(after)
+    missing = [i for i in removals if i not in after]
+    bar = progress_bar(total=len(missing), desc="leave-one-out retraining", enabled=bool(progress))
+    try:
+        for i in missing:
+            weights = torch.ones(n, dtype=retrainer.dtype)
+            weights[i] = 0.0
+            values, grad_norm, converged = retrainer.run(weights)
+            grad_norms[i] = grad_norm
+            if converged:
+                after[i] = values
+                if cache is not None:
+                    cache.save(i, values, grad_norm)
+            else:
+                not_converged[i] = grad_norm
+                if strict:
+                    raise NumericalError(
+                        f"retraining without training point {i} did not reach ||grad R|| <= tol={tol:g} (got "
+                        f"{grad_norm:.3g}). Raise `max_iter` or `tol`, compute in float64, or pass strict=False to "
+                        "report it in `result.not_converged` instead."
+                    )
+            bar.update(1)
+    finally:
+        bar.close()
+    if not_converged:
+        worst = max(not_converged.values())
+        warnings.warn(
+            f"{len(not_converged)} of {len(removals)} leave-one-out retrainings did not reach ||grad R|| <= tol={tol:g} "
+            f"(training points {sorted(not_converged)[:10]}{' ...' if len(not_converged) > 10 else ''}; worst "
+            f"{worst:.3g}): their pairs are left out of `predicted`, `actual` and the correlations and listed in "
+            "`result.not_converged`. Raise `max_iter` or `tol`, or compute in float64.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+
+    # ------------------------------------------------------------------ pairs and correlations
+    rows = [(row, int(i)) for row, sel in enumerate(selection) for i in sel if int(i) in after]
+    row_of = np.array([r for r, _ in rows], dtype=np.int64)
+    train_index = np.array([i for _, i in rows], dtype=np.int64)
+    test_index = tests.indices[row_of] if rows else np.zeros(0, dtype=np.int64)
+    predicted = pred_loo[row_of, train_index] if rows else np.zeros(0)
+    actual = np.array([after[i][r] - retrainer.before[r] for r, i in rows], dtype=np.float64)
+    per_test = {int(t): _correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
+    per_test_s = {int(t): _correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
+    metadata = {
+        **scores.metadata,
+        "validation": "leave-one-out retraining (Koh & Liang 2017, Figure 2)",
+        "measurement": type(influence.task).measurement.__qualname__,
+        "n_train": n,
+        "tol": tol,
+        "retrain": retrainer.name,
+        "retrain_max_iter": max_iter,
+        **recipe,
+        "n_removed": len(removals),
+        "n_retrained": len(missing),
+        "n_from_cache": from_cache,
+        "retrain_grad_norms": {i: grad_norms[i] for i in removals},
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "seconds": time.perf_counter() - start,
+    }
+    for arr in (predicted, actual, test_index, train_index):
+        arr.setflags(write=False)
+    return LOOResult(
+        predicted=predicted,
+        actual=actual,
+        test_index=test_index,
+        train_index=train_index,
+        pearson=_correlation_or_nan(pearson, predicted, actual),
+        spearman=_correlation_or_nan(spearman, predicted, actual),
+        per_test=per_test,
+        per_test_spearman=per_test_s,
+        not_converged=not_converged,
+        metadata=metadata,
+    )
