@@ -4,15 +4,15 @@ Two problems, both float64, 1,200 training and 597 test images (``influencekit.d
 
 * ``logreg``: multiclass logistic regression, ``nn.Linear(64, 10)`` (650 parameters), ``l2=1e-3``,
   trained with ``ik.fit_lbfgs``; influence with ``damping=0``.
-* ``mlp``: ``Linear(64, H)-Tanh-Linear(H, 10)`` (H=128: 9,610 parameters), ``l2=1e-3``, trained
-  full-batch with ``torch.optim.LBFGS`` (strong Wolfe) to a small ‖∇R‖; influence with ``damping=0.01``.
+* ``mlp``: ``Linear(64, H)-Tanh-Linear(H, 10)`` (H=128: 9,610 parameters), ``l2=1e-3``, trained with
+  ``ik.fit_lbfgs(task, train, max_iter=3000, tol=1e-6)``; influence with ``damping=0.01`` (non-convex).
 
 For every (problem, solver) pair a fresh Python process (``subprocess``) loads the trained model, runs
 
     t_fit   = time of ik.Influence(task, train, solver=..., damping=...).fit()
     t_score = time of inf.scores(test)          # all 597 test points × all 1,200 training points
     t_grad  = time of list(inf._grads(inf.train_, train_side=True))   # one per-example-gradient pass
-                                                # over the training set, best of 3, after scoring
+                                                # over the training set, best of 10: 5 after fit, 5 after scoring
 
 and reports both times in units of t_grad, its own peak resident memory (``ru_maxrss``) and the
 resident memory it had before ``fit`` (imports, data, model), so that ``peak - base`` is what the
@@ -22,7 +22,9 @@ solver and the scoring added. The parent process compares each score matrix with
 * exact: ``t_score <= 3 t_grad`` (scoring costs about one gradient pass once fitted);
 * cg, lissa: ``t_fit + t_score <= 10 (t_fit + t_score)`` of exact.
 
-Warnings raised in a worker are recorded (never silenced) and printed with the table.
+Warnings raised in a worker are recorded (never silenced) and printed with the table. Workers run with
+one torch intra-op thread by default (``--threads``): on a 2-core machine shared with other work, two
+OpenMP threads stall on each other and the same gradient pass measured 4 ms or 200 ms from run to run.
 
 Usage::
 
@@ -67,40 +69,6 @@ def build_model(problem: str, hidden: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)).double()
 
 
-def train_mlp(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, *, max_iter: int, tol: float) -> dict[str, Any]:
-    """Full-batch L-BFGS (strong Wolfe) on mean cross-entropy + (l2/2)‖θ‖², the objective of ClassificationTask.
-
-    Restarted when the line search stalls, until ‖∇R‖ <= tol or ``max_iter`` iterations in all.
-    """
-    params = list(model.parameters())
-
-    def objective() -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(model(X), y) + 0.5 * L2 * sum((p * p).sum() for p in params)
-
-    def closure() -> torch.Tensor:
-        for p in params:
-            p.grad = None
-        value = objective()
-        value.backward()
-        return value
-
-    done = 0
-    grad_norm = float("inf")
-    while done < max_iter:
-        opt = torch.optim.LBFGS(
-            params, lr=1.0, max_iter=max_iter - done, tolerance_grad=tol, tolerance_change=0.0,
-            history_size=50, line_search_fn="strong_wolfe",
-        )
-        opt.step(closure)
-        n_iter = int(opt.state[params[0]].get("n_iter", 0))
-        done += n_iter
-        closure()
-        previous, grad_norm = grad_norm, float(torch.cat([p.grad.flatten() for p in params]).norm())
-        if grad_norm <= tol or n_iter == 0 or grad_norm > 0.5 * previous:
-            break
-    return {"iterations": done, "grad_norm": grad_norm, "objective": float(objective().detach())}
-
-
 def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float((model(X).argmax(1) == y).double().mean())
@@ -111,6 +79,18 @@ def rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
     scale = 1.0 if sys.platform == "darwin" else 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def current_rss_mib() -> float:
+    """Resident set size now, MiB (from /proc on Linux; the peak so far elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return rss_mib()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -126,33 +106,40 @@ def worker(args: argparse.Namespace) -> None:
     model.eval()
     task = ik.ClassificationTask(model, l2=L2)
     options = json.loads(args.options)
-    base = rss_mib()
+    base, base_peak = current_rss_mib(), rss_mib()
     result: dict[str, Any] = {"problem": args.problem, "solver": args.solver, "options": options, "damping": DAMPING[args.problem]}
+    load_before = os.getloadavg()[0]
+
+    def grad_pass_times(repeats: int) -> list[float]:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(inf._grads(inf.train_, train_side=True))
+            times.append(time.perf_counter() - t0)
+        return times
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # record every warning (they are all printed by the parent)
         inf = ik.Influence(task, (X, y), solver=args.solver, damping=DAMPING[args.problem], solver_options=options)
         t0 = time.perf_counter()
         inf.fit()
         t_fit = time.perf_counter() - t0
+        grad_times = grad_pass_times(5)
         t0 = time.perf_counter()
         scores = inf.scores((Xt, yt))
         t_score = time.perf_counter() - t0
-        grad_times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            list(inf._grads(inf.train_, train_side=True))
-            grad_times.append(time.perf_counter() - t0)
+        grad_times += grad_pass_times(5)
     peak = rss_mib()
     reports = scores.metadata.get("solve_reports", [])
     result.update(
         t_fit=t_fit, t_score=t_score, t_grad=min(grad_times), t_grad_all=grad_times,
-        rss_base_mib=base, rss_peak_mib=peak, n_params=inf.n_params, grad_norm=inf.grad_norm_,
+        rss_base_mib=base, rss_base_peak_mib=base_peak, rss_peak_mib=peak, n_params=inf.n_params, grad_norm=inf.grad_norm_,
         chunks=vars(inf.chunks_) if hasattr(inf.chunks_, "__dict__") else str(inf.chunks_),
         solver_describe=inf.solver_.describe(), solve_reports=reports,
         solver_fitted={k: getattr(inf.solver_, k) for k in ("scale_", "lambda_min_", "lambda_max_") if hasattr(inf.solver_, k)},
         hvps=getattr(inf.operator_, "hvp_count", None),
         warnings=group_warnings(caught),
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), load_before=load_before, load_after=os.getloadavg()[0],
     )
     np.save(args.out + ".npy", scores.values.numpy() if hasattr(scores, "values") else np.asarray(scores))
     Path(args.out + ".json").write_text(json.dumps(result, default=str))
@@ -190,6 +177,11 @@ def run_worker(problem: str, solver: str, options: dict[str, Any], state: Path, 
     return result
 
 
+def label(solver: str, options: dict[str, Any]) -> str:
+    """The solver's name, with the options given to it (the library's defaults when there are none)."""
+    return solver + (" (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")" if options else "")
+
+
 def agreement(S: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     rel = float(np.linalg.norm(S - ref) / np.linalg.norm(ref))
     r = float(np.corrcoef(S.ravel(), ref.ravel())[0, 1])
@@ -204,15 +196,20 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["problem"], r["solver"], "—", "—", "—", "—", "—", "—", "—", "—", "—", f"FAILED: {r['error']}"])
+            rows.append([r["problem"], label(r["solver"], r["options"])] + ["—"] * (len(HEADER) - 3) + [f"FAILED: {r['error']}"])
             continue
         g = r["t_grad"]
-        rep = r["solve_reports"][0] if r["solve_reports"] else {}
-        iters = rep.get("iterations", "")
-        note = f"iters {iters}, resid {rep.get('relative_residual', float('nan')):.1e}" if rep else ""
+        reports = r["solve_reports"]
+        solve_s = sum(rep["seconds"] for rep in reports)
+        note = ""
+        if reports:
+            iters = max(rep["iterations"] for rep in reports)
+            resid = max(rep["relative_residual"] for rep in reports)
+            ok = all(rep["converged"] for rep in reports)
+            note = f"{iters} iters, resid {resid:.1e}{'' if ok else ', NOT converged'}"
         rows.append([
-            r["problem"], r["solver"], f"{g * 1e3:.0f}",
-            f"{r['t_fit']:.2f}", f"{r['t_fit'] / g:.0f}", f"{r['t_score']:.2f}", f"{r['t_score'] / g:.1f}",
+            r["problem"], label(r["solver"], r["options"]), f"{g * 1e3:.0f}",
+            f"{r['t_fit']:.2f}", f"{r['t_fit'] / g:.0f}", f"{r['t_score']:.2f}", f"{solve_s:.2f}", f"{r['t_score'] / g:.1f}",
             f"{(r['t_fit'] + r['t_score']) / g:.0f}",
             f"{r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_base_mib']:.0f})",
             fmt(r.get("rel_err"), ".1e"), fmt(r.get("pearson"), ".6f"), note,
@@ -220,8 +217,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-HEADER = ["problem", "solver", "grad pass ms", "fit s", "fit /grad", "score s", "score /grad", "fit+score /grad",
-          "peak RSS MiB (+over base)", "rel. err vs exact", "Pearson r", "solve"]
+HEADER = ["problem", "solver", "grad pass ms", "fit s", "fit /grad", "score s", "of which solve s", "score /grad",
+          "fit+score /grad", "peak RSS MiB (+ over base)", "rel. err vs exact", "Pearson r vs exact", "solve report"]
 
 
 def text_table(rows: list[list[str]]) -> str:
@@ -238,7 +235,7 @@ def md_table(rows: list[list[str]]) -> str:
 
 def targets(results: list[dict[str, Any]]) -> list[str]:
     lines = []
-    by = {(r["problem"], r["solver"]): r for r in results}
+    by = {(r["problem"], r["solver"]): r for r in results if r["solver"] == "exact"}
     for problem in dict.fromkeys(r["problem"] for r in results):
         ex = by.get((problem, "exact"))
         if ex is None or "error" in ex:
@@ -247,16 +244,20 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
         ratio = ex["t_score"] / ex["t_grad"]
         lines.append(f"{problem}: exact scores in {ratio:.1f} gradient passes once fitted (target <= 3): {'MET' if ratio <= 3 else 'NOT MET'}")
         ex_total = ex["t_fit"] + ex["t_score"]
-        for solver in ("cg", "lissa"):
-            r = by.get((problem, solver))
-            if r is None:
+        for r in results:
+            if r["problem"] != problem or r["solver"] == "exact":
                 continue
+            solver = label(r["solver"], r["options"])
             if "error" in r:
                 lines.append(f"{problem}: {solver} failed ({r['error']}): NOT MET")
                 continue
             x = (r["t_fit"] + r["t_score"]) / ex_total
             acc = f"rel. err {r['rel_err']:.1e} vs exact" if r.get("rel_err") is not None else ""
             lines.append(f"{problem}: {solver} fit+score = {x:.2f}x exact's fit+score (target <= 10x): {'MET' if x <= 10 else 'NOT MET'} ({acc})")
+    for r in results:
+        for w in r.get("warnings", []):
+            if w["category"] in ("ConvergenceWarning", "CurvatureWarning", "StationarityWarning"):
+                lines.append(f"note: a {w['category']} fired in {r['problem']}/{label(r['solver'], r['options'])} (see the warnings below)")
     return lines
 
 
@@ -274,10 +275,11 @@ def settings_lines(results: list[dict[str, Any]], train_info: dict[str, Any], ar
         rep = r["solve_reports"][0] if r["solve_reports"] else {}
         extra = ", ".join(f"{k}={v:.4g}" for k, v in r.get("solver_fitted", {}).items())
         lines.append(
-            f"{r['problem']}/{r['solver']}: solver settings {r['solver_describe']}; {extra + '; ' if extra else ''}"
+            f"{r['problem']}/{label(r['solver'], r['options'])}: solver settings {r['solver_describe']}; {extra + '; ' if extra else ''}"
             f"solve: {rep.get('iterations')} iterations, {rep.get('hvps', 0):.0f} full-data HVPs, residual "
             f"{rep.get('relative_residual', float('nan')):.2e}, converged={rep.get('converged')}, solve {rep.get('seconds', float('nan')):.2f} s; "
-            f"grad passes {', '.join(f'{t * 1e3:.0f}' for t in r['t_grad_all'])} ms; torch threads {r['threads']}"
+            f"grad passes {', '.join(f'{t * 1e3:.0f}' for t in r['t_grad_all'])} ms; torch threads {r['threads']}; "
+            f"1-min load average {r['load_before']:.2f} before, {r['load_after']:.2f} after"
         )
     return lines
 
@@ -287,14 +289,18 @@ def warning_lines(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         for w in r.get("warnings", []):
             times = f" (x{w['count']})" if w["count"] > 1 else ""
-            lines.append(f"{r['problem']}/{r['solver']}: {w['category']}{times} from {w['origin']}: {w['message']}")
+            lines.append(f"{r['problem']}/{label(r['solver'], r['options'])}: {w['category']}{times} from {w['origin']}: {w['message']}")
     return lines
 
 
-def machine_line() -> str:
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def machine_line(threads: int) -> str:
+    used = f"{threads} used" if threads else "torch's default used"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} intra-op threads by default), Python {platform.python_version()}, {platform.system()}"
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} ({DEFAULT_THREADS} intra-op "
+        f"threads by default, {used}), Python {platform.python_version()}, {platform.system()}"
     )
 
 
@@ -327,11 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated: logreg,mlp")
     parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated: exact,cg,lissa")
     parser.add_argument("--hidden", type=int, default=128, help="MLP hidden units (128: 9,610 parameters)")
-    parser.add_argument("--mlp-max-iter", type=int, default=3000, help="L-BFGS iterations budget for the MLP")
-    parser.add_argument("--mlp-tol", type=float, default=1e-6, help="stop MLP training at ||grad R|| <= this")
-    parser.add_argument("--cg-options", default="{}", help="JSON solver_options for cg")
-    parser.add_argument("--lissa-options", default="{}", help="JSON solver_options for lissa (e.g. '{\"depth\": 1000}')")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads in the workers (0: torch's default)")
+    parser.add_argument("--mlp-max-iter", type=int, default=3000, help="ik.fit_lbfgs max_iter for the MLP")
+    parser.add_argument("--mlp-tol", type=float, default=1e-6, help="ik.fit_lbfgs tol (on ||grad R||) for the MLP")
+    parser.add_argument("--cg-options", action="append", metavar="JSON",
+                        help="solver_options for cg; repeat for several cg rows (default: one row with the defaults)")
+    parser.add_argument("--lissa-options", action="append", metavar="JSON",
+                        help="solver_options for lissa, e.g. '{\"depth\": 100}'; repeat for several lissa rows "
+                             "(default: one row with the defaults)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: stable on a shared machine; 0: torch's default)")
     parser.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
     parser.add_argument("--write", metavar="PATH", help="write the tables in markdown into PATH")
     # internal: one measurement in a fresh process
@@ -354,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     for s in solvers:
         if s not in SOLVERS:
             parser.error(f"unknown solver {s!r}; choose from {SOLVERS}")
-    options = {"exact": {}, "cg": json.loads(args.cg_options), "lissa": json.loads(args.lissa_options)}
+    configs: list[tuple[str, dict[str, Any]]] = []
+    for solver in solvers:
+        given = {"cg": args.cg_options, "lissa": args.lissa_options}.get(solver) or ["{}"]
+        configs += [(solver, json.loads(text)) for text in given]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -363,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     load_start = os.getloadavg()
-    print(f"machine: {machine_line()}")
+    print(f"machine: {machine_line(args.threads)}")
     print(f"source: {source_line()}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
     (X, y), (Xt, yt) = load_digits_split(1200)
@@ -379,13 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if problem == "logreg":
-                    rep = ik.fit_lbfgs(task, (X, y))
-                    info = {"trainer": "ik.fit_lbfgs (defaults)", "iterations": rep.iterations, "grad_norm": rep.grad_norm}
-                else:
-                    out = train_mlp(model, X, y, max_iter=args.mlp_max_iter, tol=args.mlp_tol)
-                    info = {"trainer": f"torch.optim.LBFGS full batch (max_iter={args.mlp_max_iter}, tol={args.mlp_tol:g})",
-                            "iterations": out["iterations"], "grad_norm": out["grad_norm"]}
+                kwargs = {} if problem == "logreg" else {"max_iter": args.mlp_max_iter, "tol": args.mlp_tol}
+                rep = ik.fit_lbfgs(task, (X, y), **kwargs)
+                info = {"trainer": f"ik.fit_lbfgs({', '.join(f'{k}={v:g}' for k, v in kwargs.items()) or 'defaults'})",
+                        "iterations": rep.iterations, "grad_norm": rep.grad_norm, "converged": rep.converged}
             for w in group_warnings(caught):
                 print(f"note: training {problem} raised {w['category']} (x{w['count']}) from {w['origin']}: {w['message']}")
             info.update(seconds=time.perf_counter() - t0, n_params=sum(p.numel() for p in model.parameters()),
@@ -396,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(model.state_dict(), state)
 
             ref = None
-            for solver in solvers:
-                print(f"running {problem}/{solver} {options[solver] or ''} ...", flush=True)
-                r = run_worker(problem, solver, options[solver], state, Path(tmp) / f"{problem}-{solver}", args)
+            for i, (solver, opts) in enumerate(configs):
+                print(f"running {problem}/{label(solver, opts)} ...", flush=True)
+                r = run_worker(problem, solver, opts, state, Path(tmp) / f"{problem}-{i}-{solver}", args)
                 if "error" not in r:
                     S = np.load(r["scores_path"])
                     if solver == "exact":
@@ -438,15 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         body = "\n".join([
             f"Command: `python benchmarks/solvers.py {' '.join(sys.argv[1:])}`",
             "",
-            f"Machine: {machine_line()}; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
+            f"Machine: {machine_line(args.threads)}; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
             f"total run time {total:.0f} s.",
             "",
             f"Source: {source_line()}.",
             "",
             "Times are wall-clock seconds and multiples of one per-example-gradient pass over the 1,200 training "
-            "points (`list(inf._grads(inf.train_, train_side=True))` after scoring, best of 3, in the same process). "
-            "Peak RSS is `ru_maxrss` of the worker process; `+` is what it grew by from before `fit` "
-            "(after imports, data and model).",
+            "points (`list(inf._grads(inf.train_, train_side=True))` best of 10 in the same process: 5 after `fit`, 5 after `scores`). "
+            "Peak RSS is `ru_maxrss` of the worker process; `+` is how far it rose above the resident memory "
+            "just before `fit` (after imports, data and model).",
             "",
             md_table(rows),
             "",

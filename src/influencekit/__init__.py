@@ -3,7 +3,7 @@
 Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML 2017.
 """
 
-from . import solvers
+from . import solvers, validation
 from .errors import (
     ConvergenceWarning,
     CurvatureWarning,
@@ -24,6 +24,7 @@ from .solvers import CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
 from .spectrum import lanczos_extremes, power_iteration
 from .task import ClassificationTask, RegressionTask, Task
 from .training import fit_lbfgs
+from .validation import LDSResult, LOOResult, leave_one_out, linear_datamodeling_score
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,11 @@ __all__ = [
     "lanczos_extremes",
     "power_iteration",
     "fit_lbfgs",
+    "validation",
+    "leave_one_out",
+    "LOOResult",
+    "linear_datamodeling_score",
+    "LDSResult",
     "InfluenceKitError",
     "InputError",
     "InputTypeError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -21,17 +22,35 @@ def _root() -> None:
 
 @app.command()
 def demo(
+    out: Path = typer.Option(Path("influencekit-demo"), help="Output folder for the report, figures and cached retrainings."),
+    n_test: int = typer.Option(3, help="How many test digits to check (the highest-loss ones)."),
+    top_k: int = typer.Option(30, help="Training points with the largest |influence| removed per test digit."),
+    n_random: int = typer.Option(20, help="Random training points removed per test digit."),
+    solvers: str = typer.Option("exact,cg,lissa", help="Comma-separated solvers to compare."),
+    seed: int = typer.Option(0, help="Seed of the split and of the random training points."),
+) -> None:
+    """Influence vs actual leave-one-out retraining on scikit-learn's digits, with a report and figures."""
+    from .applications.demo import run_demo
+
+    result = run_demo(
+        out, n_test=n_test, top_k=top_k, n_random=n_random, seed=seed,
+        solvers=tuple(s.strip() for s in solvers.split(",") if s.strip()), progress=True,
+    )
+    typer.echo(result.text)
+
+
+@app.command()
+def explain(
     n_test: int = typer.Option(3, help="How many test digits to explain (the highest-loss ones)."),
     k: int = typer.Option(5, help="How many helpful and harmful training points to list per test digit."),
     solver: str = typer.Option("cg", help="Inverse-Hessian solver: exact, cg or lissa."),
     l2: float = typer.Option(1e-3, help="L2 strength λ inside each example's loss."),
     seed: int = typer.Option(0, help="Seed of the train/test split."),
 ) -> None:
-    """Explain a few test digits of scikit-learn's bundled digits with multiclass logistic regression."""
+    """Print the most helpful and harmful training digits for the highest-loss test digits."""
     from .applications.explain import explain_digits
 
-    report = explain_digits(n_test=n_test, k=k, solver=solver, l2=l2, seed=seed, progress=True)
-    typer.echo(report)
+    typer.echo(explain_digits(n_test=n_test, k=k, solver=solver, l2=l2, seed=seed, progress=True))
 
 
 def main() -> None:

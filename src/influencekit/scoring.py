@@ -104,7 +104,8 @@ class Influence:
         """Check the data and θ̂, measure ‖∇R(θ̂)‖, and fit the solver on H + δI. Returns ``self``."""
         self.task._check_mode()
         train = Examples(self.train, name="train")
-        params = self.task.params()
+        # a copy: training the model further after fit() must not silently change θ̂ under a fitted Hessian
+        params = {name: value.clone() for name, value in self.task.params().items()}
         layout = ParamLayout.of(params)
         for name, value in params.items():
             if not bool(torch.isfinite(value).all()):

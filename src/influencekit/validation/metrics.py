@@ -116,7 +116,7 @@ class LDSResult:
 
 
 def linear_datamodeling_score(
-    influence: "Influence",
+    influence: Influence,
     test: Any,
     *,
     test_indices: Any = None,
@@ -146,15 +146,16 @@ def linear_datamodeling_score(
         n_subsets: how many subsets (retrainings), at least 3.
         alpha: the fraction of the training set each subset keeps, in (0, 1).
         seed: seeds the subsets.
-        retrain: ``None`` for :func:`~influencekit.fit_lbfgs`, or ``retrain(task, train, weights) -> None``
-            (see :func:`~influencekit.validation.leave_one_out` for its contract).
+        retrain: ``None`` for :func:`~influencekit.fit_lbfgs` (started with chord-Newton steps on the
+            influence's H + δI when its solver is dense), or ``retrain(task, train, weights) -> None`` (see
+            :func:`~influencekit.validation.leave_one_out` for its contract).
         tol: a retraining counts as converged when ‖∇R_S(θ)‖ ≤ tol; the others are reported in
             ``not_converged`` and left out (warned with :class:`~influencekit.ConvergenceWarning`).
         max_iter: L-BFGS iterations per retraining (the default trainer only).
         strict: raise :class:`~influencekit.NumericalError` at the first retraining that does not converge.
         progress: show a progress bar over the retrainings.
     """
-    from .loo import _check_influence, _Retrainer, _select_tests
+    from .loo import _check_influence, _check_retrain, _Retrainer, _select_tests
 
     start = time.perf_counter()
     _check_influence(influence)
@@ -163,6 +164,7 @@ def linear_datamodeling_score(
     seed = check_int("seed", seed, low=0)
     tol = check_number("tol", tol, low=0.0)
     max_iter = check_int("max_iter", max_iter, low=1)
+    _check_retrain(retrain)
     n = len(influence.train_)
     keep = int(round(alpha * n))
     if not 1 <= keep <= n - 1:
@@ -210,7 +212,7 @@ def linear_datamodeling_score(
             stacklevel=2,
         )
 
-    ok = ~np.isnan(actual[:, 0]) if actual.size else np.zeros(n_subsets, dtype=bool)
+    ok = ~np.isnan(actual[:, 0])  # the converged subsets
     per_test = np.array(
         [_correlation_or_nan(spearman, predicted[ok, t], actual[ok, t]) for t in range(len(tests.indices))]
     )
@@ -227,6 +229,7 @@ def linear_datamodeling_score(
         "tol": tol,
         "retrain": retrainer.name,
         "retrain_max_iter": max_iter,
+        "retrain_curvature": None if retrainer.curvature is None else retrainer.curvature.name,
         "retrain_grad_norms": grad_norms,
         "undefined_test_points": tests.indices[~finite].tolist(),
         "seconds": time.perf_counter() - start,
