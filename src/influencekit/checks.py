@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import InputError, InputTypeError
@@ -20,6 +23,7 @@ __all__ = [
     "check_choice",
     "check_finite_tensor",
     "parse_bytes",
+    "check_indices",
 ]
 
 
@@ -108,3 +112,33 @@ def parse_bytes(name: str, value: Any) -> int:
                 return int(amount * _UNITS[unit])
         raise InputError(f"`{name}` must be a positive number of bytes or a string like '512MB' or '2GiB'. Got {_fmt(value)}.")
     return check_int(name, value, low=1)
+
+
+def check_indices(name: str, idx: Any, n: int, *, what: str = "training", unique: bool = False) -> list[int]:
+    """Validate indices into a data set of ``n`` points: ints in [0, n-1], at least one (and no repeats
+    when ``unique``). Accepts an int, a sequence of ints, or an integer tensor/array; refuses floats,
+    booleans and strings rather than truncating them."""
+    if isinstance(idx, torch.Tensor):
+        idx = idx.detach().cpu().numpy()
+    if isinstance(idx, np.ndarray):
+        if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
+            raise InputTypeError(f"`{name}` must hold integer indices. Got an array of dtype {idx.dtype}.")
+        out = [int(i) for i in idx.reshape(-1)]
+    elif isinstance(idx, numbers.Integral) and not isinstance(idx, bool):
+        out = [int(idx)]
+    elif isinstance(idx, (str, bytes)) or not isinstance(idx, Iterable):
+        raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.")
+    else:
+        out = list(idx)
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in out):
+            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {out[:5]!r}.")
+        out = [int(i) for i in out]
+    if not out:
+        raise InputError(f"`{name}` must name at least one {what} point. Got an empty selection.")
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise InputError(f"`{name}` must hold indices in [0, {n - 1}] (the {what} set has {n} points). Got {bad[:5]}.")
+    if unique and len(set(out)) != len(out):
+        dup = sorted(i for i, count in Counter(out).items() if count > 1)
+        raise InputError(f"`{name}` must not repeat an index. Got {dup[:5]} more than once.")
+    return out

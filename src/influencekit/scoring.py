@@ -14,17 +14,15 @@ set plus the solve. Chunk sizes follow ``memory_budget``.
 from __future__ import annotations
 
 import logging
-import numbers
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .autodiff import ParamLayout, batch_grad_sum, input_size_per_example, per_example_grads
-from .checks import check_int, check_number, parse_bytes
+from .checks import check_indices, check_int, check_number, parse_bytes
 from .data.examples import Examples, batch_size_of, stream, take
 from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning
 from .hessian import HessianOperator
@@ -316,7 +314,7 @@ class Influence:
         named tensors with :meth:`unflatten`.
         """
         self._require_fitted()
-        indices = _indices("idx", idx, len(self.train_))
+        indices = check_indices("idx", idx, len(self.train_))
         G = self._gather(self.train_, indices, train_side=True)
         X, report = self._solve(G)
         self.params_influence_report_ = report
@@ -352,31 +350,6 @@ class Influence:
     def n_params(self) -> int:
         self._require_fitted()
         return self.layout_.n
-
-
-def _indices(name: str, idx: Any, n: int) -> list[int]:
-    if isinstance(idx, (torch.Tensor, np.ndarray)):
-        if idx.dtype in (torch.bool, np.bool_) or not (
-            (isinstance(idx, torch.Tensor) and not idx.is_floating_point() and not idx.is_complex())
-            or (isinstance(idx, np.ndarray) and np.issubdtype(idx.dtype, np.integer))
-        ):
-            raise InputTypeError(f"`{name}` must hold integer indices. Got an array of dtype {idx.dtype}.")
-        idx = [int(i) for i in idx.reshape(-1).tolist()]
-    elif isinstance(idx, numbers.Integral) and not isinstance(idx, bool):
-        idx = [int(idx)]
-    elif isinstance(idx, (str, bytes)) or not isinstance(idx, Iterable):
-        raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.")
-    else:
-        idx = list(idx)
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in idx):
-            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {idx[:5]!r}.")
-        idx = [int(i) for i in idx]
-    if not idx:
-        raise InputError(f"`{name}` must name at least one training point. Got an empty selection.")
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad:
-        raise InputError(f"`{name}` must hold indices in [0, {n - 1}] (the training set has {n} points). Got {bad[:5]}.")
-    return idx
 
 
 def _merge_topk(

@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ..data.bundled import load_digits_split
 from ..report.figures import plot_influential_images
 from ..scoring import Influence
-from ..task import ClassificationTask
-from ..training import fit_lbfgs
+from .explain import train_digits_logistic
 from ..validation import leave_one_out, pearson, spearman
 
 __all__ = ["DemoResult", "run_demo"]
@@ -54,17 +51,11 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    (X_train, y_train), (X_test, y_test) = load_digits_split(seed=seed)
+    digits = train_digits_logistic(l2=l2, seed=seed)
+    (X_train, y_train), (X_test, y_test) = digits.train, digits.test
+    task, train_report, accuracy = digits.task, digits.train_report, digits.accuracy
     n = len(y_train)
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(X_train.shape[1], 10).double()
-    task = ClassificationTask(model, l2=l2)
-    train_report = fit_lbfgs(task, (X_train, y_train))
-    with torch.no_grad():
-        logits = model(X_test)
-        losses = torch.nn.functional.cross_entropy(logits, y_test, reduction="none")
-    accuracy = float((logits.argmax(1) == y_test).double().mean())
-    chosen = torch.argsort(losses, descending=True)[:n_test]
+    chosen = digits.hardest(n_test)
     test = (X_test[chosen], y_test[chosen])
 
     fitted: dict[str, Influence] = {}

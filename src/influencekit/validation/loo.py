@@ -18,13 +18,11 @@ import copy
 import hashlib
 import json
 import logging
-import numbers
 import os
 import tempfile
 import time
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ..autodiff import ParamLayout, batch_grad_sum
-from ..checks import check_int, check_number
+from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, stream, take
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError
 from ..progress import progress_bar
@@ -109,31 +107,7 @@ def _check_retrain(retrain: Any) -> None:
 
 
 def _index_array(name: str, idx: Any, n: int, what: str) -> np.ndarray:
-    """Validate indices into a data set of ``n`` points: ints in [0, n-1], at least one, no repeats."""
-    if isinstance(idx, torch.Tensor):
-        idx = idx.detach().cpu().numpy()
-    if isinstance(idx, np.ndarray):
-        if idx.dtype == np.bool_ or not np.issubdtype(idx.dtype, np.integer):
-            raise InputTypeError(f"`{name}` must hold integer indices. Got an array of dtype {idx.dtype}.")
-        out = [int(i) for i in idx.reshape(-1)]
-    elif isinstance(idx, numbers.Integral) and not isinstance(idx, bool):
-        out = [int(idx)]
-    elif isinstance(idx, (str, bytes)) or not isinstance(idx, Iterable):
-        raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {type(idx).__name__}.")
-    else:
-        out = list(idx)
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in out):
-            raise InputTypeError(f"`{name}` must be an int or a sequence of ints. Got {out[:5]!r}.")
-        out = [int(i) for i in out]
-    if not out:
-        raise InputError(f"`{name}` must name at least one point. Got an empty selection.")
-    bad = [i for i in out if not 0 <= i < n]
-    if bad:
-        raise InputError(f"`{name}` must hold indices in [0, {n - 1}] (the {what} set has {n} points). Got {bad[:5]}.")
-    if len(set(out)) != len(out):
-        dup = sorted(i for i, count in Counter(out).items() if count > 1)
-        raise InputError(f"`{name}` must not repeat an index. Got {dup[:5]} more than once.")
-    return np.asarray(out, dtype=np.int64)
+    return np.asarray(check_indices(name, idx, n, what=what, unique=True), dtype=np.int64)
 
 
 def _fingerprint(tensors: Any) -> str:
