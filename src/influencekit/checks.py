@@ -20,8 +20,6 @@ from .errors import InputError, InputTypeError
 __all__ = [
     "check_number",
     "check_int",
-    "check_choice",
-    "check_finite_tensor",
     "parse_bytes",
     "check_indices",
 ]
@@ -71,27 +69,6 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     if (low is not None and value < low) or (high is not None and value > high):
         raise InputError(f"`{name}` must be an int in {interval}. Got {value}.")
     return value
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...] | list[str]) -> str:
-    """Return ``value`` after checking that it is one of ``choices``."""
-    if value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise InputError(f"`{name}` must be one of {allowed}. Got {_fmt(value)}.")
-    return value
-
-
-def check_finite_tensor(name: str, tensor: torch.Tensor, *, fix: str = "") -> None:
-    """Raise when ``tensor`` holds NaN or inf; the message gives the count and the first position."""
-    if tensor.is_floating_point() or tensor.is_complex():
-        bad = ~torch.isfinite(tensor)
-        if bool(bad.any()):
-            count = int(bad.sum())
-            first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
-            raise InputError(
-                f"`{name}` must hold only finite values. Got {count} NaN/inf value(s), the first at index {first}."
-                + (f" {fix}" if fix else "")
-            )
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

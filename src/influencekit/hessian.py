@@ -9,7 +9,6 @@ in ``fit(operator)`` and never touch the model or the data directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -152,6 +151,3 @@ class HessianOperator:
         H = 0.5 * (H + H.T)
         H.diagonal().add_(self.l2)
         return self._check(H)
-
-    def as_callable(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.matvec
