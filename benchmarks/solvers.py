@@ -283,7 +283,7 @@ def settings_lines(results: list[dict[str, Any]], train_info: dict[str, Any], ar
     for problem, info in train_info.items():
         lines.append(
             f"{problem}: {info['n_params']} params, trained with {info['trainer']} in {info['seconds']:.1f} s "
-            f"({info['iterations']} iterations), ||grad R|| = {info['grad_norm']:.2e}, train acc {info['train_acc']:.4f}, "
+            f"({info['iterations']} iterations), ||grad R|| = {info['grad_norm']:.2e} (converged={info['converged']}), train acc {info['train_acc']:.4f}, "
             f"test acc {info['test_acc']:.4f}, influence damping {DAMPING[problem]:g}"
         )
     for r in results:
@@ -301,9 +301,13 @@ def settings_lines(results: list[dict[str, Any]], train_info: dict[str, Any], ar
     return lines
 
 
-def warning_lines(results: list[dict[str, Any]]) -> list[str]:
+def warning_lines(results: list[dict[str, Any]], train_info: dict[str, Any]) -> list[str]:
     """One line per distinct warning, naming the workers it fired in (and how often in each)."""
     seen: dict[tuple[str, str, str], list[str]] = {}
+    for problem, info in train_info.items():
+        for w in info.get("warnings", []):
+            where = f"{problem}/training" + (f" x{w['count']}" if w["count"] > 1 else "")
+            seen.setdefault((w["category"], w["origin"], w["message"]), []).append(where)
     for r in results:
         for w in r.get("warnings", []):
             where = f"{r['problem']}/{label(r['solver'], r['options'])}" + (f" x{w['count']}" if w["count"] > 1 else "")
@@ -415,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                 rep = ik.fit_lbfgs(task, (X, y), **kwargs)
                 info = {"trainer": f"ik.fit_lbfgs({', '.join(f'{k}={v:g}' for k, v in kwargs.items()) or 'defaults'})",
                         "iterations": rep.iterations, "grad_norm": rep.grad_norm, "converged": rep.converged}
-            for w in group_warnings(caught):
+            info["warnings"] = group_warnings(caught)
+            for w in info["warnings"]:
                 print(f"note: training {problem} raised {w['category']} (x{w['count']}) from {w['origin']}: {w['message']}")
             info.update(seconds=time.perf_counter() - t0, n_params=sum(p.numel() for p in model.parameters()),
                         train_acc=accuracy(model, X, y), test_acc=accuracy(model, Xt, yt))
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(results)
     target_lines = targets(results)
     settings = settings_lines(results, train_info, args)
-    warns = warning_lines(results)
+    warns = warning_lines(results, train_info)
     load_end = os.getloadavg()
     print()
     print(text_table(rows))
@@ -456,11 +461,11 @@ def main(argv: list[str] | None = None) -> int:
     for line in settings:
         print("  " + line)
     if warns:
-        print("warnings raised during fit/score (recorded, not silenced):")
+        print("warnings raised during training, fit and score (recorded, not silenced):")
         for line in warns:
             print("  " + line)
     else:
-        print("no warnings raised during fit/score")
+        print("no warnings raised")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in load_end)}; total {total:.0f} s")
 
     if args.json:
@@ -492,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *(f"- {line}" for line in settings),
             "",
-            "Warnings raised during fit/score (recorded, not silenced):" if warns else "No warnings were raised during fit/score.",
+            "Warnings raised during training, fit and score (recorded, not silenced):" if warns else "No warnings were raised.",
             "",
             *(f"- {line}" for line in warns),
         ])
