@@ -14,12 +14,13 @@ For every (problem, solver) pair a fresh Python process (``subprocess``) loads t
     t_grad  = time of list(inf._grads(inf.train_, train_side=True))   # one per-example-gradient pass
                                                 # over the training set, best of 10: 5 after fit, 5 after scoring
 
-and reports its own peak resident memory (``ru_maxrss``) and the resident memory it had before ``fit``
-(imports, data, model), so that ``peak - base`` is what the solver and the scoring added. Times are
-reported in seconds and in units of the problem's reference gradient pass: the fastest t_grad over all
-of that problem's workers in this run (the same pass measures 60-250 ms for the MLP depending on
-whether the allocator hands back fresh pages, so one common unit keeps the rows comparable). The parent process compares each score matrix with the exact one
-(relative Frobenius error and Pearson r over all 597 × 1,200 entries) and checks the targets:
+and reports its own peak resident memory (``VmHWM`` on Linux, else ``ru_maxrss``) and the resident
+memory it had before ``fit`` (imports, data, model), so that ``peak - base`` is what the solver and the
+scoring added. Times are reported in seconds and in units of the problem's reference gradient pass: the
+fastest t_grad over all of that problem's workers in this run (the same pass measures 60-250 ms for the
+MLP depending on whether the allocator hands back fresh pages, so one common unit keeps the rows
+comparable). The parent process compares each score matrix with the exact one (relative Frobenius error
+and Pearson r over all 597 × 1,200 entries) and checks the targets:
 
 * exact: ``t_score <= 3 t_grad`` (scoring costs about one gradient pass once fitted), t_grad the reference;
 * cg, lissa: ``t_fit + t_score <= 10 (t_fit + t_score)`` of exact.
@@ -30,8 +31,9 @@ OpenMP threads stall on each other and the same gradient pass measured 4 ms or 2
 
 Usage::
 
-    python benchmarks/solvers.py                          # both problems, all solvers, print the table
-    python benchmarks/solvers.py --write docs/benchmarks.md   # also write the markdown tables into the file
+    python benchmarks/solvers.py                              # both problems, all solvers (~15 min)
+    python benchmarks/solvers.py --lissa-options '{}' --lissa-options '{"depth": 100}' \
+        --write docs/benchmarks.md                            # the run in docs/benchmarks.md
     python benchmarks/solvers.py --problems logreg --solvers exact,cg
 
 ``--write`` replaces the text between ``<!-- BEGIN GENERATED -->`` and ``<!-- END GENERATED -->`` when the
@@ -78,22 +80,34 @@ def accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------- worker
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_mib() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process so far, MiB.
+
+    On Linux this is ``VmHWM``: ``ru_maxrss`` of a child started with fork + exec starts at the parent's peak
+    (the benchmark's parent holds ~650 MiB), so it hides any smaller peak of the worker. Elsewhere ``ru_maxrss``.
+    """
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     scale = 1.0 if sys.platform == "darwin" else 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
 def current_rss_mib() -> float:
-    """Resident set size now, MiB (from /proc on Linux; the peak so far elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return rss_mib()
+    """Resident set size now, MiB (``VmRSS`` on Linux; the peak so far elsewhere)."""
+    rss = _proc_status_mib("VmRSS")
+    return rss if rss is not None else rss_mib()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -484,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             "points. Each worker times `list(inf._grads(inf.train_, train_side=True))` 10 times (5 after `fit`, 5 after "
             "`scores`) and keeps the fastest (`own grad pass`); the unit of the `/grad` columns is the fastest of these "
             f"over the problem's workers ({', '.join(f'{k}: {v * 1e3:.0f} ms' for k, v in reference_grad(results).items())}). "
-            "Peak RSS is `ru_maxrss` of the worker process; `+` is how far it rose above the resident memory "
+            "Peak RSS is the worker process's high-water mark (`VmHWM` from /proc; `ru_maxrss` would report the parent's "
+            "peak, inherited through fork + exec); `+` is how far it rose above the resident memory "
             "just before `fit` (after imports, data and model).",
             "",
             md_table(rows),
