@@ -7,8 +7,9 @@ For test points z_test and training points z (docs/conventions.md)::
     self-influence(z)     =  ∇L(z, θ̂)ᵀ (H + δI)⁻¹ ∇L(z, θ̂)
 
 ``scores`` solves (H + δI)⁻¹ for all test gradients in one block solve, then streams per-example training
-gradients in chunks and multiplies, so its cost is about one per-example-gradient pass over the training
-set plus the solve. Chunk sizes follow ``memory_budget``.
+gradients in chunks and multiplies: its cost is one per-example-gradient pass over the training set, the
+solve, and the score product n_test × n_train × n_params (which dominates when test points are many).
+Chunk sizes follow ``memory_budget``.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ class Influence:
             self._check_losses(losses, data.name, lo)
             self._check_grads(G, data.name, lo)
             if l2_term is not None:
-                G = G + l2_term
+                G += l2_term  # in place: the chunk is freshly allocated, a copy would double its memory traffic
             bar.update(batch_size_of(batch))
             yield lo, G
         bar.close()
