@@ -15,6 +15,13 @@ app = typer.Typer(
 )
 
 
+paper = typer.Typer(
+    help="Reproduce the experiments of Koh & Liang (2017) on real data from a folder you give.",
+    no_args_is_help=True,
+)
+app.add_typer(paper, name="paper")
+
+
 @app.callback()
 def _root() -> None:
     """influencekit: influence of training points on a model's predictions (Koh & Liang 2017)."""
