@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch.func import grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from .errors import InputError, NumericalError
+from .errors import InputError, InputTypeError, NumericalError, UnsupportedError
 
 __all__ = [
     "ParamLayout",
@@ -23,6 +23,7 @@ __all__ = [
     "per_example_grads",
     "batch_grad_sum",
     "hvp_sum",
+    "mixed_vjp",
     "input_size_per_example",
 ]
 
@@ -143,6 +144,70 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Par
 
     with torch.no_grad():
         return vmap(one)(V)
+
+
+InputPath = Union[int, str, None]  # where the input sits in a batch: tuple position, dict key, or the batch itself
+
+
+def _input_leaf(batch: Any, where: InputPath) -> torch.Tensor:
+    if where is None:
+        leaf = batch
+    elif isinstance(batch, (tuple, list)) and isinstance(where, int) and -len(batch) <= where < len(batch):
+        leaf = batch[where]
+    elif isinstance(batch, dict) and where in batch:
+        leaf = batch[where]
+    else:
+        kind = f"a tuple of {len(batch)}" if isinstance(batch, (tuple, list)) else (
+            f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__)
+        raise InputError(f"`input` must name the input inside each batch (a tuple position or a dict key). Got {where!r} for {kind}.")
+    if not isinstance(leaf, torch.Tensor):
+        raise InputTypeError(f"the input to differentiate must be a tensor. Got {type(leaf).__name__}.")
+    if not leaf.is_floating_point():
+        raise UnsupportedError(
+            f"input influence (I_pert) needs continuous inputs: it differentiates the loss with respect to the input. "
+            f"Got an input of dtype {leaf.dtype} (discrete values such as token ids). Compute it with respect to the "
+            "embeddings instead: feed the model embedded inputs (a float tensor) and select `input=` for them."
+        )
+    return leaf
+
+
+def _with_input(batch: Any, where: InputPath, x: torch.Tensor) -> Any:
+    if where is None:
+        return x
+    if isinstance(batch, dict):
+        return {**batch, where: x}
+    parts = list(batch)
+    parts[where] = x
+    return type(batch)(parts) if isinstance(batch, tuple) else parts
+
+
+def mixed_vjp(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor, *, where: InputPath = 0
+) -> torch.Tensor:
+    """Vector–Jacobian products of the parameter gradient with respect to each example's input.
+
+    For every row v of ``V`` ``(k, n_params)`` and every example i of the batch, with x_i its input::
+
+        out[j, i] = ∇_{x_i} ( v_jᵀ ∇θ fn(θ, z_i) )          shape (k, B, *x.shape[1:])
+
+    i.e. v_jᵀ ∇x∇θ ℓ(z_i), the mixed second derivative of I_pert (Koh & Liang 2017, §2.2), without ever
+    forming the (n_params × input size) Jacobian. Reverse-over-forward: ``grad_x(jvp_θ(Σ fn, v))``,
+    vectorised over the ``k`` rows with ``vmap``. One pass over the batch serves all its examples because
+    an example's loss depends on its own input only (the model must not mix examples, e.g. no batch norm
+    in training mode). ``where`` locates the input: a position in a tuple batch, a key of a dict batch,
+    or ``None`` when the batch is the input tensor itself. Integer inputs raise :class:`UnsupportedError`.
+    """
+    x = _input_leaf(batch, where)
+
+    def directional(x_: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def total(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return fn(p, _with_input(batch, where, x_)).sum()
+
+        _, d = jvp(total, (params,), (layout.unflatten(v),))
+        return d
+
+    with torch.no_grad():
+        return vmap(grad(directional), in_dims=(None, 0))(x, V)
 
 
 def input_size_per_example(fn: LossFn, params: dict[str, torch.Tensor], example_batch: Any, model: torch.nn.Module) -> int:
