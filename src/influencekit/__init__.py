@@ -23,7 +23,7 @@ from .scoring import Influence
 from .solvers import CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
 from .spectrum import lanczos_extremes, power_iteration
 from .task import ClassificationTask, RegressionTask, Task
-from .training import fit_lbfgs
+from .training import TrainReport, fit_lbfgs, fit_steps
 from .validation import LDSResult, LOOResult, leave_one_out, linear_datamodeling_score
 
 __version__ = "0.1.0"
@@ -47,6 +47,8 @@ __all__ = [
     "lanczos_extremes",
     "power_iteration",
     "fit_lbfgs",
+    "fit_steps",
+    "TrainReport",
     "validation",
     "leave_one_out",
     "LOOResult",

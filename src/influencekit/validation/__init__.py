@@ -1,19 +1,21 @@
 """Validation: influence predictions against actual retraining.
 
 - :func:`leave_one_out`: −I_up,loss/n against leave-one-out retraining (Koh & Liang 2017, Figure 2),
-  resumable through an on-disk cache; returns a :class:`LOOResult` with Pearson/Spearman and ``.plot()``.
+  resumable through an on-disk cache, in parallel worker processes if asked; :class:`StepRetrain` retrains
+  a non-convex model with a fixed budget of optimiser steps against a no-removal control run; returns a :class:`LOOResult` with Pearson/Spearman and ``.plot()``.
 - :func:`linear_datamodeling_score`: the LDS of Park et al. (2023, TRAK) over random training subsets.
 - :func:`pearson`, :func:`spearman`: checked correlation coefficients.
 - :func:`plot_loo`: the Figure-2 scatter (matplotlib, Agg canvas).
 """
 
-from .loo import LOOResult, leave_one_out
+from .loo import LOOResult, StepRetrain, leave_one_out
 from .metrics import LDSResult, linear_datamodeling_score, pearson, spearman
 from .plot import plot_loo
 
 __all__ = [
     "leave_one_out",
     "LOOResult",
+    "StepRetrain",
     "linear_datamodeling_score",
     "LDSResult",
     "pearson",

@@ -34,18 +34,60 @@ from torch.utils._pytree import tree_flatten
 from ..autodiff import ParamLayout, batch_grad_sum
 from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, stream, take
-from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError
+from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..progress import progress_bar
 from ..scoring import Influence
 from ..task import Task
-from ..training import TrainReport, fit_lbfgs
+from ..training import TrainReport, fit_lbfgs, fit_steps
 from .metrics import _correlation_or_nan, pearson, spearman
 
-__all__ = ["leave_one_out", "LOOResult"]
+__all__ = ["leave_one_out", "LOOResult", "StepRetrain"]
 
 logger = logging.getLogger(__name__)
 
 RetrainFn = Callable[[Task, Any, torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class StepRetrain:
+    """Retrain a non-convex model with a fixed budget of optimiser steps from θ̂ (:func:`~influencekit.fit_steps`).
+
+    Pass it as ``leave_one_out(..., retrain=StepRetrain(steps=..., lr=...))``. A network is not retrained
+    *to* a minimum but run for ``steps`` steps from θ̂, so the optimiser itself moves the test loss even
+    without any removal. ``leave_one_out`` therefore runs the same steps once with nothing removed (the
+    control) and reports ``actual = m(θ₋ᵢ) − m(θ_control)``, subtracting that drift (the paper's CNN recipe,
+    Koh & Liang 2017 §5.1: 30,000 Adam steps from θ̂). Full-batch steps (``batch_size=None``) are
+    deterministic; with mini-batches every run draws the same batches (``seed``).
+
+    Attributes:
+        steps, lr, optimizer, momentum, batch_size, seed: as in :func:`~influencekit.fit_steps`.
+    """
+
+    steps: int = 1000
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    batch_size: int | None = None
+    seed: int = 0
+
+    #: a fixed step budget has no end state to converge to; leave_one_out subtracts a control run
+    fixed_budget = True
+
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps, low=1)
+        check_number("lr", self.lr, low=0.0, low_inclusive=False)
+        check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, low=1)
+        check_int("seed", self.seed, low=0)
+        if self.optimizer not in ("adam", "sgd"):
+            raise InputError(f"`optimizer` must be 'adam' or 'sgd'. Got {self.optimizer!r}.")
+
+    def __call__(self, task: Task, train: Any, weights: torch.Tensor) -> TrainReport:
+        return fit_steps(
+            task, train, steps=self.steps, lr=self.lr, optimizer=self.optimizer, momentum=self.momentum,
+            batch_size=self.batch_size, seed=self.seed, weights=weights,
+        )
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -172,7 +214,7 @@ class _Retrainer:
         self.max_iter = max_iter
         self.batch_size = influence.chunks_.hvp  # fit_lbfgs's Newton polish streams HVPs in chunks of this size
         self.grad_batch_size = influence.chunks_.grad
-        self.name = "influencekit.fit_lbfgs" if retrain is None else _describe_callable(retrain)
+        self.name = "influencekit.fit_lbfgs" if retrain is None else (repr(retrain) if isinstance(retrain, StepRetrain) else _describe_callable(retrain))
         # With a factorised (dense) solver, fit_lbfgs starts with chord-Newton steps on the influence's own
         # (H + δI): from θ̂ they contract at a rate of about ‖I − (H + δI)⁻¹H_w‖ (O(1/n) for one removed point)
         # for one gradient and one cheap solve each, and fit_lbfgs falls back to L-BFGS when they do not. An
@@ -202,6 +244,9 @@ class _Retrainer:
         else:
             out = self.retrain(self.work, self.influence.train, weights.clone())
             self._check_user_retrain(out)
+            if isinstance(out, TrainReport):  # the trainer judged its own convergence (a dual gap, a step budget)
+                after = self._measure_after()
+                return after, float(out.grad_norm), bool(out.converged)
             grad_norm = self._grad_norm(weights)
             named = dict(self.work.model.named_parameters())
             if grad_norm > self.tol and all(torch.equal(named[k].detach(), v) for k, v in self.theta_hat.items()):
@@ -209,10 +254,13 @@ class _Retrainer:
                     "`retrain` left the task's parameters at theta-hat: it must retrain the task it is given "
                     "(`task.model`, a copy of your model warm-started at theta-hat) and update its parameters in place."
                 )
+        return self._measure_after(), grad_norm, grad_norm <= self.tol
+
+    def _measure_after(self) -> np.ndarray:
         after = self.measure(self.work)
         if not np.isfinite(after).all():
             raise NumericalError("the test measurement is not finite after retraining; check the trainer and the data.")
-        return after, grad_norm, grad_norm <= self.tol
+        return after
 
     def _check_user_retrain(self, out: Any) -> None:
         if out is not None and not isinstance(out, TrainReport):
@@ -253,6 +301,57 @@ class _Retrainer:
             grad += g
         grad = grad / float(weights.sum()) + task.l2 * layout.flatten(params)
         return float(grad.norm())
+
+
+# ------------------------------------------------------------------------------------------ workers
+_CONTROL = -1  # the job index of the no-removal control run
+_WORKER: _Retrainer | None = None  # set in the parent before forking worker processes
+
+
+def _weights(i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    weights = torch.ones(n, dtype=dtype)
+    if i != _CONTROL:
+        weights[i] = 0.0
+    return weights
+
+
+def _worker_start(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_job(i: int, n: int) -> tuple[int, np.ndarray, float, bool]:
+    assert _WORKER is not None  # set before the fork; internal invariant, not user input
+    return (i, *_WORKER.run(_weights(i, n, _WORKER.dtype)))
+
+
+def _run_jobs(retrainer: _Retrainer, jobs: list[int], n: int, *, workers: int, threads: int | None) -> Any:
+    """Yield ``(i, measurements, ‖∇R‖, converged)`` for each job, in this process or in forked workers.
+
+    Workers are forked copies of this process (the model, data and trainer are inherited, nothing is
+    pickled but the results); each runs torch with ``threads`` intra-op threads. Results come back in
+    completion order, so the caller can cache each as soon as it is done.
+    """
+    global _WORKER
+    if workers == 1 or len(jobs) <= 1:
+        for i in jobs:
+            yield (i, *retrainer.run(_weights(i, n, retrainer.dtype)))
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    per_worker = threads if threads is not None else max(1, torch.get_num_threads() // workers)
+    _WORKER = retrainer
+    pool = cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork"),
+        initializer=_worker_start, initargs=(per_worker,),
+    )
+    try:
+        futures = [pool.submit(_worker_job, i, n) for i in jobs]
+        for future in cf.as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _WORKER = None
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -312,7 +411,7 @@ class _Cache:
             _atomic_write(manifest, lambda f: f.write(text))
 
     def path(self, i: int) -> Path:
-        return self.folder / f"loo-{i}.npz"
+        return self.folder / ("loo-control.npz" if i == _CONTROL else f"loo-{i}.npz")
 
     def load(self, i: int, n_test: int) -> tuple[np.ndarray, float] | None:
         path = self.path(i)
@@ -347,6 +446,9 @@ def leave_one_out(
     tol: float = 1e-9,
     max_iter: int = 2000,
     strict: bool = False,
+    control: bool | None = None,
+    workers: int = 1,
+    threads: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> LOOResult:
@@ -373,11 +475,23 @@ def leave_one_out(
             selected parameters hold θ̂, ``train`` is the training data as given to ``Influence``, ``weights``
             an ``(n,)`` float tensor with 0 at the removed point and 1 elsewhere. It must minimise
             Σ wᵢ L(zᵢ, θ) / Σ wᵢ and leave the minimiser in the task's selected parameters **in place**
-            (same shapes, dtypes, devices), returning None. Its convergence is checked here: ‖∇R₋ᵢ‖ ≤ tol.
+            (same shapes, dtypes, devices), returning None — its convergence is then checked here,
+            ‖∇R₋ᵢ‖ ≤ tol — or a :class:`~influencekit.TrainReport` whose ``converged`` says whether it
+            reached its own criterion (a dual gap for a non-smooth loss, a step budget). For a non-convex
+            model pass ``StepRetrain(steps=..., lr=...)``: a fixed budget of Adam/SGD steps from θ̂,
+            measured against a control run (``control``).
         tol: a retraining counts as converged when ‖∇R₋ᵢ(θ)‖ ≤ tol. The others are left out of the
             comparison, listed in ``not_converged`` and warned about (:class:`~influencekit.ConvergenceWarning`).
         max_iter: L-BFGS iterations per retraining (the default trainer only).
         strict: raise :class:`~influencekit.NumericalError` at the first retraining that does not converge.
+        control: also retrain once with nothing removed and measure each change against that control run
+            instead of θ̂, subtracting the drift the trainer causes by itself. ``None`` (default): on for a
+            fixed-budget trainer (:class:`StepRetrain`, the non-convex recipe), off otherwise (a trainer that
+            converges to the minimum has no drift: its control run would return θ̂).
+        workers: retrain in this many forked worker processes (Linux/macOS ``fork``), each handed whole
+            retrainings; results are cached and counted as each finishes. Helps when one retraining cannot
+            use all cores (small models); ``1`` (default) retrains in this process.
+        threads: torch threads per worker; default ``torch.get_num_threads() // workers`` (at least 1).
         cache_dir: a folder for one ``loo-<train index>.npz`` file per finished retraining plus a
             ``manifest.json`` of the configuration (n_train, test points and their fingerprint, tol, a
             fingerprint of θ̂, the task, the trainer). A rerun with the same configuration only retrains
@@ -394,6 +508,20 @@ def leave_one_out(
     max_iter = check_int("max_iter", max_iter, low=1)
     seed = check_int("seed", seed, low=0)
     _check_retrain(retrain)
+    if control is None:
+        control = bool(getattr(retrain, "fixed_budget", False))
+    elif not isinstance(control, bool):
+        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
+    workers = check_int("workers", workers, low=1)
+    if threads is not None:
+        threads = check_int("threads", threads, low=1)
+    if workers > 1:
+        import multiprocessing as mp
+
+        if "fork" not in mp.get_all_start_methods():
+            raise UnsupportedError(
+                "`workers` > 1 needs the 'fork' start method, which this platform lacks; use workers=1."
+            )
     n = len(influence.train_)
     if n < 2:
         raise InputError(f"leave-one-out needs at least 2 training points. Got {n}.")
@@ -441,39 +569,47 @@ def leave_one_out(
             "task": influence.task.describe(),
             "measurement": type(influence.task).measurement.__qualname__,
             "retrain": retrainer.name,
+            "drift_control": control,
         })
     after: dict[int, np.ndarray] = {}
     grad_norms: dict[int, float] = {}
     not_converged: dict[int, float] = {}
     if cache is not None:
-        for i in removals:
+        for i in removals + ([_CONTROL] if control else []):
             hit = cache.load(i, len(tests.indices))
             if hit is not None:
                 after[i], grad_norms[i] = hit
-    from_cache = len(after)
-    missing = [i for i in removals if i not in after]
-    bar = progress_bar(total=len(missing), desc="leave-one-out retraining", enabled=bool(progress))
+    from_cache = len([i for i in after if i != _CONTROL])
+    jobs = ([_CONTROL] if control and _CONTROL not in after else []) + [i for i in removals if i not in after]
+
+    def record(i: int, values: np.ndarray, grad_norm: float, converged: bool) -> None:
+        grad_norms[i] = grad_norm
+        if converged:
+            after[i] = values
+            if cache is not None:
+                cache.save(i, values, grad_norm)
+            return
+        not_converged[i] = grad_norm
+        if strict:
+            what = "the control run (no removal)" if i == _CONTROL else f"retraining without training point {i}"
+            raise NumericalError(
+                f"{what} did not reach ||grad R|| <= tol={tol:g} (got {grad_norm:.3g}). Raise `max_iter` or `tol`, "
+                "compute in float64, or pass strict=False to report it in `result.not_converged` instead."
+            )
+
+    bar = progress_bar(total=len(jobs), desc="leave-one-out retraining", enabled=bool(progress))
     try:
-        for i in missing:
-            weights = torch.ones(n, dtype=retrainer.dtype)
-            weights[i] = 0.0
-            values, grad_norm, converged = retrainer.run(weights)
-            grad_norms[i] = grad_norm
-            if converged:
-                after[i] = values
-                if cache is not None:
-                    cache.save(i, values, grad_norm)
-            else:
-                not_converged[i] = grad_norm
-                if strict:
-                    raise NumericalError(
-                        f"retraining without training point {i} did not reach ||grad R|| <= tol={tol:g} (got "
-                        f"{grad_norm:.3g}). Raise `max_iter` or `tol`, compute in float64, or pass strict=False to "
-                        "report it in `result.not_converged` instead."
-                    )
+        for i, values, grad_norm, converged in _run_jobs(retrainer, jobs, n, workers=workers, threads=threads):
+            record(i, values, grad_norm, converged)
             bar.update(1)
     finally:
         bar.close()
+    if control and _CONTROL not in after:
+        raise NumericalError(
+            f"the control retraining (no removal) did not converge (||grad R|| = {not_converged.get(_CONTROL, float('nan')):.3g}); "
+            "without it the drift of the trainer cannot be subtracted. Check the trainer's settings."
+        )
+    not_converged.pop(_CONTROL, None)
     if not_converged:
         worst = max(not_converged.values())
         warnings.warn(
@@ -484,6 +620,7 @@ def leave_one_out(
             ConvergenceWarning,
             stacklevel=2,
         )
+    baseline = after[_CONTROL] if control else retrainer.before
 
     # ------------------------------------------------------------------ pairs and correlations
     rows = [(row, int(i)) for row, sel in enumerate(selection) for i in sel if int(i) in after]
@@ -491,7 +628,7 @@ def leave_one_out(
     train_index = np.array([i for _, i in rows], dtype=np.int64)
     test_index = tests.indices[row_of] if rows else np.zeros(0, dtype=np.int64)
     predicted = pred_loo[row_of, train_index] if rows else np.zeros(0)
-    actual = np.array([after[i][r] - retrainer.before[r] for r, i in rows], dtype=np.float64)
+    actual = np.array([after[i][r] - baseline[r] for r, i in rows], dtype=np.float64)
     per_test = {int(t): _correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
     per_test_s = {int(t): _correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
     metadata = {
@@ -505,9 +642,12 @@ def leave_one_out(
         "retrain_curvature": None if retrainer.curvature is None else retrainer.curvature.name,
         **recipe,
         "n_removed": len(removals),
-        "n_retrained": len(missing),
+        "n_retrained": len([i for i in jobs if i != _CONTROL]),
         "n_from_cache": from_cache,
         "retrain_grad_norms": {i: grad_norms[i] for i in removals},
+        "drift_control": control,
+        "drift": (after[_CONTROL] - retrainer.before).tolist() if control else None,
+        "workers": workers,
         "cache_dir": None if cache_dir is None else str(cache_dir),
         "seconds": time.perf_counter() - start,
     }
