@@ -20,6 +20,7 @@ from .errors import (
 from .hessian import HessianOperator
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
+from .sklearn_interop import from_sklearn, sklearn_labels
 from .solvers import CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
 from .spectrum import lanczos_extremes, power_iteration
 from .task import ClassificationTask, RegressionTask, Task
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Influence",
+    "from_sklearn",
+    "sklearn_labels",
     "Task",
     "ClassificationTask",
     "RegressionTask",
