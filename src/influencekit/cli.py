@@ -85,6 +85,35 @@ def spam(
     typer.echo(result.text)
 
 
+@app.command()
+def attack(
+    mnist: Path = typer.Option(None, help="Folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)."),
+    out: Path = typer.Option(Path("influencekit-attack"), help="Output folder for the report and figures."),
+    classes: str = typer.Option("3,8", help="The two digits of the binary task."),
+    n_perturb: str = typer.Option("1,2,10", help="Comma-separated numbers of training images to perturb per attack."),
+    max_targets: int = typer.Option(20, help="Correctly classified test images to attack (0: all of them)."),
+    eps: float = typer.Option(0.1, help="L-inf radius of the perturbation, pixels in [0, 1]."),
+    step: float = typer.Option(0.01, help="Size of each signed step."),
+    max_iter: int = typer.Option(50, help="Most attack iterations (each retrains the top layer)."),
+    multi_size: int = typer.Option(5, help="Test images of one class attacked together in the multi-target variant (0: skip)."),
+    multi_perturb: int = typer.Option(1, help="Training images perturbed in the multi-target variant."),
+    seed: int = typer.Option(0, help="Seed of the split and of the feature extractor's training."),
+) -> None:
+    """Training-set attack through I_pert (paper section 5.2): flip test predictions by perturbing training images."""
+    from .applications.attack import run_attack_experiment
+
+    try:
+        pair, sizes = tuple(int(c) for c in classes.split(",")), tuple(int(k) for k in n_perturb.split(",") if k.strip())
+    except ValueError:
+        raise typer.BadParameter(f"--classes and --n-perturb take comma-separated integers. Got {classes!r} and {n_perturb!r}.")
+    result = run_attack_experiment(
+        out, mnist=mnist, classes=pair, n_perturb=sizes,
+        max_targets=max_targets or None, eps=eps, step=step, max_iter=max_iter, multi_size=multi_size,
+        multi_perturb=multi_perturb, seed=seed, progress=True,
+    )
+    typer.echo(result.text)
+
+
 def main() -> None:
     """Entry point of the ``influencekit`` command."""
     from .errors import InfluenceKitError
