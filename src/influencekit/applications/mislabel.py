@@ -148,7 +148,9 @@ def flip_labels(
     return y_noisy, torch.as_tensor(flipped, dtype=torch.long)
 
 
-def rank_training_points(influence: Influence, *, by: str = "self_influence", seed: int = 0) -> torch.Tensor:
+def rank_training_points(
+    influence: Influence, *, by: str = "self_influence", seed: int = 0, return_scores: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """The order in which to check training labels, most suspicious first, ``(n_train,)`` long indices.
 
     Args:
@@ -156,19 +158,23 @@ def rank_training_points(influence: Influence, *, by: str = "self_influence", se
         by: ``"self_influence"`` (descending ∇L(z)ᵀ(H + δI)⁻¹∇L(z), the paper's method), ``"loss"``
             (descending training loss ℓ(z, θ̂)), or ``"random"`` (a seeded permutation).
         seed: seed of the ``"random"`` order.
+        return_scores: also return the ``(n_train,)`` values sorted by (self-influence or training loss,
+            in data order; ``None`` for ``"random"``), as ``(order, scores)``.
     """
     if by not in METHODS:
         raise InputError(f"`by` must be one of {', '.join(repr(m) for m in METHODS)}. Got {by!r}.")
     influence._require_fitted()
     n = len(influence.train_)
     if by == "random":
-        return torch.as_tensor(np.random.default_rng(seed).permutation(n), dtype=torch.long)
+        order = torch.as_tensor(np.random.default_rng(seed).permutation(n), dtype=torch.long)
+        return (order, None) if return_scores else order
     if by == "self_influence":
         values = influence.self_influence()
     else:
         values = _training_losses(influence)
     # stable, so ties keep the data order and the result is reproducible
-    return torch.as_tensor(np.argsort(-values.detach().cpu().numpy(), kind="stable"), dtype=torch.long)
+    order = torch.as_tensor(np.argsort(-values.detach().cpu().numpy(), kind="stable"), dtype=torch.long)
+    return (order, values) if return_scores else order
 
 
 def _training_losses(influence: Influence) -> torch.Tensor:
