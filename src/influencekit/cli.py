@@ -114,6 +114,46 @@ def attack(
     typer.echo(result.text)
 
 
+@app.command()
+def inspect(
+    data: Path = typer.Argument(..., help="Training CSV: a header row, then one row per example."),
+    label: str = typer.Option(..., help="Name of the label column."),
+    test: Path | None = typer.Option(None, help="Test CSV with the same columns; without it a share of DATA is held out."),
+    model: str = typer.Option("logreg", help="logreg (logistic regression, exact influence) or mlp (one tanh hidden layer)."),
+    out: Path = typer.Option(Path("influencekit-inspect"), help="Output folder for report.html, mislabeled.csv, influence.csv."),
+    l2: float = typer.Option(1e-3, help="L2 strength λ inside each example's loss."),
+    damping: float | None = typer.Option(None, help="Damping δ of the Hessian (default 0 for logreg, 0.01 for mlp)."),
+    solver: str = typer.Option("exact", help="Inverse-Hessian solver: exact, cg or lissa."),
+    hidden: int = typer.Option(16, help="mlp: hidden units."),
+    steps: int = typer.Option(1000, help="mlp: full-batch Adam steps."),
+    lr: float = typer.Option(0.01, help="mlp: Adam learning rate."),
+    k: int = typer.Option(5, help="Helpful and harmful training rows listed per test row."),
+    n_suspicious: int = typer.Option(20, help="Training rows listed as most likely mislabeled."),
+    max_test_rows: int = typer.Option(20, help="Test rows explained at most (the highest-loss ones when there are more)."),
+    test_fraction: float = typer.Option(0.2, help="Share of DATA held out for testing when --test is not given."),
+    categorical: str = typer.Option("", help="Comma-separated columns to treat as categories even if their values are numbers."),
+    numeric: str = typer.Option("", help="Comma-separated columns to treat as numbers (every other value is an error)."),
+    ignore: str = typer.Option("", help="Comma-separated columns to leave out (identifiers, free text)."),
+    max_categories: int = typer.Option(30, help="One-hot columns per categorical column at most (rarer values share '(other)')."),
+    delimiter: str = typer.Option(",", help="Field separator of the CSV files."),
+    chunk_size: int = typer.Option(10_000, help="Rows converted at a time while reading."),
+    seed: int = typer.Option(0, help="Seed of the held-out split and of the mlp's initialisation."),
+) -> None:
+    """Influence on a CSV table: the training rows most likely mislabeled and, per test row, the most helpful and harmful ones."""
+    from .applications.inspect import run_inspect
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(c.strip() for c in text.split(",") if c.strip())
+
+    result = run_inspect(
+        data, label, test=test, out_dir=out, model=model, l2=l2, damping=damping, solver=solver, hidden=hidden, steps=steps,
+        lr=lr, k=k, n_suspicious=n_suspicious, max_test_rows=max_test_rows, test_fraction=test_fraction,
+        categorical=names(categorical), numeric=names(numeric), ignore=names(ignore), max_categories=max_categories, delimiter=delimiter,
+        chunk_size=chunk_size, seed=seed, progress=True,
+    )
+    typer.echo(result.text)
+
+
 def main() -> None:
     """Entry point of the ``influencekit`` command."""
     from .errors import InfluenceKitError
