@@ -190,6 +190,25 @@ def test_mlp_model_with_a_held_out_split(tmp_path):
     assert (tmp_path / "mlp" / "report.html").is_file()
 
 
+def test_three_numeric_classes_are_sorted_numerically_and_use_softmax(tmp_path):
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(150, 2))
+    cls = np.where(x[:, 0] > 0.5, "10", np.where(x[:, 1] > 0, "2", "1"))
+    path = write_csv(tmp_path / "three.csv", [[f"{a:.3f}", f"{b:.3f}", c] for (a, b), c in zip(x, cls)], header=["a", "b", "grade"])
+    result = run_inspect(path, "grade", out_dir=tmp_path / "out", l2=1e-2)
+    assert result.encoder.classes_ == ["1", "2", "10"]
+    assert result.metadata["n_features"] == 2 and result.ranked.metadata["n_params"] == 3 * 2 + 3  # 3 logits
+    # 30 held-out rows, 20 explained (the cap): the highest-loss ones
+    assert len(result.test) == 30 and result.ranked.helpful.indices.shape == (20, 5)
+    X, y = result.test.tensors()
+    with torch.no_grad():
+        p_label = torch.softmax(result.model(X), dim=1)[torch.arange(30), y].numpy()
+    explained = np.searchsorted(result.test.rows, [e["row"] for e in result.explained])
+    assert np.array_equal(np.sort(explained), np.sort(np.argsort(p_label, kind="stable")[:20]))
+    assert [e["p_label"] for e in result.explained] == pytest.approx(p_label[explained].tolist(), rel=1e-12)
+    assert result.test_accuracy > 0.85  # measured 1.0 (30 of 30)
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 def test_cli_writes_the_report(tmp_path):
     train = write_csv(tmp_path / "train.csv", table(120, seed=5, flip=[7], missing=False))

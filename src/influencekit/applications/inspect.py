@@ -62,6 +62,7 @@ class InspectResult:
     Attributes:
         out_dir, report_path: the output folder and its ``report.html``.
         encoder: the fitted :class:`~influencekit.data.tabular.TabularEncoder` (column types, classes).
+        model: the trained ``nn.Module`` (float64; one logit for two classes, else one per class).
         train, test: the encoded training rows and all test rows.
         self_influence: ``(n_train,)`` self-influence of every training row, in training order.
         order: ``(n_train,)`` training positions, most suspicious first.
@@ -79,6 +80,7 @@ class InspectResult:
     out_dir: Path
     report_path: Path
     encoder: TabularEncoder
+    model: nn.Module
     train: TabularData
     test: TabularData
     self_influence: np.ndarray
@@ -255,7 +257,7 @@ def run_inspect(
         "influence": {key: v for key, v in ranked.metadata.items() if key not in ("convention",)},
     }
     result = InspectResult(
-        out_dir=out, report_path=out / "report.html", encoder=encoder, train=train, test=test_data,
+        out_dir=out, report_path=out / "report.html", encoder=encoder, model=net, train=train, test=test_data,
         self_influence=self_inf, order=order, suspicious=suspicious, explained=explained, ranked=ranked,
         train_accuracy=train_acc, test_accuracy=test_acc, warnings=caught, metadata=metadata,
     )
@@ -292,7 +294,11 @@ def _publish(staging: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         out.rename(old)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except BaseException:
+            old.rename(out)  # put the earlier report back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
