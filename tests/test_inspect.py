@@ -174,29 +174,30 @@ def test_chunked_read_equals_reading_at_once(tmp_path):
     assert np.array_equal(part.X, a.X[mask]) and np.array_equal(part.rows, a.rows[mask])
 
 
-def test_mlp_model_with_a_held_out_split(tmp_path):
+def test_mlp_model_finds_the_flipped_rows(tmp_path):
     flips = [10, 60, 110, 160]
-    path = write_csv(tmp_path / "train.csv", table(200, seed=4, flip=flips))
+    train = write_csv(tmp_path / "train.csv", table(200, seed=4, flip=flips, missing=False))
+    test = write_csv(tmp_path / "test.csv", table(60, seed=12))
     result = run_inspect(
-        path, "bought", out_dir=tmp_path / "mlp", model="mlp", hidden=8, steps=300, lr=0.02, ignore=("id",), test_fraction=0.25,
+        train, "bought", test=test, out_dir=tmp_path / "mlp", model="mlp", hidden=8, steps=300, lr=0.02, ignore=("id",),
     )
-    assert len(result.train) == 150 and len(result.test) == 50
-    assert not set(result.train.rows.tolist()) & set(result.test.rows.tolist())
-    assert result.metadata["damping"] == 0.01 and result.test_accuracy > 0.85  # measured 0.94
-    in_train = [r + 1 for r in flips if r + 1 in set(result.train.rows.tolist())]
-    top = [s["row"] for s in result.suspicious[:10]]
-    # measured: the flipped training rows rank 1-3 of 150 (one flipped row is held out)
-    assert in_train and all(r in top for r in in_train), (in_train, top)
+    assert result.metadata["damping"] == 0.01 and result.test_accuracy > 0.85  # measured 0.967
+    # a fixed budget of Adam steps stops short of the minimum: the warning is recorded, not lost
+    assert any(w.startswith("StationarityWarning") for w in result.warnings)  # measured ||grad R|| = 0.0047
+    listed = [s["row"] for s in result.suspicious]
+    ranks = sorted(listed.index(r + 1) + 1 for r in flips)
+    assert ranks[-1] <= 8, ranks  # measured ranks 1, 2, 4, 5 of 200
     assert (tmp_path / "mlp" / "report.html").is_file()
 
 
-def test_three_numeric_classes_are_sorted_numerically_and_use_softmax(tmp_path):
+def test_three_numeric_classes_softmax_and_a_held_out_split(tmp_path):
     rng = np.random.default_rng(10)
     x = rng.normal(size=(150, 2))
     cls = np.where(x[:, 0] > 0.5, "10", np.where(x[:, 1] > 0, "2", "1"))
     path = write_csv(tmp_path / "three.csv", [[f"{a:.3f}", f"{b:.3f}", c] for (a, b), c in zip(x, cls)], header=["a", "b", "grade"])
     result = run_inspect(path, "grade", out_dir=tmp_path / "out", l2=1e-2)
     assert result.encoder.classes_ == ["1", "2", "10"]
+    assert len(result.train) == 120 and not set(result.train.rows.tolist()) & set(result.test.rows.tolist())
     assert result.metadata["n_features"] == 2 and result.ranked.metadata["n_params"] == 3 * 2 + 3  # 3 logits
     # 30 held-out rows, 20 explained (the cap): the highest-loss ones
     assert len(result.test) == 30 and result.ranked.helpful.indices.shape == (20, 5)
