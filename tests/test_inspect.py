@@ -249,6 +249,11 @@ BROKEN = {
         lambda rows: [r[:4] for r in rows], None,
         r"`label` must name a column of train\.csv\. Got 'bought'; the columns are \['id', 'x1', 'x2', 'color'\]",
     ),
+    "header only": (lambda rows: [], None, r"`data` \(train\.csv\) has a header but no data rows"),
+    "short row": (
+        lambda rows: rows[:3] + [rows[3][:4]] + rows[4:], None,
+        r"`data` \(train\.csv\), row 4 \(line 5\) has 4 fields but the header has 5 columns",
+    ),
     "test value not a number": (
         lambda rows: rows, [["t1", "0.1", "n/a?", "red", "yes"]],
         r"`test` \(test\.csv\), row 1 \(line 2\), column 'x2': 'n/a\?' is not a number",
@@ -264,7 +269,7 @@ def test_broken_csv_exits_2_with_a_clear_message_and_no_report(tmp_path, monkeyp
     if rows is None:
         train.write_text("")
     else:
-        write_csv(train, rows, header=HEADER if len(rows[0]) == 5 else HEADER[:4])
+        write_csv(train, rows, header=HEADER if not rows or len(rows[0]) == 5 else HEADER[:4])
     args = ["inspect", train, "--label", "bought", "--out", tmp_path / "out", "--ignore", "id"]
     if test_rows is not None:
         args += ["--test", write_csv(tmp_path / "test.csv", test_rows)]

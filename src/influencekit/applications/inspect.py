@@ -165,6 +165,8 @@ def run_inspect(
     )
     if test is None:
         n = count_rows(data, delimiter=delimiter, name="data")
+        if n == 0:
+            raise InputError(f"`data` ({Path(data).name}) has a header but no data rows: there is nothing to train on.")
         n_held = int(np.floor(test_fraction * n + 0.5))
         if n_held < 1 or n - n_held < 2:
             raise InputError(

@@ -92,7 +92,10 @@ class _Reader:
             except StopIteration:
                 return None
             except UnicodeDecodeError as exc:
-                raise InputError(f"`{self.name}` ({self.path.name}) must be UTF-8 text. Got undecodable bytes near line {start} ({exc.reason}).") from None
+                raise InputError(
+                    f"`{self.name}` ({self.path.name}) must be UTF-8 text. Got bytes that are not UTF-8 ({exc.reason}); "
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                ) from None
             except csv.Error as exc:
                 raise InputError(f"`{self.name}` ({self.path.name}), line {start}: the CSV cannot be parsed ({exc}).") from None
             self._last_line = self._reader.line_num
