@@ -130,6 +130,7 @@ def training_set_attack(
     damping: float = 0.0,
     tol: float = 1e-8,
     restore: bool = True,
+    influence_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> AttackResult:
     """Perturb a few training inputs within an L∞ ball so that retraining flips the target prediction(s).
@@ -149,6 +150,8 @@ def training_set_attack(
         solver, damping: the inverse-Hessian solver and damping of :class:`~influencekit.Influence`.
         tol: ‖∇R‖ tolerance of each warm-started retraining.
         restore: put the task's selected parameters back to their values before the attack.
+        influence_options: more keyword arguments for each :class:`~influencekit.Influence` (e.g.
+            ``memory_budget``, ``solver_options``).
         progress: show a progress bar over iterations.
 
     Returns:
@@ -181,13 +184,13 @@ def training_set_attack(
             "flips correct predictions only. Pass correctly classified test points"
             + (f" ({len(wrong)} of {len(y_t)} are not)." if len(wrong) > 1 else ".")
         )
-    settings = {"solver": solver, "damping": damping}
+    settings = {**(influence_options or {}), "solver": solver, "damping": damping}
     saved = {k: v.clone() for k, v in task.params().items()}
     X_cur = X.clone()
 
     def fitted() -> Influence:
         with warnings.catch_warnings():
-            # fit_lbfgs has just reached ‖∇R‖ ≤ tol; a looser stationarity check would only repeat that
+            # fit_lbfgs has just reached ‖∇R‖ ≤ tol (or warned itself); the engine's check would only repeat that
             warnings.simplefilter("ignore", StationarityWarning)
             return Influence(task, (X_cur, y), **settings).fit()
 
@@ -196,7 +199,7 @@ def training_set_attack(
             return task.loss(task.params(), (X_t, y_t)).detach().clone()
 
     try:
-        inf = fitted()
+        inf = Influence(task, (X_cur, y), **settings).fit()  # warns when the model is not trained to a minimum
         if train_idx is None:
             n_perturb = check_int("n_perturb", n_perturb, low=1, high=n)
             # the first-order rise of Σ target losses that an L∞ step buys is ‖Σ_t I_pert‖₁ · eps / n
@@ -427,7 +430,10 @@ def run_attack_experiment(
     X_test, y_test = problem.test
     correct = (predict_labels(task, X_test) == y_test).nonzero().flatten()
     targets = correct[:max_targets].tolist()
-    settings = {"eps": eps, "step": step, "max_iter": max_iter}
+    # The engine sizes its blocks of Hessian tangents as if each carried the whole model's activations; with
+    # the extractor frozen they carry the top layer's only, so a larger nominal budget cuts the passes
+    # through the CNN ~10x for the same memory (measured peak 0.6 GB on 804 MNIST images).
+    settings = {"eps": eps, "step": step, "max_iter": max_iter, "influence_options": {"memory_budget": "16GiB"}}
     rows: list[dict[str, Any]] = []
     figures: list[Path] = []
 
