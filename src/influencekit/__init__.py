@@ -23,7 +23,7 @@ from .scoring import Influence
 from .sklearn_interop import from_sklearn, sklearn_labels
 from .solvers import CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
 from .spectrum import lanczos_extremes, power_iteration
-from .task import ClassificationTask, RegressionTask, Task
+from .task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from .training import TrainReport, fit_lbfgs, fit_steps
 from .validation import LDSResult, LOOResult, leave_one_out, linear_datamodeling_score
 
@@ -36,6 +36,7 @@ __all__ = [
     "Task",
     "ClassificationTask",
     "RegressionTask",
+    "SmoothHingeTask",
     "InfluenceScores",
     "RankedInfluence",
     "TopK",

@@ -85,6 +85,68 @@ def spam(
     typer.echo(result.text)
 
 
+@paper.command("fig2")
+def fig2(
+    mnist: Path = typer.Option(..., help="Folder with MNIST IDX files (t10k-images-idx3-ubyte.gz, ...; train-* optional)."),
+    out: Path = typer.Option(Path("influencekit-fig2"), help="Output folder for the report, figures and cached retrainings."),
+    part: str = typer.Option("both", help="Which half of Figure 2: logistic, cnn or both."),
+    n_train: int = typer.Option(8000, help="Training images for the logistic regression."),
+    top_k: int = typer.Option(500, help="Training points with the largest |influence| removed (logistic regression)."),
+    solvers: str = typer.Option("cg,lissa", help="Comma-separated solvers for the logistic regression (exact costs ~4 min more)."),
+    cnn_n_train: int = typer.Option(4000, help="Training images for the CNN."),
+    cnn_top_k: int = typer.Option(100, help="Training points removed for the CNN."),
+    retrain_steps: int = typer.Option(300, help="Adam steps of each CNN retraining (and of the control run)."),
+    workers: int = typer.Option(1, help="Worker processes for the CNN retrainings."),
+    test_index: int = typer.Option(-1, help="Test image to explain; -1 picks the highest-loss one."),
+    seed: int = typer.Option(0, help="Seed of the train/test split and the CNN's initialisation."),
+) -> None:
+    """Figure 2: influence vs leave-one-out retraining on MNIST (logistic regression; tanh CNN with damping)."""
+    from .applications.paper import run_fig2_cnn, run_fig2_logistic
+    from .errors import InputError
+
+    if part not in ("logistic", "cnn", "both"):
+        raise InputError(f"`--part` must be logistic, cnn or both. Got {part!r}.")
+    chosen = None if test_index < 0 else test_index
+    if part in ("logistic", "both"):
+        result = run_fig2_logistic(
+            mnist, out / "logistic", n_train=n_train, top_k=top_k, test_index=chosen, seed=seed, progress=True,
+            solvers=tuple(s.strip() for s in solvers.split(",") if s.strip()),
+        )
+        typer.echo(result.text)
+    if part in ("cnn", "both"):
+        result = run_fig2_cnn(
+            mnist, out / "cnn", n_train=cnn_n_train, top_k=cnn_top_k, retrain_steps=retrain_steps, workers=workers,
+            test_index=chosen, seed=seed, progress=True,
+        )
+        typer.echo(result.text)
+
+
+@paper.command("fig3")
+def fig3(
+    mnist: Path = typer.Option(..., help="Folder with MNIST IDX files (t10k-images-idx3-ubyte.gz, ...; train-* optional)."),
+    out: Path = typer.Option(Path("influencekit-fig3"), help="Output folder for the report, figures and cached retrainings."),
+    l2: float = typer.Option(0.1, help="L2 strength λ of the SVM (weights and bias)."),
+    temperatures: str = typer.Option("0,0.001,0.1", help="Comma-separated smooth-hinge temperatures t."),
+    top_k: int = typer.Option(60, help="Training points with the largest |influence| (at t = 0.001) removed."),
+    n_random: int = typer.Option(40, help="Random training points removed."),
+    test_index: int = typer.Option(-1, help="Test image to explain; -1 picks the highest-loss one."),
+    seed: int = typer.Option(0, help="Seed of the train/test split and the random training points."),
+) -> None:
+    """Figure 3: smooth-hinge influence of a true-hinge linear SVM (MNIST 1 vs 7) vs exact retraining."""
+    from .applications.paper import run_fig3
+    from .errors import InputError
+
+    try:
+        temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
+    except ValueError:
+        raise InputError(f"`--temperatures` must be comma-separated numbers, e.g. 0,0.001,0.1. Got {temperatures!r}.") from None
+    result = run_fig3(
+        mnist, out, l2=l2, temperatures=temps, top_k=top_k, n_random=n_random,
+        test_index=None if test_index < 0 else test_index, seed=seed, progress=True,
+    )
+    typer.echo(result.text)
+
+
 @app.command()
 def attack(
     mnist: Path = typer.Option(None, help="Folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)."),
