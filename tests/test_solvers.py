@@ -154,3 +154,37 @@ def test_lissa_repeats_are_averaged(operator, dense, rhs):
     full = ik.LissaSolver(depth=200, batch_size=300, repeats=1, warn=False, seed=1).fit(operator).solve(rhs).x
     # averaging repeats shrinks the mini-batch noise towards the full-batch recursion
     assert relative_error(many, full) < relative_error(one, full)
+
+
+def test_exact_cholesky_equals_eigh_and_falls_back_on_indefinite(operator, dense, rhs):
+    """Cholesky (large models) and eigh give the same solve and quadratic form to 1e-9 relative; auto picks
+    Cholesky above eigh_max_params; an indefinite H + δI falls back to eigh and its curvature warning."""
+    eig = ik.ExactSolver(method="eigh").fit(operator)
+    cho = ik.ExactSolver(eigh_max_params=100).fit(operator)  # 650 parameters > 100: Cholesky
+    assert cho.factor_ is not None and cho.eigenvalues_ is None and eig.factor_ is None
+    x_eig, r_eig = eig.solve(rhs)
+    x_cho, r_cho = cho.solve(rhs)
+    assert relative_error(x_cho, x_eig) < 1e-9 and r_cho.relative_residual < 1e-10
+    assert r_cho.details["method"] == "cholesky" and r_eig.details["method"] == "eigh"
+    G = torch.randn(3, operator.n_params, dtype=torch.float64)
+    torch.testing.assert_close(cho.quadratic_form(G), eig.quadratic_form(G), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ik.InputError, match="method"):
+        ik.ExactSolver(method="lu")
+
+
+def test_exact_cholesky_falls_back_to_eigh_when_not_positive_definite():
+    from problems import small_mlp
+
+    torch.manual_seed(0)
+    model = small_mlp()
+    X, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # far from a minimum: H has negative eigenvalues
+    task = ik.ClassificationTask(model)
+    op = HessianOperator(task, task.params(), Examples((X, y)), damping=0.0, batch_size=40, tangent_block=64)
+    evals = torch.linalg.eigvalsh(op.dense())
+    assert float(evals.min()) < -1e-6
+    with pytest.warns(ik.CurvatureWarning, match="negative eigenvalues"):
+        solver = ik.ExactSolver(method="cholesky").fit(op)
+    assert solver.factor_ is None and solver.eigenvalues_ is not None
