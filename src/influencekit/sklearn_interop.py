@@ -1,4 +1,13 @@
-"""Exact influence for a fitted scikit-learn ``LogisticRegression``, without writing a PyTorch model.
+"""Exact influence for a fitted scikit-learn ``LogisticRegression``, ``Ridge`` or ``LinearSVC``, without a PyTorch model.
+
+``Ridge`` minimises ``Σ_i (y_i − wᵀx_i − b)² + α‖w‖²``: divided by n that is the mean squared error plus
+(λ/2)‖w‖² with λ = 2α/n (intercept unpenalised). ``LinearSVC`` (liblinear, binary) minimises
+``½‖θ‖² + C Σ_i loss(s_i θᵀx̃_i)`` with the intercept a penalised weight on a constant feature
+(``intercept_scaling=1``): λ = 1/(C·n) on every parameter. Its ``loss="hinge"`` has no curvature, so
+influence uses the smooth hinge at ``temperature`` t (Koh & Liang §4.1; the model is polished to the exact
+hinge optimum first); ``loss="squared_hinge"`` is piecewise quadratic and used as it is.
+
+For ``LogisticRegression``:
 
 scikit-learn minimises ``C Σ_i ℓ(z_i) + ½‖W‖²`` with the intercept unpenalised (solvers other than
 liblinear). Divided by ``C·n`` this is influencekit's mean objective (docs/conventions.md)::
@@ -30,7 +39,7 @@ from .checks import check_number
 from .errors import InputError, InputTypeError, UnsupportedError
 from .scoring import Influence
 from .solvers import Solver
-from .task import ClassificationTask, Params
+from .task import ClassificationTask, Params, RegressionTask, SmoothHingeTask
 from .training import fit_lbfgs
 
 __all__ = ["from_sklearn", "sklearn_labels"]
@@ -80,14 +89,122 @@ class _WeightPenalisedClassification(ClassificationTask):
         return {**super().describe(), "l2_weights": self.l2_weights, "source": self.source}
 
 
+class _WeightPenalisedRegression(RegressionTask):
+    """Squared error with (λ/2)‖w‖² inside each training example's loss (not on the intercept); the test side
+    measures the plain squared error."""
+
+    def __init__(self, model: nn.Module, *, l2_weights: float, source: str) -> None:
+        super().__init__(model, l2=0.0)
+        self.l2_weights = l2_weights
+        self.source = source
+
+    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+        return super().loss(params, batch) + 0.5 * self.l2_weights * (params["weight"] ** 2).sum()
+
+    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+        return super().loss(params, batch)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "l2_weights": self.l2_weights, "source": self.source}
+
+
+class _SquaredHingeTask(SmoothHingeTask):
+    """max(0, 1 − s·f(x))², liblinear's default ``squared_hinge``: once differentiable, piecewise quadratic."""
+
+    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+        return torch.relu(1.0 - self.margins(params, batch)) ** 2
+
+    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+        return self.loss(params, batch)
+
+
+def _fitted(estimator: Any) -> None:
+    if not hasattr(estimator, "coef_"):
+        raise InputError("`estimator` is not fitted: call estimator.fit(X, y) first.")
+
+
+def _features(X: Any, n_features: int, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputTypeError(f"`dtype` must be a floating torch dtype. Got {dtype!r}.")
+    X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X).to(dtype)
+    if X.dim() != 2:
+        raise InputError(f"`X` must be a 2-D array (n, d). Got shape {tuple(X.shape)}.")
+    if X.shape[1] != n_features:
+        raise InputError(f"`X` must have the {n_features} features the estimator was fitted on. Got {X.shape[1]}.")
+    return X
+
+
+def _from_ridge(estimator: Any, X: Any, y: Any, dtype: torch.dtype) -> tuple[Any, Any]:
+    _fitted(estimator)
+    coef = np.atleast_2d(np.asarray(estimator.coef_, dtype=np.float64))
+    if coef.shape[0] != 1:
+        raise UnsupportedError(f"`estimator` must be a single-output Ridge. Got {coef.shape[0]} outputs; fit one Ridge per output.")
+    if np.ndim(estimator.alpha) != 0:
+        raise UnsupportedError("`estimator` must have one scalar `alpha`.")
+    X = _features(X, coef.shape[1], dtype)
+    target = torch.as_tensor(np.asarray(y, dtype=np.float64).reshape(-1), dtype=dtype)
+    if len(target) != len(X):
+        raise InputError(f"`X` and `y` must have the same number of examples. Got {len(X)} and {len(target)}.")
+    alpha = check_number("estimator.alpha", float(estimator.alpha), low=0.0)
+    model = nn.Linear(coef.shape[1], 1, bias=bool(estimator.fit_intercept)).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.as_tensor(coef, dtype=dtype))
+        if model.bias is not None:
+            model.bias.copy_(torch.as_tensor(np.atleast_1d(estimator.intercept_), dtype=dtype))
+    task = _WeightPenalisedRegression(model, l2_weights=2.0 * alpha / len(X), source=f"sklearn Ridge(alpha={alpha:g})")
+    return task, (X, target)
+
+
+def _from_linear_svc(estimator: Any, X: Any, y: Any, dtype: torch.dtype, temperature: float) -> tuple[Any, Any]:
+    _fitted(estimator)
+    coef = np.asarray(estimator.coef_, dtype=np.float64)
+    params = estimator.get_params()
+    if coef.shape[0] != 1:
+        raise UnsupportedError(
+            f"`estimator` must be a binary LinearSVC; it has {coef.shape[0]} one-vs-rest classifiers. Explain one of "
+            "them: refit LinearSVC on a two-class version of the labels."
+        )
+    if params.get("penalty") != "l2":
+        raise UnsupportedError(f"`estimator` must use penalty='l2'. Got {params.get('penalty')!r}.")
+    if params.get("class_weight") is not None:
+        raise UnsupportedError(f"`estimator` must have class_weight=None. Got {params['class_weight']!r}.")
+    if params.get("fit_intercept") and float(params.get("intercept_scaling", 1.0)) != 1.0:
+        raise UnsupportedError(
+            f"`estimator` must have intercept_scaling=1 (the intercept is then a plainly penalised weight). Got "
+            f"{params['intercept_scaling']!r}; refit with intercept_scaling=1."
+        )
+    X = _features(X, coef.shape[1], dtype)
+    labels = sklearn_labels(estimator, y)
+    if len(labels) != len(X):
+        raise InputError(f"`X` and `y` must have the same number of examples. Got {len(X)} and {len(labels)}.")
+    C = check_number("estimator.C", float(estimator.C), low=0.0, low_inclusive=False)
+    l2 = 1.0 / (C * len(X))
+    model = nn.Linear(coef.shape[1], 1, bias=bool(params.get("fit_intercept"))).to(dtype)
+    theta = np.concatenate([coef[0], np.atleast_1d(estimator.intercept_)]) if model.bias is not None else coef[0]
+    from .applications.svm import fit_hinge_svm, set_linear
+
+    set_linear(model, theta)
+    if params.get("loss") == "hinge":
+        task = SmoothHingeTask(model, temperature=temperature, l2=l2)
+        # liblinear stops at a loose tolerance: re-solve the same SVM exactly (the optimum is unique)
+        features = X.detach().cpu().to(torch.float64).numpy()
+        if model.bias is not None:
+            features = np.hstack([features, np.ones((len(features), 1))])
+        set_linear(model, fit_hinge_svm(features, labels.numpy(), l2=l2).theta)
+    else:
+        task = _SquaredHingeTask(model, temperature=0.0, l2=l2)
+    task.source = f"sklearn LinearSVC(C={C:g}, loss={params.get('loss')!r})"
+    return task, (X, labels)
+
+
 def _check_estimator(estimator: Any) -> bool:
     """Refuse what is not L2-penalised (or unpenalised) multinomial/binary logistic regression; True if penalised."""
     from sklearn.linear_model import LogisticRegression
 
     if not isinstance(estimator, LogisticRegression):
         raise UnsupportedError(
-            f"`estimator` must be a fitted sklearn.linear_model.LogisticRegression (Ridge and LinearSVC are not "
-            f"supported yet). Got {type(estimator).__name__}."
+            "`estimator` must be a fitted sklearn LogisticRegression, Ridge or LinearSVC. Got "
+            f"{type(estimator).__name__}."
         )
     if not hasattr(estimator, "coef_"):
         raise InputError("`estimator` is not fitted: call estimator.fit(X, y) first.")
@@ -133,10 +250,12 @@ def from_sklearn(
     damping: float = 0.0,
     polish: bool = True,
     dtype: torch.dtype = torch.float64,
+    temperature: float = 0.001,
     progress: bool = False,
     **influence_options: Any,
 ) -> Influence:
-    """A fitted :class:`~influencekit.Influence` for a fitted scikit-learn ``LogisticRegression``.
+    """A fitted :class:`~influencekit.Influence` for a fitted scikit-learn ``LogisticRegression``, ``Ridge``
+    or binary ``LinearSVC`` (see the module docstring for how each objective maps to influencekit's).
 
     Args:
         estimator: ``LogisticRegression`` fitted on ``(X, y)`` with the L2 penalty (any solver but liblinear,
@@ -147,11 +266,33 @@ def from_sklearn(
         polish: retrain from scikit-learn's solution to ‖∇R‖ ≤ 1e-9 (its default ``tol`` leaves ‖∇R‖ near
             1e-5, which influence notices); the estimator itself is not changed.
         dtype: the floating dtype of the torch model and data.
+        temperature: t of the smooth hinge for ``LinearSVC(loss="hinge")`` (influence only; the model is the
+            exact hinge optimum). Ignored otherwise.
 
     Returns:
         the fitted Influence; its ``train`` is ``(X, class indices)``. Give test data as
         ``(X_test, sklearn_labels(estimator, y_test))``. The task carries ``l2_weights`` = λ = 1/(C·n).
     """
+    from sklearn.linear_model import Ridge
+    from sklearn.svm import LinearSVC
+
+    if isinstance(estimator, (Ridge, LinearSVC)):
+        if isinstance(estimator, Ridge):
+            task, train = _from_ridge(estimator, X, y, dtype)
+        else:
+            temperature = check_number("temperature", temperature, low=0.0)
+            task, train = _from_linear_svc(estimator, X, y, dtype, temperature)
+        if polish and not type(task) is SmoothHingeTask:  # the true hinge was re-solved exactly already
+            fit_lbfgs(task, train, tol=1e-9)
+        import warnings
+
+        from .errors import StationarityWarning
+
+        with warnings.catch_warnings():
+            if isinstance(task, SmoothHingeTask) and not isinstance(task, _SquaredHingeTask):
+                # the hinge optimum is not a stationary point of the smooth hinge: expected (Koh & Liang §4.1)
+                warnings.simplefilter("ignore", StationarityWarning)
+            return Influence(task, train, solver=solver, damping=damping, progress=progress, **influence_options).fit()
     penalised = _check_estimator(estimator)
     X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X).to(dtype)
     if X.dim() != 2:
