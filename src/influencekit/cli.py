@@ -147,6 +147,29 @@ def fig3(
     typer.echo(result.text)
 
 
+@paper.command("readmission")
+def readmission(
+    csv: Path = typer.Option(..., help="dataset_diabetes.zip (UCI Diabetes 130-US hospitals, as distributed), diabetic_data.csv, or a folder holding either."),
+    out: Path = typer.Option(Path("influencekit-readmission"), help="Output folder for report.md and influence.png."),
+    n_train: int = typer.Option(20_000, help="Balanced training set size before the removal (half readmitted)."),
+    keep_healthy_children: int = typer.Option(1, help="Healthy children [0-10) left in the training set."),
+    l2: float = typer.Option(1e-4, help="L2 strength λ inside each example's loss."),
+    solver: str = typer.Option("exact", help="Inverse-Hessian solver: exact or cg."),
+    k: int = typer.Option(10, help="Most influential training points explained feature by feature."),
+    label: str = typer.Option("<30", help="Readmitted means: <30 (within 30 days, the paper's) or any."),
+    test_row: int = typer.Option(-1, help="0-based CSV row of the test encounter to explain; -1 picks the highest-loss healthy child."),
+    seed: int = typer.Option(0, help="Seed of the training set draw and of the healthy children kept."),
+) -> None:
+    """Domain mismatch (paper section 5.3): the few children left in the training set drive a child's wrong prediction."""
+    from .applications.mismatch import run_readmission
+
+    result = run_readmission(
+        csv, out, n_train=n_train, keep_healthy_children=keep_healthy_children, l2=l2, solver=solver, k=k, label=label,
+        test_row=None if test_row < 0 else test_row, seed=seed, progress=True,
+    )
+    typer.echo(result.text)
+
+
 @app.command()
 def attack(
     mnist: Path = typer.Option(None, help="Folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)."),
