@@ -281,6 +281,8 @@ def test_run_readmission_errors(tmp_path):
         run_readmission(data, tmp_path / "o", n_train=10_000)
     with pytest.raises(ik.InputError, match="`solver` must be 'exact' or 'cg'"):
         run_readmission(data, tmp_path / "o", solver="lissa")
+    with pytest.raises(ik.InputError, match=r"`k` must be an int in \[1, inf\]. Got 0"):
+        run_readmission(data, tmp_path / "o", k=0)
     with pytest.raises(ik.InputError, match="`keep_healthy_children` must be at most"):
         run_readmission(data, tmp_path / "o", n_train=300, keep_healthy_children=500)
     assert not (tmp_path / "o").exists()  # nothing written before the checks pass

@@ -169,11 +169,9 @@ def explain_features(
     n_train = len(influence.train_)
     k = check_int("k", k, low=1, high=n_train)
     n_show = check_int("n_show", n_show, low=1)
-    if len(Examples(test_point, name="test_point")) != 1:
-        raise InputError(
-            f"`test_point` must hold exactly one example. Got {len(Examples(test_point, name='test_point'))}; "
-            "pass a slice such as (X[j:j+1], y[j:j+1])."
-        )
+    n_test = len(Examples(test_point, name="test_point"))
+    if n_test != 1:
+        raise InputError(f"`test_point` must hold exactly one example. Got {n_test}; pass a slice such as (X[j:j+1], y[j:j+1]).")
 
     scores = influence.scores(test_point)
     values = scores.values[0]
@@ -323,6 +321,7 @@ def run_readmission(
     l2 = check_number("l2", l2, low=0.0)
     tol = check_number("tol", tol, low=0.0, low_inclusive=False)
     seed = check_int("seed", seed)
+    k = check_int("k", k, low=1)
     if solver not in ("exact", "cg"):
         raise InputError(f"`solver` must be 'exact' or 'cg' (the model has 128 parameters). Got {solver!r}.")
 
