@@ -1,0 +1,445 @@
+"""K-FAC and EK-FAC: Kronecker-factored Gauss-Newton/Fisher curvature, inverted layer by layer.
+
+Curvature: **not the Hessian H** but the Gauss-Newton matrix G = (1/n) Σ_i J_iᵀ H_out,i J_i (J_i the Jacobian of
+the model's outputs for example i, H_out,i the Hessian of the loss with respect to those outputs), which for
+cross-entropy, the logistic loss and squared error is also the true Fisher, kept block-diagonal over layers
+and Kronecker-factored within a layer (Martens & Grosse 2015, K-FAC; Grosse & Martens 2016 for
+convolutions; George et al. 2018, EK-FAC; Grosse et al. 2023 for influence functions). G = H for a model
+whose outputs are linear in θ (logistic or ridge regression on fixed features); for other models G is the
+positive semi-definite part of H that ignores the model's own second derivatives.
+
+For a layer with pre-activation outputs s = W ã (ã: the layer input with a 1 appended when the bias is
+selected; W holds the weight and bias as columns) the per-example gradient is ∇_W ℓ = Σ_t g_t ã_tᵀ with
+g_t = ∂ℓ/∂s_t, summed over the positions t (one for a dense input; the sequence positions of a
+``(B, T, in)`` input; the spatial output positions of a convolution, ã_t being the unfolded input patch).
+K-FAC approximates that layer's block of G by S ⊗ A, with
+
+    A = (1/n) Σ_i (1/T) Σ_t ã_it ã_itᵀ        (inputs: the mean over positions)
+    S = (1/n) Σ_i Σ_t g_it g_itᵀ              (output gradients: the sum over positions)
+
+(the convention of Grosse & Martens 2016: exact for T = 1, and exact under their "spatially uncorrelated
+derivatives" assumption for T > 1). The output gradients g are those of the loss at labels drawn from the
+model's own predictive distribution (``fisher="sampled"``, seeded: the true Fisher, unbiased), at every
+label weighted by its probability (``fisher="expected"``: the true Fisher in closed form, C backward passes
+for C classes; then S equals the exact (1/n) Σ_i J_s,iᵀ H_out,i J_s,i of the layer), or at the true labels
+(``fisher="empirical"``: the empirical Fisher, which is not a curvature of R and is offered for comparison).
+
+With the eigendecompositions A = Q_A diag(λ_A) Q_Aᵀ and S = Q_S diag(λ_S) Q_Sᵀ (float64), the solve of a
+layer's block V (out × k) is
+
+    K-FAC:   X = Q_S [ (Q_Sᵀ V Q_A) / (λ_S λ_Aᵀ + λ + δ) ] Q_Aᵀ
+    EK-FAC:  X = Q_S [ (Q_Sᵀ V Q_A) / (Λ + λ + δ) ] Q_Aᵀ,   Λ = (1/n) Σ_i (Q_Sᵀ ∇_W ℓ_i Q_A)²   (elementwise)
+
+λ is the task's L2 strength (the L2 term adds λI to the curvature exactly), δ the damping. EK-FAC's Λ
+("eigenvalue correction") is the second moment of the per-example gradients in the Kronecker eigenbasis:
+the best diagonal in that basis, computed in a second pass over the data.
+
+Layers: ``nn.Linear`` (any leading dimensions) and ``nn.Conv2d`` (``groups=1``), weight and/or bias. A
+selected parameter of any other layer raises :class:`~influencekit.errors.UnsupportedError` naming it,
+unless ``unsupported="diagonal"``: those parameters then get the damped diagonal of the same Fisher,
+1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.task.ClassificationTask` (cross-entropy,
+logistic) and :class:`~influencekit.task.RegressionTask` (squared error averaged over outputs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..autodiff import ParamLayout, per_example_grads
+from ..checks import check_int
+from ..data.examples import stream
+from ..errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
+from ..task import ClassificationTask, RegressionTask, Task
+from .base import Solver, relative_residuals
+
+__all__ = ["KFACSolver", "EKFACSolver"]
+
+logger = logging.getLogger(__name__)
+
+_FISHERS = ("sampled", "expected", "empirical")
+_SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class _Layer:
+    """One supported module with selected parameters: where its block sits in the flat vector, its factors."""
+
+    name: str
+    module: nn.Module
+    has_weight: bool
+    has_bias: bool
+    index: torch.Tensor  # (out, k): flat positions of the block [W | b], row-major
+    A: torch.Tensor | None = None  # (k, k)
+    S: torch.Tensor | None = None  # (out, out)
+    QA: torch.Tensor | None = None
+    QS: torch.Tensor | None = None
+    eig: torch.Tensor | None = None  # (out, k): λ_S λ_Aᵀ (K-FAC) or Λ (EK-FAC)
+    captured: list[torch.Tensor] = field(default_factory=list)  # inputs / outputs of the current forward pass
+
+
+def _loss_kind(task: Task) -> str:
+    """'classification' or 'regression'; UnsupportedError for losses whose Fisher is not known here."""
+    for cls, kind in ((ClassificationTask, "classification"), (RegressionTask, "regression")):
+        if isinstance(task, cls) and type(task).loss is cls.loss:
+            return kind
+    raise UnsupportedError(
+        f"the kfac/ekfac solvers need a loss whose Gauss-Newton/Fisher factors are defined: ClassificationTask "
+        f"(cross-entropy or logistic) or RegressionTask (squared error), with their own loss(). Got "
+        f"{type(task).__name__}; use solver='cg' or solver='exact' for it."
+    )
+
+
+def _with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
+    if isinstance(batch, dict):
+        return {**batch, task.target_key: target}
+    return type(batch)((*batch[:-1], target)) if isinstance(batch, tuple) else [*batch[:-1], target]
+
+
+class KFACSolver(Solver):
+    """Kronecker-factored Gauss-Newton/Fisher (K-FAC) per layer, eigendecomposed in float64.
+
+    Args:
+        fisher: which output gradients build S and the corrections: ``"sampled"`` (default; labels drawn
+            from the model, seeded by ``seed``: the true Fisher), ``"expected"`` (every label weighted by its
+            probability: the true Fisher without sampling noise, at C backward passes for C classes and
+            m for m regression outputs), ``"empirical"`` (the true labels).
+        samples: labels drawn per example when ``fisher="sampled"`` (each variant weighted 1/samples); one is
+            unbiased but noisy when the model is confident and the data small (see docs/guide.md).
+        seed: seed of the sampled labels.
+        unsupported: ``"error"`` (default) raises for selected parameters outside supported layers;
+            ``"diagonal"`` gives them the damped diagonal Fisher 1 / (E[g²] + λ + δ) with a warning.
+        probes: random directions on which ``fit`` measures the relative residual of the approximation
+            against the true operator, ‖(H + δI)x − v‖/‖v‖ (one HVP pass each; 0 skips it and the reports
+            carry NaN). It is the approximation error, not round-off: it is what every solve reports.
+        block_elements: largest number of float64 values of a temporary per-example tensor (memory knob).
+    """
+
+    name = "kfac"
+    capabilities = frozenset({"batched"})
+    _corrected = False
+
+    def __init__(
+        self,
+        *,
+        fisher: str = "sampled",
+        samples: int = 1,
+        seed: int = 0,
+        unsupported: str = "error",
+        probes: int = 4,
+        block_elements: int = 2**24,
+    ) -> None:
+        super().__init__()
+        if fisher not in _FISHERS:
+            raise InputError(f"`fisher` must be one of {', '.join(repr(f) for f in _FISHERS)}. Got {fisher!r}.")
+        if unsupported not in ("error", "diagonal"):
+            raise InputError(f"`unsupported` must be 'error' or 'diagonal'. Got {unsupported!r}.")
+        self.fisher = fisher
+        self.samples = check_int("samples", samples, low=1)
+        self.seed = check_int("seed", seed)
+        self.unsupported = unsupported
+        self.probes = check_int("probes", probes, low=0)
+        self.block_elements = check_int("block_elements", block_elements, low=1)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _layers(self, operator: Any) -> tuple[list[_Layer], list[str]]:
+        """Supported modules holding selected parameters, and the selected names left over."""
+        layout = operator.layout
+        offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
+        selected = set(layout.names)
+        layers: list[_Layer] = []
+        covered: set[str] = set()
+        for mname, module in operator.task.model.named_modules():
+            if not isinstance(module, _SUPPORTED):
+                continue
+            prefix = f"{mname}." if mname else ""
+            wname, bname = prefix + "weight", prefix + "bias"
+            has_w, has_b = wname in selected, bname in selected and module.bias is not None
+            if not (has_w or has_b):
+                continue
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                continue  # left over: reported as unsupported below
+            out = module.weight.shape[0]
+            parts = []
+            if has_w:
+                kin = module.weight[0].numel()
+                parts.append(offsets[wname] + torch.arange(out * kin).reshape(out, kin))
+                covered.add(wname)
+            if has_b:
+                parts.append(offsets[bname] + torch.arange(out).reshape(out, 1))
+                covered.add(bname)
+            layers.append(_Layer(mname, module, has_w, has_b, torch.cat(parts, dim=1).to(operator.device)))
+        return layers, [n for n in layout.names if n not in covered]
+
+    def _variants(self, kind: str, batch: Any, out: torch.Tensor, task: Any, gen: torch.Generator | None) -> list[tuple[Any, torch.Tensor]]:
+        """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ)."""
+        _, target = task.split(batch)
+        B = out.shape[0]
+        ones = torch.ones(B, dtype=out.dtype, device=out.device)
+        if self.fisher == "empirical":
+            return [(batch, ones)]
+        if kind == "classification":
+            if out.dim() == 2 and out.shape[1] > 1:
+                p = torch.softmax(out, dim=1)
+                if self.fisher == "sampled":
+                    Y = torch.multinomial(p, self.samples, replacement=True, generator=gen)
+                    return [(_with_target(task, batch, Y[:, j].to(target.dtype)), ones / self.samples) for j in range(self.samples)]
+                return [(_with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
+            q = torch.sigmoid(out.reshape(B))
+            if self.fisher == "sampled":
+                U = torch.rand(self.samples, B, dtype=q.dtype, device=q.device, generator=gen)
+                return [(_with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
+            return [(_with_target(task, batch, torch.ones_like(target)), q), (_with_target(task, batch, torch.zeros_like(target)), 1 - q)]
+        # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
+        f = out.reshape(target.shape).to(out.dtype)
+        m = f[0].numel()
+        scale = math.sqrt(m / 2.0)
+        if self.fisher == "sampled":
+            eps = torch.randn(self.samples, *f.shape, dtype=f.dtype, device=f.device, generator=gen)
+            return [(_with_target(task, batch, f + scale * e), ones / self.samples) for e in eps]
+        variants = []
+        for j in range(m):
+            e = torch.zeros(m, dtype=f.dtype, device=f.device)
+            e[j] = scale
+            variants.append((_with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
+        return variants
+
+    @staticmethod
+    def _inputs(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        """Layer inputs as (B, T, k): rows ã_t (patches for a convolution), with a 1 appended for the bias."""
+        m = layer.module
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+                x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+                padding: Any = 0
+            else:
+                padding = m.padding
+            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2)
+        else:
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+        a = a.to(torch.float64)
+        parts = [a] if layer.has_weight else []
+        if layer.has_bias:
+            parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
+        return torch.cat(parts, dim=2)
+
+    @staticmethod
+    def _outputs(layer: _Layer, g: torch.Tensor) -> torch.Tensor:
+        """Output gradients as (B, T, out)."""
+        if isinstance(layer.module, nn.Conv2d):
+            return g.flatten(2).transpose(1, 2).to(torch.float64)
+        return g.reshape(g.shape[0], -1, g.shape[-1]).to(torch.float64)
+
+    def _passes(self, operator: Any, layers: list[_Layer], leftover: list[str]) -> Any:
+        """Yield, per chunk and label variant: (layer inputs (B,T,k) per layer, output gradients (B,T,out) per
+        layer, per-example gradients of the leftover parameters (B, p) or None, is_first_variant)."""
+        task = operator.task
+        kind = _loss_kind(task)
+        params = {k: v.detach() for k, v in operator.params.items()}
+        gen = None
+        if self.fisher == "sampled":
+            gen = torch.Generator(device=operator.device)
+            gen.manual_seed(self.seed)
+        recording = {"on": False}
+        handles = []
+
+        def hook(layer: _Layer) -> Any:
+            def fn(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+                if not recording["on"]:
+                    return
+                if layer.captured:
+                    raise UnsupportedError(
+                        f"layer {layer.name!r} is called more than once per forward pass (shared or recurrent use); "
+                        "kfac/ekfac factor each layer from one call. Exclude its parameters with `params=`."
+                    )
+                layer.captured.extend([inputs[0].detach(), output])
+            return fn
+
+        leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
+        try:
+            for layer in layers:
+                handles.append(layer.module.register_forward_hook(hook(layer)))
+            for _, batch in stream(operator.data, operator.batch_size, dtype=operator.dtype, device=operator.device, check=task.check_batch):
+                inputs, _ = task.split(batch)
+                with torch.no_grad():
+                    out = task.forward(params, *inputs)
+                for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, gen)):
+                    live = {k: t.clone().requires_grad_(True) for k, t in params.items()}
+                    for layer in layers:
+                        layer.captured.clear()
+                    recording["on"] = True
+                    try:
+                        with torch.enable_grad():
+                            losses = task.loss(live, vbatch)
+                            sw = w.sqrt().to(losses.dtype)
+                            missing = [layer.name for layer in layers if not layer.captured]
+                            if missing:
+                                raise UnsupportedError(
+                                    f"the layers {missing} hold selected parameters but are not called by the model's "
+                                    "forward pass; exclude them with `params=`."
+                                )
+                            outs = [layer.captured[1] for layer in layers]
+                            grads = torch.autograd.grad((sw * losses).sum(), outs) if outs else []
+                    finally:
+                        recording["on"] = False
+                    A_in = [self._inputs(layer, layer.captured[0]) for layer in layers] if v == 0 else None
+                    G_out = [self._outputs(layer, g) for layer, g in zip(layers, grads)]
+                    for layer in layers:
+                        layer.captured.clear()
+                    extra = None
+                    if leftover_layout is not None:
+                        def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
+                            inner, sw_ = b
+                            return sw_ * task.loss({**params, **p}, inner)
+
+                        extra, _ = per_example_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
+                    yield A_in, G_out, extra
+        finally:
+            for h in handles:
+                h.remove()
+            for layer in layers:
+                layer.captured.clear()
+
+    # --------------------------------------------------------------------------------------------- fit
+    def _fit(self, operator: Any) -> None:
+        task = operator.task
+        _loss_kind(task)
+        if operator.weights is not None:
+            raise UnsupportedError("the kfac/ekfac solvers do not support a weighted objective (`weights`); use solver='cg'.")
+        layers, leftover = self._layers(operator)
+        if leftover and self.unsupported == "error":
+            raise UnsupportedError(
+                f"the kfac/ekfac solvers factor nn.Linear and nn.Conv2d (groups=1) layers only; the selected parameters "
+                f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's `params=` "
+                "(e.g. params=['fc1', 'fc2']), or pass solver_options={'unsupported': 'diagonal'} for a damped "
+                "diagonal Fisher on them."
+            )
+        if leftover:
+            warnings.warn(
+                f"kfac/ekfac: the parameters {', '.join(repr(n) for n in leftover)} are outside supported layers and get "
+                "a damped diagonal Fisher 1/(E[g²] + λ + δ), a cruder curvature than the Kronecker factors.",
+                InfluenceKitWarning,
+                stacklevel=4,
+            )
+        dev = operator.device
+        n = operator.n_examples
+        for layer in layers:
+            k, out = layer.index.shape[1], layer.index.shape[0]
+            layer.A = torch.zeros(k, k, dtype=torch.float64, device=dev)
+            layer.S = torch.zeros(out, out, dtype=torch.float64, device=dev)
+        sizes = dict(zip(operator.layout.names, operator.layout.numels))
+        diag = torch.zeros(sum(sizes[nm] for nm in leftover), dtype=torch.float64, device=dev)
+        for A_in, G_out, extra in self._passes(operator, layers, leftover):
+            for i, layer in enumerate(layers):
+                if A_in is not None:
+                    a = A_in[i]
+                    flat = a.reshape(-1, a.shape[-1])
+                    layer.A += flat.T @ flat / a.shape[1]
+                g = G_out[i].reshape(-1, G_out[i].shape[-1])
+                layer.S += g.T @ g
+            if extra is not None:
+                diag += (extra.to(torch.float64) ** 2).sum(0)
+        shift = operator.shift
+        for layer in layers:
+            layer.A /= n
+            layer.S /= n
+            lA, layer.QA = torch.linalg.eigh(layer.A)
+            lS, layer.QS = torch.linalg.eigh(layer.S)
+            # the factors are PSD: negative eigenvalues are round-off
+            layer.eig = lS.clamp_min(0)[:, None] * lA.clamp_min(0)[None, :]
+        self.diagonal_ = diag / n
+        self.layers_ = layers
+        self.leftover_ = leftover
+        if self._corrected:
+            self._correct(operator)
+        self._check_invertible(shift)
+        self._index = {layer.name: layer.index for layer in layers}
+        if leftover:
+            self._leftover_index = torch.cat([
+                off + torch.arange(numel)
+                for name, off, numel in zip(operator.layout.names, torch.tensor((0, *operator.layout.numels[:-1])).cumsum(0).tolist(), operator.layout.numels)
+                if name in leftover
+            ]).to(dev)
+        self.probe_residual_ = float("nan")
+        if self.probes:
+            g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
+            V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(dev, operator.dtype)
+            self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V).max())
+        logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
+
+    def _correct(self, operator: Any) -> None:
+        """EK-FAC's second pass: Λ = (1/n) Σ_i (Q_Sᵀ ∇_W ℓ_i Q_A)² per layer (the same labels as the first pass)."""
+        for layer in self.layers_:
+            layer.eig = torch.zeros_like(layer.eig)
+        A_keep: list[torch.Tensor] | None = None
+        for A_in, G_out, _ in self._passes(operator, self.layers_, []):
+            if A_in is not None:
+                A_keep = [a @ layer.QA for a, layer in zip(A_in, self.layers_)]
+            for i, layer in enumerate(self.layers_):
+                aq, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T, k), (B, T, out)
+                step = max(1, self.block_elements // max(1, layer.eig.numel()))
+                for lo in range(0, aq.shape[0], step):
+                    M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
+                    layer.eig += (M * M).sum(0)
+        for layer in self.layers_:
+            layer.eig /= operator.n_examples
+
+    def _check_invertible(self, shift: float) -> None:
+        smallest = [float(layer.eig.min()) for layer in self.layers_]
+        if len(self.diagonal_):
+            smallest.append(float(self.diagonal_.min()))
+        if shift <= 0 and smallest and min(smallest) <= 0:
+            raise NumericalError(
+                f"the Kronecker-factored curvature is singular (smallest eigenvalue {min(smallest):.3g}) and λ + δ = 0. "
+                "Add damping (e.g. damping=1e-3) or an L2 term (`l2=` of the task)."
+            )
+
+    # ------------------------------------------------------------------------------------------- solve
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
+        """The approximate (G + (λ + δ)I)⁻¹ applied to each row of V (k, n_params)."""
+        shift = self.operator_.shift
+        Vd = V.to(torch.float64)
+        X = torch.zeros_like(Vd)
+        for layer in self.layers_:
+            block = Vd[:, layer.index]  # (k, out, k_in)
+            rotated = layer.QS.T @ block @ layer.QA
+            X[:, layer.index] = layer.QS @ (rotated / (layer.eig + shift)) @ layer.QA.T
+        if self.leftover_:
+            X[:, self._leftover_index] = Vd[:, self._leftover_index] / (self.diagonal_ + shift)
+        return X.to(V.dtype)
+
+    def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self._apply(V), {
+            "iterations": 0,
+            "relative_residual": self.probe_residual_,
+            "converged": True,
+            "hvps": 0.0,
+            "details": {
+                "fisher": self.fisher,
+                "layers": [layer.name for layer in self.layers_],
+                "diagonal_params": list(self.leftover_),
+                "residual": f"approximation error of the factored Gauss-Newton against H + δI, measured at fit on "
+                f"{self.probes} random directions (NaN when probes=0)",
+            },
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {"solver": self.name, "fisher": self.fisher, "samples": self.samples, "seed": self.seed, "unsupported": self.unsupported, "curvature": "gauss-newton"}
+
+
+class EKFACSolver(KFACSolver):
+    """K-FAC with the eigenvalue correction of George et al. (2018): Λ = E[(Q_Sᵀ ∇_W ℓ Q_A)²] replaces λ_S λ_Aᵀ.
+
+    Same arguments as :class:`KFACSolver`; ``fit`` makes a second pass over the data for Λ.
+    """
+
+    name = "ekfac"
+    _corrected = True
