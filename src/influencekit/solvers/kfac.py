@@ -5,8 +5,8 @@ the model's outputs for example i, H_out,i the Hessian of the loss with respect 
 cross-entropy, the logistic loss and squared error is also the true Fisher, kept block-diagonal over layers
 and Kronecker-factored within a layer (Martens & Grosse 2015, K-FAC; Grosse & Martens 2016 for
 convolutions; George et al. 2018, EK-FAC; Grosse et al. 2023 for influence functions). G = H for a model
-whose outputs are linear in θ (logistic or ridge regression on fixed features); for other models G is the
-positive semi-definite part of H that ignores the model's own second derivatives.
+whose outputs are linear in θ (logistic or ridge regression on fixed features); for other models G is H
+without the term Σ_k (∂ℓ/∂f_k) ∇²f_k of the model's own second derivatives, and is positive semi-definite.
 
 For a layer with pre-activation outputs s = W ã (ã: the layer input with a 1 appended when the bias is
 selected; W holds the weight and bias as columns) the per-example gradient is ∇_W ℓ = Σ_t g_t ã_tᵀ with
