@@ -1,20 +1,108 @@
 """Extreme eigenvalues of a symmetric operator from matrix-vector products: Lanczos and power iteration.
 
-Used to pick LiSSA's scale (it must exceed the largest eigenvalue of H + δI) and to detect negative
-curvature, which makes the influence of a non-convex model meaningless without damping.
+Used by the Arnoldi solver (the top eigenpairs of H), to pick LiSSA's scale (it must exceed the largest
+eigenvalue of H + δI) and to detect negative curvature, which makes the influence of a non-convex model
+meaningless without damping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from .checks import check_int
 
-__all__ = ["lanczos_extremes", "power_iteration"]
+__all__ = ["lanczos", "LanczosResult", "lanczos_extremes", "power_iteration"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]  # (k, n) -> (k, n)
+
+
+class LanczosResult(NamedTuple):
+    """The output of :func:`lanczos`.
+
+    Attributes:
+        Q: orthonormal Lanczos vectors as rows, ``(m, n)`` in the requested dtype.
+        T: the tridiagonal ``Q A Qᵀ``, ``(m, m)`` float64 (a zero off-diagonal marks a restart).
+        beta: the norm of the last residual; ‖A yᵀQ − θ yᵀQ‖ = beta·|y_m| for a Ritz pair (θ, y) of T.
+    """
+
+    Q: torch.Tensor
+    T: torch.Tensor
+    beta: float
+
+
+def lanczos(
+    matvec: MatVec,
+    n: int,
+    *,
+    steps: int = 30,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LanczosResult:
+    """``steps`` Lanczos iterations on the symmetric operator ``matvec``, with full reorthogonalisation.
+
+    From a seeded Gaussian start q₁, each step applies the operator once and orthogonalises the result
+    against *every* previous Lanczos vector, repeating the pass while one still removes more than 30% of it,
+    so the vectors stay orthonormal to round-off and no spurious copies of converged eigenvalues appear
+    (Golub & Van Loan, §10.1). When the Krylov space becomes invariant (the residual keeps shrinking under
+    reorthogonalisation, or falls below max(1e-12, 10·eps) of the largest coefficient seen) the iteration
+    restarts from a fresh random vector orthogonal to the previous ones, so ``steps = n`` always spans the
+    whole space. The Ritz pairs of ``T`` (eigenvalues θ, eigenvectors y) give approximate eigenpairs
+    (θ, yᵀQ) of the operator, the extreme ones converging first and from the inside.
+    """
+    steps = min(check_int("steps", steps, low=1), n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def fresh(Q_prev: torch.Tensor) -> torch.Tensor:
+        v = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        for _ in range(2):
+            v = v - Q_prev.T @ (Q_prev @ v)
+        return v / v.norm()
+
+    q = fresh(torch.zeros(0, n, dtype=dtype, device=device))
+    Q = torch.zeros(steps, n, dtype=dtype, device=device)
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    beta = 0.0
+    floor = max(1e-12, 10 * torch.finfo(dtype).eps)
+    for j in range(steps):
+        Q[j] = q
+        w = matvec(q.unsqueeze(0))[0].to(dtype)
+        alpha = float(torch.dot(w, q))
+        alphas.append(alpha)
+        # full reorthogonalisation against every previous Lanczos vector: the first pass is the three-term
+        # recurrence, then passes repeat while one still removes more than 30% (Daniel, Gragg, Kaufman &
+        # Stewart 1976); a vector that keeps shrinking is round-off inside the span: an invariant subspace
+        w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        beta = float(w.norm())
+        invariant = True
+        for _ in range(3):
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+            shrunk, beta = beta, float(w.norm())
+            if beta > 0.7 * shrunk:
+                invariant = False
+                break
+        scale = max(scale, abs(alpha), beta)
+        if j == steps - 1:
+            break
+        if invariant or beta <= floor * max(scale, 1e-300):  # restart orthogonally
+            betas.append(0.0)
+            q = fresh(Q[: j + 1])
+        else:
+            betas.append(beta)
+            q = w / beta
+    m = len(alphas)
+    T = torch.zeros(m, m, dtype=torch.float64)
+    T.diagonal().copy_(torch.tensor(alphas, dtype=torch.float64))
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        T.diagonal(1).copy_(off)
+        T.diagonal(-1).copy_(off)
+    return LanczosResult(Q[:m], T, beta)
 
 
 def lanczos_extremes(
@@ -30,37 +118,9 @@ def lanczos_extremes(
 
     The extreme Ritz values converge first and from the inside: the returned interval lies within
     ``[λ_min, λ_max]`` of the operator and tightens with more steps (Golub & Van Loan, §10.1).
-    Returns ``(lambda_min_estimate, lambda_max_estimate)``.
+    Returns ``(lambda_min_estimate, lambda_max_estimate)``. See :func:`lanczos`.
     """
-    steps = check_int("steps", steps, low=1)
-    steps = min(steps, n)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(n, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    q /= q.norm()
-    Q = torch.zeros(steps, n, dtype=dtype, device=device)
-    alphas: list[float] = []
-    betas: list[float] = []
-    for j in range(steps):
-        Q[j] = q
-        w = matvec(q.unsqueeze(0))[0].to(dtype)
-        alpha = float(torch.dot(w, q))
-        alphas.append(alpha)
-        # full reorthogonalisation against every previous Lanczos vector (twice is enough)
-        for _ in range(2):
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        beta = float(w.norm())
-        if j == steps - 1 or beta <= 1e-12 * max(abs(alpha), 1e-300):
-            break
-        betas.append(beta)
-        q = w / beta
-    m = len(alphas)
-    T = torch.zeros(m, m, dtype=torch.float64)
-    T.diagonal().copy_(torch.tensor(alphas, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
-        T.diagonal(1).copy_(off)
-        T.diagonal(-1).copy_(off)
-    ritz = torch.linalg.eigvalsh(T)
+    ritz = torch.linalg.eigvalsh(lanczos(matvec, n, steps=steps, dtype=dtype, device=device, seed=seed).T)
     return float(ritz[0]), float(ritz[-1])
 
 
