@@ -21,7 +21,7 @@ from .hessian import HessianOperator
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
 from .sklearn_interop import from_sklearn, sklearn_labels
-from .solvers import CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
+from .solvers import ArnoldiSolver, CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
 from .spectrum import lanczos_extremes, power_iteration
 from .task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from .training import TrainReport, fit_lbfgs, fit_steps
@@ -47,6 +47,7 @@ __all__ = [
     "ExactSolver",
     "CGSolver",
     "LissaSolver",
+    "ArnoldiSolver",
     "solvers",
     "lanczos_extremes",
     "power_iteration",

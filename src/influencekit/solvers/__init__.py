@@ -1,4 +1,4 @@
-"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa" | "kfac" | "ekfac"``) or passed as an instance."""
+"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa" | "arnoldi" | "kfac" | "ekfac"``) or passed as an instance."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import inspect
 from typing import Any
 
 from ..errors import InputError, InputTypeError
+from .arnoldi import ArnoldiSolver
 from .base import Solution, Solver, SolveReport
 from .cg import CGSolver
 from .exact import ExactSolver
 from .kfac import EKFACSolver, KFACSolver
 from .lissa import LissaSolver
 
-__all__ = ["Solver", "SolveReport", "Solution", "ExactSolver", "CGSolver", "LissaSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
+__all__ = ["Solver", "SolveReport", "Solution", "ExactSolver", "CGSolver", "LissaSolver", "ArnoldiSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
 
-SOLVERS: dict[str, type[Solver]] = {"exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "kfac": KFACSolver, "ekfac": EKFACSolver}
+SOLVERS: dict[str, type[Solver]] = {"exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "arnoldi": ArnoldiSolver, "kfac": KFACSolver, "ekfac": EKFACSolver}
 
 
 def make_solver(solver: Any, **options: Any) -> Solver:
