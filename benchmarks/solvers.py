@@ -1,4 +1,4 @@
-"""Benchmark of the inverse-Hessian solvers (exact, cg, lissa) on scikit-learn's bundled digits.
+"""Benchmark of the inverse-Hessian solvers (exact, cg, lissa, arnoldi) on scikit-learn's bundled digits.
 
 Two problems, both float64, 1,200 training and 597 test images (``influencekit.data.load_digits_split``):
 
@@ -23,7 +23,7 @@ comparable). The parent process compares each score matrix with the exact one (r
 and Pearson r over all 597 × 1,200 entries) and checks the targets:
 
 * exact: ``t_score <= 3 t_grad`` (scoring costs about one gradient pass once fitted), t_grad the reference;
-* cg, lissa: ``t_fit + t_score <= 10 (t_fit + t_score)`` of exact.
+* cg, lissa, arnoldi: ``t_fit + t_score <= 10 (t_fit + t_score)`` of exact.
 
 Warnings raised in a worker are recorded (never silenced) and printed with the table. Workers run with
 one torch intra-op thread by default (``--threads``): on a 2-core machine shared with other work, two
@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 PROBLEMS = ("logreg", "mlp")
-SOLVERS = ("exact", "cg", "lissa")
+SOLVERS = ("exact", "cg", "lissa", "arnoldi")
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 L2 = 1e-3
 DAMPING = {"logreg": 0.0, "mlp": 0.01}
@@ -367,7 +367,7 @@ def write_markdown(path: Path, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated: logreg,mlp")
-    parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated: exact,cg,lissa")
+    parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated: exact,cg,lissa,arnoldi")
     parser.add_argument("--hidden", type=int, default=128, help="MLP hidden units (128: 9,610 parameters)")
     parser.add_argument("--mlp-max-iter", type=int, default=3000, help="ik.fit_lbfgs max_iter for the MLP")
     parser.add_argument("--mlp-tol", type=float, default=1e-6, help="ik.fit_lbfgs tol (on ||grad R||) for the MLP")
@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lissa-options", action="append", metavar="JSON",
                         help="solver_options for lissa, e.g. '{\"depth\": 100}'; repeat for several lissa rows "
                              "(default: one row with the defaults)")
+    parser.add_argument("--arnoldi-options", action="append", metavar="JSON",
+                        help="solver_options for arnoldi, e.g. '{\"rank\": 100, \"remainder\": \"damped\"}'; repeat for several "
+                             "arnoldi rows (default: one row with the defaults)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: stable on a shared machine; 0: torch's default)")
     parser.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
@@ -403,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown solver {s!r}; choose from {SOLVERS}")
     configs: list[tuple[str, dict[str, Any]]] = []
     for solver in solvers:
-        given = {"cg": args.cg_options, "lissa": args.lissa_options}.get(solver) or ["{}"]
+        given = {"cg": args.cg_options, "lissa": args.lissa_options, "arnoldi": args.arnoldi_options}.get(solver) or ["{}"]
         configs += [(solver, json.loads(text)) for text in given]
     if args.threads:
         torch.set_num_threads(args.threads)
