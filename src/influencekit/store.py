@@ -1,0 +1,300 @@
+"""A resumable on-disk store of projected training gradients, and influence scores computed from it.
+
+Training gradients are computed once, projected to ``dim`` dimensions (:class:`~influencekit.Projector`),
+written to a folder in chunks, and queried many times (the TRAK/LoGra idea). With φ(z) = Pᵀ∇ and Φ the
+``(n_train, dim)`` matrix of stored rows φ(z_i) = Pᵀ∇L(z_i, θ̂) (train side with the L2 term, as everywhere in
+influencekit), the scores use the projected empirical Fisher (Gauss-Newton) curvature:
+
+    C = (1/n) ΦᵀΦ + δ I_dim
+    I_up,loss(z, z_test) ≈ −φ(z_test)ᵀ C⁻¹ φ(z),    self-influence(z) ≈ φ(z)ᵀ C⁻¹ φ(z)
+
+with φ(z_test) = Pᵀ∇ℓ(z_test) (no L2). Because P preserves inner products in expectation, and
+gᵀ(GᵀG/n + δI)⁻¹g' depends on the gradients only through inner products (Woodbury), these approximate the
+same formula without projection, whose error shrinks like 1/√dim (measured in tests/test_store.py). δ defaults
+to the task's λ plus the influence's damping: the empirical Fisher replaces ∇²ℓ, the L2 term stays.
+The sign convention is that of every influencekit result (``results.CONVENTION``).
+
+Folder layout: ``manifest.json`` (the configuration, written once, atomically), ``grads-<k>.npy`` (rows
+k·chunk … of Φ), ``curvature.npy`` (ΦᵀΦ, float64), ``self-<k>.npy`` (self-influence). Every file is
+written to a temporary name and renamed, so a file that exists is complete: an interrupted build resumes
+at the first missing chunk and gives bit-identical results; a folder holding another configuration is
+refused with both configurations printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checks import check_int, check_number
+from .data.examples import Examples, take
+from .errors import InputError, InputTypeError, NumericalError
+from .progress import progress_bar
+from .projection import Projector
+from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
+from .scoring import Influence, _merge_topk
+from .validation.loo import _MANIFEST, _atomic_write, _fingerprint, _short
+
+__all__ = ["GradientStore"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1
+_CURVATURE = "curvature.npy"
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy atomically (a hook the resumption tests interrupt)."""
+    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """The array at ``path`` memory-mapped, or None when it is missing or not the expected shape/dtype."""
+    if not path.exists():
+        return None
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable store file %s (%s); recomputing it", path, exc)
+        return None
+    if array.shape != shape or array.dtype != dtype:
+        logger.warning("ignoring store file %s of shape %s %s (expected %s %s); recomputing it", path, array.shape, array.dtype, shape, dtype)
+        return None
+    return array
+
+
+def _open_folder(folder: Path, config: dict[str, Any]) -> None:
+    """Create ``folder`` with its manifest, or check that the manifest there holds ``config``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / _MANIFEST
+    if manifest.exists():
+        try:
+            stored = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"`folder` {str(folder)!r} has an unreadable {_MANIFEST} ({exc}); delete it or use another folder.") from None
+        if stored != config:
+            keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            raise InputError(
+                f"`folder` {str(folder)!r} holds a gradient store of a different configuration (differs in: "
+                f"{', '.join(keys)}); refusing to mix them. Use another folder, or delete this one.\n"
+                f"  stored:    {_short(stored)}\n  requested: {_short(config)}"
+            )
+    else:
+        if any(folder.glob("*.npy")):
+            raise InputError(
+                f"`folder` {str(folder)!r} holds .npy files but no {_MANIFEST}, so their configuration is unknown; "
+                "use another folder, or delete those files."
+            )
+        text = json.dumps(config, sort_keys=True, indent=1).encode()
+        _atomic_write(manifest, lambda f: f.write(text))
+
+
+class GradientStore:
+    """Projected training gradients on disk, and influence scores from them (module docstring: the formula).
+
+    Create or resume one with :meth:`build`; then :meth:`scores`, :meth:`top_k` and :meth:`self_influence`
+    compute projected test gradients on the fly and stream the stored chunks (memory-mapped), so neither
+    the training gradients nor a score matrix has to fit in memory for :meth:`top_k`.
+
+    Example::
+
+        inf = ik.Influence(task, train).fit()
+        store = ik.GradientStore.build(inf, "grads/", dim=4096, progress=True)   # resumes if interrupted
+        store.top_k(test, k=10).harmful.indices
+    """
+
+    def __init__(self, influence: Influence, folder: Path, config: dict[str, Any], projector: Projector, damping: float, chunk: int) -> None:
+        # use build(): this only holds what build checked
+        self.influence = influence
+        self.folder = folder
+        self.config = config
+        self.projector = projector
+        self.damping = damping
+        self.chunk = chunk
+        self.n_train = config["n_train"]
+        self.dim = projector.dim
+        self._np_dtype = np.dtype(str(influence.layout_.dtype).removeprefix("torch."))
+        self._factor: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------------------------------- build
+    @classmethod
+    def build(
+        cls,
+        influence: Influence,
+        folder: str | os.PathLike,
+        *,
+        dim: int = 4096,
+        kind: str = "rademacher",
+        seed: int = 0,
+        damping: float | None = None,
+        chunk: int = 1024,
+        projection_chunk: int = 4096,
+        progress: bool = False,
+    ) -> "GradientStore":
+        """Compute, project and write the training gradients of a fitted ``influence``, or resume/reopen.
+
+        Args:
+            influence: a fitted :class:`~influencekit.Influence` (its task, θ̂, training data and chunking).
+            folder: the store's folder; created if missing. A folder built with the same configuration is
+                reused (only missing chunks are computed); one with another configuration is refused.
+            dim, kind, seed: the projection (:class:`~influencekit.Projector`).
+            damping: δ of the projected curvature C = ΦᵀΦ/n + δI; ``None`` = the task's ``l2`` plus
+                ``influence.damping``. Must leave C positive definite (δ > 0 when n_train < dim).
+            chunk: training examples per stored file (the unit of resumption).
+            projection_chunk: rows of P generated at a time (memory ``projection_chunk × dim``; no effect on results).
+            progress: show a progress bar over the chunks.
+
+        The manifest records n_train, n_params, dtype, the projection, δ, ``chunk``, the task, a sha256 of θ̂
+        and of the first chunk of training data (a cheap data fingerprint; changing later examples only is
+        not detected).
+        """
+        if not isinstance(influence, Influence):
+            raise InputTypeError(f"`influence` must be a fitted influencekit Influence. Got {type(influence).__name__}.")
+        influence._require_fitted()
+        layout = influence.layout_
+        n = len(influence.train_)
+        chunk = check_int("chunk", chunk, low=1)
+        projector = Projector(layout.n, dim, kind=kind, seed=seed, chunk=projection_chunk)
+        damping = influence.task.l2 + influence.damping if damping is None else check_number("damping", damping, low=0.0)
+        first = take(influence.train_, list(range(min(n, chunk))), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
+        config = json.loads(json.dumps({
+            "kind": "influencekit gradient store",
+            "format": _FORMAT,
+            "n_train": n,
+            "n_params": layout.n,
+            "dtype": str(layout.dtype),
+            **projector.describe(),
+            "damping": damping,
+            "chunk": chunk,
+            "task": influence.task.describe(),
+            "theta_fingerprint": _fingerprint(influence.params_),
+            "data_fingerprint": _fingerprint(first),
+        }, default=str))
+        folder = Path(folder)
+        _open_folder(folder, config)
+        store = cls(influence, folder, config, projector, damping, chunk)
+        store._write_gradients(progress=bool(progress))
+        return store
+
+    def _chunks(self) -> range:
+        return range(0, self.n_train, self.chunk)
+
+    def _path(self, what: str, lo: int) -> Path:
+        return self.folder / f"{what}-{lo // self.chunk:06d}.npy"
+
+    def _write_gradients(self, *, progress: bool) -> None:
+        inf = self.influence
+        bar = progress_bar(total=self.n_train, desc="projected gradients", enabled=progress)
+        try:
+            for lo in self._chunks():
+                hi = min(lo + self.chunk, self.n_train)
+                if _load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype) is None:
+                    rows = [self.projector.project(G) for _, G in inf._grads(inf.train_, train_side=True, start=lo, stop=hi)]
+                    _save_array(self._path("grads", lo), torch.cat(rows).cpu().numpy())
+                bar.update(hi - lo)
+        finally:
+            bar.close()
+        if _load_array(self.folder / _CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None:
+            total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            for _, Phi in self.gradients():
+                total += Phi.double().T @ Phi.double()
+            _save_array(self.folder / _CURVATURE, total.numpy())
+
+    # ------------------------------------------------------------------------------------- reading
+    def gradients(self) -> Any:
+        """Yield ``(offset, Φ rows)`` chunk by chunk: projected training gradients, ``(rows, dim)`` tensors on the CPU."""
+        for lo in self._chunks():
+            hi = min(lo + self.chunk, self.n_train)
+            array = _load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype)
+            if array is None:
+                raise InputError(f"the gradient store {str(self.folder)!r} lacks its chunk at rows {lo}:{hi}; rerun GradientStore.build to complete it.")
+            yield lo, torch.from_numpy(np.array(array))
+
+    def _cholesky(self) -> torch.Tensor:
+        if self._factor is None:
+            ptp = torch.from_numpy(np.array(np.load(self.folder / _CURVATURE, allow_pickle=False)))
+            C = ptp / self.n_train + self.damping * torch.eye(self.dim, dtype=torch.float64)
+            L, info = torch.linalg.cholesky_ex(C)
+            if int(info) != 0:
+                raise NumericalError(
+                    f"the projected curvature ΦᵀΦ/n + δI is not positive definite with damping δ={self.damping:g} "
+                    f"(n_train={self.n_train}, dim={self.dim}); build with damping > 0."
+                )
+            self._factor = L
+        return self._factor
+
+    def _queries(self, test: Any) -> tuple[Examples, torch.Tensor]:
+        """C⁻¹φ(z_test) for every test point, ``(n_test, dim)`` float64 on the CPU."""
+        inf = self.influence
+        data = test if isinstance(test, Examples) else Examples(test, name="test")
+        phi = torch.cat([self.projector.project(G) for _, G in inf._grads(data, train_side=False, desc="test gradients")])
+        return data, torch.cholesky_solve(phi.double().cpu().T, self._cholesky()).T
+
+    def _metadata(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "method": "I_up,loss with projected empirical-Fisher curvature (TRAK-style)",
+            "curvature": "C = Phi^T Phi / n + damping*I in the projected space, Phi = P^T grad L(z_i)",
+            "convention": CONVENTION,
+            **self.influence.task.describe(),
+            **self.projector.describe(),
+            "damping": self.damping,
+            "dtype": str(self.influence.layout_.dtype),
+            "store": str(self.folder),
+            **extra,
+        }
+
+    # ---------------------------------------------------------------------------------- public API
+    def scores(self, test: Any) -> InfluenceScores:
+        """−φ(z_test)ᵀC⁻¹φ(z) for every (test, train) pair, ``(n_test, n_train)`` (computed in float64)."""
+        data, Q = self._queries(test)
+        out = torch.empty(len(data), self.n_train, dtype=torch.float64)
+        for lo, Phi in self.gradients():
+            out[:, lo:lo + len(Phi)] = -(Q @ Phi.double().T)
+        layout = self.influence.layout_
+        return InfluenceScores(out.to(dtype=layout.dtype, device=layout.device), self.n_train, self._metadata())
+
+    def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
+        """The ``k`` most helpful and most harmful training points per test point, streamed over the stored chunks."""
+        k = check_int("k", k, low=1, high=self.n_train)
+        data, Q = self._queries(test)
+        best_neg = (torch.empty(len(Q), 0, dtype=Q.dtype), torch.empty(len(Q), 0, dtype=torch.long))
+        best_pos = best_neg
+        for lo, Phi in self.gradients():
+            S = -(Q @ Phi.double().T)
+            idx = torch.arange(lo, lo + len(Phi)).expand(len(Q), -1)
+            best_neg = _merge_topk(best_neg, -S, idx, k)
+            best_pos = _merge_topk(best_pos, S, idx, k)
+        layout = self.influence.layout_
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=layout.device, dtype=layout.dtype if t.is_floating_point() else t.dtype)
+
+        helpful = TopK(move(best_neg[1]), move(-best_neg[0]))
+        harmful = TopK(move(best_pos[1]), move(best_pos[0]))
+        return RankedInfluence(helpful, harmful, self.n_train, self._metadata(k=k))
+
+    def self_influence(self, *, progress: bool = False) -> torch.Tensor:
+        """φ(z)ᵀC⁻¹φ(z) for every training point, ``(n_train,)``; written chunk by chunk (resumable)."""
+        L = self._cholesky()
+        out = torch.empty(self.n_train, dtype=torch.float64)
+        bar = progress_bar(total=self.n_train, desc="self-influence", enabled=progress)
+        try:
+            for lo, Phi in self.gradients():
+                path = self._path("self", lo)
+                values = _load_array(path, (len(Phi),), np.dtype(np.float64))
+                if values is None:
+                    Phi = Phi.double()
+                    values = (torch.cholesky_solve(Phi.T, L).T * Phi).sum(1).numpy()
+                    _save_array(path, values)
+                out[lo:lo + len(Phi)] = torch.from_numpy(np.array(values))
+                bar.update(len(Phi))
+        finally:
+            bar.close()
+        layout = self.influence.layout_
+        return out.to(dtype=layout.dtype, device=layout.device)
