@@ -18,11 +18,13 @@ from .errors import (
     UnsupportedError,
 )
 from .hessian import HessianOperator
+from .projection import Projector
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
 from .sklearn_interop import from_sklearn, sklearn_labels
 from .solvers import ArnoldiSolver, CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
 from .spectrum import lanczos_extremes, power_iteration
+from .store import GradientStore
 from .task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from .training import TrainReport, fit_lbfgs, fit_steps
 from .validation import LDSResult, LOOResult, leave_one_out, linear_datamodeling_score
@@ -31,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Influence",
+    "GradientStore",
+    "Projector",
     "from_sklearn",
     "sklearn_labels",
     "Task",
