@@ -15,6 +15,7 @@ __all__ = [
     "UnsupportedError",
     "NumericalError",
     "SolverDivergenceError",
+    "DistributedError",
     "InfluenceKitWarning",
     "ConvergenceWarning",
     "CurvatureWarning",
@@ -48,6 +49,10 @@ class NumericalError(InfluenceKitError, ArithmeticError):
 
 class SolverDivergenceError(NumericalError):
     """An iterative inverse-Hessian solver diverged (the message names the setting to change)."""
+
+
+class DistributedError(InfluenceKitError, RuntimeError):
+    """The ranks of a torch.distributed group disagree, or another rank failed (the message names it)."""
 
 
 class InfluenceKitWarning(UserWarning):

@@ -5,16 +5,21 @@
 The L2 part is added analytically (λv), the data part by forward-over-reverse HVPs streamed over the
 training set in chunks, so memory stays bounded for any number of examples. Solvers receive this object
 in ``fit(operator)`` and never touch the model or the data directly.
+
+Under a ``torch.distributed`` group (``shard=``, see :mod:`influencekit.distributed`) each rank streams its own
+contiguous part of the data and the sums are all-reduced, so every rank gets the same products.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .autodiff import ParamLayout, hvp_sum
 from .data.examples import Examples, stream, take
+from .distributed import Shard
 from .errors import NumericalError
 from .progress import progress_bar
 from .task import Task
@@ -34,6 +39,8 @@ class HessianOperator:
         tangent_block: right-hand sides per vectorised HVP call.
         weights: optional per-example weights ``(n,)``; H is then the Hessian of Σ w_i L_i / Σ w_i
             (used by retraining; influence itself uses uniform weights).
+        shard: this rank's part of ``data`` under torch.distributed; sums over the data are then taken on
+            the shard and all-reduced (``data`` is still the whole training set, indexed globally).
     """
 
     def __init__(
@@ -47,6 +54,7 @@ class HessianOperator:
         tangent_block: int,
         progress: bool = False,
         weights: torch.Tensor | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.task = task
         self.params = params
@@ -59,6 +67,8 @@ class HessianOperator:
         self.progress = progress
         self.weights = None if weights is None else torch.as_tensor(weights).to(self.layout.device, self.layout.dtype)
         self._total_weight = float(len(data)) if weights is None else float(self.weights.sum())
+        self.shard = shard
+        self._start, self._stop = (0, None) if shard is None else (shard.start, shard.stop)
         self.hvp_count = 0  # Hessian-vector products over the full data set (one per right-hand side)
 
     @property
@@ -109,12 +119,26 @@ class HessianOperator:
             )
         return out
 
+    def _summed(self, work: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``work()`` (a sum over this process's data), summed over the ranks of the process group if any."""
+        if self.shard is None:
+            return work()
+        return self.shard.all_reduce(self.shard.local(work))
+
+    def _stream(self) -> Any:
+        return stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch, start=self._start, stop=self._stop)
+
     def matvec(self, V: torch.Tensor) -> torch.Tensor:
         """(H + δI) applied to each row of ``V`` ``(k, n_params)``, over the whole training set."""
         V = V.to(self.dtype)
-        acc = torch.zeros_like(V)
-        for lo, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch):
-            acc += self._data_hvp(batch, V, lo)
+
+        def local() -> torch.Tensor:
+            acc = torch.zeros_like(V)
+            for lo, batch in self._stream():
+                acc += self._data_hvp(batch, V, lo)
+            return acc
+
+        acc = self._summed(local)
         self.hvp_count += V.shape[0]
         return self._check(acc / self._total_weight + self.shift * V)
 
@@ -123,8 +147,19 @@ class HessianOperator:
         if self.weights is not None:
             raise NotImplementedError("mini-batch products of a weighted objective are not defined; use matvec().")
         V = V.to(self.dtype)
-        batch = take(self.data, indices, dtype=self.dtype, device=self.device, check=self.task.check_batch)
-        return self._check(self._data_hvp(batch, V) / len(indices) + self.shift * V)
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if self.shard is not None:  # the same global indices on every rank; each takes those in its shard
+            mine = indices[(indices >= self._start) & (indices < self._stop)]
+        else:
+            mine = indices
+
+        def local() -> torch.Tensor:
+            if len(mine) == 0:
+                return torch.zeros_like(V)
+            batch = take(self.data, mine, dtype=self.dtype, device=self.device, check=self.task.check_batch)
+            return self._data_hvp(batch, V)
+
+        return self._check(self._summed(local) / len(indices) + self.shift * V)
 
     def dense(self, *, progress: bool | None = None) -> torch.Tensor:
         """The explicit Hessian H ``(n_params, n_params)`` *without* damping, symmetrised.
@@ -133,19 +168,25 @@ class HessianOperator:
         read a single time. Memory: one ``n_params²`` matrix plus a tangent block.
         """
         p = self.n_params
-        H = torch.zeros(p, p, dtype=self.dtype, device=self.device)
         eye_block = self.tangent_block
-        n_chunks = -(-self.n_examples // self.batch_size)
-        bar = progress_bar(total=n_chunks * (-(-p // eye_block)), desc="dense Hessian", enabled=self.progress if progress is None else progress)
-        for offset, batch in stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch):
-            fn = self._loss_fn(offset)
-            for lo in range(0, p, eye_block):
-                hi = min(lo + eye_block, p)
-                E = torch.zeros(hi - lo, p, dtype=self.dtype, device=self.device)
-                E[torch.arange(hi - lo), torch.arange(lo, hi)] = 1
-                H[lo:hi] += hvp_sum(fn, self.params, batch, self.layout, E)
-                bar.update(1)
-        bar.close()
+        n_local = (self._stop if self._stop is not None else self.n_examples) - self._start
+        n_chunks = -(-n_local // self.batch_size)
+
+        def local() -> torch.Tensor:
+            H = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+            bar = progress_bar(total=n_chunks * (-(-p // eye_block)), desc="dense Hessian", enabled=self.progress if progress is None else progress)
+            for offset, batch in self._stream():
+                fn = self._loss_fn(offset)
+                for lo in range(0, p, eye_block):
+                    hi = min(lo + eye_block, p)
+                    E = torch.zeros(hi - lo, p, dtype=self.dtype, device=self.device)
+                    E[torch.arange(hi - lo), torch.arange(lo, hi)] = 1
+                    H[lo:hi] += hvp_sum(fn, self.params, batch, self.layout, E)
+                    bar.update(1)
+            bar.close()
+            return H
+
+        H = self._summed(local)
         self.hvp_count += p
         H /= self._total_weight
         H = 0.5 * (H + H.T)

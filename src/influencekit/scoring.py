@@ -10,6 +10,9 @@ For test points z_test and training points z (docs/conventions.md)::
 gradients in chunks and multiplies: its cost is one per-example-gradient pass over the training set, the
 solve, and the score product n_test × n_train × n_params (which dominates when test points are many).
 Chunk sizes follow ``memory_budget``.
+
+Under an initialised ``torch.distributed`` process group the training set is sharded across ranks
+(:mod:`influencekit.distributed`): the same calls, on every rank, return the same results.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 from .autodiff import InputPath, ParamLayout, batch_grad_sum, input_size_per_example, mixed_vjp, per_example_grads
 from .checks import check_indices, check_int, check_number, parse_bytes
 from .data.examples import Examples, batch_size_of, stream, take
-from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning
+from .distributed import OPERATOR_ONLY_SOLVERS, Shard, parameter_digest, resolve_shard
+from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning, UnsupportedError
 from .hessian import HessianOperator
 from .progress import progress_bar
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
@@ -62,7 +66,11 @@ class Influence:
         memory_budget: working memory for chunks, bytes or a string like ``"2GiB"`` (the exact solver's
             dense Hessian comes on top; see its ``max_params``).
         stationarity_tol: ``fit`` warns when ‖∇R(θ̂)‖ exceeds this (influence assumes θ̂ minimises R).
-        progress: show progress bars on long work.
+        progress: show progress bars on long work (on rank 0 only under torch.distributed).
+        distributed: shard the training set across the ranks of the initialised torch.distributed process
+            group (:mod:`influencekit.distributed`). ``None`` (default): shard when a group of more than one
+            rank is initialised (e.g. under ``torchrun``); ``True``: require one; ``False``: never. Every rank
+            must pass the same model, task, data and options; all ranks then return the same results.
 
     Example::
 
@@ -84,6 +92,7 @@ class Influence:
         memory_budget: int | str = "2GiB",
         stationarity_tol: float = 1e-3,
         progress: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(task, Task):
             raise InputTypeError(f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}.")
@@ -96,6 +105,9 @@ class Influence:
         self.memory_budget = parse_bytes("memory_budget", memory_budget)
         self.stationarity_tol = check_number("stationarity_tol", stationarity_tol, low=0.0)
         self.progress = bool(progress)
+        if distributed is not None and not isinstance(distributed, bool):
+            raise InputTypeError(f"`distributed` must be None, True or False. Got {distributed!r}.")
+        self.distributed = distributed
         make_solver(solver, **self.solver_options)  # validate the choice now, not at fit time
 
     # ------------------------------------------------------------------------------------------ fit
@@ -112,19 +124,29 @@ class Influence:
         self.train_ = train
         self.params_ = params
         self.layout_ = layout
-        self.chunks_ = self._plan_chunks(train, params, layout)
-
-        grad_sum = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
-        loss_sum = 0.0
-        for lo, batch in stream(train, self.chunks_.grad, dtype=layout.dtype, device=layout.device, check=self.task.check_batch):
-            g, losses = batch_grad_sum(self.task.loss, params, batch, layout)
-            self._check_losses(losses, "train", lo)
-            if not bool(torch.isfinite(g).all()):
-                G, _ = per_example_grads(self.task.loss, params, batch, layout)
-                self._check_grads(G, "train", lo)
-            grad_sum += g
-            loss_sum += float(losses.sum())
+        self.shard_ = shard = resolve_shard(self.distributed, len(train), layout.device)
+        self.progress_ = self.progress and (shard is None or shard.rank == 0)
         theta = layout.flatten(params)
+        if shard is not None:
+            self._check_ranks_agree(shard, train, layout, theta)
+        self.chunks_ = self._plan_chunks(train, params, layout)
+        start, stop = (0, None) if shard is None else (shard.start, shard.stop)
+
+        def local_sums() -> torch.Tensor:
+            # (gradient sum, loss sum) over this process's examples, as one vector for one all_reduce
+            grad_sum = torch.zeros(layout.n + 1, dtype=layout.dtype, device=layout.device)
+            for lo, batch in stream(train, self.chunks_.grad, dtype=layout.dtype, device=layout.device, check=self.task.check_batch, start=start, stop=stop):
+                g, losses = batch_grad_sum(self.task.loss, params, batch, layout)
+                self._check_losses(losses, "train", lo)
+                if not bool(torch.isfinite(g).all()):
+                    G, _ = per_example_grads(self.task.loss, params, batch, layout)
+                    self._check_grads(G, "train", lo)
+                grad_sum[:-1] += g
+                grad_sum[-1] += losses.sum()
+            return grad_sum
+
+        sums = local_sums() if shard is None else shard.all_reduce(shard.local(local_sums))
+        grad_sum, loss_sum = sums[:-1], float(sums[-1])
         mean_grad = grad_sum / len(train) + self.task.l2 * theta
         self.grad_norm_ = float(mean_grad.norm())
         self.train_loss_ = loss_sum / len(train)
@@ -140,11 +162,32 @@ class Influence:
 
         self.operator_ = HessianOperator(
             self.task, params, train, damping=self.damping, batch_size=self.chunks_.hvp,
-            tangent_block=self.chunks_.tangents, progress=self.progress,
+            tangent_block=self.chunks_.tangents, progress=self.progress_, shard=shard,
         )
         self.solver_ = make_solver(self.solver, **self.solver_options)
         self.solver_.fit(self.operator_)
         return self
+
+    def _check_ranks_agree(self, shard: Shard, train: Examples, layout: ParamLayout, theta: torch.Tensor) -> None:
+        """Every rank must hold the same θ̂, data size and configuration, or the collectives would mismatch."""
+        solver = make_solver(self.solver, **self.solver_options)
+        shard.check_same("the model, data and configuration", {
+            "n_train": len(train),
+            "parameters": [(name, tuple(shape)) for name, shape in zip(layout.names, layout.shapes)],
+            "dtype": str(layout.dtype),
+            "theta_sha256": parameter_digest(theta),
+            "task": repr(sorted(self.task.describe().items())),
+            "solver": repr(sorted(solver.describe().items())),
+            "damping": self.damping,
+            "batch_size": self.batch_size,
+            "memory_budget": self.memory_budget,
+        })
+        if solver.name not in OPERATOR_ONLY_SOLVERS:
+            raise UnsupportedError(
+                f"solver {solver.name!r} reads the training data outside the Hessian operator, so it cannot be "
+                f"sharded across processes yet. Under torch.distributed use one of {sorted(OPERATOR_ONLY_SOLVERS)}, "
+                "or pass distributed=False to compute on every rank alone."
+            )
 
     def _plan_chunks(self, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout) -> _Chunks:
         first = take(train, [0], dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
@@ -192,7 +235,7 @@ class Influence:
         fn = self.task.loss if train_side else self.task.measurement
         l2_term = self.task.l2 * layout.flatten(self.params_) if (train_side and self.task.l2) else None
         stop = len(data) if stop is None else stop
-        bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
+        bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress_)
         for lo, batch in stream(data, self.chunks_.grad, dtype=layout.dtype, device=layout.device, check=self.task.check_batch, start=start, stop=stop):
             G, losses = per_example_grads(fn, self.params_, batch, layout)
             self._check_losses(losses, data.name, lo)
@@ -241,6 +284,8 @@ class Influence:
     def _queries(self, test: Any) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
         """Blocks of preconditioned test gradients: (offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)."""
         data = test if isinstance(test, Examples) else Examples(test, name="test")
+        if self.shard_ is not None:  # each rank solves the same blocks: a different test set would hang them
+            self.shard_.check_same("the test set", {"n_test": len(data)})
         block = self.chunks_.queries
         for lo in range(0, len(data), block):
             hi = min(lo + block, len(data))
@@ -253,18 +298,33 @@ class Influence:
         """I_up,loss for every (test, train) pair, ``(n_test, n_train)``, as an :class:`InfluenceScores`.
 
         One block solve for the test gradients, then one streamed per-example-gradient pass over the
-        training set (per block of test points that fits the memory budget).
+        training set (per block of test points that fits the memory budget). Under torch.distributed each
+        rank scores its shard and every rank receives the whole matrix.
         """
         self._require_fitted()
         test_data = Examples(test, name="test")
         n_train = len(self.train_)
+        start, stop = self._shard_range()
         out = torch.empty(len(test_data), n_train, dtype=self.layout_.dtype, device=self.layout_.device)
         reports = []
         for qlo, Q, report in self._queries(test_data):
             reports.append(report)
-            for lo, G in self._grads(self.train_, train_side=True, desc="scoring"):
-                out[qlo:qlo + len(Q), lo:lo + len(G)] = -(Q @ G.T)
+
+            def local() -> torch.Tensor:
+                block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
+                for lo, G in self._grads(self.train_, train_side=True, start=start, stop=stop, desc="scoring"):
+                    block[:, lo - start:lo - start + len(G)] = -(Q @ G.T)
+                return block
+
+            if self.shard_ is None:
+                out[qlo:qlo + len(Q)] = local()
+            else:
+                out[qlo:qlo + len(Q)] = self.shard_.gather_columns(self.shard_.local(local))
         return InfluenceScores(out, n_train, self._metadata(reports))
+
+    def _shard_range(self) -> tuple[int, int]:
+        """``[start, stop)`` of the training examples this process scores (all of them without a process group)."""
+        return (0, len(self.train_)) if self.shard_ is None else (self.shard_.start, self.shard_.stop)
 
     def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix)."""
@@ -274,15 +334,26 @@ class Influence:
         test_data = Examples(test, name="test")
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
         reports = []
+        start, stop = self._shard_range()
         for _, Q, report in self._queries(test_data):
             reports.append(report)
-            best_neg = (torch.empty(len(Q), 0, dtype=Q.dtype, device=Q.device), torch.empty(len(Q), 0, dtype=torch.long, device=Q.device))
-            best_pos = best_neg
-            for lo, G in self._grads(self.train_, train_side=True, desc="top-k"):
-                S = -(Q @ G.T)
-                idx = torch.arange(lo, lo + len(G), device=S.device).expand(len(Q), -1)
-                best_neg = _merge_topk(best_neg, -S, idx, k)
-                best_pos = _merge_topk(best_pos, S, idx, k)
+
+            def local() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+                best_neg = (torch.empty(len(Q), 0, dtype=Q.dtype, device=Q.device), torch.empty(len(Q), 0, dtype=torch.long, device=Q.device))
+                best_pos = best_neg
+                for lo, G in self._grads(self.train_, train_side=True, start=start, stop=stop, desc="top-k"):
+                    S = -(Q @ G.T)
+                    idx = torch.arange(lo, lo + len(G), device=S.device).expand(len(Q), -1)
+                    best_neg = _merge_topk(best_neg, -S, idx, k)
+                    best_pos = _merge_topk(best_pos, S, idx, k)
+                return best_neg, best_pos
+
+            if self.shard_ is None:
+                best_neg, best_pos = local()
+            else:  # merge every rank's own top-k: (n_test, k·world) values, never the whole score matrix
+                best_neg, best_pos = self.shard_.local(local)
+                best_neg = _merge_topk(_empty_topk(Q), *self._gather_topk(best_neg, k), k)
+                best_pos = _merge_topk(_empty_topk(Q), *self._gather_topk(best_pos, k), k)
             parts["hv"].append(-best_neg[0]); parts["hi"].append(best_neg[1])
             parts["xv"].append(best_pos[0]); parts["xi"].append(best_pos[1])
         helpful = TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"]))
@@ -293,18 +364,42 @@ class Influence:
         """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point, ``(n_train,)``.
 
         Uses the solver's quadratic form when it has one (exact), else one block solve per gradient chunk.
+        Under torch.distributed the chunks are the same as in one process: each rank computes the gradients
+        of the chunk's examples in its shard, the chunk is gathered and solved by all ranks together.
         """
         self._require_fitted()
         out = torch.empty(len(self.train_), dtype=self.layout_.dtype, device=self.layout_.device)
         quadratic = "quadratic_form" in self.solver_.capabilities
         reports = []
-        for lo, G in self._grads(self.train_, train_side=True, desc="self-influence"):
-            if quadratic:
-                out[lo:lo + len(G)] = self.solver_.quadratic_form(G)
-            else:
+        shard = self.shard_
+        if shard is not None and quadratic:  # no solve: each rank its own shard, then gather
+            def local() -> torch.Tensor:
+                part = torch.empty(shard.stop - shard.start, dtype=out.dtype, device=out.device)
+                for lo, G in self._grads(self.train_, train_side=True, start=shard.start, stop=shard.stop, desc="self-influence"):
+                    part[lo - shard.start:lo - shard.start + len(G)] = self.solver_.quadratic_form(G)
+                return part
+
+            out[:] = shard.gather_columns(shard.local(local))
+        elif shard is not None:
+            step = self.chunks_.grad
+            for lo in range(0, len(self.train_), step):
+                hi = min(lo + step, len(self.train_))
+                a, b = max(lo, shard.start), min(hi, shard.stop)
+                counts = [max(0, min(hi, e) - max(lo, s)) for s, e in shard.bounds]
+                mine = shard.local(lambda: torch.cat([g for _, g in self._grads(self.train_, train_side=True, start=a, stop=b, desc="self-influence")])
+                                   if b > a else torch.zeros(0, self.layout_.n, dtype=out.dtype, device=out.device))
+                G = shard.gather_rows(mine, counts)
                 X, report = self._solve(G)
                 reports.append(report)
-                out[lo:lo + len(G)] = (X * G).sum(dim=1)
+                out[lo:hi] = (X * G).sum(dim=1)
+        else:
+            for lo, G in self._grads(self.train_, train_side=True, desc="self-influence"):
+                if quadratic:
+                    out[lo:lo + len(G)] = self.solver_.quadratic_form(G)
+                else:
+                    X, report = self._solve(G)
+                    reports.append(report)
+                    out[lo:lo + len(G)] = (X * G).sum(dim=1)
         self.self_influence_reports_ = reports
         return out
 
@@ -388,10 +483,19 @@ class Influence:
             raise InputError(f"`vector` must end in n_params = {self.layout_.n}. Got shape {tuple(vector.shape)}.")
         return self.layout_.unflatten(vector)
 
+    def _gather_topk(self, best: tuple[torch.Tensor, torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's ``(n_test, k_r)`` top-k values and global indices side by side (k_r = min(k, shard))."""
+        widths = [min(k, stop - start) for start, stop in self.shard_.bounds]
+        return self.shard_.gather_columns(best[0], widths), self.shard_.gather_columns(best[1], widths)
+
     @property
     def n_params(self) -> int:
         self._require_fitted()
         return self.layout_.n
+
+
+def _empty_topk(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(len(Q), 0, dtype=Q.dtype, device=Q.device), torch.empty(len(Q), 0, dtype=torch.long, device=Q.device)
 
 
 def _merge_topk(
