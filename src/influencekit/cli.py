@@ -170,6 +170,32 @@ def readmission(
     typer.echo(result.text)
 
 
+@paper.command("fig4")
+def fig4(
+    mnist: Path = typer.Option(None, help="Folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)."),
+    out: Path = typer.Option(Path("influencekit-fig4"), help="Output folder for report.md and the figures."),
+    classes: str = typer.Option("3,8", help="The two digits of the binary task."),
+    svm_l2: float = typer.Option(0.1, help="L2 strength λ of the RBF SVM (weights and bias)."),
+    gamma: float = typer.Option(0.0, help="RBF width γ; 0 uses 1 / (pixels · pixel variance)."),
+    temperature: float = typer.Option(0.001, help="Smooth-hinge temperature t of the SVM's influence."),
+    feature_map: str = typer.Option("auto", help="Kernel feature map: exact, fourier or auto (exact up to 3,000 images)."),
+    n_plot: int = typer.Option(3, help="Test images drawn (scatter plots and the helpful-image gallery)."),
+    seed: int = typer.Option(0, help="Seed of the split and of the feature extractor's training."),
+) -> None:
+    """Figure 4 (paper section 5.1): influence vs pixel distance for an RBF SVM and a model on learned features."""
+    from .applications.explain import run_fig4
+
+    try:
+        pair = tuple(int(c) for c in classes.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"must be two comma-separated digits such as 3,8. Got {classes!r}.", param_hint="--classes") from None
+    result = run_fig4(
+        out, mnist=mnist, classes=pair, svm_l2=svm_l2, gamma=gamma or None, temperature=temperature,
+        feature_map=feature_map, n_plot=n_plot, seed=seed,
+    )
+    typer.echo(result.text)
+
+
 @app.command()
 def attack(
     mnist: Path = typer.Option(None, help="Folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)."),
