@@ -39,7 +39,7 @@ from .progress import progress_bar
 from .projection import Projector
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence, _merge_topk
-from .validation.loo import _MANIFEST, _atomic_write, _fingerprint, _short
+from .folders import atomic_write, fingerprint, open_folder
 
 __all__ = ["GradientStore"]
 
@@ -51,7 +51,7 @@ _CURVATURE = "curvature.npy"
 
 def _save_array(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as .npy atomically (a hook the resumption tests interrupt)."""
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
@@ -67,32 +67,6 @@ def _load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarr
         logger.warning("ignoring store file %s of shape %s %s (expected %s %s); recomputing it", path, array.shape, array.dtype, shape, dtype)
         return None
     return array
-
-
-def _open_folder(folder: Path, config: dict[str, Any]) -> None:
-    """Create ``folder`` with its manifest, or check that the manifest there holds ``config``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = folder / _MANIFEST
-    if manifest.exists():
-        try:
-            stored = json.loads(manifest.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"`folder` {str(folder)!r} has an unreadable {_MANIFEST} ({exc}); delete it or use another folder.") from None
-        if stored != config:
-            keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            raise InputError(
-                f"`folder` {str(folder)!r} holds a gradient store of a different configuration (differs in: "
-                f"{', '.join(keys)}); refusing to mix them. Use another folder, or delete this one.\n"
-                f"  stored:    {_short(stored)}\n  requested: {_short(config)}"
-            )
-    else:
-        if any(folder.glob("*.npy")):
-            raise InputError(
-                f"`folder` {str(folder)!r} holds .npy files but no {_MANIFEST}, so their configuration is unknown; "
-                "use another folder, or delete those files."
-            )
-        text = json.dumps(config, sort_keys=True, indent=1).encode()
-        _atomic_write(manifest, lambda f: f.write(text))
 
 
 class GradientStore:
@@ -173,11 +147,11 @@ class GradientStore:
             "damping": damping,
             "chunk": chunk,
             "task": influence.task.describe(),
-            "theta_fingerprint": _fingerprint(influence.params_),
-            "data_fingerprint": _fingerprint(first),
+            "theta_fingerprint": fingerprint(influence.params_),
+            "data_fingerprint": fingerprint(first),
         }, default=str))
         folder = Path(folder)
-        _open_folder(folder, config)
+        open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy")
         store = cls(influence, folder, config, projector, damping, chunk)
         store._write_gradients(progress=bool(progress))
         return store

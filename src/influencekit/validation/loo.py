@@ -15,11 +15,8 @@ training point, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -29,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten
 
 from ..autodiff import ParamLayout, batch_grad_sum
 from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, stream, take
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
+from ..folders import atomic_write, fingerprint, open_folder
 from ..progress import progress_bar
 from ..scoring import Influence
 from ..task import Task
@@ -152,21 +149,6 @@ def _index_array(name: str, idx: Any, n: int, what: str) -> np.ndarray:
     return np.asarray(check_indices(name, idx, n, what=what, unique=True), dtype=np.int64)
 
 
-def _fingerprint(tensors: Any) -> str:
-    """sha256 of every tensor leaf's dtype, shape and bytes (non-tensor leaves by repr)."""
-    h = hashlib.sha256()
-    leaves, spec = tree_flatten(tensors)
-    h.update(repr(spec).encode())
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            t = leaf.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(repr(leaf).encode())
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class _Tests:
     indices: np.ndarray  # positions in the test data
@@ -182,7 +164,7 @@ def _select_tests(influence: Influence, test: Any, test_indices: Any) -> _Tests:
     raw = data.batch(indices.tolist())
     layout = influence.layout_
     batch = take(data, indices.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
-    return _Tests(indices, raw, batch, _fingerprint(batch))
+    return _Tests(indices, raw, batch, fingerprint(batch))
 
 
 # ------------------------------------------------------------------------------------------ retraining
@@ -355,60 +337,12 @@ def _run_jobs(retrainer: _Retrainer, jobs: list[int], n: int, *, workers: int, t
 
 
 # ---------------------------------------------------------------------------------------------- cache
-_MANIFEST = "manifest.json"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _short(config: dict[str, Any]) -> str:
-    def shorten(v: Any) -> Any:
-        return v if not (isinstance(v, list) and len(v) > 12) else [*v[:10], f"... ({len(v)} in all)"]
-
-    return json.dumps({k: shorten(v) for k, v in config.items()}, sort_keys=True)
-
-
 class _Cache:
     """One ``loo-<train index>.npz`` per finished retraining (measurements after, ‖∇R₋ᵢ‖) + ``manifest.json``."""
 
     def __init__(self, folder: str | os.PathLike, config: dict[str, Any]) -> None:
         self.folder = Path(folder)
-        self.config = json.loads(json.dumps(config, default=str))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        manifest = self.folder / _MANIFEST
-        if manifest.exists():
-            try:
-                stored = json.loads(manifest.read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"`cache_dir` {str(self.folder)!r} has an unreadable {_MANIFEST} ({exc}); delete it or use another folder.") from None
-            if stored != self.config:
-                keys = sorted(k for k in set(stored) | set(self.config) if stored.get(k) != self.config.get(k))
-                raise InputError(
-                    f"`cache_dir` {str(self.folder)!r} holds leave-one-out results of a different configuration "
-                    f"(differs in: {', '.join(keys)}); refusing to mix them. Use another folder, or delete this one.\n"
-                    f"  stored:    {_short(stored)}\n  requested: {_short(self.config)}"
-                )
-        else:
-            if any(self.folder.glob("loo-*.npz")):
-                raise InputError(
-                    f"`cache_dir` {str(self.folder)!r} holds leave-one-out files but no {_MANIFEST}, so their configuration "
-                    "is unknown; use another folder, or delete those files."
-                )
-            text = json.dumps(self.config, sort_keys=True, indent=1).encode()
-            _atomic_write(manifest, lambda f: f.write(text))
+        self.config = open_folder(folder, config, arg="cache_dir", what="leave-one-out results", pattern="loo-*.npz")
 
     def path(self, i: int) -> Path:
         return self.folder / ("loo-control.npz" if i == _CONTROL else f"loo-{i}.npz")
@@ -429,7 +363,7 @@ class _Cache:
         return after, grad_norm
 
     def save(self, i: int, after: np.ndarray, grad_norm: float) -> None:
-        _atomic_write(self.path(i), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
+        atomic_write(self.path(i), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -562,7 +496,7 @@ def leave_one_out(
             "n_train": n,
             "test_indices": tests.indices.tolist(),
             "test_fingerprint": tests.fingerprint,
-            "theta_fingerprint": _fingerprint(retrainer.theta_hat),
+            "theta_fingerprint": fingerprint(retrainer.theta_hat),
             "n_params": retrainer.layout.n,
             "dtype": str(retrainer.dtype),
             "tol": tol,
