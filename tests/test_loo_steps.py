@@ -10,12 +10,7 @@ from influencekit.data.bundled import load_digits_split
 from influencekit.validation import StepRetrain, leave_one_out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

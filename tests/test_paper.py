@@ -19,12 +19,7 @@ from influencekit.validation import leave_one_out, pearson
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -71,8 +71,9 @@ class _SklearnLinear(nn.Module):
         return logits + self.bias
 
 
-class _WeightPenalisedClassification(ClassificationTask):
-    """Cross-entropy / logistic loss with (λ/2)‖W‖² inside each training example's loss (not on the intercept)."""
+class _WeightPenalised:
+    """Mixin: (λ/2)‖W‖² of ``params["weight"]`` inside each training example's loss (not on the intercept, as
+    scikit-learn penalises); the test side measures the plain loss of the base task."""
 
     def __init__(self, model: nn.Module, *, l2_weights: float, source: str) -> None:
         super().__init__(model, l2=0.0)
@@ -89,23 +90,12 @@ class _WeightPenalisedClassification(ClassificationTask):
         return {**super().describe(), "l2_weights": self.l2_weights, "source": self.source}
 
 
-class _WeightPenalisedRegression(RegressionTask):
-    """Squared error with (λ/2)‖w‖² inside each training example's loss (not on the intercept); the test side
-    measures the plain squared error."""
+class _WeightPenalisedClassification(_WeightPenalised, ClassificationTask):
+    """Cross-entropy / logistic loss with the weight-only L2 term."""
 
-    def __init__(self, model: nn.Module, *, l2_weights: float, source: str) -> None:
-        super().__init__(model, l2=0.0)
-        self.l2_weights = l2_weights
-        self.source = source
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
-        return super().loss(params, batch) + 0.5 * self.l2_weights * (params["weight"] ** 2).sum()
-
-    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
-        return super().loss(params, batch)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "l2_weights": self.l2_weights, "source": self.source}
+class _WeightPenalisedRegression(_WeightPenalised, RegressionTask):
+    """Squared error with the weight-only L2 term."""
 
 
 class _SquaredHingeTask(SmoothHingeTask):
