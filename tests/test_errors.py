@@ -507,7 +507,7 @@ def test_not_fitted_is_a_runtime_error(task, data):
 
 # ========================================================================================= solvers
 def test_unknown_solver_name(task, data):
-    with pytest.raises(ik.InputError, match=r"`solver` must be one of 'exact', 'cg', 'lissa' or a Solver instance\. Got 'newton'"):
+    with pytest.raises(ik.InputError, match=r"`solver` must be one of 'exact', 'cg', 'lissa', 'arnoldi', 'kfac', 'ekfac' or a Solver instance\. Got 'newton'"):
         ik.Influence(task, data, solver="newton")
 
 
