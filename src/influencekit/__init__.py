@@ -7,6 +7,7 @@ from . import solvers, validation
 from .errors import (
     ConvergenceWarning,
     CurvatureWarning,
+    DistributedError,
     InfluenceKitError,
     InfluenceKitWarning,
     InputError,
@@ -64,6 +65,7 @@ __all__ = [
     "linear_datamodeling_score",
     "LDSResult",
     "InfluenceKitError",
+    "DistributedError",
     "InputError",
     "InputTypeError",
     "NotFittedError",
