@@ -15,6 +15,7 @@ it at once with :class:`~influencekit.errors.SolverDivergenceError` naming the s
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -124,10 +125,24 @@ class LissaSolver(Solver):
         converged = worst <= self.rtol
         rate = 1.0 - max(self.lambda_min_, 0.0) / s
         if not converged and self.warn:
+            # the deterministic recursion's error after `depth` steps is at most rate**depth; when that is already
+            # far below the residual, what is left is mini-batch noise, which more depth does not remove
+            bias = rate ** self.depth if rate < 1.0 else 1.0
+            if b < n and bias < 0.1 * worst:
+                advice = (
+                    f"the recursion's own error is already below {bias:.2g}, so the rest is mini-batch noise: raise "
+                    f"`batch_size` (now {b}) or `repeats` (now {self.repeats}) rather than `depth`"
+                )
+            else:
+                needed = math.ceil(math.log(max(self.rtol, 1e-300)) / math.log(rate)) if 0.0 < rate < 1.0 else None
+                advice = (
+                    f"raise `depth`{f' (about {needed} steps reach rtol)' if needed else ''}, or raise `damping` to "
+                    "improve the conditioning"
+                )
             warnings.warn(
                 f"LiSSA's relative residual is {worst:.3g} after depth={self.depth} (rtol={self.rtol:g}). Each step "
                 f"shrinks the error by about {rate:.6f} (1 − λ_min/scale, λ_min ≈ {self.lambda_min_:.3g}, scale={s:.4g}): "
-                "raise `depth`, or raise `damping` to improve the conditioning.",
+                f"{advice}.",
                 ConvergenceWarning,
                 stacklevel=4,
             )
