@@ -47,6 +47,12 @@ def _cases() -> list[tuple[str, str, dict]]:
         ("logistic-lissa", "lissa", {"solver_options": {"warn": False, "depth": 30, "eigen_steps": 10, "batch_size": 40}}),
         ("mlp-cg", "cg", {"damping": 0.01, "batch_size": 50, "solver_options": {"rtol": 1e-12}}),
         ("mlp-exact", "exact", {"damping": 0.01}),
+        # K-FAC/EK-FAC: factor sums all-reduced across ranks. Sampled labels depend on the global example index
+        # only, so with batch_size 50 (chunks start at 60 on rank 1, at 50 and 100 alone) they are unchanged.
+        ("logistic-kfac", "kfac", {"solver_options": {"fisher": "expected"}}),
+        ("logistic-ekfac", "ekfac", {"batch_size": 40, "solver_options": {"fisher": "empirical", "probes": 0}}),
+        ("mlp-kfac", "kfac", {"damping": 0.01, "solver_options": {"fisher": "expected", "probes": 0}}),
+        ("mlp-ekfac", "ekfac", {"damping": 0.01, "batch_size": 50, "solver_options": {"fisher": "sampled", "samples": 2, "probes": 0}}),
     ]
 
 
@@ -100,6 +106,12 @@ def _outcome(fn) -> str:
     return "ok"
 
 
+class _OwnSolver(ik.solvers.CGSolver):
+    """A user's solver under its own name: not known to shard, so refused."""
+
+    name = "own"
+
+
 def _error_cases(rank: int, problem: dict) -> dict:
     p = problem["logistic"]
 
@@ -118,7 +130,7 @@ def _error_cases(rank: int, problem: dict) -> dict:
         "nan_on_rank1": _outcome(lambda: influence(train=(bad if rank == 1 else X, y), solver="cg").fit()),
         "different_params": _outcome(lambda: influence(state=other, solver="cg").fit()),
         "different_solver": _outcome(lambda: influence(solver="cg" if rank == 0 else "exact").fit()),
-        "kfac": _outcome(lambda: influence(solver="kfac").fit()),
+        "own_solver": _outcome(lambda: influence(solver=_OwnSolver()).fit()),
         "too_few_examples": _outcome(lambda: influence(train=(X[:1], y[:1]), solver="cg").fit()),
         "different_test_sets": _outcome(lambda: fitted.scores(test)),
         "still_usable": _outcome(lambda: fitted.self_influence()),
@@ -209,7 +221,7 @@ def test_error_paths_end_every_rank(problem, tmp_path):
     for out in (r0, r1):
         assert out["different_params"].startswith("DistributedError") and "theta_sha256" in out["different_params"]
         assert out["different_solver"].startswith("DistributedError") and "solver" in out["different_solver"]
-        assert out["kfac"].startswith("UnsupportedError") and "'kfac'" in out["kfac"]
+        assert out["own_solver"].startswith("UnsupportedError") and "'own'" in out["own_solver"]
         assert out["too_few_examples"].startswith("InputError") and "one example per rank" in out["too_few_examples"]
         assert out["different_test_sets"].startswith("DistributedError") and "n_test" in out["different_test_sets"]
         assert out["still_usable"] == "ok"

@@ -7,7 +7,9 @@ the contiguous examples ``[r·n/W, (r+1)·n/W)`` (sizes differ by at most one). 
 - every sum over the training data (the mean gradient, Hessian-vector products, the dense Hessian,
   mini-batch products) is computed on the local shard and summed across ranks with ``all_reduce``, so every
   solver that touches the data only through the operator works unchanged and every rank holds the same
-  solve (block CG, LiSSA, Arnoldi and exact; K-FAC/EK-FAC read the data directly and are refused);
+  solve (block CG, LiSSA, Arnoldi and exact); K-FAC/EK-FAC stream their own shard through the layer hooks
+  and all-reduce the sums behind their Kronecker factors and eigenvalue corrections, so every rank
+  eigendecomposes the same factors;
 - the query side (test gradients) is computed on every rank and solved together, with sharded HVPs;
 - per-example training gradients and their scores are computed on the local shard only, then the score
   blocks and self-influence are gathered on every rank, and top-k lists are merged from each rank's own
@@ -34,9 +36,10 @@ __all__ = ["Shard", "resolve_shard", "shard_bounds", "DistributedError"]
 
 T = TypeVar("T")
 
-# Solvers that read the training data only through HessianOperator (matvec, minibatch_matvec, dense), so that
-# the operator's all_reduce makes them exact under sharding. K-FAC/EK-FAC stream the data themselves.
-OPERATOR_ONLY_SOLVERS = frozenset({"exact", "cg", "lissa", "arnoldi"})
+# Solvers known to give the single-process result under sharding: those that read the training data only
+# through HessianOperator (matvec, minibatch_matvec, dense), whose all_reduce makes them exact, and K-FAC/EK-FAC,
+# which stream the operator's shard themselves and all-reduce their factor sums. Other (user) solvers are refused.
+SHARDED_SOLVERS = frozenset({"exact", "cg", "lissa", "arnoldi", "kfac", "ekfac"})
 
 
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import torch
 from .autodiff import InputPath, ParamLayout, batch_grad_sum, input_size_per_example, mixed_vjp, per_example_grads
 from .checks import check_indices, check_int, check_number, parse_bytes
 from .data.examples import Examples, batch_size_of, stream, take
-from .distributed import OPERATOR_ONLY_SOLVERS, Shard, parameter_digest, resolve_shard
+from .distributed import SHARDED_SOLVERS, Shard, parameter_digest, resolve_shard
 from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning, UnsupportedError
 from .hessian import HessianOperator
 from .progress import progress_bar
@@ -182,10 +182,10 @@ class Influence:
             "batch_size": self.batch_size,
             "memory_budget": self.memory_budget,
         })
-        if solver.name not in OPERATOR_ONLY_SOLVERS:
+        if solver.name not in SHARDED_SOLVERS:
             raise UnsupportedError(
-                f"solver {solver.name!r} reads the training data outside the Hessian operator, so it cannot be "
-                f"sharded across processes yet. Under torch.distributed use one of {sorted(OPERATOR_ONLY_SOLVERS)}, "
+                f"solver {solver.name!r} is not known to give the same result when the training set is "
+                f"sharded across processes. Under torch.distributed use one of {sorted(SHARDED_SOLVERS)}, "
                 "or pass distributed=False to compute on every rank alone."
             )
 

@@ -39,6 +39,12 @@ selected parameter of any other layer raises :class:`~influencekit.errors.Unsupp
 unless ``unsupported="diagonal"``: those parameters then get the damped diagonal of the same Fisher,
 1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.task.ClassificationTask` (cross-entropy,
 logistic) and :class:`~influencekit.task.RegressionTask` (squared error averaged over outputs).
+
+Sampled labels depend only on ``seed`` and the example's global index (one generator per block of
+``_DRAW_BLOCK`` consecutive examples), so neither the chunk size nor sharding changes them. Under a
+``torch.distributed`` process group (the operator's ``shard``) each rank streams its own examples, the sums
+behind A, S, the diagonal and EK-FAC's Λ are added across ranks with one ``all_reduce`` each and divided by
+the global n, and every rank eigendecomposes the same summed factors.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 _FISHERS = ("sampled", "expected", "empirical")
 _SUPPORTED = (nn.Linear, nn.Conv2d)
+# examples per seeded generator of sampled labels: the draws of example i come from block i // _DRAW_BLOCK
+_DRAW_BLOCK = 256
 
 
 @dataclass
@@ -178,8 +187,27 @@ class KFACSolver(Solver):
             layers.append(_Layer(mname, module, has_w, has_b, torch.cat(parts, dim=1).to(operator.device)))
         return layers, [n for n in layout.names if n not in covered]
 
-    def _variants(self, kind: str, batch: Any, out: torch.Tensor, task: Any, gen: torch.Generator | None) -> list[tuple[Any, torch.Tensor]]:
-        """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ)."""
+    def _draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
+
+        Example i's numbers come from the generator of block i // _DRAW_BLOCK, seeded by (seed, block), at a
+        fixed place in it: they depend on ``seed`` and i only, not on the chunking or on a rank's shard.
+        """
+        first, last = lo // _DRAW_BLOCK, (lo + B - 1) // _DRAW_BLOCK
+        blocks = []
+        for b in range(first, last + 1):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(np.random.SeedSequence([abs(self.seed), int(self.seed < 0), b]).generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            shape = (_DRAW_BLOCK, self.samples, width)
+            blocks.append(torch.randn(shape, dtype=dtype, device=device, generator=gen) if normal
+                          else torch.rand(shape, dtype=dtype, device=device, generator=gen))
+        rows = torch.cat(blocks)[lo - first * _DRAW_BLOCK:lo - first * _DRAW_BLOCK + B]
+        return rows.transpose(0, 1)
+
+    def _variants(self, kind: str, batch: Any, out: torch.Tensor, task: Any, lo: int) -> list[tuple[Any, torch.Tensor]]:
+        """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
+
+        ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
         _, target = task.split(batch)
         B = out.shape[0]
         ones = torch.ones(B, dtype=out.dtype, device=out.device)
@@ -188,13 +216,15 @@ class KFACSolver(Solver):
         if kind == "classification":
             if out.dim() == 2 and out.shape[1] > 1:
                 p = torch.softmax(out, dim=1)
-                if self.fisher == "sampled":
-                    Y = torch.multinomial(p, self.samples, replacement=True, generator=gen)
-                    return [(_with_target(task, batch, Y[:, j].to(target.dtype)), ones / self.samples) for j in range(self.samples)]
+                if self.fisher == "sampled":  # inverse CDF of each example's own uniform draw
+                    U = self._draws(lo, B, 1, normal=False, dtype=p.dtype, device=p.device)
+                    cdf = p.cumsum(dim=1)
+                    Y = [(cdf < u).sum(dim=1).clamp_max(p.shape[1] - 1) for u in U]
+                    return [(_with_target(task, batch, y.to(target.dtype)), ones / self.samples) for y in Y]
                 return [(_with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
             q = torch.sigmoid(out.reshape(B))
             if self.fisher == "sampled":
-                U = torch.rand(self.samples, B, dtype=q.dtype, device=q.device, generator=gen)
+                U = self._draws(lo, B, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
                 return [(_with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
             return [(_with_target(task, batch, torch.ones_like(target)), q), (_with_target(task, batch, torch.zeros_like(target)), 1 - q)]
         # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
@@ -202,8 +232,8 @@ class KFACSolver(Solver):
         m = f[0].numel()
         scale = math.sqrt(m / 2.0)
         if self.fisher == "sampled":
-            eps = torch.randn(self.samples, *f.shape, dtype=f.dtype, device=f.device, generator=gen)
-            return [(_with_target(task, batch, f + scale * e), ones / self.samples) for e in eps]
+            eps = self._draws(lo, B, m, normal=True, dtype=f.dtype, device=f.device)
+            return [(_with_target(task, batch, f + scale * e.reshape(f.shape)), ones / self.samples) for e in eps]
         variants = []
         for j in range(m):
             e = torch.zeros(m, dtype=f.dtype, device=f.device)
@@ -244,10 +274,8 @@ class KFACSolver(Solver):
         task = operator.task
         kind = _loss_kind(task)
         params = {k: v.detach() for k, v in operator.params.items()}
-        gen = None
-        if self.fisher == "sampled":
-            gen = torch.Generator(device=operator.device)
-            gen.manual_seed(self.seed)
+        shard = getattr(operator, "shard", None)
+        start, stop = (0, None) if shard is None else (shard.start, shard.stop)
         recording = {"on": False}
         handles = []
 
@@ -267,11 +295,11 @@ class KFACSolver(Solver):
         try:
             for layer in layers:
                 handles.append(layer.module.register_forward_hook(hook(layer)))
-            for _, batch in stream(operator.data, operator.batch_size, dtype=operator.dtype, device=operator.device, check=task.check_batch):
+            for lo, batch in stream(operator.data, operator.batch_size, dtype=operator.dtype, device=operator.device, check=task.check_batch, start=start, stop=stop):
                 inputs, _ = task.split(batch)
                 with torch.no_grad():
                     out = task.forward(params, *inputs)
-                for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, gen)):
+                for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, lo)):
                     live = {k: t.clone().requires_grad_(True) for k, t in params.items()}
                     for layer in layers:
                         layer.captured.clear()
@@ -337,16 +365,21 @@ class KFACSolver(Solver):
             layer.S = torch.zeros(out, out, dtype=torch.float64, device=dev)
         sizes = dict(zip(operator.layout.names, operator.layout.numels))
         diag = torch.zeros(sum(sizes[nm] for nm in leftover), dtype=torch.float64, device=dev)
-        for A_in, G_out, extra in self._passes(operator, layers, leftover):
-            for i, layer in enumerate(layers):
-                if A_in is not None:
-                    a = A_in[i]
-                    flat = a.reshape(-1, a.shape[-1])
-                    layer.A += flat.T @ flat / a.shape[1]
-                g = G_out[i].reshape(-1, G_out[i].shape[-1])
-                layer.S += g.T @ g
-            if extra is not None:
-                diag += (extra.to(torch.float64) ** 2).sum(0)
+
+        def local_sums() -> None:
+            for A_in, G_out, extra in self._passes(operator, layers, leftover):
+                for i, layer in enumerate(layers):
+                    if A_in is not None:
+                        a = A_in[i]
+                        flat = a.reshape(-1, a.shape[-1])
+                        layer.A += flat.T @ flat / a.shape[1]
+                    g = G_out[i].reshape(-1, G_out[i].shape[-1])
+                    layer.S += g.T @ g
+                if extra is not None:
+                    diag.add_((extra.to(torch.float64) ** 2).sum(0))
+
+        # sums over this rank's examples, then over all ranks: divided by the global n below, the means are exact
+        self._summed_over_ranks(operator, local_sums, [t for layer in layers for t in (layer.A, layer.S)] + [diag])
         shift = operator.shift
         for layer in layers:
             layer.A /= n
@@ -379,18 +412,41 @@ class KFACSolver(Solver):
         """EK-FAC's second pass: Λ = (1/n) Σ_i (Q_Sᵀ ∇_W ℓ_i Q_A)² per layer (the same labels as the first pass)."""
         for layer in self.layers_:
             layer.eig = torch.zeros_like(layer.eig)
-        A_keep: list[torch.Tensor] | None = None
-        for A_in, G_out, _ in self._passes(operator, self.layers_, []):
-            if A_in is not None:
-                A_keep = [a @ layer.QA for a, layer in zip(A_in, self.layers_)]
-            for i, layer in enumerate(self.layers_):
-                aq, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T, k), (B, T, out)
-                step = max(1, self.block_elements // max(1, layer.eig.numel()))
-                for lo in range(0, aq.shape[0], step):
-                    M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
-                    layer.eig += (M * M).sum(0)
+
+        def local_sums() -> None:
+            A_keep: list[torch.Tensor] | None = None
+            for A_in, G_out, _ in self._passes(operator, self.layers_, []):
+                if A_in is not None:
+                    A_keep = [a @ layer.QA for a, layer in zip(A_in, self.layers_)]
+                for i, layer in enumerate(self.layers_):
+                    aq, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T, k), (B, T, out)
+                    step = max(1, self.block_elements // max(1, layer.eig.numel()))
+                    for lo in range(0, aq.shape[0], step):
+                        M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
+                        layer.eig += (M * M).sum(0)
+
+        self._summed_over_ranks(operator, local_sums, [layer.eig for layer in self.layers_])
         for layer in self.layers_:
             layer.eig /= operator.n_examples
+
+    @staticmethod
+    def _summed_over_ranks(operator: Any, work: Any, sums: list[torch.Tensor]) -> None:
+        """Run ``work()`` (which adds this rank's examples into ``sums``), then add ``sums`` across the ranks of
+        the operator's shard, in place, with one all_reduce: every rank then holds the same totals, bit for bit.
+
+        A failure in one rank's ``work`` ends every rank (:meth:`~influencekit.distributed.Shard.local`)."""
+        shard = getattr(operator, "shard", None)
+        if shard is None:
+            work()
+            return
+        shard.local(work)
+        if not sums:
+            return
+        flat = shard.all_reduce(torch.cat([t.reshape(-1) for t in sums]))
+        offset = 0
+        for t in sums:
+            t.copy_(flat[offset:offset + t.numel()].reshape(t.shape))
+            offset += t.numel()
 
     def _check_invertible(self, shift: float) -> None:
         smallest = [float(layer.eig.min()) for layer in self.layers_]
