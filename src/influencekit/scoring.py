@@ -21,7 +21,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .solvers import Solver, SolveReport, make_solver
 from .spectrum import lanczos_extremes
 from .task import Task
+
+if TYPE_CHECKING:
+    from .planner import Plan
 
 __all__ = ["Influence"]
 
@@ -203,6 +206,16 @@ class Influence:
         tangents = max(1, min(4096, budget // (item * 6 * (hvp * act + p))))
         queries = max(1, budget // (item * 4 * p))
         return _Chunks(grad=grad, hvp=hvp, tangents=tangents, queries=queries)
+
+    def plan(self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100) -> "Plan":
+        """Estimated memory and time of ``fit()`` then ``scores`` on ``n_test`` test points, without running them.
+
+        A short timed probe on ``probe_examples`` training examples, extrapolated to the data size; returns a
+        :class:`~influencekit.planner.Plan` that prints as a table. Formulas: :mod:`influencekit.planner`.
+        """
+        from .planner import plan_influence
+
+        return plan_influence(self, n_test, probe_examples=probe_examples, cg_iterations=cg_iterations)
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "solver_"):

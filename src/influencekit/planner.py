@@ -1,0 +1,363 @@
+"""Dry-run planner: estimated memory and time of each stage of an influence computation, before running it.
+
+:meth:`Influence.plan <influencekit.scoring.Influence.plan>` calls :func:`plan_influence`, which runs a short
+timed probe on a few training examples (never a pass over the data) and extrapolates with the formulas
+below. Notation: n training examples, p selected parameters, b bytes per value of the model's dtype,
+t_test test points solved in blocks of q = min(t_test, chunks.queries), B the number of such blocks,
+c_g / c_h the examples per gradient / HVP chunk (from ``memory_budget``, see ``Influence._plan_chunks``).
+
+Measured by the probe (each after one untimed warm-up call, on m = min(n, probe_examples) examples):
+
+    τ_g   seconds of one example's per-example gradient (vmap∘grad)
+    τ_s   seconds of one example in a summed batch gradient (forward + backward)
+    τ_h   seconds of one example × one tangent in a batched HVP (forward-over-reverse)
+    ρ     matmul rate, flop/s, of a (m, p) × (p, m) product in the model's dtype
+
+Stages and their time formulas:
+
+    fit: gradient check     n·τ_s                                   (‖∇R(θ̂)‖ and the training loss)
+    fit: <solver>           exact:    p·n·τ_h + decomposition (p³/3 flops Cholesky, 9p³ eigh) / ρ
+                            cg:       nothing (its work is in the query solve)
+                            lissa:    eigen_steps·n·τ_h + 90·min(batch_size, n)·τ_h (Lanczos + power iteration)
+                            arnoldi:  min(n_iter or 2·rank, p)·n·τ_h
+                            kfac/ekfac: the solver's own fit on the m probe examples (factor passes, timed
+                                      without the eigendecompositions) × n/m, + the eigendecompositions
+                                      (timed once, size does not depend on n), + probes·n·τ_h
+    test gradients          t_test·τ_g
+    query solve             B × per block: exact 2·q·p² / ρ (+ residual rows); cg iterations·q·n·τ_h
+                            (iterations is an assumption, given as ``cg_iterations``); lissa
+                            repeats·depth·q·min(batch_size, n)·τ_h (+ q·n·τ_h residual); arnoldi
+                            4·q·rank·p / ρ + min(q, residual_rows)·n·τ_h; kfac/ekfac 4·q·Σ(o²k + ok²) / ρ
+    scoring                 B × (n·τ_g + 2·q·n·p / ρ)               (one training-gradient pass per block)
+
+Memory of a stage is what it holds at its peak, in bytes: the parameters (p·b), the solver's fitted state
+once it exists, and the stage's working set:
+
+    per-example-gradient chunk   c_g·p·b  (+ 4·c_g·a·b of activations, a = values the modules output per example)
+    exact state                  2·p²·b_e + p·b_e  (H and its eigenvectors or Cholesky factor, b_e bytes of
+                                 eig_dtype; + p²·b while the Hessian is assembled when dtypes differ)
+    arnoldi                      state rank·p·b; during fit the Lanczos basis min(n_iter, p)·p·b on top
+    kfac/ekfac state             8·Σ_layers (2k² + 2o² + o·k)  (float64 A, Q_A, S, Q_S and the eigenvalues;
+                                 k inputs (+1 for a bias) and o outputs per layer) + 8 per leftover parameter
+    cg / lissa working set       6·q·p·b / 4·q·p·b  (block iterates, residuals, directions)
+    query block                  q·p·b gradients + q·p·b preconditioned
+    score matrix                 t_test·n·b
+
+The estimates are first-order: they ignore the allocator, Python overhead and the data set itself, and the
+times assume the machine is as loaded as during the probe. The tests hold the memory of the fitted state
+to 1 % of the arrays the solvers allocate, and the time of a fit to a factor of 5.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .autodiff import ParamLayout, batch_grad_sum, hvp_sum, input_size_per_example, per_example_grads
+from .checks import check_int
+from .data.examples import Examples, take
+from .errors import InputError
+from .hessian import HessianOperator
+from .solvers import make_solver
+
+if TYPE_CHECKING:
+    from .scoring import Influence
+
+__all__ = ["Plan", "Stage", "plan_influence"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the computation: estimated seconds, peak bytes held, and the formula behind them."""
+
+    name: str
+    seconds: float
+    memory: int
+    formula: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :meth:`Influence.plan` estimates. ``str(plan)`` prints a table.
+
+    Attributes:
+        stages: the stages in the order they run.
+        solver_state: bytes of the solver's fitted state (what ``fit`` leaves behind).
+        probe: the measured unit costs (seconds per example τ_g, τ_s, τ_h; matmul rate ρ) and probe size.
+        notes: assumptions and warnings (e.g. a stage that would exceed the memory budget).
+    """
+
+    solver: str
+    n_train: int
+    n_test: int
+    n_params: int
+    dtype: str
+    memory_budget: int
+    chunks: dict[str, int]
+    stages: tuple[Stage, ...]
+    solver_state: int
+    probe: dict[str, float]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def seconds(self) -> float:
+        """Estimated total seconds of ``fit`` plus ``scores`` on ``n_test`` test points."""
+        return sum(s.seconds for s in self.stages)
+
+    @property
+    def peak_memory(self) -> int:
+        """Estimated peak bytes over all stages."""
+        return max(s.memory for s in self.stages)
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name`` (``"fit: gradient check"``, ``"fit: <solver>"``, ``"test gradients"``, ...)."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise InputError(f"`name` must be one of {[s.name for s in self.stages]}. Got {name!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": self.seconds, "peak_memory": self.peak_memory}
+
+    def __str__(self) -> str:
+        head = (f"influence plan: solver={self.solver}, n_train={self.n_train:,}, n_test={self.n_test:,}, "
+                f"n_params={self.n_params:,}, {self.dtype}, memory_budget={_fmt_bytes(self.memory_budget)}")
+        width = max(len(s.name) for s in self.stages)
+        lines = [head, f"{'stage':<{width}}  {'time':>9}  {'memory':>9}  formula"]
+        for s in self.stages:
+            lines.append(f"{s.name:<{width}}  {_fmt_seconds(s.seconds):>9}  {_fmt_bytes(s.memory):>9}  {s.formula}")
+        lines.append(f"{'total':<{width}}  {_fmt_seconds(self.seconds):>9}  {_fmt_bytes(self.peak_memory):>9}  (time: sum; memory: peak)")
+        p = self.probe
+        lines.append(
+            f"probe on {int(p['examples'])} examples: per-example gradient {p['tau_grad'] * 1e3:.3g} ms/example, "
+            f"batch gradient {p['tau_sum'] * 1e3:.3g} ms/example, HVP {p['tau_hvp'] * 1e3:.3g} ms/example with one tangent, "
+            f"{p['tau_hvp_block'] * 1e3:.3g} ms/(example·tangent) with {int(p['block_tangents'])}, "
+            f"matmul {p['flops'] / 1e9:.3g} GFLOP/s"
+        )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython shows the table
+        printer.text(str(self))
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.3g} h"
+    if s >= 60:
+        return f"{s / 60:.3g} min"
+    if s >= 1:
+        return f"{s:.3g} s"
+    return f"{s * 1e3:.3g} ms"
+
+
+def _timed(work: Any) -> float:
+    """Seconds of ``work()`` after one untimed warm-up call (first-call allocation and dispatch excluded)."""
+    work()
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
+    """Estimate the memory and time of ``influence.fit()`` followed by ``scores`` on ``n_test`` test points.
+
+    Runs only a probe on ``min(n_train, probe_examples)`` training examples (see the module docstring for
+    what is measured and the formulas). ``cg_iterations`` is the block-CG iteration count assumed for the
+    query solve (it depends on the conditioning of H + δI and cannot be known before solving).
+    """
+    n_test = check_int("n_test", n_test, low=0)
+    probe_examples = check_int("probe_examples", probe_examples, low=1)
+    cg_iterations = check_int("cg_iterations", cg_iterations, low=1)
+    task = influence.task
+    task._check_mode()
+    train = Examples(influence.train, name="train")
+    n = len(train)
+    if n == 0:
+        raise InputError("`train` must hold at least one example. Got an empty training set.")
+    params = {name: value.detach().clone() for name, value in task.params().items()}
+    layout = ParamLayout.of(params)
+    p, dtype, device = layout.n, layout.dtype, layout.device
+    item = torch.finfo(dtype).bits // 8
+    chunks = influence._plan_chunks(train, params, layout)
+    solver = make_solver(influence.solver, **influence.solver_options)
+    notes: list[str] = []
+
+    # ---- probe
+    m = min(n, probe_examples)
+    batch = take(train, list(range(m)), dtype=dtype, device=device, check=task.check_batch)
+    act = input_size_per_example(task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model)
+    holder: dict[str, torch.Tensor] = {}
+
+    def grads() -> None:
+        holder["G"], _ = per_example_grads(task.loss, params, batch, layout)
+
+    tau_g = _timed(grads) / m
+    tau_s = _timed(lambda: batch_grad_sum(task.loss, params, batch, layout)) / m
+    gen = torch.Generator(device=device).manual_seed(0)
+    K = max(1, min(chunks.tangents, p, 32))
+    V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
+    tau_h1 = _timed(lambda: hvp_sum(task.loss, params, batch, layout, V[:1])) / m
+    tau_hK = _timed(lambda: hvp_sum(task.loss, params, batch, layout, V)) / (m * K) if K > 1 else tau_h1
+    rate = 2.0 * m * m * p / max(_timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
+    holder.clear()
+    probe = {"examples": float(m), "tau_grad": tau_g, "tau_sum": tau_s, "tau_hvp": tau_h1, "tau_hvp_block": tau_hK,
+             "block_tangents": float(K), "flops": rate, "activations_per_example": float(act)}
+
+    def hvp_seconds(k: int) -> float:
+        """Seconds of one full-data HVP with k tangents (vectorised in blocks of chunks.tangents)."""
+        if k <= 1:
+            return n * tau_h1
+        return n * k * (tau_hK if K > 1 else tau_h1)
+
+    base = p * item  # the copy of θ̂ that fit keeps
+    grad_chunk = min(chunks.grad, n) * (p + 4 * act) * item
+    full_hvp = hvp_seconds(1)
+    q = max(1, min(n_test, chunks.queries))
+    blocks = math.ceil(n_test / q) if n_test else 0
+    stages = [Stage("fit: gradient check", n * tau_s, base + min(chunks.grad, n) * 4 * act * item + 2 * p * item, "n·τ_s (batch gradients)")]
+
+    # ---- solver-specific fit, state and per-block solve
+    name = solver.name
+    if name == "exact":
+        eig_item = torch.finfo(solver.eig_dtype or dtype).bits // 8
+        state = 2 * p * p * eig_item + p * eig_item
+        cholesky = solver.method == "cholesky" or (solver.method == "auto" and p > solver.eigh_max_params)
+        decomposition = (p ** 3 / 3 if cholesky else 9 * p ** 3) / rate
+        assembling = p * p * item if eig_item != item else 0
+        fit_mem = base + state + assembling + (p * p * eig_item if cholesky else 0)
+        stages.append(Stage("fit: exact", hvp_seconds(p) + decomposition, fit_mem,
+                            f"p·n·τ_H + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e"))
+        if p > solver.max_params:
+            notes.append(f"the exact solver refuses this model: n_params = {p:,} > max_params = {solver.max_params:,}.")
+        rows = min(q, solver.residual_rows)
+        solve_block, solve_mem, solve_formula = 2 * (q + rows) * p * p / rate, 2 * q * p * eig_item, "2·(q + residual rows)·p² / ρ"
+    elif name == "cg":
+        state = 0
+        stages.append(Stage("fit: cg", 0.0, base, "nothing to fit"))
+        solve_block = cg_iterations * hvp_seconds(q)
+        solve_mem, solve_formula = 6 * q * p * item, f"cg_iterations·q·n·τ_H, cg_iterations = {cg_iterations} assumed"
+        notes.append(f"cg: {cg_iterations} block iterations assumed (set cg_iterations=); the real count depends on the conditioning of H + δI.")
+    elif name == "lissa":
+        state = 0
+        b = min(solver.batch_size, n)
+        stages.append(Stage("fit: lissa", solver.eigen_steps * full_hvp + 90 * b * tau_h1, base + 3 * p * item,
+                            "eigen_steps·n·τ_h + 90·batch·τ_h"))
+        solve_block = (solver.repeats * solver.depth * b / n + 1) * hvp_seconds(q)
+        solve_mem, solve_formula = 4 * q * p * item, "(repeats·depth·batch + n)·q·τ_H"
+    elif name == "arnoldi":
+        if solver.rank > p:
+            raise InputError(f"`rank` must be an int in [1, n_params] = [1, {p}]. Got {solver.rank}. Lower `rank` or use solver='exact'.")
+        steps = min(solver.n_iter if solver.n_iter is not None else 2 * solver.rank, p)
+        state = solver.rank * p * item
+        stages.append(Stage("fit: arnoldi", steps * full_hvp, base + state + steps * p * item,
+                            f"{steps} Lanczos steps · n·τ_h; state rank·p·b"))
+        rows = min(q, solver.residual_rows)
+        solve_block = 4 * q * solver.rank * p / rate + hvp_seconds(rows)
+        solve_mem, solve_formula = 2 * q * p * item, "4·q·rank·p / ρ + residual_rows·n·τ_h"
+    elif name in ("kfac", "ekfac"):
+        state, fit_seconds, fit_work, solve_flops = _kfac_probe(solver, influence, task, params, batch, m, n, chunks, hvp_seconds(solver.probes))
+        stages.append(Stage(f"fit: {name}", fit_seconds, base + state + fit_work,
+                            "probe fit × n/m + eigendecompositions + probes·n·τ_h; state 8·Σ(2k² + 2o² + ok)"))
+        solve_block = q * solve_flops / rate
+        solve_mem, solve_formula = 2 * q * p * 8, "4·q·Σ(o²k + ok²) / ρ (float64)"
+    else:  # a user-defined solver: the planner knows nothing of its cost
+        state = 0
+        stages.append(Stage(f"fit: {name}", float("nan"), base, "unknown solver: no estimate"))
+        solve_block, solve_mem, solve_formula = float("nan"), 2 * q * p * item, "unknown"
+        notes.append(f"solver {name!r} has no cost model in the planner; its stages show nan.")
+
+    held = base + state
+    if n_test:
+        stages.append(Stage("test gradients", n_test * tau_g, held + min(chunks.grad, q) * (p + 4 * act) * item + q * p * item,
+                            "t_test·τ_g"))
+        stages.append(Stage("query solve", blocks * solve_block, held + q * p * item + solve_mem, f"B = {blocks} block(s) × {solve_formula}"))
+        score_seconds = blocks * (n * tau_g + 2 * q * n * p / rate)
+        stages.append(Stage("scoring", score_seconds, held + n_test * n * item + q * p * item + grad_chunk,
+                            f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)"))
+        if blocks > 1:
+            notes.append(f"{blocks} query blocks of {q} test points (memory_budget allows {chunks.queries}): scoring makes "
+                         f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer.")
+    peak = max(s.memory for s in stages)
+    if peak > influence.memory_budget:
+        notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(influence.memory_budget)} "
+                     "(the budget sizes chunks; the solver's state and the score matrix come on top).")
+    return Plan(
+        solver=name, n_train=n, n_test=n_test, n_params=p, dtype=str(dtype), memory_budget=influence.memory_budget,
+        chunks={"grad": chunks.grad, "hvp": chunks.hvp, "tangents": chunks.tangents, "queries": chunks.queries},
+        stages=tuple(stages), solver_state=int(state), probe=probe, notes=tuple(notes),
+    )
+
+
+def _kfac_probe(solver: Any, influence: Any, task: Any, params: dict[str, torch.Tensor], batch: Any, m: int, n: int,
+                chunks: Any, probe_hvps: float) -> tuple[int, float, int, float]:
+    """Fit the kfac/ekfac solver on the m probe examples (no residual probes) and scale its passes to n.
+
+    Returns (state bytes, fit seconds, working bytes of a factor pass, flops per right-hand side of a solve).
+    """
+    probe_solver = make_solver(type(solver)(**{**_kfac_options(solver), "probes": 0}))
+    operator = HessianOperator(task, params, Examples(batch, name="train"), damping=max(influence.damping, 1e-3),
+                               batch_size=min(chunks.hvp, m), tangent_block=chunks.tangents)
+    start = time.perf_counter()
+    probe_solver.fit(operator)
+    total = time.perf_counter() - start
+    eig_start = time.perf_counter()
+    for layer in probe_solver.layers_:
+        torch.linalg.eigh(layer.A)
+        torch.linalg.eigh(layer.S)
+    eig = time.perf_counter() - eig_start
+    state, work, flops = 0, 0, 0.0
+    positions = _positions(probe_solver.layers_, task, params, batch)
+    variants = {"sampled": solver.samples, "expected": _n_outputs(task, params, batch), "empirical": 1}[solver.fisher]
+    c = min(chunks.hvp, n)
+    for layer in probe_solver.layers_:
+        o, k = layer.index.shape
+        state += 8 * (2 * k * k + 2 * o * o + o * k)
+        t = positions[layer.name]
+        work += 8 * c * t * (k + o * variants) * (2 if solver._corrected else 1)
+        flops += 4.0 * (o * o * k + o * k * k)
+    state += 8 * len(probe_solver.diagonal_)
+    seconds = max(total - eig, 0.0) * n / m + eig + probe_hvps
+    return state, seconds, work, flops
+
+
+def _kfac_options(solver: Any) -> dict[str, Any]:
+    return {"fisher": solver.fisher, "samples": solver.samples, "seed": solver.seed, "unsupported": solver.unsupported,
+            "block_elements": solver.block_elements}
+
+
+def _positions(layers: list[Any], task: Any, params: dict[str, torch.Tensor], batch: Any) -> dict[str, int]:
+    """Positions T per example of each layer (1 for a dense input, output pixels of a convolution)."""
+    counts: dict[str, int] = {}
+    handles = []
+    for layer in layers:
+        def hook(module: Any, inputs: Any, output: torch.Tensor, name: str = layer.name) -> None:
+            channels = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
+            counts[name] = max(1, output[0].numel() // channels)
+        handles.append(layer.module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            task.loss(params, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
+def _n_outputs(task: Any, params: dict[str, torch.Tensor], batch: Any) -> int:
+    inputs, _ = task.split(batch)
+    with torch.no_grad():
+        out = task.forward(params, *inputs)
+    return int(out[0].numel()) if out.dim() > 1 else 2
