@@ -1,6 +1,9 @@
 """The CLI, in-process: it parses arguments and prints what the library computes."""
 
+import os
 import re
+import subprocess
+import sys
 
 from typer.testing import CliRunner
 
@@ -40,3 +43,27 @@ def test_demo_writes_report_figures_and_a_table(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
     assert re.findall(r"^(exact|cg)\s+([0-9.-]+)\s", again.output, flags=re.M) == rows
+
+
+def test_demo_under_torchrun_with_two_processes(tmp_path):
+    # torchrun starts 2 CPU ranks (gloo); each runs the command line. The influence computations are sharded,
+    # rank 0 alone retrains, prints and writes, and the table equals a single process's (same 4 printed decimals).
+    args = ["demo", "--n-test", "1", "--top-k", "6", "--n-random", "4", "--solvers", "exact,cg,kfac"]
+    single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "influencekit.cli",
+         *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("influence vs actual leave-one-out retraining") == 1  # printed by rank 0 only
+    table = r"^(exact|cg|kfac)\s+([0-9.-]+)\s+([0-9.-]+)\s"
+    rows = re.findall(table, run.stdout, flags=re.M)
+    assert [name for name, *_ in rows] == ["exact", "cg", "kfac"]
+    assert rows == re.findall(table, single.output, flags=re.M)
+    # rank 0's scoring bar counts its own shard: 600 of the 1,200 training digits
+    assert "/600 " in run.stderr and "/1200 " not in run.stderr.split("leave-one-out retraining")[-1]
+    for name in ("report.md", "loo_exact.png", "loo_kfac.png", "influential.png", "loo-cache/manifest.json"):
+        assert (tmp_path / "two" / name).is_file(), name

@@ -265,15 +265,38 @@ def inspect(
     typer.echo(result.text)
 
 
+# Under torchrun every rank runs the command line. These commands then run on every rank, their influence
+# computations sharded across the process group (rank 0 alone prints and writes files); any other command runs
+# on rank 0 alone, unsharded, and the other ranks exit at once.
+SHARDED_COMMANDS = frozenset({"demo", "explain"})
+
+
 def main() -> None:
-    """Entry point of the ``influencekit`` command."""
+    """Entry point of the ``influencekit`` command (also under ``torchrun ... -m influencekit.cli``)."""
+    import contextlib
+    import os
+
+    from .distributed import init_from_environment, is_main_process
     from .errors import InfluenceKitError
 
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    rank = int(os.environ.get("RANK") or 0)
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 and command not in SHARDED_COMMANDS and rank != 0:
+        return
+    owned = command in SHARDED_COMMANDS and init_from_environment()
     try:
-        app()
+        with contextlib.ExitStack() as stack:
+            if not is_main_process():
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            app()
     except InfluenceKitError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {f'rank {rank}: ' if owned else ''}{exc}", err=True)
         sys.exit(2)
+    finally:
+        if owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

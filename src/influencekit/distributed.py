@@ -23,6 +23,7 @@ naming it) instead of waiting forever; pass ``timeout=`` to ``init_process_group
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from .errors import DistributedError, InputError, UnsupportedError
 
-__all__ = ["Shard", "resolve_shard", "shard_bounds", "DistributedError"]
+__all__ = ["Shard", "resolve_shard", "shard_bounds", "init_from_environment", "is_main_process", "DistributedError"]
 
 T = TypeVar("T")
 
@@ -166,3 +167,33 @@ def resolve_shard(distributed: bool | None, n: int, device: torch.device) -> Sha
         )
     start, stop = shard_bounds(n, world, rank)
     return Shard(rank=rank, world_size=world, n=n, start=start, stop=stop)
+
+
+# the variables torchrun (torch.distributed.run) sets in every process it starts
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+
+
+def init_from_environment() -> bool:
+    """Initialise the default process group from torchrun's environment, if launched by it; True if it did.
+
+    Nothing happens (False) when ``RANK``, ``WORLD_SIZE`` and ``MASTER_ADDR`` are not all set, or when a group
+    is already initialised. The backend is gloo without CUDA; with CUDA it is ``"cpu:gloo,cuda:nccl"`` (nccl
+    for GPU tensors, gloo for CPU ones) and this process's GPU is ``LOCAL_RANK``. The caller owns the group
+    (``torch.distributed.destroy_process_group()`` when done).
+    """
+    if not all(os.environ.get(name) for name in TORCHRUN_VARIABLES):
+        return False
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    return True
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of an initialised process group, and always without one: the process that writes."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

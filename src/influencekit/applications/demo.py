@@ -47,9 +47,20 @@ def run_demo(
     solvers: tuple[str, ...] = ("exact", "cg", "lissa"),
     progress: bool = False,
 ) -> DemoResult:
-    """Run the demo and write ``report.md``, ``loo_<solver>.png`` and ``influential.png`` into ``out_dir``."""
+    """Run the demo and write ``report.md``, ``loo_<solver>.png`` and ``influential.png`` into ``out_dir``.
+
+    Under a torch.distributed process group (e.g. ``torchrun ... -m influencekit.cli demo``) every rank calls
+    this: the influence computations are sharded, while rank 0 alone retrains (the others wait at a barrier),
+    plots and writes; the other ranks return an empty table and no files.
+    """
+    import torch.distributed as dist
+
+    from ..distributed import is_main_process
+
+    main = is_main_process()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     digits = train_digits_logistic(l2=l2, seed=seed)
     (X_train, y_train), (X_test, y_test) = digits.train, digits.test
@@ -69,15 +80,22 @@ def run_demo(
 
     # Ground truth once: retrain without each selected point (selection by the exact solver's ranking).
     reference = "exact" if "exact" in fitted else solvers[0]
-    loo = leave_one_out(
-        fitted[reference], test, top_k=top_k, n_random=n_random, seed=seed, cache_dir=out / "loo-cache", progress=progress
-    )
+    sharded = fitted[reference].shard_ is not None
+    if main:  # retrainings are not sharded: rank 0 does them with an unsharded copy of the reference
+        ref = fitted[reference] if not sharded else Influence(
+            task, (X_train, y_train), solver=reference, solver_options=fitted[reference].solver_options, distributed=False
+        ).fit()
+        loo = leave_one_out(ref, test, top_k=top_k, n_random=n_random, seed=seed, cache_dir=out / "loo-cache", progress=progress)
+    if sharded:
+        dist.barrier()
     table = []
     figures = []
     for name, inf in fitted.items():
         t0 = time.perf_counter()
         scores = inf.scores(test)
         timings[name] += time.perf_counter() - t0
+        if not main:
+            continue
         predicted = scores.predicted_loo_change().numpy()[loo.test_index, loo.train_index]
         report = scores.metadata["solve_reports"][0]
         table.append({
@@ -93,6 +111,8 @@ def run_demo(
         figures.append(path)
 
     ranked = fitted[reference].top_k(test, k=k_show)
+    if not main:
+        return DemoResult(out, [], out / "report.md")
     gallery = out / "influential.png"
     import matplotlib.pyplot as plt
 
