@@ -185,9 +185,9 @@ def test_ekfac_eigenvalues_are_the_gauss_newton_diagonal_in_the_kronecker_basis(
 # block-diagonal G itself reaches 0.997 / 0.977: ignoring cross-layer blocks is the main loss). At δ = 0.01 the
 # figures are 0.890 / 0.773 (block-diagonal exact 0.976 / 0.904). The bound below each is the measured value
 # minus about 0.02; every one must also beat the curvature-free baseline −∇ℓ_testᵀ∇L (r 0.892 / 0.802).
-# Sampled labels, 10 per example, seed 0: 0.972 / 0.953 (seeds 0-2: 0.972-0.981 / 0.943-0.953); with one label
-# per example the same seeds give 0.787-0.939 / 0.924-0.944 (the models are confident, so one label rarely
-# visits the other classes). K-FAC without the correction: 0.989 / 0.925.
+# Sampled labels (drawn per global example index), 10 per example, seed 0: 0.964 / 0.945 (seeds 0-2:
+# 0.964-0.974 / 0.944-0.953); with one label per example the same seeds give 0.805-0.956 / 0.918-0.944 (the
+# models are confident, so one label rarely visits the other classes). K-FAC without the correction: 0.989 / 0.925.
 R_MIN = {
     ("mlp", "ekfac", "expected"): 0.97,
     ("mlp", "ekfac", "sampled"): 0.95,
