@@ -240,3 +240,22 @@ def test_distributed_true_needs_a_process_group(problem):
 
 def test_distributed_error_is_exported():
     assert issubclass(DistributedError, ik.InfluenceKitError) and issubclass(DistributedError, RuntimeError)
+
+
+def test_a_ddp_wrapped_model_gives_the_unwrapped_scores(tmp_path):
+    """DistributedDataParallel keeps the real model in .module; the task unwraps it (one-rank gloo group)."""
+    torch.manual_seed(0)
+    model = small_mlp()
+    X, y = torch.randn(30, 6, dtype=torch.float64), torch.randint(0, 3, (30,))
+    assert ik.fit_lbfgs(ik.ClassificationTask(model, l2=1e-2), (X, y), tol=1e-9).converged
+    plain = ik.Influence(ik.ClassificationTask(model, l2=1e-2), (X, y), solver="exact", damping=0.5).fit()
+    expected = plain.scores((X[:4], y[:4])).values
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        task = ik.ClassificationTask(wrapped, l2=1e-2)
+        assert task.model is model
+        got = ik.Influence(task, (X, y), solver="exact", damping=0.5).fit().scores((X[:4], y[:4])).values
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
