@@ -22,8 +22,8 @@ Stages and their time formulas:
                             arnoldi:  min(n_iter or 2·rank, p)·n·τ_h
                             kfac/ekfac: (the solver's own fit on the m probe examples − eigh) × n/m + eigh
                                       + probes·n·τ_h, where eigh (the factors' eigendecompositions, whose
-                                      size does not depend on n) = Σ_factors t_256·(size/256)³, t_256 the
-                                      timed eigh of a 256 × 256 matrix
+                                      size does not depend on n) = Σ_factors t_r·(size/r)³, t_r the timed
+                                      eigh of an r × r matrix, r = min(largest factor, 1024)
     test gradients          t_test·τ_g
     query solve             B × per block: exact 2·q·p² / ρ (+ residual rows); cg iterations·q·n·τ_h
                             (iterations is an assumption, given as ``cg_iterations``); lissa
@@ -315,9 +315,10 @@ def _kfac_probe(solver: Any, influence: Any, task: Any, params: dict[str, torch.
     probe_solver.fit(operator)
     total = time.perf_counter() - start
     # the eigendecompositions do not grow with n: estimate them from one timed eigh of a matrix of at most
-    # 256 rows, scaled by (size / 256)³, and take them out of what is scaled by n/m
+    # 1,024 rows, scaled by (size / 1024)³, and take them out of what is scaled by n/m (a smaller timed
+    # matrix is dominated by call and threading overhead, which the cube then magnifies)
     sizes = [d for layer in probe_solver.layers_ for d in layer.index.shape]
-    r = max(1, min(256, max(sizes, default=1)))
+    r = max(1, min(1024, max(sizes, default=1)))
     M = torch.randn(r, r, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     M = M @ M.T
     unit = _timed(lambda: torch.linalg.eigh(M))
