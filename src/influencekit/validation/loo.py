@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import ParamLayout, batch_grad_sum
+from ..autodiff import ParamLayout
 from ..checks import check_indices, check_int, check_number
-from ..data.examples import Examples, batch_size_of, stream, take
+from ..data.examples import Examples, batch_size_of, take
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
 from ..progress import progress_bar
 from ..scoring import Influence
 from ..task import Task
-from ..training import TrainReport, fit_lbfgs, fit_steps
+from ..training import TrainReport, _objective_and_grad, fit_lbfgs, fit_steps
 from .metrics import _correlation_or_nan, pearson, spearman
 
 __all__ = ["leave_one_out", "LOOResult", "StepRetrain"]
@@ -272,16 +272,8 @@ class _Retrainer:
 
     def _grad_norm(self, weights: torch.Tensor) -> float:
         """‖∇R_w(θ)‖ at the copy's current parameters, the same quantity fit_lbfgs stops on."""
-        task = self.work
-        params = task.params()
-        layout = ParamLayout.of(params)
-        grad = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
-        size = self.grad_batch_size
-        for lo, batch in stream(self.influence.train_, size, dtype=layout.dtype, device=layout.device, check=task.check_batch):
-            w = weights[lo:lo + size].to(layout.device, layout.dtype)
-            g, _ = batch_grad_sum(task.loss, params, batch, layout, w)
-            grad += g
-        grad = grad / float(weights.sum()) + task.l2 * layout.flatten(params)
+        params = self.work.params()
+        _, grad = _objective_and_grad(self.work, params, self.influence.train_, ParamLayout.of(params), weights, self.grad_batch_size)
         return float(grad.norm())
 
 
