@@ -19,7 +19,7 @@ import numpy as np
 from ..report.figures import plot_influential_images
 from ..scoring import Influence
 from .explain import train_digits_logistic
-from ..validation import leave_one_out, pearson, spearman
+from ..validation import leave_one_out, pearson, plot_loo, spearman
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -107,7 +107,7 @@ def run_demo(
             "relative_residual": report["relative_residual"],
         })
         path = out / f"loo_{name}.png"
-        _plot(predicted, loo, path, f"{name} solver, digits logistic regression")
+        plot_loo(predicted, loo.actual, test_index=loo.test_index, path=path, title=f"{name} solver, digits logistic regression")
         figures.append(path)
 
     ranked = fitted[reference].top_k(test, k=k_show)
@@ -149,15 +149,6 @@ def run_demo(
     report_path.write_text("\n".join(lines) + "\n")
     text = _summary(table, loo, out)
     return DemoResult(out, table, report_path, figures, text)
-
-
-def _plot(predicted: np.ndarray, loo: Any, path: Path, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    from ..validation.plot import plot_loo
-
-    fig = plot_loo(predicted, loo.actual, test_index=loo.test_index, path=path, title=title)
-    plt.close(fig)
 
 
 def _summary(table: list[dict[str, Any]], loo: Any, out: Path) -> str:
