@@ -70,6 +70,15 @@ def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
     return names
 
 
+def _refuse_labels(task: str, name: str, allowed: str, target: torch.Tensor, bad: torch.Tensor, offset: int) -> None:
+    """Raise InputError naming the first label at the positions ``bad`` (if any) and how many more there are."""
+    if len(bad):
+        raise InputError(
+            f"{task} labels in `{name}` must be {allowed}. Got {target[bad[0]].item()!r} at example "
+            f"{offset + int(bad[0])}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "."
+        )
+
+
 class Task:
     """A per-example loss over a model, the L2 strength inside it, and the parameters influence is about.
 
@@ -214,11 +223,7 @@ class ClassificationTask(_SupervisedTask):
         else:
             bad = ((target != 0) & (target != 1)).nonzero().flatten()
             allowed = "0 or 1 (the model has one output: binary logistic loss)"
-        if len(bad):
-            raise InputError(
-                f"ClassificationTask labels in `{name}` must be {allowed}. Got {target[bad[0]].item()!r} at example "
-                f"{offset + int(bad[0])}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "."
-            )
+        _refuse_labels("ClassificationTask", name, allowed, target, bad, offset)
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
         inputs, target = self.split(batch)
@@ -307,11 +312,7 @@ class SmoothHingeTask(_SupervisedTask):
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise InputError(f"SmoothHingeTask labels in `{name}` must be a 1-D tensor of 0/1, shape (n,).")
         bad = ((target != 0) & (target != 1)).nonzero().flatten()
-        if len(bad):
-            raise InputError(
-                f"SmoothHingeTask labels in `{name}` must be 0 or 1 (mapped to -1/+1). Got {target[bad[0]].item()!r} at "
-                f"example {offset + int(bad[0])}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") + "."
-            )
+        _refuse_labels("SmoothHingeTask", name, "0 or 1 (mapped to -1/+1)", target, bad, offset)
 
     def margins(self, params: Params, batch: Any) -> torch.Tensor:
         """s·f(x) per example, shape ``(B,)``."""
