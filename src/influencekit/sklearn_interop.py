@@ -29,6 +29,7 @@ of them by it), which gives the same probabilities and the same influence on eve
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,8 @@ import torch
 from torch import nn
 
 from .checks import check_number
-from .errors import InputError, InputTypeError, UnsupportedError
+from .applications.svm import fit_hinge_svm, set_linear
+from .errors import InputError, InputTypeError, StationarityWarning, UnsupportedError
 from .scoring import Influence
 from .solvers import Solver
 from .task import ClassificationTask, Params, RegressionTask, SmoothHingeTask
@@ -145,7 +147,7 @@ def _from_ridge(estimator: Any, X: Any, y: Any, dtype: torch.dtype) -> tuple[Any
     return task, (X, target)
 
 
-def _from_linear_svc(estimator: Any, X: Any, y: Any, dtype: torch.dtype, temperature: float) -> tuple[Any, Any]:
+def _from_linear_svc(estimator: Any, X: Any, y: Any, dtype: torch.dtype, temperature: float, polish: bool) -> tuple[Any, Any]:
     _fitted(estimator)
     coef = np.asarray(estimator.coef_, dtype=np.float64)
     params = estimator.get_params()
@@ -171,18 +173,17 @@ def _from_linear_svc(estimator: Any, X: Any, y: Any, dtype: torch.dtype, tempera
     l2 = 1.0 / (C * len(X))
     model = nn.Linear(coef.shape[1], 1, bias=bool(params.get("fit_intercept"))).to(dtype)
     theta = np.concatenate([coef[0], np.atleast_1d(estimator.intercept_)]) if model.bias is not None else coef[0]
-    from .applications.svm import fit_hinge_svm, set_linear
-
     set_linear(model, theta)
     if params.get("loss") == "hinge":
         task = SmoothHingeTask(model, temperature=temperature, l2=l2)
+    else:
+        task = _SquaredHingeTask(model, temperature=0.0, l2=l2)
+    if polish and params.get("loss") == "hinge":
         # liblinear stops at a loose tolerance: re-solve the same SVM exactly (the optimum is unique)
         features = X.detach().cpu().to(torch.float64).numpy()
         if model.bias is not None:
             features = np.hstack([features, np.ones((len(features), 1))])
         set_linear(model, fit_hinge_svm(features, labels.numpy(), l2=l2).theta)
-    else:
-        task = _SquaredHingeTask(model, temperature=0.0, l2=l2)
     task.source = f"sklearn LinearSVC(C={C:g}, loss={params.get('loss')!r})"
     return task, (X, labels)
 
@@ -254,7 +255,8 @@ def from_sklearn(
         y: ``(n,)`` the training labels it was fitted on (any labels in ``estimator.classes_``).
         solver, damping, progress, influence_options: passed to :class:`~influencekit.Influence`.
         polish: retrain from scikit-learn's solution to ‖∇R‖ ≤ 1e-9 (its default ``tol`` leaves ‖∇R‖ near
-            1e-5, which influence notices); the estimator itself is not changed.
+            1e-5, which influence notices) — for ``LinearSVC(loss="hinge")``, re-solve the SVM exactly instead;
+            the estimator itself is not changed.
         dtype: the floating dtype of the torch model and data.
         temperature: t of the smooth hinge for ``LinearSVC(loss="hinge")`` (influence only; the model is the
             exact hinge optimum). Ignored otherwise.
@@ -271,13 +273,9 @@ def from_sklearn(
             task, train = _from_ridge(estimator, X, y, dtype)
         else:
             temperature = check_number("temperature", temperature, low=0.0)
-            task, train = _from_linear_svc(estimator, X, y, dtype, temperature)
-        if polish and not type(task) is SmoothHingeTask:  # the true hinge was re-solved exactly already
+            task, train = _from_linear_svc(estimator, X, y, dtype, temperature, polish)
+        if polish and type(task) is not SmoothHingeTask:  # the true hinge was re-solved exactly already
             fit_lbfgs(task, train, tol=1e-9)
-        import warnings
-
-        from .errors import StationarityWarning
-
         with warnings.catch_warnings():
             if isinstance(task, SmoothHingeTask) and not isinstance(task, _SquaredHingeTask):
                 # the hinge optimum is not a stationary point of the smooth hinge: expected (Koh & Liang §4.1)
