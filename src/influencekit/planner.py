@@ -62,11 +62,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .autodiff import ParamLayout, batch_grad_sum, hvp_sum, input_size_per_example, per_example_grads
+from .autodiff import ParamLayout, batch_grad_sum, hvp_sum, input_size_per_example
 from .checks import check_int
 from .data.examples import Examples, take
 from .errors import InputError
 from .hessian import HessianOperator
+from .layers import choose_per_example
 from .solvers import make_solver
 
 if TYPE_CHECKING:
@@ -204,9 +205,10 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
     batch = take(train, list(range(m)), dtype=dtype, device=device, check=task.check_batch)
     act = input_size_per_example(task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model)
     holder: dict[str, torch.Tensor] = {}
+    per_example, gradient_method, _ = choose_per_example(influence.gradients, task.model, task.loss, params, layout, batch)
 
     def grads() -> None:
-        holder["G"], _ = per_example_grads(task.loss, params, batch, layout)
+        holder["G"], _ = per_example(task.loss, params, batch)
 
     tau_g = _timed(grads) / m
     tau_s = _timed(lambda: batch_grad_sum(task.loss, params, batch, layout)) / m
@@ -215,6 +217,7 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
     V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
     tau_h1 = _timed(lambda: hvp_sum(task.loss, params, batch, layout, V[:1])) / m
     tau_hK = _timed(lambda: hvp_sum(task.loss, params, batch, layout, V)) / (m * K) if K > 1 else tau_h1
+    notes.append(f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)")
     rate = 2.0 * m * m * p / max(_timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
     holder.clear()
     probe = {"examples": float(m), "tau_grad": tau_g, "tau_sum": tau_s, "tau_hvp": tau_h1, "tau_hvp_block": tau_hK,

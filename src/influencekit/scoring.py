@@ -21,7 +21,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -31,6 +31,7 @@ from .data.examples import Examples, batch_size_of, stream, take
 from .distributed import SHARDED_SOLVERS, Shard, parameter_digest, resolve_shard
 from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning, UnsupportedError
 from .hessian import HessianOperator
+from .layers import GRADIENT_METHODS, choose_per_example
 from .progress import progress_bar
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
 from .solvers import Solver, SolveReport, make_solver
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from .planner import Plan
 
 __all__ = ["Influence"]
+
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,12 @@ class Influence:
             group (:mod:`influencekit.distributed`). ``None`` (default): shard when a group of more than one
             rank is initialised (e.g. under ``torchrun``); ``True``: require one; ``False``: never. Every rank
             must pass the same model, task, data and options; all ranks then return the same results.
+        gradients: how per-example gradients are computed. ``"layers"``: from the inputs and output gradients
+            of nn.Linear / nn.Conv2d layers in one batched backward pass (:mod:`influencekit.layers`; all
+            selected parameters must belong to such layers); ``"vmap"``: ``vmap(grad)`` over examples, for any
+            model; ``"auto"`` (default): layers when they cover the selected parameters *and* agree with vmap
+            on the first examples (to √eps relative; a loss that uses a parameter outside its layer fails this
+            check), vmap otherwise. The choice per side is kept in ``gradient_methods_``.
 
     Example::
 
@@ -96,6 +104,7 @@ class Influence:
         stationarity_tol: float = 1e-3,
         progress: bool = False,
         distributed: bool | None = None,
+        gradients: str = "auto",
     ) -> None:
         if not isinstance(task, Task):
             raise InputTypeError(f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}.")
@@ -111,6 +120,9 @@ class Influence:
         if distributed is not None and not isinstance(distributed, bool):
             raise InputTypeError(f"`distributed` must be None, True or False. Got {distributed!r}.")
         self.distributed = distributed
+        if gradients not in GRADIENT_METHODS:
+            raise InputError(f"`gradients` must be one of {', '.join(repr(m) for m in GRADIENT_METHODS)}. Got {gradients!r}.")
+        self.gradients = gradients
         make_solver(solver, **self.solver_options)  # validate the choice now, not at fit time
 
     # ------------------------------------------------------------------------------------------ fit
@@ -133,6 +145,8 @@ class Influence:
         if shard is not None:
             self._check_ranks_agree(shard, train, layout, theta)
         self.chunks_ = self._plan_chunks(train, params, layout)
+        self.gradient_methods_: dict[str, str] = {}
+        self._pex: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
         start, stop = (0, None) if shard is None else (shard.start, shard.stop)
 
         def local_sums() -> torch.Tensor:
@@ -250,7 +264,7 @@ class Influence:
         stop = len(data) if stop is None else stop
         bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress_)
         for lo, batch in stream(data, self.chunks_.grad, dtype=layout.dtype, device=layout.device, check=self.task.check_batch, start=start, stop=stop):
-            G, losses = per_example_grads(fn, self.params_, batch, layout)
+            G, losses = self._per_example(train_side, batch)(fn, self.params_, batch)
             self._check_losses(losses, data.name, lo)
             self._check_grads(G, data.name, lo)
             if l2_term is not None:
@@ -259,6 +273,19 @@ class Influence:
             yield lo, G
         bar.close()
 
+    def _per_example(self, train_side: bool, batch: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The per-example gradient function ``(fn, params, batch) -> (G, values)`` for one side, chosen on its
+        first batch (see ``gradients`` in the class docstring) and kept."""
+        side = "train" if train_side else "test"
+        if side in self._pex:
+            return self._pex[side]
+        fn = self.task.loss if train_side else self.task.measurement
+        chosen, method, reason = choose_per_example(self.gradients, self.task.model, fn, self.params_, self.layout_, batch, side=side)
+        self.gradient_methods_[side] = method
+        logger.info("per-example gradients (%s side): %s (%s)", side, self.gradient_methods_[side], reason)
+        self._pex[side] = chosen
+        return chosen
+
     def _gather(self, data: Examples, indices: Sequence[int], *, train_side: bool) -> torch.Tensor:
         layout = self.layout_
         fn = self.task.loss if train_side else self.task.measurement
@@ -266,7 +293,7 @@ class Influence:
         for lo in range(0, len(indices), self.chunks_.grad):
             part = list(indices[lo:lo + self.chunks_.grad])
             batch = take(data, part, dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
-            G, losses = per_example_grads(fn, self.params_, batch, layout)
+            G, losses = self._per_example(train_side, batch)(fn, self.params_, batch)
             self._check_losses(losses, data.name, part[0])
             self._check_grads(G, data.name, part[0])
             rows.append(G)

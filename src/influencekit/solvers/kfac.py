@@ -52,18 +52,17 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..autodiff import ParamLayout, per_example_grads
 from ..checks import check_int
 from ..data.examples import stream
 from ..errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
+from ..layers import LayerBlock, LayerTaps, layer_blocks
 from ..task import ClassificationTask, RegressionTask, Task
 from .base import Solver, relative_residuals
 
@@ -72,26 +71,19 @@ __all__ = ["KFACSolver", "EKFACSolver"]
 logger = logging.getLogger(__name__)
 
 _FISHERS = ("sampled", "expected", "empirical")
-_SUPPORTED = (nn.Linear, nn.Conv2d)
 # examples per seeded generator of sampled labels: the draws of example i come from block i // _DRAW_BLOCK
 _DRAW_BLOCK = 256
 
 
 @dataclass
-class _Layer:
-    """One supported module with selected parameters: where its block sits in the flat vector, its factors."""
+class _Layer(LayerBlock):
+    """A layer block (:class:`~influencekit.layers.LayerBlock`) with its Kronecker factors."""
 
-    name: str
-    module: nn.Module
-    has_weight: bool
-    has_bias: bool
-    index: torch.Tensor  # (out, k): flat positions of the block [W | b], row-major
     A: torch.Tensor | None = None  # (k, k)
     S: torch.Tensor | None = None  # (out, out)
     QA: torch.Tensor | None = None
     QS: torch.Tensor | None = None
     eig: torch.Tensor | None = None  # (out, k): λ_S λ_Aᵀ (K-FAC) or Λ (EK-FAC)
-    captured: list[torch.Tensor] = field(default_factory=list)  # inputs / outputs of the current forward pass
 
 
 def _loss_kind(task: Task) -> str:
@@ -160,32 +152,8 @@ class KFACSolver(Solver):
     # ------------------------------------------------------------------------------------------ setup
     def _layers(self, operator: Any) -> tuple[list[_Layer], list[str]]:
         """Supported modules holding selected parameters, and the selected names left over."""
-        layout = operator.layout
-        offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
-        selected = set(layout.names)
-        layers: list[_Layer] = []
-        covered: set[str] = set()
-        for mname, module in operator.task.model.named_modules():
-            if not isinstance(module, _SUPPORTED):
-                continue
-            prefix = f"{mname}." if mname else ""
-            wname, bname = prefix + "weight", prefix + "bias"
-            has_w, has_b = wname in selected, bname in selected and module.bias is not None
-            if not (has_w or has_b):
-                continue
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                continue  # left over: reported as unsupported below
-            out = module.weight.shape[0]
-            parts = []
-            if has_w:
-                kin = module.weight[0].numel()
-                parts.append(offsets[wname] + torch.arange(out * kin).reshape(out, kin))
-                covered.add(wname)
-            if has_b:
-                parts.append(offsets[bname] + torch.arange(out).reshape(out, 1))
-                covered.add(bname)
-            layers.append(_Layer(mname, module, has_w, has_b, torch.cat(parts, dim=1).to(operator.device)))
-        return layers, [n for n in layout.names if n not in covered]
+        blocks, leftover = layer_blocks(operator.task.model, operator.layout)
+        return [_Layer(b.name, b.module, b.weight, b.bias, b.index) for b in blocks], leftover
 
     def _draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
@@ -241,33 +209,6 @@ class KFACSolver(Solver):
             variants.append((_with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
         return variants
 
-    @staticmethod
-    def _inputs(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        """Layer inputs as (B, T, k): rows ã_t (patches for a convolution), with a 1 appended for the bias."""
-        m = layer.module
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-                x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-                padding: Any = 0
-            else:
-                padding = m.padding
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2)
-        else:
-            a = x.reshape(x.shape[0], -1, x.shape[-1])
-        a = a.to(torch.float64)
-        parts = [a] if layer.has_weight else []
-        if layer.has_bias:
-            parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
-        return torch.cat(parts, dim=2)
-
-    @staticmethod
-    def _outputs(layer: _Layer, g: torch.Tensor) -> torch.Tensor:
-        """Output gradients as (B, T, out)."""
-        if isinstance(layer.module, nn.Conv2d):
-            return g.flatten(2).transpose(1, 2).to(torch.float64)
-        return g.reshape(g.shape[0], -1, g.shape[-1]).to(torch.float64)
-
     def _passes(self, operator: Any, layers: list[_Layer], leftover: list[str]) -> Any:
         """Yield, per chunk and label variant: (layer inputs (B,T,k) per layer, output gradients (B,T,out) per
         layer, per-example gradients of the leftover parameters (B, p) or None, is_first_variant)."""
@@ -276,52 +217,16 @@ class KFACSolver(Solver):
         params = {k: v.detach() for k, v in operator.params.items()}
         shard = getattr(operator, "shard", None)
         start, stop = (0, None) if shard is None else (shard.start, shard.stop)
-        recording = {"on": False}
-        handles = []
-
-        def hook(layer: _Layer) -> Any:
-            def fn(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-                if not recording["on"]:
-                    return
-                if layer.captured:
-                    raise UnsupportedError(
-                        f"layer {layer.name!r} is called more than once per forward pass (shared or recurrent use); "
-                        "kfac/ekfac factor each layer from one call. Exclude its parameters with `params=`."
-                    )
-                layer.captured.extend([inputs[0].detach(), output])
-            return fn
-
         leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
-        try:
-            for layer in layers:
-                handles.append(layer.module.register_forward_hook(hook(layer)))
+        with LayerTaps(layers) as taps:
             for lo, batch in stream(operator.data, operator.batch_size, dtype=operator.dtype, device=operator.device, check=task.check_batch, start=start, stop=stop):
                 inputs, _ = task.split(batch)
                 with torch.no_grad():
                     out = task.forward(params, *inputs)
                 for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, lo)):
-                    live = {k: t.clone().requires_grad_(True) for k, t in params.items()}
-                    for layer in layers:
-                        layer.captured.clear()
-                    recording["on"] = True
-                    try:
-                        with torch.enable_grad():
-                            losses = task.loss(live, vbatch)
-                            sw = w.sqrt().to(losses.dtype)
-                            missing = [layer.name for layer in layers if not layer.captured]
-                            if missing:
-                                raise UnsupportedError(
-                                    f"the layers {missing} hold selected parameters but are not called by the model's "
-                                    "forward pass; exclude them with `params=`."
-                                )
-                            outs = [layer.captured[1] for layer in layers]
-                            grads = torch.autograd.grad((sw * losses).sum(), outs) if outs else []
-                    finally:
-                        recording["on"] = False
-                    A_in = [self._inputs(layer, layer.captured[0]) for layer in layers] if v == 0 else None
-                    G_out = [self._outputs(layer, g) for layer, g in zip(layers, grads)]
-                    for layer in layers:
-                        layer.captured.clear()
+                    raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
+                    A_in = [layer.inputs(x, dtype=torch.float64) for layer, x in zip(layers, raw_in)] if v == 0 else None
+                    G_out = [layer.output_grads(g, dtype=torch.float64) for layer, g in zip(layers, raw_grads)]
                     extra = None
                     if leftover_layout is not None:
                         def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
@@ -330,11 +235,6 @@ class KFACSolver(Solver):
 
                         extra, _ = per_example_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
                     yield A_in, G_out, extra
-        finally:
-            for h in handles:
-                h.remove()
-            for layer in layers:
-                layer.captured.clear()
 
     # --------------------------------------------------------------------------------------------- fit
     def _fit(self, operator: Any) -> None:

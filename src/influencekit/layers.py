@@ -1,0 +1,265 @@
+"""Layer taps: the inputs and output gradients of nn.Linear / nn.Conv2d layers, from one ordinary backward pass.
+
+For a layer with pre-activation outputs s_t = W a_t + b at positions t (one for a dense input; the sequence
+positions of a ``(B, T, in)`` input; the spatial output positions of a convolution, a_t being the unfolded
+input patch) and g_t = ∂ℓ/∂s_t, the per-example gradients are
+
+    ∇_W ℓ(z) = Σ_t g_t a_tᵀ,        ∇_b ℓ(z) = Σ_t g_t.
+
+Forward hooks record each layer's input and output; one ``autograd.grad`` of Σ_z ℓ(z) with respect to the
+outputs gives every example's g at once, because an example's loss depends on its own outputs only. This is
+what :mod:`~influencekit.solvers.kfac` builds its Kronecker factors from, and what :class:`LayerGradients`
+turns into per-example gradient rows: one batched forward and backward plus a batched outer product, instead
+of ``vmap(grad)`` running the model once per example (on the 1M-parameter CNN of ``benchmarks/scale.py``,
+about 3× faster on CPU; ``benchmarks/scale.py`` measures both).
+
+Only contributions that flow through the tapped modules' forward are seen: a loss that also uses a parameter
+directly (a penalty on the weights, a tied weight used outside its module) would be missed. The engine
+therefore compares the result with ``vmap(grad)`` on a few examples before using it
+(:meth:`influencekit.Influence.fit`), and falls back to ``vmap(grad)`` when they differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch.utils._pytree import tree_map
+
+from .autodiff import LossFn, ParamLayout, per_example_grads
+from .data.examples import batch_size_of
+from .errors import UnsupportedError
+
+__all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "LayerTaps", "LayerGradients", "choose_per_example"]
+
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+GRADIENT_METHODS = ("auto", "layers", "vmap")
+PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LayerBlock:
+    """One supported module holding selected parameters, and where they sit in the flat parameter vector."""
+
+    name: str
+    module: nn.Module
+    weight: str | None  # the selected weight's parameter name, or None
+    bias: str | None  # the selected bias's parameter name, or None
+    index: torch.Tensor  # (out, k): flat positions of the block [W | b], row-major
+    captured: list[torch.Tensor] = field(default_factory=list)  # input, output of the current forward pass
+
+    @property
+    def has_weight(self) -> bool:
+        return self.weight is not None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    def inputs(self, x: torch.Tensor, *, dtype: torch.dtype | None = None, append_one: bool = True) -> torch.Tensor:
+        """Layer inputs as ``(B, T, k)``: rows a_t (patches for a convolution), with a 1 appended for the bias
+        when the bias is selected and ``append_one``."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+                x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+                padding: Any = 0
+            else:
+                padding = m.padding
+            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2)
+        else:
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+        if dtype is not None:
+            a = a.to(dtype)
+        parts = [a] if self.has_weight else []
+        if self.has_bias and append_one:
+            parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
+        return torch.cat(parts, dim=2) if len(parts) > 1 else (parts[0] if parts else a[:, :, :0])
+
+    def output_grads(self, g: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Output gradients as ``(B, T, out)``."""
+        if isinstance(self.module, nn.Conv2d):
+            g = g.flatten(2).transpose(1, 2)
+        else:
+            g = g.reshape(g.shape[0], -1, g.shape[-1])
+        return g if dtype is None else g.to(dtype)
+
+
+def layer_blocks(model: nn.Module, layout: ParamLayout) -> tuple[list[LayerBlock], list[str]]:
+    """The supported modules (nn.Linear; nn.Conv2d with groups=1) holding selected parameters, in model order,
+    and the selected parameter names they leave over."""
+    offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
+    selected = set(layout.names)
+    blocks: list[LayerBlock] = []
+    covered: set[str] = set()
+    for mname, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_LAYERS):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            continue  # left over
+        prefix = f"{mname}." if mname else ""
+        wname, bname = prefix + "weight", prefix + "bias"
+        weight = wname if wname in selected else None
+        bias = bname if bname in selected and module.bias is not None else None
+        if weight is None and bias is None:
+            continue
+        out = module.weight.shape[0]
+        parts = []
+        if weight is not None:
+            kin = module.weight[0].numel()
+            parts.append(offsets[wname] + torch.arange(out * kin).reshape(out, kin))
+            covered.add(wname)
+        if bias is not None:
+            parts.append(offsets[bname] + torch.arange(out).reshape(out, 1))
+            covered.add(bname)
+        blocks.append(LayerBlock(mname, module, weight, bias, torch.cat(parts, dim=1).to(layout.device)))
+    return blocks, [n for n in layout.names if n not in covered]
+
+
+class LayerTaps:
+    """Forward hooks on the blocks' modules, recording only inside :meth:`run`. Use as a context manager."""
+
+    def __init__(self, blocks: list[LayerBlock]) -> None:
+        self.blocks = blocks
+        self._on = False
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "LayerTaps":
+        for block in self.blocks:
+            self._handles.append(block.module.register_forward_hook(self._hook(block)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for block in self.blocks:
+            block.captured.clear()
+
+    def _hook(self, block: LayerBlock) -> Callable[..., None]:
+        def fn(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not self._on:
+                return
+            if block.captured:
+                raise UnsupportedError(
+                    f"layer {block.name!r} is called more than once per forward pass (shared or recurrent use); "
+                    "layer taps need one call per layer. Exclude its parameters with `params=`."
+                )
+            block.captured.extend([inputs[0].detach(), output])
+        return fn
+
+    def run(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any, scale: torch.Tensor | None = None
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """One forward and backward of Σ_z scale_z · fn(z): each block's raw input, the gradient of the sum with
+        respect to its raw output, and the per-example values of ``fn`` (detached)."""
+        live = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
+        for block in self.blocks:
+            block.captured.clear()
+        self._on = True
+        try:
+            with torch.enable_grad():
+                losses = fn(live, batch)
+                missing = [block.name for block in self.blocks if not block.captured]
+                if missing:
+                    raise UnsupportedError(
+                        f"the layers {missing} hold selected parameters but are not called by the model's forward "
+                        "pass; exclude them with `params=`."
+                    )
+                outs = [block.captured[1] for block in self.blocks]
+                total = (losses if scale is None else scale.to(losses.dtype) * losses).sum()
+                grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
+        finally:
+            self._on = False
+        inputs = [block.captured[0] for block in self.blocks]
+        grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+        for block in self.blocks:
+            block.captured.clear()
+        return inputs, grads, losses.detach()
+
+
+class LayerGradients:
+    """Per-example gradients ``(B, n_params)`` of parameters that all belong to nn.Linear / nn.Conv2d layers,
+    from layer taps: ∇_W ℓ = Σ_t g_t a_tᵀ and ∇_b ℓ = Σ_t g_t per example (see the module docstring).
+
+    Raises :class:`UnsupportedError` at construction when a selected parameter belongs to another layer.
+    Calling it returns ``(grads, values)`` like :func:`~influencekit.autodiff.per_example_grads`.
+    """
+
+    def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
+        blocks, leftover = layer_blocks(model, layout)
+        if leftover:
+            raise UnsupportedError(
+                f"layer taps cover nn.Linear and nn.Conv2d (groups=1) only; the selected parameters "
+                f"{', '.join(repr(n) for n in leftover[:5])}{' ...' if len(leftover) > 5 else ''} belong to other layers."
+            )
+        self.blocks = blocks
+        self.layout = layout
+        self._offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
+        self._numels = dict(zip(layout.names, layout.numels))
+
+    def __call__(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with LayerTaps(self.blocks) as taps:
+            inputs, grads, values = taps.run(fn, params, batch)
+        B = values.shape[0]
+        G = torch.empty(B, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
+        for block, x, g in zip(self.blocks, inputs, grads):
+            go = block.output_grads(g, dtype=self.layout.dtype)  # (B, T, out)
+            if block.weight is not None:
+                a = block.inputs(x, dtype=self.layout.dtype, append_one=False)  # (B, T, in)
+                off, size = self._offsets[block.weight], self._numels[block.weight]
+                view = G[:, off:off + size].view(B, go.shape[2], a.shape[2])
+                if go.shape[1] == 1:  # one position: an outer product, no reduction
+                    torch.mul(go[:, 0, :, None], a[:, 0, None, :], out=view)
+                else:
+                    torch.bmm(go.transpose(1, 2), a, out=view)
+            if block.bias is not None:
+                off = self._offsets[block.bias]
+                torch.sum(go, dim=1, out=G[:, off:off + go.shape[2]])
+        return G, values
+
+
+def choose_per_example(
+    mode: str, model: nn.Module, fn: LossFn, params: dict[str, torch.Tensor], layout: ParamLayout, batch: Any,
+    *, side: str = "train", check_examples: int = 4,
+) -> tuple[PerExample, str, str]:
+    """Pick how per-example gradients of ``fn`` are computed: ``(function, "layers" | "vmap", reason)``.
+
+    ``mode="vmap"``: ``vmap(grad)``. ``mode="layers"``: :class:`LayerGradients`, or :class:`UnsupportedError`
+    when the selected parameters are not all in supported layers or the taps disagree with vmap. ``"auto"``:
+    layers when they apply and agree with ``vmap(grad)`` on the first ``check_examples`` examples of ``batch``
+    to √eps relative per row, vmap otherwise (a loss using a parameter outside its layer fails the check).
+    """
+
+    def vmapped(f: LossFn, p: dict[str, torch.Tensor], b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return per_example_grads(f, p, b, layout)
+
+    if mode == "vmap":
+        return vmapped, "vmap", "gradients='vmap'"
+    try:
+        taps = LayerGradients(model, layout)
+        m = min(check_examples, batch_size_of(batch))
+        few = tree_map(lambda t: t[:m] if isinstance(t, torch.Tensor) else t, batch)
+        G_taps, _ = taps(fn, params, few)
+        G_vmap, _ = per_example_grads(fn, params, few, layout)
+    except UnsupportedError as exc:
+        if mode == "layers":
+            raise
+        return vmapped, "vmap", str(exc)
+    tiny = torch.finfo(layout.dtype).tiny
+    err = float(((G_taps - G_vmap).norm(dim=1) / G_vmap.norm(dim=1).clamp_min(tiny)).max())
+    tol = torch.finfo(layout.dtype).eps ** 0.5
+    if err <= tol:
+        return taps, "layers", f"layer taps agree with vmap(grad) to {err:.1e} on {m} examples"
+    if mode == "layers":
+        raise UnsupportedError(
+            f"gradients='layers': the layer-tap gradients of the {side} side differ from vmap(grad) by {err:.2e} "
+            f"(relative) on its first {m} examples, so the loss uses a selected parameter outside its Linear/Conv2d "
+            "layer (e.g. a penalty or a tied weight). Use gradients='vmap' or 'auto'."
+        )
+    return vmapped, "vmap", f"layer taps differ from vmap(grad) by {err:.1e} (> {tol:.1e}): the loss uses a parameter outside its layer"
