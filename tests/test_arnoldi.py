@@ -158,6 +158,29 @@ def test_scoring_engine_uses_the_quadratic_form(digits_small):
     torch.testing.assert_close(si[: len(G)], (x * G).sum(dim=1), rtol=1e-10, atol=0.0)
 
 
+def test_drop_scores_in_the_eigenbasis_once_and_equal_the_direct_route(digits_small):
+    """remainder="drop": training gradients are projected onto the rank-40 basis once and reused; the scores
+    equal −solve(g_test)ᵀ g_train computed directly to 1e-10 relative (float64 round-off). "damped" is not
+    in a basis and scores with full gradients."""
+    d = digits_small
+    Xt, yt = d.test
+    inf = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "drop"}).fit()
+    scores = inf.scores((Xt[:100], yt[:100]))
+    assert scores.metadata["score_space"] == "solver basis (rank 40)"
+    Q = inf.solver_.solve(inf._gather(Examples((Xt[:100], yt[:100]), name="test"), range(100), train_side=False)).x
+    G = inf._gather(inf.train_, range(len(inf.train_)), train_side=True)
+    assert relative_error(scores.values, -(Q @ G.T)) < 1e-10
+    kept = inf._coordinates[3]
+    # one test point (fewer than the rank) still uses the kept projections, and top-k agrees with the matrix
+    one = inf.scores((Xt[:1], yt[:1]))
+    assert one.metadata["score_space"] == "solver basis (rank 40)" and inf._coordinates[3] is kept
+    assert relative_error(one.values, scores.values[:1]) < 1e-12
+    top = inf.top_k((Xt[:100], yt[:100]), k=5)
+    torch.testing.assert_close(top.helpful.values, torch.topk(-scores.values, 5, dim=1).values.neg(), rtol=1e-12, atol=0.0)
+    damped = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "damped"}).fit()
+    assert damped.scores((Xt[:100], yt[:100])).metadata["score_space"] == "parameters"
+
+
 # ----------------------------------------------------------------------------------- errors
 def test_negative_curvature_warns_with_a_damping_that_works():
     torch.manual_seed(0)

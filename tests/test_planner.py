@@ -117,13 +117,18 @@ def test_scoring_blocks_follow_the_memory_budget():
     task, train = _mlp_task()
     p = sum(v.numel() for v in task.params().values())
     budget = 4 * 4 * p * 10  # queries = budget // (4·itemsize·p) = 10 test points per block
-    inf = ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10}, memory_budget=budget)
+    inf = ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10, "remainder": "damped"}, memory_budget=budget)
     plan = inf.plan(n_test=35)
     assert plan.chunks["queries"] == 10
     assert "B = 4 " in plan.stage("scoring").formula
     assert any("4 query blocks" in note for note in plan.notes)
     # the score matrix alone is n_test × n_train values
     assert plan.stage("scoring").memory >= 35 * 400 * 4
+    # remainder="drop" with rank < n_test scores in the eigenbasis: one training pass whatever the blocks
+    drop = ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10}, memory_budget=budget).plan(n_test=35)
+    assert drop.stage("scoring").formula.startswith("in the eigenbasis")
+    assert not any("query blocks" in note for note in drop.notes)
+    assert drop.stage("scoring").memory >= 35 * 400 * 4 + 400 * 10 * 4
 
 
 def test_plan_prints_a_table_and_adds_up():

@@ -30,6 +30,8 @@ Stages and their time formulas:
                             repeats·depth·q·min(batch_size, n)·τ_h (+ q·n·τ_h residual); arnoldi
                             4·q·rank·p / ρ + min(q, residual_rows)·n·τ_h; kfac/ekfac 4·q·Σ(o²k + ok²) / ρ
     scoring                 B × (n·τ_g + 2·q·n·p / ρ)               (one training-gradient pass per block)
+                            arnoldi with remainder="drop" and rank < t_test scores in its eigenbasis:
+                            n·τ_g + 2·n·rank·p / ρ + 2·t_test·(n + p)·rank / ρ
 
 Memory of a stage is what it holds at its peak, in bytes: the parameters (p·b), the solver's fitted state
 once it exists, and the stage's working set:
@@ -199,6 +201,7 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
     chunks = influence._plan_chunks(train, params, layout)
     solver = make_solver(influence.solver, **influence.solver_options)
     notes: list[str] = []
+    basis_rank = 0  # > 0 when scores are computed in a solver's basis of that rank
 
     # ---- probe
     m = min(n, probe_examples)
@@ -276,6 +279,8 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
         rows = min(q, solver.residual_rows)
         solve_block = 4 * q * solver.rank * p / rate + hvp_seconds(rows)
         solve_mem, solve_formula = 2 * q * p * item, "4·q·rank·p / ρ + residual_rows·n·τ_h"
+        if solver.remainder == "drop" and solver.rank < min(n_test, p):
+            basis_rank = solver.rank  # scores in the eigenbasis (Influence._score_basis)
     elif name in ("kfac", "ekfac"):
         state, fit_seconds, fit_work, solve_flops, largest = _kfac_probe(solver, influence, task, params, batch, m, n, chunks, hvp_seconds(solver.probes))
         stages.append(Stage(f"fit: {name}", fit_seconds, base + state + fit_work,
@@ -295,10 +300,15 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
         stages.append(Stage("test gradients", n_test * tau_g, held + min(chunks.grad, q) * (4 * p + 4 * act) * item + q * p * item,
                             "t_test·τ_g"))
         stages.append(Stage("query solve", blocks * solve_block, held + q * p * item + solve_mem, f"B = {blocks} block(s) × {solve_formula}"))
-        score_seconds = blocks * (n * tau_g + 2 * q * n * p / rate)
-        stages.append(Stage("scoring", score_seconds, held + n_test * n * item + q * p * item + grad_chunk,
-                            f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)"))
-        if blocks > 1:
+        if basis_rank:
+            r = basis_rank
+            stages.append(Stage("scoring", n * tau_g + 2 * n * r * p / rate + 2 * n_test * (n + p) * r / rate,
+                                held + n_test * n * item + n * r * item + q * p * item + grad_chunk,
+                                "in the eigenbasis: n·τ_g + 2·n·rank·p / ρ (projected once) + 2·t_test·(n + p)·rank / ρ"))
+        else:
+            stages.append(Stage("scoring", blocks * (n * tau_g + 2 * q * n * p / rate), held + n_test * n * item + q * p * item + grad_chunk,
+                                f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)"))
+        if blocks > 1 and not basis_rank:
             notes.append(f"{blocks} query blocks of {q} test points (memory_budget allows {chunks.queries}): scoring makes "
                          f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer.")
     peak = max(s.memory for s in stages)

@@ -146,6 +146,7 @@ class Influence:
             self._check_ranks_agree(shard, train, layout, theta)
         self.chunks_ = self._plan_chunks(train, params, layout)
         self.gradient_methods_: dict[str, str] = {}
+        self._coordinates: tuple[torch.Tensor, int, int, torch.Tensor] | None = None  # (basis, start, stop, Z)
         self._pex: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
         start, stop = (0, None) if shard is None else (shard.start, shard.stop)
 
@@ -246,6 +247,10 @@ class Influence:
 
     @staticmethod
     def _check_grads(G: torch.Tensor, name: str, offset: int) -> None:
+        # a NaN or inf entry makes its row's sum NaN or inf: one reduction, no (B, p) mask for a clean chunk
+        # (the elementwise check runs only when a row sum is not finite, e.g. an overflowing sum)
+        if bool(torch.isfinite(G.sum(dim=1)).all()):
+            return
         finite = torch.isfinite(G).all(dim=1)
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
@@ -347,20 +352,56 @@ class Influence:
         start, stop = self._shard_range()
         out = torch.empty(len(test_data), n_train, dtype=self.layout_.dtype, device=self.layout_.device)
         reports = []
+        basis = self._score_basis(len(test_data))
         for qlo, Q, report in self._queries(test_data):
             reports.append(report)
 
             def local() -> torch.Tensor:
                 block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
-                for lo, G in self._grads(self.train_, train_side=True, start=start, stop=stop, desc="scoring"):
-                    block[:, lo - start:lo - start + len(G)] = -(Q @ G.T)
+                Qs = Q if basis is None else Q @ basis.T
+                for lo, G in self._train_side(basis, start, stop, "scoring"):
+                    block[:, lo - start:lo - start + len(G)] = -(Qs @ G.T)
                 return block
 
             if self.shard_ is None:
                 out[qlo:qlo + len(Q)] = local()
             else:
                 out[qlo:qlo + len(Q)] = self.shard_.gather_columns(self.shard_.local(local))
-        return InfluenceScores(out, n_train, self._metadata(reports))
+        return InfluenceScores(out, n_train, self._metadata(reports, score_space=self._space_name(basis)))
+
+    def _score_basis(self, n_test: int) -> torch.Tensor | None:
+        """The solver's solution basis B ``(r, n_params)`` when scoring in it is cheaper, else None.
+
+        Every preconditioned query q lies in the span of B's orthonormal rows, so qᵀg = (qBᵀ)(Bg): the training
+        gradients are projected once (n_train × r numbers, kept for later calls) and each score costs r
+        multiplications instead of n_params. Worth it when r < n_test (projecting costs r products per
+        training gradient, the direct route n_test), or when the projections are already kept.
+        """
+        basis = self.solver_.solution_basis()
+        if basis is None or basis.shape[0] >= self.layout_.n:
+            return None
+        kept = self._coordinates is not None and self._coordinates[0] is basis
+        return basis if (kept or basis.shape[0] < n_test) else None
+
+    def _train_side(self, basis: torch.Tensor | None, start: int, stop: int, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Training-side rows to score against, in chunks: per-example gradients, or their coordinates in
+        ``basis`` (projected on the first call and kept until the next ``fit``)."""
+        if basis is None:
+            yield from self._grads(self.train_, train_side=True, start=start, stop=stop, desc=desc)
+            return
+        c = self._coordinates
+        if c is None or c[0] is not basis or (c[1], c[2]) != (start, stop):
+            Z = torch.empty(stop - start, basis.shape[0], dtype=basis.dtype, device=basis.device)
+            for lo, G in self._grads(self.train_, train_side=True, start=start, stop=stop, desc=f"{desc} (projecting onto the solver's basis)"):
+                Z[lo - start:lo - start + len(G)] = G @ basis.T
+            self._coordinates = c = (basis, start, stop, Z)
+        step = self.chunks_.grad
+        for lo in range(start, stop, step):
+            yield lo, c[3][lo - start:min(lo + step, stop) - start]
+
+    @staticmethod
+    def _space_name(basis: torch.Tensor | None) -> str:
+        return "parameters" if basis is None else f"solver basis (rank {basis.shape[0]})"
 
     def _shard_range(self) -> tuple[int, int]:
         """``[start, stop)`` of the training examples this process scores (all of them without a process group)."""
@@ -375,14 +416,16 @@ class Influence:
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
         reports = []
         start, stop = self._shard_range()
+        basis = self._score_basis(len(test_data))
         for _, Q, report in self._queries(test_data):
             reports.append(report)
 
             def local() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
                 best_neg = (torch.empty(len(Q), 0, dtype=Q.dtype, device=Q.device), torch.empty(len(Q), 0, dtype=torch.long, device=Q.device))
                 best_pos = best_neg
-                for lo, G in self._grads(self.train_, train_side=True, start=start, stop=stop, desc="top-k"):
-                    S = -(Q @ G.T)
+                Qs = Q if basis is None else Q @ basis.T
+                for lo, G in self._train_side(basis, start, stop, "top-k"):
+                    S = -(Qs @ G.T)
                     idx = torch.arange(lo, lo + len(G), device=S.device).expand(len(Q), -1)
                     best_neg = _merge_topk(best_neg, -S, idx, k)
                     best_pos = _merge_topk(best_pos, S, idx, k)
@@ -398,7 +441,7 @@ class Influence:
             parts["xv"].append(best_pos[0]); parts["xi"].append(best_pos[1])
         helpful = TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"]))
         harmful = TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"]))
-        return RankedInfluence(helpful, harmful, n_train, self._metadata(reports, k=k))
+        return RankedInfluence(helpful, harmful, n_train, self._metadata(reports, k=k, score_space=self._space_name(basis)))
 
     def self_influence(self) -> torch.Tensor:
         """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point, ``(n_train,)``.

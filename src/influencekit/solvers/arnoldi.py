@@ -163,6 +163,11 @@ class ArnoldiSolver(Solver):
             },
         }
 
+    def solution_basis(self) -> torch.Tensor | None:
+        """The kept eigenvectors when ``remainder="drop"`` (every solve lies in their span); None for "damped"."""
+        self._require_fitted()
+        return self.eigenvectors_ if self.remainder == "drop" else None
+
     def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
         """``gᵀ(H + δI)⁻¹g`` per row of ``G`` in the kept eigenbasis (plus the damped remainder), no HVP."""
         op = self._require_fitted()

@@ -104,6 +104,15 @@ class Solver:
         X = X.to(V.dtype)
         return Solution(X[0] if squeeze else X, report)
 
+    def solution_basis(self) -> torch.Tensor | None:
+        """Orthonormal rows ``(r, n_params)`` spanning every result of ``solve``, or None when there is none.
+
+        When ``r`` is small the engine scores in that basis: training gradients are projected onto it once
+        (``n_train × r`` numbers) and each score is a product of r coordinates, since qᵀg = (Bq)ᵀ(Bg) for
+        q in the span of B's rows.
+        """
+        return None
+
     def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
         """``gᵀ(H + δI)⁻¹g`` for each row of ``G``; only for solvers with the ``"quadratic_form"`` capability."""
         raise NotImplementedError(f"solver {self.name!r} has no quadratic_form; use solve().")

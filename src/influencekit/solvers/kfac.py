@@ -360,17 +360,22 @@ class KFACSolver(Solver):
 
     # ------------------------------------------------------------------------------------------- solve
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        """The approximate (G + (λ + δ)I)⁻¹ applied to each row of V (k, n_params)."""
+        """The approximate (G + (λ + δ)I)⁻¹ applied to each row of V (k, n_params).
+
+        Layer by layer and in blocks of rows, so that the float64 working copies stay within
+        ``block_elements`` values (a whole float64 copy of a query block of a 1M-parameter model is GBs)."""
         shift = self.operator_.shift
-        Vd = V.to(torch.float64)
-        X = torch.zeros_like(Vd)
+        X = torch.empty_like(V)
         for layer in self.layers_:
-            block = Vd[:, layer.index]  # (k, out, k_in)
-            rotated = layer.QS.T @ block @ layer.QA
-            X[:, layer.index] = layer.QS @ (rotated / (layer.eig + shift)) @ layer.QA.T
+            rows = max(1, self.block_elements // layer.index.numel())
+            for lo in range(0, V.shape[0], rows):
+                block = V[lo:lo + rows, layer.index].to(torch.float64)  # (r, out, k_in)
+                rotated = layer.QS.T @ block @ layer.QA
+                X[lo:lo + rows, layer.index] = (layer.QS @ (rotated / (layer.eig + shift)) @ layer.QA.T).to(V.dtype)
         if self.leftover_:
-            X[:, self._leftover_index] = Vd[:, self._leftover_index] / (self.diagonal_ + shift)
-        return X.to(V.dtype)
+            idx = self._leftover_index
+            X[:, idx] = (V[:, idx].to(torch.float64) / (self.diagonal_ + shift)).to(V.dtype)
+        return X
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         return self._apply(V), {
