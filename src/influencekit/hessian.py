@@ -154,10 +154,11 @@ class HessianOperator:
             mine = indices
 
         def local() -> torch.Tensor:
-            if len(mine) == 0:
-                return torch.zeros_like(V)
-            batch = take(self.data, mine, dtype=self.dtype, device=self.device, check=self.task.check_batch)
-            return self._data_hvp(batch, V)
+            acc = torch.zeros_like(V)
+            for lo in range(0, len(mine), self.batch_size):  # in HVP chunks: a large sample must not blow the memory
+                batch = take(self.data, mine[lo:lo + self.batch_size], dtype=self.dtype, device=self.device, check=self.task.check_batch)
+                acc += self._data_hvp(batch, V)
+            return acc
 
         return self._check(self._summed(local) / len(indices) + self.shift * V)
 

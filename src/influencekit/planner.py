@@ -274,8 +274,9 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
             raise InputError(f"`rank` must be an int in [1, n_params] = [1, {p}]. Got {solver.rank}. Lower `rank` or use solver='exact'.")
         steps = min(solver.n_iter if solver.n_iter is not None else 2 * solver.rank, p)
         state = solver.rank * p * item
-        stages.append(Stage("fit: arnoldi", steps * full_hvp, base + state + steps * p * item,
-                            f"{steps} Lanczos steps · n·τ_h; state rank·p·b"))
+        m_l = min(solver.examples or n, n)  # Lanczos on a subsample of m_l examples when `examples` is set
+        stages.append(Stage("fit: arnoldi", steps * m_l * tau_h1, base + state + steps * p * item,
+                            f"{steps} Lanczos steps · {'n' if m_l == n else 'examples'}·τ_h; state rank·p·b"))
         rows = min(q, solver.residual_rows)
         solve_block = 4 * q * solver.rank * p / rate + hvp_seconds(rows)
         solve_mem, solve_formula = 2 * q * p * item, "4·q·rank·p / ρ + residual_rows·n·τ_h"

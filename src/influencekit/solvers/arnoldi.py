@@ -49,7 +49,12 @@ class ArnoldiSolver(Solver):
             accurate; the Lanczos basis needs ``n_iter × n_params`` memory during ``fit``.
         remainder: ``"drop"`` (ignore the complement of the kept subspace, as the peers do) or ``"damped"``
             (add (1/δ)(I − VVᵀ); needs ``damping > 0``).
-        seed: seed of the Lanczos start vector.
+        seed: seed of the Lanczos start vector (and of the subsample).
+        examples: run Lanczos on the Hessian of a seeded random subsample of this many training examples (plus
+            λI) instead of the whole set, so the fit costs ``n_iter`` HVPs over ``examples`` points rather than
+            over n (Schioppa et al. 2022 estimate the spectrum on a subset too). ``None`` (default): all of
+            them. The kept eigenpairs are then those of the subsample's Hessian; the reported residuals are
+            still measured against the full H + δI.
         residual_rows: how many right-hand sides (spread evenly) the reported residual is computed on; each
             costs one full-data HVP.
 
@@ -69,6 +74,7 @@ class ArnoldiSolver(Solver):
         remainder: str = "drop",
         seed: int = 0,
         residual_rows: int = 8,
+        examples: int | None = None,
     ) -> None:
         super().__init__()
         self.rank = check_int("rank", rank, low=1)
@@ -78,6 +84,7 @@ class ArnoldiSolver(Solver):
         self.remainder = remainder
         self.seed = check_int("seed", seed, low=0)
         self.residual_rows = check_int("residual_rows", residual_rows, low=1)
+        self.examples = None if examples is None else check_int("examples", examples, low=1)
 
     def _fit(self, operator: Any) -> None:
         p = operator.n_params
@@ -94,14 +101,26 @@ class ArnoldiSolver(Solver):
             )
         steps = min(self.n_iter if self.n_iter is not None else 2 * self.rank, p)
 
-        def h_matvec(V: torch.Tensor) -> torch.Tensor:  # H without δ: the damping enters only the inverse
-            return operator.matvec(V) - delta * V.to(operator.dtype)
+        n = operator.n_examples
+        if self.examples is not None and self.examples < n:
+            gen = torch.Generator().manual_seed(self.seed)
+            sample = torch.randperm(n, generator=gen)[:self.examples].sort().values
+            self.sample_ = sample
+
+            def h_matvec(V: torch.Tensor) -> torch.Tensor:  # H of the subsample, without δ
+                return operator.minibatch_matvec(V, sample) - delta * V.to(operator.dtype)
+        else:
+            self.sample_ = None
+
+            def h_matvec(V: torch.Tensor) -> torch.Tensor:  # H without δ: the damping enters only the inverse
+                return operator.matvec(V) - delta * V.to(operator.dtype)
 
         res = lanczos(h_matvec, p, steps=steps, dtype=operator.dtype, device=operator.device, seed=self.seed)
         theta, Y = torch.linalg.eigh(res.T)  # float64, ascending
         keep = torch.arange(len(theta) - 1, len(theta) - 1 - self.rank, -1)  # the rank largest, descending
         evals = theta[keep]
         self.n_iter_ = len(theta)
+        self.examples_used_ = n if self.sample_ is None else len(self.sample_)
         self.ritz_values_ = theta
         self.ritz_residuals_ = res.beta * Y[-1, keep].abs()
         self.eigenvalues_ = evals
@@ -156,6 +175,7 @@ class ArnoldiSolver(Solver):
                 "rank": self.rank,
                 "remainder": self.remainder,
                 "lanczos_hvps": self.n_iter_,
+                "lanczos_examples": self.examples_used_,
                 "ritz_values": [float(t) for t in self.eigenvalues_],
                 "max_ritz_residual": float(self.ritz_residuals_.max()),
                 "ritz_rtol": RITZ_RTOL,
@@ -179,4 +199,5 @@ class ArnoldiSolver(Solver):
         return out.to(G.dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "rank": self.rank, "n_iter": self.n_iter, "remainder": self.remainder, "seed": self.seed}
+        return {"solver": self.name, "rank": self.rank, "n_iter": self.n_iter, "remainder": self.remainder, "seed": self.seed,
+                "examples": self.examples}
