@@ -18,9 +18,11 @@ Under an initialised ``torch.distributed`` process group the training set is sha
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -30,6 +32,7 @@ from .checks import check_indices, check_int, check_number, parse_bytes
 from .data.examples import Examples, batch_size_of, stream, take
 from .distributed import SHARDED_SOLVERS, Shard, parameter_digest, resolve_shard
 from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning, UnsupportedError
+from .folders import atomic_write, fingerprint, open_folder
 from .hessian import HessianOperator
 from .layers import GRADIENT_METHODS, choose_per_example
 from .progress import progress_bar
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     from .planner import Plan
 
 __all__ = ["Influence"]
+
+SOLVER_STATE = "solver-state.pt"  # the fitted solver's state inside `cache_dir`
 
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,11 @@ class Influence:
             group (:mod:`influencekit.distributed`). ``None`` (default): shard when a group of more than one
             rank is initialised (e.g. under ``torchrun``); ``True``: require one; ``False``: never. Every rank
             must pass the same model, task, data and options; all ranks then return the same results.
+        cache_dir: a folder keeping the fitted solver (the exact Hessian and its factor, Arnoldi's eigenpairs,
+            K-FAC/EK-FAC factors, LiSSA's scale): ``fit`` loads it instead of refitting when the folder's
+            manifest matches this configuration (task, solver settings, damping, dtype, parameter shapes, a
+            sha256 of θ̂ and of the first 1,024 training examples, n_train) and refuses a folder of another
+            configuration, printing both. Written atomically once the fit ends. ``None``: nothing is kept.
         gradients: how per-example gradients are computed. ``"layers"``: from the inputs and output gradients
             of nn.Linear / nn.Conv2d layers in one batched backward pass (:mod:`influencekit.layers`; all
             selected parameters must belong to such layers); ``"vmap"``: ``vmap(grad)`` over examples, for any
@@ -105,6 +115,7 @@ class Influence:
         progress: bool = False,
         distributed: bool | None = None,
         gradients: str = "auto",
+        cache_dir: str | os.PathLike | None = None,
     ) -> None:
         if not isinstance(task, Task):
             raise InputTypeError(f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}.")
@@ -123,6 +134,7 @@ class Influence:
         if gradients not in GRADIENT_METHODS:
             raise InputError(f"`gradients` must be one of {', '.join(repr(m) for m in GRADIENT_METHODS)}. Got {gradients!r}.")
         self.gradients = gradients
+        self.cache_dir = cache_dir
         make_solver(solver, **self.solver_options)  # validate the choice now, not at fit time
 
     # ------------------------------------------------------------------------------------------ fit
@@ -183,8 +195,48 @@ class Influence:
             tangent_block=self.chunks_.tangents, progress=self.progress_, shard=shard,
         )
         self.solver_ = make_solver(self.solver, **self.solver_options)
-        self.solver_.fit(self.operator_)
+        self.solver_loaded_ = self.cache_dir is not None and self._load_solver(train, layout)
+        if not self.solver_loaded_:
+            self.solver_.fit(self.operator_)
+            if self.cache_dir is not None:
+                self._store_solver()
         return self
+
+    def _load_solver(self, train: Examples, layout: ParamLayout) -> bool:
+        """Open ``cache_dir`` (refusing another configuration) and load the fitted solver if it is there."""
+        solver, shard = self.solver_, self.shard_
+        first = take(train, list(range(min(len(train), 1024))), dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
+        config = {
+            "kind": "influencekit fitted solver",
+            "format": 1,
+            "n_train": len(train),
+            "parameters": [[name, list(shape)] for name, shape in zip(layout.names, layout.shapes)],
+            "dtype": str(layout.dtype),
+            "task": self.task.describe(),
+            "solver": solver.describe(),
+            "damping": self.damping,
+            "theta_fingerprint": fingerprint(self.params_),
+            "data_fingerprint": fingerprint(first),
+        }
+        folder = Path(self.cache_dir)
+        open_folder(folder, config, arg="cache_dir", what="a fitted solver", pattern=SOLVER_STATE)
+        path = folder / SOLVER_STATE
+        exists = path.exists()
+        if shard is not None:  # a rank loading while another fits (with collectives) would hang them
+            shard.check_same("the fitted-solver cache", {"state_file_exists": exists})
+        if not exists:
+            return False
+        solver.load_state_dict(self.operator_, torch.load(path, map_location=layout.device, weights_only=True))
+        logger.info("fit: solver %r loaded from %s", solver.name, path)
+        return True
+
+    def _store_solver(self) -> None:
+        state = self.solver_.state_dict()
+        folder = Path(self.cache_dir)
+        if state is None:
+            logger.info("fit: solver %r keeps no state worth storing; %s holds only the manifest", self.solver_.name, folder)
+        elif self.shard_ is None or self.shard_.rank == 0:
+            atomic_write(folder / SOLVER_STATE, lambda f: torch.save(state, f))
 
     def _check_ranks_agree(self, shard: Shard, train: Examples, layout: ParamLayout, theta: torch.Tensor) -> None:
         """Every rank must hold the same θ̂, data size and configuration, or the collectives would mismatch."""

@@ -65,6 +65,8 @@ class ArnoldiSolver(Solver):
 
     name = "arnoldi"
     capabilities = frozenset({"batched", "low_rank", "quadratic_form", "stochastic"})
+    _state_fields = ("eigenvalues_", "eigenvectors_", "_inv", "ritz_values_", "ritz_residuals_", "n_iter_", "converged_",
+                     "sample_", "examples_used_")
 
     def __init__(
         self,

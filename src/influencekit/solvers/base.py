@@ -75,6 +75,8 @@ class Solver:
 
     name: ClassVar[str] = "solver"
     capabilities: ClassVar[frozenset[str]] = frozenset({"batched"})
+    # fitted attributes that make up the state kept by state_dict(); empty: nothing worth keeping
+    _state_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         self.operator_: Any = None
@@ -103,6 +105,24 @@ class Solver:
         report = SolveReport(solver=self.name, n_rhs=V.shape[0], seconds=seconds, **info)
         X = X.to(V.dtype)
         return Solution(X[0] if squeeze else X, report)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The fitted state (tensors and plain values) that :meth:`load_state_dict` restores without refitting;
+        None when the solver keeps nothing worth storing (its fit is cheap, e.g. CG)."""
+        self._require_fitted()
+        if not self._state_fields:
+            return None
+        return {name: getattr(self, name) for name in self._state_fields}
+
+    def load_state_dict(self, operator: Any, state: dict[str, Any]) -> "Solver":
+        """Become fitted on ``operator`` from a :meth:`state_dict` of the same solver, settings and problem."""
+        missing = [name for name in self._state_fields if name not in state]
+        if not self._state_fields or missing:
+            raise InputError(f"the stored state of solver {self.name!r} is incomplete (missing {missing}); delete it and refit.")
+        self.operator_ = operator
+        for name in self._state_fields:
+            setattr(self, name, state[name])
+        return self
 
     def solution_basis(self) -> torch.Tensor | None:
         """Orthonormal rows ``(r, n_params)`` spanning every result of ``solve``, or None when there is none.

@@ -48,6 +48,7 @@ class ExactSolver(Solver):
 
     name = "exact"
     capabilities = frozenset({"batched", "dense", "quadratic_form"})
+    _state_fields = ("hessian_", "factor_", "eigenvalues_", "eigenvectors_", "_inv")
 
     def __init__(
         self,
@@ -122,6 +123,7 @@ class ExactSolver(Solver):
         self.factor_ = L
         self.eigenvalues_ = None
         self.eigenvectors_ = None
+        self._inv = None
         logger.info("exact solver: %d parameters, Cholesky pivots² in [%.3g, %.3g]", len(H), float(pivots.min()), float(pivots.max()))
         return True
 

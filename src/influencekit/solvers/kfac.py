@@ -294,19 +294,51 @@ class KFACSolver(Solver):
         if self._corrected:
             self._correct(operator)
         self._check_invertible(shift)
-        self._index = {layer.name: layer.index for layer in layers}
-        if leftover:
-            self._leftover_index = torch.cat([
-                off + torch.arange(numel)
-                for name, off, numel in zip(operator.layout.names, torch.tensor((0, *operator.layout.numels[:-1])).cumsum(0).tolist(), operator.layout.numels)
-                if name in leftover
-            ]).to(dev)
+        self._index_leftover(operator)
         self.probe_residual_ = float("nan")
         if self.probes:
             g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
             V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(dev, operator.dtype)
             self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V).max())
         logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
+
+    def _index_leftover(self, operator: Any) -> None:
+        if self.leftover_:
+            layout = operator.layout
+            self._leftover_index = torch.cat([
+                off + torch.arange(numel)
+                for name, off, numel in zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist(), layout.numels)
+                if name in self.leftover_
+            ]).to(operator.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per layer (by module name) the factors A, S, their eigenvectors and the eigenvalues in use; the
+        diagonal of the leftover parameters; the probe residual."""
+        self._require_fitted()
+        return {
+            "layers": {layer.name: {k: getattr(layer, k) for k in ("A", "S", "QA", "QS", "eig")} for layer in self.layers_},
+            "leftover": list(self.leftover_),
+            "diagonal": self.diagonal_,
+            "probe_residual": self.probe_residual_,
+        }
+
+    def load_state_dict(self, operator: Any, state: dict[str, Any]) -> "KFACSolver":
+        layers, leftover = self._layers(operator)
+        stored = state.get("layers", {})
+        if sorted(stored) != sorted(layer.name for layer in layers) or list(state.get("leftover", [])) != leftover:
+            raise InputError(
+                f"the stored {self.name} state covers the layers {sorted(stored)} and leftover {state.get('leftover')}, "
+                f"but this model has {sorted(layer.name for layer in layers)} and {leftover}; delete it and refit."
+            )
+        for layer in layers:
+            for k, v in stored[layer.name].items():
+                setattr(layer, k, v)
+        self.operator_ = operator
+        self.layers_, self.leftover_ = layers, leftover
+        self.diagonal_ = state["diagonal"]
+        self.probe_residual_ = float(state["probe_residual"])
+        self._index_leftover(operator)
+        return self
 
     def _correct(self, operator: Any) -> None:
         """EK-FAC's second pass: Λ = (1/n) Σ_i (Q_Sᵀ ∇_W ℓ_i Q_A)² per layer (the same labels as the first pass)."""

@@ -47,6 +47,7 @@ class LissaSolver(Solver):
 
     name = "lissa"
     capabilities = frozenset({"batched", "stochastic"})
+    _state_fields = ("lambda_min_", "lambda_max_", "scale_")
 
     def __init__(
         self,
