@@ -142,3 +142,88 @@ def test_engine_scores_equal_with_either_gradient_method(digits_small):
 def test_gradients_option_is_checked():
     with pytest.raises(ik.InputError, match="`gradients` must be one of"):
         ik.Influence(ik.ClassificationTask(_mlp()), torch.zeros(2, 4), gradients="fast")
+
+
+class Conv1D(nn.Module):
+    """The transformers (GPT-2) layer: y = x W + b with W stored (in, out); recognised by class name."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class _Text(nn.Module):
+    """Conv1d over a (B, C, L) signal, then a transformers Conv1D at every position, pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, 3, padding=2, dilation=2, stride=1)
+        self.conv2 = nn.Conv1d(5, 4, 2, stride=2, padding="valid", bias=False)
+        self.mix = Conv1D(6, 4)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv2(torch.tanh(self.conv(x))))        # (B, 4, L')
+        return self.head(torch.tanh(self.mix(h.transpose(1, 2))).mean(dim=1))
+
+
+def test_conv1d_and_transformers_conv1d_match_vmap():
+    torch.manual_seed(6)
+    model = _Text().double()
+    X, y = torch.randn(7, 3, 12, dtype=torch.float64), torch.randint(0, 3, (7,))
+    assert _compare(model, X, y) < 1e-12
+    assert _compare(model, X, y, params=["mix.weight", "conv2.weight"]) < 1e-12
+
+
+class _Text2d(nn.Module):
+    """_Text rebuilt from Conv2d (kernel (1, k) over (B, C, 1, L)) and nn.Linear (the transposed weight)."""
+
+    def __init__(self, src: _Text) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, (1, 3), padding=(0, 2), dilation=(1, 2))
+        self.conv2 = nn.Conv2d(5, 4, (1, 2), stride=(1, 2), bias=False)
+        self.mix = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(src.conv.weight.unsqueeze(2)), self.conv.bias.copy_(src.conv.bias)
+            self.conv2.weight.copy_(src.conv2.weight.unsqueeze(2))
+            self.mix.weight.copy_(src.mix.weight.T), self.mix.bias.copy_(src.mix.bias)
+            self.head.load_state_dict(src.head.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv2(torch.tanh(self.conv(x.unsqueeze(2))))).squeeze(2)
+        return self.head(torch.tanh(self.mix(h.transpose(1, 2))).mean(dim=1))
+
+
+def test_kfac_on_conv1d_and_transformers_conv1d_equals_the_conv2d_linear_twin():
+    """The same network written with Conv1d + Conv1D and with Conv2d + Linear (whose factors are tested against a
+    dense reference in test_kfac.py): every Kronecker factor equal to 1e-12, and so are the solves."""
+    torch.manual_seed(7)
+    model = _Text().double()
+    twin = _Text2d(model).double()
+    X, y = torch.randn(40, 3, 12, dtype=torch.float64), torch.randint(0, 3, (40,))
+    fitted = []
+    for m in (model, twin):
+        inf = ik.Influence(ik.ClassificationTask(m, l2=1e-2), (X, y), solver="ekfac", damping=0.1,
+                           solver_options={"fisher": "empirical", "probes": 0})
+        with pytest.warns(ik.StationarityWarning):
+            fitted.append(inf.fit())
+    one, two = ({layer.name: layer for layer in f.solver_.layers_} for f in fitted)
+    assert sorted(one) == sorted(two) == ["conv", "conv2", "head", "mix"]
+    for name in one:
+        for factor in ("A", "S", "eig"):
+            a, b = getattr(one[name], factor), getattr(two[name], factor)
+            assert float((a - b).norm() / b.norm()) < 1e-12, (name, factor)
+    v = {k: torch.randn_like(t) for k, t in fitted[0].task.params().items()}
+    v_twin = {**v, "conv.weight": v["conv.weight"].unsqueeze(2), "conv2.weight": v["conv2.weight"].unsqueeze(2),
+              "mix.weight": v["mix.weight"].T}
+    x1 = fitted[0].unflatten(fitted[0].solver_.solve(fitted[0].layout_.flatten(v)).x)
+    x2 = fitted[1].unflatten(fitted[1].solver_.solve(fitted[1].layout_.flatten(v_twin)).x)
+    torch.testing.assert_close(x1["mix.weight"], x2["mix.weight"].T, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(x1["conv.weight"], x2["conv.weight"].squeeze(2), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(x1["conv2.weight"], x2["conv2.weight"].squeeze(2), rtol=1e-11, atol=1e-13)

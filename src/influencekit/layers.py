@@ -1,4 +1,7 @@
-"""Layer taps: the inputs and output gradients of nn.Linear / nn.Conv2d layers, from one ordinary backward pass.
+"""Layer taps: the inputs and output gradients of dense and convolution layers, from one ordinary backward pass.
+
+Layers: nn.Linear (any leading dimensions), nn.Conv1d and nn.Conv2d (groups = 1, any padding mode), and the
+transformers-style ``Conv1D`` (a dense layer whose weight is stored (in, out), recognised by class name).
 
 For a layer with pre-activation outputs s_t = W a_t + b at positions t (one for a dense input; the sequence
 positions of a ``(B, T, in)`` input; the spatial output positions of a convolution, a_t being the unfolded
@@ -37,7 +40,21 @@ from .errors import UnsupportedError
 
 __all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "LayerTaps", "LayerGradients", "choose_per_example"]
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
+SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """The transformers-style ``Conv1D`` (GPT-2): y = x W + b with W of shape (in, out), a dense layer whose
+    weight is stored transposed. Recognised by its class name and attributes (transformers is not a dependency)."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1])
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module.groups == 1
+    return isinstance(module, nn.Linear) or _is_transposed_linear(module)
 GRADIENT_METHODS = ("auto", "layers", "vmap")
 PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor, torch.Tensor]]
 
@@ -45,6 +62,8 @@ PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor
 @dataclass
 class LayerBlock:
     """One supported module holding selected parameters, and where they sit in the flat parameter vector."""
+
+    transposed = property(lambda self: _is_transposed_linear(self.module))  # weight stored (in, out)
 
     name: str
     module: nn.Module
@@ -65,14 +84,19 @@ class LayerBlock:
         """Layer inputs as ``(B, T, k)``: rows a_t (patches for a convolution), with a 1 appended for the bias
         when the bias is selected and ``append_one``."""
         m = self.module
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
                 x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
                 padding: Any = 0
             else:
                 padding = m.padding
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride).transpose(1, 2)
+            if isinstance(m, nn.Conv1d):  # a Conv2d of kernel (1, k) over (B, C, 1, L)
+                a = F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
+                             padding=(0, padding if isinstance(padding, int) else padding[0]), stride=(1, m.stride[0]))
+            else:
+                a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+            a = a.transpose(1, 2)
         else:
             a = x.reshape(x.shape[0], -1, x.shape[-1])
         if dtype is not None:
@@ -84,7 +108,7 @@ class LayerBlock:
 
     def output_grads(self, g: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Output gradients as ``(B, T, out)``."""
-        if isinstance(self.module, nn.Conv2d):
+        if isinstance(self.module, (nn.Conv1d, nn.Conv2d)):
             g = g.flatten(2).transpose(1, 2)
         else:
             g = g.reshape(g.shape[0], -1, g.shape[-1])
@@ -92,28 +116,30 @@ class LayerBlock:
 
 
 def layer_blocks(model: nn.Module, layout: ParamLayout) -> tuple[list[LayerBlock], list[str]]:
-    """The supported modules (nn.Linear; nn.Conv2d with groups=1) holding selected parameters, in model order,
-    and the selected parameter names they leave over."""
+    """The supported modules (nn.Linear, transformers' Conv1D; nn.Conv1d and nn.Conv2d with groups=1) holding
+    selected parameters, in model order, and the selected parameter names they leave over."""
     offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
     selected = set(layout.names)
     blocks: list[LayerBlock] = []
     covered: set[str] = set()
     for mname, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_LAYERS):
-            continue
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            continue  # left over
+        if not _supported(module):
+            continue  # left over (grouped convolutions included)
         prefix = f"{mname}." if mname else ""
         wname, bname = prefix + "weight", prefix + "bias"
         weight = wname if wname in selected else None
         bias = bname if bname in selected and module.bias is not None else None
         if weight is None and bias is None:
             continue
-        out = module.weight.shape[0]
+        transposed = _is_transposed_linear(module)
+        out = module.weight.shape[1] if transposed else module.weight.shape[0]
         parts = []
         if weight is not None:
-            kin = module.weight[0].numel()
-            parts.append(offsets[wname] + torch.arange(out * kin).reshape(out, kin))
+            kin = module.weight.numel() // out
+            if transposed:  # W stored (in, out): the (o, i) entry sits at i·out + o
+                parts.append(offsets[wname] + torch.arange(out * kin).reshape(kin, out).T)
+            else:
+                parts.append(offsets[wname] + torch.arange(out * kin).reshape(out, kin))
             covered.add(wname)
         if bias is not None:
             parts.append(offsets[bname] + torch.arange(out).reshape(out, 1))
@@ -184,7 +210,7 @@ class LayerTaps:
 
 
 class LayerGradients:
-    """Per-example gradients ``(B, n_params)`` of parameters that all belong to nn.Linear / nn.Conv2d layers,
+    """Per-example gradients ``(B, n_params)`` of parameters that all belong to supported layers (Linear, Conv1d, Conv2d, Conv1D),
     from layer taps: ∇_W ℓ = Σ_t g_t a_tᵀ and ∇_b ℓ = Σ_t g_t per example (see the module docstring).
 
     Raises :class:`UnsupportedError` at construction when a selected parameter belongs to another layer.
@@ -195,7 +221,7 @@ class LayerGradients:
         blocks, leftover = layer_blocks(model, layout)
         if leftover:
             raise UnsupportedError(
-                f"layer taps cover nn.Linear and nn.Conv2d (groups=1) only; the selected parameters "
+                f"layer taps cover nn.Linear, nn.Conv1d, nn.Conv2d (groups=1) and transformers Conv1D only; the selected parameters "
                 f"{', '.join(repr(n) for n in leftover[:5])}{' ...' if len(leftover) > 5 else ''} belong to other layers."
             )
         self.blocks = blocks
@@ -213,11 +239,12 @@ class LayerGradients:
             if block.weight is not None:
                 a = block.inputs(x, dtype=self.layout.dtype, append_one=False)  # (B, T, in)
                 off, size = self._offsets[block.weight], self._numels[block.weight]
-                view = G[:, off:off + size].view(B, go.shape[2], a.shape[2])
+                left, right = (a, go) if block.transposed else (go, a)  # the weight's row-major (rows, cols)
+                view = G[:, off:off + size].view(B, left.shape[2], right.shape[2])
                 if go.shape[1] == 1:  # one position: an outer product, no reduction
-                    torch.mul(go[:, 0, :, None], a[:, 0, None, :], out=view)
+                    torch.mul(left[:, 0, :, None], right[:, 0, None, :], out=view)
                 else:
-                    torch.bmm(go.transpose(1, 2), a, out=view)
+                    torch.bmm(left.transpose(1, 2), right, out=view)
             if block.bias is not None:
                 off = self._offsets[block.bias]
                 torch.sum(go, dim=1, out=G[:, off:off + go.shape[2]])
@@ -259,7 +286,7 @@ def choose_per_example(
     if mode == "layers":
         raise UnsupportedError(
             f"gradients='layers': the layer-tap gradients of the {side} side differ from vmap(grad) by {err:.2e} "
-            f"(relative) on its first {m} examples, so the loss uses a selected parameter outside its Linear/Conv2d "
+            f"(relative) on its first {m} examples, so the loss uses a selected parameter outside its layer "
             "layer (e.g. a penalty or a tied weight). Use gradients='vmap' or 'auto'."
         )
     return vmapped, "vmap", f"layer taps differ from vmap(grad) by {err:.1e} (> {tol:.1e}): the loss uses a parameter outside its layer"

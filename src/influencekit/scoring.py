@@ -87,7 +87,7 @@ class Influence:
             sha256 of θ̂ and of the first 1,024 training examples, n_train) and refuses a folder of another
             configuration, printing both. Written atomically once the fit ends. ``None``: nothing is kept.
         gradients: how per-example gradients are computed. ``"layers"``: from the inputs and output gradients
-            of nn.Linear / nn.Conv2d layers in one batched backward pass (:mod:`influencekit.layers`; all
+            of nn.Linear / nn.Conv1d / nn.Conv2d layers in one batched backward pass (:mod:`influencekit.layers`; all
             selected parameters must belong to such layers); ``"vmap"``: ``vmap(grad)`` over examples, for any
             model; ``"auto"`` (default): layers when they cover the selected parameters *and* agree with vmap
             on the first examples (to √eps relative; a loss that uses a parameter outside its layer fails this

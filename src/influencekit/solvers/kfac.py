@@ -34,7 +34,7 @@ layer's block V (out × k) is
 ("eigenvalue correction") is the second moment of the per-example gradients in the Kronecker eigenbasis:
 the best diagonal in that basis, computed in a second pass over the data.
 
-Layers: ``nn.Linear`` (any leading dimensions) and ``nn.Conv2d`` (``groups=1``), weight and/or bias. A
+Layers (:mod:`~influencekit.layers`): ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d`` (``groups=1``) and the transformers-style ``Conv1D``, weight and/or bias. A
 selected parameter of any other layer raises :class:`~influencekit.errors.UnsupportedError` naming it,
 unless ``unsupported="diagonal"``: those parameters then get the damped diagonal of the same Fisher,
 1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.task.ClassificationTask` (cross-entropy,
@@ -245,7 +245,7 @@ class KFACSolver(Solver):
         layers, leftover = self._layers(operator)
         if leftover and self.unsupported == "error":
             raise UnsupportedError(
-                f"the kfac/ekfac solvers factor nn.Linear and nn.Conv2d (groups=1) layers only; the selected parameters "
+                f"the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1) and transformers Conv1D layers only; the selected parameters "
                 f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's `params=` "
                 "(e.g. params=['fc1', 'fc2']), or pass solver_options={'unsupported': 'diagonal'} for a damped "
                 "diagonal Fisher on them."
