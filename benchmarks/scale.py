@@ -23,6 +23,7 @@ Usage (2 threads; each worker has its own ``timeout``)::
     python benchmarks/scale.py                         # 10,000 train × 1,000 test, ekfac and arnoldi rank 50
     python benchmarks/scale.py --n-train 2000 --n-test 200 --solvers arnoldi
     python benchmarks/scale.py --plan-only             # only the planner's table (seconds)
+    python benchmarks/scale.py --solvers arnoldi --examples 1000   # Lanczos on 1,000 of the 10,000 images
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def worker(args: argparse.Namespace) -> None:
     solver, options = args.worker, {}
     if solver == "arnoldi":
         options = {"rank": args.rank, "residual_rows": 1, "remainder": "drop"}
+        if args.examples:
+            options["examples"] = args.examples
     if solver == "ekfac":
         options = {"probes": 1}
     out: dict[str, Any] = {"solver": solver, "options": options, "base_gb": rss_gb()}
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace, solver: str, state: Path, plan: bool) -> dict[
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--worker", solver, "--state", str(state), "--out", str(out),
-           "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--rank", str(args.rank),
+           "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--rank", str(args.rank), "--examples", str(args.examples),
            "--threads", str(args.threads), "--memory-budget", args.memory_budget] + (["--plan"] if plan else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
@@ -201,6 +204,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=1_000)
     ap.add_argument("--solvers", default="ekfac,arnoldi")
     ap.add_argument("--rank", type=int, default=50)
+    ap.add_argument("--examples", type=int, default=0, help="arnoldi: Lanczos on a subsample of this many training points (0: all)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-budget", default="2GiB")

@@ -263,3 +263,21 @@ def test_battery_fit_returns_self_batched_equals_columns_dtype_kept(digits_small
     assert report.solver == "ekfac" and report.converged and report.n_rhs == 4
     assert 0 < report.relative_residual < 0.5  # the approximation error on random directions (measured ≈ 0.10)
     assert solver.solve(V.float()).x.dtype == torch.float32
+
+
+def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
+    """A float32 model: solve_dtype=None rotates in float32 and agrees with the float64 default to 1e-5 relative."""
+    X, y = digits_small.train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    task = ik.ClassificationTask(model, l2=1e-3)
+    op = operator_of(task, (X.float(), y), damping=0.1)
+    V = torch.randn(5, op.n_params, generator=torch.Generator().manual_seed(3))
+    fast = make_solver("ekfac", solve_dtype=None, probes=0).fit(op)
+    accurate = make_solver("ekfac", probes=0).fit(op)
+    a, b = fast.solve(V).x, accurate.solve(V).x
+    assert a.dtype == b.dtype == torch.float32
+    assert float((a - b).norm() / b.norm()) < 1e-5
+    assert fast.describe()["solve_dtype"] == "None"
+    with pytest.raises(ik.InputError, match="`solve_dtype` must be a floating torch.dtype or None"):
+        make_solver("ekfac", solve_dtype="float32")

@@ -121,6 +121,9 @@ class KFACSolver(Solver):
             against the true operator, ‖(H + δI)x − v‖/‖v‖ (one HVP pass each; 0 skips it and the reports
             carry NaN). It is the approximation error, not round-off: it is what every solve reports.
         block_elements: largest number of float64 values of a temporary per-example tensor (memory knob).
+        solve_dtype: precision of the solve's rotations into and out of the Kronecker eigenbasis:
+            ``torch.float64`` (default) or ``None`` for the model's dtype — about twice as fast for a float32
+            model, at float32 round-off (the factors are always eigendecomposed in float64).
     """
 
     name = "kfac"
@@ -136,6 +139,7 @@ class KFACSolver(Solver):
         unsupported: str = "error",
         probes: int = 4,
         block_elements: int = 2**24,
+        solve_dtype: torch.dtype | None = torch.float64,
     ) -> None:
         super().__init__()
         if fisher not in _FISHERS:
@@ -148,6 +152,9 @@ class KFACSolver(Solver):
         self.unsupported = unsupported
         self.probes = check_int("probes", probes, low=0)
         self.block_elements = check_int("block_elements", block_elements, low=1)
+        if solve_dtype is not None and (not isinstance(solve_dtype, torch.dtype) or not solve_dtype.is_floating_point):
+            raise InputError(f"`solve_dtype` must be a floating torch.dtype or None. Got {solve_dtype!r}.")
+        self.solve_dtype = solve_dtype
 
     # ------------------------------------------------------------------------------------------ setup
     def _layers(self, operator: Any) -> tuple[list[_Layer], list[str]]:
@@ -397,13 +404,15 @@ class KFACSolver(Solver):
         Layer by layer and in blocks of rows, so that the float64 working copies stay within
         ``block_elements`` values (a whole float64 copy of a query block of a 1M-parameter model is GBs)."""
         shift = self.operator_.shift
+        dt = self.solve_dtype or V.dtype
         X = torch.empty_like(V)
         for layer in self.layers_:
+            QS, QA, denom = layer.QS.to(dt), layer.QA.to(dt), (layer.eig + shift).to(dt)
             rows = max(1, self.block_elements // layer.index.numel())
             for lo in range(0, V.shape[0], rows):
-                block = V[lo:lo + rows, layer.index].to(torch.float64)  # (r, out, k_in)
-                rotated = layer.QS.T @ block @ layer.QA
-                X[lo:lo + rows, layer.index] = (layer.QS @ (rotated / (layer.eig + shift)) @ layer.QA.T).to(V.dtype)
+                block = V[lo:lo + rows, layer.index].to(dt)  # (r, out, k_in)
+                rotated = QS.T @ block @ QA
+                X[lo:lo + rows, layer.index] = (QS @ (rotated / denom) @ QA.T).to(V.dtype)
         if self.leftover_:
             idx = self._leftover_index
             X[:, idx] = (V[:, idx].to(torch.float64) / (self.diagonal_ + shift)).to(V.dtype)
@@ -425,7 +434,8 @@ class KFACSolver(Solver):
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "fisher": self.fisher, "samples": self.samples, "seed": self.seed, "unsupported": self.unsupported, "curvature": "gauss-newton"}
+        return {"solver": self.name, "fisher": self.fisher, "samples": self.samples, "seed": self.seed, "unsupported": self.unsupported,
+                "solve_dtype": str(self.solve_dtype), "curvature": "gauss-newton"}
 
 
 class EKFACSolver(KFACSolver):
