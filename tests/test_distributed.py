@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, folder: str, job: str) -> None:
                 out[name] = _run_case(problem, name, solver, options, distributed=None)
                 out[name]["seconds"] = time.perf_counter() - t
         else:
-            out = _error_cases(rank, problem)
+            out = _error_cases(rank, problem, folder)
         torch.save(out, folder / f"rank{rank}.pt")
     except BaseException:
         (folder / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -112,7 +112,7 @@ class _OwnSolver(ik.solvers.CGSolver):
     name = "own"
 
 
-def _error_cases(rank: int, problem: dict) -> dict:
+def _error_cases(rank: int, problem: dict, folder: Path) -> dict:
     p = problem["logistic"]
 
     def influence(train=p["train"], state=p["state"], **kw):
@@ -126,7 +126,16 @@ def _error_cases(rank: int, problem: dict) -> dict:
     other = {k: v + (1e-3 if rank == 1 else 0.0) for k, v in p["state"].items()}
     fitted = influence(solver="cg").fit()
     test = p["test"] if rank == 0 else (p["test"][0][:3], p["test"][1][:3])
+    cache = folder / "solver-cache"
+
+    def cached_twice() -> str:
+        first = influence(solver="exact", cache_dir=cache).fit()
+        second = influence(solver="exact", cache_dir=cache).fit()
+        same = torch.equal(first.self_influence(), second.self_influence())
+        return f"loaded {first.solver_loaded_} then {second.solver_loaded_}, same {same}"
+
     return {
+        "cache_twice": cached_twice(),
         "nan_on_rank1": _outcome(lambda: influence(train=(bad if rank == 1 else X, y), solver="cg").fit()),
         "different_params": _outcome(lambda: influence(state=other, solver="cg").fit()),
         "different_solver": _outcome(lambda: influence(solver="cg" if rank == 0 else "exact").fit()),
@@ -219,6 +228,8 @@ def test_error_paths_end_every_rank(problem, tmp_path):
     assert r1["nan_on_rank1"].startswith("InputError") and "NaN" in r1["nan_on_rank1"]
     assert r0["nan_on_rank1"].startswith("DistributedError: rank 1 of 2 failed") and "NaN" in r0["nan_on_rank1"]
     for out in (r0, r1):
+        # Influence(cache_dir=): rank 0 writes the fitted exact solver, then both ranks load it, same results
+        assert out["cache_twice"] == "loaded False then True, same True"
         assert out["different_params"].startswith("DistributedError") and "theta_sha256" in out["different_params"]
         assert out["different_solver"].startswith("DistributedError") and "solver" in out["different_solver"]
         assert out["own_solver"].startswith("UnsupportedError") and "'own'" in out["own_solver"]

@@ -235,8 +235,15 @@ class Influence:
         folder = Path(self.cache_dir)
         if state is None:
             logger.info("fit: solver %r keeps no state worth storing; %s holds only the manifest", self.solver_.name, folder)
-        elif self.shard_ is None or self.shard_.rank == 0:
-            atomic_write(folder / SOLVER_STATE, lambda f: torch.save(state, f))
+            return
+
+        def write() -> None:
+            if self.shard_ is None or self.shard_.rank == 0:
+                atomic_write(folder / SOLVER_STATE, lambda f: torch.save(state, f))
+
+        # under a process group: every rank waits for rank 0's file (and learns if writing it failed), so the
+        # next fit() finds the same folder on every rank
+        write() if self.shard_ is None else self.shard_.local(write)
 
     def _check_ranks_agree(self, shard: Shard, train: Examples, layout: ParamLayout, theta: torch.Tensor) -> None:
         """Every rank must hold the same θ̂, data size and configuration, or the collectives would mismatch."""
