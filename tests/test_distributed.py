@@ -134,8 +134,15 @@ def _error_cases(rank: int, problem: dict, folder: Path) -> dict:
         same = torch.equal(first.self_influence(), second.self_influence())
         return f"loaded {first.solver_loaded_} then {second.solver_loaded_}, same {same}"
 
+    def scores_on_disk_twice() -> str:
+        a = fitted.scores(p["test"], folder=folder / "scores", rows_per_file=7)
+        b = fitted.scores(p["test"], folder=folder / "scores", rows_per_file=7)
+        files = len(list((folder / "scores").glob("scores-*.npy")))
+        return f"reused {a.metadata['score_files_reused']} then {b.metadata['score_files_reused']} of {files}, same {torch.equal(a.values, b.values)}"
+
     return {
         "cache_twice": cached_twice(),
+        "scores_on_disk_twice": scores_on_disk_twice(),
         "nan_on_rank1": _outcome(lambda: influence(train=(bad if rank == 1 else X, y), solver="cg").fit()),
         "different_params": _outcome(lambda: influence(state=other, solver="cg").fit()),
         "different_solver": _outcome(lambda: influence(solver="cg" if rank == 0 else "exact").fit()),
@@ -230,6 +237,9 @@ def test_error_paths_end_every_rank(problem, tmp_path):
     for out in (r0, r1):
         # Influence(cache_dir=): rank 0 writes the fitted exact solver, then both ranks load it, same results
         assert out["cache_twice"] == "loaded False then True, same True"
+        # scores(folder=): rank 0 writes each block's file, every rank reads them all back on the second call
+        files = -(-len(problem["logistic"]["test"][0]) // 7)
+        assert out["scores_on_disk_twice"] == f"reused 0 then {files} of {files}, same True"
         assert out["different_params"].startswith("DistributedError") and "theta_sha256" in out["different_params"]
         assert out["different_solver"].startswith("DistributedError") and "solver" in out["different_solver"]
         assert out["own_solver"].startswith("UnsupportedError") and "'own'" in out["own_solver"]

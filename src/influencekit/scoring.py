@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 
 from .autodiff import InputPath, ParamLayout, batch_grad_sum, input_size_per_example, mixed_vjp, per_example_grads
@@ -385,48 +386,113 @@ class Influence:
             **extra,
         }
 
-    def _queries(self, test: Any) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
-        """Blocks of preconditioned test gradients: (offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)."""
+    def _queries(self, test: Any, *, block: int | None = None, skip: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
+        """Blocks of preconditioned test gradients: (offset, (H + δI)⁻¹∇ℓ(z_test) rows, report).
+
+        ``block`` test points at a time (default: as many as the memory budget allows); blocks whose offset
+        ``skip`` accepts are not computed (the score folder's finished files)."""
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         if self.shard_ is not None:  # each rank solves the same blocks: a different test set would hang them
             self.shard_.check_same("the test set", {"n_test": len(data)})
-        block = self.chunks_.queries
+        block = block or self.chunks_.queries
         for lo in range(0, len(data), block):
+            if skip is not None and skip(lo):
+                continue
             hi = min(lo + block, len(data))
             G = torch.cat([g for _, g in self._grads(data, train_side=False, start=lo, stop=hi, desc="test gradients")])
             Q, report = self._solve(G)
             yield lo, Q, report
 
+    def _score_rows(self, Q: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        """−Qᵀ∇L(z) for every training point z, ``(len(Q), n_train)``; under a process group each rank scores
+        its shard and every rank receives the whole block."""
+        start, stop = self._shard_range()
+
+        def local() -> torch.Tensor:
+            block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
+            Qs = Q if basis is None else Q @ basis.T
+            for lo, G in self._train_side(basis, start, stop, "scoring"):
+                block[:, lo - start:lo - start + len(G)] = -(Qs @ G.T)
+            return block
+
+        return local() if self.shard_ is None else self.shard_.gather_columns(self.shard_.local(local))
+
     # ------------------------------------------------------------------------------------ public API
-    def scores(self, test: Any) -> InfluenceScores:
+    def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None) -> InfluenceScores:
         """I_up,loss for every (test, train) pair, ``(n_test, n_train)``, as an :class:`InfluenceScores`.
 
         One block solve for the test gradients, then one streamed per-example-gradient pass over the
         training set (per block of test points that fits the memory budget). Under torch.distributed each
         rank scores its shard and every rank receives the whole matrix.
+
+        ``folder``: also keep the matrix on disk, ``rows_per_file`` test points (default: the memory budget's
+        query block) per ``scores-<first row>.npy`` file, each written atomically as its block finishes, with a
+        ``manifest.json`` of the configuration (task, solver, damping, θ̂, the train and test data's size and
+        first 1,024 examples). A later call with the same configuration reads the finished files and computes
+        only the missing blocks, so an interrupted run resumes where it stopped and gives the same values bit
+        for bit; a folder of another configuration is refused with both printed. Each file can be read alone
+        (``numpy.load(path, mmap_mode="r")``) without loading the matrix. Under torch.distributed rank 0 writes.
         """
         self._require_fitted()
         test_data = Examples(test, name="test")
         n_train = len(self.train_)
-        start, stop = self._shard_range()
         out = torch.empty(len(test_data), n_train, dtype=self.layout_.dtype, device=self.layout_.device)
         reports = []
         basis = self._score_basis(len(test_data))
-        for qlo, Q, report in self._queries(test_data):
-            reports.append(report)
+        if folder is not None:
+            rows = self.chunks_.queries if rows_per_file is None else check_int("rows_per_file", rows_per_file, low=1)
+            done = self._open_score_folder(Path(folder), test_data, rows)
+            for lo, path in done.items():
+                block = torch.from_numpy(np.load(path))
+                out[lo:lo + len(block)] = block.to(out.device)
+            for qlo, Q, report in self._queries(test_data, block=rows, skip=done.__contains__):
+                reports.append(report)
+                out[qlo:qlo + len(Q)] = rows_block = self._score_rows(Q, basis)
+                self._write_score_file(Path(folder) / _score_file(qlo), rows_block)
+            extra = {"score_folder": str(folder), "score_files_reused": len(done)}
+        else:
+            for qlo, Q, report in self._queries(test_data):
+                reports.append(report)
+                out[qlo:qlo + len(Q)] = self._score_rows(Q, basis)
+            extra = {}
+        return InfluenceScores(out, n_train, self._metadata(reports, score_space=self._space_name(basis), **extra))
 
-            def local() -> torch.Tensor:
-                block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
-                Qs = Q if basis is None else Q @ basis.T
-                for lo, G in self._train_side(basis, start, stop, "scoring"):
-                    block[:, lo - start:lo - start + len(G)] = -(Qs @ G.T)
-                return block
+    def _open_score_folder(self, folder: Path, test: Examples, rows: int) -> dict[int, Path]:
+        """Create or check the score folder's manifest; the finished files by first row (the same on every rank)."""
+        layout = self.layout_
 
-            if self.shard_ is None:
-                out[qlo:qlo + len(Q)] = local()
-            else:
-                out[qlo:qlo + len(Q)] = self.shard_.gather_columns(self.shard_.local(local))
-        return InfluenceScores(out, n_train, self._metadata(reports, score_space=self._space_name(basis)))
+        def head(data: Examples) -> Any:
+            return take(data, list(range(min(len(data), 1024))), dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
+
+        config = {
+            "kind": "influencekit pairwise scores",
+            "format": 1,
+            "n_train": len(self.train_),
+            "n_test": len(test),
+            "rows_per_file": rows,
+            "task": self.task.describe(),
+            "solver": self.solver_.describe(),
+            "damping": self.damping,
+            "dtype": str(layout.dtype),
+            "theta_fingerprint": fingerprint(self.params_),
+            "train_fingerprint": fingerprint(head(self.train_)),
+            "test_fingerprint": fingerprint(head(test)) if len(test) else "",
+        }
+        open_folder(folder, config, arg="folder", what="pairwise scores", pattern="scores-*.npy")
+        done = {lo: folder / _score_file(lo) for lo in range(0, len(test), rows) if (folder / _score_file(lo)).exists()}
+        if self.shard_ is not None:  # every rank must skip the same blocks, or the collectives would mismatch
+            self.shard_.check_same("the score folder's finished files", {"files": sorted(done)})
+        return done
+
+    def _write_score_file(self, path: Path, block: torch.Tensor) -> None:
+        array = block.detach().cpu().numpy()
+
+        def write() -> None:
+            if self.shard_ is None or self.shard_.rank == 0:
+                atomic_write(path, lambda f: np.save(f, array))
+
+        write() if self.shard_ is None else self.shard_.local(write)
 
     def _score_basis(self, n_test: int) -> torch.Tensor | None:
         """The solver's solution basis B ``(r, n_params)`` when scoring in it is cheaper, else None.
@@ -634,6 +700,10 @@ class Influence:
     def n_params(self) -> int:
         self._require_fitted()
         return self.layout_.n
+
+
+def _score_file(first_row: int) -> str:
+    return f"scores-{first_row:09d}.npy"
 
 
 def _empty_topk(Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
