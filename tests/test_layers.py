@@ -227,3 +227,30 @@ def test_kfac_on_conv1d_and_transformers_conv1d_equals_the_conv2d_linear_twin():
     torch.testing.assert_close(x1["mix.weight"], x2["mix.weight"].T, rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(x1["conv.weight"], x2["conv.weight"].squeeze(2), rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(x1["conv2.weight"], x2["conv2.weight"].squeeze(2), rtol=1e-11, atol=1e-13)
+
+
+class _Bag(nn.Module):
+    """Token ids -> embeddings (with a padding index) -> mean -> Linear: a bag-of-embeddings classifier."""
+
+    def __init__(self, **embedding) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4, padding_idx=0, **embedding)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.emb(x)).mean(dim=1))
+
+
+def test_embeddings_match_vmap_and_odd_embeddings_fall_back():
+    torch.manual_seed(8)
+    X = torch.randint(0, 11, (9, 6))
+    X[0, :3] = 0  # padding tokens: no gradient for row 0
+    X[1] = 5      # a token repeated: its row sums six contributions
+    y = torch.randint(0, 3, (9,))
+    model = _Bag().double()
+    assert _compare(model, X, y) < 1e-12
+    odd = _Bag(scale_grad_by_freq=True).double()  # batch-dependent gradient: not a per-example sum
+    task = ik.ClassificationTask(odd)
+    theta = task.params()
+    _, method, reason = choose_per_example("auto", odd, task.loss, theta, ParamLayout.of(theta), (X, y))
+    assert method == "vmap" and "emb.weight" in reason

@@ -1,7 +1,9 @@
 """Layer taps: the inputs and output gradients of dense and convolution layers, from one ordinary backward pass.
 
 Layers: nn.Linear (any leading dimensions), nn.Conv1d and nn.Conv2d (groups = 1, any padding mode), and the
-transformers-style ``Conv1D`` (a dense layer whose weight is stored (in, out), recognised by class name).
+transformers-style ``Conv1D`` (a dense layer whose weight is stored (in, out), recognised by class name); for
+per-example gradients (not K-FAC) also nn.Embedding, whose gradient Σ_t e_{x_t} g_tᵀ is the output gradients
+added into the rows of the looked-up indices.
 
 For a layer with pre-activation outputs s_t = W a_t + b at positions t (one for a dense input; the sequence
 positions of a ``(B, T, in)`` input; the spatial output positions of a convolution, a_t being the unfolded
@@ -115,14 +117,29 @@ class LayerBlock:
         return g if dtype is None else g.to(dtype)
 
 
-def layer_blocks(model: nn.Module, layout: ParamLayout) -> tuple[list[LayerBlock], list[str]]:
-    """The supported modules (nn.Linear, transformers' Conv1D; nn.Conv1d and nn.Conv2d with groups=1) holding
-    selected parameters, in model order, and the selected parameter names they leave over."""
+def _plain_embedding(module: nn.Module) -> bool:
+    """An nn.Embedding whose gradient is a per-example sum of rows: no max_norm (it renormalises the weight in
+    the forward pass) and no scale_grad_by_freq (it scales by frequencies within the whole batch)."""
+    return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+
+
+def layer_blocks(model: nn.Module, layout: ParamLayout, *, embeddings: bool = False) -> tuple[list[LayerBlock], list[str]]:
+    """The supported modules (nn.Linear, transformers' Conv1D; nn.Conv1d and nn.Conv2d with groups=1; with
+    ``embeddings``, nn.Embedding without max_norm or scale_grad_by_freq) holding selected parameters, in model
+    order, and the selected parameter names they leave over."""
     offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
     selected = set(layout.names)
     blocks: list[LayerBlock] = []
     covered: set[str] = set()
     for mname, module in model.named_modules():
+        if embeddings and _plain_embedding(module):
+            wname = f"{mname}.weight" if mname else "weight"
+            if wname in selected:
+                V = module.weight.shape[0]
+                index = offsets[wname] + torch.arange(module.weight.numel()).reshape(V, -1)
+                blocks.append(LayerBlock(mname, module, wname, None, index.to(layout.device)))
+                covered.add(wname)
+            continue
         if not _supported(module):
             continue  # left over (grouped convolutions included)
         prefix = f"{mname}." if mname else ""
@@ -218,10 +235,11 @@ class LayerGradients:
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
-        blocks, leftover = layer_blocks(model, layout)
+        blocks, leftover = layer_blocks(model, layout, embeddings=True)
         if leftover:
             raise UnsupportedError(
-                f"layer taps cover nn.Linear, nn.Conv1d, nn.Conv2d (groups=1) and transformers Conv1D only; the selected parameters "
+                f"layer taps cover nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no "
+                f"scale_grad_by_freq) and transformers Conv1D only; the selected parameters "
                 f"{', '.join(repr(n) for n in leftover[:5])}{' ...' if len(leftover) > 5 else ''} belong to other layers."
             )
         self.blocks = blocks
@@ -235,6 +253,17 @@ class LayerGradients:
         B = values.shape[0]
         G = torch.empty(B, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
         for block, x, g in zip(self.blocks, inputs, grads):
+            if isinstance(block.module, nn.Embedding):  # ∇W = Σ_t e_{x_t} g_tᵀ: rows added at the looked-up indices
+                off, size = self._offsets[block.weight], self._numels[block.weight]
+                dim = block.module.weight.shape[1]
+                rows = G[:, off:off + size].view(B, -1, dim)
+                rows.zero_()
+                go = g.reshape(B, -1, dim).to(self.layout.dtype)
+                idx = x.reshape(B, -1)
+                if block.module.padding_idx is not None:  # the padding row gets no gradient
+                    go = go.masked_fill((idx == block.module.padding_idx).unsqueeze(-1), 0.0)
+                rows.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, dim), go)
+                continue
             go = block.output_grads(g, dtype=self.layout.dtype)  # (B, T, out)
             if block.weight is not None:
                 a = block.inputs(x, dtype=self.layout.dtype, append_one=False)  # (B, T, in)
