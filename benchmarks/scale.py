@@ -120,11 +120,11 @@ def worker(args: argparse.Namespace) -> None:
     task = ik.ClassificationTask(model, l2=L2)
     solver, options = args.worker, {}
     if solver == "arnoldi":
-        options = {"rank": args.rank, "residual_rows": 1, "remainder": "drop"}
+        options = {"rank": args.rank, "residual_rows": 0, "remainder": "drop"}  # no per-block residual HVP
         if args.examples:
             options["examples"] = args.examples
     if solver == "ekfac":
-        options = {"probes": 1}
+        options = {"probes": 1, "solve_dtype": None}  # rotations in the model's float32
     out: dict[str, Any] = {"solver": solver, "options": options, "base_gb": rss_gb()}
     if args.plan:
         inf = ik.Influence(task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget)

@@ -202,6 +202,7 @@ def test_negative_curvature_warns_with_a_damping_that_works():
         ({"rank": 10, "n_iter": 5}, r"`n_iter` must be an int in \[10, inf\]\. Got 5"),
         ({"remainder": "zero"}, r"`remainder` must be 'drop' or 'damped'\. Got 'zero'"),
         ({"seed": -1}, r"`seed` must be an int in \[0, inf\]\. Got -1"),
+        ({"residual_rows": -1}, r"`residual_rows` must be an int in \[0, inf\]\. Got -1"),
     ],
 )
 def test_bad_options_give_the_documented_message(options, message):
@@ -265,3 +266,13 @@ def test_lanczos_on_a_subsample(digits):
     every = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 20, "examples": 5000}).fit()
     assert every.solver_.sample_ is None
     assert torch.equal(full.solver_.eigenvalues_, every.solver_.eigenvalues_)
+
+
+def test_residual_rows_zero_spends_no_hvp(digits_small, rhs):
+    op = operator_of(digits_small, 0.05)
+    solver = make_solver("arnoldi", rank=20, residual_rows=0).fit(op)
+    before = op.hvp_count
+    x, report = solver.solve(rhs)
+    assert op.hvp_count == before and report.hvps == 0.0 and report.relative_residual != report.relative_residual  # NaN
+    checked = make_solver("arnoldi", rank=20, residual_rows=2).fit(op)
+    torch.testing.assert_close(checked.solve(rhs).x, x, rtol=0, atol=0)
