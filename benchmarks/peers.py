@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import platform
@@ -391,7 +392,7 @@ def worker(args: argparse.Namespace) -> None:
     # torch.func's first grad imports torch._dynamo (and sympy, ~800 modules, 1.2 s here) once per process; a peer
     # that imports it at import time would pay that outside its timer and one that first calls torch.func inside
     # it. Import it before any timer, so every row measures the method, not the interpreter's warm-up.
-    import torch._dynamo  # noqa: F401
+    importlib.import_module("torch._dynamo")
     model, train, test = load_problem(args.state, args.problem)
     info: dict[str, Any] = {"state": args.state}
     base = current_rss_mib()
