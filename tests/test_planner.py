@@ -170,3 +170,12 @@ def test_bad_input_is_refused(digits_small):
         too_high.plan()
     big = ik.Influence(digits_small.task, digits_small.train, solver="exact", solver_options={"max_params": 100})
     assert any("refuses this model" in note for note in big.plan().notes)
+
+
+def test_arnoldi_without_residual_rows_plans_no_residual_hvp():
+    task, train = _mlp_task()
+    plans = {rows: ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10, "residual_rows": rows}).plan(n_test=5)
+             for rows in (0, 2)}
+    zero, two = plans[0].stage("query solve").seconds, plans[2].stage("query solve").seconds
+    assert zero < two  # two full-data HVPs more
+    assert zero < 0.5 * two

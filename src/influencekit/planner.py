@@ -227,7 +227,9 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
              "block_tangents": float(K), "flops": rate, "activations_per_example": float(act)}
 
     def hvp_seconds(k: int) -> float:
-        """Seconds of one full-data HVP with k tangents (vectorised in blocks of chunks.tangents)."""
+        """Seconds of one full-data HVP with k tangents (vectorised in blocks of chunks.tangents); 0 for none."""
+        if k <= 0:
+            return 0.0
         if k <= 1:
             return n * tau_h1
         return n * k * (tau_hK if K > 1 else tau_h1)
