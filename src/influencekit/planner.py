@@ -45,8 +45,8 @@ once it exists, and the stage's working set:
                                  k inputs (+1 for a bias) and o outputs per layer) + 8 per leftover parameter
     cg / lissa working set       6·q·p·b / 4·q·p·b  (block iterates, residuals, directions)
     query block                  q·p·b gradients + q·p·b preconditioned
-    kfac/ekfac query solve       2·q·p·8 + 4·q·max_layer(o·k)·8  (float64 block, result, and the largest layer's
-                                 gathered, rotated, scaled and rotated-back copies)
+    kfac/ekfac query solve       q·p·b + 4·min(block_elements, q·max_layer(o·k))·8  (the result, and one row block
+                                 of the largest layer gathered, rotated, scaled and rotated back)
     score matrix                 t_test·n·b
 
 The estimates are first-order: they ignore the allocator, Python overhead and the data set itself, and the
@@ -289,9 +289,10 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
         stages.append(Stage(f"fit: {name}", fit_seconds, base + state + fit_work,
                             "(probe fit − eigh) × n/m + eigh + probes·n·τ_h; state 8·Σ(2k² + 2o² + ok)"))
         solve_block = q * solve_flops / rate
-        # float64 copy of the block and its result, plus the largest layer's gathered, rotated, scaled and
-        # rotated-back blocks (measured: 5.8 GB peak for q = 100 on a 1M-parameter CNN)
-        solve_mem, solve_formula = 2 * q * p * 8 + 4 * q * largest * 8, "4·q·Σ(o²k + ok²) / ρ (float64)"
+        # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
+        # (the solve works layer by layer in row blocks of at most block_elements values)
+        solve_mem = q * p * item + 4 * min(solver.block_elements, q * largest) * 8
+        solve_formula = f"4·q·Σ(o²k + ok²) / ρ ({'float64' if solver.solve_dtype == torch.float64 else 'solve_dtype'})"
     else:  # a user-defined solver: the planner knows nothing of its cost
         state = 0
         stages.append(Stage(f"fit: {name}", float("nan"), base, "unknown solver: no estimate"))
