@@ -65,7 +65,6 @@ PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor
 class LayerBlock:
     """One supported module holding selected parameters, and where they sit in the flat parameter vector."""
 
-    transposed = property(lambda self: _is_transposed_linear(self.module))  # weight stored (in, out)
 
     name: str
     module: nn.Module
@@ -73,6 +72,11 @@ class LayerBlock:
     bias: str | None  # the selected bias's parameter name, or None
     index: torch.Tensor  # (out, k): flat positions of the block [W | b], row-major
     captured: list[torch.Tensor] = field(default_factory=list)  # input, output of the current forward pass
+
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored (in, out) (transformers' Conv1D)."""
+        return _is_transposed_linear(self.module)
 
     @property
     def has_weight(self) -> bool:

@@ -206,7 +206,6 @@ class Influence:
     def _load_solver(self, train: Examples, layout: ParamLayout) -> bool:
         """Open ``cache_dir`` (refusing another configuration) and load the fitted solver if it is there."""
         solver, shard = self.solver_, self.shard_
-        first = take(train, list(range(min(len(train), 1024))), dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
         config = {
             "kind": "influencekit fitted solver",
             "format": 1,
@@ -217,7 +216,7 @@ class Influence:
             "solver": solver.describe(),
             "damping": self.damping,
             "theta_fingerprint": fingerprint(self.params_),
-            "data_fingerprint": fingerprint(first),
+            "data_fingerprint": self._head_fingerprint(train),
         }
         folder = Path(self.cache_dir)
         open_folder(folder, config, arg="cache_dir", what="a fitted solver", pattern=SOLVER_STATE)
@@ -230,6 +229,12 @@ class Influence:
         solver.load_state_dict(self.operator_, torch.load(path, map_location=layout.device, weights_only=True))
         logger.info("fit: solver %r loaded from %s", solver.name, path)
         return True
+
+    def _head_fingerprint(self, data: Examples, examples: int = 1024) -> str:
+        """sha256 of the first ``examples`` examples as the engine sees them (the manifests' cheap data check)."""
+        layout = self.layout_
+        head = take(data, list(range(min(len(data), examples))), dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
+        return fingerprint(head)
 
     def _store_solver(self) -> None:
         state = self.solver_.state_dict()
@@ -465,10 +470,6 @@ class Influence:
     def _open_score_folder(self, folder: Path, test: Examples, rows: int) -> dict[int, Path]:
         """Create or check the score folder's manifest; the finished files by first row (the same on every rank)."""
         layout = self.layout_
-
-        def head(data: Examples) -> Any:
-            return take(data, list(range(min(len(data), 1024))), dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
-
         config = {
             "kind": "influencekit pairwise scores",
             "format": 1,
@@ -480,8 +481,8 @@ class Influence:
             "damping": self.damping,
             "dtype": str(layout.dtype),
             "theta_fingerprint": fingerprint(self.params_),
-            "train_fingerprint": fingerprint(head(self.train_)),
-            "test_fingerprint": fingerprint(head(test)) if len(test) else "",
+            "train_fingerprint": self._head_fingerprint(self.train_),
+            "test_fingerprint": self._head_fingerprint(test) if len(test) else "",
         }
         open_folder(folder, config, arg="folder", what="pairwise scores", pattern="scores-*.npy")
         done = {lo: folder / _score_file(lo) for lo in range(0, len(test), rows) if (folder / _score_file(lo)).exists()}
