@@ -353,9 +353,15 @@ def _kfac_probe(solver: Any, influence: Any, task: Any, params: dict[str, torch.
     variants = {"sampled": solver.samples, "expected": _n_outputs(task, params, batch), "empirical": 1}[solver.fisher]
     c = min(chunks.hvp, n)
     for layer in probe_solver.layers_:
+        t = positions[layer.name]
+        if layer.embedding:  # A diagonal (V,), S and Q_S (d, d), eigenvalues (V, d); a pass holds indices and d grads
+            V, d = layer.index.shape
+            state += 8 * (V + 2 * d * d + V * d)
+            work += 8 * c * t * (1 + d * variants) * (2 if solver._corrected else 1)
+            flops += 4.0 * V * d * d
+            continue
         o, k = layer.index.shape
         state += 8 * (2 * k * k + 2 * o * o + o * k)
-        t = positions[layer.name]
         work += 8 * c * t * (k + o * variants) * (2 if solver._corrected else 1)
         flops += 4.0 * (o * o * k + o * k * k)
     state += 8 * len(probe_solver.diagonal_)

@@ -34,8 +34,12 @@ layer's block V (out × k) is
 ("eigenvalue correction") is the second moment of the per-example gradients in the Kronecker eigenbasis:
 the best diagonal in that basis, computed in a second pass over the data.
 
-Layers (:mod:`~influencekit.layers`): ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d`` (``groups=1``) and the transformers-style ``Conv1D``, weight and/or bias. A
-selected parameter of any other layer raises :class:`~influencekit.errors.UnsupportedError` naming it,
+Layers (:mod:`~influencekit.layers`): ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``
+(``groups=1``) and the transformers-style ``Conv1D``, weight and/or bias; and ``nn.Embedding`` (no ``max_norm``,
+no ``scale_grad_by_freq``), a dense layer on one-hot inputs: its A is the diagonal of row frequencies
+(1/n) Σ_i (1/T) Σ_t e_{x_t} (no eigendecomposition, Q_A = I, the ``padding_idx`` row gets no gradient), S the
+(d × d) second moment of the output gradients, and EK-FAC's Λ sums each example's rotated output gradients per
+looked-up row before squaring. A selected parameter of any other layer raises :class:`~influencekit.errors.UnsupportedError` naming it,
 unless ``unsupported="diagonal"``: those parameters then get the damped diagonal of the same Fisher,
 1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.task.ClassificationTask` (cross-entropy,
 logistic) and :class:`~influencekit.task.RegressionTask` (squared error averaged over outputs).
@@ -83,7 +87,28 @@ class _Layer(LayerBlock):
     S: torch.Tensor | None = None  # (out, out)
     QA: torch.Tensor | None = None
     QS: torch.Tensor | None = None
-    eig: torch.Tensor | None = None  # (out, k): λ_S λ_Aᵀ (K-FAC) or Λ (EK-FAC)
+    eig: torch.Tensor | None = None  # (out, k): λ_S λ_Aᵀ (K-FAC) or Λ (EK-FAC); an embedding's (V, d)
+
+    @property
+    def embedding(self) -> bool:
+        """An nn.Embedding: A is the diagonal (V,) of row frequencies, S is (d, d), QA is None (identity)."""
+        return isinstance(self.module, torch.nn.Embedding)
+
+
+def _layer_inputs(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+    """A layer's inputs as (B, T, k) float64 rows; an embedding's looked-up indices as (B, T)."""
+    if layer.embedding:
+        return x.reshape(x.shape[0], -1)
+    return layer.inputs(x, dtype=torch.float64)
+
+
+def _layer_output_grads(layer: _Layer, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Output gradients as (B, T, out) float64; an embedding's padding row gets none (its gradient is zero)."""
+    if layer.embedding:
+        go = g.reshape(g.shape[0], -1, g.shape[-1]).to(torch.float64)
+        pad = layer.module.padding_idx
+        return go if pad is None else go.masked_fill((x.reshape(x.shape[0], -1) == pad).unsqueeze(-1), 0.0)
+    return layer.output_grads(g, dtype=torch.float64)
 
 
 def _loss_kind(task: Task) -> str:
@@ -159,7 +184,7 @@ class KFACSolver(Solver):
     # ------------------------------------------------------------------------------------------ setup
     def _layers(self, operator: Any) -> tuple[list[_Layer], list[str]]:
         """Supported modules holding selected parameters, and the selected names left over."""
-        blocks, leftover = layer_blocks(operator.task.model, operator.layout)
+        blocks, leftover = layer_blocks(operator.task.model, operator.layout, embeddings=True)
         return [_Layer(b.name, b.module, b.weight, b.bias, b.index) for b in blocks], leftover
 
     def _draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -232,8 +257,8 @@ class KFACSolver(Solver):
                     out = task.forward(params, *inputs)
                 for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, lo)):
                     raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
-                    A_in = [layer.inputs(x, dtype=torch.float64) for layer, x in zip(layers, raw_in)] if v == 0 else None
-                    G_out = [layer.output_grads(g, dtype=torch.float64) for layer, g in zip(layers, raw_grads)]
+                    A_in = [_layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
+                    G_out = [_layer_output_grads(layer, g, x) for layer, g, x in zip(layers, raw_grads, raw_in)]
                     extra = None
                     if leftover_layout is not None:
                         def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
@@ -252,7 +277,7 @@ class KFACSolver(Solver):
         layers, leftover = self._layers(operator)
         if leftover and self.unsupported == "error":
             raise UnsupportedError(
-                f"the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1) and transformers Conv1D layers only; the selected parameters "
+                f"the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no scale_grad_by_freq) and transformers Conv1D layers only; the selected parameters "
                 f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's `params=` "
                 "(e.g. params=['fc1', 'fc2']), or pass solver_options={'unsupported': 'diagonal'} for a damped "
                 "diagonal Fisher on them."
@@ -267,6 +292,11 @@ class KFACSolver(Solver):
         dev = operator.device
         n = operator.n_examples
         for layer in layers:
+            if layer.embedding:  # A is diagonal: the (1/T-weighted) frequency of each row; S is over the d columns
+                V, d = layer.index.shape
+                layer.A = torch.zeros(V, dtype=torch.float64, device=dev)
+                layer.S = torch.zeros(d, d, dtype=torch.float64, device=dev)
+                continue
             k, out = layer.index.shape[1], layer.index.shape[0]
             layer.A = torch.zeros(k, k, dtype=torch.float64, device=dev)
             layer.S = torch.zeros(out, out, dtype=torch.float64, device=dev)
@@ -276,7 +306,13 @@ class KFACSolver(Solver):
         def local_sums() -> None:
             for A_in, G_out, extra in self._passes(operator, layers, leftover):
                 for i, layer in enumerate(layers):
-                    if A_in is not None:
+                    if A_in is not None and layer.embedding:
+                        idx = A_in[i]  # (B, T) looked-up rows; the padding row has no gradient, so no frequency
+                        counts = torch.bincount(idx.reshape(-1), minlength=layer.A.shape[0]).to(torch.float64)
+                        if layer.module.padding_idx is not None:
+                            counts[layer.module.padding_idx] = 0.0
+                        layer.A += counts / idx.shape[1]
+                    elif A_in is not None:
                         a = A_in[i]
                         flat = a.reshape(-1, a.shape[-1])
                         layer.A += flat.T @ flat / a.shape[1]
@@ -291,8 +327,12 @@ class KFACSolver(Solver):
         for layer in layers:
             layer.A /= n
             layer.S /= n
-            lA, layer.QA = torch.linalg.eigh(layer.A)
             lS, layer.QS = torch.linalg.eigh(layer.S)
+            if layer.embedding:  # A diagonal: its eigenvectors are the rows themselves (QA = I, kept as None)
+                layer.QA = None
+                layer.eig = layer.A[:, None] * lS.clamp_min(0)[None, :]  # (V, d), as the weight
+                continue
+            lA, layer.QA = torch.linalg.eigh(layer.A)
             # the factors are PSD: negative eigenvalues are round-off
             layer.eig = lS.clamp_min(0)[:, None] * lA.clamp_min(0)[None, :]
         self.diagonal_ = diag / n
@@ -356,8 +396,17 @@ class KFACSolver(Solver):
             A_keep: list[torch.Tensor] | None = None
             for A_in, G_out, _ in self._passes(operator, self.layers_, []):
                 if A_in is not None:
-                    A_keep = [a @ layer.QA for a, layer in zip(A_in, self.layers_)]
+                    A_keep = [a if layer.embedding else a @ layer.QA for a, layer in zip(A_in, self.layers_)]
                 for i, layer in enumerate(self.layers_):
+                    if layer.embedding:  # per example Σ_{t: x_t = v} (Q_Sᵀ g_t): rows summed per (example, index)
+                        idx, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T), (B, T, d)
+                        V = layer.eig.shape[0]
+                        keys = (torch.arange(idx.shape[0], device=idx.device)[:, None] * V + idx).reshape(-1)
+                        unique, inverse = torch.unique(keys, return_inverse=True)
+                        rows = torch.zeros(len(unique), gq.shape[-1], dtype=gq.dtype, device=gq.device)
+                        rows.index_add_(0, inverse, gq.reshape(-1, gq.shape[-1]))
+                        layer.eig.index_add_(0, unique % V, rows * rows)
+                        continue
                     aq, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T, k), (B, T, out)
                     step = max(1, self.block_elements // max(1, layer.eig.numel()))
                     for lo in range(0, aq.shape[0], step):
@@ -407,10 +456,14 @@ class KFACSolver(Solver):
         dt = self.solve_dtype or V.dtype
         X = torch.empty_like(V)
         for layer in self.layers_:
-            QS, QA, denom = layer.QS.to(dt), layer.QA.to(dt), (layer.eig + shift).to(dt)
+            QS, denom = layer.QS.to(dt), (layer.eig + shift).to(dt)
+            QA = None if layer.QA is None else layer.QA.to(dt)
             rows = max(1, self.block_elements // layer.index.numel())
             for lo in range(0, V.shape[0], rows):
-                block = V[lo:lo + rows, layer.index].to(dt)  # (r, out, k_in)
+                block = V[lo:lo + rows, layer.index].to(dt)  # (r, out, k_in); an embedding's (r, V, d)
+                if QA is None:  # embedding: the row side is already diagonal
+                    X[lo:lo + rows, layer.index] = (((block @ QS) / denom) @ QS.T).to(V.dtype)
+                    continue
                 rotated = QS.T @ block @ QA
                 X[lo:lo + rows, layer.index] = (QS @ (rotated / denom) @ QA.T).to(V.dtype)
         if self.leftover_:
