@@ -392,3 +392,28 @@ def test_embedding_model_scores_correlate_with_exact_gauss_newton_influence(T, r
     r, r_identity = pearson(ours.numpy(), exact.numpy()), pearson((-Gt @ Gr.T).numpy(), exact.numpy())
     print(f"embedding T={T} ekfac: Pearson r = {r:.4f} (identity curvature {r_identity:.4f})")
     assert r >= r_min and r > r_identity
+
+
+def test_probe_residual_uses_an_even_subsample_of_the_data(digits_small):
+    # the fit-time residual ‖(H + δI)x − v‖/‖v‖ takes H over `probe_examples` evenly spaced examples when the data
+    # hold more: the same number as computing it by hand on those examples, close to the full-data figure
+    X, y = digits_small.train
+    op = operator_of(digits_small.task, (X, y), damping=0.05)
+    n = op.n_examples
+    full = EKFACSolver(probes=3, probe_examples=None).fit(op)
+    sub = EKFACSolver(probes=3, probe_examples=40).fit(op)
+    g = torch.Generator(device="cpu").manual_seed(1)  # the probe directions of seed 0
+    V = torch.randn(3, op.n_params, dtype=torch.float64, generator=g)
+    idx = torch.linspace(0, n - 1, 40, dtype=torch.float64).round().long().unique()
+    X_ = sub.solve(V).x
+    by_hand = ((op.minibatch_matvec(X_, idx) - V).norm(dim=1) / V.norm(dim=1)).max()
+    assert sub.probe_residual_ == pytest.approx(float(by_hand), rel=1e-12)
+    full_by_hand = ((op.matvec(X_) - V).norm(dim=1) / V.norm(dim=1)).max()
+    assert full.probe_residual_ == pytest.approx(float(full_by_hand), rel=1e-12)
+    assert sub.probe_residual_ != full.probe_residual_
+    half = EKFACSolver(probes=3, probe_examples=n // 2).fit(op).probe_residual_
+    print(f"probe residual: all {n} examples {full.probe_residual_:.4f}, {n // 2}: {half:.4f}, 40: {sub.probe_residual_:.4f}")
+    assert abs(half - full.probe_residual_) < 0.2 * full.probe_residual_
+    assert EKFACSolver(probes=3, probe_examples=10_000).fit(op).probe_residual_ == pytest.approx(full.probe_residual_, rel=1e-12)
+    with pytest.raises(ik.InputError, match="probe_examples"):
+        make_solver("ekfac", probe_examples=0)

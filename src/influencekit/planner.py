@@ -21,7 +21,7 @@ Stages and their time formulas:
                             lissa:    eigen_steps·n·τ_h + 90·min(batch_size, n)·τ_h (Lanczos + power iteration)
                             arnoldi:  min(n_iter or 2·rank, p)·n·τ_h
                             kfac/ekfac: (the solver's own fit on the m probe examples − eigh) × n/m + eigh
-                                      + probes·n·τ_h, where eigh (the factors' eigendecompositions, whose
+                                      + probes·min(n, the solver's probe_examples)·τ_h, where eigh (the factors' eigendecompositions, whose
                                       size does not depend on n) = Σ_factors t_r·(size/r)³, t_r the timed
                                       eigh of an r × r matrix, r = min(largest factor, 1024)
     test gradients          t_test·τ_g
@@ -285,9 +285,10 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
         if solver.remainder == "drop" and solver.rank < min(n_test, p):
             basis_rank = solver.rank  # scores in the eigenbasis (Influence._score_basis)
     elif name in ("kfac", "ekfac"):
-        state, fit_seconds, fit_work, solve_flops, largest = _kfac_probe(solver, influence, task, params, batch, m, n, chunks, hvp_seconds(solver.probes))
+        state, fit_seconds, fit_work, solve_flops, largest = _kfac_probe(solver, influence, task, params, batch, m, n, chunks,
+                                                                            hvp_seconds(solver.probes) * min(n, solver.probe_examples or n) / n)
         stages.append(Stage(f"fit: {name}", fit_seconds, base + state + fit_work,
-                            "(probe fit − eigh) × n/m + eigh + probes·n·τ_h; state 8·Σ(2k² + 2o² + ok)"))
+                            "(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state 8·Σ(2k² + 2o² + ok)"))
         solve_block = q * solve_flops / rate
         # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
         # (the solve works layer by layer in row blocks of at most block_elements values)

@@ -63,9 +63,15 @@ class Solution(NamedTuple):
     report: SolveReport
 
 
-def relative_residuals(operator: Any, X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """‖(H + δI)x − v‖ / ‖v‖ per row, with one batched product over the full training set."""
-    R = operator.matvec(X) - V.to(X.dtype)
+def relative_residuals(operator: Any, X: torch.Tensor, V: torch.Tensor, *, examples: int | None = None) -> torch.Tensor:
+    """‖(H + δI)x − v‖ / ‖v‖ per row, with one batched product over the full training set, or with H the mean
+    over ``examples`` evenly spaced training examples when that is fewer than all (a cheaper estimate)."""
+    n = operator.n_examples
+    if examples is not None and examples < n:
+        indices = torch.linspace(0, n - 1, examples, dtype=torch.float64).round().long().unique()
+        R = operator.minibatch_matvec(X, indices) - V.to(X.dtype)
+    else:
+        R = operator.matvec(X) - V.to(X.dtype)
     vn = V.norm(dim=1).to(X.dtype)
     return torch.where(vn > 0, R.norm(dim=1) / vn.clamp_min(torch.finfo(X.dtype).tiny), R.norm(dim=1))
 
