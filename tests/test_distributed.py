@@ -140,7 +140,21 @@ def _error_cases(rank: int, problem: dict, folder: Path) -> dict:
         files = len(list((folder / "scores").glob("scores-*.npy")))
         return f"reused {a.metadata['score_files_reused']} then {b.metadata['score_files_reused']} of {files}, same {torch.equal(a.values, b.values)}"
 
+    def gradient_store() -> dict:
+        # chunks of 50 rows: 7 chunks of the 301 examples, written round robin (rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5)
+        import influencekit.store as store_module
+
+        written, save = [], store_module._save_array
+        store_module._save_array = lambda path, array: (written.append(Path(path).name), save(path, array))[1]
+        try:
+            store = ik.GradientStore.build(fitted, folder / "store", dim=32, chunk=50)
+        finally:
+            store_module._save_array = save
+        files = {f.name: f.read_bytes() for f in sorted((folder / "store").glob("*.npy"))}
+        return {"files": files, "written": written, "scores": store.scores(p["test"]).values}
+
     return {
+        "gradient_store": gradient_store(),
         "cache_twice": cached_twice(),
         "scores_on_disk_twice": scores_on_disk_twice(),
         "nan_on_rank1": _outcome(lambda: influence(train=(bad if rank == 1 else X, y), solver="cg").fit()),
@@ -234,6 +248,27 @@ def test_error_paths_end_every_rank(problem, tmp_path):
     # a bad example on rank 1: rank 1 raises its own error, rank 0 an error naming rank 1 (no hang)
     assert r1["nan_on_rank1"].startswith("InputError") and "NaN" in r1["nan_on_rank1"]
     assert r0["nan_on_rank1"].startswith("DistributedError: rank 1 of 2 failed") and "NaN" in r0["nan_on_rank1"]
+    # GradientStore.build under 2 ranks: each writes its own chunks; the files equal a single process's (the
+    # chunks byte for byte, ΦᵀΦ to round-off: its sum is taken in another order), and so do the scores
+    p = problem["logistic"]
+    model = _logistic_model()
+    model.load_state_dict(p["state"])
+    single = ik.GradientStore.build(ik.Influence(ik.ClassificationTask(model, l2=p["l2"]), p["train"], solver="cg").fit(),
+                                    tmp_path / "single-store", dim=32, chunk=50)
+    expected = {f.name: f.read_bytes() for f in sorted((tmp_path / "single-store").glob("*.npy"))}
+    assert len(expected) == 7 + 1 and r0["gradient_store"]["files"].keys() == expected.keys()
+    assert r0["gradient_store"]["written"] == [f"grads-{c:06d}.npy" for c in (0, 2, 4, 6)] + ["curvature.npy"]
+    assert r1["gradient_store"]["written"] == [f"grads-{c:06d}.npy" for c in (1, 3, 5)]
+    for name, data in expected.items():
+        if name.startswith("grads-"):
+            assert r0["gradient_store"]["files"][name] == data, name
+    import io
+    import numpy as np
+
+    ptp = np.load(io.BytesIO(r0["gradient_store"]["files"]["curvature.npy"]))
+    assert np.abs(ptp - np.load(io.BytesIO(expected["curvature.npy"]))).max() <= 1e-12 * np.abs(ptp).max()
+    for out in (r0, r1):
+        assert _rel(out["gradient_store"]["scores"], single.scores(p["test"]).values) < TOL
     for out in (r0, r1):
         # Influence(cache_dir=): rank 0 writes the fitted exact solver, then both ranks load it, same results
         assert out["cache_twice"] == "loaded False then True, same True"

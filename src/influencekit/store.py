@@ -151,7 +151,13 @@ class GradientStore:
             "data_fingerprint": fingerprint(first),
         }, default=str))
         folder = Path(folder)
-        open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy")
+        shard = influence.shard_
+        if shard is None:
+            open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy")
+        else:  # rank 0 creates the folder and its manifest; then every rank checks it (a shared filesystem)
+            shard.check_same("the gradient store's configuration", config)
+            shard.local(lambda: open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy") if shard.rank == 0 else None)
+            shard.local(lambda: open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy"))
         store = cls(influence, folder, config, projector, damping, chunk)
         store._write_gradients(progress=bool(progress))
         return store
@@ -163,22 +169,52 @@ class GradientStore:
         return self.folder / f"{what}-{lo // self.chunk:06d}.npy"
 
     def _write_gradients(self, *, progress: bool) -> None:
+        """Compute and write the missing chunks, then ΦᵀΦ.
+
+        Under a torch.distributed process group (``influence.shard_``) chunk c is computed and written by rank
+        c mod world_size, each rank sums ΦᵀΦ over its own chunks, the sums are all-reduced and rank 0 writes
+        the file; every rank waits for the others (a failure on one stops all). The chunk files are the same
+        bytes as a single process writes; ΦᵀΦ differs only by the order of summation.
+        """
         inf = self.influence
-        bar = progress_bar(total=self.n_train, desc="projected gradients", enabled=progress)
-        try:
-            for lo in self._chunks():
-                hi = min(lo + self.chunk, self.n_train)
-                if _load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype) is None:
-                    rows = [self.projector.project(G) for _, G in inf._grads(inf.train_, train_side=True, start=lo, stop=hi)]
-                    _save_array(self._path("grads", lo), torch.cat(rows).cpu().numpy())
-                bar.update(hi - lo)
-        finally:
-            bar.close()
-        if _load_array(self.folder / _CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None:
-            total = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-            for _, Phi in self.gradients():
-                total += Phi.double().T @ Phi.double()
-            _save_array(self.folder / _CURVATURE, total.numpy())
+        shard = inf.shard_
+        rank, world = (0, 1) if shard is None else (shard.rank, shard.world_size)
+        mine = [lo for c, lo in enumerate(self._chunks()) if c % world == rank]
+        curvature_missing = _load_array(self.folder / _CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None
+        if shard is not None:  # ranks that saw different files would enter different collectives
+            shard.check_same("the gradient store's files (the folder must be on a filesystem every rank shares)",
+                             {"curvature_missing": curvature_missing})
+
+        def write_mine() -> torch.Tensor | None:
+            total = torch.zeros(self.dim, self.dim, dtype=torch.float64) if curvature_missing else None
+            bar = progress_bar(total=sum(min(self.chunk, self.n_train - lo) for lo in mine), desc="projected gradients",
+                               enabled=progress and rank == 0)
+            try:
+                for lo in mine:
+                    hi = min(lo + self.chunk, self.n_train)
+                    path = self._path("grads", lo)
+                    array = _load_array(path, (hi - lo, self.dim), self._np_dtype)
+                    if array is None:
+                        rows = [self.projector.project(G) for _, G in inf._grads(inf.train_, train_side=True, start=lo, stop=hi)]
+                        array = torch.cat(rows).cpu().numpy()
+                        _save_array(path, array)
+                    if total is not None:
+                        Phi = torch.from_numpy(np.array(array)).double()
+                        total += Phi.T @ Phi
+                    bar.update(hi - lo)
+            finally:
+                bar.close()
+            return total
+
+        if shard is None:
+            total = write_mine()
+        else:
+            total = shard.local(write_mine)
+            if total is not None:
+                shard.all_reduce(total)
+        if total is not None:
+            write = lambda: _save_array(self.folder / _CURVATURE, total.numpy()) if rank == 0 else None  # noqa: E731
+            write() if shard is None else shard.local(write)
 
     # ------------------------------------------------------------------------------------- reading
     def gradients(self) -> Any:
