@@ -96,10 +96,18 @@ class _Layer(LayerBlock):
 
 
 def _layer_inputs(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-    """A layer's inputs as (B, T, k) float64 rows; an embedding's looked-up indices as (B, T)."""
+    """A layer's inputs as (B, T, k) float64 rows *without* the bias's 1 (the sums add it without copying the
+    rows into a wider tensor); an embedding's looked-up indices as (B, T)."""
     if layer.embedding:
         return x.reshape(x.shape[0], -1)
-    return layer.inputs(x, dtype=torch.float64)
+    return layer.inputs(x, dtype=torch.float64, append_one=False)
+
+
+def _rotate_inputs(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
+    """ã Q_A for inputs a (B, T, k) without the bias's 1: a Q_A[:k] + Q_A[k] when the bias is selected."""
+    kw = a.shape[-1]
+    rotated = a @ layer.QA[:kw]
+    return rotated.add_(layer.QA[kw]) if layer.has_bias else rotated
 
 
 def _layer_output_grads(layer: _Layer, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -317,10 +325,16 @@ class KFACSolver(Solver):
                         if layer.module.padding_idx is not None:
                             counts[layer.module.padding_idx] = 0.0
                         layer.A += counts / idx.shape[1]
-                    elif A_in is not None:
+                    elif A_in is not None:  # Σ ã ãᵀ with ã = (a, 1) when the bias is selected, by blocks
                         a = A_in[i]
-                        flat = a.reshape(-1, a.shape[-1])
-                        layer.A += flat.T @ flat / a.shape[1]
+                        kw, T = a.shape[-1], a.shape[1]
+                        flat = a.reshape(-1, kw)
+                        layer.A[:kw, :kw] += flat.T @ flat / T
+                        if layer.has_bias:
+                            col = flat.sum(0) / T
+                            layer.A[:kw, kw] += col
+                            layer.A[kw, :kw] += col
+                            layer.A[kw, kw] += flat.shape[0] / T
                     g = G_out[i].reshape(-1, G_out[i].shape[-1])
                     layer.S += g.T @ g
                 if extra is not None:
@@ -401,7 +415,7 @@ class KFACSolver(Solver):
             A_keep: list[torch.Tensor] | None = None
             for A_in, G_out, _ in self._passes(operator, self.layers_, []):
                 if A_in is not None:
-                    A_keep = [a if layer.embedding else a @ layer.QA for a, layer in zip(A_in, self.layers_)]
+                    A_keep = [a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)]
                 for i, layer in enumerate(self.layers_):
                     if layer.embedding:  # per example Σ_{t: x_t = v} (Q_Sᵀ g_t): rows summed per (example, index)
                         idx, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T), (B, T, d)
