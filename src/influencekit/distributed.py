@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .errors import DistributedError, InputError, UnsupportedError
 
-__all__ = ["Shard", "resolve_shard", "shard_bounds", "init_from_environment", "is_main_process", "DistributedError"]
+__all__ = ["Shard", "resolve_shard", "shard_bounds", "init_from_environment", "is_main_process", "on_first_rank", "DistributedError"]
 
 T = TypeVar("T")
 
@@ -192,6 +192,16 @@ def init_from_environment() -> bool:
         backend = "gloo"
     dist.init_process_group(backend)
     return True
+
+
+def on_first_rank(shard: Shard | None, work: Callable[[], Any]) -> None:
+    """Run ``work`` (a write to a shared folder) once: alone, in this process; under a process group, on rank 0
+    while every rank waits for it and learns whether it failed (:meth:`Shard.local`), so that the next step finds
+    the same files on every rank."""
+    if shard is None:
+        work()
+    else:
+        shard.local(lambda: work() if shard.rank == 0 else None)
 
 
 def is_main_process() -> bool:

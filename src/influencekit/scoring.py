@@ -18,7 +18,6 @@ Under an initialised ``torch.distributed`` process group the training set is sha
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 import warnings
@@ -33,7 +32,7 @@ import torch
 from .autodiff import InputPath, ParamLayout, batch_grad_sum, input_size_per_example, mixed_vjp, per_example_grads
 from .checks import check_indices, check_int, check_number, parse_bytes
 from .data.examples import Examples, batch_size_of, stream, take
-from .distributed import SHARDED_SOLVERS, Shard, parameter_digest, resolve_shard
+from .distributed import SHARDED_SOLVERS, Shard, on_first_rank, parameter_digest, resolve_shard
 from .errors import CurvatureWarning, InputError, InputTypeError, NotFittedError, NumericalError, StationarityWarning, UnsupportedError
 from .folders import atomic_write, fingerprint, open_folder
 from .hessian import HessianOperator
@@ -256,14 +255,7 @@ class Influence:
         if state is None:
             logger.info("fit: solver %r keeps no state worth storing; %s holds only the manifest", self.solver_.name, folder)
             return
-
-        def write() -> None:
-            if self.shard_ is None or self.shard_.rank == 0:
-                atomic_write(folder / SOLVER_STATE, lambda f: torch.save(state, f))
-
-        # under a process group: every rank waits for rank 0's file (and learns if writing it failed), so the
-        # next fit() finds the same folder on every rank
-        write() if self.shard_ is None else self.shard_.local(write)
+        on_first_rank(self.shard_, lambda: atomic_write(folder / SOLVER_STATE, lambda f: torch.save(state, f)))
 
     def _check_ranks_agree(self, shard: Shard, train: Examples, layout: ParamLayout, theta: torch.Tensor) -> None:
         """Every rank must hold the same θ̂, data size and configuration, or the collectives would mismatch."""
@@ -529,12 +521,7 @@ class Influence:
 
     def _write_score_file(self, path: Path, block: torch.Tensor) -> None:
         array = block.detach().cpu().numpy()
-
-        def write() -> None:
-            if self.shard_ is None or self.shard_.rank == 0:
-                atomic_write(path, lambda f: np.save(f, array))
-
-        write() if self.shard_ is None else self.shard_.local(write)
+        on_first_rank(self.shard_, lambda: atomic_write(path, lambda f: np.save(f, array)))
 
     def _score_basis(self, n_test: int) -> torch.Tensor | None:
         """The solver's solution basis B ``(r, n_params)`` when scoring in it is cheaper, else None.

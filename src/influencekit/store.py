@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .checks import check_int, check_number
-from .data.examples import Examples, take
+from .distributed import on_first_rank
+from .data.examples import Examples
 from .errors import InputError, InputTypeError, NumericalError
 from .progress import progress_bar
 from .projection import Projector
@@ -136,7 +137,6 @@ class GradientStore:
         chunk = check_int("chunk", chunk, low=1)
         projector = Projector(layout.n, dim, kind=kind, seed=seed, chunk=projection_chunk)
         damping = influence.task.l2 + influence.damping if damping is None else check_number("damping", damping, low=0.0)
-        first = take(influence.train_, list(range(min(n, chunk))), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
         config = json.loads(json.dumps({
             "kind": "influencekit gradient store",
             "format": _FORMAT,
@@ -148,16 +148,20 @@ class GradientStore:
             "chunk": chunk,
             "task": influence.task.describe(),
             "theta_fingerprint": fingerprint(influence.params_),
-            "data_fingerprint": fingerprint(first),
+            "data_fingerprint": influence._head_fingerprint(influence.train_, chunk),
         }, default=str))
         folder = Path(folder)
         shard = influence.shard_
-        if shard is None:
+
+        def open_store() -> None:
             open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy")
-        else:  # rank 0 creates the folder and its manifest; then every rank checks it (a shared filesystem)
+
+        if shard is not None:  # rank 0 creates the folder and its manifest, then every rank checks it (shared filesystem)
             shard.check_same("the gradient store's configuration", config)
-            shard.local(lambda: open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy") if shard.rank == 0 else None)
-            shard.local(lambda: open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy"))
+            on_first_rank(shard, open_store)
+            shard.local(open_store)
+        else:
+            open_store()
         store = cls(influence, folder, config, projector, damping, chunk)
         store._write_gradients(progress=bool(progress))
         return store
@@ -213,8 +217,7 @@ class GradientStore:
             if total is not None:
                 shard.all_reduce(total)
         if total is not None:
-            write = lambda: _save_array(self.folder / _CURVATURE, total.numpy()) if rank == 0 else None  # noqa: E731
-            write() if shard is None else shard.local(write)
+            on_first_rank(shard, lambda: _save_array(self.folder / _CURVATURE, total.numpy()))
 
     # ------------------------------------------------------------------------------------- reading
     def gradients(self) -> Any:
