@@ -57,6 +57,8 @@ def _supported(module: nn.Module) -> bool:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return module.groups == 1
     return isinstance(module, nn.Linear) or _is_transposed_linear(module)
+
+
 GRADIENT_METHODS = ("auto", "layers", "vmap")
 PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor, torch.Tensor]]
 
@@ -64,7 +66,6 @@ PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor
 @dataclass
 class LayerBlock:
     """One supported module holding selected parameters, and where they sit in the flat parameter vector."""
-
 
     name: str
     module: nn.Module
@@ -77,6 +78,15 @@ class LayerBlock:
     def transposed(self) -> bool:
         """The weight is stored (in, out) (transformers' Conv1D)."""
         return _is_transposed_linear(self.module)
+
+    @property
+    def embedding(self) -> bool:
+        """An nn.Embedding: its inputs are row indices (:meth:`indices`), its weight (V, d) is indexed (V, d)."""
+        return isinstance(self.module, nn.Embedding)
+
+    def indices(self, x: torch.Tensor) -> torch.Tensor:
+        """An embedding's looked-up rows as ``(B, T)``."""
+        return x.reshape(x.shape[0], -1)
 
     @property
     def has_weight(self) -> bool:
@@ -112,8 +122,14 @@ class LayerBlock:
             parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
         return torch.cat(parts, dim=2) if len(parts) > 1 else (parts[0] if parts else a[:, :, :0])
 
-    def output_grads(self, g: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Output gradients as ``(B, T, out)``."""
+    def output_grads(self, g: torch.Tensor, *, dtype: torch.dtype | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Output gradients as ``(B, T, out)``. An embedding needs its input ``x``: the positions that look up
+        ``padding_idx`` get no gradient (zeroed)."""
+        if self.embedding:
+            g = g.reshape(g.shape[0], -1, g.shape[-1])
+            g = g if dtype is None else g.to(dtype)
+            pad = self.module.padding_idx
+            return g if pad is None else g.masked_fill((self.indices(x) == pad).unsqueeze(-1), 0.0)
         if isinstance(self.module, (nn.Conv1d, nn.Conv2d)):
             g = g.flatten(2).transpose(1, 2)
         else:
@@ -257,16 +273,13 @@ class LayerGradients:
         B = values.shape[0]
         G = torch.empty(B, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
         for block, x, g in zip(self.blocks, inputs, grads):
-            if isinstance(block.module, nn.Embedding):  # ∇W = Σ_t e_{x_t} g_tᵀ: rows added at the looked-up indices
+            if block.embedding:  # ∇W = Σ_t e_{x_t} g_tᵀ: rows added at the looked-up indices (none for padding)
                 off, size = self._offsets[block.weight], self._numels[block.weight]
                 dim = block.module.weight.shape[1]
                 rows = G[:, off:off + size].view(B, -1, dim)
                 rows.zero_()
-                go = g.reshape(B, -1, dim).to(self.layout.dtype)
-                idx = x.reshape(B, -1)
-                if block.module.padding_idx is not None:  # the padding row gets no gradient
-                    go = go.masked_fill((idx == block.module.padding_idx).unsqueeze(-1), 0.0)
-                rows.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, dim), go)
+                go = block.output_grads(g, dtype=self.layout.dtype, x=x)
+                rows.scatter_add_(1, block.indices(x).unsqueeze(-1).expand(-1, -1, dim), go)
                 continue
             go = block.output_grads(g, dtype=self.layout.dtype)  # (B, T, out)
             if block.weight is not None:

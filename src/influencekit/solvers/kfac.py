@@ -81,7 +81,8 @@ _DRAW_BLOCK = 256
 
 @dataclass
 class _Layer(LayerBlock):
-    """A layer block (:class:`~influencekit.layers.LayerBlock`) with its Kronecker factors."""
+    """A layer block (:class:`~influencekit.layers.LayerBlock`) with its Kronecker factors. For an embedding
+    (``LayerBlock.embedding``) A is the diagonal (V,) of row frequencies, S is (d, d) and QA is None (= I)."""
 
     A: torch.Tensor | None = None  # (k, k)
     S: torch.Tensor | None = None  # (out, out)
@@ -89,18 +90,11 @@ class _Layer(LayerBlock):
     QS: torch.Tensor | None = None
     eig: torch.Tensor | None = None  # (out, k): λ_S λ_Aᵀ (K-FAC) or Λ (EK-FAC); an embedding's (V, d)
 
-    @property
-    def embedding(self) -> bool:
-        """An nn.Embedding: A is the diagonal (V,) of row frequencies, S is (d, d), QA is None (identity)."""
-        return isinstance(self.module, torch.nn.Embedding)
-
 
 def _layer_inputs(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
     """A layer's inputs as (B, T, k) float64 rows *without* the bias's 1 (the sums add it without copying the
     rows into a wider tensor); an embedding's looked-up indices as (B, T)."""
-    if layer.embedding:
-        return x.reshape(x.shape[0], -1)
-    return layer.inputs(x, dtype=torch.float64, append_one=False)
+    return layer.indices(x) if layer.embedding else layer.inputs(x, dtype=torch.float64, append_one=False)
 
 
 def _rotate_inputs(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
@@ -108,15 +102,6 @@ def _rotate_inputs(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
     kw = a.shape[-1]
     rotated = a @ layer.QA[:kw]
     return rotated.add_(layer.QA[kw]) if layer.has_bias else rotated
-
-
-def _layer_output_grads(layer: _Layer, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Output gradients as (B, T, out) float64; an embedding's padding row gets none (its gradient is zero)."""
-    if layer.embedding:
-        go = g.reshape(g.shape[0], -1, g.shape[-1]).to(torch.float64)
-        pad = layer.module.padding_idx
-        return go if pad is None else go.masked_fill((x.reshape(x.shape[0], -1) == pad).unsqueeze(-1), 0.0)
-    return layer.output_grads(g, dtype=torch.float64)
 
 
 def _loss_kind(task: Task) -> str:
@@ -271,7 +256,7 @@ class KFACSolver(Solver):
                 for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, lo)):
                     raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
                     A_in = [_layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
-                    G_out = [_layer_output_grads(layer, g, x) for layer, g, x in zip(layers, raw_grads, raw_in)]
+                    G_out = [layer.output_grads(g, dtype=torch.float64, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
                     extra = None
                     if leftover_layout is not None:
                         def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
