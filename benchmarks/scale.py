@@ -61,7 +61,7 @@ def build_model() -> torch.nn.Module:
 def load_data(n_train: int, n_test: int, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], str]:
     rng = np.random.default_rng(seed)
     try:
-        from influencekit.data.mnist import load_mnist
+        from influencekit.experiments.data.mnist import load_mnist
 
         images, labels = load_mnist(MNIST, "test")
         source = f"MNIST t10k from {MNIST}"

@@ -153,7 +153,7 @@ def test_scoring_engine_uses_the_quadratic_form(digits_small):
                        solver_options={"rank": 50, "remainder": "damped"}).fit()
     si = inf.self_influence()
     assert inf.self_influence_reports_ == []
-    G = next(iter(inf._grads(inf.train_, train_side=True)))[1]
+    G = next(iter(inf.gradients_.stream(inf.train_, side="train")))[1]
     x = inf.solver_.solve(G).x
     torch.testing.assert_close(si[: len(G)], (x * G).sum(dim=1), rtol=1e-10, atol=0.0)
 
@@ -167,13 +167,13 @@ def test_drop_scores_in_the_eigenbasis_once_and_equal_the_direct_route(digits_sm
     inf = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "drop"}).fit()
     scores = inf.scores((Xt[:100], yt[:100]))
     assert scores.metadata["score_space"] == "solver basis (rank 40)"
-    Q = inf.solver_.solve(inf._gather(Examples((Xt[:100], yt[:100]), name="test"), range(100), train_side=False)).x
-    G = inf._gather(inf.train_, range(len(inf.train_)), train_side=True)
+    Q = inf.solver_.solve(inf.gradients_.gather(Examples((Xt[:100], yt[:100]), name="test"), range(100), side="test")).x
+    G = inf.gradients_.gather(inf.train_, range(len(inf.train_)), side="train")
     assert relative_error(scores.values, -(Q @ G.T)) < 1e-10
-    kept = inf._coordinates[3]
+    kept = inf.training_side_.coordinates[3]
     # one test point (fewer than the rank) still uses the kept projections, and top-k agrees with the matrix
     one = inf.scores((Xt[:1], yt[:1]))
-    assert one.metadata["score_space"] == "solver basis (rank 40)" and inf._coordinates[3] is kept
+    assert one.metadata["score_space"] == "solver basis (rank 40)" and inf.training_side_.coordinates[3] is kept
     assert relative_error(one.values, scores.values[:1]) < 1e-12
     top = inf.top_k((Xt[:100], yt[:100]), k=5)
     torch.testing.assert_close(top.helpful.values, torch.topk(-scores.values, 5, dim=1).values.neg(), rtol=1e-12, atol=0.0)

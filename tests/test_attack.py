@@ -9,8 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 import influencekit as ik
-from influencekit.applications.attack import binary_image_problem, predict_labels, training_set_attack
+from influencekit.applications.attack import predict_labels, training_set_attack
 from influencekit.cli import app
+from influencekit.experiments.image_problem import binary_image_problem
 
 torch.set_num_threads(1)
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

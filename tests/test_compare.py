@@ -14,12 +14,12 @@ import torch
 from typer.testing import CliRunner
 
 import influencekit as ik
-from influencekit.applications.attack import binary_image_problem
 from influencekit.applications.explain import compare_models
-from influencekit.applications.kernel_svm import RBFFeatures, fit_rbf_svm, rbf_gamma
-from influencekit.applications.svm import HingeSVMRetrain
 from influencekit.cli import app
 from influencekit.errors import StationarityWarning
+from influencekit.experiments.image_problem import binary_image_problem
+from influencekit.models.kernel_svm import RBFFeatures, fit_rbf_svm, rbf_gamma
+from influencekit.models.svm import HingeSVMRetrain
 from influencekit.validation import leave_one_out
 
 

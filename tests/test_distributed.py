@@ -144,12 +144,12 @@ def _error_cases(rank: int, problem: dict, folder: Path) -> dict:
         # chunks of 50 rows: 7 chunks of the 301 examples, written round robin (rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5)
         import influencekit.store as store_module
 
-        written, save = [], store_module._save_array
-        store_module._save_array = lambda path, array: (written.append(Path(path).name), save(path, array))[1]
+        written, save = [], store_module.save_array
+        store_module.save_array = lambda path, array: (written.append(Path(path).name), save(path, array))[1]
         try:
             store = ik.GradientStore.build(fitted, folder / "store", dim=32, chunk=50)
         finally:
-            store_module._save_array = save
+            store_module.save_array = save
         files = {f.name: f.read_bytes() for f in sorted((folder / "store").glob("*.npy"))}
         return {"files": files, "written": written, "scores": store.scores(p["test"]).values}
 

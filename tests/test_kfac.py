@@ -113,11 +113,11 @@ def test_chunk_size_does_not_change_factors_or_sampled_labels(logistic, fisher):
 
 def test_sampled_labels_depend_on_the_global_index_only():
     solver = KFACSolver(seed=3, samples=2)
-    whole = solver._draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
+    whole = solver.passes.draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
     for lo, B in [(0, 1), (255, 2), (300, 37), (511, 189)]:
-        part = solver._draws(lo, B, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
+        part = solver.passes.draws(lo, B, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
         assert torch.equal(part, whole[:, lo:lo + B]), (lo, B)
-    assert not torch.equal(KFACSolver(seed=4, samples=2)._draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu")), whole)
+    assert not torch.equal(KFACSolver(seed=4, samples=2).passes.draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu")), whole)
 
 
 # ------------------------------------------------------------------ MLP and CNN against dense Gauss-Newton
@@ -223,8 +223,8 @@ def test_scores_correlate_with_exact_gauss_newton_influence(network, name, fishe
     options = {"fisher": fisher, **({"samples": 10} if fisher == "sampled" else {})}
     inf = ik.Influence(task, train, solver=name, damping=damping, solver_options=options, stationarity_tol=1e9).fit()
     ours = inf.scores(test).values
-    Gt = inf._gather(Examples(test, name="test"), list(range(len(test[0]))), train_side=False)
-    Gr = inf._gather(inf.train_, list(range(len(train[0]))), train_side=True)
+    Gt = inf.gradients_.gather(Examples(test, name="test"), list(range(len(test[0]))), side="test")
+    Gr = inf.gradients_.gather(inf.train_, list(range(len(train[0]))), side="train")
     exact = -Gt @ torch.linalg.solve(G + damping * torch.eye(len(G), dtype=G.dtype), Gr.T)
     r = pearson(ours.numpy(), exact.numpy())
     r_identity = pearson((-Gt @ Gr.T).numpy(), exact.numpy())
@@ -385,8 +385,8 @@ def test_embedding_model_scores_correlate_with_exact_gauss_newton_influence(T, r
     inf = ik.Influence(task, (x, y), solver="ekfac", damping=0.1, solver_options={"fisher": "expected"}).fit()
     ours = inf.scores((xt, yt)).values
     assert inf.gradient_methods_["train"] == "layers"
-    Gt = inf._gather(Examples((xt, yt), name="test"), list(range(20)), train_side=False)
-    Gr = inf._gather(inf.train_, list(range(200)), train_side=True)
+    Gt = inf.gradients_.gather(Examples((xt, yt), name="test"), list(range(20)), side="test")
+    Gr = inf.gradients_.gather(inf.train_, list(range(200)), side="train")
     G = gauss_newton(task, x, 1e-3)
     exact = -Gt @ torch.linalg.solve(G + 0.1 * torch.eye(len(G), dtype=G.dtype), Gr.T)
     r, r_identity = pearson(ours.numpy(), exact.numpy()), pearson((-Gt @ Gr.T).numpy(), exact.numpy())

@@ -23,7 +23,7 @@ from influencekit.applications.mislabel import (
 )
 from influencekit.cli import app
 from influencekit.data.bundled import load_breast_cancer_split
-from influencekit.data.enron import load_enron, read_enron
+from influencekit.experiments.data.enron import load_enron, read_enron
 
 SHARED_ENRON = Path(__file__).resolve().parents[2] / "shared" / "data" / "enron"
 

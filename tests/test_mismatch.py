@@ -11,9 +11,10 @@ import torch
 from typer.testing import CliRunner
 
 import influencekit as ik
-from influencekit.applications.mismatch import explain_features, run_readmission
+from influencekit.applications.mismatch import explain_features
 from influencekit.cli import app
-from influencekit.data.readmission import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, load_readmission
+from influencekit.experiments.data.readmission import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, load_readmission
+from influencekit.experiments.mismatch import run_readmission
 
 SHARED_DIABETES = Path(__file__).resolve().parents[2] / "shared" / "data" / "diabetes"
 ZIP = SHARED_DIABETES / "dataset_diabetes.zip"

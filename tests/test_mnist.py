@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import influencekit as ik
-from influencekit.data.mnist import load_mnist, read_idx
+from influencekit.experiments.data.mnist import load_mnist, read_idx
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

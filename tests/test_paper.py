@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from sklearn.svm import LinearSVC
 
 import influencekit as ik
-from influencekit.applications.svm import HingeSVMRetrain, fit_hinge_svm, set_linear
+from influencekit.models.svm import HingeSVMRetrain, fit_hinge_svm, set_linear
 from influencekit.validation import leave_one_out, pearson
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -145,7 +145,7 @@ needs_mnist = pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exist
 def test_paper_fig3_on_mnist(tmp_path):
     """`influencekit paper fig3` with the top 40 + 20 random: measured r 0.507 (t = 0), 0.984 (t = 0.001), 0.916
     (t = 0.1) [paper 0.63 / 0.95]."""
-    from influencekit.applications.paper import run_fig3
+    from influencekit.experiments.retraining import run_fig3
 
     result = run_fig3(MNIST, tmp_path, top_k=40, n_random=20)
     r = {row["method"]: row["pearson"] for row in result.table}
@@ -160,7 +160,7 @@ def test_paper_fig2_logistic_on_mnist(tmp_path):
 
     Measured with the top 100 (docs/reproduction.md): 0.9996, 0.9996, 0.9974. About 8 minutes, most of it the
     explicit 7,850 × 7,850 Hessian whose Cholesky factor then makes each retraining a few gradients."""
-    from influencekit.applications.paper import run_fig2_logistic
+    from influencekit.experiments.retraining import run_fig2_logistic
 
     result = run_fig2_logistic(MNIST, tmp_path, top_k=40)
     r = {row["method"]: row["pearson"] for row in result.table}

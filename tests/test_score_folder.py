@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import influencekit as ik
+from influencekit.persistence import ScoreFolder
 
 
 def _fitted(d, damping=0.01):
@@ -33,7 +34,7 @@ def test_an_interrupted_run_resumes_bit_identically(digits_small, tmp_path, monk
     d = digits_small
     inf = _fitted(d)
     reference = inf.scores(d.test).values
-    original = ik.Influence._write_score_file
+    original = ScoreFolder.write
     written = []
 
     def crash_after_three(self, path, block):
@@ -42,10 +43,10 @@ def test_an_interrupted_run_resumes_bit_identically(digits_small, tmp_path, monk
         original(self, path, block)
         written.append(path)
 
-    monkeypatch.setattr(ik.Influence, "_write_score_file", crash_after_three)
+    monkeypatch.setattr(ScoreFolder, "write", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
         inf.scores(d.test, folder=tmp_path)
-    monkeypatch.setattr(ik.Influence, "_write_score_file", original)
+    monkeypatch.setattr(ScoreFolder, "write", original)
     assert len(list(tmp_path.glob("scores-*.npy"))) == 3 and not list(tmp_path.glob(".*.tmp"))
     resumed = _fitted(d).scores(d.test, folder=tmp_path)  # a fresh process would do the same
     assert resumed.metadata["score_files_reused"] == 3

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import influencekit as ik
+from influencekit.gradients import matmul_precision
 from problems import LogisticReference, pearson, relative_error, small_mlp, theta_of_linear, to_ours
 
 N_TEST = 30
@@ -266,12 +267,12 @@ def test_tf32_precision_is_scoped_and_leaves_float64_and_cpu_results_alone():
     a = ik.Influence(task, train, solver="exact", damping=0.01).fit().scores(test).values
     inf = ik.Influence(task, train, solver="exact", damping=0.01, precision="tf32").fit()
     seen = []
-    original = inf._product
-    inf._product = lambda Qs, G: (seen.append(torch.get_float32_matmul_precision()), original(Qs, G))[1]
+    original = inf.training_side_.product
+    inf.training_side_.product = lambda Qs, G: (seen.append(torch.get_float32_matmul_precision()), original(Qs, G))[1]
     b = inf.scores(test).values
     assert torch.equal(a, b) and seen and set(seen) == {before}  # _product sets "high" inside, not around it
     assert torch.get_float32_matmul_precision() == before
-    with inf._matmul_precision():
+    with matmul_precision(inf.precision):
         assert torch.get_float32_matmul_precision() == "high"
     assert torch.get_float32_matmul_precision() == before
     with pytest.raises(ik.InputError, match=r"`precision` must be one of 'full', 'tf32', 'bf16'\. Got 'fp8'"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.scoring import SOLVER_STATE
+from influencekit.persistence import SOLVER_STATE
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),

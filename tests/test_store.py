@@ -20,8 +20,8 @@ def logistic(digits_small):
 
 def _unprojected(inf, test, damping):
     """−g_testᵀ(GᵀG/n + δI)⁻¹g in the full parameter space, by Woodbury in the n × n kernel (no projection)."""
-    Gr = torch.cat([g for _, g in inf._grads(inf.train_, train_side=True)]).double()
-    Gt = torch.cat([g for _, g in inf._grads(ik.data.Examples(test, name="test"), train_side=False)]).double()
+    Gr = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train")]).double()
+    Gt = torch.cat([g for _, g in inf.gradients_.stream(ik.data.Examples(test, name="test"), side="test")]).double()
     n = len(Gr)
     K = Gr @ Gr.T
     Kt = Gt @ Gr.T
@@ -79,7 +79,7 @@ def test_kill_and_resume_is_bit_identical(logistic, tmp_path, monkeypatch):
     full = GradientStore.build(inf, tmp_path / "uninterrupted", **options)
 
     saved = []
-    real_save = store_module._save_array
+    real_save = store_module.save_array
 
     def dying_save(path, array):
         if len(saved) == 2:
@@ -87,14 +87,14 @@ def test_kill_and_resume_is_bit_identical(logistic, tmp_path, monkeypatch):
         real_save(path, array)
         saved.append(path.name)
 
-    monkeypatch.setattr(store_module, "_save_array", dying_save)
+    monkeypatch.setattr(store_module, "save_array", dying_save)
     with pytest.raises(_Interrupt):
         GradientStore.build(inf, tmp_path / "resumed", **options)
     assert sorted(p.name for p in (tmp_path / "resumed").glob("*.npy")) == ["grads-000000.npy", "grads-000001.npy"]
     assert not list((tmp_path / "resumed").glob(".*tmp"))  # no partial file left behind
 
     saved.clear()
-    monkeypatch.setattr(store_module, "_save_array", lambda path, array: (saved.append(path.name), real_save(path, array)))
+    monkeypatch.setattr(store_module, "save_array", lambda path, array: (saved.append(path.name), real_save(path, array)))
     resumed = GradientStore.build(inf, tmp_path / "resumed", **options)
     assert saved == ["grads-000002.npy", "grads-000003.npy", "grads-000004.npy", "curvature.npy"]  # only the rest
     for name in saved:
@@ -103,14 +103,14 @@ def test_kill_and_resume_is_bit_identical(logistic, tmp_path, monkeypatch):
 
     # self-influence resumes too
     saved.clear()
-    monkeypatch.setattr(store_module, "_save_array", dying_save)
+    monkeypatch.setattr(store_module, "save_array", dying_save)
     with pytest.raises(_Interrupt):
         resumed.self_influence()
-    monkeypatch.setattr(store_module, "_save_array", real_save)
+    monkeypatch.setattr(store_module, "save_array", real_save)
     assert torch.equal(resumed.self_influence(), full.self_influence())
 
     # reopening a complete store computes nothing
-    monkeypatch.setattr(store_module, "_save_array", lambda path, array: pytest.fail(f"recomputed {path.name}"))
+    monkeypatch.setattr(store_module, "save_array", lambda path, array: pytest.fail(f"recomputed {path.name}"))
     GradientStore.build(inf, tmp_path / "resumed", **options)
 
 

@@ -160,7 +160,7 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Par
 InputPath = Union[int, str, None]  # where the input sits in a batch: tuple position, dict key, or the batch itself
 
 
-def _input_leaf(batch: Any, where: InputPath) -> torch.Tensor:
+def input_leaf(batch: Any, where: InputPath) -> torch.Tensor:
     if where is None:
         leaf = batch
     elif isinstance(batch, (tuple, list)) and isinstance(where, int) and -len(batch) <= where < len(batch):
@@ -208,7 +208,7 @@ def mixed_vjp(
     in training mode). ``where`` locates the input: a position in a tuple batch, a key of a dict batch,
     or ``None`` when the batch is the input tensor itself. Integer inputs raise :class:`UnsupportedError`.
     """
-    x = _input_leaf(batch, where)
+    x = input_leaf(batch, where)
 
     def directional(x_: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         def total(p: dict[str, torch.Tensor]) -> torch.Tensor:

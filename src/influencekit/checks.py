@@ -18,6 +18,7 @@ import torch
 from .errors import InputError, InputTypeError
 
 __all__ = [
+    "check_choice",
     "check_number",
     "check_int",
     "parse_bytes",
@@ -28,6 +29,16 @@ __all__ = [
 def _fmt(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any], *, extra: str = "") -> Any:
+    """Return ``value`` if it is one of ``choices``; else InputError "`name` must be one of 'a', 'b'<extra>. Got ..."."""
+    options = tuple(choices)
+    # equal and of the choice's type (a str Enum matches its string), but True is not the choice 1
+    if not any(value is c or (isinstance(value, type(c)) and isinstance(value, bool) == isinstance(c, bool) and value == c)
+               for c in options):
+        raise InputError(f"`{name}` must be one of {', '.join(repr(c) for c in options)}{extra}. Got {_fmt(value)}.")
+    return value
 
 
 def check_number(

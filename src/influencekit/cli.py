@@ -37,7 +37,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the split and of the random training points."),
 ) -> None:
     """Influence vs actual leave-one-out retraining on scikit-learn's digits, with a report and figures."""
-    from .applications.demo import run_demo
+    from .experiments.demo import run_demo
 
     result = run_demo(
         out, n_test=n_test, top_k=top_k, n_random=n_random, seed=seed,
@@ -72,7 +72,7 @@ def spam(
     split_seed: int = typer.Option(0, help="Seed of the 80/20 train/test split."),
 ) -> None:
     """Mislabel detection on Enron1 spam: self-influence vs training loss vs random (paper Fig. 6)."""
-    from .applications.spam import run_spam
+    from .experiments.spam import run_spam
 
     try:
         checked = tuple(float(f) for f in fractions.split(",") if f.strip())
@@ -101,7 +101,7 @@ def fig2(
     seed: int = typer.Option(0, help="Seed of the train/test split and the CNN's initialisation."),
 ) -> None:
     """Figure 2: influence vs leave-one-out retraining on MNIST (logistic regression; tanh CNN with damping)."""
-    from .applications.paper import run_fig2_cnn, run_fig2_logistic
+    from .experiments.retraining import run_fig2_cnn, run_fig2_logistic
     from .errors import InputError
 
     if part not in ("logistic", "cnn", "both"):
@@ -133,7 +133,7 @@ def fig3(
     seed: int = typer.Option(0, help="Seed of the train/test split and the random training points."),
 ) -> None:
     """Figure 3: smooth-hinge influence of a true-hinge linear SVM (MNIST 1 vs 7) vs exact retraining."""
-    from .applications.paper import run_fig3
+    from .experiments.retraining import run_fig3
     from .errors import InputError
 
     try:
@@ -161,7 +161,7 @@ def readmission(
     seed: int = typer.Option(0, help="Seed of the training set draw and of the healthy children kept."),
 ) -> None:
     """Domain mismatch (paper section 5.3): the few children left in the training set drive a child's wrong prediction."""
-    from .applications.mismatch import run_readmission
+    from .experiments.mismatch import run_readmission
 
     result = run_readmission(
         csv, out, n_train=n_train, keep_healthy_children=keep_healthy_children, l2=l2, solver=solver, k=k, label=label,
@@ -183,7 +183,7 @@ def fig4(
     seed: int = typer.Option(0, help="Seed of the split and of the feature extractor's training."),
 ) -> None:
     """Figure 4 (paper section 5.1): influence vs pixel distance for an RBF SVM and a model on learned features."""
-    from .applications.explain import run_fig4
+    from .experiments.compare import run_fig4
 
     try:
         pair = tuple(int(c) for c in classes.split(","))
@@ -211,7 +211,7 @@ def attack(
     seed: int = typer.Option(0, help="Seed of the split and of the feature extractor's training."),
 ) -> None:
     """Training-set attack through I_pert (paper section 5.2): flip test predictions by perturbing training images."""
-    from .applications.attack import run_attack_experiment
+    from .experiments.attack import run_attack_experiment
 
     try:
         pair, sizes = tuple(int(c) for c in classes.split(",")), tuple(int(k) for k in n_perturb.split(",") if k.strip())

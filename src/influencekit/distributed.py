@@ -22,7 +22,6 @@ naming it) instead of waiting forever; pass ``timeout=`` to ``init_process_group
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,15 +32,9 @@ import torch.distributed as dist
 
 from .errors import DistributedError, InputError, UnsupportedError
 
-__all__ = ["Shard", "resolve_shard", "shard_bounds", "init_from_environment", "is_main_process", "on_first_rank", "DistributedError"]
+__all__ = ["Shard", "LocalShard", "resolve_shard", "shard_bounds", "init_from_environment", "is_main_process", "DistributedError"]
 
 T = TypeVar("T")
-
-# Solvers known to give the single-process result under sharding: those that read the training data only
-# through HessianOperator (matvec, minibatch_matvec, dense), whose all_reduce makes them exact, and K-FAC/EK-FAC,
-# which stream the operator's shard themselves and all-reduce their factor sums. Other (user) solvers are refused.
-SHARDED_SOLVERS = frozenset({"exact", "cg", "lissa", "arnoldi", "kfac", "ekfac"})
-
 
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     """``[start, stop)`` of rank ``rank``'s contiguous shard of ``n`` examples (as ``numpy.array_split``)."""
@@ -127,20 +120,67 @@ class Shard:
                 "everywhere and pass identical arguments."
             )
 
+    def check_solver(self, solver: Any) -> None:
+        """Refuse a solver whose own class does not declare the ``"sharded"`` capability (its result under sharding is
+        unknown). A subclass inherits it only by declaring it again: it may have changed the algorithm."""
+        if "sharded" not in type(solver).__dict__.get("capabilities", frozenset()):
+            raise UnsupportedError(
+                f"solver {solver.name!r} is not known to give the same result when the training set is "
+                "sharded across processes (it does not declare the 'sharded' capability). Under torch.distributed "
+                "use a solver that does (exact, cg, lissa, arnoldi, kfac, ekfac), or pass distributed=False to "
+                "compute on every rank alone."
+            )
 
-def parameter_digest(theta: torch.Tensor) -> str:
-    """A short hash of the bytes of θ̂, to check that every rank holds the same trained model."""
-    return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    def first_rank(self, work: Callable[[], Any]) -> None:
+        """Run ``work`` (a write to a shared folder) on rank 0 while every rank waits for it and learns whether it
+        failed (:meth:`local`), so that the next step finds the same files on every rank."""
+        self.local(lambda: work() if self.rank == 0 else None)
 
 
-def resolve_shard(distributed: bool | None, n: int, device: torch.device) -> Shard | None:
-    """The :class:`Shard` of this process, or ``None`` to work on the whole training set alone.
+@dataclass(frozen=True)
+class LocalShard(Shard):
+    """The whole training set in this one process: every collective is the identity, every check passes.
+
+    The engine always holds a shard, so no code tests for the absence of a process group.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    n: int = 0
+    start: int = 0
+    stop: int = -1  # set from n in __post_init__
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", self.n)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def gather_columns(self, block: torch.Tensor, widths: list[int] | None = None) -> torch.Tensor:
+        return block if widths is None or widths[0] >= block.shape[-1] else block[..., :widths[0]]
+
+    def local(self, work: Callable[[], T]) -> T:
+        return work()
+
+    def check_same(self, what: str, fingerprint: dict[str, Any]) -> None:
+        return None
+
+    def check_solver(self, solver: Any) -> None:
+        return None
+
+
+def resolve_shard(distributed: bool | None, n: int, device: torch.device) -> Shard:
+    """The :class:`Shard` of this process: a :class:`LocalShard` (the whole training set alone) or its part.
 
     ``distributed=None`` shards when a process group with more than one rank is initialised; ``True``
     requires one; ``False`` never shards (every rank then computes everything by itself).
     """
     if distributed is False:
-        return None
+        return LocalShard(n=n)
     ready = dist.is_available() and dist.is_initialized()
     if not ready:
         if distributed:
@@ -149,10 +189,10 @@ def resolve_shard(distributed: bool | None, n: int, device: torch.device) -> Sha
                 "torchrun and call torch.distributed.init_process_group('gloo' on CPU, 'nccl' on GPU) before "
                 "fit(), or pass distributed=None/False."
             )
-        return None
+        return LocalShard(n=n)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world == 1 and distributed is None:
-        return None
+        return LocalShard(n=n)
     backend = dist.get_backend()
     if backend == "nccl" and device.type != "cuda":
         raise UnsupportedError(
@@ -192,16 +232,6 @@ def init_from_environment() -> bool:
         backend = "gloo"
     dist.init_process_group(backend)
     return True
-
-
-def on_first_rank(shard: Shard | None, work: Callable[[], Any]) -> None:
-    """Run ``work`` (a write to a shared folder) once: alone, in this process; under a process group, on rank 0
-    while every rank waits for it and learns whether it failed (:meth:`Shard.local`), so that the next step finds
-    the same files on every rank."""
-    if shard is None:
-        work()
-    else:
-        shard.local(lambda: work() if shard.rank == 0 else None)
 
 
 def is_main_process() -> bool:

@@ -4,7 +4,7 @@
 
 The L2 part is added analytically (λv), the data part by forward-over-reverse HVPs streamed over the
 training set in chunks, so memory stays bounded for any number of examples. Solvers receive this object
-in ``fit(operator)`` and never touch the model or the data directly.
+in ``fit(operator)`` and read the objective only through it (the protocol: :mod:`influencekit.curvature`).
 
 Under a ``torch.distributed`` group (``shard=``, see :mod:`influencekit.distributed`) each rank streams its own
 contiguous part of the data and the sums are all-reduced, so every rank gets the same products.
@@ -12,19 +12,22 @@ contiguous part of the data and the sums are all-reduced, so every rank gets the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from .autodiff import ParamLayout, hvp_sum
+from .curvature import LayerData
 from .data.examples import Examples, stream, take
-from .distributed import Shard
-from .errors import NumericalError
+from .distributed import LocalShard, Shard
+from .errors import CurvatureWarning, NumericalError
 from .progress import progress_bar
+from .spectrum import lanczos_extremes
 from .task import Task
 
-__all__ = ["HessianOperator"]
+__all__ = ["HessianOperator", "check_curvature"]
 
 
 class HessianOperator:
@@ -40,8 +43,13 @@ class HessianOperator:
         weights: optional per-example weights ``(n,)``; H is then the Hessian of Σ w_i L_i / Σ w_i
             (used by retraining; influence itself uses uniform weights).
         shard: this rank's part of ``data`` under torch.distributed; sums over the data are then taken on
-            the shard and all-reduced (``data`` is still the whole training set, indexed globally).
+            the shard and all-reduced (``data`` is still the whole training set, indexed globally). ``None``:
+            the whole set in this process.
+
+    It follows :class:`~influencekit.curvature.CurvatureOperator` with every capability.
     """
+
+    capabilities = frozenset({"minibatch", "dense", "layers"})
 
     def __init__(
         self,
@@ -67,8 +75,7 @@ class HessianOperator:
         self.progress = progress
         self.weights = None if weights is None else torch.as_tensor(weights).to(self.layout.device, self.layout.dtype)
         self._total_weight = float(len(data)) if weights is None else float(self.weights.sum())
-        self.shard = shard
-        self._start, self._stop = (0, None) if shard is None else (shard.start, shard.stop)
+        self.shard = LocalShard(n=len(data)) if shard is None else shard
         self.hvp_count = 0  # Hessian-vector products over the full data set (one per right-hand side)
 
     @property
@@ -119,17 +126,29 @@ class HessianOperator:
             )
         return out
 
+    def damp(self, HV: torch.Tensor, V: torch.Tensor | None = None) -> torch.Tensor:
+        """``HV + δV`` (``V`` omitted: ``HV + δ``): the one place where the damping is added."""
+        return HV + self.damping * (1.0 if V is None else V)
+
+    def _diagonal(self, damped: bool) -> float:
+        """What is added to the data part of a product: λ + δ, or λ alone for the undamped H."""
+        return self.shift if damped else self.l2
+
     def _summed(self, work: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``work()`` (a sum over this process's data), summed over the ranks of the process group if any."""
-        if self.shard is None:
-            return work()
+        """``work()`` (a sum over this process's data), summed over the ranks of the process group."""
         return self.shard.all_reduce(self.shard.local(work))
 
-    def _stream(self) -> Any:
-        return stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch, start=self._start, stop=self._stop)
+    def _stream(self) -> Iterator[tuple[int, Any]]:
+        return stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch,
+                      start=self.shard.start, stop=self.shard.stop)
 
-    def matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """(H + δI) applied to each row of ``V`` ``(k, n_params)``, over the whole training set."""
+    def layer_data(self) -> LayerData:
+        """The task, θ̂ (detached) and this rank's data stream, for solvers that read the model's layers."""
+        return LayerData(self.task, {k: v.detach() for k, v in self.params.items()}, self.layout, self.n_examples,
+                         self.weights is not None, self.shard, self._stream)
+
+    def matvec(self, V: torch.Tensor, *, damped: bool = True) -> torch.Tensor:
+        """(H + δI) applied to each row of ``V`` ``(k, n_params)`` over the whole training set; H V if not ``damped``."""
         V = V.to(self.dtype)
 
         def local() -> torch.Tensor:
@@ -140,18 +159,17 @@ class HessianOperator:
 
         acc = self._summed(local)
         self.hvp_count += V.shape[0]
-        return self._check(acc / self._total_weight + self.shift * V)
+        return self._check(acc / self._total_weight + self._diagonal(damped) * V)
 
-    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """(H_B + δI) V with H_B the Hessian of the mean loss over the examples ``indices`` (plus λI)."""
+    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True) -> torch.Tensor:
+        """(H_B + δI) V with H_B the Hessian of the mean loss over the examples ``indices`` (plus λI); H_B V if
+        not ``damped``."""
         if self.weights is not None:
             raise NotImplementedError("mini-batch products of a weighted objective are not defined; use matvec().")
         V = V.to(self.dtype)
         indices = torch.as_tensor(indices, dtype=torch.long)
-        if self.shard is not None:  # the same global indices on every rank; each takes those in its shard
-            mine = indices[(indices >= self._start) & (indices < self._stop)]
-        else:
-            mine = indices
+        # the same global indices on every rank; each takes those in its shard
+        mine = indices[(indices >= self.shard.start) & (indices < self.shard.stop)]
 
         def local() -> torch.Tensor:
             acc = torch.zeros_like(V)
@@ -160,7 +178,7 @@ class HessianOperator:
                 acc += self._data_hvp(batch, V)
             return acc
 
-        return self._check(self._summed(local) / len(indices) + self.shift * V)
+        return self._check(self._summed(local) / len(indices) + self._diagonal(damped) * V)
 
     def dense(self, *, progress: bool | None = None) -> torch.Tensor:
         """The explicit Hessian H ``(n_params, n_params)`` *without* damping, symmetrised.
@@ -170,7 +188,7 @@ class HessianOperator:
         """
         p = self.n_params
         eye_block = self.tangent_block
-        n_local = (self._stop if self._stop is not None else self.n_examples) - self._start
+        n_local = self.shard.stop - self.shard.start
         n_chunks = -(-n_local // self.batch_size)
 
         def local() -> torch.Tensor:
@@ -193,3 +211,18 @@ class HessianOperator:
         H = 0.5 * (H + H.T)
         H.diagonal().add_(self.l2)
         return self._check(H)
+
+
+def check_curvature(operator: "HessianOperator", *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
+    """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs; warns with
+    :class:`~influencekit.errors.CurvatureWarning` and a damping that removes the negative curvature when λ_min ≤ 0."""
+    lo, hi = lanczos_extremes(operator.matvec, operator.n_params, steps=steps, dtype=operator.dtype, device=operator.device, seed=seed)
+    if lo <= 0:
+        warnings.warn(
+            f"H + δI has negative curvature (Lanczos estimate of its smallest eigenvalue: {lo:.3g} with damping "
+            f"{operator.damping:g}); use damping >= {operator.damping - lo * 1.5:.3g} (Lanczos under-estimates |λ_min|; "
+            "raise `steps` for a tighter figure).",
+            CurvatureWarning,
+            stacklevel=3,
+        )
+    return lo, hi

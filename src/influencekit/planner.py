@@ -2,9 +2,10 @@
 
 :meth:`Influence.plan <influencekit.scoring.Influence.plan>` calls :func:`plan_influence`, which runs a short
 timed probe on a few training examples (never a pass over the data) and extrapolates with the formulas
-below. Notation: n training examples, p selected parameters, b bytes per value of the model's dtype,
+below. The probe's figures go into a :class:`~influencekit.solvers.costs.CostProbe`, from which each solver
+gives its own fit and solve (``Solver.cost``); the planner adds the stages every solver shares. Notation: n training examples, p selected parameters, b bytes per value of the model's dtype,
 t_test test points solved in blocks of q = min(t_test, chunks.queries), B the number of such blocks,
-c_g / c_h the examples per gradient / HVP chunk (from ``memory_budget``, see ``Influence._plan_chunks``).
+c_g / c_h the examples per gradient / HVP chunk (from ``memory_budget``, see :func:`~influencekit.config.plan_chunks`).
 
 Measured by the probe (each after one untimed warm-up call, on m = min(n, probe_examples) examples):
 
@@ -66,11 +67,13 @@ from torch import nn
 
 from .autodiff import ParamLayout, batch_grad_sum, hvp_sum, input_size_per_example
 from .checks import check_int
+from .config import Chunks, plan_chunks
 from .data.examples import Examples, take
 from .errors import InputError
 from .hessian import HessianOperator
 from .layers import choose_per_example
-from .solvers import make_solver
+from .solvers import Solver, make_solver
+from .solvers.costs import CostProbe, SolverCost, timed
 
 if TYPE_CHECKING:
     from .scoring import Influence
@@ -169,42 +172,54 @@ def _fmt_seconds(s: float) -> str:
         return f"{s:.3g} s"
     return f"{s * 1e3:.3g} ms"
 
-
-def _timed(work: Any) -> float:
-    """Seconds of ``work()`` after one untimed warm-up call (first-call allocation and dispatch excluded)."""
-    work()
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
-
-
 def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
     """Estimate the memory and time of ``influence.fit()`` followed by ``scores`` on ``n_test`` test points.
 
     Runs only a probe on ``min(n_train, probe_examples)`` training examples (see the module docstring for
     what is measured and the formulas). ``cg_iterations`` is the block-CG iteration count assumed for the
-    query solve (it depends on the conditioning of H + δI and cannot be known before solving).
+    query solve (it depends on the conditioning of H + δI and cannot be known before solving). The solver
+    gives its own cost from the probe (:meth:`Solver.cost <influencekit.solvers.Solver.cost>`).
     """
     n_test = check_int("n_test", n_test, low=0)
     probe_examples = check_int("probe_examples", probe_examples, low=1)
     cg_iterations = check_int("cg_iterations", cg_iterations, low=1)
     task = influence.task
-    task._check_mode()
+    task.check_mode()
     train = Examples(influence.train, name="train")
     n = len(train)
     if n == 0:
         raise InputError("`train` must hold at least one example. Got an empty training set.")
     params = {name: value.detach().clone() for name, value in task.params().items()}
     layout = ParamLayout.of(params)
-    p, dtype, device = layout.n, layout.dtype, layout.device
-    item = torch.finfo(dtype).bits // 8
-    chunks = influence._plan_chunks(train, params, layout)
+    chunks = plan_chunks(task, params, take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch), n,
+                         batch_size=influence.batch_size, memory_budget=influence.memory_budget)
     solver = make_solver(influence.solver, **influence.solver_options)
-    notes: list[str] = []
-    basis_rank = 0  # > 0 when scores are computed in a solver's basis of that rank
+    probe, gradient_method = _measure(influence, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations)
+    notes = [f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)"]
+    cost = solver.cost(probe)
+    notes += cost.notes
+    p, item, act = probe.p, probe.item, probe.activations
+    stages = [Stage("fit: gradient check", n * probe.tau_sum, probe.base + min(chunks.grad, n) * 4 * act * item + 2 * p * item,
+                    "n·τ_s (batch gradients)"),
+              Stage(f"fit: {solver.name}", cost.fit_seconds, cost.fit_memory, cost.fit_formula)]
+    stages += _query_stages(probe, cost, notes)
+    peak = max(s.memory for s in stages)
+    if peak > influence.memory_budget:
+        notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(influence.memory_budget)} "
+                     "(the budget sizes chunks; the solver's state and the score matrix come on top).")
+    return Plan(
+        solver=solver.name, n_train=n, n_test=n_test, n_params=p, dtype=str(layout.dtype), memory_budget=influence.memory_budget,
+        chunks={"grad": chunks.grad, "hvp": chunks.hvp, "tangents": chunks.tangents, "queries": chunks.queries},
+        stages=tuple(stages), solver_state=int(cost.state), probe=probe.as_dict(), notes=tuple(notes),
+    )
 
-    # ---- probe
-    m = min(n, probe_examples)
+
+def _measure(influence: "Influence", train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
+             m: int, n_test: int, cg_iterations: int) -> tuple[CostProbe, str]:
+    """The probe: unit costs timed on the first m training examples, and the sizes a solver's cost needs.
+    Returns it with the per-example-gradient method that scores will use."""
+    task = influence.task
+    n, p, dtype, device = len(train), layout.n, layout.dtype, layout.device
     batch = take(train, list(range(m)), dtype=dtype, device=device, check=task.check_batch)
     act = input_size_per_example(task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model)
     holder: dict[str, torch.Tensor] = {}
@@ -213,167 +228,62 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
     def grads() -> None:
         holder["G"], _ = per_example(task.loss, params, batch)
 
-    tau_g = _timed(grads) / m
-    tau_s = _timed(lambda: batch_grad_sum(task.loss, params, batch, layout)) / m
+    tau_g = timed(grads) / m
+    tau_s = timed(lambda: batch_grad_sum(task.loss, params, batch, layout)) / m
     gen = torch.Generator(device=device).manual_seed(0)
     K = max(1, min(chunks.tangents, p, 32))
     V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
-    tau_h1 = _timed(lambda: hvp_sum(task.loss, params, batch, layout, V[:1])) / m
-    tau_hK = _timed(lambda: hvp_sum(task.loss, params, batch, layout, V)) / (m * K) if K > 1 else tau_h1
-    notes.append(f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)")
-    rate = 2.0 * m * m * p / max(_timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
+    tau_h1 = timed(lambda: hvp_sum(task.loss, params, batch, layout, V[:1])) / m
+    tau_hK = timed(lambda: hvp_sum(task.loss, params, batch, layout, V)) / (m * K) if K > 1 else tau_h1
+    rate = 2.0 * m * m * p / max(timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
     holder.clear()
-    probe = {"examples": float(m), "tau_grad": tau_g, "tau_sum": tau_s, "tau_hvp": tau_h1, "tau_hvp_block": tau_hK,
-             "block_tangents": float(K), "flops": rate, "activations_per_example": float(act)}
 
-    def hvp_seconds(k: int) -> float:
-        """Seconds of one full-data HVP with k tangents (vectorised in blocks of chunks.tangents); 0 for none."""
-        if k <= 0:
-            return 0.0
-        if k <= 1:
-            return n * tau_h1
-        return n * k * (tau_hK if K > 1 else tau_h1)
+    def fit_seconds(solver: Solver) -> float:
+        """Seconds of ``solver.fit`` on the probe examples (the damping at least 1e-3, so that it is invertible)."""
+        operator = HessianOperator(task, params, Examples(batch, name="train"), damping=max(influence.damping, 1e-3),
+                                   batch_size=min(chunks.hvp, m), tangent_block=chunks.tangents)
+        start = time.perf_counter()
+        solver.fit(operator)
+        return time.perf_counter() - start
 
-    base = p * item  # the copy of θ̂ that fit keeps
+    q = max(1, min(n_test, chunks.queries))
+    probe = CostProbe(
+        n=n, p=p, dtype=dtype, item=torch.finfo(dtype).bits // 8, examples=m, tau_grad=tau_g, tau_sum=tau_s, tau_hvp=tau_h1,
+        tau_hvp_block=tau_hK, block_tangents=K, flops=rate, activations=act, grad_chunk=chunks.grad, hvp_chunk=chunks.hvp,
+        tangent_chunk=chunks.tangents, query_chunk=chunks.queries, n_test=n_test, queries=q,
+        blocks=math.ceil(n_test / q) if n_test else 0, cg_iterations=cg_iterations, fit_seconds=fit_seconds,
+        layer_positions=lambda layers: _positions(layers, task, params, batch), n_outputs=lambda: _n_outputs(task, params, batch),
+    )
+    return probe, gradient_method
+
+
+def _query_stages(probe: CostProbe, cost: SolverCost, notes: list[str]) -> list[Stage]:
+    """The stages of ``scores`` on the probe's n_test test points (none for 0), after a fit that holds θ̂ and the
+    solver's state; a note when scoring makes several passes over the training set."""
+    n_test, q, blocks = probe.n_test, probe.queries, probe.blocks
+    if not n_test:
+        return []
+    n, p, item, act, tau_g, rate = probe.n, probe.p, probe.item, probe.activations, probe.tau_grad, probe.flops
+    held = probe.base + cost.state
     # vmap∘grad peaks at about 3× its (c_g, p) output (measured on a 1M-parameter CNN), and the consumer still
     # holds the previous chunk while the next is computed: 4·c_g·p·b
-    grad_chunk = min(chunks.grad, n) * (4 * p + 4 * act) * item
-    full_hvp = hvp_seconds(1)
-    q = max(1, min(n_test, chunks.queries))
-    blocks = math.ceil(n_test / q) if n_test else 0
-    stages = [Stage("fit: gradient check", n * tau_s, base + min(chunks.grad, n) * 4 * act * item + 2 * p * item, "n·τ_s (batch gradients)")]
-
-    # ---- solver-specific fit, state and per-block solve
-    name = solver.name
-    if name == "exact":
-        eig_item = torch.finfo(solver.eig_dtype or dtype).bits // 8
-        state = 2 * p * p * eig_item + p * eig_item
-        cholesky = solver.method == "cholesky" or (solver.method == "auto" and p > solver.eigh_max_params)
-        decomposition = (p ** 3 / 3 if cholesky else 9 * p ** 3) / rate
-        assembling = p * p * item if eig_item != item else 0
-        fit_mem = base + state + assembling + (p * p * eig_item if cholesky else 0)
-        stages.append(Stage("fit: exact", hvp_seconds(p) + decomposition, fit_mem,
-                            f"p·n·τ_H + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e"))
-        if p > solver.max_params:
-            notes.append(f"the exact solver refuses this model: n_params = {p:,} > max_params = {solver.max_params:,}.")
-        rows = min(q, solver.residual_rows)
-        solve_block, solve_mem, solve_formula = 2 * (q + rows) * p * p / rate, 2 * q * p * eig_item, "2·(q + residual rows)·p² / ρ"
-    elif name == "cg":
-        state = 0
-        stages.append(Stage("fit: cg", 0.0, base, "nothing to fit"))
-        solve_block = cg_iterations * hvp_seconds(q)
-        solve_mem, solve_formula = 6 * q * p * item, f"cg_iterations·q·n·τ_H, cg_iterations = {cg_iterations} assumed"
-        notes.append(f"cg: {cg_iterations} block iterations assumed (set cg_iterations=); the real count depends on the conditioning of H + δI.")
-    elif name == "lissa":
-        state = 0
-        b = min(solver.batch_size, n)
-        stages.append(Stage("fit: lissa", solver.eigen_steps * full_hvp + 90 * b * tau_h1, base + 3 * p * item,
-                            "eigen_steps·n·τ_h + 90·batch·τ_h"))
-        solve_block = (solver.repeats * solver.depth * b / n + 1) * hvp_seconds(q)
-        solve_mem, solve_formula = 4 * q * p * item, "(repeats·depth·batch + n)·q·τ_H"
-    elif name == "arnoldi":
-        if solver.rank > p:
-            raise InputError(f"`rank` must be an int in [1, n_params] = [1, {p}]. Got {solver.rank}. Lower `rank` or use solver='exact'.")
-        steps = min(solver.n_iter if solver.n_iter is not None else 2 * solver.rank, p)
-        state = solver.rank * p * item
-        m_l = min(solver.examples or n, n)  # Lanczos on a subsample of m_l examples when `examples` is set
-        stages.append(Stage("fit: arnoldi", steps * m_l * tau_h1, base + state + steps * p * item,
-                            f"{steps} Lanczos steps · {'n' if m_l == n else 'examples'}·τ_h; state rank·p·b"))
-        rows = min(q, solver.residual_rows)
-        solve_block = 4 * q * solver.rank * p / rate + hvp_seconds(rows)
-        solve_mem, solve_formula = 2 * q * p * item, "4·q·rank·p / ρ + residual_rows·n·τ_h"
-        if solver.remainder == "drop" and solver.rank < min(n_test, p):
-            basis_rank = solver.rank  # scores in the eigenbasis (Influence._score_basis)
-    elif name in ("kfac", "ekfac"):
-        state, fit_seconds, fit_work, solve_flops, largest = _kfac_probe(solver, influence, task, params, batch, m, n, chunks,
-                                                                            hvp_seconds(solver.probes) * min(n, solver.probe_examples or n) / n)
-        stages.append(Stage(f"fit: {name}", fit_seconds, base + state + fit_work,
-                            "(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state 8·Σ(2k² + 2o² + ok)"))
-        solve_block = q * solve_flops / rate
-        # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
-        # (the solve works layer by layer in row blocks of at most block_elements values)
-        solve_mem = q * p * item + 4 * min(solver.block_elements, q * largest) * 8
-        solve_formula = f"4·q·Σ(o²k + ok²) / ρ ({'float64' if solver.solve_dtype == torch.float64 else 'solve_dtype'})"
-    else:  # a user-defined solver: the planner knows nothing of its cost
-        state = 0
-        stages.append(Stage(f"fit: {name}", float("nan"), base, "unknown solver: no estimate"))
-        solve_block, solve_mem, solve_formula = float("nan"), 2 * q * p * item, "unknown"
-        notes.append(f"solver {name!r} has no cost model in the planner; its stages show nan.")
-
-    held = base + state
-    if n_test:
-        stages.append(Stage("test gradients", n_test * tau_g, held + min(chunks.grad, q) * (4 * p + 4 * act) * item + q * p * item,
-                            "t_test·τ_g"))
-        stages.append(Stage("query solve", blocks * solve_block, held + q * p * item + solve_mem, f"B = {blocks} block(s) × {solve_formula}"))
-        if basis_rank:
-            r = basis_rank
-            stages.append(Stage("scoring", n * tau_g + 2 * n * r * p / rate + 2 * n_test * (n + p) * r / rate,
-                                held + n_test * n * item + n * r * item + q * p * item + grad_chunk,
-                                "in the eigenbasis: n·τ_g + 2·n·rank·p / ρ (projected once) + 2·t_test·(n + p)·rank / ρ"))
-        else:
-            stages.append(Stage("scoring", blocks * (n * tau_g + 2 * q * n * p / rate), held + n_test * n * item + q * p * item + grad_chunk,
-                                f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)"))
-        if blocks > 1 and not basis_rank:
-            notes.append(f"{blocks} query blocks of {q} test points (memory_budget allows {chunks.queries}): scoring makes "
-                         f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer.")
-    peak = max(s.memory for s in stages)
-    if peak > influence.memory_budget:
-        notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(influence.memory_budget)} "
-                     "(the budget sizes chunks; the solver's state and the score matrix come on top).")
-    return Plan(
-        solver=name, n_train=n, n_test=n_test, n_params=p, dtype=str(dtype), memory_budget=influence.memory_budget,
-        chunks={"grad": chunks.grad, "hvp": chunks.hvp, "tangents": chunks.tangents, "queries": chunks.queries},
-        stages=tuple(stages), solver_state=int(state), probe=probe, notes=tuple(notes),
-    )
-
-
-def _kfac_probe(solver: Any, influence: Any, task: Any, params: dict[str, torch.Tensor], batch: Any, m: int, n: int,
-                chunks: Any, probe_hvps: float) -> tuple[int, float, int, float, int]:
-    """Fit the kfac/ekfac solver on the m probe examples (no residual probes) and scale its passes to n.
-
-    Returns (state bytes, fit seconds, working bytes of a factor pass, flops per right-hand side of a solve,
-    values o·k of the largest layer block).
-    """
-    probe_solver = make_solver(type(solver)(**{**_kfac_options(solver), "probes": 0}))
-    operator = HessianOperator(task, params, Examples(batch, name="train"), damping=max(influence.damping, 1e-3),
-                               batch_size=min(chunks.hvp, m), tangent_block=chunks.tangents)
-    start = time.perf_counter()
-    probe_solver.fit(operator)
-    total = time.perf_counter() - start
-    # the eigendecompositions do not grow with n: estimate them from one timed eigh of a matrix of at most
-    # 1,024 rows, scaled by (size / 1024)³, and take them out of what is scaled by n/m (a smaller timed
-    # matrix is dominated by call and threading overhead, which the cube then magnifies)
-    sizes = [d for layer in probe_solver.layers_ for d in layer.index.shape]
-    r = max(1, min(1024, max(sizes, default=1)))
-    M = torch.randn(r, r, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    M = M @ M.T
-    unit = _timed(lambda: torch.linalg.eigh(M))
-    eig = sum(unit * (d / r) ** 3 for d in sizes)
-    state, work, flops = 0, 0, 0.0
-    positions = _positions(probe_solver.layers_, task, params, batch)
-    variants = {"sampled": solver.samples, "expected": _n_outputs(task, params, batch), "empirical": 1}[solver.fisher]
-    c = min(chunks.hvp, n)
-    for layer in probe_solver.layers_:
-        t = positions[layer.name]
-        if layer.embedding:  # A diagonal (V,), S and Q_S (d, d), eigenvalues (V, d); a pass holds indices and d grads
-            V, d = layer.index.shape
-            state += 8 * (V + 2 * d * d + V * d)
-            work += 8 * c * t * (1 + d * variants) * (2 if solver._corrected else 1)
-            flops += 4.0 * V * d * d
-            continue
-        o, k = layer.index.shape
-        state += 8 * (2 * k * k + 2 * o * o + o * k)
-        work += 8 * c * t * (k + o * variants) * (2 if solver._corrected else 1)
-        flops += 4.0 * (o * o * k + o * k * k)
-    state += 8 * len(probe_solver.diagonal_)
-    seconds = max(total - eig, 0.1 * total) * n / m + eig + probe_hvps
-    largest = max((int(layer.index.numel()) for layer in probe_solver.layers_), default=0)
-    return state, seconds, work, flops, largest
-
-
-def _kfac_options(solver: Any) -> dict[str, Any]:
-    return {"fisher": solver.fisher, "samples": solver.samples, "seed": solver.seed, "unsupported": solver.unsupported,
-            "block_elements": solver.block_elements}
+    grad_chunk = min(probe.grad_chunk, n) * (4 * p + 4 * act) * item
+    stages = [
+        Stage("test gradients", n_test * tau_g, held + min(probe.grad_chunk, q) * (4 * p + 4 * act) * item + q * p * item, "t_test·τ_g"),
+        Stage("query solve", blocks * cost.solve_seconds, held + q * p * item + cost.solve_memory, f"B = {blocks} block(s) × {cost.solve_formula}"),
+    ]
+    r = cost.basis_rank  # > 0: scores in the solver's basis of that rank
+    if r:
+        stages.append(Stage("scoring", n * tau_g + 2 * n * r * p / rate + 2 * n_test * (n + p) * r / rate,
+                            held + n_test * n * item + n * r * item + q * p * item + grad_chunk,
+                            "in the eigenbasis: n·τ_g + 2·n·rank·p / ρ (projected once) + 2·t_test·(n + p)·rank / ρ"))
+    else:
+        stages.append(Stage("scoring", blocks * (n * tau_g + 2 * q * n * p / rate), held + n_test * n * item + q * p * item + grad_chunk,
+                            f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)"))
+    if blocks > 1 and not r:
+        notes.append(f"{blocks} query blocks of {q} test points (memory_budget allows {probe.query_chunk}): scoring makes "
+                     f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer.")
+    return stages
 
 
 def _positions(layers: list[Any], task: Any, params: dict[str, torch.Tensor], batch: Any) -> dict[str, int]:

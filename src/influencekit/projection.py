@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .checks import check_int
+from .checks import check_choice, check_int
 from .errors import InputError, InputTypeError
 
 __all__ = ["Projector", "jl_failure_bound"]
@@ -69,9 +69,7 @@ class Projector:
     def __init__(self, n_params: int, dim: int, *, kind: str = "rademacher", seed: int = 0, chunk: int = 4096) -> None:
         self.n_params = check_int("n_params", n_params, low=1)
         self.dim = check_int("dim", dim, low=1)
-        if kind not in _KINDS:
-            raise InputError(f"`kind` must be one of {', '.join(map(repr, _KINDS))}. Got {kind!r}.")
-        self.kind = kind
+        self.kind = check_choice("kind", kind, _KINDS)
         self.seed = check_int("seed", seed, low=0)
         self.chunk = UNIT * math.ceil(check_int("chunk", chunk, low=1) / UNIT)
 

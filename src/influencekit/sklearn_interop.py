@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from .checks import check_number
-from .applications.svm import fit_hinge_svm, set_linear
 from .errors import InputError, InputTypeError, StationarityWarning, UnsupportedError
+from .models.svm import fit_hinge_svm, set_linear
 from .scoring import Influence
 from .solvers import Solver
 from .task import ClassificationTask, Params, RegressionTask, SmoothHingeTask

@@ -33,29 +33,28 @@ import numpy as np
 import torch
 
 from .checks import check_int, check_number
-from .distributed import on_first_rank
 from .data.examples import Examples
 from .errors import InputError, InputTypeError, NumericalError
 from .progress import progress_bar
 from .projection import Projector
-from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
-from .scoring import Influence, _merge_topk
-from .folders import atomic_write, fingerprint, open_folder
+from .folders import atomic_write, open_folder
+from .results import InfluenceScores, RankedInfluence, TopK
+from .scoring import Influence
+from .topk import StreamingTopK
 
 __all__ = ["GradientStore"]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = 1
-_CURVATURE = "curvature.npy"
+CURVATURE = "curvature.npy"
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray) -> None:
     """Write ``array`` as .npy atomically (a hook the resumption tests interrupt)."""
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def _load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+def load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     """The array at ``path`` memory-mapped, or None when it is missing or not the expected shape/dtype."""
     if not path.exists():
         return None
@@ -131,37 +130,28 @@ class GradientStore:
         """
         if not isinstance(influence, Influence):
             raise InputTypeError(f"`influence` must be a fitted influencekit Influence. Got {type(influence).__name__}.")
-        influence._require_fitted()
+        influence.check_fitted()
         layout = influence.layout_
-        n = len(influence.train_)
         chunk = check_int("chunk", chunk, low=1)
         projector = Projector(layout.n, dim, kind=kind, seed=seed, chunk=projection_chunk)
-        damping = influence.task.l2 + influence.damping if damping is None else check_number("damping", damping, low=0.0)
-        config = json.loads(json.dumps({
-            "kind": "influencekit gradient store",
-            "format": _FORMAT,
-            "n_train": n,
-            "n_params": layout.n,
-            "dtype": str(layout.dtype),
-            **projector.describe(),
-            "damping": damping,
-            "chunk": chunk,
-            "task": influence.task.describe(),
-            "theta_fingerprint": fingerprint(influence.params_),
-            "data_fingerprint": influence._head_fingerprint(influence.train_, chunk),
-        }, default=str))
+        # λ + δ of the influence's operator: the empirical Fisher replaces ∇²ℓ, the L2 term and the damping stay
+        damping = influence.operator_.shift if damping is None else check_number("damping", damping, low=0.0)
+        config = json.loads(json.dumps(influence.provenance_.manifest(
+            "influencekit gradient store", ("n_train", "n_params", "dtype"),
+            **projector.describe(), damping=damping, chunk=chunk, task=influence.provenance_.task,
+            theta_fingerprint=influence.provenance_.theta_fingerprint,
+            data_fingerprint=influence.data_fingerprint(influence.train_, chunk),
+        ), default=str))
         folder = Path(folder)
         shard = influence.shard_
 
         def open_store() -> None:
             open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy")
 
-        if shard is not None:  # rank 0 creates the folder and its manifest, then every rank checks it (shared filesystem)
-            shard.check_same("the gradient store's configuration", config)
-            on_first_rank(shard, open_store)
-            shard.local(open_store)
-        else:
-            open_store()
+        # rank 0 creates the folder and its manifest, then every rank checks it (a shared filesystem)
+        shard.check_same("the gradient store's configuration", config)
+        shard.first_rank(open_store)
+        shard.local(open_store)
         store = cls(influence, folder, config, projector, damping, chunk)
         store._write_gradients(progress=bool(progress))
         return store
@@ -182,12 +172,12 @@ class GradientStore:
         """
         inf = self.influence
         shard = inf.shard_
-        rank, world = (0, 1) if shard is None else (shard.rank, shard.world_size)
+        rank, world = shard.rank, shard.world_size
         mine = [lo for c, lo in enumerate(self._chunks()) if c % world == rank]
-        curvature_missing = _load_array(self.folder / _CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None
-        if shard is not None:  # ranks that saw different files would enter different collectives
-            shard.check_same("the gradient store's files (the folder must be on a filesystem every rank shares)",
-                             {"curvature_missing": curvature_missing})
+        curvature_missing = load_array(self.folder / CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None
+        # ranks that saw different files would enter different collectives
+        shard.check_same("the gradient store's files (the folder must be on a filesystem every rank shares)",
+                         {"curvature_missing": curvature_missing})
 
         def write_mine() -> torch.Tensor | None:
             total = torch.zeros(self.dim, self.dim, dtype=torch.float64) if curvature_missing else None
@@ -197,11 +187,11 @@ class GradientStore:
                 for lo in mine:
                     hi = min(lo + self.chunk, self.n_train)
                     path = self._path("grads", lo)
-                    array = _load_array(path, (hi - lo, self.dim), self._np_dtype)
+                    array = load_array(path, (hi - lo, self.dim), self._np_dtype)
                     if array is None:
-                        rows = [self.projector.project(G) for _, G in inf._grads(inf.train_, train_side=True, start=lo, stop=hi)]
+                        rows = [self.projector.project(G) for _, G in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi)]
                         array = torch.cat(rows).cpu().numpy()
-                        _save_array(path, array)
+                        save_array(path, array)
                     if total is not None:
                         Phi = torch.from_numpy(np.array(array)).double()
                         total += Phi.T @ Phi
@@ -210,28 +200,24 @@ class GradientStore:
                 bar.close()
             return total
 
-        if shard is None:
-            total = write_mine()
-        else:
-            total = shard.local(write_mine)
-            if total is not None:
-                shard.all_reduce(total)
+        total = shard.local(write_mine)
         if total is not None:
-            on_first_rank(shard, lambda: _save_array(self.folder / _CURVATURE, total.numpy()))
+            shard.all_reduce(total)
+            shard.first_rank(lambda: save_array(self.folder / CURVATURE, total.numpy()))
 
     # ------------------------------------------------------------------------------------- reading
     def gradients(self) -> Any:
         """Yield ``(offset, Φ rows)`` chunk by chunk: projected training gradients, ``(rows, dim)`` tensors on the CPU."""
         for lo in self._chunks():
             hi = min(lo + self.chunk, self.n_train)
-            array = _load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype)
+            array = load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype)
             if array is None:
                 raise InputError(f"the gradient store {str(self.folder)!r} lacks its chunk at rows {lo}:{hi}; rerun GradientStore.build to complete it.")
             yield lo, torch.from_numpy(np.array(array))
 
     def _cholesky(self) -> torch.Tensor:
         if self._factor is None:
-            ptp = torch.from_numpy(np.array(np.load(self.folder / _CURVATURE, allow_pickle=False)))
+            ptp = torch.from_numpy(np.array(np.load(self.folder / CURVATURE, allow_pickle=False)))
             C = ptp / self.n_train + self.damping * torch.eye(self.dim, dtype=torch.float64)
             L, info = torch.linalg.cholesky_ex(C)
             if int(info) != 0:
@@ -246,21 +232,15 @@ class GradientStore:
         """C⁻¹φ(z_test) for every test point, ``(n_test, dim)`` float64 on the CPU."""
         inf = self.influence
         data = test if isinstance(test, Examples) else Examples(test, name="test")
-        phi = torch.cat([self.projector.project(G) for _, G in inf._grads(data, train_side=False, desc="test gradients")])
+        phi = torch.cat([self.projector.project(G) for _, G in inf.gradients_.stream(data, side="test", desc="test gradients")])
         return data, torch.cholesky_solve(phi.double().cpu().T, self._cholesky()).T
 
     def _metadata(self, **extra: Any) -> dict[str, Any]:
-        return {
-            "method": "I_up,loss with projected empirical-Fisher curvature (TRAK-style)",
-            "curvature": "C = Phi^T Phi / n + damping*I in the projected space, Phi = P^T grad L(z_i)",
-            "convention": CONVENTION,
-            **self.influence.task.describe(),
-            **self.projector.describe(),
-            "damping": self.damping,
-            "dtype": str(self.influence.layout_.dtype),
-            "store": str(self.folder),
-            **extra,
-        }
+        return self.influence.provenance_.result_metadata(
+            "I_up,loss with projected empirical-Fisher curvature (TRAK-style)", ("task", "dtype"),
+            curvature="C = Phi^T Phi / n + damping*I in the projected space, Phi = P^T grad L(z_i)",
+            **self.projector.describe(), damping=self.damping, store=str(self.folder), **extra,
+        )
 
     # ---------------------------------------------------------------------------------- public API
     def scores(self, test: Any) -> InfluenceScores:
@@ -276,21 +256,19 @@ class GradientStore:
         """The ``k`` most helpful and most harmful training points per test point, streamed over the stored chunks."""
         k = check_int("k", k, low=1, high=self.n_train)
         data, Q = self._queries(test)
-        best_neg = (torch.empty(len(Q), 0, dtype=Q.dtype), torch.empty(len(Q), 0, dtype=torch.long))
-        best_pos = best_neg
+        helpful = StreamingTopK(len(Q), k, dtype=Q.dtype)  # of −S
+        harmful = StreamingTopK(len(Q), k, dtype=Q.dtype)
         for lo, Phi in self.gradients():
             S = -(Q @ Phi.double().T)
-            idx = torch.arange(lo, lo + len(Phi)).expand(len(Q), -1)
-            best_neg = _merge_topk(best_neg, -S, idx, k)
-            best_pos = _merge_topk(best_pos, S, idx, k)
+            helpful.add_block(-S, lo)
+            harmful.add_block(S, lo)
         layout = self.influence.layout_
 
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=layout.device, dtype=layout.dtype if t.is_floating_point() else t.dtype)
 
-        helpful = TopK(move(best_neg[1]), move(-best_neg[0]))
-        harmful = TopK(move(best_pos[1]), move(best_pos[0]))
-        return RankedInfluence(helpful, harmful, self.n_train, self._metadata(k=k))
+        return RankedInfluence(TopK(move(helpful.indices), move(-helpful.values)), TopK(move(harmful.indices), move(harmful.values)),
+                               self.n_train, self._metadata(k=k))
 
     def self_influence(self, *, progress: bool = False) -> torch.Tensor:
         """φ(z)ᵀC⁻¹φ(z) for every training point, ``(n_train,)``; written chunk by chunk (resumable)."""
@@ -300,11 +278,11 @@ class GradientStore:
         try:
             for lo, Phi in self.gradients():
                 path = self._path("self", lo)
-                values = _load_array(path, (len(Phi),), np.dtype(np.float64))
+                values = load_array(path, (len(Phi),), np.dtype(np.float64))
                 if values is None:
                     Phi = Phi.double()
                     values = (torch.cholesky_solve(Phi.T, L).T * Phi).sum(1).numpy()
-                    _save_array(path, values)
+                    save_array(path, values)
                 out[lo:lo + len(Phi)] = torch.from_numpy(np.array(values))
                 bar.update(len(Phi))
         finally:

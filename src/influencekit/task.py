@@ -142,7 +142,8 @@ class Task:
         """The settings that define this task, for result metadata."""
         return {"task": type(self).__name__, "l2": self.l2, "params": list(self.param_names)}
 
-    def _check_mode(self) -> None:
+    def check_mode(self) -> None:
+        """Warn when the model is in train mode with dropout or batch norm (results would be random)."""
         stochastic = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
         if self.model.training and any(isinstance(m, stochastic) for m in self.model.modules()):
             warnings.warn(

@@ -24,7 +24,7 @@ from .solvers.cg import CGSolver
 from .solvers.exact import ExactSolver
 from .task import Task
 
-__all__ = ["fit_lbfgs", "fit_steps", "TrainReport"]
+__all__ = ["fit_lbfgs", "fit_steps", "objective_and_grad", "TrainReport"]
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,13 @@ class TrainReport:
     converged: bool
 
 
-def _objective_and_grad(
+def objective_and_grad(
     task: Task, params: dict[str, torch.Tensor], data: Examples, layout: ParamLayout, weights: torch.Tensor | None, batch_size: int
 ) -> tuple[float, torch.Tensor]:
+    """R_w(θ) = Σᵢ wᵢ L(zᵢ, θ) / Σᵢ wᵢ + (l2/2)‖θ‖² and its flat gradient at ``params``, streamed over ``data``.
+
+    ``weights=None`` means uniform weights; the data are read in chunks of ``batch_size`` examples.
+    """
     total_w = float(weights.sum()) if weights is not None else float(len(data))
     grad = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
     value = 0.0
@@ -51,6 +55,30 @@ def _objective_and_grad(
     theta = layout.flatten(params)
     value = value / total_w + 0.5 * task.l2 * float((theta * theta).sum())
     return value, grad / total_w + task.l2 * theta
+
+
+def _start_point(task: Task) -> tuple[dict[str, torch.nn.Parameter], dict[str, torch.Tensor], ParamLayout]:
+    """The model's parameters by name, copies of the selected ones (the start point) and their layout."""
+    named = dict(task.model.named_parameters())
+    params = {n: named[n].detach().clone() for n in task.param_names}
+    return named, params, ParamLayout.of(params)
+
+
+def _checked_weights(weights: Any, n: int) -> torch.Tensor:
+    """``weights`` as a tensor, refused unless finite, non-negative, of shape ``(n,)`` and with a positive sum."""
+    weights = torch.as_tensor(weights)
+    if weights.shape != (n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+        raise InputError(
+            f"`weights` must be a finite, non-negative tensor of shape ({n},) with a positive sum. Got shape {tuple(weights.shape)}."
+        )
+    return weights
+
+
+def _write_back(named: dict[str, torch.nn.Parameter], layout: ParamLayout, theta: torch.Tensor) -> None:
+    """Copy the flat ``theta`` into the model's selected parameters, in place."""
+    with torch.no_grad():
+        for name, value in layout.unflatten(theta.detach()).items():
+            named[name].copy_(value)
 
 
 def fit_lbfgs(
@@ -84,69 +112,120 @@ def fit_lbfgs(
     max_iter = check_int("max_iter", max_iter, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     data = Examples(train, name="train")
-    named = dict(task.model.named_parameters())
-    params = {n: named[n].detach().clone() for n in task.param_names}
-    layout = ParamLayout.of(params)
+    named, params, layout = _start_point(task)
     if weights is not None:
-        weights = torch.as_tensor(weights)
-        if weights.shape != (len(data),) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-            raise InputError(
-                f"`weights` must be a finite, non-negative tensor of shape ({len(data)},) with a positive sum. "
-                f"Got shape {tuple(weights.shape)}."
-            )
+        weights = _checked_weights(weights, len(data))
 
     theta = layout.flatten(params).clone().requires_grad_(True)
-    state = {"value": float("nan"), "grad_norm": float("inf"), "evals": 0}
-
-    def closure() -> torch.Tensor:
-        current = layout.unflatten(theta.detach())
-        value, grad = _objective_and_grad(task, current, data, layout, weights, batch_size)
-        if not bool(torch.isfinite(grad).all()) or not math.isfinite(value):
-            raise NumericalError("the training objective or its gradient is not finite during L-BFGS; check the data and the model.")
-        theta.grad = grad
-        state.update(value=value, grad_norm=float(grad.norm()), evals=state["evals"] + 1)
-        return torch.tensor(value, dtype=layout.dtype)
-
+    objective = _Objective(task, data, layout, weights, batch_size, theta)
     iterations = 0
     if curvature is not None:
-        closure()
-        while state["grad_norm"] > tol and iterations < max_iter:
-            before, saved = state["grad_norm"], theta.detach().clone()
-            step, _ = curvature.solve(-theta.grad.unsqueeze(0))
-            with torch.no_grad():
-                theta += step[0].to(theta.dtype)
-            iterations += 1
-            closure()
-            if not state["grad_norm"] < before:  # the step made things worse: undo it, let L-BFGS work
-                with torch.no_grad():
-                    theta.copy_(saved)
-                closure()
-                break
-            if state["grad_norm"] > 0.5 * before:  # too slow a contraction for chord steps
-                break
-    for _ in range(20 if state["grad_norm"] > tol else 0):  # L-BFGS stops early when its line search stalls; restart from where it stopped
+        iterations = _chord_newton_steps(objective, curvature, tol=tol, max_iter=max_iter)
+    iterations = _lbfgs_restarts(objective, tol=tol, max_iter=max_iter, iterations=iterations)
+    iterations += _newton_polish(objective, tol=tol, max_iter=max_iter, iterations=iterations)
+    _write_back(named, layout, theta)
+    report = TrainReport(objective.grad_norm, objective.value, int(iterations), objective.grad_norm <= tol)
+    if warn and not report.converged:
+        warnings.warn(
+            f"L-BFGS stopped with ||grad R|| = {report.grad_norm:.3g} > tol={tol:g} after {report.iterations} iterations; "
+            "raise `max_iter`, compute in float64, or raise `tol`.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+class _Objective:
+    """The training objective R_w at a flat θ (``theta``) that the steps of :func:`fit_lbfgs` move in place.
+
+    :meth:`closure` evaluates R_w(θ) and ∇R_w(θ), leaves the gradient in ``theta.grad`` (where
+    ``torch.optim.LBFGS`` reads it) and keeps the last ``value``, ``grad_norm`` and the count of ``evals``.
+    """
+
+    def __init__(
+        self, task: Task, data: Examples, layout: ParamLayout, weights: torch.Tensor | None, batch_size: int, theta: torch.Tensor
+    ) -> None:
+        self.task = task
+        self.data = data
+        self.layout = layout
+        self.weights = weights
+        self.batch_size = batch_size
+        self.theta = theta
+        self.value = float("nan")
+        self.grad_norm = float("inf")
+        self.evals = 0
+
+    def closure(self) -> torch.Tensor:
+        current = self.layout.unflatten(self.theta.detach())
+        value, grad = objective_and_grad(self.task, current, self.data, self.layout, self.weights, self.batch_size)
+        if not bool(torch.isfinite(grad).all()) or not math.isfinite(value):
+            raise NumericalError("the training objective or its gradient is not finite during L-BFGS; check the data and the model.")
+        self.theta.grad = grad
+        self.value, self.grad_norm, self.evals = value, float(grad.norm()), self.evals + 1
+        return torch.tensor(value, dtype=self.layout.dtype)
+
+    def restore(self, saved: torch.Tensor) -> None:
+        """Undo a step: put ``saved`` back into θ and evaluate there again."""
+        with torch.no_grad():
+            self.theta.copy_(saved)
+        self.closure()
+
+
+def _chord_newton_steps(objective: _Objective, curvature: Solver, *, tol: float, max_iter: int) -> int:
+    """Chord-Newton steps θ ← θ − S⁻¹∇R(θ) on the fitted solver S while they halve ‖∇R‖; return how many were taken."""
+    theta = objective.theta
+    iterations = 0
+    objective.closure()
+    while objective.grad_norm > tol and iterations < max_iter:
+        before, saved = objective.grad_norm, theta.detach().clone()
+        step, _ = curvature.solve(-theta.grad.unsqueeze(0))
+        with torch.no_grad():
+            theta += step[0].to(theta.dtype)
+        iterations += 1
+        objective.closure()
+        if not objective.grad_norm < before:  # the step made things worse: undo it, let L-BFGS work
+            objective.restore(saved)
+            break
+        if objective.grad_norm > 0.5 * before:  # too slow a contraction for chord steps
+            break
+    return iterations
+
+
+def _lbfgs_restarts(objective: _Objective, *, tol: float, max_iter: int, iterations: int) -> int:
+    """L-BFGS until ‖∇R‖ ≤ tol or the budget ``max_iter`` is spent; return the iteration count, ``iterations`` included."""
+    theta = objective.theta
+    for _ in range(20 if objective.grad_norm > tol else 0):  # L-BFGS stops early when its line search stalls; restart from where it stopped
         if iterations >= max_iter:
             break
         optimizer = torch.optim.LBFGS(
             [theta], lr=1.0, max_iter=max_iter - iterations, tolerance_grad=tol / 10, tolerance_change=0.0,
             history_size=50, line_search_fn="strong_wolfe",
         )
-        before = state["grad_norm"]
-        optimizer.step(closure)
+        before = objective.grad_norm
+        optimizer.step(objective.closure)
         iterations += int(optimizer.state[theta].get("n_iter", 0))
-        closure()
-        if state["grad_norm"] <= tol or iterations >= max_iter or state["grad_norm"] > 0.5 * before:
+        objective.closure()
+        if objective.grad_norm <= tol or iterations >= max_iter or objective.grad_norm > 0.5 * before:
             break
-    # Near the minimum the objective's round-off hides further decrease from any line search, while the
-    # gradient is still accurate: finish with Newton steps H d = −∇R (dense for small models, CG otherwise),
-    # which need no function values and converge quadratically. A step that does not shrink ‖∇R‖ (a
-    # non-convex model far from a minimum) is undone and ends the polish.
+    return iterations
+
+
+def _newton_polish(objective: _Objective, *, tol: float, max_iter: int, iterations: int) -> int:
+    """At most 10 Newton steps H d = −∇R within the budget left after ``iterations``; return how many were taken.
+
+    Near the minimum the objective's round-off hides further decrease from any line search, while the
+    gradient is still accurate: finish with Newton steps H d = −∇R (dense for small models, CG otherwise),
+    which need no function values and converge quadratically. A step that does not shrink ‖∇R‖ (a
+    non-convex model far from a minimum) is undone and ends the polish.
+    """
+    theta, layout = objective.theta, objective.layout
     newton = 0
-    while state["grad_norm"] > tol and newton < 10 and iterations + newton < max_iter:
-        saved, saved_norm = theta.detach().clone(), state["grad_norm"]
+    while objective.grad_norm > tol and newton < 10 and iterations + newton < max_iter:
+        saved, saved_norm = theta.detach().clone(), objective.grad_norm
         current = layout.unflatten(theta.detach())
         operator = HessianOperator(
-            task, current, data, damping=0.0, batch_size=batch_size, tangent_block=min(layout.n, 1024), weights=weights
+            objective.task, current, objective.data, damping=0.0, batch_size=objective.batch_size,
+            tangent_block=min(layout.n, 1024), weights=objective.weights,
         )
         # small models: one dense Hessian beats hundreds of single-vector CG products
         solver = ExactSolver() if layout.n <= 3000 else CGSolver(rtol=1e-12, max_iter=max(100, 2 * layout.n), warn=False)
@@ -159,25 +238,11 @@ def fit_lbfgs(
         with torch.no_grad():
             theta += step
         newton += 1
-        closure()
-        if not state["grad_norm"] < saved_norm:
-            with torch.no_grad():
-                theta.copy_(saved)
-            closure()
+        objective.closure()
+        if not objective.grad_norm < saved_norm:
+            objective.restore(saved)
             break
-    iterations += newton
-    with torch.no_grad():
-        for name, value in layout.unflatten(theta.detach()).items():
-            named[name].copy_(value)
-    report = TrainReport(state["grad_norm"], state["value"], int(iterations), state["grad_norm"] <= tol)
-    if warn and not report.converged:
-        warnings.warn(
-            f"L-BFGS stopped with ||grad R|| = {report.grad_norm:.3g} > tol={tol:g} after {report.iterations} iterations; "
-            "raise `max_iter`, compute in float64, or raise `tol`.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
-    return report
+    return newton
 
 
 _OPTIMIZERS = ("adam", "sgd")
@@ -238,26 +303,34 @@ def fit_steps(
         raise InputError("`train` is empty: there is nothing to train on.")
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, low=1)
-    named = dict(task.model.named_parameters())
-    params = {k: named[k].detach().clone() for k in task.param_names}
-    layout = ParamLayout.of(params)
+    named, params, layout = _start_point(task)
     if weights is None:
         weights = torch.ones(n, dtype=layout.dtype)
-    weights = torch.as_tensor(weights)
-    if weights.shape != (n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-        raise InputError(
-            f"`weights` must be a finite, non-negative tensor of shape ({n},) with a positive sum. Got shape {tuple(weights.shape)}."
-        )
-    weights = weights.to(layout.device, layout.dtype)
-    total_w = float(weights.sum())
+    weights = _checked_weights(weights, n).to(layout.device, layout.dtype)
     theta = layout.flatten(params).clone().requires_grad_(True)
+    _optimiser_steps(
+        task, data, layout, weights, theta, steps=steps, lr=lr, optimizer=optimizer, momentum=momentum,
+        batch_size=batch_size, seed=seed, chunk_size=chunk_size,
+    )
+    value, grad = objective_and_grad(task, layout.unflatten(theta.detach()), data, layout, weights, chunk_size)
+    _write_back(named, layout, theta)
+    return TrainReport(float(grad.norm()), value, steps, True)
+
+
+def _optimiser_steps(
+    task: Task, data: Examples, layout: ParamLayout, weights: torch.Tensor, theta: torch.Tensor, *, steps: int, lr: float,
+    optimizer: str, momentum: float, batch_size: int | None, seed: int, chunk_size: int,
+) -> None:
+    """The ``steps`` optimiser steps of :func:`fit_steps` on the flat ``theta``, in place (arguments checked there)."""
+    n = len(data)
+    total_w = float(weights.sum())
     opt = torch.optim.Adam([theta], lr=lr) if optimizer == "adam" else torch.optim.SGD([theta], lr=lr, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
 
     for _ in range(steps):
         current = layout.unflatten(theta.detach())
         if batch_size is None:
-            _, grad = _objective_and_grad(task, current, data, layout, weights, chunk_size)
+            _, grad = objective_and_grad(task, current, data, layout, weights, chunk_size)
         else:
             idx = torch.randint(0, n, (batch_size,), generator=generator)
             batch = take(data, idx, dtype=layout.dtype, device=layout.device, check=task.check_batch)
@@ -273,8 +346,3 @@ def fit_steps(
             raise NumericalError(
                 f"the parameters became NaN/inf during {optimizer} steps; lower `lr` (got {lr:g}) or check the data."
             )
-    value, grad = _objective_and_grad(task, layout.unflatten(theta.detach()), data, layout, weights, chunk_size)
-    with torch.no_grad():
-        for name, v in layout.unflatten(theta.detach()).items():
-            named[name].copy_(v)
-    return TrainReport(float(grad.norm()), value, steps, True)

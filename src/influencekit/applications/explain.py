@@ -2,14 +2,12 @@
 
 :func:`compare_models` puts two or more models trained on the same data side by side (Koh & Liang 2017,
 §5.1, Figure 4): the influence of every training point against its pixel distance to the test input, and
-each model's most helpful training inputs; :func:`run_fig4` is the paper's RBF SVM vs feature-model
-experiment on two digit classes (``influencekit paper fig4``).
+each model's most helpful training inputs; :func:`~influencekit.experiments.compare.run_fig4` is the paper's
+RBF SVM vs feature-model experiment on two digit classes (``influencekit paper fig4``).
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int, check_number
+from ..checks import check_int
 from ..data.bundled import load_digits_split
-from ..errors import InputError, InputTypeError, StationarityWarning
+from ..errors import InputError, InputTypeError
 from ..results import TopK
 from ..scoring import Influence
-from ..task import ClassificationTask, SmoothHingeTask
+from ..task import ClassificationTask
 from ..training import TrainReport, fit_lbfgs
 from ..validation import spearman
 
 __all__ = [
-    "explain_digits", "DigitsModel", "train_digits_logistic", "compare_models", "ModelComparison", "run_fig4",
+    "explain_digits", "DigitsModel", "train_digits_logistic", "compare_models", "ModelComparison",
 ]
 
 
@@ -206,7 +204,7 @@ def compare_models(
         models: name -> :class:`~influencekit.Influence` (fitted or not; ``fit`` is called when needed), all on
             the *same* training set, an ``(X, y)`` tuple of tensors with equal inputs and labels. Each model
             takes the raw inputs (a fixed feature map belongs inside the model, e.g.
-            :class:`~influencekit.applications.kernel_svm.KernelSVM`).
+            :class:`~influencekit.models.kernel_svm.KernelSVM`).
         test: ``(X, y)`` test points, inputs shaped like the training inputs.
         k: most helpful training points kept per test point and model.
         out_dir: when given, writes ``influence_vs_distance_<t>.png`` and ``helpful.png`` for the first
@@ -219,22 +217,7 @@ def compare_models(
     Returns:
         :class:`ModelComparison`.
     """
-    if not isinstance(models, Mapping) or len(models) < 1:
-        raise InputTypeError(f"`models` must be a non-empty mapping name -> ik.Influence. Got {type(models).__name__}.")
-    for name, inf in models.items():
-        if not isinstance(inf, Influence):
-            raise InputTypeError(f"`models[{name!r}]` must be an ik.Influence. Got {type(inf).__name__}.")
-    names = list(models)
-    X, y = _xy(f"models[{names[0]!r}].train", models[names[0]].train)
-    for name in names[1:]:
-        Xo, yo = _xy(f"models[{name!r}].train", models[name].train)
-        if Xo.shape != X.shape or not torch.equal(Xo.to(X), X) or not torch.equal(yo.to(y), y):
-            what = (f"inputs {tuple(Xo.shape)} vs {tuple(X.shape)}" if Xo.shape != X.shape
-                    else "the same shapes but different values (inputs or labels)")
-            raise InputError(
-                f"`models` must be trained on the same training set: {name!r} and {names[0]!r} differ ({what}). Give every "
-                "model the same (X, y) tensors and put any fixed feature map inside the model."
-            )
+    names, X, y = _shared_training_set(models)
     X_t, y_t = _xy("test", test)
     if X_t.shape[1:] != X.shape[1:]:
         raise InputError(
@@ -266,6 +249,27 @@ def compare_models(
         result.figures = _comparison_figures(result, flat, shown_y, flat_t, shown_y_t, Path(out_dir), n_plot, image_shape or _image_shape(X))
     result.text = result.summary()
     return result
+
+
+def _shared_training_set(models: Any) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The models' names and their common training set ``(X, y)``; refuses models trained on different data."""
+    if not isinstance(models, Mapping) or len(models) < 1:
+        raise InputTypeError(f"`models` must be a non-empty mapping name -> ik.Influence. Got {type(models).__name__}.")
+    for name, inf in models.items():
+        if not isinstance(inf, Influence):
+            raise InputTypeError(f"`models[{name!r}]` must be an ik.Influence. Got {type(inf).__name__}.")
+    names = list(models)
+    X, y = _xy(f"models[{names[0]!r}].train", models[names[0]].train)
+    for name in names[1:]:
+        Xo, yo = _xy(f"models[{name!r}].train", models[name].train)
+        if Xo.shape != X.shape or not torch.equal(Xo.to(X), X) or not torch.equal(yo.to(y), y):
+            what = (f"inputs {tuple(Xo.shape)} vs {tuple(X.shape)}" if Xo.shape != X.shape
+                    else "the same shapes but different values (inputs or labels)")
+            raise InputError(
+                f"`models` must be trained on the same training set: {name!r} and {names[0]!r} differ ({what}). Give every "
+                "model the same (X, y) tensors and put any fixed feature map inside the model."
+            )
+    return names, X, y
 
 
 def _named(label_names: Any, y: torch.Tensor) -> torch.Tensor:
@@ -307,78 +311,3 @@ def _comparison_figures(result: ModelComparison, flat: torch.Tensor, y: torch.Te
     )
     figures.append(path)
     return figures
-
-
-def run_fig4(
-    out_dir: str | Path = "influencekit-fig4",
-    *,
-    mnist: str | Path | None = None,
-    classes: tuple[int, int] = (3, 8),
-    svm_l2: float = 0.1,
-    gamma: float | None = None,
-    temperature: float = 0.001,
-    feature_map: str = "auto",
-    n_plot: int = 3,
-    k: int = 5,
-    max_images: int | None = None,
-    seed: int = 0,
-) -> ModelComparison:
-    """Koh & Liang (2017) §5.1, Figure 4: an RBF SVM on pixels against logistic regression on learned features.
-
-    Both models see the same two digit classes (:func:`~influencekit.applications.attack.binary_image_problem`:
-    bundled 8×8 digits, or MNIST IDX files in ``mnist``). The feature model is that problem's frozen CNN with
-    a logistic top layer; the RBF SVM (:func:`~influencekit.applications.kernel_svm.fit_rbf_svm`, λ = ``svm_l2``)
-    is solved with the true hinge on an explicit kernel feature map and scored with the smooth hinge at
-    ``temperature`` (the paper's t = 0.001; the test side measures the true hinge loss). The test points are
-    those both models classify correctly and on which the SVM's hinge loss is positive (beyond the margin
-    it has no gradient and no training point has influence); the first ``n_plot`` are drawn. Writes
-    ``report.md`` and PNGs into ``out_dir``.
-    """
-    from .attack import binary_image_problem, predict_labels
-    from .kernel_svm import fit_rbf_svm
-
-    started = time.perf_counter()
-    svm_l2 = check_number("svm_l2", svm_l2, low=0.0, low_inclusive=False)
-    temperature = check_number("temperature", temperature, low=0.0)
-    out = Path(out_dir)
-    problem = binary_image_problem(mnist=mnist, classes=classes, max_images=max_images, seed=seed)
-    X, y = problem.train
-    X_t, y_t = problem.test
-    svm = fit_rbf_svm(X, y, l2=svm_l2, gamma=gamma, feature_map=feature_map, seed=seed)
-    svm_task = SmoothHingeTask(svm.model, temperature=temperature, measurement_temperature=0.0, l2=svm_l2, params="top")
-    with torch.no_grad():
-        margins = svm_task.margins(svm_task.params(), (X_t, y_t))
-    svm_accuracy = float((margins > 0).double().mean())
-    chosen = ((margins > 0) & (margins < 1) & (predict_labels(problem.task, X_t) == y_t)).nonzero().flatten()
-    if len(chosen) == 0:
-        raise InputError("no test point is classified correctly by both models with a positive SVM hinge loss; "
-                         "raise `svm_l2` (a wider margin) or use more images.")
-    with warnings.catch_warnings():  # θ̂ minimises the true hinge, not the smooth one: expected (as in Figure 3)
-        warnings.simplefilter("ignore", StationarityWarning)
-        svm_inf = Influence(svm_task, problem.train, solver="exact").fit()
-    feature_inf = Influence(problem.task, problem.train, solver="exact").fit()
-    n_sv = int((svm.solution.alpha > 0).sum())
-    notes = [
-        problem.description + ".",
-        f"RBF SVM on raw pixels: {svm.feature_map}; true hinge, lambda = {svm_l2:g} (bias penalised), duality gap "
-        f"{svm.solution.gap:.1e}, {n_sv} of {len(y)} support vectors, test accuracy {svm_accuracy:.3f}; influence with the "
-        f"smooth hinge t = {temperature:g}, test side the true hinge loss.",
-        f"Test points: the {len(chosen)} of {len(y_t)} classified correctly by both models with SVM margin in (0, 1).",
-    ]
-    result = compare_models(
-        {"RBF SVM (pixels)": svm_inf, "logistic on CNN features": feature_inf}, (X_t[chosen], y_t[chosen]),
-        k=k, out_dir=out, n_plot=n_plot, label_names=problem.classes, notes=notes,
-    )
-    lines = ["# Figure 4 (Koh & Liang 2017, section 5.1): how two models use the same training data", "", *notes, "",
-             "| model | Spearman(abs influence, distance): all | same class | other class |", "|---|---|---|---|"]
-    for name in result.names:
-        lines.append(f"| {name} | {result.mean_spearman(name):+.3f} | {result.mean_spearman(name, 'same'):+.3f} | "
-                     f"{result.mean_spearman(name, 'other'):+.3f} |")
-    lines += ["", "Paper (dog vs fish, RBF SVM vs Inception): the SVM's influence falls off with pixel distance; the "
-              "Inception model's influential images can be far away in pixel space.", "",
-              *[f"![{p.stem}]({p.name})" for p in result.figures], "",
-              f"Total time {time.perf_counter() - started:.0f} s."]
-    result.report_path = out / "report.md"
-    result.report_path.write_text("\n".join(lines) + "\n")
-    result.text = result.summary() + f"\nreport and figures: {out.resolve()}"
-    return result

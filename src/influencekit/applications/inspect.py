@@ -158,11 +158,31 @@ def run_inspect(
     out = Path(out_dir)
     _check_out_dir(out)
 
-    # ---- data
     encoder = TabularEncoder(
         label, categorical=categorical, numeric=numeric, ignore=ignore, max_categories=max_categories,
         delimiter=delimiter, chunk_size=chunk_size, progress=progress,
     )
+    train, test_data, test_source, test_path = _encode(encoder, data, test, test_fraction=test_fraction, delimiter=delimiter, seed=seed)
+    fitted = _train_and_score(
+        model, train, test_data, len(encoder.classes_), l2=l2, damping=damping, solver=solver, hidden=hidden, steps=steps,
+        lr=lr, k=k, max_test_rows=max_test_rows, seed=seed, progress=progress,
+    )
+    header, suspicious, explained = _tables(fitted, encoder, train, test_data, data, test_path, n_suspicious, delimiter)
+    settings = {"data": str(Path(data)), "test": test_source, "label": label, "model": _describe_model(model, hidden, steps, lr),
+                "l2": l2, "damping": damping, "solver": solver}
+    result = _result(out, encoder, train, test_data, fitted, suspicious, explained, settings)
+    _write_in_place(out, result, header, fitted, test_source, started)
+    result.metadata["seconds"] = time.perf_counter() - started
+    result.text = _summary(result)
+    return result
+
+
+def _encode(
+    encoder: TabularEncoder, data: str | os.PathLike, test: str | os.PathLike | None, *, test_fraction: float, delimiter: str,
+    seed: int,
+) -> tuple[TabularData, TabularData, str, Path]:
+    """Fit the encoder on the training rows and encode them and the test rows (``test``, or a seeded held-out share of
+    ``data``): ``(train, test, description of the test rows, the file they come from)``."""
     if test is None:
         n = count_rows(data, delimiter=delimiter, name="data")
         if n == 0:
@@ -178,15 +198,37 @@ def run_inspect(
         train = encoder.fit_transform(data, rows=~held)
         test_data = encoder.transform(data, rows=held, name="data")
         test_source = f"{n_held} rows of {Path(data).name} held out at random (seed {seed}, {test_fraction:.0%})"
-        test_path = Path(data)
-    else:
-        train = encoder.fit_transform(data)
-        test_data = encoder.transform(test, name="test")
-        test_source = Path(test).name
-        test_path = Path(test)
+        return train, test_data, test_source, Path(data)
+    train = encoder.fit_transform(data)
+    test_data = encoder.transform(test, name="test")
+    return train, test_data, Path(test).name, Path(test)
 
-    # ---- model, training, influence
-    n_classes = len(encoder.classes_)
+
+@dataclass
+class _Fitted:
+    """The trained model and what influence says about it (see :class:`InspectResult`); ``chosen`` are the test
+    positions explained, ``caught`` the distinct warnings raised meanwhile, as text."""
+
+    net: nn.Module
+    train_report: TrainReport
+    influence: Influence
+    order: np.ndarray
+    self_influence: np.ndarray
+    p_train: np.ndarray
+    pred_train: np.ndarray
+    p_test: np.ndarray
+    pred_test: np.ndarray
+    chosen: np.ndarray
+    ranked: RankedInfluence
+    caught: list[str]
+
+
+def _train_and_score(
+    model: str, train: TabularData, test_data: TabularData, n_classes: int, *, l2: float, damping: float, solver: str,
+    hidden: int, steps: int, lr: float, k: int, max_test_rows: int, seed: int, progress: bool,
+) -> _Fitted:
+    """Train the model, rank the training rows by self-influence and find the helpful and harmful rows of the
+    test rows explained (the highest-loss ones when there are more than ``max_test_rows``), recording warnings."""
     net = _make_model(model, train.X.shape[1], n_classes, hidden, seed)
     task = ClassificationTask(net, l2=l2)
     X, y = train.tensors()
@@ -213,10 +255,17 @@ def run_inspect(
         f"{w.category.__name__}: {w.message}" for w in records
         if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
     ))
+    return _Fitted(net, train_report, influence, order, self_inf, p_train, pred_train, p_test, pred_test, chosen, ranked, caught)
 
-    # ---- tables
+
+def _tables(
+    fitted: _Fitted, encoder: TabularEncoder, train: TabularData, test_data: TabularData, data: str | os.PathLike,
+    test_path: Path, n_suspicious: int, delimiter: str,
+) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The CSV header, the suspicious training rows and the explained test rows, with their raw fields."""
     n_show = min(n_suspicious, len(train))
-    top = order[:n_show]
+    top = fitted.order[:n_show]
+    ranked, chosen = fitted.ranked, fitted.chosen
     helpful_idx, harmful_idx = ranked.helpful.indices.numpy(), ranked.harmful.indices.numpy()
     wanted_train = set(train.rows[top].tolist()) | set(train.rows[helpful_idx].ravel().tolist()) | set(train.rows[harmful_idx].ravel().tolist())
     header, raw_train = read_rows(data, wanted_train, delimiter=delimiter)
@@ -225,17 +274,18 @@ def run_inspect(
     suspicious = [
         {
             "rank": r + 1, "row": int(train.rows[i]), "line": int(train.lines[i]), "label": classes[int(train.y[i])],
-            "predicted": classes[int(pred_train[i])], "p_label": float(p_train[i]), "self_influence": float(self_inf[i]),
-            "values": raw_train[int(train.rows[i])],
+            "predicted": classes[int(fitted.pred_train[i])], "p_label": float(fitted.p_train[i]),
+            "self_influence": float(fitted.self_influence[i]), "values": raw_train[int(train.rows[i])],
         }
         for r, i in enumerate(top.tolist())
     ]
     n_train = len(train)
     explained = []
     for q, t in enumerate(chosen.tolist()):
+        p_t = fitted.p_test[t]
         entry = {
             "row": int(test_data.rows[t]), "line": int(test_data.lines[t]), "label": classes[int(test_data.y[t])],
-            "predicted": classes[int(pred_test[t])], "p_label": float(p_test[t]), "loss": float(-np.log(max(p_test[t], 1e-300))),
+            "predicted": classes[int(fitted.pred_test[t])], "p_label": float(p_t), "loss": float(-np.log(max(p_t, 1e-300))),
             "values": raw_test[int(test_data.rows[t])],
         }
         for kind, part in (("helpful", ranked.helpful), ("harmful", ranked.harmful)):
@@ -247,36 +297,43 @@ def run_inspect(
                 for j, (i, v) in enumerate(zip(part.indices[q].tolist(), part.values[q].tolist()))
             ]
         explained.append(entry)
+    return header, suspicious, explained
 
-    train_acc = float((pred_train == train.y).mean())
-    test_acc = float((pred_test == test_data.y).mean())
+
+def _result(
+    out: Path, encoder: TabularEncoder, train: TabularData, test_data: TabularData, fitted: _Fitted,
+    suspicious: list[dict[str, Any]], explained: list[dict[str, Any]], settings: dict[str, Any],
+) -> InspectResult:
+    """The :class:`InspectResult` (accuracies and metadata included; ``seconds`` and ``text`` still to come)."""
+    train_acc = float((fitted.pred_train == train.y).mean())
+    test_acc = float((fitted.pred_test == test_data.y).mean())
+    ranked = fitted.ranked
     metadata = {
-        "data": str(Path(data)), "test": test_source, "label": label, "classes": classes,
-        "n_train": n_train, "n_test": len(test_data), "n_features": len(encoder.feature_names_),
-        "model": _describe_model(model, hidden, steps, lr), "l2": l2, "damping": damping, "solver": solver,
-        "train_report": train_report.__dict__, "grad_norm": influence.grad_norm_, "train_accuracy": train_acc,
-        "test_accuracy": test_acc, "warnings": caught, "convention": CONVENTION, "seconds": None,
+        "data": settings["data"], "test": settings["test"], "label": settings["label"], "classes": encoder.classes_,
+        "n_train": len(train), "n_test": len(test_data), "n_features": len(encoder.feature_names_),
+        "model": settings["model"], "l2": settings["l2"], "damping": settings["damping"], "solver": settings["solver"],
+        "train_report": fitted.train_report.__dict__, "grad_norm": fitted.influence.grad_norm_, "train_accuracy": train_acc,
+        "test_accuracy": test_acc, "warnings": fitted.caught, "convention": CONVENTION, "seconds": None,
         "influence": {key: v for key, v in ranked.metadata.items() if key not in ("convention",)},
     }
-    result = InspectResult(
-        out_dir=out, report_path=out / "report.html", encoder=encoder, model=net, train=train, test=test_data,
-        self_influence=self_inf, order=order, suspicious=suspicious, explained=explained, ranked=ranked,
-        train_accuracy=train_acc, test_accuracy=test_acc, warnings=caught, metadata=metadata,
+    return InspectResult(
+        out_dir=out, report_path=out / "report.html", encoder=encoder, model=fitted.net, train=train, test=test_data,
+        self_influence=fitted.self_influence, order=fitted.order, suspicious=suspicious, explained=explained, ranked=ranked,
+        train_accuracy=train_acc, test_accuracy=test_acc, warnings=fitted.caught, metadata=metadata,
     )
 
-    # ---- outputs, written beside the target and renamed into place only when complete
+
+def _write_in_place(out: Path, result: InspectResult, header: list[str], fitted: _Fitted, test_source: str, started: float) -> None:
+    """Write the outputs beside ``out`` and rename them into place only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_outputs(staging, result, header, train_report, test_source, p_train, pred_train, started)
+        _write_outputs(staging, result, header, fitted.train_report, test_source, fitted.p_train, fitted.pred_train, started)
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    result.metadata["seconds"] = time.perf_counter() - started
-    result.text = _summary(result)
-    return result
 
 
 # ------------------------------------------------------------------------------------------ pieces

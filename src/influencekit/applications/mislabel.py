@@ -163,7 +163,7 @@ def rank_training_points(
     """
     if by not in METHODS:
         raise InputError(f"`by` must be one of {', '.join(repr(m) for m in METHODS)}. Got {by!r}.")
-    influence._require_fitted()
+    influence.check_fitted()
     n = len(influence.train_)
     if by == "random":
         order = torch.as_tensor(np.random.default_rng(seed).permutation(n), dtype=torch.long)
@@ -479,17 +479,79 @@ def flip_and_detect(
     flip_fraction = check_number("flip_fraction", flip_fraction, low=0.0, high=1.0, low_inclusive=False)
     fractions = _check_fractions("fractions", fractions)
     methods = _check_methods(methods)
-    seeds = tuple(check_int("seeds", s) for s in (seeds if not isinstance(seeds, int) else (seeds,)))
-    if not seeds:
-        raise InputError("`seeds` must hold at least one seed. Got none.")
+    seeds = _check_seeds(seeds)
     top = int(max(int(y.max()), int(y_test.max()))) + 1
     n_classes = max(2, top) if n_classes is None else check_int("n_classes", n_classes, low=max(2, top))
 
-    found: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    accuracy: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     clean = copy.deepcopy(model)
     fit_lbfgs(ClassificationTask(clean, l2=l2), (X, y), tol=tol)
     acc_clean = _accuracy(clean, X_test, y_test)
+    runs = _flip_runs(
+        model, (X, y), (X_test, y_test), l2=l2, flip_fraction=flip_fraction, fractions=fractions, seeds=seeds, methods=methods,
+        n_classes=n_classes, solver=solver, damping=damping, retrain=retrain, tol=tol, retrain_tol=retrain_tol, progress=progress,
+    )
+    metadata = {
+        **runs.task.describe(),
+        **runs.influence.solver_.describe(),
+        "damping": damping,
+        "dtype": str(runs.influence.layout_.dtype),
+        "n_params": runs.influence.layout_.n,
+        "n_classes": n_classes,
+        "train_reports": [r.__dict__ for r in runs.reports],
+    }
+    return MislabelCurves(
+        fractions=fractions, found={m: np.stack(v) for m, v in runs.found.items()},
+        accuracy={m: np.stack(v) for m, v in runs.accuracy.items()} if retrain else {},
+        accuracy_clean=np.full(len(seeds), acc_clean), accuracy_noisy=np.array(runs.accuracy_noisy), seeds=seeds,
+        flip_fraction=flip_fraction, n_train=len(y), n_test=len(y_test), n_flipped=runs.n_flipped, metadata=metadata,
+    )
+
+
+def _check_seeds(seeds: Any) -> tuple[int, ...]:
+    seeds = tuple(check_int("seeds", s) for s in (seeds if not isinstance(seeds, int) else (seeds,)))
+    if not seeds:
+        raise InputError("`seeds` must hold at least one seed. Got none.")
+    return seeds
+
+
+@dataclass
+class _FlipRuns:
+    """Per seed of :func:`flip_and_detect`: what each ranking found, the accuracies and the training reports;
+    with the last seed's task and influence (for the metadata)."""
+
+    found: dict[str, list[np.ndarray]]
+    accuracy: dict[str, list[np.ndarray]]
+    accuracy_noisy: list[float]
+    reports: list[Any]
+    n_flipped: int
+    task: ClassificationTask
+    influence: Influence
+
+
+def _flip_runs(
+    model: torch.nn.Module,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    l2: float,
+    flip_fraction: float,
+    fractions: np.ndarray,
+    seeds: tuple[int, ...],
+    methods: tuple[str, ...],
+    n_classes: int,
+    solver: str | Solver,
+    damping: float,
+    retrain: bool,
+    tol: float,
+    retrain_tol: float,
+    progress: bool,
+) -> _FlipRuns:
+    """For each seed: flip labels, train a copy of ``model`` on them, rank the training points by each method and
+    record what checking them finds (and, when ``retrain``, the test accuracy after fixing)."""
+    X, y = train
+    X_test, y_test = test
+    found: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    accuracy: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     acc_noisy, reports, n_flipped = [], [], 0
     bar = progress_bar(total=len(seeds), desc="flip and detect (seeds)", enabled=progress)
     for seed in seeds:
@@ -511,28 +573,7 @@ def flip_and_detect(
                 ))
         bar.update()
     bar.close()
-    metadata = {
-        **task.describe(),
-        **influence.solver_.describe(),
-        "damping": damping,
-        "dtype": str(influence.layout_.dtype),
-        "n_params": influence.layout_.n,
-        "n_classes": n_classes,
-        "train_reports": [r.__dict__ for r in reports],
-    }
-    return MislabelCurves(
-        fractions=fractions,
-        found={m: np.stack(v) for m, v in found.items()},
-        accuracy={m: np.stack(v) for m, v in accuracy.items()} if retrain else {},
-        accuracy_clean=np.full(len(seeds), acc_clean),
-        accuracy_noisy=np.array(acc_noisy),
-        seeds=seeds,
-        flip_fraction=flip_fraction,
-        n_train=len(y),
-        n_test=len(y_test),
-        n_flipped=n_flipped,
-        metadata=metadata,
-    )
+    return _FlipRuns(found, accuracy, acc_noisy, reports, n_flipped, task, influence)
 
 
 def bundled_flip_and_detect(

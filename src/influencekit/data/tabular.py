@@ -258,6 +258,199 @@ class _Stats:
         self.counts: Counter[str] = Counter()
         self.capped = False
 
+    def add(self, text: str, row: int, line: int, raw: str, missing: frozenset[str]) -> None:
+        """Count one training value: ``text`` stripped, ``raw`` as in the file (for the first non-number's message)."""
+        if text in missing:
+            self.missing += 1
+            return
+        if text in self.counts:
+            self.counts[text] += 1
+        elif len(self.counts) < _MAX_DISTINCT:
+            self.counts[text] = 1
+        else:
+            self.capped = True
+        value = _as_float(text)
+        if value is None:
+            self.bad += 1
+            if self.first_bad is None:
+                self.first_bad = (row, line, raw)
+            return
+        self.numbers += 1
+        delta = value - self.mean
+        self.mean += delta / self.numbers
+        self.m2 += delta * (value - self.mean)
+
+
+# ------------------------------------------------------------------------------------------ first pass: types, statistics
+def _scan(
+    reader: _Reader, label_at: int, used: list[int], rows: np.ndarray | None, *, label: str, missing: frozenset[str],
+    chunk_size: int, progress: bool,
+) -> tuple[dict[int, _Stats], Counter[str], int]:
+    """Read the training records once: per used column its :class:`_Stats`, the label counts, and the number of rows."""
+    stats = {j: _Stats() for j in used}
+    labels: Counter[str] = Counter()
+    with closing(progress_bar(total=None, desc=f"reading {reader.path.name} (types, statistics)", enabled=progress)) as bar:
+        n = 0
+        for row, line, fields in reader.records():
+            if rows is not None and (row > len(rows) or not rows[row - 1]):
+                continue
+            n += 1
+            y = fields[label_at].strip()
+            if y in missing:
+                raise InputError(
+                    f"`data` ({reader.path.name}), row {row} (line {line}): the label column {label!r} is missing "
+                    f"({fields[label_at]!r}). Every training row needs a label; fill it in or remove the row."
+                )
+            labels[y] += 1
+            for j in used:
+                stats[j].add(fields[j].strip(), row, line, fields[j], missing)
+            if n % chunk_size == 0:
+                bar.update(chunk_size)
+    return stats, labels, n
+
+
+def _ordered_classes(labels: Counter[str], label: str, file: str) -> list[str]:
+    """The label column's distinct values as classes, sorted numerically when they are all numbers."""
+    if len(labels) < 2:
+        raise InputError(
+            f"the label column {label!r} of {file} must hold at least two classes. Got only {sorted(labels)}."
+        )
+    if len(labels) > _MAX_CLASSES:
+        raise InputError(
+            f"the label column {label!r} of {file} has {len(labels)} distinct values; classification supports at "
+            f"most {_MAX_CLASSES} classes. Is {label!r} the right column (a continuous target is not a label)?"
+        )
+    numbers = {v: _as_float(v) for v in labels}
+    if all(x is not None for x in numbers.values()):
+        return sorted(labels, key=lambda v: (numbers[v], v))
+    return sorted(labels)
+
+
+def _plan_columns(
+    header: list[str], file: str, used: list[int], stats: dict[int, _Stats], *, label: str, numeric: Sequence[str],
+    categorical: Sequence[str], max_categories: int,
+) -> tuple[list[ColumnInfo], list[str]]:
+    """Each used column's kind and encoding from its first-pass statistics, and the names of the features."""
+    columns: list[ColumnInfo] = []
+    names: list[str] = []
+    for j in used:
+        s, name = stats[j], header[j]
+        present = s.numbers + s.bad
+        info = ColumnInfo(name, "", j, n_missing=s.missing, n_numbers=s.numbers, n_distinct=len(s.counts), n_distinct_capped=s.capped)
+        if present == 0:
+            info.kind = "empty"
+            columns.append(info)
+            continue
+        few_bad = s.numbers > s.bad and (s.bad <= (1 - NUMERIC_SHARE) * present or s.bad <= _FEW_TYPOS)
+        if name in numeric or (name not in categorical and few_bad):
+            _plan_numeric(info, s, present, file, names)
+        else:
+            _plan_categorical(info, s, max_categories, names)
+        columns.append(info)
+    if not names:
+        raise InputError(f"{file} has no feature column with a value besides the label {label!r}: there is nothing to learn from.")
+    return columns, names
+
+
+def _plan_numeric(info: ColumnInfo, s: _Stats, present: int, file: str, names: list[str]) -> None:
+    """A numeric column: standardisation from the training mean and std, a missing-value indicator if needed."""
+    name = info.name
+    if s.bad:
+        row, line, value = s.first_bad  # type: ignore[misc]
+        more = f" ({s.bad - 1} more non-numbers in this column)" if s.bad > 1 else ""
+        raise InputError(
+            f"`data` ({file}), row {row} (line {line}), column {name!r}: {value!r} is not a number, but the column "
+            f"is numeric ({s.numbers} of {present} values are numbers){more}. Fix the value, leave it empty to "
+            f"mark it missing, or declare the column categorical (`categorical=` / --categorical {name})."
+        )
+    info.kind = "numeric"
+    info.mean = s.mean
+    std = math.sqrt(s.m2 / s.numbers) if s.numbers else 0.0
+    info.scale = std if std > 0 else 1.0
+    info.constant = not std > 0
+    info.indicator = s.missing > 0
+    start = len(names)
+    names.append(name)
+    if info.indicator:
+        names.append(f"{name} missing")
+    info.features = tuple(range(start, len(names)))
+
+
+def _plan_categorical(info: ColumnInfo, s: _Stats, max_categories: int, names: list[str]) -> None:
+    """A categorical column: one-hot over its most frequent values, then ``(other)`` and ``(missing)`` when needed."""
+    info.kind = "categorical"
+    ranked = sorted(s.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = [v for v, _ in ranked[:max_categories]]
+    cats = kept + ([OTHER] if (len(ranked) > len(kept) or s.capped) else []) + ([MISSING] if s.missing else [])
+    info.categories = tuple(cats)
+    start = len(names)
+    names.extend(f"{info.name}={c}" for c in cats)
+    info.features = tuple(range(start, len(names)))
+
+
+# ------------------------------------------------------------------------------------------ second pass: the matrix
+def _encode_labels(
+    chunk: list[tuple[int, int, list[str]]], y: np.ndarray, label_at: int, class_index: dict[str, int], classes: list[str],
+    label: str, nulls: frozenset[str], file: str, name: str,
+) -> None:
+    for i, (row, line, fields) in enumerate(chunk):
+        text = fields[label_at].strip()
+        k = class_index.get(text)
+        if k is None:
+            what = "missing" if text in nulls else f"{fields[label_at]!r}, a class not in the training data"
+            raise InputError(
+                f"`{name}` ({file}), row {row} (line {line}): the label {label!r} is {what}. The training classes are "
+                f"{_list(classes)}; fix the label or remove the row."
+            )
+        y[i] = k
+
+
+def _encode_numeric(
+    col: ColumnInfo, j: int, chunk: list[tuple[int, int, list[str]]], X: np.ndarray, nulls: frozenset[str],
+    missing: Counter[str], file: str, name: str,
+) -> None:
+    texts = [fields[j].strip() for _, _, fields in chunk]
+    values = np.empty(len(chunk), dtype=np.float64)
+    absent = np.zeros(len(chunk), dtype=bool)
+    for i, text in enumerate(texts):
+        if text in nulls:
+            absent[i] = True
+            values[i] = col.mean
+            continue
+        value = _as_float(text)
+        if value is None:
+            row, line, fields = chunk[i]
+            raise InputError(
+                f"`{name}` ({file}), row {row} (line {line}), column {col.name!r}: {fields[j]!r} is not a number, "
+                "but the column is numeric in the training data. Fix the value or leave it empty to mark it missing."
+            )
+        values[i] = value
+    X[:, col.features[0]] = (values - col.mean) / col.scale
+    if col.indicator:
+        X[:, col.features[1]] = absent
+    if absent.any():
+        missing[col.name] += int(absent.sum())
+
+
+def _encode_categorical(
+    col: ColumnInfo, j: int, chunk: list[tuple[int, int, list[str]]], X: np.ndarray, nulls: frozenset[str],
+    missing: Counter[str], unseen: Counter[str],
+) -> None:
+    texts = [fields[j].strip() for _, _, fields in chunk]
+    index = {c: col.features[0] + t for t, c in enumerate(col.categories)}
+    other = index.get(OTHER)
+    for i, text in enumerate(texts):
+        if text in nulls:
+            missing[col.name] += 1
+            f = index.get(MISSING, other)  # no missing value in training: treated as an unseen value
+        else:
+            f = index.get(text)
+            if f is None:
+                unseen[col.name] += 1
+                f = other
+        if f is not None:
+            X[i, f] = 1.0
+
 
 # ------------------------------------------------------------------------------------------ encoder
 class TabularEncoder:
@@ -327,46 +520,10 @@ class TabularEncoder:
                 if unknown:
                     raise InputError(f"`{option}` names {unknown} but {reader.path.name} has no such column. Columns: {_list(header)}.")
             used = [j for j, h in enumerate(header) if j != label_at and h not in self.ignore]
-            stats = {j: _Stats() for j in used}
-            labels: Counter[str] = Counter()
-            missing = self.missing_values
-            with closing(progress_bar(total=None, desc=f"reading {reader.path.name} (types, statistics)", enabled=self.progress)) as bar:
-                n = 0
-                for row, line, fields in reader.records():
-                    if rows is not None and (row > len(rows) or not rows[row - 1]):
-                        continue
-                    n += 1
-                    y = fields[label_at].strip()
-                    if y in missing:
-                        raise InputError(
-                            f"`data` ({reader.path.name}), row {row} (line {line}): the label column {self.label!r} is missing "
-                            f"({fields[label_at]!r}). Every training row needs a label; fill it in or remove the row."
-                        )
-                    labels[y] += 1
-                    for j in used:
-                        text = fields[j].strip()
-                        s = stats[j]
-                        if text in missing:
-                            s.missing += 1
-                            continue
-                        if text in s.counts:
-                            s.counts[text] += 1
-                        elif len(s.counts) < _MAX_DISTINCT:
-                            s.counts[text] = 1
-                        else:
-                            s.capped = True
-                        value = _as_float(text)
-                        if value is None:
-                            s.bad += 1
-                            if s.first_bad is None:
-                                s.first_bad = (row, line, fields[j])
-                            continue
-                        s.numbers += 1
-                        delta = value - s.mean
-                        s.mean += delta / s.numbers
-                        s.m2 += delta * (value - s.mean)
-                    if n % self.chunk_size == 0:
-                        bar.update(self.chunk_size)
+            stats, labels, n = _scan(
+                reader, label_at, used, rows, label=self.label, missing=self.missing_values, chunk_size=self.chunk_size,
+                progress=self.progress,
+            )
             if rows is not None and len(rows) != reader.row:
                 raise InputError(f"`rows` must be a mask over the {reader.row} records of {reader.path.name}. Got {len(rows)} entries.")
             if n == 0:
@@ -385,69 +542,13 @@ class TabularEncoder:
         return header.index(self.label)
 
     def _build(self, header: list[str], file: str, used: list[int], stats: dict[int, _Stats], labels: Counter[str]) -> None:
-        if len(labels) < 2:
-            raise InputError(
-                f"the label column {self.label!r} of {file} must hold at least two classes. Got only {sorted(labels)}."
-            )
-        if len(labels) > _MAX_CLASSES:
-            raise InputError(
-                f"the label column {self.label!r} of {file} has {len(labels)} distinct values; classification supports at "
-                f"most {_MAX_CLASSES} classes. Is {self.label!r} the right column (a continuous target is not a label)?"
-            )
-        numbers = {v: _as_float(v) for v in labels}
-        if all(x is not None for x in numbers.values()):
-            self.classes_ = sorted(labels, key=lambda v: (numbers[v], v))
-        else:
-            self.classes_ = sorted(labels)
+        self.classes_ = _ordered_classes(labels, self.label, file)
         self.label_counts_ = {c: labels[c] for c in self.classes_}
         self._class_index = {c: i for i, c in enumerate(self.classes_)}
-
-        columns: list[ColumnInfo] = []
-        names: list[str] = []
-        for j in used:
-            s, name = stats[j], header[j]
-            present = s.numbers + s.bad
-            info = ColumnInfo(name, "", j, n_missing=s.missing, n_numbers=s.numbers, n_distinct=len(s.counts), n_distinct_capped=s.capped)
-            if present == 0:
-                info.kind = "empty"
-                columns.append(info)
-                continue
-            few_bad = s.numbers > s.bad and (s.bad <= (1 - NUMERIC_SHARE) * present or s.bad <= _FEW_TYPOS)
-            numeric = name in self.numeric or (name not in self.categorical and few_bad)
-            if numeric:
-                if s.bad:
-                    row, line, value = s.first_bad  # type: ignore[misc]
-                    more = f" ({s.bad - 1} more non-numbers in this column)" if s.bad > 1 else ""
-                    raise InputError(
-                        f"`data` ({file}), row {row} (line {line}), column {name!r}: {value!r} is not a number, but the column "
-                        f"is numeric ({s.numbers} of {present} values are numbers){more}. Fix the value, leave it empty to "
-                        f"mark it missing, or declare the column categorical (`categorical=` / --categorical {name})."
-                    )
-                info.kind = "numeric"
-                info.mean = s.mean
-                std = math.sqrt(s.m2 / s.numbers) if s.numbers else 0.0
-                info.scale = std if std > 0 else 1.0
-                info.constant = not std > 0
-                info.indicator = s.missing > 0
-                start = len(names)
-                names.append(name)
-                if info.indicator:
-                    names.append(f"{name} missing")
-                info.features = tuple(range(start, len(names)))
-            else:
-                info.kind = "categorical"
-                ranked = sorted(s.counts.items(), key=lambda kv: (-kv[1], kv[0]))
-                kept = [v for v, _ in ranked[: self.max_categories]]
-                cats = kept + ([OTHER] if (len(ranked) > len(kept) or s.capped) else []) + ([MISSING] if s.missing else [])
-                info.categories = tuple(cats)
-                start = len(names)
-                names.extend(f"{name}={c}" for c in cats)
-                info.features = tuple(range(start, len(names)))
-            columns.append(info)
-        if not names:
-            raise InputError(f"{file} has no feature column with a value besides the label {self.label!r}: there is nothing to learn from.")
-        self.columns_ = columns
-        self.feature_names_ = names
+        self.columns_, self.feature_names_ = _plan_columns(
+            header, file, used, stats, label=self.label, numeric=self.numeric, categorical=self.categorical,
+            max_categories=self.max_categories,
+        )
 
     # -------------------------------------------------------------------------------------- transform
     def transform(self, path: str | os.PathLike, *, rows: np.ndarray | None = None, name: str = "test") -> TabularData:
@@ -527,56 +628,12 @@ class TabularEncoder:
         name: str,
     ) -> None:
         nulls = self.missing_values
-        for i, (row, line, fields) in enumerate(chunk):
-            text = fields[label_at].strip()
-            k = self._class_index.get(text)
-            if k is None:
-                what = "missing" if text in nulls else f"{fields[label_at]!r}, a class not in the training data"
-                raise InputError(
-                    f"`{name}` ({file}), row {row} (line {line}): the label {self.label!r} is {what}. The training classes are "
-                    f"{_list(self.classes_)}; fix the label or remove the row."
-                )
-            y[i] = k
+        _encode_labels(chunk, y, label_at, self._class_index, self.classes_, self.label, nulls, file, name)
         for col in self.columns_:
-            if col.kind not in ("numeric", "categorical"):
-                continue
-            j = position[col.name]
-            texts = [fields[j].strip() for _, _, fields in chunk]
             if col.kind == "numeric":
-                values = np.empty(len(chunk), dtype=np.float64)
-                absent = np.zeros(len(chunk), dtype=bool)
-                for i, text in enumerate(texts):
-                    if text in nulls:
-                        absent[i] = True
-                        values[i] = col.mean
-                        continue
-                    value = _as_float(text)
-                    if value is None:
-                        row, line, fields = chunk[i]
-                        raise InputError(
-                            f"`{name}` ({file}), row {row} (line {line}), column {col.name!r}: {fields[j]!r} is not a number, "
-                            "but the column is numeric in the training data. Fix the value or leave it empty to mark it missing."
-                        )
-                    values[i] = value
-                X[:, col.features[0]] = (values - col.mean) / col.scale
-                if col.indicator:
-                    X[:, col.features[1]] = absent
-                if absent.any():
-                    missing[col.name] += int(absent.sum())
-            else:
-                index = {c: col.features[0] + t for t, c in enumerate(col.categories)}
-                other = index.get(OTHER)
-                for i, text in enumerate(texts):
-                    if text in nulls:
-                        missing[col.name] += 1
-                        f = index.get(MISSING, other)  # no missing value in training: treated as an unseen value
-                    else:
-                        f = index.get(text)
-                        if f is None:
-                            unseen[col.name] += 1
-                            f = other
-                    if f is not None:
-                        X[i, f] = 1.0
+                _encode_numeric(col, position[col.name], chunk, X, nulls, missing, file, name)
+            elif col.kind == "categorical":
+                _encode_categorical(col, position[col.name], chunk, X, nulls, missing, unseen)
 
     # -------------------------------------------------------------------------------------- describe
     def summary(self) -> list[dict[str, Any]]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from ..checks import check_choice
 from ..errors import InputError, InputTypeError
 from .arnoldi import ArnoldiSolver
 from .base import Solution, Solver, SolveReport
 from .cg import CGSolver
+from .costs import CostProbe, SolverCost
 from .exact import ExactSolver
 from .kfac import EKFACSolver, KFACSolver
 from .lissa import LissaSolver
 
-__all__ = ["Solver", "SolveReport", "Solution", "ExactSolver", "CGSolver", "LissaSolver", "ArnoldiSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
+__all__ = ["Solver", "SolveReport", "Solution", "CostProbe", "SolverCost", "ExactSolver", "CGSolver", "LissaSolver", "ArnoldiSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
 
 SOLVERS: dict[str, type[Solver]] = {"exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "arnoldi": ArnoldiSolver, "kfac": KFACSolver, "ekfac": EKFACSolver}
 
@@ -25,8 +27,7 @@ def make_solver(solver: Any, **options: Any) -> Solver:
             raise InputError(f"`solver_options` apply only when `solver` is a name. Got an instance and options {sorted(options)}.")
         return solver
     if isinstance(solver, str):
-        if solver not in SOLVERS:
-            raise InputError(f"`solver` must be one of {', '.join(repr(s) for s in SOLVERS)} or a Solver instance. Got {solver!r}.")
+        check_choice("solver", solver, SOLVERS, extra=" or a Solver instance")
         cls = SOLVERS[solver]
         allowed = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
         unknown = sorted(set(options) - set(allowed))

@@ -29,7 +29,9 @@ import torch
 from ..checks import check_int
 from ..errors import CurvatureWarning, InputError, NumericalError
 from ..spectrum import lanczos
+from ..curvature import CurvatureOperator
 from .base import Solver, relative_residuals
+from .costs import CostProbe, SolverCost
 
 __all__ = ["ArnoldiSolver"]
 
@@ -66,7 +68,7 @@ class ArnoldiSolver(Solver):
     """
 
     name = "arnoldi"
-    capabilities = frozenset({"batched", "low_rank", "quadratic_form", "stochastic"})
+    capabilities = frozenset({"batched", "low_rank", "quadratic_form", "sharded", "stochastic"})
     _state_fields = ("eigenvalues_", "eigenvectors_", "_inv", "ritz_values_", "ritz_residuals_", "n_iter_", "converged_",
                      "sample_", "examples_used_")
 
@@ -90,7 +92,26 @@ class ArnoldiSolver(Solver):
         self.residual_rows = check_int("residual_rows", residual_rows, low=0)
         self.examples = None if examples is None else check_int("examples", examples, low=1)
 
-    def _fit(self, operator: Any) -> None:
+    def cost(self, probe: CostProbe) -> SolverCost:
+        """Fit min(n_iter or 2·rank, p) HVPs over n (or `examples`); a solve 4·q·rank·p / ρ + residual_rows·n·τ_h.
+        Scores in the eigenbasis when remainder="drop" and rank < min(n_test, n_params)."""
+        n, p, q, item = probe.n, probe.p, probe.queries, probe.item
+        if self.rank > p:
+            raise InputError(f"`rank` must be an int in [1, n_params] = [1, {p}]. Got {self.rank}. Lower `rank` or use solver='exact'.")
+        steps = min(self.n_iter if self.n_iter is not None else 2 * self.rank, p)
+        state = self.rank * p * item
+        m_l = min(self.examples or n, n)  # Lanczos on a subsample of m_l examples when `examples` is set
+        rows = min(q, self.residual_rows)
+        return SolverCost(
+            fit_seconds=steps * m_l * probe.tau_hvp, fit_memory=probe.base + state + steps * p * item,
+            fit_formula=f"{steps} Lanczos steps · {'n' if m_l == n else 'examples'}·τ_h; state rank·p·b", state=state,
+            solve_seconds=4 * q * self.rank * p / probe.flops + probe.hvp_seconds(rows), solve_memory=2 * q * p * item,
+            solve_formula="4·q·rank·p / ρ + residual_rows·n·τ_h",
+            # scores in the eigenbasis (Influence._score_basis)
+            basis_rank=self.rank if self.remainder == "drop" and self.rank < min(probe.n_test, p) else 0,
+        )
+
+    def _fit(self, operator: CurvatureOperator) -> None:
         p = operator.n_params
         delta = operator.damping
         if self.rank > p:
@@ -112,12 +133,12 @@ class ArnoldiSolver(Solver):
             self.sample_ = sample
 
             def h_matvec(V: torch.Tensor) -> torch.Tensor:  # H of the subsample, without δ
-                return operator.minibatch_matvec(V, sample) - delta * V.to(operator.dtype)
+                return operator.minibatch_matvec(V, sample, damped=False)
         else:
             self.sample_ = None
 
             def h_matvec(V: torch.Tensor) -> torch.Tensor:  # H without δ: the damping enters only the inverse
-                return operator.matvec(V) - delta * V.to(operator.dtype)
+                return operator.matvec(V, damped=False)
 
         res = lanczos(h_matvec, p, steps=steps, dtype=operator.dtype, device=operator.device, seed=self.seed)
         theta, Y = torch.linalg.eigh(res.T)  # float64, ascending
@@ -131,7 +152,7 @@ class ArnoldiSolver(Solver):
         self.eigenvectors_ = Y[:, keep].T.to(device=res.Q.device, dtype=res.Q.dtype) @ res.Q
         top = float(theta.abs().max())
         self.converged_ = bool((self.ritz_residuals_ <= RITZ_RTOL * max(top, torch.finfo(torch.float64).tiny)).all())
-        lowest = float(theta[0]) + delta
+        lowest = float(operator.damp(theta[:1])[0])
         if lowest < 0:
             warnings.warn(
                 f"H + δI has negative curvature (smallest Ritz value of H {float(theta[0]):.3g}, δ = {delta:g}): θ̂ is not a "
@@ -140,7 +161,7 @@ class ArnoldiSolver(Solver):
                 CurvatureWarning,
                 stacklevel=4,
             )
-        shifted = evals + delta
+        shifted = operator.damp(evals)
         # round-off of a Ritz value grows with the Lanczos steps, not with n_params (eps·p flagged 0.45 as
         # singular for a float32 CNN of 1M parameters whose largest eigenvalue is 77)
         tiny = torch.finfo(operator.dtype).eps * max(top, 1.0) * steps

@@ -11,6 +11,16 @@ right-hand side per row) together with a :class:`SolveReport`. The engine reads 
 - ``"low_rank"``: the solver holds ``eigenvalues_`` ``(rank,)`` and orthonormal ``eigenvectors_``
   ``(rank, n_params)`` of H (memory grows as ``rank · n_params``).
 - ``"stochastic"``: results depend on a random seed.
+- ``"sharded"``: the result under torch.distributed sharding equals the single-process one (the engine refuses
+  other solvers under a process group). It must be declared by the solver's own class, not inherited: a subclass
+  may change the algorithm.
+
+The dry-run planner asks ``cost(probe)`` for the solver's estimated fit and solve
+(:mod:`~influencekit.solvers.costs`). A subclass that takes a new ``name`` does not inherit its parent's cost model
+(it may change the algorithm): it defines its own ``cost`` or gets the base answer, no estimate.
+
+A solver reads the training objective only through the operator (:class:`~influencekit.curvature.CurvatureOperator`),
+which owns the damping: it asks for undamped products (``damped=False``) and adds δ with ``operator.damp``.
 """
 
 from __future__ import annotations
@@ -21,7 +31,9 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
+from ..curvature import CurvatureOperator
 from ..errors import InputError, NotFittedError
+from .costs import CostProbe, SolverCost, unknown_cost
 
 __all__ = ["Solver", "SolveReport", "Solution"]
 
@@ -63,7 +75,7 @@ class Solution(NamedTuple):
     report: SolveReport
 
 
-def relative_residuals(operator: Any, X: torch.Tensor, V: torch.Tensor, *, examples: int | None = None) -> torch.Tensor:
+def relative_residuals(operator: CurvatureOperator, X: torch.Tensor, V: torch.Tensor, *, examples: int | None = None) -> torch.Tensor:
     """‖(H + δI)x − v‖ / ‖v‖ per row, with one batched product over the full training set, or with H the mean
     over ``examples`` evenly spaced training examples when that is fewer than all (a cheaper estimate)."""
     n = operator.n_examples
@@ -85,9 +97,20 @@ class Solver:
     _state_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
-        self.operator_: Any = None
+        self.operator_: CurvatureOperator | None = None
 
-    def fit(self, operator: Any) -> "Solver":
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a cost model describes one algorithm: a renamed subclass without its own gets none (the base answer)
+        owner = next(c for c in cls.__mro__ if "cost" in c.__dict__)
+        if owner is not Solver and issubclass(owner, Solver) and owner.name != cls.name:
+            cls.cost = Solver.cost  # type: ignore[method-assign]
+
+    def cost(self, probe: CostProbe) -> SolverCost:
+        """Estimated seconds and bytes of ``fit`` and of one block solve on the planner's ``probe``; here unknown (nan)."""
+        return unknown_cost(self.name, probe)
+
+    def fit(self, operator: CurvatureOperator) -> "Solver":
         """Do the expensive preparation on ``operator`` (an :class:`~influencekit.hessian.HessianOperator`)."""
         self.operator_ = operator
         self._fit(operator)
@@ -120,7 +143,7 @@ class Solver:
             return None
         return {name: getattr(self, name) for name in self._state_fields}
 
-    def load_state_dict(self, operator: Any, state: dict[str, Any]) -> "Solver":
+    def load_state_dict(self, operator: CurvatureOperator, state: dict[str, Any]) -> "Solver":
         """Become fitted on ``operator`` from a :meth:`state_dict` of the same solver, settings and problem."""
         missing = [name for name in self._state_fields if name not in state]
         if not self._state_fields or missing:
@@ -143,12 +166,12 @@ class Solver:
         """``gᵀ(H + δI)⁻¹g`` for each row of ``G``; only for solvers with the ``"quadratic_form"`` capability."""
         raise NotImplementedError(f"solver {self.name!r} has no quadratic_form; use solve().")
 
-    def _require_fitted(self) -> Any:
+    def _require_fitted(self) -> CurvatureOperator:
         if self.operator_ is None:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet. Call fit(operator) before solve().")
         return self.operator_
 
-    def _fit(self, operator: Any) -> None:
+    def _fit(self, operator: CurvatureOperator) -> None:
         raise NotImplementedError
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -26,7 +26,9 @@ import torch
 
 from ..checks import check_int, check_number
 from ..errors import ConvergenceWarning, NumericalError
+from ..curvature import CurvatureOperator
 from .base import Solver, relative_residuals
+from .costs import CostProbe, SolverCost
 
 __all__ = ["CGSolver"]
 
@@ -62,7 +64,7 @@ class CGSolver(Solver):
     """
 
     name = "cg"
-    capabilities = frozenset({"batched"})
+    capabilities = frozenset({"batched", "sharded"})
 
     def __init__(self, *, rtol: float | None = None, atol: float = 0.0, max_iter: int = 1000, warn: bool = True) -> None:
         super().__init__()
@@ -71,7 +73,17 @@ class CGSolver(Solver):
         self.max_iter = check_int("max_iter", max_iter, low=1)
         self.warn = bool(warn)
 
-    def _fit(self, operator: Any) -> None:
+    def cost(self, probe: CostProbe) -> SolverCost:
+        """Nothing to fit; a solve cg_iterations·q·n·τ_H, with the iteration count an assumption of the planner."""
+        it = probe.cg_iterations
+        return SolverCost(
+            fit_seconds=0.0, fit_memory=probe.base, fit_formula="nothing to fit", state=0,
+            solve_seconds=it * probe.hvp_seconds(probe.queries), solve_memory=6 * probe.queries * probe.p * probe.item,
+            solve_formula=f"cg_iterations·q·n·τ_H, cg_iterations = {it} assumed",
+            notes=(f"cg: {it} block iterations assumed (set cg_iterations=); the real count depends on the conditioning of H + δI.",),
+        )
+
+    def _fit(self, operator: CurvatureOperator) -> None:
         self.rtol_ = default_rtol(operator.dtype) if self.rtol is None else self.rtol
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
+from ..curvature import CurvatureOperator
 from .base import Solver
+from .costs import CostProbe, SolverCost
 
 __all__ = ["ExactSolver"]
 
@@ -47,7 +49,7 @@ class ExactSolver(Solver):
     """
 
     name = "exact"
-    capabilities = frozenset({"batched", "dense", "quadratic_form"})
+    capabilities = frozenset({"batched", "dense", "quadratic_form", "sharded"})
     _state_fields = ("hessian_", "factor_", "eigenvalues_", "eigenvectors_", "_inv")
 
     def __init__(
@@ -60,9 +62,7 @@ class ExactSolver(Solver):
         eigh_max_params: int = 2_000,
     ) -> None:
         super().__init__()
-        if method not in ("auto", "eigh", "cholesky"):
-            raise InputError(f"`method` must be 'auto', 'eigh' or 'cholesky'. Got {method!r}.")
-        self.method = method
+        self.method = check_choice("method", method, ("auto", "eigh", "cholesky"))
         self.eigh_max_params = check_int("eigh_max_params", eigh_max_params, low=0)
         self.max_params = check_int("max_params", max_params, low=1)
         self.residual_rows = check_int("residual_rows", residual_rows, low=1)
@@ -70,7 +70,7 @@ class ExactSolver(Solver):
             raise InputError(f"`eig_dtype` must be a floating torch.dtype or None. Got {eig_dtype!r}.")
         self.eig_dtype = eig_dtype
 
-    def _fit(self, operator: Any) -> None:
+    def _fit(self, operator: CurvatureOperator) -> None:
         p = operator.n_params
         if p > self.max_params:
             gb = 2 * p * p * torch.finfo(self.eig_dtype or operator.dtype).bits / 8 / 1e9
@@ -82,11 +82,11 @@ class ExactSolver(Solver):
         H = operator.dense().to(self.eig_dtype or operator.dtype)
         self.hessian_ = H
         use_cholesky = self.method == "cholesky" or (self.method == "auto" and p > self.eigh_max_params)
-        if use_cholesky and self._fit_cholesky(H, operator.damping):
+        if use_cholesky and self._fit_cholesky(operator.damp(H, torch.eye(len(H), dtype=H.dtype, device=H.device))):
             return
         self.factor_ = None
         evals, evecs = torch.linalg.eigh(H)
-        shifted = evals + operator.damping
+        shifted = operator.damp(evals)
         top = float(evals.abs().max())
         lowest = float(shifted.min())
         tiny = torch.finfo(H.dtype).eps * max(top, 1.0) * p
@@ -108,9 +108,9 @@ class ExactSolver(Solver):
         self._inv = 1.0 / shifted
         logger.info("exact solver: %d parameters, eigenvalues in [%.3g, %.3g]", p, float(evals.min()), float(evals.max()))
 
-    def _fit_cholesky(self, H: torch.Tensor, damping: float) -> bool:
+    def _fit_cholesky(self, shifted: torch.Tensor) -> bool:
         """Factorise H + δI = LLᵀ; False (use eigh) when it is not numerically positive definite."""
-        shifted = H + damping * torch.eye(len(H), dtype=H.dtype, device=H.device)
+        H = shifted
         L, info = torch.linalg.cholesky_ex(shifted)
         if int(info) != 0:
             logger.info("exact solver: H + δI is not positive definite (Cholesky failed); using eigh")
@@ -139,7 +139,7 @@ class ExactSolver(Solver):
         # The residual costs as much as the solve itself (k·n²), and a direct solve's residual is the same
         # round-off for every right-hand side: check at most `residual_rows` of them, spread evenly.
         rows = torch.linspace(0, len(V) - 1, min(len(V), self.residual_rows)).round().long().unique()
-        R = X[rows] @ self.hessian_ + self.operator_.damping * X[rows] - Vd[rows]
+        R = self.operator_.damp(X[rows] @ self.hessian_, X[rows]) - Vd[rows]
         vn = Vd[rows].norm(dim=1)
         rel = torch.where(vn > 0, R.norm(dim=1) / vn.clamp_min(torch.finfo(dtype).tiny), R.norm(dim=1))
         return X, {
@@ -158,6 +158,24 @@ class ExactSolver(Solver):
         U = self.eigenvectors_
         proj = G.to(U.dtype) @ U
         return ((proj * proj) * self._inv).sum(dim=1).to(G.dtype)
+
+    def cost(self, probe: CostProbe) -> SolverCost:
+        """Fit p·n·τ_h + the decomposition (Cholesky p³/3 or eigh 9p³ flops) / ρ; a solve 2·(q + residual rows)·p² / ρ."""
+        p, q, item = probe.p, probe.queries, probe.item
+        eig_item = torch.finfo(self.eig_dtype or probe.dtype).bits // 8
+        state = 2 * p * p * eig_item + p * eig_item
+        cholesky = self.method == "cholesky" or (self.method == "auto" and p > self.eigh_max_params)
+        decomposition = (p ** 3 / 3 if cholesky else 9 * p ** 3) / probe.flops
+        assembling = p * p * item if eig_item != item else 0
+        rows = min(q, self.residual_rows)
+        notes = (f"the exact solver refuses this model: n_params = {p:,} > max_params = {self.max_params:,}.",) if p > self.max_params else ()
+        return SolverCost(
+            fit_seconds=probe.hvp_seconds(p) + decomposition,
+            fit_memory=probe.base + state + assembling + (p * p * eig_item if cholesky else 0),
+            fit_formula=f"p·n·τ_H + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e", state=state,
+            solve_seconds=2 * (q + rows) * p * p / probe.flops, solve_memory=2 * q * p * eig_item,
+            solve_formula="2·(q + residual rows)·p² / ρ", notes=notes,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"solver": self.name, "max_params": self.max_params, "eig_dtype": str(self.eig_dtype), "method": self.method}

@@ -45,7 +45,7 @@ unless ``unsupported="diagonal"``: those parameters then get the damped diagonal
 logistic) and :class:`~influencekit.task.RegressionTask` (squared error averaged over outputs).
 
 Sampled labels depend only on ``seed`` and the example's global index (one generator per block of
-``_DRAW_BLOCK`` consecutive examples), so neither the chunk size nor sharding changes them. Under a
+``DRAW_BLOCK`` consecutive examples, :mod:`~influencekit.solvers.fisher`), so neither the chunk size nor sharding changes them. Under a
 ``torch.distributed`` process group (the operator's ``shard``) each rank streams its own examples, the sums
 behind A, S, the diagonal and EK-FAC's Λ are added across ranks with one ``all_reduce`` each and divided by
 the global n, and every rank eigendecomposes the same summed factors.
@@ -54,29 +54,24 @@ the global n, and every rank eigendecomposes the same summed factors.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..autodiff import ParamLayout, per_example_grads
-from ..checks import check_int
-from ..data.examples import stream
+from ..checks import check_choice, check_int
+from ..curvature import CurvatureOperator, LayerData
 from ..errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
-from ..layers import LayerBlock, LayerTaps, layer_blocks
-from ..task import ClassificationTask, RegressionTask, Task
+from ..layers import LayerBlock, layer_blocks
 from .base import Solver, relative_residuals
+from .costs import CostProbe, SolverCost, kfac_cost
+from .fisher import FISHERS, FisherPasses, loss_kind
 
 __all__ = ["KFACSolver", "EKFACSolver"]
 
 logger = logging.getLogger(__name__)
 
-_FISHERS = ("sampled", "expected", "empirical")
-# examples per seeded generator of sampled labels: the draws of example i come from block i // _DRAW_BLOCK
-_DRAW_BLOCK = 256
 
 
 @dataclass
@@ -104,22 +99,23 @@ def _rotate_inputs(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
     return rotated.add_(layer.QA[kw]) if layer.has_bias else rotated
 
 
-def _loss_kind(task: Task) -> str:
-    """'classification' or 'regression'; UnsupportedError for losses whose Fisher is not known here."""
-    for cls, kind in ((ClassificationTask, "classification"), (RegressionTask, "regression")):
-        if isinstance(task, cls) and type(task).loss is cls.loss:
-            return kind
-    raise UnsupportedError(
-        f"the kfac/ekfac solvers need a loss whose Gauss-Newton/Fisher factors are defined: ClassificationTask "
-        f"(cross-entropy or logistic) or RegressionTask (squared error), with their own loss(). Got "
-        f"{type(task).__name__}; use solver='cg' or solver='exact' for it."
-    )
-
-
-def _with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
-    if isinstance(batch, dict):
-        return {**batch, task.target_key: target}
-    return type(batch)((*batch[:-1], target)) if isinstance(batch, tuple) else [*batch[:-1], target]
+def _add_inputs(layer: _Layer, a: torch.Tensor) -> None:
+    """Add one chunk's inputs to A: row frequencies for an embedding, else Σ ã ãᵀ with ã = (a, 1) by blocks."""
+    if layer.embedding:
+        # (B, T) looked-up rows; the padding row has no gradient, so no frequency
+        counts = torch.bincount(a.reshape(-1), minlength=layer.A.shape[0]).to(torch.float64)
+        if layer.module.padding_idx is not None:
+            counts[layer.module.padding_idx] = 0.0
+        layer.A += counts / a.shape[1]
+        return
+    kw, T = a.shape[-1], a.shape[1]
+    flat = a.reshape(-1, kw)
+    layer.A[:kw, :kw] += flat.T @ flat / T
+    if layer.has_bias:
+        col = flat.sum(0) / T
+        layer.A[:kw, kw] += col
+        layer.A[kw, :kw] += col
+        layer.A[kw, kw] += flat.shape[0] / T
 
 
 class KFACSolver(Solver):
@@ -148,7 +144,7 @@ class KFACSolver(Solver):
     """
 
     name = "kfac"
-    capabilities = frozenset({"batched"})
+    capabilities = frozenset({"batched", "sharded"})
     _corrected = False
 
     def __init__(
@@ -164,8 +160,7 @@ class KFACSolver(Solver):
         probe_examples: int | None = 2048,
     ) -> None:
         super().__init__()
-        if fisher not in _FISHERS:
-            raise InputError(f"`fisher` must be one of {', '.join(repr(f) for f in _FISHERS)}. Got {fisher!r}.")
+        check_choice("fisher", fisher, FISHERS)
         if unsupported not in ("error", "diagonal"):
             raise InputError(f"`unsupported` must be 'error' or 'diagonal'. Got {unsupported!r}.")
         self.fisher = fisher
@@ -178,101 +173,49 @@ class KFACSolver(Solver):
         if solve_dtype is not None and (not isinstance(solve_dtype, torch.dtype) or not solve_dtype.is_floating_point):
             raise InputError(f"`solve_dtype` must be a floating torch.dtype or None. Got {solve_dtype!r}.")
         self.solve_dtype = solve_dtype
+        self.passes = FisherPasses(fisher, self.samples, self.seed)
 
     # ------------------------------------------------------------------------------------------ setup
-    def _layers(self, operator: Any) -> tuple[list[_Layer], list[str]]:
+    @staticmethod
+    def _layer_data(operator: CurvatureOperator) -> LayerData:
+        if "layers" not in operator.capabilities:
+            raise UnsupportedError(f"the kfac/ekfac solvers need an operator with the 'layers' capability. Got {type(operator).__name__}.")
+        return operator.layer_data()
+
+    def _layers(self, data: LayerData) -> tuple[list[_Layer], list[str]]:
         """Supported modules holding selected parameters, and the selected names left over."""
-        blocks, leftover = layer_blocks(operator.task.model, operator.layout, embeddings=True)
+        blocks, leftover = layer_blocks(data.task.model, data.layout, embeddings=True)
         return [_Layer(b.name, b.module, b.weight, b.bias, b.index) for b in blocks], leftover
 
-    def _draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
-
-        Example i's numbers come from the generator of block i // _DRAW_BLOCK, seeded by (seed, block), at a
-        fixed place in it: they depend on ``seed`` and i only, not on the chunking or on a rank's shard.
-        """
-        first, last = lo // _DRAW_BLOCK, (lo + B - 1) // _DRAW_BLOCK
-        blocks = []
-        for b in range(first, last + 1):
-            gen = torch.Generator(device=device)
-            gen.manual_seed(int(np.random.SeedSequence([abs(self.seed), int(self.seed < 0), b]).generate_state(1, np.uint64)[0] >> np.uint64(1)))
-            shape = (_DRAW_BLOCK, self.samples, width)
-            blocks.append(torch.randn(shape, dtype=dtype, device=device, generator=gen) if normal
-                          else torch.rand(shape, dtype=dtype, device=device, generator=gen))
-        rows = torch.cat(blocks)[lo - first * _DRAW_BLOCK:lo - first * _DRAW_BLOCK + B]
-        return rows.transpose(0, 1)
-
-    def _variants(self, kind: str, batch: Any, out: torch.Tensor, task: Any, lo: int) -> list[tuple[Any, torch.Tensor]]:
-        """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
-
-        ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
-        _, target = task.split(batch)
-        B = out.shape[0]
-        ones = torch.ones(B, dtype=out.dtype, device=out.device)
-        if self.fisher == "empirical":
-            return [(batch, ones)]
-        if kind == "classification":
-            if out.dim() == 2 and out.shape[1] > 1:
-                p = torch.softmax(out, dim=1)
-                if self.fisher == "sampled":  # inverse CDF of each example's own uniform draw
-                    U = self._draws(lo, B, 1, normal=False, dtype=p.dtype, device=p.device)
-                    cdf = p.cumsum(dim=1)
-                    Y = [(cdf < u).sum(dim=1).clamp_max(p.shape[1] - 1) for u in U]
-                    return [(_with_target(task, batch, y.to(target.dtype)), ones / self.samples) for y in Y]
-                return [(_with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
-            q = torch.sigmoid(out.reshape(B))
-            if self.fisher == "sampled":
-                U = self._draws(lo, B, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
-                return [(_with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
-            return [(_with_target(task, batch, torch.ones_like(target)), q), (_with_target(task, batch, torch.zeros_like(target)), 1 - q)]
-        # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
-        f = out.reshape(target.shape).to(out.dtype)
-        m = f[0].numel()
-        scale = math.sqrt(m / 2.0)
-        if self.fisher == "sampled":
-            eps = self._draws(lo, B, m, normal=True, dtype=f.dtype, device=f.device)
-            return [(_with_target(task, batch, f + scale * e.reshape(f.shape)), ones / self.samples) for e in eps]
-        variants = []
-        for j in range(m):
-            e = torch.zeros(m, dtype=f.dtype, device=f.device)
-            e[j] = scale
-            variants.append((_with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
-        return variants
-
-    def _passes(self, operator: Any, layers: list[_Layer], leftover: list[str]) -> Any:
-        """Yield, per chunk and label variant: (layer inputs (B,T,k) per layer, output gradients (B,T,out) per
-        layer, per-example gradients of the leftover parameters (B, p) or None, is_first_variant)."""
-        task = operator.task
-        kind = _loss_kind(task)
-        params = {k: v.detach() for k, v in operator.params.items()}
-        shard = getattr(operator, "shard", None)
-        start, stop = (0, None) if shard is None else (shard.start, shard.stop)
-        leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
-        with LayerTaps(layers) as taps:
-            for lo, batch in stream(operator.data, operator.batch_size, dtype=operator.dtype, device=operator.device, check=task.check_batch, start=start, stop=stop):
-                inputs, _ = task.split(batch)
-                with torch.no_grad():
-                    out = task.forward(params, *inputs)
-                for v, (vbatch, w) in enumerate(self._variants(kind, batch, out, task, lo)):
-                    raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
-                    A_in = [_layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
-                    G_out = [layer.output_grads(g, dtype=torch.float64, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
-                    extra = None
-                    if leftover_layout is not None:
-                        def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
-                            inner, sw_ = b
-                            return sw_ * task.loss({**params, **p}, inner)
-
-                        extra, _ = per_example_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
-                    yield A_in, G_out, extra
+    def cost(self, probe: CostProbe) -> SolverCost:
+        """A fit of a copy on the probe examples scaled to n (:func:`~influencekit.solvers.costs.kfac_cost`)."""
+        return kfac_cost(self, probe)
 
     # --------------------------------------------------------------------------------------------- fit
-    def _fit(self, operator: Any) -> None:
-        task = operator.task
-        _loss_kind(task)
-        if operator.weights is not None:
+    def _fit(self, operator: CurvatureOperator) -> None:
+        data = self._layer_data(operator)
+        loss_kind(data.task)
+        if data.weighted:
             raise UnsupportedError("the kfac/ekfac solvers do not support a weighted objective (`weights`); use solver='cg'.")
-        layers, leftover = self._layers(operator)
+        layers, leftover = self._layers(data)
+        self._check_leftover(leftover)
+        diag = self._factors(data, layers, leftover, operator.device)
+        self._eigendecompose(layers)
+        self.diagonal_ = diag / data.n_examples
+        self.layers_ = layers
+        self.leftover_ = leftover
+        if self._corrected:
+            self._correct(data)
+        self._check_invertible(operator.shift)
+        self._index_leftover(data.layout, operator.device)
+        self.probe_residual_ = float("nan")
+        if self.probes:
+            g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
+            V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(operator.device, operator.dtype)
+            self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V, examples=self.probe_examples).max())
+        logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
+
+    def _check_leftover(self, leftover: list[str]) -> None:
         if leftover and self.unsupported == "error":
             raise UnsupportedError(
                 f"the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no scale_grad_by_freq) and transformers Conv1D layers only; the selected parameters "
@@ -285,10 +228,11 @@ class KFACSolver(Solver):
                 f"kfac/ekfac: the parameters {', '.join(repr(n) for n in leftover)} are outside supported layers and get "
                 "a damped diagonal Fisher 1/(E[g²] + λ + δ), a cruder curvature than the Kronecker factors.",
                 InfluenceKitWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
-        dev = operator.device
-        n = operator.n_examples
+
+    def _factors(self, data: LayerData, layers: list[_Layer], leftover: list[str], dev: torch.device) -> torch.Tensor:
+        """Sum A and S per layer (and E[g²] of the leftover parameters, returned) over all examples and ranks."""
         for layer in layers:
             if layer.embedding:  # A is diagonal: the (1/T-weighted) frequency of each row; S is over the d columns
                 V, d = layer.index.shape
@@ -298,39 +242,29 @@ class KFACSolver(Solver):
             k, out = layer.index.shape[1], layer.index.shape[0]
             layer.A = torch.zeros(k, k, dtype=torch.float64, device=dev)
             layer.S = torch.zeros(out, out, dtype=torch.float64, device=dev)
-        sizes = dict(zip(operator.layout.names, operator.layout.numels))
+        sizes = dict(zip(data.layout.names, data.layout.numels))
         diag = torch.zeros(sum(sizes[nm] for nm in leftover), dtype=torch.float64, device=dev)
 
         def local_sums() -> None:
-            for A_in, G_out, extra in self._passes(operator, layers, leftover):
+            for A_in, G_out, extra in self.passes.run(data, layers, leftover, _layer_inputs):
                 for i, layer in enumerate(layers):
-                    if A_in is not None and layer.embedding:
-                        idx = A_in[i]  # (B, T) looked-up rows; the padding row has no gradient, so no frequency
-                        counts = torch.bincount(idx.reshape(-1), minlength=layer.A.shape[0]).to(torch.float64)
-                        if layer.module.padding_idx is not None:
-                            counts[layer.module.padding_idx] = 0.0
-                        layer.A += counts / idx.shape[1]
-                    elif A_in is not None:  # Σ ã ãᵀ with ã = (a, 1) when the bias is selected, by blocks
-                        a = A_in[i]
-                        kw, T = a.shape[-1], a.shape[1]
-                        flat = a.reshape(-1, kw)
-                        layer.A[:kw, :kw] += flat.T @ flat / T
-                        if layer.has_bias:
-                            col = flat.sum(0) / T
-                            layer.A[:kw, kw] += col
-                            layer.A[kw, :kw] += col
-                            layer.A[kw, kw] += flat.shape[0] / T
+                    if A_in is not None:
+                        _add_inputs(layer, A_in[i])
                     g = G_out[i].reshape(-1, G_out[i].shape[-1])
                     layer.S += g.T @ g
                 if extra is not None:
                     diag.add_((extra.to(torch.float64) ** 2).sum(0))
 
         # sums over this rank's examples, then over all ranks: divided by the global n below, the means are exact
-        self._summed_over_ranks(operator, local_sums, [t for layer in layers for t in (layer.A, layer.S)] + [diag])
-        shift = operator.shift
+        data.summed(local_sums, [t for layer in layers for t in (layer.A, layer.S)] + [diag])
         for layer in layers:
-            layer.A /= n
-            layer.S /= n
+            layer.A /= data.n_examples
+            layer.S /= data.n_examples
+        return diag
+
+    @staticmethod
+    def _eigendecompose(layers: list[_Layer]) -> None:
+        for layer in layers:
             lS, layer.QS = torch.linalg.eigh(layer.S)
             if layer.embedding:  # A diagonal: its eigenvectors are the rows themselves (QA = I, kept as None)
                 layer.QA = None
@@ -339,28 +273,14 @@ class KFACSolver(Solver):
             lA, layer.QA = torch.linalg.eigh(layer.A)
             # the factors are PSD: negative eigenvalues are round-off
             layer.eig = lS.clamp_min(0)[:, None] * lA.clamp_min(0)[None, :]
-        self.diagonal_ = diag / n
-        self.layers_ = layers
-        self.leftover_ = leftover
-        if self._corrected:
-            self._correct(operator)
-        self._check_invertible(shift)
-        self._index_leftover(operator)
-        self.probe_residual_ = float("nan")
-        if self.probes:
-            g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
-            V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(dev, operator.dtype)
-            self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V, examples=self.probe_examples).max())
-        logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
 
-    def _index_leftover(self, operator: Any) -> None:
+    def _index_leftover(self, layout: Any, device: torch.device) -> None:
         if self.leftover_:
-            layout = operator.layout
             self._leftover_index = torch.cat([
                 off + torch.arange(numel)
                 for name, off, numel in zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist(), layout.numels)
                 if name in self.leftover_
-            ]).to(operator.device)
+            ]).to(device)
 
     def state_dict(self) -> dict[str, Any]:
         """Per layer (by module name) the factors A, S, their eigenvectors and the eigenvalues in use; the
@@ -373,8 +293,9 @@ class KFACSolver(Solver):
             "probe_residual": self.probe_residual_,
         }
 
-    def load_state_dict(self, operator: Any, state: dict[str, Any]) -> "KFACSolver":
-        layers, leftover = self._layers(operator)
+    def load_state_dict(self, operator: CurvatureOperator, state: dict[str, Any]) -> "KFACSolver":
+        data = self._layer_data(operator)
+        layers, leftover = self._layers(data)
         stored = state.get("layers", {})
         if sorted(stored) != sorted(layer.name for layer in layers) or list(state.get("leftover", [])) != leftover:
             raise InputError(
@@ -388,17 +309,17 @@ class KFACSolver(Solver):
         self.layers_, self.leftover_ = layers, leftover
         self.diagonal_ = state["diagonal"]
         self.probe_residual_ = float(state["probe_residual"])
-        self._index_leftover(operator)
+        self._index_leftover(data.layout, operator.device)
         return self
 
-    def _correct(self, operator: Any) -> None:
+    def _correct(self, data: LayerData) -> None:
         """EK-FAC's second pass: Λ = (1/n) Σ_i (Q_Sᵀ ∇_W ℓ_i Q_A)² per layer (the same labels as the first pass)."""
         for layer in self.layers_:
             layer.eig = torch.zeros_like(layer.eig)
 
         def local_sums() -> None:
             A_keep: list[torch.Tensor] | None = None
-            for A_in, G_out, _ in self._passes(operator, self.layers_, []):
+            for A_in, G_out, _ in self.passes.run(data, self.layers_, [], _layer_inputs):
                 if A_in is not None:
                     A_keep = [a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)]
                 for i, layer in enumerate(self.layers_):
@@ -417,28 +338,9 @@ class KFACSolver(Solver):
                         M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
                         layer.eig += (M * M).sum(0)
 
-        self._summed_over_ranks(operator, local_sums, [layer.eig for layer in self.layers_])
+        data.summed(local_sums, [layer.eig for layer in self.layers_])
         for layer in self.layers_:
-            layer.eig /= operator.n_examples
-
-    @staticmethod
-    def _summed_over_ranks(operator: Any, work: Any, sums: list[torch.Tensor]) -> None:
-        """Run ``work()`` (which adds this rank's examples into ``sums``), then add ``sums`` across the ranks of
-        the operator's shard, in place, with one all_reduce: every rank then holds the same totals, bit for bit.
-
-        A failure in one rank's ``work`` ends every rank (:meth:`~influencekit.distributed.Shard.local`)."""
-        shard = getattr(operator, "shard", None)
-        if shard is None:
-            work()
-            return
-        shard.local(work)
-        if not sums:
-            return
-        flat = shard.all_reduce(torch.cat([t.reshape(-1) for t in sums]))
-        offset = 0
-        for t in sums:
-            t.copy_(flat[offset:offset + t.numel()].reshape(t.shape))
-            offset += t.numel()
+            layer.eig /= data.n_examples
 
     def _check_invertible(self, shift: float) -> None:
         smallest = [float(layer.eig.min()) for layer in self.layers_]
@@ -503,4 +405,8 @@ class EKFACSolver(KFACSolver):
     """
 
     name = "ekfac"
+    capabilities = frozenset({"batched", "sharded"})
     _corrected = True
+
+    def cost(self, probe: CostProbe) -> SolverCost:
+        return kfac_cost(self, probe)

@@ -24,7 +24,9 @@ import torch
 from ..checks import check_int, check_number
 from ..errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError
 from ..spectrum import lanczos_extremes, power_iteration
+from ..curvature import CurvatureOperator
 from .base import Solver, relative_residuals
+from .costs import CostProbe, SolverCost
 
 __all__ = ["LissaSolver"]
 
@@ -46,7 +48,7 @@ class LissaSolver(Solver):
     """
 
     name = "lissa"
-    capabilities = frozenset({"batched", "stochastic"})
+    capabilities = frozenset({"batched", "sharded", "stochastic"})
     _state_fields = ("lambda_min_", "lambda_max_", "scale_")
 
     def __init__(
@@ -73,7 +75,18 @@ class LissaSolver(Solver):
         self.seed = check_int("seed", seed, low=0)
         self.warn = bool(warn)
 
-    def _fit(self, operator: Any) -> None:
+    def cost(self, probe: CostProbe) -> SolverCost:
+        """Fit eigen_steps·n·τ_h + 90·batch·τ_h (Lanczos and power iteration); a solve (repeats·depth·batch + n)·q·τ_H."""
+        n, q, p, item = probe.n, probe.queries, probe.p, probe.item
+        b = min(self.batch_size, n)
+        return SolverCost(
+            fit_seconds=self.eigen_steps * probe.hvp_seconds(1) + 90 * b * probe.tau_hvp, fit_memory=probe.base + 3 * p * item,
+            fit_formula="eigen_steps·n·τ_h + 90·batch·τ_h", state=0,
+            solve_seconds=(self.repeats * self.depth * b / n + 1) * probe.hvp_seconds(q), solve_memory=4 * q * p * item,
+            solve_formula="(repeats·depth·batch + n)·q·τ_H",
+        )
+
+    def _fit(self, operator: CurvatureOperator) -> None:
         n = operator.n_examples
         b = min(self.batch_size, n)
         lo, hi = lanczos_extremes(

@@ -6,11 +6,16 @@
 - :func:`linear_datamodeling_score`: the LDS of Park et al. (2023, TRAK) over random training subsets.
 - :func:`pearson`, :func:`spearman`: checked correlation coefficients.
 - :func:`plot_loo`: the Figure-2 scatter (matplotlib, Agg canvas).
+
+Inside the package the imports go one way: :mod:`.stats` (checked vectors, NaN-safe correlations) and
+:mod:`.retraining` (the retrainer, its checks, the test selection, :class:`StepRetrain`) at the bottom;
+:mod:`.metrics` above them; :mod:`.plot` and :mod:`.loo` above that.
 """
 
-from .loo import LOOResult, StepRetrain, leave_one_out
+from .loo import LOOResult, leave_one_out
 from .metrics import LDSResult, linear_datamodeling_score, pearson, spearman
 from .plot import plot_loo
+from .retraining import StepRetrain
 
 __all__ = [
     "leave_one_out",

@@ -14,12 +14,10 @@ training point, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,64 +25,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import ParamLayout
-from ..checks import check_indices, check_int, check_number
-from ..data.examples import Examples, batch_size_of, take
+from ..checks import check_int, check_number
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
 from ..progress import progress_bar
 from ..scoring import Influence
-from ..task import Task
-from ..training import TrainReport, _objective_and_grad, fit_lbfgs, fit_steps
-from .metrics import _correlation_or_nan, pearson, spearman
+from .metrics import pearson, spearman
+from .retraining import (
+    RetrainFn,
+    Retrainer,
+    SelectedTests,
+    StepRetrain,
+    check_influence,
+    check_retrain,
+    index_array,
+    select_tests,
+)
+from .stats import correlation_or_nan
 
 __all__ = ["leave_one_out", "LOOResult", "StepRetrain"]
 
 logger = logging.getLogger(__name__)
-
-RetrainFn = Callable[[Task, Any, torch.Tensor], Any]
-
-
-@dataclass(frozen=True)
-class StepRetrain:
-    """Retrain a non-convex model with a fixed budget of optimiser steps from θ̂ (:func:`~influencekit.fit_steps`).
-
-    Pass it as ``leave_one_out(..., retrain=StepRetrain(steps=..., lr=...))``. A network is not retrained
-    *to* a minimum but run for ``steps`` steps from θ̂, so the optimiser itself moves the test loss even
-    without any removal. ``leave_one_out`` therefore runs the same steps once with nothing removed (the
-    control) and reports ``actual = m(θ₋ᵢ) − m(θ_control)``, subtracting that drift (the paper's CNN recipe,
-    Koh & Liang 2017 §5.1: 30,000 Adam steps from θ̂). Full-batch steps (``batch_size=None``) are
-    deterministic; with mini-batches every run draws the same batches (``seed``).
-
-    Attributes:
-        steps, lr, optimizer, momentum, batch_size, seed: as in :func:`~influencekit.fit_steps`.
-    """
-
-    steps: int = 1000
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    batch_size: int | None = None
-    seed: int = 0
-
-    #: a fixed step budget has no end state to converge to; leave_one_out subtracts a control run
-    fixed_budget = True
-
-    def __post_init__(self) -> None:
-        check_int("steps", self.steps, low=1)
-        check_number("lr", self.lr, low=0.0, low_inclusive=False)
-        check_number("momentum", self.momentum, low=0.0, high=1.0, high_inclusive=False)
-        if self.batch_size is not None:
-            check_int("batch_size", self.batch_size, low=1)
-        check_int("seed", self.seed, low=0)
-        if self.optimizer not in ("adam", "sgd"):
-            raise InputError(f"`optimizer` must be 'adam' or 'sgd'. Got {self.optimizer!r}.")
-
-    def __call__(self, task: Task, train: Any, weights: torch.Tensor) -> TrainReport:
-        return fit_steps(
-            task, train, steps=self.steps, lr=self.lr, optimizer=self.optimizer, momentum=self.momentum,
-            batch_size=self.batch_size, seed=self.seed, weights=weights,
-        )
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -131,155 +92,9 @@ class LOOResult:
         return plot_loo(self.predicted, self.actual, test_index=self.test_index, path=path, title=title)
 
 
-# ------------------------------------------------------------------------------------------ selection
-def _check_influence(influence: Any) -> None:
-    if not isinstance(influence, Influence):
-        raise InputTypeError(
-            f"`influence` must be a fitted ik.Influence (ik.Influence(task, train).fit()). Got {type(influence).__name__}."
-        )
-    influence._require_fitted()
-
-
-def _check_retrain(retrain: Any) -> None:
-    if retrain is not None and not callable(retrain):
-        raise InputTypeError(f"`retrain` must be None or a callable retrain(task, train, weights) -> None. Got {type(retrain).__name__}.")
-
-
-def _index_array(name: str, idx: Any, n: int, what: str) -> np.ndarray:
-    return np.asarray(check_indices(name, idx, n, what=what, unique=True), dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class _Tests:
-    indices: np.ndarray  # positions in the test data
-    raw_batch: Any  # the examples as the user gave them (for Influence.scores)
-    batch: Any  # checked and moved to the model's dtype and device (for measurements)
-    fingerprint: str
-
-
-def _select_tests(influence: Influence, test: Any, test_indices: Any) -> _Tests:
-    data = test if isinstance(test, Examples) else Examples(test, name="test")
-    n = len(data)
-    indices = np.arange(n, dtype=np.int64) if test_indices is None else _index_array("test_indices", test_indices, n, "test")
-    raw = data.batch(indices.tolist())
-    layout = influence.layout_
-    batch = take(data, indices.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
-    return _Tests(indices, raw, batch, fingerprint(batch))
-
-
-# ------------------------------------------------------------------------------------------ retraining
-def _describe_callable(fn: Any) -> str:
-    module = getattr(fn, "__module__", None) or ""
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}.{name}" if module else name
-
-
-class _Retrainer:
-    """Retrains a private copy of the task from θ̂ under given example weights and measures the test points.
-
-    The user's model is never touched: the copy is reset to θ̂ (its full ``state_dict``) before each
-    retraining. Convergence means ‖∇R_w(θ)‖ ≤ tol for R_w(θ) = Σ w_i L(z_i, θ) / Σ w_i.
-    """
-
-    def __init__(self, influence: Influence, test_batch: Any, *, retrain: RetrainFn | None, tol: float, max_iter: int) -> None:
-        _check_retrain(retrain)
-        self.influence = influence
-        self.source = influence.task
-        self.work = copy.deepcopy(influence.task)
-        self.snapshot = copy.deepcopy(self.work.model.state_dict())
-        self.theta_hat = {k: v.detach().clone() for k, v in influence.params_.items()}
-        self.layout: ParamLayout = influence.layout_
-        self.dtype = self.layout.dtype
-        self.test_batch = test_batch
-        self.retrain = retrain
-        self.tol = tol
-        self.max_iter = max_iter
-        self.batch_size = influence.chunks_.hvp  # fit_lbfgs's Newton polish streams HVPs in chunks of this size
-        self.grad_batch_size = influence.chunks_.grad
-        self.name = "influencekit.fit_lbfgs" if retrain is None else (repr(retrain) if isinstance(retrain, StepRetrain) else _describe_callable(retrain))
-        # With a factorised (dense) solver, fit_lbfgs starts with chord-Newton steps on the influence's own
-        # (H + δI): from θ̂ they contract at a rate of about ‖I − (H + δI)⁻¹H_w‖ (O(1/n) for one removed point)
-        # for one gradient and one cheap solve each, and fit_lbfgs falls back to L-BFGS when they do not. An
-        # iterative solver would pay a whole solve per step, more than L-BFGS needs (measured: 3x slower with CG).
-        solver = influence.solver_
-        self.curvature = solver if (retrain is None and "dense" in getattr(solver, "capabilities", ())) else None
-        self.before = self.measure(self.source)
-
-    def measure(self, task: Task) -> np.ndarray:
-        with torch.no_grad():
-            values = task.measurement(task.params(), self.test_batch)
-        values = values.detach()
-        n_test = batch_size_of(self.test_batch)
-        if values.shape != (n_test,):
-            raise InputError(f"the task's measurement must return one value per test example, shape ({n_test},). Got {tuple(values.shape)}.")
-        return values.cpu().to(torch.float64).numpy()
-
-    def run(self, weights: torch.Tensor) -> tuple[np.ndarray, float, bool]:
-        """Retrain under ``weights`` (n,) from θ̂; return the test measurements after, ‖∇R_w‖ and whether ≤ tol."""
-        self.work.model.load_state_dict(self.snapshot)
-        if self.retrain is None:
-            report = fit_lbfgs(
-                self.work, self.influence.train_, weights=weights, tol=self.tol, max_iter=self.max_iter,
-                batch_size=self.batch_size, warn=False, curvature=self.curvature,
-            )
-            grad_norm = report.grad_norm
-        else:
-            out = self.retrain(self.work, self.influence.train, weights.clone())
-            self._check_user_retrain(out)
-            if isinstance(out, TrainReport):  # the trainer judged its own convergence (a dual gap, a step budget)
-                after = self._measure_after()
-                return after, float(out.grad_norm), bool(out.converged)
-            grad_norm = self._grad_norm(weights)
-            named = dict(self.work.model.named_parameters())
-            if grad_norm > self.tol and all(torch.equal(named[k].detach(), v) for k, v in self.theta_hat.items()):
-                raise InputError(
-                    "`retrain` left the task's parameters at theta-hat: it must retrain the task it is given "
-                    "(`task.model`, a copy of your model warm-started at theta-hat) and update its parameters in place."
-                )
-        return self._measure_after(), grad_norm, grad_norm <= self.tol
-
-    def _measure_after(self) -> np.ndarray:
-        after = self.measure(self.work)
-        if not np.isfinite(after).all():
-            raise NumericalError("the test measurement is not finite after retraining; check the trainer and the data.")
-        return after
-
-    def _check_user_retrain(self, out: Any) -> None:
-        if out is not None and not isinstance(out, TrainReport):
-            raise InputError(
-                "`retrain` must update the selected parameters of the task it is given in place and return None. Got a "
-                f"{type(out).__name__} back; copy the new values into the task instead, e.g. "
-                "`with torch.no_grad(): task.model.weight.copy_(new_weight)`."
-            )
-        named = dict(self.work.model.named_parameters())
-        for name, ref in self.theta_hat.items():
-            p = named.get(name)
-            if p is None:
-                raise InputError(f"`retrain` removed the parameter {name!r} from the model; it must update the task's parameters in place.")
-            if p.shape != ref.shape or p.dtype != ref.dtype or p.device != ref.device:
-                raise InputError(
-                    f"`retrain` must keep the shape, dtype and device of each selected parameter. Got {name!r} with shape "
-                    f"{tuple(p.shape)}, {p.dtype}, {p.device} after retraining; expected {tuple(ref.shape)}, {ref.dtype}, "
-                    f"{ref.device}."
-                )
-            if not bool(torch.isfinite(p).all()):
-                raise NumericalError(f"`retrain` left NaN/inf values in the parameter {name!r}.")
-        if any(not torch.equal(self.source.params()[k], v) for k, v in self.theta_hat.items()):
-            raise InputError(
-                "`retrain` modified the original model. It must retrain the copy it is given (`task.model`), not a "
-                "model it holds a reference to; reload your model's trained parameters before going on."
-            )
-
-    def _grad_norm(self, weights: torch.Tensor) -> float:
-        """‖∇R_w(θ)‖ at the copy's current parameters, the same quantity fit_lbfgs stops on."""
-        params = self.work.params()
-        _, grad = _objective_and_grad(self.work, params, self.influence.train_, ParamLayout.of(params), weights, self.grad_batch_size)
-        return float(grad.norm())
-
-
 # ------------------------------------------------------------------------------------------ workers
 _CONTROL = -1  # the job index of the no-removal control run
-_WORKER: _Retrainer | None = None  # set in the parent before forking worker processes
+_WORKER: Retrainer | None = None  # set in the parent before forking worker processes
 
 
 def _weights(i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -298,7 +113,7 @@ def _worker_job(i: int, n: int) -> tuple[int, np.ndarray, float, bool]:
     return (i, *_WORKER.run(_weights(i, n, _WORKER.dtype)))
 
 
-def _run_jobs(retrainer: _Retrainer, jobs: list[int], n: int, *, workers: int, threads: int | None) -> Any:
+def _run_jobs(retrainer: Retrainer, jobs: list[int], n: int, *, workers: int, threads: int | None) -> Any:
     """Yield ``(i, measurements, ‖∇R‖, converged)`` for each job, in this process or in forked workers.
 
     Workers are forked copies of this process (the model, data and trainer are inherited, nothing is
@@ -356,6 +171,267 @@ class _Cache:
 
     def save(self, i: int, after: np.ndarray, grad_norm: float) -> None:
         atomic_write(self.path(i), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
+
+
+# ------------------------------------------------------------------------------ steps of leave_one_out
+@dataclass(frozen=True)
+class _Settings:
+    """The checked scalar arguments of :func:`leave_one_out`."""
+
+    tol: float
+    max_iter: int
+    seed: int
+    retrain: RetrainFn | None
+    control: bool
+    strict: bool
+    workers: int
+    threads: int | None
+
+
+def _check_settings(
+    influence: Influence, *, tol: float, max_iter: int, seed: int, retrain: RetrainFn | None, control: bool | None,
+    strict: bool, workers: int, threads: int | None,
+) -> _Settings:
+    """Check the arguments of :func:`leave_one_out` that come before the test data, in the order it always checked them."""
+    check_influence(influence)
+    tol = check_number("tol", tol, low=0.0)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    seed = check_int("seed", seed, low=0)
+    check_retrain(retrain)
+    if control is None:
+        control = bool(getattr(retrain, "fixed_budget", False))
+    elif not isinstance(control, bool):
+        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
+    workers = check_int("workers", workers, low=1)
+    if threads is not None:
+        threads = check_int("threads", threads, low=1)
+    if workers > 1:
+        import multiprocessing as mp
+
+        if "fork" not in mp.get_all_start_methods():
+            raise UnsupportedError(
+                "`workers` > 1 needs the 'fork' start method, which this platform lacks; use workers=1."
+            )
+    n = len(influence.train_)
+    if n < 2:
+        raise InputError(f"leave-one-out needs at least 2 training points. Got {n}.")
+    return _Settings(tol, max_iter, seed, retrain, control, strict, workers, threads)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which training points to remove for which test point, and the prediction for every pair."""
+
+    scores: Any  # the InfluenceScores of the chosen test points (their metadata goes into the result)
+    pred_loo: np.ndarray  # (n_test, n_train) −I_up,loss/n
+    selection: list[np.ndarray]  # per chosen test point: the training points whose removal is checked
+    removals: list[int]  # the distinct removed training points, sorted
+    recipe: dict[str, Any]  # how they were chosen (``train_indices``, or ``top_k``/``n_random``/``seed``)
+
+
+def _plan_removals(
+    influence: Influence, tests: SelectedTests, *, train_indices: Any, top_k: int, n_random: int, seed: int
+) -> _Plan:
+    """Check the selection arguments, predict every pair and choose the (test, train) pairs to retrain."""
+    n = len(influence.train_)
+    if train_indices is not None:
+        chosen = index_array("train_indices", train_indices, n, "training")
+        recipe: dict[str, Any] = {"train_indices": chosen.tolist()}
+    else:
+        top_k = check_int("top_k", top_k, low=0, high=n)
+        n_random = check_int("n_random", n_random, low=0, high=n)
+        if top_k + n_random == 0 or top_k + n_random > n:
+            raise InputError(
+                f"`top_k` + `n_random` must be between 1 and n_train = {n}. Got top_k={top_k}, n_random={n_random}."
+            )
+        recipe = {"top_k": top_k, "n_random": n_random, "seed": seed}
+    scores = influence.scores(tests.raw_batch)
+    pred_loo = scores.predicted_loo_change().detach().cpu().to(torch.float64).numpy()  # (n_test, n_train)
+    if train_indices is not None:
+        selection = [chosen for _ in tests.indices]
+    else:
+        selection = _recipe_selection(pred_loo, top_k=top_k, n_random=n_random, seed=seed)
+    removals = sorted({int(i) for sel in selection for i in sel})
+    return _Plan(scores, pred_loo, selection, removals, recipe)
+
+
+def _recipe_selection(pred_loo: np.ndarray, *, top_k: int, n_random: int, seed: int) -> list[np.ndarray]:
+    """The paper's recipe, per test point: its ``top_k`` by |prediction| plus ``n_random`` others (seeded)."""
+    n = pred_loo.shape[1]
+    rng = np.random.default_rng(seed)
+    selection = []
+    for row in range(len(pred_loo)):
+        top = np.argsort(-np.abs(pred_loo[row]), kind="stable")[:top_k]
+        rest = np.setdiff1d(np.arange(n), top)
+        selection.append(np.concatenate([top, rng.choice(rest, n_random, replace=False)]).astype(np.int64))
+    return selection
+
+
+def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrainer, settings: _Settings) -> dict[str, Any]:
+    """The configuration a cache folder of retrainings belongs to (its ``manifest.json``)."""
+    return influence.provenance_.manifest(
+        "influencekit leave-one-out retraining", ("n_train", "task"),
+        test_indices=tests.indices.tolist(),
+        test_fingerprint=tests.fingerprint,
+        theta_fingerprint=fingerprint(retrainer.theta_hat),
+        n_params=retrainer.layout.n,
+        dtype=str(retrainer.dtype),
+        tol=settings.tol,
+        measurement=type(influence.task).measurement.__qualname__,
+        retrain=retrainer.name,
+        drift_control=settings.control,
+    )
+
+
+class _Retrainings:
+    """The retrainings of one leave-one-out run: from the cache or run here, recorded as each finishes.
+
+    ``after`` holds the test measurements of every converged retraining (the control run under
+    ``_CONTROL``), ``grad_norms`` the final ‖∇R₋ᵢ‖ of all of them, ``not_converged`` those above ``tol``.
+    """
+
+    def __init__(self, retrainer: Retrainer, cache: _Cache | None, settings: _Settings) -> None:
+        self.retrainer = retrainer
+        self.cache = cache
+        self.settings = settings
+        self.after: dict[int, np.ndarray] = {}
+        self.grad_norms: dict[int, float] = {}
+        self.not_converged: dict[int, float] = {}
+        self.from_cache = 0
+        self.jobs: list[int] = []
+
+    @classmethod
+    def prepare(
+        cls, influence: Influence, tests: SelectedTests, removals: list[int], settings: _Settings, cache_dir: str | os.PathLike | None
+    ) -> _Retrainings:
+        """Set up the retrainer and the cache, take what the cache holds and list the retrainings left to run."""
+        retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
+        cache = None
+        if cache_dir is not None:
+            cache = _Cache(cache_dir, _cache_config(influence, tests, retrainer, settings))
+        runs = cls(retrainer, cache, settings)
+        control = settings.control
+        if cache is not None:
+            for i in removals + ([_CONTROL] if control else []):
+                hit = cache.load(i, len(tests.indices))
+                if hit is not None:
+                    runs.after[i], runs.grad_norms[i] = hit
+        runs.from_cache = len([i for i in runs.after if i != _CONTROL])
+        runs.jobs = ([_CONTROL] if control and _CONTROL not in runs.after else []) + [i for i in removals if i not in runs.after]
+        return runs
+
+    def record(self, i: int, values: np.ndarray, grad_norm: float, converged: bool) -> None:
+        """Keep (and cache) a converged retraining; note one that did not, or raise in strict mode."""
+        self.grad_norms[i] = grad_norm
+        if converged:
+            self.after[i] = values
+            if self.cache is not None:
+                self.cache.save(i, values, grad_norm)
+            return
+        self.not_converged[i] = grad_norm
+        if self.settings.strict:
+            what = "the control run (no removal)" if i == _CONTROL else f"retraining without training point {i}"
+            raise NumericalError(
+                f"{what} did not reach ||grad R|| <= tol={self.settings.tol:g} (got {grad_norm:.3g}). Raise `max_iter` or `tol`, "
+                "compute in float64, or pass strict=False to report it in `result.not_converged` instead."
+            )
+
+    def run(self, n: int, *, progress: bool) -> None:
+        """Run the retrainings left, in this process or in forked workers, recording each as it finishes."""
+        settings = self.settings
+        bar = progress_bar(total=len(self.jobs), desc="leave-one-out retraining", enabled=bool(progress))
+        try:
+            for i, values, grad_norm, converged in _run_jobs(self.retrainer, self.jobs, n, workers=settings.workers, threads=settings.threads):
+                self.record(i, values, grad_norm, converged)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def finish(self, n_removed: int) -> None:
+        """Require the control run when there is one and warn about the retrainings that did not converge.
+
+        Called from :func:`leave_one_out` itself: the warning's ``stacklevel`` names its caller.
+        """
+        not_converged = self.not_converged
+        if self.settings.control and _CONTROL not in self.after:
+            raise NumericalError(
+                f"the control retraining (no removal) did not converge (||grad R|| = {not_converged.get(_CONTROL, float('nan')):.3g}); "
+                "without it the drift of the trainer cannot be subtracted. Check the trainer's settings."
+            )
+        not_converged.pop(_CONTROL, None)
+        if not_converged:
+            worst = max(not_converged.values())
+            warnings.warn(
+                f"{len(not_converged)} of {n_removed} leave-one-out retrainings did not reach ||grad R|| <= tol={self.settings.tol:g} "
+                f"(training points {sorted(not_converged)[:10]}{' ...' if len(not_converged) > 10 else ''}; worst "
+                f"{worst:.3g}): their pairs are left out of `predicted`, `actual` and the correlations and listed in "
+                "`result.not_converged`. Raise `max_iter` or `tol`, or compute in float64.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def baseline(self) -> np.ndarray:
+        """What each change is measured from: the control run's measurements, or those at θ̂."""
+        return self.after[_CONTROL] if self.settings.control else self.retrainer.before
+
+
+def _assemble_result(
+    influence: Influence, tests: SelectedTests, plan: _Plan, runs: _Retrainings, *, cache_dir: str | os.PathLike | None, start: float
+) -> LOOResult:
+    """The :class:`LOOResult` of the converged retrainings' (test, train) pairs."""
+    after, baseline = runs.after, runs.baseline
+    rows = [(row, int(i)) for row, sel in enumerate(plan.selection) for i in sel if int(i) in after]
+    row_of = np.array([r for r, _ in rows], dtype=np.int64)
+    train_index = np.array([i for _, i in rows], dtype=np.int64)
+    test_index = tests.indices[row_of] if rows else np.zeros(0, dtype=np.int64)
+    predicted = plan.pred_loo[row_of, train_index] if rows else np.zeros(0)
+    actual = np.array([after[i][r] - baseline[r] for r, i in rows], dtype=np.float64)
+    per_test = {int(t): correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
+    per_test_s = {int(t): correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
+    metadata = _result_metadata(influence, plan, runs, cache_dir=cache_dir, start=start)
+    for arr in (predicted, actual, test_index, train_index):
+        arr.setflags(write=False)
+    return LOOResult(
+        predicted=predicted,
+        actual=actual,
+        test_index=test_index,
+        train_index=train_index,
+        pearson=correlation_or_nan(pearson, predicted, actual),
+        spearman=correlation_or_nan(spearman, predicted, actual),
+        per_test=per_test,
+        per_test_spearman=per_test_s,
+        not_converged=runs.not_converged,
+        metadata=metadata,
+    )
+
+
+def _result_metadata(
+    influence: Influence, plan: _Plan, runs: _Retrainings, *, cache_dir: str | os.PathLike | None, start: float
+) -> dict[str, Any]:
+    """The result's metadata: the scores', the validation's settings, the retrainings' counts and timings."""
+    retrainer, settings = runs.retrainer, runs.settings
+    control = settings.control
+    return {
+        **plan.scores.metadata,
+        "validation": "leave-one-out retraining (Koh & Liang 2017, Figure 2)",
+        "measurement": type(influence.task).measurement.__qualname__,
+        "n_train": len(influence.train_),
+        "tol": settings.tol,
+        "retrain": retrainer.name,
+        "retrain_max_iter": settings.max_iter,
+        "retrain_curvature": None if retrainer.curvature is None else retrainer.curvature.name,
+        **plan.recipe,
+        "n_removed": len(plan.removals),
+        "n_retrained": len([i for i in runs.jobs if i != _CONTROL]),
+        "n_from_cache": runs.from_cache,
+        "retrain_grad_norms": {i: runs.grad_norms[i] for i in plan.removals},
+        "drift_control": control,
+        "drift": (runs.after[_CONTROL] - retrainer.before).tolist() if control else None,
+        "workers": settings.workers,
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -429,165 +505,13 @@ def leave_one_out(
         :class:`LOOResult` with one entry per (test, train) pair of converged retrainings.
     """
     start = time.perf_counter()
-    _check_influence(influence)
-    tol = check_number("tol", tol, low=0.0)
-    max_iter = check_int("max_iter", max_iter, low=1)
-    seed = check_int("seed", seed, low=0)
-    _check_retrain(retrain)
-    if control is None:
-        control = bool(getattr(retrain, "fixed_budget", False))
-    elif not isinstance(control, bool):
-        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
-    workers = check_int("workers", workers, low=1)
-    if threads is not None:
-        threads = check_int("threads", threads, low=1)
-    if workers > 1:
-        import multiprocessing as mp
-
-        if "fork" not in mp.get_all_start_methods():
-            raise UnsupportedError(
-                "`workers` > 1 needs the 'fork' start method, which this platform lacks; use workers=1."
-            )
-    n = len(influence.train_)
-    if n < 2:
-        raise InputError(f"leave-one-out needs at least 2 training points. Got {n}.")
-    tests = _select_tests(influence, test, test_indices)
-    if train_indices is not None:
-        chosen = _index_array("train_indices", train_indices, n, "training")
-        recipe: dict[str, Any] = {"train_indices": chosen.tolist()}
-    else:
-        top_k = check_int("top_k", top_k, low=0, high=n)
-        n_random = check_int("n_random", n_random, low=0, high=n)
-        if top_k + n_random == 0 or top_k + n_random > n:
-            raise InputError(
-                f"`top_k` + `n_random` must be between 1 and n_train = {n}. Got top_k={top_k}, n_random={n_random}."
-            )
-        recipe = {"top_k": top_k, "n_random": n_random, "seed": seed}
-    scores = influence.scores(tests.raw_batch)
-    pred_loo = scores.predicted_loo_change().detach().cpu().to(torch.float64).numpy()  # (n_test, n_train)
-
-    # ------------------------------------------------------------------ which (test, train) pairs
-    if train_indices is not None:
-        selection = [chosen for _ in tests.indices]
-    else:
-        rng = np.random.default_rng(seed)
-        selection = []
-        for row in range(len(tests.indices)):
-            top = np.argsort(-np.abs(pred_loo[row]), kind="stable")[:top_k]
-            rest = np.setdiff1d(np.arange(n), top)
-            selection.append(np.concatenate([top, rng.choice(rest, n_random, replace=False)]).astype(np.int64))
-    removals = sorted({int(i) for sel in selection for i in sel})
-
-    # ------------------------------------------------------------------ retrain once per removed point
-    retrainer = _Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter)
-    cache = None
-    if cache_dir is not None:
-        cache = _Cache(cache_dir, {
-            "kind": "influencekit leave-one-out retraining",
-            "format": 1,
-            "n_train": n,
-            "test_indices": tests.indices.tolist(),
-            "test_fingerprint": tests.fingerprint,
-            "theta_fingerprint": fingerprint(retrainer.theta_hat),
-            "n_params": retrainer.layout.n,
-            "dtype": str(retrainer.dtype),
-            "tol": tol,
-            "task": influence.task.describe(),
-            "measurement": type(influence.task).measurement.__qualname__,
-            "retrain": retrainer.name,
-            "drift_control": control,
-        })
-    after: dict[int, np.ndarray] = {}
-    grad_norms: dict[int, float] = {}
-    not_converged: dict[int, float] = {}
-    if cache is not None:
-        for i in removals + ([_CONTROL] if control else []):
-            hit = cache.load(i, len(tests.indices))
-            if hit is not None:
-                after[i], grad_norms[i] = hit
-    from_cache = len([i for i in after if i != _CONTROL])
-    jobs = ([_CONTROL] if control and _CONTROL not in after else []) + [i for i in removals if i not in after]
-
-    def record(i: int, values: np.ndarray, grad_norm: float, converged: bool) -> None:
-        grad_norms[i] = grad_norm
-        if converged:
-            after[i] = values
-            if cache is not None:
-                cache.save(i, values, grad_norm)
-            return
-        not_converged[i] = grad_norm
-        if strict:
-            what = "the control run (no removal)" if i == _CONTROL else f"retraining without training point {i}"
-            raise NumericalError(
-                f"{what} did not reach ||grad R|| <= tol={tol:g} (got {grad_norm:.3g}). Raise `max_iter` or `tol`, "
-                "compute in float64, or pass strict=False to report it in `result.not_converged` instead."
-            )
-
-    bar = progress_bar(total=len(jobs), desc="leave-one-out retraining", enabled=bool(progress))
-    try:
-        for i, values, grad_norm, converged in _run_jobs(retrainer, jobs, n, workers=workers, threads=threads):
-            record(i, values, grad_norm, converged)
-            bar.update(1)
-    finally:
-        bar.close()
-    if control and _CONTROL not in after:
-        raise NumericalError(
-            f"the control retraining (no removal) did not converge (||grad R|| = {not_converged.get(_CONTROL, float('nan')):.3g}); "
-            "without it the drift of the trainer cannot be subtracted. Check the trainer's settings."
-        )
-    not_converged.pop(_CONTROL, None)
-    if not_converged:
-        worst = max(not_converged.values())
-        warnings.warn(
-            f"{len(not_converged)} of {len(removals)} leave-one-out retrainings did not reach ||grad R|| <= tol={tol:g} "
-            f"(training points {sorted(not_converged)[:10]}{' ...' if len(not_converged) > 10 else ''}; worst "
-            f"{worst:.3g}): their pairs are left out of `predicted`, `actual` and the correlations and listed in "
-            "`result.not_converged`. Raise `max_iter` or `tol`, or compute in float64.",
-            ConvergenceWarning,
-            stacklevel=2,
-        )
-    baseline = after[_CONTROL] if control else retrainer.before
-
-    # ------------------------------------------------------------------ pairs and correlations
-    rows = [(row, int(i)) for row, sel in enumerate(selection) for i in sel if int(i) in after]
-    row_of = np.array([r for r, _ in rows], dtype=np.int64)
-    train_index = np.array([i for _, i in rows], dtype=np.int64)
-    test_index = tests.indices[row_of] if rows else np.zeros(0, dtype=np.int64)
-    predicted = pred_loo[row_of, train_index] if rows else np.zeros(0)
-    actual = np.array([after[i][r] - baseline[r] for r, i in rows], dtype=np.float64)
-    per_test = {int(t): _correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
-    per_test_s = {int(t): _correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
-    metadata = {
-        **scores.metadata,
-        "validation": "leave-one-out retraining (Koh & Liang 2017, Figure 2)",
-        "measurement": type(influence.task).measurement.__qualname__,
-        "n_train": n,
-        "tol": tol,
-        "retrain": retrainer.name,
-        "retrain_max_iter": max_iter,
-        "retrain_curvature": None if retrainer.curvature is None else retrainer.curvature.name,
-        **recipe,
-        "n_removed": len(removals),
-        "n_retrained": len([i for i in jobs if i != _CONTROL]),
-        "n_from_cache": from_cache,
-        "retrain_grad_norms": {i: grad_norms[i] for i in removals},
-        "drift_control": control,
-        "drift": (after[_CONTROL] - retrainer.before).tolist() if control else None,
-        "workers": workers,
-        "cache_dir": None if cache_dir is None else str(cache_dir),
-        "seconds": time.perf_counter() - start,
-    }
-    for arr in (predicted, actual, test_index, train_index):
-        arr.setflags(write=False)
-    return LOOResult(
-        predicted=predicted,
-        actual=actual,
-        test_index=test_index,
-        train_index=train_index,
-        pearson=_correlation_or_nan(pearson, predicted, actual),
-        spearman=_correlation_or_nan(spearman, predicted, actual),
-        per_test=per_test,
-        per_test_spearman=per_test_s,
-        not_converged=not_converged,
-        metadata=metadata,
+    settings = _check_settings(
+        influence, tol=tol, max_iter=max_iter, seed=seed, retrain=retrain, control=control, strict=strict,
+        workers=workers, threads=threads,
     )
+    tests = select_tests(influence, test, test_indices)
+    plan = _plan_removals(influence, tests, train_indices=train_indices, top_k=top_k, n_random=n_random, seed=settings.seed)
+    runs = _Retrainings.prepare(influence, tests, plan.removals, settings, cache_dir)
+    runs.run(len(influence.train_), progress=progress)
+    runs.finish(len(plan.removals))
+    return _assemble_result(influence, tests, plan, runs, cache_dir=cache_dir, start=start)

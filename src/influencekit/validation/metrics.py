@@ -23,8 +23,10 @@ import scipy.stats
 import torch
 
 from ..checks import check_int, check_number
-from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError
+from ..errors import ConvergenceWarning, InputError, NumericalError
 from ..progress import progress_bar
+from .retraining import Retrainer, check_influence, check_retrain, select_tests
+from .stats import as_vector, correlation_or_nan
 
 if TYPE_CHECKING:
     from ..scoring import Influence
@@ -32,25 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["pearson", "spearman", "linear_datamodeling_score", "LDSResult"]
 
 
-def _vector(name: str, x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        if x.is_complex():
-            raise InputTypeError(f"`{name}` must be a 1-D array of real numbers. Got a complex tensor.")
-        x = x.detach().cpu().to(torch.float64).numpy()
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputTypeError(f"`{name}` must be a 1-D array of real numbers. Got {type(x).__name__} ({exc}).") from None
-    if arr.ndim != 1:
-        raise InputError(f"`{name}` must be a 1-D array of real numbers. Got shape {arr.shape}; flatten it with .ravel().")
-    if not np.isfinite(arr).all():
-        bad = np.flatnonzero(~np.isfinite(arr))
-        raise InputError(f"`{name}` must hold only finite values. Got NaN/inf at position(s) {bad[:5].tolist()}.")
-    return arr
-
-
 def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _vector("a", a), _vector("b", b)
+    a, b = as_vector("a", a), as_vector("b", b)
     if len(a) != len(b):
         raise InputError(f"`a` and `b` must have the same length. Got lengths {len(a)} and {len(b)}.")
     if len(a) < 2:
@@ -76,13 +61,6 @@ def spearman(a: Any, b: Any) -> float:
     average ranks). Raises :class:`~influencekit.InputError` like :func:`pearson`."""
     a, b = _pair(a, b)
     return float(scipy.stats.spearmanr(a, b)[0])
-
-
-def _correlation_or_nan(fn: Callable[[Any, Any], float], a: np.ndarray, b: np.ndarray) -> float:
-    """``fn(a, b)``, or NaN where it is undefined (fewer than 2 points, a constant input)."""
-    if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
-        return float("nan")
-    return fn(a, b)
 
 
 @dataclass(frozen=True)
@@ -113,6 +91,91 @@ class LDSResult:
 
     def __float__(self) -> float:
         return self.mean
+
+
+def _check_lds_arguments(
+    influence: Any, *, n_subsets: int, alpha: float, seed: int, tol: float, max_iter: int, retrain: Any
+) -> tuple[int, float, int, float, int]:
+    """Check the arguments of :func:`linear_datamodeling_score`; return the checked ``n_subsets, alpha, seed, tol, max_iter``."""
+    check_influence(influence)
+    n_subsets = check_int("n_subsets", n_subsets, low=3)
+    alpha = check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    seed = check_int("seed", seed, low=0)
+    tol = check_number("tol", tol, low=0.0)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    check_retrain(retrain)
+    return n_subsets, alpha, seed, tol, max_iter
+
+
+def _subset_size(alpha: float, n: int) -> int:
+    """How many of the ``n`` training points a subset keeps: ``round(alpha * n)``, between 1 and n - 1."""
+    keep = int(round(alpha * n))
+    if not 1 <= keep <= n - 1:
+        raise InputError(
+            f"`alpha` must keep between 1 and n - 1 = {n - 1} of the {n} training points. Got alpha={alpha:g}, "
+            f"which keeps {keep}."
+        )
+    return keep
+
+
+def _draw_subsets(n_subsets: int, n: int, keep: int, seed: int) -> np.ndarray:
+    """``(n_subsets, n)`` bool, each row True at ``keep`` training points drawn without replacement (seeded)."""
+    rng = np.random.default_rng(seed)
+    subsets = np.zeros((n_subsets, n), dtype=bool)
+    for s in range(n_subsets):
+        subsets[s, rng.choice(n, keep, replace=False)] = True
+    return subsets
+
+
+def _retrain_subsets(
+    retrainer: Retrainer, subsets: np.ndarray, *, n_test: int, tol: float, strict: bool, progress: bool
+) -> tuple[np.ndarray, dict[int, float], dict[int, float]]:
+    """Retrain on each subset; return the actual changes (NaN rows where not converged), all ‖∇R‖ and the failures."""
+    n_subsets = len(subsets)
+    actual = np.full((n_subsets, n_test), np.nan)
+    grad_norms: dict[int, float] = {}
+    not_converged: dict[int, float] = {}
+    bar = progress_bar(total=n_subsets, desc="LDS retraining", enabled=bool(progress))
+    for s in range(n_subsets):
+        weights = torch.as_tensor(subsets[s], dtype=retrainer.dtype)
+        after, grad_norm, converged = retrainer.run(weights)
+        grad_norms[s] = grad_norm
+        if converged:
+            actual[s] = after - retrainer.before
+        else:
+            not_converged[s] = grad_norm
+            if strict:
+                bar.close()
+                raise NumericalError(
+                    f"retraining on subset {s} did not reach ||grad R|| <= tol={tol:g} (got {grad_norm:.3g}). "
+                    "Raise `max_iter` or `tol`, compute in float64, or pass strict=False to report it instead."
+                )
+        bar.update(1)
+    bar.close()
+    return actual, grad_norms, not_converged
+
+
+def _lds_metadata(
+    score_metadata: dict[str, Any], retrainer: Retrainer, *, alpha: float, keep: int, n_subsets: int, n_used: int,
+    seed: int, tol: float, max_iter: int, grad_norms: dict[int, float], undefined: list[int], start: float,
+) -> dict[str, Any]:
+    """The LDS result's metadata: the scores', the subsets', the retrainings' and the timing."""
+    return {
+        **score_metadata,
+        "validation": "linear datamodeling score (Park et al. 2023)",
+        "alpha": alpha,
+        "kept_per_subset": keep,
+        "n_subsets": n_subsets,
+        "n_subsets_used": n_used,
+        "seed": seed,
+        "tol": tol,
+        "retrain": retrainer.name,
+        "retrain_max_iter": max_iter,
+        "retrain_curvature": None if retrainer.curvature is None else retrainer.curvature.name,
+        "retrain_grad_norms": grad_norms,
+        "undefined_test_points": undefined,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def linear_datamodeling_score(
@@ -155,54 +218,22 @@ def linear_datamodeling_score(
         strict: raise :class:`~influencekit.NumericalError` at the first retraining that does not converge.
         progress: show a progress bar over the retrainings.
     """
-    from .loo import _check_influence, _check_retrain, _Retrainer, _select_tests
-
     start = time.perf_counter()
-    _check_influence(influence)
-    n_subsets = check_int("n_subsets", n_subsets, low=3)
-    alpha = check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-    seed = check_int("seed", seed, low=0)
-    tol = check_number("tol", tol, low=0.0)
-    max_iter = check_int("max_iter", max_iter, low=1)
-    _check_retrain(retrain)
+    n_subsets, alpha, seed, tol, max_iter = _check_lds_arguments(
+        influence, n_subsets=n_subsets, alpha=alpha, seed=seed, tol=tol, max_iter=max_iter, retrain=retrain
+    )
     n = len(influence.train_)
-    keep = int(round(alpha * n))
-    if not 1 <= keep <= n - 1:
-        raise InputError(
-            f"`alpha` must keep between 1 and n - 1 = {n - 1} of the {n} training points. Got alpha={alpha:g}, "
-            f"which keeps {keep}."
-        )
-    tests = _select_tests(influence, test, test_indices)
+    keep = _subset_size(alpha, n)
+    tests = select_tests(influence, test, test_indices)
     scores = influence.scores(tests.raw_batch)
     pred_loo = scores.predicted_loo_change().detach().cpu().double().numpy()  # (n_test, n_train)
-
-    rng = np.random.default_rng(seed)
-    subsets = np.zeros((n_subsets, n), dtype=bool)
-    for s in range(n_subsets):
-        subsets[s, rng.choice(n, keep, replace=False)] = True
+    subsets = _draw_subsets(n_subsets, n, keep, seed)
     predicted = (~subsets).astype(np.float64) @ pred_loo.T  # (n_subsets, n_test)
 
-    retrainer = _Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter)
-    actual = np.full((n_subsets, len(tests.indices)), np.nan)
-    grad_norms: dict[int, float] = {}
-    not_converged: dict[int, float] = {}
-    bar = progress_bar(total=n_subsets, desc="LDS retraining", enabled=bool(progress))
-    for s in range(n_subsets):
-        weights = torch.as_tensor(subsets[s], dtype=retrainer.dtype)
-        after, grad_norm, converged = retrainer.run(weights)
-        grad_norms[s] = grad_norm
-        if converged:
-            actual[s] = after - retrainer.before
-        else:
-            not_converged[s] = grad_norm
-            if strict:
-                bar.close()
-                raise NumericalError(
-                    f"retraining on subset {s} did not reach ||grad R|| <= tol={tol:g} (got {grad_norm:.3g}). "
-                    "Raise `max_iter` or `tol`, compute in float64, or pass strict=False to report it instead."
-                )
-        bar.update(1)
-    bar.close()
+    retrainer = Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter)
+    actual, grad_norms, not_converged = _retrain_subsets(
+        retrainer, subsets, n_test=len(tests.indices), tol=tol, strict=strict, progress=progress
+    )
     if not_converged:
         warnings.warn(
             f"{len(not_converged)} of {n_subsets} LDS retrainings did not reach ||grad R|| <= tol={tol:g} (subsets "
@@ -214,26 +245,14 @@ def linear_datamodeling_score(
 
     ok = ~np.isnan(actual[:, 0])  # the converged subsets
     per_test = np.array(
-        [_correlation_or_nan(spearman, predicted[ok, t], actual[ok, t]) for t in range(len(tests.indices))]
+        [correlation_or_nan(spearman, predicted[ok, t], actual[ok, t]) for t in range(len(tests.indices))]
     )
     finite = np.isfinite(per_test)
     mean = float(per_test[finite].mean()) if finite.any() else float("nan")
-    metadata = {
-        **scores.metadata,
-        "validation": "linear datamodeling score (Park et al. 2023)",
-        "alpha": alpha,
-        "kept_per_subset": keep,
-        "n_subsets": n_subsets,
-        "n_subsets_used": int(ok.sum()),
-        "seed": seed,
-        "tol": tol,
-        "retrain": retrainer.name,
-        "retrain_max_iter": max_iter,
-        "retrain_curvature": None if retrainer.curvature is None else retrainer.curvature.name,
-        "retrain_grad_norms": grad_norms,
-        "undefined_test_points": tests.indices[~finite].tolist(),
-        "seconds": time.perf_counter() - start,
-    }
+    metadata = _lds_metadata(
+        scores.metadata, retrainer, alpha=alpha, keep=keep, n_subsets=n_subsets, n_used=int(ok.sum()), seed=seed,
+        tol=tol, max_iter=max_iter, grad_norms=grad_norms, undefined=tests.indices[~finite].tolist(), start=start,
+    )
     for arr in (per_test, tests.indices, predicted, actual, subsets):
         arr.setflags(write=False)
     return LDSResult(mean, per_test, tests.indices, predicted, actual, subsets, not_converged, metadata)

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .metrics import _correlation_or_nan, _vector, pearson
+from .metrics import pearson
+from .stats import as_vector, correlation_or_nan
 
 __all__ = ["plot_loo"]
 
@@ -46,7 +47,7 @@ def plot_loo(
         from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - matplotlib is installed in the test environment
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
-    x, y = _vector("predicted", predicted), _vector("actual", actual)
+    x, y = as_vector("predicted", predicted), as_vector("actual", actual)
     if len(x) != len(y):
         raise InputError(f"`predicted` and `actual` must have the same length. Got {len(x)} and {len(y)}.")
     if len(x) == 0:
@@ -78,7 +79,7 @@ def plot_loo(
     ax.ticklabel_format(style="sci", axis="both", scilimits=(-3, 3))
     ax.set_xlabel("Predicted change in test loss  (−I_up,loss / n)")
     ax.set_ylabel("Actual change in test loss  (retrained)")
-    r = _correlation_or_nan(pearson, x, y)
+    r = correlation_or_nan(pearson, x, y)
     line = f"Pearson r = {r:.4f}  ({len(x)} pairs)" if np.isfinite(r) else f"Pearson r undefined  ({len(x)} pairs)"
     ax.set_title(f"{title}\n{line}" if title else line)
     fig.tight_layout()

@@ -7,11 +7,11 @@ k(x, x') = exp(−γ‖x − x'‖²). Two feature maps φ with φ(x)ᵀφ(x') �
   inputs φ(x_i)ᵀφ(x_j) = K_ij up to the dropped eigenvalues, so a linear SVM on φ with the L2 penalty
   ‖w‖² *is* the kernel SVM with the RKHS norm (representer theorem): its solution lies in the span of the
   training features either way. Removing a training point keeps the map and gives the kernel SVM trained
-  without it, so :class:`~influencekit.applications.svm.HingeSVMRetrain` retrains it exactly.
+  without it, so :class:`~influencekit.models.svm.HingeSVMRetrain` retrains it exactly.
 - ``"fourier"`` (large n): D random Fourier features φ(x) = √(2/D) cos(Wx + b), W ~ N(0, 2γI),
   b ~ U[0, 2π] (Rahimi & Recht 2007); φᵀφ' → k as D grows, error O(1/√D).
 
-:func:`fit_rbf_svm` trains the SVM on φ with the true hinge (:func:`~influencekit.applications.svm.fit_hinge_svm`,
+:func:`fit_rbf_svm` trains the SVM on φ with the true hinge (:func:`~influencekit.models.svm.fit_hinge_svm`,
 bias as a penalised constant feature); influence then uses :class:`~influencekit.SmoothHingeTask` with
 ``params="top"`` on the returned :class:`KernelSVM`, which takes raw inputs (Koh & Liang 2017, §5.1: t = 0.001).
 """
@@ -110,7 +110,7 @@ class RBFSVM:
     feature_map: str
 
     def features(self, X: torch.Tensor) -> torch.Tensor:
-        """φ(X) ``(n, m)`` — the linear SVM's inputs (for :class:`~influencekit.applications.svm.HingeSVMRetrain`)."""
+        """φ(X) ``(n, m)`` — the linear SVM's inputs (for :class:`~influencekit.models.svm.HingeSVMRetrain`)."""
         with torch.no_grad():
             return self.model.features(X)
 
@@ -131,7 +131,7 @@ def fit_rbf_svm(
     Args:
         X: ``(n, ...)`` training inputs (flattened for the kernel); y: ``(n,)`` labels 0/1.
         l2: λ of the mean objective (1/n) Σ hinge + (λ/2)(‖w‖² + b²), the bias penalised as in
-            :func:`~influencekit.applications.svm.fit_hinge_svm`.
+            :func:`~influencekit.models.svm.fit_hinge_svm`.
         gamma: the RBF width; ``None`` uses :func:`rbf_gamma` (1 / (d·Var X)).
         feature_map: ``"exact"``, ``"fourier"`` or ``"auto"`` (exact when n ≤ ``max_exact``).
         n_features: D of the Fourier map.

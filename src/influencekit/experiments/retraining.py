@@ -8,7 +8,7 @@
 - :func:`run_fig3` — Figure 3: a linear SVM on MNIST 1 vs 7 trained with the true hinge; influence with
   the smooth hinge at temperatures t = 0, 0.001, 0.1 against exact leave-one-out retraining of the SVM.
 
-Data come from a folder of MNIST IDX files (:func:`~influencekit.data.mnist.load_mnist_split`); when only
+Data come from a folder of MNIST IDX files (:func:`~influencekit.experiments.data.mnist.load_mnist_split`); when only
 the 10,000-image test file is there, it is split into training and test images and the report says so.
 Each run writes ``report.md`` and PNG scatter plots into its output folder and caches every retraining
 there (``loo-cache/``), so an interrupted run resumes.
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from ..checks import check_int, check_number
-from ..data.mnist import load_mnist_split
 from ..errors import InputError, StationarityWarning
+from ..models.svm import HingeSVMRetrain, fit_hinge_svm, set_linear
 from ..scoring import Influence
 from ..task import ClassificationTask, SmoothHingeTask
 from ..training import fit_lbfgs, fit_steps
 from ..validation import LOOResult, StepRetrain, leave_one_out, pearson, plot_loo, spearman
-from .svm import HingeSVMRetrain, fit_hinge_svm, set_linear
+from .data.mnist import load_mnist_split
 
 __all__ = ["PaperResult", "run_fig2_logistic", "run_fig2_cnn", "run_fig3"]
 
@@ -282,7 +282,7 @@ def run_fig3(
     """Figure 3: smooth-hinge influence of a true-hinge linear SVM (MNIST 1 vs 7) against exact retraining.
 
     The SVM (weights and bias on pixels/255, both penalised with λ = ``l2``) is solved exactly with the
-    true hinge (:func:`~influencekit.applications.svm.fit_hinge_svm`). Influence at θ̂ uses the smooth
+    true hinge (:func:`~influencekit.models.svm.fit_hinge_svm`). Influence at θ̂ uses the smooth
     hinge t·log(1 + exp((1 − s)/t)) for each t in ``temperatures`` (t = 0: the hinge's subgradient, Hessian
     λI); the test side measures the true hinge loss of one test point (default the highest-loss one). Its
     ``top_k`` training points by |influence| at ``select_temperature`` plus ``n_random`` random ones are

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from ..applications.explain import DigitsModel, train_digits_logistic
 from ..report.figures import plot_influential_images
 from ..scoring import Influence
-from .explain import train_digits_logistic
 from ..validation import leave_one_out, pearson, plot_loo, spearman
 
 __all__ = ["DemoResult", "run_demo"]
@@ -63,31 +63,55 @@ def run_demo(
         out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     digits = train_digits_logistic(l2=l2, seed=seed)
-    (X_train, y_train), (X_test, y_test) = digits.train, digits.test
-    task, train_report, accuracy = digits.task, digits.train_report, digits.accuracy
-    n = len(y_train)
+    X_test, y_test = digits.test
     chosen = digits.hardest(n_test)
     test = (X_test[chosen], y_test[chosen])
+    fitted, timings = _fit_solvers(digits, solvers, progress)
 
+    # Ground truth once: retrain without each selected point (selection by the exact solver's ranking).
+    reference = "exact" if "exact" in fitted else solvers[0]
+    shard = fitted[reference].shard_  # a one-rank LocalShard when not distributed
+    sharded = shard.world_size > 1
+    loo = None
+    if main:  # retrainings are not sharded: rank 0 does them with an unsharded copy of the reference
+        ref = fitted[reference] if not sharded else Influence(
+            digits.task, digits.train, solver=reference, solver_options=fitted[reference].solver_options, distributed=False
+        ).fit()
+        loo = leave_one_out(ref, test, top_k=top_k, n_random=n_random, seed=seed, cache_dir=out / "loo-cache", progress=progress)
+    if sharded:
+        dist.barrier()
+    table, figures = _compare_solvers(fitted, test, timings, loo, out, main=main)
+
+    ranked = fitted[reference].top_k(test, k=k_show)
+    if not main:
+        return DemoResult(out, [], out / "report.md")
+    gallery = out / "influential.png"
+    _plot_gallery(digits, test, ranked, gallery)
+    figures.append(gallery)
+    report_path = out / "report.md"
+    report_path.write_text(_report(digits, chosen, table, loo, figures, n_test=n_test, top_k=top_k, n_random=n_random, l2=l2, started=started))
+    text = _summary(table, loo, out)
+    return DemoResult(out, table, report_path, figures, text)
+
+
+def _fit_solvers(digits: DigitsModel, solvers: tuple[str, ...], progress: bool) -> tuple[dict[str, Influence], dict[str, float]]:
+    """One fitted Influence per solver, and the seconds each fit took."""
     fitted: dict[str, Influence] = {}
     timings: dict[str, float] = {}
     for name in solvers:
         t0 = time.perf_counter()
         # LiSSA's residual is reported in the table; its convergence warning would only repeat it
         options = {"warn": False} if name == "lissa" else {}
-        fitted[name] = Influence(task, (X_train, y_train), solver=name, solver_options=options, progress=progress).fit()
+        fitted[name] = Influence(digits.task, digits.train, solver=name, solver_options=options, progress=progress).fit()
         timings[name] = time.perf_counter() - t0
+    return fitted, timings
 
-    # Ground truth once: retrain without each selected point (selection by the exact solver's ranking).
-    reference = "exact" if "exact" in fitted else solvers[0]
-    sharded = fitted[reference].shard_ is not None
-    if main:  # retrainings are not sharded: rank 0 does them with an unsharded copy of the reference
-        ref = fitted[reference] if not sharded else Influence(
-            task, (X_train, y_train), solver=reference, solver_options=fitted[reference].solver_options, distributed=False
-        ).fit()
-        loo = leave_one_out(ref, test, top_k=top_k, n_random=n_random, seed=seed, cache_dir=out / "loo-cache", progress=progress)
-    if sharded:
-        dist.barrier()
+
+def _compare_solvers(
+    fitted: dict[str, Influence], test: Any, timings: dict[str, float], loo: Any, out: Path, *, main: bool
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Score the test points with every solver (on every rank; ``timings`` grows by the scoring time) and, on
+    rank 0, compare each with the actual leave-one-out changes: the table rows and the scatter plots written."""
     table = []
     figures = []
     for name, inf in fitted.items():
@@ -109,25 +133,31 @@ def run_demo(
         path = out / f"loo_{name}.png"
         plot_loo(predicted, loo.actual, test_index=loo.test_index, path=path, title=f"{name} solver, digits logistic regression")
         figures.append(path)
+    return table, figures
 
-    ranked = fitted[reference].top_k(test, k=k_show)
-    if not main:
-        return DemoResult(out, [], out / "report.md")
-    gallery = out / "influential.png"
+
+def _plot_gallery(digits: DigitsModel, test: Any, ranked: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    X_train, y_train = digits.train
     fig = plot_influential_images(
         test[0].numpy(), test[1].numpy(), X_train.numpy(), y_train.numpy(), ranked.helpful, ranked.harmful,
-        n_train=n, path=gallery,
+        n_train=len(y_train), path=path,
     )
     plt.close(fig)
-    figures.append(gallery)
 
+
+def _report(
+    digits: DigitsModel, chosen: Any, table: list[dict[str, Any]], loo: Any, figures: list[Path], *, n_test: int, top_k: int,
+    n_random: int, l2: float, started: float,
+) -> str:
+    n, n_test_images = len(digits.train[1]), len(digits.test[1])
+    gallery = figures[-1]
     lines = [
         "# influencekit demo: influence functions against leave-one-out retraining",
         "",
-        f"Multiclass logistic regression on scikit-learn's digits: {n} training / {len(y_test)} test images, "
-        f"pixels in [0, 1], l2 = {l2:g}, trained to ||grad R|| = {train_report.grad_norm:.1e}; test accuracy {accuracy:.3f}.",
+        f"Multiclass logistic regression on scikit-learn's digits: {n} training / {n_test_images} test images, "
+        f"pixels in [0, 1], l2 = {l2:g}, trained to ||grad R|| = {digits.train_report.grad_norm:.1e}; test accuracy {digits.accuracy:.3f}.",
         f"Test points: the {n_test} with the highest loss ({', '.join(str(int(c)) for c in chosen)}). For each, "
         f"{top_k} training points with the largest |influence| plus {n_random} random ones were removed one at a time "
         f"and the model retrained (warm start from the fitted parameters, Newton-type steps to ||grad R|| <= 1e-9): {len(loo)} pairs, "
@@ -145,10 +175,7 @@ def run_demo(
     lines += [f"![{p.stem}]({p.name})" for p in figures[:-1]]
     lines += ["", "The most helpful (green) and harmful (red) training images for each test image:", "", f"![influential]({gallery.name})", ""]
     lines.append(f"Total time {time.perf_counter() - started:.1f} s.")
-    report_path = out / "report.md"
-    report_path.write_text("\n".join(lines) + "\n")
-    text = _summary(table, loo, out)
-    return DemoResult(out, table, report_path, figures, text)
+    return "\n".join(lines) + "\n"
 
 
 def _summary(table: list[dict[str, Any]], loo: Any, out: Path) -> str:

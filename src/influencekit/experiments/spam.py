@@ -1,6 +1,6 @@
 """`influencekit paper spam`: mislabel detection on Enron1 spam (Koh & Liang 2017, §5.4, Figure 6).
 
-Word-presence features of the Enron1 e-mails (:func:`~influencekit.data.enron.load_enron`), an 80/20
+Word-presence features of the Enron1 e-mails (:func:`~influencekit.experiments.data.enron.load_enron`), an 80/20
 seeded split (4,137 train / 1,035 test, as in the paper), binary logistic regression in float64 with
 L2 λ = 1e-4 inside each example's loss, 10% of the training labels flipped, and the training set
 checked in the order of self-influence, training loss, or at random
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..applications.mislabel import DEFAULT_FRACTIONS, MislabelCurves, flip_and_detect
 from ..checks import check_int, check_number
-from ..data.enron import load_enron
-from .mislabel import DEFAULT_FRACTIONS, MislabelCurves, flip_and_detect
+from .data.enron import load_enron
 
 __all__ = ["SpamResult", "run_spam"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checks import check_int
-from ..errors import InputError
+from ...checks import check_int
+from ...errors import InputError
 
 __all__ = ["EnronSpam", "read_enron", "load_enron"]
 

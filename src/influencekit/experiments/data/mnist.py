@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 
 __all__ = ["read_idx", "load_mnist", "load_mnist_split", "MnistSplit"]
 

@@ -11,7 +11,7 @@ which gives its **127 features**:
 
 - 8 count columns as numbers: ``time_in_hospital``, ``num_lab_procedures``, ``num_procedures``,
   ``num_medications``, ``number_outpatient``, ``number_emergency``, ``number_inpatient``,
-  ``number_diagnoses`` (raw counts here; :func:`~influencekit.applications.mismatch.run_readmission`
+  ``number_diagnoses`` (raw counts here; :func:`~influencekit.experiments.mismatch.run_readmission`
   standardises them with training statistics);
 - 31 categorical columns one-hot encoded over the values that occur in the file, in sorted order:
   demographics (``gender``, ``race``, ``age`` — ten decades ``[0-10)`` … ``[90-100)``), the discharge
@@ -46,7 +46,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ...errors import InputError
 
 __all__ = [
     "ZIP_NAME",
@@ -168,6 +168,28 @@ def load_readmission(path: str | os.PathLike, *, label: str = "<30", dtype: torc
     file, member = _locate(path)
     source = f"{file}!{member}" if member else str(file)
     name = member or file.name
+    columns, lines = _read_columns(file, member, name)
+    n = len(columns["readmitted"])
+    if n == 0:
+        raise InputError(f"{name} has a header but no data rows.")
+
+    outcome = np.array(columns["readmitted"])
+    unknown = sorted(set(np.unique(outcome).tolist()) - set(_OUTCOMES))
+    if unknown:
+        line = lines[int(np.flatnonzero(outcome == unknown[0])[0])]
+        raise InputError(f"{name}, line {line}: `readmitted` must be one of {list(_OUTCOMES)}. Got {unknown[0]!r}.")
+
+    X, names, numeric = _features(columns, name, lines, dtype)
+    y = torch.as_tensor(np.isin(outcome, _LABELS[label]).astype(np.int64))
+    return Readmission(
+        X=X, y=y, feature_names=names, numeric=numeric, age=np.array(columns["age"]), readmitted=outcome,
+        encounter_id=_integers(columns["encounter_id"], "encounter_id", name, lines), patient_nbr=_integers(columns["patient_nbr"], "patient_nbr", name, lines),
+        label=label, source=source,
+    )
+
+
+def _read_columns(file: Path, member: str | None, name: str) -> tuple[dict[str, list[str]], list[int]]:
+    """The raw (stripped) texts of the columns used, and the file line of each record."""
     wanted = ("encounter_id", "patient_nbr", *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS, "readmitted")
     columns: dict[str, list[str]] = {c: [] for c in wanted}
     lines: list[int] = []
@@ -203,16 +225,13 @@ def load_readmission(path: str | os.PathLike, *, label: str = "<30", dtype: torc
             raise InputError(f"{name} is not UTF-8 text: expected {CSV_NAME}.") from None
         except csv.Error as exc:
             raise InputError(f"{name}, line {reader.line_num}: the CSV cannot be parsed ({exc}).") from None
-    n = len(columns["readmitted"])
-    if n == 0:
-        raise InputError(f"{name} has a header but no data rows.")
+    return columns, lines
 
-    outcome = np.array(columns["readmitted"])
-    unknown = sorted(set(np.unique(outcome).tolist()) - set(_OUTCOMES))
-    if unknown:
-        line = lines[int(np.flatnonzero(outcome == unknown[0])[0])]
-        raise InputError(f"{name}, line {line}: `readmitted` must be one of {list(_OUTCOMES)}. Got {unknown[0]!r}.")
 
+def _features(
+    columns: dict[str, list[str]], name: str, lines: list[int], dtype: torch.dtype
+) -> tuple[torch.Tensor, list[str], list[int]]:
+    """The 127 features (count columns as numbers, then the one-hot columns), their names and the count positions."""
     blocks: list[np.ndarray] = []
     names: list[str] = []
     for c in NUMERIC_COLUMNS:
@@ -229,12 +248,7 @@ def load_readmission(path: str | os.PathLike, *, label: str = "<30", dtype: torc
         blocks.append((values[:, None] == np.array(categories)[None, :]).astype(np.float64))
         names.extend(f"{c}={v}" for v in categories)
     X = torch.as_tensor(np.concatenate(blocks, axis=1), dtype=dtype)
-    y = torch.as_tensor(np.isin(outcome, _LABELS[label]).astype(np.int64))
-    return Readmission(
-        X=X, y=y, feature_names=names, numeric=numeric, age=np.array(columns["age"]), readmitted=outcome,
-        encounter_id=_integers(columns["encounter_id"], "encounter_id", name, lines), patient_nbr=_integers(columns["patient_nbr"], "patient_nbr", name, lines),
-        label=label, source=source,
-    )
+    return X, names, numeric
 
 
 def _integers(texts: list[str], column: str, name: str, lines: list[int]) -> np.ndarray:

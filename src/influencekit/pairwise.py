@@ -1,0 +1,141 @@
+"""The training side of the score products −Qᵀ∇L(z): preconditioned queries against every training gradient.
+
+Each process scores its shard's training examples (all of them alone); blocks are gathered on every rank,
+top-k lists merged from each rank's own. When the solver's results lie in a small orthonormal basis B
+(:meth:`~influencekit.solvers.Solver.solution_basis`) the training gradients are projected onto it once and
+kept: qᵀg = (qBᵀ)(Bg), so a score costs r products instead of n_params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+
+from .data.examples import Examples
+from .distributed import Shard
+from .gradients import GradientSource, matmul_precision
+from .solvers import Solver, SolveReport
+from .topk import StreamingTopK
+
+__all__ = ["TrainingSide", "Coordinates"]
+
+
+class Coordinates(NamedTuple):
+    """Training gradients of the examples ``start .. stop − 1`` projected onto ``basis``: ``Z = G Bᵀ``."""
+
+    basis: torch.Tensor
+    start: int
+    stop: int
+    Z: torch.Tensor
+
+
+class TrainingSide:
+    """Score blocks of preconditioned queries against this process's training examples."""
+
+    def __init__(self, gradients: GradientSource, train: Examples, shard: Shard, precision: str) -> None:
+        self.gradients = gradients
+        self.train = train
+        self.shard = shard
+        self.precision = precision
+        self.coordinates: Coordinates | None = None  # kept until the next fit
+
+    def basis_for(self, solver: Solver, n_test: int) -> torch.Tensor | None:
+        """The solver's solution basis ``(r, n_params)`` when scoring in it is cheaper, else None.
+
+        Worth it when r < n_test (projecting costs r products per training gradient, the direct route n_test),
+        or when the projections are already kept."""
+        basis = solver.solution_basis()
+        if basis is None or basis.shape[0] >= self.gradients.layout.n:
+            return None
+        kept = self.coordinates is not None and self.coordinates.basis is basis
+        return basis if (kept or basis.shape[0] < n_test) else None
+
+    @staticmethod
+    def space_name(basis: torch.Tensor | None) -> str:
+        return "parameters" if basis is None else f"solver basis (rank {basis.shape[0]})"
+
+    def rows(self, basis: torch.Tensor | None, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Training-side rows of this process's shard in chunks: gradients, or their coordinates in ``basis``."""
+        start, stop = self.shard.start, self.shard.stop
+        if basis is None:
+            yield from self.gradients.stream(self.train, side="train", start=start, stop=stop, desc=desc)
+            return
+        c = self.coordinates
+        if c is None or c.basis is not basis or (c.start, c.stop) != (start, stop):
+            Z = torch.empty(stop - start, basis.shape[0], dtype=basis.dtype, device=basis.device)
+            for lo, G in self.gradients.stream(self.train, side="train", start=start, stop=stop, desc=f"{desc} (projecting onto the solver's basis)"):
+                Z[lo - start:lo - start + len(G)] = G @ basis.T
+            self.coordinates = c = Coordinates(basis, start, stop, Z)
+        step = self.gradients.chunk
+        for lo in range(start, stop, step):
+            yield lo, c.Z[lo - start:min(lo + step, stop) - start]
+
+    def product(self, Qs: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Scores −Qs Gᵀ of a block of preconditioned queries against training rows, in ``precision``."""
+        if self.precision == "bf16":
+            return -(Qs.to(torch.bfloat16) @ G.to(torch.bfloat16).T).to(Qs.dtype)
+        with matmul_precision(self.precision):
+            return -(Qs @ G.T)
+
+    def score_rows(self, Q: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+        """−Qᵀ∇L(z) for every training point z, ``(len(Q), n_train)`` on every rank."""
+        start, stop = self.shard.start, self.shard.stop
+
+        def local() -> torch.Tensor:
+            block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
+            Qs = Q if basis is None else Q @ basis.T
+            for lo, G in self.rows(basis, "scoring"):
+                block[:, lo - start:lo - start + len(G)] = self.product(Qs, G)
+            return block
+
+        return self.shard.gather_columns(self.shard.local(local))
+
+    def top_k(self, Q: torch.Tensor, basis: torch.Tensor | None, k: int) -> tuple[StreamingTopK, StreamingTopK]:
+        """The ``k`` most negative (helpful) and most positive (harmful) scores per query, over every rank."""
+
+        def local() -> tuple[StreamingTopK, StreamingTopK]:
+            helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)  # of −S
+            harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+            Qs = Q if basis is None else Q @ basis.T
+            for lo, G in self.rows(basis, "top-k"):
+                S = self.product(Qs, G)
+                helpful.add_block(-S, lo)
+                harmful.add_block(S, lo)
+            return helpful, harmful
+
+        helpful, harmful = self.shard.local(local)
+        return helpful.merged(self.shard), harmful.merged(self.shard)
+
+    def self_influence(self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
+                       ) -> tuple[torch.Tensor, list[SolveReport]]:
+        """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point on every rank, and the reports of the solves.
+
+        With the solver's quadratic form: each rank its own shard, then gathered. Else one block solve per
+        gradient chunk, the chunks the same as in one process: each rank computes the gradients of the chunk's
+        examples in its shard, the chunk is gathered and solved by all ranks together."""
+        n, shard, source = len(self.train), self.shard, self.gradients
+        layout = source.layout
+        out = torch.empty(n, dtype=layout.dtype, device=layout.device)
+        reports: list[SolveReport] = []
+        if "quadratic_form" in solver.capabilities:  # no solve
+            def local() -> torch.Tensor:
+                part = torch.empty(shard.stop - shard.start, dtype=out.dtype, device=out.device)
+                for lo, G in source.stream(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence"):
+                    part[lo - shard.start:lo - shard.start + len(G)] = solver.quadratic_form(G)
+                return part
+
+            out[:] = shard.gather_columns(shard.local(local))
+            return out, reports
+        for lo in range(0, n, source.chunk):
+            hi = min(lo + source.chunk, n)
+            a, b = max(lo, shard.start), min(hi, shard.stop)
+            counts = [max(0, min(hi, e) - max(lo, s)) for s, e in shard.bounds]
+            mine = shard.local(lambda: torch.cat([g for _, g in source.stream(self.train, side="train", start=a, stop=b, desc="self-influence")])
+                               if b > a else torch.zeros(0, layout.n, dtype=out.dtype, device=out.device))
+            G = shard.gather_rows(mine, counts)
+            X, report = solve(G)
+            reports.append(report)
+            out[lo:hi] = (X * G).sum(dim=1)
+        return out, reports

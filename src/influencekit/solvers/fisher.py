@@ -1,0 +1,141 @@
+"""The passes behind K-FAC/EK-FAC's factors: output gradients at labels drawn from the model's own predictions.
+
+For each chunk of this rank's examples, the layers' inputs (once) and the output gradients of the loss at
+relabelled batches: labels sampled from the model's predictive distribution (``"sampled"``: the true Fisher),
+every label weighted by its probability (``"expected"``), or the true labels (``"empirical"``). Sampled
+labels depend only on the seed and the example's global index (one generator per block of ``DRAW_BLOCK``
+consecutive examples), so neither the chunk size nor sharding changes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..autodiff import ParamLayout, per_example_grads
+from ..curvature import LayerData
+from ..errors import UnsupportedError
+from ..layers import LayerBlock, LayerTaps
+from ..task import ClassificationTask, RegressionTask, Task
+
+__all__ = ["FisherPasses", "FISHERS", "DRAW_BLOCK", "loss_kind"]
+
+FISHERS = ("sampled", "expected", "empirical")
+# examples per seeded generator of sampled labels: the draws of example i come from block i // DRAW_BLOCK
+DRAW_BLOCK = 256
+
+Pass = tuple["list[torch.Tensor] | None", "list[torch.Tensor]", "torch.Tensor | None"]
+
+
+def loss_kind(task: Task) -> str:
+    """'classification' or 'regression'; UnsupportedError for losses whose Fisher is not known here."""
+    for cls, kind in ((ClassificationTask, "classification"), (RegressionTask, "regression")):
+        if isinstance(task, cls) and type(task).loss is cls.loss:
+            return kind
+    raise UnsupportedError(
+        f"the kfac/ekfac solvers need a loss whose Gauss-Newton/Fisher factors are defined: ClassificationTask "
+        f"(cross-entropy or logistic) or RegressionTask (squared error), with their own loss(). Got "
+        f"{type(task).__name__}; use solver='cg' or solver='exact' for it."
+    )
+
+
+def with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
+    """``batch`` with its labels replaced by ``target``."""
+    if isinstance(batch, dict):
+        return {**batch, task.target_key: target}
+    return type(batch)((*batch[:-1], target)) if isinstance(batch, tuple) else [*batch[:-1], target]
+
+
+class FisherPasses:
+    """Label variants and tapped backward passes for one ``fisher`` kind, ``samples`` and ``seed``."""
+
+    def __init__(self, fisher: str, samples: int, seed: int) -> None:
+        self.fisher, self.samples, self.seed = fisher, samples, seed
+
+    def draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
+
+        Example i's numbers come from the generator of block i // DRAW_BLOCK, seeded by (seed, block), at a
+        fixed place in it: they depend on ``seed`` and i only, not on the chunking or on a rank's shard.
+        """
+        first, last = lo // DRAW_BLOCK, (lo + B - 1) // DRAW_BLOCK
+        blocks = []
+        for b in range(first, last + 1):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(np.random.SeedSequence([abs(self.seed), int(self.seed < 0), b]).generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            shape = (DRAW_BLOCK, self.samples, width)
+            blocks.append(torch.randn(shape, dtype=dtype, device=device, generator=gen) if normal
+                          else torch.rand(shape, dtype=dtype, device=device, generator=gen))
+        rows = torch.cat(blocks)[lo - first * DRAW_BLOCK:lo - first * DRAW_BLOCK + B]
+        return rows.transpose(0, 1)
+
+    def variants(self, kind: str, batch: Any, out: torch.Tensor, task: Any, lo: int) -> list[tuple[Any, torch.Tensor]]:
+        """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
+
+        ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
+        _, target = task.split(batch)
+        B = out.shape[0]
+        ones = torch.ones(B, dtype=out.dtype, device=out.device)
+        if self.fisher == "empirical":
+            return [(batch, ones)]
+        if kind == "classification":
+            return self._classification(batch, out, task, lo, target, ones)
+        # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
+        f = out.reshape(target.shape).to(out.dtype)
+        m = f[0].numel()
+        scale = math.sqrt(m / 2.0)
+        if self.fisher == "sampled":
+            eps = self.draws(lo, B, m, normal=True, dtype=f.dtype, device=f.device)
+            return [(with_target(task, batch, f + scale * e.reshape(f.shape)), ones / self.samples) for e in eps]
+        variants = []
+        for j in range(m):
+            e = torch.zeros(m, dtype=f.dtype, device=f.device)
+            e[j] = scale
+            variants.append((with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
+        return variants
+
+    def _classification(self, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
+                        ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+        B = out.shape[0]
+        if out.dim() == 2 and out.shape[1] > 1:
+            p = torch.softmax(out, dim=1)
+            if self.fisher == "sampled":  # inverse CDF of each example's own uniform draw
+                U = self.draws(lo, B, 1, normal=False, dtype=p.dtype, device=p.device)
+                cdf = p.cumsum(dim=1)
+                Y = [(cdf < u).sum(dim=1).clamp_max(p.shape[1] - 1) for u in U]
+                return [(with_target(task, batch, y.to(target.dtype)), ones / self.samples) for y in Y]
+            return [(with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
+        q = torch.sigmoid(out.reshape(B))
+        if self.fisher == "sampled":
+            U = self.draws(lo, B, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
+            return [(with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
+        return [(with_target(task, batch, torch.ones_like(target)), q), (with_target(task, batch, torch.zeros_like(target)), 1 - q)]
+
+    def run(self, data: LayerData, layers: list[LayerBlock], leftover: list[str], layer_inputs: Any) -> Iterator[Pass]:
+        """Yield, per chunk and label variant: (layer inputs per layer via ``layer_inputs(layer, x)`` on the first
+        variant else None, output gradients (B,T,out) per layer, per-example gradients of the leftover parameters
+        (B, p) or None)."""
+        task, params = data.task, data.params
+        kind = loss_kind(task)
+        leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
+        with LayerTaps(layers) as taps:
+            for lo, batch in data.batches():
+                inputs, _ = task.split(batch)
+                with torch.no_grad():
+                    out = task.forward(params, *inputs)
+                for v, (vbatch, w) in enumerate(self.variants(kind, batch, out, task, lo)):
+                    raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
+                    A_in = [layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
+                    G_out = [layer.output_grads(g, dtype=torch.float64, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
+                    extra = None
+                    if leftover_layout is not None:
+                        def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
+                            inner, sw_ = b
+                            return sw_ * task.loss({**params, **p}, inner)
+
+                        extra, _ = per_example_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
+                    yield A_in, G_out, extra

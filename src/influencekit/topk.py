@@ -1,0 +1,45 @@
+"""Streaming top-k: the k largest values per row of a matrix seen in column blocks, never held whole.
+
+Used by :meth:`Influence.top_k <influencekit.Influence.top_k>` (per rank, then merged across ranks) and by
+:meth:`GradientStore.top_k <influencekit.GradientStore.top_k>`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .distributed import Shard
+
+__all__ = ["StreamingTopK"]
+
+
+class StreamingTopK:
+    """The ``k`` largest values of each of ``rows`` rows, and their column indices, over blocks of columns."""
+
+    def __init__(self, rows: int, k: int, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        self.k = int(k)
+        self.values = torch.empty(rows, 0, dtype=dtype, device=device)
+        self.indices = torch.empty(rows, 0, dtype=torch.long, device=device)
+
+    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Merge a block ``values`` ``(rows, m)`` whose columns have the indices ``indices`` ``(rows, m)``."""
+        vals = torch.cat([self.values, values], dim=1)
+        idx = torch.cat([self.indices, indices], dim=1)
+        top, pos = torch.topk(vals, min(self.k, vals.shape[1]), dim=1)
+        self.values, self.indices = top, torch.gather(idx, 1, pos)
+
+    def add_block(self, values: torch.Tensor, first: int) -> None:
+        """Merge a block ``values`` ``(rows, m)`` of the consecutive columns ``first .. first + m − 1``."""
+        idx = torch.arange(first, first + values.shape[1], device=values.device).expand(values.shape[0], -1)
+        self.update(values, idx)
+
+    def merged(self, shard: Shard) -> "StreamingTopK":
+        """Every rank's top-k of its own shard's columns merged into the top-k over all columns (on every rank):
+        ``(rows, k·world)`` candidates travel, never the whole matrix."""
+        widths = [min(self.k, stop - start) for start, stop in shard.bounds]
+        values = shard.gather_columns(self.values, widths)
+        if values is self.values:  # nothing came from other ranks (a single process): already the answer
+            return self
+        out = StreamingTopK(self.values.shape[0], self.k, dtype=self.values.dtype, device=self.values.device)
+        out.update(values, shard.gather_columns(self.indices, widths))
+        return out

@@ -1,0 +1,162 @@
+"""The package's shape, checked from its source: the layer order of docs/ARCHITECTURE.md, no import circles,
+no module importing another's private names, and the size limits of classes and functions.
+
+Imports are read with ``ast`` (no import is executed). Imports inside ``if TYPE_CHECKING:`` are annotations
+only and are not counted; imports inside functions (lazy imports) are.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "influencekit"
+
+# Bottom to top: a module may import modules of its own layer or of the layers below, never above.
+# Patterns name modules relative to the package ("solvers.*" is every module of the solvers folder).
+LAYERS: list[tuple[str, list[str]]] = [
+    ("foundations", ["errors", "progress", "checks", "folders"]),
+    ("data and model", ["autodiff", "data", "data.*", "distributed", "spectrum", "projection", "results", "task"]),
+    ("structure", ["layers", "topk", "curvature", "report", "report.*"]),
+    ("operators and gradients", ["hessian", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
+    ("solvers", ["solvers", "solvers.*"]),
+    ("engine parts", ["config", "persistence", "pairwise", "perturbation", "training", "planner"]),
+    ("engine", ["scoring"]),
+    ("built on the engine", ["store", "models", "models.*", "sklearn_interop", "validation", "validation.*"]),
+    ("applications", ["applications", "applications.*"]),
+    ("experiments", ["experiments", "experiments.*"]),
+    ("command line", ["cli"]),
+    ("public API", [""]),
+]
+
+MAX_CLASS_LINES = 300
+MAX_FUNCTION_LINES = 80
+# Functions allowed over MAX_FUNCTION_LINES, with the reason (docs/ARCHITECTURE.md repeats it).
+LONG_FUNCTIONS: dict[str, str] = {}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> int:
+    for i, (_, patterns) in enumerate(LAYERS):
+        if any(fnmatch.fnmatchcase(module, p) for p in patterns):
+            return i
+    raise AssertionError(f"module {module!r} is in no layer of tests/test_architecture.py: add it (and to docs/ARCHITECTURE.md)")
+
+
+def _type_checking_lines(tree: ast.AST) -> set[int]:
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for child in node.body:
+                lines.update(range(child.lineno, child.end_lineno + 1))
+    return lines
+
+
+def _imports(module: str) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) for every runtime import of a package module by ``module``."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_lines(tree)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.lineno in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and (node.module == "influencekit" or node.module.startswith("influencekit.")):
+                target = node.module.removeprefix("influencekit").lstrip(".")
+            else:
+                continue
+            names = [a.name for a in node.names]
+            submodules = [f"{target}.{n}".lstrip(".") for n in names if f"{target}.{n}".lstrip(".") in MODULES]
+            for sub in submodules:
+                found.append((sub, [], node.lineno))
+            rest = [n for n in names if f"{target}.{n}".lstrip(".") not in MODULES]
+            if rest or not submodules:
+                found.append((target, rest, node.lineno))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "influencekit" or alias.name.startswith("influencekit."):
+                    found.append((alias.name.removeprefix("influencekit").lstrip("."), [], node.lineno))
+    return [(t, n, line) for t, n, line in found if t != module]
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    upward = []
+    for module in sorted(MODULES):
+        mine = _layer(module)
+        for target, _, line in _imports(module):
+            if target not in MODULES:
+                continue
+            if _layer(target) > mine:
+                upward.append(f"{module or 'influencekit'} (layer {LAYERS[mine][0]!r}) imports {target} "
+                              f"(layer {LAYERS[_layer(target)][0]!r}) at line {line}")
+    assert not upward, "upward imports:\n" + "\n".join(upward)
+
+
+def test_there_are_no_import_circles():
+    graph = {m: sorted({t for t, _, _ in _imports(m) if t in MODULES}) for m in MODULES}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import circles:\n" + "\n".join(cycles)
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = [f"{m or 'influencekit'} imports {n!r} from {t} (line {line})"
+               for m in sorted(MODULES) for t, names, line in _imports(m) for n in names
+               if n.startswith("_") and not n.startswith("__")]
+    assert not private, "\n".join(private)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_classes_and_functions_stay_small(module):
+    tree = ast.parse(MODULES[module].read_text())
+    too_long = []
+    for node in ast.walk(tree):
+        size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+        if isinstance(node, ast.ClassDef) and size > MAX_CLASS_LINES:
+            too_long.append(f"class {node.name}: {size} lines > {MAX_CLASS_LINES}")
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > MAX_FUNCTION_LINES \
+                and f"{module}.{node.name}" not in LONG_FUNCTIONS:
+            too_long.append(f"function {node.name}: {size} lines > {MAX_FUNCTION_LINES}")
+    assert not too_long, f"{module}: " + "; ".join(too_long)
+
+
+def test_the_checker_sees_a_known_import_and_refuses_an_unplaced_module():
+    # the checker itself: scoring's import of the solvers must be found, and a module in no layer refused
+    assert any(t == "solvers" for t, _, _ in _imports("scoring"))
+    assert _layer("solvers.cg") == _layer("solvers") and _layer("errors") < _layer("scoring") < _layer("cli")
+    with pytest.raises(AssertionError, match="in no layer"):
+        _layer("no_such_module")
