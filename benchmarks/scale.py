@@ -9,7 +9,7 @@ repeated when the folder is absent). Then, for each solver, a fresh Python proce
 
     t_fit   = time of ik.Influence(task, train, solver=..., damping=...).fit()
     t_score = time of inf.scores(test)               # n_test × n_train pairwise scores
-    t_grad  = time of one per-example-gradient pass over the training set (inf._grads, discarded chunks)
+    t_grad  = time of one per-example-gradient pass over the training set (inf.gradients_.stream, discarded chunks)
 
 and reports ``(t_fit + t_score) / t_grad`` (target < 3) and its own peak resident memory (``VmHWM``, target
 < 4 GB). A separate process runs :meth:`Influence.plan` first, so that the planner's estimate of every stage
@@ -147,15 +147,15 @@ def worker(args: argparse.Namespace) -> None:
     grads = []
     for _ in range(2):  # the best of two passes: the first may pay for fresh pages
         start = time.perf_counter()
-        for _lo, _G in inf._grads(inf.train_, train_side=True):
+        for _lo, _G in inf.gradients_.stream(inf.train_, side="train"):
             pass
         grads.append(time.perf_counter() - start)
     out["t_grad"] = min(grads)
     out["score_space"] = space
     out["gradients"] = dict(inf.gradient_methods_)
-    inf.gradients, inf._pex = "vmap", {}  # the same pass through vmap(grad), for the record
+    vmapped = ik.GradientSource(inf.task, inf.params_, chunk=inf.chunks_.grad, method="vmap")  # the same pass through vmap(grad)
     start = time.perf_counter()
-    for _lo, _G in inf._grads(inf.train_, train_side=True):
+    for _lo, _G in vmapped.stream(inf.train_, side="train"):
         pass
     out["t_grad_vmap"] = time.perf_counter() - start
     Path(args.out).write_text(json.dumps(out))

@@ -11,7 +11,7 @@ For every (problem, solver) pair a fresh Python process (``subprocess``) loads t
 
     t_fit   = time of ik.Influence(task, train, solver=..., damping=...).fit()
     t_score = time of inf.scores(test)          # all 597 test points × all 1,200 training points
-    t_grad  = time of list(inf._grads(inf.train_, train_side=True))   # one per-example-gradient pass
+    t_grad  = time of list(inf.gradients_.stream(inf.train_, side="train"))   # one per-example-gradient pass
                                                 # over the training set, best of 10: 5 after fit, 5 after scoring
 
 and reports its own peak resident memory (``VmHWM`` on Linux, else ``ru_maxrss``) and the resident
@@ -131,7 +131,7 @@ def worker(args: argparse.Namespace) -> None:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            list(inf._grads(inf.train_, train_side=True))
+            list(inf.gradients_.stream(inf.train_, side="train"))
             times.append(time.perf_counter() - t0)
         return times
 
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Source: {source_line()}.",
             "",
             "Times are wall-clock seconds, and multiples (`/grad`) of one per-example-gradient pass over the 1,200 training "
-            "points. Each worker times `list(inf._grads(inf.train_, train_side=True))` 10 times (5 after `fit`, 5 after "
+            "points. Each worker times `list(inf.gradients_.stream(inf.train_, side="train"))` 10 times (5 after `fit`, 5 after "
             "`scores`) and keeps the fastest (`own grad pass`); the unit of the `/grad` columns is the fastest of these "
             f"over the problem's workers ({', '.join(f'{k}: {v * 1e3:.0f} ms' for k, v in reference_grad(results).items())}). "
             "Peak RSS is the worker process's high-water mark (`VmHWM` from /proc; `ru_maxrss` would report the parent's "

@@ -18,6 +18,7 @@ from .errors import (
     StationarityWarning,
     UnsupportedError,
 )
+from .gradients import GradientSource
 from .hessian import HessianOperator
 from .projection import Projector
 from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
@@ -47,6 +48,7 @@ __all__ = [
     "TopK",
     "CONVENTION",
     "HessianOperator",
+    "GradientSource",
     "Solver",
     "SolveReport",
     "ExactSolver",
