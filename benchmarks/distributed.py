@@ -96,7 +96,7 @@ def main() -> None:
                 scores = runs[0]["scores"]
                 if base is None:
                     base = (total, scores)
-                diff = float(((scores - base[1]).abs().max() / base[1].abs().max()))
+                diff = float((scores - base[1]).abs().max() / base[1].abs().max())
                 print(f"{solver:7} {world:>2} {times['fit']:8.2f} {times['scores']:9.2f} {times['self']:8.2f} {total:8.2f} "
                       f"{base[0] / total:9.2f} {diff:13.1e}")
 

@@ -74,8 +74,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,7 +196,7 @@ class Timer:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
 
-    def __call__(self, name: str) -> "Timer":
+    def __call__(self, name: str) -> Timer:
         self._name = name
         return self
 

@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Source: {source_line()}.",
             "",
             "Times are wall-clock seconds, and multiples (`/grad`) of one per-example-gradient pass over the 1,200 training "
-            "points. Each worker times `list(inf.gradients_.stream(inf.train_, side="train"))` 10 times (5 after `fit`, 5 after "
+            "points. Each worker times `list(inf.gradients_.stream(inf.train_, side='train'))` 10 times (5 after `fit`, 5 after "
             "`scores`) and keeps the fastest (`own grad pass`); the unit of the `/grad` columns is the fastest of these "
             f"over the problem's workers ({', '.join(f'{k}: {v * 1e3:.0f} ms' for k, v in reference_grad(results).items())}). "
             "Peak RSS is the worker process's high-water mark (`VmHWM` from /proc; `ru_maxrss` would report the parent's "

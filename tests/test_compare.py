@@ -22,7 +22,6 @@ from influencekit.models.kernel_svm import RBFFeatures, fit_rbf_svm, rbf_gamma
 from influencekit.models.svm import HingeSVMRetrain
 from influencekit.validation import leave_one_out
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

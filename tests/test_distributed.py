@@ -263,6 +263,7 @@ def test_error_paths_end_every_rank(problem, tmp_path):
         if name.startswith("grads-"):
             assert r0["gradient_store"]["files"][name] == data, name
     import io
+
     import numpy as np
 
     ptp = np.load(io.BytesIO(r0["gradient_store"]["files"]["curvature.npy"]))

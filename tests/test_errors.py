@@ -593,7 +593,7 @@ def test_memory_budget_infinite_string(task, data, budget):
 ], ids=["shuffle=True", "RandomSampler"])
 def test_shuffling_dataloader(task, data, make):
     loader = make(TensorDataset(*data))
-    with pytest.raises(ik.InputError, match=r"`train` must be a DataLoader that keeps the dataset order \(shuffle=False, no sampler\)\. Got a DataLoader with a RandomSampler.*pass DataLoader\(dataset, shuffle=False\) or the dataset itself"):
+    with pytest.raises(ik.InputError, match=r"`train` must be a DataLoader that keeps the dataset order \(shuffle=False, no sampler\)\. Got a DataLoader with a RandomSampler.*pass DataLoader\(dataset, shuffle=False\) or the dataset itself"):  # noqa: E501
         ik.Influence(task, loader).fit()
 
 
@@ -775,7 +775,7 @@ def test_exact_solver_singular_hessian(data):
 # ============================================================================ stationarity
 def test_stationarity_warning_names_the_gradient_norm(data):
     inf = ik.Influence(untrained_task(), data, solver="exact")
-    with pytest.warns(ik.StationarityWarning, match=r"far from a stationary point of the training objective: \|\|grad R\(theta\)\|\| = [0-9.e+-]+ > stationarity_tol=0\.001\..*train longer or check that `l2` matches") as record:
+    with pytest.warns(ik.StationarityWarning, match=r"far from a stationary point of the training objective: \|\|grad R\(theta\)\|\| = [0-9.e+-]+ > stationarity_tol=0\.001\..*train longer or check that `l2` matches") as record:  # noqa: E501
         inf.fit()
     message = next(str(w.message) for w in record if issubclass(w.category, ik.StationarityWarning))
     shown = float(re.search(r"= ([0-9.e+-]+) >", message).group(1))

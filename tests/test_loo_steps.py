@@ -9,7 +9,6 @@ import influencekit as ik
 from influencekit.data.bundled import load_digits_split
 from influencekit.validation import StepRetrain, leave_one_out
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

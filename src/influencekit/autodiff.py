@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.func import grad, grad_and_value, jvp, vmap
@@ -40,7 +40,7 @@ class ParamLayout:
     device: torch.device
 
     @classmethod
-    def of(cls, params: dict[str, torch.Tensor]) -> "ParamLayout":
+    def of(cls, params: dict[str, torch.Tensor]) -> ParamLayout:
         tensors = list(params.values())
         dtypes = {t.dtype for t in tensors}
         devices = {t.device for t in tensors}
@@ -157,7 +157,7 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Par
         return vmap(one)(V)
 
 
-InputPath = Union[int, str, None]  # where the input sits in a batch: tuple position, dict key, or the batch itself
+InputPath = int | str | None  # where the input sits in a batch: tuple position, dict key, or the batch itself
 
 
 def input_leaf(batch: Any, where: InputPath) -> torch.Tensor:

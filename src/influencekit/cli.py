@@ -101,8 +101,8 @@ def fig2(
     seed: int = typer.Option(0, help="Seed of the train/test split and the CNN's initialisation."),
 ) -> None:
     """Figure 2: influence vs leave-one-out retraining on MNIST (logistic regression; tanh CNN with damping)."""
-    from .experiments.retraining import run_fig2_cnn, run_fig2_logistic
     from .errors import InputError
+    from .experiments.retraining import run_fig2_cnn, run_fig2_logistic
 
     if part not in ("logistic", "cnn", "both"):
         raise InputError(f"`--part` must be logistic, cnn or both. Got {part!r}.")
@@ -133,8 +133,8 @@ def fig3(
     seed: int = typer.Option(0, help="Seed of the train/test split and the random training points."),
 ) -> None:
     """Figure 3: smooth-hinge influence of a true-hinge linear SVM (MNIST 1 vs 7) vs exact retraining."""
-    from .experiments.retraining import run_fig3
     from .errors import InputError
+    from .experiments.retraining import run_fig3
 
     try:
         temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
@@ -216,7 +216,7 @@ def attack(
     try:
         pair, sizes = tuple(int(c) for c in classes.split(",")), tuple(int(k) for k in n_perturb.split(",") if k.strip())
     except ValueError:
-        raise typer.BadParameter(f"--classes and --n-perturb take comma-separated integers. Got {classes!r} and {n_perturb!r}.")
+        raise typer.BadParameter(f"--classes and --n-perturb take comma-separated integers. Got {classes!r} and {n_perturb!r}.") from None
     result = run_attack_experiment(
         out, mnist=mnist, classes=pair, n_perturb=sizes,
         max_targets=max_targets or None, eps=eps, step=step, max_iter=max_iter, multi_size=multi_size,

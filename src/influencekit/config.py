@@ -49,7 +49,7 @@ class InfluenceConfig:
     @classmethod
     def from_arguments(cls, *, solver: str | Solver, damping: float, solver_options: dict[str, Any] | None, batch_size: int | None,
                        memory_budget: int | str, stationarity_tol: float, progress: bool, distributed: bool | None,
-                       gradients: str, cache_dir: str | os.PathLike | None, precision: str) -> "InfluenceConfig":
+                       gradients: str, cache_dir: str | os.PathLike | None, precision: str) -> InfluenceConfig:
         """Check every argument (raising the error that names it) and make the solver."""
         damping = check_number("damping", damping, low=0.0)
         options = dict(solver_options or {})
@@ -79,7 +79,7 @@ class Provenance:
     precision: str
 
     @classmethod
-    def of(cls, task: Task, solver: Solver, config: InfluenceConfig, params: dict[str, torch.Tensor], n_train: int) -> "Provenance":
+    def of(cls, task: Task, solver: Solver, config: InfluenceConfig, params: dict[str, torch.Tensor], n_train: int) -> Provenance:
         layout = ParamLayout.of(params)
         return cls(task.describe(), solver.describe(), config.damping, str(layout.dtype),
                    tuple((name, tuple(shape)) for name, shape in zip(layout.names, layout.shapes)), layout.n, n_train,

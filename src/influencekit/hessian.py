@@ -213,7 +213,7 @@ class HessianOperator:
         return self._check(H)
 
 
-def check_curvature(operator: "HessianOperator", *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
+def check_curvature(operator: HessianOperator, *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
     """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs; warns with
     :class:`~influencekit.errors.CurvatureWarning` and a damping that removes the negative curvature when λ_min ≤ 0."""
     lo, hi = lanczos_extremes(operator.matvec, operator.n_params, steps=steps, dtype=operator.dtype, device=operator.device, seed=seed)

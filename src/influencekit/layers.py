@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils._pytree import tree_map
 
 from .autodiff import LossFn, ParamLayout, per_example_grads
@@ -193,7 +192,7 @@ class LayerTaps:
         self._on = False
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "LayerTaps":
+    def __enter__(self) -> LayerTaps:
         for block in self.blocks:
             self._handles.append(block.module.register_forward_hook(self._hook(block)))
         return self

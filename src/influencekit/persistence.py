@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from .config import Provenance
+from .curvature import CurvatureOperator
 from .distributed import Shard
 from .folders import atomic_write, open_folder
 from .solvers import Solver
-from .curvature import CurvatureOperator
 
 __all__ = ["SolverCache", "ScoreFolder", "SOLVER_STATE", "DATA_HEAD"]
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["perturbation_scores"]
 
 
-def perturbation_scores(influence: "Influence", test: Examples, indices: list[int], input: InputPath | str = "auto"
+def perturbation_scores(influence: Influence, test: Examples, indices: list[int], input: InputPath | str = "auto"
                         ) -> tuple[torch.Tensor, list[SolveReport]]:
     """I_pert,loss of the training points ``indices`` on every test point, ``(n_test, len(indices), *x.shape[1:])``.
 

@@ -172,7 +172,7 @@ def _fmt_seconds(s: float) -> str:
         return f"{s:.3g} s"
     return f"{s * 1e3:.3g} ms"
 
-def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
+def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
     """Estimate the memory and time of ``influence.fit()`` followed by ``scores`` on ``n_test`` test points.
 
     Runs only a probe on ``min(n_train, probe_examples)`` training examples (see the module docstring for
@@ -214,7 +214,7 @@ def plan_influence(influence: "Influence", n_test: int, *, probe_examples: int =
     )
 
 
-def _measure(influence: "Influence", train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
+def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
              m: int, n_test: int, cg_iterations: int) -> tuple[CostProbe, str]:
     """The probe: unit costs timed on the first m training examples, and the sizes a solver's cost needs.
     Returns it with the per-example-gradient method that scores will use."""

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -126,7 +126,7 @@ class Influence:
         self.distributed, self.gradients, self.cache_dir, self.precision = distributed, gradients, cache_dir, precision
 
     # ------------------------------------------------------------------------------------------ fit
-    def fit(self) -> "Influence":
+    def fit(self) -> Influence:
         """Check the data and θ̂, measure ‖∇R(θ̂)‖, and fit the solver on H + δI. Returns ``self``."""
         self.task.check_mode()
         config, solver = self.config, self.config.solver
@@ -179,7 +179,7 @@ class Influence:
         """sha256 of the first ``examples`` examples of ``data`` as the engine sees them (the manifests' data check)."""
         return fingerprint(self.gradients_.take(data, range(min(len(data), examples))))
 
-    def plan(self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100) -> "Plan":
+    def plan(self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
         """Estimated memory and time of ``fit()`` then ``scores`` on ``n_test`` test points, without running them.
 
         A short timed probe on ``probe_examples`` training examples, extrapolated to the data size; returns a

@@ -35,9 +35,9 @@ import torch
 from .checks import check_int, check_number
 from .data.examples import Examples
 from .errors import InputError, InputTypeError, NumericalError
+from .folders import atomic_write, open_folder
 from .progress import progress_bar
 from .projection import Projector
-from .folders import atomic_write, open_folder
 from .results import InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
 from .topk import StreamingTopK
@@ -110,7 +110,7 @@ class GradientStore:
         chunk: int = 1024,
         projection_chunk: int = 4096,
         progress: bool = False,
-    ) -> "GradientStore":
+    ) -> GradientStore:
         """Compute, project and write the training gradients of a fitted ``influence``, or resume/reopen.
 
         Args:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from .errors import InfluenceKitWarning, InputError, InputTypeError
 __all__ = ["Task", "ClassificationTask", "RegressionTask", "SmoothHingeTask", "smooth_hinge", "Params"]
 
 Params = dict[str, torch.Tensor]
-ParamSelector = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+ParamSelector = None | str | Sequence[str] | Callable[[str, nn.Parameter], bool]
 
 
 def _unwrap(model: Any) -> nn.Module:

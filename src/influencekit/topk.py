@@ -33,7 +33,7 @@ class StreamingTopK:
         idx = torch.arange(first, first + values.shape[1], device=values.device).expand(values.shape[0], -1)
         self.update(values, idx)
 
-    def merged(self, shard: Shard) -> "StreamingTopK":
+    def merged(self, shard: Shard) -> StreamingTopK:
         """Every rank's top-k of its own shard's columns merged into the top-k over all columns (on every rank):
         ``(rows, k·world)`` candidates travel, never the whole matrix."""
         widths = [min(self.k, stop - start) for start, stop in shard.bounds]

@@ -28,8 +28,8 @@ import csv
 import math
 import os
 from collections import Counter
-from contextlib import closing
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

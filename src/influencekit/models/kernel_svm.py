@@ -53,7 +53,7 @@ class RBFFeatures(nn.Module):
         self.register_buffer("b", b)  # exact: Λ^{-1/2}Uᵀ scaled basis (n, m); fourier: phases (D,)
 
     @classmethod
-    def exact(cls, X: torch.Tensor, gamma: float, *, rtol: float = 1e-10) -> "RBFFeatures":
+    def exact(cls, X: torch.Tensor, gamma: float, *, rtol: float = 1e-10) -> RBFFeatures:
         """The empirical kernel map of the training inputs ``X`` through the eigendecomposition of their Gram matrix."""
         flat = X.reshape(len(X), -1).to(torch.float64)
         K = torch.exp(-gamma * torch.cdist(flat, flat).square())
@@ -66,7 +66,7 @@ class RBFFeatures(nn.Module):
         return cls("exact", gamma, flat, basis, text)
 
     @classmethod
-    def fourier(cls, d: int, gamma: float, *, n_features: int, seed: int = 0) -> "RBFFeatures":
+    def fourier(cls, d: int, gamma: float, *, n_features: int, seed: int = 0) -> RBFFeatures:
         """``n_features`` random Fourier features of the RBF kernel on ``d`` input coordinates."""
         g = torch.Generator().manual_seed(seed)
         W = torch.randn(n_features, d, generator=g, dtype=torch.float64) * np.sqrt(2.0 * gamma)

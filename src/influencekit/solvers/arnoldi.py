@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from ..checks import check_int
+from ..curvature import CurvatureOperator
 from ..errors import CurvatureWarning, InputError, NumericalError
 from ..spectrum import lanczos
-from ..curvature import CurvatureOperator
 from .base import Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 

@@ -110,7 +110,7 @@ class Solver:
         """Estimated seconds and bytes of ``fit`` and of one block solve on the planner's ``probe``; here unknown (nan)."""
         return unknown_cost(self.name, probe)
 
-    def fit(self, operator: CurvatureOperator) -> "Solver":
+    def fit(self, operator: CurvatureOperator) -> Solver:
         """Do the expensive preparation on ``operator`` (an :class:`~influencekit.hessian.HessianOperator`)."""
         self.operator_ = operator
         self._fit(operator)
@@ -143,7 +143,7 @@ class Solver:
             return None
         return {name: getattr(self, name) for name in self._state_fields}
 
-    def load_state_dict(self, operator: CurvatureOperator, state: dict[str, Any]) -> "Solver":
+    def load_state_dict(self, operator: CurvatureOperator, state: dict[str, Any]) -> Solver:
         """Become fitted on ``operator`` from a :meth:`state_dict` of the same solver, settings and problem."""
         missing = [name for name in self._state_fields if name not in state]
         if not self._state_fields or missing:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..checks import check_int, check_number
-from ..errors import ConvergenceWarning, NumericalError
 from ..curvature import CurvatureOperator
+from ..errors import ConvergenceWarning, NumericalError
 from .base import Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 

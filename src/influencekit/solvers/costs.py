@@ -73,7 +73,7 @@ class CostProbe:
     queries: int
     blocks: int
     cg_iterations: int
-    fit_seconds: Callable[["Solver"], float] = field(repr=False, compare=False)
+    fit_seconds: Callable[[Solver], float] = field(repr=False, compare=False)
     layer_positions: Callable[[list[Any]], dict[str, int]] = field(repr=False, compare=False)
     n_outputs: Callable[[], int] = field(repr=False, compare=False)
 
@@ -131,7 +131,7 @@ def unknown_cost(name: str, probe: CostProbe) -> SolverCost:
 
 
 # ------------------------------------------------------------------------------------------- K-FAC/EK-FAC
-def kfac_cost(solver: "KFACSolver", probe: CostProbe) -> SolverCost:
+def kfac_cost(solver: KFACSolver, probe: CostProbe) -> SolverCost:
     """K-FAC/EK-FAC: fit a copy of ``solver`` on the probe examples (no residual probes) and scale its passes to n."""
     n, p, q, item = probe.n, probe.p, probe.queries, probe.item
     probe_hvps = probe.hvp_seconds(solver.probes) * min(n, solver.probe_examples or n) / n
@@ -147,7 +147,7 @@ def kfac_cost(solver: "KFACSolver", probe: CostProbe) -> SolverCost:
     )
 
 
-def _kfac_fit(solver: "KFACSolver", probe: CostProbe, probe_hvps: float) -> tuple[int, float, int, float, int]:
+def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[int, float, int, float, int]:
     """Returns (state bytes, fit seconds, working bytes of a factor pass, flops per right-hand side of a solve,
     values o·k of the largest layer block)."""
     options = {"fisher": solver.fisher, "samples": solver.samples, "seed": solver.seed, "unsupported": solver.unsupported,

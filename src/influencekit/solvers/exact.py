@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from ..checks import check_choice, check_int
-from ..errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
 from ..curvature import CurvatureOperator
+from ..errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
 from .base import Solver
 from .costs import CostProbe, SolverCost
 

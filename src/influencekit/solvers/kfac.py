@@ -218,7 +218,8 @@ class KFACSolver(Solver):
     def _check_leftover(self, leftover: list[str]) -> None:
         if leftover and self.unsupported == "error":
             raise UnsupportedError(
-                f"the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no scale_grad_by_freq) and transformers Conv1D layers only; the selected parameters "
+                "the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no "
+                f"scale_grad_by_freq) and transformers Conv1D layers only; the selected parameters "
                 f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's `params=` "
                 "(e.g. params=['fc1', 'fc2']), or pass solver_options={'unsupported': 'diagonal'} for a damped "
                 "diagonal Fisher on them."
@@ -293,7 +294,7 @@ class KFACSolver(Solver):
             "probe_residual": self.probe_residual_,
         }
 
-    def load_state_dict(self, operator: CurvatureOperator, state: dict[str, Any]) -> "KFACSolver":
+    def load_state_dict(self, operator: CurvatureOperator, state: dict[str, Any]) -> KFACSolver:
         data = self._layer_data(operator)
         layers, leftover = self._layers(data)
         stored = state.get("layers", {})

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ..checks import check_int, check_number
+from ..curvature import CurvatureOperator
 from ..errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError
 from ..spectrum import lanczos_extremes, power_iteration
-from ..curvature import CurvatureOperator
 from .base import Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 
@@ -108,7 +108,7 @@ class LissaSolver(Solver):
         for probe in range(3):
             idx = torch.randint(n, (b,), generator=gen)
             top = max(top, abs(power_iteration(
-                lambda V: operator.minibatch_matvec(V, idx), operator.n_params, iters=30, rtol=1e-3,
+                lambda V, idx=idx: operator.minibatch_matvec(V, idx), operator.n_params, iters=30, rtol=1e-3,
                 dtype=operator.dtype, device=operator.device, seed=self.seed + 1 + probe,
             )))
         self.scale_ = self.scale_margin * top

@@ -32,8 +32,8 @@ from ..progress import progress_bar
 from ..scoring import Influence
 from .metrics import pearson, spearman
 from .retraining import (
-    RetrainFn,
     Retrainer,
+    RetrainFn,
     SelectedTests,
     StepRetrain,
     check_influence,
