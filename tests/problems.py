@@ -12,12 +12,16 @@ Influence (docs/conventions.md): I_up,loss(z, z_test) = −∇ℓ(z_test)ᵀ H�
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import influencekit as ik
 from influencekit.data import load_digits_split
+
+# the project's real data sets (../shared/data beside the repository; tests that need one skip without it)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def softmax(Z: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 from torch.func import grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_map
 
+from .data.examples import batch_size_of
 from .errors import InputError, InputTypeError, NumericalError, UnsupportedError
 
 __all__ = [
@@ -107,6 +108,28 @@ def per_example_grads(
     return layout.flatten(grads, batch_dims=1), losses
 
 
+def per_example_loop(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as :func:`per_example_grads` by a plain autograd loop, one backward pass per example.
+
+    Slow, but it traces nothing: it works for any model that ordinary ``backward`` works for (data-dependent
+    control flow, in-place ops, modules ``vmap`` cannot batch). The reference for the other two methods.
+    """
+    B = batch_size_of(batch)
+    live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+    G = torch.empty(B, layout.n, dtype=layout.dtype, device=layout.device)
+    losses = torch.empty(B, dtype=layout.dtype, device=layout.device)
+    for i in range(B):
+        example = tree_map(lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) else t, batch)
+        with torch.enable_grad():
+            value = fn(live, example).reshape(())
+            grads = torch.autograd.grad(value, [live[n] for n in layout.names], allow_unused=True)
+        G[i] = torch.cat([(torch.zeros_like(live[n]) if g is None else g).reshape(-1) for n, g in zip(layout.names, grads)])
+        losses[i] = value.detach()
+    return G, losses
+
+
 def batch_grad_sum(
     fn: LossFn,
     params: dict[str, torch.Tensor],
@@ -155,6 +178,23 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Par
 
     with torch.no_grad():
         return vmap(one)(V)
+
+
+def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+    """The same as :func:`hvp_sum` with plain autograd: one gradient graph, then one backward per tangent
+    (reverse-over-reverse). Traces nothing, so it works where ``jvp``/``vmap`` cannot (e.g. transformers)."""
+    live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+    leaves = [live[n] for n in layout.names]
+    out = torch.empty_like(V)
+    with torch.enable_grad():
+        g = torch.autograd.grad(fn(live, batch).sum(), leaves, create_graph=True, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for p, gi in zip(leaves, g)])
+        if not flat.requires_grad:  # the loss is linear in θ: H = 0
+            return out.zero_()
+        for j in range(V.shape[0]):
+            hv = torch.autograd.grad(flat @ V[j], leaves, retain_graph=j + 1 < V.shape[0], allow_unused=True)
+            out[j] = torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for p, h in zip(leaves, hv)])
+    return out
 
 
 InputPath = int | str | None  # where the input sits in a batch: tuple position, dict key, or the batch itself

@@ -80,7 +80,7 @@ class GradientSource:
         task: the task (its ``loss``, ``measurement``, ``l2``, ``check_batch`` and ``model``).
         params: θ̂, the selected parameters (a detached copy taken at fit).
         chunk: examples per gradient chunk.
-        method: ``"auto" | "layers" | "vmap"`` (see ``gradients`` of :class:`~influencekit.Influence`).
+        method: ``"auto" | "layers" | "vmap" | "loop"`` (see ``gradients`` of :class:`~influencekit.Influence`).
         precision: ``"full" | "tf32" | "bf16"``; ``"tf32"`` lets float32 gradient products use TF32.
         progress: show a bar per stream.
     """
@@ -94,9 +94,14 @@ class GradientSource:
         self.method = check_choice("gradients", method, GRADIENT_METHODS)
         self.precision = check_choice("precision", precision, PRECISIONS)
         self.progress = progress
-        self.methods: dict[str, str] = {}  # side -> "layers" | "vmap", once chosen
+        self.methods: dict[str, str] = {}  # side -> "layers" | "vmap" | "loop", once chosen
+        self.reasons: dict[str, str] = {}  # side -> why that method (the fallbacks tried)
         self._chosen: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
         self._l2_term = task.l2 * self.layout.flatten(params) if task.l2 else None
+
+    def describe(self) -> dict[str, dict[str, str]]:
+        """Per side computed so far: the method and why (for result metadata)."""
+        return {side: {"method": m, "reason": self.reasons.get(side, "")} for side, m in self.methods.items()}
 
     def function(self, side: str) -> Callable[..., torch.Tensor]:
         """The per-example function differentiated on ``side``: the loss (train) or the measurement (test)."""
@@ -146,6 +151,7 @@ class GradientSource:
         if side not in self._chosen:
             chosen, method, reason = choose_per_example(self.method, self.task.model, self.function(side), self.params, self.layout, batch, side=side)
             self.methods[side] = method
+            self.reasons[side] = reason
             logger.info("per-example gradients (%s side): %s (%s)", side, method, reason)
             self._chosen[side] = chosen
         return self._chosen[side]

@@ -12,22 +12,25 @@ contiguous part of the data and the sums are all-reduced, so every rank gets the
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from .autodiff import ParamLayout, hvp_sum
+from .autodiff import ParamLayout, hvp_loop, hvp_sum
 from .curvature import LayerData
 from .data.examples import Examples, stream, take
 from .distributed import LocalShard, Shard
-from .errors import CurvatureWarning, NumericalError
+from .errors import CurvatureWarning, InfluenceKitError, NumericalError
 from .progress import progress_bar
 from .spectrum import lanczos_extremes
 from .task import Task
 
 __all__ = ["HessianOperator", "check_curvature"]
+
+logger = logging.getLogger(__name__)
 
 
 class HessianOperator:
@@ -77,6 +80,8 @@ class HessianOperator:
         self._total_weight = float(len(data)) if weights is None else float(self.weights.sum())
         self.shard = LocalShard(n=len(data)) if shard is None else shard
         self.hvp_count = 0  # Hessian-vector products over the full data set (one per right-hand side)
+        self.hvp_method = "forward-over-reverse"  # or "autograd loop" once the model refused jvp/vmap
+        self._hvp = hvp_sum
 
     @property
     def n_params(self) -> int:
@@ -115,8 +120,22 @@ class HessianOperator:
         out = torch.empty_like(V)
         for lo in range(0, V.shape[0], self.tangent_block):
             hi = min(lo + self.tangent_block, V.shape[0])
-            out[lo:hi] = hvp_sum(fn, self.params, batch, self.layout, V[lo:hi])
+            out[lo:hi] = self._products(fn, batch, V[lo:hi])
         return out
+
+    def _products(self, fn: Any, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        """H_batch V by forward-over-reverse (:func:`hvp_sum`), or, from the first model it cannot trace on, by
+        plain autograd (:func:`hvp_loop`: one backward per tangent); the method in use is ``hvp_method``."""
+        try:
+            return self._hvp(fn, self.params, batch, self.layout, V)
+        except InfluenceKitError:
+            raise
+        except Exception as exc:
+            if self._hvp is hvp_loop:
+                raise
+            logger.info("HVPs: forward-over-reverse failed (%s: %s); using the autograd loop", type(exc).__name__, str(exc)[:200])
+            self._hvp, self.hvp_method = hvp_loop, "autograd loop"
+            return self._hvp(fn, self.params, batch, self.layout, V)
 
     def _check(self, out: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(out).all()):
@@ -129,6 +148,12 @@ class HessianOperator:
     def damp(self, HV: torch.Tensor, V: torch.Tensor | None = None) -> torch.Tensor:
         """``HV + δV`` (``V`` omitted: ``HV + δ``): the one place where the damping is added."""
         return HV + self.damping * (1.0 if V is None else V)
+
+    def damp_matrix(self, H: torch.Tensor) -> torch.Tensor:
+        """``H + δI`` for an explicit ``(n_params, n_params)`` H, as a copy (no identity matrix is allocated)."""
+        out = H.clone()
+        out.diagonal().add_(self.damping)
+        return out
 
     def _diagonal(self, damped: bool) -> float:
         """What is added to the data part of a product: λ + δ, or λ alone for the undamped H."""
@@ -200,7 +225,7 @@ class HessianOperator:
                     hi = min(lo + eye_block, p)
                     E = torch.zeros(hi - lo, p, dtype=self.dtype, device=self.device)
                     E[torch.arange(hi - lo), torch.arange(lo, hi)] = 1
-                    H[lo:hi] += hvp_sum(fn, self.params, batch, self.layout, E)
+                    H[lo:hi] += self._products(fn, batch, E)
                     bar.update(1)
             bar.close()
             return H

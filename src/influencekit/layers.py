@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .autodiff import LossFn, ParamLayout, per_example_grads
+from .autodiff import LossFn, ParamLayout, per_example_grads, per_example_loop
 from .data.examples import batch_size_of
-from .errors import UnsupportedError
+from .errors import InfluenceKitError, UnsupportedError
 
 __all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "LayerTaps", "LayerGradients", "choose_per_example"]
 
@@ -58,7 +58,7 @@ def _supported(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_transposed_linear(module)
 
 
-GRADIENT_METHODS = ("auto", "layers", "vmap")
+GRADIENT_METHODS = ("auto", "layers", "vmap", "loop")
 PerExample = Callable[[LossFn, dict[str, torch.Tensor], Any], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -300,38 +300,58 @@ def choose_per_example(
     mode: str, model: nn.Module, fn: LossFn, params: dict[str, torch.Tensor], layout: ParamLayout, batch: Any,
     *, side: str = "train", check_examples: int = 4,
 ) -> tuple[PerExample, str, str]:
-    """Pick how per-example gradients of ``fn`` are computed: ``(function, "layers" | "vmap", reason)``.
+    """Pick how per-example gradients of ``fn`` are computed: ``(function, "layers" | "vmap" | "loop", reason)``.
 
-    ``mode="vmap"``: ``vmap(grad)``. ``mode="layers"``: :class:`LayerGradients`, or :class:`UnsupportedError`
-    when the selected parameters are not all in supported layers or the taps disagree with vmap. ``"auto"``:
-    layers when they apply and agree with ``vmap(grad)`` on the first ``check_examples`` examples of ``batch``
-    to √eps relative per row, vmap otherwise (a loss using a parameter outside its layer fails the check).
+    ``mode="vmap"``: ``vmap(grad)``. ``mode="loop"``: a plain autograd loop, one backward per example
+    (:func:`~influencekit.autodiff.per_example_loop`). ``mode="layers"``: :class:`LayerGradients`, or
+    :class:`UnsupportedError` when the selected parameters are not all in supported layers or the taps disagree
+    with the reference. ``"auto"``, in this order: layer taps when they apply and agree with the reference on the
+    first ``check_examples`` examples of ``batch`` to √eps relative per row; else ``vmap(grad)``; else the loop.
+    The reference is ``vmap(grad)``, or the loop when ``vmap`` cannot trace the model (data-dependent control
+    flow, e.g. the attention-mask code of transformers), so a model vmap cannot trace still gets layer taps.
     """
 
     def vmapped(f: LossFn, p: dict[str, torch.Tensor], b: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return per_example_grads(f, p, b, layout)
 
+    def looped(f: LossFn, p: dict[str, torch.Tensor], b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return per_example_loop(f, p, b, layout)
+
     if mode == "vmap":
         return vmapped, "vmap", "gradients='vmap'"
+    if mode == "loop":
+        return looped, "loop", "gradients='loop'"
+    m = min(check_examples, batch_size_of(batch))
+    few = tree_map(lambda t: t[:m] if isinstance(t, torch.Tensor) else t, batch)
+    taps, G_taps, taps_error = None, None, None
     try:
         taps = LayerGradients(model, layout)
-        m = min(check_examples, batch_size_of(batch))
-        few = tree_map(lambda t: t[:m] if isinstance(t, torch.Tensor) else t, batch)
         G_taps, _ = taps(fn, params, few)
-        G_vmap, _ = per_example_grads(fn, params, few, layout)
     except UnsupportedError as exc:
         if mode == "layers":
             raise
-        return vmapped, "vmap", str(exc)
+        taps, taps_error = None, exc
+    reference, ref_fn, ref_method, vmap_note = "vmap(grad)", vmapped, "vmap", ""
+    try:
+        G_ref, _ = per_example_grads(fn, params, few, layout)
+    except InfluenceKitError:
+        raise
+    except Exception as exc:  # vmap could not trace the model: the autograd loop is the reference and the fallback
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        vmap_note = f"; vmap(grad) failed ({type(exc).__name__}: {first_line})"
+        reference, ref_fn, ref_method = "a per-example autograd loop", looped, "loop"
+        G_ref, _ = per_example_loop(fn, params, few, layout)
+    if taps is None:
+        return ref_fn, ref_method, f"{taps_error}{vmap_note}"
     tiny = torch.finfo(layout.dtype).tiny
-    err = float(((G_taps - G_vmap).norm(dim=1) / G_vmap.norm(dim=1).clamp_min(tiny)).max())
+    err = float(((G_taps - G_ref).norm(dim=1) / G_ref.norm(dim=1).clamp_min(tiny)).max())
     tol = torch.finfo(layout.dtype).eps ** 0.5
     if err <= tol:
-        return taps, "layers", f"layer taps agree with vmap(grad) to {err:.1e} on {m} examples"
+        return taps, "layers", f"layer taps agree with {reference} to {err:.1e} on {m} examples{vmap_note}"
     if mode == "layers":
         raise UnsupportedError(
-            f"gradients='layers': the layer-tap gradients of the {side} side differ from vmap(grad) by {err:.2e} "
+            f"gradients='layers': the layer-tap gradients of the {side} side differ from {reference} by {err:.2e} "
             f"(relative) on its first {m} examples, so the loss uses a selected parameter outside its layer "
             "layer (e.g. a penalty or a tied weight). Use gradients='vmap' or 'auto'."
         )
-    return vmapped, "vmap", f"layer taps differ from vmap(grad) by {err:.1e} (> {tol:.1e}): the loss uses a parameter outside its layer"
+    return ref_fn, ref_method, f"layer taps differ from {reference} by {err:.1e} (> {tol:.1e}): the loss uses a parameter outside its layer{vmap_note}"

@@ -75,11 +75,14 @@ class Influence:
             sha256 of θ̂ and of the first 1,024 training examples, n_train) and refuses a folder of another
             configuration, printing both. Written atomically once the fit ends. ``None``: nothing is kept.
         gradients: how per-example gradients are computed. ``"layers"``: from the inputs and output gradients
-            of nn.Linear / nn.Conv1d / nn.Conv2d layers in one batched backward pass (:mod:`influencekit.layers`; all
-            selected parameters must belong to such layers); ``"vmap"``: ``vmap(grad)`` over examples, for any
-            model; ``"auto"`` (default): layers when they cover the selected parameters *and* agree with vmap
-            on the first examples (to √eps relative; a loss that uses a parameter outside its layer fails this
-            check), vmap otherwise. The choice per side is kept in ``gradient_methods_``.
+            of nn.Linear / nn.Conv1d / nn.Conv2d / nn.Embedding / Conv1D layers in one batched backward pass
+            (:mod:`influencekit.layers`; all selected parameters must belong to such layers); ``"vmap"``:
+            ``vmap(grad)`` over examples; ``"loop"``: one ordinary backward pass per example (slow, works for any
+            model autograd works for); ``"auto"`` (default), in this order: layers when they cover the selected
+            parameters *and* agree on the first examples with vmap (or with the loop where vmap cannot trace the
+            model, as with transformers' masking code) to √eps relative — a loss that uses a parameter outside its
+            layer fails this check —, then vmap, then the loop. The choice per side is kept in
+            ``gradient_methods_`` and, with the reason, in every result's ``metadata["gradients"]``.
         precision: the arithmetic of the bulk gradient work of scoring (``scores``, ``top_k``; the solves,
             factors and self-influence are unchanged). ``"full"`` (default): the model's dtype. ``"tf32"``:
             float32 matrix products of the per-example gradients and of the score products may use TensorFloat-32
@@ -121,6 +124,7 @@ class Influence:
             stationarity_tol=stationarity_tol, progress=progress, distributed=distributed, gradients=gradients,
             cache_dir=cache_dir, precision=precision,
         )
+        config.solver.check_task(task)  # e.g. K-FAC needs a declared likelihood: refused now, not after a data pass
         self.damping, self.solver_options, self.batch_size = config.damping, config.solver_options, config.batch_size
         self.memory_budget, self.stationarity_tol, self.progress = config.memory_budget, config.stationarity_tol, config.progress
         self.distributed, self.gradients, self.cache_dir, self.precision = distributed, gradients, cache_dir, precision
@@ -206,7 +210,7 @@ class Influence:
         return x, report
 
     def _metadata(self, reports: list[SolveReport], **extra: Any) -> dict[str, Any]:
-        return self.provenance_.metadata(reports, self.grad_norm_, **extra)
+        return self.provenance_.metadata(reports, self.grad_norm_, gradients=self.gradients_.describe(), **extra)
 
     def queries(self, test: Any, *, block: int | None = None, skip: Callable[[int], bool] | None = None
                 ) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:

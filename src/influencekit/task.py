@@ -142,6 +142,32 @@ class Task:
         """The settings that define this task, for result metadata."""
         return {"task": type(self).__name__, "l2": self.l2, "params": list(self.param_names)}
 
+    # -- the likelihood, for solvers that draw labels from the model (K-FAC/EK-FAC) ---------------------
+    #: ``"classification"`` (the loss is the cross-entropy of :meth:`outputs` at :meth:`labels`: softmax over the
+    #: last dimension, or logistic on one output), ``"regression"`` (squared error averaged over outputs), or
+    #: None: the loss is not such a likelihood, and K-FAC/EK-FAC refuse the task when Influence is built.
+    fisher: str | None = None
+
+    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+        """The model outputs the loss is a likelihood of, aligned with :meth:`labels` (tasks with ``fisher``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no likelihood (`fisher` is None).")
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        """The labels of a batch, aligned with :meth:`outputs` (tasks with ``fisher``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no likelihood (`fisher` is None).")
+
+    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+        """``batch`` with its labels replaced (tasks with ``fisher``; K-FAC's sampled labels)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no likelihood (`fisher` is None).")
+
+    def label_mask(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Which label positions carry a loss (None: all)."""
+        return None
+
+    def position_mask(self, batch: Any) -> torch.Tensor | None:
+        """``(B, T)`` booleans marking the real positions of a padded sequence batch (None: no padding)."""
+        return None
+
     def check_mode(self) -> None:
         """Warn when the model is in train mode with dropout or batch norm (results would be random)."""
         stochastic = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
@@ -186,6 +212,26 @@ class _SupervisedTask(Task):
             f"{type(self).__name__} needs batches of (inputs, target). Got a {type(batch).__name__}; "
             "pass the data as an (X, y) tuple, a dict, or a Dataset whose items are (x, y)."
         )
+
+    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+        inputs, _ = self.split(batch)
+        return self.forward(params, *inputs)
+
+    def labels(self, batch: Any) -> torch.Tensor:
+        return self.split(batch)[1]
+
+    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+        if isinstance(batch, dict):
+            return {**batch, self.target_key: labels}
+        return type(batch)((*batch[:-1], labels)) if isinstance(batch, tuple) else [*batch[:-1], labels]
+
+    @property
+    def fisher(self) -> str | None:  # type: ignore[override]
+        """The likelihood of :class:`ClassificationTask`/:class:`RegressionTask`, unless a subclass redefines the loss."""
+        for cls, kind in ((ClassificationTask, "classification"), (RegressionTask, "regression")):
+            if isinstance(self, cls) and type(self).loss is cls.loss:
+                return kind
+        return None
 
 
 class ClassificationTask(_SupervisedTask):

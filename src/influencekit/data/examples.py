@@ -19,7 +19,9 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..errors import InputError, InputTypeError, UnsupportedError
 
-__all__ = ["Examples", "Batch"]
+__all__ = ["Examples", "Batch", "pad_collate", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # the label of positions that carry no loss (the transformers convention)
 
 Batch = Any  # a tensor, or a tuple/list/dict (nested) of tensors whose first dimension is the batch
 
@@ -41,13 +43,53 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor:
     )
 
 
+def _numeric(value: Any) -> bool:
+    if isinstance(value, (torch.Tensor, np.ndarray, int, float, bool)):
+        return True
+    return isinstance(value, (list, tuple)) and (not value or _numeric(value[0]))
+
+
+def pad_collate(items: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Stack tokenised examples (dicts of 1-D tensors or lists, 0-d labels) into one batch, padding 1-D fields to
+    the longest: ``input_ids`` with ``pad_token_id``, ``labels`` with ``-100``, every other field (attention_mask,
+    token_type_ids) with 0; 0-d fields are stacked. Fields that are not numeric (e.g. the raw ``text``) are left out."""
+    if not items or not all(isinstance(it, Mapping) for it in items):
+        raise InputTypeError("pad_collate needs a non-empty list of dicts of tensors (tokenised examples).")
+    out = {}
+    for key, first in items[0].items():
+        if not _numeric(first):
+            continue
+        values = [torch.as_tensor(it[key]) for it in items]
+        if values[0].dim() == 0:
+            out[key] = torch.stack(values)
+            continue
+        pad = pad_token_id if key == "input_ids" else (IGNORE_INDEX if key == "labels" else 0)
+        out[key] = torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=pad)
+    return out
+
+
+class _Items(Dataset):
+    """A list of examples, or any object with ``__len__`` and ``__getitem__`` (a Hugging Face ``datasets.Dataset``)."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[int(i)]
+
+
 class Examples:
     """An indexable sequence of examples built from tensors, tuples, dicts, a Dataset or a DataLoader.
 
     Args:
         source: a tensor ``(n, ...)``; a tuple/list of tensors or arrays with a common first dimension,
             e.g. ``(X, y)``; a dict of such; a map-style ``torch.utils.data.Dataset``; or a ``DataLoader``
-            over one that does not shuffle (its ``collate_fn`` is used, its batch size is not).
+            over one that does not shuffle (its ``collate_fn`` is used, its batch size is not); a list of examples
+            that are dicts (tokenised text: padded per batch by :func:`pad_collate`); or a Hugging Face
+            ``datasets.Dataset`` (any object with ``column_names``, ``__len__`` and ``__getitem__``).
         name: how error messages call this data ("train", "test").
     """
 
@@ -81,6 +123,10 @@ class Examples:
             )
         elif isinstance(source, Dataset):
             self._dataset = source
+        elif hasattr(source, "column_names") and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+            self._dataset, self._collate = _Items(source), pad_collate  # a datasets.Dataset (Arrow, memory-mapped)
+        elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
+            self._dataset, self._collate = _Items(source), pad_collate  # tokenised examples, one dict each
         elif isinstance(source, (torch.Tensor, np.ndarray)):
             self._tensors = _as_tensor(name, source)
         elif isinstance(source, Mapping):

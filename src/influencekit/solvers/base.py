@@ -153,6 +153,10 @@ class Solver:
             setattr(self, name, state[name])
         return self
 
+    def check_task(self, task: Any) -> None:
+        """Refuse a task this solver cannot work with; called when :class:`~influencekit.Influence` is built, before
+        any pass over the data. Accepts every task by default."""
+
     def solution_basis(self) -> torch.Tensor | None:
         """Orthonormal rows ``(r, n_params)`` spanning every result of ``solve``, or None when there is none.
 

@@ -82,7 +82,7 @@ class ExactSolver(Solver):
         H = operator.dense().to(self.eig_dtype or operator.dtype)
         self.hessian_ = H
         use_cholesky = self.method == "cholesky" or (self.method == "auto" and p > self.eigh_max_params)
-        if use_cholesky and self._fit_cholesky(operator.damp(H, torch.eye(len(H), dtype=H.dtype, device=H.device))):
+        if use_cholesky and self._fit_cholesky(operator.damp_matrix(H)):
             return
         self.factor_ = None
         evals, evecs = torch.linalg.eigh(H)

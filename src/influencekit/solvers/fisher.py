@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import ParamLayout, per_example_grads
+from ..autodiff import ParamLayout, per_example_grads, per_example_loop
 from ..curvature import LayerData
-from ..errors import UnsupportedError
+from ..errors import InfluenceKitError, UnsupportedError
 from ..layers import LayerBlock, LayerTaps
-from ..task import ClassificationTask, RegressionTask, Task
+from ..task import Task
 
 __all__ = ["FisherPasses", "FISHERS", "DRAW_BLOCK", "loss_kind"]
 
@@ -28,26 +28,25 @@ FISHERS = ("sampled", "expected", "empirical")
 # examples per seeded generator of sampled labels: the draws of example i come from block i // DRAW_BLOCK
 DRAW_BLOCK = 256
 
-Pass = tuple["list[torch.Tensor] | None", "list[torch.Tensor]", "torch.Tensor | None"]
+Pass = tuple["list[torch.Tensor] | None", "list[torch.Tensor]", "torch.Tensor | None", "torch.Tensor | None"]
 
 
 def loss_kind(task: Task) -> str:
-    """'classification' or 'regression'; UnsupportedError for losses whose Fisher is not known here."""
-    for cls, kind in ((ClassificationTask, "classification"), (RegressionTask, "regression")):
-        if isinstance(task, cls) and type(task).loss is cls.loss:
-            return kind
+    """The task's declared likelihood, 'classification' or 'regression'; UnsupportedError when it has none."""
+    kind = getattr(task, "fisher", None)
+    if kind in ("classification", "regression"):
+        return kind
     raise UnsupportedError(
         f"the kfac/ekfac solvers need a loss whose Gauss-Newton/Fisher factors are defined: ClassificationTask "
-        f"(cross-entropy or logistic) or RegressionTask (squared error), with their own loss(). Got "
-        f"{type(task).__name__}; use solver='cg' or solver='exact' for it."
+        f"(cross-entropy or logistic) or RegressionTask (squared error), with their own loss(), the ik.hf tasks, or a "
+        f"Task that declares `fisher` with outputs()/labels()/with_labels(). Got {type(task).__name__}; use "
+        "solver='cg' or solver='exact' for it."
     )
 
 
 def with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
     """``batch`` with its labels replaced by ``target``."""
-    if isinstance(batch, dict):
-        return {**batch, task.target_key: target}
-    return type(batch)((*batch[:-1], target)) if isinstance(batch, tuple) else [*batch[:-1], target]
+    return task.with_labels(batch, target)
 
 
 class FisherPasses:
@@ -55,6 +54,7 @@ class FisherPasses:
 
     def __init__(self, fisher: str, samples: int, seed: int) -> None:
         self.fisher, self.samples, self.seed = fisher, samples, seed
+        self._loop = False  # leftover gradients by the autograd loop (set when vmap fails)
 
     def draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
@@ -77,11 +77,13 @@ class FisherPasses:
         """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
 
         ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
-        _, target = task.split(batch)
+        target = task.labels(batch)
         B = out.shape[0]
         ones = torch.ones(B, dtype=out.dtype, device=out.device)
         if self.fisher == "empirical":
             return [(batch, ones)]
+        if kind == "classification" and out.dim() == 3:
+            return self._sequence(batch, out, task, lo, target, ones)
         if kind == "classification":
             return self._classification(batch, out, task, lo, target, ones)
         # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
@@ -115,18 +117,51 @@ class FisherPasses:
             return [(with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
         return [(with_target(task, batch, torch.ones_like(target)), q), (with_target(task, batch, torch.zeros_like(target)), 1 - q)]
 
+    def _sequence(self, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
+                  ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+        """Labels drawn per position of ``(B, T, C)`` logits; positions without a loss keep their label."""
+        if self.fisher != "sampled":
+            raise UnsupportedError(
+                f"fisher={self.fisher!r} is not available for per-token outputs (B, T, C): the expected Fisher would "
+                "weight every position by its own probability. Use fisher='sampled' (default) or 'empirical'."
+            )
+        B, T, C = out.shape
+        p = torch.softmax(out, dim=-1)
+        U = self.draws(lo, B, T, normal=False, dtype=p.dtype, device=p.device)  # (samples, B, T)
+        cdf = p.cumsum(dim=-1)
+        mask = task.label_mask(target)
+        keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+        variants = []
+        for u in U:
+            y = (cdf < u.unsqueeze(-1)).sum(dim=-1).clamp_max(C - 1).to(target.dtype)
+            variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
+        return variants
+
+    def _leftover_grads(self, fn: Any, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout) -> torch.Tensor:
+        """Per-example gradients of the parameters outside supported layers: vmap, or the autograd loop for a
+        model vmap cannot trace (decided on the first chunk, then kept)."""
+        if self._loop:
+            return per_example_loop(fn, params, batch, layout)[0]
+        try:
+            return per_example_grads(fn, params, batch, layout)[0]
+        except InfluenceKitError:
+            raise
+        except Exception:
+            self._loop = True
+            return per_example_loop(fn, params, batch, layout)[0]
+
     def run(self, data: LayerData, layers: list[LayerBlock], leftover: list[str], layer_inputs: Any) -> Iterator[Pass]:
         """Yield, per chunk and label variant: (layer inputs per layer via ``layer_inputs(layer, x)`` on the first
         variant else None, output gradients (B,T,out) per layer, per-example gradients of the leftover parameters
-        (B, p) or None)."""
+        (B, p) or None, the task's position mask (B, T) of the chunk or None)."""
         task, params = data.task, data.params
         kind = loss_kind(task)
         leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
         with LayerTaps(layers) as taps:
             for lo, batch in data.batches():
-                inputs, _ = task.split(batch)
                 with torch.no_grad():
-                    out = task.forward(params, *inputs)
+                    out = task.outputs(params, batch)
+                mask = task.position_mask(batch)
                 for v, (vbatch, w) in enumerate(self.variants(kind, batch, out, task, lo)):
                     raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
                     A_in = [layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
@@ -137,5 +172,5 @@ class FisherPasses:
                             inner, sw_ = b
                             return sw_ * task.loss({**params, **p}, inner)
 
-                        extra, _ = per_example_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
-                    yield A_in, G_out, extra
+                        extra = self._leftover_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
+                    yield A_in, G_out, extra, mask

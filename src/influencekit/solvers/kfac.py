@@ -99,8 +99,14 @@ def _rotate_inputs(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
     return rotated.add_(layer.QA[kw]) if layer.has_bias else rotated
 
 
-def _add_inputs(layer: _Layer, a: torch.Tensor) -> None:
-    """Add one chunk's inputs to A: row frequencies for an embedding, else Σ ã ãᵀ with ã = (a, 1) by blocks."""
+def _add_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Add one chunk's inputs to A: row frequencies for an embedding, else Σ ã ãᵀ with ã = (a, 1) by blocks.
+
+    With the task's position mask (B, T) and a layer that sees those T positions, A is the mean over each
+    example's real positions only: padded positions neither enter A nor count in T."""
+    if mask is not None and a.shape[1] == mask.shape[1] and a.shape[1] > 1:
+        _add_masked_inputs(layer, a, mask)
+        return
     if layer.embedding:
         # (B, T) looked-up rows; the padding row has no gradient, so no frequency
         counts = torch.bincount(a.reshape(-1), minlength=layer.A.shape[0]).to(torch.float64)
@@ -116,6 +122,26 @@ def _add_inputs(layer: _Layer, a: torch.Tensor) -> None:
         layer.A[:kw, kw] += col
         layer.A[kw, :kw] += col
         layer.A[kw, kw] += flat.shape[0] / T
+
+
+def _add_masked_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor) -> None:
+    w = mask.to(torch.float64)
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, T): 1/T_i at example i's real positions
+    if layer.embedding:
+        rows = torch.zeros_like(layer.A)
+        rows.index_add_(0, a.reshape(-1), w.reshape(-1))
+        if layer.module.padding_idx is not None:
+            rows[layer.module.padding_idx] = 0.0
+        layer.A += rows
+        return
+    kw = a.shape[-1]
+    flat, weights = a.reshape(-1, kw), w.reshape(-1, 1)
+    layer.A[:kw, :kw] += flat.T @ (flat * weights)
+    if layer.has_bias:
+        col = (flat * weights).sum(0)
+        layer.A[:kw, kw] += col
+        layer.A[kw, :kw] += col
+        layer.A[kw, kw] += float(weights.sum())
 
 
 class KFACSolver(Solver):
@@ -176,6 +202,10 @@ class KFACSolver(Solver):
         self.passes = FisherPasses(fisher, self.samples, self.seed)
 
     # ------------------------------------------------------------------------------------------ setup
+    def check_task(self, task: Any) -> None:
+        """The task must declare its likelihood (``task.fisher``): the factors are those of its Fisher."""
+        loss_kind(task)
+
     @staticmethod
     def _layer_data(operator: CurvatureOperator) -> LayerData:
         if "layers" not in operator.capabilities:
@@ -247,10 +277,10 @@ class KFACSolver(Solver):
         diag = torch.zeros(sum(sizes[nm] for nm in leftover), dtype=torch.float64, device=dev)
 
         def local_sums() -> None:
-            for A_in, G_out, extra in self.passes.run(data, layers, leftover, _layer_inputs):
+            for A_in, G_out, extra, mask in self.passes.run(data, layers, leftover, _layer_inputs):
                 for i, layer in enumerate(layers):
                     if A_in is not None:
-                        _add_inputs(layer, A_in[i])
+                        _add_inputs(layer, A_in[i], mask)
                     g = G_out[i].reshape(-1, G_out[i].shape[-1])
                     layer.S += g.T @ g
                 if extra is not None:
@@ -320,7 +350,7 @@ class KFACSolver(Solver):
 
         def local_sums() -> None:
             A_keep: list[torch.Tensor] | None = None
-            for A_in, G_out, _ in self.passes.run(data, self.layers_, [], _layer_inputs):
+            for A_in, G_out, _, _ in self.passes.run(data, self.layers_, [], _layer_inputs):
                 if A_in is not None:
                     A_keep = [a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)]
                 for i, layer in enumerate(self.layers_):

@@ -3,15 +3,15 @@
 import gzip
 import hashlib
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import influencekit as ik
 from influencekit.experiments.data.mnist import load_mnist, read_idx
+from problems import SHARED_DATA
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+SHARED_MNIST = SHARED_DATA / "mnist"
 
 
 def _write_idx(path, array, magic):

@@ -2,7 +2,6 @@
 frozen CNN feature extractor with a logistic top layer (applications/attack.py)."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,10 @@ import influencekit as ik
 from influencekit.applications.attack import predict_labels, training_set_attack
 from influencekit.cli import app
 from influencekit.experiments.image_problem import binary_image_problem
+from problems import SHARED_DATA
 
 torch.set_num_threads(1)
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+SHARED_MNIST = SHARED_DATA / "mnist"
 
 
 @pytest.fixture(scope="module")

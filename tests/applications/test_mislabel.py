@@ -3,7 +3,6 @@
 import io
 import re
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,9 @@ from influencekit.applications.mislabel import (
 from influencekit.cli import app
 from influencekit.data.bundled import load_breast_cancer_split
 from influencekit.experiments.data.enron import load_enron, read_enron
+from problems import SHARED_DATA
 
-SHARED_ENRON = Path(__file__).resolve().parents[2] / "shared" / "data" / "enron"
+SHARED_ENRON = SHARED_DATA / "enron"
 
 
 # ============================================================================ exact curves

@@ -15,8 +15,9 @@ from influencekit.applications.mismatch import explain_features
 from influencekit.cli import app
 from influencekit.experiments.data.readmission import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, load_readmission
 from influencekit.experiments.mismatch import run_readmission
+from problems import SHARED_DATA
 
-SHARED_DIABETES = Path(__file__).resolve().parents[2] / "shared" / "data" / "diabetes"
+SHARED_DIABETES = SHARED_DATA / "diabetes"
 ZIP = SHARED_DIABETES / "dataset_diabetes.zip"
 
 

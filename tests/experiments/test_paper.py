@@ -4,7 +4,6 @@ Fast tests use scikit-learn's bundled digits; the full-size MNIST runs are marke
 ../shared/data/mnist, skipping with a reason where it is absent.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ from sklearn.svm import LinearSVC
 import influencekit as ik
 from influencekit.models.svm import HingeSVMRetrain, fit_hinge_svm, set_linear
 from influencekit.validation import leave_one_out, pearson
+from problems import SHARED_DATA
 
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+MNIST = SHARED_DATA / "mnist"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

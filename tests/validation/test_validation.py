@@ -38,7 +38,7 @@ def weighted_hessian(theta: np.ndarray, X: np.ndarray, y: np.ndarray, w: np.ndar
 
 class NumpyNewton:
     """Independent retraining in numpy float64, usable as ``retrain=``: chord-Newton steps from Θ̂ on R_w,
-    Θ ← Θ − H⁻¹∇R_w(Θ), until ‖∇R_w‖ < 1e-12 (the iteration of tests/test_loo.py, with weights).
+    Θ ← Θ − H⁻¹∇R_w(Θ), until ‖∇R_w‖ < 1e-12 (the iteration of tests/validation/test_loo.py, with weights).
 
     H is H(Θ̂) of the full objective (``cho``, enough to remove one point of 1,200), or, with ``cho=None``,
     the Hessian of R_w at Θ̂ (needed for subsets of half the data). Counts its calls; raises
