@@ -3,7 +3,7 @@
 Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML 2017.
 """
 
-from . import solvers, validation
+from . import hf, solvers, validation
 from .errors import (
     ConvergenceWarning,
     CurvatureWarning,
@@ -56,6 +56,7 @@ __all__ = [
     "LissaSolver",
     "ArnoldiSolver",
     "solvers",
+    "hf",
     "lanczos_extremes",
     "power_iteration",
     "fit_lbfgs",
