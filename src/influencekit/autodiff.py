@@ -16,7 +16,7 @@ from torch.func import grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_map
 
 from .data.examples import batch_size_of
-from .errors import InputError, InputTypeError, NumericalError, UnsupportedError
+from .errors import InfluenceKitError, InputError, InputTypeError, NumericalError, UnsupportedError
 
 __all__ = [
     "ParamLayout",
@@ -195,6 +195,18 @@ def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Pa
             hv = torch.autograd.grad(flat @ V[j], leaves, retain_graph=j + 1 < V.shape[0], allow_unused=True)
             out[j] = torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for p, h in zip(leaves, hv)])
     return out
+
+
+def choose_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor
+               ) -> tuple[Callable[..., torch.Tensor], str, torch.Tensor]:
+    """The HVP function a model supports: :func:`hvp_sum` (forward-over-reverse), or :func:`hvp_loop` when the
+    model cannot be traced by jvp/vmap. Returns ``(function, name, H_batch V)`` (the product is not wasted)."""
+    try:
+        return hvp_sum, "forward-over-reverse", hvp_sum(fn, params, batch, layout, V)
+    except InfluenceKitError:
+        raise
+    except Exception:
+        return hvp_loop, "autograd loop", hvp_loop(fn, params, batch, layout, V)
 
 
 InputPath = int | str | None  # where the input sits in a batch: tuple position, dict key, or the batch itself

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from .autodiff import ParamLayout, hvp_loop, hvp_sum
+from .autodiff import ParamLayout, choose_hvp
 from .curvature import LayerData
 from .data.examples import Examples, stream, take
 from .distributed import LocalShard, Shard
-from .errors import CurvatureWarning, InfluenceKitError, NumericalError
+from .errors import CurvatureWarning, NumericalError
 from .progress import progress_bar
 from .spectrum import lanczos_extremes
 from .task import Task
@@ -80,8 +80,8 @@ class HessianOperator:
         self._total_weight = float(len(data)) if weights is None else float(self.weights.sum())
         self.shard = LocalShard(n=len(data)) if shard is None else shard
         self.hvp_count = 0  # Hessian-vector products over the full data set (one per right-hand side)
-        self.hvp_method = "forward-over-reverse"  # or "autograd loop" once the model refused jvp/vmap
-        self._hvp = hvp_sum
+        self.hvp_method = ""  # "forward-over-reverse", or "autograd loop" for a model jvp/vmap cannot trace
+        self._hvp: Any = None  # chosen on the first product (autodiff.choose_hvp)
 
     @property
     def n_params(self) -> int:
@@ -124,18 +124,12 @@ class HessianOperator:
         return out
 
     def _products(self, fn: Any, batch: Any, V: torch.Tensor) -> torch.Tensor:
-        """H_batch V by forward-over-reverse (:func:`hvp_sum`), or, from the first model it cannot trace on, by
-        plain autograd (:func:`hvp_loop`: one backward per tangent); the method in use is ``hvp_method``."""
-        try:
-            return self._hvp(fn, self.params, batch, self.layout, V)
-        except InfluenceKitError:
-            raise
-        except Exception as exc:
-            if self._hvp is hvp_loop:
-                raise
-            logger.info("HVPs: forward-over-reverse failed (%s: %s); using the autograd loop", type(exc).__name__, str(exc)[:200])
-            self._hvp, self.hvp_method = hvp_loop, "autograd loop"
-            return self._hvp(fn, self.params, batch, self.layout, V)
+        """H_batch V with the HVP method chosen on the first product (:func:`~influencekit.autodiff.choose_hvp`)."""
+        if self._hvp is None:
+            self._hvp, self.hvp_method, out = choose_hvp(fn, self.params, batch, self.layout, V)
+            logger.info("HVPs: %s", self.hvp_method)
+            return out
+        return self._hvp(fn, self.params, batch, self.layout, V)
 
     def _check(self, out: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(out).all()):

@@ -65,11 +65,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .autodiff import ParamLayout, batch_grad_sum, hvp_loop, hvp_sum, input_size_per_example
+from .autodiff import ParamLayout, batch_grad_sum, choose_hvp, input_size_per_example
 from .checks import check_int
 from .config import Chunks, plan_chunks
 from .data.examples import Examples, take
-from .errors import InfluenceKitError, InputError
+from .errors import InputError
 from .hessian import HessianOperator
 from .layers import choose_per_example
 from .solvers import Solver, make_solver
@@ -233,7 +233,7 @@ def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tens
     gen = torch.Generator(device=device).manual_seed(0)
     K = max(1, min(chunks.tangents, p, 32))
     V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
-    hvp = _hvp_method(task, params, batch, layout, V[:2])
+    hvp = choose_hvp(task.loss, params, batch, layout, V[:1])[0]
     tau_h1 = timed(lambda: hvp(task.loss, params, batch, layout, V[:1])) / m
     tau_hK = timed(lambda: hvp(task.loss, params, batch, layout, V)) / (m * K) if K > 1 else tau_h1
     rate = 2.0 * m * m * p / max(timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
@@ -310,13 +310,3 @@ def _n_outputs(task: Any, params: dict[str, torch.Tensor], batch: Any) -> int:
         out = task.outputs(params, batch)
     return int(out[0].numel()) if out.dim() > 1 else 2
 
-
-def _hvp_method(task: Any, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> Any:
-    """The HVP the operator will use: forward-over-reverse, or the autograd loop for a model it cannot trace."""
-    try:
-        hvp_sum(task.loss, params, batch, layout, V)
-        return hvp_sum
-    except InfluenceKitError:
-        raise
-    except Exception:
-        return hvp_loop

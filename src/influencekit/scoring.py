@@ -28,7 +28,7 @@ import torch
 from .autodiff import InputPath, ParamLayout
 from .checks import check_indices, check_int
 from .config import Chunks, InfluenceConfig, Provenance, plan_chunks
-from .data.examples import Examples
+from .data.examples import Examples, take
 from .distributed import resolve_shard
 from .errors import InputError, InputTypeError, NotFittedError, StationarityWarning
 from .folders import fingerprint
@@ -146,9 +146,11 @@ class Influence:
         self.provenance_ = Provenance.of(self.task, solver, config, params, len(train))
         shard.check_same("the model, data and configuration", self.provenance_.agreement(config))
         shard.check_solver(solver)
-        self.chunks_: Chunks = plan_chunks(self.task, params, self._source(1).take(train, [0]), len(train),
-                                           batch_size=config.batch_size, memory_budget=config.memory_budget)
-        self.gradients_ = self._source(self.chunks_.grad)
+        first = take(train, [0], dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
+        self.chunks_: Chunks = plan_chunks(self.task, params, first, len(train), batch_size=config.batch_size,
+                                           memory_budget=config.memory_budget)
+        self.gradients_ = GradientSource(self.task, params, chunk=self.chunks_.grad, method=config.gradients,
+                                         precision=config.precision, progress=self.progress_)
         self.training_side_ = TrainingSide(self.gradients_, train, shard, config.precision)
         self._check_stationarity()
         self.operator_ = HessianOperator(self.task, params, train, damping=config.damping, batch_size=self.chunks_.hvp,
@@ -161,10 +163,6 @@ class Influence:
                 cache.store(solver)
         self.solver_ = solver
         return self
-
-    def _source(self, chunk: int) -> GradientSource:
-        return GradientSource(self.task, self.params_, chunk=chunk, method=self.config.gradients,
-                              precision=self.config.precision, progress=self.progress_)
 
     def _check_stationarity(self) -> None:
         """‖∇R(θ̂)‖ and the training loss from one summed-gradient pass; warn when θ̂ is not stationary."""

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import ParamLayout, per_example_grads, per_example_loop
+from ..autodiff import ParamLayout
 from ..curvature import LayerData
-from ..errors import InfluenceKitError, UnsupportedError
-from ..layers import LayerBlock, LayerTaps
+from ..errors import UnsupportedError
+from ..layers import LayerBlock, LayerTaps, choose_per_example
 from ..task import Task
 
 __all__ = ["FisherPasses", "FISHERS", "DRAW_BLOCK", "loss_kind"]
@@ -54,7 +54,7 @@ class FisherPasses:
 
     def __init__(self, fisher: str, samples: int, seed: int) -> None:
         self.fisher, self.samples, self.seed = fisher, samples, seed
-        self._loop = False  # leftover gradients by the autograd loop (set when vmap fails)
+        self._leftover: Any = None  # the per-example gradient function of the leftover parameters, once chosen
 
     def draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
@@ -137,18 +137,12 @@ class FisherPasses:
             variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
         return variants
 
-    def _leftover_grads(self, fn: Any, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout) -> torch.Tensor:
-        """Per-example gradients of the parameters outside supported layers: vmap, or the autograd loop for a
-        model vmap cannot trace (decided on the first chunk, then kept)."""
-        if self._loop:
-            return per_example_loop(fn, params, batch, layout)[0]
-        try:
-            return per_example_grads(fn, params, batch, layout)[0]
-        except InfluenceKitError:
-            raise
-        except Exception:
-            self._loop = True
-            return per_example_loop(fn, params, batch, layout)[0]
+    def _leftover_grads(self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout) -> torch.Tensor:
+        """Per-example gradients of the parameters outside supported layers, by the method
+        :func:`~influencekit.layers.choose_per_example` picks on the first chunk (vmap, or the autograd loop)."""
+        if self._leftover is None:
+            self._leftover = choose_per_example("auto", model, fn, params, layout, batch, side="kfac leftover")[0]
+        return self._leftover(fn, params, batch)[0]
 
     def run(self, data: LayerData, layers: list[LayerBlock], leftover: list[str], layer_inputs: Any) -> Iterator[Pass]:
         """Yield, per chunk and label variant: (layer inputs per layer via ``layer_inputs(layer, x)`` on the first
@@ -172,5 +166,5 @@ class FisherPasses:
                             inner, sw_ = b
                             return sw_ * task.loss({**params, **p}, inner)
 
-                        extra = self._leftover_grads(weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
+                        extra = self._leftover_grads(task.model, weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
                     yield A_in, G_out, extra, mask
