@@ -11,6 +11,7 @@ The test side uses :meth:`Task.measurement`, which defaults to ℓ (no L2 term).
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +39,14 @@ def _unwrap(model: Any) -> nn.Module:
     return model
 
 
+def _matches(name: str, wanted: str) -> bool:
+    """``name`` is the parameter ``wanted``, lies in the module ``wanted``, or matches the glob pattern ``wanted``
+    (``*`` also crosses dots: ``"encoder.layer.5.*"``, ``"*.attention.*.query"``), as a parameter or a module."""
+    if name == wanted or name.startswith(wanted + "."):
+        return True
+    return any(c in wanted for c in "*?[") and (fnmatch.fnmatchcase(name, wanted) or fnmatch.fnmatchcase(name, wanted + ".*"))
+
+
 def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
     named = list(model.named_parameters())
     if selector is None:
@@ -57,7 +66,7 @@ def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
         all_names = [n for n, _ in named]
         chosen: list[str] = []
         for w in wanted:
-            hits = [n for n in all_names if n == w or n.startswith(w + ".")]
+            hits = [n for n in all_names if _matches(n, w)]
             if not hits:
                 raise InputError(
                     f"`params` names {w!r}, which is neither a parameter nor a module of the model. "
@@ -95,7 +104,8 @@ class Task:
         l2: λ of the L2 term (λ/2)‖θ‖² inside each example's training loss, over the selected parameters.
             Use the weight decay the model was trained with, converted to this convention.
         params: which parameters count: ``None`` (all with ``requires_grad``), names of parameters or of
-            modules (``"fc"`` selects ``fc.weight`` and ``fc.bias``), or ``callable(name, param) -> bool``.
+            modules (``"fc"`` selects ``fc.weight`` and ``fc.bias``), glob patterns over those names (``*`` crosses
+            dots: ``"bert.encoder.layer.5.*"``, ``"*.attention.*.query"``), or ``callable(name, param) -> bool``.
             The others stay fixed at their values (e.g. a frozen feature extractor).
     """
 

@@ -1,0 +1,192 @@
+"""Hugging Face transformers through ik.hf, against references built here (tiny random configs, float64).
+
+The models are a 2-block BERT for sequence classification and a 2-block GPT-2 language model (hidden 16),
+randomly initialised, then trained briefly; the data are 32 random token sequences of 4–11 tokens, padded per
+batch. What is equal, to round-off:
+
+- head-only influence through the whole HF model and influence of a plain Linear on the cached pooled features
+  (the same objective, the same parameters);
+- per-example gradients of the whole model by layer taps and by a plain autograd loop, one example at a time;
+- K-FAC factors of padded batches (attention-masked) and factors of each sequence alone, unpadded;
+- per-token influence of a causal LM, summed over a sequence's tokens, and the sequence's influence.
+
+What is close: EK-FAC influence on BERT's last block and exact Gauss-Newton influence (Pearson r).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import influencekit as ik
+from influencekit.gradients import GradientSource
+from problems import pearson, relative_error
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (pip install -e '.[hf]')")
+
+torch.set_num_threads(1)
+
+VOCAB, N, DAMPING = 24, 32, 0.05
+BRIEF = 10.0  # stationarity_tol: the models are trained briefly, not to a minimum (the identities hold at any θ)
+
+
+def sequences(n: int, seed: int, *, labels: bool = True) -> list[dict[str, torch.Tensor]]:
+    """Tokenised examples of 4–11 tokens (ids 1..VOCAB-1; 0 pads); label 1 when low ids outnumber high ones."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(4, 12, (1,), generator=g))
+        ids = torch.randint(1, VOCAB, (T,), generator=g)
+        ex = {"input_ids": ids, "attention_mask": torch.ones(T, dtype=torch.long)}
+        if labels:
+            ex["labels"] = torch.tensor(int((ids < VOCAB // 2).sum() > (ids >= VOCAB // 2).sum()))
+        out.append(ex)
+    return out
+
+
+def train_briefly(model: nn.Module, task: ik.Task, data: list, steps: int = 40, lr: float = 3e-3) -> None:
+    batch = ik.hf.pad_collate(data)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        task.loss(dict(model.named_parameters()), batch).mean().backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(config).double()
+    train, test = sequences(N, 1), sequences(6, 2)
+    train_briefly(model, ik.hf.SequenceClassificationTask(model), train)
+    return model, train, test
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    train, test = sequences(N, 3, labels=False), sequences(4, 4, labels=False)
+    train_briefly(model, ik.hf.CausalLMTask(model), train)
+    return model, train, test
+
+
+def test_head_only_influence_through_the_model_equals_cached_features(bert):
+    model, train, test = bert
+    inf = ik.Influence(ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier"), train, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit()
+    full = inf.scores(test).values
+
+    def features(data):
+        batch = ik.hf.pad_collate(data)
+        with torch.no_grad():
+            return model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output, batch["labels"]
+
+    head = nn.Linear(16, 2).double()
+    head.load_state_dict(model.classifier.state_dict())
+    cached = ik.Influence(ik.ClassificationTask(head, l2=1e-2), features(train), solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit()
+    assert relative_error(full, cached.scores(features(test)).values) < 1e-8
+
+
+def test_per_example_gradients_of_the_whole_model_equal_an_autograd_loop(bert, gpt2):
+    for model, train, task in ((bert[0], bert[1][:6], ik.hf.SequenceClassificationTask(bert[0])), (gpt2[0], gpt2[1][:6], ik.hf.CausalLMTask(gpt2[0]))):
+        params = {k: v.detach() for k, v in task.params().items()}
+        layers_source = GradientSource(task, params, chunk=6, method="auto")
+        G = torch.cat([g for _, g in layers_source.stream(ik.data.Examples(train), side="train")])
+        reference = []
+        for ex in train:
+            model.zero_grad()
+            live = dict(model.named_parameters())
+            task.loss(live, ik.hf.pad_collate([ex])).sum().backward()
+            reference.append(torch.cat([live[n].grad.reshape(-1) for n in params]))
+        assert relative_error(G, torch.stack(reference)) < 1e-10
+        # the layer taps cover Linear/Conv1D/Embedding only; LayerNorm and position embeddings fall back
+        assert layers_source.methods["train"] in ("vmap", "loop")
+        assert "layers" in layers_source.reasons["train"]
+
+
+def test_layer_tap_gradients_of_the_linear_layers_equal_an_autograd_loop(gpt2):
+    model, train, _ = gpt2
+    task = ik.hf.CausalLMTask(model, params="transformer.h.1.*.c_*")
+    source = GradientSource(task, {k: v.detach() for k, v in task.params().items()}, chunk=8, method="layers")
+    G = torch.cat([g for _, g in source.stream(ik.data.Examples(train[:8]), side="train")])
+    reference = []
+    for ex in train[:8]:
+        model.zero_grad()
+        live = dict(model.named_parameters())
+        task.loss(live, ik.hf.pad_collate([ex])).sum().backward()
+        reference.append(torch.cat([live[n].grad.reshape(-1) for n in task.params()]))
+    assert source.methods["train"] == "layers"
+    assert relative_error(G, torch.stack(reference)) < 1e-10
+
+
+LAST_BERT_BLOCK = ["bert.encoder.layer.1.*.query", "bert.encoder.layer.1.*.key", "bert.encoder.layer.1.*.value", "bert.encoder.layer.1.*.dense", "classifier"]
+
+
+def test_ekfac_on_the_last_block_is_close_to_exact_gauss_newton_influence(bert):
+    model, train, test = bert
+    l2 = 1e-2
+    task = ik.hf.SequenceClassificationTask(model, l2=l2, params=LAST_BERT_BLOCK)
+    assert not any("LayerNorm" in n for n in task.params())
+    inf = ik.Influence(task, train, solver="ekfac", damping=DAMPING, solver_options={"fisher": "expected"}, stationarity_tol=BRIEF).fit()
+    ours = inf.scores(test).values
+
+    # the Gauss-Newton matrix of cross-entropy is the expected Fisher: (1/n) Σ_i Σ_c p_ic ∇ℓ(x_i, c) ∇ℓ(x_i, c)ᵀ
+    names = list(task.params())
+
+    def grad(example, label=None):
+        batch = ik.hf.pad_collate([example if label is None else {**example, "labels": torch.tensor(label)}])
+        model.zero_grad()
+        live = dict(model.named_parameters())
+        task.loss(live, batch).sum().backward()
+        return torch.cat([live[n].grad.reshape(-1) for n in names])
+
+    P = len(inf.layout_.names) and inf.n_params
+    GN = torch.zeros(P, P, dtype=torch.float64)
+    for ex in train:
+        with torch.no_grad():
+            p = torch.softmax(task.outputs(dict(model.named_parameters()), ik.hf.pad_collate([ex]))[0], dim=0)
+        for c in range(2):
+            g = grad(ex, c)
+            GN += p[c] * torch.outer(g, g)
+    GN = GN / len(train) + (l2 + DAMPING) * torch.eye(P, dtype=torch.float64)
+    G_train = torch.stack([grad(ex) + l2 * inf.layout_.flatten(inf.params_) for ex in train])
+    G_test = torch.stack([grad(ex) for ex in test])
+    reference = -G_test @ torch.linalg.solve(GN, G_train.T)
+    print("EK-FAC vs exact Gauss-Newton: Pearson", pearson(ours, reference))
+    assert pearson(ours, reference) >= 0.9
+
+
+LAST_GPT2_LINEARS = "transformer.h.1.*.c_*"  # c_attn, c_proj (attention and MLP), c_fc: Conv1D layers
+
+
+def test_attention_masked_factors_equal_factors_of_unpadded_sequences(gpt2):
+    model, train, _ = gpt2
+    task = ik.hf.CausalLMTask(model, params=LAST_GPT2_LINEARS)
+    fitted = {}
+    for batch_size in (8, 1):  # padded batches of 8; one sequence at a time, unpadded
+        inf = ik.Influence(task, train, solver="kfac", batch_size=batch_size, damping=DAMPING, solver_options={"fisher": "empirical", "probes": 0},
+                           stationarity_tol=BRIEF).fit()
+        fitted[batch_size] = {layer.name: (layer.A, layer.S) for layer in inf.solver_.layers_}
+    lengths = torch.tensor([len(ex["input_ids"]) for ex in train])
+    assert (lengths[:8] != lengths[:8].max()).any()  # the batches of 8 are padded
+    assert sorted(fitted[8]) == sorted(fitted[1]) and len(fitted[1]) == 4
+    for name, (A, S) in fitted[8].items():
+        assert relative_error(A, fitted[1][name][0]) < 1e-10, name
+        assert relative_error(S, fitted[1][name][1]) < 1e-10, name
+
+
+def test_per_token_influence_sums_to_the_sequence_influence(gpt2):
+    model, train, test = gpt2
+    # the measurement is linear in the test gradient; one layer keeps the dense Hessian small (272 parameters)
+    inf = ik.Influence(ik.hf.CausalLMTask(model, l2=1e-2, params="transformer.h.1.attn.c_proj"), train, solver="exact", damping=1.0,
+                       stationarity_tol=BRIEF).fit()
+    for example in test[:2]:
+        tokens = inf.scores(ik.hf.per_token(example)).values
+        assert tokens.shape == (len(example["input_ids"]) - 1, len(train))
+        sequence = inf.scores([example]).values[0]
+        assert relative_error(tokens.sum(0), sequence) < 1e-10
+        assert tokens.abs().max() > 1e-6 * sequence.abs().max()  # the tokens carry different influence
+        assert relative_error(tokens[0], tokens[1]) > 1e-3
