@@ -77,6 +77,15 @@ class ParamLayout:
             parts.append(t.reshape(*t.shape[:batch_dims], -1))
         return torch.cat(parts, dim=-1)
 
+    def module_indices(self) -> dict[str, torch.Tensor]:
+        """The flat coordinates of each module's parameters, by module name (``""``: the model's own), in order."""
+        groups: dict[str, list[int]] = {}
+        offset = 0
+        for name, numel in zip(self.names, self.numels):
+            groups.setdefault(name.rpartition(".")[0], []).extend(range(offset, offset + numel))
+            offset += numel
+        return {m: torch.tensor(idx, dtype=torch.long, device=self.device) for m, idx in groups.items()}
+
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split ``(*batch, n_params)`` back into a dict of ``(*batch, *shape)`` tensors."""
         lead = flat.shape[:-1]
@@ -274,19 +283,22 @@ def mixed_vjp(
 
 
 def input_size_per_example(fn: LossFn, params: dict[str, torch.Tensor], example_batch: Any, model: torch.nn.Module) -> int:
-    """Number of values the model's modules output for one example (a proxy for activation memory)."""
+    """Number of values the model's innermost modules output for one example *downstream of the selected
+    parameters* (outputs that need a gradient): a proxy for the activation memory of a gradient or HVP. A frozen
+    prefix (embeddings and blocks before the selected ones, or a cached one) records no graph and does not count."""
     total = 0
 
     def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
         nonlocal total
         for leaf in (output if isinstance(output, (tuple, list)) else (output,)):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                 total += leaf.numel()
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    live = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    handles = [m.register_forward_hook(hook) for m in model.modules() if next(m.children(), None) is None]
     try:
-        with torch.no_grad():
-            out = fn(params, example_batch)
+        with torch.enable_grad():
+            out = fn(live, example_batch).detach()
     finally:
         for h in handles:
             h.remove()

@@ -37,11 +37,43 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .checks import check_choice
 from .data.examples import IGNORE_INDEX, pad_collate
 from .errors import InputError, InputTypeError
+from .prefix import PrefixCache, PrefixPlan, is_prefix_key
 from .task import Params, ParamSelector, Task
 
-__all__ = ["HFTask", "SequenceClassificationTask", "TokenClassificationTask", "CausalLMTask", "pad_collate", "per_token", "IGNORE_INDEX"]
+__all__ = ["cache_prefix", "PrefixCache", "PooledClassifier", "HFTask", "SequenceClassificationTask", "TokenClassificationTask", "CausalLMTask", "pad_collate", "per_token", "IGNORE_INDEX"]
 
 REDUCTIONS = ("sum", "mean")
+POOLINGS = ("mean", "cls")
+
+
+class PooledClassifier(nn.Module):
+    """An encoder (``transformers.AutoModel``, e.g. a sentence-transformers checkpoint) with a pooled Linear head.
+
+    ``forward(input_ids, attention_mask, token_type_ids=None)`` returns logits ``(B, num_labels)`` of the mean of
+    the last hidden states over the real positions (``pooling="mean"``, as sentence-transformers pools) or of the
+    first position (``pooling="cls"``). The head is ``self.head``: ``params="head"`` selects it alone,
+    ``params=["encoder.encoder.layer.5.*", "head"]`` the last block of a BERT-style encoder too.
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int, *, pooling: str = "mean") -> None:
+        super().__init__()
+        hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise InputTypeError(f"`encoder` must be a transformers model with `config.hidden_size`. Got {type(encoder).__name__}.")
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise InputError(f"`num_labels` must be an integer >= 2. Got {num_labels!r}.")
+        self.encoder, self.pooling = encoder, check_choice("pooling", pooling, POOLINGS)
+        self.head = nn.Linear(hidden, num_labels, dtype=next(encoder.parameters()).dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        if self.pooling == "cls":
+            return self.head(hidden[:, 0])
+        if attention_mask is None:
+            return self.head(hidden.mean(dim=1))
+        w = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return self.head((hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0))
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -81,6 +113,16 @@ class HFTask(Task):
             accepted = {}
         self._accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()) or not accepted
         self._accepted = set(accepted)
+        self.prefix_plan: PrefixPlan | None = None
+
+    def use_prefix_plan(self, plan: PrefixPlan) -> None:
+        """Replay the frozen modules of ``plan`` from batches that carry their outputs (:func:`cache_prefix`)."""
+        if self.prefix_plan is not None and self.prefix_plan.describe() != plan.describe():
+            raise InputError(
+                f"this task already replays the prefix {self.prefix_plan.describe()} and a new cache needs {plan.describe()}: "
+                "build the caches of one Influence from the same task and parameters."
+            )
+        self.prefix_plan = plan
 
     def forward(self, params: Params, *args: Any, **kwargs: Any) -> Any:
         """The model with ``params``, its scaled-dot-product attention on the math kernel: the fused CPU/flash
@@ -98,7 +140,7 @@ class HFTask(Task):
             if missing:
                 raise InputError(f"the batch lacks the `input_keys` {missing}. Got keys {sorted(batch)}.")
             return {k: batch[k] for k in self.input_keys}
-        return {k: v for k, v in batch.items() if k != self.label_key and (self._accepts_any or k in self._accepted)}
+        return {k: v for k, v in batch.items() if k != self.label_key and not is_prefix_key(k) and (self._accepts_any or k in self._accepted)}
 
     def labels(self, batch: Any) -> torch.Tensor:
         """The labels the loss is computed against, aligned with :meth:`outputs`."""
@@ -115,7 +157,11 @@ class HFTask(Task):
         return (self.inputs(batch),), self.labels(batch)
 
     def outputs(self, params: Params, batch: Any) -> torch.Tensor:
-        """The logits the loss is computed from, aligned with :meth:`labels`."""
+        """The logits the loss is computed from, aligned with :meth:`labels`. A batch from :func:`cache_prefix`
+        replays the frozen prefix from its stored outputs."""
+        if self.prefix_plan is not None and any(is_prefix_key(k) for k in batch):
+            with self.prefix_plan.replay(self.model, batch):
+                return _logits(self.forward(params, **self.inputs(batch)))
         return _logits(self.forward(params, **self.inputs(batch)))
 
     def position_mask(self, batch: Any) -> torch.Tensor | None:
@@ -231,3 +277,10 @@ def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     batch = {k: torch.as_tensor(v).unsqueeze(0).expand(n, -1).clone() for k, v in example.items() if k != "labels"}
     batch["labels"] = rows
     return batch
+
+
+def cache_prefix(task: HFTask, data: Any, *, batch_size: int = 16, progress: bool = False) -> PrefixCache:
+    """``data`` with the outputs of the model's frozen prefix attached (:class:`~influencekit.prefix.PrefixCache`):
+    pass it in place of ``data`` to :class:`~influencekit.Influence`, ``scores``, ``fit_lbfgs``, and the task's
+    forward runs only the part downstream of ``task``'s selected parameters."""
+    return PrefixCache(task, data, batch_size=batch_size, progress=progress)

@@ -92,6 +92,21 @@ class TrainingSide:
 
         return self.shard.gather_columns(self.shard.local(local))
 
+    def group_score_rows(self, Q: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
+        """−Q[:, g] ∇L(z)[g] for each group g of parameter coordinates, ``(len(groups), len(Q), n_train)`` on every
+        rank; the groups' rows add up to :meth:`score_rows` when they partition the parameters."""
+        start, stop = self.shard.start, self.shard.stop
+
+        def local() -> torch.Tensor:
+            block = torch.empty(len(groups), len(Q), stop - start, dtype=Q.dtype, device=Q.device)
+            parts = [Q[:, g] for g in groups]
+            for lo, G in self.rows(None, "scoring per module"):
+                for j, g in enumerate(groups):
+                    block[j, :, lo - start:lo - start + len(G)] = self.product(parts[j], G[:, g])
+            return block
+
+        return self.shard.gather_columns(self.shard.local(local))
+
     def top_k(self, Q: torch.Tensor, basis: torch.Tensor | None, k: int) -> tuple[StreamingTopK, StreamingTopK]:
         """The ``k`` most negative (helpful) and most positive (harmful) scores per query, over every rank."""
 

