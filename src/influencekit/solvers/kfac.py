@@ -161,8 +161,9 @@ class KFACSolver(Solver):
             against the true operator, ‖(H + δI)x − v‖/‖v‖ (one batched HVP pass; 0 skips it and the reports
             carry NaN). It is the approximation error, not round-off: it is what every solve reports.
         probe_examples: the residual's H is the mean over this many evenly spaced training examples when the
-            data hold more (default 2,048; ``None``: all). On 9,000 MNIST images the full-data probe cost twice
-            the whole EK-FAC fit; a diagnostic should not.
+            data hold more (default 256; ``None``: all). On 9,000 MNIST images the full-data probe cost twice
+            the whole EK-FAC fit, and on a transformer block each probe example costs four double-backward
+            passes; a diagnostic should not dominate the fit.
         block_elements: largest number of float64 values of a temporary per-example tensor (memory knob).
         solve_dtype: precision of the solve's rotations into and out of the Kronecker eigenbasis:
             ``torch.float64`` (default) or ``None`` for the model's dtype — about twice as fast for a float32
@@ -183,7 +184,7 @@ class KFACSolver(Solver):
         probes: int = 4,
         block_elements: int = 2**24,
         solve_dtype: torch.dtype | None = torch.float64,
-        probe_examples: int | None = 2048,
+        probe_examples: int | None = 256,
     ) -> None:
         super().__init__()
         check_choice("fisher", fisher, FISHERS)
