@@ -10,10 +10,17 @@ at random, and print the fraction of the flipped labels among the first 5/10/20/
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# benchmarks/transformers.py would shadow the Hugging Face package: drop this folder from sys.path first
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
 import argparse
 import json
+import resource
 import time
-from pathlib import Path
 
 import torch
 
@@ -37,6 +44,7 @@ def main() -> None:
     ft = fine_tuned_minilm(ENRON, args.cache, Recipe(flip=args.flip), progress=True)
     print(f"fine-tuned (or loaded) in {time.perf_counter() - t0:.0f} s; test accuracy {ft.test_accuracy:.3f}; {len(ft.flipped)} flipped labels", flush=True)
     result = detect_flipped(ft, MODULES["block5"], damping=args.damping, progress=True)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result, indent=1))
     print("fraction of flipped labels found, by the share of the training set checked:")
     print("checked  " + "  ".join(f"{f:>6.0%}" for f in result["fractions"]))

@@ -200,6 +200,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmarks")
     p.add_argument("--systems", default="ours,kronfluence")
+    p.add_argument("--reuse", default="", help="systems whose stored result of an earlier run (in --cache) is read, not rerun")
     p.add_argument("--worker", choices=["ours", "kronfluence"])
     p.add_argument("--out")
     args = p.parse_args()
@@ -216,9 +217,23 @@ def main() -> None:
           f"{len(CASES[args.case])} modules; {len(ft.test)} test x {len(ft.train)} train; damping {args.damping:g}; {args.threads} threads", flush=True)
     del ft
     results = {}
+    reuse = set(filter(None, args.reuse.split(",")))
+    key = f"{args.case}-{args.n_train}-{args.n_test}-{args.damping:g}-{args.batch_size}-{args.threads}"
     with tempfile.TemporaryDirectory() as tmp:
         for system in systems:
-            results[system] = r = run_worker(system, args, os.path.join(tmp, system))
+            stored = args.cache / f"result-{key}-{system}"
+            if system in reuse:
+                if not stored.with_suffix(".json").exists():
+                    raise SystemExit(f"--reuse {system}: no stored run {stored}.json; run it first")
+                r = json.loads(stored.with_suffix(".json").read_text())
+                r["S"] = np.load(stored.with_suffix(".npy"))
+                print(f"{system}: the stored run of {r['when']} (same case, data, damping, batch size, threads)")
+            else:
+                r = run_worker(system, args, os.path.join(tmp, system))
+                r["when"] = time.strftime("%Y-%m-%d %H:%M")
+                np.save(stored.with_suffix(".npy"), r["S"])
+                stored.with_suffix(".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
+            results[system] = r
             extra = f", planned {r['planned_s']:.0f} s (params {r['n_params']:,})" if system == "ours" else ""
             print(f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total {r['t_fit'] + r['t_score']:8.1f} s  "
                   f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){extra}", flush=True)

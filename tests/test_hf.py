@@ -277,6 +277,7 @@ def test_module_scores_add_up_to_the_scores_and_equal_their_coordinates(bert):
     assert parts["classifier"].metadata["module"] == "classifier"
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft calls it
 def test_lora_adapters_get_layer_tap_gradients_and_ekfac(bert):
     peft = pytest.importorskip("peft", reason="the LoRA test needs `peft` (pip install -e '.[peft]')")
     model, train, test = bert
@@ -301,3 +302,14 @@ def test_lora_adapters_get_layer_tap_gradients_and_ekfac(bert):
     # measured 0.74: K-FAC treats A and B of one adapter as independent layers, but ∂ℓ/∂A scales with B and
     # ∂ℓ/∂B with A, so the Gauss-Newton blocks between them are as large as the blocks it keeps
     assert r >= 0.6
+
+
+def test_a_datasets_dataset_gives_the_scores_of_the_list_it_holds(bert):
+    datasets = pytest.importorskip("datasets", reason="the datasets test needs `datasets` (pip install -e '.[hf]')")
+    model, train, test = bert
+    table = datasets.Dataset.from_dict({k: [ex[k].tolist() for ex in train] for k in train[0]})  # Arrow columns, ragged lists
+    assert table.column_names == ["input_ids", "attention_mask", "labels"]
+    task = ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier")
+    from_list = ik.Influence(task, train, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    from_table = ik.Influence(task, table, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    assert relative_error(from_table, from_list) < 1e-12

@@ -143,11 +143,13 @@ def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int,
     budget = memory_budget
     # vmap(grad): per-example gradient rows plus a few copies of activations per example
     grad = batch_size or max(1, min(n, 4096, budget // (item * (2 * p + 4 * act))))
-    # HVP chunks: large enough that a small model's HVP is one call (per-call overhead dominated there: the
-    # digits MLP's HVP took 21 ms in chunks of 1,024 + 176 examples, 11 ms in one), small enough to leave
-    # room for 16 tangents per vectorised call, and at least 256 examples. Models with large activations
-    # get the 256 (1M-parameter CNN: 0.99 ms/example per HVP in chunks of 256, 1.78 in chunks of 1,024)
-    hvp = batch_size or max(1, min(n, max(256, budget // (item * 6 * act * 16))))
+    # HVP chunks (also K-FAC's factor passes): large enough that a small model's HVP is one call (per-call
+    # overhead dominated there: the digits MLP's HVP took 21 ms in chunks of 1,024 + 176 examples, 11 ms in one),
+    # small enough to leave room for 16 tangents per vectorised call, and at least 256 examples where one tangent
+    # of 256 fits the budget (1M-parameter CNN: 0.99 ms/example per HVP in chunks of 256, 1.78 in chunks of 1,024).
+    # A transformer block has ~1.5M activation values per 128-token example: 256 of them held 12.8 GB.
+    one_tangent = max(1, budget // (item * 6 * act))
+    hvp = batch_size or max(1, min(n, max(min(256, one_tangent), budget // (item * 6 * act * 16))))
     # vmap over tangents of jvp(grad): each tangent carries activations of the whole chunk and a gradient
     tangents = max(1, min(4096, budget // (item * 6 * (hvp * act + p))))
     queries = max(1, budget // (item * 4 * p))

@@ -223,20 +223,24 @@ def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tens
     batch = take(train, list(range(m)), dtype=dtype, device=device, check=task.check_batch)
     act = input_size_per_example(task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model)
     holder: dict[str, torch.Tensor] = {}
-    per_example, gradient_method, _ = choose_per_example(influence.gradients, task.model, task.loss, params, layout, batch)
+    # each unit cost is timed on at most one chunk of the run's size, so the probe stays within the budget too
+    mg, mh = min(m, chunks.grad), min(m, chunks.hvp)
+    gbatch = batch if mg == m else take(train, list(range(mg)), dtype=dtype, device=device, check=task.check_batch)
+    hbatch = batch if mh == m else take(train, list(range(mh)), dtype=dtype, device=device, check=task.check_batch)
+    per_example, gradient_method, _ = choose_per_example(influence.gradients, task.model, task.loss, params, layout, gbatch)
 
     def grads() -> None:
-        holder["G"], _ = per_example(task.loss, params, batch)
+        holder["G"], _ = per_example(task.loss, params, gbatch)
 
-    tau_g = timed(grads) / m
-    tau_s = timed(lambda: batch_grad_sum(task.loss, params, batch, layout)) / m
+    tau_g = timed(grads) / mg
+    tau_s = timed(lambda: batch_grad_sum(task.loss, params, hbatch, layout)) / mh
     gen = torch.Generator(device=device).manual_seed(0)
     K = max(1, min(chunks.tangents, p, 32))
     V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
-    hvp = choose_hvp(task.loss, params, batch, layout, V[:1])[0]
-    tau_h1 = timed(lambda: hvp(task.loss, params, batch, layout, V[:1])) / m
-    tau_hK = timed(lambda: hvp(task.loss, params, batch, layout, V)) / (m * K) if K > 1 else tau_h1
-    rate = 2.0 * m * m * p / max(timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
+    hvp = choose_hvp(task.loss, params, hbatch, layout, V[:1])[0]
+    tau_h1 = timed(lambda: hvp(task.loss, params, hbatch, layout, V[:1])) / mh
+    tau_hK = timed(lambda: hvp(task.loss, params, hbatch, layout, V)) / (mh * K) if K > 1 else tau_h1
+    rate = 2.0 * mg * mg * p / max(timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
     holder.clear()
 
     def fit_seconds(solver: Solver) -> float:

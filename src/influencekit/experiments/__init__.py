@@ -11,4 +11,6 @@ They use the engine and :mod:`influencekit.applications`; nothing in the library
     attack.py       `influencekit attack`: the training-set attack of §5.2; perturbations.py draws it
     mismatch.py     `influencekit paper readmission`: the domain mismatch of §5.3
     spam.py         `influencekit paper spam`: mislabel detection on Enron1 spam, Figure 6 (§5.4)
+    minilm.py       all-MiniLM-L6-v2 (real weights) fine-tuned on Enron1: the transformer of benchmarks/transformers.py
+                    and of mislabel detection by EK-FAC self-influence (benchmarks/transformer_mislabel.py)
 """
