@@ -10,19 +10,17 @@ at random, and print the fraction of the flipped labels among the first 5/10/20/
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# benchmarks/transformers.py would shadow the Hugging Face package: drop this folder from sys.path first
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
 import json
 import resource
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# benchmarks/transformers.py would shadow the Hugging Face package: drop this folder from sys.path first
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROOT = Path(__file__).resolve().parents[1]
 ENRON = ROOT.parent / "shared" / "data" / "enron"

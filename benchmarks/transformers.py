@@ -31,27 +31,25 @@ Run (the first run fine-tunes, ~10 minutes on 2 cores, later runs load the cache
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# this file is named like the Hugging Face package: run as a script, its folder leads sys.path and
-# `import transformers` would find this file. Drop the folder before anything imports transformers.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
-
 import argparse
+import importlib.util
 import json
 import os
-import resource
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from influencekit.experiments.minilm import MODULES
+# this file is named like the Hugging Face package: run as a script, its folder leads sys.path and
+# `import transformers` would find this file. Drop the folder (as peers.py does) before anything imports it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from influencekit.experiments.minilm import MODULES  # noqa: E402  (after the sys.path fix)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENRON = ROOT.parent / "shared" / "data" / "enron"
@@ -59,16 +57,16 @@ BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 CASES = MODULES  # block5: block 5 + head; all: the six blocks + head
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _load_bench_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"_ik_bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def current_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+# peak and current RSS from /proc (VmHWM, VmRSS): a worker's ru_maxrss would start at the parent's peak
+_solvers = _load_bench_module("solvers")
+rss_mib, current_rss_mib = _solvers.rss_mib, _solvers.current_rss_mib
 
 
 def load(args: argparse.Namespace):

@@ -31,7 +31,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .checks import check_int
-from .data.examples import Examples, prepare_batch
+from .data.examples import Examples, stream, take
 from .errors import InputError, InputTypeError, UnsupportedError
 from .progress import progress_bar
 
@@ -193,19 +193,20 @@ def find_plan(task: Any, params: dict[str, torch.Tensor], batch: Mapping[str, An
     """The cached modules and stored outputs for ``task`` with ``params`` selected, found and checked on ``batch``."""
     model = task.model
     B, T = batch["input_ids"].shape
+    if T < 2:
+        raise InputError("the prefix cache needs the first examples to have at least 2 tokens (to find the sequence dimension of the cached outputs).")
     live = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     recorder = _Recorder(model)
     try:
-        with torch.enable_grad():
-            task.loss(live, batch)
+        with torch.enable_grad():  # the recorded forward is also the reference every replay must reproduce
+            loss = task.loss(live, batch)
+            reference = loss.detach(), torch.autograd.grad(loss.sum(), list(live.values()), allow_unused=True)
     finally:
         recorder.close()
     owners = {name for name in dict(model.named_modules()) if name and any(_inside(p, name) for p in params)}
     frozen = [name for name, out in recorder.outputs.items()
               if recorder.calls.get(name) == 1 and name not in owners and _frozen_outputs(out, B)]
     outermost = [n for n in frozen if not any(_inside(n, other) and n != other for other in frozen)]
-    if T < 2:
-        raise InputError("the prefix cache needs the first examples to have at least 2 tokens (to find the sequence dimension of the cached outputs).")
     shorter = _Recorder(model)
     try:
         with torch.no_grad():
@@ -221,14 +222,14 @@ def find_plan(task: Any, params: dict[str, torch.Tensor], batch: Mapping[str, An
             "Cache a prefix only when `params=` selects the last part of the model (e.g. its last blocks and head)."
         )
     stored = {name: [isinstance(v, torch.Tensor) for v in _leaves(recorder.outputs[name])] for name in outermost}
-    if not _replays_exactly(task, live, batch, _plan_of(outermost, recorder.outputs, sequence, stored), recorder.outputs):
+    if not _replays_exactly(task, live, batch, _plan_of(outermost, recorder.outputs, sequence, stored), recorder.outputs, reference):
         raise UnsupportedError(
             "the model's outputs differ when its frozen modules are replayed from their own recorded outputs: the model is "
             "not deterministic (put it in eval mode: model.eval()) or its modules keep state between calls. Run without the prefix cache."
         )
     for name in outermost:  # keep an output only if the loss or its gradient changes without it
         trial = {**stored, name: [False] * len(stored[name])}
-        if _replays_exactly(task, live, batch, _plan_of(outermost, recorder.outputs, sequence, trial), recorder.outputs):
+        if _replays_exactly(task, live, batch, _plan_of(outermost, recorder.outputs, sequence, trial), recorder.outputs, reference):
             stored = trial
     return _plan_of(outermost, recorder.outputs, sequence, stored)
 
@@ -259,15 +260,15 @@ def _stored_values(plan: PrefixPlan, outputs: Mapping[str, Any]) -> dict[str, to
     return values
 
 
-def _replays_exactly(task: Any, live: dict[str, torch.Tensor], batch: Mapping[str, Any], plan: PrefixPlan, outputs: Mapping[str, Any]) -> bool:
-    names = list(live)
+def _replays_exactly(task: Any, live: dict[str, torch.Tensor], batch: Mapping[str, Any], plan: PrefixPlan, outputs: Mapping[str, Any],
+                     reference: tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]) -> bool:
+    """The loss and its gradient on ``batch`` with ``plan`` replayed equal ``reference`` (the full model's) to round-off."""
+    full, g_full = reference
     with torch.enable_grad():
-        full = task.loss(live, batch)
-        g_full = torch.autograd.grad(full.sum(), [live[n] for n in names], allow_unused=True)
         replayed = {**batch, **_stored_values(plan, outputs)}
         with plan.replay(task.model, replayed):
             cached = task.loss(live, replayed)
-        g_cached = torch.autograd.grad(cached.sum(), [live[n] for n in names], allow_unused=True)
+        g_cached = torch.autograd.grad(cached.sum(), list(live.values()), allow_unused=True)
     tol = 1e3 * torch.finfo(full.dtype).eps if full.is_floating_point() else 0.0
 
     def close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -276,7 +277,7 @@ def _replays_exactly(task: Any, live: dict[str, torch.Tensor], batch: Mapping[st
         scale = max(float(b.abs().max()), 1e-30)
         return math.isfinite(scale) and float((a - b).abs().max()) <= tol * scale
 
-    return close(cached.detach(), full.detach()) and all(close(a, b) for a, b in zip(g_cached, g_full))
+    return close(cached.detach(), full) and all(close(a, b) for a, b in zip(g_cached, g_full))
 
 
 class PrefixCache(Sequence):
@@ -312,8 +313,7 @@ class PrefixCache(Sequence):
         params = {k: v.detach() for k, v in task.params().items()}
         p0 = next(iter(params.values()))
         self._items = self._raw_items(data, examples)
-        first = prepare_batch(examples.batch(range(min(PLAN_EXAMPLES, len(examples)))), name="data", offset=0,
-                              dtype=p0.dtype, device=p0.device, check=task.check_batch)
+        first = take(examples, range(min(PLAN_EXAMPLES, len(examples))), dtype=p0.dtype, device=p0.device, check=task.check_batch)
         self.plan = find_plan(task, params, first)
         task.use_prefix_plan(self.plan)
         self.values: list[dict[str, torch.Tensor]] = []
@@ -325,8 +325,7 @@ class PrefixCache(Sequence):
         bar = progress_bar(total=len(examples), desc="prefix cache", enabled=progress)
         try:
             with torch.no_grad():
-                for lo, batch in examples.batches(batch_size):
-                    batch = prepare_batch(batch, name="data", offset=lo, dtype=p0.dtype, device=p0.device, check=task.check_batch)
+                for lo, batch in stream(examples, batch_size, dtype=p0.dtype, device=p0.device, check=task.check_batch):
                     captured.clear()
                     task.outputs(params, batch)
                     for i in range(batch["input_ids"].shape[0]):
