@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("structure", ["layers", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
     ("operators and gradients", ["hessian", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
     ("solvers", ["solvers", "solvers.*"]),
-    ("engine parts", ["config", "persistence", "pairwise", "perturbation", "training", "planner"]),
+    ("engine parts", ["config", "persistence", "pairwise", "perturbation", "groups", "training", "planner"]),
     ("engine", ["scoring"]),
     ("built on the engine", ["store", "models", "models.*", "sklearn_interop", "validation", "validation.*"]),
     ("applications", ["applications", "applications.*"]),

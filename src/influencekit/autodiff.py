@@ -24,6 +24,8 @@ __all__ = [
     "per_example_grads",
     "batch_grad_sum",
     "hvp_sum",
+    "third_directional_sum",
+    "second_directional",
     "mixed_vjp",
     "input_size_per_example",
 ]
@@ -216,6 +218,44 @@ def choose_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: 
         raise
     except Exception:
         return hvp_loop, "autograd loop", hvp_loop(fn, params, batch, layout, V)
+
+
+def _per_tangent(one: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
+    """``one`` over the rows of ``V``, vectorised with vmap, or row by row where the model cannot be batched."""
+    with torch.no_grad():
+        try:
+            return vmap(one)(V)
+        except InfluenceKitError:
+            raise
+        except Exception:  # e.g. data-dependent control flow under vmap: the same products one tangent at a time
+            return torch.stack([one(v) for v in V])
+
+
+def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+    """∇³(Σ fn)[v, v] for each row v of ``V``: the derivative of the HVP H(θ)v along v, ``(k, n_params)``.
+
+    Forward-over-forward-over-reverse: ``jvp(θ ↦ jvp(grad(Σ fn), θ, v), θ, v)``; about three gradients' cost per tangent.
+    """
+    g = grad(lambda p: fn(p, batch).sum())
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        u = layout.unflatten(v)
+        _, dhv = jvp(lambda p: jvp(g, (p,), (u,))[1], (params,), (u,))
+        return layout.flatten(dhv)
+
+    return _per_tangent(one, V)
+
+
+def second_directional(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+    """vᵀ∇²fn(z)v of each example z of ``batch`` for each row v of ``V``: ``(k, B)``, by forward-over-forward
+    ``d²/ds² fn(θ + s·v)`` (no gradient, no Hessian)."""
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        u = layout.unflatten(v)
+        _, second = jvp(lambda p: jvp(lambda q: fn(q, batch), (p,), (u,))[1], (params,), (u,))
+        return second
+
+    return _per_tangent(one, V)
 
 
 InputPath = int | str | None  # where the input sits in a batch: tuple position, dict key, or the batch itself

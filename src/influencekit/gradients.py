@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from .autodiff import ParamLayout, batch_grad_sum, per_example_grads
 from .checks import check_choice
 from .data.examples import Examples, batch_size_of, stream, take
 from .distributed import Shard
-from .errors import NumericalError
+from .errors import NumericalError, StationarityWarning
 from .layers import GRADIENT_METHODS, choose_per_example
 from .progress import progress_bar
 from .task import Task
@@ -175,3 +176,15 @@ def objective_gradient_norm(source: GradientSource, train: Examples, shard: Shar
     sums = shard.all_reduce(shard.local(local_sums))
     n = len(train)
     return float((sums[:-1] / n + task.l2 * layout.flatten(params)).norm()), float(sums[-1]) / n
+
+
+def warn_if_not_stationary(grad_norm: float, tol: float) -> None:
+    """Warn (at the caller of ``Influence.fit``) when ‖∇R(θ̂)‖ exceeds ``tol``: influence assumes θ̂ minimises R."""
+    if grad_norm > tol:
+        warnings.warn(
+            f"the model is far from a stationary point of the training objective: ||grad R(theta)|| = {grad_norm:.3g} > "
+            f"stationarity_tol={tol:g}. Influence assumes theta minimises R (with the same `l2`); train longer or check "
+            "that `l2` matches the training regularisation.",
+            StationarityWarning,
+            stacklevel=3,
+        )

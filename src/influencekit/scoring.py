@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +29,15 @@ from .checks import check_indices, check_int
 from .config import Chunks, InfluenceConfig, Provenance, plan_chunks
 from .data.examples import Examples, take
 from .distributed import resolve_shard
-from .errors import InputError, InputTypeError, NotFittedError, StationarityWarning
+from .errors import InputError, InputTypeError, NotFittedError
 from .folders import fingerprint
-from .gradients import GradientSource, objective_gradient_norm
+from .gradients import GradientSource, objective_gradient_norm, warn_if_not_stationary
+from .groups import check_newton, check_orders, group_effects, parse_groups
 from .hessian import HessianOperator, check_curvature
 from .pairwise import TrainingSide
 from .persistence import DATA_HEAD, ScoreFolder, SolverCache
 from .perturbation import perturbation_scores
-from .results import InfluenceScores, RankedInfluence, TopK
+from .results import GroupInfluence, InfluenceScores, RankedInfluence, TopK
 from .solvers import SolveReport
 from .task import Task
 
@@ -141,7 +141,9 @@ class Influence:
         self.gradients_ = GradientSource(self.task, params, chunk=self.chunks_.grad, method=config.gradients,
                                          precision=config.precision, progress=self.progress_)
         self.training_side_ = TrainingSide(self.gradients_, train, shard, config.precision)
-        self._check_stationarity()
+        self.grad_norm_, self.train_loss_ = objective_gradient_norm(self.gradients_, train, shard)
+        logger.info("fit: n_train=%d, n_params=%d, ||grad R(theta)||=%.3g", len(train), layout.n, self.grad_norm_)
+        warn_if_not_stationary(self.grad_norm_, config.stationarity_tol)
         self.operator_ = HessianOperator(self.task, params, train, damping=config.damping, batch_size=self.chunks_.hvp,
                                          tangent_block=self.chunks_.tangents, progress=self.progress_, shard=shard)
         cache = None if config.cache_dir is None else SolverCache(config.cache_dir, self.provenance_, self.data_fingerprint(train), shard)
@@ -152,19 +154,6 @@ class Influence:
                 cache.store(solver)
         self.solver_ = solver
         return self
-
-    def _check_stationarity(self) -> None:
-        """‖∇R(θ̂)‖ and the training loss from one summed-gradient pass; warn when θ̂ is not stationary."""
-        self.grad_norm_, self.train_loss_ = objective_gradient_norm(self.gradients_, self.train_, self.shard_)
-        logger.info("fit: n_train=%d, n_params=%d, ||grad R(theta)||=%.3g", len(self.train_), self.layout_.n, self.grad_norm_)
-        if self.grad_norm_ > self.config.stationarity_tol:
-            warnings.warn(
-                f"the model is far from a stationary point of the training objective: ||grad R(theta)|| = "
-                f"{self.grad_norm_:.3g} > stationarity_tol={self.config.stationarity_tol:g}. Influence assumes theta minimises "
-                "R (with the same `l2`); train longer or check that `l2` matches the training regularisation.",
-                StationarityWarning,
-                stacklevel=3,
-            )
 
     def data_fingerprint(self, data: Examples, examples: int = DATA_HEAD) -> str:
         """sha256 of the first ``examples`` examples of ``data`` as the engine sees them (the manifests' data check)."""
@@ -186,8 +175,7 @@ class Influence:
             raise NotFittedError("this Influence is not fitted yet. Call .fit() before computing scores.")
 
     @property
-    def gradient_methods_(self) -> dict[str, str]:
-        """How per-example gradients were computed per side (``"layers"`` or ``"vmap"``), once computed."""
+    def gradient_methods_(self) -> dict[str, str]:  # per side: "layers", "vmap" or "loop", once computed
         return self.gradients_.methods
 
     # -------------------------------------------------------------------------------------- queries
@@ -328,6 +316,18 @@ class Influence:
         indices = check_indices("train_idx", train_idx, len(self.train_))
         out, self.perturbation_influence_reports_ = perturbation_scores(self, Examples(test, name="test"), indices, input)
         return out
+
+    def group_influence(self, groups: Any, test: Any, *, order: int | str | Sequence[int | str] = 1, newton_tol: float = 1e-6,
+                        newton_max_iter: int = 100) -> GroupInfluence | dict[str, GroupInfluence]:
+        """Predicted change of each test measurement when each group of training points is removed: a :class:`GroupInfluence`
+        ``(n_groups, n_test)``. ``groups``: index arrays, a ``{name: indices}`` dict, an ``(n_groups, n_train)`` bool mask or a
+        label column. ``order``: 1 (Σ_U −I_up,loss/n), 2 (plus the second-order term, Basu et al. 2020), ``"newton"`` (one
+        Newton step without the group, to ``newton_tol``), or a list (a dict by order). Formulas, costs: :mod:`influencekit.groups`."""
+        self.check_fitted()
+        orders, (tol, max_iter) = check_orders(order), check_newton(newton_tol, newton_max_iter)
+        out = group_effects(self, parse_groups(groups, len(self.train_)), Examples(test, name="test"), orders, solve=self._solve,
+                            metadata=self._metadata, newton_tol=tol, newton_max_iter=max_iter)
+        return out if isinstance(order, (list, tuple)) else out[orders[0]]
 
     def eigenvalue_range(self, *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
         """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs.

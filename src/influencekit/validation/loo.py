@@ -14,12 +14,12 @@ training point, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,18 +27,21 @@ import torch
 
 from ..checks import check_int, check_number
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
-from ..folders import atomic_write, fingerprint, open_folder
+from ..folders import fingerprint
 from ..progress import progress_bar
 from ..scoring import Influence
 from .metrics import pearson, spearman
 from .retraining import (
+    CONTROL,
     Retrainer,
     RetrainFn,
+    RetrainingCache,
     SelectedTests,
     StepRetrain,
     check_influence,
     check_retrain,
     index_array,
+    run_retrainings,
     select_tests,
 )
 from .stats import correlation_or_nan
@@ -92,9 +95,8 @@ class LOOResult:
         return plot_loo(self.predicted, self.actual, test_index=self.test_index, path=path, title=title)
 
 
-# ------------------------------------------------------------------------------------------ workers
-_CONTROL = -1  # the job index of the no-removal control run
-_WORKER: Retrainer | None = None  # set in the parent before forking worker processes
+# ------------------------------------------------------------------------------------------ removals
+_CONTROL = CONTROL  # the job index of the no-removal control run
 
 
 def _weights(i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,75 +104,6 @@ def _weights(i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     if i != _CONTROL:
         weights[i] = 0.0
     return weights
-
-
-def _worker_start(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-def _worker_job(i: int, n: int) -> tuple[int, np.ndarray, float, bool]:
-    assert _WORKER is not None  # set before the fork; internal invariant, not user input
-    return (i, *_WORKER.run(_weights(i, n, _WORKER.dtype)))
-
-
-def _run_jobs(retrainer: Retrainer, jobs: list[int], n: int, *, workers: int, threads: int | None) -> Any:
-    """Yield ``(i, measurements, ‖∇R‖, converged)`` for each job, in this process or in forked workers.
-
-    Workers are forked copies of this process (the model, data and trainer are inherited, nothing is
-    pickled but the results); each runs torch with ``threads`` intra-op threads. Results come back in
-    completion order, so the caller can cache each as soon as it is done.
-    """
-    global _WORKER
-    if workers == 1 or len(jobs) <= 1:
-        for i in jobs:
-            yield (i, *retrainer.run(_weights(i, n, retrainer.dtype)))
-        return
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    per_worker = threads if threads is not None else max(1, torch.get_num_threads() // workers)
-    _WORKER = retrainer
-    pool = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork"),
-        initializer=_worker_start, initargs=(per_worker,),
-    )
-    try:
-        futures = [pool.submit(_worker_job, i, n) for i in jobs]
-        for future in cf.as_completed(futures):
-            yield future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        _WORKER = None
-
-
-# ---------------------------------------------------------------------------------------------- cache
-class _Cache:
-    """One ``loo-<train index>.npz`` per finished retraining (measurements after, ‖∇R₋ᵢ‖) + ``manifest.json``."""
-
-    def __init__(self, folder: str | os.PathLike, config: dict[str, Any]) -> None:
-        self.folder = Path(folder)
-        self.config = open_folder(folder, config, arg="cache_dir", what="leave-one-out results", pattern="loo-*.npz")
-
-    def path(self, i: int) -> Path:
-        return self.folder / ("loo-control.npz" if i == _CONTROL else f"loo-{i}.npz")
-
-    def load(self, i: int, n_test: int) -> tuple[np.ndarray, float] | None:
-        path = self.path(i)
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                after, grad_norm = np.asarray(z["measurement"], dtype=np.float64), float(z["grad_norm"])
-        except (OSError, ValueError, KeyError) as exc:
-            logger.warning("ignoring unreadable cache file %s (%s); retraining", path, exc)
-            return None
-        if after.shape != (n_test,) or not np.isfinite(after).all():
-            logger.warning("ignoring cache file %s with shape %s (expected (%d,)); retraining", path, after.shape, n_test)
-            return None
-        return after, grad_norm
-
-    def save(self, i: int, after: np.ndarray, grad_norm: float) -> None:
-        atomic_write(self.path(i), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
 
 
 # ------------------------------------------------------------------------------ steps of leave_one_out
@@ -290,7 +223,7 @@ class _Retrainings:
     ``_CONTROL``), ``grad_norms`` the final ‖∇R₋ᵢ‖ of all of them, ``not_converged`` those above ``tol``.
     """
 
-    def __init__(self, retrainer: Retrainer, cache: _Cache | None, settings: _Settings) -> None:
+    def __init__(self, retrainer: Retrainer, cache: RetrainingCache | None, settings: _Settings) -> None:
         self.retrainer = retrainer
         self.cache = cache
         self.settings = settings
@@ -308,7 +241,7 @@ class _Retrainings:
         retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
         cache = None
         if cache_dir is not None:
-            cache = _Cache(cache_dir, _cache_config(influence, tests, retrainer, settings))
+            cache = RetrainingCache(cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results")
         runs = cls(retrainer, cache, settings)
         control = settings.control
         if cache is not None:
@@ -341,7 +274,8 @@ class _Retrainings:
         settings = self.settings
         bar = progress_bar(total=len(self.jobs), desc="leave-one-out retraining", enabled=bool(progress))
         try:
-            for i, values, grad_norm, converged in _run_jobs(self.retrainer, self.jobs, n, workers=settings.workers, threads=settings.threads):
+            weights_of = functools.partial(_weights, n=n, dtype=self.retrainer.dtype)
+            for i, values, grad_norm, converged in run_retrainings(self.retrainer, self.jobs, weights_of, workers=settings.workers, threads=settings.threads):
                 self.record(i, values, grad_norm, converged)
                 bar.update(1)
         finally:

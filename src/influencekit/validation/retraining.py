@@ -3,16 +3,21 @@
 - :class:`StepRetrain`: a fixed budget of optimiser steps from θ̂, the retrainer of a non-convex model;
 - :func:`check_influence`, :func:`check_retrain`: argument checks of the validation entry points;
 - :func:`select_tests`: the chosen test points, as given, checked and fingerprinted (:class:`SelectedTests`);
-- :class:`Retrainer`: retrains a private copy of the task from θ̂ under example weights and measures the test points.
+- :class:`Retrainer`: retrains a private copy of the task from θ̂ under example weights and measures the test points;
+- :func:`run_retrainings`: a list of retrainings in this process or in forked workers, yielded as each finishes;
+- :class:`RetrainingCache`: one small file per finished retraining, under a manifest (resumable runs).
 
-It sits below :mod:`.loo` and :mod:`.metrics` and imports neither.
+It sits below :mod:`.loo`, :mod:`.groups` and :mod:`.metrics` and imports none of them.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +27,7 @@ from ..autodiff import ParamLayout
 from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, take
 from ..errors import InputError, InputTypeError, NumericalError
-from ..folders import fingerprint
+from ..folders import atomic_write, fingerprint, open_folder
 from ..scoring import Influence
 from ..task import Task
 from ..training import TrainReport, fit_lbfgs, fit_steps, objective_and_grad
@@ -36,7 +41,12 @@ __all__ = [
     "SelectedTests",
     "select_tests",
     "Retrainer",
+    "CONTROL",
+    "run_retrainings",
+    "RetrainingCache",
 ]
+
+logger = logging.getLogger(__name__)
 
 RetrainFn = Callable[[Task, Any, torch.Tensor], Any]
 
@@ -234,3 +244,81 @@ class Retrainer:
         params = self.work.params()
         _, grad = objective_and_grad(self.work, params, self.influence.train_, ParamLayout.of(params), weights, self.grad_batch_size)
         return float(grad.norm())
+
+
+# ------------------------------------------------------------------------------------------ workers
+CONTROL = -1  # the job key of a no-removal control run
+_JOBS: tuple[Retrainer, Callable[[Any], torch.Tensor]] | None = None  # set in the parent before forking workers
+
+
+def _worker_start(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_job(job: Any) -> tuple[Any, np.ndarray, float, bool]:
+    assert _JOBS is not None  # set before the fork; internal invariant, not user input
+    retrainer, weights_of = _JOBS
+    return (job, *retrainer.run(weights_of(job)))
+
+
+def run_retrainings(retrainer: Retrainer, jobs: list[Any], weights_of: Callable[[Any], torch.Tensor], *, workers: int,
+                    threads: int | None) -> Iterator[tuple[Any, np.ndarray, float, bool]]:
+    """Yield ``(job, measurements, ‖∇R‖, converged)`` for each job, retrained under ``weights_of(job)``, in this
+    process or in forked workers.
+
+    Workers are forked copies of this process (the model, data and trainer are inherited, nothing is
+    pickled but the results); each runs torch with ``threads`` intra-op threads. Results come back in
+    completion order, so the caller can cache each as soon as it is done.
+    """
+    global _JOBS
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield (job, *retrainer.run(weights_of(job)))
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    per_worker = threads if threads is not None else max(1, torch.get_num_threads() // workers)
+    _JOBS = (retrainer, weights_of)
+    pool = cf.ProcessPoolExecutor(
+        max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork"),
+        initializer=_worker_start, initargs=(per_worker,),
+    )
+    try:
+        futures = [pool.submit(_worker_job, job) for job in jobs]
+        for future in cf.as_completed(futures):
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _JOBS = None
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class RetrainingCache:
+    """One ``<prefix>-<job>.npz`` per finished retraining (measurements after, ‖∇R‖) + ``manifest.json``."""
+
+    def __init__(self, folder: str | os.PathLike, config: dict[str, Any], *, prefix: str, what: str) -> None:
+        self.folder = Path(folder)
+        self.prefix = prefix
+        self.config = open_folder(folder, config, arg="cache_dir", what=what, pattern=f"{prefix}-*.npz")
+
+    def path(self, job: Any) -> Path:
+        return self.folder / f"{self.prefix}-{'control' if job == CONTROL else job}.npz"
+
+    def load(self, job: Any, n_test: int) -> tuple[np.ndarray, float] | None:
+        path = self.path(job)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                after, grad_norm = np.asarray(z["measurement"], dtype=np.float64), float(z["grad_norm"])
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("ignoring unreadable cache file %s (%s); retraining", path, exc)
+            return None
+        if after.shape != (n_test,) or not np.isfinite(after).all():
+            logger.warning("ignoring cache file %s with shape %s (expected (%d,)); retraining", path, after.shape, n_test)
+            return None
+        return after, grad_norm
+
+    def save(self, job: Any, after: np.ndarray, grad_norm: float) -> None:
+        atomic_write(self.path(job), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
