@@ -21,7 +21,7 @@ from .errors import (
 from .gradients import GradientSource
 from .hessian import HessianOperator
 from .projection import Projector
-from .results import CONVENTION, InfluenceScores, RankedInfluence, TopK
+from .results import CONVENTION, GROUP_CONVENTION, GroupInfluence, InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
 from .sklearn_interop import from_sklearn, sklearn_labels
 from .solvers import ArnoldiSolver, CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
@@ -29,7 +29,7 @@ from .spectrum import lanczos_extremes, power_iteration
 from .store import GradientStore
 from .task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
 from .training import TrainReport, fit_lbfgs, fit_steps
-from .validation import LDSResult, LOOResult, leave_one_out, linear_datamodeling_score
+from .validation import GroupValidation, LDSResult, LOOResult, leave_one_out, linear_datamodeling_score, validate_groups
 
 __version__ = "0.1.0"
 
@@ -46,7 +46,9 @@ __all__ = [
     "InfluenceScores",
     "RankedInfluence",
     "TopK",
+    "GroupInfluence",
     "CONVENTION",
+    "GROUP_CONVENTION",
     "HessianOperator",
     "GradientSource",
     "Solver",
@@ -65,6 +67,8 @@ __all__ = [
     "validation",
     "leave_one_out",
     "LOOResult",
+    "validate_groups",
+    "GroupValidation",
     "linear_datamodeling_score",
     "LDSResult",
     "InfluenceKitError",

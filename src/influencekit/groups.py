@@ -105,6 +105,8 @@ def _label_column(column: np.ndarray, n: int) -> tuple[list[np.ndarray], list[st
 def parse_groups(groups: Any, n: int) -> Groups:
     """Groups given as a list of index arrays (or boolean masks), a ``{name: indices}`` dict, an
     ``(n_groups, n)`` boolean mask matrix, or a label column of length n (one group per distinct value)."""
+    if isinstance(groups, (dict, list, tuple)) and len(groups) == 0:
+        raise InputError("`groups` must hold at least one group. Got none.")
     if isinstance(groups, dict):
         names = [str(k) for k in groups]
         members = [_index_group(name, groups[k], n) for name, k in zip(names, groups)]
@@ -128,8 +130,6 @@ def parse_groups(groups: Any, n: int) -> Groups:
                 "`groups` must be a list of index arrays, a {name: indices} dict, an (n_groups, n_train) boolean mask "
                 f"matrix, or a label column of length n_train. Got an array of shape {array.shape} and dtype {array.dtype}."
             )
-    if not members:
-        raise InputError("`groups` must hold at least one group. Got none.")
     whole = [name for name, m in zip(names, members) if len(m) >= n]
     if whole:
         raise InputError(f"group {whole[0]!r} holds every training point; removing it leaves nothing to retrain on.")

@@ -3,18 +3,21 @@
 - :func:`leave_one_out`: −I_up,loss/n against leave-one-out retraining (Koh & Liang 2017, Figure 2),
   resumable through an on-disk cache, in parallel worker processes if asked; :class:`StepRetrain` retrains
   a non-convex model with a fixed budget of optimiser steps against a no-removal control run; returns a :class:`LOOResult` with Pearson/Spearman and ``.plot()``.
+- :func:`validate_groups`: group-removal retraining against each order of the group-influence prediction
+  (Koh et al. 2019; Basu et al. 2020); a :class:`GroupValidation` with the metrics per order and ``.plot()``.
 - :func:`linear_datamodeling_score`: the LDS of Park et al. (2023, TRAK) over random training subsets.
 - :func:`pearson`, :func:`spearman`: checked correlation coefficients.
 - :func:`plot_loo`: the Figure-2 scatter (matplotlib, Agg canvas).
 
 Inside the package the imports go one way: :mod:`.stats` (checked vectors, NaN-safe correlations) and
 :mod:`.retraining` (the retrainer, its checks, the test selection, :class:`StepRetrain`) at the bottom;
-:mod:`.metrics` above them; :mod:`.plot` and :mod:`.loo` above that.
+:mod:`.metrics` above them; :mod:`.plot`, :mod:`.loo` and :mod:`.groups` above that.
 """
 
+from .groups import GroupValidation, validate_groups
 from .loo import LOOResult, leave_one_out
 from .metrics import LDSResult, linear_datamodeling_score, pearson, spearman
-from .plot import plot_loo
+from .plot import plot_groups, plot_loo
 from .retraining import StepRetrain
 
 __all__ = [
@@ -26,4 +29,7 @@ __all__ = [
     "pearson",
     "spearman",
     "plot_loo",
+    "plot_groups",
+    "validate_groups",
+    "GroupValidation",
 ]
