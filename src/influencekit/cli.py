@@ -249,6 +249,7 @@ def inspect(
     delimiter: str = typer.Option(",", help="Field separator of the CSV files."),
     chunk_size: int = typer.Option(10_000, help="Rows converted at a time while reading."),
     seed: int = typer.Option(0, help="Seed of the held-out split and of the mlp's initialisation."),
+    group_by: str | None = typer.Option(None, "--group-by", help="Column whose values group the training rows: rank the groups by the predicted effect of removing each."),
 ) -> None:
     """Influence on a CSV table: the training rows most likely mislabeled and, per test row, the most helpful and harmful ones."""
     from .applications.inspect import run_inspect
@@ -260,7 +261,7 @@ def inspect(
         data, label, test=test, out_dir=out, model=model, l2=l2, damping=damping, solver=solver, hidden=hidden, steps=steps,
         lr=lr, k=k, n_suspicious=n_suspicious, max_test_rows=max_test_rows, test_fraction=test_fraction,
         categorical=names(categorical), numeric=names(numeric), ignore=names(ignore), max_categories=max_categories, delimiter=delimiter,
-        chunk_size=chunk_size, seed=seed, progress=True,
+        chunk_size=chunk_size, seed=seed, group_by=group_by, progress=True,
     )
     typer.echo(result.text)
 

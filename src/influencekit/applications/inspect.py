@@ -14,7 +14,9 @@ The workflow a data scientist runs on their own table (Koh & Liang 2017, §5.4 a
    likely mislabeled;
 4. for each reported test row, the ``k`` most helpful (I_up,loss < 0: removing them raises its loss) and
    most harmful (I_up,loss > 0) training rows (:meth:`~influencekit.Influence.top_k`);
-5. write ``report.html`` (tables and two PNG figures), ``mislabeled.csv``, ``influence.csv`` and
+5. with ``group_by``: the predicted effect of removing each group of training rows (each value of that column)
+   on the mean test loss, at order 1 and by the Newton step (:mod:`~influencekit.applications.groups`);
+6. write ``report.html`` (tables and PNG figures), ``mislabeled.csv``, ``influence.csv`` (``groups.csv``) and
    ``inspect.json`` into the output folder — built in a temporary folder beside it and renamed into place
    at the end, so a failed run leaves no report, and an earlier report is replaced only by a complete one.
 
@@ -39,13 +41,14 @@ import torch
 from torch import nn
 
 from ..checks import check_int, check_number
-from ..data.tabular import TabularData, TabularEncoder, count_rows, read_rows
+from ..data.tabular import TabularData, TabularEncoder, count_rows, read_column, read_header, read_rows
 from ..errors import InputError
 from ..report import html
 from ..results import CONVENTION, RankedInfluence
 from ..scoring import Influence
 from ..task import ClassificationTask
 from ..training import TrainReport, fit_lbfgs, fit_steps
+from .groups import GroupSummary, check_group_column, group_section, summarise_groups, write_group_outputs
 from .mislabel import rank_training_points
 
 __all__ = ["MODELS", "InspectResult", "run_inspect"]
@@ -71,6 +74,7 @@ class InspectResult:
         explained: one dict per reported test row (row, line, label, predicted, p_label, loss, helpful,
             harmful; each of those a list of dicts with row, line, label, influence, loo_change, values).
         ranked: the :class:`~influencekit.RankedInfluence` of the reported test rows.
+        groups: with ``group_by``, the :class:`~influencekit.applications.groups.GroupSummary` of its groups.
         train_accuracy, test_accuracy: of the trained model.
         warnings: the warnings raised while training and computing influence, as text.
         metadata: the settings, the training report and the influence metadata (also in ``inspect.json``).
@@ -93,6 +97,7 @@ class InspectResult:
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     text: str = ""
+    groups: GroupSummary | None = None
 
 
 def run_inspect(
@@ -119,6 +124,7 @@ def run_inspect(
     delimiter: str = ",",
     chunk_size: int = 10_000,
     seed: int = 0,
+    group_by: str | None = None,
     progress: bool = False,
 ) -> InspectResult:
     """Train a classifier on a CSV file and report its suspicious training rows and its most influential ones.
@@ -140,24 +146,17 @@ def run_inspect(
         categorical, numeric, ignore, max_categories, delimiter, chunk_size: as in
             :class:`~influencekit.data.tabular.TabularEncoder`.
         seed: seed of the held-out split and of the MLP's initialisation.
+        group_by: a column whose values group the training rows (a data source, an annotator, a site): the report
+            ranks the groups by the predicted effect of removing each on the mean test loss.
         progress: show progress bars.
     """
     started = time.perf_counter()
-    if model not in MODELS:
-        raise InputError(f"`model` must be one of {', '.join(map(repr, MODELS))}. Got {model!r}.")
-    l2 = check_number("l2", l2, low=0.0, low_inclusive=False)
-    damping = (0.0 if model == "logreg" else 0.01) if damping is None else check_number("damping", damping, low=0.0)
-    if model == "mlp" and damping == 0.0:
-        raise InputError("`damping` must be > 0 for model='mlp': its Hessian need not be positive definite. Got 0; try 0.01.")
-    hidden = check_int("hidden", hidden, low=1)
-    k = check_int("k", k, low=1)
-    n_suspicious = check_int("n_suspicious", n_suspicious, low=1)
-    max_test_rows = check_int("max_test_rows", max_test_rows, low=1)
-    test_fraction = check_number("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-    seed = check_int("seed", seed, low=0)
+    l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed = _check_arguments(
+        model, l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed)
     out = Path(out_dir)
     _check_out_dir(out)
-
+    if group_by is not None:
+        check_group_column(group_by, read_header(data, delimiter=delimiter), label)
     encoder = TabularEncoder(
         label, categorical=categorical, numeric=numeric, ignore=ignore, max_categories=max_categories,
         delimiter=delimiter, chunk_size=chunk_size, progress=progress,
@@ -171,10 +170,32 @@ def run_inspect(
     settings = {"data": str(Path(data)), "test": test_source, "label": label, "model": _describe_model(model, hidden, steps, lr),
                 "l2": l2, "damping": damping, "solver": solver}
     result = _result(out, encoder, train, test_data, fitted, suspicious, explained, settings)
+    if group_by is not None:
+        result.groups = summarise_groups(fitted.influence, read_column(data, group_by, train.rows.tolist(), delimiter=delimiter),
+                                         test_data.tensors(), group_by)
+        result.metadata["groups"] = {**result.groups.metadata, "table": result.groups.rows}
     _write_in_place(out, result, header, fitted, test_source, started)
     result.metadata["seconds"] = time.perf_counter() - started
     result.text = _summary(result)
     return result
+
+
+def _check_arguments(model: str, l2: float, damping: float | None, hidden: int, k: int, n_suspicious: int, max_test_rows: int,
+                     test_fraction: float, seed: int) -> tuple[float, float, int, int, int, int, float, int]:
+    """The checked numeric arguments of :func:`run_inspect` (``damping`` defaulted by the model)."""
+    if model not in MODELS:
+        raise InputError(f"`model` must be one of {', '.join(map(repr, MODELS))}. Got {model!r}.")
+    l2 = check_number("l2", l2, low=0.0, low_inclusive=False)
+    damping = (0.0 if model == "logreg" else 0.01) if damping is None else check_number("damping", damping, low=0.0)
+    if model == "mlp" and damping == 0.0:
+        raise InputError("`damping` must be > 0 for model='mlp': its Hessian need not be positive definite. Got 0; try 0.01.")
+    hidden = check_int("hidden", hidden, low=1)
+    k = check_int("k", k, low=1)
+    n_suspicious = check_int("n_suspicious", n_suspicious, low=1)
+    max_test_rows = check_int("max_test_rows", max_test_rows, low=1)
+    test_fraction = check_number("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    seed = check_int("seed", seed, low=0)
+    return l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed
 
 
 def _encode(
@@ -422,6 +443,8 @@ def _write_outputs(
     _plot_self_influence(result, p_train, pred_train, folder / "self_influence.png")
     if result.explained:
         _plot_test_influence(result, folder / "test_influence.png")
+    if result.groups is not None:
+        write_group_outputs(result.groups, folder, _figure)
     seconds = time.perf_counter() - started
     result.metadata["seconds"] = seconds
     (folder / "report.html").write_text(_html_report(result, header, train_report, test_source, seconds), encoding="utf-8")
@@ -565,6 +588,8 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
                 css.append("good" if kind == "helpful" else "bad")
         parts.append(html.table(["", "rank", "row", "line", "label", "I_up,loss", "LOO change", *header], table_rows, row_classes=css))
 
+    if result.groups is not None:
+        parts += group_section(result.groups)
     parts.append(html.heading("Convention"))
     parts.append(html.paragraph(CONVENTION, note=True))
     parts.append(html.paragraph(
@@ -590,6 +615,10 @@ def _summary(result: InspectResult) -> str:
     lines.append("most likely mislabeled (row: label, self-influence): " + ", ".join(
         f"{s['row']}: {s['label']}, {s['self_influence']:.3g}" for s in result.suspicious[:5]
     ) + (" ..." if len(result.suspicious) > 5 else ""))
+    if result.groups is not None:
+        change = "newton" if result.groups.newton_error is None else "order1"
+        lines.append(f"groups of {result.groups.column!r} by predicted effect on the mean test loss: " + ", ".join(
+            f"{r['group']} ({r['size']}): {r[change]:+.3g}" for r in result.groups.rows[:5]) + (" ..." if len(result.groups.rows) > 5 else ""))
     lines += [f"warning: {w}" for w in result.warnings]
     lines.append(f"report: {result.report_path.resolve()} ({meta['seconds']:.1f} s)")
     return "\n".join(lines)

@@ -48,6 +48,8 @@ __all__ = [
     "TabularEncoder",
     "count_rows",
     "read_rows",
+    "read_header",
+    "read_column",
 ]
 
 DEFAULT_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?")
@@ -156,6 +158,27 @@ def read_rows(path: str | os.PathLike, rows: Iterable[int], *, delimiter: str = 
                 if len(out) == len(wanted):
                     break
         return reader.header, out
+
+
+def read_header(path: str | os.PathLike, *, delimiter: str = ",", name: str = "data") -> list[str]:
+    """The column names of a CSV file (its header row), checked as every reader checks them."""
+    with _Reader(path, delimiter=delimiter, name=name) as reader:
+        return list(reader.header)
+
+
+def read_column(path: str | os.PathLike, column: str, rows: Iterable[int], *, delimiter: str = ",") -> list[str]:
+    """The raw, stripped values of ``column`` in the given data rows (numbered from 1), in the order of ``rows``."""
+    wanted = [int(r) for r in rows]
+    values: dict[int, str] = {}
+    targets = set(wanted)
+    with _Reader(path, delimiter=delimiter, name="data") as reader:
+        at = reader.header.index(column)
+        for row, _, fields in reader.records():
+            if row in targets:
+                values[row] = fields[at].strip()
+                if len(values) == len(targets):
+                    break
+    return [values[r] for r in wanted]
 
 
 # ------------------------------------------------------------------------------------------ results
