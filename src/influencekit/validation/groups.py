@@ -124,6 +124,19 @@ def _retrain_groups(retrainer: Retrainer, groups: Groups, jobs: list[int], cache
     return after, grad_norms, failed, from_cache
 
 
+def _check_arguments(influence: Influence, retrain: Any, tol: Any, max_iter: Any, workers: Any, control: Any, orders: Any
+                     ) -> tuple[float, int, int, bool, tuple[str, ...]]:
+    check_influence(influence)
+    check_retrain(retrain)
+    tol, max_iter = check_number("tol", tol, low=0.0), check_int("max_iter", max_iter, low=1)
+    workers = check_int("workers", workers, low=1)
+    if control is None:
+        control = bool(getattr(retrain, "fixed_budget", False))
+    elif not isinstance(control, bool):
+        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
+    return tol, max_iter, workers, control, check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
+
+
 def validate_groups(
     influence: Influence,
     groups: Any,
@@ -159,15 +172,7 @@ def validate_groups(
         :class:`GroupValidation` with the metrics per order and ``.plot()``.
     """
     start = time.perf_counter()
-    check_influence(influence)
-    check_retrain(retrain)
-    tol, max_iter = check_number("tol", tol, low=0.0), check_int("max_iter", max_iter, low=1)
-    workers = check_int("workers", workers, low=1)
-    if control is None:
-        control = bool(getattr(retrain, "fixed_budget", False))
-    elif not isinstance(control, bool):
-        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
-    order_names = check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
+    tol, max_iter, workers, control, order_names = _check_arguments(influence, retrain, tol, max_iter, workers, control, orders)
     parsed = parse_groups(groups, len(influence.train_))
     tests = select_tests(influence, test, test_indices)
     predictions = influence.group_influence(parsed.mask(), tests.raw_batch, order=list(order_names))
