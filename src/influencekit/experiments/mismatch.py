@@ -30,7 +30,7 @@ from ..scoring import Influence
 from ..task import ClassificationTask
 from ..training import fit_lbfgs
 
-__all__ = ["ReadmissionResult", "run_readmission"]
+__all__ = ["ReadmissionResult", "run_readmission", "MismatchRows", "MismatchModel", "draw_rows", "standardised", "train_mismatch", "fit_logistic", "CHILD"]
 
 CHILD = "[0-10)"
 
@@ -81,7 +81,7 @@ class ReadmissionResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float, tol: float) -> tuple[ClassificationTask, Any]:
+def fit_logistic(X: torch.Tensor, y: torch.Tensor, l2: float, tol: float) -> tuple[ClassificationTask, Any]:
     model = torch.nn.Linear(X.shape[1], 1).to(X.dtype)
     with torch.no_grad():  # convex: start from zero so the run does not depend on torch's initialisation
         model.weight.zero_()
@@ -152,9 +152,9 @@ def run_readmission(
         raise InputError(f"`solver` must be 'exact' or 'cg' (the model has 128 parameters). Got {solver!r}.")
 
     data = load_readmission(csv, label=label)
-    rows = _draw_rows(data, n_train, keep_healthy_children, label, seed)
-    X = _standardised(data, rows.balanced)
-    fit = _train(X, data.y, rows, l2, tol, compare)
+    rows = draw_rows(data, n_train, keep_healthy_children, label, seed)
+    X = standardised(data, rows.balanced)
+    fit = train_mismatch(X, data.y, rows, l2, tol, compare)
     chosen = _test_child(fit, rows, test_row, keep_healthy_children, len(data.y))
     found = _measure(data, X, rows, fit, chosen, solver=solver, k=k, progress=progress)
     seconds = time.perf_counter() - started
@@ -163,7 +163,7 @@ def run_readmission(
 
 
 @dataclass
-class _Rows:
+class MismatchRows:
     """Which CSV rows go where: the balanced draw and the test pool outside it, the healthy children of the draw
     and those removed from it, the training set left, and the healthy children of the test pool."""
 
@@ -175,7 +175,7 @@ class _Rows:
     test_children: np.ndarray
 
 
-def _draw_rows(data: Any, n_train: int, keep_healthy_children: int, label: str, seed: int) -> _Rows:
+def draw_rows(data: Any, n_train: int, keep_healthy_children: int, label: str, seed: int) -> MismatchRows:
     """The balanced training set (every readmitted child in it), less all but ``keep_healthy_children`` healthy children."""
     y_all = data.y.numpy()
     child = data.age == CHILD
@@ -203,10 +203,10 @@ def _draw_rows(data: Any, n_train: int, keep_healthy_children: int, label: str, 
     test_children = test_pool[child[test_pool] & (y_all[test_pool] == 0)]
     if len(test_children) == 0:
         raise InputError("no healthy child is left outside the training set to explain; use a smaller `n_train`.")
-    return _Rows(balanced, test_pool, healthy, removed, train_rows, test_children)
+    return MismatchRows(balanced, test_pool, healthy, removed, train_rows, test_children)
 
 
-def _standardised(data: Any, balanced: np.ndarray) -> torch.Tensor:
+def standardised(data: Any, balanced: np.ndarray) -> torch.Tensor:
     """The features with the count columns standardised by the balanced training set's mean and s.d."""
     X = data.X.clone()
     stats = X[torch.as_tensor(balanced)][:, data.numeric]
@@ -216,7 +216,7 @@ def _standardised(data: Any, balanced: np.ndarray) -> torch.Tensor:
 
 
 @dataclass
-class _Trained:
+class MismatchModel:
     """The model trained after the removal, its training report, its P(readmitted) of the healthy test children
     and how many of them the model trained before the removal predicts readmitted (``None``: not trained)."""
 
@@ -227,19 +227,19 @@ class _Trained:
     predicted_before: int | None
 
 
-def _train(X: torch.Tensor, y: torch.Tensor, rows: _Rows, l2: float, tol: float, compare: bool) -> _Trained:
+def train_mismatch(X: torch.Tensor, y: torch.Tensor, rows: MismatchRows, l2: float, tol: float, compare: bool) -> MismatchModel:
     predicted_before = None
     if compare:
-        task0, _ = _fit_logistic(X[torch.as_tensor(rows.balanced)], y[torch.as_tensor(rows.balanced)], l2, tol)
+        task0, _ = fit_logistic(X[torch.as_tensor(rows.balanced)], y[torch.as_tensor(rows.balanced)], l2, tol)
         predicted_before = int((_probability(task0, X[torch.as_tensor(rows.test_children)]) > 0.5).sum())
     tr = torch.as_tensor(rows.train_rows)
     train = (X[tr], y[tr])
-    task, report = _fit_logistic(*train, l2, tol)
+    task, report = fit_logistic(*train, l2, tol)
     p_children = _probability(task, X[torch.as_tensor(rows.test_children)])
-    return _Trained(task, report, train, p_children, predicted_before)
+    return MismatchModel(task, report, train, p_children, predicted_before)
 
 
-def _test_child(fit: _Trained, rows: _Rows, test_row: int | None, keep_healthy_children: int, n_rows: int) -> int:
+def _test_child(fit: MismatchModel, rows: MismatchRows, test_row: int | None, keep_healthy_children: int, n_rows: int) -> int:
     """``test_row`` checked, or the healthy test child predicted readmitted with the highest probability."""
     if test_row is None:
         if not bool((fit.p_children > 0.5).any()):
@@ -268,7 +268,7 @@ class _Measured:
     age_rank: dict[str, list[int]]
 
 
-def _measure(data: Any, X: torch.Tensor, rows: _Rows, fit: _Trained, chosen: int, *, solver: str, k: int, progress: bool) -> _Measured:
+def _measure(data: Any, X: torch.Tensor, rows: MismatchRows, fit: MismatchModel, chosen: int, *, solver: str, k: int, progress: bool) -> _Measured:
     """Influence of every training point on the test child (and on every test child predicted readmitted), the
     children's share of it, and :func:`explain_features` of the test child under both rankings."""
     y = data.y
@@ -297,7 +297,7 @@ def _measure(data: Any, X: torch.Tensor, rows: _Rows, fit: _Trained, chosen: int
 
 
 def _finish(
-    data: Any, X: torch.Tensor, rows: _Rows, fit: _Trained, found: _Measured, chosen: int, out: Path,
+    data: Any, X: torch.Tensor, rows: MismatchRows, fit: MismatchModel, found: _Measured, chosen: int, out: Path,
     settings: dict[str, Any], l2: float, seconds: float,
 ) -> ReadmissionResult:
     """Write ``influence.png`` and ``report.md`` into ``out`` and return the result with its printed summary."""

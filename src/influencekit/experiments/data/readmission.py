@@ -91,6 +91,7 @@ class Readmission:
         feature_names: ``(127,)`` names: the count column's name, or ``"column=value"`` for a one-hot feature.
         numeric: positions in ``X`` of the count columns (the ones to standardise).
         age: ``(n,)`` the age group of each encounter (``"[0-10)"`` … ``"[90-100)"``).
+        admission_source: ``(n,)`` the raw ``admission_source_id`` of each encounter (``"7"`` = emergency room; not a feature).
         readmitted: ``(n,)`` the raw outcome (``"NO"``, ``">30"``, ``"<30"``).
         encounter_id, patient_nbr: ``(n,)`` int64 identifiers (a patient may have several encounters).
         label: which outcomes count as readmitted (``"<30"`` or ``"any"``).
@@ -102,6 +103,7 @@ class Readmission:
     feature_names: list[str]
     numeric: list[int]
     age: np.ndarray
+    admission_source: np.ndarray
     readmitted: np.ndarray
     encounter_id: np.ndarray
     patient_nbr: np.ndarray
@@ -182,7 +184,8 @@ def load_readmission(path: str | os.PathLike, *, label: str = "<30", dtype: torc
     X, names, numeric = _features(columns, name, lines, dtype)
     y = torch.as_tensor(np.isin(outcome, _LABELS[label]).astype(np.int64))
     return Readmission(
-        X=X, y=y, feature_names=names, numeric=numeric, age=np.array(columns["age"]), readmitted=outcome,
+        X=X, y=y, feature_names=names, numeric=numeric, age=np.array(columns["age"]),
+        admission_source=np.array(columns["admission_source_id"]), readmitted=outcome,
         encounter_id=_integers(columns["encounter_id"], "encounter_id", name, lines), patient_nbr=_integers(columns["patient_nbr"], "patient_nbr", name, lines),
         label=label, source=source,
     )
@@ -190,7 +193,7 @@ def load_readmission(path: str | os.PathLike, *, label: str = "<30", dtype: torc
 
 def _read_columns(file: Path, member: str | None, name: str) -> tuple[dict[str, list[str]], list[int]]:
     """The raw (stripped) texts of the columns used, and the file line of each record."""
-    wanted = ("encounter_id", "patient_nbr", *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS, "readmitted")
+    wanted = ("encounter_id", "patient_nbr", *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS, "admission_source_id", "readmitted")
     columns: dict[str, list[str]] = {c: [] for c in wanted}
     lines: list[int] = []
     with _open_text(file, member) as text:
