@@ -3,7 +3,15 @@
 import torch
 
 import influencekit as ik
-from influencekit.autodiff import ParamLayout, batch_grad_sum, hvp_sum, per_example_grads
+from influencekit.autodiff import (
+    ParamLayout,
+    batch_grad_sum,
+    hvp_sum,
+    per_example_grads,
+    per_example_hvp,
+    second_directional,
+    third_directional_sum,
+)
 from influencekit.data import Examples
 from influencekit.hessian import HessianOperator
 from problems import small_mlp
@@ -99,3 +107,32 @@ def test_weighted_operator_matches_weighted_objective():
     H = _dense_hessian(model, X[keep], y[keep], 0.1)
     op = HessianOperator(task, task.params(), Examples((X, y)), damping=0.0, batch_size=6, tangent_block=8, weights=w)
     torch.testing.assert_close(op.dense(), H, rtol=1e-10, atol=1e-11)
+
+
+def test_per_example_hvp_equals_one_hvp_per_example():
+    _, task, X, y = _problem(n=7)
+    params = task.params()
+    layout = ParamLayout.of(params)
+    V = torch.randn(7, layout.n, dtype=torch.float64)
+    ours = per_example_hvp(task.loss, params, (X, y), layout, V)
+    for i in range(7):
+        expected = hvp_sum(task.loss, params, (X[i:i + 1], y[i:i + 1]), layout, V[i:i + 1])[0]
+        torch.testing.assert_close(ours[i], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_third_and_second_directional_derivatives_equal_finite_differences():
+    # ∇³R[v, v] = d/dt H(θ + t v)v at 0; vᵀ∇²ℓ_i v = d²/dt² ℓ_i(θ + t v): central differences, error O(h²)
+    _, task, X, y = _problem(n=9)
+    params = task.params()
+    layout = ParamLayout.of(params)
+    V = torch.randn(3, layout.n, dtype=torch.float64)
+    theta = layout.flatten(params)
+    third = third_directional_sum(task.loss, params, (X, y), layout, V)
+    second = second_directional(task.loss, params, (X, y), layout, V)
+    h = 1e-4
+    for j, v in enumerate(V):
+        plus, minus = layout.unflatten(theta + h * v), layout.unflatten(theta - h * v)
+        fd3 = (hvp_sum(task.loss, plus, (X, y), layout, v[None]) - hvp_sum(task.loss, minus, (X, y), layout, v[None]))[0] / (2 * h)
+        assert float((third[j] - fd3).norm() / fd3.norm()) < 1e-6
+        fd2 = (task.loss(plus, (X, y)) - 2 * task.loss(params, (X, y)) + task.loss(minus, (X, y))) / h**2
+        torch.testing.assert_close(second[j], fd2, rtol=1e-4, atol=1e-6)

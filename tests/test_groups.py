@@ -164,3 +164,17 @@ def test_ranking_orders_groups_by_their_effect_on_the_mean_test_loss(logistic, f
     assert [r["group"] for r in rows] == [result.names[i] for i in torch.argsort(-means.abs()).tolist()]
     assert all((r["effect"] == "harmful") == (r["mean_change"] < 0) for r in rows)
     assert sum(r["size"] for r in rows) == 300
+
+
+def test_group_hvps_without_vmap_give_the_same_answer(logistic, fitted, monkeypatch):
+    # a model vmap cannot batch over examples falls back to one summed HVP per group and chunk
+    test = (logistic.test[0][:10], logistic.test[1][:10])
+    groups = _groups(logistic.train[1].numpy())
+    batched = fitted.group_influence(groups, test, order="newton")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("vmap: data-dependent control flow")
+
+    monkeypatch.setattr("influencekit.groups.per_example_hvp", refuse)
+    looped = fitted.group_influence(groups, test, order="newton")
+    torch.testing.assert_close(looped.values, batched.values, rtol=1e-9, atol=1e-12)

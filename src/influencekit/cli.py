@@ -170,6 +170,19 @@ def readmission(
     typer.echo(result.text)
 
 
+@paper.command("groups")
+def groups(
+    problem: str = typer.Argument(..., help="readmission (the §5.3 mismatch: age groups, admission sources) or spam (Enron1: clusters, address tokens)."),
+    data: Path = typer.Option(..., help="readmission: dataset_diabetes.zip (or diabetic_data.csv); spam: enron1.tar.gz or its folder."),
+    out: Path = typer.Option(Path("influencekit-groups"), help="Output folder for report.md and groups.png."),
+    seed: int = typer.Option(0, help="Seed of the training-set draw (readmission) or of the split and clusters (spam)."),
+) -> None:
+    """Group effects: predicted (orders 1, 2, Newton) against retrained effect of removing each group of training points."""
+    from .experiments.group_effects import run_group_effects
+
+    typer.echo(run_group_effects(problem, data, out, seed=seed, progress=True).text)
+
+
 @paper.command("fig4")
 def fig4(
     mnist: Path = typer.Option(None, help="Folder with MNIST IDX files (default: scikit-learn's bundled 8x8 digits)."),

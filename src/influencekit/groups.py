@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.func import vmap
 
-from .autodiff import choose_hvp, second_directional, third_directional_sum
+from .autodiff import choose_hvp, per_example_hvp, second_directional, third_directional_sum
 from .checks import check_choice, check_indices, check_int, check_number
-from .data.examples import Examples
-from .errors import InputError, InputTypeError, NumericalError
+from .data.examples import Examples, batch_size_of
+from .errors import InfluenceKitError, InputError, InputTypeError, NumericalError
 from .folders import fingerprint
 from .progress import progress_bar
 from .results import GroupInfluence
@@ -144,6 +145,7 @@ class _Sums:
         self.inf, self.groups = influence, groups
         self.source, self.layout, self.shard = influence.gradients_, influence.layout_, influence.shard_
         self.n = len(influence.train_)
+        self._pairwise = True  # per-example HVPs over (member, group) pairs until the model refuses vmap
 
     def _reduced(self, work: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self.shard.all_reduce(self.shard.local(work)) / self.n
@@ -161,26 +163,50 @@ class _Sums:
         return self._reduced(local)
 
     def group_hvps(self, V: torch.Tensor) -> torch.Tensor:
-        """``(k, n_params)`` H_U v_U = (1/n)Σ_{i∈U} ∇²L(z_i, θ̂) v_U for each group's own row of ``V``."""
-        inf, layout, shard, task = self.inf, self.layout, self.shard, self.inf.task
-        chunk = inf.chunks_.hvp
+        """``(k, n_params)`` H_U v_U = (1/n)Σ_{i∈U} ∇²L(z_i, θ̂) v_U for each group's own row of ``V``.
+
+        One per-example HVP per (member, group) pair, Σ|U| in all, vectorised over pairs in chunks of the gradient
+        chunk size; where vmap cannot batch the model, one summed HVP per group and chunk instead."""
+        shard, l2 = self.shard, self.inf.task.l2
+        counts = torch.as_tensor([int(((m >= shard.start) & (m < shard.stop)).sum()) for m in self.groups.members], dtype=V.dtype, device=V.device)
 
         def local() -> torch.Tensor:
-            out = torch.zeros_like(V)
-            hvp = None
-            for g, members in enumerate(self.groups.members):
-                mine = members[(members >= shard.start) & (members < shard.stop)].tolist()
-                for lo in range(0, len(mine), chunk):
-                    batch = self.source.take(inf.train_, mine[lo:lo + chunk])
-                    if hvp is None:  # the product the model supports, chosen once (the first product kept)
-                        hvp, _, first = choose_hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])
-                        out[g] += first[0]
-                    else:
-                        out[g] += hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])[0]
-                out[g] += task.l2 * len(mine) * V[g]
-            return out
+            if self._pairwise:
+                try:
+                    return self._pairs(V, l2 * counts[:, None] * V)
+                except InfluenceKitError:
+                    raise
+                except Exception:  # the model cannot be batched over examples: one summed HVP per group and chunk
+                    self._pairwise = False
+            return self._per_group(V, l2 * counts[:, None] * V)
 
         return self._reduced(local)
+
+    def _pairs(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        shard, layout, chunk = self.shard, self.layout, self.inf.chunks_.grad
+        pairs = [(int(i), g) for g, members in enumerate(self.groups.members)
+                 for i in members[(members >= shard.start) & (members < shard.stop)]]
+        pairs.sort()
+        for lo in range(0, len(pairs), chunk):
+            part = pairs[lo:lo + chunk]
+            batch = self.source.take(self.inf.train_, [i for i, _ in part])
+            g_idx = torch.as_tensor([g for _, g in part], device=V.device)
+            out.index_add_(0, g_idx, per_example_hvp(self.inf.task.loss, self.source.params, batch, layout, V[g_idx]))
+        return out
+
+    def _per_group(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        shard, layout, chunk, task = self.shard, self.layout, self.inf.chunks_.hvp, self.inf.task
+        hvp = None
+        for g, members in enumerate(self.groups.members):
+            mine = members[(members >= shard.start) & (members < shard.stop)].tolist()
+            for lo in range(0, len(mine), chunk):
+                batch = self.source.take(self.inf.train_, mine[lo:lo + chunk])
+                if hvp is None:  # the product the model supports, chosen once (the first product kept)
+                    hvp, _, first = choose_hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])
+                    out[g] += first[0]
+                else:
+                    out[g] += hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])[0]
+        return out
 
     def third_derivatives(self, V: torch.Tensor) -> torch.Tensor:
         """``(k, n_params)`` ∇³R[v, v] for each row v of ``V`` (the L2 term has none), one pass over the training set."""
@@ -245,6 +271,26 @@ def _newton(sums: _Sums, solve: Callable, g: torch.Tensor, *, tol: float, max_it
     return x, info, reports
 
 
+def _moved_measurements(task: Any, params: dict[str, torch.Tensor], layout: Any, batch: Any, deltas: torch.Tensor, block: int
+                        ) -> torch.Tensor:
+    """``(k, B)`` f(θ̂ + Δ_g) − f(θ̂) on ``batch`` for each row Δ_g of ``deltas``: vmap over ``block`` rows at a time, or
+    one forward per row where the model cannot be batched."""
+    theta = layout.flatten(params)
+
+    def at(delta: torch.Tensor) -> torch.Tensor:
+        return task.measurement(layout.unflatten(theta + delta), batch)
+
+    with torch.no_grad():
+        before = task.measurement(params, batch)
+        try:
+            after = torch.cat([vmap(at)(deltas[t:t + block]) for t in range(0, len(deltas), block)])
+        except InfluenceKitError:
+            raise
+        except Exception:
+            after = torch.stack([at(d) for d in deltas])
+    return after - before
+
+
 def _test_values(inf: Influence, test: Examples, deltas: dict[str, torch.Tensor], curvature: torch.Tensor | None,
                  newton: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``(k, n_test)`` per order: ∇fᵀΔ (+ ½Δ₁ᵀ∇²fΔ₁ for order 2), and f(θ̂ + Δ_N) − f(θ̂) for newton."""
@@ -263,12 +309,7 @@ def _test_values(inf: Influence, test: Examples, deltas: dict[str, torch.Tensor]
                 part = second_directional(task.measurement, params, batch, layout, curvature[t:t + tangents])
                 out["2"][t:t + len(part), lo:lo + part.shape[1]] += 0.5 * part
         if newton is not None:
-            with torch.no_grad():
-                before = task.measurement(params, batch)
-                for g in range(k):
-                    moved = layout.unflatten(layout.flatten(params) + newton[g])
-                    after = task.measurement(moved, batch)
-                    out["newton"][g, lo:lo + len(after)] = after - before
+            out["newton"][:, lo:lo + batch_size_of(batch)] = _moved_measurements(task, params, layout, batch, newton, tangents)
     return out
 
 
