@@ -65,7 +65,14 @@ def _run_case(problem: dict, name: str, solver: str, options: dict, distributed:
     test = problem[kind]["test"]
     scores = inf.scores(test).values
     ranked = inf.top_k(test, k=K)
+    groups = {}
+    if solver in ("exact", "cg"):  # group effects: sums over each rank's members, all-reduced
+        labels = problem[kind]["train"][1] % 3
+        # newton_tol far below TOL: a rank-summed residual a hair across the stopping line must not move the result by TOL
+        found = inf.group_influence(labels, test, order=[1, 2, "newton"], newton_tol=1e-12)
+        groups = {o: r.values for o, r in found.items()}
     return {
+        "groups": groups,
         "scores": scores,
         "self": inf.self_influence(),
         "helpful": (ranked.helpful.indices, ranked.helpful.values),
@@ -232,6 +239,8 @@ def test_two_ranks_match_one_process(problem, tmp_path):
             # the bar: the same scores and self-influence as one process, to 1e-10 in float64
             assert _rel(res["scores"], single["scores"]) < TOL, (name, rank)
             assert _rel(res["self"], single["self"]) < TOL, (name, rank)
+            for order, values in single["groups"].items():
+                assert _rel(res["groups"][order], values) < TOL, (name, rank, order)
             assert abs(res["grad_norm"] - single["grad_norm"]) <= 1e-12 + TOL * single["grad_norm"], (name, rank)
             for side in ("helpful", "harmful"):
                 torch.testing.assert_close(res[side][0], single[side][0], rtol=0, atol=0)

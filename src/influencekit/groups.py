@@ -24,6 +24,7 @@ passes over the test set.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import time
 from collections.abc import Callable, Sequence
@@ -64,7 +65,11 @@ class Groups:
         return tuple(len(m) for m in self.members)
 
     def mask(self) -> np.ndarray:
-        """``(n_groups, n)`` booleans: True where a training point belongs to the group."""
+        """``(n_groups, n)`` booleans: True where a training point belongs to the group (computed once and kept)."""
+        return self._mask
+
+    @functools.cached_property
+    def _mask(self) -> np.ndarray:
         out = np.zeros((len(self.members), self.n), dtype=bool)
         for g, m in enumerate(self.members):
             out[g, m] = True
