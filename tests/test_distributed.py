@@ -66,7 +66,7 @@ def _run_case(problem: dict, name: str, solver: str, options: dict, distributed:
     scores = inf.scores(test).values
     ranked = inf.top_k(test, k=K)
     groups = {}
-    if solver in ("exact", "cg"):  # group effects: sums over each rank's members, all-reduced
+    if name in ("logistic-exact", "mlp-cg"):  # group effects: sums over each rank's members, all-reduced
         labels = problem[kind]["train"][1] % 3
         # newton_tol far below TOL: a rank-summed residual a hair across the stopping line must not move the result by TOL
         found = inf.group_influence(labels, test, order=[1, 2, "newton"], newton_tol=1e-12)
@@ -229,7 +229,7 @@ def test_shard_bounds_cover_contiguously():
 
 def test_two_ranks_match_one_process(problem, tmp_path):
     torch.save(problem, tmp_path / "problem.pt")
-    ranks = _spawn(tmp_path, "agree")
+    ranks = _spawn(tmp_path, "agree", timeout=120.0)  # every case in one run; a hang detector, not a timing
     for name, solver, options in _cases():
         single = _run_case(problem, name, solver, options, distributed=False)
         assert single["world_size"] == 1
