@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int, check_number
-from ..errors import ConvergenceWarning, InputTypeError, NumericalError
+from ..errors import ConvergenceWarning, NumericalError
 from ..folders import fingerprint
 from ..groups import Groups, check_orders, parse_groups
 from ..progress import progress_bar
 from ..scoring import Influence
 from .metrics import pearson, spearman
-from .retraining import CONTROL, Retrainer, RetrainFn, RetrainingCache, check_influence, check_retrain, run_retrainings, select_tests
+from .retraining import CONTROL, Retrainer, RetrainFn, RetrainingCache, check_retrain_settings, run_retrainings, select_tests
 from .stats import correlation_or_nan
 
 __all__ = ["validate_groups", "GroupValidation"]
@@ -124,19 +123,6 @@ def _retrain_groups(retrainer: Retrainer, groups: Groups, jobs: list[int], cache
     return after, grad_norms, failed, from_cache
 
 
-def _check_arguments(influence: Influence, retrain: Any, tol: Any, max_iter: Any, workers: Any, control: Any, orders: Any
-                     ) -> tuple[float, int, int, bool, tuple[str, ...]]:
-    check_influence(influence)
-    check_retrain(retrain)
-    tol, max_iter = check_number("tol", tol, low=0.0), check_int("max_iter", max_iter, low=1)
-    workers = check_int("workers", workers, low=1)
-    if control is None:
-        control = bool(getattr(retrain, "fixed_budget", False))
-    elif not isinstance(control, bool):
-        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
-    return tol, max_iter, workers, control, check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
-
-
 def validate_groups(
     influence: Influence,
     groups: Any,
@@ -172,7 +158,10 @@ def validate_groups(
         :class:`GroupValidation` with the metrics per order and ``.plot()``.
     """
     start = time.perf_counter()
-    tol, max_iter, workers, control, order_names = _check_arguments(influence, retrain, tol, max_iter, workers, control, orders)
+    settings = check_retrain_settings(influence, tol=tol, max_iter=max_iter, seed=0, retrain=retrain, control=control,
+                                      strict=strict, workers=workers, threads=threads)
+    tol, max_iter, workers, control, threads = settings.tol, settings.max_iter, settings.workers, settings.control, settings.threads
+    order_names = check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
     parsed = parse_groups(groups, len(influence.train_))
     tests = select_tests(influence, test, test_indices)
     predictions = influence.group_influence(parsed.mask(), tests.raw_batch, order=list(order_names))

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int, check_number
-from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
+from ..checks import check_int
+from ..errors import ConvergenceWarning, InputError, NumericalError
 from ..folders import fingerprint
 from ..progress import progress_bar
 from ..scoring import Influence
@@ -36,10 +36,10 @@ from .retraining import (
     Retrainer,
     RetrainFn,
     RetrainingCache,
+    RetrainSettings,
     SelectedTests,
     StepRetrain,
-    check_influence,
-    check_retrain,
+    check_retrain_settings,
     index_array,
     run_retrainings,
     select_tests,
@@ -108,50 +108,6 @@ def _weights(i: int, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ steps of leave_one_out
 @dataclass(frozen=True)
-class _Settings:
-    """The checked scalar arguments of :func:`leave_one_out`."""
-
-    tol: float
-    max_iter: int
-    seed: int
-    retrain: RetrainFn | None
-    control: bool
-    strict: bool
-    workers: int
-    threads: int | None
-
-
-def _check_settings(
-    influence: Influence, *, tol: float, max_iter: int, seed: int, retrain: RetrainFn | None, control: bool | None,
-    strict: bool, workers: int, threads: int | None,
-) -> _Settings:
-    """Check the arguments of :func:`leave_one_out` that come before the test data, in the order it always checked them."""
-    check_influence(influence)
-    tol = check_number("tol", tol, low=0.0)
-    max_iter = check_int("max_iter", max_iter, low=1)
-    seed = check_int("seed", seed, low=0)
-    check_retrain(retrain)
-    if control is None:
-        control = bool(getattr(retrain, "fixed_budget", False))
-    elif not isinstance(control, bool):
-        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
-    workers = check_int("workers", workers, low=1)
-    if threads is not None:
-        threads = check_int("threads", threads, low=1)
-    if workers > 1:
-        import multiprocessing as mp
-
-        if "fork" not in mp.get_all_start_methods():
-            raise UnsupportedError(
-                "`workers` > 1 needs the 'fork' start method, which this platform lacks; use workers=1."
-            )
-    n = len(influence.train_)
-    if n < 2:
-        raise InputError(f"leave-one-out needs at least 2 training points. Got {n}.")
-    return _Settings(tol, max_iter, seed, retrain, control, strict, workers, threads)
-
-
-@dataclass(frozen=True)
 class _Plan:
     """Which training points to remove for which test point, and the prediction for every pair."""
 
@@ -200,7 +156,7 @@ def _recipe_selection(pred_loo: np.ndarray, *, top_k: int, n_random: int, seed: 
     return selection
 
 
-def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrainer, settings: _Settings) -> dict[str, Any]:
+def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrainer, settings: RetrainSettings) -> dict[str, Any]:
     """The configuration a cache folder of retrainings belongs to (its ``manifest.json``)."""
     return influence.provenance_.manifest(
         "influencekit leave-one-out retraining", ("n_train", "task"),
@@ -223,7 +179,7 @@ class _Retrainings:
     ``_CONTROL``), ``grad_norms`` the final ‖∇R₋ᵢ‖ of all of them, ``not_converged`` those above ``tol``.
     """
 
-    def __init__(self, retrainer: Retrainer, cache: RetrainingCache | None, settings: _Settings) -> None:
+    def __init__(self, retrainer: Retrainer, cache: RetrainingCache | None, settings: RetrainSettings) -> None:
         self.retrainer = retrainer
         self.cache = cache
         self.settings = settings
@@ -235,7 +191,7 @@ class _Retrainings:
 
     @classmethod
     def prepare(
-        cls, influence: Influence, tests: SelectedTests, removals: list[int], settings: _Settings, cache_dir: str | os.PathLike | None
+        cls, influence: Influence, tests: SelectedTests, removals: list[int], settings: RetrainSettings, cache_dir: str | os.PathLike | None
     ) -> _Retrainings:
         """Set up the retrainer and the cache, take what the cache holds and list the retrainings left to run."""
         retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
@@ -439,7 +395,7 @@ def leave_one_out(
         :class:`LOOResult` with one entry per (test, train) pair of converged retrainings.
     """
     start = time.perf_counter()
-    settings = _check_settings(
+    settings = check_retrain_settings(
         influence, tol=tol, max_iter=max_iter, seed=seed, retrain=retrain, control=control, strict=strict,
         workers=workers, threads=threads,
     )

@@ -26,7 +26,7 @@ import torch
 from ..autodiff import ParamLayout
 from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, take
-from ..errors import InputError, InputTypeError, NumericalError
+from ..errors import InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
 from ..scoring import Influence
 from ..task import Task
@@ -44,6 +44,8 @@ __all__ = [
     "CONTROL",
     "run_retrainings",
     "RetrainingCache",
+    "RetrainSettings",
+    "check_retrain_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -244,6 +246,50 @@ class Retrainer:
         params = self.work.params()
         _, grad = objective_and_grad(self.work, params, self.influence.train_, ParamLayout.of(params), weights, self.grad_batch_size)
         return float(grad.norm())
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """The checked retraining arguments of :func:`~influencekit.leave_one_out` and :func:`~influencekit.validate_groups`."""
+
+    tol: float
+    max_iter: int
+    seed: int
+    retrain: RetrainFn | None
+    control: bool
+    strict: bool
+    workers: int
+    threads: int | None
+
+
+def check_retrain_settings(
+    influence: Influence, *, tol: float, max_iter: int, seed: int, retrain: RetrainFn | None, control: bool | None,
+    strict: bool, workers: int, threads: int | None,
+) -> RetrainSettings:
+    """Check the retraining arguments (before the test data, in the order leave_one_out always checked them)."""
+    check_influence(influence)
+    tol = check_number("tol", tol, low=0.0)
+    max_iter = check_int("max_iter", max_iter, low=1)
+    seed = check_int("seed", seed, low=0)
+    check_retrain(retrain)
+    if control is None:
+        control = bool(getattr(retrain, "fixed_budget", False))
+    elif not isinstance(control, bool):
+        raise InputTypeError(f"`control` must be True, False or None. Got {control!r}.")
+    workers = check_int("workers", workers, low=1)
+    if threads is not None:
+        threads = check_int("threads", threads, low=1)
+    if workers > 1:
+        import multiprocessing as mp
+
+        if "fork" not in mp.get_all_start_methods():
+            raise UnsupportedError(
+                "`workers` > 1 needs the 'fork' start method, which this platform lacks; use workers=1."
+            )
+    n = len(influence.train_)
+    if n < 2:
+        raise InputError(f"retraining without training points needs at least 2 of them. Got {n}.")
+    return RetrainSettings(tol, max_iter, seed, retrain, control, strict, workers, threads)
 
 
 # ------------------------------------------------------------------------------------------ workers
