@@ -45,3 +45,25 @@ def test_fit_lbfgs_warns_when_it_cannot_reach_tol():
     with pytest.warns(ik.ConvergenceWarning, match=r"L-BFGS stopped with \|\|grad R\|\| = .* raise `max_iter`"):
         report = ik.fit_lbfgs(ik.ClassificationTask(model, l2=0.0), (X, y), tol=1e-30, max_iter=5)
     assert not report.converged
+
+
+def test_newton_start_reaches_the_same_minimum_after_removing_a_whole_class():
+    # a large weight change (every "3" removed) from the old minimum: Newton steps on the weighted Hessian converge
+    # quadratically; the minimiser is the one L-BFGS alone finds
+    (X, y), _ = load_digits_split(300, seed=0)
+    X = X.double()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10).double()
+    task = ik.ClassificationTask(model, l2=1e-2)
+    ik.fit_lbfgs(task, (X, y), tol=1e-10)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = (y != 3).double()
+    results = {}
+    for newton_start in (False, True):
+        model.load_state_dict(start)
+        report = ik.fit_lbfgs(task, (X, y), weights=weights, tol=1e-10, newton_start=newton_start)
+        assert report.converged, report
+        results[newton_start] = (report.iterations, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    (it_plain, plain), (it_newton, newton) = results[False], results[True]
+    assert float((newton - plain).norm() / plain.norm()) < 1e-8
+    assert it_newton <= 10 < it_plain, (it_newton, it_plain)

@@ -152,7 +152,8 @@ class Retrainer:
     retraining. Convergence means ‖∇R_w(θ)‖ ≤ tol for R_w(θ) = Σ w_i L(z_i, θ) / Σ w_i.
     """
 
-    def __init__(self, influence: Influence, test_batch: Any, *, retrain: RetrainFn | None, tol: float, max_iter: int) -> None:
+    def __init__(self, influence: Influence, test_batch: Any, *, retrain: RetrainFn | None, tol: float, max_iter: int,
+                 newton_start: bool = False) -> None:
         check_retrain(retrain)
         self.influence = influence
         self.source = influence.task
@@ -174,6 +175,8 @@ class Retrainer:
         # iterative solver would pay a whole solve per step, more than L-BFGS needs (measured: 3x slower with CG).
         solver = influence.solver_
         self.curvature = solver if (retrain is None and "dense" in getattr(solver, "capabilities", ())) else None
+        # a large removal (a whole group) moves θ̂ far for chord steps: Newton steps on the weighted Hessian first
+        self.newton_start = bool(newton_start and retrain is None)
         self.before = self.measure(self.source)
 
     def measure(self, task: Task) -> np.ndarray:
@@ -191,7 +194,7 @@ class Retrainer:
         if self.retrain is None:
             report = fit_lbfgs(
                 self.work, self.influence.train_, weights=weights, tol=self.tol, max_iter=self.max_iter,
-                batch_size=self.batch_size, warn=False, curvature=self.curvature,
+                batch_size=self.batch_size, warn=False, curvature=self.curvature, newton_start=self.newton_start,
             )
             grad_norm = report.grad_norm
         else:
