@@ -69,3 +69,7 @@ class CurvatureWarning(InfluenceKitWarning):
 
 class StationarityWarning(InfluenceKitWarning):
     """The parameters are far from a stationary point of the training objective."""
+
+
+class CorruptFileWarning(InfluenceKitWarning):
+    """A stored file failed its checks (checksum, shape, dtype, finiteness) and is being recomputed; the message names it."""

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
 from .errors import InputError
 
-__all__ = ["MANIFEST", "atomic_write", "fingerprint", "open_folder"]
+__all__ = ["MANIFEST", "atomic_write", "fingerprint", "open_folder", "write_checked", "verify_checked", "save_array", "load_array"]
 
 MANIFEST = "manifest.json"
 
@@ -107,3 +108,64 @@ def open_folder(folder: str | os.PathLike, config: dict[str, Any], *, arg: str, 
         text = json.dumps(config, sort_keys=True, indent=1).encode()
         atomic_write(manifest, lambda f: f.write(text))
     return config
+
+
+# ------------------------------------------------------------------------------------------ checked files
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checked(path: Path, write: Callable[[Any], None]) -> None:
+    """:func:`atomic_write` ``path``, then its sha256 beside it (``<name>.sha256``, also atomic). A file without its
+    checksum — a run killed between the two writes, a file copied in by hand — fails :func:`verify_checked`."""
+    checksum = _checksum_path(path)
+    checksum.unlink(missing_ok=True)  # the old checksum must not vouch for the new bytes while they are written
+    atomic_write(path, write)
+    digest = _file_sha256(path)
+    atomic_write(checksum, lambda f: f.write(digest.encode()))
+
+
+def verify_checked(path: Path) -> str | None:
+    """Why the file written by :func:`write_checked` at ``path`` cannot be trusted, or None when its checksum matches."""
+    checksum = _checksum_path(path)
+    if not checksum.is_file():
+        return "its checksum file is missing (written by an interrupted run, or not by influencekit)"
+    try:
+        expected, found = checksum.read_text().strip(), _file_sha256(path)
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    if expected != found:
+        return f"its contents changed after it was written (sha256 {found[:12]}..., recorded {expected[:12]}...)"
+    return None
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as .npy (no pickle) with :func:`write_checked`."""
+    write_checked(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def load_array(path: Path, shape: tuple[int, ...], dtype: Any, *, mmap: bool = False) -> tuple[np.ndarray | None, str | None]:
+    """``(array, None)`` for a file written by :func:`save_array` that passes every check — checksum, shape, dtype,
+    finiteness — else ``(None, what is wrong)``, the path and expected-vs-found spelled out. Never raises for a bad file."""
+    problem = verify_checked(path)
+    if problem is None:
+        try:
+            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            problem = f"it is not a readable .npy file ({exc})"
+        else:
+            if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
+                problem = f"it holds shape {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {np.dtype(dtype)}"
+            elif not np.isfinite(array).all():
+                problem = f"it holds {int((~np.isfinite(array)).sum())} NaN/inf values"
+            else:
+                return array, None
+    return None, f"{path}: {problem}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 from .config import Provenance
 from .curvature import CurvatureOperator
 from .distributed import Shard
-from .folders import atomic_write, open_folder
+from .errors import CorruptFileWarning
+from .folders import load_array, open_folder, save_array, verify_checked, write_checked
 from .solvers import Solver
 
 __all__ = ["SolverCache", "ScoreFolder", "SOLVER_STATE", "DATA_HEAD"]
@@ -46,13 +48,24 @@ class SolverCache:
         return self.folder / SOLVER_STATE
 
     def load(self, solver: Solver, operator: CurvatureOperator) -> bool:
-        """Make ``solver`` fitted from the stored state; False when there is none yet (then fit and :meth:`store`)."""
-        exists = self.path.exists()
+        """Make ``solver`` fitted from the stored state; False when there is none yet, or when the stored file fails its
+        checksum or cannot be loaded (a :class:`~influencekit.errors.CorruptFileWarning` names it): then fit and :meth:`store`."""
+        state, problem = None, None
+        if self.path.exists():
+            problem = verify_checked(self.path)
+            if problem is None:
+                try:
+                    state = torch.load(self.path, map_location=operator.device, weights_only=True)
+                except Exception as exc:  # a truncated or foreign file: torch's reader errors name neither the folder nor the fix
+                    problem = f"it cannot be loaded ({type(exc).__name__}: {exc})"
         # a rank loading while another fits (with collectives) would hang them
-        self.shard.check_same("the fitted-solver cache", {"state_file_exists": exists})
-        if not exists:
+        self.shard.check_same("the fitted-solver cache", {"state_file_usable": state is not None})
+        if state is None:
+            if problem is not None:
+                warnings.warn(f"ignoring the fitted-solver cache file {self.path}: {problem}; refitting the solver and "
+                              "replacing it", CorruptFileWarning, stacklevel=4)
             return False
-        solver.load_state_dict(operator, torch.load(self.path, map_location=operator.device, weights_only=True))
+        solver.load_state_dict(operator, state)
         logger.info("fit: solver %r loaded from %s", solver.name, self.path)
         return True
 
@@ -61,7 +74,7 @@ class SolverCache:
         if state is None:
             logger.info("fit: solver %r keeps no state worth storing; %s holds only the manifest", solver.name, self.folder)
             return
-        self.shard.first_rank(lambda: atomic_write(self.path, lambda f: torch.save(state, f)))
+        self.shard.first_rank(lambda: write_checked(self.path, lambda f: torch.save(state, f)))
 
 
 class ScoreFolder:
@@ -78,7 +91,15 @@ class ScoreFolder:
             test_fingerprint=test_fingerprint, **({"precision": provenance.precision} if provenance.precision != "full" else {}),
         )
         open_folder(self.folder, config, arg="folder", what="pairwise scores", pattern="scores-*.npy")
-        self.done = {lo: self.path(lo) for lo in range(0, n_test, rows) if self.path(lo).exists()}
+        self.done: dict[int, np.ndarray] = {}  # first row -> the block, verified
+        for lo in range(0, n_test, rows):
+            if not self.path(lo).exists():
+                continue
+            array, problem = load_array(self.path(lo), (min(rows, n_test - lo), provenance.n_train), np.dtype(str(provenance.dtype).removeprefix("torch.")))
+            if problem is None:
+                self.done[lo] = array
+            else:  # named, and recomputed: a replaced, truncated or NaN-filled block is never returned
+                warnings.warn(f"ignoring the score file {problem}; recomputing its rows", CorruptFileWarning, stacklevel=4)
         # every rank must skip the same blocks, or the collectives would mismatch
         shard.check_same("the score folder's finished files", {"files": sorted(self.done)})
 
@@ -86,8 +107,8 @@ class ScoreFolder:
         return self.folder / f"scores-{first_row:09d}.npy"
 
     def read(self, first_row: int) -> torch.Tensor:
-        return torch.from_numpy(np.load(self.done[first_row]))
+        return torch.from_numpy(self.done[first_row])
 
     def write(self, first_row: int, block: torch.Tensor) -> None:
         array = block.detach().cpu().numpy()
-        self.shard.first_rank(lambda: atomic_write(self.path(first_row), lambda f: np.save(f, array)))
+        self.shard.first_rank(lambda: save_array(self.path(first_row), array))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ import torch
 
 from .checks import check_int, check_number
 from .data.examples import Examples
-from .errors import InputError, InputTypeError, NumericalError
-from .folders import atomic_write, open_folder
+from .errors import CorruptFileWarning, InputError, InputTypeError, NumericalError
+from .folders import load_array as checked_load
+from .folders import open_folder
+from .folders import save_array as checked_save
 from .progress import progress_bar
 from .projection import Projector
 from .results import InfluenceScores, RankedInfluence, TopK
@@ -50,22 +53,26 @@ CURVATURE = "curvature.npy"
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as .npy atomically (a hook the resumption tests interrupt)."""
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    """Write ``array`` as .npy with its checksum (:func:`~influencekit.folders.save_array`; a hook the resumption tests interrupt)."""
+    checked_save(path, array)
 
 
-def load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-    """The array at ``path`` memory-mapped, or None when it is missing or not the expected shape/dtype."""
+def load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype, verified: dict[Path, tuple[int, int]] | None = None
+               ) -> np.ndarray | None:
+    """The array at ``path`` memory-mapped, or None when it is missing or fails a check (checksum, shape, dtype,
+    finiteness: a :class:`~influencekit.errors.CorruptFileWarning` names the file and what is wrong). ``verified``
+    remembers files already checked, by modification time and size, so a scoring pass reads each chunk once."""
     if not path.exists():
         return None
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        logger.warning("ignoring unreadable store file %s (%s); recomputing it", path, exc)
+    stat = path.stat()
+    if verified is not None and verified.get(path) == (stat.st_mtime_ns, stat.st_size):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    array, problem = checked_load(path, shape, dtype, mmap=True)
+    if problem is not None:
+        warnings.warn(f"ignoring the gradient store file {problem}; it is recomputed (GradientStore.build)", CorruptFileWarning, stacklevel=3)
         return None
-    if array.shape != shape or array.dtype != dtype:
-        logger.warning("ignoring store file %s of shape %s %s (expected %s %s); recomputing it", path, array.shape, array.dtype, shape, dtype)
-        return None
+    if verified is not None:
+        verified[path] = (stat.st_mtime_ns, stat.st_size)
     return array
 
 
@@ -95,6 +102,7 @@ class GradientStore:
         self.dim = projector.dim
         self._np_dtype = np.dtype(str(influence.layout_.dtype).removeprefix("torch."))
         self._factor: torch.Tensor | None = None
+        self._verified: dict[Path, tuple[int, int]] = {}  # chunk files checked this session (mtime, size)
 
     # ---------------------------------------------------------------------------------------- build
     @classmethod
@@ -210,14 +218,17 @@ class GradientStore:
         """Yield ``(offset, Φ rows)`` chunk by chunk: projected training gradients, ``(rows, dim)`` tensors on the CPU."""
         for lo in self._chunks():
             hi = min(lo + self.chunk, self.n_train)
-            array = load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype)
+            array = load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype, self._verified)
             if array is None:
                 raise InputError(f"the gradient store {str(self.folder)!r} lacks its chunk at rows {lo}:{hi}; rerun GradientStore.build to complete it.")
             yield lo, torch.from_numpy(np.array(array))
 
     def _cholesky(self) -> torch.Tensor:
         if self._factor is None:
-            ptp = torch.from_numpy(np.array(np.load(self.folder / CURVATURE, allow_pickle=False)))
+            stored = load_array(self.folder / CURVATURE, (self.dim, self.dim), np.dtype(np.float64))
+            if stored is None:
+                raise InputError(f"the gradient store {str(self.folder)!r} lacks a valid {CURVATURE}; rerun GradientStore.build to complete it.")
+            ptp = torch.from_numpy(np.array(stored))
             C = ptp / self.n_train + self.damping * torch.eye(self.dim, dtype=torch.float64)
             L, info = torch.linalg.cholesky_ex(C)
             if int(info) != 0:

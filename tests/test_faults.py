@@ -1,0 +1,110 @@
+"""Nothing silently wrong on disk: every stored file is verified before use (checksum written after the file, shape,
+dtype, finiteness). A replaced, truncated, NaN-filled or checksum-less file is named in a CorruptFileWarning and
+recomputed (score folders, the fitted-solver cache, the gradient store's chunks) — never returned."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import influencekit as ik
+from influencekit.errors import CorruptFileWarning
+
+
+def _fitted(d, cache_dir=None):
+    return ik.Influence(d.task, d.train, solver="exact", damping=0.01, memory_budget=4 * 8 * 650 * 40, cache_dir=cache_dir).fit()
+
+
+def _replace_with_wrong_length(path):
+    np.save(path, np.zeros((3, 300)))
+
+
+def _fill_with_nan(path):
+    a = np.load(path)
+    np.save(path, np.full_like(a, np.nan))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_one_value(path):  # the same shape, dtype and finiteness: only the checksum can tell
+    a = np.load(path)
+    a[0, 0] += 1.0
+    np.save(path, a)
+
+
+def _drop_checksum(path):
+    path.with_name(path.name + ".sha256").unlink()
+
+
+FAULTS = {"wrong length": (_replace_with_wrong_length, "changed after it was written"), "NaN": (_fill_with_nan, "changed after it was written"),
+          "truncated": (_truncate, "changed after it was written"), "one value changed": (_flip_one_value, "changed after it was written"),
+          "checksum missing": (_drop_checksum, "checksum file is missing")}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_damaged_score_file_is_named_and_recomputed(digits_small, tmp_path, fault):
+    d = digits_small
+    inf = _fitted(d)
+    reference = inf.scores(d.test, folder=tmp_path).values
+    damage, message = FAULTS[fault]
+    victim = tmp_path / "scores-000000040.npy"
+    damage(victim)
+    with pytest.warns(CorruptFileWarning, match=rf"scores-000000040\.npy: .*{message}.*recomputing") as caught:
+        again = inf.scores(d.test, folder=tmp_path)
+    assert len([w for w in caught if issubclass(w.category, CorruptFileWarning)]) == 1
+    assert again.metadata["score_files_reused"] == 37  # every other file read, the damaged one computed again
+    assert torch.equal(again.values, reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CorruptFileWarning)  # the rewritten file passes its checks
+        assert torch.equal(inf.scores(d.test, folder=tmp_path).values, reference)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.full((40, 300), np.nan), r"it holds 12000 NaN/inf values"),
+    (np.zeros((3, 300)), r"it holds shape \(3, 300\) float64, expected \(40, 300\) float64"),
+    (np.zeros((40, 300), dtype=np.float32), r"it holds shape \(40, 300\) float32, expected \(40, 300\) float64"),
+])
+def test_a_block_written_with_a_valid_checksum_is_still_checked(digits_small, tmp_path, array, message):
+    from influencekit.folders import save_array
+
+    d = digits_small
+    inf = _fitted(d)
+    reference = inf.scores(d.test, folder=tmp_path).values
+    save_array(tmp_path / "scores-000000000.npy", array)  # a valid checksum of the wrong contents
+    with pytest.warns(CorruptFileWarning, match=r"scores-000000000\.npy: " + message):
+        assert torch.equal(inf.scores(d.test, folder=tmp_path).values, reference)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "garbage", "checksum missing"])
+def test_a_damaged_solver_cache_is_named_and_refitted(digits_small, tmp_path, fault):
+    d = digits_small
+    first = _fitted(d, cache_dir=tmp_path)
+    state = tmp_path / "solver-state.pt"
+    {"truncated": _truncate, "garbage": lambda p: p.write_bytes(b"not a torch file"), "checksum missing": _drop_checksum}[fault](state)
+    with pytest.warns(CorruptFileWarning, match=r"solver-state\.pt: .*refitting the solver"):
+        second = _fitted(d, cache_dir=tmp_path)
+    assert not second.solver_loaded_
+    assert torch.equal(second.self_influence(), first.self_influence())
+    third = _fitted(d, cache_dir=tmp_path)  # the refitted state was stored again, with its checksum
+    assert third.solver_loaded_
+
+
+def test_a_damaged_gradient_store_chunk_is_recomputed_by_build_and_refused_by_scoring(digits_small, tmp_path):
+    d = digits_small
+    inf = _fitted(d)
+    store = ik.GradientStore.build(inf, tmp_path, dim=64, chunk=100, seed=0)
+    reference = store.scores(d.test).values
+    chunk = tmp_path / "grads-000001.npy"
+    _flip_one_value(chunk)
+    with pytest.warns(CorruptFileWarning, match=r"grads-000001\.npy: .*changed after it was written"):
+        rebuilt = ik.GradientStore.build(inf, tmp_path, dim=64, chunk=100, seed=0)  # resumes: recomputes that chunk only
+    assert torch.equal(rebuilt.scores(d.test).values, reference)
+    _fill_with_nan(chunk)  # damaged after the store was opened: scoring refuses it rather than reading NaN scores
+    with pytest.warns(CorruptFileWarning), pytest.raises(ik.InputError, match="lacks its chunk at rows 100:200; rerun GradientStore.build"):
+        rebuilt.scores(d.test)
