@@ -108,3 +108,36 @@ def test_a_damaged_gradient_store_chunk_is_recomputed_by_build_and_refused_by_sc
     _fill_with_nan(chunk)  # damaged after the store was opened: scoring refuses it rather than reading NaN scores
     with pytest.warns(CorruptFileWarning), pytest.raises(ik.InputError, match="lacks its chunk at rows 100:200; rerun GradientStore.build"):
         rebuilt.scores(d.test)
+
+
+# ------------------------------------------------------------------------------------------ validation resolution
+@pytest.fixture(scope="module")
+def float32_logistic():
+    from influencekit.data import load_digits_split
+
+    (X, y), (Xt, yt) = load_digits_split(300, seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 10)  # float32
+    task = ik.ClassificationTask(model, l2=1e-2)
+    ik.fit_lbfgs(task, (X.float(), y), tol=1e-5, warn=False)
+    inf = ik.Influence(task, (X.float(), y), solver="exact", stationarity_tol=1e-2).fit()
+    return inf, (Xt.float(), yt)
+
+
+def test_float32_leave_one_out_with_an_unreachable_tol_is_refused_before_retraining(float32_logistic, monkeypatch):
+    inf, test = float32_logistic
+    from influencekit.validation import retraining
+
+    monkeypatch.setattr(retraining.Retrainer, "run", lambda *a, **k: pytest.fail("retrained before checking the resolution"))
+    with pytest.raises(ik.InputError, match=r"`tol`=1e-09 cannot be reached in float32: .* compute in float64 \(model.double\(\)"):
+        ik.leave_one_out(inf, test, test_indices=[0], top_k=5, n_random=5)
+    with pytest.raises(ik.InputError, match=r"`tol`=1e-09 cannot be reached in float32"):
+        ik.validate_groups(inf, [[0, 1, 2]], test, test_indices=[0])
+
+
+def test_retraining_that_does_not_move_the_model_is_flagged(float32_logistic):
+    inf, test = float32_logistic
+    # a fixed budget far too small to move θ̂: the "actual" changes are float32 round-off, the predictions are not
+    with pytest.warns(ik.ConvergenceWarning, match=r"leave-one-out changes are round-off: .*the correlations of this result mean nothing"):
+        ik.leave_one_out(inf, test, test_indices=[0, 1], top_k=5, n_random=5,
+                         retrain=ik.validation.StepRetrain(steps=1, lr=1e-9, optimizer="sgd"))

@@ -201,12 +201,15 @@ def test_plain_lbfgs_retraining_with_an_iterative_solver(digits, worst_tests, nu
 
 
 def test_not_converged_retraining_is_reported_or_raises(digits, influence, worst_tests):
-    with pytest.warns(ik.ConvergenceWarning, match=r"1 of 1 leave-one-out retrainings did not reach .*tol=1e-30"):
-        res = leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=1e-30, max_iter=2)
-    assert list(res.not_converged) == [7] and res.not_converged[7] > 1e-30
+    with pytest.warns(ik.ConvergenceWarning, match=r"1 of 1 leave-one-out retrainings did not reach .*tol=2e-15"):
+        res = leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=2e-15, max_iter=1)
+    assert list(res.not_converged) == [7] and res.not_converged[7] > 2e-15
     assert len(res.predicted) == len(res.actual) == 0 and math.isnan(res.pearson)
     with pytest.raises(ik.NumericalError, match=r"retraining without training point 7 did not reach .*strict=False"):
-        leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=1e-30, max_iter=2, strict=True)
+        leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=2e-15, max_iter=1, strict=True)
+    # a tolerance below the dtype's round-off is refused before any retraining
+    with pytest.raises(ik.InputError, match=r"`tol`=1e-30 cannot be reached in float64: .*pass tol >= 1.\de-15"):
+        leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=1e-30)
 
 
 def test_bad_inputs_are_refused(digits, influence, worst_tests):

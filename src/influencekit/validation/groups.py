@@ -27,7 +27,16 @@ from ..groups import Groups, check_orders, parse_groups
 from ..progress import progress_bar
 from ..scoring import Influence
 from .metrics import pearson, spearman
-from .retraining import CONTROL, Retrainer, RetrainFn, RetrainingCache, check_retrain_settings, run_retrainings, select_tests
+from .retraining import (
+    CONTROL,
+    Retrainer,
+    RetrainFn,
+    RetrainingCache,
+    check_resolution,
+    check_retrain_settings,
+    run_retrainings,
+    select_tests,
+)
 from .stats import correlation_or_nan
 
 __all__ = ["validate_groups", "GroupValidation", "NEWTON_START_PARAMS"]
@@ -173,6 +182,7 @@ def validate_groups(
     predicted = {o: r.values.detach().cpu().to(torch.float64).numpy() for o, r in predictions.items()}
     retrainer = Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter,
                           newton_start=influence.layout_.n <= NEWTON_START_PARAMS)
+    check_resolution(retrainer, predicted[order_names[0]], tol=tol, what="group retraining")
     cache = None
     if cache_dir is not None:
         config = influence.provenance_.manifest(

@@ -39,10 +39,12 @@ from .retraining import (
     RetrainSettings,
     SelectedTests,
     StepRetrain,
+    check_resolution,
     check_retrain_settings,
     index_array,
     run_retrainings,
     select_tests,
+    warn_if_round_off,
 )
 from .stats import correlation_or_nan
 
@@ -191,10 +193,14 @@ class _Retrainings:
 
     @classmethod
     def prepare(
-        cls, influence: Influence, tests: SelectedTests, removals: list[int], settings: RetrainSettings, cache_dir: str | os.PathLike | None
+        cls, influence: Influence, tests: SelectedTests, plan: _Plan, settings: RetrainSettings, cache_dir: str | os.PathLike | None
     ) -> _Retrainings:
-        """Set up the retrainer and the cache, take what the cache holds and list the retrainings left to run."""
+        """Set up the retrainer (refusing a run whose changes its dtype cannot resolve) and the cache, take what the cache
+        holds and list the retrainings left to run."""
         retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
+        chosen = np.concatenate([plan.pred_loo[r, sel] for r, sel in enumerate(plan.selection)]) if plan.selection else np.zeros(0)
+        check_resolution(retrainer, chosen, tol=settings.tol, what="leave-one-out retraining")
+        removals = plan.removals
         cache = None
         if cache_dir is not None:
             cache = RetrainingCache(cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results")
@@ -277,6 +283,7 @@ def _assemble_result(
     test_index = tests.indices[row_of] if rows else np.zeros(0, dtype=np.int64)
     predicted = plan.pred_loo[row_of, train_index] if rows else np.zeros(0)
     actual = np.array([after[i][r] - baseline[r] for r, i in rows], dtype=np.float64)
+    warn_if_round_off(runs.retrainer, actual, predicted, what="leave-one-out")
     per_test = {int(t): correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
     per_test_s = {int(t): correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
     metadata = _result_metadata(influence, plan, runs, cache_dir=cache_dir, start=start)
@@ -401,7 +408,7 @@ def leave_one_out(
     )
     tests = select_tests(influence, test, test_indices)
     plan = _plan_removals(influence, tests, train_indices=train_indices, top_k=top_k, n_random=n_random, seed=settings.seed)
-    runs = _Retrainings.prepare(influence, tests, plan.removals, settings, cache_dir)
+    runs = _Retrainings.prepare(influence, tests, plan, settings, cache_dir)
     runs.run(len(influence.train_), progress=progress)
     runs.finish(len(plan.removals))
     return _assemble_result(influence, tests, plan, runs, cache_dir=cache_dir, start=start)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from ..autodiff import ParamLayout
 from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, take
-from ..errors import InputError, InputTypeError, NumericalError, UnsupportedError
+from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
 from ..scoring import Influence
 from ..task import Task
@@ -46,6 +47,8 @@ __all__ = [
     "RetrainingCache",
     "RetrainSettings",
     "check_retrain_settings",
+    "check_resolution",
+    "warn_if_round_off",
 ]
 
 logger = logging.getLogger(__name__)
@@ -293,6 +296,60 @@ def check_retrain_settings(
     if n < 2:
         raise InputError(f"retraining without training points needs at least 2 of them. Got {n}.")
     return RetrainSettings(tol, max_iter, seed, retrain, control, strict, workers, threads)
+
+
+# ------------------------------------------------------------------------------------------ resolution
+RESOLUTION_ULPS = 100  # a change must exceed this many units in the last place of the test measurement to be measured
+
+
+def check_resolution(retrainer: Retrainer, predicted: np.ndarray, *, tol: float, what: str) -> None:
+    """Refuse, before any retraining, a validation whose actual changes cannot be measured in the model's dtype.
+
+    Two bounds, both known before the first retraining: (1) the median predicted change must exceed
+    ``RESOLUTION_ULPS`` units in the last place of the test measurements (float32 test losses of about 1 cannot show a
+    change of 1e-6); (2) the default trainer's ``tol`` must be reachable: ‖∇R‖ cannot fall much below
+    eps · (mean per-example gradient norm). Both say to compute in float64 (``model.double()`` and float64 data)."""
+    dtype = retrainer.dtype
+    eps = float(torch.finfo(dtype).eps)
+    pred = np.abs(np.asarray(predicted, dtype=np.float64)).ravel()
+    scale = float(np.median(np.abs(retrainer.before))) if len(retrainer.before) else 0.0
+    floor = RESOLUTION_ULPS * eps * max(scale, float(torch.finfo(dtype).tiny))
+    if len(pred) and float(np.median(pred)) < floor:
+        raise InputError(
+            f"{what} cannot be measured in {str(dtype).removeprefix('torch.')}: the median predicted change "
+            f"{float(np.median(pred)):.3g} is below {RESOLUTION_ULPS} units in the last place of test measurements of about "
+            f"{scale:.3g} ({floor:.3g}), so the retrained changes would be round-off. Compute in float64: model.double() and "
+            "float64 data, then build the Influence again."
+        )
+    if retrainer.retrain is None:
+        influence = retrainer.influence
+        sample = influence.gradients_.gather(influence.train_, list(range(min(len(influence.train_), 256))), side="train")
+        reachable = 10 * eps * float(sample.norm(dim=1).mean())
+        if tol < reachable:
+            fix = (f"pass tol >= {reachable:.2g}" if dtype == torch.float64 else
+                   f"compute in float64 (model.double() and float64 data), or pass tol >= {reachable:.2g} knowing the "
+                   "retrained changes are then that coarse")
+            raise InputError(
+                f"`tol`={tol:g} cannot be reached in {str(dtype).removeprefix('torch.')}: the round-off of ||grad R|| is about "
+                f"{reachable:.2g} (eps times the mean per-example gradient norm, ×10); {fix}."
+            )
+
+
+def warn_if_round_off(retrainer: Retrainer, actual: np.ndarray, predicted: np.ndarray, *, what: str) -> None:
+    """Warn (ConvergenceWarning) when the measured changes are at the round-off of the test measurements while the
+    predictions are not: the retraining did not move the model (too few steps, too small a learning rate, float32)."""
+    eps = float(torch.finfo(retrainer.dtype).eps)
+    scale = float(np.median(np.abs(retrainer.before))) if len(retrainer.before) else 0.0
+    floor = RESOLUTION_ULPS * eps * scale
+    if len(actual) and float(np.median(np.abs(actual))) < floor <= float(np.median(np.abs(predicted))):
+        warnings.warn(
+            f"the {what} changes are round-off: median |actual| {float(np.median(np.abs(actual))):.3g} is below {RESOLUTION_ULPS} "
+            f"units in the last place of the test measurements ({floor:.3g}) while the median prediction is "
+            f"{float(np.median(np.abs(predicted))):.3g}; the retraining did not move the model. Use more steps or a larger "
+            "learning rate (StepRetrain), or compute in float64; the correlations of this result mean nothing.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
 
 
 # ------------------------------------------------------------------------------------------ workers
