@@ -6,6 +6,7 @@ Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML
 from . import hf, solvers, validation
 from .errors import (
     ConvergenceWarning,
+    CorruptFileWarning,
     CurvatureWarning,
     DistributedError,
     InfluenceKitError,
@@ -81,6 +82,7 @@ __all__ = [
     "UnsupportedError",
     "InfluenceKitWarning",
     "ConvergenceWarning",
+    "CorruptFileWarning",
     "CurvatureWarning",
     "StationarityWarning",
 ]
