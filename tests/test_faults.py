@@ -141,3 +141,51 @@ def test_retraining_that_does_not_move_the_model_is_flagged(float32_logistic):
     with pytest.warns(ik.ConvergenceWarning, match=r"leave-one-out changes are round-off: .*the correlations of this result mean nothing"):
         ik.leave_one_out(inf, test, test_indices=[0, 1], top_k=5, n_random=5,
                          retrain=ik.validation.StepRetrain(steps=1, lr=1e-9, optimizer="sgd"))
+
+
+# ------------------------------------------------------------------------------------------ the boundary
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    X = torch.randn(50, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (50,))
+    return torch.nn.Linear(5, 3).double(), X, y
+
+
+@pytest.mark.parametrize("side", ["train", "test"])
+def test_inputs_the_model_cannot_take_are_named_with_the_expected_shape(small, side):
+    model, X, y = small
+    task = ik.ClassificationTask(model)
+    wrong = torch.randn(len(y), 7, dtype=torch.float64)
+    with pytest.raises(ik.InputError, match=rf"the model cannot take the examples of `{side}`: each has \[0\] shape \(7,\) float64"
+                                            r".* expects 5 features per example, in torch.float64.*mat1 and mat2"):
+        if side == "train":
+            ik.Influence(task, (wrong, y), stationarity_tol=10).fit()
+        else:
+            ik.Influence(task, (X, y), stationarity_tol=10).fit().scores((wrong[:4], y[:4]))
+
+
+def test_integer_inputs_get_the_conversion(small):
+    model, X, y = small
+    with pytest.raises(ik.InputError, match=r"shape \(5,\) int64\. .*The inputs are integers: convert them, e.g. X.to\(torch.float64\)"):
+        ik.Influence(ik.ClassificationTask(model), (X.long(), y), stationarity_tol=10).fit()
+
+
+def test_labels_of_shape_n_by_1_are_shown_as_such(small):
+    model, X, y = small
+    with pytest.raises(ik.InputError, match=r"must be a 1-D tensor of shape \(n,\)\. Got shape \(n, 1\); flatten them with y.reshape\(-1\)"):
+        ik.Influence(ik.ClassificationTask(model), (X, y[:, None]), stationarity_tol=10).fit()
+
+
+def test_dropout_in_training_mode_is_refused_when_the_influence_is_built(small):
+    _, X, y = small
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).double()
+    with pytest.raises(ik.InputError, match=r"the model's Dropout '1' is in training mode .*call model.eval\(\) before building"):
+        ik.Influence(ik.ClassificationTask(net), (X, y))
+    net.eval()
+    ik.Influence(ik.ClassificationTask(net), (X, y))  # eval mode: accepted
+    # a wrapper left in training mode around modules already in eval (a PooledClassifier around from_pretrained) is fine
+    wrapper = torch.nn.Sequential(net)
+    wrapper.train(True)
+    net.eval()
+    ik.Influence(ik.ClassificationTask(wrapper), (X, y))

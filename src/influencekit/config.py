@@ -137,6 +137,7 @@ def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int,
     """Chunk sizes for ``n`` training examples from the budget and a one-example probe ``first`` of the
     model's activation size (:func:`~influencekit.autodiff.input_size_per_example`), unless ``batch_size``."""
     layout = ParamLayout.of(params)
+    task.check_forward(params, first, "train")  # a model that cannot take the data: say so in words, not torch's
     act = input_size_per_example(task.loss, params, first, task.model)
     item = torch.finfo(layout.dtype).bits // 8
     p = layout.n

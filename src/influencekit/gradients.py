@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .autodiff import ParamLayout, batch_grad_sum, per_example_grads
 from .checks import check_choice
@@ -138,8 +139,13 @@ class GradientSource:
 
     def _rows(self, side: str, batch: Any, name: str, offset: int, precision: str) -> torch.Tensor:
         fn = self.function(side)
-        with matmul_precision(precision):
-            G, losses = self.per_example(side, batch)(fn, self.params, batch)
+        try:
+            with matmul_precision(precision):
+                G, losses = self.per_example(side, batch)(fn, self.params, batch)
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            # the data may not fit the model (e.g. test inputs with other features): name it; else torch's error stands
+            self.task.check_forward(self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), name)
+            raise
         check_losses(losses, name, offset)
         check_grads(G, name, offset)
         if side == "train" and self._l2_term is not None:

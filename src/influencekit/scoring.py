@@ -114,6 +114,7 @@ class Influence:
             cache_dir=cache_dir, precision=precision,
         )
         config.solver.check_task(task)  # e.g. K-FAC needs a declared likelihood: refused now, not after a data pass
+        task.check_mode()  # dropout / batch norm in training mode: refused now
         self.damping, self.solver_options, self.batch_size = config.damping, config.solver_options, config.batch_size
         self.memory_budget, self.stationarity_tol, self.progress = config.memory_budget, config.stationarity_tol, config.progress
         self.distributed, self.gradients, self.cache_dir, self.precision = distributed, gradients, cache_dir, precision
@@ -330,11 +331,8 @@ class Influence:
         return out if isinstance(order, (list, tuple)) else out[orders[0]]
 
     def eigenvalue_range(self, *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
-        """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs.
-
-        Warns with :class:`~influencekit.errors.CurvatureWarning` and a damping that removes the negative
-        curvature when ``λ_min ≤ 0``; the estimates tighten from the inside as ``steps`` grows.
-        """
+        """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs; warns (CurvatureWarning, with a
+        damping that removes it) when ``λ_min ≤ 0``. The estimates tighten from the inside as ``steps`` grows."""
         self.check_fitted()
         return check_curvature(self.operator_, steps=steps, seed=seed)
 

@@ -12,7 +12,6 @@ The test side uses :meth:`Task.measurement`, which defaults to ℓ (no L2 term).
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .checks import check_number
-from .errors import InfluenceKitWarning, InputError, InputTypeError
+from .errors import InfluenceKitError, InputError, InputTypeError
 
 __all__ = ["Task", "ClassificationTask", "RegressionTask", "SmoothHingeTask", "smooth_hinge", "Params"]
 
@@ -77,6 +76,35 @@ def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
     if not names:
         raise InputError("`params` selects no parameter of the model. Got an empty selection; name at least one parameter or module.")
     return names
+
+
+def _describe_inputs(batch: Any) -> str:
+    leaves = batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
+    return ", ".join(f"[{k!r}] shape {tuple(v.shape[1:])} {str(v.dtype).removeprefix('torch.')}" for k, v in leaves
+                     if isinstance(v, torch.Tensor))
+
+
+def forward_error(model: nn.Module, batch: Any, name: str, exc: Exception) -> InputError:
+    """An InputError for a model that cannot take ``batch``: the examples' shapes and dtypes (per example), what the
+    model's first layer expects, and the fix for integer inputs to a floating model."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    expects = ""
+    if isinstance(first, nn.Linear):
+        expects = f" The model's first layer {first!r} expects {first.in_features} features per example, in {dtype}."
+    elif isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        expects = f" The model's first layer {type(first).__name__} expects {first.in_channels} input channels, in {dtype}."
+    elif isinstance(first, nn.Embedding):
+        expects = f" The model's first layer {first!r} expects integer token ids below {first.num_embeddings}."
+    tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch])
+               if isinstance(v, torch.Tensor)]
+    fix = ""
+    if tensors and not tensors[0].is_floating_point() and not isinstance(first, nn.Embedding) and dtype is not None:
+        fix = f" The inputs are integers: convert them, e.g. X.to({dtype})."
+    return InputError(
+        f"the model cannot take the examples of {name if name.startswith('the ') else f'`{name}`'}: each has "
+        f"{_describe_inputs(batch)}.{expects}{fix} (torch: {type(exc).__name__}: {exc})"
+    )
 
 
 def _refuse_labels(task: str, name: str, allowed: str, target: torch.Tensor, bad: torch.Tensor, offset: int) -> None:
@@ -181,15 +209,28 @@ class Task:
         return None
 
     def check_mode(self) -> None:
-        """Warn when the model is in train mode with dropout or batch norm (results would be random)."""
+        """Refuse a model whose dropout or batch-norm layers are in training mode: its loss would be random or depend on
+        the batch, and every influence computed from it a different wrong number. Checked when Influence is built."""
         stochastic = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
-        if self.model.training and any(isinstance(m, stochastic) for m in self.model.modules()):
-            warnings.warn(
-                "the model is in training mode and has dropout or batch-norm layers, so its loss is random or "
-                "depends on the batch; call model.eval() before computing influence.",
-                InfluenceKitWarning,
-                stacklevel=3,
+        active = [f"{type(m).__name__} {name!r}" if name else type(m).__name__
+                  for name, m in self.model.named_modules() if isinstance(m, stochastic) and m.training]
+        if active:
+            raise InputError(
+                f"the model's {', '.join(active[:3])}{' ...' if len(active) > 3 else ''} {'is' if len(active) == 1 else 'are'} in "
+                "training mode (dropout or batch norm), so its loss is random or depends on the batch; call model.eval() "
+                "before building the Influence."
             )
+
+    def check_forward(self, params: Params, batch: Any, name: str) -> None:
+        """Run the loss on ``batch`` (one example) and turn a failure inside the model into an InputError that names the
+        data set, the inputs' shapes and dtypes and what the model's first layer expects (torch's own message kept)."""
+        try:
+            with torch.no_grad():
+                self.loss(params, batch)
+        except InfluenceKitError:
+            raise
+        except (RuntimeError, TypeError, IndexError, ValueError) as exc:
+            raise forward_error(self.model, batch, name, exc) from exc
 
 
 class _SupervisedTask(Task):
@@ -253,12 +294,17 @@ class ClassificationTask(_SupervisedTask):
     the binary logistic regression of the paper.
     """
 
-    def _n_outputs(self, inputs: tuple[Any, ...]) -> int:
+    def _n_outputs(self, inputs: tuple[Any, ...], name: str = "the data") -> int:
         # the number of logits per example, from one forward pass on one example (cached)
         if getattr(self, "_outputs", None) is None:
             one = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in inputs)
-            with torch.no_grad():
-                logits = self.forward(self.params(), *one)
+            try:
+                with torch.no_grad():
+                    logits = self.forward(self.params(), *one)
+            except InfluenceKitError:
+                raise
+            except (RuntimeError, TypeError, IndexError, ValueError) as exc:
+                raise forward_error(self.model, one, name, exc) from exc
             self._outputs = int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 1
         return self._outputs
 
@@ -266,11 +312,13 @@ class ClassificationTask(_SupervisedTask):
         inputs, target = self.split(batch)
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+            if isinstance(target, torch.Tensor):
+                shape = "(n" + "".join(f", {d}" for d in target.shape[1:]) + ")"
             raise InputError(
-                f"ClassificationTask labels in `{name}` must be a 1-D tensor of shape (n,). Got {shape}; "
+                f"ClassificationTask labels in `{name}` must be a 1-D tensor of shape (n,). Got shape {shape}; "
                 "flatten them with y.reshape(-1)."
             )
-        classes = self._n_outputs(inputs)
+        classes = self._n_outputs(inputs, name)
         if classes > 1:
             if target.is_floating_point() or target.is_complex():
                 raise InputError(
