@@ -359,7 +359,7 @@ def test_group_by_ranks_the_flipped_source_as_the_most_harmful(tmp_path):
 def test_group_by_a_missing_column_is_refused_before_training(tmp_path, monkeypatch):
     train, test, _ = _sourced(tmp_path)
     monkeypatch.setattr(inspect_app, "_train_and_score", lambda *a, **k: pytest.fail("trained before checking --group-by"))
-    with pytest.raises(InputError, match=r"`group_by` names no column of the data: 'sourse'. Its columns are \['id', 'x1'"):
+    with pytest.raises(InputError, match=r"`group_by` names no column of the data: 'sourse'; the columns are \['id', 'x1', .*'bought'\]; did you mean 'source'\?"):
         run_inspect(train, "bought", test=test, out_dir=tmp_path / "r", group_by="sourse")
     with pytest.raises(InputError, match="must not be the label column"):
         run_inspect(train, "bought", test=test, out_dir=tmp_path / "r", group_by="bought")
@@ -375,3 +375,11 @@ def test_cli_group_by(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert re.search(r"groups of 'source' by predicted effect on the mean test loss: .*d \(\d+\): -", result.output), result.output
+
+
+def test_a_misspelled_label_lists_every_column_and_the_closest(tmp_path):
+    header = [f"feature_{j}" for j in range(14)] + ["churned"]
+    rows = [[str(j * i % 7) for j in range(14)] + ["yes" if i % 2 else "no"] for i in range(30)]
+    train = write_csv(tmp_path / "wide.csv", rows, header)
+    with pytest.raises(InputError, match=r"Got 'churnd'; the columns are \['feature_0', .*'feature_13', 'churned'\]; did you mean 'churned'\?"):
+        run_inspect(train, "churnd", out_dir=tmp_path / "r")

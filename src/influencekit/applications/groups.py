@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.tabular import columns_hint
 from ..errors import InputError, NumericalError
 from ..report import html
 from ..scoring import Influence
@@ -42,7 +43,7 @@ def check_group_column(column: str, header: list[str], label: str) -> None:
     if column == label:
         raise InputError(f"`group_by` must not be the label column {label!r}: removing a whole class is not a data source.")
     if column not in header:
-        raise InputError(f"`group_by` names no column of the data: {column!r}. Its columns are {header}.")
+        raise InputError(f"`group_by` names no column of the data: {column!r}; {columns_hint(column, header)}")
 
 
 def summarise_groups(influence: Influence, values: list[str], test: Any, column: str) -> GroupSummary:

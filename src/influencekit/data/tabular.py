@@ -50,6 +50,7 @@ __all__ = [
     "read_rows",
     "read_header",
     "read_column",
+    "columns_hint",
 ]
 
 DEFAULT_MISSING = ("", "NA", "N/A", "NaN", "nan", "null", "NULL", "None", "?")
@@ -541,7 +542,7 @@ class TabularEncoder:
             for option in ("categorical", "numeric", "ignore"):
                 unknown = [c for c in getattr(self, option) if c not in header]
                 if unknown:
-                    raise InputError(f"`{option}` names {unknown} but {reader.path.name} has no such column. Columns: {_list(header)}.")
+                    raise InputError(f"`{option}` names {unknown} but {reader.path.name} has no such column; {columns_hint(unknown[0], header)}")
             used = [j for j, h in enumerate(header) if j != label_at and h not in self.ignore]
             stats, labels, n = _scan(
                 reader, label_at, used, rows, label=self.label, missing=self.missing_values, chunk_size=self.chunk_size,
@@ -560,7 +561,7 @@ class TabularEncoder:
     def _label_position(self, header: list[str], reader: _Reader) -> int:
         if self.label not in header:
             raise InputError(
-                f"`label` must name a column of {reader.path.name}. Got {self.label!r}; the columns are {_list(header)}."
+                f"`label` must name a column of {reader.path.name}. Got {self.label!r}; {columns_hint(self.label, header)}"
             )
         return header.index(self.label)
 
@@ -669,6 +670,14 @@ class TabularEncoder:
         for name in self.ignore:
             out.append({"column": name, "kind": "ignored", "missing": 0, "encoding": "left out (ignored)"})
         return out
+
+
+def columns_hint(wanted: str, header: Sequence[str]) -> str:
+    """Every column of ``header`` and the closest to ``wanted`` (a misspelled name gets its fix)."""
+    import difflib
+
+    close = difflib.get_close_matches(wanted, list(header), n=1, cutoff=0.6)
+    return f"the columns are {_list(header, limit=len(header))}" + (f"; did you mean {close[0]!r}?" if close else "")
 
 
 def _list(values: Sequence[str], limit: int = 12) -> str:
