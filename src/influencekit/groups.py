@@ -151,6 +151,12 @@ class _Sums:
         self.source, self.layout, self.shard = influence.gradients_, influence.layout_, influence.shard_
         self.n = len(influence.train_)
         self._pairwise = True  # per-example HVPs over (member, group) pairs until the model refuses vmap
+        start, stop = self.shard.start, self.shard.stop
+        self._mine = [m[(m >= start) & (m < stop)] for m in groups.members]  # this rank's members of each group
+        # the (member, group) pairs in training order, built once: the Newton solve asks for the group HVPs every iteration
+        pairs = sorted((int(i), g) for g, m in enumerate(self._mine) for i in m)
+        self._pair_examples = [i for i, _ in pairs]
+        self._pair_groups = torch.as_tensor([g for _, g in pairs], dtype=torch.long, device=self.layout.device)
 
     def _reduced(self, work: Callable[[], torch.Tensor]) -> torch.Tensor:
         return self.shard.all_reduce(self.shard.local(work)) / self.n
@@ -172,8 +178,8 @@ class _Sums:
 
         One per-example HVP per (member, group) pair, Σ|U| in all, vectorised over pairs in chunks of the gradient
         chunk size; where vmap cannot batch the model, one summed HVP per group and chunk instead."""
-        shard, l2 = self.shard, self.inf.task.l2
-        counts = torch.as_tensor([int(((m >= shard.start) & (m < shard.stop)).sum()) for m in self.groups.members], dtype=V.dtype, device=V.device)
+        l2 = self.inf.task.l2
+        counts = torch.as_tensor([len(m) for m in self._mine], dtype=V.dtype, device=V.device)
 
         def local() -> torch.Tensor:
             if self._pairwise:
@@ -188,22 +194,18 @@ class _Sums:
         return self._reduced(local)
 
     def _pairs(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        shard, layout, chunk = self.shard, self.layout, self.inf.chunks_.grad
-        pairs = [(int(i), g) for g, members in enumerate(self.groups.members)
-                 for i in members[(members >= shard.start) & (members < shard.stop)]]
-        pairs.sort()
-        for lo in range(0, len(pairs), chunk):
-            part = pairs[lo:lo + chunk]
-            batch = self.source.take(self.inf.train_, [i for i, _ in part])
-            g_idx = torch.as_tensor([g for _, g in part], device=V.device)
+        layout, chunk = self.layout, self.inf.chunks_.grad
+        for lo in range(0, len(self._pair_examples), chunk):
+            batch = self.source.take(self.inf.train_, self._pair_examples[lo:lo + chunk])
+            g_idx = self._pair_groups[lo:lo + chunk]
             out.index_add_(0, g_idx, per_example_hvp(self.inf.task.loss, self.source.params, batch, layout, V[g_idx]))
         return out
 
     def _per_group(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        shard, layout, chunk, task = self.shard, self.layout, self.inf.chunks_.hvp, self.inf.task
+        layout, chunk, task = self.layout, self.inf.chunks_.hvp, self.inf.task
         hvp = None
-        for g, members in enumerate(self.groups.members):
-            mine = members[(members >= shard.start) & (members < shard.stop)].tolist()
+        for g, members in enumerate(self._mine):
+            mine = members.tolist()
             for lo in range(0, len(mine), chunk):
                 batch = self.source.take(self.inf.train_, mine[lo:lo + chunk])
                 if hvp is None:  # the product the model supports, chosen once (the first product kept)

@@ -57,12 +57,11 @@ def summarise_groups(influence: Influence, values: list[str], test: Any, column:
         )
     if len(distinct) < 2:
         raise InputError(f"`group_by` column {column!r} has one value in every training row; there is nothing to compare.")
-    first = influence.group_influence(labels.astype(str), test, order=1)
-    newton, error = None, None
-    try:
-        newton = influence.group_influence(labels.astype(str), test, order="newton")
+    try:  # both orders from one call: the gradient pass and the first solve are shared
+        both = influence.group_influence(labels.astype(str), test, order=[1, "newton"])
+        first, newton, error = both["1"], both["newton"], None
     except NumericalError as exc:  # e.g. a group whose removal leaves the Hessian indefinite: order 1 still stands
-        error = str(exc)
+        first, newton, error = influence.group_influence(labels.astype(str), test, order=1), None, str(exc)
     m1 = first.mean_change().detach().cpu().numpy()
     mn = newton.mean_change().detach().cpu().numpy() if newton is not None else None
     key = np.abs(mn if mn is not None else m1)

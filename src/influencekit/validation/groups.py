@@ -13,6 +13,7 @@ order, Pearson and Spearman over the (group, test) pairs, the slope of actual on
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,6 @@ import torch
 from ..errors import ConvergenceWarning, NumericalError
 from ..folders import fingerprint
 from ..groups import Groups, check_orders, parse_groups
-from ..progress import progress_bar
 from ..scoring import Influence
 from .metrics import pearson, spearman
 from .retraining import (
@@ -32,9 +32,9 @@ from .retraining import (
     Retrainer,
     RetrainFn,
     RetrainingCache,
+    Retrainings,
     check_resolution,
     check_retrain_settings,
-    run_retrainings,
     select_tests,
 )
 from .stats import correlation_or_nan
@@ -58,6 +58,7 @@ class GroupValidation:
         names, sizes: of the groups.
         test_index: ``(n_test,)`` positions of the chosen test points in ``test``.
         metrics: order -> ``{"pearson", "spearman", "slope", "mae"}`` over the pairs of converged retrainings.
+        params_change: order -> ``(n_groups, n_params)`` the predicted parameter change of each removal.
         not_converged: group name -> final ‖∇R₋U‖ of each retraining that did not reach ``tol``.
         metadata: the predictions' metadata, the trainer, timings.
     """
@@ -68,6 +69,7 @@ class GroupValidation:
     sizes: tuple[int, ...]
     test_index: np.ndarray
     metrics: dict[str, dict[str, float]]
+    params_change: dict[str, torch.Tensor] = field(default_factory=dict)
     not_converged: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -100,41 +102,6 @@ def _group_weights(job: int, groups: Groups, dtype: torch.dtype) -> torch.Tensor
     if job != CONTROL:
         weights[torch.as_tensor(groups.members[job])] = 0.0
     return weights
-
-
-def _retrain_groups(retrainer: Retrainer, groups: Groups, jobs: list[int], cache: RetrainingCache | None, n_test: int, *,
-                    workers: int, threads: int | None, strict: bool, tol: float, progress: bool,
-                    ) -> tuple[dict[int, np.ndarray], dict[int, float], dict[int, float], int]:
-    """Retrain without each group of ``jobs`` (and the control run ``CONTROL`` if listed); the cache first."""
-    after: dict[int, np.ndarray] = {}
-    grad_norms: dict[int, float] = {}
-    failed: dict[int, float] = {}
-    if cache is not None:
-        for job in jobs:
-            hit = cache.load(job, n_test)
-            if hit is not None:
-                after[job], grad_norms[job] = hit
-    from_cache = len([j for j in after if j != CONTROL])
-    todo = [j for j in jobs if j not in after]
-    bar = progress_bar(total=len(todo), desc="group retraining", enabled=progress)
-    try:
-        weights_of = lambda job: _group_weights(job, groups, retrainer.dtype)  # noqa: E731 - one line, kept with its use
-        for job, values, grad_norm, converged in run_retrainings(retrainer, todo, weights_of, workers=workers, threads=threads):
-            grad_norms[job] = grad_norm
-            bar.update(1)
-            if converged:
-                after[job] = values
-                if cache is not None:
-                    cache.save(job, values, grad_norm)
-                continue
-            failed[job] = grad_norm
-            if strict:
-                what = "the control run" if job == CONTROL else f"retraining without group {groups.names[job]!r}"
-                raise NumericalError(f"{what} did not reach ||grad R|| <= tol={tol:g} (got {grad_norm:.3g}). Raise `max_iter` "
-                                     "or `tol`, compute in float64, or pass strict=False.")
-    finally:
-        bar.close()
-    return after, grad_norms, failed, from_cache
 
 
 def validate_groups(
@@ -174,7 +141,7 @@ def validate_groups(
     start = time.perf_counter()
     settings = check_retrain_settings(influence, tol=tol, max_iter=max_iter, seed=0, retrain=retrain, control=control,
                                       strict=strict, workers=workers, threads=threads)
-    tol, max_iter, workers, control, threads = settings.tol, settings.max_iter, settings.workers, settings.control, settings.threads
+    tol, max_iter, control = settings.tol, settings.max_iter, settings.control
     order_names = check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
     parsed = parse_groups(groups, len(influence.train_))
     tests = select_tests(influence, test, test_indices)
@@ -190,12 +157,12 @@ def validate_groups(
             test_fingerprint=tests.fingerprint, theta_fingerprint=fingerprint(retrainer.theta_hat), dtype=str(retrainer.dtype),
             tol=tol, retrain=retrainer.name, drift_control=control)
         cache = RetrainingCache(cache_dir, config, prefix="group", what="group retraining results")
-    jobs = ([CONTROL] if control else []) + list(range(len(parsed.members)))
-    after, grad_norms, failed, from_cache = _retrain_groups(
-        retrainer, parsed, jobs, cache, len(tests.indices), workers=workers, threads=threads, strict=strict, tol=tol, progress=progress)
-    if control and CONTROL not in after:
-        raise NumericalError("the control retraining (no removal) did not converge; the trainer's drift cannot be subtracted.")
-    baseline = after[CONTROL] if control else retrainer.before
+    runs = Retrainings(retrainer, cache, settings, weights_of=functools.partial(_group_weights, groups=parsed, dtype=retrainer.dtype),
+                       describe=lambda g: f"retraining without group {parsed.names[g]!r}", desc="group retraining")
+    runs.load(list(range(len(parsed.members))), len(tests.indices))
+    runs.run(progress=progress)
+    runs.require_control()
+    after, grad_norms, failed, from_cache, baseline = runs.after, runs.grad_norms, runs.not_converged, runs.from_cache, runs.baseline
     actual = np.full((len(parsed.members), len(tests.indices)), np.nan)
     for g in range(len(parsed.members)):
         if g in after:
@@ -212,7 +179,8 @@ def validate_groups(
     metadata = {**first.metadata, "validation": "group removal retraining (Koh et al. 2019; Basu et al. 2020)",
                 "orders": list(order_names), "retrain": retrainer.name, "tol": tol, "retrain_max_iter": max_iter,
                 "retrain_grad_norms": {parsed.names[g]: v for g, v in grad_norms.items() if g != CONTROL},
-                "n_from_cache": from_cache, "drift_control": control, "workers": workers,
+                "n_from_cache": from_cache, "drift_control": control, "workers": settings.workers,
                 "prediction_seconds": {o: r.metadata.get("seconds") for o, r in predictions.items()},
                 "seconds": time.perf_counter() - start}
-    return GroupValidation(actual, predicted, parsed.names, parsed.sizes, tests.indices, metrics, not_converged, metadata)
+    changes = {o: r.params_change for o, r in predictions.items()}
+    return GroupValidation(actual, predicted, parsed.names, parsed.sizes, tests.indices, metrics, changes, not_converged, metadata)

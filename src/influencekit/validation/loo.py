@@ -26,9 +26,8 @@ import numpy as np
 import torch
 
 from ..checks import check_int
-from ..errors import ConvergenceWarning, InputError, NumericalError
+from ..errors import ConvergenceWarning, InputError
 from ..folders import fingerprint
-from ..progress import progress_bar
 from ..scoring import Influence
 from .metrics import pearson, spearman
 from .retraining import (
@@ -36,13 +35,13 @@ from .retraining import (
     Retrainer,
     RetrainFn,
     RetrainingCache,
+    Retrainings,
     RetrainSettings,
     SelectedTests,
     StepRetrain,
     check_resolution,
     check_retrain_settings,
     index_array,
-    run_retrainings,
     select_tests,
     warn_if_round_off,
 )
@@ -174,106 +173,44 @@ def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrain
     )
 
 
-class _Retrainings:
-    """The retrainings of one leave-one-out run: from the cache or run here, recorded as each finishes.
+def _prepare(influence: Influence, tests: SelectedTests, plan: _Plan, settings: RetrainSettings, cache_dir: str | os.PathLike | None
+             ) -> Retrainings:
+    """Set up the retrainer (refusing a run whose changes its dtype cannot resolve) and the cache, take what the cache
+    holds and list the retrainings left to run."""
+    retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
+    chosen = np.concatenate([plan.pred_loo[r, sel] for r, sel in enumerate(plan.selection)]) if plan.selection else np.zeros(0)
+    check_resolution(retrainer, chosen, tol=settings.tol, what="leave-one-out retraining")
+    cache = None
+    if cache_dir is not None:
+        cache = RetrainingCache(cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results")
+    runs = Retrainings(retrainer, cache, settings, weights_of=functools.partial(_weights, n=len(influence.train_), dtype=retrainer.dtype),
+                       describe=lambda i: f"retraining without training point {i}", desc="leave-one-out retraining")
+    runs.load(plan.removals, len(tests.indices))
+    return runs
 
-    ``after`` holds the test measurements of every converged retraining (the control run under
-    ``_CONTROL``), ``grad_norms`` the final ‖∇R₋ᵢ‖ of all of them, ``not_converged`` those above ``tol``.
+
+def _finish(runs: Retrainings, n_removed: int) -> None:
+    """Require the control run when there is one and warn about the retrainings that did not converge.
+
+    Called from :func:`leave_one_out` itself: the warning's ``stacklevel`` names its caller.
     """
-
-    def __init__(self, retrainer: Retrainer, cache: RetrainingCache | None, settings: RetrainSettings) -> None:
-        self.retrainer = retrainer
-        self.cache = cache
-        self.settings = settings
-        self.after: dict[int, np.ndarray] = {}
-        self.grad_norms: dict[int, float] = {}
-        self.not_converged: dict[int, float] = {}
-        self.from_cache = 0
-        self.jobs: list[int] = []
-
-    @classmethod
-    def prepare(
-        cls, influence: Influence, tests: SelectedTests, plan: _Plan, settings: RetrainSettings, cache_dir: str | os.PathLike | None
-    ) -> _Retrainings:
-        """Set up the retrainer (refusing a run whose changes its dtype cannot resolve) and the cache, take what the cache
-        holds and list the retrainings left to run."""
-        retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
-        chosen = np.concatenate([plan.pred_loo[r, sel] for r, sel in enumerate(plan.selection)]) if plan.selection else np.zeros(0)
-        check_resolution(retrainer, chosen, tol=settings.tol, what="leave-one-out retraining")
-        removals = plan.removals
-        cache = None
-        if cache_dir is not None:
-            cache = RetrainingCache(cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results")
-        runs = cls(retrainer, cache, settings)
-        control = settings.control
-        if cache is not None:
-            for i in removals + ([_CONTROL] if control else []):
-                hit = cache.load(i, len(tests.indices))
-                if hit is not None:
-                    runs.after[i], runs.grad_norms[i] = hit
-        runs.from_cache = len([i for i in runs.after if i != _CONTROL])
-        runs.jobs = ([_CONTROL] if control and _CONTROL not in runs.after else []) + [i for i in removals if i not in runs.after]
-        return runs
-
-    def record(self, i: int, values: np.ndarray, grad_norm: float, converged: bool) -> None:
-        """Keep (and cache) a converged retraining; note one that did not, or raise in strict mode."""
-        self.grad_norms[i] = grad_norm
-        if converged:
-            self.after[i] = values
-            if self.cache is not None:
-                self.cache.save(i, values, grad_norm)
-            return
-        self.not_converged[i] = grad_norm
-        if self.settings.strict:
-            what = "the control run (no removal)" if i == _CONTROL else f"retraining without training point {i}"
-            raise NumericalError(
-                f"{what} did not reach ||grad R|| <= tol={self.settings.tol:g} (got {grad_norm:.3g}). Raise `max_iter` or `tol`, "
-                "compute in float64, or pass strict=False to report it in `result.not_converged` instead."
-            )
-
-    def run(self, n: int, *, progress: bool) -> None:
-        """Run the retrainings left, in this process or in forked workers, recording each as it finishes."""
-        settings = self.settings
-        bar = progress_bar(total=len(self.jobs), desc="leave-one-out retraining", enabled=bool(progress))
-        try:
-            weights_of = functools.partial(_weights, n=n, dtype=self.retrainer.dtype)
-            for i, values, grad_norm, converged in run_retrainings(self.retrainer, self.jobs, weights_of, workers=settings.workers, threads=settings.threads):
-                self.record(i, values, grad_norm, converged)
-                bar.update(1)
-        finally:
-            bar.close()
-
-    def finish(self, n_removed: int) -> None:
-        """Require the control run when there is one and warn about the retrainings that did not converge.
-
-        Called from :func:`leave_one_out` itself: the warning's ``stacklevel`` names its caller.
-        """
-        not_converged = self.not_converged
-        if self.settings.control and _CONTROL not in self.after:
-            raise NumericalError(
-                f"the control retraining (no removal) did not converge (||grad R|| = {not_converged.get(_CONTROL, float('nan')):.3g}); "
-                "without it the drift of the trainer cannot be subtracted. Check the trainer's settings."
-            )
-        not_converged.pop(_CONTROL, None)
-        if not_converged:
-            worst = max(not_converged.values())
-            warnings.warn(
-                f"{len(not_converged)} of {n_removed} leave-one-out retrainings did not reach ||grad R|| <= tol={self.settings.tol:g} "
-                f"(training points {sorted(not_converged)[:10]}{' ...' if len(not_converged) > 10 else ''}; worst "
-                f"{worst:.3g}): their pairs are left out of `predicted`, `actual` and the correlations and listed in "
-                "`result.not_converged`. Raise `max_iter` or `tol`, or compute in float64.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-
-    @property
-    def baseline(self) -> np.ndarray:
-        """What each change is measured from: the control run's measurements, or those at θ̂."""
-        return self.after[_CONTROL] if self.settings.control else self.retrainer.before
+    runs.require_control()
+    not_converged = runs.not_converged
+    not_converged.pop(_CONTROL, None)
+    if not_converged:
+        worst = max(not_converged.values())
+        warnings.warn(
+            f"{len(not_converged)} of {n_removed} leave-one-out retrainings did not reach ||grad R|| <= tol={runs.settings.tol:g} "
+            f"(training points {sorted(not_converged)[:10]}{' ...' if len(not_converged) > 10 else ''}; worst "
+            f"{worst:.3g}): their pairs are left out of `predicted`, `actual` and the correlations and listed in "
+            "`result.not_converged`. Raise `max_iter` or `tol`, or compute in float64.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
 
 
 def _assemble_result(
-    influence: Influence, tests: SelectedTests, plan: _Plan, runs: _Retrainings, *, cache_dir: str | os.PathLike | None, start: float
+    influence: Influence, tests: SelectedTests, plan: _Plan, runs: Retrainings, *, cache_dir: str | os.PathLike | None, start: float
 ) -> LOOResult:
     """The :class:`LOOResult` of the converged retrainings' (test, train) pairs."""
     after, baseline = runs.after, runs.baseline
@@ -304,7 +241,7 @@ def _assemble_result(
 
 
 def _result_metadata(
-    influence: Influence, plan: _Plan, runs: _Retrainings, *, cache_dir: str | os.PathLike | None, start: float
+    influence: Influence, plan: _Plan, runs: Retrainings, *, cache_dir: str | os.PathLike | None, start: float
 ) -> dict[str, Any]:
     """The result's metadata: the scores', the validation's settings, the retrainings' counts and timings."""
     retrainer, settings = runs.retrainer, runs.settings
@@ -408,7 +345,7 @@ def leave_one_out(
     )
     tests = select_tests(influence, test, test_indices)
     plan = _plan_removals(influence, tests, train_indices=train_indices, top_k=top_k, n_random=n_random, seed=settings.seed)
-    runs = _Retrainings.prepare(influence, tests, plan, settings, cache_dir)
-    runs.run(len(influence.train_), progress=progress)
-    runs.finish(len(plan.removals))
+    runs = _prepare(influence, tests, plan, settings, cache_dir)
+    runs.run(progress=progress)
+    _finish(runs, len(plan.removals))
     return _assemble_result(influence, tests, plan, runs, cache_dir=cache_dir, start=start)

@@ -29,6 +29,7 @@ from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, take
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
+from ..progress import progress_bar
 from ..scoring import Influence
 from ..task import Task
 from ..training import TrainReport, fit_lbfgs, fit_steps, objective_and_grad
@@ -49,6 +50,7 @@ __all__ = [
     "check_retrain_settings",
     "check_resolution",
     "warn_if_round_off",
+    "Retrainings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -428,3 +430,74 @@ class RetrainingCache:
 
     def save(self, job: Any, after: np.ndarray, grad_norm: float) -> None:
         atomic_write(self.path(job), lambda f: np.savez(f, measurement=after, grad_norm=np.float64(grad_norm)))
+
+
+class Retrainings:
+    """The retrainings of one validation run: from the cache or run here, recorded as each finishes (shared by
+    leave-one-out and group validation; only a job's weights and its name in messages differ).
+
+    ``after`` holds the test measurements of every converged retraining (the control run under ``CONTROL``),
+    ``grad_norms`` the final ‖∇R‖ of all of them, ``not_converged`` those above ``tol``.
+    """
+
+    def __init__(self, retrainer: Retrainer, cache: RetrainingCache | None, settings: RetrainSettings, *,
+                 weights_of: Callable[[Any], torch.Tensor], describe: Callable[[Any], str], desc: str) -> None:
+        self.retrainer, self.cache, self.settings = retrainer, cache, settings
+        self.weights_of, self.describe, self.desc = weights_of, describe, desc
+        self.after: dict[Any, np.ndarray] = {}
+        self.grad_norms: dict[Any, float] = {}
+        self.not_converged: dict[Any, float] = {}
+        self.from_cache = 0
+        self.jobs: list[Any] = []
+
+    def load(self, removals: list[Any], n_test: int) -> None:
+        """Take what the cache holds for ``removals`` (and the control run) and list the retrainings left to run."""
+        control = self.settings.control
+        if self.cache is not None:
+            for job in removals + ([CONTROL] if control else []):
+                hit = self.cache.load(job, n_test)
+                if hit is not None:
+                    self.after[job], self.grad_norms[job] = hit
+        self.from_cache = len([j for j in self.after if j != CONTROL])
+        self.jobs = ([CONTROL] if control and CONTROL not in self.after else []) + [j for j in removals if j not in self.after]
+
+    def record(self, job: Any, values: np.ndarray, grad_norm: float, converged: bool) -> None:
+        """Keep (and cache) a converged retraining; note one that did not, or raise in strict mode."""
+        self.grad_norms[job] = grad_norm
+        if converged:
+            self.after[job] = values
+            if self.cache is not None:
+                self.cache.save(job, values, grad_norm)
+            return
+        self.not_converged[job] = grad_norm
+        if self.settings.strict:
+            what = "the control run (no removal)" if job == CONTROL else self.describe(job)
+            raise NumericalError(
+                f"{what} did not reach ||grad R|| <= tol={self.settings.tol:g} (got {grad_norm:.3g}). Raise `max_iter` or `tol`, "
+                "compute in float64, or pass strict=False to report it in `result.not_converged` instead."
+            )
+
+    def run(self, *, progress: bool) -> None:
+        """Run the retrainings left, in this process or in forked workers, recording each as it finishes."""
+        settings = self.settings
+        bar = progress_bar(total=len(self.jobs), desc=self.desc, enabled=bool(progress))
+        try:
+            for job, values, grad_norm, converged in run_retrainings(self.retrainer, self.jobs, self.weights_of,
+                                                                     workers=settings.workers, threads=settings.threads):
+                self.record(job, values, grad_norm, converged)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def require_control(self) -> None:
+        """Raise when there should be a control run and it did not converge."""
+        if self.settings.control and CONTROL not in self.after:
+            raise NumericalError(
+                f"the control retraining (no removal) did not converge (||grad R|| = {self.not_converged.get(CONTROL, float('nan')):.3g}); "
+                "without it the drift of the trainer cannot be subtracted. Check the trainer's settings."
+            )
+
+    @property
+    def baseline(self) -> np.ndarray:
+        """What each change is measured from: the control run's measurements, or those at θ̂."""
+        return self.after[CONTROL] if self.settings.control else self.retrainer.before
