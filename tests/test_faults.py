@@ -189,3 +189,154 @@ def test_dropout_in_training_mode_is_refused_when_the_influence_is_built(small):
     wrapper.train(True)
     net.eval()
     ik.Influence(ik.ClassificationTask(wrapper), (X, y))
+
+
+# ================================================================ LiSSA that tells the truth
+class DenseOperator:
+    """(A + δI)V for an explicit symmetric A: the operator protocol as LiSSA reads it, with known eigenvalues."""
+
+    capabilities = frozenset({"minibatch"})
+    progress = False
+
+    def __init__(self, eigenvalues, damping=0.0, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), dtype=torch.float64, generator=g))
+        self.Q, self.evals = Q, torch.as_tensor(eigenvalues, dtype=torch.float64)
+        self.A = Q @ torch.diag(self.evals) @ Q.T
+        self.damping, self.hvp_count, self.n_params, self.n_examples = damping, 0, len(eigenvalues), 100
+        self.dtype, self.device = torch.float64, torch.device("cpu")
+
+    def matvec(self, V, *, damped=True):
+        return V @ self.A + (self.damping * V if damped else 0.0)
+
+    def minibatch_matvec(self, V, indices, *, damped=True):  # every "mini-batch" is the whole data set
+        return self.matvec(V, damped=damped)
+
+
+def test_lissa_that_diverges_slowly_is_stopped_at_a_residual_check_with_no_estimate_returned():
+    """A negative eigenvalue −0.02 with scale 2: the recursion grows by 1.01 per step along it. With the right-hand
+    side 1e-3 along that direction, ‖h_j‖ stays far inside its bound for hundreds of steps; the residual check
+    (every 10 steps, deterministic recursion) must stop it once the residual passes 2 and grows, i.e. after about
+    log(2000)/log(1.01) ≈ 764 steps, never at the end of depth=100,000."""
+    op = DenseOperator(torch.cat([torch.tensor([-0.02]), torch.linspace(0.1, 1.0, 19, dtype=torch.float64)]))
+    v = (op.Q[:, 1:].sum(dim=1) / 19 ** 0.5 + 1e-3 * op.Q[:, 0])[None]
+    with pytest.warns(ik.CurvatureWarning, match="negative curvature"):
+        solver = ik.LissaSolver(depth=100_000, batch_size=1000, scale=2.0, eigen_steps=20).fit(op)
+    with pytest.raises(ik.SolverDivergenceError, match=r"LiSSA diverged after \d+ step\(s\) of repeat 1: its relative residual "
+                                                       r"went .* \(factor 1\.0(09|10|11)\d* per step\); no estimate is returned\. "
+                                                       r"H \+ δI has negative curvature .*use `damping=0\.04` or more") as info:
+        solver.solve(v)
+    steps = int(str(info.value).split("after ")[1].split(" ")[0])
+    assert 650 <= steps <= 800, steps
+
+
+def test_lissa_reports_the_measured_rate_and_the_trend():
+    """A converging deterministic recursion: eigenvalues 0.1 and [0.5, 1], scale 2: the slowest mode shrinks by exactly
+    1 − 0.1/2 = 0.95 per step (the others by 0.75 or less), which the least-squares fit over the residual checks of
+    the second half of the run must measure (to 0.002)."""
+    op = DenseOperator(torch.cat([torch.tensor([0.1]), torch.linspace(0.5, 1.0, 19, dtype=torch.float64)]))
+    v = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(ik.ConvergenceWarning, match=r"the residual is converging, measured factor 0\.95\d* per step \(1 − λ_min/scale predicts"):
+        x, report = ik.LissaSolver(depth=100, batch_size=1000, scale=2.0, rtol=1e-9).fit(op).solve(v)
+    details = report.details
+    assert details["trend"] == "converging" and abs(details["measured_rate"] - 0.95) < 2e-3, details
+    assert [j for j, _ in details["residual_history"]] == [0, *range(10, 100, 10), 100]
+    assert details["residual_history"][-1][1] == pytest.approx(report.relative_residual, rel=1e-12)
+    # enough depth: converged, no warning, the same trend reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ik.ConvergenceWarning)
+        x, report = ik.LissaSolver(depth=600, batch_size=1000, scale=2.0, rtol=1e-9).fit(op).solve(v)
+    assert report.converged and report.details["trend"] == "converged"
+    expected = torch.linalg.solve(op.A, v.T).T
+    assert float((x - expected).norm() / expected.norm()) < 1e-9
+
+
+def test_lissa_far_worse_than_zero_at_the_end_is_refused():
+    """Mini-batch Hessians that are 0.3 times the full one (a biased sampler): the recursion converges, to
+    (0.3A)⁻¹v, whose relative residual is 1/0.3 − 1 ≈ 2.33 > 2. With no check inside depth (10·n/batch steps
+    apart), the final residual must refuse it rather than return it."""
+    op = DenseOperator(torch.linspace(0.1, 1.0, 20, dtype=torch.float64))
+    op.minibatch_matvec = lambda V, idx, damped=True: 0.3 * op.matvec(V)
+    op.n_examples = 10_000
+    with pytest.raises(ik.SolverDivergenceError, match=r"its relative residual went 1 at step 0, 2\.33 at step 3000.*no estimate is returned"):
+        ik.LissaSolver(depth=3000, batch_size=10, scale=2.0).fit(op).solve(torch.ones(1, 20, dtype=torch.float64))
+
+
+def test_advice_names_the_setting_where_the_user_is():
+    from influencekit.errors import command_line_settings, setting_hint
+
+    assert setting_hint("depth", 2000) == "`solver_options={'depth': 2000}`"
+    assert setting_hint("damping", scope="influence") == "`damping`"
+    with command_line_settings({"--damping", "--solver-option"}):
+        assert setting_hint("depth", 2000) == "`--solver-option depth=2000`"
+        assert setting_hint("damping", 0.1, scope="influence") == "`--damping 0.1`"
+    with command_line_settings({"--solver"}):
+        assert setting_hint("batch_size", 64) == "`solver_options={'batch_size': 64}` (from Python; this command has no --solver-option)"
+    assert setting_hint("depth") == "`solver_options['depth']`"  # the context is left behind
+
+
+def test_inspect_with_lissa_advises_command_line_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from influencekit.cli import app
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 3))
+    rows = ["a,b,c,y"] + [f"{a:.4f},{b:.4f},{c:.4f},{int(a + 0.5 * b > 0)}" for a, b, c in x]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "t.csv"), "--label", "y", "--out", str(tmp_path / "o"),
+                                      "--solver", "lissa", "--solver-option", "depth=3", "--solver-option", "eigen_steps=5"])
+    assert result.exit_code == 0, result.output
+    assert "LiSSA did not converge" in result.output and "Raise `--solver-option depth=" in result.output, result.output
+    assert "solver_options" not in result.output
+    report = (tmp_path / "o" / "inspect.json").read_text()
+    assert '"depth": 3' in report
+
+
+def test_a_malformed_solver_option_is_named():
+    from typer.testing import CliRunner
+
+    from influencekit.cli import app
+
+    result = CliRunner().invoke(app, ["explain", "--solver", "lissa", "--solver-option", "depth"])
+    assert result.exit_code != 0
+    assert "--solver-option must be NAME=VALUE (e.g. depth=2000). Got 'depth'." in str(result.exception)
+
+
+# ================================================================ inspect: identifiers, misclassified rows first
+def test_inspect_leaves_identifier_columns_out_with_a_notice(tmp_path):
+    """The issue's case: an ID column with 178 distinct values in 178 rows was one-hot encoded. Text IDs and a row
+    counter are left out (listed in the summary and the report); naming one in --categorical keeps it."""
+    from influencekit.applications.inspect import run_inspect
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(178, 2))
+    rows = ["patient,visit,a,b,y"] + [f"P{1000 + i},{i + 1},{a:.4f},{b:.4f},{int(a - b > 0)}" for i, (a, b) in enumerate(x)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    result = run_inspect(tmp_path / "t.csv", "y", out_dir=tmp_path / "o", l2=1e-2)
+    kinds = {c.name: c.kind for c in result.encoder.columns_}
+    assert kinds == {"patient": "identifier", "visit": "identifier", "a": "numeric", "b": "numeric"}
+    assert result.metadata["n_features"] == 2
+    n_train = len(result.train)
+    assert (f"notice: left out as identifiers (a value per row, nothing to learn from): 'patient' ({n_train} distinct values "
+            f"in {n_train} rows), 'visit' ({n_train} distinct values in {n_train} rows)") in result.text
+    assert "looks like an identifier" in result.report_path.read_text()
+    kept = run_inspect(tmp_path / "t.csv", "y", out_dir=tmp_path / "o2", l2=1e-2, numeric=("visit",))
+    assert {c.name: c.kind for c in kept.encoder.columns_}["visit"] == "numeric" and kept.metadata["n_features"] == 3
+
+
+def test_inspect_lists_the_misclassified_test_rows_first_then_by_loss(tmp_path):
+    from influencekit.applications.inspect import run_inspect
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 2))
+    noisy = (x[:, 0] + 0.8 * rng.normal(size=200) > 0).astype(int)  # label noise: some test rows are misclassified
+    rows = ["a,b,y"] + [f"{a:.4f},{b:.4f},{t}" for (a, b), t in zip(x, noisy)]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    result = run_inspect(tmp_path / "t.csv", "y", out_dir=tmp_path / "o", l2=1e-2, max_test_rows=25)
+    wrong = [e["predicted"] != e["label"] for e in result.explained]
+    assert 0 < sum(wrong) < len(wrong) and wrong == sorted(wrong, reverse=True)  # every misclassified one before the rest
+    n_wrong = sum(wrong)
+    for part in (result.explained[:n_wrong], result.explained[n_wrong:]):
+        losses = [e["loss"] for e in part]
+        assert losses == sorted(losses, reverse=True)

@@ -23,8 +23,59 @@ app.add_typer(paper, name="paper")
 
 
 @app.callback()
-def _root() -> None:
+def _root(ctx: typer.Context) -> None:
     """influencekit: influence of training points on a model's predictions (Koh & Liang 2017)."""
+    _advise_with_flags(ctx)
+
+
+@paper.callback()
+def _paper(ctx: typer.Context) -> None:
+    """Reproduce the experiments of Koh & Liang (2017) on real data from a folder you give."""
+    _advise_with_flags(ctx)
+
+
+def _advise_with_flags(ctx: typer.Context) -> None:
+    """Advice in errors and warnings names the flags of the command about to run (``setting_hint``)."""
+    from .errors import command_line_settings
+
+    group = ctx.command
+    command = getattr(group, "commands", {}).get(ctx.invoked_subcommand or "")
+    if command is None or hasattr(command, "commands"):  # a group: its own callback sets the flags
+        return
+    flags = {opt for param in command.params for opt in getattr(param, "opts", ()) if opt.startswith("--")}
+    settings = command_line_settings(flags)
+    settings.__enter__()
+    ctx.call_on_close(lambda: settings.__exit__(None, None, None))
+
+
+def _solver_options(items: list[str]) -> dict[str, object]:
+    """``--solver-option NAME=VALUE`` items as solver options: whole numbers, decimals, true/false/none, else text."""
+    from .errors import InputError
+
+    options: dict[str, object] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--solver-option must be NAME=VALUE (e.g. depth=2000). Got {item!r}.")
+        low = text.strip().lower()
+        value: object
+        if low in ("true", "false"):
+            value = low == "true"
+        elif low == "none":
+            value = None
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text.strip()
+        options[name.strip()] = value
+    return options
+
+
+SOLVER_OPTION_HELP = "A setting of the solver as NAME=VALUE, repeatable (e.g. --solver-option depth=2000 for lissa)."
 
 
 @app.command()
@@ -51,13 +102,15 @@ def explain(
     n_test: int = typer.Option(3, help="How many test digits to explain (the highest-loss ones)."),
     k: int = typer.Option(5, help="How many helpful and harmful training points to list per test digit."),
     solver: str = typer.Option("cg", help="Inverse-Hessian solver: exact, cg or lissa."),
+    solver_option: list[str] = typer.Option([], "--solver-option", help=SOLVER_OPTION_HELP),
     l2: float = typer.Option(1e-3, help="L2 strength λ inside each example's loss."),
     seed: int = typer.Option(0, help="Seed of the train/test split."),
 ) -> None:
     """Print the most helpful and harmful training digits for the highest-loss test digits."""
     from .applications.explain import explain_digits
 
-    typer.echo(explain_digits(n_test=n_test, k=k, solver=solver, l2=l2, seed=seed, progress=True))
+    typer.echo(explain_digits(n_test=n_test, k=k, solver=solver, solver_options=_solver_options(solver_option), l2=l2,
+                              seed=seed, progress=True))
 
 
 @paper.command("spam")
@@ -248,6 +301,7 @@ def inspect(
     l2: float = typer.Option(1e-3, help="L2 strength λ inside each example's loss."),
     damping: float | None = typer.Option(None, help="Damping δ of the Hessian (default 0 for logreg, 0.01 for mlp)."),
     solver: str = typer.Option("exact", help="Inverse-Hessian solver: exact, cg or lissa."),
+    solver_option: list[str] = typer.Option([], "--solver-option", help=SOLVER_OPTION_HELP),
     hidden: int = typer.Option(16, help="mlp: hidden units."),
     steps: int = typer.Option(1000, help="mlp: full-batch Adam steps."),
     lr: float = typer.Option(0.01, help="mlp: Adam learning rate."),
@@ -271,7 +325,8 @@ def inspect(
         return tuple(c.strip() for c in text.split(",") if c.strip())
 
     result = run_inspect(
-        data, label, test=test, out_dir=out, model=model, l2=l2, damping=damping, solver=solver, hidden=hidden, steps=steps,
+        data, label, test=test, out_dir=out, model=model, l2=l2, damping=damping, solver=solver,
+        solver_options=_solver_options(solver_option), hidden=hidden, steps=steps,
         lr=lr, k=k, n_suspicious=n_suspicious, max_test_rows=max_test_rows, test_fraction=test_fraction,
         categorical=names(categorical), numeric=names(numeric), ignore=names(ignore), max_categories=max_categories, delimiter=delimiter,
         chunk_size=chunk_size, seed=seed, group_by=group_by, progress=True,

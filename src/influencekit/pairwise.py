@@ -16,6 +16,7 @@ import torch
 from .data.examples import Examples
 from .distributed import Shard
 from .gradients import GradientSource, matmul_precision
+from .progress import progress_bar
 from .solvers import Solver, SolveReport
 from .topk import StreamingTopK
 
@@ -143,6 +144,7 @@ class TrainingSide:
 
             out[:] = shard.gather_columns(shard.local(local))
             return out, reports
+        solves = progress_bar(total=n, desc="self-influence solves", enabled=source.progress)
         for lo in range(0, n, source.chunk):
             hi = min(lo + source.chunk, n)
             a, b = max(lo, shard.start), min(hi, shard.stop)
@@ -153,4 +155,6 @@ class TrainingSide:
             X, report = solve(G)
             reports.append(report)
             out[lo:hi] = (X * G).sum(dim=1)
+            solves.update(hi - lo)
+        solves.close()
         return out, reports

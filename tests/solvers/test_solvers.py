@@ -195,7 +195,8 @@ def test_exact_cholesky_falls_back_to_eigh_when_not_positive_definite():
 def test_lissa_warning_names_the_knob_that_helps(operator, rhs):
     """Too shallow a recursion is told to raise depth (with the steps needed); a deep one whose residual is
     mini-batch noise is told to raise batch_size or repeats instead."""
-    with pytest.warns(ik.ConvergenceWarning, match=r"raise `depth` \(about \d+ steps reach rtol\)"):
+    with pytest.warns(ik.ConvergenceWarning, match=r"converging, measured factor 0\.\d+ per step.*Raise `solver_options=\{'depth': \d+\}` \(reaches rtol at the measured factor\)"):
         ik.LissaSolver(depth=5, batch_size=10_000).fit(operator).solve(rhs[:2])
-    with pytest.warns(ik.ConvergenceWarning, match=r"mini-batch noise: raise `batch_size` \(now 4\) or `repeats`"):
+    with pytest.warns(ik.ConvergenceWarning, match=r"stalled.*mini-batch noise, which more depth does not remove: raise "
+                                               r"`solver_options=\{'batch_size': \d+\}` \(now 4\) or `solver_options=\{'repeats': 4\}`"):
         ik.LissaSolver(depth=3000, batch_size=4, rtol=1e-6).fit(operator).solve(rhs[:1])

@@ -62,7 +62,8 @@ def train_digits_logistic(*, l2: float = 1e-3, seed: int = 0) -> DigitsModel:
 
 
 def explain_digits(
-    *, n_test: int = 3, k: int = 5, solver: str = "cg", l2: float = 1e-3, seed: int = 0, progress: bool = False
+    *, n_test: int = 3, k: int = 5, solver: str = "cg", solver_options: dict[str, Any] | None = None, l2: float = 1e-3,
+    seed: int = 0, progress: bool = False,
 ) -> str:
     """Train multiclass logistic regression on bundled digits and explain its highest-loss test digits.
 
@@ -77,7 +78,7 @@ def explain_digits(
     with torch.no_grad():
         logits = model(X_test)
     chosen = digits.hardest(n_test)
-    influence = Influence(digits.task, digits.train, solver=solver, progress=progress).fit()
+    influence = Influence(digits.task, digits.train, solver=solver, solver_options=solver_options, progress=progress).fit()
     ranked = influence.top_k((X_test[chosen], y_test[chosen]), k=k)
     n = len(y_train)
     lines = [

@@ -4,7 +4,8 @@ The workflow a data scientist runs on their own table (Koh & Liang 2017, §5.4 a
 
 1. encode the CSV with a :class:`~influencekit.data.tabular.TabularEncoder` fitted on the training rows
    (one-hot categories, standardised numbers, missing values imputed and counted), streaming the file in
-   chunks; the test rows come from ``test=`` or, without it, from a seeded held-out share of the file;
+   chunks (columns that look like identifiers are left out, with a notice); the test rows come from ``test=``
+   or, without it, from a seeded held-out share of the file;
 2. train a model on the mean objective with L2 λ inside each example's loss, in float64:
    ``"logreg"`` (logistic or softmax regression, :func:`~influencekit.training.fit_lbfgs` to ‖∇R‖ ≤ 1e-9,
    exact influence) or ``"mlp"`` (one tanh hidden layer, a fixed budget of full-batch Adam steps with
@@ -12,7 +13,7 @@ The workflow a data scientist runs on their own table (Koh & Liang 2017, §5.4 a
 3. rank the training rows by self-influence ∇L(z)ᵀ(H + δI)⁻¹∇L(z)
    (:func:`~influencekit.applications.mislabel.rank_training_points`): the top rows are the ones most
    likely mislabeled;
-4. for each reported test row, the ``k`` most helpful (I_up,loss < 0: removing them raises its loss) and
+4. for each reported test row (the misclassified first, then by loss), the ``k`` most helpful (I_up,loss < 0: removing them raises its loss) and
    most harmful (I_up,loss > 0) training rows (:meth:`~influencekit.Influence.top_k`);
 5. with ``group_by``: the predicted effect of removing each group of training rows (each value of that column)
    on the mean test loss, at order 1 and by the Newton step (:mod:`~influencekit.applications.groups`);
@@ -110,6 +111,7 @@ def run_inspect(
     l2: float = 1e-3,
     damping: float | None = None,
     solver: str = "exact",
+    solver_options: dict[str, Any] | None = None,
     hidden: int = 16,
     steps: int = 1000,
     lr: float = 0.01,
@@ -138,10 +140,12 @@ def run_inspect(
         l2: λ of the L2 term inside each example's loss (> 0).
         damping: δ added to the Hessian; ``None`` means 0 for ``"logreg"`` and 0.01 for ``"mlp"``.
         solver: the inverse-Hessian solver (``"exact"``, ``"cg"``, ``"lissa"``).
+        solver_options: settings of the solver (e.g. ``{"depth": 2000}`` for LiSSA).
         hidden, steps, lr: the MLP's hidden units and its full-batch Adam steps and learning rate.
         k: helpful and harmful training rows listed per test row.
         n_suspicious: training rows listed as most likely mislabeled.
-        max_test_rows: test rows explained at most; with more, the highest-loss ones are explained.
+        max_test_rows: test rows explained at most: the misclassified first, then the highest-loss ones (the report
+            and its charts list them in that order).
         test_fraction: the held-out share of ``data`` when ``test`` is not given.
         categorical, numeric, ignore, max_categories, delimiter, chunk_size: as in
             :class:`~influencekit.data.tabular.TabularEncoder`.
@@ -163,12 +167,14 @@ def run_inspect(
     )
     train, test_data, test_source, test_path = _encode(encoder, data, test, test_fraction=test_fraction, delimiter=delimiter, seed=seed)
     fitted = _train_and_score(
-        model, train, test_data, len(encoder.classes_), l2=l2, damping=damping, solver=solver, hidden=hidden, steps=steps,
+        model, train, test_data, len(encoder.classes_), l2=l2, damping=damping, solver=solver, solver_options=solver_options,
+        hidden=hidden, steps=steps,
         lr=lr, k=k, max_test_rows=max_test_rows, seed=seed, progress=progress,
     )
     header, suspicious, explained = _tables(fitted, encoder, train, test_data, data, test_path, n_suspicious, delimiter)
     settings = {"data": str(Path(data)), "test": test_source, "label": label, "model": _describe_model(model, hidden, steps, lr),
-                "l2": l2, "damping": damping, "solver": solver}
+                "l2": l2, "damping": damping, "solver": solver,
+                "solver_options": dict(solver_options or {})}
     result = _result(out, encoder, train, test_data, fitted, suspicious, explained, settings)
     if group_by is not None:
         result.groups = summarise_groups(fitted.influence, read_column(data, group_by, train.rows.tolist(), delimiter=delimiter),
@@ -246,10 +252,10 @@ class _Fitted:
 
 def _train_and_score(
     model: str, train: TabularData, test_data: TabularData, n_classes: int, *, l2: float, damping: float, solver: str,
-    hidden: int, steps: int, lr: float, k: int, max_test_rows: int, seed: int, progress: bool,
+    solver_options: dict[str, Any] | None, hidden: int, steps: int, lr: float, k: int, max_test_rows: int, seed: int, progress: bool,
 ) -> _Fitted:
     """Train the model, rank the training rows by self-influence and find the helpful and harmful rows of the
-    test rows explained (the highest-loss ones when there are more than ``max_test_rows``), recording warnings."""
+    test rows explained (misclassified first, then by loss, at most ``max_test_rows``), recording warnings."""
     net = _make_model(model, train.X.shape[1], n_classes, hidden, seed)
     task = ClassificationTask(net, l2=l2)
     X, y = train.tensors()
@@ -259,17 +265,15 @@ def _train_and_score(
             train_report = fit_lbfgs(task, (X, y))
         else:
             train_report = fit_steps(task, (X, y), steps=steps, lr=lr, optimizer="adam")
-        influence = Influence(task, (X, y), solver=solver, damping=damping, progress=progress).fit()
+        influence = Influence(task, (X, y), solver=solver, solver_options=solver_options, damping=damping, progress=progress).fit()
         order_t, values_t = rank_training_points(influence, by="self_influence", return_scores=True)
         order = order_t.numpy()
         self_inf = values_t.detach().cpu().numpy()
         p_train, pred_train = _probabilities(net, X, y)
         X_test, y_test = test_data.tensors()
         p_test, pred_test = _probabilities(net, X_test, y_test)
-        if len(test_data) <= max_test_rows:
-            chosen = np.arange(len(test_data))
-        else:  # the highest-loss test rows, in file order
-            chosen = np.sort(np.argsort(p_test, kind="stable")[:max_test_rows])
+        # the misclassified test rows first, then by loss (highest first); the first max_test_rows are explained
+        chosen = np.lexsort((p_test, pred_test == test_data.y))[:max_test_rows]
         k = min(k, len(train))
         ranked = influence.top_k((X_test[chosen], y_test[chosen]), k=k)
     caught = list(dict.fromkeys(  # each distinct warning once; library deprecations are not about this run
@@ -543,6 +547,8 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
     for s in enc.summary():
         name = s["column"]
         rows.append([name, s["kind"], s["missing"], test_missing.get(name, 0), unseen.get(name, 0), s["encoding"]])
+    if enc.identifiers_:
+        parts.append(html.paragraph(identifier_notice(enc).removeprefix("notice: ").capitalize() + "."))
     parts.append(html.table(["column", "kind", "missing (train)", "missing (test)", "unseen values (test)", "encoding"], rows))
     parts.append(html.paragraph(
         "Numeric: missing values are imputed by the training mean (0 after standardising) and marked in a 0/1 column. "
@@ -567,7 +573,8 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
     capped = n_test > len(result.explained)
     parts.append(html.heading(f"Most helpful and harmful training rows for {len(result.explained)} test rows"))
     parts.append(html.paragraph(
-        ("The test rows with the highest loss, in file order" if capped else "Every test row, in file order")
+        ("The misclassified test rows, then those with the highest loss" if capped
+         else "Every test row, the misclassified first, then by loss (highest first)")
         + f". For each, the {len(result.explained[0]['helpful']) if result.explained else 0} most helpful training rows "
         "(I_up,loss < 0: removing one would raise this test row's loss) and the most harmful (I_up,loss > 0: removing "
         "one would lower it). 'LOO change' = −I_up,loss / n, the predicted change of the test loss if the training row "
@@ -599,6 +606,13 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
     return html.page(f"influencekit inspect: {data_name}", parts)
 
 
+def identifier_notice(encoder: TabularEncoder) -> str:
+    """The notice on the columns left out as identifiers, with how to keep them."""
+    named = ", ".join(f"{c.name!r} ({c.n_distinct} distinct values in {c.n_present} rows)" for c in encoder.identifiers_)
+    return (f"notice: left out as identifiers (a value per row, nothing to learn from): {named}; name a column in "
+            "--categorical or --numeric to use it as a feature, or in --ignore to silence this notice")
+
+
 def _summary(result: InspectResult) -> str:
     meta = result.metadata
     lines = [
@@ -607,6 +621,8 @@ def _summary(result: InspectResult) -> str:
         f"{meta['model']}; l2={meta['l2']:g}, damping={meta['damping']:g}; accuracy train {result.train_accuracy:.4f}, "
         f"test {result.test_accuracy:.4f}",
     ]
+    if result.encoder.identifiers_:
+        lines.append(identifier_notice(result.encoder))
     if result.train.missing or result.test.missing:
         lines.append("missing values imputed: " + ", ".join(
             f"{c} {result.train.missing.get(c, 0)} train / {result.test.missing.get(c, 0)} test"

@@ -12,6 +12,9 @@ and test files (training statistics only, so a test file never leaks into the en
 - a column is numeric when most of its non-missing training values are numbers and the others are few
   (at most 10% of them, or at most 3); override with ``categorical=`` / ``numeric=``. Then every other
   value in it is an error that names the row, the column and the value: it is a typo, not a category;
+- a column that names its rows rather than describing them is left out as an **identifier**: text values
+  distinct in at least 95% of (20 or more) rows, or whole numbers each used once filling at least half of
+  their range (a row counter). Naming it in ``categorical=`` or ``numeric=`` keeps it;
 - the label column's distinct values are the classes (sorted numerically when they are all numbers).
 
 Files are read with the standard library's ``csv`` module, ``chunk_size`` records at a time, in two
@@ -58,6 +61,8 @@ NUMERIC_SHARE = 0.9  # a column is numeric when at least this share of its non-m
 _FEW_TYPOS = 3  # or when most are and at most this many are not (small files)
 _MAX_DISTINCT = 1000  # distinct values counted per column in the first pass (bounds its memory)
 _MAX_CLASSES = 100
+IDENTIFIER_SHARE = 0.95  # a text column with distinct values in this share of its rows is an identifier
+_MIN_IDENTIFIER_ROWS = 20
 MISSING = "(missing)"
 OTHER = "(other)"
 
@@ -189,7 +194,8 @@ class ColumnInfo:
 
     Attributes:
         name: the header name.
-        kind: ``"numeric"``, ``"categorical"``, ``"empty"`` (no value in training: left out) or ``"ignored"``.
+        kind: ``"numeric"``, ``"categorical"``, ``"empty"`` (no value in training: left out), ``"identifier"`` (a
+            value per row, e.g. an ID or free text: left out, see :func:`_looks_like_identifier`) or ``"ignored"``.
         position: the column's index in the header.
         n_missing: missing values in the training rows.
         n_numbers: non-missing training values that are numbers.
@@ -198,6 +204,7 @@ class ColumnInfo:
         categories: categorical columns: the one-hot columns in order (``"(other)"``, ``"(missing)"`` included).
         n_distinct: distinct non-missing training values (counting stops at 1,000: ``n_distinct_capped``).
         features: the positions of this column's features in the matrix.
+        n_present: non-missing training values.
     """
 
     name: str
@@ -213,6 +220,7 @@ class ColumnInfo:
     n_distinct_capped: bool = False
     constant: bool = False
     features: tuple[int, ...] = ()
+    n_present: int = 0
 
     def describe(self) -> str:
         """One line on how the column is encoded and how its missing values are handled."""
@@ -234,6 +242,11 @@ class ColumnInfo:
             return text
         if self.kind == "empty":
             return "left out: no value in the training rows"
+        if self.kind == "identifier":
+            return (
+                f"left out: looks like an identifier ({self.n_distinct} distinct values in {self.n_present} "
+                f"rows); name it in `categorical=`/`numeric=` (--categorical/--numeric) to use it as a feature"
+            )
         return "left out (ignored)"
 
 
@@ -270,7 +283,7 @@ class TabularData:
 class _Stats:
     """First-pass statistics of one column (Welford's running mean and variance, in file order)."""
 
-    __slots__ = ("missing", "numbers", "mean", "m2", "bad", "first_bad", "counts", "capped")
+    __slots__ = ("missing", "numbers", "mean", "m2", "bad", "first_bad", "counts", "capped", "integers", "low", "high")
 
     def __init__(self) -> None:
         self.missing = 0
@@ -281,6 +294,9 @@ class _Stats:
         self.first_bad: tuple[int, int, str] | None = None
         self.counts: Counter[str] = Counter()
         self.capped = False
+        self.integers = True  # every number so far is a whole number
+        self.low = math.inf
+        self.high = -math.inf
 
     def add(self, text: str, row: int, line: int, raw: str, missing: frozenset[str]) -> None:
         """Count one training value: ``text`` stripped, ``raw`` as in the file (for the first non-number's message)."""
@@ -300,6 +316,8 @@ class _Stats:
                 self.first_bad = (row, line, raw)
             return
         self.numbers += 1
+        self.integers = self.integers and float(value).is_integer()
+        self.low, self.high = min(self.low, value), max(self.high, value)
         delta = value - self.mean
         self.mean += delta / self.numbers
         self.m2 += delta * (value - self.mean)
@@ -360,12 +378,17 @@ def _plan_columns(
     for j in used:
         s, name = stats[j], header[j]
         present = s.numbers + s.bad
-        info = ColumnInfo(name, "", j, n_missing=s.missing, n_numbers=s.numbers, n_distinct=len(s.counts), n_distinct_capped=s.capped)
+        info = ColumnInfo(name, "", j, n_missing=s.missing, n_numbers=s.numbers, n_distinct=len(s.counts), n_distinct_capped=s.capped,
+                          n_present=present)
         if present == 0:
             info.kind = "empty"
             columns.append(info)
             continue
         few_bad = s.numbers > s.bad and (s.bad <= (1 - NUMERIC_SHARE) * present or s.bad <= _FEW_TYPOS)
+        if name not in numeric and name not in categorical and _looks_like_identifier(s, present, numeric_column=few_bad):
+            info.kind = "identifier"
+            columns.append(info)
+            continue
         if name in numeric or (name not in categorical and few_bad):
             _plan_numeric(info, s, present, file, names)
         else:
@@ -374,6 +397,18 @@ def _plan_columns(
     if not names:
         raise InputError(f"{file} has no feature column with a value besides the label {label!r}: there is nothing to learn from.")
     return columns, names
+
+
+def _looks_like_identifier(s: _Stats, present: int, *, numeric_column: bool) -> bool:
+    """A column that names its rows rather than describing them: text values distinct in at least
+    ``IDENTIFIER_SHARE`` of the rows, or whole numbers each used once that fill at least half of their range (a row
+    counter, also after a held-out split).
+    Needs at least ``_MIN_IDENTIFIER_ROWS`` values; a column named in ``categorical=``/``numeric=`` is never one."""
+    if present < _MIN_IDENTIFIER_ROWS or s.capped:
+        return False
+    if numeric_column:
+        return s.bad == 0 and s.integers and len(s.counts) == present and s.high - s.low + 1 <= 2 * present
+    return len(s.counts) >= IDENTIFIER_SHARE * present
 
 
 def _plan_numeric(info: ColumnInfo, s: _Stats, present: int, file: str, names: list[str]) -> None:
@@ -660,6 +695,13 @@ class TabularEncoder:
                 _encode_categorical(col, position[col.name], chunk, X, nulls, missing, unseen)
 
     # -------------------------------------------------------------------------------------- describe
+    @property
+    def identifiers_(self) -> list[ColumnInfo]:
+        """The columns left out as identifiers (see :func:`_looks_like_identifier`)."""
+        if not hasattr(self, "columns_"):
+            raise NotFittedError("this TabularEncoder is not fitted yet. Call .fit(train_csv) first.")
+        return [c for c in self.columns_ if c.kind == "identifier"]
+
     def summary(self) -> list[dict[str, Any]]:
         """One dict per column of the training file: name, kind, missing count, and how it is encoded."""
         if not hasattr(self, "columns_"):

@@ -10,7 +10,13 @@ recursion over random mini-batch Hessians A_{B_j}::
 the depth needed grows with s/λ_min. ``scale`` defaults to ``scale_margin`` times the largest
 eigenvalue found by Lanczos on the full Hessian and by power iteration on a few mini-batch Hessians.
 While it runs, ‖h_j‖ can never exceed (j + 1)‖v‖ if the recursion contracts; twice that bound stops
-it at once with :class:`~influencekit.errors.SolverDivergenceError` naming the setting to raise.
+it at once with :class:`~influencekit.errors.SolverDivergenceError` naming the setting to raise. The true
+relative residual of the running estimate is checked every max(10, 10·n/batch) steps (the checks cost about a
+tenth of the recursion): one above 2 (twice that of the estimate 0) that is still growing, or one above 1 after
+growing at three checks in a row, stops it with that error too, and an estimate whose final residual is above 2
+is never returned. (A mini-batch recursion at its noise floor wanders, also upwards, but stays bounded.) The report gives the residual history,
+the measured factor per step (a least-squares fit over the checks) and the trend (converged, converging, stalled at the
+mini-batch noise, diverging); the advice of a warning follows the trend.
 """
 
 from __future__ import annotations
@@ -23,12 +29,53 @@ import torch
 
 from ..checks import check_int, check_number
 from ..curvature import CurvatureOperator
-from ..errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError
+from ..errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError, setting_hint
+from ..progress import progress_bar
 from ..spectrum import lanczos_extremes, power_iteration
 from .base import Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 
 __all__ = ["LissaSolver"]
+
+
+def _diverging(history: list[tuple[int, float]]) -> bool:
+    """The residual is above twice that of the estimate 0 and still growing, or above 1 after growing at each of the
+    last three checks. (A mini-batch recursion at its noise floor wanders, also upwards, but stays bounded.)"""
+    (_, a), (_, b) = history[-2:] if len(history) > 1 else ((0, 1.0), history[-1])
+    if b > 2.0 and b > a:
+        return True
+    last = [r for _, r in history[-4:]]
+    return len(last) == 4 and last[-1] > 1.0 and all(y > x for x, y in zip(last, last[1:]))
+
+
+def _measured_rate(history: list[tuple[int, float]]) -> float | None:
+    """The residual's factor per step: exp of the least-squares slope of log(residual) against the step, over the
+    checks of the second half of the run so far (at least three; where a noise floor or the slowest mode has been
+    reached), or over all when there are fewer."""
+    points = [(j, r) for j, r in history if r > 0]
+    late = [(j, r) for j, r in points if j >= points[-1][0] / 2] if points else []
+    points = late if len(late) >= 3 else points
+    if len(points) < 2 or points[-1][0] <= points[0][0]:
+        return None
+    steps = torch.tensor([float(j) for j, _ in points], dtype=torch.float64)
+    logs = torch.tensor([math.log(r) for _, r in points], dtype=torch.float64)
+    steps_c = steps - steps.mean()
+    slope = float((steps_c * (logs - logs.mean())).sum() / (steps_c * steps_c).sum())
+    return math.exp(slope)
+
+
+def _trend(history: list[tuple[int, float]], measured: float | None, *, noise_bound: float | None = None) -> str:
+    """'diverging' (the fitted factor above 1 and the residual above 1), 'stalled' (the fit shrinks the residual by
+    less than 10% over the checks, or, for a mini-batch recursion, ``noise_bound`` — the deterministic recursion's
+    error bound rate**depth — is below a tenth of the residual: what is left is noise) or 'converging'."""
+    if measured is None:
+        return "converging" if history[-1][1] < 1.0 else "diverging"
+    if measured > 1.0 and history[-1][1] > 1.0:
+        return "diverging"
+    if noise_bound is not None and noise_bound < 0.1 * history[-1][1]:
+        return "stalled"
+    span = history[-1][0] - history[min(1, len(history) - 2) if len(history) > 3 else 0][0]
+    return "stalled" if measured ** span > 0.9 else "converging"
 
 
 class LissaSolver(Solver):
@@ -96,7 +143,7 @@ class LissaSolver(Solver):
         if lo <= 0:
             warnings.warn(
                 f"H + δI has negative curvature (Lanczos estimate of its smallest eigenvalue: {lo:.3g}); LiSSA diverges "
-                f"on it. Use damping >= {abs(lo) + operator.damping:.3g} (non-convex models need damping).",
+                f"on it. Use {setting_hint('damping', abs(lo) + operator.damping, scope='influence')} or more (non-convex models need damping).",
                 CurvatureWarning,
                 stacklevel=4,
             )
@@ -121,67 +168,100 @@ class LissaSolver(Solver):
         gen = torch.Generator().manual_seed(self.seed)
         vnorm = V.norm(dim=1)
         total = torch.zeros_like(V)
-        for rep in range(self.repeats):
-            h = V.clone()
-            for step in range(self.depth):
-                if b >= n:  # a batch as large as the data: the deterministic full-Hessian recursion
-                    h = V + h - op.matvec(h) / s
-                else:
-                    idx = torch.randint(n, (b,), generator=gen)
-                    h = V + h - op.minibatch_matvec(h, idx) / s
-                hn = h.norm(dim=1)
-                if not bool(torch.isfinite(hn).all()) or bool((hn > 2.0 * (step + 2) * vnorm).any()):
-                    raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s))
-            total += h / s
+        # the true residual of the running estimate, checked at most every `every` steps so that the checks (one
+        # full-data product each, n/b mini-batch steps) cost about a tenth of the recursion
+        every = 10 if b >= n else max(10, math.ceil(10 * n / b))
+        history: list[tuple[int, float]] = []
+        bar = progress_bar(total=self.repeats * self.depth, desc="LiSSA recursion", enabled=bool(getattr(op, "progress", False)))
+        try:
+            for rep in range(self.repeats):
+                h = V.clone()
+                history = [(0, 1.0)]  # the estimate 0 has relative residual 1
+                for step in range(self.depth):
+                    if b >= n:  # a batch as large as the data: the deterministic full-Hessian recursion
+                        h = V + h - op.matvec(h) / s
+                    else:
+                        idx = torch.randint(n, (b,), generator=gen)
+                        h = V + h - op.minibatch_matvec(h, idx) / s
+                    bar.update(1)
+                    hn = h.norm(dim=1)
+                    if not bool(torch.isfinite(hn).all()) or bool((hn > 2.0 * (step + 2) * vnorm).any()):
+                        raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s, history))
+                    if (step + 1) % every == 0 and step + 1 < self.depth:
+                        history.append((step + 1, float(relative_residuals(op, h / s, V).max())))
+                        bar.set_postfix(residual=f"{history[-1][1]:.3g}")
+                        if _diverging(history):
+                            raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s, history))
+                total += h / s
+        finally:
+            bar.close()
         X = total / self.repeats
         rel = relative_residuals(op, X, V)
         worst = float(rel.max()) if len(rel) else 0.0
+        history.append((self.depth, worst))
+        if not worst <= 2.0:  # far worse than the estimate 0: never returned
+            raise SolverDivergenceError(self._divergence_message(self.depth, self.repeats, s, history))
         converged = worst <= self.rtol
         rate = 1.0 - max(self.lambda_min_, 0.0) / s
+        measured = _measured_rate(history)
+        bound = rate ** self.depth if b < n and rate < 1.0 else None
+        trend = "converged" if converged else _trend(history, measured, noise_bound=bound)
         if not converged and self.warn:
-            # the deterministic recursion's error after `depth` steps is at most rate**depth; when that is already
-            # far below the residual, what is left is mini-batch noise, which more depth does not remove
-            bias = rate ** self.depth if rate < 1.0 else 1.0
-            if b < n and bias < 0.1 * worst:
-                advice = (
-                    f"the recursion's own error is already below {bias:.2g}, so the rest is mini-batch noise: raise "
-                    f"`batch_size` (now {b}) or `repeats` (now {self.repeats}) rather than `depth`"
-                )
-            else:
-                needed = math.ceil(math.log(max(self.rtol, 1e-300)) / math.log(rate)) if 0.0 < rate < 1.0 else None
-                advice = (
-                    f"raise `depth`{f' (about {needed} steps reach rtol)' if needed else ''}, or raise `damping` to "
-                    "improve the conditioning"
-                )
-            warnings.warn(
-                f"LiSSA's relative residual is {worst:.3g} after depth={self.depth} (rtol={self.rtol:g}). Each step "
-                f"shrinks the error by about {rate:.6f} (1 − λ_min/scale, λ_min ≈ {self.lambda_min_:.3g}, scale={s:.4g}): "
-                f"{advice}.",
-                ConvergenceWarning,
-                stacklevel=4,
-            )
+            warnings.warn(self._unconverged_message(worst, rate, measured, trend, b, n), ConvergenceWarning, stacklevel=4)
         return X, {
             "iterations": self.depth * self.repeats,
             "relative_residual": worst,
             "converged": converged,
-            "hvps": float(self.depth * self.repeats * V.shape[0] * b / n + V.shape[0]),
-            "details": {"scale": s, "lambda_max": self.lambda_max_, "lambda_min": self.lambda_min_, "rate": rate},
+            "hvps": float(self.depth * self.repeats * V.shape[0] * b / n + V.shape[0] * len(history)),
+            "details": {
+                "scale": s, "lambda_max": self.lambda_max_, "lambda_min": self.lambda_min_, "rate": rate,
+                "measured_rate": measured, "trend": trend, "residual_history": history,
+            },
         }
 
-    def _divergence_message(self, steps: int, repeat: int, s: float) -> str:
+    def _unconverged_message(self, worst: float, rate: float, measured: float | None, trend: str, b: int, n: int) -> str:
+        shown = "not measured (depth below one check)" if measured is None else f"{measured:.6f} per step"
         head = (
-            f"LiSSA diverged after {steps} step(s) of repeat {repeat}: ‖h_j‖ exceeded 2·(j+1)·‖v‖, which a contracting "
-            "recursion never does. "
+            f"LiSSA did not converge: relative residual {worst:.3g} after depth={self.depth} (rtol={self.rtol:g}); "
+            f"the residual is {trend}, measured factor {shown} (1 − λ_min/scale predicts {rate:.6f}, "
+            f"λ_min ≈ {self.lambda_min_:.3g}, scale={self.scale_:.4g}). "
         )
+        if trend == "diverging":
+            return head + (
+                f"The recursion does not contract: raise {setting_hint('damping', scope='influence')} (now "
+                f"{self.operator_.damping:g}), or {setting_hint('scale', 2 * self.scale_)} if a mini-batch Hessian's "
+                f"top eigenvalue exceeds the scale, or {setting_hint('batch_size', min(n, 4 * b))} (now {b})."
+            )
+        if trend == "stalled" and b < n:
+            return head + (
+                f"What is left is mini-batch noise, which more depth does not remove: raise "
+                f"{setting_hint('batch_size', min(n, 4 * b))} (now {b}) or {setting_hint('repeats', 4 * self.repeats)}."
+            )
+        speed = measured if measured is not None and 0.0 < measured < 1.0 else rate
+        needed = math.ceil(self.depth + math.log(self.rtol / worst) / math.log(speed)) if 0.0 < speed < 1.0 else None
+        return head + (
+            f"Raise {setting_hint('depth', needed)}{' (reaches rtol at the measured factor)' if needed else ''}, or raise "
+            f"{setting_hint('damping', scope='influence')} to improve the conditioning."
+        )
+
+    def _divergence_message(self, steps: int, repeat: int, s: float, history: list[tuple[int, float]]) -> str:
+        measured = _measured_rate(history)
+        if len(history) > 1:
+            shown = ", ".join(f"{r:.3g} at step {j}" for j, r in history[-3:])
+            why = f"its relative residual went {shown}{f' (factor {measured:.4f} per step)' if measured is not None else ''}"
+        else:
+            why = "‖h_j‖ exceeded 2·(j+1)·‖v‖, which a contracting recursion never reaches"
+        head = f"LiSSA diverged after {steps} step(s) of repeat {repeat}: {why}; no estimate is returned. "
         if self.lambda_min_ < 0:
             return head + (
-                f"H + δI has negative curvature (smallest eigenvalue ≈ {self.lambda_min_:.3g}): raise `damping` by at least "
-                f"{abs(self.lambda_min_):.3g}."
+                f"H + δI has negative curvature (smallest eigenvalue ≈ {self.lambda_min_:.3g}): use "
+                f"{setting_hint('damping', self.operator_.damping + 2 * abs(self.lambda_min_), scope='influence')} or more."
             )
         suggested = max(2.0 * s, 1.5 * self.lambda_max_)
         return head + (
             f"`scale`={s:.4g} is below the largest eigenvalue of a mini-batch Hessian plus damping (full Hessian: "
-            f"≈ {self.lambda_max_:.3g}). Use scale={suggested:.4g} or scale=None (automatic), or raise `batch_size`."
+            f"≈ {self.lambda_max_:.3g}). Use {setting_hint('scale', suggested)} or leave scale unset (automatic), or "
+            f"raise {setting_hint('batch_size', min(self.operator_.n_examples, 4 * self.batch_size))}."
         )
 
     def describe(self) -> dict[str, Any]:
