@@ -139,16 +139,13 @@ def run_inspect(
         model: ``"logreg"`` or ``"mlp"`` (one tanh hidden layer of ``hidden`` units).
         l2: λ of the L2 term inside each example's loss (> 0).
         damping: δ added to the Hessian; ``None`` means 0 for ``"logreg"`` and 0.01 for ``"mlp"``.
-        solver: the inverse-Hessian solver (``"exact"``, ``"cg"``, ``"lissa"``).
-        solver_options: settings of the solver (e.g. ``{"depth": 2000}`` for LiSSA).
-        hidden, steps, lr: the MLP's hidden units and its full-batch Adam steps and learning rate.
-        k: helpful and harmful training rows listed per test row.
+        solver, solver_options: the inverse-Hessian solver (``"exact"``, ``"cg"``, ``"lissa"``) and its settings.
+        hidden, steps, lr: the MLP's hidden units and its full-batch Adam steps and learning rate. k: helpful and
+            harmful training rows listed per test row.
         n_suspicious: training rows listed as most likely mislabeled.
-        max_test_rows: test rows explained at most: the misclassified first, then the highest-loss ones (the report
-            and its charts list them in that order).
+        max_test_rows: test rows explained at most: the misclassified first, then by loss (so too the report).
         test_fraction: the held-out share of ``data`` when ``test`` is not given.
-        categorical, numeric, ignore, max_categories, delimiter, chunk_size: as in
-            :class:`~influencekit.data.tabular.TabularEncoder`.
+        categorical, numeric, ignore, max_categories, delimiter, chunk_size: as in :class:`~influencekit.data.tabular.TabularEncoder`.
         seed: seed of the held-out split and of the MLP's initialisation.
         group_by: a column whose values group the training rows (a data source, an annotator, a site): the report
             ranks the groups by the predicted effect of removing each on the mean test loss.
@@ -521,6 +518,26 @@ def _plot_test_influence(result: InspectResult, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+def _columns_section(enc: TabularEncoder, result: InspectResult) -> list[str]:
+    """The report's table of columns: kind, missing values (train and test), unseen values, encoding."""
+    parts: list[str] = []
+    parts.append(html.heading("Columns and missing values"))
+    test_missing, unseen = result.test.missing, result.test.unseen
+    rows = []
+    for s in enc.summary():
+        name = s["column"]
+        rows.append([name, s["kind"], s["missing"], test_missing.get(name, 0), unseen.get(name, 0), s["encoding"]])
+    if enc.identifiers_:
+        parts.append(html.paragraph(identifier_notice(enc).removeprefix("notice: ").capitalize() + "."))
+    parts.append(html.table(["column", "kind", "missing (train)", "missing (test)", "unseen values (test)", "encoding"], rows))
+    parts.append(html.paragraph(
+        "Numeric: missing values are imputed by the training mean (0 after standardising) and marked in a 0/1 column. "
+        "Categorical: missing values are their own category; test values never seen in training go to '(other)' when "
+        "the column has one, else to no category.", note=True,
+    ))
+    return parts
+
+
 def _html_report(result: InspectResult, header: list[str], train_report: TrainReport, test_source: str, seconds: float) -> str:
     enc, meta = result.encoder, result.metadata
     data_name = Path(meta["data"]).name
@@ -541,20 +558,7 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
     if result.warnings:
         parts += [html.paragraph("Warnings while training and computing influence:"), html.items(result.warnings)]
 
-    parts.append(html.heading("Columns and missing values"))
-    test_missing, unseen = result.test.missing, result.test.unseen
-    rows = []
-    for s in enc.summary():
-        name = s["column"]
-        rows.append([name, s["kind"], s["missing"], test_missing.get(name, 0), unseen.get(name, 0), s["encoding"]])
-    if enc.identifiers_:
-        parts.append(html.paragraph(identifier_notice(enc).removeprefix("notice: ").capitalize() + "."))
-    parts.append(html.table(["column", "kind", "missing (train)", "missing (test)", "unseen values (test)", "encoding"], rows))
-    parts.append(html.paragraph(
-        "Numeric: missing values are imputed by the training mean (0 after standardising) and marked in a 0/1 column. "
-        "Categorical: missing values are their own category; test values never seen in training go to '(other)' when "
-        "the column has one, else to no category.", note=True,
-    ))
+    parts += _columns_section(enc, result)
 
     parts.append(html.heading(f"Training rows most likely mislabeled ({len(result.suspicious)} of {n_train:,})"))
     parts.append(html.paragraph(

@@ -15,6 +15,25 @@ Stopping rule, per right-hand side (as in SciPy's ``cg``), checked after each it
 The solve stops when every right-hand side meets it; the true residual is then recomputed with the
 operator and reported. CG needs H + δI positive definite: a block with a non-positive Rayleigh quotient
 stops the solve with an error that suggests a damping.
+
+**Preconditioning** (``preconditioner="ekfac" | "kfac"`` or a Solver instance): each residual block is passed
+through an approximate inverse M⁻¹ ≈ (H + δI)⁻¹ — a K-FAC/EK-FAC solver fitted on the same operator (Gauss-Newton
+curvature, so for non-convex models it is a preconditioner, not the answer) — and the search directions are
+built from Z = M⁻¹R (the preconditioned breakdown-free block CG of Ji & Li 2017, Algorithm 3):
+
+    α = (PᵀAP)⁻¹PᵀR,   X += Pα,   R −= APα,   Z = M⁻¹R,   β = −(PᵀAP)⁻¹(AP)ᵀZ,   P = orth(Z + Pβ)
+
+The iterates and the stopping rule are those of CG (the residual is that of H + δI, not of the preconditioned
+system), so preconditioning changes how many iterations are needed, never what counts as converged. M⁻¹ must
+be symmetric positive definite (K-FAC/EK-FAC with damping are).
+
+**Stopping by the scores** (``score_rtol``): influence scores are inner products gᵀx with training gradients g;
+CG's residual rule asks more accuracy than scores need. With ``score_rtol`` set, a right-hand side also stops
+once an iteration changed its solution by less than ``score_rtol`` relative, measured in the norm the scores see
+(it goes on improving with the block until every right-hand side has stopped):
+‖Pα_j‖_A / ‖x_j‖_A (A = H + δI; for the exact solution x = A⁻¹v, gᵀx changes by at most ‖g‖_{A⁻¹}‖Δx‖_A), computed
+from the products CG already has. The report keeps the residual of every right-hand side and says which rule
+stopped it.
 """
 
 from __future__ import annotations
@@ -26,11 +45,13 @@ import torch
 
 from ..checks import check_int, check_number
 from ..curvature import CurvatureOperator
-from ..errors import ConvergenceWarning, NumericalError
+from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError, setting_hint
 from .base import Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 
-__all__ = ["CGSolver"]
+__all__ = ["CGSolver", "PRECONDITIONERS"]
+
+PRECONDITIONERS = ("kfac", "ekfac")
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -59,6 +80,11 @@ class CGSolver(Solver):
         rtol: relative tolerance of the stopping rule; ``None`` picks 1e-8 (float64) or 1e-5 (float32).
         atol: absolute tolerance of the stopping rule.
         max_iter: most block iterations.
+        preconditioner: ``None``, ``"kfac"``, ``"ekfac"`` (fitted on the same operator in ``fit``; needs a
+            ``ClassificationTask``/``RegressionTask`` or a task that declares how to sample labels) or an unfitted
+            :class:`Solver` instance used as M⁻¹.
+        score_rtol: also stop a right-hand side once an iteration changes its solution by less than this,
+            relative, in the norm the scores see (see the module docstring); ``None``: the residual rule only.
         warn: warn with a :class:`~influencekit.errors.ConvergenceWarning` when a right-hand side did not
             meet the rule within ``max_iter``.
     """
@@ -66,12 +92,40 @@ class CGSolver(Solver):
     name = "cg"
     capabilities = frozenset({"batched", "sharded"})
 
-    def __init__(self, *, rtol: float | None = None, atol: float = 0.0, max_iter: int = 1000, warn: bool = True) -> None:
+    def __init__(self, *, rtol: float | None = None, atol: float = 0.0, max_iter: int = 1000, preconditioner: Any = None,
+                 score_rtol: float | None = None, warn: bool = True) -> None:
         super().__init__()
         self.rtol = None if rtol is None else check_number("rtol", rtol, low=0.0, high=1.0, low_inclusive=False)
         self.atol = check_number("atol", atol, low=0.0)
         self.max_iter = check_int("max_iter", max_iter, low=1)
+        if preconditioner is not None and not isinstance(preconditioner, (str, Solver)):
+            raise InputTypeError(f"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance. Got {type(preconditioner).__name__}.")
+        if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
+            raise InputError(f"`preconditioner` must be None, {', '.join(map(repr, PRECONDITIONERS))} or a Solver instance. Got {preconditioner!r}.")
+        if isinstance(preconditioner, CGSolver):
+            raise InputError("`preconditioner` must be a direct approximate inverse (kfac, ekfac, arnoldi, exact), not another CG solver.")
+        self.preconditioner = preconditioner
+        self.score_rtol = None if score_rtol is None else check_number("score_rtol", score_rtol, low=0.0, high=1.0, low_inclusive=False)
         self.warn = bool(warn)
+
+    def _preconditioner_solver(self) -> Solver | None:
+        if self.preconditioner is None or isinstance(self.preconditioner, Solver):
+            return self.preconditioner
+        from .kfac import EKFACSolver, KFACSolver
+
+        return {"kfac": KFACSolver, "ekfac": EKFACSolver}[self.preconditioner]()
+
+    def check_task(self, task: Any) -> None:
+        """With a K-FAC/EK-FAC preconditioner, its own check of the task (when the Influence is built)."""
+        if self.preconditioner is not None:
+            self.preconditioner_ = self._preconditioner_solver()
+            try:
+                self.preconditioner_.check_task(task)
+            except UnsupportedError as exc:
+                raise UnsupportedError(
+                    f"CG's preconditioner {self.preconditioner_.name!r} cannot work with this task: {exc} (For CG, "
+                    "leave the preconditioner out: plain CG needs only Hessian-vector products.)"
+                ) from exc
 
     def cost(self, probe: CostProbe) -> SolverCost:
         """Nothing to fit; a solve cg_iterations·q·n·τ_H, with the iteration count an assumption of the planner."""
@@ -85,6 +139,12 @@ class CGSolver(Solver):
 
     def _fit(self, operator: CurvatureOperator) -> None:
         self.rtol_ = default_rtol(operator.dtype) if self.rtol is None else self.rtol
+        self.preconditioner_ = getattr(self, "preconditioner_", None) or self._preconditioner_solver()
+        if self.preconditioner_ is not None:
+            self.preconditioner_.fit(operator)
+
+    def _precondition(self, R: torch.Tensor) -> torch.Tensor:
+        return R if self.preconditioner_ is None else self.preconditioner_.solve(R).x
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         op = self.operator_
@@ -94,7 +154,9 @@ class CGSolver(Solver):
         R = V.clone()
         threshold = torch.clamp(self.rtol_ * V.norm(dim=1), min=self.atol)
         done = R.norm(dim=1) <= threshold
-        P = orthonormal_rows(R[~done], drop=drop)
+        by_scores = torch.zeros_like(done)
+        x_energy = torch.zeros(k, dtype=V.dtype, device=V.device)  # ‖x_j‖²_A, accumulated: the directions are A-conjugate
+        P = orthonormal_rows(self._precondition(R[~done]) if bool((~done).any()) else R[:0], drop=drop)
         iterations = 0
         hvps = 0
         while not bool(done.all()) and iterations < self.max_iter and len(P):
@@ -114,18 +176,26 @@ class CGSolver(Solver):
             X += alpha.T @ P
             R -= alpha.T @ Q
             iterations += 1
-            done = R.norm(dim=1) <= threshold
+            if self.score_rtol is not None:
+                step_energy = (alpha * (PQ @ alpha)).sum(dim=0)  # ‖Pα_j‖²_A
+                x_energy += step_energy
+                small = (step_energy <= self.score_rtol ** 2 * x_energy) & ~done
+                by_scores |= small
+                done = done | small
+            done = done | (R.norm(dim=1) <= threshold)
             if bool(done.all()):
                 break
-            beta = -torch.linalg.solve(PQ, Q @ R.T)  # (m, k)
-            P = orthonormal_rows(R + beta.T @ P, drop=drop)
+            Z = self._precondition(R)
+            beta = -torch.linalg.solve(PQ, Q @ Z.T)  # (m, k)
+            P = orthonormal_rows(Z + beta.T @ P, drop=drop)
         rel = relative_residuals(op, X, V)
         converged = bool(done.all())
         if not converged and self.warn:
             warnings.warn(
                 f"CG stopped after max_iter={self.max_iter} iterations with {int((~done).sum())} of {k} right-hand "
-                f"sides above rtol={self.rtol_:g} (worst relative residual {float(rel.max()):.3g}). Raise `max_iter`, "
-                "or raise `damping` if H is ill-conditioned.",
+                f"sides above rtol={self.rtol_:g} (worst relative residual {float(rel.max()):.3g}). Raise "
+                f"{setting_hint('max_iter', 2 * self.max_iter)}, or raise {setting_hint('damping', scope='influence')} if H is "
+                f"ill-conditioned{'' if self.preconditioner is not None else ', or precondition it (' + setting_hint('preconditioner', repr('ekfac')) + ')'}.",
                 ConvergenceWarning,
                 stacklevel=4,
             )
@@ -134,8 +204,17 @@ class CGSolver(Solver):
             "relative_residual": float(rel.max()) if k else 0.0,
             "converged": converged,
             "hvps": float(hvps + k),
-            "details": {"rtol": self.rtol_, "atol": self.atol, "method": "breakdown-free block CG"},
+            "details": {
+                "rtol": self.rtol_, "atol": self.atol, "score_rtol": self.score_rtol,
+                "method": "breakdown-free block CG" + (f", preconditioned by {self._preconditioner_name()}" if self.preconditioner_ else ""),
+                "stopped_by_scores": int(by_scores.sum()), "relative_residuals": rel.tolist(),
+            },
         }
 
+    def _preconditioner_name(self) -> str | None:
+        return None if self.preconditioner_ is None else self.preconditioner_.name
+
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "rtol": self.rtol, "atol": self.atol, "max_iter": self.max_iter}
+        return {"solver": self.name, "rtol": self.rtol, "atol": self.atol, "max_iter": self.max_iter,
+                "preconditioner": self.preconditioner if isinstance(self.preconditioner, (str, type(None))) else self.preconditioner.describe(),
+                "score_rtol": self.score_rtol}

@@ -1,0 +1,99 @@
+"""Block CG's options: a preconditioner (K-FAC/EK-FAC or any fitted solver) and the stopping rule set by the scores.
+
+References: the dense inverse of H + δI in float64 on a tanh MLP (non-convex: EK-FAC is only an approximation of
+its Gauss-Newton part) and on the digits logistic regression."""
+
+import pytest
+import torch
+
+import influencekit as ik
+from influencekit.data import Examples
+from influencekit.hessian import HessianOperator
+from influencekit.training import fit_lbfgs
+
+
+@pytest.fixture(scope="module")
+def mlp_operator(digits_small):
+    X, y = digits_small.train
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 12), torch.nn.Tanh(), torch.nn.Linear(12, 10)).double()
+    task = ik.ClassificationTask(net, l2=1e-3)
+    fit_lbfgs(task, (X, y), max_iter=2000, tol=1e-6, warn=False)
+    op = HessianOperator(task, task.params(), Examples((X, y)), damping=0.01, batch_size=300, tangent_block=128)
+    A = op.damp_matrix(op.dense())
+    return task, op, A
+
+
+@pytest.fixture(scope="module")
+def mlp_rhs(mlp_operator):
+    return torch.randn(5, mlp_operator[1].n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("preconditioner", ["ekfac", "kfac"])
+def test_preconditioned_cg_solves_to_the_residual_rule(mlp_operator, mlp_rhs, preconditioner):
+    """Preconditioning changes the iterations, not the answer: relative error to the dense inverse below 1e-7
+    (rtol 1e-10 on the residual of H + δI itself, not of the preconditioned system)."""
+    task, op, A = mlp_operator
+    solver = ik.CGSolver(rtol=1e-10, preconditioner=preconditioner)
+    solver.check_task(task)
+    x, report = solver.fit(op).solve(mlp_rhs)
+    expected = torch.linalg.solve(A, mlp_rhs.T).T
+    assert float((x - expected).norm() / expected.norm()) < 1e-7
+    assert report.converged and report.relative_residual < 1e-9
+    assert report.details["method"] == f"breakdown-free block CG, preconditioned by {preconditioner}"
+
+
+def test_an_exact_preconditioner_converges_in_one_iteration(mlp_operator, mlp_rhs):
+    """M⁻¹ = (H + δI)⁻¹: Z = the exact error, so the first step lands on the solution (residual ~1e-14)."""
+    _, op, A = mlp_operator
+    x, report = ik.CGSolver(preconditioner=ik.ExactSolver()).fit(op).solve(mlp_rhs)
+    assert report.iterations == 1 and report.relative_residual < 1e-11
+    assert float((x - torch.linalg.solve(A, mlp_rhs.T).T).norm() / x.norm()) < 1e-11
+
+
+def test_score_rtol_stops_earlier_with_scores_within_the_stated_tolerance(mlp_operator, mlp_rhs, digits_small):
+    """With score_rtol 1e-4 every right-hand side stops by that rule, in fewer iterations than the residual rule at
+    1e-8, and the scores gᵀx over all training gradients stay within 1e-3 relative (Frobenius) of the exact ones."""
+    task, op, A = mlp_operator
+    X, y = digits_small.train
+    rows = []  # every 25th training example's gradient, by plain autograd
+    for i in range(0, len(y), 25):
+        params = {k: v.detach().requires_grad_(True) for k, v in task.params().items()}
+        loss = task.loss(params, (X[i:i + 1], y[i:i + 1])).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
+    G = torch.stack(rows)
+    exact = torch.linalg.solve(A, mlp_rhs.T).T @ G.T
+    full_x, full = ik.CGSolver(rtol=1e-8).fit(op).solve(mlp_rhs)
+    x, loose = ik.CGSolver(rtol=1e-8, score_rtol=1e-4).fit(op).solve(mlp_rhs)
+    assert loose.details["stopped_by_scores"] == 5 and loose.iterations < full.iterations, (loose, full)
+    assert float((x @ G.T - exact).norm() / exact.norm()) < 1e-3
+    assert len(loose.details["relative_residuals"]) == 5 and loose.relative_residual == max(loose.details["relative_residuals"])
+    assert full.details["stopped_by_scores"] == 0
+
+
+@pytest.mark.parametrize("value, error, message", [
+    ("jacobi", ik.InputError, r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got 'jacobi'\."),
+    (3, ik.InputTypeError, r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got int\."),
+    (ik.CGSolver(), ik.InputError, r"must be a direct approximate inverse .* not another CG solver"),
+])
+def test_a_bad_preconditioner_is_refused_at_construction(value, error, message):
+    with pytest.raises(error, match=message):
+        ik.CGSolver(preconditioner=value)
+
+
+def test_an_ekfac_preconditioner_checks_the_task_when_the_influence_is_built(digits_small):
+    """A task K-FAC cannot sample labels for is refused by Influence(...), before any pass over the data."""
+
+    class OwnTask(ik.Task):
+        def __init__(self, model):
+            super().__init__(model)
+
+        def loss(self, params, batch):
+            X, y = batch
+            out = torch.func.functional_call(self.model, params, (X,))
+            return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+    task = OwnTask(torch.nn.Linear(64, 10).double())
+    with pytest.raises(ik.UnsupportedError, match=r"CG's preconditioner 'ekfac' cannot work with this task: the kfac/ekfac solvers "
+                                                  r"need .*Got OwnTask.*leave the preconditioner out"):
+        ik.Influence(task, digits_small.train, solver="cg", solver_options={"preconditioner": "ekfac"})
