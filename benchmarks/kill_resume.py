@@ -2,12 +2,13 @@
 
 For each kind of stored work —
 
-- ``scores``: ``Influence.scores(test, folder=...)`` (one ``scores-*.npy`` per 20 test rows, 25 files),
+- ``scores``: ``Influence.scores(test, folder=...)`` (one ``scores-*.npy`` per 20 test rows, 60 files),
 - ``store``: ``GradientStore.build(influence, folder, ...)`` (one ``grads-*.npy`` per 24 training points, 25 chunks),
 - ``cache``: ``Influence(..., cache_dir=...).fit()`` (the fitted exact solver's state, ``solver-state.pt``) —
 
 the script first runs the work once, uninterrupted, in a child process (the reference, and the timing of the
-window in which that call writes its files), then ``--trials`` times: a fresh child on a fresh folder, killed
+window in which that call writes its files: from the first data file to 50 ms after the last; for the cache, whose
+one file is written after a fit, 30 ms either side of its appearance), then ``--trials`` times: a fresh child on a fresh folder, killed
 with SIGKILL at a uniformly random moment of that window; the work is then resumed in this process on the same
 folder (the folder's checksums decide what is reused) and compared with the reference: every array returned and
 every data file on disk must be equal bit for bit, and every file left damaged by the kill must have been named in
@@ -105,8 +106,8 @@ def _spawn(kind: str, folder: Path) -> tuple[subprocess.Popen, float]:
 
 
 def _window(kind: str, folder: Path) -> tuple[float, float]:
-    """Run ``kind`` uninterrupted; the window of its writes, in seconds after 'ready': from the first data file (from 0
-    for the cache, whose fit comes before its one file) to 50 ms after the last (its checksum follows it)."""
+    """Run ``kind`` uninterrupted; the window of its writes, in seconds after 'ready': from the first data file to 50 ms
+    after the last (its checksum follows it); for the cache's one file, 30 ms either side of its appearance."""
     proc, ready = _spawn(kind, folder)
     count, first, last = 0, None, 0.0
     while proc.poll() is None:
@@ -117,7 +118,9 @@ def _window(kind: str, folder: Path) -> tuple[float, float]:
         time.sleep(0.002)
     if proc.returncode != 0 or first is None:
         raise RuntimeError(f"the uninterrupted {kind} run failed (exit {proc.returncode}, data files {count})")
-    return (0.0 if kind == "cache" else first), last + 0.05
+    if kind == "cache":
+        return max(0.0, first - 0.03), first + 0.03
+    return first, last + 0.05
 
 
 def _files(folder: Path, kind: str) -> dict[str, bytes]:

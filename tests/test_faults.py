@@ -362,3 +362,15 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(tmp_path):
     assert all(r["bit_identical"] for r in results), results
     # each kill fell inside the call (the child works on after its last write, so it cannot have finished)
     assert not any(r["finished_before_kill"] for r in results), results
+
+
+def test_lissa_self_influence_shows_its_progress(digits_small, capsys):
+    """The issue's 580-second self_influence() ran without a bar: with progress=True the LiSSA recursion and the
+    self-influence solves each show one (tqdm writes to stderr)."""
+    d = digits_small
+    inf = ik.Influence(d.task, d.train, solver="lissa", damping=0.05, progress=True,
+                       solver_options={"depth": 20, "batch_size": 300, "eigen_steps": 4, "warn": False}).fit()
+    capsys.readouterr()
+    inf.self_influence()
+    err = capsys.readouterr().err
+    assert "self-influence solves" in err and "LiSSA recursion" in err, err[-500:]

@@ -21,6 +21,9 @@ paper = typer.Typer(
 )
 app.add_typer(paper, name="paper")
 
+index_app = typer.Typer(help="Build an influence index for the explorer (`influencekit serve`).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
 
 @app.callback()
 def _root(ctx: typer.Context) -> None:
@@ -32,6 +35,45 @@ def _root(ctx: typer.Context) -> None:
 def _paper(ctx: typer.Context) -> None:
     """Reproduce the experiments of Koh & Liang (2017) on real data from a folder you give."""
     _advise_with_flags(ctx)
+
+
+@index_app.callback()
+def _index(ctx: typer.Context) -> None:
+    """Build an influence index for the explorer (`influencekit serve`)."""
+    _advise_with_flags(ctx)
+
+
+@index_app.command("build")
+def index_build(
+    demo: str = typer.Option("digits", help="The ready-made index to build: digits (bundled, no download)."),
+    out: Path = typer.Option(Path("influencekit-index"), help="The index folder (created; a finished one is reopened)."),
+    solver: str = typer.Option("exact", help="Inverse-Hessian solver of the index: exact, cg, arnoldi or ekfac."),
+) -> None:
+    """Train the demo model and store everything influence queries need: fitted solver, training rows, self-influence."""
+    import time
+
+    from .experiments.index_demo import build_demo_index
+
+    start = time.perf_counter()
+    index = build_demo_index(demo, out, solver=solver, progress=True)
+    typer.echo(f"index of {index.n_train} training / {index.config['n_test']} test examples ({solver}, rows in the "
+               f"{index.config['space']} space, width {index.config['width']}) in {out} ({time.perf_counter() - start:.1f} s); "
+               f"serve it with: influencekit serve --index {out}")
+
+
+@app.command("serve")
+def serve_command(
+    index: Path = typer.Option(..., "--index", help="An index folder built by `influencekit index build`."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (localhost by default; 0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+) -> None:
+    """Serve the influence explorer: a page and a JSON API (see /docs) over an index."""
+    from .experiments.index_demo import open_served_index
+    from .serve import serve
+
+    opened = open_served_index(index)
+    typer.echo(f"influencekit explorer on http://{host}:{port}/ (API schema at /docs); Ctrl-C stops it")
+    serve(opened, host=host, port=port)
 
 
 def _advise_with_flags(ctx: typer.Context) -> None:

@@ -1,0 +1,387 @@
+"""An influence index: everything a "which training examples made this prediction?" query needs, computed once.
+
+:meth:`InfluenceIndex.build` writes, into one folder, from a fitted :class:`~influencekit.Influence`:
+
+- ``manifest.json``: the configuration (the same provenance as every influencekit folder: task, solver, damping,
+  dtype, a fingerprint of θ̂ and of the training data) and the index's own settings; another configuration is
+  refused, a finished build is reopened, an interrupted one resumes at its first missing chunk;
+- ``solver/``: the fitted solver's state (the ``cache_dir`` of :class:`~influencekit.Influence`; reopened without a
+  refit by ``Influence(..., cache_dir=folder / "solver")``);
+- ``rows-<k>.npy``: the training side in the form the solver scores fastest: the solver's own basis coordinates
+  ``G Bᵀ`` when it has a small one (Arnoldi: ``rank`` numbers per example), else the training gradients ∇L(z)
+  (exact, CG, LiSSA, K-FAC/EK-FAC);
+- ``self-influence.npy``, ``loss-<split>.npy``, ``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
+- ``inputs-<split>.npy`` for data given as tensors (so that a stored test example can be queried by its index),
+  and ``display-<split>`` (what the explorer page shows: images as ``uint8`` arrays, or one JSON line of text or
+  table fields per example).
+
+Every array goes through :func:`~influencekit.folders.save_array` (a sha256 written after the file; shape, dtype
+and finiteness checked when read: a damaged chunk is named and recomputed by ``build``, refused by a query).
+
+A query (:meth:`InfluenceIndex.explain`) is one test gradient, one solve (``(H + δI)⁻¹∇ℓ(z_test)``) and one scan of
+the stored rows, ``−Qs Rᵀ`` chunk by chunk into a streaming top-k: the same products, in the same order, as
+:meth:`~influencekit.Influence.top_k`, so the answers are equal (tests/test_index.py). A new input (not in any data
+set) is explained the same way: its gradient at the label given, or at the model's own prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checks import check_int
+from .data.examples import Examples, take
+from .errors import CorruptFileWarning, InputError, InputTypeError, NotFittedError
+from .folders import load_array, open_folder, save_array
+from .persistence import SolverCache
+from .progress import progress_bar
+from .results import RankedInfluence, TopK
+from .scoring import Influence
+from .topk import StreamingTopK
+
+__all__ = ["InfluenceIndex", "Display", "SOLVER_DIR"]
+
+SOLVER_DIR = "solver"
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Display:
+    """What the explorer shows of each example of a split.
+
+    Attributes:
+        kind: ``"image"`` (``values`` a ``(n, H, W)`` or ``(n, H, W, 3)`` array, scaled to 0–255 when stored),
+            ``"text"`` (``values`` a list of strings) or ``"table"`` (``values`` a list of rows, ``columns`` their names).
+        values: the examples' images, texts or rows, in the split's order.
+        classes: the label names by class index (optional).
+        columns: for ``"table"``: the column names.
+    """
+
+    kind: str
+    values: Any
+    classes: Sequence[str] | None = None
+    columns: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("image", "text", "table"):
+            raise InputError(f"`Display.kind` must be 'image', 'text' or 'table'. Got {self.kind!r}.")
+        if self.kind == "table" and not self.columns:
+            raise InputError("a `Display` of kind 'table' needs `columns` (the names of the row fields).")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _predicted_class(out: torch.Tensor) -> torch.Tensor:
+    """The class a classifier's outputs predict: argmax over classes, or logit > 0 for one output."""
+    return (out.reshape(-1) > 0).long() if out.dim() == 1 or out.shape[-1] == 1 else out.argmax(dim=-1)
+
+
+def _image_bytes(values: Any) -> np.ndarray:
+    a = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    if a.ndim not in (3, 4) or (a.ndim == 4 and a.shape[-1] != 3):
+        raise InputError(f"image `Display.values` must have shape (n, H, W) or (n, H, W, 3). Got {a.shape}.")
+    lo, hi = float(a.min()), float(a.max())
+    return np.round(255.0 * (a - lo) / (hi - lo if hi > lo else 1.0)).astype(np.uint8)
+
+
+class InfluenceIndex:
+    """A folder of everything influence queries need (module docstring); build once, query many times."""
+
+    def __init__(self, folder: Path, influence: Influence, config: dict[str, Any]) -> None:
+        self.folder, self.influence, self.config = folder, influence, config
+        self.n_train = int(config["n_train"])
+        self._rows: torch.Tensor | None = None
+        self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
+        self._test: Examples | None = None
+
+    # ------------------------------------------------------------------------------------------ build and open
+    @staticmethod
+    def solver_dir(folder: str | os.PathLike) -> Path:
+        """Where the index keeps the fitted solver: pass it as ``Influence(..., cache_dir=...)`` to reopen without a refit."""
+        return Path(folder) / SOLVER_DIR
+
+    @classmethod
+    def build(cls, influence: Influence, folder: str | os.PathLike, *, test: Any = None, display: dict[str, Display] | None = None,
+              recipe: str | None = None, progress: bool = False) -> InfluenceIndex:
+        """Compute and store the index of a fitted ``influence`` in ``folder`` (or resume / reopen it).
+
+        Args:
+            influence: a fitted :class:`~influencekit.Influence`.
+            folder: the index folder; created if missing; one built with another configuration is refused.
+            test: an optional test set whose examples can then be queried by index (``split="test"``).
+            display: ``{"train": Display, "test": Display}``: what the explorer page shows of each example.
+            recipe: how the command line rebuilds the model and data to serve this index (set by
+                ``influencekit index build --demo ...``); ``None`` for an index served from Python (:func:`serve`).
+            progress: show progress bars.
+        """
+        if not isinstance(influence, Influence):
+            raise InputTypeError(f"`influence` must be a fitted Influence. Got {type(influence).__name__}.")
+        influence.check_fitted()
+        folder = Path(folder)
+        test_data = None if test is None else Examples(test, name="test")
+        display = dict(display or {})
+        for split, shown in display.items():
+            if split not in SPLITS or not isinstance(shown, Display):
+                raise InputError(f"`display` must map 'train'/'test' to a Display. Got {split!r}: {type(shown).__name__}.")
+            expected = len(influence.train_) if split == "train" else (0 if test_data is None else len(test_data))
+            if len(shown) != expected:
+                raise InputError(f"`display['{split}']` has {len(shown)} examples; the {split} set has {expected}.")
+        basis = influence.solver_.solution_basis()
+        space = "basis" if basis is not None and basis.shape[0] < influence.layout_.n else "parameters"
+        width = basis.shape[0] if space == "basis" else influence.layout_.n
+        prov = influence.provenance_
+        config = prov.manifest(
+            "influencekit influence index", ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
+            data_fingerprint=influence.data_fingerprint(influence.train_), space=space, width=width,
+            chunk=influence.gradients_.chunk, n_test=0 if test_data is None else len(test_data),
+            test_fingerprint="" if test_data is None else influence.data_fingerprint(test_data),
+            display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
+        )
+        config = open_folder(folder, config, arg="folder", what="an influence index", pattern="rows-*.npy")
+        if influence.config.cache_dir is None or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve():
+            SolverCache(cls.solver_dir(folder), prov, influence.data_fingerprint(influence.train_), influence.shard_).store(influence.solver_)
+        index = cls(folder, influence, config)
+        index._write_rows(progress)
+        index._write_arrays("train", influence.train_, progress)
+        if test_data is not None:
+            index._write_arrays("test", test_data, progress)
+        for split, shown in display.items():
+            index._write_display(split, shown)
+        (folder / "complete").write_text("1")
+        return index
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, influence: Influence) -> InfluenceIndex:
+        """Reopen a built index with the ``influence`` it was built from (fitted; with
+        ``cache_dir=InfluenceIndex.solver_dir(folder)`` its fit loads the stored solver instead of refitting)."""
+        folder = Path(folder)
+        manifest = folder / "manifest.json"
+        if not manifest.is_file() or not (folder / "complete").is_file():
+            raise InputError(f"{str(folder)!r} holds no finished influence index; build it with InfluenceIndex.build "
+                             "(or `influencekit index build`).")
+        influence.check_fitted()
+        stored = json.loads(manifest.read_text())
+        mine = influence.provenance_.manifest(
+            "influencekit influence index", ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
+            data_fingerprint=influence.data_fingerprint(influence.train_))
+        differs = sorted(k for k in mine if stored.get(k) != json.loads(json.dumps(mine[k], default=str)))
+        if differs:
+            raise InputError(f"the index in {str(folder)!r} was built from another model or configuration (differs in: "
+                             f"{', '.join(differs)}); open it with the Influence it was built from, or build a new one.")
+        return cls(folder, influence, stored)
+
+    # ------------------------------------------------------------------------------------------ stored arrays
+    def _path(self, name: str) -> Path:
+        return self.folder / name
+
+    def _dtype(self) -> np.dtype:
+        return np.dtype(str(self.influence.layout_.dtype).removeprefix("torch."))
+
+    def _write_rows(self, progress: bool) -> None:
+        inf, n, chunk, width = self.influence, self.n_train, self.config["chunk"], self.config["width"]
+        missing = []
+        for lo in range(0, n, chunk):
+            path = self._path(f"rows-{lo:09d}.npy")
+            if path.exists():
+                _, problem = load_array(path, (min(chunk, n - lo), width), self._dtype(), mmap=True)
+                if problem is None:
+                    continue
+                warnings.warn(f"ignoring the index file {problem}; it is recomputed", CorruptFileWarning, stacklevel=3)
+            missing.append(lo)
+        bar = progress_bar(total=len(missing) * chunk, desc="index: training rows", enabled=progress)
+        for lo in missing:
+            hi = min(lo + chunk, n)
+            G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
+            R = G if self._basis is None else G @ self._basis.T
+            save_array(self._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
+            bar.update(hi - lo)
+        bar.close()
+
+    def _write_arrays(self, split: str, data: Examples, progress: bool) -> None:
+        inf = self.influence
+        if split == "train" and not self._path("self-influence.npy").exists():
+            save_array(self._path("self-influence.npy"), inf.self_influence().detach().cpu().numpy())
+        if not self._path(f"loss-{split}.npy").exists():
+            losses, predicted, labels = self._evaluate(data)
+            save_array(self._path(f"loss-{split}.npy"), losses)
+            if predicted is not None:
+                save_array(self._path(f"predicted-{split}.npy"), predicted)
+            if labels is not None:
+                save_array(self._path(f"label-{split}.npy"), labels)
+        inputs = data._tensors
+        if split == "test" and isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
+            for j, t in enumerate(inputs):
+                if not self._path(f"inputs-{split}-{j}.npy").exists():
+                    save_array(self._path(f"inputs-{split}-{j}.npy"), t.detach().cpu().numpy())
+
+    def _evaluate(self, data: Examples) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Per-example loss (the task's, without the L2 term), predicted class and label (classification tasks)."""
+        inf, task = self.influence, self.influence.task
+        layout = inf.layout_
+        losses, predicted, labels = [], [], []
+        classify = getattr(task, "fisher", None) == "classification"
+        with torch.no_grad():
+            for lo in range(0, len(data), 4096):
+                batch = take(data, torch.arange(lo, min(lo + 4096, len(data))), dtype=layout.dtype, device=layout.device,
+                             check=task.check_batch)
+                losses.append(task.loss(inf.params_, batch).detach().cpu())
+                if classify:
+                    out, y = task.outputs(inf.params_, batch).detach().cpu(), task.labels(batch).detach().cpu()
+                    if y.dim() != 1 or out.dim() > 2:  # per-token outputs: no single predicted class per example
+                        classify = False
+                        continue
+                    predicted.append(_predicted_class(out))
+                    labels.append(y.long())
+        if not classify:
+            predicted, labels = [], []
+        return torch.cat(losses).numpy(), (torch.cat(predicted).numpy() if predicted else None), (torch.cat(labels).numpy() if labels else None)
+
+    def _write_display(self, split: str, shown: Display) -> None:
+        if shown.kind == "image":
+            if not self._path(f"display-{split}.npy").exists():
+                save_array(self._path(f"display-{split}.npy"), _image_bytes(shown.values))
+        else:
+            lines = [json.dumps(v if shown.kind == "text" else [str(x) for x in v]) for v in shown.values]
+            (self._path(f"display-{split}.jsonl")).write_text("\n".join(lines) + "\n")
+        meta = {"kind": shown.kind, "classes": list(shown.classes) if shown.classes else None,
+                "columns": list(shown.columns) if shown.columns else None}
+        self._path(f"display-{split}.json").write_text(json.dumps(meta))
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        array, problem = load_array(self._path(name), shape, dtype, mmap=True)
+        if problem is not None:
+            raise InputError(f"the index file {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
+                             "recomputes the damaged file).")
+        return array
+
+    def rows(self) -> torch.Tensor:
+        """The stored training rows ``(n_train, width)``, verified once and kept in memory."""
+        if self._rows is None:
+            n, chunk, width = self.n_train, self.config["chunk"], self.config["width"]
+            parts = [torch.from_numpy(np.array(self._array(f"rows-{lo:09d}.npy", (min(chunk, n - lo), width), self._dtype())))
+                     for lo in range(0, n, chunk)]
+            self._rows = torch.cat(parts).to(self.influence.layout_.device)
+        return self._rows
+
+    def split_size(self, split: str) -> int:
+        if split not in SPLITS:
+            raise InputError(f"`split` must be 'train' or 'test'. Got {split!r}.")
+        return self.n_train if split == "train" else self.config["n_test"]
+
+    def split_array(self, name: str, split: str) -> np.ndarray | None:
+        """A stored per-example array of ``split`` (``"loss"``, ``"predicted"``, ``"label"``), or None if not stored."""
+        path = self._path(f"{name}-{split}.npy")
+        if not path.exists():
+            return None
+        dtype = self._dtype() if name == "loss" else np.int64
+        return self._array(path.name, (self.split_size(split),), dtype)
+
+    def self_influence(self) -> np.ndarray:
+        return self._array("self-influence.npy", (self.n_train,), self._dtype())
+
+    def display_meta(self, split: str) -> dict[str, Any] | None:
+        path = self._path(f"display-{split}.json")
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def display_item(self, split: str, i: int) -> Any:
+        """What the page shows of example ``i`` of ``split``: an image's rows of 0–255 values, a text, or a table row."""
+        meta = self.display_meta(split)
+        if meta is None:
+            return None
+        if meta["kind"] == "image":
+            path = self._path(f"display-{split}.npy")
+            return np.load(path, mmap_mode="r", allow_pickle=False)[i].tolist()
+        with open(self._path(f"display-{split}.jsonl")) as f:
+            for j, line in enumerate(f):
+                if j == i:
+                    return json.loads(line)
+        return None
+
+    def test_examples(self) -> Examples:
+        """The stored test set (inputs kept as tensors at build time)."""
+        if self._test is None:
+            n = self.config["n_test"]
+            parts = sorted(self.folder.glob("inputs-test-*.npy"))
+            if not n or not parts:
+                raise InputError("this index keeps no test inputs: build it with `test=` given as tensors to query test examples by index.")
+            arrays = []
+            for j in range(len(parts)):
+                raw = np.load(self._path(f"inputs-test-{j}.npy"), mmap_mode="r", allow_pickle=False)
+                arrays.append(torch.from_numpy(np.array(self._array(f"inputs-test-{j}.npy", raw.shape, raw.dtype))))
+            self._test = Examples(tuple(arrays), name="test")
+        return self._test
+
+    # ------------------------------------------------------------------------------------------ queries
+    def explain(self, test: Any, k: int = 10) -> RankedInfluence:
+        """The ``k`` most helpful and most harmful training examples for each example of ``test`` (any data the
+        Influence takes, e.g. ``(X, y)``): one solve per block of test points, then one scan of the stored rows."""
+        inf = self.influence
+        k = check_int("k", k, low=1, high=self.n_train)
+        rows, side = self.rows(), inf.training_side_
+        chunk = self.config["chunk"]
+        parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
+        reports = []
+        for _, Q, report in inf.queries(test):
+            reports.append(report)
+            Qs = Q if self._basis is None else Q @ self._basis.T
+            helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+            harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+            for lo in range(0, self.n_train, chunk):
+                S = side.product(Qs, rows[lo:lo + chunk])
+                helpful.add_block(-S, lo)
+                harmful.add_block(S, lo)
+            parts["hv"].append(-helpful.values)
+            parts["hi"].append(helpful.indices)
+            parts["xv"].append(harmful.values)
+            parts["xi"].append(harmful.indices)
+        if not reports:
+            raise InputError("`test` must hold at least one example.")
+        meta = inf._metadata(reports, k=k, score_space="index (solver basis)" if self._basis is not None else "index (parameters)")
+        return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
+                               self.n_train, meta)
+
+    def explain_test(self, indices: Sequence[int], k: int = 10) -> RankedInfluence:
+        """:meth:`explain` for stored test examples, by index."""
+        data = self.test_examples()
+        bad = [i for i in indices if not 0 <= int(i) < len(data)]
+        if bad:
+            raise InputError(f"test index {bad[0]} is out of range: the index keeps {len(data)} test examples (0..{len(data) - 1}).")
+        idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+        return self.explain(tuple(t[idx] for t in data._tensors), k=k)
+
+    def new_input(self, values: Any, label: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """One new example ``(x[None], y)`` from nested lists shaped like a stored test input, at ``label`` or, without
+        it, at the model's predicted class; returns it and the label used."""
+        data = self.test_examples()
+        template = data._tensors[0]
+        try:
+            x = torch.as_tensor(values, dtype=template.dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"`input` must be numbers shaped like one example, {tuple(template.shape[1:])}. Got {exc}.") from None
+        if x.numel() != template[0].numel():
+            raise InputError(f"`input` must have {template[0].numel()} values (one example of shape {tuple(template.shape[1:])}). "
+                             f"Got {x.numel()} (shape {tuple(x.shape)}).")
+        if not bool(torch.isfinite(x).all()):
+            raise InputError("`input` must hold only finite numbers. Got NaN/inf.")
+        x = x.reshape(template.shape[1:])[None]
+        if label is None:
+            inf = self.influence
+            with torch.no_grad():
+                out = inf.task.outputs(inf.params_, (x.to(inf.layout_.dtype), data._tensors[1][:1]))
+            label = int(_predicted_class(out)[0])
+        return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
+
+
+def require_index(index: Any) -> InfluenceIndex:
+    if not isinstance(index, InfluenceIndex):
+        raise NotFittedError(f"expected an InfluenceIndex (InfluenceIndex.build or .open). Got {type(index).__name__}.")
+    return index

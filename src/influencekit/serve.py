@@ -1,0 +1,171 @@
+"""`influencekit serve`: the influence explorer, a local web application over an :class:`~influencekit.index.InfluenceIndex`.
+
+A FastAPI application (:func:`create_app`; run by uvicorn, :func:`serve`) with a JSON API, documented by its
+OpenAPI schema at ``/docs`` and ``/openapi.json``:
+
+- ``GET /api/info``: the index (sizes, solver, damping, what its examples look like, class names);
+- ``GET /api/examples/{split}/{i}``: one example: label, prediction, loss, self-influence (train), what to show;
+- ``POST /api/explain``: ``{"split": "test", "index": i, "k": 10}`` or ``{"input": [...], "label": 3, "k": 10}``: the
+  ``k`` most helpful and most harmful training examples, with I_up,loss and the predicted leave-one-out change;
+- ``GET /api/self-influence?k=50``: the training examples of highest self-influence (likely mislabeled first);
+
+and the page at ``/`` (``explorer/index.html``): pick a test example, see its helpful and harmful training examples,
+mark examples (also on the self-influence tab) and export the marked indices as CSV or JSON.
+
+Every request is validated: an unknown split or index, an input of the wrong shape, a k out of range or malformed
+JSON gets a 4xx with a message naming the problem, never a 500 or a traceback (library errors become 422). It binds
+to 127.0.0.1 unless told otherwise, and reads only the index's ``.npy``/JSON files (no pickle).
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request model from the endpoints' annotations at
+# run time, and that model is defined inside create_app (fastapi and pydantic are an optional extra)
+import threading
+import time
+from importlib import resources
+from typing import Any, Literal
+
+from .errors import InfluenceKitError, InputError
+from .index import InfluenceIndex
+
+__all__ = ["create_app", "serve", "MAX_K"]
+
+MAX_K = 200
+
+
+def _require_web() -> Any:
+    try:
+        import fastapi
+    except ImportError as exc:  # an optional extra
+        raise InputError("the explorer needs FastAPI and uvicorn: pip install 'influencekit[serve]'.") from exc
+    return fastapi
+
+
+def create_app(index: InfluenceIndex) -> Any:
+    """The FastAPI application serving ``index`` (module docstring: the routes)."""
+    fastapi = _require_web()
+    from fastapi import HTTPException, Query
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field
+
+    app = fastapi.FastAPI(title="influencekit explorer", version="1",
+                          description="Which training examples made the model predict this? Influence functions over a stored index.")
+    lock = threading.Lock()  # one query at a time: the engine's buffers are not shared between threads
+    config = index.config
+    n = {"train": index.n_train, "test": int(config["n_test"])}
+
+    class ExplainRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        split: Literal["test", "train"] | None = Field(None, description="the split of a stored example to explain")
+        index: int | None = Field(None, ge=0, description="its position in that split")
+        input: list[Any] | None = Field(None, description="a new example: numbers shaped like one stored test input")
+        label: int | None = Field(None, ge=0, description="the new example's label (default: the model's prediction)")
+        k: int = Field(10, ge=1, le=MAX_K, description=f"helpful and harmful examples returned (1..{MAX_K})")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
+
+    @app.exception_handler(InfluenceKitError)
+    async def _library(request: Any, exc: InfluenceKitError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Any, exc: Exception) -> JSONResponse:  # never a traceback to the client
+        return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
+
+    def checked(split: str, i: int) -> None:
+        if split not in n:
+            raise HTTPException(404, f"unknown split {split!r}: use 'train' or 'test'")
+        if not 0 <= i < n[split]:
+            raise HTTPException(404, f"{split} example {i} does not exist: the index has {n[split]} {split} examples (0..{n[split] - 1})")
+
+    def classes(split: str) -> list[str] | None:
+        meta = index.display_meta(split) or index.display_meta("train")
+        return None if meta is None else meta.get("classes")
+
+    def describe(split: str, i: int, *, show: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"split": split, "index": i}
+        for name in ("label", "predicted", "loss"):
+            values = index.split_array(name, split)
+            out[name] = None if values is None else (float(values[i]) if name == "loss" else int(values[i]))
+        names = classes(split)
+        for name in ("label", "predicted"):
+            if names and out[name] is not None and out[name] < len(names):
+                out[f"{name}_name"] = names[out[name]]
+        if split == "train":
+            out["self_influence"] = float(index.self_influence()[i])
+        if show:
+            out["display"] = index.display_item(split, i)
+        return out
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("influencekit").joinpath("explorer/index.html").read_text(encoding="utf-8")
+
+    solver = config.get("solver")
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return {
+            "n_train": n["train"], "n_test": n["test"], "solver": solver.get("solver") if isinstance(solver, dict) else solver,
+            "solver_settings": solver, "damping": config.get("damping"),
+            "task": config.get("task"), "space": config["space"], "width": config["width"], "max_k": min(MAX_K, n["train"]),
+            "display": {s: index.display_meta(s) for s in ("train", "test")}, "convention": (
+                "I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example lowers "
+                "the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."),
+        }
+
+    @app.get("/api/examples/{split}/{i}")
+    def example(split: str, i: int) -> dict[str, Any]:
+        checked(split, i)
+        return describe(split, i)
+
+    @app.get("/api/self-influence")
+    def self_influence(k: int = Query(50, ge=1, le=MAX_K)) -> dict[str, Any]:
+        values = index.self_influence()
+        k = min(k, n["train"])
+        order = values.argsort()[::-1][:k]
+        return {"k": k, "examples": [describe("train", int(i)) for i in order]}
+
+    @app.post("/api/explain")
+    def explain(request: ExplainRequest) -> dict[str, Any]:
+        if (request.input is None) == (request.index is None):
+            raise HTTPException(422, "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not both or neither")
+        if request.k > n["train"]:
+            raise HTTPException(422, f"k={request.k} is above the number of training examples ({n['train']})")
+        start = time.perf_counter()
+        with lock:
+            if request.input is not None:
+                example, label = index.new_input(request.input, request.label)
+                ranked = index.explain(example, k=request.k)
+                query: dict[str, Any] = {"split": None, "index": None, "label": label}
+            else:
+                split = request.split or "test"
+                checked(split, request.index)
+                if split == "test":
+                    ranked = index.explain_test([request.index], k=request.k)
+                else:
+                    data = index.influence.train_
+                    from .data.examples import take
+
+                    ranked = index.explain(take(data, [request.index], dtype=index.influence.layout_.dtype,
+                                                device=index.influence.layout_.device), k=request.k)
+                query = describe(split, request.index)
+        lists = {}
+        for part in ("helpful", "harmful"):
+            top = getattr(ranked, part)
+            lists[part] = [{**describe("train", int(i)), "score": float(v), "loo_change": -float(v) / n["train"]}
+                           for i, v in zip(top.indices[0].tolist(), top.values[0].tolist())]
+        return {"query": query, **lists, "seconds": time.perf_counter() - start}
+
+    return app
+
+
+def serve(index: InfluenceIndex, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve the explorer for ``index`` with uvicorn until interrupted (Ctrl-C). Binds to localhost by default."""
+    app = create_app(index)
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
