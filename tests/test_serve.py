@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import pytest
 import numpy as np
-import torch
+import pytest
 
 pytest.importorskip("fastapi", reason="the explorer needs the [serve] extra (fastapi, uvicorn)")
 from fastapi.testclient import TestClient  # noqa: E402

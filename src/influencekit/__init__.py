@@ -21,6 +21,7 @@ from .errors import (
 )
 from .gradients import GradientSource
 from .hessian import HessianOperator
+from .index import Display, InfluenceIndex
 from .projection import Projector
 from .results import CONVENTION, GROUP_CONVENTION, GroupInfluence, InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
@@ -37,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Influence",
     "GradientStore",
+    "InfluenceIndex",
+    "Display",
     "Projector",
     "from_sklearn",
     "sklearn_labels",

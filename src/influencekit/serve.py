@@ -24,6 +24,7 @@ import time
 from importlib import resources
 from typing import Any, Literal
 
+from .data.examples import take
 from .errors import InfluenceKitError, InputError
 from .index import InfluenceIndex
 
@@ -40,19 +41,98 @@ def _require_web() -> Any:
     return fastapi
 
 
+class _Explorer:
+    """What the routes answer, over one index (HTTP errors as ``(status, message)`` via :class:`_HTTPError`)."""
+
+    def __init__(self, index: InfluenceIndex) -> None:
+        self.index = index
+        self.lock = threading.Lock()  # one query at a time: the engine's buffers are not shared between threads
+        self.n = {"train": index.n_train, "test": int(index.config["n_test"])}
+        solver = index.config.get("solver")
+        self.solver = solver.get("solver") if isinstance(solver, dict) else solver
+
+    def checked(self, split: str, i: int) -> None:
+        n = self.n
+        if split not in n:
+            raise _HTTPError(404, f"unknown split {split!r}: use 'train' or 'test'")
+        if not 0 <= i < n[split]:
+            raise _HTTPError(404, f"{split} example {i} does not exist: the index has {n[split]} {split} examples (0..{n[split] - 1})")
+
+    def describe(self, split: str, i: int) -> dict[str, Any]:
+        index = self.index
+        out: dict[str, Any] = {"split": split, "index": i}
+        for name in ("label", "predicted", "loss"):
+            values = index.split_array(name, split)
+            out[name] = None if values is None else (float(values[i]) if name == "loss" else int(values[i]))
+        meta = index.display_meta(split) or index.display_meta("train")
+        names = None if meta is None else meta.get("classes")
+        for name in ("label", "predicted"):
+            if names and out[name] is not None and out[name] < len(names):
+                out[f"{name}_name"] = names[out[name]]
+        if split == "train":
+            out["self_influence"] = float(index.self_influence()[i])
+        out["display"] = index.display_item(split, i)
+        return out
+
+    def info(self) -> dict[str, Any]:
+        config = self.index.config
+        return {
+            "n_train": self.n["train"], "n_test": self.n["test"], "solver": self.solver, "solver_settings": config.get("solver"),
+            "damping": config.get("damping"), "task": config.get("task"), "space": config["space"], "width": config["width"],
+            "max_k": min(MAX_K, self.n["train"]), "display": {s: self.index.display_meta(s) for s in ("train", "test")},
+            "convention": ("I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example "
+                           "lowers the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."),
+        }
+
+    def self_influence(self, k: int) -> dict[str, Any]:
+        k = min(k, self.n["train"])
+        order = self.index.self_influence().argsort()[::-1][:k]
+        return {"k": k, "examples": [self.describe("train", int(i)) for i in order]}
+
+    def explain(self, split: str | None, i: int | None, values: list[Any] | None, label: int | None, k: int) -> dict[str, Any]:
+        index, n = self.index, self.n
+        if (values is None) == (i is None):
+            raise _HTTPError(422, "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not both or neither")
+        if k > n["train"]:
+            raise _HTTPError(422, f"k={k} is above the number of training examples ({n['train']})")
+        start = time.perf_counter()
+        with self.lock:
+            if values is not None:
+                example, used = index.new_input(values, label)
+                ranked = index.explain(example, k=k)
+                query: dict[str, Any] = {"split": None, "index": None, "label": used}
+            else:
+                split = split or "test"
+                self.checked(split, i)
+                layout = index.influence.layout_
+                ranked = index.explain_test([i], k=k) if split == "test" else index.explain(
+                    take(index.influence.train_, [i], dtype=layout.dtype, device=layout.device), k=k)
+                query = self.describe(split, i)
+        lists = {}
+        for part in ("helpful", "harmful"):
+            top = getattr(ranked, part)
+            lists[part] = [{**self.describe("train", int(j)), "score": float(v), "loo_change": -float(v) / n["train"]}
+                           for j, v in zip(top.indices[0].tolist(), top.values[0].tolist())]
+        return {"query": query, **lists, "seconds": time.perf_counter() - start}
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
 def create_app(index: InfluenceIndex) -> Any:
     """The FastAPI application serving ``index`` (module docstring: the routes)."""
     fastapi = _require_web()
-    from fastapi import HTTPException, Query
+    from fastapi import Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse
     from pydantic import BaseModel, ConfigDict, Field
 
     app = fastapi.FastAPI(title="influencekit explorer", version="1",
                           description="Which training examples made the model predict this? Influence functions over a stored index.")
-    lock = threading.Lock()  # one query at a time: the engine's buffers are not shared between threads
-    config = index.config
-    n = {"train": index.n_train, "test": int(config["n_test"])}
+    explorer = _Explorer(index)
 
     class ExplainRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -67,6 +147,10 @@ def create_app(index: InfluenceIndex) -> Any:
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in exc.errors())
         return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
 
+    @app.exception_handler(_HTTPError)
+    async def _http(request: Any, exc: _HTTPError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": exc.message})
+
     @app.exception_handler(InfluenceKitError)
     async def _library(request: Any, exc: InfluenceKitError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
@@ -75,90 +159,26 @@ def create_app(index: InfluenceIndex) -> Any:
     async def _unexpected(request: Any, exc: Exception) -> JSONResponse:  # never a traceback to the client
         return JSONResponse(status_code=500, content={"detail": f"internal error: {type(exc).__name__}"})
 
-    def checked(split: str, i: int) -> None:
-        if split not in n:
-            raise HTTPException(404, f"unknown split {split!r}: use 'train' or 'test'")
-        if not 0 <= i < n[split]:
-            raise HTTPException(404, f"{split} example {i} does not exist: the index has {n[split]} {split} examples (0..{n[split] - 1})")
-
-    def classes(split: str) -> list[str] | None:
-        meta = index.display_meta(split) or index.display_meta("train")
-        return None if meta is None else meta.get("classes")
-
-    def describe(split: str, i: int, *, show: bool = True) -> dict[str, Any]:
-        out: dict[str, Any] = {"split": split, "index": i}
-        for name in ("label", "predicted", "loss"):
-            values = index.split_array(name, split)
-            out[name] = None if values is None else (float(values[i]) if name == "loss" else int(values[i]))
-        names = classes(split)
-        for name in ("label", "predicted"):
-            if names and out[name] is not None and out[name] < len(names):
-                out[f"{name}_name"] = names[out[name]]
-        if split == "train":
-            out["self_influence"] = float(index.self_influence()[i])
-        if show:
-            out["display"] = index.display_item(split, i)
-        return out
-
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return resources.files("influencekit").joinpath("explorer/index.html").read_text(encoding="utf-8")
 
-    solver = config.get("solver")
-
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        return {
-            "n_train": n["train"], "n_test": n["test"], "solver": solver.get("solver") if isinstance(solver, dict) else solver,
-            "solver_settings": solver, "damping": config.get("damping"),
-            "task": config.get("task"), "space": config["space"], "width": config["width"], "max_k": min(MAX_K, n["train"]),
-            "display": {s: index.display_meta(s) for s in ("train", "test")}, "convention": (
-                "I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example lowers "
-                "the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."),
-        }
+        return explorer.info()
 
     @app.get("/api/examples/{split}/{i}")
     def example(split: str, i: int) -> dict[str, Any]:
-        checked(split, i)
-        return describe(split, i)
+        explorer.checked(split, i)
+        return explorer.describe(split, i)
 
     @app.get("/api/self-influence")
     def self_influence(k: int = Query(50, ge=1, le=MAX_K)) -> dict[str, Any]:
-        values = index.self_influence()
-        k = min(k, n["train"])
-        order = values.argsort()[::-1][:k]
-        return {"k": k, "examples": [describe("train", int(i)) for i in order]}
+        return explorer.self_influence(k)
 
     @app.post("/api/explain")
     def explain(request: ExplainRequest) -> dict[str, Any]:
-        if (request.input is None) == (request.index is None):
-            raise HTTPException(422, "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not both or neither")
-        if request.k > n["train"]:
-            raise HTTPException(422, f"k={request.k} is above the number of training examples ({n['train']})")
-        start = time.perf_counter()
-        with lock:
-            if request.input is not None:
-                example, label = index.new_input(request.input, request.label)
-                ranked = index.explain(example, k=request.k)
-                query: dict[str, Any] = {"split": None, "index": None, "label": label}
-            else:
-                split = request.split or "test"
-                checked(split, request.index)
-                if split == "test":
-                    ranked = index.explain_test([request.index], k=request.k)
-                else:
-                    data = index.influence.train_
-                    from .data.examples import take
-
-                    ranked = index.explain(take(data, [request.index], dtype=index.influence.layout_.dtype,
-                                                device=index.influence.layout_.device), k=request.k)
-                query = describe(split, request.index)
-        lists = {}
-        for part in ("helpful", "harmful"):
-            top = getattr(ranked, part)
-            lists[part] = [{**describe("train", int(i)), "score": float(v), "loo_change": -float(v) / n["train"]}
-                           for i, v in zip(top.indices[0].tolist(), top.values[0].tolist())]
-        return {"query": query, **lists, "seconds": time.perf_counter() - start}
+        return explorer.explain(request.split, request.index, request.input, request.label, request.k)
 
     return app
 
