@@ -102,6 +102,7 @@ class InfluenceIndex:
         self._rows: torch.Tensor | None = None
         self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
         self._test: Examples | None = None
+        self._verified: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------------------------------ build and open
     @staticmethod
@@ -257,11 +258,14 @@ class InfluenceIndex:
         self._path(f"display-{split}.json").write_text(json.dumps(meta))
 
     def _array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        array, problem = load_array(self._path(name), shape, dtype, mmap=True)
-        if problem is not None:
-            raise InputError(f"the index file {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
-                             "recomputes the damaged file).")
-        return array
+        """A stored array, verified (checksum, shape, dtype, finiteness) the first time it is read, then kept."""
+        if name not in self._verified:
+            array, problem = load_array(self._path(name), shape, dtype, mmap=True)
+            if problem is not None:
+                raise InputError(f"the index file {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
+                                 "recomputes the damaged file).")
+            self._verified[name] = array
+        return self._verified[name]
 
     def rows(self) -> torch.Tensor:
         """The stored training rows ``(n_train, width)``, verified once and kept in memory."""

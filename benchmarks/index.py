@@ -1,0 +1,107 @@
+"""Influence index: build cost and query latency through the explorer's HTTP API (issue 17). Not a timed test.
+
+A softmax regression (64 features → 10 classes, 650 parameters, float64, exact solver) on a synthetic training set
+of N examples (features N(0, 1), labels from a random linear teacher with 10% flipped), trained by ``fit_lbfgs``;
+the index is built by :meth:`InfluenceIndex.build`, served by uvicorn on localhost, and queried 200 times with
+``POST /api/explain`` (a random stored test example, k = 10) by a real HTTP client. Printed per N: build seconds
+and its multiple of one per-example-gradient pass over the training set, the index's size on disk, and the median
+and 95th percentile of the query latency (client-measured, end to end), with the server's own time per query.
+
+    python benchmarks/index.py                 # N = 10,000 and 100,000 (about 3 minutes on 2 cores)
+    python benchmarks/index.py --sizes 10000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def problem(n: int, n_test: int = 500, seed: int = 0):
+    import influencekit as ik
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n + n_test, 64, dtype=torch.float64, generator=g)
+    teacher = torch.randn(64, 10, dtype=torch.float64, generator=g)
+    y = (X @ teacher).argmax(dim=1)
+    flip = torch.rand(n + n_test, generator=g) < 0.1
+    y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
+    model = torch.nn.Linear(64, 10).double()
+    task = ik.ClassificationTask(model, l2=1e-3)
+    ik.fit_lbfgs(task, (X[:n], y[:n]), warn=False)
+    return task, (X[:n], y[:n]), (X[n:], y[n:])
+
+
+def gradient_pass_seconds(inf) -> float:
+    start = time.perf_counter()
+    for _ in inf.gradients_.stream(inf.train_, side="train", start=0, stop=len(inf.train_), desc="timing"):
+        pass
+    return time.perf_counter() - start
+
+
+def run(n: int, queries: int, folder: Path) -> dict:
+    import httpx
+    import uvicorn
+
+    import influencekit as ik
+    from influencekit.index import Display, InfluenceIndex
+    from influencekit.serve import create_app
+
+    task, train, test = problem(n)
+    inf = ik.Influence(task, train, solver="exact", cache_dir=InfluenceIndex.solver_dir(folder)).fit()
+    grad_pass = gradient_pass_seconds(inf)
+    start = time.perf_counter()
+    index = InfluenceIndex.build(inf, folder, test=test, display={"test": Display("text", [f"test {i}" for i in range(len(test[1]))])})
+    build = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(index), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    rng = np.random.default_rng(0)
+    latencies, server_side = [], []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        client.post("/api/explain", json={"split": "test", "index": 0, "k": 10}).raise_for_status()  # warm-up (rows loaded)
+        for _ in range(queries):
+            t = time.perf_counter()
+            response = client.post("/api/explain", json={"split": "test", "index": int(rng.integers(len(test[1]))), "k": 10})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - t)
+            server_side.append(response.json()["seconds"])
+    server.should_exit = True
+    thread.join(timeout=10)
+    ms = 1000 * np.array(latencies)
+    return {"n": n, "build_s": build, "build_per_grad_pass": build / grad_pass, "grad_pass_s": grad_pass,
+            "size_mb": size / 2 ** 20, "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+            "server_median_ms": 1000 * float(np.median(server_side))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="training-set sizes (comma-separated)")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| training examples | build | build / gradient pass | size on disk | query median | query p95 | server time (median) |")
+    print("|---|---|---|---|---|---|---|")
+    for n in (int(s) for s in args.sizes.split(",")):
+        with tempfile.TemporaryDirectory(prefix="ik-index-") as tmp:
+            r = run(n, args.queries, Path(tmp))
+        print(f"| {r['n']:,} | {r['build_s']:.1f} s | {r['build_per_grad_pass']:.1f} (pass {r['grad_pass_s']:.2f} s) | "
+              f"{r['size_mb']:.0f} MB | {r['median_ms']:.1f} ms | {r['p95_ms']:.1f} ms | {r['server_median_ms']:.1f} ms |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
