@@ -61,9 +61,15 @@ def browser():
 
 
 def _wait(condition, timeout=30.0):
+    """Poll ``condition`` until it is truthy; an element replaced by a re-render while read counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.time() + timeout
     while time.time() < end:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.1)
@@ -77,6 +83,7 @@ def test_pick_explain_mark_export_in_a_real_browser(server, browser, tmp_path):
     browser.get(url)
     cards = lambda part: browser.find_elements(By.CSS_SELECTOR, f"#{part} .card")  # noqa: E731
     _wait(lambda: len(cards("helpful")) == 8 and len(cards("harmful")) == 8)  # test example 0 at k = 8
+    _wait(lambda: browser.find_element(By.ID, "query-text").text.startswith("test #0"))  # the first query answered
     # pick test example 12
     box = browser.find_element(By.ID, "test-index")
     box.clear()

@@ -133,3 +133,29 @@ def test_a_display_of_the_wrong_length_is_refused(digits_small, tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(ik.InputError, match="needs `columns`"):
             Display("table", [["1"]])
+
+
+def test_two_stage_search_recall_and_exact_values(digits_small, tmp_path):
+    """Sketch of 512 dimensions (a seeded Gaussian projection of the 650-dimensional gradients), 100 candidates of 300,
+    k = 5, 20 test points: the candidates hold 100% of the exact top-5 helpful examples and 90% of the harmful ones
+    (measured; asserted ≥ 0.98 and ≥ 0.85: the first stage's projected scores correlate only ~0.6 with the exact ones
+    at 256 dimensions, so recall is the price of the approximation), and every score returned is the exact one."""
+    d = digits_small
+    inf = ik.Influence(d.task, d.train, solver="exact", damping=0.01).fit()
+    Xt, yt = d.test
+    index = InfluenceIndex.build(inf, tmp_path, test=(Xt[:50], yt[:50]), sketch_dim=512)
+    exact = inf.top_k((Xt[:20], yt[:20]), k=5)
+    approx = index.explain_test(range(20), k=5, candidates=100)
+    assert approx.metadata["search"] == "two-stage (100 candidates)"
+    recall = {}
+    for part in ("helpful", "harmful"):
+        e, a = getattr(exact, part), getattr(approx, part)
+        recall[part] = sum(len(set(e.indices[q].tolist()) & set(a.indices[q].tolist())) for q in range(20)) / (20 * 5)
+        full = inf.scores((Xt[:20], yt[:20])).values
+        assert torch.allclose(a.values, full.gather(1, a.indices), rtol=1e-12, atol=0)  # exact re-scoring
+    assert recall["helpful"] >= 0.98 and recall["harmful"] >= 0.85, recall
+    with pytest.raises(ik.InputError, match=r"`candidates` must be an int in \[5, 300\]\. Got 2"):
+        index.explain_test([0], k=5, candidates=2)
+    plain = InfluenceIndex.build(inf, tmp_path / "plain")
+    with pytest.raises(ik.InputError, match="`candidates` needs an index built with `sketch_dim`"):
+        plain.explain((Xt[:1], yt[:1]), k=5, candidates=50)

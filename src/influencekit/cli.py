@@ -45,9 +45,10 @@ def _index(ctx: typer.Context) -> None:
 
 @index_app.command("build")
 def index_build(
-    demo: str = typer.Option("digits", help="The ready-made index to build: digits (bundled, no download)."),
+    demo: str = typer.Option("digits", help="The ready-made index: digits (bundled), mnist (CNN, 9,000 images) or enron (spam e-mails)."),
+    data: Path | None = typer.Option(None, help="mnist: the folder of the MNIST IDX files; enron: enron1.tar.gz or its folder."),
     out: Path = typer.Option(Path("influencekit-index"), help="The index folder (created; a finished one is reopened)."),
-    solver: str = typer.Option("exact", help="Inverse-Hessian solver of the index: exact, cg, arnoldi or ekfac."),
+    solver: str | None = typer.Option(None, help="Inverse-Hessian solver (default: exact for digits and enron, ekfac for mnist)."),
 ) -> None:
     """Train the demo model and store everything influence queries need: fitted solver, training rows, self-influence."""
     import time
@@ -55,7 +56,8 @@ def index_build(
     from .experiments.index_demo import build_demo_index
 
     start = time.perf_counter()
-    index = build_demo_index(demo, out, solver=solver, progress=True)
+    index = build_demo_index(demo, out, data=data, solver=solver, progress=True)
+    solver = index.config["solver"]["solver"] if isinstance(index.config["solver"], dict) else index.config["solver"]
     typer.echo(f"index of {index.n_train} training / {index.config['n_test']} test examples ({solver}, rows in the "
                f"{index.config['space']} space, width {index.config['width']}) in {out} ({time.perf_counter() - start:.1f} s); "
                f"serve it with: influencekit serve --index {out}")

@@ -7,6 +7,8 @@
   refused, a finished build is reopened, an interrupted one resumes at its first missing chunk;
 - ``solver/``: the fitted solver's state (the ``cache_dir`` of :class:`~influencekit.Influence`; reopened without a
   refit by ``Influence(..., cache_dir=folder / "solver")``);
+- ``sketch-<k>.npy`` (``sketch_dim=``): the rows projected to ``sketch_dim`` dimensions, float32, for the two-stage
+  search (approximate candidates, then exact re-scoring);
 - ``rows-<k>.npy``: the training side in the form the solver scores fastest: the solver's own basis coordinates
   ``G Bᵀ`` when it has a small one (Arnoldi: ``rank`` numbers per example), else the training gradients ∇L(z)
   (exact, CG, LiSSA, K-FAC/EK-FAC);
@@ -39,10 +41,11 @@ import torch
 
 from .checks import check_int
 from .data.examples import Examples, take
-from .errors import CorruptFileWarning, InputError, InputTypeError, NotFittedError
+from .errors import CorruptFileWarning, InputError, InputTypeError
 from .folders import load_array, open_folder, save_array
 from .persistence import SolverCache
 from .progress import progress_bar
+from .projection import Projector
 from .results import RankedInfluence, TopK
 from .scoring import Influence
 from .topk import StreamingTopK
@@ -103,6 +106,12 @@ class InfluenceIndex:
         self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
         self._test: Examples | None = None
         self._verified: dict[str, np.ndarray] = {}
+        #: turns a typed input (e.g. an e-mail's text) into numbers shaped like a stored input; set by the recipe
+        #: that opened the index (the enron demo: word presence over the stored vocabulary), None: numbers only
+        self.encoder: Any = None
+        dim = config.get("sketch_dim")
+        self._projector = None if not dim else Projector(int(config["width"]), int(dim), kind="gaussian", seed=0)
+        self._sketch: Any = None
 
     # ------------------------------------------------------------------------------------------ build and open
     @staticmethod
@@ -112,7 +121,7 @@ class InfluenceIndex:
 
     @classmethod
     def build(cls, influence: Influence, folder: str | os.PathLike, *, test: Any = None, display: dict[str, Display] | None = None,
-              recipe: str | None = None, progress: bool = False) -> InfluenceIndex:
+              recipe: str | None = None, sketch_dim: int | None = None, progress: bool = False) -> InfluenceIndex:
         """Compute and store the index of a fitted ``influence`` in ``folder`` (or resume / reopen it).
 
         Args:
@@ -122,6 +131,8 @@ class InfluenceIndex:
             display: ``{"train": Display, "test": Display}``: what the explorer page shows of each example.
             recipe: how the command line rebuilds the model and data to serve this index (set by
                 ``influencekit index build --demo ...``); ``None`` for an index served from Python (:func:`serve`).
+            sketch_dim: also store the rows projected to this many dimensions (a seeded Gaussian projection, float32)
+                for the two-stage search of :meth:`explain` (``candidates=``); ``None``: exact scans only.
             progress: show progress bars.
         """
         if not isinstance(influence, Influence):
@@ -146,17 +157,18 @@ class InfluenceIndex:
             chunk=influence.gradients_.chunk, n_test=0 if test_data is None else len(test_data),
             test_fingerprint="" if test_data is None else influence.data_fingerprint(test_data),
             display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
+            sketch_dim=None if sketch_dim is None else check_int("sketch_dim", sketch_dim, low=1),
         )
         config = open_folder(folder, config, arg="folder", what="an influence index", pattern="rows-*.npy")
         if influence.config.cache_dir is None or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve():
             SolverCache(cls.solver_dir(folder), prov, influence.data_fingerprint(influence.train_), influence.shard_).store(influence.solver_)
         index = cls(folder, influence, config)
-        index._write_rows(progress)
-        index._write_arrays("train", influence.train_, progress)
+        _write_rows(index, progress)
+        _write_arrays(index, "train", influence.train_)
         if test_data is not None:
-            index._write_arrays("test", test_data, progress)
+            _write_arrays(index, "test", test_data)
         for split, shown in display.items():
-            index._write_display(split, shown)
+            _write_display(index, split, shown)
         (folder / "complete").write_text("1")
         return index
 
@@ -186,76 +198,6 @@ class InfluenceIndex:
 
     def _dtype(self) -> np.dtype:
         return np.dtype(str(self.influence.layout_.dtype).removeprefix("torch."))
-
-    def _write_rows(self, progress: bool) -> None:
-        inf, n, chunk, width = self.influence, self.n_train, self.config["chunk"], self.config["width"]
-        missing = []
-        for lo in range(0, n, chunk):
-            path = self._path(f"rows-{lo:09d}.npy")
-            if path.exists():
-                _, problem = load_array(path, (min(chunk, n - lo), width), self._dtype(), mmap=True)
-                if problem is None:
-                    continue
-                warnings.warn(f"ignoring the index file {problem}; it is recomputed", CorruptFileWarning, stacklevel=3)
-            missing.append(lo)
-        bar = progress_bar(total=len(missing) * chunk, desc="index: training rows", enabled=progress)
-        for lo in missing:
-            hi = min(lo + chunk, n)
-            G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
-            R = G if self._basis is None else G @ self._basis.T
-            save_array(self._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
-            bar.update(hi - lo)
-        bar.close()
-
-    def _write_arrays(self, split: str, data: Examples, progress: bool) -> None:
-        inf = self.influence
-        if split == "train" and not self._path("self-influence.npy").exists():
-            save_array(self._path("self-influence.npy"), inf.self_influence().detach().cpu().numpy())
-        if not self._path(f"loss-{split}.npy").exists():
-            losses, predicted, labels = self._evaluate(data)
-            save_array(self._path(f"loss-{split}.npy"), losses)
-            if predicted is not None:
-                save_array(self._path(f"predicted-{split}.npy"), predicted)
-            if labels is not None:
-                save_array(self._path(f"label-{split}.npy"), labels)
-        inputs = data._tensors
-        if split == "test" and isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
-            for j, t in enumerate(inputs):
-                if not self._path(f"inputs-{split}-{j}.npy").exists():
-                    save_array(self._path(f"inputs-{split}-{j}.npy"), t.detach().cpu().numpy())
-
-    def _evaluate(self, data: Examples) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Per-example loss (the task's, without the L2 term), predicted class and label (classification tasks)."""
-        inf, task = self.influence, self.influence.task
-        layout = inf.layout_
-        losses, predicted, labels = [], [], []
-        classify = getattr(task, "fisher", None) == "classification"
-        with torch.no_grad():
-            for lo in range(0, len(data), 4096):
-                batch = take(data, torch.arange(lo, min(lo + 4096, len(data))), dtype=layout.dtype, device=layout.device,
-                             check=task.check_batch)
-                losses.append(task.loss(inf.params_, batch).detach().cpu())
-                if classify:
-                    out, y = task.outputs(inf.params_, batch).detach().cpu(), task.labels(batch).detach().cpu()
-                    if y.dim() != 1 or out.dim() > 2:  # per-token outputs: no single predicted class per example
-                        classify = False
-                        continue
-                    predicted.append(_predicted_class(out))
-                    labels.append(y.long())
-        if not classify:
-            predicted, labels = [], []
-        return torch.cat(losses).numpy(), (torch.cat(predicted).numpy() if predicted else None), (torch.cat(labels).numpy() if labels else None)
-
-    def _write_display(self, split: str, shown: Display) -> None:
-        if shown.kind == "image":
-            if not self._path(f"display-{split}.npy").exists():
-                save_array(self._path(f"display-{split}.npy"), _image_bytes(shown.values))
-        else:
-            lines = [json.dumps(v if shown.kind == "text" else [str(x) for x in v]) for v in shown.values]
-            (self._path(f"display-{split}.jsonl")).write_text("\n".join(lines) + "\n")
-        meta = {"kind": shown.kind, "classes": list(shown.classes) if shown.classes else None,
-                "columns": list(shown.columns) if shown.columns else None}
-        self._path(f"display-{split}.json").write_text(json.dumps(meta))
 
     def _array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A stored array, verified (checksum, shape, dtype, finiteness) the first time it is read, then kept."""
@@ -325,11 +267,20 @@ class InfluenceIndex:
         return self._test
 
     # ------------------------------------------------------------------------------------------ queries
-    def explain(self, test: Any, k: int = 10) -> RankedInfluence:
+    def explain(self, test: Any, k: int = 10, *, candidates: int | None = None) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training examples for each example of ``test`` (any data the
-        Influence takes, e.g. ``(X, y)``): one solve per block of test points, then one scan of the stored rows."""
+        Influence takes, e.g. ``(X, y)``): one solve per block of test points, then one scan of the stored rows.
+
+        ``candidates``: the two-stage search (an index built with ``sketch_dim``): the ``candidates`` most helpful and
+        most harmful by the projected rows (faiss's exact inner-product search when faiss-cpu is installed, else a
+        matrix product), then those re-scored exactly with the full rows; the values returned are exact, an example
+        outside the candidates can be missed (tests/test_index.py states the recall)."""
         inf = self.influence
         k = check_int("k", k, low=1, high=self.n_train)
+        if candidates is not None:
+            if self._projector is None:
+                raise InputError("`candidates` needs an index built with `sketch_dim` (the projected rows of the first stage).")
+            candidates = check_int("candidates", candidates, low=k, high=self.n_train)
         rows, side = self.rows(), inf.training_side_
         chunk = self.config["chunk"]
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
@@ -337,34 +288,71 @@ class InfluenceIndex:
         for _, Q, report in inf.queries(test):
             reports.append(report)
             Qs = Q if self._basis is None else Q @ self._basis.T
-            helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
-            harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
-            for lo in range(0, self.n_train, chunk):
-                S = side.product(Qs, rows[lo:lo + chunk])
-                helpful.add_block(-S, lo)
-                harmful.add_block(S, lo)
-            parts["hv"].append(-helpful.values)
-            parts["hi"].append(helpful.indices)
-            parts["xv"].append(harmful.values)
-            parts["xi"].append(harmful.indices)
+            if candidates is None:
+                helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+                harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+                for lo in range(0, self.n_train, chunk):
+                    S = side.product(Qs, rows[lo:lo + chunk])
+                    helpful.add_block(-S, lo)
+                    harmful.add_block(S, lo)
+                found = (helpful.indices, -helpful.values, harmful.indices, harmful.values)
+            else:
+                found = self._two_stage(Qs, rows, k, candidates)
+            for key, value in zip(("hi", "hv", "xi", "xv"), found):
+                parts[key].append(value)
         if not reports:
             raise InputError("`test` must hold at least one example.")
-        meta = inf._metadata(reports, k=k, score_space="index (solver basis)" if self._basis is not None else "index (parameters)")
+        space = "index (solver basis)" if self._basis is not None else "index (parameters)"
+        meta = inf._metadata(reports, k=k, score_space=space, search="exact" if candidates is None else f"two-stage ({candidates} candidates)")
         return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
                                self.n_train, meta)
 
-    def explain_test(self, indices: Sequence[int], k: int = 10) -> RankedInfluence:
+    def _two_stage(self, Qs: torch.Tensor, rows: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, ...]:
+        """Helpful and harmful (indices, exact scores) from ``candidates`` found by the sketch, re-scored exactly."""
+        phi = self._projector.project(Qs).to(torch.float32).cpu().numpy()
+        sketch = self._sketch_search()
+        out = []
+        for sign in (1.0, -1.0):  # helpful: the largest φ(q)·φ(g) (scores −q·g most negative); harmful: the smallest
+            ids = sketch(np.ascontiguousarray(sign * phi), candidates)
+            idx = torch.as_tensor(ids, dtype=torch.long, device=rows.device)
+            S = -(Qs[:, None, :] * rows[idx]).sum(dim=-1)  # exact scores of each query's candidates
+            order = torch.topk(-sign * S, k, dim=1).indices
+            out += [idx.gather(1, order), S.gather(1, order)]
+        return tuple(out)
+
+    def _sketch_search(self) -> Any:
+        """``search(queries (q, d) float32, m) -> (q, m)`` indices of the largest inner products with the sketch."""
+        if self._sketch is None:
+            n, chunk, dim = self.n_train, self.config["chunk"], self._projector.dim
+            sketch = np.concatenate([np.asarray(self._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
+                                     for lo in range(0, n, chunk)])
+            try:
+                import faiss
+            except ImportError:
+                table = torch.from_numpy(sketch)
+                self._sketch = lambda q, m: torch.topk(torch.from_numpy(q) @ table.T, m, dim=1).indices.numpy()
+            else:
+                flat = faiss.IndexFlatIP(dim)
+                flat.add(sketch)
+                self._sketch = lambda q, m: flat.search(q, m)[1]
+        return self._sketch
+
+    def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None) -> RankedInfluence:
         """:meth:`explain` for stored test examples, by index."""
         data = self.test_examples()
         bad = [i for i in indices if not 0 <= int(i) < len(data)]
         if bad:
             raise InputError(f"test index {bad[0]} is out of range: the index keeps {len(data)} test examples (0..{len(data) - 1}).")
         idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
-        return self.explain(tuple(t[idx] for t in data._tensors), k=k)
+        return self.explain(tuple(t[idx] for t in data._tensors), k=k, candidates=candidates)
 
     def new_input(self, values: Any, label: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        """One new example ``(x[None], y)`` from nested lists shaped like a stored test input, at ``label`` or, without
-        it, at the model's predicted class; returns it and the label used."""
+        """One new example ``(x[None], y)`` from nested lists shaped like a stored test input (or a text, for an index with
+        an :attr:`encoder`), at ``label`` or, without it, at the model's predicted class; returns it and the label used."""
+        if isinstance(values, str):
+            if self.encoder is None:
+                raise InputError("`input` must be numbers shaped like one example: this index has no encoder for text.")
+            values = self.encoder(values)
         data = self.test_examples()
         template = data._tensors[0]
         try:
@@ -385,7 +373,77 @@ class InfluenceIndex:
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
 
 
-def require_index(index: Any) -> InfluenceIndex:
-    if not isinstance(index, InfluenceIndex):
-        raise NotFittedError(f"expected an InfluenceIndex (InfluenceIndex.build or .open). Got {type(index).__name__}.")
-    return index
+# ------------------------------------------------------------------------------------------ what build writes
+def _write_rows(index: InfluenceIndex, progress: bool) -> None:
+    inf, n, chunk, width = index.influence, index.n_train, index.config["chunk"], index.config["width"]
+    missing = []
+    for lo in range(0, n, chunk):
+        path = index._path(f"rows-{lo:09d}.npy")
+        if path.exists():
+            _, problem = load_array(path, (min(chunk, n - lo), width), index._dtype(), mmap=True)
+            if problem is None and index._projector is not None:
+                _, problem = load_array(index._path(f"sketch-{lo:09d}.npy"), (min(chunk, n - lo), index._projector.dim), np.float32, mmap=True)
+            if problem is None:
+                continue
+            warnings.warn(f"ignoring the index file {problem}; it is recomputed", CorruptFileWarning, stacklevel=3)
+        missing.append(lo)
+    bar = progress_bar(total=sum(min(chunk, n - lo) for lo in missing), desc="index: training rows", enabled=progress)
+    for lo in missing:
+        hi = min(lo + chunk, n)
+        G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
+        R = G if index._basis is None else G @ index._basis.T
+        save_array(index._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
+        if index._projector is not None:
+            save_array(index._path(f"sketch-{lo:09d}.npy"), index._projector.project(R).to(torch.float32).cpu().numpy())
+        bar.update(hi - lo)
+    bar.close()
+
+def _write_arrays(index: InfluenceIndex, split: str, data: Examples) -> None:
+    inf = index.influence
+    if split == "train" and not index._path("self-influence.npy").exists():
+        save_array(index._path("self-influence.npy"), inf.self_influence().detach().cpu().numpy())
+    if not index._path(f"loss-{split}.npy").exists():
+        losses, predicted, labels = _evaluate(index, data)
+        save_array(index._path(f"loss-{split}.npy"), losses)
+        if predicted is not None:
+            save_array(index._path(f"predicted-{split}.npy"), predicted)
+        if labels is not None:
+            save_array(index._path(f"label-{split}.npy"), labels)
+    inputs = data._tensors
+    if split == "test" and isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
+        for j, t in enumerate(inputs):
+            if not index._path(f"inputs-{split}-{j}.npy").exists():
+                save_array(index._path(f"inputs-{split}-{j}.npy"), t.detach().cpu().numpy())
+
+def _evaluate(index: InfluenceIndex, data: Examples) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Per-example loss (the task's, without the L2 term), predicted class and label (classification tasks)."""
+    inf, task = index.influence, index.influence.task
+    layout = inf.layout_
+    losses, predicted, labels = [], [], []
+    classify = getattr(task, "fisher", None) == "classification"
+    with torch.no_grad():
+        for lo in range(0, len(data), 4096):
+            batch = take(data, torch.arange(lo, min(lo + 4096, len(data))), dtype=layout.dtype, device=layout.device,
+                         check=task.check_batch)
+            losses.append(task.loss(inf.params_, batch).detach().cpu())
+            if classify:
+                out, y = task.outputs(inf.params_, batch).detach().cpu(), task.labels(batch).detach().cpu()
+                if y.dim() != 1 or out.dim() > 2:  # per-token outputs: no single predicted class per example
+                    classify = False
+                    continue
+                predicted.append(_predicted_class(out))
+                labels.append(y.long())
+    if not classify:
+        predicted, labels = [], []
+    return torch.cat(losses).numpy(), (torch.cat(predicted).numpy() if predicted else None), (torch.cat(labels).numpy() if labels else None)
+
+def _write_display(index: InfluenceIndex, split: str, shown: Display) -> None:
+    if shown.kind == "image":
+        if not index._path(f"display-{split}.npy").exists():
+            save_array(index._path(f"display-{split}.npy"), _image_bytes(shown.values))
+    else:
+        lines = [json.dumps(v if shown.kind == "text" else [str(x) for x in v]) for v in shown.values]
+        (index._path(f"display-{split}.jsonl")).write_text("\n".join(lines) + "\n")
+    meta = {"kind": shown.kind, "classes": list(shown.classes) if shown.classes else None,
+            "columns": list(shown.columns) if shown.columns else None}
+    index._path(f"display-{split}.json").write_text(json.dumps(meta))

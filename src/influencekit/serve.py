@@ -80,6 +80,7 @@ class _Explorer:
             "n_train": self.n["train"], "n_test": self.n["test"], "solver": self.solver, "solver_settings": config.get("solver"),
             "damping": config.get("damping"), "task": config.get("task"), "space": config["space"], "width": config["width"],
             "max_k": min(MAX_K, self.n["train"]), "display": {s: self.index.display_meta(s) for s in ("train", "test")},
+            "input": "text" if self.index.encoder is not None else "numbers",
             "convention": ("I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example "
                            "lowers the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."),
         }
@@ -89,7 +90,7 @@ class _Explorer:
         order = self.index.self_influence().argsort()[::-1][:k]
         return {"k": k, "examples": [self.describe("train", int(i)) for i in order]}
 
-    def explain(self, split: str | None, i: int | None, values: list[Any] | None, label: int | None, k: int) -> dict[str, Any]:
+    def explain(self, split: str | None, i: int | None, values: list[Any] | str | None, label: int | None, k: int) -> dict[str, Any]:
         index, n = self.index, self.n
         if (values is None) == (i is None):
             raise _HTTPError(422, "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not both or neither")
@@ -138,7 +139,8 @@ def create_app(index: InfluenceIndex) -> Any:
         model_config = ConfigDict(extra="forbid")
         split: Literal["test", "train"] | None = Field(None, description="the split of a stored example to explain")
         index: int | None = Field(None, ge=0, description="its position in that split")
-        input: list[Any] | None = Field(None, description="a new example: numbers shaped like one stored test input")
+        input: list[Any] | str | None = Field(None, description="a new example: numbers shaped like one stored test input, "
+                                              "or a text where the index has an encoder (GET /api/info: input)")
         label: int | None = Field(None, ge=0, description="the new example's label (default: the model's prediction)")
         k: int = Field(10, ge=1, le=MAX_K, description=f"helpful and harmful examples returned (1..{MAX_K})")
 
