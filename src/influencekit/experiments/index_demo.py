@@ -10,7 +10,8 @@
   80/20 seeded split of the 5,172 e-mails, L2 λ = 1e-4, ``fit_lbfgs`` from zero, the exact solver; the page shows the
   e-mails' text and explains a typed e-mail (encoded with the stored vocabulary).
 
-The index keeps the trained weights (``model.pt``, a state dict read back with ``weights_only=True``), the recipe
+The index keeps the trained weights (``model-<name>.npy``, one checked array per entry of the state dict: nothing is
+unpickled), the recipe
 (``demo.json``: the demo, the solver, the data path) and, for enron, the vocabulary, so that
 ``influencekit serve --index DIR`` rebuilds the same model, reopens the fitted solver without a refit and checks θ̂
 against the index's manifest. The data themselves are read again from the path given at build time, never copied
@@ -32,7 +33,7 @@ import torch
 from ..applications.explain import train_digits_logistic
 from ..data.bundled import load_digits_split
 from ..errors import InputError
-from ..folders import verify_checked, write_checked
+from ..folders import save_array, verify_checked
 from ..index import Display, InfluenceIndex
 from ..scoring import Influence
 from ..task import ClassificationTask
@@ -41,7 +42,7 @@ from ..training import fit_lbfgs, fit_steps
 __all__ = ["DEMOS", "build_demo_index", "open_served_index"]
 
 DEMOS = ("digits", "mnist", "enron")
-MODEL_FILE = "model.pt"
+MODEL_PREFIX = "model-"
 TEXT_SHOWN = 1500  # characters of an e-mail shown on the page
 
 
@@ -167,8 +168,8 @@ def build_demo_index(name: str, folder: str | os.PathLike, *, data: str | os.Pat
     demo = RECIPES[name](path, None, solver)
     inf = _influence(demo, folder)
     index = InfluenceIndex.build(inf, folder, test=demo.test, display=demo.display, recipe=f"demo:{name}", progress=progress)
-    state = {k: v.detach().clone() for k, v in demo.task.model.state_dict().items()}
-    write_checked(folder / MODEL_FILE, lambda f: torch.save(state, f))
+    for key, value in demo.task.model.state_dict().items():
+        save_array(folder / f"{MODEL_PREFIX}{key}.npy", value.detach().cpu().numpy())
     (folder / "demo.json").write_text(json.dumps({"demo": name, "solver": demo.solver, "data": None if path is None else str(path),
                                                   **(demo.extra or {})}))
     index.encoder = demo.encoder
@@ -189,12 +190,18 @@ def open_served_index(folder: str | os.PathLike) -> InfluenceIndex:
     name = str(recipe).removeprefix("demo:")
     if name not in DEMOS or not (folder / "demo.json").is_file():
         raise InputError(f"the index in {str(folder)!r} names an unknown recipe {recipe!r} (or lacks demo.json); rebuild it.")
-    problem = verify_checked(folder / MODEL_FILE)
-    if problem is not None:
-        raise InputError(f"the index's model file {folder / MODEL_FILE}: {problem}. Rebuild the index.")
     settings = json.loads((folder / "demo.json").read_text())
-    state = torch.load(folder / MODEL_FILE, weights_only=True)
-    demo = RECIPES[name](None if settings.get("data") is None else Path(settings["data"]), state, settings["solver"])
+    data = None if settings.get("data") is None else Path(settings["data"])
+    state = {}
+    for path in sorted(folder.glob(f"{MODEL_PREFIX}*.npy")):
+        problem = verify_checked(path)
+        if problem is not None:
+            raise InputError(f"the index's model file {path}: {problem}. Rebuild the index (influencekit index build).")
+        state[path.name.removeprefix(MODEL_PREFIX).removesuffix(".npy")] = torch.from_numpy(np.load(path, allow_pickle=False))
+    try:
+        demo = RECIPES[name](data, state, settings["solver"])
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or reshaped weights
+        raise InputError(f"the model weights in {str(folder)!r} do not fit the {name} demo's model ({exc}); rebuild the index.") from None
     index = InfluenceIndex.open(folder, _influence(demo, folder))
     index.encoder = demo.encoder
     return index
