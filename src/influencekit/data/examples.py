@@ -43,6 +43,17 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor:
     )
 
 
+def _as_tree(name: str, value: Any) -> Any:
+    """Tensors (or arrays) as they are; dicts and tuples/lists of them, nested to any depth, with each leaf converted
+    (a list of numbers is one tensor, a list of tensors is a tuple)."""
+    if isinstance(value, Mapping):
+        return {k: _as_tree(f"{name}[{k!r}]", v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray, Mapping, list, tuple)) \
+            and not _numeric(value):
+        return tuple(_as_tree(f"{name}[{i}]", v) for i, v in enumerate(value))
+    return _as_tensor(name, value)
+
+
 def _numeric(value: Any) -> bool:
     if isinstance(value, (torch.Tensor, np.ndarray, int, float, bool)):
         return True
@@ -52,11 +63,15 @@ def _numeric(value: Any) -> bool:
 def pad_collate(items: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Stack tokenised examples (dicts of 1-D tensors or lists, 0-d labels) into one batch, padding 1-D fields to
     the longest: ``input_ids`` with ``pad_token_id``, ``labels`` with ``-100``, every other field (attention_mask,
-    token_type_ids) with 0; 0-d fields are stacked. Fields that are not numeric (e.g. the raw ``text``) are left out."""
+    token_type_ids) with 0; 0-d fields are stacked; a nested dict of fields is collated the same way, recursively.
+    Fields that are not numeric (e.g. the raw ``text``) are left out."""
     if not items or not all(isinstance(it, Mapping) for it in items):
         raise InputTypeError("pad_collate needs a non-empty list of dicts of tensors (tokenised examples).")
-    out = {}
+    out: dict[str, Any] = {}
     for key, first in items[0].items():
+        if isinstance(first, Mapping):  # a nested dict of fields: padded the same way, one level down
+            out[key] = pad_collate([it[key] for it in items], pad_token_id=pad_token_id)
+            continue
         if not _numeric(first):
             continue
         values = [torch.as_tensor(it[key]) for it in items]
@@ -129,8 +144,8 @@ class Examples:
             self._dataset, self._collate = _Items(source), pad_collate  # tokenised examples, one dict each
         elif isinstance(source, (torch.Tensor, np.ndarray)):
             self._tensors = _as_tensor(name, source)
-        elif isinstance(source, Mapping):
-            self._tensors = {k: _as_tensor(f"{name}[{k!r}]", v) for k, v in source.items()}
+        elif isinstance(source, Mapping):  # a dict of tensors, possibly nested ({"inputs": {"input_ids": ...}, "labels": ...})
+            self._tensors = _as_tree(name, source)
         elif isinstance(source, Sequence) and not isinstance(source, str):
             self._tensors = tuple(_as_tensor(f"{name}[{i}]", v) for i, v in enumerate(source))
         else:
