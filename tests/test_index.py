@@ -159,3 +159,28 @@ def test_two_stage_search_recall_and_exact_values(digits_small, tmp_path):
     plain = InfluenceIndex.build(inf, tmp_path / "plain")
     with pytest.raises(ik.InputError, match="`candidates` needs an index built with `sketch_dim`"):
         plain.explain((Xt[:1], yt[:1]), k=5, candidates=50)
+
+
+def test_an_index_on_a_gradient_store_answers_as_the_store(digits_small, tmp_path):
+    """Built on a GradientStore (projected gradients, 64 numbers per example): the index's top-k equals store.top_k
+    bit for bit (the same float64 products), its self-influence the store's; reopening needs the same store."""
+    d = digits_small
+    inf = ik.Influence(d.task, d.train, solver="exact", damping=0.01).fit()
+    store = ik.GradientStore.build(inf, tmp_path / "store", dim=64, kind="gaussian", seed=3, chunk=64)
+    Xt, yt = d.test
+    index = InfluenceIndex.build(inf, tmp_path / "index", test=(Xt[:30], yt[:30]), store=store)
+    assert (index.config["space"], index.config["width"]) == ("store", 64)
+    expected = store.top_k((Xt[:12], yt[:12]), k=6)
+    got = index.explain_test(range(12), k=6)
+    for part in ("helpful", "harmful"):
+        assert torch.equal(getattr(expected, part).indices, getattr(got, part).indices)
+        assert torch.equal(getattr(expected, part).values, getattr(got, part).values)
+    assert np.array_equal(np.asarray(index.self_influence()), store.self_influence().numpy())
+    assert got.metadata["score_space"] == "index (gradient store, projected)"
+    assert torch.equal(InfluenceIndex.open(tmp_path / "index", inf, store=store).explain_test([0], k=3).harmful.indices,
+                       got.harmful.indices[:1, :3])
+    with pytest.raises(ik.InputError, match=r"was built on a gradient store .*open it with `store=` that store"):
+        InfluenceIndex.open(tmp_path / "index", inf)
+    other = ik.Influence(d.task, d.train, solver="exact", damping=0.01).fit()
+    with pytest.raises(ik.InputError, match="`store` must be a GradientStore built from this `influence`"):
+        InfluenceIndex.build(other, tmp_path / "index2", store=store)

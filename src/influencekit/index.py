@@ -10,8 +10,9 @@
 - ``sketch-<k>.npy`` (``sketch_dim=``): the rows projected to ``sketch_dim`` dimensions, float32, for the two-stage
   search (approximate candidates, then exact re-scoring);
 - ``rows-<k>.npy``: the training side in the form the solver scores fastest: the solver's own basis coordinates
-  ``G Bᵀ`` when it has a small one (Arnoldi: ``rank`` numbers per example), else the training gradients ∇L(z)
-  (exact, CG, LiSSA, K-FAC/EK-FAC);
+  ``G Bᵀ`` when it has a small one (Arnoldi: ``rank`` numbers per example), the projected gradients of a
+  :class:`~influencekit.GradientStore` (``store=``: its projected empirical-Fisher scores), else the training
+  gradients ∇L(z) (exact, CG, LiSSA, K-FAC/EK-FAC);
 - ``self-influence.npy``, ``loss-<split>.npy``, ``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
 - ``inputs-<split>.npy`` for data given as tensors (so that a stored test example can be queried by its index),
   and ``display-<split>`` (what the explorer page shows: images as ``uint8`` arrays, or one JSON line of text or
@@ -48,6 +49,7 @@ from .progress import progress_bar
 from .projection import Projector
 from .results import RankedInfluence, TopK
 from .scoring import Influence
+from .store import GradientStore
 from .topk import StreamingTopK
 
 __all__ = ["InfluenceIndex", "Display", "SOLVER_DIR"]
@@ -99,8 +101,8 @@ def _image_bytes(values: Any) -> np.ndarray:
 class InfluenceIndex:
     """A folder of everything influence queries need (module docstring); build once, query many times."""
 
-    def __init__(self, folder: Path, influence: Influence, config: dict[str, Any]) -> None:
-        self.folder, self.influence, self.config = folder, influence, config
+    def __init__(self, folder: Path, influence: Influence, config: dict[str, Any], store: GradientStore | None = None) -> None:
+        self.folder, self.influence, self.config, self.store = folder, influence, config, store
         self.n_train = int(config["n_train"])
         self._rows: torch.Tensor | None = None
         self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
@@ -121,7 +123,8 @@ class InfluenceIndex:
 
     @classmethod
     def build(cls, influence: Influence, folder: str | os.PathLike, *, test: Any = None, display: dict[str, Display] | None = None,
-              recipe: str | None = None, sketch_dim: int | None = None, progress: bool = False) -> InfluenceIndex:
+              recipe: str | None = None, sketch_dim: int | None = None, store: GradientStore | None = None,
+              progress: bool = False) -> InfluenceIndex:
         """Compute and store the index of a fitted ``influence`` in ``folder`` (or resume / reopen it).
 
         Args:
@@ -133,6 +136,9 @@ class InfluenceIndex:
                 ``influencekit index build --demo ...``); ``None`` for an index served from Python (:func:`serve`).
             sketch_dim: also store the rows projected to this many dimensions (a seeded Gaussian projection, float32)
                 for the two-stage search of :meth:`explain` (``candidates=``); ``None``: exact scans only.
+            store: a :class:`~influencekit.GradientStore` built from ``influence``: the index then answers with the
+                store's projected empirical-Fisher scores (its rows are the projected gradients, ``dim`` numbers per
+                example, and a query is C⁻¹φ(z_test)), equal to ``store.top_k``.
             progress: show progress bars.
         """
         if not isinstance(influence, Influence):
@@ -150,19 +156,25 @@ class InfluenceIndex:
         basis = influence.solver_.solution_basis()
         space = "basis" if basis is not None and basis.shape[0] < influence.layout_.n else "parameters"
         width = basis.shape[0] if space == "basis" else influence.layout_.n
+        chunk = influence.gradients_.chunk
+        if store is not None:
+            if not isinstance(store, GradientStore) or store.influence is not influence:
+                raise InputError("`store` must be a GradientStore built from this `influence` (GradientStore.build(influence, ...)).")
+            space, width, chunk = "store", store.dim, store.chunk
         prov = influence.provenance_
         config = prov.manifest(
             "influencekit influence index", ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
             data_fingerprint=influence.data_fingerprint(influence.train_), space=space, width=width,
-            chunk=influence.gradients_.chunk, n_test=0 if test_data is None else len(test_data),
+            chunk=chunk, n_test=0 if test_data is None else len(test_data),
             test_fingerprint="" if test_data is None else influence.data_fingerprint(test_data),
             display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
             sketch_dim=None if sketch_dim is None else check_int("sketch_dim", sketch_dim, low=1),
+            store=None if store is None else _store_config(store),
         )
         config = open_folder(folder, config, arg="folder", what="an influence index", pattern="rows-*.npy")
         if influence.config.cache_dir is None or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve():
             SolverCache(cls.solver_dir(folder), prov, influence.data_fingerprint(influence.train_), influence.shard_).store(influence.solver_)
-        index = cls(folder, influence, config)
+        index = cls(folder, influence, config, store)
         _write_rows(index, progress)
         _write_arrays(index, "train", influence.train_)
         if test_data is not None:
@@ -173,9 +185,10 @@ class InfluenceIndex:
         return index
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, influence: Influence) -> InfluenceIndex:
+    def open(cls, folder: str | os.PathLike, influence: Influence, *, store: GradientStore | None = None) -> InfluenceIndex:
         """Reopen a built index with the ``influence`` it was built from (fitted; with
-        ``cache_dir=InfluenceIndex.solver_dir(folder)`` its fit loads the stored solver instead of refitting)."""
+        ``cache_dir=InfluenceIndex.solver_dir(folder)`` its fit loads the stored solver instead of refitting), and
+        the ``store`` when it was built on one."""
         folder = Path(folder)
         manifest = folder / "manifest.json"
         if not manifest.is_file() or not (folder / "complete").is_file():
@@ -190,7 +203,11 @@ class InfluenceIndex:
         if differs:
             raise InputError(f"the index in {str(folder)!r} was built from another model or configuration (differs in: "
                              f"{', '.join(differs)}); open it with the Influence it was built from, or build a new one.")
-        return cls(folder, influence, stored)
+        wanted = None if store is None else json.loads(json.dumps(_store_config(store), default=str))
+        if stored.get("store") != wanted:
+            raise InputError(f"the index in {str(folder)!r} was built {'on' if stored.get('store') else 'without'} a gradient "
+                             f"store ({stored.get('store')}); open it with `store=` {'that store' if stored.get('store') else 'left out'}.")
+        return cls(folder, influence, stored, store)
 
     # ------------------------------------------------------------------------------------------ stored arrays
     def _path(self, name: str) -> Path:
@@ -284,9 +301,10 @@ class InfluenceIndex:
         rows, side = self.rows(), inf.training_side_
         chunk = self.config["chunk"]
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
-        reports = []
-        for _, Q, report in inf.queries(test):
-            reports.append(report)
+        reports: list[Any] = []
+        for Q, report in self._queries(test):
+            if report is not None:
+                reports.append(report)
             Qs = Q if self._basis is None else Q @ self._basis.T
             if candidates is None:
                 helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
@@ -300,17 +318,27 @@ class InfluenceIndex:
                 found = self._two_stage(Qs, rows, k, candidates)
             for key, value in zip(("hi", "hv", "xi", "xv"), found):
                 parts[key].append(value)
-        if not reports:
+        if not parts["hi"]:
             raise InputError("`test` must hold at least one example.")
-        space = "index (solver basis)" if self._basis is not None else "index (parameters)"
+        space = {"basis": "index (solver basis)", "store": "index (gradient store, projected)"}.get(self.config["space"], "index (parameters)")
         meta = inf._metadata(reports, k=k, score_space=space, search="exact" if candidates is None else f"two-stage ({candidates} candidates)")
         return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
                                self.n_train, meta)
 
+    def _queries(self, test: Any) -> Any:
+        """Blocks ``(preconditioned test gradients in the rows' space, solve report or None)``."""
+        if self.store is None:
+            for _, Q, report in self.influence.queries(test):
+                yield Q, report
+            return
+        data = test if isinstance(test, Examples) else Examples(test, name="test")
+        if len(data):
+            yield self.store._queries(data)[1].to(dtype=self.influence.layout_.dtype), None
+
     def _two_stage(self, Qs: torch.Tensor, rows: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, ...]:
         """Helpful and harmful (indices, exact scores) from ``candidates`` found by the sketch, re-scored exactly."""
         phi = self._projector.project(Qs).to(torch.float32).cpu().numpy()
-        sketch = self._sketch_search()
+        sketch = _sketch_search(self)
         out = []
         for sign in (1.0, -1.0):  # helpful: the largest φ(q)·φ(g) (scores −q·g most negative); harmful: the smallest
             ids = sketch(np.ascontiguousarray(sign * phi), candidates)
@@ -319,23 +347,6 @@ class InfluenceIndex:
             order = torch.topk(-sign * S, k, dim=1).indices
             out += [idx.gather(1, order), S.gather(1, order)]
         return tuple(out)
-
-    def _sketch_search(self) -> Any:
-        """``search(queries (q, d) float32, m) -> (q, m)`` indices of the largest inner products with the sketch."""
-        if self._sketch is None:
-            n, chunk, dim = self.n_train, self.config["chunk"], self._projector.dim
-            sketch = np.concatenate([np.asarray(self._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
-                                     for lo in range(0, n, chunk)])
-            try:
-                import faiss
-            except ImportError:
-                table = torch.from_numpy(sketch)
-                self._sketch = lambda q, m: torch.topk(torch.from_numpy(q) @ table.T, m, dim=1).indices.numpy()
-            else:
-                flat = faiss.IndexFlatIP(dim)
-                flat.add(sketch)
-                self._sketch = lambda q, m: flat.search(q, m)[1]
-        return self._sketch
 
     def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None) -> RankedInfluence:
         """:meth:`explain` for stored test examples, by index."""
@@ -373,7 +384,29 @@ class InfluenceIndex:
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
 
 
+def _sketch_search(self: InfluenceIndex) -> Any:
+    """``search(queries (q, d) float32, m) -> (q, m)`` indices of the largest inner products with the sketch."""
+    if self._sketch is None:
+        n, chunk, dim = self.n_train, self.config["chunk"], self._projector.dim
+        sketch = np.concatenate([np.asarray(self._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
+                                 for lo in range(0, n, chunk)])
+        try:
+            import faiss
+        except ImportError:
+            table = torch.from_numpy(sketch)
+            self._sketch = lambda q, m: torch.topk(torch.from_numpy(q) @ table.T, m, dim=1).indices.numpy()
+        else:
+            flat = faiss.IndexFlatIP(dim)
+            flat.add(sketch)
+            self._sketch = lambda q, m: flat.search(q, m)[1]
+    return self._sketch
+
+
 # ------------------------------------------------------------------------------------------ what build writes
+def _store_config(store: GradientStore) -> dict[str, Any]:
+    return {**store.projector.describe(), "damping": store.damping, "chunk": store.chunk, "folder": str(Path(store.folder).resolve())}
+
+
 def _write_rows(index: InfluenceIndex, progress: bool) -> None:
     inf, n, chunk, width = index.influence, index.n_train, index.config["chunk"], index.config["width"]
     missing = []
@@ -388,10 +421,14 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
             warnings.warn(f"ignoring the index file {problem}; it is recomputed", CorruptFileWarning, stacklevel=3)
         missing.append(lo)
     bar = progress_bar(total=sum(min(chunk, n - lo) for lo in missing), desc="index: training rows", enabled=progress)
+    stored = dict(index.store.gradients()) if index.store is not None and missing else {}
     for lo in missing:
         hi = min(lo + chunk, n)
-        G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
-        R = G if index._basis is None else G @ index._basis.T
+        if index.store is not None:
+            R = stored[lo].to(inf.layout_.dtype)
+        else:
+            G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
+            R = G if index._basis is None else G @ index._basis.T
         save_array(index._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
         if index._projector is not None:
             save_array(index._path(f"sketch-{lo:09d}.npy"), index._projector.project(R).to(torch.float32).cpu().numpy())
@@ -401,7 +438,8 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
 def _write_arrays(index: InfluenceIndex, split: str, data: Examples) -> None:
     inf = index.influence
     if split == "train" and not index._path("self-influence.npy").exists():
-        save_array(index._path("self-influence.npy"), inf.self_influence().detach().cpu().numpy())
+        values = inf.self_influence() if index.store is None else index.store.self_influence().to(inf.layout_.dtype)
+        save_array(index._path("self-influence.npy"), values.detach().cpu().numpy())
     if not index._path(f"loss-{split}.npy").exists():
         losses, predicted, labels = _evaluate(index, data)
         save_array(index._path(f"loss-{split}.npy"), losses)
