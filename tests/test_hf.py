@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import influencekit as ik
+from influencekit.errors import CorruptFileWarning
 from influencekit.gradients import GradientSource
 from problems import pearson, relative_error
 
@@ -212,6 +213,48 @@ def test_prefix_cache_replays_the_frozen_blocks_exactly(bert):
         assert relative_error(fast.scores(cached_test).values, expected) < 1e-10, solver
         assert relative_error(fast.scores(test).values, expected) < 1e-10, solver  # a test set without the cache
         assert relative_error(fast.self_influence(), plain.self_influence()) < 1e-10, solver
+
+
+def test_prefix_cache_on_disk_equals_the_one_in_memory_and_resumes(bert, tmp_path):
+    """folder=: the same examples bit for bit (hence the same scores), read memory-mapped; a second build reuses every
+    batch (no forward of the frozen blocks), a damaged batch file is named and recomputed, another model refused."""
+    import warnings
+
+    model, train, test = bert
+    task = ik.hf.SequenceClassificationTask(model, l2=1e-2, params=LAST_BERT_BLOCK)
+    memory = ik.hf.cache_prefix(task, train, batch_size=5)
+    disk = ik.hf.cache_prefix(task, train, batch_size=5, folder=tmp_path / "prefix")
+    assert len(disk) == len(memory) and disk.stored_bytes >= memory.stored_bytes
+    for i in (0, 7, len(train) - 1, -1):
+        a, b = memory[i], disk[i]
+        assert sorted(a) == sorted(b) and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    plain = ik.Influence(task, memory, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    fast = ik.Influence(task, disk, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    assert torch.equal(plain, fast)
+    calls = []  # forwards of block 0 (finding the plan runs a few on the first examples, each build alike)
+    hook = model.bert.encoder.layer[0].register_forward_hook(lambda *args: calls.append(1))
+    batches = -(-len(train) // 5)
+    try:
+        ik.hf.cache_prefix(task, train, batch_size=5, folder=tmp_path / "fresh")
+        fresh = len(calls)
+        calls.clear()
+        again = ik.hf.cache_prefix(task, train, batch_size=5, folder=tmp_path / "prefix")
+        assert fresh - len(calls) == batches  # every batch read back, none recomputed
+        reuse = len(calls)
+        calls.clear()
+        victim = tmp_path / "prefix" / "000000005-0.npy"
+        victim.write_bytes(victim.read_bytes()[:-8])
+        with pytest.warns(CorruptFileWarning, match=r"ignoring the prefix cache file .*000000005-0\.npy: .*recomputing its batch"):
+            repaired = ik.hf.cache_prefix(task, train, batch_size=5, folder=tmp_path / "prefix")
+        assert len(calls) == reuse + 1  # that batch only
+    finally:
+        hook.remove()
+    assert all(torch.equal(again[i][k], repaired[i][k]) for i in range(len(train)) for k in again[i] if k.startswith("ik.prefix"))
+    other = ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ik.InputError, match="holds a prefix cache of a different configuration"):
+            ik.hf.cache_prefix(other, train, batch_size=5, folder=tmp_path / "prefix")
 
 
 def test_prefix_cache_refuses_what_it_cannot_replay(bert):

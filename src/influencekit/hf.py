@@ -279,8 +279,9 @@ def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def cache_prefix(task: HFTask, data: Any, *, batch_size: int = 16, progress: bool = False) -> PrefixCache:
+def cache_prefix(task: HFTask, data: Any, *, batch_size: int = 16, folder: Any = None, progress: bool = False) -> PrefixCache:
     """``data`` with the outputs of the model's frozen prefix attached (:class:`~influencekit.prefix.PrefixCache`):
     pass it in place of ``data`` to :class:`~influencekit.Influence`, ``scores``, ``fit_lbfgs``, and the task's
-    forward runs only the part downstream of ``task``'s selected parameters."""
-    return PrefixCache(task, data, batch_size=batch_size, progress=progress)
+    forward runs only the part downstream of ``task``'s selected parameters. ``folder=``: keep the outputs on disk
+    there (resumable, checked, memory-mapped when read) instead of in memory."""
+    return PrefixCache(task, data, batch_size=batch_size, folder=folder, progress=progress)

@@ -17,22 +17,33 @@ is refused if it still fails. A model whose outputs change between calls (dropou
 
 Per example, an output with the sequence dimension keeps the example's own positions, so examples are padded
 per batch as usual (:func:`~influencekit.data.examples.pad_collate`) and the cache serves any batching.
+
+With ``folder=`` the outputs go to disk instead of memory (for a large data set): one checked ``.npy`` file per
+stored output and batch of ``batch_size`` examples (the examples' rows concatenated) beside the batch's lengths,
+and a manifest of the plan, the frozen weights' fingerprint, the data's fingerprint and the batch size. The
+files are memory-mapped when read; an interrupted build resumes at the first missing batch, a damaged file is
+named and recomputed, and a folder of another model, data or plan is refused.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .checks import check_int
-from .data.examples import Examples, stream, take
-from .errors import InputError, InputTypeError, UnsupportedError
+from .data.examples import Examples, take
+from .errors import CorruptFileWarning, InputError, InputTypeError, UnsupportedError
+from .folders import fingerprint, load_array, open_folder, save_array, verify_checked
 from .progress import progress_bar
 
 __all__ = ["PrefixCache", "PrefixPlan", "PREFIX_KEY", "is_prefix_key"]
@@ -297,10 +308,12 @@ class PrefixCache(Sequence):
         task: a :class:`~influencekit.hf.HFTask` (its ``params=`` selection decides the prefix).
         data: tokenised examples: a list of dicts of 1-D tensors, a ``datasets.Dataset``, or a dict of ``(n, T)`` tensors.
         batch_size: examples per forward pass.
+        folder: keep the outputs on disk there (module docstring) instead of in memory.
         progress: show a progress bar.
     """
 
-    def __init__(self, task: Any, data: Any, *, batch_size: int = 16, progress: bool = False) -> None:
+    def __init__(self, task: Any, data: Any, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
+                 progress: bool = False) -> None:
         if not callable(getattr(task, "use_prefix_plan", None)):  # an ik.hf task (hf builds on this module)
             raise InputTypeError(f"`task` must be an ik.hf task (SequenceClassificationTask, ...). Got {type(task).__name__}.")
         if isinstance(data, PrefixCache):
@@ -317,6 +330,8 @@ class PrefixCache(Sequence):
         self.plan = find_plan(task, params, first)
         task.use_prefix_plan(self.plan)
         self.values: list[dict[str, torch.Tensor]] = []
+        self.batch_size = batch_size
+        self.disk = None if folder is None else _DiskValues(Path(folder), task, params, examples, self.plan, batch_size)
         hooks = []
         captured: dict[str, Any] = {}
         modules = dict(task.model.named_modules())
@@ -325,13 +340,20 @@ class PrefixCache(Sequence):
         bar = progress_bar(total=len(examples), desc="prefix cache", enabled=progress)
         try:
             with torch.no_grad():
-                for lo, batch in stream(examples, batch_size, dtype=p0.dtype, device=p0.device, check=task.check_batch):
+                for lo, _ in examples.batches(batch_size):
+                    hi = min(lo + batch_size, len(examples))
+                    if self.disk is not None and self.disk.done(lo):
+                        bar.update(hi - lo)
+                        continue
+                    batch = take(examples, range(lo, hi), dtype=p0.dtype, device=p0.device, check=task.check_batch)
                     captured.clear()
                     task.outputs(params, batch)
-                    for i in range(batch["input_ids"].shape[0]):
-                        length = len(self._items[lo + i]["input_ids"])
-                        self.values.append(self._per_example(captured, i, length))
-                    bar.update(batch["input_ids"].shape[0])
+                    rows = [self._per_example(captured, i, len(self._items[lo + i]["input_ids"])) for i in range(hi - lo)]
+                    if self.disk is None:
+                        self.values.extend(rows)
+                    else:
+                        self.disk.write(lo, rows)
+                    bar.update(hi - lo)
         finally:
             bar.close()
             for h in hooks:
@@ -360,12 +382,86 @@ class PrefixCache(Sequence):
 
     @property
     def stored_bytes(self) -> int:
+        """Bytes of the stored outputs (in memory, or in the folder's data files)."""
+        if self.disk is not None:
+            return self.disk.stored_bytes()
         return sum(t.numel() * t.element_size() for v in self.values for t in v.values())
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.examples)
 
     def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
         if isinstance(i, slice):
             raise InputTypeError("index a PrefixCache with one integer at a time.")
-        return {**self._items[int(i)], **self.values[int(i)]}
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"PrefixCache index {i} out of range for {len(self)} examples")
+        i %= len(self)
+        values = self.values[i] if self.disk is None else self.disk.read(i)
+        return {**self._items[i], **values}
+
+
+class _DiskValues:
+    """A :class:`PrefixCache`'s stored outputs in a folder: per batch of examples, one checked array per stored key
+    (the examples' rows concatenated) and the examples' row counts."""
+
+    def __init__(self, folder: Path, task: Any, params: Mapping[str, torch.Tensor], examples: Examples, plan: PrefixPlan,
+                 batch_size: int) -> None:
+        self.folder, self.batch_size, self.n = folder, batch_size, len(examples)
+        self.keys = list(plan.stored)
+        sequence = {leaf.key: leaf.sequence for m in plan.modules for leaf in m.leaves if leaf.key is not None}
+        self.sequence = [bool(sequence.get(k, False)) for k in self.keys]
+        head = examples.batch(range(min(PLAN_EXAMPLES, len(examples))))
+        config = {"what": "influencekit prefix cache", "plan": plan.describe(), "n": self.n, "batch_size": batch_size,
+                  "weights": fingerprint({k: v for k, v in task.model.state_dict().items()}),
+                  "data": fingerprint(head), "selected": sorted(params)}
+        open_folder(folder, config, arg="folder", what="a prefix cache", pattern="*-lengths.npy")
+        self._open: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+
+    def _path(self, lo: int, what: str) -> Path:
+        return self.folder / f"{lo:09d}-{what}.npy"
+
+    def done(self, lo: int) -> bool:
+        """Whether batch ``lo`` is on disk and every one of its files passes its checks (else it is recomputed)."""
+        count = min(self.batch_size, self.n - lo)
+        lengths, problem = load_array(self._path(lo, "lengths"), (count, len(self.keys)), np.int64)
+        if problem is None:
+            for j in range(len(self.keys)):
+                problem = verify_checked(self._path(lo, str(j)))
+                if problem is not None:
+                    problem = f"{self._path(lo, str(j))}: {problem}"
+                    break
+        if problem is None:
+            return True
+        if self._path(lo, "lengths").exists():
+            warnings.warn(f"ignoring the prefix cache file {problem}; recomputing its batch", CorruptFileWarning, stacklevel=4)
+        return False
+
+    def write(self, lo: int, rows: list[dict[str, torch.Tensor]]) -> None:
+        """One batch: per stored key its examples' rows concatenated (an output without the sequence dimension is one
+        row per example), then the row counts ``(examples, keys)``, last: a batch counts as written once they are."""
+        lengths = np.zeros((len(rows), len(self.keys)), dtype=np.int64)
+        for j, key in enumerate(self.keys):
+            parts = [r[key] if self.sequence[j] else r[key][None] for r in rows]
+            lengths[:, j] = [len(t) for t in parts]
+            save_array(self._path(lo, str(j)), torch.cat(parts).cpu().numpy())
+        save_array(self._path(lo, "lengths"), lengths)
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        lo = (i // self.batch_size) * self.batch_size
+        if lo not in self._open:
+            if len(self._open) > 8:
+                self._open.clear()
+            lengths = np.load(self._path(lo, "lengths"), allow_pickle=False)
+            starts = np.concatenate([np.zeros((1, len(self.keys)), dtype=np.int64), np.cumsum(lengths, axis=0)])
+            self._open[lo] = (starts, [np.load(self._path(lo, str(j)), mmap_mode="r", allow_pickle=False) for j in range(len(self.keys))])
+        starts, arrays = self._open[lo]
+        out = {}
+        for j, key in enumerate(self.keys):
+            a, b = int(starts[i - lo, j]), int(starts[i - lo + 1, j])
+            block = torch.from_numpy(np.array(arrays[j][a:b]))
+            out[key] = block if self.sequence[j] else block[0]
+        return out
+
+    def stored_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.glob("*.npy") if not p.name.endswith("-lengths.npy"))
