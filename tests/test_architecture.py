@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["errors", "progress", "checks", "folders"]),
     ("data and model", ["autodiff", "data", "data.*", "distributed", "spectrum", "projection", "results", "task"]),
     ("structure", ["layers", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
-    ("operators and gradients", ["hessian", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
+    ("operators and gradients", ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
     ("solvers", ["solvers", "solvers.*"]),
     ("engine parts", ["config", "persistence", "pairwise", "perturbation", "groups", "training", "planner"]),
     ("engine", ["scoring"]),

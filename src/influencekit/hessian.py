@@ -81,6 +81,7 @@ class HessianOperator:
         self.shard = LocalShard(n=len(data)) if shard is None else shard
         self.hvp_count = 0  # Hessian-vector products over the full data set (one per right-hand side)
         self.hvp_method = ""  # "forward-over-reverse", or "autograd loop" for a model jvp/vmap cannot trace
+        self.dense_method = ""  # how dense() built H, once called
         self._hvp: Any = None  # chosen on the first product (autodiff.choose_hvp)
 
     @property
@@ -202,9 +203,18 @@ class HessianOperator:
     def dense(self, *, progress: bool | None = None) -> torch.Tensor:
         """The explicit Hessian H ``(n_params, n_params)`` *without* damping, symmetrised.
 
-        Built from HVPs with identity blocks, the data streamed once (outer loop) so a costly data set is
-        read a single time. Memory: one ``n_params²`` matrix plus a tangent block.
+        In closed form when the selection is a final Linear layer under cross-entropy
+        (:mod:`~influencekit.last_layer`: one pass over the layer's inputs, checked against two HVPs); else built from
+        HVPs with identity blocks, the data streamed once (outer loop) so a costly data set is read a single time.
+        Memory: one ``n_params²`` matrix plus a tangent block. ``dense_method`` records which ran.
         """
+        from .last_layer import CLOSED_FORM, last_linear_hessian
+
+        closed = last_linear_hessian(self)
+        if closed is not None:
+            self.dense_method = CLOSED_FORM
+            return self._check(closed)
+        self.dense_method = "HVPs with identity blocks"
         p = self.n_params
         eye_block = self.tangent_block
         n_local = self.shard.stop - self.shard.start

@@ -81,6 +81,7 @@ class ExactSolver(Solver):
             )
         H = operator.dense().to(self.eig_dtype or operator.dtype)
         self.hessian_ = H
+        self.hessian_method_ = getattr(operator, "dense_method", "")
         use_cholesky = self.method == "cholesky" or (self.method == "auto" and p > self.eigh_max_params)
         if use_cholesky and self._fit_cholesky(operator.damp_matrix(H)):
             return
@@ -147,7 +148,8 @@ class ExactSolver(Solver):
             "relative_residual": float(rel.max()) if len(rel) else 0.0,
             "converged": True,
             "hvps": 0.0,
-            "details": {"residual_checked_rows": len(rows), "method": "cholesky" if self.factor_ is not None else "eigh"},
+            "details": {"residual_checked_rows": len(rows), "method": "cholesky" if self.factor_ is not None else "eigh",
+                        "hessian": getattr(self, "hessian_method_", "") or "loaded from the solver cache"},
         }
 
     def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
