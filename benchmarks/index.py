@@ -14,9 +14,7 @@ and 95th percentile of the query latency (client-measured, end to end), with the
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,11 +46,10 @@ def gradient_pass_seconds(inf) -> float:
 
 def run(n: int, queries: int, folder: Path) -> dict:
     import httpx
-    import uvicorn
 
     import influencekit as ik
     from influencekit.index import Display, InfluenceIndex
-    from influencekit.serve import create_app
+    from influencekit.serve import serving
 
     task, train, test = problem(n)
     inf = ik.Influence(task, train, solver="exact", cache_dir=InfluenceIndex.solver_dir(folder)).fit()
@@ -61,17 +58,9 @@ def run(n: int, queries: int, folder: Path) -> dict:
     index = InfluenceIndex.build(inf, folder, test=test, display={"test": Display("text", [f"test {i}" for i in range(len(test[1]))])})
     build = time.perf_counter() - start
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(index), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
     rng = np.random.default_rng(0)
     latencies, server_side = [], []
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+    with serving(index) as url, httpx.Client(base_url=url) as client:
         client.post("/api/explain", json={"split": "test", "index": 0, "k": 10}).raise_for_status()  # warm-up (rows loaded)
         for _ in range(queries):
             t = time.perf_counter()
@@ -79,8 +68,6 @@ def run(n: int, queries: int, folder: Path) -> dict:
             response.raise_for_status()
             latencies.append(time.perf_counter() - t)
             server_side.append(response.json()["seconds"])
-    server.should_exit = True
-    thread.join(timeout=10)
     ms = 1000 * np.array(latencies)
     return {"n": n, "build_s": build, "build_per_grad_pass": build / grad_pass, "grad_pass_s": grad_pass,
             "size_mb": size / 2 ** 20, "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),

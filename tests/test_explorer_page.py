@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
 
 import numpy as np
@@ -25,25 +23,12 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     from influencekit.experiments.index_demo import build_demo_index
-    from influencekit.serve import create_app
+    from influencekit.serve import serving
 
     index = build_demo_index("digits", tmp_path_factory.mktemp("index"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(index), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield index, f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serving(index) as url:
+        yield index, url
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,10 @@ to 127.0.0.1 unless told otherwise, and reads only the index's ``.npy``/JSON fil
 
 # no `from __future__ import annotations`: FastAPI reads the request model from the endpoints' annotations at
 # run time, and that model is defined inside create_app (fastapi and pydantic are an optional extra)
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any, Literal
 
@@ -28,7 +30,7 @@ from .data.examples import take
 from .errors import InfluenceKitError, InputError
 from .index import InfluenceIndex
 
-__all__ = ["create_app", "serve", "MAX_K"]
+__all__ = ["create_app", "serve", "serving", "MAX_K"]
 
 MAX_K = 200
 
@@ -191,3 +193,30 @@ def serve(index: InfluenceIndex, *, host: str = "127.0.0.1", port: int = 8000, l
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextlib.contextmanager
+def serving(index: InfluenceIndex, *, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve the explorer for ``index`` in a background thread for the duration of a ``with`` block (a notebook, a
+    test, a benchmark); yields its base URL. ``port=0`` picks a free port."""
+    import socket
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(index), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise InputError(f"the explorer could not start on {host}:{port} (is the port taken?).")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
