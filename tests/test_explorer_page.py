@@ -46,14 +46,15 @@ def browser():
 
 
 def _wait(condition, timeout=30.0):
-    """Poll ``condition`` until it is truthy; an element replaced by a re-render while read counts as not yet."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    """Poll ``condition`` until it is truthy; an element not drawn yet, or replaced by a re-render while read, counts as
+    not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
     end = time.time() + timeout
     while time.time() < end:
         try:
             value = condition()
-        except StaleElementReferenceException:
+        except (StaleElementReferenceException, NoSuchElementException):  # replaced by a re-render, or not drawn yet
             value = None
         if value:
             return value
@@ -119,3 +120,24 @@ def test_a_bad_query_shows_the_message_on_the_page(server, browser):
     browser.find_element(By.ID, "explain-button").click()
     message = _wait(lambda: browser.find_element(By.ID, "error").text)
     assert "test example 5000 does not exist: the index has 597 test examples" in message
+
+
+def test_an_uploaded_image_is_explained(server, browser, tmp_path):
+    """A test digit saved as a 64×64 PNG (dark ink on white, as a scan would be) and uploaded: the page scales it to
+    8×8, maps it onto the inputs' range and shows the k helpful and harmful examples for the model's prediction."""
+    from matplotlib.image import imsave
+    from selenium.webdriver.common.by import By
+
+    index, url = server
+    pixels = np.kron(np.array(index.display_item("test", 12), dtype=float), np.ones((8, 8)))
+    path = tmp_path / "digit.png"
+    imsave(path, 255.0 - pixels, cmap="gray", vmin=0, vmax=255)
+    browser.get(url)
+    _wait(lambda: browser.find_element(By.ID, "query-text").text.startswith("test #0"))
+    browser.find_element(By.TAG_NAME, "summary").click()
+    browser.find_element(By.ID, "upload").send_keys(str(path))
+    text = _wait(lambda: browser.find_element(By.ID, "query-text").text.startswith("new input") and browser.find_element(By.ID, "query-text").text)
+    _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#harmful .card")) == 8)
+    predicted = int(index.split_array("predicted", "test")[12])
+    assert f"label {predicted}" in text, text  # the model reads the upload as it reads the stored digit
+    assert browser.find_element(By.ID, "error").text == ""

@@ -27,6 +27,7 @@ def test_info_and_examples(demo):
     info = client.get("/api/info").json()
     assert (info["n_train"], info["n_test"], info["space"], info["width"]) == (1200, 597, "parameters", 650)
     assert info["display"]["train"]["kind"] == "image" and info["display"]["train"]["classes"][3] == "3"
+    assert info["image_input"] == {"height": 8, "width": 8, "low": 0.0, "high": 1.0} and info["input"] == "numbers"
     e = client.get("/api/examples/train/5").json()
     assert e["label"] == int(index.influence.train_._tensors[1][5]) and len(e["display"]) == 8
     assert e["self_influence"] == pytest.approx(float(index.self_influence()[5]), rel=1e-15)

@@ -52,6 +52,22 @@ class _Explorer:
         self.n = {"train": index.n_train, "test": int(index.config["n_test"])}
         solver = index.config.get("solver")
         self.solver = solver.get("solver") if isinstance(solver, dict) else solver
+        self.image_input = self._image_input()
+
+    def _image_input(self) -> dict[str, Any] | None:
+        """How the page turns an uploaded image into an input: the stored grey images' size and the inputs' range."""
+        meta = self.index.display_meta("test")
+        if meta is None or meta["kind"] != "image" or not self.n["test"]:
+            return None
+        try:
+            inputs = self.index.test_examples()._tensors[0]
+        except InfluenceKitError:
+            return None
+        shown = self.index.display_item("test", 0)
+        height, width = len(shown), len(shown[0])
+        if isinstance(shown[0][0], list) or inputs[0].numel() != height * width:
+            return None  # colour images, or inputs that are not the pixels shown
+        return {"height": height, "width": width, "low": float(inputs.min()), "high": float(inputs.max())}
 
     def checked(self, split: str, i: int) -> None:
         n = self.n
@@ -82,7 +98,7 @@ class _Explorer:
             "n_train": self.n["train"], "n_test": self.n["test"], "solver": self.solver, "solver_settings": config.get("solver"),
             "damping": config.get("damping"), "task": config.get("task"), "space": config["space"], "width": config["width"],
             "max_k": min(MAX_K, self.n["train"]), "display": {s: self.index.display_meta(s) for s in ("train", "test")},
-            "input": "text" if self.index.encoder is not None else "numbers",
+            "input": "text" if self.index.encoder is not None else "numbers", "image_input": self.image_input,
             "convention": ("I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example "
                            "lowers the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."),
         }
