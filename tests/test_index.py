@@ -184,3 +184,26 @@ def test_an_index_on_a_gradient_store_answers_as_the_store(digits_small, tmp_pat
     other = ik.Influence(d.task, d.train, solver="exact", damping=0.01).fit()
     with pytest.raises(ik.InputError, match="`store` must be a GradientStore built from this `influence`"):
         InfluenceIndex.build(other, tmp_path / "index2", store=store)
+
+
+def test_every_damaged_file_is_refused_by_a_query_and_rebuilt(digits_small, tmp_path):
+    """Not only the rows: a damaged self-influence chunk, loss file or display file is refused by the read that needs
+    it (named, with the fix) and rewritten by the next build, which then answers as before."""
+    d = digits_small
+    inf, index = _build(d, tmp_path)
+    before = (np.array(index.self_influence()), np.array(index.split_array("loss", "train")), index.display_item("test", 3))
+    for name in ("self-000000000.npy", "loss-train.npy", "display-test.json"):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes()[:-4] + b"XXXX")
+    fresh = InfluenceIndex.open(tmp_path, inf)
+    for read, name in ((fresh.self_influence, "self-000000000"), (lambda: fresh.split_array("loss", "train"), "loss-train"),
+                       (lambda: fresh.display_item("test", 3), "display-test")):
+        with pytest.raises(ik.InputError, match=rf"the index file .*{name}\.(npy|json): its contents changed after it was written.*Rebuild"):
+            read()
+    with pytest.warns(CorruptFileWarning) as caught:
+        _, rebuilt = _build(d, tmp_path)
+    named = " ".join(str(w.message) for w in caught)
+    assert "self-000000000.npy" in named and "loss-train.npy" in named
+    assert np.array_equal(np.array(rebuilt.self_influence()), before[0])
+    assert np.array_equal(np.array(rebuilt.split_array("loss", "train")), before[1])
+    assert rebuilt.display_item("test", 3) == before[2]

@@ -13,13 +13,14 @@
   ``G Bᵀ`` when it has a small one (Arnoldi: ``rank`` numbers per example), the projected gradients of a
   :class:`~influencekit.GradientStore` (``store=``: its projected empirical-Fisher scores), else the training
   gradients ∇L(z) (exact, CG, LiSSA, K-FAC/EK-FAC);
-- ``self-influence.npy``, ``loss-<split>.npy``, ``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
+- ``self-<k>.npy`` (self-influence, computed from the same gradients as the rows), ``loss-<split>.npy``, ``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
 - ``inputs-<split>.npy`` for data given as tensors (so that a stored test example can be queried by its index),
   and ``display-<split>`` (what the explorer page shows: images as ``uint8`` arrays, or one JSON line of text or
   table fields per example).
 
-Every array goes through :func:`~influencekit.folders.save_array` (a sha256 written after the file; shape, dtype
-and finiteness checked when read: a damaged chunk is named and recomputed by ``build``, refused by a query).
+Every file goes through :func:`~influencekit.folders.save_array` or :func:`~influencekit.folders.write_checked` (a
+sha256 written after the file; shape, dtype and finiteness checked when read): a damaged file is named and recomputed
+by ``build``, refused by a query. Each file is read and verified once per opened index.
 
 A query (:meth:`InfluenceIndex.explain`) is one test gradient, one solve (``(H + δI)⁻¹∇ℓ(z_test)``) and one scan of
 the stored rows, ``−Qs Rᵀ`` chunk by chunk into a streaming top-k: the same products, in the same order, as
@@ -43,18 +44,21 @@ import torch
 from .checks import check_int
 from .data.examples import Examples, take
 from .errors import CorruptFileWarning, InputError, InputTypeError
-from .folders import load_array, open_folder, save_array
+from .folders import load_array, open_folder, save_array, verify_checked, write_checked
+from .pairwise import self_influence_of
 from .persistence import SolverCache
 from .progress import progress_bar
 from .projection import Projector
 from .results import RankedInfluence, TopK
 from .scoring import Influence
 from .store import GradientStore
-from .topk import StreamingTopK
+from .topk import helpful_and_harmful
 
 __all__ = ["InfluenceIndex", "Display", "SOLVER_DIR"]
 
 SOLVER_DIR = "solver"
+# what a folder's manifest must share with the Influence that opens it
+_IDENTITY = ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint")
 SPLITS = ("train", "test")
 
 
@@ -108,6 +112,7 @@ class InfluenceIndex:
         self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
         self._test: Examples | None = None
         self._verified: dict[str, np.ndarray] = {}
+        self._shown: dict[str, tuple[dict[str, Any], Any] | None] = {}
         #: turns a typed input (e.g. an e-mail's text) into numbers shaped like a stored input; set by the recipe
         #: that opened the index (the enron demo: word presence over the stored vocabulary), None: numbers only
         self.encoder: Any = None
@@ -162,9 +167,8 @@ class InfluenceIndex:
                 raise InputError("`store` must be a GradientStore built from this `influence` (GradientStore.build(influence, ...)).")
             space, width, chunk = "store", store.dim, store.chunk
         prov = influence.provenance_
-        config = prov.manifest(
-            "influencekit influence index", ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
-            data_fingerprint=influence.data_fingerprint(influence.train_), space=space, width=width,
+        config = _identity(influence,
+            space=space, width=width,
             chunk=chunk, n_test=0 if test_data is None else len(test_data),
             test_fingerprint="" if test_data is None else influence.data_fingerprint(test_data),
             display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
@@ -196,9 +200,7 @@ class InfluenceIndex:
                              "(or `influencekit index build`).")
         influence.check_fitted()
         stored = json.loads(manifest.read_text())
-        mine = influence.provenance_.manifest(
-            "influencekit influence index", ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
-            data_fingerprint=influence.data_fingerprint(influence.train_))
+        mine = _identity(influence)
         differs = sorted(k for k in mine if stored.get(k) != json.loads(json.dumps(mine[k], default=str)))
         if differs:
             raise InputError(f"the index in {str(folder)!r} was built from another model or configuration (differs in: "
@@ -249,25 +251,40 @@ class InfluenceIndex:
         return self._array(path.name, (self.split_size(split),), dtype)
 
     def self_influence(self) -> np.ndarray:
-        return self._array("self-influence.npy", (self.n_train,), self._dtype())
+        """∇L(z)ᵀ(H + δI)⁻¹∇L(z) of every training example (the store's projected form on a store), ``(n_train,)``."""
+        if "self-influence" not in self._verified:
+            n, chunk = self.n_train, self.config["chunk"]
+            self._verified["self-influence"] = np.concatenate([
+                self._array(f"self-{lo:09d}.npy", (min(chunk, n - lo),), self._dtype()) for lo in range(0, n, chunk)])
+        return self._verified["self-influence"]
+
+    def _display(self, split: str) -> tuple[dict[str, Any], Any] | None:
+        """``(meta, items)`` of a split's display, verified and read once (images memory-mapped), or None."""
+        if split not in self._shown:
+            meta_path = self._path(f"display-{split}.json")
+            if not meta_path.exists():
+                self._shown[split] = None
+                return None
+            meta = json.loads(_checked_text(meta_path))
+            if meta["kind"] == "image":
+                raw = np.load(self._path(f"display-{split}.npy"), mmap_mode="r", allow_pickle=False)
+                items: Any = self._array(f"display-{split}.npy", raw.shape, np.uint8)
+            else:
+                items = [json.loads(line) for line in _checked_text(self._path(f"display-{split}.jsonl")).splitlines()]
+            self._shown[split] = (meta, items)
+        return self._shown[split]
 
     def display_meta(self, split: str) -> dict[str, Any] | None:
-        path = self._path(f"display-{split}.json")
-        return json.loads(path.read_text()) if path.exists() else None
+        shown = self._display(split)
+        return None if shown is None else shown[0]
 
     def display_item(self, split: str, i: int) -> Any:
         """What the page shows of example ``i`` of ``split``: an image's rows of 0–255 values, a text, or a table row."""
-        meta = self.display_meta(split)
-        if meta is None:
+        shown = self._display(split)
+        if shown is None:
             return None
-        if meta["kind"] == "image":
-            path = self._path(f"display-{split}.npy")
-            return np.load(path, mmap_mode="r", allow_pickle=False)[i].tolist()
-        with open(self._path(f"display-{split}.jsonl")) as f:
-            for j, line in enumerate(f):
-                if j == i:
-                    return json.loads(line)
-        return None
+        item = shown[1][i]
+        return item.tolist() if isinstance(item, np.ndarray) else item
 
     def test_examples(self) -> Examples:
         """The stored test set (inputs kept as tensors at build time)."""
@@ -307,12 +324,8 @@ class InfluenceIndex:
                 reports.append(report)
             Qs = Q if self._basis is None else Q @ self._basis.T
             if candidates is None:
-                helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
-                harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
-                for lo in range(0, self.n_train, chunk):
-                    S = side.product(Qs, rows[lo:lo + chunk])
-                    helpful.add_block(-S, lo)
-                    harmful.add_block(S, lo)
+                blocks = ((lo, rows[lo:lo + chunk]) for lo in range(0, self.n_train, chunk))
+                helpful, harmful = helpful_and_harmful(Qs, blocks, k, side.product)
                 found = (helpful.indices, -helpful.values, harmful.indices, harmful.values)
             else:
                 found = self._two_stage(Qs, rows, k, candidates)
@@ -407,40 +420,72 @@ def _store_config(store: GradientStore) -> dict[str, Any]:
     return {**store.projector.describe(), "damping": store.damping, "chunk": store.chunk, "folder": str(Path(store.folder).resolve())}
 
 
+def _identity(influence: Influence, **settings: Any) -> dict[str, Any]:
+    """The index manifest: the Influence's identity (:data:`_IDENTITY`, the training data's fingerprint) and ``settings``."""
+    return influence.provenance_.manifest("influencekit influence index", _IDENTITY,
+                                          data_fingerprint=influence.data_fingerprint(influence.train_), **settings)
+
+
+def _checked_text(path: Path) -> str:
+    problem = verify_checked(path)
+    if problem is not None:
+        raise InputError(f"the index file {path}: {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
+                         "rewrites it).")
+    return path.read_text()
+
+
+def _needed(index: InfluenceIndex, name: str, shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether ``name`` must be (re)written: absent, or failing its checks (named in a CorruptFileWarning)."""
+    path = index._path(name)
+    if not path.exists():
+        return True
+    _, problem = load_array(path, shape, dtype, mmap=True)
+    if problem is None:
+        return False
+    warnings.warn(f"ignoring the index file {problem}; it is recomputed", CorruptFileWarning, stacklevel=4)
+    return True
+
+
 def _write_rows(index: InfluenceIndex, progress: bool) -> None:
+    """Per chunk of training examples: the rows, their sketch (``sketch_dim``) and their self-influence, all from one
+    pass of per-example gradients (on a store: its projected rows and its own self-influence)."""
     inf, n, chunk, width = index.influence, index.n_train, index.config["chunk"], index.config["width"]
-    missing = []
-    for lo in range(0, n, chunk):
-        path = index._path(f"rows-{lo:09d}.npy")
-        if path.exists():
-            _, problem = load_array(path, (min(chunk, n - lo), width), index._dtype(), mmap=True)
-            if problem is None and index._projector is not None:
-                _, problem = load_array(index._path(f"sketch-{lo:09d}.npy"), (min(chunk, n - lo), index._projector.dim), np.float32, mmap=True)
-            if problem is None:
-                continue
-            warnings.warn(f"ignoring the index file {problem}; it is recomputed", CorruptFileWarning, stacklevel=3)
-        missing.append(lo)
+    dtype = index._dtype()
+
+    def needed(lo: int) -> bool:
+        rows = min(chunk, n - lo)
+        wanted = [(f"rows-{lo:09d}.npy", (rows, width), dtype), (f"self-{lo:09d}.npy", (rows,), dtype)]
+        if index._projector is not None:
+            wanted.append((f"sketch-{lo:09d}.npy", (rows, index._projector.dim), np.float32))
+        return any([_needed(index, *w) for w in wanted])  # a list: every damaged file is named
+
+    missing = [lo for lo in range(0, n, chunk) if needed(lo)]
     bar = progress_bar(total=sum(min(chunk, n - lo) for lo in missing), desc="index: training rows", enabled=progress)
-    stored = dict(index.store.gradients()) if index.store is not None and missing else {}
+    if index.store is not None and missing:
+        store_rows, store_self = dict(index.store.gradients()), index.store.self_influence().to(inf.layout_.dtype)
     for lo in missing:
         hi = min(lo + chunk, n)
         if index.store is not None:
-            R = stored[lo].to(inf.layout_.dtype)
+            R, self_values = store_rows[lo].to(inf.layout_.dtype), store_self[lo:hi]
         else:
             G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
             R = G if index._basis is None else G @ index._basis.T
+            self_values = self_influence_of(G, inf.solver_, inf._solve)[0]
         save_array(index._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
+        save_array(index._path(f"self-{lo:09d}.npy"), self_values.detach().cpu().numpy())
         if index._projector is not None:
             save_array(index._path(f"sketch-{lo:09d}.npy"), index._projector.project(R).to(torch.float32).cpu().numpy())
         bar.update(hi - lo)
     bar.close()
 
+
 def _write_arrays(index: InfluenceIndex, split: str, data: Examples) -> None:
-    inf = index.influence
-    if split == "train" and not index._path("self-influence.npy").exists():
-        values = inf.self_influence() if index.store is None else index.store.self_influence().to(inf.layout_.dtype)
-        save_array(index._path("self-influence.npy"), values.detach().cpu().numpy())
-    if not index._path(f"loss-{split}.npy").exists():
+    """Losses, predictions and labels of ``split``, and a test set's inputs when they are tensors; each file (re)written
+    when absent or damaged."""
+    count, dtype = len(data), index._dtype()
+    if _needed(index, f"loss-{split}.npy", (count,), dtype) or any(
+            index._path(f"{name}-{split}.npy").exists() and _needed(index, f"{name}-{split}.npy", (count,), np.int64)
+            for name in ("predicted", "label")):
         losses, predicted, labels = _evaluate(index, data)
         save_array(index._path(f"loss-{split}.npy"), losses)
         if predicted is not None:
@@ -450,8 +495,10 @@ def _write_arrays(index: InfluenceIndex, split: str, data: Examples) -> None:
     inputs = data._tensors
     if split == "test" and isinstance(inputs, tuple) and all(isinstance(t, torch.Tensor) for t in inputs):
         for j, t in enumerate(inputs):
-            if not index._path(f"inputs-{split}-{j}.npy").exists():
-                save_array(index._path(f"inputs-{split}-{j}.npy"), t.detach().cpu().numpy())
+            array = t.detach().cpu().numpy()
+            if _needed(index, f"inputs-{split}-{j}.npy", array.shape, array.dtype):
+                save_array(index._path(f"inputs-{split}-{j}.npy"), array)
+
 
 def _evaluate(index: InfluenceIndex, data: Examples) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Per-example loss (the task's, without the L2 term), predicted class and label (classification tasks)."""
@@ -476,12 +523,14 @@ def _evaluate(index: InfluenceIndex, data: Examples) -> tuple[np.ndarray, np.nda
     return torch.cat(losses).numpy(), (torch.cat(predicted).numpy() if predicted else None), (torch.cat(labels).numpy() if labels else None)
 
 def _write_display(index: InfluenceIndex, split: str, shown: Display) -> None:
+    """What the page shows of a split: images as a checked uint8 array, texts and table rows as checked JSON lines."""
     if shown.kind == "image":
-        if not index._path(f"display-{split}.npy").exists():
-            save_array(index._path(f"display-{split}.npy"), _image_bytes(shown.values))
+        images = _image_bytes(shown.values)
+        if _needed(index, f"display-{split}.npy", images.shape, np.uint8):
+            save_array(index._path(f"display-{split}.npy"), images)
     else:
-        lines = [json.dumps(v if shown.kind == "text" else [str(x) for x in v]) for v in shown.values]
-        (index._path(f"display-{split}.jsonl")).write_text("\n".join(lines) + "\n")
-    meta = {"kind": shown.kind, "classes": list(shown.classes) if shown.classes else None,
-            "columns": list(shown.columns) if shown.columns else None}
-    index._path(f"display-{split}.json").write_text(json.dumps(meta))
+        lines = "\n".join(json.dumps(v if shown.kind == "text" else [str(x) for x in v]) for v in shown.values) + "\n"
+        write_checked(index._path(f"display-{split}.jsonl"), lambda f: f.write(lines.encode()))
+    meta = json.dumps({"kind": shown.kind, "classes": list(shown.classes) if shown.classes else None,
+                       "columns": list(shown.columns) if shown.columns else None})
+    write_checked(index._path(f"display-{split}.json"), lambda f: f.write(meta.encode()))

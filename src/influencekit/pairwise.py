@@ -18,9 +18,19 @@ from .distributed import Shard
 from .gradients import GradientSource, matmul_precision
 from .progress import progress_bar
 from .solvers import Solver, SolveReport
-from .topk import StreamingTopK
+from .topk import StreamingTopK, helpful_and_harmful
 
 __all__ = ["TrainingSide", "Coordinates"]
+
+
+def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
+                      ) -> tuple[torch.Tensor, SolveReport | None]:
+    """gᵀ(H + δI)⁻¹g for each row of ``G``: the solver's quadratic form when it has one (no solve, no report), else
+    one block solve."""
+    if "quadratic_form" in solver.capabilities:
+        return solver.quadratic_form(G), None
+    X, report = solve(G)
+    return (X * G).sum(dim=1), report
 
 
 class Coordinates(NamedTuple):
@@ -112,14 +122,7 @@ class TrainingSide:
         """The ``k`` most negative (helpful) and most positive (harmful) scores per query, over every rank."""
 
         def local() -> tuple[StreamingTopK, StreamingTopK]:
-            helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)  # of −S
-            harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
-            Qs = Q if basis is None else Q @ basis.T
-            for lo, G in self.rows(basis, "top-k"):
-                S = self.product(Qs, G)
-                helpful.add_block(-S, lo)
-                harmful.add_block(S, lo)
-            return helpful, harmful
+            return helpful_and_harmful(Q if basis is None else Q @ basis.T, self.rows(basis, "top-k"), k, self.product)
 
         helpful, harmful = self.shard.local(local)
         return helpful.merged(self.shard), harmful.merged(self.shard)
@@ -139,7 +142,7 @@ class TrainingSide:
             def local() -> torch.Tensor:
                 part = torch.empty(shard.stop - shard.start, dtype=out.dtype, device=out.device)
                 for lo, G in source.stream(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence"):
-                    part[lo - shard.start:lo - shard.start + len(G)] = solver.quadratic_form(G)
+                    part[lo - shard.start:lo - shard.start + len(G)] = self_influence_of(G, solver, solve)[0]
                 return part
 
             out[:] = shard.gather_columns(shard.local(local))
@@ -152,9 +155,8 @@ class TrainingSide:
             mine = shard.local(lambda a=a, b=b: torch.cat([g for _, g in source.stream(self.train, side="train", start=a, stop=b, desc="self-influence")])
                                if b > a else torch.zeros(0, layout.n, dtype=out.dtype, device=out.device))
             G = shard.gather_rows(mine, counts)
-            X, report = solve(G)
+            out[lo:hi], report = self_influence_of(G, solver, solve)
             reports.append(report)
-            out[lo:hi] = (X * G).sum(dim=1)
             solves.update(hi - lo)
         solves.close()
         return out, reports

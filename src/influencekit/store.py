@@ -43,7 +43,7 @@ from .progress import progress_bar
 from .projection import Projector
 from .results import InfluenceScores, RankedInfluence, TopK
 from .scoring import Influence
-from .topk import StreamingTopK
+from .topk import helpful_and_harmful
 
 __all__ = ["GradientStore"]
 
@@ -267,12 +267,7 @@ class GradientStore:
         """The ``k`` most helpful and most harmful training points per test point, streamed over the stored chunks."""
         k = check_int("k", k, low=1, high=self.n_train)
         data, Q = self._queries(test)
-        helpful = StreamingTopK(len(Q), k, dtype=Q.dtype)  # of −S
-        harmful = StreamingTopK(len(Q), k, dtype=Q.dtype)
-        for lo, Phi in self.gradients():
-            S = -(Q @ Phi.double().T)
-            helpful.add_block(-S, lo)
-            harmful.add_block(S, lo)
+        helpful, harmful = helpful_and_harmful(Q, self.gradients(), k, lambda Q, Phi: -(Q @ Phi.double().T))
         layout = self.influence.layout_
 
         def move(t: torch.Tensor) -> torch.Tensor:

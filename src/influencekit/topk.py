@@ -1,16 +1,19 @@
 """Streaming top-k: the k largest values per row of a matrix seen in column blocks, never held whole.
 
-Used by :meth:`Influence.top_k <influencekit.Influence.top_k>` (per rank, then merged across ranks) and by
-:meth:`GradientStore.top_k <influencekit.GradientStore.top_k>`.
+Used by :meth:`Influence.top_k <influencekit.Influence.top_k>` (per rank, then merged across ranks), by
+:meth:`GradientStore.top_k <influencekit.GradientStore.top_k>` and by the influence index, all through
+:func:`helpful_and_harmful`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 
 from .distributed import Shard
 
-__all__ = ["StreamingTopK"]
+__all__ = ["StreamingTopK", "helpful_and_harmful"]
 
 
 class StreamingTopK:
@@ -43,3 +46,16 @@ class StreamingTopK:
         out = StreamingTopK(self.values.shape[0], self.k, dtype=self.values.dtype, device=self.values.device)
         out.update(values, shard.gather_columns(self.indices, widths))
         return out
+
+
+def helpful_and_harmful(Q: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], k: int,
+                        product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[StreamingTopK, StreamingTopK]:
+    """The ``k`` most negative (helpful, kept as the top-k of −S) and most positive (harmful) scores per query, over
+    ``blocks`` ``(first column, rows)`` whose scores are ``S = product(Q, rows)``."""
+    helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+    harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
+    for lo, rows in blocks:
+        S = product(Q, rows)
+        helpful.add_block(-S, lo)
+        harmful.add_block(S, lo)
+    return helpful, harmful
