@@ -14,14 +14,16 @@ it at once with :class:`~influencekit.errors.SolverDivergenceError` naming the s
 relative residual of the running estimate is checked every max(10, 10·n/batch) steps (the checks cost about a
 tenth of the recursion): one above 2 (twice that of the estimate 0) that is still growing, or one above 1 after
 growing at three checks in a row, stops it with that error too, and an estimate whose final residual is above 2
-is never returned. (A mini-batch recursion at its noise floor wanders, also upwards, but stays bounded.) The report gives the residual history,
-the measured factor per step (a least-squares fit over the checks) and the trend (converged, converging, stalled at the
-mini-batch noise, diverging); the advice of a warning follows the trend.
+is never returned (a mini-batch recursion at its noise floor wanders, also upwards, but stays bounded). The report
+gives the residual history of the last repeat, the measured factor per step (a least-squares fit over the second
+half of the checks) and the trend (converged, converging, stalled at the mini-batch noise, diverging); the advice
+of a warning follows the trend.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from typing import Any
 
@@ -48,34 +50,31 @@ def _diverging(history: list[tuple[int, float]]) -> bool:
     return len(last) == 4 and last[-1] > 1.0 and all(y > x for x, y in zip(last, last[1:]))
 
 
-def _measured_rate(history: list[tuple[int, float]]) -> float | None:
-    """The residual's factor per step: exp of the least-squares slope of log(residual) against the step, over the
-    checks of the second half of the run so far (at least three; where a noise floor or the slowest mode has been
-    reached), or over all when there are fewer."""
+def _fitted_rate(history: list[tuple[int, float]]) -> tuple[float, int] | None:
+    """The residual's factor per step — exp of the least-squares slope of log(residual) against the step — over the
+    checks of the second half of the run so far (at least three: where a noise floor or the slowest mode has been
+    reached; else over all), and the number of steps those checks span; None with fewer than two checks."""
     points = [(j, r) for j, r in history if r > 0]
     late = [(j, r) for j, r in points if j >= points[-1][0] / 2] if points else []
     points = late if len(late) >= 3 else points
     if len(points) < 2 or points[-1][0] <= points[0][0]:
         return None
-    steps = torch.tensor([float(j) for j, _ in points], dtype=torch.float64)
-    logs = torch.tensor([math.log(r) for _, r in points], dtype=torch.float64)
-    steps_c = steps - steps.mean()
-    slope = float((steps_c * (logs - logs.mean())).sum() / (steps_c * steps_c).sum())
-    return math.exp(slope)
+    slope, _ = statistics.linear_regression([float(j) for j, _ in points], [math.log(r) for _, r in points])
+    return math.exp(slope), points[-1][0] - points[0][0]
 
 
-def _trend(history: list[tuple[int, float]], measured: float | None, *, noise_bound: float | None = None) -> str:
+def _trend(history: list[tuple[int, float]], fitted: tuple[float, int] | None, *, noise_bound: float | None = None) -> str:
     """'diverging' (the fitted factor above 1 and the residual above 1), 'stalled' (the fit shrinks the residual by
-    less than 10% over the checks, or, for a mini-batch recursion, ``noise_bound`` — the deterministic recursion's
-    error bound rate**depth — is below a tenth of the residual: what is left is noise) or 'converging'."""
-    if measured is None:
+    less than 10% over the steps it spans, or, for a mini-batch recursion, ``noise_bound`` — the deterministic
+    recursion's error bound rate**depth — is below a tenth of the residual: what is left is noise) or 'converging'."""
+    if fitted is None:
         return "converging" if history[-1][1] < 1.0 else "diverging"
-    if measured > 1.0 and history[-1][1] > 1.0:
+    rate, span = fitted
+    if rate > 1.0 and history[-1][1] > 1.0:
         return "diverging"
     if noise_bound is not None and noise_bound < 0.1 * history[-1][1]:
         return "stalled"
-    span = history[-1][0] - history[min(1, len(history) - 2) if len(history) > 3 else 0][0]
-    return "stalled" if measured ** span > 0.9 else "converging"
+    return "stalled" if rate ** span > 0.9 else "converging"
 
 
 class LissaSolver(Solver):
@@ -172,6 +171,7 @@ class LissaSolver(Solver):
         # full-data product each, n/b mini-batch steps) cost about a tenth of the recursion
         every = 10 if b >= n else max(10, math.ceil(10 * n / b))
         history: list[tuple[int, float]] = []
+        checks = 0  # residual checks over all repeats (each one full-data product per right-hand side)
         bar = progress_bar(total=self.repeats * self.depth, desc="LiSSA recursion", enabled=bool(getattr(op, "progress", False)))
         try:
             for rep in range(self.repeats):
@@ -189,6 +189,7 @@ class LissaSolver(Solver):
                         raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s, history))
                     if (step + 1) % every == 0 and step + 1 < self.depth:
                         history.append((step + 1, float(relative_residuals(op, h / s, V).max())))
+                        checks += 1
                         bar.set_postfix(residual=f"{history[-1][1]:.3g}")
                         if _diverging(history):
                             raise SolverDivergenceError(self._divergence_message(step + 1, rep + 1, s, history))
@@ -203,16 +204,17 @@ class LissaSolver(Solver):
             raise SolverDivergenceError(self._divergence_message(self.depth, self.repeats, s, history))
         converged = worst <= self.rtol
         rate = 1.0 - max(self.lambda_min_, 0.0) / s
-        measured = _measured_rate(history)
+        fitted = _fitted_rate(history)
+        measured = None if fitted is None else fitted[0]
         bound = rate ** self.depth if b < n and rate < 1.0 else None
-        trend = "converged" if converged else _trend(history, measured, noise_bound=bound)
+        trend = "converged" if converged else _trend(history, fitted, noise_bound=bound)
         if not converged and self.warn:
             warnings.warn(self._unconverged_message(worst, rate, measured, trend, b, n), ConvergenceWarning, stacklevel=4)
         return X, {
             "iterations": self.depth * self.repeats,
             "relative_residual": worst,
             "converged": converged,
-            "hvps": float(self.depth * self.repeats * V.shape[0] * b / n + V.shape[0] * len(history)),
+            "hvps": float(self.depth * self.repeats * V.shape[0] * b / n + V.shape[0] * (checks + 1)),
             "details": {
                 "scale": s, "lambda_max": self.lambda_max_, "lambda_min": self.lambda_min_, "rate": rate,
                 "measured_rate": measured, "trend": trend, "residual_history": history,
@@ -245,7 +247,8 @@ class LissaSolver(Solver):
         )
 
     def _divergence_message(self, steps: int, repeat: int, s: float, history: list[tuple[int, float]]) -> str:
-        measured = _measured_rate(history)
+        fitted = _fitted_rate(history)
+        measured = None if fitted is None else fitted[0]
         if len(history) > 1:
             shown = ", ".join(f"{r:.3g} at step {j}" for j, r in history[-3:])
             why = f"its relative residual went {shown}{f' (factor {measured:.4f} per step)' if measured is not None else ''}"
