@@ -26,6 +26,7 @@ everything else with 0).
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -279,7 +280,8 @@ def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def cache_prefix(task: HFTask, data: Any, *, batch_size: int = 16, folder: Any = None, progress: bool = False) -> PrefixCache:
+def cache_prefix(task: HFTask, data: Any, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
+                 progress: bool = False) -> PrefixCache:
     """``data`` with the outputs of the model's frozen prefix attached (:class:`~influencekit.prefix.PrefixCache`):
     pass it in place of ``data`` to :class:`~influencekit.Influence`, ``scores``, ``fit_lbfgs``, and the task's
     forward runs only the part downstream of ``task``'s selected parameters. ``folder=``: keep the outputs on disk

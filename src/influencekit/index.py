@@ -346,7 +346,7 @@ class InfluenceIndex:
             return
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         if len(data):
-            yield self.store._queries(data)[1].to(dtype=self.influence.layout_.dtype), None
+            yield self.store.queries(data)[1].to(dtype=self.influence.layout_.dtype), None
 
     def _two_stage(self, Qs: torch.Tensor, rows: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, ...]:
         """Helpful and harmful (indices, exact scores) from ``candidates`` found by the sketch, re-scored exactly."""
@@ -397,22 +397,22 @@ class InfluenceIndex:
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
 
 
-def _sketch_search(self: InfluenceIndex) -> Any:
+def _sketch_search(index: InfluenceIndex) -> Any:
     """``search(queries (q, d) float32, m) -> (q, m)`` indices of the largest inner products with the sketch."""
-    if self._sketch is None:
-        n, chunk, dim = self.n_train, self.config["chunk"], self._projector.dim
-        sketch = np.concatenate([np.asarray(self._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
+    if index._sketch is None:
+        n, chunk, dim = index.n_train, index.config["chunk"], index._projector.dim
+        sketch = np.concatenate([np.asarray(index._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
                                  for lo in range(0, n, chunk)])
         try:
             import faiss
         except ImportError:
             table = torch.from_numpy(sketch)
-            self._sketch = lambda q, m: torch.topk(torch.from_numpy(q) @ table.T, m, dim=1).indices.numpy()
+            index._sketch = lambda q, m: torch.topk(torch.from_numpy(q) @ table.T, m, dim=1).indices.numpy()
         else:
             flat = faiss.IndexFlatIP(dim)
             flat.add(sketch)
-            self._sketch = lambda q, m: flat.search(q, m)[1]
-    return self._sketch
+            index._sketch = lambda q, m: flat.search(q, m)[1]
+    return index._sketch
 
 
 # ------------------------------------------------------------------------------------------ what build writes

@@ -239,8 +239,9 @@ class GradientStore:
             self._factor = L
         return self._factor
 
-    def _queries(self, test: Any) -> tuple[Examples, torch.Tensor]:
-        """C⁻¹φ(z_test) for every test point, ``(n_test, dim)`` float64 on the CPU."""
+    def queries(self, test: Any) -> tuple[Examples, torch.Tensor]:
+        """The test data as Examples and C⁻¹φ(z_test) for every test point, ``(n_test, dim)`` float64 on the CPU: the
+        preconditioned queries that every score of this store is the product of (with −Φ rows)."""
         inf = self.influence
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         phi = torch.cat([self.projector.project(G) for _, G in inf.gradients_.stream(data, side="test", desc="test gradients")])
@@ -256,7 +257,7 @@ class GradientStore:
     # ---------------------------------------------------------------------------------- public API
     def scores(self, test: Any) -> InfluenceScores:
         """−φ(z_test)ᵀC⁻¹φ(z) for every (test, train) pair, ``(n_test, n_train)`` (computed in float64)."""
-        data, Q = self._queries(test)
+        data, Q = self.queries(test)
         out = torch.empty(len(data), self.n_train, dtype=torch.float64)
         for lo, Phi in self.gradients():
             out[:, lo:lo + len(Phi)] = -(Q @ Phi.double().T)
@@ -266,7 +267,7 @@ class GradientStore:
     def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training points per test point, streamed over the stored chunks."""
         k = check_int("k", k, low=1, high=self.n_train)
-        data, Q = self._queries(test)
+        data, Q = self.queries(test)
         helpful, harmful = helpful_and_harmful(Q, self.gradients(), k, lambda Q, Phi: -(Q @ Phi.double().T))
         layout = self.influence.layout_
 

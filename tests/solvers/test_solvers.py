@@ -128,7 +128,7 @@ def test_cg_matches_scipy_cg(operator, dense, rhs):
 
 
 def test_cg_warns_when_max_iter_is_too_small(operator, rhs):
-    with pytest.warns(ik.ConvergenceWarning, match=r"CG stopped after max_iter=3 iterations.*Raise `solver_options=\{'max_iter': 6\}`.*precondition it"):
+    with pytest.warns(ik.ConvergenceWarning, match=r"CG stopped after max_iter=3 iterations.*Raise `solver_options=\{'max_iter': 6\}`, or raise `damping` if H is ill-conditioned\."):
         _, report = ik.CGSolver(max_iter=3).fit(operator).solve(rhs)
     assert not report.converged and report.iterations == 3
 

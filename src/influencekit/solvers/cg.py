@@ -111,7 +111,7 @@ class CGSolver(Solver):
     def _preconditioner_solver(self) -> Solver | None:
         if self.preconditioner is None or isinstance(self.preconditioner, Solver):
             return self.preconditioner
-        from .kfac import EKFACSolver, KFACSolver
+        from .kfac import EKFACSolver, KFACSolver  # not the package's registry: it imports this module (a circle)
 
         return {"kfac": KFACSolver, "ekfac": EKFACSolver}[self.preconditioner]()
 
@@ -195,7 +195,7 @@ class CGSolver(Solver):
                 f"CG stopped after max_iter={self.max_iter} iterations with {int((~done).sum())} of {k} right-hand "
                 f"sides above rtol={self.rtol_:g} (worst relative residual {float(rel.max()):.3g}). Raise "
                 f"{setting_hint('max_iter', 2 * self.max_iter)}, or raise {setting_hint('damping', scope='influence')} if H is "
-                f"ill-conditioned{'' if self.preconditioner is not None else ', or precondition it (' + setting_hint('preconditioner', repr('ekfac')) + ')'}.",
+                "ill-conditioned.",
                 ConvergenceWarning,
                 stacklevel=4,
             )
@@ -206,13 +206,10 @@ class CGSolver(Solver):
             "hvps": float(hvps + k),
             "details": {
                 "rtol": self.rtol_, "atol": self.atol, "score_rtol": self.score_rtol,
-                "method": "breakdown-free block CG" + (f", preconditioned by {self._preconditioner_name()}" if self.preconditioner_ else ""),
+                "method": "breakdown-free block CG" + (f", preconditioned by {self.preconditioner_.name}" if self.preconditioner_ else ""),
                 "stopped_by_scores": int(by_scores.sum()), "relative_residuals": rel.tolist(),
             },
         }
-
-    def _preconditioner_name(self) -> str | None:
-        return None if self.preconditioner_ is None else self.preconditioner_.name
 
     def describe(self) -> dict[str, Any]:
         return {"solver": self.name, "rtol": self.rtol, "atol": self.atol, "max_iter": self.max_iter,
