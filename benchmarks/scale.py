@@ -24,6 +24,8 @@ Usage (2 threads; each worker has its own ``timeout``)::
     python benchmarks/scale.py --n-train 2000 --n-test 200 --solvers arnoldi
     python benchmarks/scale.py --plan-only             # only the planner's table (seconds)
     python benchmarks/scale.py --solvers arnoldi --examples 1000   # Lanczos on 1,000 of the 10,000 images
+    python benchmarks/scale.py --solvers ekfac --query-rank 8      # query batching: low-rank queries, compared
+                                                                   # with full rank on the first 100 test points
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def worker(args: argparse.Namespace) -> None:
             options["examples"] = args.examples
     if solver == "ekfac":
         options = {"probes": 1, "solve_dtype": None}  # rotations in the model's float32
+    from scipy.stats import spearmanr
     out: dict[str, Any] = {"solver": solver, "options": options, "base_gb": rss_gb()}
     if args.plan:
         inf = ik.Influence(task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget)
@@ -138,11 +141,23 @@ def worker(args: argparse.Namespace) -> None:
     inf.fit()
     out["t_fit"] = time.perf_counter() - start
     start = time.perf_counter()
-    scores = inf.scores(test)
+    scores = inf.scores(test, query_rank=args.query_rank or None)
     out["t_score"] = time.perf_counter() - start
     out["peak_gb"] = peak_rss_gb()
     out["chunks"] = dataclasses.asdict(inf.chunks_)
     space = scores.metadata["score_space"]
+    if args.query_rank:  # agreement with full-rank scores on the first --compare test points (their cost is not timed)
+        out["layers"] = {k: scores.metadata[k] for k in ("factored", "dense")}
+        m = min(args.compare, len(test[1]))
+        start = time.perf_counter()
+        full = inf.scores((test[0][:m], test[1][:m])).values
+        out["t_full_rows"] = time.perf_counter() - start
+        low = scores.values[:m]
+        rhos = [float(spearmanr(low[i].numpy(), full[i].numpy())[0]) for i in range(m)]
+        top = [len(set(low[i].topk(10).indices.tolist()) & set(full[i].topk(10).indices.tolist())) / 10 for i in range(m)]
+        out["agreement"] = {"rows": m, "spearman_median": float(np.median(rhos)), "spearman_min": min(rhos),
+                            "pearson_all": float(np.corrcoef(low.flatten().numpy(), full.flatten().numpy())[0, 1]),
+                            "top10_harmful_overlap": float(np.mean(top))}
     del scores
     grads = []
     for _ in range(2):  # the best of two passes: the first may pay for fresh pages
@@ -188,7 +203,8 @@ def run(args: argparse.Namespace, solver: str, state: Path, plan: bool) -> dict[
         out = Path(f.name)
     cmd = [sys.executable, __file__, "--worker", solver, "--state", str(state), "--out", str(out),
            "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--rank", str(args.rank), "--examples", str(args.examples),
-           "--threads", str(args.threads), "--memory-budget", args.memory_budget] + (["--plan"] if plan else [])
+           "--threads", str(args.threads), "--memory-budget", args.memory_budget, "--query-rank", str(args.query_rank),
+           "--compare", str(args.compare)] + (["--plan"] if plan else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
     except subprocess.TimeoutExpired:
@@ -210,6 +226,8 @@ def main() -> None:
     ap.add_argument("--memory-budget", default="2GiB")
     ap.add_argument("--worker-timeout", type=int, default=660)
     ap.add_argument("--plan-only", action="store_true")
+    ap.add_argument("--query-rank", type=int, default=0, help="score with low-rank queries of this rank per layer (0: full rank)")
+    ap.add_argument("--compare", type=int, default=100, help="with --query-rank: test points also scored at full rank to compare")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--state", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -243,6 +261,12 @@ def main() -> None:
                     f"[target < 4 GB: {'met' if r['peak_gb'] < 4 else 'NOT met'}], chunks {r['chunks']}")
             line += (f"\n  per-example gradients: {r['gradients']}; the same pass through vmap(grad): {r['t_grad_vmap']:.1f} s "
                      f"({r['t_grad_vmap'] / r['t_grad']:.2f}× t_grad); scored in: {r['score_space']}")
+            if "agreement" in r:
+                a = r["agreement"]
+                line += (f"\n  query rank {args.query_rank}: {r['layers']}; against full rank on {a['rows']} test points "
+                         f"(scored in {r['t_full_rows']:.1f} s, not in t_score): Spearman median {a['spearman_median']:.4f}, "
+                         f"min {a['spearman_min']:.4f} [target ≥ 0.95], Pearson {a['pearson_all']:.4f}, "
+                         f"top-10 harmful overlap {a['top10_harmful_overlap']:.3f}")
             print(line, flush=True)
 
 

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "influencekit"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["errors", "progress", "checks", "folders"]),
     ("data and model", ["autodiff", "data", "data.*", "distributed", "spectrum", "projection", "results", "task"]),
-    ("structure", ["layers", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
+    ("structure", ["layers", "lowrank", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
     ("operators and gradients", ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
     ("solvers", ["solvers", "solvers.*"]),
     ("engine parts", ["config", "persistence", "pairwise", "perturbation", "groups", "training", "planner"]),

@@ -22,8 +22,9 @@ from .autodiff import ParamLayout, batch_grad_sum, per_example_grads
 from .checks import check_choice
 from .data.examples import Examples, batch_size_of, stream, take
 from .distributed import Shard
-from .errors import NumericalError, StationarityWarning
-from .layers import GRADIENT_METHODS, choose_per_example
+from .errors import NumericalError, StationarityWarning, UnsupportedError
+from .layers import GRADIENT_METHODS, LayerTaps, choose_per_example
+from .lowrank import Factors, factor_blocks
 from .progress import progress_bar
 from .task import Task
 
@@ -151,6 +152,38 @@ class GradientSource:
         if side == "train" and self._l2_term is not None:
             G += self._l2_term  # in place: the chunk is freshly allocated, a copy would double its memory traffic
         return G
+
+    @property
+    def l2_term(self) -> torch.Tensor | None:
+        """λθ̂, the L2 term every training-side gradient carries (None without L2)."""
+        return self._l2_term
+
+    def layer_factors(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
+                      ) -> Iterator[tuple[int, Factors]]:
+        """``(offset, Factors)``: the layer taps of ``data[start:stop]`` in chunks, without the gradient rows
+        (:mod:`~influencekit.lowrank`; the L2 term is not in them: see :attr:`l2_term`). Needs every selected parameter
+        in a tapped layer and the taps chosen for ``side`` (they agreed with the reference on its first chunk)."""
+        blocks = factor_blocks(self.task.model, self.layout)
+        fn, dtype = self.function(side), self.layout.dtype
+        stop = len(data) if stop is None else stop
+        bar = progress_bar(total=stop - start, desc=desc or f"{data.name} layer taps", enabled=self.progress)
+        for lo, batch in self.batches(data, start, stop):
+            self.per_example(side, batch)
+            if self.methods[side] != "layers":
+                raise UnsupportedError(
+                    f"`query_rank` scores from layer taps, but the {side} side's per-example gradients come from "
+                    f"{self.methods[side]} ({self.reasons[side]}). Score without `query_rank`."
+                )
+            with LayerTaps(blocks) as taps:
+                inputs, grads, losses = taps.run(fn, self.params, batch)
+            check_losses(losses, data.name, lo)
+            f = Factors(blocks, [b.inputs(x, dtype=dtype) for b, x in zip(blocks, inputs)],
+                        [b.output_grads(g, dtype=dtype) for b, g in zip(blocks, grads)])
+            for g in f.g:
+                check_grads(g.reshape(len(f), -1), data.name, lo)
+            bar.update(len(f))
+            yield lo, f
+        bar.close()
 
     def per_example(self, side: str, batch: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """The per-example gradient function ``(fn, params, batch) -> (G, values)`` for ``side``, chosen on its

@@ -8,6 +8,7 @@ kept: qᵀg = (qBᵀ)(Bg), so a score costs r products instead of n_params.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -16,11 +17,12 @@ import torch
 from .data.examples import Examples
 from .distributed import Shard
 from .gradients import GradientSource, matmul_precision
+from .lowrank import Factors, LowRankQueries, factored_layers
 from .progress import progress_bar
 from .solvers import Solver, SolveReport
 from .topk import StreamingTopK, helpful_and_harmful
 
-__all__ = ["TrainingSide", "Coordinates"]
+__all__ = ["TrainingSide", "Coordinates", "low_rank_queries"]
 
 
 def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
@@ -31,6 +33,39 @@ def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Te
         return solver.quadratic_form(G), None
     X, report = solve(G)
     return (X * G).sum(dim=1), report
+
+
+def low_rank_queries(gradients: GradientSource, solver: Solver, test: Examples, rank: int, *, block: int | None, budget: int
+                     ) -> Iterator[tuple[int, LowRankQueries, SolveReport]]:
+    """Blocks of preconditioned test gradients kept per layer at ``rank`` (:mod:`~influencekit.lowrank`), each gradient
+    chunk solved from its layer taps (:meth:`Solver.low_rank_solve`): ``block`` test points per block, or (``None``)
+    as many as ``budget`` bytes of low-rank queries hold. Which layers are factored is decided once, on the first
+    chunk's positions per layer, so every block is kept alike."""
+    factored: list[bool] | None = None
+    parts: list[LowRankQueries] = []
+    reports: list[SolveReport] = []
+    first = 0
+    for lo in range(0, len(test), block or len(test)):
+        hi = min(lo + (block or len(test)), len(test))
+        for c, f in gradients.layer_factors(test, side="test", start=lo, stop=hi, desc="test layer taps"):
+            factored = factored_layers(f.blocks, [a.shape[1] for a in f.a], rank) if factored is None else factored
+            q, report = solver.low_rank_solve(f, factored, rank)
+            parts.append(q), reports.append(report)
+            if block is None and sum(p.nbytes for p in parts) >= budget and c + len(f) < hi:
+                yield first, LowRankQueries.cat(parts), combined(reports)
+                first, parts, reports = c + len(f), [], []
+        if parts:
+            yield first, LowRankQueries.cat(parts), combined(reports)
+            first, parts, reports = hi, [], []
+
+
+def combined(reports: list[SolveReport]) -> SolveReport:
+    """One report for the solves of one query block's chunks: counts and times added, the worst residual kept."""
+    if len(reports) == 1:
+        return reports[0]
+    return dataclasses.replace(reports[0], iterations=max(r.iterations for r in reports), n_rhs=sum(r.n_rhs for r in reports),
+                               relative_residual=max(r.relative_residual for r in reports), converged=all(r.converged for r in reports),
+                               hvps=sum(r.hvps for r in reports), seconds=sum(r.seconds for r in reports))
 
 
 class Coordinates(NamedTuple):
@@ -64,7 +99,9 @@ class TrainingSide:
         return basis if (kept or basis.shape[0] < n_test) else None
 
     @staticmethod
-    def space_name(basis: torch.Tensor | None) -> str:
+    def space_name(basis: torch.Tensor | None, query_rank: int | None = None) -> str:
+        if query_rank is not None:
+            return f"low-rank queries (rank {query_rank} per factored layer)"
         return "parameters" if basis is None else f"solver basis (rank {basis.shape[0]})"
 
     def rows(self, basis: torch.Tensor | None, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
@@ -90,8 +127,10 @@ class TrainingSide:
         with matmul_precision(self.precision):
             return -(Qs @ G.T)
 
-    def score_rows(self, Q: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
-        """−Qᵀ∇L(z) for every training point z, ``(len(Q), n_train)`` on every rank."""
+    def score_rows(self, Q: torch.Tensor | LowRankQueries, basis: torch.Tensor | None) -> torch.Tensor:
+        """−Qᵀ∇L(z) for every training point z, ``(len(Q), n_train)`` on every rank (``Q`` dense or low-rank)."""
+        if isinstance(Q, LowRankQueries):
+            return self.low_rank_score_rows(Q)
         start, stop = self.shard.start, self.shard.stop
 
         def local() -> torch.Tensor:
@@ -118,11 +157,47 @@ class TrainingSide:
 
         return self.shard.gather_columns(self.shard.local(local))
 
-    def top_k(self, Q: torch.Tensor, basis: torch.Tensor | None, k: int) -> tuple[StreamingTopK, StreamingTopK]:
+    def top_k(self, Q: torch.Tensor | LowRankQueries, basis: torch.Tensor | None, k: int) -> tuple[StreamingTopK, StreamingTopK]:
         """The ``k`` most negative (helpful) and most positive (harmful) scores per query, over every rank."""
+        if isinstance(Q, LowRankQueries):
+            return self.low_rank_top_k(Q, k)
 
         def local() -> tuple[StreamingTopK, StreamingTopK]:
             return helpful_and_harmful(Q if basis is None else Q @ basis.T, self.rows(basis, "top-k"), k, self.product)
+
+        helpful, harmful = self.shard.local(local)
+        return helpful.merged(self.shard), harmful.merged(self.shard)
+
+    def low_rank_rows(self, queries: LowRankQueries, desc: str) -> Iterator[tuple[int, Factors]]:
+        """This shard's training layer taps in chunks, for :meth:`low_rank_product`."""
+        yield from self.gradients.layer_factors(self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc)
+
+    def low_rank_product(self, queries: LowRankQueries, f: Factors) -> torch.Tensor:
+        """Scores −⟨query, ∇L(z)⟩ of low-rank queries against a chunk of training taps, the L2 term λθ̂ included."""
+        with matmul_precision(self.precision if self.precision != "bf16" else "full"):
+            S = queries.product(f)
+        l2 = self.gradients.l2_term
+        return -(S if l2 is None else S + queries.dot(l2)[:, None])
+
+    def low_rank_score_rows(self, queries: LowRankQueries) -> torch.Tensor:
+        """:meth:`score_rows` for low-rank queries: ``(len(queries), n_train)`` on every rank."""
+        start, stop = self.shard.start, self.shard.stop
+
+        def local() -> torch.Tensor:
+            block = torch.empty(len(queries), stop - start, dtype=self.gradients.layout.dtype, device=self.gradients.layout.device)
+            for lo, f in self.low_rank_rows(queries, "scoring (low-rank queries)"):
+                block[:, lo - start:lo - start + len(f)] = self.low_rank_product(queries, f)
+            return block
+
+        return self.shard.gather_columns(self.shard.local(local))
+
+    def low_rank_top_k(self, queries: LowRankQueries, k: int) -> tuple[StreamingTopK, StreamingTopK]:
+        """:meth:`top_k` for low-rank queries."""
+        def local() -> tuple[StreamingTopK, StreamingTopK]:
+            n = len(queries)
+            probe = torch.empty(n, 0, dtype=self.gradients.layout.dtype, device=self.gradients.layout.device)
+            return helpful_and_harmful(probe, self.low_rank_rows(queries, "top-k (low-rank queries)"), k,
+                                       lambda _q, f: self.low_rank_product(queries, f))
 
         helpful, harmful = self.shard.local(local)
         return helpful.merged(self.shard), harmful.merged(self.shard)

@@ -34,7 +34,8 @@ from .folders import fingerprint
 from .gradients import GradientSource, objective_gradient_norm, warn_if_not_stationary
 from .groups import check_newton, check_orders, group_effects, parse_groups
 from .hessian import HessianOperator, check_curvature
-from .pairwise import TrainingSide
+from .lowrank import LowRankQueries
+from .pairwise import TrainingSide, low_rank_queries
 from .persistence import DATA_HEAD, ScoreFolder, SolverCache
 from .perturbation import perturbation_scores
 from .results import GroupInfluence, InfluenceScores, RankedInfluence, TopK
@@ -188,16 +189,20 @@ class Influence:
     def _metadata(self, reports: list[SolveReport], **extra: Any) -> dict[str, Any]:
         return self.provenance_.metadata(reports, self.grad_norm_, gradients=self.gradients_.describe(), **extra)
 
-    def queries(self, test: Any, *, block: int | None = None, skip: Callable[[int], bool] | None = None
-                ) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
+    def queries(self, test: Any, *, block: int | None = None, skip: Callable[[int], bool] | None = None,
+                query_rank: int | None = None) -> Iterator[tuple[int, torch.Tensor | LowRankQueries, SolveReport]]:
         """Blocks of preconditioned test gradients: ``(offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)``.
 
-        ``block`` test points at a time (default: as many as the memory budget allows); blocks whose offset
-        ``skip`` accepts are not computed (the score folder's finished files)."""
+        ``block`` test points at a time (default: as the memory budget allows); blocks whose offset ``skip`` accepts are
+        skipped (finished score files). ``query_rank``: :class:`~influencekit.lowrank.LowRankQueries` (:meth:`scores`)."""
         self.check_fitted()
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         # each rank solves the same blocks: a different test set would hang them
         self.shard_.check_same("the test set", {"n_test": len(data)})
+        if query_rank is not None:  # blocks of `block` test points, or as many as half the memory budget holds
+            yield from low_rank_queries(self.gradients_, self.solver_, data, check_int("query_rank", query_rank, low=1),
+                                        block=block, budget=self.config.memory_budget // 2)
+            return
         block = block or self.chunks_.queries
         for lo in range(0, len(data), block):
             if skip is not None and skip(lo):
@@ -207,12 +212,16 @@ class Influence:
             Q, report = self._solve(G)
             yield lo, Q, report
 
-    def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None) -> InfluenceScores:
+    def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
+               query_rank: int | None = None) -> InfluenceScores:
         """I_up,loss for every (test, train) pair, ``(n_test, n_train)``, as an :class:`InfluenceScores`.
 
         One block solve for the test gradients, then one streamed per-example-gradient pass over the
         training set (per block of test points that fits the memory budget). Under torch.distributed each
         rank scores its shard and every rank receives the whole matrix.
+
+        ``query_rank`` (query batching, an approximation): each query's block of a layer kept at that rank, scored
+        against the training taps, never their gradients (:mod:`~influencekit.lowrank`, docs/guide.md).
 
         ``folder``: also keep the matrix on disk, ``rows_per_file`` test points (default: the query block) per
         ``scores-<first row>.npy`` file, each written atomically, with a ``manifest.json`` of the configuration; a
@@ -226,22 +235,17 @@ class Influence:
         side = self.training_side_
         basis = side.basis_for(self.solver_, len(test_data))
         extra: dict[str, Any] = {}
-        store = None
+        store: ScoreFolder | None = None
         if folder is not None:
-            rows = self.chunks_.queries if rows_per_file is None else check_int("rows_per_file", rows_per_file, low=1)
-            store = ScoreFolder(folder, self.provenance_, n_test=len(test_data), rows=rows, shard=self.shard_,
-                                train_fingerprint=self.data_fingerprint(self.train_),
-                                test_fingerprint=self.data_fingerprint(test_data) if len(test_data) else "")
-            for lo in store.done:
-                block = store.read(lo)
-                out[lo:lo + len(block)] = block.to(out.device)
-            extra = {"score_folder": str(folder), "score_files_reused": len(store.done)}
-        for qlo, Q, report in self.queries(test_data, block=store.rows if store else None, skip=store.done.__contains__ if store else None):
+            store, extra = _open_score_folder(self, folder, rows_per_file, test_data, out, query_rank)
+        for qlo, Q, report in self.queries(test_data, block=store.rows if store else None, skip=store.done.__contains__ if store else None,
+                                           query_rank=query_rank):
             reports.append(report)
             out[qlo:qlo + len(Q)] = block = side.score_rows(Q, basis)
+            extra.update(Q.describe() if query_rank is not None else {})
             if store is not None:
                 store.write(qlo, block)
-        return InfluenceScores(out, len(self.train_), self._metadata(reports, score_space=side.space_name(basis), **extra))
+        return InfluenceScores(out, len(self.train_), self._metadata(reports, score_space=side.space_name(basis, query_rank), **extra))
 
     def module_scores(self, test: Any) -> dict[str, InfluenceScores]:
         """I_up,loss split by the module that carries it, ``{module name: InfluenceScores}`` (``""``: the model's
@@ -259,8 +263,9 @@ class Influence:
         meta = self._metadata(reports, score_space="parameters")
         return {name: InfluenceScores(out[j], len(self.train_), {**meta, "module": name}) for j, name in enumerate(groups)}
 
-    def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
-        """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix)."""
+    def top_k(self, test: Any, k: int = 10, *, query_rank: int | None = None) -> RankedInfluence:
+        """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix);
+        ``query_rank`` as in :meth:`scores`."""
         self.check_fitted()
         n_train = len(self.train_)
         k = check_int("k", k, low=1, high=n_train)
@@ -269,16 +274,14 @@ class Influence:
         basis = side.basis_for(self.solver_, len(test_data))
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
         reports = []
-        for _, Q, report in self.queries(test_data):
+        for _, Q, report in self.queries(test_data, query_rank=query_rank):
             reports.append(report)
             helpful, harmful = side.top_k(Q, basis, k)
-            parts["hv"].append(-helpful.values)
-            parts["hi"].append(helpful.indices)
-            parts["xv"].append(harmful.values)
-            parts["xi"].append(harmful.indices)
+            for key, part in zip(("hv", "hi", "xv", "xi"), (-helpful.values, helpful.indices, harmful.values, harmful.indices)):
+                parts[key].append(part)
         helpful_k = TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"]))
         harmful_k = TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"]))
-        return RankedInfluence(helpful_k, harmful_k, n_train, self._metadata(reports, k=k, score_space=side.space_name(basis)))
+        return RankedInfluence(helpful_k, harmful_k, n_train, self._metadata(reports, k=k, score_space=side.space_name(basis, query_rank)))
 
     def self_influence(self) -> torch.Tensor:
         """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point, ``(n_train,)``.
@@ -347,3 +350,18 @@ class Influence:
     def n_params(self) -> int:
         self.check_fitted()
         return self.layout_.n
+
+
+def _open_score_folder(inf: Influence, folder: str | os.PathLike, rows_per_file: int | None, test_data: Examples,
+                       out: torch.Tensor, query_rank: int | None) -> tuple[ScoreFolder, dict[str, Any]]:
+    """:meth:`Influence.scores`' folder: opened (or refused), its finished blocks read into ``out``."""
+    if query_rank is not None:
+        raise InputError("`folder` and `query_rank` cannot be combined yet: the score folder keeps exact scores. Drop one.")
+    rows = inf.chunks_.queries if rows_per_file is None else check_int("rows_per_file", rows_per_file, low=1)
+    store = ScoreFolder(folder, inf.provenance_, n_test=len(test_data), rows=rows, shard=inf.shard_,
+                        train_fingerprint=inf.data_fingerprint(inf.train_),
+                        test_fingerprint=inf.data_fingerprint(test_data) if len(test_data) else "")
+    for lo in store.done:
+        block = store.read(lo)
+        out[lo:lo + len(block)] = block.to(out.device)
+    return store, {"score_folder": str(folder), "score_files_reused": len(store.done)}

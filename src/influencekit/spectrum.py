@@ -14,7 +14,7 @@ import torch
 
 from .checks import check_int
 
-__all__ = ["lanczos", "LanczosResult", "lanczos_extremes", "power_iteration"]
+__all__ = ["lanczos", "LanczosResult", "lanczos_extremes", "power_iteration", "randomized_svd"]
 
 MatVec = Callable[[torch.Tensor], torch.Tensor]  # (k, n) -> (k, n)
 
@@ -154,3 +154,28 @@ def power_iteration(
             break
         previous = value
     return value
+
+
+def randomized_svd(M: torch.Tensor, rank: int, *, oversample: int = 8, iterations: int = 2, seed: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` singular triplets of each matrix of a batch ``M (b, m, n)``: ``U (b, m, r)``,
+    ``s (b, r)``, ``V (b, n, r)`` with r = min(rank, m, n), so that ``M ≈ U diag(s) Vᵀ``.
+
+    Halko, Martinsson & Tropp (2011): a seeded Gaussian sketch of ``rank + oversample`` columns, ``iterations``
+    QR-stabilised power iterations, then the exact SVD of the small projected matrix. Where the sketch would be
+    as wide as the matrix, the exact SVD (truncated) is returned instead, so a rank ≥ min(m, n) is exact.
+    The same seed gives the same sketch: the result does not depend on the batch it is computed in."""
+    check_int("rank", rank, low=1)
+    _, m, n = M.shape
+    r = min(rank, m, n)
+    width = r + oversample
+    if width >= min(m, n):
+        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[..., :r], s[..., :r], Vh[..., :r, :].mT
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, width, generator=g, dtype=torch.float64).to(device=M.device, dtype=M.dtype)
+    Qm = torch.linalg.qr(M @ omega).Q
+    for _ in range(iterations):
+        Qm = torch.linalg.qr(M @ torch.linalg.qr(M.mT @ Qm).Q).Q
+    Ub, s, Vh = torch.linalg.svd(Qm.mT @ M, full_matrices=False)
+    return (Qm @ Ub)[..., :r], s[..., :r], Vh[..., :r, :].mT

@@ -33,6 +33,7 @@ import torch
 
 from ..curvature import CurvatureOperator
 from ..errors import InputError, NotFittedError
+from ..lowrank import Factors, LowRankQueries
 from .costs import CostProbe, SolverCost, unknown_cost
 
 __all__ = ["Solver", "SolveReport", "Solution"]
@@ -134,6 +135,14 @@ class Solver:
         report = SolveReport(solver=self.name, n_rhs=V.shape[0], seconds=seconds, **info)
         X = X.to(V.dtype)
         return Solution(X[0] if squeeze else X, report)
+
+    def low_rank_solve(self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
+                       ) -> tuple[LowRankQueries, SolveReport]:
+        """The preconditioned queries of the test gradients given as layer ``factors``, their ``factored`` layer blocks
+        kept at ``rank`` (:mod:`~influencekit.lowrank`). Here: the dense solve, then each block's truncated SVD; a
+        solver that can precondition the factors directly (K-FAC) overrides it."""
+        X, report = self.solve(factors.dense(self._require_fitted().n_params))
+        return LowRankQueries.from_dense(X, factors.blocks, factored, rank, seed=seed), report
 
     def state_dict(self) -> dict[str, Any] | None:
         """The fitted state (tensors and plain values) that :meth:`load_state_dict` restores without refitting;

@@ -54,6 +54,7 @@ the global n, and every rank eigendecomposes the same summed factors.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,8 @@ from ..checks import check_choice, check_int
 from ..curvature import CurvatureOperator, LayerData
 from ..errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
 from ..layers import LayerBlock, layer_blocks
-from .base import Solver, relative_residuals
+from ..lowrank import Factors, LowRankQueries, factor_rows
+from .base import Solver, SolveReport, relative_residuals
 from .costs import CostProbe, SolverCost, kfac_cost
 from .fisher import FISHERS, FisherPasses, loss_kind
 
@@ -142,6 +144,33 @@ def _add_masked_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor) -> No
         layer.A[:kw, kw] += col
         layer.A[kw, :kw] += col
         layer.A[kw, kw] += float(weights.sum())
+
+
+def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list[bool], rank: int, *, shift: float,
+                          dtype: torch.dtype, out_dtype: torch.dtype, block_elements: int, seed: int
+                          ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """:meth:`KFACSolver.low_rank_solve`'s per-layer work: ``(U, V, M)`` as :class:`~influencekit.lowrank.LowRankQueries` holds them."""
+    by_name = {layer.name: layer for layer in layers}
+    U: list[torch.Tensor | None] = []
+    V: list[torch.Tensor | None] = []
+    M: list[torch.Tensor | None] = []
+    for block, a, g, f in zip(factors.blocks, factors.a, factors.g, factored):
+        layer = by_name[block.name]
+        QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
+        rows = max(1, block_elements // layer.index.numel())
+        if not f:
+            dense = torch.einsum("bto,btk->bok", g, a)
+            M.append(torch.cat([(QS @ ((QS.T @ d.to(dtype) @ QA) / denom) @ QA.T).to(out_dtype) for d in dense.split(rows)]))
+            U.append(None), V.append(None)
+            continue
+        us, vs = [], []
+        for lo in range(0, len(factors), rows):
+            rotated = torch.einsum("bto,btk->bok", g[lo:lo + rows].to(dtype) @ QS, a[lo:lo + rows].to(dtype) @ QA) / denom
+            u, v = factor_rows(rotated, rank, seed=seed)  # (n, r, out), (n, r, k) in the eigenbasis
+            us.append((u @ QS.T).to(out_dtype))
+            vs.append((v @ QA.T).to(out_dtype))
+        U.append(torch.cat(us)), V.append(torch.cat(vs)), M.append(None)
+    return U, V, M
 
 
 class KFACSolver(Solver):
@@ -409,8 +438,24 @@ class KFACSolver(Solver):
             X[:, idx] = (V[:, idx].to(torch.float64) / (self.diagonal_ + shift)).to(V.dtype)
         return X
 
+    def low_rank_solve(self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
+                       ) -> tuple[LowRankQueries, SolveReport]:
+        """Queries from test layer taps: a factored layer's block is rotated as (g Q_S)ᵀ(ã Q_A) (T·(out² + k²) flops,
+        not out²k + out·k²), divided by the eigenvalues, truncated there, only the factors rotated back."""
+        op = self._require_fitted()
+        if self.leftover_:
+            raise UnsupportedError(f"`query_rank` with {self.name}: {self.leftover_} have no layer factors; exclude them with `params=`.")
+        start = time.perf_counter()
+        U, V, M = _precondition_factors(self.layers_, factors, factored, rank, shift=op.shift, dtype=self.solve_dtype or op.dtype,
+                                        out_dtype=op.dtype, block_elements=self.block_elements, seed=seed)
+        report = SolveReport(solver=self.name, n_rhs=len(factors), seconds=time.perf_counter() - start, **self._info())
+        return LowRankQueries(factors.blocks, rank, U, V, M), report
+
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self._apply(V), {
+        return self._apply(V), self._info()
+
+    def _info(self) -> dict[str, Any]:
+        return {
             "iterations": 0,
             "relative_residual": self.probe_residual_,
             "converged": True,
