@@ -132,7 +132,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.plan:
         inf = ik.Influence(task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget)
         start = time.perf_counter()
-        plan = inf.plan(n_test=args.n_test)
+        plan = inf.plan(n_test=args.n_test, query_rank=args.query_rank or None)
         out.update(plan_seconds=time.perf_counter() - start, plan=str(plan), plan_dict=plan.to_dict(), peak_gb=peak_rss_gb())
         Path(args.out).write_text(json.dumps(out))
         return

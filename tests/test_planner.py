@@ -179,3 +179,35 @@ def test_arnoldi_without_residual_rows_plans_no_residual_hvp():
     zero, two = plans[0].stage("query solve").seconds, plans[2].stage("query solve").seconds
     assert zero < two  # two full-data HVPs more
     assert zero < 0.5 * two
+
+
+def test_query_rank_plans_the_low_rank_stages():
+    """The conv model: Linear(256→10) is cheaper factored at rank 2 (2·266 < 2,560), the convolution (64 positions)
+    is not; the low-rank scoring is estimated below the dense one, and a model with parameters outside the tapped
+    layers is refused at plan time, before any data pass."""
+    from influencekit.errors import UnsupportedError
+
+    task, train = _mlp_task(conv=True)
+    inf = ik.Influence(task, train, solver="ekfac", damping=0.1)
+    dense = inf.plan(n_test=300)
+    low = inf.plan(n_test=300, query_rank=2)
+    names = [s.name for s in low.stages]
+    assert names[-3:] == ["test layer taps", "query solve (low rank)", "scoring (low rank)"]
+    assert any(note.startswith("query_rank=2: factored layers ['4']") for note in low.notes)
+    assert low.stage("scoring (low rank)").seconds < dense.stage("scoring").seconds
+    assert low.stage("scoring (low rank)").memory >= 300 * 400 * 4  # the score matrix
+    with pytest.raises(InputError, match="query_rank"):
+        inf.plan(n_test=10, query_rank=0)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * self.fc(x)
+
+    other = ik.Influence(ik.ClassificationTask(Scaled(), l2=1e-3), train, solver="cg", damping=0.1)
+    with pytest.raises(UnsupportedError, match="'scale'"):
+        other.plan(n_test=10, query_rank=2)

@@ -33,6 +33,7 @@ Stages and their time formulas:
     scoring                 B × (n·τ_g + 2·q·n·p / ρ)               (one training-gradient pass per block)
                             arnoldi with remainder="drop" and rank < t_test scores in its eigenbasis:
                             n·τ_g + 2·n·rank·p / ρ + 2·t_test·(n + p)·rank / ρ
+    with query_rank=r       test layer taps, query solve (low rank), scoring (low rank): :func:`_low_rank_stages`
 
 Memory of a stage is what it holds at its peak, in bytes: the parameters (p·b), the solver's fitted state
 once it exists, and the stage's working set:
@@ -72,6 +73,7 @@ from .data.examples import Examples, take
 from .errors import InputError
 from .hessian import HessianOperator
 from .layers import choose_per_example
+from .lowrank import factor_blocks, factored_layers
 from .solvers import Solver, make_solver
 from .solvers.costs import CostProbe, SolverCost, timed
 
@@ -172,17 +174,20 @@ def _fmt_seconds(s: float) -> str:
         return f"{s:.3g} s"
     return f"{s * 1e3:.3g} ms"
 
-def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
+def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100,
+                   query_rank: int | None = None) -> Plan:
     """Estimate the memory and time of ``influence.fit()`` followed by ``scores`` on ``n_test`` test points.
 
     Runs only a probe on ``min(n_train, probe_examples)`` training examples (see the module docstring for
     what is measured and the formulas). ``cg_iterations`` is the block-CG iteration count assumed for the
     query solve (it depends on the conditioning of H + δI and cannot be known before solving). The solver
-    gives its own cost from the probe (:meth:`Solver.cost <influencekit.solvers.Solver.cost>`).
+    gives its own cost from the probe (:meth:`Solver.cost <influencekit.solvers.Solver.cost>`). ``query_rank``:
+    the query stages of ``scores(test, query_rank=...)`` (:func:`_low_rank_stages`).
     """
     n_test = check_int("n_test", n_test, low=0)
     probe_examples = check_int("probe_examples", probe_examples, low=1)
     cg_iterations = check_int("cg_iterations", cg_iterations, low=1)
+    rank = None if query_rank is None else check_int("query_rank", query_rank, low=1)
     task = influence.task
     task.check_mode()
     train = Examples(influence.train, name="train")
@@ -202,7 +207,10 @@ def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 2
     stages = [Stage("fit: gradient check", n * probe.tau_sum, probe.base + min(chunks.grad, n) * 4 * act * item + 2 * p * item,
                     "n·τ_s (batch gradients)"),
               Stage(f"fit: {solver.name}", cost.fit_seconds, cost.fit_memory, cost.fit_formula)]
-    stages += _query_stages(probe, cost, notes)
+    if rank is None:
+        stages += _query_stages(probe, cost, notes)
+    else:
+        stages += _low_rank_stages(probe, cost, solver, factor_blocks(task.model, layout), rank, influence.memory_budget // 2, notes)
     peak = max(s.memory for s in stages)
     if peak > influence.memory_budget:
         notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(influence.memory_budget)} "
@@ -289,6 +297,53 @@ def _query_stages(probe: CostProbe, cost: SolverCost, notes: list[str]) -> list[
         notes.append(f"{blocks} query blocks of {q} test points (memory_budget allows {probe.query_chunk}): scoring makes "
                      f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer.")
     return stages
+
+
+def _low_rank_stages(probe: CostProbe, cost: SolverCost, solver: Solver, blocks: list[Any], rank: int, budget: int,
+                     notes: list[str]) -> list[Stage]:
+    """The stages of ``scores(test, query_rank=r)``: per layer (out × k, T positions) a factored layer costs
+    c = r·T·(o + k) per (query, example) pair and keeps r·(o + k) values per query, a dense one c = o·k (its gradient
+    materialised once per example and block, T·o·k) and o·k values; taps passes cost τ_s per example (no gradient rows).
+
+        test gradients   t_test·τ_s
+        query solve      kfac/ekfac: t_test·Σ_factored [T(o² + k²) + T·o·k + 12·o·k·(r + 8) + r(o² + k²)]·2 / ρ
+                         + t_test·Σ_dense 4(o²k + ok²)·2 / ρ; others: the dense solve + the SVD work
+        scoring          B × n·τ_s + 2·t_test·n·Σ c / ρ + B·n·Σ_dense 2·T·o·k / ρ,  B = ⌈t_test · values · b / budget⌉
+    """
+    n_test = probe.n_test
+    if not n_test:
+        return []
+    n, item, rate, tau = probe.n, probe.item, probe.flops, probe.tau_sum
+    positions = probe.layer_positions(blocks)
+    T = [positions.get(b.name, 1) for b in blocks]
+    factored = factored_layers(blocks, T, rank)
+    pair = values = solve = svd = materialise = 0.0
+    for block, t, f in zip(blocks, T, factored):
+        o, k = block.index.shape
+        r = min(rank, o, k)
+        if f:
+            pair, values = pair + r * t * (o + k) + t * r, values + r * (o + k)
+            svd += 12 * o * k * (r + 8) + r * (o * o + k * k)
+            solve += t * (o * o + k * k) + t * o * k
+        else:
+            pair, values = pair + o * k, values + o * k
+            solve += 4 * (o * o * k + o * k * k)
+            materialise += t * o * k
+    kfac_like = type(solver).low_rank_solve is not Solver.low_rank_solve
+    solve_s = 2 * n_test * (solve + svd) / rate if kfac_like else probe.blocks * cost.solve_seconds + 2 * n_test * svd / rate
+    blocks_lr = max(1, math.ceil(n_test * values * item / max(budget, 1)))
+    held = probe.base + cost.state
+    names = [b.name for b, f in zip(blocks, factored) if f]
+    notes.append(f"query_rank={rank}: factored layers {names or 'none'} (the others are cheaper dense); {blocks_lr} query "
+                 f"block(s) of low-rank queries ({_fmt_bytes(int(values * item))} per query)")
+    return [
+        Stage("test layer taps", n_test * tau, held + min(probe.grad_chunk, n_test) * 4 * probe.activations * item, "t_test·τ_s"),
+        Stage("query solve (low rank)", solve_s, held + int(min(n_test, budget // max(1, int(values * item))) * values * item),
+              "from the taps in the Kronecker eigenbasis" if kfac_like else "the dense solve, then a truncated SVD per layer"),
+        Stage("scoring (low rank)", blocks_lr * n * tau + 2 * n_test * n * pair / rate + blocks_lr * n * 2 * materialise / rate,
+              held + n_test * n * item + int(min(budget, n_test * values * item)),
+              f"B = {blocks_lr} × n·τ_s + 2·t_test·n·Σ c / ρ (c per pair and layer)"),
+    ]
 
 
 def _positions(layers: list[Any], task: Any, params: dict[str, torch.Tensor], batch: Any) -> dict[str, int]:

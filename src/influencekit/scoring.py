@@ -161,15 +161,15 @@ class Influence:
         """sha256 of the first ``examples`` examples of ``data`` as the engine sees them (the manifests' data check)."""
         return fingerprint(self.gradients_.take(data, range(min(len(data), examples))))
 
-    def plan(self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100) -> Plan:
-        """Estimated memory and time of ``fit()`` then ``scores`` on ``n_test`` test points, without running them.
+    def plan(self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100, query_rank: int | None = None) -> Plan:
+        """Estimated memory and time of ``fit()`` then ``scores(test, query_rank=)`` on ``n_test`` test points, without running them.
 
         A short timed probe on ``probe_examples`` training examples, extrapolated to the data size; returns a
         :class:`~influencekit.planner.Plan` that prints as a table. Formulas: :mod:`influencekit.planner`.
         """
         from .planner import plan_influence
 
-        return plan_influence(self, n_test, probe_examples=probe_examples, cg_iterations=cg_iterations)
+        return plan_influence(self, n_test, probe_examples=probe_examples, cg_iterations=cg_iterations, query_rank=query_rank)
 
     def check_fitted(self) -> None:
         """Raise :class:`~influencekit.errors.NotFittedError` unless :meth:`fit` has run."""
