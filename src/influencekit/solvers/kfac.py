@@ -394,6 +394,9 @@ class KFACSolver(Solver):
                         layer.eig.index_add_(0, unique % V, rows * rows)
                         continue
                     aq, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T, k), (B, T, out)
+                    if aq.shape[1] == 1:  # one position: Σ_b (g̃_b ã_bᵀ)² = (g̃²)ᵀ(ã²), a matmul, no (B, out, k) temporary
+                        layer.eig += gq[:, 0].square().T @ aq[:, 0].square()
+                        continue
                     step = max(1, self.block_elements // max(1, layer.eig.numel()))
                     for lo in range(0, aq.shape[0], step):
                         M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
