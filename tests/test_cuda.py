@@ -111,3 +111,16 @@ def test_gradient_store_on_the_device(tmp_path, trained):
     again = ik.GradientStore.build(inf, tmp_path / "dev", dim=2048, chunk=100)
     assert torch.equal(again.scores(trained["test"]).values.cpu(), b)
     assert np.isfinite(b.numpy()).all()
+
+
+@pytest.mark.parametrize("solver", ["ekfac", "exact"])
+def test_low_rank_queries_on_the_device(trained, solver):
+    """Query batching (scores with query_rank): the seeded sketch is drawn on the CPU, so the device's low-rank
+    queries and scores equal the CPU's to round-off (float64)."""
+    results = {}
+    for device in ("cpu", DEVICE):
+        inf = _influence(trained, "cnn", device, solver=solver, damping=1e-2)
+        results[device] = inf.scores(trained["test"], query_rank=2)
+    cpu, dev = results["cpu"], results[DEVICE]
+    assert dev.metadata["factored"] == cpu.metadata["factored"] == ["5"]
+    assert relative_error(dev.values.cpu(), cpu.values) < 1e-8
