@@ -146,6 +146,26 @@ def _add_masked_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor) -> No
         layer.A[kw, kw] += float(weights.sum())
 
 
+def _add_corrected(layer: _Layer, aq: torch.Tensor, gq: torch.Tensor, block_elements: int) -> None:
+    """Adds one chunk's Σ_b (Q_Sᵀ ∇_W ℓ_b Q_A)² to ``layer.eig``: ``aq`` the rotated inputs (B, T, k) (an embedding's
+    indices (B, T)), ``gq`` the rotated output gradients (B, T, out)."""
+    if layer.embedding:  # per example Σ_{t: x_t = v} (Q_Sᵀ g_t): rows summed per (example, index)
+        V = layer.eig.shape[0]
+        keys = (torch.arange(aq.shape[0], device=aq.device)[:, None] * V + aq).reshape(-1)
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        rows = torch.zeros(len(unique), gq.shape[-1], dtype=gq.dtype, device=gq.device)
+        rows.index_add_(0, inverse, gq.reshape(-1, gq.shape[-1]))
+        layer.eig.index_add_(0, unique % V, rows * rows)
+        return
+    if aq.shape[1] == 1:  # one position: Σ_b (g̃_b ã_bᵀ)² = (g̃²)ᵀ(ã²), a matmul, no (B, out, k) temporary
+        layer.eig += gq[:, 0].square().T @ aq[:, 0].square()
+        return
+    step = max(1, block_elements // max(1, layer.eig.numel()))
+    for lo in range(0, aq.shape[0], step):
+        M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
+        layer.eig += (M * M).sum(0)
+
+
 def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list[bool], rank: int, *, shift: float,
                           dtype: torch.dtype, out_dtype: torch.dtype, block_elements: int, seed: int
                           ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -384,23 +404,7 @@ class KFACSolver(Solver):
                 if A_in is not None:
                     A_keep = [a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)]
                 for i, layer in enumerate(self.layers_):
-                    if layer.embedding:  # per example Σ_{t: x_t = v} (Q_Sᵀ g_t): rows summed per (example, index)
-                        idx, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T), (B, T, d)
-                        V = layer.eig.shape[0]
-                        keys = (torch.arange(idx.shape[0], device=idx.device)[:, None] * V + idx).reshape(-1)
-                        unique, inverse = torch.unique(keys, return_inverse=True)
-                        rows = torch.zeros(len(unique), gq.shape[-1], dtype=gq.dtype, device=gq.device)
-                        rows.index_add_(0, inverse, gq.reshape(-1, gq.shape[-1]))
-                        layer.eig.index_add_(0, unique % V, rows * rows)
-                        continue
-                    aq, gq = A_keep[i], G_out[i] @ layer.QS  # (B, T, k), (B, T, out)
-                    if aq.shape[1] == 1:  # one position: Σ_b (g̃_b ã_bᵀ)² = (g̃²)ᵀ(ã²), a matmul, no (B, out, k) temporary
-                        layer.eig += gq[:, 0].square().T @ aq[:, 0].square()
-                        continue
-                    step = max(1, self.block_elements // max(1, layer.eig.numel()))
-                    for lo in range(0, aq.shape[0], step):
-                        M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
-                        layer.eig += (M * M).sum(0)
+                    _add_corrected(layer, A_keep[i], G_out[i] @ layer.QS, self.block_elements)
 
         data.summed(local_sums, [layer.eig for layer in self.layers_])
         for layer in self.layers_:
