@@ -140,3 +140,19 @@ def relative_error(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -
 def small_mlp(d_in: int = 6, hidden: int = 5, d_out: int = 3, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)).double()
+
+
+def small_cnn_problem(n: int = 120, n_test: int = 16):
+    """A convolution (36 positions) then two Linear layers (one position each), briefly trained; L2 1e-2 in the loss:
+    (task, train, test)."""
+    torch.manual_seed(0)
+    X = torch.randn(n + n_test, 1, 6, 6, dtype=torch.float64)
+    y = ((X[:, 0, :3].mean((1, 2)) > 0).long() + (X[:, 0, 3:, :3].mean((1, 2)) > 0.2).long())
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                                torch.nn.Linear(144, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X[:n]), y[:n]).backward()
+        opt.step()
+    return ik.ClassificationTask(model, l2=1e-2), (X[:n], y[:n]), (X[n:], y[n:])

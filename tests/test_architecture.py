@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("solvers", ["solvers", "solvers.*"]),
     ("engine parts", ["config", "persistence", "pairwise", "perturbation", "groups", "training", "planner"]),
     ("engine", ["scoring"]),
-    ("built on the engine", ["store", "index", "models", "models.*", "sklearn_interop", "validation", "validation.*"]),
+    ("built on the engine", ["store", "index", "index_rows", "models", "models.*", "sklearn_interop", "validation", "validation.*"]),
     ("applications", ["applications", "applications.*", "serve"]),
     ("experiments", ["experiments", "experiments.*"]),
     ("command line", ["cli"]),

@@ -32,19 +32,19 @@ def _build(d, folder, solver="exact", **options):
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_the_index_top_k_equals_influence_top_k(digits_small, tmp_path, solver):
-    """Same indices; the values equal bit for bit in the parameter space (exact, CG, EK-FAC), and to 1e-10 relative
-    in Arnoldi's basis (the index scores its rank-60 coordinates, top_k of 20 queries the full gradients: the same
-    numbers, another rounding)."""
+    """Same indices; the values equal bit for bit in the parameter space (exact, CG), and to 1e-10 relative in
+    Arnoldi's basis (the index scores its rank-60 coordinates, top_k of 20 queries the full gradients: the same
+    numbers, another rounding) and in EK-FAC's factored rows (the Linear layer's taps: g·(Qã) instead of Q·(gãᵀ))."""
     d = digits_small
     inf, index = _build(d, tmp_path, solver, **SOLVERS[solver])
     Xt, yt = d.test
     expected = inf.top_k((Xt[:20], yt[:20]), k=7)
     got = index.explain_test(range(20), k=7)
-    assert index.config["space"] == ("basis" if solver == "arnoldi" else "parameters")
+    assert index.config["space"] == {"arnoldi": "basis", "ekfac": "factored"}.get(solver, "parameters")
     for part in ("helpful", "harmful"):
         e, g = getattr(expected, part), getattr(got, part)
         assert torch.equal(e.indices, g.indices), part
-        if solver == "arnoldi":
+        if solver in ("arnoldi", "ekfac"):
             assert float((e.values - g.values).abs().max() / e.values.abs().max()) < 1e-10
         else:
             assert torch.equal(e.values, g.values)

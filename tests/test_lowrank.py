@@ -17,22 +17,9 @@ import influencekit as ik
 from influencekit.data.examples import Examples
 from influencekit.errors import InputError, UnsupportedError
 from influencekit.spectrum import randomized_svd
+from problems import small_cnn_problem as _cnn_problem
 
 TOL = 1e-10  # float64 round-off of the same sums taken in another order
-
-
-def _cnn_problem(n: int = 120, n_test: int = 16):
-    torch.manual_seed(0)
-    X = torch.randn(n + n_test, 1, 6, 6, dtype=torch.float64)
-    y = ((X[:, 0, :3].mean((1, 2)) > 0).long() + (X[:, 0, 3:, :3].mean((1, 2)) > 0.2).long())
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
-                                torch.nn.Linear(144, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    for _ in range(150):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(X[:n]), y[:n]).backward()
-        opt.step()
-    return ik.ClassificationTask(model, l2=1e-2), (X[:n], y[:n]), (X[n:], y[n:])
 
 
 def _sequence_problem(n: int = 80, n_test: int = 10):

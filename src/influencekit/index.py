@@ -12,7 +12,8 @@
 - ``rows-<k>.npy``: the training side in the form the solver scores fastest: the solver's own basis coordinates
   ``G Bᵀ`` when it has a small one (Arnoldi: ``rank`` numbers per example), the projected gradients of a
   :class:`~influencekit.GradientStore` (``store=``: its projected empirical-Fisher scores), else the training
-  gradients ∇L(z) (exact, CG, LiSSA, K-FAC/EK-FAC);
+  gradients ∇L(z) (exact, CG, LiSSA), for K-FAC/EK-FAC factored (``rows="factored"``, :mod:`~influencekit.index_rows`:
+  a layer seen once per example kept as its layer taps, k + out numbers instead of out·k, next to ``taps-<k>-*.npy``);
 - ``self-<k>.npy`` (self-influence, computed from the same gradients as the rows), ``loss-<split>.npy``, ``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
 - ``inputs-<split>.npy`` for data given as tensors (so that a stored test example can be queried by its index),
   and ``display-<split>`` (what the explorer page shows: images as ``uint8`` arrays, or one JSON line of text or
@@ -45,6 +46,8 @@ from .checks import check_int
 from .data.examples import Examples, take
 from .errors import CorruptFileWarning, InputError, InputTypeError
 from .folders import load_array, open_folder, save_array, verify_checked, write_checked
+from .index_rows import FactoredRows, choose_factored
+from .lowrank import factor_blocks
 from .pairwise import self_influence_of
 from .persistence import SolverCache
 from .progress import progress_bar
@@ -108,7 +111,8 @@ class InfluenceIndex:
     def __init__(self, folder: Path, influence: Influence, config: dict[str, Any], store: GradientStore | None = None) -> None:
         self.folder, self.influence, self.config, self.store = folder, influence, config, store
         self.n_train = int(config["n_train"])
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | FactoredRows | None = None
+        self._factored = None if config["space"] != "factored" else _factored_layers(influence, config["factored"])
         self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
         self._test: Examples | None = None
         self._verified: dict[str, np.ndarray] = {}
@@ -129,7 +133,7 @@ class InfluenceIndex:
     @classmethod
     def build(cls, influence: Influence, folder: str | os.PathLike, *, test: Any = None, display: dict[str, Display] | None = None,
               recipe: str | None = None, sketch_dim: int | None = None, store: GradientStore | None = None,
-              progress: bool = False) -> InfluenceIndex:
+              rows: str = "auto", progress: bool = False) -> InfluenceIndex:
         """Compute and store the index of a fitted ``influence`` in ``folder`` (or resume / reopen it).
 
         Args:
@@ -144,6 +148,8 @@ class InfluenceIndex:
             store: a :class:`~influencekit.GradientStore` built from ``influence``: the index then answers with the
                 store's projected empirical-Fisher scores (its rows are the projected gradients, ``dim`` numbers per
                 example, and a query is C⁻¹φ(z_test)), equal to ``store.top_k``.
+            rows: ``"auto"`` (factored for K-FAC/EK-FAC where the model's layers allow it, else dense), ``"dense"``
+                (the gradients' entries), or ``"factored"`` (with any solver; an error names what stands in the way).
             progress: show progress bars.
         """
         if not isinstance(influence, Influence):
@@ -166,6 +172,9 @@ class InfluenceIndex:
             if not isinstance(store, GradientStore) or store.influence is not influence:
                 raise InputError("`store` must be a GradientStore built from this `influence` (GradientStore.build(influence, ...)).")
             space, width, chunk = "store", store.dim, store.chunk
+        factored = choose_factored(influence, rows, space=space)
+        if factored is not None:
+            space = "factored"
         prov = influence.provenance_
         config = _identity(influence,
             space=space, width=width,
@@ -174,6 +183,7 @@ class InfluenceIndex:
             display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
             sketch_dim=None if sketch_dim is None else check_int("sketch_dim", sketch_dim, low=1),
             store=None if store is None else _store_config(store),
+            factored=None if factored is None else [b.name for b, f in zip(*factored) if f],
         )
         config = open_folder(folder, config, arg="folder", what="an influence index", pattern="rows-*.npy")
         if influence.config.cache_dir is None or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve():
@@ -228,8 +238,11 @@ class InfluenceIndex:
             self._verified[name] = array
         return self._verified[name]
 
-    def rows(self) -> torch.Tensor:
-        """The stored training rows ``(n_train, width)``, verified once and kept in memory."""
+    def rows(self) -> torch.Tensor | FactoredRows:
+        """The stored training rows ``(n_train, width)`` (:class:`FactoredRows` for factored rows), verified once and
+        kept in memory."""
+        if self._rows is None and self._factored is not None:
+            self._rows = _read_factored(self)
         if self._rows is None:
             n, chunk, width = self.n_train, self.config["chunk"], self.config["width"]
             parts = [torch.from_numpy(np.array(self._array(f"rows-{lo:09d}.npy", (min(chunk, n - lo), width), self._dtype())))
@@ -325,15 +338,17 @@ class InfluenceIndex:
             Qs = Q if self._basis is None else Q @ self._basis.T
             if candidates is None:
                 blocks = ((lo, rows[lo:lo + chunk]) for lo in range(0, self.n_train, chunk))
-                helpful, harmful = helpful_and_harmful(Qs, blocks, k, side.product)
+                product = side.product if self._factored is None else (lambda Q, part: part.scores(Q))
+                helpful, harmful = helpful_and_harmful(Qs, blocks, k, product)
                 found = (helpful.indices, -helpful.values, harmful.indices, harmful.values)
             else:
-                found = self._two_stage(Qs, rows, k, candidates)
+                found = _two_stage(self, Qs, rows, k, candidates)
             for key, value in zip(("hi", "hv", "xi", "xv"), found):
                 parts[key].append(value)
         if not parts["hi"]:
             raise InputError("`test` must hold at least one example.")
-        space = {"basis": "index (solver basis)", "store": "index (gradient store, projected)"}.get(self.config["space"], "index (parameters)")
+        space = {"basis": "index (solver basis)", "store": "index (gradient store, projected)",
+                 "factored": "index (parameters, factored rows)"}.get(self.config["space"], "index (parameters)")
         meta = inf._metadata(reports, k=k, score_space=space, search="exact" if candidates is None else f"two-stage ({candidates} candidates)")
         return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
                                self.n_train, meta)
@@ -347,19 +362,6 @@ class InfluenceIndex:
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         if len(data):
             yield self.store.queries(data)[1].to(dtype=self.influence.layout_.dtype), None
-
-    def _two_stage(self, Qs: torch.Tensor, rows: torch.Tensor, k: int, candidates: int) -> tuple[torch.Tensor, ...]:
-        """Helpful and harmful (indices, exact scores) from ``candidates`` found by the sketch, re-scored exactly."""
-        phi = self._projector.project(Qs).to(torch.float32).cpu().numpy()
-        sketch = _sketch_search(self)
-        out = []
-        for sign in (1.0, -1.0):  # helpful: the largest φ(q)·φ(g) (scores −q·g most negative); harmful: the smallest
-            ids = sketch(np.ascontiguousarray(sign * phi), candidates)
-            idx = torch.as_tensor(ids, dtype=torch.long, device=rows.device)
-            S = -(Qs[:, None, :] * rows[idx]).sum(dim=-1)  # exact scores of each query's candidates
-            order = torch.topk(-sign * S, k, dim=1).indices
-            out += [idx.gather(1, order), S.gather(1, order)]
-        return tuple(out)
 
     def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None) -> RankedInfluence:
         """:meth:`explain` for stored test examples, by index."""
@@ -395,6 +397,73 @@ class InfluenceIndex:
                 out = inf.task.outputs(inf.params_, (x.to(inf.layout_.dtype), data._tensors[1][:1]))
             label = int(_predicted_class(out)[0])
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
+
+
+def _two_stage(index: InfluenceIndex, Qs: torch.Tensor, rows: torch.Tensor | FactoredRows, k: int, candidates: int
+               ) -> tuple[torch.Tensor, ...]:
+    """Helpful and harmful (indices, exact scores) from ``candidates`` found by the sketch, re-scored exactly."""
+    phi = index._projector.project(Qs).to(torch.float32).cpu().numpy()
+    sketch = _sketch_search(index)
+    out = []
+    for sign in (1.0, -1.0):  # helpful: the largest φ(q)·φ(g) (scores −q·g most negative); harmful: the smallest
+        ids = sketch(np.ascontiguousarray(sign * phi), candidates)
+        idx = torch.as_tensor(ids, dtype=torch.long, device=Qs.device)
+        if isinstance(rows, FactoredRows):  # each query against its own candidates' taps
+            S = torch.cat([rows[idx[i]].scores(Qs[i:i + 1]) for i in range(len(idx))])
+        else:
+            S = -(Qs[:, None, :] * rows[idx]).sum(dim=-1)  # exact scores of each query's candidates
+        order = torch.topk(-sign * S, k, dim=1).indices
+        out += [idx.gather(1, order), S.gather(1, order)]
+    return tuple(out)
+
+
+def _factored_layers(influence: Influence, names: list[str]) -> tuple[list[Any], list[bool]]:
+    """The layer blocks of the influence's model and which of them a factored index keeps as taps (by name)."""
+    blocks = factor_blocks(influence.task.model, influence.layout_)
+    missing = sorted(set(names) - {b.name for b in blocks})
+    if missing:
+        raise InputError(f"the factored index keeps the layer taps of {missing}, which this model's selection lacks; "
+                         "open it with the Influence it was built from.")
+    return blocks, [b.name in names for b in blocks]
+
+
+def _chunk_files(index: InfluenceIndex, lo: int, rows: int) -> list[tuple[str, Any]]:
+    """``(file name, shape or None)`` of a factored chunk: the dense part, then each kept layer's taps (their
+    positions T read from the file: padded sequences change them from chunk to chunk)."""
+    blocks, factored = index._factored
+    width = sum(b.index.numel() for b, f in zip(blocks, factored) if not f)
+    files: list[tuple[str, Any]] = [(f"rows-{lo:09d}.npy", (rows, width))]
+    for j, (block, keep) in enumerate(zip(blocks, factored)):
+        if keep:
+            o, k = block.index.shape
+            files += [(f"taps-{lo:09d}-{j}-a.npy", (rows, None, k)), (f"taps-{lo:09d}-{j}-g.npy", (rows, None, o))]
+    return files
+
+
+def _file_shape(index: InfluenceIndex, name: str, shape: tuple[Any, ...]) -> tuple[int, ...]:
+    """``shape`` with a None (a tap's positions) filled from the file's header (-1 where it cannot be read)."""
+    if None not in shape:
+        return shape
+    try:
+        T = np.load(index._path(name), mmap_mode="r", allow_pickle=False).shape[1]
+    except (OSError, ValueError, EOFError, IndexError):
+        T = -1
+    return tuple(T if d is None else d for d in shape)
+
+
+def _read_factored(index: InfluenceIndex) -> FactoredRows:
+    """All factored chunks, verified, as one :class:`FactoredRows` on the influence's device."""
+    n, chunk, dtype = index.n_train, index.config["chunk"], index._dtype()
+    blocks, factored = index._factored
+    device, l2 = index.influence.layout_.device, index.influence.gradients_.l2_term
+    parts = []
+    for lo in range(0, n, chunk):
+        arrays = [torch.from_numpy(np.array(index._array(name, _file_shape(index, name, shape), dtype))).to(device)
+                  for name, shape in _chunk_files(index, lo, min(chunk, n - lo))]
+        taps = iter(arrays[1:])
+        a, g = zip(*[(next(taps), next(taps)) if keep else (None, None) for keep in factored])
+        parts.append(FactoredRows(blocks, factored, list(a), list(g), arrays[0], l2))
+    return FactoredRows.cat(parts)
 
 
 def _sketch_search(index: InfluenceIndex) -> Any:
@@ -454,7 +523,11 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
 
     def needed(lo: int) -> bool:
         rows = min(chunk, n - lo)
-        wanted = [(f"rows-{lo:09d}.npy", (rows, width), dtype), (f"self-{lo:09d}.npy", (rows,), dtype)]
+        wanted = [(f"self-{lo:09d}.npy", (rows,), dtype)]
+        if index._factored is None:
+            wanted.append((f"rows-{lo:09d}.npy", (rows, width), dtype))
+        else:
+            wanted += [(name, _file_shape(index, name, shape), dtype) for name, shape in _chunk_files(index, lo, rows)]
         if index._projector is not None:
             wanted.append((f"sketch-{lo:09d}.npy", (rows, index._projector.dim), np.float32))
         return any([_needed(index, *w) for w in wanted])  # a list: every damaged file is named
@@ -467,11 +540,20 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
         hi = min(lo + chunk, n)
         if index.store is not None:
             R, self_values = store_rows[lo].to(inf.layout_.dtype), store_self[lo:hi]
+        elif index._factored is not None:
+            factored, l2 = index._factored[1], inf.gradients_.l2_term
+            F = FactoredRows.cat([FactoredRows.from_factors(f, factored, l2) for _, f in inf.gradients_.layer_factors(
+                inf.train_, side="train", start=lo, stop=hi, desc="index")])
+            R = F.gradients(width)  # for the self-influence and the sketch only
+            self_values = self_influence_of(R, inf.solver_, inf._solve)[0]
+            for suffix, array in F.files():
+                save_array(index._path(f"taps-{lo:09d}{suffix}.npy" if suffix else f"rows-{lo:09d}.npy"), array.detach().cpu().numpy())
         else:
             G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
             R = G if index._basis is None else G @ index._basis.T
             self_values = self_influence_of(G, inf.solver_, inf._solve)[0]
-        save_array(index._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
+        if index._factored is None:
+            save_array(index._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
         save_array(index._path(f"self-{lo:09d}.npy"), self_values.detach().cpu().numpy())
         if index._projector is not None:
             save_array(index._path(f"sketch-{lo:09d}.npy"), index._projector.project(R).to(torch.float32).cpu().numpy())

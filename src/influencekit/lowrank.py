@@ -30,7 +30,7 @@ from .errors import UnsupportedError
 from .layers import LayerBlock, layer_blocks
 from .spectrum import randomized_svd
 
-__all__ = ["Factors", "LowRankQueries", "factor_blocks", "factored_layers", "factor_rows"]
+__all__ = ["Factors", "LowRankQueries", "factor_blocks", "factored_layers", "factor_rows", "dense_block_product"]
 
 WORK_ELEMENTS = 2**24  # largest temporary of a product, in values
 
@@ -182,3 +182,18 @@ def factor_rows(B: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.Ten
         U[lo:lo + step] = (u * s[:, None, :]).mT
         V[lo:lo + step] = v.mT
     return U, V
+
+
+def dense_block_product(M: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """⟨M_i, Σ_t g_t ã_tᵀ⟩ for whole query blocks ``M (q, out, k)`` against examples' taps ``a (B, T, k)``,
+    ``g (B, T, out)``: ``(q, B)``, as Σ_t g_t · (M ã_t), never materialising the examples' ``(B, out, k)`` gradients
+    (q·B·T·out·k multiply-adds: a dense dot product's count for T = 1), in blocks of queries whose temporary stays
+    within :data:`WORK_ELEMENTS` values."""
+    q, (B, T, k) = M.shape[0], a.shape
+    a2, g2 = a.reshape(B * T, k), g.reshape(B * T, -1)
+    out = torch.empty(q, B, dtype=a.dtype, device=a.device)
+    step = max(1, WORK_ELEMENTS // max(1, B * T * k))
+    for lo in range(0, q, step):
+        t = g2 @ M[lo:lo + step]  # (n, B·T, k): the rows g_tᵀ M_i
+        out[lo:lo + step] = (t * a2).sum(dim=-1).reshape(-1, B, T).sum(dim=-1)
+    return out
