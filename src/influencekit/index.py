@@ -542,10 +542,12 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
             R, self_values = store_rows[lo].to(inf.layout_.dtype), store_self[lo:hi]
         elif index._factored is not None:
             factored, l2 = index._factored[1], inf.gradients_.l2_term
-            F = FactoredRows.cat([FactoredRows.from_factors(f, factored, l2) for _, f in inf.gradients_.layer_factors(
-                inf.train_, side="train", start=lo, stop=hi, desc="index")])
-            R = F.gradients(width)  # for the self-influence and the sketch only
-            self_values = self_influence_of(R, inf.solver_, inf._solve)[0]
+            taps = [f for _, f in inf.gradients_.layer_factors(inf.train_, side="train", start=lo, stop=hi, desc="index")]
+            F = FactoredRows.cat([FactoredRows.from_factors(f, factored, l2) for f in taps])
+            from_taps = "tap_quadratic_form" in inf.solver_.capabilities
+            R = F.gradients(width) if index._projector is not None or not from_taps else None  # the sketch's input
+            self_values = (torch.cat([inf.solver_.tap_quadratic_form(f, l2) for f in taps]) if from_taps
+                           else self_influence_of(R, inf.solver_, inf._solve)[0])
             for suffix, array in F.files():
                 save_array(index._path(f"taps-{lo:09d}{suffix}.npy" if suffix else f"rows-{lo:09d}.npy"), array.detach().cpu().numpy())
         else:

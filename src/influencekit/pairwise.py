@@ -9,6 +9,7 @@ kept: qᵀg = (qBᵀ)(Bg), so a score costs r products instead of n_params.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -16,6 +17,7 @@ import torch
 
 from .data.examples import Examples
 from .distributed import Shard
+from .errors import UnsupportedError
 from .gradients import GradientSource, matmul_precision
 from .lowrank import Factors, LowRankQueries, factored_layers
 from .progress import progress_bar
@@ -202,6 +204,26 @@ class TrainingSide:
         helpful, harmful = self.shard.local(local)
         return helpful.merged(self.shard), harmful.merged(self.shard)
 
+    def _quadratic_forms(self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
+                         ) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(offset, gᵀ(H + δI)⁻¹g)`` per chunk of this shard: from layer taps when the solver takes them and the
+        gradients come from taps (K-FAC/EK-FAC: no gradient is materialised), else from the gradient rows."""
+        source, shard = self.gradients, self.shard
+        if "tap_quadratic_form" in solver.capabilities:
+            taps = source.layer_factors(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence (layer taps)")
+            try:
+                first = next(taps)
+            except StopIteration:  # an empty shard
+                return
+            except UnsupportedError:  # a parameter outside tapped layers, or gradients not from taps: the rows below
+                first = None
+            if first is not None:
+                for lo, f in itertools.chain([first], taps):
+                    yield lo, solver.tap_quadratic_form(f, source.l2_term)
+                return
+        for lo, G in source.stream(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence"):
+            yield lo, self_influence_of(G, solver, solve)[0]
+
     def self_influence(self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
                        ) -> tuple[torch.Tensor, list[SolveReport]]:
         """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point on every rank, and the reports of the solves.
@@ -216,8 +238,8 @@ class TrainingSide:
         if "quadratic_form" in solver.capabilities:  # no solve
             def local() -> torch.Tensor:
                 part = torch.empty(shard.stop - shard.start, dtype=out.dtype, device=out.device)
-                for lo, G in source.stream(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence"):
-                    part[lo - shard.start:lo - shard.start + len(G)] = self_influence_of(G, solver, solve)[0]
+                for lo, values in self._quadratic_forms(solver, solve):
+                    part[lo - shard.start:lo - shard.start + len(values)] = values
                 return part
 
             out[:] = shard.gather_columns(shard.local(local))

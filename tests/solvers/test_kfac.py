@@ -417,3 +417,36 @@ def test_probe_residual_uses_an_even_subsample_of_the_data(digits_small):
     assert EKFACSolver(probes=3, probe_examples=10_000).fit(op).probe_residual_ == pytest.approx(full.probe_residual_, rel=1e-12)
     with pytest.raises(ik.InputError, match="probe_examples"):
         make_solver("ekfac", probe_examples=0)
+
+
+@pytest.mark.filterwarnings("ignore:the model is far from a stationary point")  # irrelevant: the same solver both ways
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_quadratic_forms_equal_the_solve_and_dot_product(name):
+    """gᵀ(G + (λ + δ)I)⁻¹g three ways, float64: a solve and a dot product (the reference), one rotation per example
+    (`quadratic_form`), and from layer taps (`tap_quadratic_form`: the rank-one formula of a one-position Linear with
+    the L2 term λθ̂ added to every gradient, a rotated block for the 36-position convolution); 1e-12 relative. With a
+    LayerNorm on the damped diagonal, `quadratic_form` covers it too and the taps are refused by name."""
+    from influencekit.lowrank import factor_blocks
+    from problems import small_cnn_problem
+
+    task, train, _ = small_cnn_problem(n=60)
+    inf = ik.Influence(task, train, solver=name, damping=1e-2, solver_options={"probes": 0}).fit()
+    solver, source = inf.solver_, inf.gradients_
+    G = torch.cat([g for _, g in source.stream(inf.train_, side="train")])
+    reference = (G * solver.solve(G).x).sum(dim=1)
+    assert relative_error(solver.quadratic_form(G), reference) < 1e-12
+    taps = torch.cat([solver.tap_quadratic_form(f, source.l2_term) for _, f in source.layer_factors(inf.train_, side="train")])
+    assert source.l2_term is not None and relative_error(taps, reference) < 1e-12
+    assert relative_error(inf.self_influence(), reference) < 1e-12  # the engine takes the taps route
+    assert [a.shape[1] for a in next(source.layer_factors(inf.train_, side="train"))[1].a] == [36, 1, 1]
+    assert len(factor_blocks(task.model, inf.layout_)) == 3
+
+    (X, y), _ = load_digits_split(80, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 10)).double()
+    with pytest.warns(ik.InfluenceKitWarning, match="outside supported layers"):
+        inf = ik.Influence(ik.ClassificationTask(model, l2=1e-2), (X, y), solver=name, damping=1e-2,
+                           solver_options={"probes": 0, "unsupported": "diagonal"}).fit()
+    G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train")])
+    assert relative_error(inf.solver_.quadratic_form(G), (G * inf.solver_.solve(G).x).sum(dim=1)) < 1e-12
+    assert relative_error(inf.self_influence(), (G * inf.solver_.solve(G).x).sum(dim=1)) < 1e-12  # the rows route

@@ -7,6 +7,8 @@ right-hand side per row) together with a :class:`SolveReport`. The engine reads 
 
 - ``"batched"``: ``solve`` handles many right-hand sides at once efficiently (all solvers here).
 - ``"quadratic_form"``: ``quadratic_form(G)`` gives ``gᵀ(H + δI)⁻¹g`` per row without a solve.
+- ``"tap_quadratic_form"``: ``tap_quadratic_form(factors, l2)`` gives the same from a chunk's layer taps
+  (:class:`~influencekit.lowrank.Factors`), never materialising the gradients (K-FAC/EK-FAC).
 - ``"dense"``: the solver holds an explicit matrix (memory grows as ``n_params²``).
 - ``"low_rank"``: the solver holds ``eigenvalues_`` ``(rank,)`` and orthonormal ``eigenvectors_``
   ``(rank, n_params)`` of H (memory grows as ``rank · n_params``).

@@ -193,6 +193,61 @@ def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list
     return U, V, M
 
 
+def _eigendecompose(layers: list[_Layer]) -> None:
+    for layer in layers:
+        lS, layer.QS = torch.linalg.eigh(layer.S)
+        if layer.embedding:  # A diagonal: its eigenvectors are the rows themselves (QA = I, kept as None)
+            layer.QA = None
+            layer.eig = layer.A[:, None] * lS.clamp_min(0)[None, :]  # (V, d), as the weight
+            continue
+        lA, layer.QA = torch.linalg.eigh(layer.A)
+        # the factors are PSD: negative eigenvalues are round-off
+        layer.eig = lS.clamp_min(0)[:, None] * lA.clamp_min(0)[None, :]
+
+
+def _quadratic_form(layers: list[_Layer], G: torch.Tensor, *, shift: float, dtype: torch.dtype, block_elements: int
+                    ) -> torch.Tensor:
+    """gᵀ(G_kfac + shift·I)⁻¹g of each row of ``G`` over the factored layers: Σ (Q_Sᵀ g Q_A)² / (Λ + shift), one
+    rotation per example instead of a solve's two and a dot product."""
+    out = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device)
+    for layer in layers:
+        QS, denom = layer.QS.to(dtype), (layer.eig + shift).to(dtype)
+        QA = None if layer.QA is None else layer.QA.to(dtype)
+        rows = max(1, block_elements // layer.index.numel())
+        for lo in range(0, G.shape[0], rows):
+            block = G[lo:lo + rows, layer.index].to(dtype)
+            rotated = block @ QS if QA is None else QS.T @ block @ QA
+            out[lo:lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
+    return out
+
+
+def _tap_quadratic_form(layers: list[_Layer], f: Factors, l2: torch.Tensor | None, *, shift: float, dtype: torch.dtype,
+                        block_elements: int) -> torch.Tensor:
+    """:func:`_quadratic_form` of the gradients g ãᵀ (+ λW) given by a chunk's layer taps. A one-position layer's
+    rotated gradient is the outer product (Q_Sᵀg)(Q_Aᵀã)ᵀ: its form is (g̃²)ᵀD⁻¹(ã²) + 2λ g̃ᵀ(W̃/D)ã + λ²ΣW̃²/D
+    (D = Λ + shift, W̃ = Q_SᵀWQ_A): out·k multiply-adds per example instead of a rotation's out·k·(out + k)."""
+    by_name = {layer.name: layer for layer in layers}
+    out = torch.zeros(len(f), dtype=torch.float64, device=f.g[0].device)
+    for j, block in enumerate(f.blocks):
+        layer = by_name[block.name]
+        QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
+        W = None if l2 is None else l2[layer.index].to(dtype)
+        if f.a[j].shape[1] > 1:
+            rows = max(1, block_elements // layer.index.numel())
+            for lo in range(0, len(f), rows):
+                part = Factors([block], [f.a[j][lo:lo + rows]], [f.g[j][lo:lo + rows]]).block_gradient(0).to(dtype)
+                rotated = QS.T @ (part if W is None else part + W) @ QA
+                out[lo:lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
+            continue
+        g, a = f.g[j][:, 0].to(dtype) @ QS, f.a[j][:, 0].to(dtype) @ QA  # (B, out), (B, k)
+        value = ((g * g) @ (1.0 / denom) * (a * a)).sum(dim=1)
+        if W is not None:
+            Wt = QS.T @ W @ QA
+            value = value + 2.0 * ((g @ (Wt / denom)) * a).sum(dim=1) + (Wt * Wt / denom).sum()
+        out += value.to(out.dtype)
+    return out
+
+
 class KFACSolver(Solver):
     """Kronecker-factored Gauss-Newton/Fisher (K-FAC) per layer, eigendecomposed in float64.
 
@@ -220,7 +275,7 @@ class KFACSolver(Solver):
     """
 
     name = "kfac"
-    capabilities = frozenset({"batched", "sharded"})
+    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded"})
     _corrected = False
 
     def __init__(
@@ -280,7 +335,7 @@ class KFACSolver(Solver):
         layers, leftover = self._layers(data)
         self._check_leftover(leftover)
         diag = self._factors(data, layers, leftover, operator.device)
-        self._eigendecompose(layers)
+        _eigendecompose(layers)
         self.diagonal_ = diag / data.n_examples
         self.layers_ = layers
         self.leftover_ = leftover
@@ -342,18 +397,6 @@ class KFACSolver(Solver):
             layer.A /= data.n_examples
             layer.S /= data.n_examples
         return diag
-
-    @staticmethod
-    def _eigendecompose(layers: list[_Layer]) -> None:
-        for layer in layers:
-            lS, layer.QS = torch.linalg.eigh(layer.S)
-            if layer.embedding:  # A diagonal: its eigenvectors are the rows themselves (QA = I, kept as None)
-                layer.QA = None
-                layer.eig = layer.A[:, None] * lS.clamp_min(0)[None, :]  # (V, d), as the weight
-                continue
-            lA, layer.QA = torch.linalg.eigh(layer.A)
-            # the factors are PSD: negative eigenvalues are round-off
-            layer.eig = lS.clamp_min(0)[:, None] * lA.clamp_min(0)[None, :]
 
     def _index_leftover(self, layout: Any, device: torch.device) -> None:
         if self.leftover_:
@@ -461,6 +504,21 @@ class KFACSolver(Solver):
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         return self._apply(V), self._info()
 
+    def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
+        op = self._require_fitted()
+        out = _quadratic_form(self.layers_, G, shift=op.shift, dtype=self.solve_dtype or G.dtype, block_elements=self.block_elements)
+        if self.leftover_:
+            out += (G[:, self._leftover_index].to(torch.float64) ** 2 / (self.diagonal_ + op.shift)).sum(dim=1)
+        return out.to(G.dtype)
+
+    def tap_quadratic_form(self, f: Factors, l2: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`quadratic_form` of the gradients in a chunk's layer taps (``l2``: the λθ̂ every one carries)."""
+        op = self._require_fitted()
+        if self.leftover_:
+            raise UnsupportedError(f"{self.name}: {self.leftover_} have no layer taps; exclude them with `params=`.")
+        dtype = self.solve_dtype or f.g[0].dtype
+        return _tap_quadratic_form(self.layers_, f, l2, shift=op.shift, dtype=dtype, block_elements=self.block_elements).to(f.g[0].dtype)
+
     def _info(self) -> dict[str, Any]:
         return {
             "iterations": 0,
@@ -489,7 +547,7 @@ class EKFACSolver(KFACSolver):
     """
 
     name = "ekfac"
-    capabilities = frozenset({"batched", "sharded"})
+    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded"})
     _corrected = True
 
     def cost(self, probe: CostProbe) -> SolverCost:
