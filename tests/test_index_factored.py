@@ -112,3 +112,24 @@ def test_an_embedding_model_gets_dense_rows_or_a_named_refusal(tmp_path):
     assert InfluenceIndex.build(inf, tmp_path / "auto").config["space"] == "parameters"
     with pytest.raises(UnsupportedError, match=r"`rows='factored'` needs layer taps: .*nn\.Embedding"):
         InfluenceIndex.build(inf, tmp_path / "f", rows="factored")
+
+
+def test_low_rank_queries_scan_factored_rows_as_influence_top_k(cnn, tmp_path):
+    """`explain(..., query_rank=r)` scores the same low-rank queries as `Influence.top_k(..., query_rank=r)` against
+    the stored taps: equal indices and values to 1e-10 (TOL of tests/test_lowrank.py: another order of the sums); a
+    rank that keeps every block whole gives the exact answer; a dense index refuses it by name."""
+    task, train, test = cnn
+    inf = _fit(task, train, "ekfac")
+    index = InfluenceIndex.build(inf, tmp_path, test=test)
+    for rank in (2, 12):
+        expected, got = inf.top_k(test, k=5, query_rank=rank), index.explain_test(range(len(test[0])), k=5, query_rank=rank)
+        for part in ("helpful", "harmful"):
+            e, g = getattr(expected, part), getattr(got, part)
+            assert torch.equal(e.indices, g.indices), (rank, part)
+            assert _close(g.values, e.values) < 1e-10
+        assert got.metadata["search"] == f"low-rank queries (rank {rank})"
+    exact = index.explain_test(range(len(test[0])), k=5)
+    assert torch.equal(got.harmful.indices, exact.harmful.indices) and _close(got.harmful.values, exact.harmful.values) < 1e-10
+    dense = InfluenceIndex.build(inf, tmp_path / "dense", rows="dense")
+    with pytest.raises(ik.InputError, match=r"`query_rank` scans factored rows .*this index has parameters rows"):
+        dense.explain(test, k=3, query_rank=4)

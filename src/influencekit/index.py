@@ -47,7 +47,7 @@ from .data.examples import Examples, take
 from .errors import CorruptFileWarning, InputError, InputTypeError
 from .folders import load_array, open_folder, save_array, verify_checked, write_checked
 from .index_rows import FactoredRows, choose_factored
-from .lowrank import factor_blocks
+from .lowrank import LowRankQueries, factor_blocks
 from .pairwise import self_influence_of
 from .persistence import SolverCache
 from .progress import progress_bar
@@ -314,63 +314,64 @@ class InfluenceIndex:
         return self._test
 
     # ------------------------------------------------------------------------------------------ queries
-    def explain(self, test: Any, k: int = 10, *, candidates: int | None = None) -> RankedInfluence:
+    def explain(self, test: Any, k: int = 10, *, candidates: int | None = None, query_rank: int | None = None) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training examples for each example of ``test`` (any data the
         Influence takes, e.g. ``(X, y)``): one solve per block of test points, then one scan of the stored rows.
 
         ``candidates``: the two-stage search (an index built with ``sketch_dim``): the ``candidates`` most helpful and
         most harmful by the projected rows (faiss's exact inner-product search when faiss-cpu is installed, else a
         matrix product), then those re-scored exactly with the full rows; the values returned are exact, an example
-        outside the candidates can be missed (tests/test_index.py states the recall)."""
+        outside the candidates can be missed (tests/test_index.py states the recall).
+
+        ``query_rank``: on factored rows, each query's block of a one-position layer kept as its rank-r factors
+        (:meth:`~influencekit.Influence.queries`), r·(out + k) per example instead of out·k: an approximation (the
+        Spearman of rank 8 against full rank is in docs/benchmarks.md), values and ranking from the truncated queries."""
         inf = self.influence
         k = check_int("k", k, low=1, high=self.n_train)
+        if query_rank is not None and (self._factored is None or candidates is not None):
+            raise InputError("`query_rank` scans factored rows (an index of K-FAC/EK-FAC, or built with rows='factored'), "
+                             f"without `candidates`; this index has {self.config['space']} rows{' and candidates were given' if candidates else ''}.")
         if candidates is not None:
             if self._projector is None:
                 raise InputError("`candidates` needs an index built with `sketch_dim` (the projected rows of the first stage).")
             candidates = check_int("candidates", candidates, low=k, high=self.n_train)
-        rows, side = self.rows(), inf.training_side_
-        chunk = self.config["chunk"]
+        rows = self.rows()
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
         reports: list[Any] = []
-        for Q, report in self._queries(test):
+        for Q, report in self._queries(test, query_rank):
             if report is not None:
                 reports.append(report)
-            Qs = Q if self._basis is None else Q @ self._basis.T
-            if candidates is None:
-                blocks = ((lo, rows[lo:lo + chunk]) for lo in range(0, self.n_train, chunk))
-                product = side.product if self._factored is None else (lambda Q, part: part.scores(Q))
-                helpful, harmful = helpful_and_harmful(Qs, blocks, k, product)
-                found = (helpful.indices, -helpful.values, harmful.indices, harmful.values)
-            else:
-                found = _two_stage(self, Qs, rows, k, candidates)
+            found = _scan(self, Q, rows, k, candidates)
             for key, value in zip(("hi", "hv", "xi", "xv"), found):
                 parts[key].append(value)
         if not parts["hi"]:
             raise InputError("`test` must hold at least one example.")
         space = {"basis": "index (solver basis)", "store": "index (gradient store, projected)",
                  "factored": "index (parameters, factored rows)"}.get(self.config["space"], "index (parameters)")
-        meta = inf._metadata(reports, k=k, score_space=space, search="exact" if candidates is None else f"two-stage ({candidates} candidates)")
+        search = "exact" if candidates is None else f"two-stage ({candidates} candidates)"
+        meta = inf._metadata(reports, k=k, score_space=space, search=search if query_rank is None else f"low-rank queries (rank {query_rank})")
         return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
                                self.n_train, meta)
 
-    def _queries(self, test: Any) -> Any:
+    def _queries(self, test: Any, query_rank: int | None = None) -> Any:
         """Blocks ``(preconditioned test gradients in the rows' space, solve report or None)``."""
         if self.store is None:
-            for _, Q, report in self.influence.queries(test):
+            for _, Q, report in self.influence.queries(test, query_rank=query_rank):
                 yield Q, report
             return
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         if len(data):
             yield self.store.queries(data)[1].to(dtype=self.influence.layout_.dtype), None
 
-    def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None) -> RankedInfluence:
+    def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None,
+                     query_rank: int | None = None) -> RankedInfluence:
         """:meth:`explain` for stored test examples, by index."""
         data = self.test_examples()
         bad = [i for i in indices if not 0 <= int(i) < len(data)]
         if bad:
             raise InputError(f"test index {bad[0]} is out of range: the index keeps {len(data)} test examples (0..{len(data) - 1}).")
         idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
-        return self.explain(tuple(t[idx] for t in data._tensors), k=k, candidates=candidates)
+        return self.explain(tuple(t[idx] for t in data._tensors), k=k, candidates=candidates, query_rank=query_rank)
 
     def new_input(self, values: Any, label: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
         """One new example ``(x[None], y)`` from nested lists shaped like a stored test input (or a text, for an index with
@@ -397,6 +398,24 @@ class InfluenceIndex:
                 out = inf.task.outputs(inf.params_, (x.to(inf.layout_.dtype), data._tensors[1][:1]))
             label = int(_predicted_class(out)[0])
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
+
+
+def _scan(index: InfluenceIndex, Q: torch.Tensor | LowRankQueries, rows: torch.Tensor | FactoredRows, k: int,
+          candidates: int | None) -> tuple[torch.Tensor, ...]:
+    """(helpful indices, scores, harmful indices, scores) of one block of queries over the stored rows, chunk by chunk
+    as :meth:`~influencekit.Influence.top_k` streams them."""
+    chunk = index.config["chunk"]
+    blocks = ((lo, rows[lo:lo + chunk]) for lo in range(0, index.n_train, chunk))
+    if isinstance(Q, LowRankQueries):
+        probe = torch.empty(len(Q), 0, dtype=index.influence.layout_.dtype, device=index.influence.layout_.device)
+        helpful, harmful = helpful_and_harmful(probe, blocks, k, lambda _q, part: part.low_rank_scores(Q))
+        return helpful.indices, -helpful.values, harmful.indices, harmful.values
+    Qs = Q if index._basis is None else Q @ index._basis.T
+    if candidates is not None:
+        return _two_stage(index, Qs, rows, k, candidates)
+    product = index.influence.training_side_.product if index._factored is None else (lambda Q, part: part.scores(Q))
+    helpful, harmful = helpful_and_harmful(Qs, blocks, k, product)
+    return helpful.indices, -helpful.values, harmful.indices, harmful.values
 
 
 def _two_stage(index: InfluenceIndex, Qs: torch.Tensor, rows: torch.Tensor | FactoredRows, k: int, candidates: int

@@ -22,7 +22,7 @@ import torch
 
 from .errors import InputError, UnsupportedError
 from .layers import LayerBlock
-from .lowrank import Factors, dense_block_product, factor_blocks
+from .lowrank import Factors, LowRankQueries, dense_block_product, factor_blocks
 
 __all__ = ["FactoredRows", "choose_factored"]
 
@@ -139,4 +139,26 @@ class FactoredRows:
                 S += dense_block_product(Q[:, block.index], self.a[j], self.g[j])
         if self.l2 is not None:
             S += (Q @ self.l2)[:, None]
+        return -S
+
+    def low_rank_scores(self, Q: LowRankQueries) -> torch.Tensor:
+        """:meth:`scores` of low-rank queries (:class:`~influencekit.lowrank.LowRankQueries`): a factored query block
+        against taps is Σ_r (u_r·g)(v_r·ã); a whole one by :func:`dense_block_product`; a block stored as gradient
+        entries takes the query block whole (its factors multiplied out)."""
+        q, n = len(Q), len(self)
+        S = torch.zeros(q, n, dtype=self.dense.dtype, device=self.dense.device)
+        offset = 0
+        for j, block in enumerate(self.blocks):
+            U, V, M = Q.U[j], Q.V[j], Q.M[j]
+            if self.factored[j]:
+                taps = Factors([block], [self.a[j]], [self.g[j]])
+                S += (LowRankQueries([block], Q.rank, [U], [V], [None]).product(taps) if M is None
+                      else dense_block_product(M, self.a[j], self.g[j]))
+                continue
+            width = block.index.numel()
+            M = U.transpose(1, 2) @ V if M is None else M  # (q, out, k)
+            S += M.reshape(q, -1) @ self.dense[:, offset:offset + width].T
+            offset += width
+        if self.l2 is not None:
+            S += Q.dot(self.l2)[:, None]
         return -S
