@@ -71,6 +71,8 @@ def test_self_influence_tab(demo):
     ("post", "/api/explain", {"index": 1, "input": [1.0]}, 422, r"not both or neither"),
     ("post", "/api/explain", {"index": 1, "colour": "red"}, 422, r"colour: Extra inputs are not permitted"),
     ("post", "/api/explain", "{not json", 422, r"JSON decode error"),
+    ("post", "/api/explain", {"index": 1, "query_rank": 0}, 422, r"query_rank: Input should be greater than or equal to 1"),
+    ("post", "/api/explain", {"index": 1, "query_rank": 4}, 422, r"`query_rank` scans factored rows .*this index has parameters rows"),
     ("get", "/api/examples/valid/1", None, 404, r"unknown split 'valid'"),
     ("get", "/api/examples/train/1200", None, 404, r"train example 1200 does not exist"),
     ("get", "/api/examples/train/x", None, 422, r"i: Input should be a valid integer"),
@@ -89,6 +91,23 @@ def test_bad_requests_get_a_4xx_with_a_message(demo, method, path, body, status,
     assert response.status_code == status, response.text
     assert re.search(message, response.json()["detail"]), response.json()
     assert "Traceback" not in response.text
+
+
+def test_query_rank_on_an_index_with_factored_rows(digits_small, tmp_path):
+    """EK-FAC on the digits model (one Linear layer, kept as its taps): `query_rank` is answered as the library's
+    `explain(..., query_rank=)`, the exact request as before."""
+    import influencekit as ik
+    from influencekit.index import InfluenceIndex
+
+    d = digits_small
+    inf = ik.Influence(d.task, d.train, solver="ekfac", damping=0.01).fit()
+    index = InfluenceIndex.build(inf, tmp_path, test=(d.test[0][:20], d.test[1][:20]))
+    client = TestClient(create_app(index))
+    assert client.get("/api/info").json()["space"] == "factored"
+    body = client.post("/api/explain", json={"split": "test", "index": 3, "k": 5, "query_rank": 2}).json()
+    ranked = index.explain_test([3], k=5, query_rank=2)
+    assert [e["index"] for e in body["harmful"]] == ranked.harmful.indices[0].tolist()
+    assert [e["score"] for e in body["helpful"]] == ranked.helpful.values[0].tolist()
 
 
 def test_serve_refuses_a_folder_without_an_index_or_recipe(tmp_path):

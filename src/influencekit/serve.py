@@ -6,7 +6,8 @@ OpenAPI schema at ``/docs`` and ``/openapi.json``:
 - ``GET /api/info``: the index (sizes, solver, damping, what its examples look like, class names);
 - ``GET /api/examples/{split}/{i}``: one example: label, prediction, loss, self-influence (train), what to show;
 - ``POST /api/explain``: ``{"split": "test", "index": i, "k": 10}`` or ``{"input": [...], "label": 3, "k": 10}``: the
-  ``k`` most helpful and most harmful training examples, with I_up,loss and the predicted leave-one-out change;
+  ``k`` most helpful and most harmful training examples, with I_up,loss and the predicted leave-one-out change
+  (``"query_rank": r`` on an index with factored rows: low-rank queries, faster and approximate);
 - ``GET /api/self-influence?k=50``: the training examples of highest self-influence (likely mislabeled first);
 
 and the page at ``/`` (``explorer/index.html``): pick a test example, see its helpful and harmful training examples,
@@ -33,6 +34,7 @@ from .index import InfluenceIndex
 __all__ = ["create_app", "serve", "serving", "MAX_K"]
 
 MAX_K = 200
+MAX_QUERY_RANK = 512
 
 
 def _require_web() -> Any:
@@ -110,7 +112,8 @@ class _Explorer:
         order = self.index.self_influence().argsort()[::-1][:k]
         return {"k": k, "examples": [self.describe("train", int(i)) for i in order]}
 
-    def explain(self, split: str | None, i: int | None, values: list[Any] | str | None, label: int | None, k: int) -> dict[str, Any]:
+    def explain(self, split: str | None, i: int | None, values: list[Any] | str | None, label: int | None, k: int,
+                query_rank: int | None = None) -> dict[str, Any]:
         index, n = self.index, self.n
         if (values is None) == (i is None):
             raise _HTTPError(422, "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not both or neither")
@@ -120,14 +123,14 @@ class _Explorer:
         with self.lock:
             if values is not None:
                 example, used = index.new_input(values, label)
-                ranked = index.explain(example, k=k)
+                ranked = index.explain(example, k=k, query_rank=query_rank)
                 query: dict[str, Any] = {"split": None, "index": None, "label": used}
             else:
                 split = split or "test"
                 self.checked(split, i)
                 layout = index.influence.layout_
-                ranked = index.explain_test([i], k=k) if split == "test" else index.explain(
-                    take(index.influence.train_, [i], dtype=layout.dtype, device=layout.device), k=k)
+                ranked = index.explain_test([i], k=k, query_rank=query_rank) if split == "test" else index.explain(
+                    take(index.influence.train_, [i], dtype=layout.dtype, device=layout.device), k=k, query_rank=query_rank)
                 query = self.describe(split, i)
         lists = {}
         for part in ("helpful", "harmful"):
@@ -163,6 +166,8 @@ def create_app(index: InfluenceIndex) -> Any:
                                               "or a text where the index has an encoder (GET /api/info: input)")
         label: int | None = Field(None, ge=0, description="the new example's label (default: the model's prediction)")
         k: int = Field(10, ge=1, le=MAX_K, description=f"helpful and harmful examples returned (1..{MAX_K})")
+        query_rank: int | None = Field(None, ge=1, le=MAX_QUERY_RANK, description="on an index with factored rows (GET /api/info: "
+                                       "space 'factored'): score with the query's rank-r factors per layer, faster and approximate")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
@@ -200,7 +205,7 @@ def create_app(index: InfluenceIndex) -> Any:
 
     @app.post("/api/explain")
     def explain(request: ExplainRequest) -> dict[str, Any]:
-        return explorer.explain(request.split, request.index, request.input, request.label, request.k)
+        return explorer.explain(request.split, request.index, request.input, request.label, request.k, request.query_rank)
 
     return app
 
