@@ -16,7 +16,7 @@ the two Linear layers kept as their layer taps, the convolutions as gradient ent
 entry, 3.85 MB per example); a query is one test gradient, one EK-FAC solve and one exact scan:
 
     python benchmarks/index.py --problem cnn --sizes 1000 --rows dense,factored --queries 50
-    python benchmarks/index.py --problem cnn --sizes 10000 --rows factored --queries 50
+    python benchmarks/index.py --problem cnn --sizes 10000 --rows factored --queries 50 --query-ranks 8
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def gradient_pass_seconds(inf) -> float:
     return time.perf_counter() - start
 
 
-def run(n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "auto") -> dict:
+def run(n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "auto", query_ranks: tuple = (None,)) -> list[dict]:
     import warnings
 
     import httpx
@@ -93,20 +93,31 @@ def run(n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "
                                  display={"test": Display("text", [f"test {i}" for i in range(len(test[1]))])})
     build = time.perf_counter() - start
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    rng = np.random.default_rng(0)
-    latencies, server_side = [], []
-    with serving(index) as url, httpx.Client(base_url=url) as client:
+    out = []
+    with serving(index) as url, httpx.Client(base_url=url, timeout=60) as client:
         client.post("/api/explain", json={"split": "test", "index": 0, "k": 10}).raise_for_status()  # warm-up (rows loaded)
-        for _ in range(queries):
-            t = time.perf_counter()
-            response = client.post("/api/explain", json={"split": "test", "index": int(rng.integers(len(test[1]))), "k": 10})
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - t)
-            server_side.append(response.json()["seconds"])
-    ms = 1000 * np.array(latencies)
-    return {"n": n, "rows": index.config["space"], "build_s": build, "build_per_grad_pass": build / grad_pass, "grad_pass_s": grad_pass,
-            "size_mb": size / 2 ** 20, "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
-            "server_median_ms": 1000 * float(np.median(server_side))}
+        for rank in query_ranks:
+            rng = np.random.default_rng(0)  # the same test examples for every query rank
+            latencies, server_side, answers = [], [], []
+            for _ in range(queries):
+                body = {"split": "test", "index": int(rng.integers(len(test[1]))), "k": 10}
+                if rank is not None:
+                    body["query_rank"] = rank
+                t = time.perf_counter()
+                response = client.post("/api/explain", json=body)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - t)
+                server_side.append(response.json()["seconds"])
+                answers.append({e["index"] for e in response.json()["harmful"]})
+            if rank is None:
+                exact = answers
+            ms = 1000 * np.array(latencies)
+            overlap = float(np.mean([len(a & b) / 10 for a, b in zip(answers, exact)])) if query_ranks[0] is None else float("nan")
+            out.append({"n": n, "rows": index.config["space"] + ("" if rank is None else f", query_rank={rank}"), "build_s": build,
+                        "build_per_grad_pass": build / grad_pass, "grad_pass_s": grad_pass, "size_mb": size / 2 ** 20,
+                        "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
+                        "server_median_ms": 1000 * float(np.median(server_side)), "overlap": overlap})
+    return out
 
 
 def main() -> None:
@@ -116,15 +127,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--problem", choices=("softmax", "cnn"), default="softmax", help="softmax regression (default) or the MNIST CNN")
     parser.add_argument("--rows", default="auto", help="the index rows, comma-separated: auto, dense, factored")
+    parser.add_argument("--query-ranks", default="", help="also query with these ranks (comma-separated; factored rows), "
+                        "after the exact queries; the top-10 harmful overlap with the exact answers is printed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| training examples | rows | build | build / gradient pass | size on disk | query median | query p95 | server time (median) |")
-    print("|---|---|---|---|---|---|---|---|")
+    ranks = (None, *(int(r) for r in args.query_ranks.split(",") if r))
+    print("| training examples | rows | build | build / gradient pass | size on disk | query median | query p95 | server time (median) | top-10 harmful overlap with exact |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, rows in ((int(s), r) for s in args.sizes.split(",") for r in args.rows.split(",")):
         with tempfile.TemporaryDirectory(prefix="ik-index-") as tmp:
-            r = run(n, args.queries, Path(tmp), args.problem, rows)
-        print(f"| {r['n']:,} | {r['rows']} | {r['build_s']:.1f} s | {r['build_per_grad_pass']:.1f} (pass {r['grad_pass_s']:.2f} s) | "
-              f"{r['size_mb']:.0f} MB | {r['median_ms']:.1f} ms | {r['p95_ms']:.1f} ms | {r['server_median_ms']:.1f} ms |", flush=True)
+            results = run(n, args.queries, Path(tmp), args.problem, rows, ranks)
+        for r in results:
+            print(f"| {r['n']:,} | {r['rows']} | {r['build_s']:.1f} s | {r['build_per_grad_pass']:.1f} (pass {r['grad_pass_s']:.2f} s) | "
+                  f"{r['size_mb']:.0f} MB | {r['median_ms']:.1f} ms | {r['p95_ms']:.1f} ms | {r['server_median_ms']:.1f} ms | {r['overlap']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
