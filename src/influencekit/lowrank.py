@@ -20,7 +20,7 @@ block exactly (to round-off): the scores then equal the dense ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -96,6 +96,7 @@ class LowRankQueries:
     U: list[torch.Tensor | None]
     V: list[torch.Tensor | None]
     M: list[torch.Tensor | None]
+    _dots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dense(cls, X: torch.Tensor, blocks: list[LayerBlock], factored: list[bool], rank: int, *, seed: int = 0) -> LowRankQueries:
@@ -158,7 +159,11 @@ class LowRankQueries:
         return S
 
     def dot(self, w: torch.Tensor) -> torch.Tensor:
-        """⟨query, w⟩ for a flat parameter vector ``w``: ``(q,)``."""
+        """⟨query, w⟩ for a flat parameter vector ``w``: ``(q,)``; kept per ``w`` (the L2 term λθ̂ is the same for every
+        chunk of training examples, and a factored block costs r·out·k per query)."""
+        kept = self._dots.get(id(w))
+        if kept is not None and kept[0] is w:
+            return kept[1]
         out = torch.zeros(len(self), dtype=w.dtype, device=w.device)
         for j, block in enumerate(self.blocks):
             W = w[block.index]  # (out, k)
@@ -166,6 +171,7 @@ class LowRankQueries:
                 out += self.M[j].reshape(len(self), -1) @ W.reshape(-1)
             else:
                 out += ((self.U[j] @ W) * self.V[j]).sum(dim=(1, 2))
+        self._dots[id(w)] = (w, out)
         return out
 
 
