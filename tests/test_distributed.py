@@ -98,6 +98,7 @@ def _worker(rank: int, world: int, folder: str, job: str) -> None:
         else:
             out = _error_cases(rank, problem, folder)
         torch.save(out, folder / f"rank{rank}.pt")
+        dist.barrier()  # leave together: a rank tearing its process group down while the other still ran aborted in gloo
     except BaseException:
         (folder / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
