@@ -156,3 +156,19 @@ def small_cnn_problem(n: int = 120, n_test: int = 16):
         torch.nn.functional.cross_entropy(model(X[:n]), y[:n]).backward()
         opt.step()
     return ik.ClassificationTask(model, l2=1e-2), (X[:n], y[:n]), (X[n:], y[n:])
+
+
+def token_sequences(n: int, seed: int, vocab: int, *, labels: bool = True, lengths: tuple[int, int] = (4, 12)
+                    ) -> list[dict[str, torch.Tensor]]:
+    """Tokenised examples of ``lengths[0]`` to ``lengths[1] - 1`` tokens (ids 1..vocab-1; 0 pads), with a 0-d label
+    that is 1 when low ids outnumber high ones."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(*lengths, (1,), generator=g))
+        ids = torch.randint(1, vocab, (T,), generator=g)
+        ex = {"input_ids": ids, "attention_mask": torch.ones(T, dtype=torch.long)}
+        if labels:
+            ex["labels"] = torch.tensor(int((ids < vocab // 2).sum() > (ids >= vocab // 2).sum()))
+        out.append(ex)
+    return out

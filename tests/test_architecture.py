@@ -1,5 +1,6 @@
-"""The package's shape, checked from its source: the layer order of docs/ARCHITECTURE.md, no import circles,
-no module importing another's private names, and the size limits of classes and functions.
+"""The package's shape, checked from its source: the layer order of docs/ARCHITECTURE.md, no import circles and
+no module importing another's private names. The sizes of classes and functions are a report for review, not a
+limit: ``python tests/test_architecture.py`` prints the largest.
 
 Imports are read with ``ast`` (no import is executed). Imports inside ``if TYPE_CHECKING:`` are annotations
 only and are not counted; imports inside functions (lazy imports) are.
@@ -32,10 +33,6 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("public API", [""]),
 ]
 
-MAX_CLASS_LINES = 300
-MAX_FUNCTION_LINES = 80
-# Functions allowed over MAX_FUNCTION_LINES, with the reason (docs/ARCHITECTURE.md repeats it).
-LONG_FUNCTIONS: dict[str, str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -140,18 +137,31 @@ def test_no_module_imports_another_modules_private_names():
     assert not private, "\n".join(private)
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_classes_and_functions_stay_small(module):
-    tree = ast.parse(MODULES[module].read_text())
-    too_long = []
-    for node in ast.walk(tree):
-        size = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
-        if isinstance(node, ast.ClassDef) and size > MAX_CLASS_LINES:
-            too_long.append(f"class {node.name}: {size} lines > {MAX_CLASS_LINES}")
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and size > MAX_FUNCTION_LINES \
-                and f"{module}.{node.name}" not in LONG_FUNCTIONS:
-            too_long.append(f"function {node.name}: {size} lines > {MAX_FUNCTION_LINES}")
-    assert not too_long, f"{module}: " + "; ".join(too_long)
+def size_report(top: int = 12) -> list[str]:
+    """The ``top`` largest classes and functions of the package, largest first, as "lines  kind  module.name" rows:
+    a list for review, not a limit (``python tests/test_architecture.py`` prints it)."""
+    sizes = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                sizes.append((node.end_lineno - node.lineno + 1, kind, f"{module or 'influencekit'}.{node.name}"))
+    rows = []
+    for kind in ("class", "function"):
+        largest = sorted((s for s in sizes if s[1] == kind), key=lambda s: (-s[0], s[2]))[:top]
+        rows += [f"{lines:5d}  {kind:8s}  {name}" for lines, kind, name in largest]
+    return rows
+
+
+def test_the_size_report_lists_the_largest_classes_and_functions_first():
+    rows = size_report(top=5)
+    classes = [int(r.split()[0]) for r in rows if r.split()[1] == "class"]
+    functions = [int(r.split()[0]) for r in rows if r.split()[1] == "function"]
+    assert len(classes) == len(functions) == 5
+    assert classes == sorted(classes, reverse=True) and functions == sorted(functions, reverse=True)
+    influence = ast.parse(MODULES["scoring"].read_text())
+    size = next(n.end_lineno - n.lineno + 1 for n in influence.body if isinstance(n, ast.ClassDef) and n.name == "Influence")
+    assert classes[0] >= size  # the engine's class is among what is measured
 
 
 def test_the_checker_sees_a_known_import_and_refuses_an_unplaced_module():
@@ -160,3 +170,8 @@ def test_the_checker_sees_a_known_import_and_refuses_an_unplaced_module():
     assert _layer("solvers.cg") == _layer("solvers") and _layer("errors") < _layer("scoring") < _layer("cli")
     with pytest.raises(AssertionError, match="in no layer"):
         _layer("no_such_module")
+
+
+if __name__ == "__main__":
+    print("The largest classes and functions of src/influencekit (lines), for review:")
+    print("\n".join(size_report()))

@@ -23,7 +23,7 @@ from torch import nn
 import influencekit as ik
 from influencekit.errors import CorruptFileWarning
 from influencekit.gradients import GradientSource
-from problems import pearson, relative_error
+from problems import pearson, relative_error, token_sequences
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (pip install -e '.[hf]')")
 
@@ -35,16 +35,7 @@ BRIEF = 10.0  # stationarity_tol: the models are trained briefly, not to a minim
 
 def sequences(n: int, seed: int, *, labels: bool = True) -> list[dict[str, torch.Tensor]]:
     """Tokenised examples of 4–11 tokens (ids 1..VOCAB-1; 0 pads); label 1 when low ids outnumber high ones."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        T = int(torch.randint(4, 12, (1,), generator=g))
-        ids = torch.randint(1, VOCAB, (T,), generator=g)
-        ex = {"input_ids": ids, "attention_mask": torch.ones(T, dtype=torch.long)}
-        if labels:
-            ex["labels"] = torch.tensor(int((ids < VOCAB // 2).sum() > (ids >= VOCAB // 2).sum()))
-        out.append(ex)
-    return out
+    return token_sequences(n, seed, VOCAB, labels=labels)
 
 
 def train_briefly(model: nn.Module, task: ik.Task, data: list, steps: int = 40, lr: float = 3e-3) -> None:

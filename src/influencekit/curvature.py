@@ -92,8 +92,9 @@ class CurvatureOperator(Protocol):
         """(H + δI) V over the whole training set (H V with ``damped=False``)."""
         ...
 
-    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True) -> torch.Tensor:
-        """(H_B + δI) V with H_B the Hessian of the mean loss over ``indices`` (plus λI)."""
+    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True, chunk: int | None = None) -> torch.Tensor:
+        """(H_B + δI) V with H_B the Hessian of the mean loss over ``indices`` (plus λI), ``chunk`` examples per
+        HVP call (default: the operator's HVP chunk)."""
         ...
 
     def dense(self, *, progress: bool | None = None) -> torch.Tensor:

@@ -130,6 +130,15 @@ class GradientSource:
             yield lo, G
         bar.close()
 
+    def block(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = "") -> torch.Tensor:
+        """The per-example gradients of ``data[start:stop]`` as one ``(stop - start, n_params)`` tensor, the chunks of
+        :meth:`stream` written into it as they come (a ``torch.cat`` of them would hold the block twice)."""
+        stop = len(data) if stop is None else stop
+        G = torch.empty(stop - start, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
+        for lo, rows in self.stream(data, side=side, start=start, stop=stop, desc=desc):
+            G[lo - start:lo - start + len(rows)] = rows
+        return G
+
     def gather(self, data: Examples, indices: Sequence[int], *, side: str) -> torch.Tensor:
         """The per-example gradients of the examples ``indices`` of ``data``, ``(len(indices), n_params)``."""
         rows = []

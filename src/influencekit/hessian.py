@@ -181,20 +181,21 @@ class HessianOperator:
         self.hvp_count += V.shape[0]
         return self._check(acc / self._total_weight + self._diagonal(damped) * V)
 
-    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True) -> torch.Tensor:
+    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True, chunk: int | None = None) -> torch.Tensor:
         """(H_B + δI) V with H_B the Hessian of the mean loss over the examples ``indices`` (plus λI); H_B V if
-        not ``damped``."""
+        not ``damped``. ``chunk``: examples per HVP call (default ``batch_size``; smaller holds less memory)."""
         if self.weights is not None:
             raise NotImplementedError("mini-batch products of a weighted objective are not defined; use matvec().")
         V = V.to(self.dtype)
         indices = torch.as_tensor(indices, dtype=torch.long)
         # the same global indices on every rank; each takes those in its shard
         mine = indices[(indices >= self.shard.start) & (indices < self.shard.stop)]
+        step = self.batch_size if chunk is None else max(1, int(chunk))
 
         def local() -> torch.Tensor:
             acc = torch.zeros_like(V)
-            for lo in range(0, len(mine), self.batch_size):  # in HVP chunks: a large sample must not blow the memory
-                batch = take(self.data, mine[lo:lo + self.batch_size], dtype=self.dtype, device=self.device, check=self.task.check_batch)
+            for lo in range(0, len(mine), step):  # in HVP chunks: a large sample must not blow the memory
+                batch = take(self.data, mine[lo:lo + step], dtype=self.dtype, device=self.device, check=self.task.check_batch)
                 acc += self._data_hvp(batch, V)
             return acc
 

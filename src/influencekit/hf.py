@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import check_choice
-from .data.examples import IGNORE_INDEX, pad_collate
+from .data.examples import IGNORE_INDEX, Examples, pad_collate
 from .errors import InputError, InputTypeError
 from .prefix import PrefixCache, PrefixPlan, is_prefix_key
 from .task import Params, ParamSelector, Task
@@ -44,6 +44,7 @@ from .task import Params, ParamSelector, Task
 __all__ = ["cache_prefix", "PrefixCache", "PooledClassifier", "HFTask", "SequenceClassificationTask", "TokenClassificationTask", "CausalLMTask", "pad_collate", "per_token", "IGNORE_INDEX"]
 
 REDUCTIONS = ("sum", "mean")
+CHECK_CHUNK = 1024  # examples collated at a time by HFTask.check_examples
 POOLINGS = ("mean", "cls")
 
 
@@ -75,6 +76,35 @@ class PooledClassifier(nn.Module):
             return self.head(hidden.mean(dim=1))
         w = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return self.head((hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0))
+
+
+def _input_embeddings(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding (``get_input_embeddings()``, also through a :class:`PooledClassifier`'s encoder)."""
+    for owner in (model, getattr(model, "encoder", None)):
+        getter = getattr(owner, "get_input_embeddings", None)
+        try:
+            found = getter() if callable(getter) else None
+        except (AttributeError, NotImplementedError):
+            found = None
+        if isinstance(found, nn.Embedding):
+            return found
+    return None
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """The most tokens a sequence may have: the rows of a learned absolute position embedding (``position_embeddings``,
+    GPT-2's ``wpe``), less RoBERTa's offset past its padding row; None for a model without one (rotary positions)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in ("position_embeddings", "wpe", "embed_positions"):
+            pad = module.padding_idx
+            return module.num_embeddings - (0 if pad is None else pad + 1)
+    return None
+
+
+def _first(bad: torch.Tensor, offset: int) -> str:
+    """"example i" (and how many more) for the rows of a boolean ``(B,)`` tensor that are True."""
+    rows = bad.nonzero().flatten().tolist()
+    return f"example {offset + rows[0]}" + (f" (and {len(rows) - 1} more)" if len(rows) > 1 else "")
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -115,6 +145,61 @@ class HFTask(Task):
         self._accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()) or not accepted
         self._accepted = set(accepted)
         self.prefix_plan: PrefixPlan | None = None
+        embedding = _input_embeddings(self.model)
+        self.vocab_size = None if embedding is None else embedding.num_embeddings
+        self.max_positions = _position_limit(self.model)
+
+    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+        """Refuse token inputs the model would fail on inside torch, or score silently wrong: ids that are not integers
+        or lie outside the vocabulary, sequences longer than the model's positions, examples with no real token."""
+        if not isinstance(batch, Mapping):
+            return
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if isinstance(ids, torch.Tensor):
+            if ids.is_floating_point() or ids.dtype == torch.bool:
+                raise InputError(f"`input_ids` in `{name}` must be integer token ids. Got {ids.dtype}; convert them with "
+                                 ".long(), or pass the tokenizer's output as it is.")
+            if self.vocab_size is not None:
+                outside = (ids < 0) | (ids >= self.vocab_size)
+                if bool(outside.any()):
+                    raise InputError(
+                        f"`input_ids` in `{name}` must be ids of the model's vocabulary (0..{self.vocab_size - 1}). Got "
+                        f"{int(ids[outside][0])} in {_first(outside.any(dim=-1), offset)}; tokenise with the model's own "
+                        "tokenizer, and set the padding id to one of the vocabulary.")
+            if self.max_positions is not None and ids.dim() == 2 and ids.shape[1] > self.max_positions:
+                lengths = mask.sum(dim=1) if isinstance(mask, torch.Tensor) else torch.full((len(ids),), ids.shape[1])
+                raise InputError(
+                    f"`{name}` holds a sequence of {ids.shape[1]} tokens ({_first(lengths == lengths.max(), offset)}), "
+                    f"more than the model's {self.max_positions} positions. Tokenise with truncation=True, "
+                    f"max_length={self.max_positions} (or shorter).")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            empty = mask.sum(dim=1) == 0
+            if bool(empty.any()):
+                raise InputError(f"{_first(empty, offset)} of `{name}` has an attention mask of zeros: no real token to "
+                                 "read. Remove it, or check how the batch was padded.")
+
+    def check_examples(self, data: Any, name: str) -> None:
+        """:meth:`check_batch` on every example of tokenised ``data`` before the model runs (collating token ids costs
+        little); a :class:`PrefixCache` was checked when it was built."""
+        if isinstance(data, PrefixCache):
+            return
+        examples = Examples(data, name=name)
+        for lo, batch in examples.batches(CHECK_CHUNK):
+            self.check_batch(batch, name, lo)
+
+    def _check_classes(self, labels: torch.Tensor, name: str, offset: int) -> None:
+        """Integer labels in 0..C-1 (or ``IGNORE_INDEX``) for a model whose config states its C classes."""
+        classes = getattr(getattr(self.model, "config", None), "num_labels", None)
+        head = getattr(self.model, "head", None)
+        classes = head.out_features if isinstance(self.model, PooledClassifier) and isinstance(head, nn.Linear) else classes
+        if not isinstance(classes, int) or classes < 2:
+            return
+        outside = ((labels < 0) | (labels >= classes)) & (labels != IGNORE_INDEX)
+        if bool(outside.any()):
+            rows = outside.reshape(len(labels), -1).any(dim=1)
+            raise InputError(f"labels in `{name}` must be classes 0..{classes - 1} of the model's {classes}. Got "
+                             f"{int(labels[outside][0])} in {_first(rows, offset)}; map the labels to the model's classes, "
+                             "or build the model with num_labels= the number of classes.")
 
     def use_prefix_plan(self, plan: PrefixPlan) -> None:
         """Replay the frozen modules of ``plan`` from batches that carry their outputs (:func:`cache_prefix`)."""
@@ -184,12 +269,14 @@ class SequenceClassificationTask(HFTask):
     with a Linear head)."""
 
     def check_batch(self, batch: Any, name: str, offset: int) -> None:
+        super().check_batch(batch, name, offset)
         labels = self.labels(batch)
         if labels.dim() != 1 or labels.is_floating_point():
             raise InputError(
                 f"SequenceClassificationTask labels in `{name}` must be integer classes of shape (n,). Got "
                 f"{labels.dtype} of shape {tuple(labels.shape)}; a 0-d `labels` tensor per example stacks to (n,)."
             )
+        self._check_classes(labels, name, offset)
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
         logits, labels = self.outputs(params, batch), self.labels(batch)
@@ -228,9 +315,12 @@ class TokenClassificationTask(_TokenLoss):
     counts (padding, sub-word continuations); the loss of a sequence is the sum (or mean) over its labelled tokens."""
 
     def check_batch(self, batch: Any, name: str, offset: int) -> None:
+        super().check_batch(batch, name, offset)
         labels = self.labels(batch)
-        if labels.dim() != 2:
-            raise InputError(f"TokenClassificationTask labels in `{name}` must have shape (n, T). Got {tuple(labels.shape)}.")
+        if labels.dim() != 2 or labels.is_floating_point():
+            raise InputError(f"TokenClassificationTask labels in `{name}` must be integer classes of shape (n, T). Got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}.")
+        self._check_classes(labels, name, offset)
 
 
 class CausalLMTask(_TokenLoss):
@@ -249,6 +339,21 @@ class CausalLMTask(_TokenLoss):
             if mask is not None:
                 full = torch.where(mask.bool(), full, torch.full_like(full, IGNORE_INDEX))
         return full[:, 1:]
+
+    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+        super().check_batch(batch, name, offset)
+        targets = self.labels(batch)
+        if self.vocab_size is not None:
+            outside = ((targets < 0) | (targets >= self.vocab_size)) & (targets != IGNORE_INDEX)
+            if bool(outside.any()):
+                raise InputError(f"`{self.label_key}` in `{name}` must be token ids of the vocabulary (0..{self.vocab_size - 1}) "
+                                 f"or {IGNORE_INDEX}. Got {int(targets[outside][0])} in {_first(outside.any(dim=1), offset)}.")
+        nothing = ~(targets != IGNORE_INDEX).any(dim=1)
+        if bool(nothing.any()):
+            raise InputError(
+                f"{_first(nothing, offset)} of `{name}` has no token to predict: a causal LM predicts tokens 2..T from the "
+                f"ones before, so a sequence needs two real tokens with a target (labels other than {IGNORE_INDEX}) "
+                "after the first. Remove it or join it to its neighbours.")
 
     def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
         first = torch.full_like(labels[:, :1], IGNORE_INDEX)

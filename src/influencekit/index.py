@@ -570,7 +570,7 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
             for suffix, array in F.files():
                 save_array(index._path(f"taps-{lo:09d}{suffix}.npy" if suffix else f"rows-{lo:09d}.npy"), array.detach().cpu().numpy())
         else:
-            G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi, desc="index")])
+            G = inf.gradients_.block(inf.train_, side="train", start=lo, stop=hi, desc="index")
             R = G if index._basis is None else G @ index._basis.T
             self_values = self_influence_of(G, inf.solver_, inf._solve)[0]
         if index._factored is None:

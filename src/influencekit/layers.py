@@ -39,7 +39,7 @@ from .autodiff import LossFn, ParamLayout, per_example_grads, per_example_loop
 from .data.examples import batch_size_of
 from .errors import InfluenceKitError, UnsupportedError
 
-__all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "LayerTaps", "LayerGradients", "choose_per_example"]
+__all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "tied_parameters", "LayerTaps", "LayerGradients", "choose_per_example"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -142,12 +142,24 @@ def _plain_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
 
 
+def tied_parameters(model: nn.Module) -> set[str]:
+    """The names (as ``named_parameters`` gives them) of parameters held by more than one module: tied weights, such
+    as GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``. Their gradient sums the uses of every holder, which
+    no single layer's taps see."""
+    holders: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    return {canonical[key] for key, names in holders.items() if len(names) > 1 and key in canonical}
+
+
 def layer_blocks(model: nn.Module, layout: ParamLayout, *, embeddings: bool = False) -> tuple[list[LayerBlock], list[str]]:
     """The supported modules (nn.Linear, transformers' Conv1D; nn.Conv1d and nn.Conv2d with groups=1; with
     ``embeddings``, nn.Embedding without max_norm or scale_grad_by_freq) holding selected parameters, in model
-    order, and the selected parameter names they leave over."""
+    order, and the selected parameter names they leave over. A tied parameter (:func:`tied_parameters`) is left
+    over: its gradient is not one layer's."""
     offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
-    selected = set(layout.names)
+    selected = set(layout.names) - tied_parameters(model)
     blocks: list[LayerBlock] = []
     covered: set[str] = set()
     for mname, module in model.named_modules():
@@ -190,6 +202,7 @@ class LayerTaps:
     def __init__(self, blocks: list[LayerBlock]) -> None:
         self.blocks = blocks
         self._on = False
+        self._batch = 0  # the examples of the batch in run(): an embedding looked up once for all of them is expanded
         self._handles: list[Any] = []
 
     def __enter__(self) -> LayerTaps:
@@ -204,16 +217,24 @@ class LayerTaps:
         for block in self.blocks:
             block.captured.clear()
 
-    def _hook(self, block: LayerBlock) -> Callable[..., None]:
-        def fn(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    def _hook(self, block: LayerBlock) -> Callable[..., torch.Tensor | None]:
+        def fn(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             if not self._on:
-                return
+                return None
             if block.captured:
                 raise UnsupportedError(
                     f"layer {block.name!r} is called more than once per forward pass (shared or recurrent use); "
                     "layer taps need one call per layer. Exclude its parameters with `params=`."
                 )
-            block.captured.extend([inputs[0].detach(), output])
+            x = inputs[0]
+            if block.embedding and x.shape[0] == 1 and self._batch > 1:
+                # ids of shape (1, T) broadcast over the batch (BERT's and GPT-2's position ids): the output is
+                # expanded to the batch, so that its gradient is per example (the sum over the batch otherwise)
+                x, output = x.expand(self._batch, *x.shape[1:]), output.expand(self._batch, *output.shape[1:])
+                block.captured.extend([x.detach(), output])
+                return output
+            block.captured.extend([x.detach(), output])
+            return None
         return fn
 
     def run(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any, scale: torch.Tensor | None = None
@@ -223,6 +244,7 @@ class LayerTaps:
         live = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
         for block in self.blocks:
             block.captured.clear()
+        self._batch = batch_size_of(batch)
         self._on = True
         try:
             with torch.enable_grad():

@@ -249,7 +249,7 @@ class TrainingSide:
             hi = min(lo + source.chunk, n)
             a, b = max(lo, shard.start), min(hi, shard.stop)
             counts = [max(0, min(hi, e) - max(lo, s)) for s, e in shard.bounds]
-            mine = shard.local(lambda a=a, b=b: torch.cat([g for _, g in source.stream(self.train, side="train", start=a, stop=b, desc="self-influence")])
+            mine = shard.local(lambda a=a, b=b: source.block(self.train, side="train", start=a, stop=b, desc="self-influence")
                                if b > a else torch.zeros(0, layout.n, dtype=out.dtype, device=out.device))
             G = shard.gather_rows(mine, counts)
             out[lo:hi], report = self_influence_of(G, solver, solve)

@@ -108,13 +108,14 @@ class Influence:
     ) -> None:
         if not isinstance(task, Task):
             raise InputTypeError(f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}.")
-        self.task, self.train, self.solver = task, train, solver
         self.config = config = InfluenceConfig.from_arguments(
             solver=solver, damping=damping, solver_options=solver_options, batch_size=batch_size, memory_budget=memory_budget,
             stationarity_tol=stationarity_tol, progress=progress, distributed=distributed, gradients=gradients,
             cache_dir=cache_dir, precision=precision,
         )
         config.solver.check_task(task)  # e.g. K-FAC needs a declared likelihood: refused now, not after a data pass
+        task = config.solver.covered_task(task)  # e.g. K-FAC leaves out the parameters of layers it does not factor
+        self.task, self.train, self.solver = task, train, solver
         task.check_mode()  # dropout / batch norm in training mode: refused now
         self.damping, self.solver_options, self.batch_size = config.damping, config.solver_options, config.batch_size
         self.memory_budget, self.stationarity_tol, self.progress = config.memory_budget, config.stationarity_tol, config.progress
@@ -124,6 +125,7 @@ class Influence:
     def fit(self) -> Influence:
         """Check the data and θ̂, measure ‖∇R(θ̂)‖, and fit the solver on H + δI. Returns ``self``."""
         self.task.check_mode()
+        self.task.check_examples(self.train, "train")  # e.g. token ids outside the vocabulary: before any model pass
         config, solver = self.config, self.config.solver
         self.train_ = train = Examples(self.train, name="train")
         # a copy: training the model further after fit() must not silently change θ̂ under a fitted Hessian
@@ -208,7 +210,7 @@ class Influence:
             if skip is not None and skip(lo):
                 continue
             hi = min(lo + block, len(data))
-            G = torch.cat([g for _, g in self.gradients_.stream(data, side="test", start=lo, stop=hi, desc="test gradients")])
+            G = self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients")
             Q, report = self._solve(G)
             yield lo, Q, report
 

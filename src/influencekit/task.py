@@ -11,6 +11,7 @@ The test side uses :meth:`Task.measurement`, which defaults to ℓ (no L2 term).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,9 +64,13 @@ def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
         if not all(isinstance(w, str) for w in wanted):
             raise InputTypeError("`params` must be None, parameter/module names, or a callable(name, param) -> bool.")
         all_names = [n for n, _ in named]
+        # a tied weight has one name in named_parameters() and another under each further module that holds it
+        # (GPT-2's lm_head.weight is transformer.wte.weight): any of its names selects it
+        canonical = {id(p): n for n, p in named}
+        aliases = [(alias, canonical[id(p)]) for alias, p in model.named_parameters(remove_duplicate=False)]
         chosen: list[str] = []
         for w in wanted:
-            hits = [n for n in all_names if _matches(n, w)]
+            hits = list(dict.fromkeys(name for alias, name in aliases if _matches(alias, w)))
             if not hits:
                 raise InputError(
                     f"`params` names {w!r}, which is neither a parameter nor a module of the model. "
@@ -141,6 +146,19 @@ class Task:
         self.model = _unwrap(model)
         self.l2 = check_number("l2", l2, low=0.0)
         self.param_names = _select(self.model, params)
+        self.excluded_params: tuple[str, ...] = ()  # selected, then left out by the solver (restricted())
+
+    def restricted(self, names: Sequence[str]) -> Task:
+        """A copy of this task whose influence is over ``names`` only, a subset of its selected parameters; the
+        others are listed as ``params_excluded`` in :meth:`describe` (K-FAC/EK-FAC leave out the parameters of layers
+        they do not factor). The model and every other setting are shared."""
+        unknown = [n for n in names if n not in self.param_names]
+        if unknown or not names:
+            raise InputError(f"restricted() takes a non-empty subset of the selected parameters. Got {list(names)[:5]}.")
+        narrowed = copy.copy(self)
+        narrowed.param_names = tuple(n for n in self.param_names if n in set(names))
+        narrowed.excluded_params = self.excluded_params + tuple(n for n in self.param_names if n not in set(names))
+        return narrowed
 
     # -- what subclasses define -------------------------------------------------------------------
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
@@ -178,9 +196,14 @@ class Task:
         is the position of the batch's first example in the data set named ``name``. Does nothing by default.
         """
 
+    def check_examples(self, data: Any, name: str) -> None:
+        """Refuse bad data as a whole before any pass over the model (called by :meth:`Influence.fit`); raise
+        :class:`InputError`. Does nothing by default: :meth:`check_batch` sees every batch as the passes read it."""
+
     def describe(self) -> dict[str, Any]:
         """The settings that define this task, for result metadata."""
-        return {"task": type(self).__name__, "l2": self.l2, "params": list(self.param_names)}
+        out = {"task": type(self).__name__, "l2": self.l2, "params": list(self.param_names)}
+        return {**out, "params_excluded": list(self.excluded_params)} if self.excluded_params else out
 
     # -- the likelihood, for solvers that draw labels from the model (K-FAC/EK-FAC) ---------------------
     #: ``"classification"`` (the loss is the cross-entropy of :meth:`outputs` at :meth:`labels`: softmax over the

@@ -252,6 +252,15 @@ def test_unsupported_layer_is_named_and_the_options_work():
     assert x.count_nonzero() == 1
     excluded = ik.ClassificationTask(model, l2=1e-2, params=["0", "3"])
     assert len(KFACSolver(probes=0).fit(operator_of(excluded, (X, y))).layers_) == 2
+    # the default (unsupported="exclude"): the Influence is built on the task restricted to the factored layers,
+    # and its scores equal those of the task that names them itself
+    with pytest.warns(ik.InfluenceKitWarning, match=r"influence over the 4 parameter tensors .*2 others left out \('1\.weight', '1\.bias'"):
+        inf = ik.Influence(task, (X, y), solver="kfac", damping=0.01, solver_options={"probes": 0}, stationarity_tol=1e9)
+    assert inf.task.param_names == excluded.param_names and inf.task.excluded_params == ("1.weight", "1.bias")
+    named = ik.Influence(excluded, (X, y), solver="kfac", damping=0.01, solver_options={"probes": 0}, stationarity_tol=1e9)
+    scores = inf.fit().scores((X[:5], y[:5]))
+    assert torch.equal(scores.values, named.fit().scores((X[:5], y[:5])).values)
+    assert scores.metadata["params_excluded"] == ["1.weight", "1.bias"]
 
 
 def test_unsupported_loss_and_options_are_refused(digits_small):
@@ -261,7 +270,7 @@ def test_unsupported_loss_and_options_are_refused(digits_small):
         KFACSolver().fit(operator_of(svm, (X, (y > 4).long())))
     with pytest.raises(ik.InputError, match=r"`fisher` must be one of 'sampled', 'expected', 'empirical'\. Got 'true'"):
         make_solver("kfac", fisher="true")
-    with pytest.raises(ik.InputError, match=r"`unsupported` must be 'error' or 'diagonal'"):
+    with pytest.raises(ik.InputError, match=r"`unsupported` must be one of 'exclude', 'diagonal', 'error'\. Got 'ignore'"):
         make_solver("ekfac", unsupported="ignore")
     singular = operator_of(ik.ClassificationTask(digits_small.model), digits_small.train)  # constant-zero pixels, λ = δ = 0
     with pytest.raises(ik.NumericalError, match=r"singular.*Add damping"):

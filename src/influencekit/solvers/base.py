@@ -78,13 +78,15 @@ class Solution(NamedTuple):
     report: SolveReport
 
 
-def relative_residuals(operator: CurvatureOperator, X: torch.Tensor, V: torch.Tensor, *, examples: int | None = None) -> torch.Tensor:
+def relative_residuals(operator: CurvatureOperator, X: torch.Tensor, V: torch.Tensor, *, examples: int | None = None,
+                       chunk: int | None = None) -> torch.Tensor:
     """‖(H + δI)x − v‖ / ‖v‖ per row, with one batched product over the full training set, or with H the mean
-    over ``examples`` evenly spaced training examples when that is fewer than all (a cheaper estimate)."""
+    over ``examples`` evenly spaced training examples when that is fewer than all (a cheaper estimate), in HVP
+    calls of ``chunk`` examples (default: the operator's)."""
     n = operator.n_examples
     if examples is not None and examples < n:
         indices = torch.linspace(0, n - 1, examples, dtype=torch.float64).round().long().unique()
-        R = operator.minibatch_matvec(X, indices) - V.to(X.dtype)
+        R = operator.minibatch_matvec(X, indices, **({} if chunk is None else {"chunk": chunk})) - V.to(X.dtype)
     else:
         R = operator.matvec(X) - V.to(X.dtype)
     vn = V.norm(dim=1).to(X.dtype)
@@ -167,6 +169,11 @@ class Solver:
     def check_task(self, task: Any) -> None:
         """Refuse a task this solver cannot work with; called when :class:`~influencekit.Influence` is built, before
         any pass over the data. Accepts every task by default."""
+
+    def covered_task(self, task: Any) -> Any:
+        """The task this solver computes influence for: ``task`` itself (default), or a copy restricted to the
+        parameters the solver covers (:meth:`~influencekit.task.Task.restricted`). Called with :meth:`check_task`."""
+        return task
 
     def solution_basis(self) -> torch.Tensor | None:
         """Orthonormal rows ``(r, n_params)`` spanning every result of ``solve``, or None when there is none.

@@ -146,7 +146,7 @@ class FisherPasses:
 
     def run(self, data: LayerData, layers: list[LayerBlock], leftover: list[str], layer_inputs: Any) -> Iterator[Pass]:
         """Yield, per chunk and label variant: (layer inputs per layer via ``layer_inputs(layer, x)`` on the first
-        variant else None, output gradients (B,T,out) per layer, per-example gradients of the leftover parameters
+        variant else None, output gradients (B,T,out) per layer in the model's dtype, per-example gradients of the leftover parameters
         (B, p) or None, the task's position mask (B, T) of the chunk or None)."""
         task, params = data.task, data.params
         kind = loss_kind(task)
@@ -159,7 +159,7 @@ class FisherPasses:
                 for v, (vbatch, w) in enumerate(self.variants(kind, batch, out, task, lo)):
                     raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
                     A_in = [layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
-                    G_out = [layer.output_grads(g, dtype=torch.float64, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
+                    G_out = [layer.output_grads(g, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
                     extra = None
                     if leftover_layout is not None:
                         def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:

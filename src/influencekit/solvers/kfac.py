@@ -34,6 +34,12 @@ layer's block V (out × k) is
 ("eigenvalue correction") is the second moment of the per-example gradients in the Kronecker eigenbasis:
 the best diagonal in that basis, computed in a second pass over the data.
 
+Precision: each chunk's products (Σ ã ãᵀ, Σ g gᵀ, the rotated per-example gradients Q_Sᵀ ∇_W ℓ Q_A and their
+squares) are computed in the model's dtype, the layer inputs and output gradients are never copied to float64;
+the sums over chunks, the factors and their eigendecompositions are float64. For a float32 model that halves the
+passes' working memory and doubles their matmul speed, at float32 round-off within a chunk (relative ~1e-6,
+far below the sampling noise of the factors); a float64 model computes in float64 throughout.
+
 Layers (:mod:`~influencekit.layers`): ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``
 (``groups=1``) and the transformers-style ``Conv1D``, weight and/or bias; and ``nn.Embedding`` (no ``max_norm``,
 no ``scale_grad_by_freq``), a dense layer on one-hot inputs: its A is the diagonal of row frequencies
@@ -61,19 +67,28 @@ from typing import Any
 
 import torch
 
+from ..autodiff import ParamLayout
 from ..checks import check_choice, check_int
 from ..curvature import CurvatureOperator, LayerData
 from ..errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
 from ..layers import LayerBlock, layer_blocks
 from ..lowrank import Factors, LowRankQueries, factor_rows
+from ..task import Task
 from .base import Solver, SolveReport, relative_residuals
 from .costs import CostProbe, SolverCost, kfac_cost
 from .fisher import FISHERS, FisherPasses, loss_kind
 
-__all__ = ["KFACSolver", "EKFACSolver"]
+__all__ = ["KFACSolver", "EKFACSolver", "UNSUPPORTED"]
 
 logger = logging.getLogger(__name__)
 
+UNSUPPORTED = ("exclude", "diagonal", "error")
+FACTORED_LAYERS = ("nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), untied nn.Embedding (no max_norm, no scale_grad_by_freq) "
+                   "and transformers Conv1D")
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    return ", ".join(repr(n) for n in names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 @dataclass
@@ -89,16 +104,17 @@ class _Layer(LayerBlock):
 
 
 def _layer_inputs(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-    """A layer's inputs as (B, T, k) float64 rows *without* the bias's 1 (the sums add it without copying the
-    rows into a wider tensor); an embedding's looked-up indices as (B, T)."""
-    return layer.indices(x) if layer.embedding else layer.inputs(x, dtype=torch.float64, append_one=False)
+    """A layer's inputs as (B, T, k) rows in the model's dtype *without* the bias's 1 (the sums add it without
+    copying the rows into a wider tensor); an embedding's looked-up indices as (B, T)."""
+    return layer.indices(x) if layer.embedding else layer.inputs(x, append_one=False)
 
 
 def _rotate_inputs(layer: _Layer, a: torch.Tensor) -> torch.Tensor:
-    """ã Q_A for inputs a (B, T, k) without the bias's 1: a Q_A[:k] + Q_A[k] when the bias is selected."""
+    """ã Q_A for inputs a (B, T, k) without the bias's 1: a Q_A[:k] + Q_A[k] when the bias is selected, in a's dtype."""
     kw = a.shape[-1]
-    rotated = a @ layer.QA[:kw]
-    return rotated.add_(layer.QA[kw]) if layer.has_bias else rotated
+    QA = layer.QA.to(a.dtype)
+    rotated = a @ QA[:kw]
+    return rotated.add_(QA[kw]) if layer.has_bias else rotated
 
 
 def _add_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -118,9 +134,9 @@ def _add_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor | None = None
         return
     kw, T = a.shape[-1], a.shape[1]
     flat = a.reshape(-1, kw)
-    layer.A[:kw, :kw] += flat.T @ flat / T
+    layer.A[:kw, :kw] += (flat.T @ flat).to(torch.float64) / T
     if layer.has_bias:
-        col = flat.sum(0) / T
+        col = flat.sum(0, dtype=torch.float64) / T
         layer.A[:kw, kw] += col
         layer.A[kw, :kw] += col
         layer.A[kw, kw] += flat.shape[0] / T
@@ -138,9 +154,10 @@ def _add_masked_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor) -> No
         return
     kw = a.shape[-1]
     flat, weights = a.reshape(-1, kw), w.reshape(-1, 1)
-    layer.A[:kw, :kw] += flat.T @ (flat * weights)
+    weighted = flat * weights.to(flat.dtype)
+    layer.A[:kw, :kw] += (flat.T @ weighted).to(torch.float64)
     if layer.has_bias:
-        col = (flat * weights).sum(0)
+        col = (flat.to(torch.float64) * weights).sum(0)
         layer.A[:kw, kw] += col
         layer.A[kw, :kw] += col
         layer.A[kw, kw] += float(weights.sum())
@@ -155,15 +172,15 @@ def _add_corrected(layer: _Layer, aq: torch.Tensor, gq: torch.Tensor, block_elem
         unique, inverse = torch.unique(keys, return_inverse=True)
         rows = torch.zeros(len(unique), gq.shape[-1], dtype=gq.dtype, device=gq.device)
         rows.index_add_(0, inverse, gq.reshape(-1, gq.shape[-1]))
-        layer.eig.index_add_(0, unique % V, rows * rows)
+        layer.eig.index_add_(0, unique % V, (rows * rows).to(torch.float64))
         return
     if aq.shape[1] == 1:  # one position: Σ_b (g̃_b ã_bᵀ)² = (g̃²)ᵀ(ã²), a matmul, no (B, out, k) temporary
-        layer.eig += gq[:, 0].square().T @ aq[:, 0].square()
+        layer.eig += (gq[:, 0].square().T @ aq[:, 0].square()).to(torch.float64)
         return
     step = max(1, block_elements // max(1, layer.eig.numel()))
     for lo in range(0, aq.shape[0], step):
         M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
-        layer.eig += (M * M).sum(0)
+        layer.eig += M.square_().sum(0, dtype=torch.float64)
 
 
 def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list[bool], rank: int, *, shift: float,
@@ -259,8 +276,12 @@ class KFACSolver(Solver):
         samples: labels drawn per example when ``fisher="sampled"`` (each variant weighted 1/samples); one is
             unbiased but noisy when the model is confident and the data small (see docs/guide.md).
         seed: seed of the sampled labels.
-        unsupported: ``"error"`` (default) raises for selected parameters outside supported layers;
-            ``"diagonal"`` gives them the damped diagonal Fisher 1 / (E[g²] + λ + δ) with a warning.
+        unsupported: what happens to selected parameters outside the factored layers (LayerNorm, RMSNorm, a tied
+            embedding, ...): ``"exclude"`` (default) leaves them out of the influence, as Kronfluence and Bergson do:
+            the :class:`~influencekit.Influence` is built on the task restricted to the factored layers
+            (:meth:`covered_task`), with a one-line warning and the left-out names in the results' metadata
+            (``task["params_excluded"]``); ``"diagonal"`` keeps them with the damped diagonal Fisher
+            1 / (E[g²] + λ + δ) and a warning; ``"error"`` raises, naming them.
         probes: random directions on which ``fit`` measures the relative residual of the approximation
             against the true operator, ‖(H + δI)x − v‖/‖v‖ (one batched HVP pass; 0 skips it and the reports
             carry NaN). It is the approximation error, not round-off: it is what every solve reports.
@@ -268,7 +289,7 @@ class KFACSolver(Solver):
             data hold more (default 256; ``None``: all). On 9,000 MNIST images the full-data probe cost twice
             the whole EK-FAC fit, and on a transformer block each probe example costs four double-backward
             passes; a diagnostic should not dominate the fit.
-        block_elements: largest number of float64 values of a temporary per-example tensor (memory knob).
+        block_elements: largest number of values of a temporary per-example tensor (memory knob).
         solve_dtype: precision of the solve's rotations into and out of the Kronecker eigenbasis:
             ``torch.float64`` (default) or ``None`` for the model's dtype — about twice as fast for a float32
             model, at float32 round-off (the factors are always eigendecomposed in float64).
@@ -284,7 +305,7 @@ class KFACSolver(Solver):
         fisher: str = "sampled",
         samples: int = 1,
         seed: int = 0,
-        unsupported: str = "error",
+        unsupported: str = "exclude",
         probes: int = 4,
         block_elements: int = 2**24,
         solve_dtype: torch.dtype | None = torch.float64,
@@ -292,12 +313,10 @@ class KFACSolver(Solver):
     ) -> None:
         super().__init__()
         check_choice("fisher", fisher, FISHERS)
-        if unsupported not in ("error", "diagonal"):
-            raise InputError(f"`unsupported` must be 'error' or 'diagonal'. Got {unsupported!r}.")
+        self.unsupported = check_choice("unsupported", unsupported, UNSUPPORTED)
         self.fisher = fisher
         self.samples = check_int("samples", samples, low=1)
         self.seed = check_int("seed", seed)
-        self.unsupported = unsupported
         self.probes = check_int("probes", probes, low=0)
         self.probe_examples = None if probe_examples is None else check_int("probe_examples", probe_examples, low=1)
         self.block_elements = check_int("block_elements", block_elements, low=1)
@@ -310,6 +329,29 @@ class KFACSolver(Solver):
     def check_task(self, task: Any) -> None:
         """The task must declare its likelihood (``task.fisher``): the factors are those of its Fisher."""
         loss_kind(task)
+
+    def covered_task(self, task: Task) -> Task:
+        """With ``unsupported="exclude"``, ``task`` restricted to the parameters of the layers K-FAC factors (a
+        one-line warning names what is left out); ``task`` itself otherwise or when every parameter is covered."""
+        if self.unsupported != "exclude":
+            return task
+        _, leftover = layer_blocks(task.model, ParamLayout.of(task.params()), embeddings=True)
+        if not leftover:
+            return task
+        if len(leftover) == len(task.param_names):
+            raise UnsupportedError(
+                f"none of the selected parameters ({_names(leftover)}) lies in a layer the kfac/ekfac solvers factor "
+                f"({FACTORED_LAYERS}); select such layers with the task's `params=`, or use solver='cg' or 'exact'."
+            )
+        sizes = dict(zip(task.param_names, (p.numel() for p in task.params().values())))
+        kept = [n for n in task.param_names if n not in leftover]
+        warnings.warn(
+            f"{self.name}: influence over the {len(kept)} parameter tensors of factored layers "
+            f"({sum(sizes[n] for n in kept):,} values); {len(leftover)} others left out ({_names(leftover)}; "
+            f"{sum(sizes[n] for n in leftover):,} values; solver_options={{'unsupported': 'diagonal'}} keeps them).",
+            InfluenceKitWarning, stacklevel=3,
+        )
+        return task.restricted(kept)
 
     @staticmethod
     def _layer_data(operator: CurvatureOperator) -> LayerData:
@@ -347,17 +389,22 @@ class KFACSolver(Solver):
         if self.probes:
             g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
             V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(operator.device, operator.dtype)
-            self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V, examples=self.probe_examples).max())
+            # a diagnostic must not set the fit's peak: an HVP (forward-over-reverse) holds several times the
+            # activations of the factor passes' backward, so the probe's products run on a third of the HVP chunk
+            hvp_chunk = getattr(operator, "batch_size", None)
+            chunk = None if hvp_chunk is None else max(1, hvp_chunk // 3)
+            self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V, examples=self.probe_examples, chunk=chunk).max())
         logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
 
     def _check_leftover(self, leftover: list[str]) -> None:
-        if leftover and self.unsupported == "error":
+        if leftover and self.unsupported != "diagonal":
+            # "exclude" leaves them out of the task when the Influence is built; an operator that still holds them
+            # (a solver fitted directly, a CG preconditioner) cannot drop its own parameters
             raise UnsupportedError(
-                "the kfac/ekfac solvers factor nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no "
-                f"scale_grad_by_freq) and transformers Conv1D layers only; the selected parameters "
+                f"the kfac/ekfac solvers factor {FACTORED_LAYERS} layers only; the selected parameters "
                 f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's `params=` "
-                "(e.g. params=['fc1', 'fc2']), or pass solver_options={'unsupported': 'diagonal'} for a damped "
-                "diagonal Fisher on them."
+                "(e.g. params=['fc1', 'fc2']; ik.Influence does so itself with the default unsupported='exclude'), or "
+                "pass solver_options={'unsupported': 'diagonal'} for a damped diagonal Fisher on them."
             )
         if leftover:
             warnings.warn(
@@ -387,7 +434,7 @@ class KFACSolver(Solver):
                     if A_in is not None:
                         _add_inputs(layer, A_in[i], mask)
                     g = G_out[i].reshape(-1, G_out[i].shape[-1])
-                    layer.S += g.T @ g
+                    layer.S += (g.T @ g).to(torch.float64)
                 if extra is not None:
                     diag.add_((extra.to(torch.float64) ** 2).sum(0))
 
@@ -447,7 +494,7 @@ class KFACSolver(Solver):
                 if A_in is not None:
                     A_keep = [a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)]
                 for i, layer in enumerate(self.layers_):
-                    _add_corrected(layer, A_keep[i], G_out[i] @ layer.QS, self.block_elements)
+                    _add_corrected(layer, A_keep[i], G_out[i] @ layer.QS.to(G_out[i].dtype), self.block_elements)
 
         data.summed(local_sums, [layer.eig for layer in self.layers_])
         for layer in self.layers_:
