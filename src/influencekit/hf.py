@@ -279,7 +279,10 @@ class SequenceClassificationTask(HFTask):
         self._check_classes(labels, name, offset)
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
-        logits, labels = self.outputs(params, batch), self.labels(batch)
+        return self.loss_from_outputs(self.outputs(params, batch), batch)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        logits, labels = outputs, self.labels(batch)
         if logits.dim() != 2:
             raise InputError(f"SequenceClassificationTask needs logits of shape (B, C). Got {tuple(logits.shape)}.")
         return F.cross_entropy(logits, labels.long(), reduction="none")
@@ -295,14 +298,20 @@ class _TokenLoss(HFTask):
 
     def token_losses(self, params: Params, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T')`` cross-entropy per aligned position (0 where no loss) and the mask of positions with a loss."""
-        logits, labels = self.outputs(params, batch), self.labels(batch)
+        return self._token_losses(self.outputs(params, batch), batch)
+
+    def _token_losses(self, logits: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = self.labels(batch)
         mask = self.label_mask(labels)
         safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
         losses = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")
         return losses * mask.to(losses.dtype), mask
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
-        losses, mask = self.token_losses(params, batch)
+        return self.loss_from_outputs(self.outputs(params, batch), batch)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        losses, mask = self._token_losses(outputs, batch)
         total = losses.sum(dim=1)
         return total if self.reduction == "sum" else total / mask.sum(dim=1).clamp_min(1).to(total.dtype)
 

@@ -227,6 +227,17 @@ class Task:
         """Which label positions carry a loss (None: all)."""
         return None
 
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """:meth:`loss` given this batch's :meth:`outputs` (computed once, e.g. by K-FAC's passes, which draw labels from
+        the outputs of the same forward pass they back-propagate). Only where :meth:`has_loss_from_outputs`."""
+        raise NotImplementedError(f"{type(self).__name__} computes its loss only from the parameters (loss()).")
+
+    def has_loss_from_outputs(self) -> bool:
+        """Whether :meth:`loss_from_outputs` is the loss: the class that defines it also defines the :meth:`loss` in use
+        (a subclass that redefines ``loss`` alone keeps its own, and the passes run their forward twice)."""
+        owner = next(c for c in type(self).__mro__ if "loss_from_outputs" in c.__dict__)
+        return owner is not Task and type(self).loss is owner.loss
+
     def position_mask(self, batch: Any) -> torch.Tensor | None:
         """``(B, T)`` booleans marking the real positions of a padded sequence batch (None: no padding)."""
         return None
@@ -356,8 +367,10 @@ class ClassificationTask(_SupervisedTask):
         _refuse_labels("ClassificationTask", name, allowed, target, bad, offset)
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
-        inputs, target = self.split(batch)
-        logits = self.forward(params, *inputs)
+        return self.loss_from_outputs(self.outputs(params, batch), batch)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        logits, target = outputs, self.labels(batch)
         if not isinstance(logits, torch.Tensor):
             raise InputTypeError(f"the model must return a logits tensor for ClassificationTask. Got {type(logits).__name__}.")
         if logits.dim() == 2 and logits.shape[1] > 1:
@@ -378,8 +391,10 @@ class RegressionTask(_SupervisedTask):
     """Squared error per example, averaged over output dimensions: mean_j (f(x)_j − y_j)²."""
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:
-        inputs, target = self.split(batch)
-        pred = self.forward(params, *inputs)
+        return self.loss_from_outputs(self.outputs(params, batch), batch)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        pred, target = outputs, self.labels(batch)
         if not target.is_floating_point():
             target = target.to(pred.dtype)
         if pred.shape != target.shape:

@@ -293,7 +293,7 @@ def test_battery_fit_returns_self_batched_equals_columns_dtype_kept(digits_small
 
 
 def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
-    """A float32 model: solve_dtype=None rotates in float32 and agrees with the float64 default to 1e-5 relative."""
+    """A float32 model: solve_dtype=None (default) rotates in float32 and agrees with float64 rotations to 1e-5 relative."""
     X, y = digits_small.train
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
@@ -301,7 +301,7 @@ def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
     op = operator_of(task, (X.float(), y), damping=0.1)
     V = torch.randn(5, op.n_params, generator=torch.Generator().manual_seed(3))
     fast = make_solver("ekfac", solve_dtype=None, probes=0).fit(op)
-    accurate = make_solver("ekfac", probes=0).fit(op)
+    accurate = make_solver("ekfac", solve_dtype=torch.float64, probes=0).fit(op)
     a, b = fast.solve(V).x, accurate.solve(V).x
     assert a.dtype == b.dtype == torch.float32
     assert float((a - b).norm() / b.norm()) < 1e-5
@@ -459,3 +459,32 @@ def test_quadratic_forms_equal_the_solve_and_dot_product(name):
     G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train")])
     assert relative_error(inf.solver_.quadratic_form(G), (G * inf.solver_.solve(G).x).sum(dim=1)) < 1e-12
     assert relative_error(inf.self_influence(), (G * inf.solver_.solve(G).x).sum(dim=1)) < 1e-12  # the rows route
+
+
+def test_labels_drawn_inside_the_tapped_pass_give_the_factors_of_the_two_forward_path():
+    """One sampled label per example: the passes draw it from the outputs of the forward they back-propagate (one forward
+    per chunk). A task that redefines loss() alone takes the general path (a no-grad forward for the labels, then the
+    tapped one): the same labels, factors and eigenvalue corrections to round-off, at half the forwards."""
+    (X, y), _ = load_digits_split(120, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).double()
+
+    class OwnLoss(ik.ClassificationTask):
+        fisher = "classification"
+
+        def loss(self, params, batch):
+            return super().loss(params, batch)
+
+    calls = [0]
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    fitted, forwards = {}, {}
+    for name, task in (("fused", ik.ClassificationTask(model, l2=1e-2)), ("general", OwnLoss(model, l2=1e-2))):
+        assert task.has_loss_from_outputs() == (name == "fused")
+        operator = operator_of(task, (X, y), damping=0.01, batch_size=32)
+        calls[0] = 0
+        fitted[name] = EKFACSolver(probes=0).fit(operator)
+        forwards[name] = calls[0]
+    assert forwards["general"] - forwards["fused"] == 2 * 4  # a no-grad forward saved per chunk (4) of each pass (2)
+    for a, b in zip(fitted["fused"].layers_, fitted["general"].layers_):
+        for factor in ("A", "S", "eig"):
+            assert relative_error(getattr(a, factor), getattr(b, factor)) < 1e-12, factor

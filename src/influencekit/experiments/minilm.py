@@ -26,15 +26,23 @@ from ..hf import PooledClassifier, pad_collate
 from ..progress import progress_bar
 from .data.enron import read_enron
 
-__all__ = ["MODULES", "Recipe", "FineTuned", "minilm_folder", "enron_emails", "fine_tune", "fine_tuned_minilm", "detect_flipped"]
+__all__ = ["MODULES", "MODELS", "Recipe", "FineTuned", "minilm_folder", "enron_emails", "fine_tune", "fine_tuned_minilm", "detect_flipped"]
 
 
 _BLOCK = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
-# the Linear layers influence covers, by case: block 5 (the last) and the head; all six blocks and the head
+# the Linear layers influence covers, by model and case: block 5 (the last) and the head; all six blocks and the head.
+# "pooled": PooledClassifier (mean pooling, `head`); "stock": AutoModelForSequenceClassification ([CLS] pooler, `classifier`)
 MODULES = {
-    "block5": [f"encoder.encoder.layer.5.{m}" for m in _BLOCK] + ["head"],
-    "all": [f"encoder.encoder.layer.{i}.{m}" for i in range(6) for m in _BLOCK] + ["head"],
+    "pooled": {
+        "block5": [f"encoder.encoder.layer.5.{m}" for m in _BLOCK] + ["head"],
+        "all": [f"encoder.encoder.layer.{i}.{m}" for i in range(6) for m in _BLOCK] + ["head"],
+    },
+    "stock": {
+        "block5": [f"bert.encoder.layer.5.{m}" for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
+        "all": [f"bert.encoder.layer.{i}.{m}" for i in range(6) for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
+    },
 }
+MODELS = tuple(MODULES)
 
 
 def minilm_folder() -> Path:
@@ -58,16 +66,32 @@ class Recipe:
     batch_size: int = 16
     flip: float = 0.0  # fraction of training labels flipped before fine-tuning (mislabel detection)
     seed: int = 0
+    model: str = "pooled"  # "pooled": PooledClassifier; "stock": transformers.AutoModelForSequenceClassification
+    trained_blocks: int = 6  # the last blocks fine-tuned (with the head; the pooler too for "stock"); the rest stay frozen
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise InputError(f"`model` must be one of {', '.join(map(repr, MODELS))}. Got {self.model!r}.")
+        check_int("trained_blocks", self.trained_blocks, low=0, high=6)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = asdict(self)
+        if self.model == "pooled" and self.trained_blocks == 6:  # the recipes before these fields keep their cache
+            fields.pop("model"), fields.pop("trained_blocks")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def trainable(self, name: str) -> bool:
+        """Whether fine-tuning updates the parameter ``name``: the last ``trained_blocks`` blocks and the head."""
+        if ".layer." in name:
+            return int(name.split(".layer.")[1].split(".")[0]) >= 6 - self.trained_blocks
+        return "embeddings." not in name or self.trained_blocks == 6
 
 
 @dataclass
 class FineTuned:
     """The fine-tuned model, its tokenizer, the tokenised splits and what they came from."""
 
-    model: PooledClassifier
+    model: torch.nn.Module
     tokenizer: Any
     train: list[dict[str, torch.Tensor]]
     test: list[dict[str, torch.Tensor]]
@@ -98,11 +122,13 @@ def enron_emails(path: str | Path, tokenizer: Any, recipe: Recipe) -> tuple[list
 
 
 def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: bool = False) -> None:
-    """AdamW on every parameter, seeded mini-batches, ``epochs`` passes; leaves the model in eval mode."""
+    """AdamW on the recipe's trainable parameters (:meth:`Recipe.trainable`), seeded mini-batches, ``epochs`` passes;
+    leaves the model in eval mode."""
     check_int("epochs", recipe.epochs, low=1)
     check_number("lr", recipe.lr, low=0.0, low_inclusive=False)
     g = torch.Generator().manual_seed(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
+    trained = [p for name, p in model.named_parameters() if recipe.trainable(name)]
+    opt = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=0.0)
     model.train()
     steps = recipe.epochs * ((len(train) + recipe.batch_size - 1) // recipe.batch_size)
     bar = progress_bar(total=steps, desc="fine-tune", enabled=progress)
@@ -112,7 +138,7 @@ def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: 
             for lo in range(0, len(train), recipe.batch_size):
                 batch = pad_collate([train[i] for i in perm[lo:lo + recipe.batch_size]])
                 labels = batch.pop("labels")
-                loss = F.cross_entropy(model(**batch), labels)
+                loss = F.cross_entropy(_logits(model(**batch)), labels)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -122,13 +148,17 @@ def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: 
         model.eval()
 
 
+def _logits(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
 def accuracy(model: torch.nn.Module, data: list, batch_size: int = 64) -> float:
     correct = 0
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
             batch = pad_collate(data[lo:lo + batch_size])
             labels = batch.pop("labels")
-            correct += int((model(**batch).argmax(1) == labels).sum())
+            correct += int((_logits(model(**batch)).argmax(1) == labels).sum())
     return correct / len(data)
 
 
@@ -140,7 +170,10 @@ def fine_tuned_minilm(data: str | Path, cache_dir: str | Path, recipe: Recipe | 
     folder = minilm_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(recipe.seed)
-    model = PooledClassifier(transformers.AutoModel.from_pretrained(folder), num_labels=2)
+    if recipe.model == "stock":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    else:
+        model = PooledClassifier(transformers.AutoModel.from_pretrained(folder), num_labels=2)
     train, test, train_texts, test_texts, flipped = enron_emails(data, tokenizer, recipe)
     path = Path(cache_dir) / f"minilm-enron-{recipe.key()}.pt"
     if path.exists():

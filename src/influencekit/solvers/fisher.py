@@ -144,20 +144,43 @@ class FisherPasses:
             self._leftover = choose_per_example("auto", model, fn, params, layout, batch, side="kfac leftover")[0]
         return self._leftover(fn, params, batch)[0]
 
+    def _tapped(self, taps: LayerTaps, task: Task, kind: str, params: dict[str, torch.Tensor], batch: Any, lo: int
+                ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+        """Per label variant of a chunk: (relabelled batch, weights w, layer inputs, output gradients of Σ √w ℓ).
+
+        With a single variant (``"sampled"`` with one sample, ``"empirical"``) and a loss computable from the outputs
+        (:meth:`~influencekit.task.Task.has_loss_from_outputs`), the labels are drawn from the outputs of the very forward
+        pass that is back-propagated: one forward per chunk, where the general path runs a no-grad forward for the
+        labels and a second one per variant."""
+        if (self.fisher == "empirical" or (self.fisher == "sampled" and self.samples == 1)) and task.has_loss_from_outputs():
+            relabelled: list[Any] = []
+
+            def loss(live: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
+                out = task.outputs(live, b)
+                ((vbatch, _),) = self.variants(kind, b, out.detach(), task, lo)
+                relabelled.append(vbatch)
+                return task.loss_from_outputs(out, vbatch)
+
+            raw_in, raw_grads, losses = taps.run(loss, params, batch)
+            yield relabelled[0], torch.ones_like(losses), raw_in, raw_grads
+            return
+        with torch.no_grad():
+            out = task.outputs(params, batch)
+        for vbatch, w in self.variants(kind, batch, out, task, lo):
+            raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
+            yield vbatch, w, raw_in, raw_grads
+
     def run(self, data: LayerData, layers: list[LayerBlock], leftover: list[str], layer_inputs: Any) -> Iterator[Pass]:
         """Yield, per chunk and label variant: (layer inputs per layer via ``layer_inputs(layer, x)`` on the first
-        variant else None, output gradients (B,T,out) per layer in the model's dtype, per-example gradients of the leftover parameters
-        (B, p) or None, the task's position mask (B, T) of the chunk or None)."""
+        variant else None, output gradients (B,T,out) per layer in the model's dtype, per-example gradients of the
+        leftover parameters (B, p) or None, the task's position mask (B, T) of the chunk or None)."""
         task, params = data.task, data.params
         kind = loss_kind(task)
         leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
         with LayerTaps(layers) as taps:
             for lo, batch in data.batches():
-                with torch.no_grad():
-                    out = task.outputs(params, batch)
                 mask = task.position_mask(batch)
-                for v, (vbatch, w) in enumerate(self.variants(kind, batch, out, task, lo)):
-                    raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
+                for v, (vbatch, w, raw_in, raw_grads) in enumerate(self._tapped(taps, task, kind, params, batch, lo)):
                     A_in = [layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
                     G_out = [layer.output_grads(g, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
                     extra = None
