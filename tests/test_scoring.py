@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import influencekit as ik
+from influencekit.data import load_digits_split
 from influencekit.gradients import matmul_precision
 from problems import LogisticReference, pearson, relative_error, small_mlp, theta_of_linear, to_ours
 
@@ -277,3 +278,26 @@ def test_tf32_precision_is_scoped_and_leaves_float64_and_cpu_results_alone():
     assert torch.get_float32_matmul_precision() == before
     with pytest.raises(ik.InputError, match=r"`precision` must be one of 'full', 'tf32', 'bf16'\. Got 'fp8'"):
         ik.Influence(task, train, precision="fp8")
+
+
+def test_stationarity_tol_none_skips_the_gradient_check_pass_and_changes_no_score():
+    (X, y), (Xt, yt) = load_digits_split(150, seed=0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)).double()
+    task = ik.ClassificationTask(model, l2=1e-2)
+    calls = [0]
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    counted = {}
+    fitted = {}
+    for tol in (1e9, None):
+        calls[0] = 0
+        fitted[tol] = ik.Influence(task, (X, y), solver="ekfac", damping=0.01, batch_size=50, stationarity_tol=tol,
+                                   solver_options={"probes": 0}).fit()
+        counted[tol] = calls[0]
+    chunks = -(-len(X) // fitted[None].chunks_.grad)
+    assert counted[1e9] - counted[None] >= chunks  # at least the check's one forward per gradient chunk
+    assert fitted[1e9].grad_norm_ > 0 and fitted[None].grad_norm_ != fitted[None].grad_norm_  # NaN: not measured
+    assert torch.equal(fitted[1e9].scores((Xt[:4], yt[:4])).values, fitted[None].scores((Xt[:4], yt[:4])).values)
+    assert "fit: gradient check" not in [s.name for s in fitted[None].plan(4).stages]
+    with pytest.raises(ik.InputError, match="stationarity_tol"):
+        ik.Influence(task, (X, y), stationarity_tol=-1.0)

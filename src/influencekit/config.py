@@ -38,7 +38,7 @@ class InfluenceConfig:
     damping: float = 0.0
     batch_size: int | None = None
     memory_budget: int = 2 * 2**30
-    stationarity_tol: float = 1e-3
+    stationarity_tol: float | None = 1e-3
     progress: bool = False
     distributed: bool | None = None
     gradients: str = "auto"
@@ -48,14 +48,14 @@ class InfluenceConfig:
 
     @classmethod
     def from_arguments(cls, *, solver: str | Solver, damping: float, solver_options: dict[str, Any] | None, batch_size: int | None,
-                       memory_budget: int | str, stationarity_tol: float, progress: bool, distributed: bool | None,
+                       memory_budget: int | str, stationarity_tol: float | None, progress: bool, distributed: bool | None,
                        gradients: str, cache_dir: str | os.PathLike | None, precision: str) -> InfluenceConfig:
         """Check every argument (raising the error that names it) and make the solver."""
         damping = check_number("damping", damping, low=0.0)
         options = dict(solver_options or {})
         batch_size = None if batch_size is None else check_int("batch_size", batch_size, low=1)
         budget = parse_bytes("memory_budget", memory_budget)
-        tol = check_number("stationarity_tol", stationarity_tol, low=0.0)
+        tol = None if stationarity_tol is None else check_number("stationarity_tol", stationarity_tol, low=0.0)
         if distributed is not None and not isinstance(distributed, bool):
             raise InputTypeError(f"`distributed` must be None, True or False. Got {distributed!r}.")
         check_choice("gradients", gradients, GRADIENT_METHODS)

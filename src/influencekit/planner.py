@@ -16,7 +16,7 @@ Measured by the probe (each after one untimed warm-up call, on m = min(n, probe_
 
 Stages and their time formulas:
 
-    fit: gradient check     n·τ_s                                   (‖∇R(θ̂)‖ and the training loss)
+    fit: gradient check     n·τ_s                                   (‖∇R(θ̂)‖ and the training loss; none with stationarity_tol=None)
     fit: <solver>           exact:    p·n·τ_h + decomposition (p³/3 flops Cholesky, 9p³ eigh) / ρ
                             cg:       nothing (its work is in the query solve)
                             lissa:    eigen_steps·n·τ_h + 90·min(batch_size, n)·τ_h (Lanczos + power iteration)
@@ -205,8 +205,8 @@ def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 2
     notes += cost.notes
     p, item, act = probe.p, probe.item, probe.activations
     stages = [Stage("fit: gradient check", n * probe.tau_sum, probe.base + min(chunks.grad, n) * 4 * act * item + 2 * p * item,
-                    "n·τ_s (batch gradients)"),
-              Stage(f"fit: {solver.name}", cost.fit_seconds, cost.fit_memory, cost.fit_formula)]
+                    "n·τ_s (batch gradients)")] if influence.stationarity_tol is not None else []
+    stages.append(Stage(f"fit: {solver.name}", cost.fit_seconds, cost.fit_memory, cost.fit_formula))
     if rank is None:
         stages += _query_stages(probe, cost, notes)
     else:

@@ -62,7 +62,9 @@ class Influence:
         solver_options: keyword arguments for the solver's constructor when ``solver`` is a name.
         batch_size: examples per chunk for gradients and HVPs; ``None`` derives it from ``memory_budget``.
         memory_budget: working memory for chunks, bytes or ``"2GiB"`` (the exact solver's Hessian comes on top).
-        stationarity_tol: ``fit`` warns when ‖∇R(θ̂)‖ exceeds this (influence assumes θ̂ minimises R).
+        stationarity_tol: ``fit`` warns when ‖∇R(θ̂)‖ exceeds this (influence assumes θ̂ minimises R); ``None`` skips
+            that check and its pass over the training data (``grad_norm_`` is then NaN): for a fine-tuned network,
+            which is never at a minimum, the pass costs a gradient pass and tells nothing new.
         progress: show progress bars on long work (on rank 0 only under torch.distributed).
         distributed: shard the training set across the ranks of torch.distributed (:mod:`influencekit.distributed`):
             ``None`` (default) when a group of more than one rank is initialised, ``True`` require one, ``False`` never.
@@ -99,7 +101,7 @@ class Influence:
         solver_options: dict[str, Any] | None = None,
         batch_size: int | None = None,
         memory_budget: int | str = "2GiB",
-        stationarity_tol: float = 1e-3,
+        stationarity_tol: float | None = 1e-3,
         progress: bool = False,
         distributed: bool | None = None,
         gradients: str = "auto",
@@ -145,9 +147,11 @@ class Influence:
         self.gradients_ = GradientSource(self.task, params, chunk=self.chunks_.grad, method=config.gradients,
                                          precision=config.precision, progress=self.progress_)
         self.training_side_ = TrainingSide(self.gradients_, train, shard, config.precision)
-        self.grad_norm_, self.train_loss_ = objective_gradient_norm(self.gradients_, train, shard)
+        self.grad_norm_ = self.train_loss_ = float("nan")
+        if config.stationarity_tol is not None:
+            self.grad_norm_, self.train_loss_ = objective_gradient_norm(self.gradients_, train, shard)
+            warn_if_not_stationary(self.grad_norm_, config.stationarity_tol)
         logger.info("fit: n_train=%d, n_params=%d, ||grad R(theta)||=%.3g", len(train), layout.n, self.grad_norm_)
-        warn_if_not_stationary(self.grad_norm_, config.stationarity_tol)
         self.operator_ = HessianOperator(self.task, params, train, damping=config.damping, batch_size=self.chunks_.hvp,
                                          tangent_block=self.chunks_.tangents, progress=self.progress_, shard=shard)
         cache = None if config.cache_dir is None else SolverCache(config.cache_dir, self.provenance_, self.data_fingerprint(train), shard)
@@ -210,9 +214,9 @@ class Influence:
             if skip is not None and skip(lo):
                 continue
             hi = min(lo + block, len(data))
-            G = self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients")
-            Q, report = self._solve(G)
-            yield lo, Q, report
+            # one expression, no local names: neither the gradients nor the solved block stay bound in this frame while
+            # the caller scores them or while the next block is computed (one block of queries in memory at a time)
+            yield (lo, *self._solve(self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients")))
 
     def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
                query_rank: int | None = None) -> InfluenceScores:
@@ -247,6 +251,7 @@ class Influence:
             extra.update(Q.describe() if query_rank is not None else {})
             if store is not None:
                 store.write(qlo, block)
+            del Q  # freed before the next block of queries is built: one block in memory at a time
         return InfluenceScores(out, len(self.train_), self._metadata(reports, score_space=side.space_name(basis, query_rank), **extra))
 
     def module_scores(self, test: Any) -> dict[str, InfluenceScores]:
@@ -262,6 +267,7 @@ class Influence:
         for qlo, Q, report in self.queries(test_data):
             reports.append(report)
             out[:, qlo:qlo + len(Q)] = self.training_side_.group_score_rows(Q, list(groups.values()))
+            del Q  # one block of queries in memory at a time
         meta = self._metadata(reports, score_space="parameters")
         return {name: InfluenceScores(out[j], len(self.train_), {**meta, "module": name}) for j, name in enumerate(groups)}
 
@@ -279,6 +285,7 @@ class Influence:
         for _, Q, report in self.queries(test_data, query_rank=query_rank):
             reports.append(report)
             helpful, harmful = side.top_k(Q, basis, k)
+            del Q  # one block of queries in memory at a time
             for key, part in zip(("hv", "hi", "xv", "xi"), (-helpful.values, helpful.indices, harmful.values, harmful.indices)):
                 parts[key].append(part)
         helpful_k = TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"]))
