@@ -89,7 +89,7 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
     """Each system's settings, as printed beside the figures."""
     cache = "ik.hf.cache_prefix (frozen blocks 0-4 run once)" if args.case == "block5" else "no prefix cache (every block selected)"
     return {
-        "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget default (2 GiB), "
+        "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget {args.memory_budget}, "
                 f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factors",
         "kronfluence": f"EK-FAC (FactorArguments(strategy='ekfac')), damping_factor {args.damping:g}, factor and train batch "
                        f"{args.batch_size}, query batch {args.n_test} (all test e-mails at once); float32 throughout",
@@ -106,7 +106,8 @@ def ours(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any])
     test = ik.hf.cache_prefix(task, ft.test, batch_size=args.batch_size) if args.case == "block5" else ft.test
     info["t_cache"] = time.perf_counter() - t0
     # a fine-tuned network is never at a minimum: no stationarity check (its gradient pass would tell nothing new)
-    inf = ik.Influence(task, train, solver="ekfac", damping=args.damping, batch_size=args.batch_size, stationarity_tol=None)
+    inf = ik.Influence(task, train, solver="ekfac", damping=args.damping, batch_size=args.batch_size, stationarity_tol=None,
+                       memory_budget=args.memory_budget)
     if args.worker == "plan":  # the planner's estimate, in a process of its own: its probe does not set the run's peak
         plan = inf.plan(len(test))
         info.update(planned_s=plan.seconds + info["t_cache"], planned_peak_mib=plan.peak_memory / 2**20, plan=str(plan))
@@ -195,7 +196,7 @@ def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any
     cmd = [python, os.path.abspath(__file__), "--worker", system, "--case", args.case, "--model", args.model, "--out", out,
            "--threads", str(args.threads),
            "--damping", str(args.damping), "--batch-size", str(args.batch_size), "--n-train", str(args.n_train),
-           "--n-test", str(args.n_test), "--cache", str(args.cache)]
+           "--n-test", str(args.n_test), "--cache", str(args.cache), "--memory-budget", args.memory_budget]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -221,6 +222,7 @@ def main() -> None:
     p.add_argument("--n-test", type=int, help="test e-mails (default: 200 for block5, 50 for all)")
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--memory-budget", default="2GiB", help="ours: Influence(memory_budget=); the query blocks follow it")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmarks")
     p.add_argument("--systems", default="ours,kronfluence")
@@ -247,22 +249,22 @@ def main() -> None:
     del ft
     results = {}
     reuse = set(filter(None, args.reuse.split(",")))
-    key = f"{args.model}-{args.case}-{args.n_train}-{args.n_test}-{args.damping:g}-{args.batch_size}-{args.threads}"
+    key = f"{args.model}-{args.case}-{args.n_train}-{args.n_test}-{args.damping:g}-{args.batch_size}-{args.threads}-{args.memory_budget}"
     with tempfile.TemporaryDirectory() as tmp:
         plan = run_worker("plan", args, os.path.join(tmp, "plan")) if "ours" in systems and "ours" not in reuse else None
         for system in systems:
             stored = args.cache / f"result-{key}-{system}"
             if system in reuse:
-                if not stored.with_suffix(".json").exists():
+                if not stored.with_name(stored.name + ".json").exists():
                     raise SystemExit(f"--reuse {system}: no stored run {stored}.json; run it first")
-                r = json.loads(stored.with_suffix(".json").read_text())
-                r["S"] = np.load(stored.with_suffix(".npy"))
+                r = json.loads(stored.with_name(stored.name + ".json").read_text())
+                r["S"] = np.load(stored.with_name(stored.name + ".npy"))
                 print(f"{system}: the stored run of {r['when']} (same case, data, damping, batch size, threads)")
             else:
                 r = run_worker(system, args, os.path.join(tmp, system))
                 r["when"] = time.strftime("%Y-%m-%d %H:%M")
-                np.save(stored.with_suffix(".npy"), r["S"])
-                stored.with_suffix(".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
+                np.save(stored.with_name(stored.name + ".npy"), r["S"])
+                stored.with_name(stored.name + ".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
             results[system] = r
             extra = (f", planned {plan['planned_s']:.0f} s and {plan['planned_peak_mib']:.0f} MiB (params {r['n_params']:,})"
                      if system == "ours" and plan else "")

@@ -143,7 +143,7 @@ class Influence:
         shard.check_solver(solver)
         first = take(train, [0], dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
         self.chunks_: Chunks = plan_chunks(self.task, params, first, len(train), batch_size=config.batch_size,
-                                           memory_budget=config.memory_budget)
+                                           memory_budget=config.memory_budget, solver=solver)
         self.gradients_ = GradientSource(self.task, params, chunk=self.chunks_.grad, method=config.gradients,
                                          precision=config.precision, progress=self.progress_)
         self.training_side_ = TrainingSide(self.gradients_, train, shard, config.precision)
@@ -187,8 +187,8 @@ class Influence:
         return self.gradients_.methods
 
     # -------------------------------------------------------------------------------------- queries
-    def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, SolveReport]:
-        x, report = self.solver_.solve(V)
+    def _solve(self, V: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, SolveReport]:
+        x, report = self.solver_.solve(V, overwrite=overwrite)
         logger.info("solve: %s", report)
         return x, report
 
@@ -216,7 +216,8 @@ class Influence:
             hi = min(lo + block, len(data))
             # one expression, no local names: neither the gradients nor the solved block stay bound in this frame while
             # the caller scores them or while the next block is computed (one block of queries in memory at a time)
-            yield (lo, *self._solve(self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients")))
+            yield (lo, *self._solve(self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients"),
+                                    overwrite=True))
 
     def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
                query_rank: int | None = None) -> InfluenceScores:

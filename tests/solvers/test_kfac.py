@@ -488,3 +488,26 @@ def test_labels_drawn_inside_the_tapped_pass_give_the_factors_of_the_two_forward
     for a, b in zip(fitted["fused"].layers_, fitted["general"].layers_):
         for factor in ("A", "S", "eig"):
             assert relative_error(getattr(a, factor), getattr(b, factor)) < 1e-12, factor
+
+
+def test_an_overwritten_query_block_holds_the_same_solution(digits_small):
+    """solve(V, overwrite=True): EK-FAC writes (G + (λ + δ)I)⁻¹V into V itself (the engine's query blocks: one copy in
+    memory, not two), equal to the ordinary solve; a solver without the capability leaves V as it was."""
+    X, y = digits_small.train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 10)).double()
+    task = ik.ClassificationTask(model, l2=1e-3)
+    op = operator_of(task, (X, y), damping=0.1)
+    with pytest.warns(ik.InfluenceKitWarning, match="damped diagonal"):  # the LayerNorm's diagonal is overwritten too
+        solver = make_solver("ekfac", probes=0, unsupported="diagonal").fit(op)
+    V = torch.randn(5, op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected = solver.solve(V).x
+    given = V.clone()
+    x = solver.solve(given, overwrite=True).x
+    assert x.data_ptr() == given.data_ptr() and torch.equal(x, expected)
+    convex = operator_of(digits_small.task, digits_small.train, damping=0.1)
+    cg = make_solver("cg").fit(convex)
+    W = torch.randn(2, convex.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kept = W.clone()
+    cg.solve(kept, overwrite=True)
+    assert torch.equal(kept, W)

@@ -121,8 +121,11 @@ class Solver:
         self._fit(operator)
         return self
 
-    def solve(self, V: torch.Tensor) -> Solution:
-        """Return ``(H + δI)⁻¹ V`` for ``V`` of shape ``(k, n_params)`` (or ``(n_params,)``) and a report."""
+    def solve(self, V: torch.Tensor, *, overwrite: bool = False) -> Solution:
+        """Return ``(H + δI)⁻¹ V`` for ``V`` of shape ``(k, n_params)`` (or ``(n_params,)``) and a report.
+
+        ``overwrite=True``: the caller gives ``V`` up, and a solver with the ``"in_place"`` capability writes the result
+        into it (one block of that size in memory instead of two); others leave it as it is."""
         op = self._require_fitted()
         squeeze = V.dim() == 1
         if squeeze:
@@ -134,7 +137,8 @@ class Solver:
         if not bool(torch.isfinite(V).all()):
             raise InputError("`V` must hold only finite values. Got NaN/inf; check the gradients it came from.")
         start = time.perf_counter()
-        X, info = self._solve(V.to(device=op.device, dtype=op.dtype))
+        V_op = V.to(device=op.device, dtype=op.dtype)
+        X, info = self._solve_in_place(V_op) if overwrite and "in_place" in self.capabilities else self._solve(V_op)
         seconds = time.perf_counter() - start
         report = SolveReport(solver=self.name, n_rhs=V.shape[0], seconds=seconds, **info)
         X = X.to(V.dtype)
@@ -197,6 +201,10 @@ class Solver:
         raise NotImplementedError
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _solve_in_place(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`_solve` writing the result into ``V`` (solvers with the ``"in_place"`` capability)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

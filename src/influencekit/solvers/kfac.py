@@ -298,7 +298,7 @@ class KFACSolver(Solver):
     """
 
     name = "kfac"
-    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded"})
+    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded", "in_place"})
     _corrected = False
 
     def __init__(
@@ -513,14 +513,15 @@ class KFACSolver(Solver):
             )
 
     # ------------------------------------------------------------------------------------------- solve
-    def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        """The approximate (G + (λ + δ)I)⁻¹ applied to each row of V (k, n_params).
+    def _apply(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The approximate (G + (λ + δ)I)⁻¹ applied to each row of V (k, n_params), written into ``out`` (may be V:
+        each layer's block is gathered before the same positions are written, and the layers are disjoint).
 
         Layer by layer and in blocks of rows, so that the float64 working copies stay within
         ``block_elements`` values (a whole float64 copy of a query block of a 1M-parameter model is GBs)."""
         shift = self.operator_.shift
         dt = self.solve_dtype or V.dtype
-        X = torch.empty_like(V)
+        X = torch.empty_like(V) if out is None else out
         for layer in self.layers_:
             QS, denom = layer.QS.to(dt), (layer.eig + shift).to(dt)
             QA = None if layer.QA is None else layer.QA.to(dt)
@@ -552,6 +553,9 @@ class KFACSolver(Solver):
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         return self._apply(V), self._info()
+
+    def _solve_in_place(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self._apply(V, out=V), self._info()
 
     def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
         op = self._require_fitted()
@@ -596,7 +600,7 @@ class EKFACSolver(KFACSolver):
     """
 
     name = "ekfac"
-    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded"})
+    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded", "in_place"})
     _corrected = True
 
     def cost(self, probe: CostProbe) -> SolverCost:
