@@ -143,7 +143,7 @@ class Influence:
         shard.check_solver(solver)
         first = take(train, [0], dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
         self.chunks_: Chunks = plan_chunks(self.task, params, first, len(train), batch_size=config.batch_size,
-                                           memory_budget=config.memory_budget, solver=solver)
+                                           memory_budget=config.memory_budget)
         self.gradients_ = GradientSource(self.task, params, chunk=self.chunks_.grad, method=config.gradients,
                                          precision=config.precision, progress=self.progress_)
         self.training_side_ = TrainingSide(self.gradients_, train, shard, config.precision)
