@@ -260,3 +260,16 @@ def test_bad_language_model_input_is_refused_before_the_model_runs():
     assert calls[0] == 0
     with pytest.raises(ik.InputError, match="no token to predict"):  # the test side too, before its gradients
         ik.Influence(task, data, solver="cg", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(one_token[-2:])
+
+
+def test_examples_with_different_fields_are_refused_before_the_model_runs():
+    """Labels on some examples only: the batch's first example decided which fields were kept (the labels dropped, or
+    a KeyError from inside the collation); now an error names both field lists."""
+    torch.manual_seed(0)
+    model = _gpt2().double().eval()
+    data = sequences(N, 3, labels=False)
+    data[-1] = {**data[-1], "labels": data[-1]["input_ids"]}
+    calls = _forward_counter(model)
+    with pytest.raises(ik.InputError, match=r"same fields\. Got \['attention_mask', 'input_ids'\] .* \['attention_mask', 'input_ids', 'labels'\]"):
+        ik.Influence(ik.hf.CausalLMTask(model), data, solver="cg").fit()
+    assert calls[0] == 0

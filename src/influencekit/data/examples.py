@@ -67,6 +67,13 @@ def pad_collate(items: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) ->
     Fields that are not numeric (e.g. the raw ``text``) are left out."""
     if not items or not all(isinstance(it, Mapping) for it in items):
         raise InputTypeError("pad_collate needs a non-empty list of dicts of tensors (tokenised examples).")
+    fields = set(items[0])
+    odd = next((j for j, it in enumerate(items) if set(it) != fields), None)
+    if odd is not None:  # a field only some examples have would be dropped, or fail, depending on the batch's first
+        raise InputError(
+            f"tokenised examples must all have the same fields. Got {sorted(fields)} in the batch's first example and "
+            f"{sorted(items[odd])} in its example {odd}; give every example the same keys (e.g. `labels` on all or none)."
+        )
     out: dict[str, Any] = {}
     for key, first in items[0].items():
         if isinstance(first, Mapping):  # a nested dict of fields: padded the same way, one level down
