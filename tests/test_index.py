@@ -32,7 +32,8 @@ def _build(d, folder, solver="exact", **options):
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_the_index_top_k_equals_influence_top_k(digits_small, tmp_path, solver):
-    """Same indices; the values equal bit for bit in the parameter space (exact, CG), and to 1e-10 relative in
+    """Same indices; the values equal to 1e-12 relative in the parameter space (exact, CG: Influence.top_k adds up
+    per-layer products and the L2 term apart, the index multiplies whole rows), and to 1e-10 relative in
     Arnoldi's basis (the index scores its rank-60 coordinates, top_k of 20 queries the full gradients: the same
     numbers, another rounding) and in EK-FAC's factored rows (the Linear layer's taps: g·(Qã) instead of Q·(gãᵀ))."""
     d = digits_small
@@ -44,10 +45,8 @@ def test_the_index_top_k_equals_influence_top_k(digits_small, tmp_path, solver):
     for part in ("helpful", "harmful"):
         e, g = getattr(expected, part), getattr(got, part)
         assert torch.equal(e.indices, g.indices), part
-        if solver in ("arnoldi", "ekfac"):
-            assert float((e.values - g.values).abs().max() / e.values.abs().max()) < 1e-10
-        else:
-            assert torch.equal(e.values, g.values)
+        tol = 1e-10 if solver in ("arnoldi", "ekfac") else 1e-12
+        assert float((e.values - g.values).abs().max() / e.values.abs().max()) < tol
 
 
 def test_a_new_input_is_answered_as_the_same_example_in_a_test_set(digits_small, tmp_path):

@@ -12,6 +12,7 @@ from torch import nn
 import influencekit as ik
 from influencekit.autodiff import ParamLayout, per_example_grads
 from influencekit.errors import UnsupportedError
+from influencekit.gradients import GradientSource
 from influencekit.layers import LayerGradients, choose_per_example
 
 
@@ -254,3 +255,28 @@ def test_embeddings_match_vmap_and_odd_embeddings_fall_back():
     theta = task.params()
     _, method, reason = choose_per_example("auto", odd, task.loss, theta, ParamLayout.of(theta), (X, y))
     assert method == "vmap" and "emb.weight" in reason
+
+
+def test_scores_from_layer_pieces_equal_whole_rows_and_never_build_rows(monkeypatch):
+    """Scoring from layer taps draws each chunk's gradients a parameter at a time (GradientSource.parts: a Linear's
+    weight and bias, an embedding as its looked-up rows) and never builds a whole row: the scores, top-k and the L2
+    term equal the vmap route's whole rows to 1e-12 relative (float64; summation order only)."""
+    torch.manual_seed(8)
+    X = torch.randint(0, 11, (70, 6))
+    X[0, :3] = 0  # padding: no embedding gradient there
+    X[1] = 5  # one token six times: its row gathers six contributions
+    y = torch.randint(0, 3, (70,))
+    Xt, yt = torch.randint(0, 11, (9, 6)), torch.randint(0, 3, (9,))
+    model = _Bag().double()
+    results = {}
+    for method in ("vmap", "layers"):
+        inf = ik.Influence(ik.ClassificationTask(model, l2=1e-2), (X, y), solver="exact", damping=0.3, gradients=method,
+                           batch_size=16, stationarity_tol=None).fit()
+        if method == "layers":  # from here on a whole row of the training side would fail the test
+            monkeypatch.setattr(GradientSource, "stream", lambda *a, **k: pytest.fail("whole gradient rows were streamed"))
+        top = inf.top_k((Xt, yt), k=4)
+        results[method] = (inf.scores((Xt, yt)).values, top.harmful.values, top.helpful.values, top.harmful.indices)
+        assert inf.gradient_methods_["train"] == method
+    for a, b in zip(results["layers"][:3], results["vmap"][:3]):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-12
+    assert torch.equal(results["layers"][3], results["vmap"][3])

@@ -165,3 +165,19 @@ def test_low_rank_query_blocks_split_the_test_set_without_changing_a_score():
     parts = torch.cat([inf.training_side_.score_rows(q, None) for _, q, _ in blocks])
     assert _relative(parts, whole.values) < TOL
     assert spearmanr(whole.values.flatten().numpy(), inf.scores(test).values.flatten().numpy())[0] > 0.9
+
+
+@pytest.mark.parametrize("problem", [_cnn_problem, _sequence_problem], ids=["cnn", "sequence"])
+@pytest.mark.parametrize("solver", ["ekfac", "kfac"])
+def test_queries_solved_from_test_taps_equal_the_solve_of_their_gradients(problem, solver, monkeypatch):
+    """K-FAC/EK-FAC solve dense queries from the test layer taps (solve_taps: a layer with few positions rotated in as
+    (gQ_S)ᵀ(ãQ_A), the CNN's 36-position convolution by rotating its formed gradient): the scores equal −solve(G_test)
+    G_trainᵀ to 1e-10 relative, and no test gradient row is solved."""
+    task, train, test = problem()
+    inf = _fit(task, train, solver)
+    G_test = inf.gradients_.block(Examples(test), side="test")
+    reference = -(inf.solver_.solve(G_test)[0] @ inf.gradients_.block(Examples(train), side="train").T)
+    monkeypatch.setattr(type(inf.solver_), "solve", lambda *a, **k: pytest.fail("a block of gradient rows was solved"))
+    got = inf.scores(test)
+    assert _relative(got.values, reference) < TOL
+    assert sum(r["n_rhs"] for r in got.metadata["solve_reports"]) == len(test[1])

@@ -268,10 +268,10 @@ def test_tf32_precision_is_scoped_and_leaves_float64_and_cpu_results_alone():
     a = ik.Influence(task, train, solver="exact", damping=0.01).fit().scores(test).values
     inf = ik.Influence(task, train, solver="exact", damping=0.01, precision="tf32").fit()
     seen = []
-    original = inf.training_side_.product
-    inf.training_side_.product = lambda Qs, G: (seen.append(torch.get_float32_matmul_precision()), original(Qs, G))[1]
+    original = inf.training_side_.dot
+    inf.training_side_.dot = lambda Qs, G: (seen.append(torch.get_float32_matmul_precision()), original(Qs, G))[1]
     b = inf.scores(test).values
-    assert torch.equal(a, b) and seen and set(seen) == {before}  # _product sets "high" inside, not around it
+    assert torch.equal(a, b) and seen and set(seen) == {before}  # dot sets "high" inside, not around it
     assert torch.get_float32_matmul_precision() == before
     with matmul_precision(inf.precision):
         assert torch.get_float32_matmul_precision() == "high"

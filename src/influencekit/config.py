@@ -133,14 +133,16 @@ class Chunks:
     queries: int  # test points solved together
 
 
-def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int, *, batch_size: int | None, memory_budget: int) -> Chunks:
+def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int, *, batch_size: int | None, memory_budget: int,
+                without_rows: bool = False) -> Chunks:
     """Chunk sizes for ``n`` training examples from the budget and a one-example probe ``first`` of the
     model's activation size (:func:`~influencekit.autodiff.input_size_per_example`), unless ``batch_size``.
-    A query block takes a quarter of the budget (the gradients, the solution or, for a ``solver`` that solves in place,
-    the gradient chunks that fill the block, and the solve's work). Half of it, with an in-place solver, was measured:
-    on MiniLM's 38 layers (50 queries) 3 training passes instead of 5 (scoring 104 s; 176 s at 5 passes), but on its
-    block 5 (200 queries, 2 blocks instead of 3) a peak of 4.4 GB under the 2 GiB budget, against 3.1 GB: the
-    budget's meaning comes first."""
+
+    A query block takes a quarter of the budget: the gradients, the solution or, for a solver that solves in place,
+    the gradient chunks that fill the block, and the solve's work, while the training side holds chunks of whole
+    gradient rows. ``without_rows`` (the solver solves in place and layer taps give the gradients, which are then
+    written into the block and scored a layer at a time, :meth:`GradientSource.parts`): half of it, one copy of the
+    block beside the taps of one chunk (measured on MiniLM, docs/benchmarks.md)."""
     layout = ParamLayout.of(params)
     task.check_forward(params, first, "train")  # a model that cannot take the data: say so in words, not torch's
     act = input_size_per_example(task.loss, params, first, task.model)
@@ -158,5 +160,5 @@ def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int,
     hvp = batch_size or max(1, min(n, max(min(256, one_tangent), budget // (item * 6 * act * 16))))
     # vmap over tangents of jvp(grad): each tangent carries activations of the whole chunk and a gradient
     tangents = max(1, min(4096, budget // (item * 6 * (hvp * act + p))))
-    queries = max(1, budget // (item * 4 * p))
+    queries = max(1, budget // (item * (2 if without_rows else 4) * p))
     return Chunks(grad=grad, hvp=hvp, tangents=tangents, queries=queries)

@@ -23,7 +23,7 @@ from .checks import check_choice
 from .data.examples import Examples, batch_size_of, stream, take
 from .distributed import Shard
 from .errors import NumericalError, StationarityWarning, UnsupportedError
-from .layers import GRADIENT_METHODS, LayerTaps, choose_per_example
+from .layers import GRADIENT_METHODS, DensePiece, GradientPiece, LayerGradients, LayerTaps, choose_per_example
 from .lowrank import Factors, factor_blocks
 from .progress import progress_bar
 from .task import Task
@@ -131,13 +131,53 @@ class GradientSource:
         bar.close()
 
     def block(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = "") -> torch.Tensor:
-        """The per-example gradients of ``data[start:stop]`` as one ``(stop - start, n_params)`` tensor, the chunks of
-        :meth:`stream` written into it as they come (a ``torch.cat`` of them would hold the block twice)."""
+        """The per-example gradients of ``data[start:stop]`` as one ``(stop - start, n_params)`` tensor, each chunk's
+        pieces (:meth:`parts`) written into it as they come: no chunk of whole rows besides the block itself."""
         stop = len(data) if stop is None else stop
         G = torch.empty(stop - start, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
-        for lo, rows in self.stream(data, side=side, start=start, stop=stop, desc=desc):
-            G[lo - start:lo - start + len(rows)] = rows
+        for lo, n, pieces in self.parts(data, side=side, start=start, stop=stop, desc=desc):
+            rows = G[lo - start:lo - start + n]
+            for piece in pieces:
+                piece.write(rows)
+            if side == "train" and self._l2_term is not None:
+                rows += self._l2_term
         return G
+
+    def parts(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
+              ) -> Iterator[tuple[int, int, Iterator[GradientPiece]]]:
+        """``(offset, examples, pieces)`` per chunk of ``data[start:stop]``: the per-example gradients **without** the
+        L2 term (:attr:`l2_term`), a layer's parameter at a time when they come from layer taps (each piece made as it
+        is drawn: a consumer that scores them one by one never holds a chunk's whole rows), else the whole rows as one
+        piece. Draw a chunk's pieces before the next chunk. Every piece is checked to be finite."""
+        stop = len(data) if stop is None else stop
+        fn = self.function(side)
+        bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
+        for lo, batch in self.batches(data, start, stop):
+            try:
+                with matmul_precision(self.precision):
+                    per_example = self.per_example(side, batch)
+                    if isinstance(per_example, LayerGradients):
+                        pieces, losses = per_example.pieces(fn, self.params, batch)
+                    else:
+                        G, losses = per_example(fn, self.params, batch)
+                        pieces = iter([DensePiece(0, G)])
+            except (RuntimeError, TypeError, IndexError, ValueError):
+                self.task.check_forward(self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), data.name)
+                raise
+            check_losses(losses, data.name, lo)
+            yield lo, len(losses), self._checked(pieces, data.name, lo)
+            bar.update(len(losses))
+        bar.close()
+
+    def _checked(self, pieces: Iterator[GradientPiece], name: str, offset: int) -> Iterator[GradientPiece]:
+        """``pieces``, each made under the gradient precision and checked to be finite (naming the examples)."""
+        while True:
+            with matmul_precision(self.precision):
+                piece = next(pieces, None)
+            if piece is None:
+                return
+            check_grads(piece.rows if isinstance(piece, DensePiece) else piece.grads.flatten(1), name, offset)
+            yield piece
 
     def gather(self, data: Examples, indices: Sequence[int], *, side: str) -> torch.Tensor:
         """The per-example gradients of the examples ``indices`` of ``data``, ``(len(indices), n_params)``."""

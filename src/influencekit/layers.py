@@ -26,7 +26,7 @@ therefore compares the result with ``vmap(grad)`` on a few examples before using
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,8 @@ from .autodiff import LossFn, ParamLayout, per_example_grads, per_example_loop
 from .data.examples import batch_size_of
 from .errors import InfluenceKitError, UnsupportedError
 
-__all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "tied_parameters", "LayerTaps", "LayerGradients", "choose_per_example"]
+__all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "tied_parameters", "LayerTaps", "LayerGradients",
+           "DensePiece", "EmbeddingPiece", "GradientPiece", "choose_per_example"]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -267,12 +268,64 @@ class LayerTaps:
         return inputs, grads, losses.detach()
 
 
+@dataclass(frozen=True)
+class DensePiece:
+    """Coordinates ``offset .. offset + numel`` of a chunk's per-example gradients, held as ``rows (B, numel)``."""
+
+    offset: int
+    rows: torch.Tensor
+
+    def write(self, G: torch.Tensor) -> None:
+        G[:, self.offset:self.offset + self.rows.shape[1]] = self.rows
+
+    def dot(self, Q: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """⟨q, g⟩ on these coordinates for every row q of ``Q (q, n_params)`` and every example: ``(q, B)``, as
+        ``product(Q's columns, rows)`` (a view of Q's columns, no copy)."""
+        return product(Q[:, self.offset:self.offset + self.rows.shape[1]], self.rows)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.rows).all())
+
+
+@dataclass(frozen=True)
+class EmbeddingPiece:
+    """An embedding weight's per-example gradients Σ_t e_{x_t} g_tᵀ, kept as the looked-up rows ``ids (B, T)`` and the
+    output gradients ``grads (B, T, dim)`` (zero at padding): a ``(vocab, dim)`` dense row per example is avoided."""
+
+    offset: int
+    vocab: int
+    ids: torch.Tensor
+    grads: torch.Tensor
+
+    def write(self, G: torch.Tensor) -> None:
+        B, dim = self.grads.shape[0], self.grads.shape[2]
+        rows = G[:, self.offset:self.offset + self.vocab * dim].view(B, self.vocab, dim)
+        rows.zero_()
+        rows.scatter_add_(1, self.ids.unsqueeze(-1).expand(-1, -1, dim), self.grads)
+
+    def dot(self, Q: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """⟨q, g⟩ on the embedding's coordinates: Σ_t q[x_t] · g_t, from the gathered rows of Q (one example at a time)."""
+        dim = self.grads.shape[2]
+        table = Q[:, self.offset:self.offset + self.vocab * dim].view(len(Q), self.vocab, dim)
+        out = torch.empty(len(Q), len(self.ids), dtype=Q.dtype, device=Q.device)
+        for b in range(len(self.ids)):
+            out[:, b] = product(table[:, self.ids[b]].reshape(len(Q), -1), self.grads[b].reshape(1, -1))[:, 0]
+        return out
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.grads).all())
+
+
+GradientPiece = DensePiece | EmbeddingPiece
+
+
 class LayerGradients:
     """Per-example gradients ``(B, n_params)`` of parameters that all belong to supported layers (Linear, Conv1d, Conv2d, Conv1D),
     from layer taps: ∇_W ℓ = Σ_t g_t a_tᵀ and ∇_b ℓ = Σ_t g_t per example (see the module docstring).
 
     Raises :class:`UnsupportedError` at construction when a selected parameter belongs to another layer.
-    Calling it returns ``(grads, values)`` like :func:`~influencekit.autodiff.per_example_grads`.
+    Calling it returns ``(grads, values)`` like :func:`~influencekit.autodiff.per_example_grads`; :meth:`pieces` gives
+    the same gradients a parameter at a time (a consumer that scores them layer by layer never holds a whole row).
     """
 
     def __init__(self, model: nn.Module, layout: ParamLayout) -> None:
@@ -286,36 +339,40 @@ class LayerGradients:
         self.blocks = blocks
         self.layout = layout
         self._offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
-        self._numels = dict(zip(layout.names, layout.numels))
 
     def __call__(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        pieces, values = self.pieces(fn, params, batch)
+        G = torch.empty(values.shape[0], self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
+        for piece in pieces:
+            piece.write(G)
+        return G, values
+
+    def pieces(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any
+               ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
+        """One tapped forward and backward: ``(pieces, values)``, the pieces made one at a time as they are drawn
+        (together they cover every selected parameter once)."""
         with LayerTaps(self.blocks) as taps:
             inputs, grads, values = taps.run(fn, params, batch)
-        B = values.shape[0]
-        G = torch.empty(B, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
+        return self._pieces(inputs, grads), values
+
+    def _pieces(self, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Iterator[GradientPiece]:
+        dtype = self.layout.dtype
         for block, x, g in zip(self.blocks, inputs, grads):
-            if block.embedding:  # ∇W = Σ_t e_{x_t} g_tᵀ: rows added at the looked-up indices (none for padding)
-                off, size = self._offsets[block.weight], self._numels[block.weight]
-                dim = block.module.weight.shape[1]
-                rows = G[:, off:off + size].view(B, -1, dim)
-                rows.zero_()
-                go = block.output_grads(g, dtype=self.layout.dtype, x=x)
-                rows.scatter_add_(1, block.indices(x).unsqueeze(-1).expand(-1, -1, dim), go)
+            if block.embedding:
+                go = block.output_grads(g, dtype=dtype, x=x)
+                yield EmbeddingPiece(self._offsets[block.weight], block.module.weight.shape[0], block.indices(x), go)
                 continue
-            go = block.output_grads(g, dtype=self.layout.dtype)  # (B, T, out)
+            go = block.output_grads(g, dtype=dtype)  # (B, T, out)
             if block.weight is not None:
-                a = block.inputs(x, dtype=self.layout.dtype, append_one=False)  # (B, T, in)
-                off, size = self._offsets[block.weight], self._numels[block.weight]
+                a = block.inputs(x, dtype=dtype, append_one=False)  # (B, T, in)
                 left, right = (a, go) if block.transposed else (go, a)  # the weight's row-major (rows, cols)
-                view = G[:, off:off + size].view(B, left.shape[2], right.shape[2])
                 if go.shape[1] == 1:  # one position: an outer product, no reduction
-                    torch.mul(left[:, 0, :, None], right[:, 0, None, :], out=view)
+                    rows = left[:, 0, :, None] * right[:, 0, None, :]
                 else:
-                    torch.bmm(left.transpose(1, 2), right, out=view)
+                    rows = torch.bmm(left.transpose(1, 2), right)
+                yield DensePiece(self._offsets[block.weight], rows.reshape(rows.shape[0], -1))
             if block.bias is not None:
-                off = self._offsets[block.bias]
-                torch.sum(go, dim=1, out=G[:, off:off + go.shape[2]])
-        return G, values
+                yield DensePiece(self._offsets[block.bias], go.sum(dim=1))
 
 
 def choose_per_example(

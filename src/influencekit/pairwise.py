@@ -15,16 +15,27 @@ from typing import NamedTuple
 
 import torch
 
+from .autodiff import ParamLayout
 from .data.examples import Examples
 from .distributed import Shard
 from .errors import UnsupportedError
 from .gradients import GradientSource, matmul_precision
+from .layers import GradientPiece, layer_blocks
 from .lowrank import Factors, LowRankQueries, factored_layers
 from .progress import progress_bar
 from .solvers import Solver, SolveReport
 from .topk import StreamingTopK, helpful_and_harmful
 
-__all__ = ["TrainingSide", "Coordinates", "low_rank_queries"]
+__all__ = ["TrainingSide", "Coordinates", "low_rank_queries", "scores_without_rows"]
+
+
+def scores_without_rows(solver: Solver, gradients: str, model: torch.nn.Module, layout: ParamLayout) -> bool:
+    """Whether scoring in parameters should hold no whole gradient rows: the solver solves in place and layer taps can
+    give every selected parameter's gradients (:meth:`GradientSource.parts`; their check against ``vmap`` on the first
+    chunk may still choose otherwise)."""
+    if "in_place" not in solver.capabilities or gradients not in ("auto", "layers"):
+        return False
+    return not layer_blocks(model, layout, embeddings=True)[1]
 
 
 def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
@@ -122,22 +133,53 @@ class TrainingSide:
         for lo in range(start, stop, step):
             yield lo, c.Z[lo - start:min(lo + step, stop) - start]
 
+    def dot(self, Qs: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """Qs Gᵀ of a block of queries against gradient rows (or their coordinates), in ``precision``."""
+        if self.precision == "bf16":
+            return (Qs.to(torch.bfloat16) @ G.to(torch.bfloat16).T).to(Qs.dtype)
+        with matmul_precision(self.precision):
+            return Qs @ G.T
+
     def product(self, Qs: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """Scores −Qs Gᵀ of a block of preconditioned queries against training rows, in ``precision``."""
-        if self.precision == "bf16":
-            return -(Qs.to(torch.bfloat16) @ G.to(torch.bfloat16).T).to(Qs.dtype)
-        with matmul_precision(self.precision):
-            return -(Qs @ G.T)
+        return -self.dot(Qs, G)
+
+    def chunk_scores(self, Q: torch.Tensor, chunk: tuple[int, Iterator[GradientPiece]], l2: torch.Tensor | None) -> torch.Tensor:
+        """Scores −Qᵀ∇L(z) of a block of queries against one chunk ``(examples, pieces)`` of :meth:`GradientSource.parts`,
+        a piece at a time; ``l2`` is Q's product with the L2 term λθ̂ (the pieces leave it out), or None."""
+        n, pieces = chunk
+        S = torch.zeros(len(Q), n, dtype=Q.dtype, device=Q.device)
+        for piece in pieces:
+            S += piece.dot(Q, self.dot)
+        return -(S if l2 is None else S + l2[:, None])
+
+    def chunks(self, desc: str) -> Iterator[tuple[int, tuple[int, Iterator[GradientPiece]]]]:
+        """``(offset, (examples, pieces))`` per training chunk of this shard (:meth:`GradientSource.parts`)."""
+        for lo, n, pieces in self.gradients.parts(self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc):
+            yield lo, (n, pieces)
+
+    def l2_dot(self, Q: torch.Tensor) -> torch.Tensor | None:
+        """Qλθ̂, the L2 term's part of every training example's score (None without L2)."""
+        l2 = self.gradients.l2_term
+        return None if l2 is None else self.dot(Q, l2[None])[:, 0]
 
     def score_rows(self, Q: torch.Tensor | LowRankQueries, basis: torch.Tensor | None) -> torch.Tensor:
-        """−Qᵀ∇L(z) for every training point z, ``(len(Q), n_train)`` on every rank (``Q`` dense or low-rank)."""
+        """−Qᵀ∇L(z) for every training point z, ``(len(Q), n_train)`` on every rank (``Q`` dense or low-rank).
+
+        In parameters, each training chunk is scored a piece at a time (a layer's parameter, from layer taps): one
+        training pass per query block, and no chunk of whole gradient rows in memory."""
         if isinstance(Q, LowRankQueries):
             return self.low_rank_score_rows(Q)
         start, stop = self.shard.start, self.shard.stop
 
         def local() -> torch.Tensor:
             block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
-            Qs = Q if basis is None else Q @ basis.T
+            if basis is None:
+                l2 = self.l2_dot(Q)
+                for lo, chunk in self.chunks("scoring"):
+                    block[:, lo - start:lo - start + chunk[0]] = self.chunk_scores(Q, chunk, l2)
+                return block
+            Qs = Q @ basis.T
             for lo, G in self.rows(basis, "scoring"):
                 block[:, lo - start:lo - start + len(G)] = self.product(Qs, G)
             return block
@@ -165,7 +207,10 @@ class TrainingSide:
             return self.low_rank_top_k(Q, k)
 
         def local() -> tuple[StreamingTopK, StreamingTopK]:
-            return helpful_and_harmful(Q if basis is None else Q @ basis.T, self.rows(basis, "top-k"), k, self.product)
+            if basis is None:
+                l2 = self.l2_dot(Q)
+                return helpful_and_harmful(Q, self.chunks("top-k"), k, lambda q, chunk: self.chunk_scores(q, chunk, l2))
+            return helpful_and_harmful(Q @ basis.T, self.rows(basis, "top-k"), k, self.product)
 
         helpful, harmful = self.shard.local(local)
         return helpful.merged(self.shard), harmful.merged(self.shard)

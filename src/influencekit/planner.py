@@ -74,6 +74,7 @@ from .errors import InputError
 from .hessian import HessianOperator
 from .layers import choose_per_example
 from .lowrank import factor_blocks, factored_layers
+from .pairwise import scores_without_rows
 from .solvers import Solver, make_solver
 from .solvers.costs import CostProbe, SolverCost, timed
 
@@ -198,7 +199,8 @@ def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 2
     layout = ParamLayout.of(params)
     solver = make_solver(influence.solver, **influence.solver_options)
     chunks = plan_chunks(task, params, take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch), n,
-                         batch_size=influence.batch_size, memory_budget=influence.memory_budget)
+                         batch_size=influence.batch_size, memory_budget=influence.memory_budget,
+                         without_rows=scores_without_rows(solver, influence.gradients, task.model, layout))
     probe, gradient_method = _measure(influence, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations)
     notes = [f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)"]
     cost = solver.cost(probe)

@@ -35,7 +35,7 @@ from .gradients import GradientSource, objective_gradient_norm, warn_if_not_stat
 from .groups import check_newton, check_orders, group_effects, parse_groups
 from .hessian import HessianOperator, check_curvature
 from .lowrank import LowRankQueries
-from .pairwise import TrainingSide, low_rank_queries
+from .pairwise import TrainingSide, combined, low_rank_queries, scores_without_rows
 from .persistence import DATA_HEAD, ScoreFolder, SolverCache
 from .perturbation import perturbation_scores
 from .results import GroupInfluence, InfluenceScores, RankedInfluence, TopK
@@ -143,7 +143,8 @@ class Influence:
         shard.check_solver(solver)
         first = take(train, [0], dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
         self.chunks_: Chunks = plan_chunks(self.task, params, first, len(train), batch_size=config.batch_size,
-                                           memory_budget=config.memory_budget)
+                                           memory_budget=config.memory_budget,
+                                           without_rows=scores_without_rows(solver, config.gradients, self.task.model, layout))
         self.gradients_ = GradientSource(self.task, params, chunk=self.chunks_.grad, method=config.gradients,
                                          precision=config.precision, progress=self.progress_)
         self.training_side_ = TrainingSide(self.gradients_, train, shard, config.precision)
@@ -210,6 +211,9 @@ class Influence:
                                         block=block, budget=self.config.memory_budget // 2)
             return
         block = block or self.chunks_.queries
+        if self._solves_from_taps(data):
+            yield from self._queries_from_taps(data, block, skip)
+            return
         for lo in range(0, len(data), block):
             if skip is not None and skip(lo):
                 continue
@@ -218,6 +222,29 @@ class Influence:
             # the caller scores them or while the next block is computed (one block of queries in memory at a time)
             yield (lo, *self._solve(self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients"),
                                     overwrite=True))
+
+    def _solves_from_taps(self, data: Examples) -> bool:
+        """Whether the solver takes the test side's layer taps (:meth:`Solver.solve_taps`): it can, every parameter is
+        in a factored dense layer, and the taps give the test gradients (chosen on the first test example)."""
+        if "tap_solve" not in self.solver_.capabilities or not self.solver_.tap_solvable() or len(data) == 0:
+            return False
+        self.gradients_.per_example("test", self.gradients_.take(data, [0]))
+        return self.gradients_.methods["test"] == "layers"
+
+    def _queries_from_taps(self, data: Examples, block: int, skip: Callable[[int], bool] | None
+                           ) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
+        """:meth:`queries` solved from the test layer taps chunk by chunk into the block: no gradient rows formed."""
+        for lo in range(0, len(data), block):
+            if skip is not None and skip(lo):
+                continue
+            hi = min(lo + block, len(data))
+            X = torch.empty(hi - lo, self.layout_.n, dtype=self.layout_.dtype, device=self.layout_.device)
+            reports = [self.solver_.solve_taps(f, X[c - lo:c - lo + len(f)])
+                       for c, f in self.gradients_.layer_factors(data, side="test", start=lo, stop=hi, desc="test layer taps")]
+            report = combined(reports)
+            logger.info("solve: %s", report)
+            yield lo, X, report
+            del X  # the caller's block is freed before the next one is built: one block in memory at a time
 
     def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
                query_rank: int | None = None) -> InfluenceScores:

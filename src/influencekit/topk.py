@@ -8,12 +8,15 @@ Used by :meth:`Influence.top_k <influencekit.Influence.top_k>` (per rank, then m
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
 from .distributed import Shard
 
 __all__ = ["StreamingTopK", "helpful_and_harmful"]
+
+Rows = TypeVar("Rows")  # what a block of training examples is scored from: gradient rows, taps, pieces
 
 
 class StreamingTopK:
@@ -48,8 +51,8 @@ class StreamingTopK:
         return out
 
 
-def helpful_and_harmful(Q: torch.Tensor, blocks: Iterable[tuple[int, torch.Tensor]], k: int,
-                        product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[StreamingTopK, StreamingTopK]:
+def helpful_and_harmful(Q: torch.Tensor, blocks: Iterable[tuple[int, Rows]], k: int,
+                        product: Callable[[torch.Tensor, Rows], torch.Tensor]) -> tuple[StreamingTopK, StreamingTopK]:
     """The ``k`` most negative (helpful, kept as the top-k of −S) and most positive (harmful) scores per query, over
     ``blocks`` ``(first column, rows)`` whose scores are ``S = product(Q, rows)``."""
     helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)

@@ -58,7 +58,7 @@ def test_single_example_is_kronecker_so_kfac_and_ekfac_are_exact(digits_small):
     V = torch.randn(5, op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = torch.linalg.solve(H, V.T).T
     for cls in (KFACSolver, EKFACSolver):
-        solver = cls(fisher="expected").fit(op)
+        solver = cls(fisher="expected", probes=4).fit(op)
         assert relative_error(solver.solve(V).x, expected) < 1e-10
         assert solver.probe_residual_ < 1e-10
 
@@ -279,7 +279,7 @@ def test_unsupported_loss_and_options_are_refused(digits_small):
 
 def test_battery_fit_returns_self_batched_equals_columns_dtype_kept(digits_small):
     op = operator_of(digits_small.task, digits_small.train, damping=0.05)
-    solver = make_solver("ekfac")
+    solver = make_solver("ekfac", probes=4)
     with pytest.raises(ik.NotFittedError, match=r"not fitted yet"):
         solver.solve(torch.zeros(1, 650, dtype=torch.float64))
     assert solver.fit(op) is solver
@@ -290,6 +290,8 @@ def test_battery_fit_returns_self_batched_equals_columns_dtype_kept(digits_small
     assert report.solver == "ekfac" and report.converged and report.n_rhs == 4
     assert 0 < report.relative_residual < 0.5  # the approximation error on random directions (measured ≈ 0.10)
     assert solver.solve(V.float()).x.dtype == torch.float32
+    unmeasured = make_solver("ekfac").fit(op).solve(V)[1]  # the default: no probe, the residual NaN and said so
+    assert unmeasured.relative_residual != unmeasured.relative_residual and "probes=0" in unmeasured.details["residual"]
 
 
 def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):

@@ -9,6 +9,9 @@ right-hand side per row) together with a :class:`SolveReport`. The engine reads 
 - ``"quadratic_form"``: ``quadratic_form(G)`` gives ``gᵀ(H + δI)⁻¹g`` per row without a solve.
 - ``"tap_quadratic_form"``: ``tap_quadratic_form(factors, l2)`` gives the same from a chunk's layer taps
   (:class:`~influencekit.lowrank.Factors`), never materialising the gradients (K-FAC/EK-FAC).
+- ``"in_place"``: ``solve(V, overwrite=True)`` writes the result into ``V`` (one block in memory, not two).
+- ``"tap_solve"``: ``solve_taps(factors, out)`` writes the solutions for a chunk's layer taps into ``out`` without
+  forming the gradients (K-FAC/EK-FAC; they rotate a transformer layer's taps, cheaper than its gradient).
 - ``"dense"``: the solver holds an explicit matrix (memory grows as ``n_params²``).
 - ``"low_rank"``: the solver holds ``eigenvalues_`` ``(rank,)`` and orthonormal ``eigenvectors_``
   ``(rank, n_params)`` of H (memory grows as ``rank · n_params``).
@@ -151,6 +154,10 @@ class Solver:
         solver that can precondition the factors directly (K-FAC) overrides it."""
         X, report = self.solve(factors.dense(self._require_fitted().n_params))
         return LowRankQueries.from_dense(X, factors.blocks, factored, rank, seed=seed), report
+
+    def tap_solvable(self) -> bool:
+        """Whether ``solve_taps`` applies to this fitted solver (solvers with the ``"tap_solve"`` capability)."""
+        return False
 
     def state_dict(self) -> dict[str, Any] | None:
         """The fitted state (tensors and plain values) that :meth:`load_state_dict` restores without refitting;
