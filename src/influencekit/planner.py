@@ -39,7 +39,8 @@ Memory of a stage is what it holds at its peak, in bytes: the parameters (p·b),
 once it exists, and the stage's working set:
 
     per-example-gradient chunk   4·c_g·p·b (vmap∘grad peaks near 3× its output; the previous chunk is still held)
-                                 + 4·c_g·a·b of activations, a = values the modules output per example
+                                 + 4·c_g·a·b of activations, a = values the modules output per example; only the
+                                 latter when scoring takes layer taps a layer at a time (no gradient rows)
     exact state                  2·p²·b_e + p·b_e  (H and its eigenvectors or Cholesky factor, b_e bytes of
                                  eig_dtype; + p²·b while the Hessian is assembled when dtypes differ)
     arnoldi                      state rank·p·b; during fit the Lanczos basis min(n_iter, p)·p·b on top
@@ -198,10 +199,12 @@ def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 2
     params = {name: value.detach().clone() for name, value in task.params().items()}
     layout = ParamLayout.of(params)
     solver = make_solver(influence.solver, **influence.solver_options)
+    without_rows = scores_without_rows(solver, influence.gradients, task.model, layout)
     chunks = plan_chunks(task, params, take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch), n,
                          batch_size=influence.batch_size, memory_budget=influence.memory_budget,
-                         without_rows=scores_without_rows(solver, influence.gradients, task.model, layout))
-    probe, gradient_method = _measure(influence, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations)
+                         without_rows=without_rows)
+    probe, gradient_method = _measure(influence, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations,
+                                      without_rows=without_rows)
     notes = [f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)"]
     cost = solver.cost(probe)
     notes += cost.notes
@@ -225,7 +228,7 @@ def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 2
 
 
 def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
-             m: int, n_test: int, cg_iterations: int) -> tuple[CostProbe, str]:
+             m: int, n_test: int, cg_iterations: int, *, without_rows: bool) -> tuple[CostProbe, str]:
     """The probe: unit costs timed on the first m training examples, and the sizes a solver's cost needs.
     Returns it with the per-example-gradient method that scores will use."""
     task = influence.task
@@ -262,12 +265,14 @@ def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tens
         return time.perf_counter() - start
 
     q = max(1, min(n_test, chunks.queries))
+    rows = gradient_method != "layers" or not without_rows
     probe = CostProbe(
         n=n, p=p, dtype=dtype, item=torch.finfo(dtype).bits // 8, examples=m, tau_grad=tau_g, tau_sum=tau_s, tau_hvp=tau_h1,
         tau_hvp_block=tau_hK, block_tangents=K, flops=rate, activations=act, grad_chunk=chunks.grad, hvp_chunk=chunks.hvp,
         tangent_chunk=chunks.tangents, query_chunk=chunks.queries, n_test=n_test, queries=q,
         blocks=math.ceil(n_test / q) if n_test else 0, cg_iterations=cg_iterations, fit_seconds=fit_seconds,
         layer_positions=lambda layers: _positions(layers, task, params, batch), n_outputs=lambda: _n_outputs(task, params, batch),
+        rows=rows,
     )
     return probe, gradient_method
 
@@ -281,10 +286,12 @@ def _query_stages(probe: CostProbe, cost: SolverCost, notes: list[str]) -> list[
     n, p, item, act, tau_g, rate = probe.n, probe.p, probe.item, probe.activations, probe.tau_grad, probe.flops
     held = probe.base + cost.state
     # vmap∘grad peaks at about 3× its (c_g, p) output (measured on a 1M-parameter CNN), and the consumer still
-    # holds the previous chunk while the next is computed: 4·c_g·p·b
-    grad_chunk = min(probe.grad_chunk, n) * (4 * p + 4 * act) * item
+    # holds the previous chunk while the next is computed: 4·c_g·p·b; without rows (layer taps scored a layer at a
+    # time) only the taps and activations of a chunk
+    rows = 4 * p if probe.rows else 0
+    grad_chunk = min(probe.grad_chunk, n) * (rows + 4 * act) * item
     stages = [
-        Stage("test gradients", n_test * tau_g, held + min(probe.grad_chunk, q) * (4 * p + 4 * act) * item + q * p * item, "t_test·τ_g"),
+        Stage("test gradients", n_test * tau_g, held + min(probe.grad_chunk, q) * (rows + 4 * act) * item + q * p * item, "t_test·τ_g"),
         Stage("query solve", blocks * cost.solve_seconds, held + q * p * item + cost.solve_memory, f"B = {blocks} block(s) × {cost.solve_formula}"),
     ]
     r = cost.basis_rank  # > 0: scores in the solver's basis of that rank

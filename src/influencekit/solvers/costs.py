@@ -51,6 +51,8 @@ class CostProbe:
         fit_seconds: ``fit_seconds(solver)`` fits ``solver`` on the m probe examples and returns the seconds.
         layer_positions: ``layer_positions(layers)``: positions T per example of each layer, by name.
         n_outputs: ``n_outputs()``: values the model outputs per example.
+        rows: scoring forms chunks of whole gradient rows (False: layer taps scored a layer at a time and written
+            into the query block, :func:`~influencekit.pairwise.scores_without_rows`).
     """
 
     n: int
@@ -76,6 +78,7 @@ class CostProbe:
     fit_seconds: Callable[[Solver], float] = field(repr=False, compare=False)
     layer_positions: Callable[[list[Any]], dict[str, int]] = field(repr=False, compare=False)
     n_outputs: Callable[[], int] = field(repr=False, compare=False)
+    rows: bool = True
 
     @property
     def base(self) -> int:

@@ -157,7 +157,7 @@ def _add_masked_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor) -> No
     weighted = flat * weights.to(flat.dtype)
     layer.A[:kw, :kw] += (flat.T @ weighted).to(torch.float64)
     if layer.has_bias:
-        col = (flat.to(torch.float64) * weights).sum(0)
+        col = weighted.sum(0).to(torch.float64)  # in the rows' dtype, as the product above; summed in float64 across chunks
         layer.A[:kw, kw] += col
         layer.A[kw, :kw] += col
         layer.A[kw, kw] += float(weights.sum())
@@ -180,7 +180,7 @@ def _add_corrected(layer: _Layer, aq: torch.Tensor, gq: torch.Tensor, block_elem
     step = max(1, block_elements // max(1, layer.eig.numel()))
     for lo in range(0, aq.shape[0], step):
         M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
-        layer.eig += M.square_().sum(0, dtype=torch.float64)
+        layer.eig += M.square_().sum(0).to(torch.float64)  # a block's sum in the model's dtype, the chunks' in float64
 
 
 def _rotated_in(layer: _Layer, a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
