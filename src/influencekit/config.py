@@ -141,8 +141,9 @@ def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int,
     A query block takes a quarter of the budget: the gradients, the solution or, for a solver that solves in place,
     the gradient chunks that fill the block, and the solve's work, while the training side holds chunks of whole
     gradient rows. ``without_rows`` (the solver solves in place and layer taps give the gradients, which are then
-    written into the block and scored a layer at a time, :meth:`GradientSource.parts`): half of it, one copy of the
-    block beside the taps of one chunk (measured on MiniLM, docs/benchmarks.md)."""
+    written into the block and scored a layer at a time, :meth:`GradientSource.parts`): one copy of the block beside
+    one chunk's taps and activations (4·c_g·a values, as below), so the block takes what they leave, at least a
+    quarter (MiniLM's last block, 200 queries, 2 GiB: one block instead of two, docs/benchmarks.md)."""
     layout = ParamLayout.of(params)
     task.check_forward(params, first, "train")  # a model that cannot take the data: say so in words, not torch's
     act = input_size_per_example(task.loss, params, first, task.model)
@@ -160,5 +161,7 @@ def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int,
     hvp = batch_size or max(1, min(n, max(min(256, one_tangent), budget // (item * 6 * act * 16))))
     # vmap over tangents of jvp(grad): each tangent carries activations of the whole chunk and a gradient
     tangents = max(1, min(4096, budget // (item * 6 * (hvp * act + p))))
-    queries = max(1, budget // (item * (2 if without_rows else 4) * p))
+    queries = max(1, budget // (item * 4 * p))
+    if without_rows:
+        queries = max(queries, (budget - item * grad * 4 * act) // (item * p))
     return Chunks(grad=grad, hvp=hvp, tangents=tangents, queries=queries)

@@ -141,7 +141,7 @@ def kfac_cost(solver: KFACSolver, probe: CostProbe) -> SolverCost:
     state, fit_seconds, fit_work, solve_flops, largest = _kfac_fit(solver, probe, probe_hvps)
     return SolverCost(
         fit_seconds=fit_seconds, fit_memory=probe.base + state + fit_work,
-        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state 8·Σ(2k² + 2o² + ok)",
+        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state b_r·Σ(2k² + 2o² + ok)",
         state=state, solve_seconds=q * solve_flops / probe.flops,
         # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
         # (the solve works layer by layer in row blocks of at most block_elements values)
@@ -168,27 +168,30 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
     eig = sum(unit * (d / r) ** 3 for d in sizes)
     positions = probe.layer_positions(probe_solver.layers_)
     variants = {"sampled": solver.samples, "expected": probe.n_outputs(), "empirical": 1}[solver.fisher]
+    kept = torch.finfo(solver.solve_dtype or probe.dtype).bits // 8  # b_r: the state is kept in the rotations' dtype
     state, work, flops = _kfac_layers(probe_solver.layers_, positions, variants, min(probe.hvp_chunk, probe.n),
-                                      2 if solver._corrected else 1)
+                                      2 if solver._corrected else 1, kept)
     state += 8 * len(probe_solver.diagonal_)
     seconds = max(total - eig, 0.1 * total) * probe.n / probe.examples + eig + probe_hvps
     largest = max((int(layer.index.numel()) for layer in probe_solver.layers_), default=0)
     return state, seconds, work, flops, largest
 
 
-def _kfac_layers(layers: list[Any], positions: dict[str, int], variants: int, c: int, passes: int) -> tuple[int, int, float]:
-    """(state bytes, working bytes of a factor pass over c examples, flops per right-hand side) summed over the layers."""
+def _kfac_layers(layers: list[Any], positions: dict[str, int], variants: int, c: int, passes: int, kept: int
+                 ) -> tuple[int, int, float]:
+    """(state bytes, ``kept`` bytes a value, working bytes of a factor pass over c examples, flops per right-hand side)
+    summed over the layers."""
     state, work, flops = 0, 0, 0.0
     for layer in layers:
         t = positions[layer.name]
         if layer.embedding:  # A diagonal (V,), S and Q_S (d, d), eigenvalues (V, d); a pass holds indices and d grads
             V, d = layer.index.shape
-            state += 8 * (V + 2 * d * d + V * d)
+            state += kept * (V + 2 * d * d + V * d)
             work += 8 * c * t * (1 + d * variants) * passes
             flops += 4.0 * V * d * d
             continue
         o, k = layer.index.shape
-        state += 8 * (2 * k * k + 2 * o * o + o * k)
+        state += kept * (2 * k * k + 2 * o * o + o * k)
         work += 8 * c * t * (k + o * variants) * passes
         flops += 4.0 * (o * o * k + o * k * k)
     return state, work, flops

@@ -414,6 +414,7 @@ class KFACSolver(Solver):
         if self._corrected:
             self._correct(data)
         self._check_invertible(operator.shift)
+        self._keep_in(self.solve_dtype or operator.dtype)
         self._index_leftover(data.layout, operator.device)
         self.probe_residual_ = float("nan")
         if self.probes:
@@ -425,6 +426,15 @@ class KFACSolver(Solver):
             chunk = None if hvp_chunk is None else max(1, hvp_chunk // 3)
             self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V, examples=self.probe_examples, chunk=chunk).max())
         logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
+
+    def _keep_in(self, dtype: torch.dtype) -> None:
+        """Keep each layer's factors, eigenvectors and eigenvalues in the rotations' dtype: summed and eigendecomposed
+        in float64, they are used only in ``dtype`` from here on (a float32 transformer's 38 layers: 0.35 GB less)."""
+        for layer in self.layers_:
+            for name in ("A", "S", "QA", "QS", "eig"):
+                value = getattr(layer, name)
+                if value is not None and value.dtype != dtype:
+                    setattr(layer, name, value.to(dtype))
 
     def _check_leftover(self, leftover: list[str]) -> None:
         if leftover and self.unsupported != "diagonal":
