@@ -242,6 +242,30 @@ class LayerTaps:
             ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """One forward and backward of Σ_z scale_z · fn(z): each block's raw input, the gradient of the sum with
         respect to its raw output, and the per-example values of ``fn`` (detached)."""
+        losses, inputs, outs = self._forward(fn, params, batch)
+        total = (losses if scale is None else scale.to(losses.dtype) * losses).sum()
+        return inputs, self._backward(total, outs, retain=False), losses.detach()
+
+    def run_each(self, forward: LossFn, losses_of: Callable[[torch.Tensor], list[torch.Tensor]], params: dict[str, torch.Tensor],
+                 batch: Any) -> tuple[list[torch.Tensor], torch.Tensor, Iterator[list[torch.Tensor]]]:
+        """One forward of ``forward`` (per-example outputs) and one backward per loss vector of ``losses_of(outputs)``
+        (e.g. the loss at each label of an expectation): ``(raw inputs, outputs detached, per loss the gradients of its
+        sum with respect to each block's raw output)``, the backward passes run as the last item is drawn (the graph
+        is kept until the last)."""
+        out, inputs, outs = self._forward(forward, params, batch)
+        with torch.enable_grad():
+            losses = losses_of(out)
+
+        def backward_each() -> Iterator[list[torch.Tensor]]:
+            for j, loss in enumerate(losses):
+                yield self._backward(loss.sum(), outs, retain=j < len(losses) - 1)
+
+        return inputs, out.detach(), backward_each()
+
+    def _forward(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``fn`` on live copies of ``params`` with the taps recording: its value, each block's raw input and raw output
+        (the blocks keep no reference to them afterwards)."""
         live = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
         for block in self.blocks:
             block.captured.clear()
@@ -249,23 +273,23 @@ class LayerTaps:
         self._on = True
         try:
             with torch.enable_grad():
-                losses = fn(live, batch)
-                missing = [block.name for block in self.blocks if not block.captured]
-                if missing:
-                    raise UnsupportedError(
-                        f"the layers {missing} hold selected parameters but are not called by the model's forward "
-                        "pass; exclude them with `params=`."
-                    )
-                outs = [block.captured[1] for block in self.blocks]
-                total = (losses if scale is None else scale.to(losses.dtype) * losses).sum()
-                grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
+                value = fn(live, batch)
         finally:
             self._on = False
-        inputs = [block.captured[0] for block in self.blocks]
-        grads = [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
+        missing = [block.name for block in self.blocks if not block.captured]
+        if missing:
+            raise UnsupportedError(
+                f"the layers {missing} hold selected parameters but are not called by the model's forward "
+                "pass; exclude them with `params=`."
+            )
+        inputs, outs = [block.captured[0] for block in self.blocks], [block.captured[1] for block in self.blocks]
         for block in self.blocks:
             block.captured.clear()
-        return inputs, grads, losses.detach()
+        return value, inputs, outs
+
+    def _backward(self, total: torch.Tensor, outs: list[torch.Tensor], *, retain: bool) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(total, outs, allow_unused=True, retain_graph=retain) if outs else ()
+        return [torch.zeros_like(o) if g is None else g for o, g in zip(outs, grads)]
 
 
 @dataclass(frozen=True)

@@ -268,7 +268,7 @@ def test_unsupported_loss_and_options_are_refused(digits_small):
     (X, y), _ = load_digits_split(50, seed=0)
     with pytest.raises(ik.UnsupportedError, match=r"ClassificationTask.*RegressionTask.*Got SmoothHingeTask; use solver='cg'"):
         KFACSolver().fit(operator_of(svm, (X, (y > 4).long())))
-    with pytest.raises(ik.InputError, match=r"`fisher` must be one of 'sampled', 'expected', 'empirical'\. Got 'true'"):
+    with pytest.raises(ik.InputError, match=r"`fisher` must be one of 'auto', 'sampled', 'expected', 'empirical'\. Got 'true'"):
         make_solver("kfac", fisher="true")
     with pytest.raises(ik.InputError, match=r"`unsupported` must be one of 'exclude', 'diagonal', 'error'\. Got 'ignore'"):
         make_solver("ekfac", unsupported="ignore")
@@ -513,3 +513,56 @@ def test_an_overwritten_query_block_holds_the_same_solution(digits_small):
     kept = W.clone()
     cg.solve(kept, overwrite=True)
     assert torch.equal(kept, W)
+
+
+def _three_classes(n: int = 124, seed: int = 0):
+    """A 3-class logistic regression on 124 examples (the size where one sampled label per example is noisiest),
+    trained to a minimum; float64."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    y = (X[:, :3] + 0.8 * torch.randn(n, 3, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(seed)
+    task = ik.ClassificationTask(nn.Linear(5, 3).double(), l2=1e-3)
+    ik.fit_lbfgs(task, (X, y))
+    return task, (X, y)
+
+
+def test_auto_fisher_takes_the_expectation_over_few_labels_and_samples_many():
+    """fisher='auto' (the default): the exact expectation over 3 classes — S equals fisher='expected' bit for bit and
+    (1/n) Σ (diag(p) − ppᵀ) to 1e-12 — and a sampled label over the 10 digit classes (equal to fisher='sampled'); the
+    report names the choice. The expectation is what many samples average to: 4,000 labels per example give S within
+    1% (Frobenius, relative; measured 0.15%), one label per example is 10× further (measured 13-23% over seeds 0-4)."""
+    task, train = _three_classes()
+    op = operator_of(task, train, damping=0.01)
+    auto, expected = KFACSolver().fit(op), KFACSolver(fisher="expected").fit(op)
+    assert torch.equal(auto.layers_[0].S, expected.layers_[0].S)
+    with torch.no_grad():
+        P = torch.softmax(task.model(train[0]), dim=1)
+    S_ref = torch.diag(P.mean(0)) - P.T @ P / len(P)
+    assert relative_error(auto.layers_[0].S, S_ref) < 1e-12
+    details = auto.solve(torch.ones(1, op.n_params, dtype=torch.float64))[1].details
+    assert details["fisher"].startswith("expected (auto: 3 label(s) per example")
+    many = relative_error(KFACSolver(fisher="sampled", samples=4000).fit(op).layers_[0].S, S_ref)
+    one = relative_error(KFACSolver(fisher="sampled").fit(op).layers_[0].S, S_ref)
+    assert many < 0.01 and one > 10 * many
+    digits = load_digits_split(200, seed=0)[0]
+    ten = ik.ClassificationTask(nn.Linear(64, 10).double())
+    op10 = operator_of(ten, digits, damping=0.01)
+    sampled_auto, sampled = KFACSolver().fit(op10), KFACSolver(fisher="sampled").fit(op10)
+    assert torch.equal(sampled_auto.layers_[0].S, sampled.layers_[0].S)
+    assert sampled_auto.solve(torch.ones(1, op10.n_params, dtype=torch.float64))[1].details["fisher"].startswith("sampled (auto: 10 label")
+
+
+def test_ekfac_with_the_expected_fisher_is_closer_to_exact_influence_on_small_data():
+    """On the 124-example 3-class problem (a minimum, damping 0.01), EK-FAC's scores against the exact damped influence:
+    the expectation (auto) reaches Pearson r ≥ 0.95 (measured 0.961), above one sampled label per example with any of
+    the seeds 0-4 (measured 0.939-0.949): the sampling noise the expectation removes."""
+    task, train = _three_classes()
+    test = (train[0][:30], train[1][:30])
+    exact = ik.Influence(task, train, solver="exact", damping=0.01).fit().scores(test).values.numpy().ravel()
+    auto = ik.Influence(task, train, solver="ekfac", damping=0.01).fit().scores(test).values.numpy().ravel()
+    sampled = [ik.Influence(task, train, solver="ekfac", damping=0.01, solver_options={"fisher": "sampled", "seed": s})
+               .fit().scores(test).values.numpy().ravel() for s in range(5)]
+    r_auto, r_sampled = pearson(auto, exact), [pearson(s, exact) for s in sampled]
+    print(f"EK-FAC vs exact influence: expected (auto) r = {r_auto:.4f}, sampled r = {np.round(r_sampled, 4)}")
+    assert r_auto >= 0.95 and r_auto > max(r_sampled)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .fisher import EXPECTED_MAX_LABELS
+
 if TYPE_CHECKING:
     from .base import Solver
     from .kfac import KFACSolver
@@ -167,7 +169,9 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
     unit = timed(lambda: torch.linalg.eigh(M))
     eig = sum(unit * (d / r) ** 3 for d in sizes)
     positions = probe.layer_positions(probe_solver.layers_)
-    variants = {"sampled": solver.samples, "expected": probe.n_outputs(), "empirical": 1}[solver.fisher]
+    outputs = probe.n_outputs()
+    auto = outputs if max(outputs, 2) <= EXPECTED_MAX_LABELS else solver.samples  # "auto": per-token outputs count as many
+    variants = {"sampled": solver.samples, "expected": outputs, "empirical": 1, "auto": auto}[solver.fisher]
     kept = torch.finfo(solver.solve_dtype or probe.dtype).bits // 8  # b_r: the state is kept in the rotations' dtype
     state, work, flops = _kfac_layers(probe_solver.layers_, positions, variants, min(probe.hvp_chunk, probe.n),
                                       2 if solver._corrected else 1, kept)

@@ -2,9 +2,15 @@
 
 For each chunk of this rank's examples, the layers' inputs (once) and the output gradients of the loss at
 relabelled batches: labels sampled from the model's predictive distribution (``"sampled"``: the true Fisher),
-every label weighted by its probability (``"expected"``), or the true labels (``"empirical"``). Sampled
+every label weighted by its probability (``"expected"``), the true labels (``"empirical"``), or ``"auto"``:
+the expectation where an example has at most :data:`EXPECTED_MAX_LABELS` labels to weigh (a few classes, a binary
+output, a few regression outputs), a sampled label otherwise (per-token outputs, many classes). Sampled
 labels depend only on the seed and the example's global index (one generator per block of ``DRAW_BLOCK``
 consecutive examples), so neither the chunk size nor sharding changes them.
+
+Where the task computes its loss from the model's outputs (:meth:`~influencekit.task.Task.has_loss_from_outputs`),
+a chunk runs one tapped forward and one backward per label variant (:meth:`~influencekit.layers.LayerTaps.run_each`):
+the expectation over C labels costs one forward and C backwards, a sampled label one of each.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ from ..errors import UnsupportedError
 from ..layers import LayerBlock, LayerTaps, choose_per_example
 from ..task import Task
 
-__all__ = ["FisherPasses", "FISHERS", "DRAW_BLOCK", "loss_kind"]
+__all__ = ["FisherPasses", "FISHERS", "EXPECTED_MAX_LABELS", "DRAW_BLOCK", "loss_kind"]
 
-FISHERS = ("sampled", "expected", "empirical")
+FISHERS = ("auto", "sampled", "expected", "empirical")
+# "auto" takes the expectation where it weighs at most this many labels per example: its pass then costs at most one
+# forward and 4 backwards against one of each for a sampled label, and it removes the sampling noise that costs small
+# data sets most (a 124-example, 3-class logistic regression: docs/benchmarks.md)
+EXPECTED_MAX_LABELS = 4
 # examples per seeded generator of sampled labels: the draws of example i come from block i // DRAW_BLOCK
 DRAW_BLOCK = 256
 
@@ -44,6 +54,16 @@ def loss_kind(task: Task) -> str:
     )
 
 
+def _labels_to_weigh(kind: str, out: torch.Tensor) -> int | None:
+    """Labels the expected Fisher weighs per example for outputs ``out`` (B, ...): C classes, 2 for a binary output,
+    m regression outputs; None for per-token outputs (B, T, C), where it is not available."""
+    if kind == "classification":
+        if out.dim() == 3:
+            return None
+        return out.shape[1] if out.dim() == 2 and out.shape[1] > 1 else 2
+    return out[0].numel()
+
+
 def with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
     """``batch`` with its labels replaced by ``target``."""
     return task.with_labels(batch, target)
@@ -55,6 +75,19 @@ class FisherPasses:
     def __init__(self, fisher: str, samples: int, seed: int) -> None:
         self.fisher, self.samples, self.seed = fisher, samples, seed
         self._leftover: Any = None  # the per-example gradient function of the leftover parameters, once chosen
+        self.used: str | None = None  # what "auto" chose, and why (for the report), once a chunk was seen
+
+    def resolve(self, kind: str, out: torch.Tensor) -> str:
+        """The Fisher used for outputs like ``out`` (B, ...): ``fisher`` itself, or what ``"auto"`` picks for them
+        (the outputs' shape decides, so every chunk and rank picks the same)."""
+        if self.fisher != "auto":
+            self.used = self.fisher
+            return self.fisher
+        labels = _labels_to_weigh(kind, out)
+        chosen = "expected" if labels is not None and labels <= EXPECTED_MAX_LABELS else "sampled"
+        what = "per-token outputs" if labels is None else f"{labels} label(s) per example"
+        self.used = f"{chosen} (auto: {what}; the expectation up to {EXPECTED_MAX_LABELS})"
+        return chosen
 
     def draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
@@ -80,17 +113,18 @@ class FisherPasses:
         target = task.labels(batch)
         B = out.shape[0]
         ones = torch.ones(B, dtype=out.dtype, device=out.device)
-        if self.fisher == "empirical":
+        fisher = self.resolve(kind, out)
+        if fisher == "empirical":
             return [(batch, ones)]
         if kind == "classification" and out.dim() == 3:
-            return self._sequence(batch, out, task, lo, target, ones)
+            return self._sequence(fisher, batch, out, task, lo, target, ones)
         if kind == "classification":
-            return self._classification(batch, out, task, lo, target, ones)
+            return self._classification(fisher, batch, out, task, lo, target, ones)
         # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
         f = out.reshape(target.shape).to(out.dtype)
         m = f[0].numel()
         scale = math.sqrt(m / 2.0)
-        if self.fisher == "sampled":
+        if fisher == "sampled":
             eps = self.draws(lo, B, m, normal=True, dtype=f.dtype, device=f.device)
             return [(with_target(task, batch, f + scale * e.reshape(f.shape)), ones / self.samples) for e in eps]
         variants = []
@@ -100,29 +134,29 @@ class FisherPasses:
             variants.append((with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
         return variants
 
-    def _classification(self, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
+    def _classification(self, fisher: str, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
                         ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
         B = out.shape[0]
         if out.dim() == 2 and out.shape[1] > 1:
             p = torch.softmax(out, dim=1)
-            if self.fisher == "sampled":  # inverse CDF of each example's own uniform draw
+            if fisher == "sampled":  # inverse CDF of each example's own uniform draw
                 U = self.draws(lo, B, 1, normal=False, dtype=p.dtype, device=p.device)
                 cdf = p.cumsum(dim=1)
                 Y = [(cdf < u).sum(dim=1).clamp_max(p.shape[1] - 1) for u in U]
                 return [(with_target(task, batch, y.to(target.dtype)), ones / self.samples) for y in Y]
             return [(with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
         q = torch.sigmoid(out.reshape(B))
-        if self.fisher == "sampled":
+        if fisher == "sampled":
             U = self.draws(lo, B, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
             return [(with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
         return [(with_target(task, batch, torch.ones_like(target)), q), (with_target(task, batch, torch.zeros_like(target)), 1 - q)]
 
-    def _sequence(self, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
+    def _sequence(self, fisher: str, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
                   ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
         """Labels drawn per position of ``(B, T, C)`` logits; positions without a loss keep their label."""
-        if self.fisher != "sampled":
+        if fisher != "sampled":
             raise UnsupportedError(
-                f"fisher={self.fisher!r} is not available for per-token outputs (B, T, C): the expected Fisher would "
+                f"fisher={fisher!r} is not available for per-token outputs (B, T, C): the expected Fisher would "
                 "weight every position by its own probability. Use fisher='sampled' (default) or 'empirical'."
             )
         B, T, C = out.shape
@@ -148,21 +182,19 @@ class FisherPasses:
                 ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Per label variant of a chunk: (relabelled batch, weights w, layer inputs, output gradients of Σ √w ℓ).
 
-        With a single variant (``"sampled"`` with one sample, ``"empirical"``) and a loss computable from the outputs
-        (:meth:`~influencekit.task.Task.has_loss_from_outputs`), the labels are drawn from the outputs of the very forward
-        pass that is back-propagated: one forward per chunk, where the general path runs a no-grad forward for the
-        labels and a second one per variant."""
-        if (self.fisher == "empirical" or (self.fisher == "sampled" and self.samples == 1)) and task.has_loss_from_outputs():
-            relabelled: list[Any] = []
+        With a loss computable from the outputs (:meth:`~influencekit.task.Task.has_loss_from_outputs`), the labels
+        come from the outputs of the very forward pass that is back-propagated, once per variant: one forward per chunk,
+        where the general path runs a no-grad forward for the labels and a tapped forward and backward per variant."""
+        if task.has_loss_from_outputs():
+            variants: list[tuple[Any, torch.Tensor]] = []
 
-            def loss(live: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
-                out = task.outputs(live, b)
-                ((vbatch, _),) = self.variants(kind, b, out.detach(), task, lo)
-                relabelled.append(vbatch)
-                return task.loss_from_outputs(out, vbatch)
+            def losses_of(out: torch.Tensor) -> list[torch.Tensor]:
+                variants.extend(self.variants(kind, batch, out.detach(), task, lo))
+                return [task.loss_from_outputs(out, vbatch) * w.sqrt().to(out.dtype) for vbatch, w in variants]
 
-            raw_in, raw_grads, losses = taps.run(loss, params, batch)
-            yield relabelled[0], torch.ones_like(losses), raw_in, raw_grads
+            raw_in, _, grads_each = taps.run_each(task.outputs, losses_of, params, batch)
+            for (vbatch, w), raw_grads in zip(variants, grads_each):
+                yield vbatch, w, raw_in, raw_grads
             return
         with torch.no_grad():
             out = task.outputs(params, batch)

@@ -23,6 +23,8 @@ model's own predictive distribution (``fisher="sampled"``, seeded: the true Fish
 label weighted by its probability (``fisher="expected"``: the true Fisher in closed form, C backward passes
 for C classes; then S equals the exact (1/n) Σ_i J_s,iᵀ H_out,i J_s,i of the layer), or at the true labels
 (``fisher="empirical"``: the empirical Fisher, which is not a curvature of R and is offered for comparison).
+The default ``fisher="auto"`` takes the expectation where an example has at most 4 labels to weigh and samples
+otherwise (:mod:`~influencekit.solvers.fisher`).
 
 With the eigendecompositions A = Q_A diag(λ_A) Q_Aᵀ and S = Q_S diag(λ_S) Q_Sᵀ (float64), the solve of a
 layer's block V (out × k) is
@@ -294,10 +296,11 @@ class KFACSolver(Solver):
     """Kronecker-factored Gauss-Newton/Fisher (K-FAC) per layer, eigendecomposed in float64.
 
     Args:
-        fisher: which output gradients build S and the corrections: ``"sampled"`` (default; labels drawn
-            from the model, seeded by ``seed``: the true Fisher), ``"expected"`` (every label weighted by its
-            probability: the true Fisher without sampling noise, at C backward passes for C classes and
-            m for m regression outputs), ``"empirical"`` (the true labels).
+        fisher: which output gradients build S and the corrections: ``"auto"`` (default: ``"expected"`` where an
+            example has at most 4 labels to weigh, ``"sampled"`` otherwise; the choice in every solve report's
+            ``details["fisher"]``), ``"sampled"`` (labels drawn from the model, seeded by ``seed``: the true Fisher),
+            ``"expected"`` (every label weighted by its probability: the true Fisher without sampling noise, at
+            C backward passes for C classes and m for m regression outputs), ``"empirical"`` (the true labels).
         samples: labels drawn per example when ``fisher="sampled"`` (each variant weighted 1/samples); one is
             unbiased but noisy when the model is confident and the data small (see docs/guide.md).
         seed: seed of the sampled labels.
@@ -331,7 +334,7 @@ class KFACSolver(Solver):
     def __init__(
         self,
         *,
-        fisher: str = "sampled",
+        fisher: str = "auto",
         samples: int = 1,
         seed: int = 0,
         unsupported: str = "exclude",
@@ -633,7 +636,7 @@ class KFACSolver(Solver):
             "converged": True,
             "hvps": 0.0,
             "details": {
-                "fisher": self.fisher,
+                "fisher": self.passes.used or self.fisher,
                 "layers": [layer.name for layer in self.layers_],
                 "diagonal_params": list(self.leftover_),
                 "residual": f"approximation error of the factored Gauss-Newton against H + δI, measured at fit on "
