@@ -304,14 +304,20 @@ def captum_arnoldi(model, train, test, timer, info):
     return s.detach().numpy()
 
 
-def _pydvl(cls_name: str, **kwargs: Any) -> Callable:
+def _pydvl(cls_name: str, *, float32: bool = False, **kwargs: Any) -> Callable:
     # pydvl/influence/base_influence_function_model.py: influences(x_test, y_test, x, y, mode="up") is
     # <(H + reg I)⁻¹∇ℓ(test), ∇ℓ(train)> with H the Hessian of the mean loss over the fitted DataLoader (checked
-    # numerically below: sign +, so −I_up,loss/n = +value/n).
+    # numerically below: sign +, so −I_up,loss/n = +value/n). float32: a float32 copy of the model and the data
+    # (EkfacInfluence builds its factors in float32 and fails on a float64 model)
     def run(model, train, test, timer, info):
+        import copy
+
         import pydvl.influence.torch as pt
         from torch.utils.data import DataLoader, TensorDataset
 
+        if float32:
+            model = copy.deepcopy(model).float()
+            train, test = (train[0].float(), train[1]), (test[0].float(), test[1])
         X, y = train
         loss = torch.nn.functional.cross_entropy
         cls = getattr(pt, cls_name)
@@ -323,7 +329,7 @@ def _pydvl(cls_name: str, **kwargs: Any) -> Callable:
             est.fit(DataLoader(TensorDataset(X, y), batch_size=len(X)))
         with timer("score"):
             s = est.influences(test[0], test[1], X, y, mode="up")
-        return s.detach().numpy() / len(X)
+        return s.detach().double().numpy() / len(X)
     return run
 
 
@@ -447,6 +453,7 @@ METHODS: dict[str, tuple[str, str, Callable]] = {
     "ik-ekfac": ("influencekit", "ekfac", ik_method("ekfac")),
     "ik-ekfac-sampled": ("influencekit", "ekfac (fisher='sampled': one label drawn per example)", ik_method("ekfac", fisher="sampled")),
     "ik-ekfac-expected": ("influencekit", "ekfac (fisher='expected')", ik_method("ekfac", fisher="expected")),
+    "ik-ekfac-peer": ("influencekit", "ekfac (peer convention)", ik_method("ekfac", peer_convention=True)),
     "ik-cg-scores": ("influencekit", "cg stopped by the scores (score_rtol 1e-4)", ik_method("cg", score_rtol=1e-4)),
     "ik-pcg": ("influencekit", "cg preconditioned by ekfac", ik_method("cg", preconditioner="ekfac")),
     "ik-pcg-scores": ("influencekit", "cg preconditioned by ekfac, stopped by the scores (score_rtol 1e-4)",
@@ -466,6 +473,7 @@ METHODS: dict[str, tuple[str, str, Callable]] = {
     "pydvl-lissa-100": ("pydvl 0.10.0", "LissaInfluence (maxiter=100)", _pydvl("LissaInfluence", maxiter=100)),
     "pydvl-arnoldi": ("pydvl 0.10.0", "ArnoldiInfluence (rank 10)", _pydvl("ArnoldiInfluence")),
     "pydvl-ekfac": ("pydvl 0.10.0", "EkfacInfluence", _pydvl("EkfacInfluence")),
+    "pydvl-ekfac-f32": ("pydvl 0.10.0", "EkfacInfluence (float32 copy of the model and data)", _pydvl("EkfacInfluence", float32=True)),
     "kronfluence-ekfac": ("kronfluence 1.0.1", "EK-FAC", kronfluence_ekfac),
     "dattri-explicit": ("dattri 0.3.0", "IFAttributorExplicit", _dattri("IFAttributorExplicit", no_grad=True)),
     "dattri-cg": ("dattri 0.3.0", "IFAttributorCG (max_iter=10 default)", _dattri("IFAttributorCG", no_grad=True)),
@@ -496,8 +504,8 @@ DEFAULT_METHODS: dict[str, list[str]] = {
     "cnn": ["ik-ekfac", "ik-arnoldi", "ik-arnoldi-drop", "ik-arnoldi-2000", "captum-arnoldi", "pydvl-arnoldi", "pydvl-ekfac",
             "kronfluence-ekfac", "dattri-arnoldi", "dattri-ekfac", "dattri-datainf"],
     # wine: the Fisher's expectation against one sampled label per example, and the peers' EK-FAC
-    "wine": ["ik-exact", "ik-exact-peer", "ik-cg", "ik-ekfac", "ik-ekfac-sampled", "ik-ekfac-expected", "pydvl-direct",
-             "pydvl-ekfac", "kronfluence-ekfac", "dattri-ekfac"],
+    "wine": ["ik-exact", "ik-exact-peer", "ik-cg", "ik-ekfac", "ik-ekfac-sampled", "ik-ekfac-expected", "ik-ekfac-peer", "pydvl-direct",
+             "pydvl-ekfac-f32", "kronfluence-ekfac", "dattri-ekfac"],
 }
 
 
