@@ -29,7 +29,8 @@ Stages and their time formulas:
     query solve             B × per block: exact 2·q·p² / ρ (+ residual rows); cg iterations·q·n·τ_h
                             (iterations is an assumption, given as ``cg_iterations``); lissa
                             repeats·depth·q·min(batch_size, n)·τ_h (+ q·n·τ_h residual); arnoldi
-                            4·q·rank·p / ρ + min(q, residual_rows)·n·τ_h; kfac/ekfac 4·q·Σ(o²k + ok²) / ρ
+                            4·q·rank·p / ρ + min(q, residual_rows)·n·τ_h; kfac/ekfac 4·q·Σ(o²k + ok²) / ρ, or from the
+                            test taps q·Σ[2·min(T(o² + k²) + Tok, ok(o + k)) + 2·ok(o + k)] / ρ
     scoring                 B × (n·τ_g + 2·q·n·p / ρ)               (one training-gradient pass per block)
                             arnoldi with remainder="drop" and rank < t_test scores in its eigenbasis:
                             n·τ_g + 2·n·rank·p / ρ + 2·t_test·(n + p)·rank / ρ
