@@ -566,3 +566,24 @@ def test_ekfac_with_the_expected_fisher_is_closer_to_exact_influence_on_small_da
     r_auto, r_sampled = pearson(auto, exact), [pearson(s, exact) for s in sampled]
     print(f"EK-FAC vs exact influence: expected (auto) r = {r_auto:.4f}, sampled r = {np.round(r_sampled, 4)}")
     assert r_auto >= 0.95 and r_auto > max(r_sampled)
+
+
+def test_the_fused_label_passes_equal_the_general_path():
+    """One tapped forward with a backward per label (LayerTaps.run_each, where the loss comes from the outputs) and the
+    general path (a no-grad forward for the labels, then a tapped forward and backward per label, taken when a subclass
+    redefines `loss`): the same factors and EK-FAC eigenvalues to 1e-12, for the expectation over 3 classes and for
+    sampled labels (the same seeded draws)."""
+    class OwnLoss(ik.ClassificationTask):
+        fisher = "classification"  # declared: this loss is still cross-entropy on the outputs
+
+        def loss(self, params, batch):  # the same loss, redefined: has_loss_from_outputs() is False
+            return super().loss(params, batch)
+
+    task, train = _three_classes()
+    general = OwnLoss(task.model, l2=1e-3)
+    assert task.has_loss_from_outputs() and not general.has_loss_from_outputs()
+    for fisher in ("expected", "sampled"):
+        fused = EKFACSolver(fisher=fisher).fit(operator_of(task, train, damping=0.01, batch_size=50)).layers_[0]
+        plain = EKFACSolver(fisher=fisher).fit(operator_of(general, train, damping=0.01, batch_size=50)).layers_[0]
+        for name in ("A", "S", "eig"):
+            assert relative_error(getattr(fused, name), getattr(plain, name)) < 1e-12, (fisher, name)
