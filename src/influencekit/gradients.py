@@ -10,6 +10,7 @@ chunk's losses and gradients are checked to be finite, naming the offending exam
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -150,20 +151,9 @@ class GradientSource:
         is drawn: a consumer that scores them one by one never holds a chunk's whole rows), else the whole rows as one
         piece. Draw a chunk's pieces before the next chunk. Every piece is checked to be finite."""
         stop = len(data) if stop is None else stop
-        fn = self.function(side)
         bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
         for lo, batch in self.batches(data, start, stop):
-            try:
-                with matmul_precision(self.precision):
-                    per_example = self.per_example(side, batch)
-                    if isinstance(per_example, LayerGradients):
-                        pieces, losses = per_example.pieces(fn, self.params, batch)
-                    else:
-                        G, losses = per_example(fn, self.params, batch)
-                        pieces = iter([DensePiece(0, G)])
-            except (RuntimeError, TypeError, IndexError, ValueError):
-                self.task.check_forward(self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), data.name)
-                raise
+            pieces, losses = self._pieces(side, batch, data.name, self.precision)
             check_losses(losses, data.name, lo)
             yield lo, len(losses), self._checked(pieces, data.name, lo)
             bar.update(len(losses))
@@ -188,19 +178,35 @@ class GradientSource:
         return torch.cat(rows)
 
     def _rows(self, side: str, batch: Any, name: str, offset: int, precision: str) -> torch.Tensor:
-        fn = self.function(side)
-        try:
-            with matmul_precision(precision):
-                G, losses = self.per_example(side, batch)(fn, self.params, batch)
-        except (RuntimeError, TypeError, IndexError, ValueError):
-            # the data may not fit the model (e.g. test inputs with other features): name it; else torch's error stands
-            self.task.check_forward(self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), name)
-            raise
+        pieces, losses = self._pieces(side, batch, name, precision)
         check_losses(losses, name, offset)
+        with matmul_precision(precision):
+            first = next(pieces)
+            if isinstance(first, DensePiece) and first.offset == 0 and first.rows.shape[1] == self.layout.n:
+                G = first.rows  # the whole rows already (vmap, loop): no copy
+            else:
+                G = torch.empty(len(losses), self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
+                for piece in itertools.chain([first], pieces):
+                    piece.write(G)
         check_grads(G, name, offset)
         if side == "train" and self._l2_term is not None:
             G += self._l2_term  # in place: the chunk is freshly allocated, a copy would double its memory traffic
         return G
+
+    def _pieces(self, side: str, batch: Any, name: str, precision: str) -> tuple[Iterator[GradientPiece], torch.Tensor]:
+        """One chunk's per-example gradients as pieces (:meth:`parts`) and its losses; a model that cannot take the
+        data is named in words (:meth:`Task.check_forward`), else torch's error stands."""
+        fn = self.function(side)
+        try:
+            with matmul_precision(precision):
+                per_example = self.per_example(side, batch)
+                if isinstance(per_example, LayerGradients):
+                    return per_example.pieces(fn, self.params, batch)
+                G, losses = per_example(fn, self.params, batch)
+                return iter([DensePiece(0, G)]), losses
+        except (RuntimeError, TypeError, IndexError, ValueError):
+            self.task.check_forward(self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), name)
+            raise
 
     @property
     def l2_term(self) -> torch.Tensor | None:

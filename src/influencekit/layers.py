@@ -247,11 +247,10 @@ class LayerTaps:
         return inputs, self._backward(total, outs, retain=False), losses.detach()
 
     def run_each(self, forward: LossFn, losses_of: Callable[[torch.Tensor], list[torch.Tensor]], params: dict[str, torch.Tensor],
-                 batch: Any) -> tuple[list[torch.Tensor], torch.Tensor, Iterator[list[torch.Tensor]]]:
+                 batch: Any) -> tuple[list[torch.Tensor], Iterator[list[torch.Tensor]]]:
         """One forward of ``forward`` (per-example outputs) and one backward per loss vector of ``losses_of(outputs)``
-        (e.g. the loss at each label of an expectation): ``(raw inputs, outputs detached, per loss the gradients of its
-        sum with respect to each block's raw output)``, the backward passes run as the last item is drawn (the graph
-        is kept until the last)."""
+        (e.g. the loss at each label of an expectation): ``(raw inputs, per loss the gradients of its sum with respect to
+        each block's raw output)``, each backward run as its item is drawn (the graph is kept until the last)."""
         out, inputs, outs = self._forward(forward, params, batch)
         with torch.enable_grad():
             losses = losses_of(out)
@@ -260,7 +259,7 @@ class LayerTaps:
             for j, loss in enumerate(losses):
                 yield self._backward(loss.sum(), outs, retain=j < len(losses) - 1)
 
-        return inputs, out.detach(), backward_each()
+        return inputs, backward_each()
 
     def _forward(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

@@ -225,10 +225,11 @@ class Influence:
 
     def _solves_from_taps(self, data: Examples) -> bool:
         """Whether the solver takes the test side's layer taps (:meth:`Solver.solve_taps`): it can, every parameter is
-        in a factored dense layer, and the taps give the test gradients (chosen on the first test example)."""
+        in a factored dense layer, and the taps give the test gradients."""
         if "tap_solve" not in self.solver_.capabilities or not self.solver_.tap_solvable() or len(data) == 0:
             return False
-        self.gradients_.per_example("test", self.gradients_.take(data, [0]))
+        # chosen as on the first chunk: choose_per_example checks the taps against vmap on its first 4 examples
+        self.gradients_.per_example("test", self.gradients_.take(data, range(min(len(data), 4))))
         return self.gradients_.methods["test"] == "layers"
 
     def _queries_from_taps(self, data: Examples, block: int, skip: Callable[[int], bool] | None

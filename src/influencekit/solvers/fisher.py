@@ -192,7 +192,7 @@ class FisherPasses:
                 variants.extend(self.variants(kind, batch, out.detach(), task, lo))
                 return [task.loss_from_outputs(out, vbatch) * w.sqrt().to(out.dtype) for vbatch, w in variants]
 
-            raw_in, _, grads_each = taps.run_each(task.outputs, losses_of, params, batch)
+            raw_in, grads_each = taps.run_each(task.outputs, losses_of, params, batch)
             for (vbatch, w), raw_grads in zip(variants, grads_each):
                 yield vbatch, w, raw_in, raw_grads
             return

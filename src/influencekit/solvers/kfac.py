@@ -197,6 +197,13 @@ def _rotated_in(layer: _Layer, a: torch.Tensor, g: torch.Tensor, dtype: torch.dt
     return QS.T @ torch.einsum("bto,btk->bok", g, a).to(dtype) @ QA
 
 
+def _solved_from_taps(layer: _Layer, a: torch.Tensor, g: torch.Tensor, *, shift: float, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's block of the solution for examples given by their taps: Q_S [(Q_Sᵀ ∇W Q_A) / (Λ + shift)] Q_Aᵀ,
+    ``(B, out, k)`` in ``dtype``, rotated in by :func:`_rotated_in`."""
+    QS, QA = layer.QS.to(dtype), layer.QA.to(dtype)
+    return QS @ (_rotated_in(layer, a, g, dtype) / (layer.eig + shift).to(dtype)) @ QA.T
+
+
 def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list[bool], rank: int, *, shift: float,
                           dtype: torch.dtype, out_dtype: torch.dtype, block_elements: int, seed: int
                           ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor | None]]:
@@ -210,7 +217,7 @@ def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list
         QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
         rows = max(1, block_elements // layer.index.numel())
         if not f:
-            M.append(torch.cat([(QS @ (_rotated_in(layer, a[lo:lo + rows], g[lo:lo + rows], dtype) / denom) @ QA.T).to(out_dtype)
+            M.append(torch.cat([_solved_from_taps(layer, a[lo:lo + rows], g[lo:lo + rows], shift=shift, dtype=dtype).to(out_dtype)
                                 for lo in range(0, len(factors), rows)]))
             U.append(None), V.append(None)
             continue
@@ -230,11 +237,9 @@ def _solve_taps(layers: list[_Layer], factors: Factors, out: torch.Tensor, *, sh
     by_name = {layer.name: layer for layer in layers}
     for block, a, g in zip(factors.blocks, factors.a, factors.g):
         layer = by_name[block.name]
-        QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
         rows = max(1, block_elements // layer.index.numel())
         for lo in range(0, len(factors), rows):
-            rotated = _rotated_in(layer, a[lo:lo + rows], g[lo:lo + rows], dtype)
-            out[lo:lo + rows, layer.index] = (QS @ (rotated / denom) @ QA.T).to(out.dtype)
+            out[lo:lo + rows, layer.index] = _solved_from_taps(layer, a[lo:lo + rows], g[lo:lo + rows], shift=shift, dtype=dtype).to(out.dtype)
 
 
 def _eigendecompose(layers: list[_Layer]) -> None:
