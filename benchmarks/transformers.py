@@ -9,7 +9,15 @@ batch 16; ``influencekit.experiments.minilm``, kept in ``--cache``). ``--model p
 
 * ``--case block5``: the six Linear layers of block 5, the pooler and the classifier (1.92M parameters), by default
   on 1,000 training × 200 test e-mails;
-* ``--case all``: every Linear layer of the model (38 layers, 10.8M parameters), by default 300 × 50.
+* ``--case all``: every Linear layer of the model (38 layers, 10.8M parameters), by default 300 × 50;
+* ``--case causal``: a causal language model, per-token influence. A small GPT-2 (``GPT2LMHeadModel``, 4 blocks of
+  width 128, tied ``lm_head``, 1.85M parameters) trained here from scratch on Enron1 text
+  (:mod:`influencekit.experiments.enron_lm`: MiniLM's WordPiece tokens cut to an 8,192-token vocabulary, sequences of
+  64 tokens, 4 AdamW epochs, ~2 minutes, cached); influence covers the dense layers of every block (16 ``Conv1D``
+  layers, 0.79M parameters) and scores each token of the continuations of 8 held-out sequences (their last 32
+  tokens after a 32-token prompt: 256 query rows, ``ik.hf.per_token``) against 4,000 training sequences. Kronfluence
+  gets the same query rows (one measurement per token) and the same layers as ``nn.Linear`` (its GPT-2 example
+  converts ``Conv1D`` so; it tracks ``nn.Linear``/``nn.Conv2d`` only).
 
 Both systems use EK-FAC with the true Fisher (labels sampled from the model), the same modules, the same damping
 (``--damping``) and padding masked (our position mask, Kronfluence's ``get_attention_mask``); each runs with the
@@ -60,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENRON = ROOT.parent / "shared" / "data" / "enron"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 # per case: the issue's default sizes (n_train, n_test)
-SIZES = {"block5": (1000, 200), "all": (300, 50)}
+SIZES = {"block5": (1000, 200), "all": (300, 50), "causal": (4000, 8)}
 
 
 def _load_bench_module(name: str) -> Any:
@@ -76,8 +84,13 @@ rss_mib, current_rss_mib = _solvers.rss_mib, _solvers.current_rss_mib
 
 
 def load(args: argparse.Namespace):
+    """The model and its data: MiniLM fine-tuned on Enron1 e-mails, or for ``causal`` the GPT-2 trained on their text."""
     from influencekit.experiments.minilm import Recipe, fine_tuned_minilm
 
+    if args.case == "causal":
+        from influencekit.experiments.enron_lm import LMRecipe, enron_lm
+
+        return enron_lm(ENRON, args.cache, LMRecipe(n_train=args.n_train, n_test=args.n_test), progress=not args.worker)
     if args.model == "stock":
         recipe = Recipe(n_train=args.n_train, n_test=args.n_test, max_length=96, model="stock", trained_blocks=2)
     else:
@@ -85,8 +98,47 @@ def load(args: argparse.Namespace):
     return fine_tuned_minilm(ENRON, args.cache, recipe, progress=not args.worker)
 
 
+def tracked_modules(args: argparse.Namespace) -> list[str]:
+    if args.case == "causal":
+        from influencekit.experiments.enron_lm import LMRecipe, block_modules
+
+        return block_modules(LMRecipe().layers)
+    return MODULES[args.model][args.case]
+
+
+def queries(ft, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """The test examples scored: each held-out continuation token as a row of its own for ``causal``."""
+    if args.case != "causal":
+        return ft.test
+    import influencekit as ik
+
+    rows = [ik.hf.per_token(x) for x in ft.test]
+    return [{k: v[j] for k, v in batch.items()} for batch in rows for j in range(len(batch["labels"]))]
+
+
+def describe(ft, args: argparse.Namespace) -> str:
+    if args.case == "causal":
+        return (f"GPT-2 ({sum(p.numel() for p in ft.model.parameters()):,} parameters) trained on {len(ft.train)} Enron1 "
+                f"text sequences of {ft.recipe.length} tokens: held-out loss {ft.test_loss:.3f} nats/token; case causal: "
+                f"{len(tracked_modules(args))} modules; {len(queries(ft, args))} continuation tokens of {len(ft.test)} "
+                f"held-out sequences x {len(ft.train)} train")
+    return (f"MiniLM ({args.model}) fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; "
+            f"case {args.case}: {len(tracked_modules(args))} modules; {len(ft.test)} test x {len(ft.train)} train")
+
+
 def configurations(args: argparse.Namespace) -> dict[str, str]:
     """Each system's settings, as printed beside the figures."""
+    if args.case == "causal":
+        from influencekit.experiments.enron_lm import LMRecipe
+
+        return {
+            "ours": f"EK-FAC, ik.hf.CausalLMTask (sum over tokens), fisher='sampled' (a label drawn per token), damping "
+                    f"{args.damping:g}, batch_size {args.batch_size}, memory_budget {args.memory_budget}, "
+                    "stationarity_tol=None, queries ik.hf.per_token; float32 model and rotations, float64 factors",
+            "kronfluence": f"EK-FAC, damping_factor {args.damping:g}, factor and train batch {args.batch_size}, query batch "
+                           f"{args.n_test * (LMRecipe().length - LMRecipe().prompt)} (every query row at once); Conv1D as nn.Linear (its GPT-2 example); "
+                           "summed token cross-entropy, sampled labels for the factors; float32 throughout",
+        }
     cache = "ik.hf.cache_prefix (frozen blocks 0-4 run once)" if args.case == "block5" else "no prefix cache (every block selected)"
     return {
         "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget {args.memory_budget}, "
@@ -100,10 +152,13 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
 def ours(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any]) -> np.ndarray:
     import influencekit as ik
 
-    task = ik.hf.SequenceClassificationTask(ft.model, params=modules)
+    if args.case == "causal":
+        task = ik.hf.CausalLMTask(ft.model, params=modules)
+    else:
+        task = ik.hf.SequenceClassificationTask(ft.model, params=modules)
     t0 = time.perf_counter()
     train = ik.hf.cache_prefix(task, ft.train, batch_size=args.batch_size) if args.case == "block5" else ft.train
-    test = ik.hf.cache_prefix(task, ft.test, batch_size=args.batch_size) if args.case == "block5" else ft.test
+    test = ik.hf.cache_prefix(task, ft.test, batch_size=args.batch_size) if args.case == "block5" else queries(ft, args)
     info["t_cache"] = time.perf_counter() - t0
     # a fine-tuned network is never at a minimum: no stationarity check (its gradient pass would tell nothing new)
     # fisher="sampled": one label drawn per example, Kronfluence's estimator (our default "auto" would take the exact
@@ -137,6 +192,25 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
         return out if isinstance(out, torch.Tensor) else out.logits
 
+    def next_token_logits(model, batch):
+        return model(input_ids=batch["input_ids"]).logits[:, :-1]
+
+    class NextToken(Task):  # as Kronfluence's language-modelling examples: summed token cross-entropy
+        def compute_train_loss(self, batch, model, sample=False):
+            out = next_token_logits(model, batch)
+            labels = batch["input_ids"][:, 1:]
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(out.flatten(0, 1), -1), 1).view_as(labels)
+            return F.cross_entropy(out.transpose(1, 2), labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            out = next_token_logits(model, batch)
+            return F.cross_entropy(out.transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="sum")
+
+        def get_influence_tracked_modules(self):
+            return modules
+
     class Spam(Task):
         def compute_train_loss(self, batch, model, sample=False):
             out = logits(model, batch)
@@ -166,7 +240,9 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
             return self.items[i]
 
     torch.manual_seed(0)
-    task = Spam()
+    task = NextToken() if args.case == "causal" else Spam()
+    if args.case == "causal":
+        linear_from_conv1d(ft.model)
     model = prepare_model(ft.model, task)
     analyzer = Analyzer("minilm", model, task, cpu=True, disable_tqdm=True, output_dir=tempfile.mkdtemp(prefix="kronfluence-"))
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=ik.hf.pad_collate))
@@ -175,7 +251,8 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
                              overwrite_output_dir=True)
     info["t_fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    analyzer.compute_pairwise_scores("s", "ekfac", Items(ft.test), Items(ft.train), per_device_query_batch_size=len(ft.test),
+    test = queries(ft, args)
+    analyzer.compute_pairwise_scores("s", "ekfac", Items(test), Items(ft.train), per_device_query_batch_size=len(test),
                                      per_device_train_batch_size=args.batch_size, score_args=ScoreArguments(damping_factor=args.damping),
                                      overwrite_output_dir=True)
     S = analyzer.load_pairwise_scores("s")["all_modules"].float().numpy()
@@ -183,11 +260,24 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
     return -S  # Kronfluence: positive = helpful; ours: I_up,loss, negative = helpful
 
 
+@torch.no_grad()
+def linear_from_conv1d(model: torch.nn.Module) -> None:
+    """transformers' Conv1D layers (GPT-2) replaced in place by the equal nn.Linear, as Kronfluence's GPT-2 example does."""
+    for name, child in model.named_children():
+        if type(child).__name__ == "Conv1D":
+            linear = torch.nn.Linear(*child.weight.shape)
+            linear.weight.copy_(child.weight.t())
+            linear.bias.copy_(child.bias)
+            setattr(model, name, linear)
+        else:
+            linear_from_conv1d(child)
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     ft = load(args)
-    info: dict[str, Any] = {"rss_base_mib": current_rss_mib(), "test_accuracy": ft.test_accuracy}
-    S = (kronfluence if args.worker == "kronfluence" else ours)(ft, MODULES[args.model][args.case], args, info)
+    info: dict[str, Any] = {"rss_base_mib": current_rss_mib()}
+    S = (kronfluence if args.worker == "kronfluence" else ours)(ft, tracked_modules(args), args, info)
     info["rss_peak_mib"] = rss_mib()
     np.save(args.out + ".npy", S)
     Path(args.out + ".json").write_text(json.dumps(info))
@@ -243,9 +333,7 @@ def main() -> None:
     if "kronfluence" in systems and not BENCH_PYTHON.exists():
         raise SystemExit(f"Kronfluence runs in its own venv: {BENCH_PYTHON} is missing (see this file's docstring)")
     ft = load(args)  # fine-tunes once (cached) before any worker runs
-    print(f"MiniLM ({args.model}) fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; case {args.case}: "
-          f"{len(MODULES[args.model][args.case])} modules; {len(ft.test)} test x {len(ft.train)} train; damping {args.damping:g}; "
-          f"{args.threads} threads", flush=True)
+    print(f"{describe(ft, args)}; damping {args.damping:g}; {args.threads} threads", flush=True)
     for system, settings in configurations(args).items():
         print(f"  {system}: {settings}")
     del ft

@@ -304,7 +304,9 @@ class _TokenLoss(HFTask):
         labels = self.labels(batch)
         mask = self.label_mask(labels)
         safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
-        losses = F.cross_entropy(logits.transpose(1, 2), safe, reduction="none")
+        # classes last, rows flattened: over a transposed (B, C, T) view the log-softmax strides through memory (1.7x
+        # slower forward and backward at GPT-2's vocabulary)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none").view(safe.shape)
         return losses * mask.to(losses.dtype), mask
 
     def loss(self, params: Params, batch: Any) -> torch.Tensor:

@@ -13,4 +13,5 @@ They use the engine and :mod:`influencekit.applications`; nothing in the library
     spam.py         `influencekit paper spam`: mislabel detection on Enron1 spam, Figure 6 (§5.4)
     minilm.py       all-MiniLM-L6-v2 (real weights) fine-tuned on Enron1: the transformer of benchmarks/transformers.py
                     and of mislabel detection by EK-FAC self-influence (benchmarks/transformer_mislabel.py)
+    enron_lm.py     a small GPT-2 trained here on Enron1 text: the causal LM of benchmarks/transformers.py --case causal
 """

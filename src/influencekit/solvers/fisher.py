@@ -167,7 +167,8 @@ class FisherPasses:
         keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
         variants = []
         for u in U:
-            y = (cdf < u.unsqueeze(-1)).sum(dim=-1).clamp_max(C - 1).to(target.dtype)
+            # the number of classes whose cdf lies below u (cdf is non-decreasing), without a (B, T, C) comparison
+            y = torch.searchsorted(cdf, u.unsqueeze(-1).contiguous()).squeeze(-1).clamp_max(C - 1).to(target.dtype)
             variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
         return variants
 
