@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "influencekit"
 # Bottom to top: a module may import modules of its own layer or of the layers below, never above.
 # Patterns name modules relative to the package ("solvers.*" is every module of the solvers folder).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["errors", "progress", "checks", "folders"]),
+    ("foundations", ["errors", "progress", "checks", "folders", "memory"]),
     ("data and model", ["autodiff", "data", "data.*", "distributed", "spectrum", "projection", "results", "task"]),
     ("structure", ["layers", "lowrank", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
     ("operators and gradients", ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),

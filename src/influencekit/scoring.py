@@ -35,6 +35,7 @@ from .gradients import GradientSource, objective_gradient_norm, warn_if_not_stat
 from .groups import check_newton, check_orders, group_effects, parse_groups
 from .hessian import HessianOperator, check_curvature
 from .lowrank import LowRankQueries
+from .memory import release_freed_memory
 from .pairwise import TrainingSide, combined, low_rank_queries, scores_without_rows
 from .persistence import DATA_HEAD, ScoreFolder, SolverCache
 from .perturbation import perturbation_scores
@@ -162,6 +163,7 @@ class Influence:
             if cache is not None:
                 cache.store(solver)
         self.solver_ = solver
+        release_freed_memory()  # the fit's freed chunks would otherwise stay resident under the scoring's
         return self
 
     def data_fingerprint(self, data: Examples, examples: int = DATA_HEAD) -> str:
@@ -218,10 +220,13 @@ class Influence:
             if skip is not None and skip(lo):
                 continue
             hi = min(lo + block, len(data))
-            # one expression, no local names: neither the gradients nor the solved block stay bound in this frame while
-            # the caller scores them or while the next block is computed (one block of queries in memory at a time)
-            yield (lo, *self._solve(self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients"),
-                                    overwrite=True))
+            # the gradients are not bound in this frame, and the solved block is unbound before the next one is
+            # computed (one block of queries in memory at a time)
+            solved = self._solve(self.gradients_.block(data, side="test", start=lo, stop=hi, desc="test gradients"),
+                                 overwrite=True)
+            release_freed_memory()  # the test gradients', before the training pass allocates its own
+            yield (lo, *solved)
+            del solved
 
     def _solves_from_taps(self, data: Examples) -> bool:
         """Whether the solver takes the test side's layer taps (:meth:`Solver.solve_taps`): it can, every parameter is
@@ -244,6 +249,7 @@ class Influence:
                        for c, f in self.gradients_.layer_factors(data, side="test", start=lo, stop=hi, desc="test layer taps")]
             report = combined(reports)
             logger.info("solve: %s", report)
+            release_freed_memory()  # the test taps', before the training pass allocates its own
             yield lo, X, report
             del X  # the caller's block is freed before the next one is built: one block in memory at a time
 

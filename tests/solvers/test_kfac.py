@@ -45,7 +45,7 @@ def test_linear_factors_equal_dense_reference(logistic):
     R[np.arange(n), d.train[1].numpy()] -= 1.0
     S_empirical = R.T @ R / n
     for fisher, S_ref in (("expected", S_expected), ("empirical", S_empirical)):
-        layer = KFACSolver(fisher=fisher, probes=0).fit(op).layers_[0]
+        layer = KFACSolver(fisher=fisher, probes=0, keep_factors=True).fit(op).layers_[0]
         assert relative_error(layer.A, A_ref) < 1e-10
         assert relative_error(layer.S, S_ref) < 1e-10
 
@@ -78,7 +78,7 @@ def test_regression_single_output_linear_is_exact_and_sampled_fisher_is_close():
         x = KFACSolver(fisher=fisher, probes=0).fit(op).solve(V).x
         err = relative_error(x, expected)
         assert (err < 1e-10) if fisher == "expected" else (err > 1e-3)  # the empirical Fisher is not the curvature
-    sampled = EKFACSolver(fisher="sampled", seed=0, samples=10).fit(op)
+    sampled = EKFACSolver(fisher="sampled", seed=0, samples=10, keep_factors=True).fit(op)
     # 10 Gaussian labels per example (n = 200): S = 2·mean(ε²) has standard deviation 2·sqrt(2/2000) = 0.063, so
     # 0.3 is 4.7σ (seeds 0-19: mean 2.02, largest deviation 0.17)
     assert abs(float(sampled.layers_[0].S.squeeze()) - 2.0) < 0.3
@@ -91,9 +91,9 @@ def test_regression_single_output_linear_is_exact_and_sampled_fisher_is_close():
 def test_sampled_labels_are_seeded(logistic):
     d, _, _ = logistic
     op = operator_of(d.task, d.train, damping=0.05)
-    S0 = KFACSolver(seed=0, probes=0).fit(op).layers_[0].S
-    S0b = KFACSolver(seed=0, probes=0).fit(op).layers_[0].S
-    S1 = KFACSolver(seed=1, probes=0).fit(op).layers_[0].S
+    S0 = KFACSolver(seed=0, probes=0, keep_factors=True).fit(op).layers_[0].S
+    S0b = KFACSolver(seed=0, probes=0, keep_factors=True).fit(op).layers_[0].S
+    S1 = KFACSolver(seed=1, probes=0, keep_factors=True).fit(op).layers_[0].S
     assert torch.equal(S0, S0b)
     assert not torch.equal(S0, S1)
 
@@ -103,8 +103,8 @@ def test_chunk_size_does_not_change_factors_or_sampled_labels(logistic, fisher):
     # sampled labels depend on the seed and the example's global index only (not on where chunks start)
     d, _, _ = logistic
     opts = {"fisher": fisher, "probes": 0, "samples": 3}
-    a = EKFACSolver(**opts).fit(operator_of(d.task, d.train, damping=0.05, batch_size=300))
-    b = EKFACSolver(**opts).fit(operator_of(d.task, d.train, damping=0.05, batch_size=37))
+    a = EKFACSolver(**opts, keep_factors=True).fit(operator_of(d.task, d.train, damping=0.05, batch_size=300))
+    b = EKFACSolver(**opts, keep_factors=True).fit(operator_of(d.task, d.train, damping=0.05, batch_size=37))
     for la, lb in zip(a.layers_, b.layers_):
         torch.testing.assert_close(la.A, lb.A, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(la.S, lb.S, rtol=1e-12, atol=1e-15)
@@ -347,7 +347,7 @@ def test_embedding_factors_equal_its_one_hot_linear_twin_and_kfac_solves_equal()
     solvers = []
     for model in (emb, twin):
         task = ik.ClassificationTask(model, l2=1e-3)
-        solvers.append(KFACSolver(fisher="expected", probes=0).fit(operator_of(task, (x, y), damping=0.05)))
+        solvers.append(KFACSolver(fisher="expected", probes=0, keep_factors=True).fit(operator_of(task, (x, y), damping=0.05)))
     e, t = solvers[0].layers_[0], solvers[1].layers_[0]
     assert e.embedding and e.A.shape == (12,) and e.QA is None
     assert relative_error(torch.diag(e.A), t.A) < 1e-12
@@ -484,7 +484,7 @@ def test_labels_drawn_inside_the_tapped_pass_give_the_factors_of_the_two_forward
         assert task.has_loss_from_outputs() == (name == "fused")
         operator = operator_of(task, (X, y), damping=0.01, batch_size=32)
         calls[0] = 0
-        fitted[name] = EKFACSolver(probes=0).fit(operator)
+        fitted[name] = EKFACSolver(probes=0, keep_factors=True).fit(operator)
         forwards[name] = calls[0]
     assert forwards["general"] - forwards["fused"] == 2 * 4  # a no-grad forward saved per chunk (4) of each pass (2)
     for a, b in zip(fitted["fused"].layers_, fitted["general"].layers_):
@@ -534,7 +534,7 @@ def test_auto_fisher_takes_the_expectation_over_few_labels_and_samples_many():
     1% (Frobenius, relative; measured 0.15%), one label per example is 10× further (measured 13-23% over seeds 0-4)."""
     task, train = _three_classes()
     op = operator_of(task, train, damping=0.01)
-    auto, expected = KFACSolver().fit(op), KFACSolver(fisher="expected").fit(op)
+    auto, expected = KFACSolver(keep_factors=True).fit(op), KFACSolver(fisher="expected", keep_factors=True).fit(op)
     assert torch.equal(auto.layers_[0].S, expected.layers_[0].S)
     with torch.no_grad():
         P = torch.softmax(task.model(train[0]), dim=1)
@@ -542,13 +542,13 @@ def test_auto_fisher_takes_the_expectation_over_few_labels_and_samples_many():
     assert relative_error(auto.layers_[0].S, S_ref) < 1e-12
     details = auto.solve(torch.ones(1, op.n_params, dtype=torch.float64))[1].details
     assert details["fisher"].startswith("expected (auto: 3 label(s) per example")
-    many = relative_error(KFACSolver(fisher="sampled", samples=4000).fit(op).layers_[0].S, S_ref)
-    one = relative_error(KFACSolver(fisher="sampled").fit(op).layers_[0].S, S_ref)
+    many = relative_error(KFACSolver(fisher="sampled", samples=4000, keep_factors=True).fit(op).layers_[0].S, S_ref)
+    one = relative_error(KFACSolver(fisher="sampled", keep_factors=True).fit(op).layers_[0].S, S_ref)
     assert many < 0.01 and one > 10 * many
     digits = load_digits_split(200, seed=0)[0]
     ten = ik.ClassificationTask(nn.Linear(64, 10).double())
     op10 = operator_of(ten, digits, damping=0.01)
-    sampled_auto, sampled = KFACSolver().fit(op10), KFACSolver(fisher="sampled").fit(op10)
+    sampled_auto, sampled = KFACSolver(keep_factors=True).fit(op10), KFACSolver(fisher="sampled", keep_factors=True).fit(op10)
     assert torch.equal(sampled_auto.layers_[0].S, sampled.layers_[0].S)
     assert sampled_auto.solve(torch.ones(1, op10.n_params, dtype=torch.float64))[1].details["fisher"].startswith("sampled (auto: 10 label")
 
@@ -583,7 +583,18 @@ def test_the_fused_label_passes_equal_the_general_path():
     general = OwnLoss(task.model, l2=1e-3)
     assert task.has_loss_from_outputs() and not general.has_loss_from_outputs()
     for fisher in ("expected", "sampled"):
-        fused = EKFACSolver(fisher=fisher).fit(operator_of(task, train, damping=0.01, batch_size=50)).layers_[0]
-        plain = EKFACSolver(fisher=fisher).fit(operator_of(general, train, damping=0.01, batch_size=50)).layers_[0]
+        fused = EKFACSolver(fisher=fisher, keep_factors=True).fit(operator_of(task, train, damping=0.01, batch_size=50)).layers_[0]
+        plain = EKFACSolver(fisher=fisher, keep_factors=True).fit(operator_of(general, train, damping=0.01, batch_size=50)).layers_[0]
         for name in ("A", "S", "eig"):
             assert relative_error(getattr(fused, name), getattr(plain, name)) < 1e-12, (fisher, name)
+
+
+def test_the_factors_are_dropped_after_their_eigendecomposition_unless_kept(digits_small):
+    """The solves read only the eigenvectors and eigenvalues: dropping A and S (the default) changes no solution
+    (bit for bit), the saved state holds no factors, and ``keep_factors=True`` keeps them."""
+    op = operator_of(digits_small.task, digits_small.train, damping=0.05)
+    dropped, kept = EKFACSolver(fisher="expected").fit(op), EKFACSolver(fisher="expected", keep_factors=True).fit(op)
+    assert dropped.layers_[0].A is None and dropped.layers_[0].S is None and "A" not in next(iter(dropped.state_dict()["layers"].values()))
+    assert kept.layers_[0].A is not None and kept.layers_[0].S is not None
+    V = torch.randn(3, op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(dropped.solve(V).x, kept.solve(V).x)

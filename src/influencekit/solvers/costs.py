@@ -143,7 +143,7 @@ def kfac_cost(solver: KFACSolver, probe: CostProbe) -> SolverCost:
     state, fit_seconds, fit_work, solve_flops, largest, taps = _kfac_fit(solver, probe, probe_hvps)
     return SolverCost(
         fit_seconds=fit_seconds, fit_memory=probe.base + state + fit_work,
-        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state b_r·Σ(2k² + 2o² + ok)",
+        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state b_r·Σ(k² + o² + ok), + b_r·Σ(k² + o²) with keep_factors",
         state=state, solve_seconds=q * solve_flops / probe.flops,
         # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
         # (the solve works layer by layer in row blocks of at most block_elements values)
@@ -176,7 +176,7 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
     kept = torch.finfo(solver.solve_dtype or probe.dtype).bits // 8  # b_r: the state is kept in the rotations' dtype
     taps = not probe.rows and probe_solver.tap_solvable()  # the queries solved from the test taps (solve_taps)
     state, work, flops = _kfac_layers(probe_solver.layers_, positions, variants, min(probe.hvp_chunk, probe.n),
-                                      2 if solver._corrected else 1, kept, taps=taps)
+                                      2 if solver._corrected else 1, kept, taps=taps, factors=solver.keep_factors)
     state += 8 * len(probe_solver.diagonal_)
     seconds = max(total - eig, 0.1 * total) * probe.n / probe.examples + eig + probe_hvps
     largest = max((int(layer.index.numel()) for layer in probe_solver.layers_), default=0)
@@ -184,9 +184,10 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
 
 
 def _kfac_layers(layers: list[Any], positions: dict[str, int], variants: int, c: int, passes: int, kept: int, *,
-                 taps: bool = False) -> tuple[int, int, float]:
+                 taps: bool = False, factors: bool = False) -> tuple[int, int, float]:
     """(state bytes, ``kept`` bytes a value, working bytes of a factor pass over c examples, flops per right-hand side)
-    summed over the layers; ``taps``: a layer's test gradient is rotated in from its taps where that is cheaper."""
+    summed over the layers; ``taps``: a layer's test gradient is rotated in from its taps where that is cheaper;
+    ``factors``: the dense layers' A and S are kept beside their eigenvectors (``keep_factors``)."""
     state, work, flops = 0, 0, 0.0
     for layer in layers:
         t = positions[layer.name]
@@ -197,7 +198,7 @@ def _kfac_layers(layers: list[Any], positions: dict[str, int], variants: int, c:
             flops += 4.0 * V * d * d
             continue
         o, k = layer.index.shape
-        state += kept * (2 * k * k + 2 * o * o + o * k)
+        state += kept * ((2 if factors else 1) * (k * k + o * o) + o * k)
         work += 8 * c * t * (k + o * variants) * passes
         rotate_in = min(t * (o * o + k * k) + t * o * k, o * k * (o + k)) if taps else o * k * (o + k)
         flops += 2.0 * (rotate_in + o * k * (o + k))
