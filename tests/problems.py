@@ -142,6 +142,15 @@ def small_mlp(d_in: int = 6, hidden: int = 5, d_out: int = 3, seed: int = 0) -> 
     return torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, d_out)).double()
 
 
+def digits_mlp(train: tuple[torch.Tensor, torch.Tensor], hidden: int = 12) -> ik.ClassificationTask:
+    """A tanh MLP 64-hidden-10 (L2 1e-3) trained by L-BFGS on the digits ``train``: a non-convex model near a minimum."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)).double()
+    task = ik.ClassificationTask(net, l2=1e-3)
+    ik.fit_lbfgs(task, train, max_iter=2000, tol=1e-6, warn=False)
+    return task
+
+
 def small_cnn_problem(n: int = 120, n_test: int = 16):
     """A convolution (36 positions) then two Linear layers (one position each), briefly trained; L2 1e-2 in the loss:
     (task, train, test)."""

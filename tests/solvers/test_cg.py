@@ -9,16 +9,13 @@ import torch
 import influencekit as ik
 from influencekit.data import Examples
 from influencekit.hessian import HessianOperator
-from influencekit.training import fit_lbfgs
+from problems import digits_mlp
 
 
 @pytest.fixture(scope="module")
 def mlp_operator(digits_small):
     X, y = digits_small.train
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 12), torch.nn.Tanh(), torch.nn.Linear(12, 10)).double()
-    task = ik.ClassificationTask(net, l2=1e-3)
-    fit_lbfgs(task, (X, y), max_iter=2000, tol=1e-6, warn=False)
+    task = digits_mlp((X, y))
     op = HessianOperator(task, task.params(), Examples((X, y)), damping=0.01, batch_size=300, tangent_block=128)
     A = op.damp_matrix(op.dense())
     return task, op, A

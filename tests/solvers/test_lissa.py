@@ -14,8 +14,7 @@ import torch
 import influencekit as ik
 from influencekit.data import Examples
 from influencekit.hessian import HessianOperator
-from influencekit.training import fit_lbfgs
-from problems import relative_error
+from problems import digits_mlp, relative_error
 
 
 def _operator(task, train, damping):
@@ -30,12 +29,8 @@ def logreg(digits_small):
 
 @pytest.fixture(scope="module")
 def mlp(digits_small):
-    X, y = digits_small.train
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 12), torch.nn.Tanh(), torch.nn.Linear(12, 10)).double()
-    task = ik.ClassificationTask(net, l2=1e-3)
-    fit_lbfgs(task, (X, y), max_iter=2000, tol=1e-6, warn=False)
-    op = _operator(task, (X, y), 0.01)
+    task = digits_mlp(digits_small.train)
+    op = _operator(task, digits_small.train, 0.01)
     return op, op.damp_matrix(op.dense())
 
 

@@ -25,7 +25,7 @@ from ..checks import check_int, check_number
 from ..errors import InputError
 from ..progress import progress_bar
 from .data.enron import read_enron
-from .minilm import minilm_folder
+from .minilm import load_or_train, minilm_folder
 
 __all__ = ["LMRecipe", "EnronLM", "token_stream", "train_lm", "enron_lm", "block_modules"]
 
@@ -159,16 +159,8 @@ def enron_lm(data: str | Path, cache_dir: str | Path, recipe: LMRecipe | None = 
     texts, _, _ = read_enron(data)
     train_ids, test_ids = _split(recipe, texts, tokenizer)
     model = _build(recipe)
-    path = Path(cache_dir) / f"gpt2-enron-{recipe.key()}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        model.eval()
-    else:
-        train_lm(model, train_ids, recipe, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+    load_or_train(model, Path(cache_dir) / f"gpt2-enron-{recipe.key()}.pt",
+                  lambda: train_lm(model, train_ids, recipe, progress=progress))
     train = [{"input_ids": ids} for ids in train_ids]
     prompt_masked = test_ids.clone()
     prompt_masked[:, :recipe.prompt] = -100

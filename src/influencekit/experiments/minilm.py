@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 from ..checks import check_int, check_number
 from ..errors import InputError
+from ..folders import atomic_write
 from ..hf import PooledClassifier, pad_collate
 from ..progress import progress_bar
 from .data.enron import read_enron
 
-__all__ = ["MODULES", "MODELS", "Recipe", "FineTuned", "minilm_folder", "enron_emails", "fine_tune", "fine_tuned_minilm", "detect_flipped"]
+__all__ = ["MODULES", "MODELS", "Recipe", "FineTuned", "minilm_folder", "enron_emails", "fine_tune", "load_or_train", "fine_tuned_minilm", "detect_flipped"]
 
 
 _BLOCK = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -162,6 +163,19 @@ def accuracy(model: torch.nn.Module, data: list, batch_size: int = 64) -> float:
     return correct / len(data)
 
 
+def load_or_train(model: torch.nn.Module, path: Path, train: Callable[[], None]) -> None:
+    """Load ``model``'s state from ``path`` when a run stored it there, else ``train()`` it and store its state
+    (atomically: an interrupted run leaves no half-written file); the model ends in eval mode."""
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        model.eval()
+        return
+    train()
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+
+
 def fine_tuned_minilm(data: str | Path, cache_dir: str | Path, recipe: Recipe | None = None, *, progress: bool = False) -> FineTuned:
     """MiniLM fine-tuned on Enron1 by ``recipe``: loaded from ``cache_dir`` when that recipe was run before."""
     import transformers
@@ -175,16 +189,7 @@ def fine_tuned_minilm(data: str | Path, cache_dir: str | Path, recipe: Recipe | 
     else:
         model = PooledClassifier(transformers.AutoModel.from_pretrained(folder), num_labels=2)
     train, test, train_texts, test_texts, flipped = enron_emails(data, tokenizer, recipe)
-    path = Path(cache_dir) / f"minilm-enron-{recipe.key()}.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        model.eval()
-    else:
-        fine_tune(model, train, recipe, progress=progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(path)
+    load_or_train(model, Path(cache_dir) / f"minilm-enron-{recipe.key()}.pt", lambda: fine_tune(model, train, recipe, progress=progress))
     return FineTuned(model, tokenizer, train, test, train_texts, test_texts, flipped, recipe, accuracy(model, test))
 
 

@@ -69,6 +69,13 @@ def with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
     return task.with_labels(batch, target)
 
 
+
+def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The class drawn by each uniform ``u`` (shape ``cdf.shape[:-1]``) from the cumulative probabilities ``cdf`` over
+    the last dimension: the number of classes whose cdf lies below u (cdf is non-decreasing), found by a binary search
+    instead of a comparison with every class; the last class where round-off leaves the total below u."""
+    return torch.searchsorted(cdf, u.unsqueeze(-1).contiguous()).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
 class FisherPasses:
     """Label variants and tapped backward passes for one ``fisher`` kind, ``samples`` and ``seed``."""
 
@@ -142,7 +149,7 @@ class FisherPasses:
             if fisher == "sampled":  # inverse CDF of each example's own uniform draw
                 U = self.draws(lo, B, 1, normal=False, dtype=p.dtype, device=p.device)
                 cdf = p.cumsum(dim=1)
-                Y = [(cdf < u).sum(dim=1).clamp_max(p.shape[1] - 1) for u in U]
+                Y = [_inverse_cdf(cdf, u.squeeze(-1)) for u in U]
                 return [(with_target(task, batch, y.to(target.dtype)), ones / self.samples) for y in Y]
             return [(with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
         q = torch.sigmoid(out.reshape(B))
@@ -159,7 +166,7 @@ class FisherPasses:
                 f"fisher={fisher!r} is not available for per-token outputs (B, T, C): the expected Fisher would "
                 "weight every position by its own probability. Use fisher='sampled' (default) or 'empirical'."
             )
-        B, T, C = out.shape
+        B, T = out.shape[:2]
         p = torch.softmax(out, dim=-1)
         U = self.draws(lo, B, T, normal=False, dtype=p.dtype, device=p.device)  # (samples, B, T)
         cdf = p.cumsum(dim=-1)
@@ -167,8 +174,7 @@ class FisherPasses:
         keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
         variants = []
         for u in U:
-            # the number of classes whose cdf lies below u (cdf is non-decreasing), without a (B, T, C) comparison
-            y = torch.searchsorted(cdf, u.unsqueeze(-1).contiguous()).squeeze(-1).clamp_max(C - 1).to(target.dtype)
+            y = _inverse_cdf(cdf, u).to(target.dtype)
             variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
         return variants
 
