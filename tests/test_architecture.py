@@ -2,8 +2,8 @@
 no module importing another's private names. The sizes of classes and functions are a report for review, not a
 limit: ``python tests/test_architecture.py`` prints the largest.
 
-Imports are read with ``ast`` (no import is executed). Imports inside ``if TYPE_CHECKING:`` are annotations
-only and are not counted; imports inside functions (lazy imports) are.
+Imports are read with ``ast`` (no import is executed). Every import counts, those inside functions (lazy imports)
+and inside ``if TYPE_CHECKING:`` too: an annotation that needs a module above is a dependency on it all the same.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("structure", ["layers", "lowrank", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
     ("operators and gradients", ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
     ("solvers", ["solvers", "solvers.*"]),
-    ("engine parts", ["config", "persistence", "pairwise", "perturbation", "groups", "training", "planner"]),
+    ("engine parts", ["config", "persistence", "pairwise", "engine", "perturbation", "groups", "training", "planner"]),
     ("engine", ["scoring"]),
     ("built on the engine", ["store", "index", "index_rows", "models", "models.*", "sklearn_interop", "validation", "validation.*"]),
     ("applications", ["applications", "applications.*", "serve"]),
@@ -55,24 +55,14 @@ def _layer(module: str) -> int:
     raise AssertionError(f"module {module!r} is in no layer of tests/test_architecture.py: add it (and to docs/ARCHITECTURE.md)")
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            for child in node.body:
-                lines.update(range(child.lineno, child.end_lineno + 1))
-    return lines
-
-
 def _imports(module: str) -> list[tuple[str, list[str], int]]:
-    """(imported module, imported names, line) for every runtime import of a package module by ``module``."""
+    """(imported module, imported names, line) for every import of a package module by ``module``."""
     path = MODULES[module]
     tree = ast.parse(path.read_text())
-    skip = _type_checking_lines(tree)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.lineno in skip:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
@@ -137,6 +127,47 @@ def test_no_module_imports_another_modules_private_names():
     assert not private, "\n".join(private)
 
 
+# the fitted state of Influence: the modules built on the engine take a FittedEngine (influencekit.engine) instead
+ENGINE_FIELDS = {"train_", "params_", "layout_", "shard_", "progress_", "provenance_", "chunks_", "gradients_",
+                 "training_side_", "grad_norm_", "train_loss_", "operator_", "solver_", "solver_loaded_", "_engine"}
+
+
+def influence_reads() -> list[str]:
+    """Reads of Influence's fitted attributes outside scoring.py, as "module:line name" (any ``x.name`` where x is not
+    ``self``: solvers' own ``self.operator_`` is theirs)."""
+    found = []
+    for module, path in MODULES.items():
+        if module == "scoring":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ENGINE_FIELDS
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+                found.append(f"{module}:{node.lineno} {node.attr}")
+    return found
+
+
+def test_no_module_reads_the_fitted_state_of_influence():
+    reads = influence_reads()
+    assert not reads, "read the FittedEngine (influence.engine) instead:\n" + "\n".join(reads)
+
+
+def any_annotations() -> int:
+    """Annotations (arguments, returns, annotated names) of the package that mention ``Any``."""
+    count = 0
+    for path in MODULES.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            annotations: list[ast.expr | None] = []
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                arguments += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
+                annotations = [a.annotation for a in arguments] + [node.returns]
+            elif isinstance(node, ast.AnnAssign):
+                annotations = [node.annotation]
+            count += sum(1 for a in annotations if a is not None
+                         and any(isinstance(n, ast.Name) and n.id == "Any" for n in ast.walk(a)))
+    return count
+
+
 def size_report(top: int = 12) -> list[str]:
     """The ``top`` largest classes and functions of the package, largest first, as "lines  kind  module.name" rows:
     a list for review, not a limit (``python tests/test_architecture.py`` prints it)."""
@@ -175,3 +206,5 @@ def test_the_checker_sees_a_known_import_and_refuses_an_unplaced_module():
 if __name__ == "__main__":
     print("The largest classes and functions of src/influencekit (lines), for review:")
     print("\n".join(size_report()))
+    print(f"Reads of Influence's fitted attributes outside scoring.py: {len(influence_reads())}")
+    print(f"Annotations that say Any: {any_annotations()}")

@@ -5,6 +5,7 @@ respect to the training input x, θ̂ and H held fixed; retraining after x → x
 about I_pert,loss · δ / n (Koh & Liang 2017, §2.2).
 """
 
+import dataclasses
 from collections import OrderedDict
 
 import numpy as np
@@ -13,6 +14,9 @@ import torch
 
 import influencekit as ik
 from influencekit.autodiff import ParamLayout, mixed_vjp
+from influencekit.config import Chunks
+from influencekit.data import Examples
+from influencekit.perturbation import perturbation_scores
 from problems import digits_logistic, relative_error
 
 torch.set_num_threads(1)
@@ -125,9 +129,10 @@ def test_dict_batches_and_chunking_give_the_same_answer(logistic):
     X, y = logistic.train
     test = (logistic.test[0][:4], logistic.test[1][:4])
     whole = ik.Influence(logistic.task, logistic.train, solver="exact").fit().perturbation_influence(test, range(0, 300, 7))
-    chunked = ik.Influence(logistic.task, {"x": X, "y": y}, solver="exact", batch_size=5).fit()
-    chunked.chunks_ = chunked.chunks_.__class__(grad=5, hvp=5, tangents=3, queries=2)  # every loop runs several times
-    torch.testing.assert_close(chunked.perturbation_influence({"x": test[0], "y": test[1]}, range(0, 300, 7)), whole, rtol=1e-9, atol=1e-12)
+    engine = ik.Influence(logistic.task, {"x": X, "y": y}, solver="exact", batch_size=5).fit().engine
+    engine = dataclasses.replace(engine, chunks=Chunks(grad=5, hvp=5, tangents=3, queries=2))  # every loop runs several times
+    chunked, _ = perturbation_scores(engine, Examples({"x": test[0], "y": test[1]}, name="test"), list(range(0, 300, 7)))
+    torch.testing.assert_close(chunked, whole, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])

@@ -41,8 +41,9 @@ class InputTypeError(InfluenceKitError, TypeError):
     """An argument has a type influencekit cannot use."""
 
 
-class NotFittedError(InfluenceKitError, RuntimeError):
-    """A method that needs ``fit()`` was called before it."""
+class NotFittedError(InfluenceKitError, RuntimeError, AttributeError):
+    """A method or fitted attribute that needs ``fit()`` was used before it (an AttributeError too, so that
+    ``hasattr(inf, "solver_")`` is False before the fit)."""
 
 
 class UnsupportedError(InfluenceKitError, ValueError):

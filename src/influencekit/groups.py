@@ -29,7 +29,7 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,14 +38,12 @@ from torch.func import vmap
 from .autodiff import choose_hvp, per_example_hvp, second_directional, third_directional_sum
 from .checks import check_choice, check_indices, check_int, check_number
 from .data.examples import Examples, batch_size_of
+from .engine import FittedEngine
 from .errors import InfluenceKitError, InputError, InputTypeError, NumericalError
 from .folders import fingerprint
 from .progress import progress_bar
 from .results import GroupInfluence
 from .solvers import SolveReport
-
-if TYPE_CHECKING:
-    from .scoring import Influence
 
 __all__ = ["ORDERS", "Groups", "parse_groups", "group_effects", "check_orders", "check_newton"]
 
@@ -146,10 +144,10 @@ def parse_groups(groups: Any, n: int) -> Groups:
 class _Sums:
     """The training-side sums over groups: gradient sums, group HVPs and third derivatives (each rank its shard)."""
 
-    def __init__(self, influence: Influence, groups: Groups) -> None:
-        self.inf, self.groups = influence, groups
-        self.source, self.layout, self.shard = influence.gradients_, influence.layout_, influence.shard_
-        self.n = len(influence.train_)
+    def __init__(self, engine: FittedEngine, groups: Groups) -> None:
+        self.engine, self.groups = engine, groups
+        self.source, self.layout, self.shard = engine.gradients, engine.layout, engine.shard
+        self.n = engine.n_train
         self._pairwise = True  # per-example HVPs over (member, group) pairs until the model refuses vmap
         start, stop = self.shard.start, self.shard.stop
         self._mine = [m[(m >= start) & (m < stop)] for m in groups.members]  # this rank's members of each group
@@ -167,7 +165,7 @@ class _Sums:
 
         def local() -> torch.Tensor:
             out = torch.zeros(len(self.groups.members), layout.n, dtype=layout.dtype, device=layout.device)
-            for lo, G in self.source.stream(self.inf.train_, side="train", start=shard.start, stop=shard.stop, desc="group gradients"):
+            for lo, G in self.source.stream(self.engine.train, side="train", start=shard.start, stop=shard.stop, desc="group gradients"):
                 out += self.groups.membership(lo, lo + len(G), layout.dtype, layout.device).T @ G
             return out
 
@@ -178,7 +176,7 @@ class _Sums:
 
         One per-example HVP per (member, group) pair, Σ|U| in all, vectorised over pairs in chunks of the gradient
         chunk size; where vmap cannot batch the model, one summed HVP per group and chunk instead."""
-        l2 = self.inf.task.l2
+        l2 = self.engine.task.l2
         counts = torch.as_tensor([len(m) for m in self._mine], dtype=V.dtype, device=V.device)
 
         def local() -> torch.Tensor:
@@ -194,20 +192,20 @@ class _Sums:
         return self._reduced(local)
 
     def _pairs(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        layout, chunk = self.layout, self.inf.chunks_.grad
+        layout, chunk = self.layout, self.engine.chunks.grad
         for lo in range(0, len(self._pair_examples), chunk):
-            batch = self.source.take(self.inf.train_, self._pair_examples[lo:lo + chunk])
+            batch = self.source.take(self.engine.train, self._pair_examples[lo:lo + chunk])
             g_idx = self._pair_groups[lo:lo + chunk]
-            out.index_add_(0, g_idx, per_example_hvp(self.inf.task.loss, self.source.params, batch, layout, V[g_idx]))
+            out.index_add_(0, g_idx, per_example_hvp(self.engine.task.loss, self.source.params, batch, layout, V[g_idx]))
         return out
 
     def _per_group(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        layout, chunk, task = self.layout, self.inf.chunks_.hvp, self.inf.task
+        layout, chunk, task = self.layout, self.engine.chunks.hvp, self.engine.task
         hvp = None
         for g, members in enumerate(self._mine):
             mine = members.tolist()
             for lo in range(0, len(mine), chunk):
-                batch = self.source.take(self.inf.train_, mine[lo:lo + chunk])
+                batch = self.source.take(self.engine.train, mine[lo:lo + chunk])
                 if hvp is None:  # the product the model supports, chosen once (the first product kept)
                     hvp, _, first = choose_hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])
                     out[g] += first[0]
@@ -217,14 +215,14 @@ class _Sums:
 
     def third_derivatives(self, V: torch.Tensor) -> torch.Tensor:
         """``(k, n_params)`` ∇³R[v, v] for each row v of ``V`` (the L2 term has none), one pass over the training set."""
-        inf, layout, shard = self.inf, self.layout, self.shard
-        tangents = max(1, inf.chunks_.tangents)
+        engine, layout, shard = self.engine, self.layout, self.shard
+        tangents = max(1, engine.chunks.tangents)
 
         def local() -> torch.Tensor:
             out = torch.zeros_like(V)
-            for _, batch in self.source.batches(inf.train_, shard.start, shard.stop, chunk=inf.chunks_.hvp):
+            for _, batch in self.source.batches(engine.train, shard.start, shard.stop, chunk=engine.chunks.hvp):
                 for t in range(0, len(V), tangents):
-                    out[t:t + tangents] += third_directional_sum(inf.task.loss, self.source.params, batch, layout, V[t:t + tangents])
+                    out[t:t + tangents] += third_directional_sum(engine.task.loss, self.source.params, batch, layout, V[t:t + tangents])
             return out
 
         return self._reduced(local)
@@ -298,10 +296,10 @@ def _moved_measurements(task: Any, params: dict[str, torch.Tensor], layout: Any,
     return after - before
 
 
-def _test_values(inf: Influence, test: Examples, deltas: dict[str, torch.Tensor], curvature: torch.Tensor | None,
+def _test_values(engine: FittedEngine, test: Examples, deltas: dict[str, torch.Tensor], curvature: torch.Tensor | None,
                  newton: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """``(k, n_test)`` per order: ∇fᵀΔ (+ ½Δ₁ᵀ∇²fΔ₁ for order 2), and f(θ̂ + Δ_N) − f(θ̂) for newton."""
-    source, layout, task = inf.gradients_, inf.layout_, inf.task
+    source, layout, task = engine.gradients, engine.layout, engine.task
     k = len(next(iter(deltas.values()))) if deltas else len(newton)  # type: ignore[arg-type]
     out = {o: torch.empty(k, len(test), dtype=layout.dtype, device=layout.device) for o in [*deltas, *(["newton"] if newton is not None else [])]}
     for lo, G in source.stream(test, side="test", desc="test gradients"):
@@ -309,7 +307,7 @@ def _test_values(inf: Influence, test: Examples, deltas: dict[str, torch.Tensor]
             out[order][:, lo:lo + len(G)] = D @ G.T
     if curvature is None and newton is None:
         return out
-    params, tangents = source.params, max(1, inf.chunks_.tangents)
+    params, tangents = source.params, max(1, engine.chunks.tangents)
     for lo, batch in source.batches(test):
         if curvature is not None:
             for t in range(0, k, tangents):
@@ -320,13 +318,12 @@ def _test_values(inf: Influence, test: Examples, deltas: dict[str, torch.Tensor]
     return out
 
 
-def group_effects(influence: Influence, groups: Groups, test: Examples, orders: Sequence[str], *,
-                  solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]],
-                  metadata: Callable[..., dict[str, Any]], newton_tol: float = 1e-6, newton_max_iter: int = 100,
-                  ) -> dict[str, GroupInfluence]:
+def group_effects(engine: FittedEngine, groups: Groups, test: Examples, orders: Sequence[str], *,
+                  newton_tol: float = 1e-6, newton_max_iter: int = 100) -> dict[str, GroupInfluence]:
     """The :class:`GroupInfluence` of each of ``orders`` for ``groups`` on ``test`` (shared work computed once)."""
     start = time.perf_counter()
-    sums = _Sums(influence, groups)
+    solve, metadata = engine.solve, engine.metadata
+    sums = _Sums(engine, groups)
     g = sums.gradients()
     D1, report1 = solve(g)
     deltas: dict[str, torch.Tensor] = {}
@@ -340,9 +337,9 @@ def group_effects(influence: Influence, groups: Groups, test: Examples, orders: 
         reports["2"], extra["2"] = [report1, report2], {}
     newton = None
     if "newton" in orders:
-        newton, info, newton_reports = _newton(sums, solve, g, tol=newton_tol, max_iter=newton_max_iter, progress=influence.progress_)
+        newton, info, newton_reports = _newton(sums, solve, g, tol=newton_tol, max_iter=newton_max_iter, progress=engine.progress)
         reports["newton"], extra["newton"] = [report1, *newton_reports], {"newton": info}
-    values = _test_values(influence, test, deltas, D1 if "2" in orders else None, newton)
+    values = _test_values(engine, test, deltas, D1 if "2" in orders else None, newton)
     changes = {**deltas, **({"newton": newton} if newton is not None else {})}
     seconds = time.perf_counter() - start
     return {

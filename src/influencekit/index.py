@@ -44,6 +44,7 @@ import torch
 
 from .checks import check_int
 from .data.examples import Examples, take
+from .engine import FittedEngine
 from .errors import CorruptFileWarning, InputError, InputTypeError
 from .folders import load_array, open_folder, save_array, verify_checked, write_checked
 from .index_rows import FactoredRows, choose_factored
@@ -110,10 +111,11 @@ class InfluenceIndex:
 
     def __init__(self, folder: Path, influence: Influence, config: dict[str, Any], store: GradientStore | None = None) -> None:
         self.folder, self.influence, self.config, self.store = folder, influence, config, store
+        self.engine = engine = influence.engine
         self.n_train = int(config["n_train"])
         self._rows: torch.Tensor | FactoredRows | None = None
-        self._factored = None if config["space"] != "factored" else _factored_layers(influence, config["factored"])
-        self._basis = influence.solver_.solution_basis() if config["space"] == "basis" else None
+        self._factored = None if config["space"] != "factored" else _factored_layers(engine, config["factored"])
+        self._basis = engine.solver.solution_basis() if config["space"] == "basis" else None
         self._test: Examples | None = None
         self._verified: dict[str, np.ndarray] = {}
         self._shown: dict[str, tuple[dict[str, Any], Any] | None] = {}
@@ -154,32 +156,32 @@ class InfluenceIndex:
         """
         if not isinstance(influence, Influence):
             raise InputTypeError(f"`influence` must be a fitted Influence. Got {type(influence).__name__}.")
-        influence.check_fitted()
+        engine = influence.engine  # NotFittedError before fit()
         folder = Path(folder)
         test_data = None if test is None else Examples(test, name="test")
         display = dict(display or {})
         for split, shown in display.items():
             if split not in SPLITS or not isinstance(shown, Display):
                 raise InputError(f"`display` must map 'train'/'test' to a Display. Got {split!r}: {type(shown).__name__}.")
-            expected = len(influence.train_) if split == "train" else (0 if test_data is None else len(test_data))
+            expected = engine.n_train if split == "train" else (0 if test_data is None else len(test_data))
             if len(shown) != expected:
                 raise InputError(f"`display['{split}']` has {len(shown)} examples; the {split} set has {expected}.")
-        basis = influence.solver_.solution_basis()
-        space = "basis" if basis is not None and basis.shape[0] < influence.layout_.n else "parameters"
-        width = basis.shape[0] if space == "basis" else influence.layout_.n
-        chunk = influence.gradients_.chunk
+        basis = engine.solver.solution_basis()
+        space = "basis" if basis is not None and basis.shape[0] < engine.layout.n else "parameters"
+        width = basis.shape[0] if space == "basis" else engine.layout.n
+        chunk = engine.gradients.chunk
         if store is not None:
             if not isinstance(store, GradientStore) or store.influence is not influence:
                 raise InputError("`store` must be a GradientStore built from this `influence` (GradientStore.build(influence, ...)).")
             space, width, chunk = "store", store.dim, store.chunk
-        factored = choose_factored(influence, rows, space=space)
+        factored = choose_factored(engine, rows, space=space)
         if factored is not None:
             space = "factored"
-        prov = influence.provenance_
-        config = _identity(influence,
+        prov = engine.provenance
+        config = _identity(engine,
             space=space, width=width,
             chunk=chunk, n_test=0 if test_data is None else len(test_data),
-            test_fingerprint="" if test_data is None else influence.data_fingerprint(test_data),
+            test_fingerprint="" if test_data is None else engine.data_fingerprint(test_data),
             display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
             sketch_dim=None if sketch_dim is None else check_int("sketch_dim", sketch_dim, low=1),
             store=None if store is None else _store_config(store),
@@ -187,10 +189,10 @@ class InfluenceIndex:
         )
         config = open_folder(folder, config, arg="folder", what="an influence index", pattern="rows-*.npy")
         if influence.config.cache_dir is None or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve():
-            SolverCache(cls.solver_dir(folder), prov, influence.data_fingerprint(influence.train_), influence.shard_).store(influence.solver_)
+            SolverCache(cls.solver_dir(folder), prov, engine.data_fingerprint(engine.train), engine.shard).store(engine.solver)
         index = cls(folder, influence, config, store)
         _write_rows(index, progress)
-        _write_arrays(index, "train", influence.train_)
+        _write_arrays(index, "train", engine.train)
         if test_data is not None:
             _write_arrays(index, "test", test_data)
         for split, shown in display.items():
@@ -208,9 +210,9 @@ class InfluenceIndex:
         if not manifest.is_file() or not (folder / "complete").is_file():
             raise InputError(f"{str(folder)!r} holds no finished influence index; build it with InfluenceIndex.build "
                              "(or `influencekit index build`).")
-        influence.check_fitted()
+        engine = influence.engine  # NotFittedError before fit()
         stored = json.loads(manifest.read_text())
-        mine = _identity(influence)
+        mine = _identity(engine)
         differs = sorted(k for k in mine if stored.get(k) != json.loads(json.dumps(mine[k], default=str)))
         if differs:
             raise InputError(f"the index in {str(folder)!r} was built from another model or configuration (differs in: "
@@ -226,7 +228,7 @@ class InfluenceIndex:
         return self.folder / name
 
     def _dtype(self) -> np.dtype:
-        return np.dtype(str(self.influence.layout_.dtype).removeprefix("torch."))
+        return np.dtype(str(self.engine.layout.dtype).removeprefix("torch."))
 
     def _array(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """A stored array, verified (checksum, shape, dtype, finiteness) the first time it is read, then kept."""
@@ -247,7 +249,7 @@ class InfluenceIndex:
             n, chunk, width = self.n_train, self.config["chunk"], self.config["width"]
             parts = [torch.from_numpy(np.array(self._array(f"rows-{lo:09d}.npy", (min(chunk, n - lo), width), self._dtype())))
                      for lo in range(0, n, chunk)]
-            self._rows = torch.cat(parts).to(self.influence.layout_.device)
+            self._rows = torch.cat(parts).to(self.engine.layout.device)
         return self._rows
 
     def split_size(self, split: str) -> int:
@@ -326,7 +328,6 @@ class InfluenceIndex:
         ``query_rank``: on factored rows, each query's block of a one-position layer kept as its rank-r factors
         (:meth:`~influencekit.Influence.queries`), r·(out + k) per example instead of out·k: an approximation (the
         Spearman of rank 8 against full rank is in docs/benchmarks.md), values and ranking from the truncated queries."""
-        inf = self.influence
         k = check_int("k", k, low=1, high=self.n_train)
         if query_rank is not None and (self._factored is None or candidates is not None):
             raise InputError("`query_rank` scans factored rows (an index of K-FAC/EK-FAC, or built with rows='factored'), "
@@ -349,19 +350,20 @@ class InfluenceIndex:
         space = {"basis": "index (solver basis)", "store": "index (gradient store, projected)",
                  "factored": "index (parameters, factored rows)"}.get(self.config["space"], "index (parameters)")
         search = "exact" if candidates is None else f"two-stage ({candidates} candidates)"
-        meta = inf._metadata(reports, k=k, score_space=space, search=search if query_rank is None else f"low-rank queries (rank {query_rank})")
+        search = search if query_rank is None else f"low-rank queries (rank {query_rank})"
+        meta = self.engine.metadata(reports, k=k, score_space=space, search=search)
         return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
                                self.n_train, meta)
 
     def _queries(self, test: Any, query_rank: int | None = None) -> Any:
         """Blocks ``(preconditioned test gradients in the rows' space, solve report or None)``."""
+        data = test if isinstance(test, Examples) else Examples(test, name="test")
         if self.store is None:
-            for _, Q, report in self.influence.queries(test, query_rank=query_rank):
+            for _, Q, report in self.engine.queries(data, query_rank=query_rank):
                 yield Q, report
             return
-        data = test if isinstance(test, Examples) else Examples(test, name="test")
         if len(data):
-            yield self.store.queries(data)[1].to(dtype=self.influence.layout_.dtype), None
+            yield self.store.queries(data)[1].to(dtype=self.engine.layout.dtype), None
 
     def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None,
                      query_rank: int | None = None) -> RankedInfluence:
@@ -393,9 +395,9 @@ class InfluenceIndex:
             raise InputError("`input` must hold only finite numbers. Got NaN/inf.")
         x = x.reshape(template.shape[1:])[None]
         if label is None:
-            inf = self.influence
+            engine = self.engine
             with torch.no_grad():
-                out = inf.task.outputs(inf.params_, (x.to(inf.layout_.dtype), data._tensors[1][:1]))
+                out = engine.task.outputs(engine.params, (x.to(engine.layout.dtype), data._tensors[1][:1]))
             label = int(_predicted_class(out)[0])
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
 
@@ -407,13 +409,13 @@ def _scan(index: InfluenceIndex, Q: torch.Tensor | LowRankQueries, rows: torch.T
     chunk = index.config["chunk"]
     blocks = ((lo, rows[lo:lo + chunk]) for lo in range(0, index.n_train, chunk))
     if isinstance(Q, LowRankQueries):
-        probe = torch.empty(len(Q), 0, dtype=index.influence.layout_.dtype, device=index.influence.layout_.device)
+        probe = torch.empty(len(Q), 0, dtype=index.engine.layout.dtype, device=index.engine.layout.device)
         helpful, harmful = helpful_and_harmful(probe, blocks, k, lambda _q, part: part.low_rank_scores(Q))
         return helpful.indices, -helpful.values, harmful.indices, harmful.values
     Qs = Q if index._basis is None else Q @ index._basis.T
     if candidates is not None:
         return _two_stage(index, Qs, rows, k, candidates)
-    product = index.influence.training_side_.product if index._factored is None else (lambda Q, part: part.scores(Q))
+    product = index.engine.training_side.product if index._factored is None else (lambda Q, part: part.scores(Q))
     helpful, harmful = helpful_and_harmful(Qs, blocks, k, product)
     return helpful.indices, -helpful.values, harmful.indices, harmful.values
 
@@ -436,9 +438,9 @@ def _two_stage(index: InfluenceIndex, Qs: torch.Tensor, rows: torch.Tensor | Fac
     return tuple(out)
 
 
-def _factored_layers(influence: Influence, names: list[str]) -> tuple[list[Any], list[bool]]:
-    """The layer blocks of the influence's model and which of them a factored index keeps as taps (by name)."""
-    blocks = factor_blocks(influence.task.model, influence.layout_)
+def _factored_layers(engine: FittedEngine, names: list[str]) -> tuple[list[Any], list[bool]]:
+    """The layer blocks of the engine's model and which of them a factored index keeps as taps (by name)."""
+    blocks = factor_blocks(engine.task.model, engine.layout)
     missing = sorted(set(names) - {b.name for b in blocks})
     if missing:
         raise InputError(f"the factored index keeps the layer taps of {missing}, which this model's selection lacks; "
@@ -474,7 +476,7 @@ def _read_factored(index: InfluenceIndex) -> FactoredRows:
     """All factored chunks, verified, as one :class:`FactoredRows` on the influence's device."""
     n, chunk, dtype = index.n_train, index.config["chunk"], index._dtype()
     blocks, factored = index._factored
-    device, l2 = index.influence.layout_.device, index.influence.gradients_.l2_term
+    device, l2 = index.engine.layout.device, index.engine.gradients.l2_term
     parts = []
     for lo in range(0, n, chunk):
         arrays = [torch.from_numpy(np.array(index._array(name, _file_shape(index, name, shape), dtype))).to(device)
@@ -508,10 +510,10 @@ def _store_config(store: GradientStore) -> dict[str, Any]:
     return {**store.projector.describe(), "damping": store.damping, "chunk": store.chunk, "folder": str(Path(store.folder).resolve())}
 
 
-def _identity(influence: Influence, **settings: Any) -> dict[str, Any]:
+def _identity(engine: FittedEngine, **settings: Any) -> dict[str, Any]:
     """The index manifest: the Influence's identity (:data:`_IDENTITY`, the training data's fingerprint) and ``settings``."""
-    return influence.provenance_.manifest("influencekit influence index", _IDENTITY,
-                                          data_fingerprint=influence.data_fingerprint(influence.train_), **settings)
+    return engine.provenance.manifest("influencekit influence index", _IDENTITY,
+                                      data_fingerprint=engine.data_fingerprint(engine.train), **settings)
 
 
 def _checked_text(path: Path) -> str:
@@ -537,7 +539,7 @@ def _needed(index: InfluenceIndex, name: str, shape: tuple[int, ...], dtype: Any
 def _write_rows(index: InfluenceIndex, progress: bool) -> None:
     """Per chunk of training examples: the rows, their sketch (``sketch_dim``) and their self-influence, all from one
     pass of per-example gradients (on a store: its projected rows and its own self-influence)."""
-    inf, n, chunk, width = index.influence, index.n_train, index.config["chunk"], index.config["width"]
+    engine, n, chunk, width = index.engine, index.n_train, index.config["chunk"], index.config["width"]
     dtype = index._dtype()
 
     def needed(lo: int) -> bool:
@@ -554,25 +556,25 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
     missing = [lo for lo in range(0, n, chunk) if needed(lo)]
     bar = progress_bar(total=sum(min(chunk, n - lo) for lo in missing), desc="index: training rows", enabled=progress)
     if index.store is not None and missing:
-        store_rows, store_self = dict(index.store.gradients()), index.store.self_influence().to(inf.layout_.dtype)
+        store_rows, store_self = dict(index.store.gradients()), index.store.self_influence().to(engine.layout.dtype)
     for lo in missing:
         hi = min(lo + chunk, n)
         if index.store is not None:
-            R, self_values = store_rows[lo].to(inf.layout_.dtype), store_self[lo:hi]
+            R, self_values = store_rows[lo].to(engine.layout.dtype), store_self[lo:hi]
         elif index._factored is not None:
-            factored, l2 = index._factored[1], inf.gradients_.l2_term
-            taps = [f for _, f in inf.gradients_.layer_factors(inf.train_, side="train", start=lo, stop=hi, desc="index")]
+            factored, l2 = index._factored[1], engine.gradients.l2_term
+            taps = [f for _, f in engine.gradients.layer_factors(engine.train, side="train", start=lo, stop=hi, desc="index")]
             F = FactoredRows.cat([FactoredRows.from_factors(f, factored, l2) for f in taps])
-            from_taps = "tap_quadratic_form" in inf.solver_.capabilities
+            from_taps = "tap_quadratic_form" in engine.solver.capabilities
             R = F.gradients(width) if index._projector is not None or not from_taps else None  # the sketch's input
-            self_values = (torch.cat([inf.solver_.tap_quadratic_form(f, l2) for f in taps]) if from_taps
-                           else self_influence_of(R, inf.solver_, inf._solve)[0])
+            self_values = (torch.cat([engine.solver.tap_quadratic_form(f, l2) for f in taps]) if from_taps
+                           else self_influence_of(R, engine.solver, engine.solve)[0])
             for suffix, array in F.files():
                 save_array(index._path(f"taps-{lo:09d}{suffix}.npy" if suffix else f"rows-{lo:09d}.npy"), array.detach().cpu().numpy())
         else:
-            G = inf.gradients_.block(inf.train_, side="train", start=lo, stop=hi, desc="index")
+            G = engine.gradients.block(engine.train, side="train", start=lo, stop=hi, desc="index")
             R = G if index._basis is None else G @ index._basis.T
-            self_values = self_influence_of(G, inf.solver_, inf._solve)[0]
+            self_values = self_influence_of(G, engine.solver, engine.solve)[0]
         if index._factored is None:
             save_array(index._path(f"rows-{lo:09d}.npy"), R.detach().cpu().numpy())
         save_array(index._path(f"self-{lo:09d}.npy"), self_values.detach().cpu().numpy())
@@ -605,17 +607,17 @@ def _write_arrays(index: InfluenceIndex, split: str, data: Examples) -> None:
 
 def _evaluate(index: InfluenceIndex, data: Examples) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Per-example loss (the task's, without the L2 term), predicted class and label (classification tasks)."""
-    inf, task = index.influence, index.influence.task
-    layout = inf.layout_
+    engine, task = index.engine, index.engine.task
+    layout = engine.layout
     losses, predicted, labels = [], [], []
     classify = getattr(task, "fisher", None) == "classification"
     with torch.no_grad():
         for lo in range(0, len(data), 4096):
             batch = take(data, torch.arange(lo, min(lo + 4096, len(data))), dtype=layout.dtype, device=layout.device,
                          check=task.check_batch)
-            losses.append(task.loss(inf.params_, batch).detach().cpu())
+            losses.append(task.loss(engine.params, batch).detach().cpu())
             if classify:
-                out, y = task.outputs(inf.params_, batch).detach().cpu(), task.labels(batch).detach().cpu()
+                out, y = task.outputs(engine.params, batch).detach().cpu(), task.labels(batch).detach().cpu()
                 if y.dim() != 1 or out.dim() > 2:  # per-token outputs: no single predicted class per example
                     classify = False
                     continue

@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 
+from .engine import FittedEngine
 from .errors import InputError, UnsupportedError
 from .layers import LayerBlock
 from .lowrank import Factors, LowRankQueries, dense_block_product, factor_blocks
@@ -40,23 +40,23 @@ def _stored_factored(f: Factors, explicit: bool) -> list[bool]:
     return out
 
 
-def choose_factored(influence: Any, rows: str, *, space: str) -> tuple[list[LayerBlock], list[bool]] | None:
+def choose_factored(engine: FittedEngine, rows: str, *, space: str) -> tuple[list[LayerBlock], list[bool]] | None:
     """The blocks and which of them the index keeps as taps, or None for dense rows.
 
-    ``rows="auto"`` factors for K-FAC/EK-FAC (the issue's "per-layer factored" form) when the rows would be parameter
+    ``rows="auto"`` factors for a Kronecker-factored solver (one that solves from layer taps: K-FAC, EK-FAC) when the rows would be parameter
     gradients, every selected parameter is in a tapped layer and one layer qualifies; ``"factored"`` asks for it with
     any solver and names what stands in the way; ``"dense"`` never."""
     if rows not in ROWS:
         raise InputError(f"`rows` must be one of {', '.join(repr(r) for r in ROWS)}. Got {rows!r}.")
     explicit = rows == "factored"
-    if rows == "dense" or (not explicit and influence.solver_.name not in ("kfac", "ekfac")):
+    if rows == "dense" or (not explicit and "tap_solve" not in engine.solver.capabilities):
         return None
     if space != "parameters":
         if explicit:
             raise InputError(f"`rows='factored'` keeps parameter gradients, but this index stores {space} rows "
                              "(a solver basis or a gradient store); leave `rows` at 'auto'.")
         return None
-    source, train = influence.gradients_, influence.train_
+    source, train = engine.gradients, engine.train
     try:
         factor_blocks(source.task.model, source.layout)
         _, probe = next(source.layer_factors(train, side="train", start=0, stop=min(len(train), 2), desc="index: probing the layer taps"))

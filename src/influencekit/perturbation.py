@@ -12,21 +12,17 @@ whole model (a frozen feature extractor included). The L2 term does not depend o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from .autodiff import InputPath, mixed_vjp
 from .data.examples import Examples
+from .engine import FittedEngine
 from .solvers import SolveReport
-
-if TYPE_CHECKING:
-    from .scoring import Influence
 
 __all__ = ["perturbation_scores"]
 
 
-def perturbation_scores(influence: Influence, test: Examples, indices: list[int], input: InputPath | str = "auto"
+def perturbation_scores(engine: FittedEngine, test: Examples, indices: list[int], input: InputPath | str = "auto"
                         ) -> tuple[torch.Tensor, list[SolveReport]]:
     """I_pert,loss of the training points ``indices`` on every test point, ``(n_test, len(indices), *x.shape[1:])``.
 
@@ -35,20 +31,20 @@ def perturbation_scores(influence: Influence, test: Examples, indices: list[int]
     another. The input must be floating point (embeddings, not token ids). Returns the scores and the solve
     reports of the test blocks.
     """
-    source, layout, task = influence.gradients_, influence.layout_, influence.task
-    first = source.take(influence.train_, indices[:1])
+    source, layout, task = engine.gradients, engine.layout, engine.task
+    first = source.take(engine.train, indices[:1])
     if input == "auto":
         input = None if isinstance(first, torch.Tensor) else (getattr(task, "input_key", "x") if isinstance(first, dict) else 0)
     probe = torch.zeros(1, layout.n, dtype=layout.dtype, device=layout.device)
     x_shape = mixed_vjp(task.loss, source.params, first, layout, probe, where=input).shape[2:]
     out = torch.empty(len(test), len(indices), *x_shape, dtype=layout.dtype, device=layout.device)
     reports = []
-    chunk, tangents = influence.chunks_.grad, influence.chunks_.tangents
-    for qlo, Q, report in influence.queries(test):
+    chunk, tangents = engine.chunks.grad, engine.chunks.tangents
+    for qlo, Q, report in engine.queries(test):
         reports.append(report)
         for lo in range(0, len(indices), chunk):
             part = indices[lo:lo + chunk]
-            batch = source.take(influence.train_, part)
+            batch = source.take(engine.train, part)
             for tlo in range(0, len(Q), tangents):
                 rows = Q[tlo:tlo + tangents]
                 out[qlo + tlo:qlo + tlo + len(rows), lo:lo + len(part)] = -mixed_vjp(task.loss, source.params, batch, layout, rows, where=input)

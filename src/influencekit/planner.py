@@ -65,25 +65,23 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .autodiff import ParamLayout, batch_grad_sum, choose_hvp, input_size_per_example
 from .checks import check_int
-from .config import Chunks, plan_chunks
+from .config import Chunks, InfluenceConfig, plan_chunks
 from .data.examples import Examples, take
 from .errors import InputError
 from .hessian import HessianOperator
 from .layers import choose_per_example
 from .lowrank import factor_blocks, factored_layers
 from .pairwise import scores_without_rows
-from .solvers import Solver, make_solver
+from .solvers import Solver
 from .solvers.costs import CostProbe, SolverCost, timed
-
-if TYPE_CHECKING:
-    from .scoring import Influence
+from .task import Task
 
 __all__ = ["Plan", "Stage", "plan_influence"]
 
@@ -179,9 +177,11 @@ def _fmt_seconds(s: float) -> str:
         return f"{s:.3g} s"
     return f"{s * 1e3:.3g} ms"
 
-def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 256, cg_iterations: int = 100,
-                   query_rank: int | None = None) -> Plan:
-    """Estimate the memory and time of ``influence.fit()`` followed by ``scores`` on ``n_test`` test points.
+def plan_influence(task: Task, train_data: Any, config: InfluenceConfig, solver: Solver, n_test: int, *,
+                   probe_examples: int = 256, cg_iterations: int = 100, query_rank: int | None = None) -> Plan:
+    """Estimate the memory and time of ``Influence(task, train_data, ...).fit()`` (its validated ``config``) followed
+    by ``scores`` on ``n_test`` test points; ``solver``: an unfitted solver like the configuration's (the probe
+    times its fit).
 
     Runs only a probe on ``min(n_train, probe_examples)`` training examples (see the module docstring for
     what is measured and the formulas). ``cg_iterations`` is the block-CG iteration count assumed for the
@@ -193,48 +193,45 @@ def plan_influence(influence: Influence, n_test: int, *, probe_examples: int = 2
     probe_examples = check_int("probe_examples", probe_examples, low=1)
     cg_iterations = check_int("cg_iterations", cg_iterations, low=1)
     rank = None if query_rank is None else check_int("query_rank", query_rank, low=1)
-    task = influence.task
     task.check_mode()
-    train = Examples(influence.train, name="train")
+    train = Examples(train_data, name="train")
     n = len(train)
     if n == 0:
         raise InputError("`train` must hold at least one example. Got an empty training set.")
     params = {name: value.detach().clone() for name, value in task.params().items()}
     layout = ParamLayout.of(params)
-    solver = make_solver(influence.solver, **influence.solver_options)
-    without_rows = scores_without_rows(solver, influence.gradients, task.model, layout)
+    without_rows = scores_without_rows(solver, config.gradients, task.model, layout)
     chunks = plan_chunks(task, params, take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch), n,
-                         batch_size=influence.batch_size, memory_budget=influence.memory_budget,
+                         batch_size=config.batch_size, memory_budget=config.memory_budget,
                          without_rows=without_rows)
-    probe, gradient_method = _measure(influence, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations,
+    probe, gradient_method = _measure(task, config, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations,
                                       without_rows=without_rows)
     notes = [f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)"]
     cost = solver.cost(probe)
     notes += cost.notes
     p, item, act = probe.p, probe.item, probe.activations
     stages = [Stage("fit: gradient check", n * probe.tau_sum, probe.base + min(chunks.grad, n) * 4 * act * item + 2 * p * item,
-                    "n·τ_s (batch gradients)")] if influence.stationarity_tol is not None else []
+                    "n·τ_s (batch gradients)")] if config.stationarity_tol is not None else []
     stages.append(Stage(f"fit: {solver.name}", cost.fit_seconds, cost.fit_memory, cost.fit_formula))
     if rank is None:
         stages += _query_stages(probe, cost, notes)
     else:
-        stages += _low_rank_stages(probe, cost, solver, factor_blocks(task.model, layout), rank, influence.memory_budget // 2, notes)
+        stages += _low_rank_stages(probe, cost, solver, factor_blocks(task.model, layout), rank, config.memory_budget // 2, notes)
     peak = max(s.memory for s in stages)
-    if peak > influence.memory_budget:
-        notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(influence.memory_budget)} "
+    if peak > config.memory_budget:
+        notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(config.memory_budget)} "
                      "(the budget sizes chunks; the solver's state and the score matrix come on top).")
     return Plan(
-        solver=solver.name, n_train=n, n_test=n_test, n_params=p, dtype=str(layout.dtype), memory_budget=influence.memory_budget,
+        solver=solver.name, n_train=n, n_test=n_test, n_params=p, dtype=str(layout.dtype), memory_budget=config.memory_budget,
         chunks={"grad": chunks.grad, "hvp": chunks.hvp, "tangents": chunks.tangents, "queries": chunks.queries},
         stages=tuple(stages), solver_state=int(cost.state), probe=probe.as_dict(), notes=tuple(notes),
     )
 
 
-def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
+def _measure(task: Task, config: InfluenceConfig, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
              m: int, n_test: int, cg_iterations: int, *, without_rows: bool) -> tuple[CostProbe, str]:
     """The probe: unit costs timed on the first m training examples, and the sizes a solver's cost needs.
     Returns it with the per-example-gradient method that scores will use."""
-    task = influence.task
     n, p, dtype, device = len(train), layout.n, layout.dtype, layout.device
     batch = take(train, list(range(m)), dtype=dtype, device=device, check=task.check_batch)
     act = input_size_per_example(task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model)
@@ -243,7 +240,7 @@ def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tens
     mg, mh = min(m, chunks.grad), min(m, chunks.hvp)
     gbatch = batch if mg == m else take(train, list(range(mg)), dtype=dtype, device=device, check=task.check_batch)
     hbatch = batch if mh == m else take(train, list(range(mh)), dtype=dtype, device=device, check=task.check_batch)
-    per_example, gradient_method, _ = choose_per_example(influence.gradients, task.model, task.loss, params, layout, gbatch)
+    per_example, gradient_method, _ = choose_per_example(config.gradients, task.model, task.loss, params, layout, gbatch)
 
     def grads() -> None:
         holder["G"], _ = per_example(task.loss, params, gbatch)
@@ -261,7 +258,7 @@ def _measure(influence: Influence, train: Examples, params: dict[str, torch.Tens
 
     def fit_seconds(solver: Solver) -> float:
         """Seconds of ``solver.fit`` on the probe examples (the damping at least 1e-3, so that it is invertible)."""
-        operator = HessianOperator(task, params, Examples(batch, name="train"), damping=max(influence.damping, 1e-3),
+        operator = HessianOperator(task, params, Examples(batch, name="train"), damping=max(config.damping, 1e-3),
                                    batch_size=min(chunks.hvp, m), tangent_block=chunks.tangents)
         start = time.perf_counter()
         solver.fit(operator)

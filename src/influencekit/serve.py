@@ -128,9 +128,10 @@ class _Explorer:
             else:
                 split = split or "test"
                 self.checked(split, i)
-                layout = index.influence.layout_
+                engine = index.engine
                 ranked = index.explain_test([i], k=k, query_rank=query_rank) if split == "test" else index.explain(
-                    take(index.influence.train_, [i], dtype=layout.dtype, device=layout.device), k=k, query_rank=query_rank)
+                    take(engine.train, [i], dtype=engine.layout.dtype, device=engine.layout.device), k=k,
+                    query_rank=query_rank)
                 query = self.describe(split, i)
         lists = {}
         for part in ("helpful", "harmful"):

@@ -93,6 +93,7 @@ class GradientStore:
     def __init__(self, influence: Influence, folder: Path, config: dict[str, Any], projector: Projector, damping: float, chunk: int) -> None:
         # use build(): this only holds what build checked
         self.influence = influence
+        self.engine = engine = influence.engine
         self.folder = folder
         self.config = config
         self.projector = projector
@@ -100,7 +101,7 @@ class GradientStore:
         self.chunk = chunk
         self.n_train = config["n_train"]
         self.dim = projector.dim
-        self._np_dtype = np.dtype(str(influence.layout_.dtype).removeprefix("torch."))
+        self._np_dtype = np.dtype(str(engine.layout.dtype).removeprefix("torch."))
         self._factor: torch.Tensor | None = None
         self._verified: dict[Path, tuple[int, int]] = {}  # chunk files checked this session (mtime, size)
 
@@ -138,20 +139,20 @@ class GradientStore:
         """
         if not isinstance(influence, Influence):
             raise InputTypeError(f"`influence` must be a fitted influencekit Influence. Got {type(influence).__name__}.")
-        influence.check_fitted()
-        layout = influence.layout_
+        engine = influence.engine  # NotFittedError before fit()
+        layout = engine.layout
         chunk = check_int("chunk", chunk, low=1)
         projector = Projector(layout.n, dim, kind=kind, seed=seed, chunk=projection_chunk)
         # λ + δ of the influence's operator: the empirical Fisher replaces ∇²ℓ, the L2 term and the damping stay
-        damping = influence.operator_.shift if damping is None else check_number("damping", damping, low=0.0)
-        config = json.loads(json.dumps(influence.provenance_.manifest(
+        damping = engine.operator.shift if damping is None else check_number("damping", damping, low=0.0)
+        config = json.loads(json.dumps(engine.provenance.manifest(
             "influencekit gradient store", ("n_train", "n_params", "dtype"),
-            **projector.describe(), damping=damping, chunk=chunk, task=influence.provenance_.task,
-            theta_fingerprint=influence.provenance_.theta_fingerprint,
-            data_fingerprint=influence.data_fingerprint(influence.train_, chunk),
+            **projector.describe(), damping=damping, chunk=chunk, task=engine.provenance.task,
+            theta_fingerprint=engine.provenance.theta_fingerprint,
+            data_fingerprint=engine.data_fingerprint(engine.train, chunk),
         ), default=str))
         folder = Path(folder)
-        shard = influence.shard_
+        shard = engine.shard
 
         def open_store() -> None:
             open_folder(folder, config, arg="folder", what="a gradient store", pattern="*.npy")
@@ -173,13 +174,13 @@ class GradientStore:
     def _write_gradients(self, *, progress: bool) -> None:
         """Compute and write the missing chunks, then ΦᵀΦ.
 
-        Under a torch.distributed process group (``influence.shard_``) chunk c is computed and written by rank
+        Under a torch.distributed process group (``influence.engine.shard``) chunk c is computed and written by rank
         c mod world_size, each rank sums ΦᵀΦ over its own chunks, the sums are all-reduced and rank 0 writes
         the file; every rank waits for the others (a failure on one stops all). The chunk files are the same
         bytes as a single process writes; ΦᵀΦ differs only by the order of summation.
         """
-        inf = self.influence
-        shard = inf.shard_
+        engine = self.engine
+        shard = engine.shard
         rank, world = shard.rank, shard.world_size
         mine = [lo for c, lo in enumerate(self._chunks()) if c % world == rank]
         curvature_missing = load_array(self.folder / CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None
@@ -197,7 +198,7 @@ class GradientStore:
                     path = self._path("grads", lo)
                     array = load_array(path, (hi - lo, self.dim), self._np_dtype)
                     if array is None:
-                        rows = [self.projector.project(G) for _, G in inf.gradients_.stream(inf.train_, side="train", start=lo, stop=hi)]
+                        rows = [self.projector.project(G) for _, G in engine.gradients.stream(engine.train, side="train", start=lo, stop=hi)]
                         array = torch.cat(rows).cpu().numpy()
                         save_array(path, array)
                     if total is not None:
@@ -242,13 +243,13 @@ class GradientStore:
     def queries(self, test: Any) -> tuple[Examples, torch.Tensor]:
         """The test data as Examples and C⁻¹φ(z_test) for every test point, ``(n_test, dim)`` float64 on the CPU: the
         preconditioned queries that every score of this store is the product of (with −Φ rows)."""
-        inf = self.influence
+        engine = self.engine
         data = test if isinstance(test, Examples) else Examples(test, name="test")
-        phi = torch.cat([self.projector.project(G) for _, G in inf.gradients_.stream(data, side="test", desc="test gradients")])
+        phi = torch.cat([self.projector.project(G) for _, G in engine.gradients.stream(data, side="test", desc="test gradients")])
         return data, torch.cholesky_solve(phi.double().cpu().T, self._cholesky()).T
 
     def _metadata(self, **extra: Any) -> dict[str, Any]:
-        return self.influence.provenance_.result_metadata(
+        return self.engine.provenance.result_metadata(
             "I_up,loss with projected empirical-Fisher curvature (TRAK-style)", ("task", "dtype"),
             curvature="C = Phi^T Phi / n + damping*I in the projected space, Phi = P^T grad L(z_i)",
             **self.projector.describe(), damping=self.damping, store=str(self.folder), **extra,
@@ -261,7 +262,7 @@ class GradientStore:
         out = torch.empty(len(data), self.n_train, dtype=torch.float64)
         for lo, Phi in self.gradients():
             out[:, lo:lo + len(Phi)] = -(Q @ Phi.double().T)
-        layout = self.influence.layout_
+        layout = self.engine.layout
         return InfluenceScores(out.to(dtype=layout.dtype, device=layout.device), self.n_train, self._metadata())
 
     def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
@@ -269,7 +270,7 @@ class GradientStore:
         k = check_int("k", k, low=1, high=self.n_train)
         data, Q = self.queries(test)
         helpful, harmful = helpful_and_harmful(Q, self.gradients(), k, lambda Q, Phi: -(Q @ Phi.double().T))
-        layout = self.influence.layout_
+        layout = self.engine.layout
 
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=layout.device, dtype=layout.dtype if t.is_floating_point() else t.dtype)
@@ -294,5 +295,5 @@ class GradientStore:
                 bar.update(len(Phi))
         finally:
             bar.close()
-        layout = self.influence.layout_
+        layout = self.engine.layout
         return out.to(dtype=layout.dtype, device=layout.device)

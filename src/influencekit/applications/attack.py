@@ -256,7 +256,7 @@ def _iterate(
     while iterations < max_iter:
         G = inf.perturbation_influence(targets, idx).sum(0)  # ∝ ∂(Σ target losses)/∂x̃ after retraining
         X_cur[idx] = torch.minimum(torch.maximum(X_cur[idx] + step * torch.sign(G), low), high)
-        fit_lbfgs(task, (X_cur, y), tol=tol, curvature=inf.solver_)
+        fit_lbfgs(task, (X_cur, y), tol=tol, curvature=inf.engine.solver)
         iterations += 1
         losses.append(_target_losses(task, targets))
         flipped_targets = predict_labels(task, X_t) != y_t

@@ -230,7 +230,7 @@ def compare_models(
     scores: dict[str, torch.Tensor] = {}
     for name in names:
         inf = models[name]
-        if not hasattr(inf, "train_"):
+        if not inf.is_fitted:
             inf.fit()
         scores[name] = inf.scores((X_t, y_t)).values.detach().cpu().to(torch.float64)
     flat = X.reshape(len(X), -1).detach().cpu().to(torch.float64)

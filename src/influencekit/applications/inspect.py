@@ -334,7 +334,7 @@ def _result(
         "data": settings["data"], "test": settings["test"], "label": settings["label"], "classes": encoder.classes_,
         "n_train": len(train), "n_test": len(test_data), "n_features": len(encoder.feature_names_),
         "model": settings["model"], "l2": settings["l2"], "damping": settings["damping"], "solver": settings["solver"],
-        "train_report": fitted.train_report.__dict__, "grad_norm": fitted.influence.grad_norm_, "train_accuracy": train_acc,
+        "train_report": fitted.train_report.__dict__, "grad_norm": fitted.influence.engine.grad_norm, "train_accuracy": train_acc,
         "test_accuracy": test_acc, "warnings": fitted.caught, "convention": CONVENTION, "seconds": None,
         "influence": {key: v for key, v in ranked.metadata.items() if key not in ("convention",)},
     }

@@ -164,7 +164,7 @@ def rank_training_points(
     if by not in METHODS:
         raise InputError(f"`by` must be one of {', '.join(repr(m) for m in METHODS)}. Got {by!r}.")
     influence.check_fitted()
-    n = len(influence.train_)
+    n = influence.engine.n_train
     if by == "random":
         order = torch.as_tensor(np.random.default_rng(seed).permutation(n), dtype=torch.long)
         return (order, None) if return_scores else order
@@ -178,11 +178,11 @@ def rank_training_points(
 
 
 def _training_losses(influence: Influence) -> torch.Tensor:
-    layout, task = influence.layout_, influence.task
+    layout, task = influence.engine.layout, influence.task
     parts = []
     with torch.no_grad():
-        for _, batch in stream(influence.train_, influence.chunks_.grad, dtype=layout.dtype, device=layout.device, check=task.check_batch):
-            parts.append(task.loss(influence.params_, batch))
+        for _, batch in stream(influence.engine.train, influence.engine.chunks.grad, dtype=layout.dtype, device=layout.device, check=task.check_batch):
+            parts.append(task.loss(influence.engine.params, batch))
     return torch.cat(parts)
 
 
@@ -257,7 +257,7 @@ def accuracy_after_fixing(
         order: ``(n,)`` the checking order (e.g. from :func:`rank_training_points`).
         fractions: fractions of the training set checked, each in (0, 1], increasing.
         test: ``(X_test, y_test)`` with correct labels.
-        curvature: a fitted solver of the Hessian at θ̂ (``influence.solver_``) for fast first steps.
+        curvature: a fitted solver of the Hessian at θ̂ (``influence.engine.solver``) for fast first steps.
         tol: retrain to ‖∇R‖ ≤ tol (test accuracy needs far less than influence does).
         progress: show a progress bar over the retrainings.
 
@@ -492,10 +492,10 @@ def flip_and_detect(
     )
     metadata = {
         **runs.task.describe(),
-        **runs.influence.solver_.describe(),
+        **runs.influence.engine.solver.describe(),
         "damping": damping,
-        "dtype": str(runs.influence.layout_.dtype),
-        "n_params": runs.influence.layout_.n,
+        "dtype": str(runs.influence.engine.layout.dtype),
+        "n_params": runs.influence.engine.layout.n,
         "n_classes": n_classes,
         "train_reports": [r.__dict__ for r in runs.reports],
     }
@@ -568,7 +568,7 @@ def _flip_runs(
             found[m].append(fraction_found(order, flipped, fractions))
             if retrain:
                 accuracy[m].append(accuracy_after_fixing(
-                    task, (X, y_noisy), y, order, fractions, (X_test, y_test), curvature=influence.solver_, tol=retrain_tol,
+                    task, (X, y_noisy), y, order, fractions, (X_test, y_test), curvature=influence.engine.solver, tol=retrain_tol,
                     progress=progress,
                 ))
         bar.update()

@@ -153,7 +153,7 @@ def explain_features(
     influence.check_fitted()
     if rank_by not in RANK_BY:
         raise InputError(f"`rank_by` must be one of {', '.join(repr(r) for r in RANK_BY)}. Got {rank_by!r}.")
-    n_train = len(influence.train_)
+    n_train = influence.engine.n_train
     k = check_int("k", k, low=1, high=n_train)
     n_show = check_int("n_show", n_show, low=1)
     n_test = len(Examples(test_point, name="test_point"))
@@ -168,8 +168,8 @@ def explain_features(
     pert = pert.reshape(k, -1)
     d = pert.shape[1]
 
-    layout = influence.layout_
-    batch = take(influence.train_, top.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
+    layout = influence.engine.layout
+    batch = take(influence.engine.train, top.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
     if input == "auto":  # the same resolution as Influence.perturbation_influence
         input = None if isinstance(batch, torch.Tensor) else (getattr(influence.task, "input_key", "x") if isinstance(batch, dict) else 0)
     inputs = input_leaf(batch, input).reshape(k, -1).to(pert.dtype)

@@ -70,7 +70,7 @@ def run_demo(
 
     # Ground truth once: retrain without each selected point (selection by the exact solver's ranking).
     reference = "exact" if "exact" in fitted else solvers[0]
-    shard = fitted[reference].shard_  # a one-rank LocalShard when not distributed
+    shard = fitted[reference].engine.shard  # a one-rank LocalShard when not distributed
     sharded = shard.world_size > 1
     loo = None
     if main:  # retrainings are not sharded: rank 0 does them with an unsharded copy of the reference

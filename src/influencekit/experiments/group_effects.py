@@ -96,9 +96,9 @@ def _accuracy_rows(inf: Influence, validation: GroupValidation, test: Any) -> li
     """Test accuracy after removing each group: at θ̂ + Δθ of each order (the validation's predicted parameter changes),
     and after retraining (from the validation's measured losses: a test point is right when its loss is below log 2)."""
     X, y = test
-    layout, task = inf.layout_, inf.task
-    theta = layout.flatten(inf.params_)
-    before = inf.task.measurement(inf.params_, test).detach()
+    layout, task = inf.engine.layout, inf.task
+    theta = layout.flatten(inf.engine.params)
+    before = inf.task.measurement(inf.engine.params, test).detach()
     rows = []
     base = float((before < np.log(2)).double().mean())  # binary logistic loss < log 2 <=> the label is predicted
     for g, name in enumerate(validation.names):

@@ -325,7 +325,7 @@ def run_fig3(
         else:
             inf = influence(t)
             predicted = inf.scores((test[0][[t_test]], test[1][[t_test]])).predicted_loo_change().numpy()[0, loo.train_index]
-        table.append(_row(f"t = {t:g}", predicted, loo, grad_norm=inf.grad_norm_))
+        table.append(_row(f"t = {t:g}", predicted, loo, grad_norm=inf.engine.grad_norm))
         figures.append(_plot(predicted, loo, out / f"fig3_t{t:g}.png", f"smooth hinge t = {t:g}, linear SVM, MNIST 1 vs 7"))
     n_sv = int((svm.alpha > 0).sum())
     with torch.no_grad():

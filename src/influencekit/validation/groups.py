@@ -143,16 +143,16 @@ def validate_groups(
                                       strict=strict, workers=workers, threads=threads)
     tol, max_iter, control = settings.tol, settings.max_iter, settings.control
     order_names = check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
-    parsed = parse_groups(groups, len(influence.train_))
-    tests = select_tests(influence, test, test_indices)
+    parsed = parse_groups(groups, influence.engine.n_train)
+    tests = select_tests(influence.engine, test, test_indices)
     predictions = influence.group_influence(parsed.mask(), tests.raw_batch, order=list(order_names))
     predicted = {o: r.values.detach().cpu().to(torch.float64).numpy() for o, r in predictions.items()}
     retrainer = Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter,
-                          newton_start=influence.layout_.n <= NEWTON_START_PARAMS)
+                          newton_start=influence.engine.layout.n <= NEWTON_START_PARAMS)
     check_resolution(retrainer, predicted[order_names[0]], tol=tol, what="group retraining")
     cache = None
     if cache_dir is not None:
-        config = influence.provenance_.manifest(
+        config = influence.engine.provenance.manifest(
             "influencekit group retraining", ("n_train", "task"), groups=parsed.fingerprint(), test_indices=tests.indices.tolist(),
             test_fingerprint=tests.fingerprint, theta_fingerprint=fingerprint(retrainer.theta_hat), dtype=str(retrainer.dtype),
             tol=tol, retrain=retrainer.name, drift_control=control)

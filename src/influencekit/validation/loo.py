@@ -123,7 +123,7 @@ def _plan_removals(
     influence: Influence, tests: SelectedTests, *, train_indices: Any, top_k: int, n_random: int, seed: int
 ) -> _Plan:
     """Check the selection arguments, predict every pair and choose the (test, train) pairs to retrain."""
-    n = len(influence.train_)
+    n = influence.engine.n_train
     if train_indices is not None:
         chosen = index_array("train_indices", train_indices, n, "training")
         recipe: dict[str, Any] = {"train_indices": chosen.tolist()}
@@ -159,7 +159,7 @@ def _recipe_selection(pred_loo: np.ndarray, *, top_k: int, n_random: int, seed: 
 
 def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrainer, settings: RetrainSettings) -> dict[str, Any]:
     """The configuration a cache folder of retrainings belongs to (its ``manifest.json``)."""
-    return influence.provenance_.manifest(
+    return influence.engine.provenance.manifest(
         "influencekit leave-one-out retraining", ("n_train", "task"),
         test_indices=tests.indices.tolist(),
         test_fingerprint=tests.fingerprint,
@@ -183,7 +183,7 @@ def _prepare(influence: Influence, tests: SelectedTests, plan: _Plan, settings: 
     cache = None
     if cache_dir is not None:
         cache = RetrainingCache(cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results")
-    runs = Retrainings(retrainer, cache, settings, weights_of=functools.partial(_weights, n=len(influence.train_), dtype=retrainer.dtype),
+    runs = Retrainings(retrainer, cache, settings, weights_of=functools.partial(_weights, n=influence.engine.n_train, dtype=retrainer.dtype),
                        describe=lambda i: f"retraining without training point {i}", desc="leave-one-out retraining")
     runs.load(plan.removals, len(tests.indices))
     return runs
@@ -250,7 +250,7 @@ def _result_metadata(
         **plan.scores.metadata,
         "validation": "leave-one-out retraining (Koh & Liang 2017, Figure 2)",
         "measurement": type(influence.task).measurement.__qualname__,
-        "n_train": len(influence.train_),
+        "n_train": influence.engine.n_train,
         "tol": settings.tol,
         "retrain": retrainer.name,
         "retrain_max_iter": settings.max_iter,
@@ -306,7 +306,7 @@ def leave_one_out(
         top_k, n_random, seed: the default recipe (ignored with ``train_indices``).
         retrain: ``None`` retrains with ``ik.fit_lbfgs(task, train, weights=w, tol=tol, max_iter=max_iter)``,
             starting with chord-Newton steps on the influence's own factorised H + δI when its solver is dense
-            (``"exact"``: ``curvature=influence.solver_``), which makes one retraining cost a few gradients.
+            (``"exact"``: ``curvature=influence.engine.solver``), which makes one retraining cost a few gradients.
             Otherwise ``retrain(task, train, weights) -> None``: ``task`` is a private copy of your task whose
             selected parameters hold θ̂, ``train`` is the training data as given to ``Influence``, ``weights``
             an ``(n,)`` float tensor with 0 at the removed point and 1 elsewhere. It must minimise
@@ -343,7 +343,7 @@ def leave_one_out(
         influence, tol=tol, max_iter=max_iter, seed=seed, retrain=retrain, control=control, strict=strict,
         workers=workers, threads=threads,
     )
-    tests = select_tests(influence, test, test_indices)
+    tests = select_tests(influence.engine, test, test_indices)
     plan = _plan_removals(influence, tests, train_indices=train_indices, top_k=top_k, n_random=n_random, seed=settings.seed)
     runs = _prepare(influence, tests, plan, settings, cache_dir)
     runs.run(progress=progress)

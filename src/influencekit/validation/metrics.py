@@ -223,9 +223,9 @@ def linear_datamodeling_score(
     n_subsets, alpha, seed, tol, max_iter = _check_lds_arguments(
         influence, n_subsets=n_subsets, alpha=alpha, seed=seed, tol=tol, max_iter=max_iter, retrain=retrain
     )
-    n = len(influence.train_)
+    n = influence.engine.n_train
     keep = _subset_size(alpha, n)
-    tests = select_tests(influence, test, test_indices)
+    tests = select_tests(influence.engine, test, test_indices)
     scores = influence.scores(tests.raw_batch)
     pred_loo = scores.predicted_loo_change().detach().cpu().double().numpy()  # (n_test, n_train)
     subsets = _draw_subsets(n_subsets, n, keep, seed)

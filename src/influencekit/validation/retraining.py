@@ -27,6 +27,7 @@ import torch
 from ..autodiff import ParamLayout
 from ..checks import check_indices, check_int, check_number
 from ..data.examples import Examples, batch_size_of, take
+from ..engine import FittedEngine
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
 from ..progress import progress_bar
@@ -132,14 +133,14 @@ class SelectedTests:
     fingerprint: str
 
 
-def select_tests(influence: Influence, test: Any, test_indices: Any) -> SelectedTests:
+def select_tests(engine: FittedEngine, test: Any, test_indices: Any) -> SelectedTests:
     """The test points at ``test_indices`` of ``test`` (all of them for ``None``)."""
     data = test if isinstance(test, Examples) else Examples(test, name="test")
     n = len(data)
     indices = np.arange(n, dtype=np.int64) if test_indices is None else index_array("test_indices", test_indices, n, "test")
     raw = data.batch(indices.tolist())
-    layout = influence.layout_
-    batch = take(data, indices.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
+    layout = engine.layout
+    batch = take(data, indices.tolist(), dtype=layout.dtype, device=layout.device, check=engine.task.check_batch)
     return SelectedTests(indices, raw, batch, fingerprint(batch))
 
 
@@ -161,24 +162,25 @@ class Retrainer:
                  newton_start: bool = False) -> None:
         check_retrain(retrain)
         self.influence = influence
+        self.engine = engine = influence.engine
         self.source = influence.task
         self.work = copy.deepcopy(influence.task)
         self.snapshot = copy.deepcopy(self.work.model.state_dict())
-        self.theta_hat = {k: v.detach().clone() for k, v in influence.params_.items()}
-        self.layout: ParamLayout = influence.layout_
+        self.theta_hat = {k: v.detach().clone() for k, v in engine.params.items()}
+        self.layout: ParamLayout = engine.layout
         self.dtype = self.layout.dtype
         self.test_batch = test_batch
         self.retrain = retrain
         self.tol = tol
         self.max_iter = max_iter
-        self.batch_size = influence.chunks_.hvp  # fit_lbfgs's Newton polish streams HVPs in chunks of this size
-        self.grad_batch_size = influence.chunks_.grad
+        self.batch_size = engine.chunks.hvp  # fit_lbfgs's Newton polish streams HVPs in chunks of this size
+        self.grad_batch_size = engine.chunks.grad
         self.name = "influencekit.fit_lbfgs" if retrain is None else (repr(retrain) if isinstance(retrain, StepRetrain) else _describe_callable(retrain))
         # With a factorised (dense) solver, fit_lbfgs starts with chord-Newton steps on the influence's own
         # (H + δI): from θ̂ they contract at a rate of about ‖I − (H + δI)⁻¹H_w‖ (O(1/n) for one removed point)
         # for one gradient and one cheap solve each, and fit_lbfgs falls back to L-BFGS when they do not. An
         # iterative solver would pay a whole solve per step, more than L-BFGS needs (measured: 3x slower with CG).
-        solver = influence.solver_
+        solver = engine.solver
         self.curvature = solver if (retrain is None and "dense" in getattr(solver, "capabilities", ())) else None
         # a large removal (a whole group) moves θ̂ far for chord steps: Newton steps on the weighted Hessian first
         self.newton_start = bool(newton_start and retrain is None)
@@ -198,7 +200,7 @@ class Retrainer:
         self.work.model.load_state_dict(self.snapshot)
         if self.retrain is None:
             report = fit_lbfgs(
-                self.work, self.influence.train_, weights=weights, tol=self.tol, max_iter=self.max_iter,
+                self.work, self.engine.train, weights=weights, tol=self.tol, max_iter=self.max_iter,
                 batch_size=self.batch_size, warn=False, curvature=self.curvature, newton_start=self.newton_start,
             )
             grad_norm = report.grad_norm
@@ -252,7 +254,7 @@ class Retrainer:
     def _grad_norm(self, weights: torch.Tensor) -> float:
         """‖∇R_w(θ)‖ at the copy's current parameters, the same quantity fit_lbfgs stops on."""
         params = self.work.params()
-        _, grad = objective_and_grad(self.work, params, self.influence.train_, ParamLayout.of(params), weights, self.grad_batch_size)
+        _, grad = objective_and_grad(self.work, params, self.engine.train, ParamLayout.of(params), weights, self.grad_batch_size)
         return float(grad.norm())
 
 
@@ -294,7 +296,7 @@ def check_retrain_settings(
             raise UnsupportedError(
                 "`workers` > 1 needs the 'fork' start method, which this platform lacks; use workers=1."
             )
-    n = len(influence.train_)
+    n = influence.engine.n_train
     if n < 2:
         raise InputError(f"retraining without training points needs at least 2 of them. Got {n}.")
     return RetrainSettings(tol, max_iter, seed, retrain, control, strict, workers, threads)
@@ -324,8 +326,8 @@ def check_resolution(retrainer: Retrainer, predicted: np.ndarray, *, tol: float,
             "float64 data, then build the Influence again."
         )
     if retrainer.retrain is None:
-        influence = retrainer.influence
-        sample = influence.gradients_.gather(influence.train_, list(range(min(len(influence.train_), 256))), side="train")
+        engine = retrainer.engine
+        sample = engine.gradients.gather(engine.train, list(range(min(engine.n_train, 256))), side="train")
         reachable = 10 * eps * float(sample.norm(dim=1).mean())
         if tol < reachable:
             fix = (f"pass tol >= {reachable:.2g}" if dtype == torch.float64 else
