@@ -15,7 +15,7 @@ import torch
 from torch.func import grad, grad_and_value, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from .data.examples import batch_size_of
+from .data.examples import Batch, batch_size_of
 from .errors import InfluenceKitError, InputError, InputTypeError, NumericalError, UnsupportedError
 
 __all__ = [
@@ -96,12 +96,12 @@ class ParamLayout:
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, pieces, self.shapes)}
 
 
-def _as_single(batch: Any) -> Any:
+def _as_single(batch: Batch) -> Any:
     return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, batch)
 
 
 def per_example_grads(
-    fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``fn`` for each example of ``batch`` separately: ``vmap(grad(fn on one example))``.
 
@@ -121,7 +121,7 @@ def per_example_grads(
 
 
 def per_example_loop(
-    fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same as :func:`per_example_grads` by a plain autograd loop, one backward pass per example.
 
@@ -145,7 +145,7 @@ def per_example_loop(
 def batch_grad_sum(
     fn: LossFn,
     params: dict[str, torch.Tensor],
-    batch: Any,
+    batch: Batch,
     layout: ParamLayout,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +162,7 @@ def batch_grad_sum(
     return layout.flatten(g), losses
 
 
-def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
     """Hessian of the *sum* of ``fn`` over the batch times each row of ``V``: ``(k, n_params) -> (k, n_params)``.
 
     Forward-over-reverse: ``jvp(grad(Σ fn), θ, v)``, vectorised over the ``k`` tangents with ``vmap``. A single
@@ -192,7 +192,7 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Par
         return vmap(one)(V)
 
 
-def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
     """The same as :func:`hvp_sum` with plain autograd: one gradient graph, then one backward per tangent
     (reverse-over-reverse). Traces nothing, so it works where ``jvp``/``vmap`` cannot (e.g. transformers)."""
     live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
@@ -209,7 +209,7 @@ def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: Pa
     return out
 
 
-def choose_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor
+def choose_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
                ) -> tuple[Callable[..., torch.Tensor], str, torch.Tensor]:
     """The HVP function a model supports: :func:`hvp_sum` (forward-over-reverse), or :func:`hvp_loop` when the
     model cannot be traced by jvp/vmap. Returns ``(function, name, H_batch V)`` (the product is not wasted)."""
@@ -232,7 +232,7 @@ def _per_tangent(one: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -
             return torch.stack([one(v) for v in V])
 
 
-def per_example_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def per_example_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
     """``(B, n_params)``: row i is ∇²fn(z_i)·V[i], each example's Hessian times its own tangent (vmap over examples of
     forward-over-reverse). Raises what vmap raises on a model it cannot batch; callers fall back to :func:`hvp_sum`."""
 
@@ -244,7 +244,7 @@ def per_example_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, lay
         return vmap(one)(batch, V)
 
 
-def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
     """∇³(Σ fn)[v, v] for each row v of ``V``: the gradient of the second directional derivative d²/ds² Σ fn(θ + s·v),
     ``(k, n_params)``. Reverse-over-forward-over-forward: 1.4× faster than differentiating the HVP along v
     (forward-over-forward-over-reverse) on the digits MLP (2.4 vs 3.5 s for 100 tangents × 797 examples), equal to round-off.
@@ -261,7 +261,7 @@ def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: An
     return _per_tangent(one, V)
 
 
-def second_directional(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def second_directional(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
     """vᵀ∇²fn(z)v of each example z of ``batch`` for each row v of ``V``: ``(k, B)``, by forward-over-forward
     ``d²/ds² fn(θ + s·v)`` (no gradient, no Hessian)."""
 
@@ -276,7 +276,7 @@ def second_directional(fn: LossFn, params: dict[str, torch.Tensor], batch: Any, 
 InputPath = int | str | None  # where the input sits in a batch: tuple position, dict key, or the batch itself
 
 
-def input_leaf(batch: Any, where: InputPath) -> torch.Tensor:
+def input_leaf(batch: Batch, where: InputPath) -> torch.Tensor:
     if where is None:
         leaf = batch
     elif isinstance(batch, (tuple, list)) and isinstance(where, int) and -len(batch) <= where < len(batch):
@@ -298,7 +298,7 @@ def input_leaf(batch: Any, where: InputPath) -> torch.Tensor:
     return leaf
 
 
-def _with_input(batch: Any, where: InputPath, x: torch.Tensor) -> Any:
+def _with_input(batch: Batch, where: InputPath, x: torch.Tensor) -> Any:
     if where is None:
         return x
     if isinstance(batch, dict):
@@ -309,7 +309,7 @@ def _with_input(batch: Any, where: InputPath, x: torch.Tensor) -> Any:
 
 
 def mixed_vjp(
-    fn: LossFn, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout, V: torch.Tensor, *, where: InputPath = 0
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor, *, where: InputPath = 0
 ) -> torch.Tensor:
     """Vector–Jacobian products of the parameter gradient with respect to each example's input.
 

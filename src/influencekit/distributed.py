@@ -123,7 +123,7 @@ class Shard:
     def check_solver(self, solver: Any) -> None:
         """Refuse a solver whose own class does not declare the ``"sharded"`` capability (its result under sharding is
         unknown). A subclass inherits it only by declaring it again: it may have changed the algorithm."""
-        if "sharded" not in type(solver).__dict__.get("capabilities", frozenset()):
+        if not getattr(type(solver).__dict__.get("capabilities"), "sharded", False):
             raise UnsupportedError(
                 f"solver {solver.name!r} is not known to give the same result when the training set is "
                 "sharded across processes (it does not declare the 'sharded' capability). Under torch.distributed "

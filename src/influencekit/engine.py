@@ -136,7 +136,7 @@ class FittedEngine:
     def _solves_from_taps(self, data: Examples) -> bool:
         """Whether the solver takes the test side's layer taps (:meth:`Solver.solve_taps`): it can, every parameter
         is in a factored dense layer, and the taps give the test gradients."""
-        if "tap_solve" not in self.solver.capabilities or not self.solver.tap_solvable() or len(data) == 0:
+        if not self.solver.capabilities.tap_solve or not self.solver.tap_solvable() or len(data) == 0:
             return False
         # chosen as on the first chunk: choose_per_example checks the taps against vmap on its first 4 examples
         self.gradients.per_example("test", self.gradients.take(data, range(min(len(data), 4))))

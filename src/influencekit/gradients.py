@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 
 from .autodiff import ParamLayout, batch_grad_sum, per_example_grads
 from .checks import check_choice
-from .data.examples import Examples, batch_size_of, stream, take
+from .data.examples import Batch, Examples, batch_size_of, stream, take
 from .distributed import Shard
 from .errors import NumericalError, StationarityWarning, UnsupportedError
 from .layers import GRADIENT_METHODS, DensePiece, GradientPiece, LayerGradients, LayerTaps, choose_per_example
@@ -177,7 +177,7 @@ class GradientSource:
             rows.append(self._rows(side, self.take(data, part), data.name, part[0], "full"))
         return torch.cat(rows)
 
-    def _rows(self, side: str, batch: Any, name: str, offset: int, precision: str) -> torch.Tensor:
+    def _rows(self, side: str, batch: Batch, name: str, offset: int, precision: str) -> torch.Tensor:
         pieces, losses = self._pieces(side, batch, name, precision)
         check_losses(losses, name, offset)
         with matmul_precision(precision):
@@ -193,7 +193,7 @@ class GradientSource:
             G += self._l2_term  # in place: the chunk is freshly allocated, a copy would double its memory traffic
         return G
 
-    def _pieces(self, side: str, batch: Any, name: str, precision: str) -> tuple[Iterator[GradientPiece], torch.Tensor]:
+    def _pieces(self, side: str, batch: Batch, name: str, precision: str) -> tuple[Iterator[GradientPiece], torch.Tensor]:
         """One chunk's per-example gradients as pieces (:meth:`parts`) and its losses; a model that cannot take the
         data is named in words (:meth:`Task.check_forward`), else torch's error stands."""
         fn = self.function(side)
@@ -240,7 +240,7 @@ class GradientSource:
             yield lo, f
         bar.close()
 
-    def per_example(self, side: str, batch: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    def per_example(self, side: str, batch: Batch) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """The per-example gradient function ``(fn, params, batch) -> (G, values)`` for ``side``, chosen on its
         first batch and kept (the choice and its reason are logged; the choice is in :attr:`methods`)."""
         if side not in self._chosen:

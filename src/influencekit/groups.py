@@ -37,13 +37,14 @@ from torch.func import vmap
 
 from .autodiff import choose_hvp, per_example_hvp, second_directional, third_directional_sum
 from .checks import check_choice, check_indices, check_int, check_number
-from .data.examples import Examples, batch_size_of
+from .data.examples import Batch, Examples, batch_size_of
 from .engine import FittedEngine
 from .errors import InfluenceKitError, InputError, InputTypeError, NumericalError
 from .folders import fingerprint
 from .progress import progress_bar
 from .results import GroupInfluence
 from .solvers import SolveReport
+from .task import Task
 
 __all__ = ["ORDERS", "Groups", "parse_groups", "group_effects", "check_orders", "check_newton"]
 
@@ -276,7 +277,7 @@ def _newton(sums: _Sums, solve: Callable, g: torch.Tensor, *, tol: float, max_it
     return x, info, reports
 
 
-def _moved_measurements(task: Any, params: dict[str, torch.Tensor], layout: Any, batch: Any, deltas: torch.Tensor, block: int
+def _moved_measurements(task: Task, params: dict[str, torch.Tensor], layout: Any, batch: Batch, deltas: torch.Tensor, block: int
                         ) -> torch.Tensor:
     """``(k, B)`` f(θ̂ + Δ_g) − f(θ̂) on ``batch`` for each row Δ_g of ``deltas``: vmap over ``block`` rows at a time, or
     one forward per row where the model cannot be batched."""

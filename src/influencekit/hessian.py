@@ -21,7 +21,7 @@ import torch
 
 from .autodiff import ParamLayout, choose_hvp
 from .curvature import LayerData
-from .data.examples import Examples, stream, take
+from .data.examples import Batch, Examples, stream, take
 from .distributed import LocalShard, Shard
 from .errors import CurvatureWarning, NumericalError
 from .progress import progress_bar
@@ -110,13 +110,13 @@ class HessianOperator:
             return self.task.loss
         w = self.weights
 
-        def weighted(params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        def weighted(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
             losses = self.task.loss(params, batch)
             return losses * w[offset:offset + losses.shape[0]]
 
         return weighted
 
-    def _data_hvp(self, batch: Any, V: torch.Tensor, offset: int | None = None) -> torch.Tensor:
+    def _data_hvp(self, batch: Batch, V: torch.Tensor, offset: int | None = None) -> torch.Tensor:
         fn = self._loss_fn(offset)
         out = torch.empty_like(V)
         for lo in range(0, V.shape[0], self.tangent_block):
@@ -124,7 +124,7 @@ class HessianOperator:
             out[lo:hi] = self._products(fn, batch, V[lo:hi])
         return out
 
-    def _products(self, fn: Any, batch: Any, V: torch.Tensor) -> torch.Tensor:
+    def _products(self, fn: Any, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         """H_batch V with the HVP method chosen on the first product (:func:`~influencekit.autodiff.choose_hvp`)."""
         if self._hvp is None:
             self._hvp, self.hvp_method, out = choose_hvp(fn, self.params, batch, self.layout, V)

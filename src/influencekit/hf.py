@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checks import check_choice
-from .data.examples import IGNORE_INDEX, Examples, pad_collate
+from .data.examples import IGNORE_INDEX, Batch, DataSource, Examples, pad_collate
 from .errors import InputError, InputTypeError
 from .prefix import PrefixCache, PrefixPlan, is_prefix_key
 from .task import Params, ParamSelector, Task
@@ -149,7 +149,7 @@ class HFTask(Task):
         self.vocab_size = None if embedding is None else embedding.num_embeddings
         self.max_positions = _position_limit(self.model)
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         """Refuse token inputs the model would fail on inside torch, or score silently wrong: ids that are not integers
         or lie outside the vocabulary, sequences longer than the model's positions, examples with no real token."""
         if not isinstance(batch, Mapping):
@@ -178,7 +178,7 @@ class HFTask(Task):
                 raise InputError(f"{_first(empty, offset)} of `{name}` has an attention mask of zeros: no real token to "
                                  "read. Remove it, or check how the batch was padded.")
 
-    def check_examples(self, data: Any, name: str) -> None:
+    def check_examples(self, data: DataSource, name: str) -> None:
         """:meth:`check_batch` on every example of tokenised ``data`` before the model runs (collating token ids costs
         little); a :class:`PrefixCache` was checked when it was built."""
         if isinstance(data, PrefixCache):
@@ -217,7 +217,7 @@ class HFTask(Task):
             return super().forward(params, *args, **kwargs)
 
     # -- batches ------------------------------------------------------------------------------------
-    def inputs(self, batch: Any) -> dict[str, Any]:
+    def inputs(self, batch: Batch) -> dict[str, Any]:
         """The model's keyword inputs of a batch: ``input_keys``, or every accepted key but the labels."""
         if not isinstance(batch, Mapping):
             raise InputError(f"{type(self).__name__} needs dict batches (input_ids, attention_mask, labels, ...). Got {type(batch).__name__}.")
@@ -228,21 +228,21 @@ class HFTask(Task):
             return {k: batch[k] for k in self.input_keys}
         return {k: v for k, v in batch.items() if k != self.label_key and not is_prefix_key(k) and (self._accepts_any or k in self._accepted)}
 
-    def labels(self, batch: Any) -> torch.Tensor:
+    def labels(self, batch: Batch) -> torch.Tensor:
         """The labels the loss is computed against, aligned with :meth:`outputs`."""
         if not isinstance(batch, Mapping) or self.label_key not in batch:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise InputError(f"{type(self).__name__} needs the labels under `label_key`={self.label_key!r}. Got {keys}.")
         return batch[self.label_key]
 
-    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+    def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
         """``batch`` with the labels replaced by ``labels`` (aligned with :meth:`outputs`)."""
         return {**batch, self.label_key: labels}
 
-    def split(self, batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
+    def split(self, batch: Batch) -> tuple[tuple[Any, ...], torch.Tensor]:
         return (self.inputs(batch),), self.labels(batch)
 
-    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+    def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
         """The logits the loss is computed from, aligned with :meth:`labels`. A batch from :func:`cache_prefix`
         replays the frozen prefix from its stored outputs."""
         if self.prefix_plan is not None and any(is_prefix_key(k) for k in batch):
@@ -250,7 +250,7 @@ class HFTask(Task):
                 return _logits(self.forward(params, **self.inputs(batch)))
         return _logits(self.forward(params, **self.inputs(batch)))
 
-    def position_mask(self, batch: Any) -> torch.Tensor | None:
+    def position_mask(self, batch: Batch) -> torch.Tensor | None:
         """``(B, T)`` booleans, True at the real (not padded) positions of the model's sequence, or None."""
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         return None if mask is None else mask.bool()
@@ -268,7 +268,7 @@ class SequenceClassificationTask(HFTask):
     ``AutoModelForSequenceClassification`` and for any model returning ``(B, C)`` logits (e.g. a pooled encoder
     with a Linear head)."""
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         super().check_batch(batch, name, offset)
         labels = self.labels(batch)
         if labels.dim() != 1 or labels.is_floating_point():
@@ -278,10 +278,10 @@ class SequenceClassificationTask(HFTask):
             )
         self._check_classes(labels, name, offset)
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(params, batch), batch)
 
-    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         logits, labels = outputs, self.labels(batch)
         if logits.dim() != 2:
             raise InputError(f"SequenceClassificationTask needs logits of shape (B, C). Got {tuple(logits.shape)}.")
@@ -296,11 +296,11 @@ class _TokenLoss(HFTask):
         super().__init__(model, l2=l2, params=params, label_key=label_key, input_keys=input_keys)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
 
-    def token_losses(self, params: Params, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses(self, params: Params, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T')`` cross-entropy per aligned position (0 where no loss) and the mask of positions with a loss."""
         return self._token_losses(self.outputs(params, batch), batch)
 
-    def _token_losses(self, logits: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_losses(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         labels = self.labels(batch)
         mask = self.label_mask(labels)
         safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
@@ -309,10 +309,10 @@ class _TokenLoss(HFTask):
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none").view(safe.shape)
         return losses * mask.to(losses.dtype), mask
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(params, batch), batch)
 
-    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         losses, mask = self._token_losses(outputs, batch)
         total = losses.sum(dim=1)
         return total if self.reduction == "sum" else total / mask.sum(dim=1).clamp_min(1).to(total.dtype)
@@ -325,7 +325,7 @@ class TokenClassificationTask(_TokenLoss):
     """Token classification (NER, tagging): logits ``(B, T, C)``, labels ``(B, T)`` with ``-100`` where no label
     counts (padding, sub-word continuations); the loss of a sequence is the sum (or mean) over its labelled tokens."""
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         super().check_batch(batch, name, offset)
         labels = self.labels(batch)
         if labels.dim() != 2 or labels.is_floating_point():
@@ -339,7 +339,7 @@ class CausalLMTask(_TokenLoss):
     mean) of the cross-entropies of its target tokens. Targets are ``labels`` when the batch has them (``-100``
     excluded, as in transformers), else ``input_ids`` where ``attention_mask`` is 1."""
 
-    def labels(self, batch: Any) -> torch.Tensor:
+    def labels(self, batch: Batch) -> torch.Tensor:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
             raise InputError("CausalLMTask needs dict batches with `input_ids`. Got " + (str(sorted(batch)) if isinstance(batch, Mapping) else type(batch).__name__) + ".")
         if self.label_key in batch:
@@ -351,7 +351,7 @@ class CausalLMTask(_TokenLoss):
                 full = torch.where(mask.bool(), full, torch.full_like(full, IGNORE_INDEX))
         return full[:, 1:]
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         super().check_batch(batch, name, offset)
         targets = self.labels(batch)
         if self.vocab_size is not None:
@@ -366,11 +366,11 @@ class CausalLMTask(_TokenLoss):
                 f"ones before, so a sequence needs two real tokens with a target (labels other than {IGNORE_INDEX}) "
                 "after the first. Remove it or join it to its neighbours.")
 
-    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+    def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
         first = torch.full_like(labels[:, :1], IGNORE_INDEX)
         return {**batch, self.label_key: torch.cat([first, labels.to(batch["input_ids"].dtype)], dim=1)}
 
-    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+    def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
         return super().outputs(params, batch)[:, :-1]
 
 
@@ -396,7 +396,7 @@ def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def cache_prefix(task: HFTask, data: Any, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
+def cache_prefix(task: HFTask, data: DataSource, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
                  progress: bool = False) -> PrefixCache:
     """``data`` with the outputs of the model's frozen prefix attached (:class:`~influencekit.prefix.PrefixCache`):
     pass it in place of ``data`` to :class:`~influencekit.Influence`, ``scores``, ``fit_lbfgs``, and the task's

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .checks import check_int
-from .data.examples import Examples, take
+from .data.examples import DataSource, Examples, take
 from .engine import FittedEngine
 from .errors import CorruptFileWarning, InputError, InputTypeError
 from .folders import load_array, open_folder, save_array, verify_checked, write_checked
@@ -133,7 +133,7 @@ class InfluenceIndex:
         return Path(folder) / SOLVER_DIR
 
     @classmethod
-    def build(cls, influence: Influence, folder: str | os.PathLike, *, test: Any = None, display: dict[str, Display] | None = None,
+    def build(cls, influence: Influence, folder: str | os.PathLike, *, test: DataSource | None = None, display: dict[str, Display] | None = None,
               recipe: str | None = None, sketch_dim: int | None = None, store: GradientStore | None = None,
               rows: str = "auto", progress: bool = False) -> InfluenceIndex:
         """Compute and store the index of a fitted ``influence`` in ``folder`` (or resume / reopen it).
@@ -316,7 +316,7 @@ class InfluenceIndex:
         return self._test
 
     # ------------------------------------------------------------------------------------------ queries
-    def explain(self, test: Any, k: int = 10, *, candidates: int | None = None, query_rank: int | None = None) -> RankedInfluence:
+    def explain(self, test: DataSource, k: int = 10, *, candidates: int | None = None, query_rank: int | None = None) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training examples for each example of ``test`` (any data the
         Influence takes, e.g. ``(X, y)``): one solve per block of test points, then one scan of the stored rows.
 
@@ -355,7 +355,7 @@ class InfluenceIndex:
         return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
                                self.n_train, meta)
 
-    def _queries(self, test: Any, query_rank: int | None = None) -> Any:
+    def _queries(self, test: DataSource, query_rank: int | None = None) -> Any:
         """Blocks ``(preconditioned test gradients in the rows' space, solve report or None)``."""
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         if self.store is None:
@@ -565,7 +565,7 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
             factored, l2 = index._factored[1], engine.gradients.l2_term
             taps = [f for _, f in engine.gradients.layer_factors(engine.train, side="train", start=lo, stop=hi, desc="index")]
             F = FactoredRows.cat([FactoredRows.from_factors(f, factored, l2) for f in taps])
-            from_taps = "tap_quadratic_form" in engine.solver.capabilities
+            from_taps = engine.solver.capabilities.tap_quadratic_form
             R = F.gradients(width) if index._projector is not None or not from_taps else None  # the sketch's input
             self_values = (torch.cat([engine.solver.tap_quadratic_form(f, l2) for f in taps]) if from_taps
                            else self_influence_of(R, engine.solver, engine.solve)[0])

@@ -49,7 +49,7 @@ def choose_factored(engine: FittedEngine, rows: str, *, space: str) -> tuple[lis
     if rows not in ROWS:
         raise InputError(f"`rows` must be one of {', '.join(repr(r) for r in ROWS)}. Got {rows!r}.")
     explicit = rows == "factored"
-    if rows == "dense" or (not explicit and "tap_solve" not in engine.solver.capabilities):
+    if rows == "dense" or (not explicit and not engine.solver.capabilities.tap_solve):
         return None
     if space != "parameters":
         if explicit:

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data.examples import Batch
+from .task import Task
+
 __all__ = ["last_linear_hessian", "CLOSED_FORM"]
 
 logger = logging.getLogger(__name__)
@@ -27,7 +30,7 @@ logger = logging.getLogger(__name__)
 CLOSED_FORM = "closed form (final Linear layer under cross-entropy)"
 
 
-def _the_layer(task: Any, names: tuple[str, ...]) -> tuple[str, nn.Linear] | None:
+def _the_layer(task: Task, names: tuple[str, ...]) -> tuple[str, nn.Linear] | None:
     if getattr(task, "fisher", None) != "classification":
         return None
     for name, module in task.model.named_modules():
@@ -40,7 +43,7 @@ def _the_layer(task: Any, names: tuple[str, ...]) -> tuple[str, nn.Linear] | Non
     return None
 
 
-def _inputs_and_logits(task: Any, params: dict[str, torch.Tensor], layer: nn.Linear, batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _inputs_and_logits(task: Task, params: dict[str, torch.Tensor], layer: nn.Linear, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = layer.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
     try:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .autodiff import LossFn, ParamLayout, per_example_grads, per_example_loop
-from .data.examples import batch_size_of
+from .data.examples import Batch, batch_size_of
 from .errors import InfluenceKitError, UnsupportedError
 
 __all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "tied_parameters", "LayerTaps", "LayerGradients",
@@ -238,7 +238,7 @@ class LayerTaps:
             return None
         return fn
 
-    def run(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any, scale: torch.Tensor | None = None
+    def run(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, scale: torch.Tensor | None = None
             ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """One forward and backward of Σ_z scale_z · fn(z): each block's raw input, the gradient of the sum with
         respect to its raw output, and the per-example values of ``fn`` (detached)."""
@@ -247,7 +247,7 @@ class LayerTaps:
         return inputs, self._backward(total, outs, retain=False), losses.detach()
 
     def run_each(self, forward: LossFn, losses_of: Callable[[torch.Tensor], list[torch.Tensor]], params: dict[str, torch.Tensor],
-                 batch: Any) -> tuple[list[torch.Tensor], Iterator[list[torch.Tensor]]]:
+                 batch: Batch) -> tuple[list[torch.Tensor], Iterator[list[torch.Tensor]]]:
         """One forward of ``forward`` (per-example outputs) and one backward per loss vector of ``losses_of(outputs)``
         (e.g. the loss at each label of an expectation): ``(raw inputs, per loss the gradients of its sum with respect to
         each block's raw output)``, each backward run as its item is drawn (the graph is kept until the last)."""
@@ -261,7 +261,7 @@ class LayerTaps:
 
         return inputs, backward_each()
 
-    def _forward(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any
+    def _forward(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
                  ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """``fn`` on live copies of ``params`` with the taps recording: its value, each block's raw input and raw output
         (the blocks keep no reference to them afterwards)."""
@@ -363,14 +363,14 @@ class LayerGradients:
         self.layout = layout
         self._offsets = dict(zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist()))
 
-    def __call__(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pieces, values = self.pieces(fn, params, batch)
         G = torch.empty(values.shape[0], self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
         for piece in pieces:
             piece.write(G)
         return G, values
 
-    def pieces(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Any
+    def pieces(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
                ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
         """One tapped forward and backward: ``(pieces, values)``, the pieces made one at a time as they are drawn
         (together they cover every selected parameter once)."""
@@ -399,7 +399,7 @@ class LayerGradients:
 
 
 def choose_per_example(
-    mode: str, model: nn.Module, fn: LossFn, params: dict[str, torch.Tensor], layout: ParamLayout, batch: Any,
+    mode: str, model: nn.Module, fn: LossFn, params: dict[str, torch.Tensor], layout: ParamLayout, batch: Batch,
     *, side: str = "train", check_examples: int = 4,
 ) -> tuple[PerExample, str, str]:
     """Pick how per-example gradients of ``fn`` are computed: ``(function, "layers" | "vmap" | "loop", reason)``.

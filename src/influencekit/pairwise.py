@@ -33,7 +33,7 @@ def scores_without_rows(solver: Solver, gradients: str, model: torch.nn.Module, 
     """Whether scoring in parameters should hold no whole gradient rows: the solver solves in place and layer taps can
     give every selected parameter's gradients (:meth:`GradientSource.parts`; their check against ``vmap`` on the first
     chunk may still choose otherwise)."""
-    if "in_place" not in solver.capabilities or gradients not in ("auto", "layers"):
+    if not solver.capabilities.in_place or gradients not in ("auto", "layers"):
         return False
     return not layer_blocks(model, layout, embeddings=True)[1]
 
@@ -42,7 +42,7 @@ def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Te
                       ) -> tuple[torch.Tensor, SolveReport | None]:
     """gᵀ(H + δI)⁻¹g for each row of ``G``: the solver's quadratic form when it has one (no solve, no report), else
     one block solve."""
-    if "quadratic_form" in solver.capabilities:
+    if solver.capabilities.quadratic_form:
         return solver.quadratic_form(G), None
     X, report = solve(G)
     return (X * G).sum(dim=1), report
@@ -254,7 +254,7 @@ class TrainingSide:
         """``(offset, gᵀ(H + δI)⁻¹g)`` per chunk of this shard: from layer taps when the solver takes them and the
         gradients come from taps (K-FAC/EK-FAC: no gradient is materialised), else from the gradient rows."""
         source, shard = self.gradients, self.shard
-        if "tap_quadratic_form" in solver.capabilities:
+        if solver.capabilities.tap_quadratic_form:
             taps = source.layer_factors(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence (layer taps)")
             try:
                 first = next(taps)
@@ -280,7 +280,7 @@ class TrainingSide:
         layout = source.layout
         out = torch.empty(n, dtype=layout.dtype, device=layout.device)
         reports: list[SolveReport] = []
-        if "quadratic_form" in solver.capabilities:  # no solve
+        if solver.capabilities.quadratic_form:  # no solve
             def local() -> torch.Tensor:
                 part = torch.empty(shard.stop - shard.start, dtype=out.dtype, device=out.device)
                 for lo, values in self._quadratic_forms(solver, solve):

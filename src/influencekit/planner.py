@@ -73,7 +73,7 @@ from torch import nn
 from .autodiff import ParamLayout, batch_grad_sum, choose_hvp, input_size_per_example
 from .checks import check_int
 from .config import Chunks, InfluenceConfig, plan_chunks
-from .data.examples import Examples, take
+from .data.examples import Batch, Examples, take
 from .errors import InputError
 from .hessian import HessianOperator
 from .layers import choose_per_example
@@ -355,7 +355,7 @@ def _low_rank_stages(probe: CostProbe, cost: SolverCost, solver: Solver, blocks:
     ]
 
 
-def _positions(layers: list[Any], task: Any, params: dict[str, torch.Tensor], batch: Any) -> dict[str, int]:
+def _positions(layers: list[Any], task: Task, params: dict[str, torch.Tensor], batch: Batch) -> dict[str, int]:
     """Positions T per example of each layer (1 for a dense input, output pixels of a convolution)."""
     counts: dict[str, int] = {}
     handles = []
@@ -373,7 +373,7 @@ def _positions(layers: list[Any], task: Any, params: dict[str, torch.Tensor], ba
     return counts
 
 
-def _n_outputs(task: Any, params: dict[str, torch.Tensor], batch: Any) -> int:
+def _n_outputs(task: Task, params: dict[str, torch.Tensor], batch: Batch) -> int:
     with torch.no_grad():
         out = task.outputs(params, batch)
     return int(out[0].numel()) if out.dim() > 1 else 2

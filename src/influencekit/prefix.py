@@ -41,10 +41,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .checks import check_int
-from .data.examples import Examples, take
+from .data.examples import DataSource, Examples, take
 from .errors import CorruptFileWarning, InputError, InputTypeError, UnsupportedError
 from .folders import fingerprint, load_array, open_folder, save_array, verify_checked
 from .progress import progress_bar
+from .task import Task
 
 __all__ = ["PrefixCache", "PrefixPlan", "PREFIX_KEY", "is_prefix_key"]
 
@@ -200,7 +201,7 @@ def _sequence_dims(names: Sequence[str], short: Mapping[str, Any], long: Mapping
     return found
 
 
-def find_plan(task: Any, params: dict[str, torch.Tensor], batch: Mapping[str, Any]) -> PrefixPlan:
+def find_plan(task: Task, params: dict[str, torch.Tensor], batch: Mapping[str, Any]) -> PrefixPlan:
     """The cached modules and stored outputs for ``task`` with ``params`` selected, found and checked on ``batch``."""
     model = task.model
     B, T = batch["input_ids"].shape
@@ -271,7 +272,7 @@ def _stored_values(plan: PrefixPlan, outputs: Mapping[str, Any]) -> dict[str, to
     return values
 
 
-def _replays_exactly(task: Any, live: dict[str, torch.Tensor], batch: Mapping[str, Any], plan: PrefixPlan, outputs: Mapping[str, Any],
+def _replays_exactly(task: Task, live: dict[str, torch.Tensor], batch: Mapping[str, Any], plan: PrefixPlan, outputs: Mapping[str, Any],
                      reference: tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]) -> bool:
     """The loss and its gradient on ``batch`` with ``plan`` replayed equal ``reference`` (the full model's) to round-off."""
     full, g_full = reference
@@ -312,7 +313,7 @@ class PrefixCache(Sequence):
         progress: show a progress bar.
     """
 
-    def __init__(self, task: Any, data: Any, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
+    def __init__(self, task: Task, data: DataSource, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
                  progress: bool = False) -> None:
         if not callable(getattr(task, "use_prefix_plan", None)):  # an ik.hf task (hf builds on this module)
             raise InputTypeError(f"`task` must be an ik.hf task (SequenceClassificationTask, ...). Got {type(task).__name__}.")
@@ -360,7 +361,7 @@ class PrefixCache(Sequence):
                 h.remove()
 
     @staticmethod
-    def _raw_items(data: Any, examples: Examples) -> Any:
+    def _raw_items(data: DataSource, examples: Examples) -> Any:
         if isinstance(data, Mapping):
             if "input_ids" not in data:
                 raise InputError(f"the prefix cache needs tokenised examples with `input_ids`. Got keys {sorted(data)}.")
@@ -405,7 +406,7 @@ class _DiskValues:
     """A :class:`PrefixCache`'s stored outputs in a folder: per batch of examples, one checked array per stored key
     (the examples' rows concatenated) and the examples' row counts."""
 
-    def __init__(self, folder: Path, task: Any, params: Mapping[str, torch.Tensor], examples: Examples, plan: PrefixPlan,
+    def __init__(self, folder: Path, task: Task, params: Mapping[str, torch.Tensor], examples: Examples, plan: PrefixPlan,
                  batch_size: int) -> None:
         self.folder, self.batch_size, self.n = folder, batch_size, len(examples)
         self.keys = list(plan.stored)

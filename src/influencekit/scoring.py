@@ -26,7 +26,7 @@ import torch
 from .autodiff import InputPath
 from .checks import check_indices, check_int
 from .config import InfluenceConfig
-from .data.examples import Examples
+from .data.examples import DataSource, Examples
 from .engine import FittedEngine, fit_engine
 from .errors import InputError, InputTypeError, NotFittedError
 from .groups import check_newton, check_orders, group_effects, parse_groups
@@ -105,7 +105,7 @@ class Influence:
     def __init__(
         self,
         task: Task,
-        train: Any,
+        train: DataSource,
         *,
         solver: str | Any = "cg",
         damping: float = 0.0,
@@ -192,7 +192,7 @@ class Influence:
         return self.engine.gradients.methods
 
     # -------------------------------------------------------------------------------------- queries
-    def queries(self, test: Any, *, block: int | None = None, skip: Callable[[int], bool] | None = None,
+    def queries(self, test: DataSource, *, block: int | None = None, skip: Callable[[int], bool] | None = None,
                 query_rank: int | None = None) -> Iterator[tuple[int, torch.Tensor | LowRankQueries, SolveReport]]:
         """Blocks of preconditioned test gradients: ``(offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)``.
 
@@ -201,7 +201,7 @@ class Influence:
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         return self.engine.queries(data, block=block, skip=skip, query_rank=query_rank)
 
-    def scores(self, test: Any, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
+    def scores(self, test: DataSource, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
                query_rank: int | None = None) -> InfluenceScores:
         """I_up,loss for every (test, train) pair, ``(n_test, n_train)``, as an :class:`InfluenceScores`.
 
@@ -240,7 +240,7 @@ class Influence:
         metadata = engine.metadata(reports, score_space=side.space_name(basis, query_rank), **extra)
         return InfluenceScores(out, engine.n_train, metadata)
 
-    def module_scores(self, test: Any) -> dict[str, InfluenceScores]:
+    def module_scores(self, test: DataSource) -> dict[str, InfluenceScores]:
         """I_up,loss split by the module that carries it, ``{module name: InfluenceScores}`` (``""``: the model's
         own parameters): module m's part is −[(H + δI)⁻¹∇ℓ(z_test)]_mᵀ[∇L(z)]_m, its coordinates of the preconditioned
         test gradient against its coordinates of the training gradient (as Kronfluence and Bergson report per
@@ -258,7 +258,7 @@ class Influence:
         meta = engine.metadata(reports, score_space="parameters")
         return {name: InfluenceScores(out[j], engine.n_train, {**meta, "module": name}) for j, name in enumerate(groups)}
 
-    def top_k(self, test: Any, k: int = 10, *, query_rank: int | None = None) -> RankedInfluence:
+    def top_k(self, test: DataSource, k: int = 10, *, query_rank: int | None = None) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix);
         ``query_rank`` as in :meth:`scores`."""
         engine = self.engine
@@ -304,7 +304,7 @@ class Influence:
         return -X
 
     def perturbation_influence(
-        self, test: Any, train_idx: int | Sequence[int] | torch.Tensor, *, input: InputPath | str = "auto"
+        self, test: DataSource, train_idx: int | Sequence[int] | torch.Tensor, *, input: InputPath | str = "auto"
     ) -> torch.Tensor:
         """I_pert,loss(z, z_test) = −∇θℓ(z_test)ᵀ (H + δI)⁻¹ ∇x∇θL(z, θ̂) for the training points ``train_idx``.
 
@@ -317,7 +317,7 @@ class Influence:
         out, self.perturbation_influence_reports_ = perturbation_scores(engine, Examples(test, name="test"), indices, input)
         return out
 
-    def group_influence(self, groups: Any, test: Any, *, order: int | str | Sequence[int | str] = 1, newton_tol: float = 1e-6,
+    def group_influence(self, groups: Any, test: DataSource, *, order: int | str | Sequence[int | str] = 1, newton_tol: float = 1e-6,
                         newton_max_iter: int = 100) -> GroupInfluence | dict[str, GroupInfluence]:
         """Predicted change of each test measurement when each group of training points is removed: a :class:`GroupInfluence`
         ``(n_groups, n_test)``. ``groups``: index arrays, a ``{name: indices}`` dict, an ``(n_groups, n_train)`` bool mask or a

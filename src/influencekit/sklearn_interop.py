@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .checks import check_number
+from .data.examples import Batch
 from .errors import InputError, InputTypeError, StationarityWarning, UnsupportedError
 from .models.svm import fit_hinge_svm, set_linear
 from .scoring import Influence
@@ -82,10 +83,10 @@ class _WeightPenalised:
         self.l2_weights = l2_weights
         self.source = source
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return super().loss(params, batch) + 0.5 * self.l2_weights * (params["weight"] ** 2).sum()
 
-    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+    def measurement(self, params: Params, batch: Batch) -> torch.Tensor:
         return super().loss(params, batch)
 
     def describe(self) -> dict[str, Any]:
@@ -103,10 +104,10 @@ class _WeightPenalisedRegression(_WeightPenalised, RegressionTask):
 class _SquaredHingeTask(SmoothHingeTask):
     """max(0, 1 − s·f(x))², liblinear's default ``squared_hinge``: once differentiable, piecewise quadratic."""
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return torch.relu(1.0 - self.margins(params, batch)) ** 2
 
-    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+    def measurement(self, params: Params, batch: Batch) -> torch.Tensor:
         return self.loss(params, batch)
 
 

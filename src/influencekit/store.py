@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .checks import check_int, check_number
-from .data.examples import Examples
+from .data.examples import DataSource, Examples
 from .errors import CorruptFileWarning, InputError, InputTypeError, NumericalError
 from .folders import load_array as checked_load
 from .folders import open_folder
@@ -240,7 +240,7 @@ class GradientStore:
             self._factor = L
         return self._factor
 
-    def queries(self, test: Any) -> tuple[Examples, torch.Tensor]:
+    def queries(self, test: DataSource) -> tuple[Examples, torch.Tensor]:
         """The test data as Examples and C⁻¹φ(z_test) for every test point, ``(n_test, dim)`` float64 on the CPU: the
         preconditioned queries that every score of this store is the product of (with −Φ rows)."""
         engine = self.engine
@@ -256,7 +256,7 @@ class GradientStore:
         )
 
     # ---------------------------------------------------------------------------------- public API
-    def scores(self, test: Any) -> InfluenceScores:
+    def scores(self, test: DataSource) -> InfluenceScores:
         """−φ(z_test)ᵀC⁻¹φ(z) for every (test, train) pair, ``(n_test, n_train)`` (computed in float64)."""
         data, Q = self.queries(test)
         out = torch.empty(len(data), self.n_train, dtype=torch.float64)
@@ -265,7 +265,7 @@ class GradientStore:
         layout = self.engine.layout
         return InfluenceScores(out.to(dtype=layout.dtype, device=layout.device), self.n_train, self._metadata())
 
-    def top_k(self, test: Any, k: int = 10) -> RankedInfluence:
+    def top_k(self, test: DataSource, k: int = 10) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training points per test point, streamed over the stored chunks."""
         k = check_int("k", k, low=1, high=self.n_train)
         data, Q = self.queries(test)

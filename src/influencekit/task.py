@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .checks import check_number
+from .data.examples import Batch, DataSource
 from .errors import InfluenceKitError, InputError, InputTypeError
 
 __all__ = ["Task", "ClassificationTask", "RegressionTask", "SmoothHingeTask", "smooth_hinge", "Params"]
@@ -83,13 +84,13 @@ def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
     return names
 
 
-def _describe_inputs(batch: Any) -> str:
+def _describe_inputs(batch: Batch) -> str:
     leaves = batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
     return ", ".join(f"[{k!r}] shape {tuple(v.shape[1:])} {str(v.dtype).removeprefix('torch.')}" for k, v in leaves
                      if isinstance(v, torch.Tensor))
 
 
-def forward_error(model: nn.Module, batch: Any, name: str, exc: Exception) -> InputError:
+def forward_error(model: nn.Module, batch: Batch, name: str, exc: Exception) -> InputError:
     """An InputError for a model that cannot take ``batch``: the examples' shapes and dtypes (per example), what the
     model's first layer expects, and the fix for integer inputs to a floating model."""
     first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
@@ -161,11 +162,11 @@ class Task:
         return narrowed
 
     # -- what subclasses define -------------------------------------------------------------------
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         """Per-example loss ℓ(z, θ) of a batch, shape ``(B,)``, without the L2 term."""
         raise NotImplementedError(f"{type(self).__name__} must define loss(params, batch) returning shape (B,).")
 
-    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+    def measurement(self, params: Params, batch: Batch) -> torch.Tensor:
         """What is measured on a test point, shape ``(B,)``; the test loss ℓ by default."""
         return self.loss(params, batch)
 
@@ -181,7 +182,7 @@ class Task:
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in params and p.requires_grad}
         return functional_call(self.model, {**frozen, **params}, args, kwargs, strict=False, tie_weights=True)
 
-    def objective(self, params: Params, batch: Any) -> torch.Tensor:
+    def objective(self, params: Params, batch: Batch) -> torch.Tensor:
         """Per-example training loss L(z, θ) = ℓ(z, θ) + (λ/2)‖θ‖², shape ``(B,)``."""
         loss = self.loss(params, batch)
         if self.l2 == 0.0:
@@ -189,14 +190,14 @@ class Task:
         penalty = sum((p * p).sum() for p in params.values())
         return loss + 0.5 * self.l2 * penalty
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         """Refuse data this task cannot score (e.g. labels out of range); raise :class:`InputError`.
 
         Called on every batch before any gradient, outside ``vmap``, so it may inspect values. ``offset``
         is the position of the batch's first example in the data set named ``name``. Does nothing by default.
         """
 
-    def check_examples(self, data: Any, name: str) -> None:
+    def check_examples(self, data: DataSource, name: str) -> None:
         """Refuse bad data as a whole before any pass over the model (called by :meth:`Influence.fit`); raise
         :class:`InputError`. Does nothing by default: :meth:`check_batch` sees every batch as the passes read it."""
 
@@ -211,15 +212,15 @@ class Task:
     #: None: the loss is not such a likelihood, and K-FAC/EK-FAC refuse the task when Influence is built.
     fisher: str | None = None
 
-    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+    def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
         """The model outputs the loss is a likelihood of, aligned with :meth:`labels` (tasks with ``fisher``)."""
         raise NotImplementedError(f"{type(self).__name__} declares no likelihood (`fisher` is None).")
 
-    def labels(self, batch: Any) -> torch.Tensor:
+    def labels(self, batch: Batch) -> torch.Tensor:
         """The labels of a batch, aligned with :meth:`outputs` (tasks with ``fisher``)."""
         raise NotImplementedError(f"{type(self).__name__} declares no likelihood (`fisher` is None).")
 
-    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+    def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
         """``batch`` with its labels replaced (tasks with ``fisher``; K-FAC's sampled labels)."""
         raise NotImplementedError(f"{type(self).__name__} declares no likelihood (`fisher` is None).")
 
@@ -227,7 +228,7 @@ class Task:
         """Which label positions carry a loss (None: all)."""
         return None
 
-    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """:meth:`loss` given this batch's :meth:`outputs` (computed once, e.g. by K-FAC's passes, which draw labels from
         the outputs of the same forward pass they back-propagate). Only where :meth:`has_loss_from_outputs`."""
         raise NotImplementedError(f"{type(self).__name__} computes its loss only from the parameters (loss()).")
@@ -238,7 +239,7 @@ class Task:
         owner = next(c for c in type(self).__mro__ if "loss_from_outputs" in c.__dict__)
         return owner is not Task and type(self).loss is owner.loss
 
-    def position_mask(self, batch: Any) -> torch.Tensor | None:
+    def position_mask(self, batch: Batch) -> torch.Tensor | None:
         """``(B, T)`` booleans marking the real positions of a padded sequence batch (None: no padding)."""
         return None
 
@@ -255,7 +256,7 @@ class Task:
                 "before building the Influence."
             )
 
-    def check_forward(self, params: Params, batch: Any, name: str) -> None:
+    def check_forward(self, params: Params, batch: Batch, name: str) -> None:
         """Run the loss on ``batch`` (one example) and turn a failure inside the model into an InputError that names the
         data set, the inputs' shapes and dtypes and what the model's first layer expects (torch's own message kept)."""
         try:
@@ -283,7 +284,7 @@ class _SupervisedTask(Task):
         self.input_key = input_key
         self.target_key = target_key
 
-    def split(self, batch: Any) -> tuple[tuple[Any, ...], torch.Tensor]:
+    def split(self, batch: Batch) -> tuple[tuple[Any, ...], torch.Tensor]:
         """Split a batch into the model's positional inputs and the target."""
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             return tuple(batch[:-1]), batch[-1]
@@ -300,14 +301,14 @@ class _SupervisedTask(Task):
             "pass the data as an (X, y) tuple, a dict, or a Dataset whose items are (x, y)."
         )
 
-    def outputs(self, params: Params, batch: Any) -> torch.Tensor:
+    def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
         inputs, _ = self.split(batch)
         return self.forward(params, *inputs)
 
-    def labels(self, batch: Any) -> torch.Tensor:
+    def labels(self, batch: Batch) -> torch.Tensor:
         return self.split(batch)[1]
 
-    def with_labels(self, batch: Any, labels: torch.Tensor) -> Any:
+    def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
         if isinstance(batch, dict):
             return {**batch, self.target_key: labels}
         return type(batch)((*batch[:-1], labels)) if isinstance(batch, tuple) else [*batch[:-1], labels]
@@ -342,7 +343,7 @@ class ClassificationTask(_SupervisedTask):
             self._outputs = int(logits.shape[1]) if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 1
         return self._outputs
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         inputs, target = self.split(batch)
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
@@ -366,10 +367,10 @@ class ClassificationTask(_SupervisedTask):
             allowed = "0 or 1 (the model has one output: binary logistic loss)"
         _refuse_labels("ClassificationTask", name, allowed, target, bad, offset)
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(params, batch), batch)
 
-    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         logits, target = outputs, self.labels(batch)
         if not isinstance(logits, torch.Tensor):
             raise InputTypeError(f"the model must return a logits tensor for ClassificationTask. Got {type(logits).__name__}.")
@@ -390,10 +391,10 @@ class ClassificationTask(_SupervisedTask):
 class RegressionTask(_SupervisedTask):
     """Squared error per example, averaged over output dimensions: mean_j (f(x)_j − y_j)²."""
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(params, batch), batch)
 
-    def loss_from_outputs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         pred, target = outputs, self.labels(batch)
         if not target.is_floating_point():
             target = target.to(pred.dtype)
@@ -452,14 +453,14 @@ class SmoothHingeTask(_SupervisedTask):
             self.temperature if measurement_temperature is None else check_number("measurement_temperature", measurement_temperature, low=0.0)
         )
 
-    def check_batch(self, batch: Any, name: str, offset: int) -> None:
+    def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         _, target = self.split(batch)
         if not isinstance(target, torch.Tensor) or target.dim() != 1:
             raise InputError(f"SmoothHingeTask labels in `{name}` must be a 1-D tensor of 0/1, shape (n,).")
         bad = ((target != 0) & (target != 1)).nonzero().flatten()
         _refuse_labels("SmoothHingeTask", name, "0 or 1 (mapped to -1/+1)", target, bad, offset)
 
-    def margins(self, params: Params, batch: Any) -> torch.Tensor:
+    def margins(self, params: Params, batch: Batch) -> torch.Tensor:
         """s·f(x) per example, shape ``(B,)``."""
         inputs, target = self.split(batch)
         out = self.forward(params, *inputs)
@@ -469,10 +470,10 @@ class SmoothHingeTask(_SupervisedTask):
             raise InputError(f"SmoothHingeTask needs one output per example, shape (B,) or (B, 1). Got {tuple(out.shape)}.")
         return (2.0 * target.to(out.dtype) - 1.0) * out
 
-    def loss(self, params: Params, batch: Any) -> torch.Tensor:
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         return smooth_hinge(self.margins(params, batch), self.temperature)
 
-    def measurement(self, params: Params, batch: Any) -> torch.Tensor:
+    def measurement(self, params: Params, batch: Batch) -> torch.Tensor:
         return smooth_hinge(self.margins(params, batch), self.measurement_temperature)
 
     def describe(self) -> dict[str, Any]:

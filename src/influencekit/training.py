@@ -16,7 +16,7 @@ import torch
 
 from .autodiff import ParamLayout, batch_grad_sum
 from .checks import check_int, check_number
-from .data.examples import Examples, stream, take
+from .data.examples import DataSource, Examples, stream, take
 from .errors import ConvergenceWarning, CurvatureWarning, InputError, NumericalError
 from .hessian import HessianOperator
 from .solvers.base import Solver
@@ -83,7 +83,7 @@ def _write_back(named: dict[str, torch.nn.Parameter], layout: ParamLayout, theta
 
 def fit_lbfgs(
     task: Task,
-    train: Any,
+    train: DataSource,
     *,
     weights: torch.Tensor | None = None,
     tol: float = 1e-9,
@@ -260,7 +260,7 @@ _OPTIMIZERS = ("adam", "sgd")
 
 def fit_steps(
     task: Task,
-    train: Any,
+    train: DataSource,
     *,
     steps: int,
     lr: float,

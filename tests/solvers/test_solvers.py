@@ -200,3 +200,16 @@ def test_lissa_warning_names_the_knob_that_helps(operator, rhs):
     with pytest.warns(ik.ConvergenceWarning, match=r"stalled.*mini-batch noise, which more depth does not remove: raise "
                                                r"`solver_options=\{'batch_size': \d+\}` \(now 4\) or `solver_options=\{'repeats': 4\}`"):
         ik.LissaSolver(depth=3000, batch_size=4, rtol=1e-6).fit(operator).solve(rhs[:1])
+
+
+def test_capabilities_are_typed_flags_and_the_set_spelling_is_converted_with_a_warning():
+    caps = ik.solvers.KFACSolver.capabilities
+    assert isinstance(caps, ik.solvers.Capabilities) and caps.tap_solve and caps.in_place and not caps.dense
+    assert "tap_solve" in caps and "dense" not in caps and "no_such_flag" not in caps  # the former spelling answers
+    assert ik.ExactSolver.capabilities.dense and not ik.CGSolver.capabilities.quadratic_form
+    with pytest.warns(DeprecationWarning, match=r"Capabilities\(quadratic_form=True, sharded=True\)"):
+        class OldStyle(ik.ExactSolver):
+            capabilities = frozenset({"quadratic_form", "sharded"})
+    assert OldStyle.capabilities == ik.solvers.Capabilities(quadratic_form=True, sharded=True, batched=False)
+    with pytest.raises(ik.InputError, match=r"unknown solver capabilities \['fast'\]"):
+        ik.solvers.Capabilities.of({"fast"})

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.examples import DataSource
 from ..data.tabular import columns_hint
 from ..errors import InputError, NumericalError
 from ..report import html
@@ -46,7 +47,7 @@ def check_group_column(column: str, header: list[str], label: str) -> None:
         raise InputError(f"`group_by` names no column of the data: {column!r}; {columns_hint(column, header)}")
 
 
-def summarise_groups(influence: Influence, values: list[str], test: Any, column: str) -> GroupSummary:
+def summarise_groups(influence: Influence, values: list[str], test: DataSource, column: str) -> GroupSummary:
     """Group the training rows by ``values`` (one raw value per training row) and predict each group's removal."""
     labels = np.array([v if v != "" else MISSING_GROUP for v in values], dtype=object)
     distinct = np.unique(labels)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..checks import check_int, check_number
-from ..data.examples import stream
+from ..data.examples import DataSource, stream
 from ..errors import InputError, InputTypeError
 from ..progress import progress_bar
 from ..scoring import Influence
@@ -234,11 +234,11 @@ def _accuracy(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> float
 
 def accuracy_after_fixing(
     task: Task,
-    train: Any,
+    train: DataSource,
     true_labels: Any,
     order: Any,
     fractions: Sequence[float] | np.ndarray,
-    test: Any,
+    test: DataSource,
     *,
     curvature: Solver | None = None,
     tol: float = 1e-6,
@@ -430,8 +430,8 @@ class MislabelCurves:
 # ------------------------------------------------------------------------------------------ experiment
 def flip_and_detect(
     model: torch.nn.Module,
-    train: Any,
-    test: Any,
+    train: DataSource,
+    test: DataSource,
     *,
     l2: float,
     flip_fraction: float = 0.1,

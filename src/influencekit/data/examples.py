@@ -9,7 +9,7 @@ and refuses wrong dtypes and non-finite inputs with a message that names the exa
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -19,11 +19,15 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..errors import InputError, InputTypeError, UnsupportedError
 
-__all__ = ["Examples", "Batch", "pad_collate", "IGNORE_INDEX"]
+__all__ = ["Examples", "Batch", "DataSource", "pad_collate", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # the label of positions that carry no loss (the transformers convention)
 
-Batch = Any  # a tensor, or a tuple/list/dict (nested) of tensors whose first dimension is the batch
+# A batch: a tensor, or a tuple/list/dict (nested) of tensors whose first dimension is the batch
+Batch = Union[torch.Tensor, tuple["Batch", ...], list["Batch"], Mapping[str, "Batch"]]  # noqa: UP007 (forward references)
+# What a user may pass as training or test data: tensors, (X, y) tuples, lists of examples (e.g. tokenizer
+# outputs), dicts of columns, Datasets, non-shuffling DataLoaders, or Examples (see Examples)
+DataSource = Union[torch.Tensor, np.ndarray, tuple, list, Mapping[str, Any], Dataset, DataLoader, "Examples"]  # noqa: UP007
 
 
 def _as_tensor(name: str, value: Any) -> torch.Tensor:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..checks import check_choice, check_int
+from ..data.examples import DataSource
 from ..scoring import Influence
 from ..validation.groups import GroupValidation, metrics_of, validate_groups
 
@@ -92,7 +93,7 @@ def _spam(enron: Path, seed: int, progress: bool) -> tuple[Influence, dict[str, 
     return inf, groupings, test, setting
 
 
-def _accuracy_rows(inf: Influence, validation: GroupValidation, test: Any) -> list[dict[str, Any]]:
+def _accuracy_rows(inf: Influence, validation: GroupValidation, test: DataSource) -> list[dict[str, Any]]:
     """Test accuracy after removing each group: at θ̂ + Δθ of each order (the validation's predicted parameter changes),
     and after retraining (from the validation's measured losses: a test point is right when its loss is below log 2)."""
     X, y = test

@@ -29,7 +29,7 @@ from ..checks import check_int, check_number
 from ..errors import InputError, StationarityWarning
 from ..models.svm import HingeSVMRetrain, fit_hinge_svm, set_linear
 from ..scoring import Influence
-from ..task import ClassificationTask, SmoothHingeTask
+from ..task import ClassificationTask, SmoothHingeTask, Task
 from ..training import fit_lbfgs, fit_steps
 from ..validation import LOOResult, StepRetrain, leave_one_out, pearson, plot_loo, spearman
 from .data.mnist import load_mnist_split
@@ -75,7 +75,7 @@ def _mnist(folder: str | Path, *, n_train: int | None, classes: tuple[int, ...] 
     return tensors(*split.train), tensors(*split.test), split.source
 
 
-def _pick_test(task: Any, test: tuple[torch.Tensor, torch.Tensor], test_index: int | None) -> int:
+def _pick_test(task: Task, test: tuple[torch.Tensor, torch.Tensor], test_index: int | None) -> int:
     if test_index is not None:
         return check_int("test_index", test_index, low=0, high=len(test[1]) - 1)
     with torch.no_grad():

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from ..checks import check_int, check_number
+from ..data.examples import DataSource
 from ..errors import InputError
+from ..task import Task
 from ..training import TrainReport
 
 __all__ = ["HingeSVM", "fit_hinge_svm", "HingeSVMRetrain"]
@@ -157,7 +159,7 @@ class HingeSVMRetrain:
         self.tol = check_number("tol", tol, low=0.0, low_inclusive=False)
         self.max_epochs = check_int("max_epochs", max_epochs, low=1)
 
-    def __call__(self, task: Any, train: Any, weights: torch.Tensor) -> TrainReport:
+    def __call__(self, task: Task, train: DataSource, weights: torch.Tensor) -> TrainReport:
         layer = _linear_of(task.model)
         X, y = _features(train, layer)
         svm = fit_hinge_svm(X, y, l2=self.l2, weights=weights.cpu().numpy(), alpha0=self.alpha0, tol=self.tol, max_epochs=self.max_epochs)
@@ -174,7 +176,7 @@ def _linear_of(model: Any) -> torch.nn.Linear:
     raise InputError(f"the hinge SVM trainer needs a model that is one nn.Linear(d, 1). Got {type(model).__name__}.")
 
 
-def _features(train: Any, layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
+def _features(train: DataSource, layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
     X, y = train
     X = torch.as_tensor(X).detach().cpu().to(torch.float64).numpy()
     if layer.bias is not None:

@@ -8,14 +8,14 @@ from typing import Any
 from ..checks import check_choice
 from ..errors import InputError, InputTypeError
 from .arnoldi import ArnoldiSolver
-from .base import Solution, Solver, SolveReport
+from .base import Capabilities, Solution, Solver, SolveReport
 from .cg import CGSolver
 from .costs import CostProbe, SolverCost
 from .exact import ExactSolver
 from .kfac import EKFACSolver, KFACSolver
 from .lissa import LissaSolver
 
-__all__ = ["Solver", "SolveReport", "Solution", "CostProbe", "SolverCost", "ExactSolver", "CGSolver", "LissaSolver", "ArnoldiSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
+__all__ = ["Solver", "SolveReport", "Solution", "Capabilities", "CostProbe", "SolverCost", "ExactSolver", "CGSolver", "LissaSolver", "ArnoldiSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
 
 SOLVERS: dict[str, type[Solver]] = {"exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "arnoldi": ArnoldiSolver, "kfac": KFACSolver, "ekfac": EKFACSolver}
 

@@ -30,7 +30,7 @@ from ..checks import check_int
 from ..curvature import CurvatureOperator
 from ..errors import CurvatureWarning, InputError, NumericalError
 from ..spectrum import lanczos
-from .base import Solver, relative_residuals
+from .base import Capabilities, Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 
 __all__ = ["ArnoldiSolver"]
@@ -68,7 +68,7 @@ class ArnoldiSolver(Solver):
     """
 
     name = "arnoldi"
-    capabilities = frozenset({"batched", "low_rank", "quadratic_form", "sharded", "stochastic"})
+    capabilities = Capabilities(low_rank=True, quadratic_form=True, sharded=True, stochastic=True)
     _state_fields = ("eigenvalues_", "eigenvectors_", "_inv", "ritz_values_", "ritz_residuals_", "n_iter_", "converged_",
                      "sample_", "examples_used_")
 

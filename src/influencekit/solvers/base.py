@@ -3,22 +3,25 @@
 A solver is configured in ``__init__`` (settings only), does its expensive work in ``fit`` and returns
 ``self``, then ``solve(V)`` returns ``(H + δI)⁻¹ V`` for a block ``V`` of shape ``(k, n_params)`` (one
 right-hand side per row) together with a :class:`SolveReport`. The engine reads a solver's declared
-``capabilities``, never its type:
+:class:`Capabilities` (typed flags), never its type or name:
 
-- ``"batched"``: ``solve`` handles many right-hand sides at once efficiently (all solvers here).
-- ``"quadratic_form"``: ``quadratic_form(G)`` gives ``gᵀ(H + δI)⁻¹g`` per row without a solve.
-- ``"tap_quadratic_form"``: ``tap_quadratic_form(factors, l2)`` gives the same from a chunk's layer taps
+- ``batched``: ``solve`` handles many right-hand sides at once efficiently (all solvers here).
+- ``quadratic_form``: ``quadratic_form(G)`` gives ``gᵀ(H + δI)⁻¹g`` per row without a solve.
+- ``tap_quadratic_form``: ``tap_quadratic_form(factors, l2)`` gives the same from a chunk's layer taps
   (:class:`~influencekit.lowrank.Factors`), never materialising the gradients (K-FAC/EK-FAC).
-- ``"in_place"``: ``solve(V, overwrite=True)`` writes the result into ``V`` (one block in memory, not two).
-- ``"tap_solve"``: ``solve_taps(factors, out)`` writes the solutions for a chunk's layer taps into ``out`` without
+- ``in_place``: ``solve(V, overwrite=True)`` writes the result into ``V`` (one block in memory, not two).
+- ``tap_solve``: ``solve_taps(factors, out)`` writes the solutions for a chunk's layer taps into ``out`` without
   forming the gradients (K-FAC/EK-FAC; they rotate a transformer layer's taps, cheaper than its gradient).
-- ``"dense"``: the solver holds an explicit matrix (memory grows as ``n_params²``).
-- ``"low_rank"``: the solver holds ``eigenvalues_`` ``(rank,)`` and orthonormal ``eigenvectors_``
+- ``dense``: the solver holds an explicit matrix (memory grows as ``n_params²``).
+- ``low_rank``: the solver holds ``eigenvalues_`` ``(rank,)`` and orthonormal ``eigenvectors_``
   ``(rank, n_params)`` of H (memory grows as ``rank · n_params``).
-- ``"stochastic"``: results depend on a random seed.
-- ``"sharded"``: the result under torch.distributed sharding equals the single-process one (the engine refuses
+- ``stochastic``: results depend on a random seed.
+- ``sharded``: the result under torch.distributed sharding equals the single-process one (the engine refuses
   other solvers under a process group). It must be declared by the solver's own class, not inherited: a subclass
   may change the algorithm.
+
+``"tap_solve" in solver.capabilities`` (the former frozenset spelling) still answers; a subclass that declares a
+frozenset of names gets it converted, with a DeprecationWarning.
 
 The dry-run planner asks ``cost(probe)`` for the solver's estimated fit and solve
 (:mod:`~influencekit.solvers.costs`). A subclass that takes a new ``name`` does not inherit its parent's cost model
@@ -31,7 +34,9 @@ which owns the damping: it asks for undamped products (``damped=False``) and add
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -39,9 +44,37 @@ import torch
 from ..curvature import CurvatureOperator
 from ..errors import InputError, NotFittedError
 from ..lowrank import Factors, LowRankQueries
+from ..task import Task
 from .costs import CostProbe, SolverCost, unknown_cost
 
-__all__ = ["Solver", "SolveReport", "Solution"]
+__all__ = ["Solver", "SolveReport", "Solution", "Capabilities"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a solver can do beyond ``fit``/``solve`` (the module docstring says what each flag promises)."""
+
+    batched: bool = True
+    quadratic_form: bool = False
+    tap_quadratic_form: bool = False
+    in_place: bool = False
+    tap_solve: bool = False
+    dense: bool = False
+    low_rank: bool = False
+    stochastic: bool = False
+    sharded: bool = False
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> Capabilities:
+        """From a set of flag names (the former frozenset declaration); an unknown name is refused."""
+        names = set(names)
+        known = {f.name for f in fields(cls)}
+        if names - known:
+            raise InputError(f"unknown solver capabilities {sorted(names - known)}; the flags are {sorted(known)}.")
+        return cls(**{name: name in names for name in known})
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(getattr(self, name, False))
 
 
 @dataclass(frozen=True)
@@ -100,7 +133,7 @@ class Solver:
     """Base class: the shared checks of ``fit``/``solve``; subclasses define ``_fit`` and ``_solve``."""
 
     name: ClassVar[str] = "solver"
-    capabilities: ClassVar[frozenset[str]] = frozenset({"batched"})
+    capabilities: ClassVar[Capabilities] = Capabilities()
     # fitted attributes that make up the state kept by state_dict(); empty: nothing worth keeping
     _state_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -109,6 +142,12 @@ class Solver:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("capabilities")
+        if isinstance(declared, (set, frozenset)):
+            warnings.warn(f"{cls.__name__}.capabilities: a set of names is deprecated; declare "
+                          f"Capabilities({', '.join(f'{n}=True' for n in sorted(declared))}).",
+                          DeprecationWarning, stacklevel=2)
+            cls.capabilities = Capabilities.of(declared)
         # a cost model describes one algorithm: a renamed subclass without its own gets none (the base answer)
         owner = next(c for c in cls.__mro__ if "cost" in c.__dict__)
         if owner is not Solver and issubclass(owner, Solver) and owner.name != cls.name:
@@ -141,7 +180,7 @@ class Solver:
             raise InputError("`V` must hold only finite values. Got NaN/inf; check the gradients it came from.")
         start = time.perf_counter()
         V_op = V.to(device=op.device, dtype=op.dtype)
-        X, info = self._solve_in_place(V_op) if overwrite and "in_place" in self.capabilities else self._solve(V_op)
+        X, info = self._solve_in_place(V_op) if overwrite and self.capabilities.in_place else self._solve(V_op)
         seconds = time.perf_counter() - start
         report = SolveReport(solver=self.name, n_rhs=V.shape[0], seconds=seconds, **info)
         X = X.to(V.dtype)
@@ -177,11 +216,11 @@ class Solver:
             setattr(self, name, state[name])
         return self
 
-    def check_task(self, task: Any) -> None:
+    def check_task(self, task: Task) -> None:
         """Refuse a task this solver cannot work with; called when :class:`~influencekit.Influence` is built, before
         any pass over the data. Accepts every task by default."""
 
-    def covered_task(self, task: Any) -> Any:
+    def covered_task(self, task: Task) -> Task:
         """The task this solver computes influence for: ``task`` itself (default), or a copy restricted to the
         parameters the solver covers (:meth:`~influencekit.task.Task.restricted`). Called with :meth:`check_task`."""
         return task

@@ -46,7 +46,8 @@ import torch
 from ..checks import check_int, check_number
 from ..curvature import CurvatureOperator
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError, setting_hint
-from .base import Solver, relative_residuals
+from ..task import Task
+from .base import Capabilities, Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 
 __all__ = ["CGSolver", "PRECONDITIONERS"]
@@ -90,7 +91,7 @@ class CGSolver(Solver):
     """
 
     name = "cg"
-    capabilities = frozenset({"batched", "sharded"})
+    capabilities = Capabilities(sharded=True)
 
     def __init__(self, *, rtol: float | None = None, atol: float = 0.0, max_iter: int = 1000, preconditioner: Any = None,
                  score_rtol: float | None = None, warn: bool = True) -> None:
@@ -115,7 +116,7 @@ class CGSolver(Solver):
 
         return {"kfac": KFACSolver, "ekfac": EKFACSolver}[self.preconditioner]()
 
-    def check_task(self, task: Any) -> None:
+    def check_task(self, task: Task) -> None:
         """With a K-FAC/EK-FAC preconditioner, its own check of the task (when the Influence is built)."""
         if self.preconditioner is not None:
             self.preconditioner_ = self._preconditioner_solver()

@@ -23,7 +23,7 @@ import torch
 from ..checks import check_choice, check_int
 from ..curvature import CurvatureOperator
 from ..errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
-from .base import Solver
+from .base import Capabilities, Solver
 from .costs import CostProbe, SolverCost
 
 __all__ = ["ExactSolver"]
@@ -49,7 +49,7 @@ class ExactSolver(Solver):
     """
 
     name = "exact"
-    capabilities = frozenset({"batched", "dense", "quadratic_form", "sharded"})
+    capabilities = Capabilities(dense=True, quadratic_form=True, sharded=True)
     _state_fields = ("hessian_", "factor_", "eigenvalues_", "eigenvectors_", "_inv")
 
     def __init__(

@@ -24,6 +24,7 @@ import torch
 
 from ..autodiff import ParamLayout
 from ..curvature import LayerData
+from ..data.examples import Batch
 from ..errors import UnsupportedError
 from ..layers import LayerBlock, LayerTaps, choose_per_example
 from ..task import Task
@@ -64,7 +65,7 @@ def _labels_to_weigh(kind: str, out: torch.Tensor) -> int | None:
     return out[0].numel()
 
 
-def with_target(task: Any, batch: Any, target: torch.Tensor) -> Any:
+def with_target(task: Task, batch: Batch, target: torch.Tensor) -> Any:
     """``batch`` with its labels replaced by ``target``."""
     return task.with_labels(batch, target)
 
@@ -113,7 +114,7 @@ class FisherPasses:
         rows = torch.cat(blocks)[lo - first * DRAW_BLOCK:lo - first * DRAW_BLOCK + B]
         return rows.transpose(0, 1)
 
-    def variants(self, kind: str, batch: Any, out: torch.Tensor, task: Any, lo: int) -> list[tuple[Any, torch.Tensor]]:
+    def variants(self, kind: str, batch: Batch, out: torch.Tensor, task: Task, lo: int) -> list[tuple[Any, torch.Tensor]]:
         """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
 
         ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
@@ -141,7 +142,7 @@ class FisherPasses:
             variants.append((with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
         return variants
 
-    def _classification(self, fisher: str, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
+    def _classification(self, fisher: str, batch: Batch, out: torch.Tensor, task: Task, lo: int, target: torch.Tensor,
                         ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
         B = out.shape[0]
         if out.dim() == 2 and out.shape[1] > 1:
@@ -158,7 +159,7 @@ class FisherPasses:
             return [(with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
         return [(with_target(task, batch, torch.ones_like(target)), q), (with_target(task, batch, torch.zeros_like(target)), 1 - q)]
 
-    def _sequence(self, fisher: str, batch: Any, out: torch.Tensor, task: Any, lo: int, target: torch.Tensor,
+    def _sequence(self, fisher: str, batch: Batch, out: torch.Tensor, task: Task, lo: int, target: torch.Tensor,
                   ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
         """Labels drawn per position of ``(B, T, C)`` logits; positions without a loss keep their label."""
         if fisher != "sampled":
@@ -178,14 +179,14 @@ class FisherPasses:
             variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
         return variants
 
-    def _leftover_grads(self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Any, layout: ParamLayout) -> torch.Tensor:
+    def _leftover_grads(self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout) -> torch.Tensor:
         """Per-example gradients of the parameters outside supported layers, by the method
         :func:`~influencekit.layers.choose_per_example` picks on the first chunk (vmap, or the autograd loop)."""
         if self._leftover is None:
             self._leftover = choose_per_example("auto", model, fn, params, layout, batch, side="kfac leftover")[0]
         return self._leftover(fn, params, batch)[0]
 
-    def _tapped(self, taps: LayerTaps, task: Task, kind: str, params: dict[str, torch.Tensor], batch: Any, lo: int
+    def _tapped(self, taps: LayerTaps, task: Task, kind: str, params: dict[str, torch.Tensor], batch: Batch, lo: int
                 ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Per label variant of a chunk: (relabelled batch, weights w, layer inputs, output gradients of Σ √w ℓ).
 

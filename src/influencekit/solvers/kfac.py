@@ -76,7 +76,7 @@ from ..errors import InfluenceKitWarning, InputError, NumericalError, Unsupporte
 from ..layers import LayerBlock, layer_blocks
 from ..lowrank import Factors, LowRankQueries, factor_rows
 from ..task import Task
-from .base import Solver, SolveReport, relative_residuals
+from .base import Capabilities, Solver, SolveReport, relative_residuals
 from .costs import CostProbe, SolverCost, timed
 from .fisher import EXPECTED_MAX_LABELS, FISHERS, FisherPasses, loss_kind
 
@@ -343,7 +343,7 @@ class KFACSolver(Solver):
     """
 
     name = "kfac"
-    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded", "in_place", "tap_solve"})
+    capabilities = Capabilities(quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True)
     _corrected = False
 
     def __init__(
@@ -375,7 +375,7 @@ class KFACSolver(Solver):
         self.passes = FisherPasses(fisher, self.samples, self.seed)
 
     # ------------------------------------------------------------------------------------------ setup
-    def check_task(self, task: Any) -> None:
+    def check_task(self, task: Task) -> None:
         """The task must declare its likelihood (``task.fisher``): the factors are those of its Fisher."""
         loss_kind(task)
 
@@ -678,7 +678,7 @@ class EKFACSolver(KFACSolver):
     """
 
     name = "ekfac"
-    capabilities = frozenset({"batched", "quadratic_form", "tap_quadratic_form", "sharded", "in_place", "tap_solve"})
+    capabilities = Capabilities(quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True)
     _corrected = True
 
     def cost(self, probe: CostProbe) -> SolverCost:

@@ -38,7 +38,7 @@ from ..curvature import CurvatureOperator
 from ..errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError, setting_hint
 from ..progress import progress_bar
 from ..spectrum import lanczos_extremes, power_iteration
-from .base import Solver, relative_residuals
+from .base import Capabilities, Solver, relative_residuals
 from .costs import CostProbe, SolverCost
 
 __all__ = ["LissaSolver"]
@@ -119,7 +119,7 @@ class LissaSolver(Solver):
     """
 
     name = "lissa"
-    capabilities = frozenset({"batched", "sharded", "stochastic"})
+    capabilities = Capabilities(sharded=True, stochastic=True)
     _state_fields = ("lambda_min_", "lambda_max_", "scale_", "batch_size_", "momentum_", "step_", "why_")
 
     def __init__(

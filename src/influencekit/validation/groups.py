@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.examples import DataSource
 from ..errors import ConvergenceWarning, NumericalError
 from ..folders import fingerprint
 from ..groups import Groups, check_orders, parse_groups
@@ -107,7 +108,7 @@ def _group_weights(job: int, groups: Groups, dtype: torch.dtype) -> torch.Tensor
 def validate_groups(
     influence: Influence,
     groups: Any,
-    test: Any,
+    test: DataSource,
     *,
     orders: Any = (1, 2, "newton"),
     test_indices: Any = None,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..checks import check_int
+from ..data.examples import DataSource
 from ..errors import ConvergenceWarning, InputError
 from ..folders import fingerprint
 from ..scoring import Influence
@@ -271,7 +272,7 @@ def _result_metadata(
 # ----------------------------------------------------------------------------------------------- main
 def leave_one_out(
     influence: Influence,
-    test: Any,
+    test: DataSource,
     *,
     test_indices: Any = None,
     train_indices: Any = None,

@@ -24,6 +24,7 @@ import scipy.stats
 import torch
 
 from ..checks import check_int, check_number
+from ..data.examples import DataSource
 from ..errors import ConvergenceWarning, InputError, NumericalError
 from ..progress import progress_bar
 from .retraining import Retrainer, check_influence, check_retrain, select_tests
@@ -181,7 +182,7 @@ def _lds_metadata(
 
 def linear_datamodeling_score(
     influence: Influence,
-    test: Any,
+    test: DataSource,
     *,
     test_indices: Any = None,
     n_subsets: int = 50,

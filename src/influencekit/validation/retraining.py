@@ -26,7 +26,7 @@ import torch
 
 from ..autodiff import ParamLayout
 from ..checks import check_indices, check_int, check_number
-from ..data.examples import Examples, batch_size_of, take
+from ..data.examples import Batch, DataSource, Examples, batch_size_of, take
 from ..engine import FittedEngine
 from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
 from ..folders import atomic_write, fingerprint, open_folder
@@ -94,7 +94,7 @@ class StepRetrain:
         if self.optimizer not in ("adam", "sgd"):
             raise InputError(f"`optimizer` must be 'adam' or 'sgd'. Got {self.optimizer!r}.")
 
-    def __call__(self, task: Task, train: Any, weights: torch.Tensor) -> TrainReport:
+    def __call__(self, task: Task, train: DataSource, weights: torch.Tensor) -> TrainReport:
         return fit_steps(
             task, train, steps=self.steps, lr=self.lr, optimizer=self.optimizer, momentum=self.momentum,
             batch_size=self.batch_size, seed=self.seed, weights=weights,
@@ -129,11 +129,11 @@ class SelectedTests:
 
     indices: np.ndarray  # positions in the test data
     raw_batch: Any  # the examples as the user gave them (for Influence.scores)
-    batch: Any  # checked and moved to the model's dtype and device (for measurements)
+    batch: Batch  # checked and moved to the model's dtype and device (for measurements)
     fingerprint: str
 
 
-def select_tests(engine: FittedEngine, test: Any, test_indices: Any) -> SelectedTests:
+def select_tests(engine: FittedEngine, test: DataSource, test_indices: Any) -> SelectedTests:
     """The test points at ``test_indices`` of ``test`` (all of them for ``None``)."""
     data = test if isinstance(test, Examples) else Examples(test, name="test")
     n = len(data)
@@ -181,7 +181,7 @@ class Retrainer:
         # for one gradient and one cheap solve each, and fit_lbfgs falls back to L-BFGS when they do not. An
         # iterative solver would pay a whole solve per step, more than L-BFGS needs (measured: 3x slower with CG).
         solver = engine.solver
-        self.curvature = solver if (retrain is None and "dense" in getattr(solver, "capabilities", ())) else None
+        self.curvature = solver if (retrain is None and solver.capabilities.dense) else None
         # a large removal (a whole group) moves θ̂ far for chord steps: Newton steps on the weighted Hessian first
         self.newton_start = bool(newton_start and retrain is None)
         self.before = self.measure(self.source)
