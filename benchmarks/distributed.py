@@ -49,7 +49,9 @@ def make_problem(n_train: int, n_test: int, seed: int = 0) -> dict:
 def worker(rank: int, world: int, folder: str, solver: str) -> None:
     torch.set_num_threads(1)
     folder = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{folder / f'rdv-{solver}-{world}'}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder / f'rdv-{solver}-{world}'}", rank=rank, world_size=world
+    )
     try:
         problem = torch.load(folder / "problem.pt", weights_only=False)
         model = torch.nn.Linear(64, 10).double()
@@ -85,7 +87,10 @@ def main() -> None:
         problem = make_problem(args.n_train, args.n_test)
         torch.save(problem, Path(folder) / "problem.pt")
         print(f"logistic regression, 650 parameters, n_train={args.n_train}, n_test={args.n_test}, float64, gloo")
-        print(f"{'solver':7} {'W':>2} {'fit s':>8} {'scores s':>9} {'self s':>8} {'total s':>8} {'speed-up':>9} {'max rel diff':>13}")
+        print(
+            f"{'solver':7} {'W':>2} {'fit s':>8} {'scores s':>9} {'self s':>8} {'total s':>8} {'speed-up':>9} "
+            f"{'max rel diff':>13}"
+        )
         for solver in args.solvers.split(","):
             base = None
             for world in worlds:
@@ -97,8 +102,11 @@ def main() -> None:
                 if base is None:
                     base = (total, scores)
                 diff = float((scores - base[1]).abs().max() / base[1].abs().max())
-                print(f"{solver:7} {world:>2} {times['fit']:8.2f} {times['scores']:9.2f} {times['self']:8.2f} {total:8.2f} "
-                      f"{base[0] / total:9.2f} {diff:13.1e}")
+                print(
+                    f"{solver:7} {world:>2} {times['fit']:8.2f} {times['scores']:9.2f} {times['self']:8.2f} "
+                    f"{total:8.2f} "
+                    f"{base[0] / total:9.2f} {diff:13.1e}"
+                )
 
 
 if __name__ == "__main__":

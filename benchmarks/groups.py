@@ -17,7 +17,8 @@ times, in one process, after ``fit``:
     t_newton  the Newton step (order 1's work, then CG preconditioned by the fitted solver, then 100 × 1,000 forwards)
 
 and prints them in seconds, in gradient passes, and as ratios to ``t_scores``, with the seconds spent in the
-solves beyond order 1's (order 2: one block solve; Newton: one per CG iteration; each includes the residual check). Order 1 also checks itself against the
+solves beyond order 1's (order 2: one block solve; Newton: one per CG iteration; each includes the residual check).
+Order 1 also checks itself against the
 sum of the pointwise scores over each group (relative error printed). Not a timed test: figures go to
 docs/benchmarks.md with the command that made them.
 
@@ -78,11 +79,16 @@ def run(name: str, n_groups: int, train, test) -> list[str]:
         summed = torch.stack([scores.predicted_loo_change()[:, g].sum(1) for g in groups])
         error = float((first.values - summed).norm() / summed.norm())
         iters = newton.metadata["newton"]["iterations"]
-        s2, sn = (sum(r["seconds"] for r in res.metadata["solve_reports"][1:]) for res in (second, newton))  # beyond order 1's solve
+        s2, sn = (
+            sum(r["seconds"] for r in res.metadata["solve_reports"][1:]) for res in (second, newton)
+        )  # beyond order 1's solve
         rows.append(
-            f"| {name} ({inf.n_params:,} params) | {solver} | {t_grad * 1e3:.1f} ms | {t_scores:.2f} s ({t_scores / t_grad:.1f}) | "
-            f"{t1:.2f} s ({t1 / t_grad:.1f}; {t1 / t_scores:.2f}×) | {t2:.2f} s ({t2 / t_grad:.1f}; {t2 / t_scores:.2f}×; "
-            f"solves {s2:.2f} s) | {tn:.2f} s ({tn / t_grad:.1f}; {tn / t_scores:.2f}×; solves {sn:.2f} s, {iters} CG iterations) | "
+            f"| {name} ({inf.n_params:,} params) | {solver} | {t_grad * 1e3:.1f} ms | {t_scores:.2f} s "
+            f"({t_scores / t_grad:.1f}) | "
+            f"{t1:.2f} s ({t1 / t_grad:.1f}; {t1 / t_scores:.2f}×) | {t2:.2f} s ({t2 / t_grad:.1f}; "
+            f"{t2 / t_scores:.2f}×; "
+            f"solves {s2:.2f} s) | {tn:.2f} s ({tn / t_grad:.1f}; {tn / t_scores:.2f}×; solves {sn:.2f} s, {iters} CG "
+            "iterations) | "
             f"{error:.1e} |"
         )
         print(rows[-1], flush=True)
@@ -98,8 +104,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     (Xtr, ytr), (Xte, yte) = load_digits_split(797, seed=0)
     train, test = (Xtr.double(), ytr), (Xte.double()[:1000], yte[:1000])
-    print(f"digits: {len(ytr)} train, {len(test[1])} test, {args.groups} disjoint groups, {args.threads} threads; "
-          "times in seconds (in gradient passes; as a ratio to scores())", flush=True)
+    print(
+        f"digits: {len(ytr)} train, {len(test[1])} test, {args.groups} disjoint groups, {args.threads} threads; "
+        "times in seconds (in gradient passes; as a ratio to scores())",
+        flush=True,
+    )
     print("| model | solver | gradient pass | scores() | order 1 | order 2 | Newton | order 1 vs summed scores |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):

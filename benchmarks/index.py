@@ -69,7 +69,9 @@ def gradient_pass_seconds(inf) -> float:
     return time.perf_counter() - start
 
 
-def run(n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "auto", query_ranks: tuple = (None,)) -> list[dict]:
+def run(
+    n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "auto", query_ranks: tuple = (None,)
+) -> list[dict]:
     import warnings
 
     import httpx
@@ -82,20 +84,29 @@ def run(n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "
         task, train, test = cnn_problem(n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 2 epochs are not a stationary point: the build says so, irrelevant here
-            inf = ik.Influence(task, train, solver="ekfac", damping=0.01, solver_options={"probes": 1},
-                               cache_dir=InfluenceIndex.solver_dir(folder)).fit()
+            inf = ik.Influence(
+                task,
+                train,
+                solver="ekfac",
+                damping=0.01,
+                solver_options={"probes": 1},
+                cache_dir=InfluenceIndex.solver_dir(folder),
+            ).fit()
     else:
         task, train, test = problem(n)
         inf = ik.Influence(task, train, solver="exact", cache_dir=InfluenceIndex.solver_dir(folder)).fit()
     grad_pass = gradient_pass_seconds(inf)
     start = time.perf_counter()
-    index = InfluenceIndex.build(inf, folder, test=test, rows=rows,
-                                 display={"test": Display("text", [f"test {i}" for i in range(len(test[1]))])})
+    index = InfluenceIndex.build(
+        inf, folder, test=test, rows=rows, display={"test": Display("text", [f"test {i}" for i in range(len(test[1]))])}
+    )
     build = time.perf_counter() - start
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     out = []
     with serving(index) as url, httpx.Client(base_url=url, timeout=60) as client:
-        client.post("/api/explain", json={"split": "test", "index": 0, "k": 10}).raise_for_status()  # warm-up (rows loaded)
+        client.post(
+            "/api/explain", json={"split": "test", "index": 0, "k": 10}
+        ).raise_for_status()  # warm-up (rows loaded)
         for rank in query_ranks:
             rng = np.random.default_rng(0)  # the same test examples for every query rank
             latencies, server_side, answers = [], [], []
@@ -112,11 +123,25 @@ def run(n: int, queries: int, folder: Path, kind: str = "softmax", rows: str = "
             if rank is None:
                 exact = answers
             ms = 1000 * np.array(latencies)
-            overlap = float(np.mean([len(a & b) / 10 for a, b in zip(answers, exact)])) if query_ranks[0] is None else float("nan")
-            out.append({"n": n, "rows": index.config["space"] + ("" if rank is None else f", query_rank={rank}"), "build_s": build,
-                        "build_per_grad_pass": build / grad_pass, "grad_pass_s": grad_pass, "size_mb": size / 2 ** 20,
-                        "median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)),
-                        "server_median_ms": 1000 * float(np.median(server_side)), "overlap": overlap})
+            overlap = (
+                float(np.mean([len(a & b) / 10 for a, b in zip(answers, exact)]))
+                if query_ranks[0] is None
+                else float("nan")
+            )
+            out.append(
+                {
+                    "n": n,
+                    "rows": index.config["space"] + ("" if rank is None else f", query_rank={rank}"),
+                    "build_s": build,
+                    "build_per_grad_pass": build / grad_pass,
+                    "grad_pass_s": grad_pass,
+                    "size_mb": size / 2**20,
+                    "median_ms": float(np.median(ms)),
+                    "p95_ms": float(np.percentile(ms, 95)),
+                    "server_median_ms": 1000 * float(np.median(server_side)),
+                    "overlap": overlap,
+                }
+            )
     return out
 
 
@@ -125,21 +150,35 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000", help="training-set sizes (comma-separated)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--problem", choices=("softmax", "cnn"), default="softmax", help="softmax regression (default) or the MNIST CNN")
+    parser.add_argument(
+        "--problem", choices=("softmax", "cnn"), default="softmax", help="softmax regression (default) or the MNIST CNN"
+    )
     parser.add_argument("--rows", default="auto", help="the index rows, comma-separated: auto, dense, factored")
-    parser.add_argument("--query-ranks", default="", help="also query with these ranks (comma-separated; factored rows), "
-                        "after the exact queries; the top-10 harmful overlap with the exact answers is printed")
+    parser.add_argument(
+        "--query-ranks",
+        default="",
+        help="also query with these ranks (comma-separated; factored rows), "
+        "after the exact queries; the top-10 harmful overlap with the exact answers is printed",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ranks = (None, *(int(r) for r in args.query_ranks.split(",") if r))
-    print("| training examples | rows | build | build / gradient pass | size on disk | query median | query p95 | server time (median) | top-10 harmful overlap with exact |")
+    print(
+        "| training examples | rows | build | build / gradient pass | size on disk | query median | query p95 | server "
+        "time (median) | top-10 harmful overlap with exact |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for n, rows in ((int(s), r) for s in args.sizes.split(",") for r in args.rows.split(",")):
         with tempfile.TemporaryDirectory(prefix="ik-index-") as tmp:
             results = run(n, args.queries, Path(tmp), args.problem, rows, ranks)
         for r in results:
-            print(f"| {r['n']:,} | {r['rows']} | {r['build_s']:.1f} s | {r['build_per_grad_pass']:.1f} (pass {r['grad_pass_s']:.2f} s) | "
-                  f"{r['size_mb']:.0f} MB | {r['median_ms']:.1f} ms | {r['p95_ms']:.1f} ms | {r['server_median_ms']:.1f} ms | {r['overlap']:.3f} |", flush=True)
+            print(
+                f"| {r['n']:,} | {r['rows']} | {r['build_s']:.1f} s | {r['build_per_grad_pass']:.1f} (pass "
+                f"{r['grad_pass_s']:.2f} s) | "
+                f"{r['size_mb']:.0f} MB | {r['median_ms']:.1f} ms | {r['p95_ms']:.1f} ms | {r['server_median_ms']:.1f} "
+                f"ms | {r['overlap']:.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

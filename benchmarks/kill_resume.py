@@ -8,7 +8,8 @@ For each kind of stored work —
 
 the script first runs the work once, uninterrupted, in a child process (the reference, and the timing of the
 window in which that call writes its files: from the first data file to 50 ms after the last; for the cache, whose
-one file is written after a fit, 30 ms either side of its appearance), then ``--trials`` times: a fresh child on a fresh folder, killed
+one file is written after a fit, 30 ms either side of its appearance), then ``--trials`` times: a fresh child on a fresh
+folder, killed
 with SIGKILL at a uniformly random moment of that window; the work is then resumed in this process on the same
 folder (the folder's checksums decide what is reused) and compared with the reference: every array returned and
 every data file on disk must be equal bit for bit, and every file left damaged by the kill must have been named in
@@ -96,8 +97,13 @@ def _child(kind: str, folder: Path) -> None:
 def _spawn(kind: str, folder: Path) -> tuple[subprocess.Popen, float]:
     """A child running ``kind`` into ``folder``; returns it once it printed 'ready' (setup done), with that moment."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, str(folder)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()
@@ -145,10 +151,16 @@ def trial(kind: str, folder: Path, at: float, reference: np.ndarray, reference_f
     damaged = [str(w.message).split(":")[0] for w in caught if issubclass(w.category, CorruptFileWarning)]
     files = _files(folder, kind)
     same = bool(np.array_equal(values, reference)) and files == reference_files
-    return {"kind": kind, "killed_at_s": round(at, 4), "finished_before_kill": finished, "files_left": len(left),
-            "data_files_left": sum(1 for name in left if Path(name).match(DATA_FILES[kind])),
-            "temporary_files_left": sum(1 for name in left if name.endswith(".tmp")), "damaged_named": damaged,
-            "bit_identical": same}
+    return {
+        "kind": kind,
+        "killed_at_s": round(at, 4),
+        "finished_before_kill": finished,
+        "files_left": len(left),
+        "data_files_left": sum(1 for name in left if Path(name).match(DATA_FILES[kind])),
+        "temporary_files_left": sum(1 for name in left if name.endswith(".tmp")),
+        "damaged_named": damaged,
+        "bit_identical": same,
+    }
 
 
 def run(kinds: tuple[str, ...], trials: int, seed: int, root: Path) -> list[dict]:
@@ -161,15 +173,21 @@ def run(kinds: tuple[str, ...], trials: int, seed: int, root: Path) -> list[dict
             warnings.simplefilter("ignore")
             reference = work(kind, ref_folder)  # read back: the reference the resumes must equal
         reference_files = _files(ref_folder, kind)
-        print(f"{kind}: uninterrupted, {len(reference_files)} data file(s) written from {first:.2f} s to {end:.2f} s after setup; "
-              "kills fall uniformly in that window")
+        print(
+            f"{kind}: uninterrupted, {len(reference_files)} data file(s) written from {first:.2f} s to {end:.2f} s "
+            "after setup; "
+            "kills fall uniformly in that window"
+        )
         for t in range(trials):
             result = trial(kind, root / f"{kind}-{t}", rng.uniform(first, end), reference, reference_files)
             results.append(result)
-            print(f"  kill {t + 1:2d} at {result['killed_at_s']:.3f} s: {result['data_files_left']} data file(s) and "
-                  f"{result['temporary_files_left']} temporary left, damaged named {len(result['damaged_named'])}, "
-                  f"{'bit-identical' if result['bit_identical'] else 'DIFFERENT'}"
-                  f"{' (finished before the kill)' if result['finished_before_kill'] else ''}", flush=True)
+            print(
+                f"  kill {t + 1:2d} at {result['killed_at_s']:.3f} s: {result['data_files_left']} data file(s) and "
+                f"{result['temporary_files_left']} temporary left, damaged named {len(result['damaged_named'])}, "
+                f"{'bit-identical' if result['bit_identical'] else 'DIFFERENT'}"
+                f"{' (finished before the kill)' if result['finished_before_kill'] else ''}",
+                flush=True,
+            )
     return results
 
 
@@ -192,9 +210,11 @@ def main() -> None:
         results = run(kinds, args.trials, args.seed, Path(tmp))
     for kind in kinds:
         mine = [r for r in results if r["kind"] == kind]
-        print(f"{kind}: {sum(r['bit_identical'] for r in mine)}/{len(mine)} resumes bit-identical; "
-              f"{sum(not r['finished_before_kill'] for r in mine)} killed mid-run; "
-              f"{sum(bool(r['damaged_named']) for r in mine)} left a damaged file, named and recomputed")
+        print(
+            f"{kind}: {sum(r['bit_identical'] for r in mine)}/{len(mine)} resumes bit-identical; "
+            f"{sum(not r['finished_before_kill'] for r in mine)} killed mid-run; "
+            f"{sum(bool(r['damaged_named']) for r in mine)} left a damaged file, named and recomputed"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     sys.exit(0 if all(r["bit_identical"] for r in results) else 1)

@@ -71,18 +71,32 @@ def worker(args: argparse.Namespace) -> None:
     base = current_rss_mib()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        inf = ik.Influence(ik.ClassificationTask(model, l2=L2), train, solver=args.solver, damping=DAMPING,
-                           solver_options=OPTIONS[args.solver], memory_budget=args.memory_budget)
+        inf = ik.Influence(
+            ik.ClassificationTask(model, l2=L2),
+            train,
+            solver=args.solver,
+            damping=DAMPING,
+            solver_options=OPTIONS[args.solver],
+            memory_budget=args.memory_budget,
+        )
         t0 = time.perf_counter()
         inf.fit()
         scores = inf.scores(test)
         seconds = time.perf_counter() - t0
     S = scores.values
-    Path(args.out).write_text(json.dumps({
-        "base": base, "peak": rss_mib(), "result": S.numel() * S.element_size() / 2**20, "seconds": seconds,
-        "chunks": vars(inf.chunks_) if hasattr(inf.chunks_, "__dict__") else str(inf.chunks_),
-        "gradients": inf.gradient_methods_, "warnings": group_warnings(caught),
-    }))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "base": base,
+                "peak": rss_mib(),
+                "result": S.numel() * S.element_size() / 2**20,
+                "seconds": seconds,
+                "chunks": vars(inf.chunks_) if hasattr(inf.chunks_, "__dict__") else str(inf.chunks_),
+                "gradients": inf.gradient_methods_,
+                "warnings": group_warnings(caught),
+            }
+        )
+    )
 
 
 def main() -> int:
@@ -118,13 +132,27 @@ def main() -> int:
         for solver in args.solvers.split(","):
             for factor in (int(f) for f in args.factors.split(",")):
                 out = Path(tmp) / f"{solver}-{factor}.json"
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", solver, "--factor", str(factor), "--state", str(state),
-                       "--out", str(out), "--memory-budget", args.memory_budget]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--worker",
+                    solver,
+                    "--factor",
+                    str(factor),
+                    "--state",
+                    str(state),
+                    "--out",
+                    str(out),
+                    "--memory-budget",
+                    args.memory_budget,
+                ]
                 env = dict(os.environ, OMP_NUM_THREADS="1")
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout, env=env)
                 except subprocess.TimeoutExpired:
-                    rows.append([solver, f"{1200 * factor:,}", f"timed out after {args.worker_timeout:.0f} s"] + ["—"] * 4)
+                    rows.append(
+                        [solver, f"{1200 * factor:,}", f"timed out after {args.worker_timeout:.0f} s"] + ["—"] * 4
+                    )
                     continue
                 if proc.returncode != 0:
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -132,33 +160,50 @@ def main() -> int:
                     continue
                 r = json.loads(out.read_text())
                 work = r["peak"] - r["base"] - r["result"]
-                rows.append([solver, f"{1200 * factor:,}", f"{r['seconds']:.1f}", f"{r['base']:.0f}", f"{r['peak']:.0f}",
-                             f"{r['result']:.1f}", f"{work:.0f}"])
+                rows.append(
+                    [
+                        solver,
+                        f"{1200 * factor:,}",
+                        f"{r['seconds']:.1f}",
+                        f"{r['base']:.0f}",
+                        f"{r['peak']:.0f}",
+                        f"{r['result']:.1f}",
+                        f"{work:.0f}",
+                    ]
+                )
                 print("  ".join(rows[-1]), f"chunks {r['chunks']}", flush=True)
     header = ["solver", "n_train", "fit + scores s", "base MiB", "peak MiB", "result MiB", "work MiB"]
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-                       *("| " + " | ".join(r) + " |" for r in rows)])
+    table = "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows),
+        ]
+    )
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread per worker"
     total = time.perf_counter() - started
     print(table)
     print(f"machine: {machine}; load {load_start:.2f} -> {os.getloadavg()[0]:.2f}; total {total:.0f} s")
     if args.write:
-        body = "\n".join([
-            f"Command: `python benchmarks/memory.py {shlex.join(sys.argv[1:])}`",
-            "",
-            f"Machine: {machine}; total {total:.0f} s. Source: {source_line()}.",
-            "",
-            f"Digits MLP (9,610 parameters, float64), damping {DAMPING:g}, memory_budget {args.memory_budget}, "
-            f"{N_TEST} test points; the training set is the 1,200 images repeated with noise. `work` = peak − base − "
-            "result (the score matrix).",
-            "",
-            table,
-        ])
+        body = "\n".join(
+            [
+                f"Command: `python benchmarks/memory.py {shlex.join(sys.argv[1:])}`",
+                "",
+                f"Machine: {machine}; total {total:.0f} s. Source: {source_line()}.",
+                "",
+                f"Digits MLP (9,610 parameters, float64), damping {DAMPING:g}, memory_budget {args.memory_budget}, "
+                f"{N_TEST} test points; the training set is the 1,200 images repeated with noise. `work` = peak − base "
+                "− "
+                "result (the score matrix).",
+                "",
+                table,
+            ]
+        )
         path = Path(args.write)
         text = path.read_text() if path.exists() else ""
         block = f"{BEGIN}\n{body}\n{END}"
         if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
         else:
             text = text.rstrip() + "\n\n## Memory as the data grows\n\n" + block + "\n"
         path.write_text(text)

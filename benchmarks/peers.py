@@ -110,16 +110,26 @@ CNN_TRAIN, CNN_TEST = 9000, 1000  # the 10,000 MNIST t10k images, shuffled (seed
 PROBLEMS: dict[str, dict[str, Any]] = {
     # hidden: build_model's second argument; fit: ik.fit_lbfgs options, as benchmarks/solvers.py trains it
     "logreg": {"hidden": 0, "fit": {}, "markers": (BEGIN, END), "heading": "## Peers: measured table"},
-    "mlp": {"hidden": MLP_HIDDEN, "fit": {"max_iter": 3000, "tol": 1e-6},
-            "markers": ("<!-- BEGIN PEERS MLP GENERATED -->", "<!-- END PEERS MLP GENERATED -->"),
-            "heading": "## Peers: MLP on digits"},
+    "mlp": {
+        "hidden": MLP_HIDDEN,
+        "fit": {"max_iter": 3000, "tol": 1e-6},
+        "markers": ("<!-- BEGIN PEERS MLP GENERATED -->", "<!-- END PEERS MLP GENERATED -->"),
+        "heading": "## Peers: MLP on digits",
+    },
     # adam: ik.fit_steps options of the warm-up; fit: ik.fit_lbfgs options of the polish that follows it
-    "cnn": {"adam": {"steps": 30, "lr": 1e-2, "batch_size": 500, "seed": 0}, "fit": {"max_iter": 400, "tol": 1e-6},
-            "markers": ("<!-- BEGIN PEERS CNN GENERATED -->", "<!-- END PEERS CNN GENERATED -->"),
-            "heading": "## Peers: CNN on MNIST"},
+    "cnn": {
+        "adam": {"steps": 30, "lr": 1e-2, "batch_size": 500, "seed": 0},
+        "fit": {"max_iter": 400, "tol": 1e-6},
+        "markers": ("<!-- BEGIN PEERS CNN GENERATED -->", "<!-- END PEERS CNN GENERATED -->"),
+        "heading": "## Peers: CNN on MNIST",
+    },
     # a small data set with few classes, where a sampled Fisher label is noisiest (issue 34)
-    "wine": {"hidden": 0, "fit": {}, "markers": ("<!-- BEGIN PEERS WINE GENERATED -->", "<!-- END PEERS WINE GENERATED -->"),
-             "heading": "## Peers: 3-class logistic regression on 124 examples (wine)"},
+    "wine": {
+        "hidden": 0,
+        "fit": {},
+        "markers": ("<!-- BEGIN PEERS WINE GENERATED -->", "<!-- END PEERS WINE GENERATED -->"),
+        "heading": "## Peers: 3-class logistic regression on 124 examples (wine)",
+    },
 }
 WINE_TRAIN = 124  # scikit-learn's wine data (178 × 13, 3 classes), shuffled with seed 0: 124 train, 54 test
 
@@ -136,8 +146,12 @@ CNN_LAYOUT = "Conv(1→4, 5×5, stride 2)-ReLU-Conv(4→8, 5×5, stride 2)-ReLU-
 def build_cnn() -> torch.nn.Module:
     """Conv(1→4, 5×5, stride 2)-ReLU-Conv(4→8, 5×5, stride 2)-ReLU-Linear(128→10), float64: 2,202 parameters."""
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 5, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 5, stride=2), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(128, 10),
+        torch.nn.Conv2d(1, 4, 5, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 8, 5, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
     ).double()
 
 
@@ -171,8 +185,9 @@ def problem_data(problem: str) -> tuple[tuple, tuple]:
         return load_digits_split(1200)
     (X, y), (Xt, yt), source = _scale.load_data(CNN_TRAIN, CNN_TEST)
     if not source.startswith("MNIST"):
-        raise SystemExit(f"--problem cnn needs the MNIST images in {_scale.MNIST} (../shared/data/mnist); "
-                         f"they are absent ({source})")
+        raise SystemExit(
+            f"--problem cnn needs the MNIST images in {_scale.MNIST} (../shared/data/mnist); they are absent ({source})"
+        )
     return (X.double(), y), (Xt.double(), yt)
 
 
@@ -196,7 +211,9 @@ def train_problem(problem: str, model: torch.nn.Module, train: tuple, cache: Pat
     spec = PROBLEMS[problem]
     if problem != "cnn":
         return ik.fit_lbfgs(task, train, **spec["fit"])
-    recipe = hashlib.sha256(json.dumps([spec["adam"], spec["fit"], L2, CNN_TRAIN, str(model)]).encode()).hexdigest()[:12]
+    recipe = hashlib.sha256(json.dumps([spec["adam"], spec["fit"], L2, CNN_TRAIN, str(model)]).encode()).hexdigest()[
+        :12
+    ]
     path = cache.with_name(f"{cache.name}-model-{recipe}.pt")
     if path.exists():
         saved = torch.load(path, weights_only=False)
@@ -213,6 +230,7 @@ def train_problem(problem: str, model: torch.nn.Module, train: tuple, cache: Pat
 # ------------------------------------------------------------------------------------------ adapters
 # Each adapter: (model, train, test, fit_timer) -> predicted LOO change (n_test, n_train) as a numpy array.
 # `timer(name)` is a context manager recording the phase; the worker reads "fit" and "score".
+
 
 class Timer:
     def __init__(self) -> None:
@@ -242,6 +260,7 @@ def ik_method(solver: str, *, peer_convention: bool = False, **options: Any) -> 
             scores = inf.scores(test)
         info["solve_reports"] = scores.metadata.get("solve_reports", [])
         return scores.predicted_loo_change().numpy()
+
     return run
 
 
@@ -268,8 +287,13 @@ def _captum_naive(model, train, test, timer, info, projection_dim):
 
     with timer("fit"):
         tracin = NaiveInfluenceFunction(
-            model, DataLoader(TensorDataset(X, y), batch_size=len(X)), path, load,
-            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), hessian_reg=len(X) * PEER_DAMPING, batch_size=len(X),
+            model,
+            DataLoader(TensorDataset(X, y), batch_size=len(X)),
+            path,
+            load,
+            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+            hessian_reg=len(X) * PEER_DAMPING,
+            batch_size=len(X),
             projection_dim=projection_dim or sum(p.numel() for p in model.parameters()),
         )
     with timer("score"):
@@ -295,9 +319,16 @@ def captum_arnoldi(model, train, test, timer, info):
 
     with timer("fit"):
         arn = ArnoldiInfluenceFunction(
-            model, DataLoader(TensorDataset(X, y), batch_size=len(X)), info["state"], load,
-            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), batch_size=len(X), hessian_reg=len(X) * PEER_DAMPING,
-            projection_dim=100, arnoldi_dim=200, seed=0,
+            model,
+            DataLoader(TensorDataset(X, y), batch_size=len(X)),
+            info["state"],
+            load,
+            loss_fn=torch.nn.CrossEntropyLoss(reduction="none"),
+            batch_size=len(X),
+            hessian_reg=len(X) * PEER_DAMPING,
+            projection_dim=100,
+            arnoldi_dim=200,
+            seed=0,
         )
     with timer("score"):
         s = arn.influence(test)
@@ -330,6 +361,7 @@ def _pydvl(cls_name: str, *, float32: bool = False, **kwargs: Any) -> Callable:
         with timer("score"):
             s = est.influences(test[0], test[1], X, y, mode="up")
         return s.detach().double().numpy() / len(X)
+
     return run
 
 
@@ -365,24 +397,44 @@ def kronfluence_ekfac(model, train, test, timer, info):
     model = prepare_model(torch.nn.Sequential(model), task)
     out = tempfile.mkdtemp(prefix="kronfluence-")
     analyzer = Analyzer("digits", model, task, cpu=True, disable_tqdm=True, output_dir=out)
-    fargs = FactorArguments(strategy="ekfac", activation_covariance_dtype=f64, gradient_covariance_dtype=f64,
-                            eigendecomposition_dtype=f64, lambda_dtype=f64)
-    sargs = ScoreArguments(damping_factor=PEER_DAMPING, per_sample_gradient_dtype=f64, precondition_dtype=f64,
-                           score_dtype=f64)
+    fargs = FactorArguments(
+        strategy="ekfac",
+        activation_covariance_dtype=f64,
+        gradient_covariance_dtype=f64,
+        eigendecomposition_dtype=f64,
+        lambda_dtype=f64,
+    )
+    sargs = ScoreArguments(
+        damping_factor=PEER_DAMPING, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64
+    )
     with timer("fit"):
-        analyzer.fit_all_factors("ekfac", TensorDataset(X, y), per_device_batch_size=len(X), factor_args=fargs,
-                                 overwrite_output_dir=True)
+        analyzer.fit_all_factors(
+            "ekfac", TensorDataset(X, y), per_device_batch_size=len(X), factor_args=fargs, overwrite_output_dir=True
+        )
     with timer("score"):
-        analyzer.compute_pairwise_scores("s", "ekfac", TensorDataset(*test), TensorDataset(X, y),
-                                                  per_device_query_batch_size=len(test[0]),
-                                                  per_device_train_batch_size=len(X), score_args=sargs,
-                                                  overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(
+            "s",
+            "ekfac",
+            TensorDataset(*test),
+            TensorDataset(X, y),
+            per_device_query_batch_size=len(test[0]),
+            per_device_train_batch_size=len(X),
+            score_args=sargs,
+            overwrite_output_dir=True,
+        )
         scores = analyzer.load_pairwise_scores("s")  # computed scores are written to disk, not returned
     return scores["all_modules"].detach().numpy() / len(X)
 
 
-def _dattri(cls_name: str, *, reg: tuple[str, float] = ("regularization", PEER_DAMPING),
-            test_batch: int | None = None, float64: bool = False, no_grad: bool = False, **kwargs: Any) -> Callable:
+def _dattri(
+    cls_name: str,
+    *,
+    reg: tuple[str, float] = ("regularization", PEER_DAMPING),
+    test_batch: int | None = None,
+    float64: bool = False,
+    no_grad: bool = False,
+    **kwargs: Any,
+) -> Callable:
     # dattri/algorithm/influence_function.py + base.py: attribute(train_loader, test_loader) returns
     # (n_train, n_test) inner products ∇ℓ(train)ᵀ(H + regularization·I)⁻¹∇ℓ(test), H the Hessian of `loss_func` on
     # the full-training batch (a mean here); sign and 1/n checked numerically against the peer-convention exact.
@@ -440,6 +492,7 @@ def _dattri(cls_name: str, *, reg: tuple[str, float] = ("regularization", PEER_D
         with timer("score"), torch.set_grad_enabled(not no_grad):
             s = att.attribute(train_loader, DataLoader(TensorDataset(*test), batch_size=test_batch or len(test[0])))
         return s.detach().T.numpy() / len(X)
+
     return run
 
 
@@ -448,48 +501,92 @@ METHODS: dict[str, tuple[str, str, Callable]] = {
     "ik-exact": ("influencekit", "exact", ik_method("exact")),
     "ik-exact-peer": ("influencekit", "exact (peer convention)", ik_method("exact", peer_convention=True)),
     "ik-cg": ("influencekit", "cg", ik_method("cg")),
-    "ik-cg-1e-4": ("influencekit", "cg (rtol 1e-4, atol 1e-6: pyDVL CgInfluence's defaults)",
-                   ik_method("cg", rtol=1e-4, atol=1e-6)),
+    "ik-cg-1e-4": (
+        "influencekit",
+        "cg (rtol 1e-4, atol 1e-6: pyDVL CgInfluence's defaults)",
+        ik_method("cg", rtol=1e-4, atol=1e-6),
+    ),
     "ik-ekfac": ("influencekit", "ekfac", ik_method("ekfac")),
-    "ik-lissa": ("influencekit", "lissa (defaults: batch, step, momentum, depth from the fitted spectrum; rtol 0.05)",
-                 ik_method("lissa")),
-    "ik-lissa-plain": ("influencekit", "lissa (momentum=0: the paper's plain step, full data, rtol 0.05)",
-                       ik_method("lissa", momentum=0.0)),
-    "ik-ekfac-sampled": ("influencekit", "ekfac (fisher='sampled': one label drawn per example)", ik_method("ekfac", fisher="sampled")),
+    "ik-lissa": (
+        "influencekit",
+        "lissa (defaults: batch, step, momentum, depth from the fitted spectrum; rtol 0.05)",
+        ik_method("lissa"),
+    ),
+    "ik-lissa-plain": (
+        "influencekit",
+        "lissa (momentum=0: the paper's plain step, full data, rtol 0.05)",
+        ik_method("lissa", momentum=0.0),
+    ),
+    "ik-ekfac-sampled": (
+        "influencekit",
+        "ekfac (fisher='sampled': one label drawn per example)",
+        ik_method("ekfac", fisher="sampled"),
+    ),
     "ik-ekfac-expected": ("influencekit", "ekfac (fisher='expected')", ik_method("ekfac", fisher="expected")),
     "ik-ekfac-peer": ("influencekit", "ekfac (peer convention)", ik_method("ekfac", peer_convention=True)),
     "ik-cg-scores": ("influencekit", "cg stopped by the scores (score_rtol 1e-4)", ik_method("cg", score_rtol=1e-4)),
     "ik-pcg": ("influencekit", "cg preconditioned by ekfac", ik_method("cg", preconditioner="ekfac")),
-    "ik-pcg-scores": ("influencekit", "cg preconditioned by ekfac, stopped by the scores (score_rtol 1e-4)",
-                      ik_method("cg", preconditioner="ekfac", score_rtol=1e-4)),
-    "ik-arnoldi": ("influencekit", "arnoldi (rank 100, damped remainder)",
-                   ik_method("arnoldi", rank=100, remainder="damped")),
-    "ik-arnoldi-drop": ("influencekit", "arnoldi (rank 100, remainder dropped)",
-                        ik_method("arnoldi", rank=100, remainder="drop")),
-    "ik-arnoldi-2000": ("influencekit", "arnoldi (rank 100, damped remainder, Lanczos on 2,000 examples)",
-                        ik_method("arnoldi", rank=100, remainder="damped", examples=2000)),
+    "ik-pcg-scores": (
+        "influencekit",
+        "cg preconditioned by ekfac, stopped by the scores (score_rtol 1e-4)",
+        ik_method("cg", preconditioner="ekfac", score_rtol=1e-4),
+    ),
+    "ik-arnoldi": (
+        "influencekit",
+        "arnoldi (rank 100, damped remainder)",
+        ik_method("arnoldi", rank=100, remainder="damped"),
+    ),
+    "ik-arnoldi-drop": (
+        "influencekit",
+        "arnoldi (rank 100, remainder dropped)",
+        ik_method("arnoldi", rank=100, remainder="drop"),
+    ),
+    "ik-arnoldi-2000": (
+        "influencekit",
+        "arnoldi (rank 100, damped remainder, Lanczos on 2,000 examples)",
+        ik_method("arnoldi", rank=100, remainder="damped", examples=2000),
+    ),
     "captum-naive": ("captum 0.9.0", "NaiveInfluenceFunction (full rank)", captum_naive(None)),
     "captum-naive-50": ("captum 0.9.0", "NaiveInfluenceFunction (default projection_dim=50)", captum_naive(50)),
     "captum-arnoldi": ("captum 0.9.0", "ArnoldiInfluenceFunction (rank 100, arnoldi_dim 200)", captum_arnoldi),
     "pydvl-direct": ("pydvl 0.10.0", "DirectInfluence", _pydvl("DirectInfluence")),
-    "pydvl-cg": ("pydvl 0.10.0", "CgInfluence (block; its defaults rtol 1e-4, atol 1e-6)", _pydvl("CgInfluence", solve_simultaneously=True)),
+    "pydvl-cg": (
+        "pydvl 0.10.0",
+        "CgInfluence (block; its defaults rtol 1e-4, atol 1e-6)",
+        _pydvl("CgInfluence", solve_simultaneously=True),
+    ),
     "pydvl-lissa": ("pydvl 0.10.0", "LissaInfluence (defaults, maxiter=1000)", _pydvl("LissaInfluence")),
     "pydvl-lissa-100": ("pydvl 0.10.0", "LissaInfluence (maxiter=100)", _pydvl("LissaInfluence", maxiter=100)),
     "pydvl-arnoldi": ("pydvl 0.10.0", "ArnoldiInfluence (rank 10)", _pydvl("ArnoldiInfluence")),
     "pydvl-ekfac": ("pydvl 0.10.0", "EkfacInfluence", _pydvl("EkfacInfluence")),
-    "pydvl-ekfac-f32": ("pydvl 0.10.0", "EkfacInfluence (float32 copy of the model and data)", _pydvl("EkfacInfluence", float32=True)),
+    "pydvl-ekfac-f32": (
+        "pydvl 0.10.0",
+        "EkfacInfluence (float32 copy of the model and data)",
+        _pydvl("EkfacInfluence", float32=True),
+    ),
     "kronfluence-ekfac": ("kronfluence 1.0.1", "EK-FAC", kronfluence_ekfac),
     "dattri-explicit": ("dattri 0.3.0", "IFAttributorExplicit", _dattri("IFAttributorExplicit", no_grad=True)),
     "dattri-cg": ("dattri 0.3.0", "IFAttributorCG (max_iter=10 default)", _dattri("IFAttributorCG", no_grad=True)),
-    "dattri-lissa": ("dattri 0.3.0", "IFAttributorLiSSA (defaults: batch 1, depth 5000, scaling 50)",
-                     _dattri("IFAttributorLiSSA", reg=("damping", PEER_DAMPING / 50.0), scaling=50.0, float64=True,
-                             no_grad=True)),
-    "dattri-arnoldi": ("dattri 0.3.0", "IFAttributorArnoldi (proj_dim 100, 200 iterations)",
-                       _dattri("IFAttributorArnoldi", proj_dim=100, max_iter=201, float64=True, no_grad=True)),
-    "dattri-ekfac": ("dattri 0.3.0", "IFAttributorEKFAC (empirical Fisher)",
-                     _dattri("IFAttributorEKFAC", reg=("damping", PEER_DAMPING), float64=True, no_grad=True)),
-    "dattri-datainf": ("dattri 0.3.0", "IFAttributorDataInf",
-                       _dattri("IFAttributorDataInf", test_batch=64, float64=True, no_grad=True)),
+    "dattri-lissa": (
+        "dattri 0.3.0",
+        "IFAttributorLiSSA (defaults: batch 1, depth 5000, scaling 50)",
+        _dattri("IFAttributorLiSSA", reg=("damping", PEER_DAMPING / 50.0), scaling=50.0, float64=True, no_grad=True),
+    ),
+    "dattri-arnoldi": (
+        "dattri 0.3.0",
+        "IFAttributorArnoldi (proj_dim 100, 200 iterations)",
+        _dattri("IFAttributorArnoldi", proj_dim=100, max_iter=201, float64=True, no_grad=True),
+    ),
+    "dattri-ekfac": (
+        "dattri 0.3.0",
+        "IFAttributorEKFAC (empirical Fisher)",
+        _dattri("IFAttributorEKFAC", reg=("damping", PEER_DAMPING), float64=True, no_grad=True),
+    ),
+    "dattri-datainf": (
+        "dattri 0.3.0",
+        "IFAttributorDataInf",
+        _dattri("IFAttributorDataInf", test_batch=64, float64=True, no_grad=True),
+    ),
 }
 # Default methods per problem. logreg: pyDVL's LiSSA with its defaults (1,000 full-batch steps × 597 right-hand
 # sides) ran past a minute here and is left to --methods; the default run has it at maxiter=100. The methods
@@ -497,19 +594,76 @@ METHODS: dict[str, tuple[str, str, Callable]] = {
 # on logreg, whose default table stays as it was. mlp: no low-rank Captum default (projection_dim=50) and no pyDVL
 # LiSSA; the exact peers may hit --worker-timeout (a FAILED row).
 DEFAULT_METHODS: dict[str, list[str]] = {
-    "logreg": ["ik-exact", "ik-exact-peer", "ik-cg", "ik-ekfac", "captum-naive", "captum-naive-50", "pydvl-direct",
-               "pydvl-cg", "pydvl-lissa-100", "pydvl-arnoldi", "pydvl-ekfac", "kronfluence-ekfac", "dattri-explicit",
-               "dattri-cg"],
-    "mlp": ["ik-exact", "ik-exact-peer", "ik-cg", "ik-cg-1e-4", "ik-cg-scores", "ik-pcg", "ik-pcg-scores", "ik-ekfac", "ik-arnoldi", "ik-arnoldi-drop", "captum-naive",
-            "captum-arnoldi", "pydvl-direct", "pydvl-cg", "pydvl-arnoldi", "pydvl-ekfac", "kronfluence-ekfac",
-            "dattri-explicit", "dattri-cg", "dattri-lissa", "dattri-arnoldi", "dattri-ekfac", "dattri-datainf"],
+    "logreg": [
+        "ik-exact",
+        "ik-exact-peer",
+        "ik-cg",
+        "ik-ekfac",
+        "captum-naive",
+        "captum-naive-50",
+        "pydvl-direct",
+        "pydvl-cg",
+        "pydvl-lissa-100",
+        "pydvl-arnoldi",
+        "pydvl-ekfac",
+        "kronfluence-ekfac",
+        "dattri-explicit",
+        "dattri-cg",
+    ],
+    "mlp": [
+        "ik-exact",
+        "ik-exact-peer",
+        "ik-cg",
+        "ik-cg-1e-4",
+        "ik-cg-scores",
+        "ik-pcg",
+        "ik-pcg-scores",
+        "ik-ekfac",
+        "ik-arnoldi",
+        "ik-arnoldi-drop",
+        "captum-naive",
+        "captum-arnoldi",
+        "pydvl-direct",
+        "pydvl-cg",
+        "pydvl-arnoldi",
+        "pydvl-ekfac",
+        "kronfluence-ekfac",
+        "dattri-explicit",
+        "dattri-cg",
+        "dattri-lissa",
+        "dattri-arnoldi",
+        "dattri-ekfac",
+        "dattri-datainf",
+    ],
     # cnn: only methods that can score 1,000 × 9,000 pairs. Per-query solvers (CG, LiSSA) need ~4 minutes per test
     # point here (our CG: 226 s for one), and an explicit Hessian 2,202 HVPs over 9,000 images: --methods runs them.
-    "cnn": ["ik-ekfac", "ik-arnoldi", "ik-arnoldi-drop", "ik-arnoldi-2000", "captum-arnoldi", "pydvl-arnoldi", "pydvl-ekfac",
-            "kronfluence-ekfac", "dattri-arnoldi", "dattri-ekfac", "dattri-datainf"],
+    "cnn": [
+        "ik-ekfac",
+        "ik-arnoldi",
+        "ik-arnoldi-drop",
+        "ik-arnoldi-2000",
+        "captum-arnoldi",
+        "pydvl-arnoldi",
+        "pydvl-ekfac",
+        "kronfluence-ekfac",
+        "dattri-arnoldi",
+        "dattri-ekfac",
+        "dattri-datainf",
+    ],
     # wine: the Fisher's expectation against one sampled label per example, and the peers' EK-FAC
-    "wine": ["ik-exact", "ik-exact-peer", "ik-cg", "ik-ekfac", "ik-ekfac-sampled", "ik-ekfac-expected", "ik-ekfac-peer", "pydvl-direct",
-             "pydvl-ekfac-f32", "kronfluence-ekfac", "dattri-ekfac"],
+    "wine": [
+        "ik-exact",
+        "ik-exact-peer",
+        "ik-cg",
+        "ik-ekfac",
+        "ik-ekfac-sampled",
+        "ik-ekfac-expected",
+        "ik-ekfac-peer",
+        "pydvl-direct",
+        "pydvl-ekfac-f32",
+        "kronfluence-ekfac",
+        "dattri-ekfac",
+    ],
 }
 
 
@@ -528,8 +682,14 @@ def worker(args: argparse.Namespace) -> None:
         warnings.simplefilter("always")
         S = METHODS[args.method][2](model, train, test, timer, info)
     info.pop("state")
-    result = {"t_fit": timer.times.get("fit", 0.0), "t_score": timer.times.get("score", 0.0), "rss_base_mib": base,
-              "rss_peak_mib": rss_mib(), "warnings": group_warnings(caught), **info}
+    result = {
+        "t_fit": timer.times.get("fit", 0.0),
+        "t_score": timer.times.get("score", 0.0),
+        "rss_base_mib": base,
+        "rss_peak_mib": rss_mib(),
+        "warnings": group_warnings(caught),
+        **info,
+    }
     S = np.asarray(S, dtype=np.float64)
     if S.shape != (len(test[0]), len(train[0])):
         raise ValueError(f"{args.method}: scores of shape {S.shape}, expected {(len(test[0]), len(train[0]))}")
@@ -538,8 +698,21 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(key: str, state: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--problem", args.problem, "--method", key,
-           "--state", str(state), "--out", str(out), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--problem",
+        args.problem,
+        "--method",
+        key,
+        "--state",
+        str(state),
+        "--out",
+        str(out),
+        "--threads",
+        str(args.threads),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     t0 = time.perf_counter()
     try:
@@ -548,7 +721,10 @@ def run_worker(key: str, state: Path, out: Path, args: argparse.Namespace) -> di
         return {"error": f"timed out after {args.worker_timeout:.0f} s"}
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        return {"error": f"exit {proc.returncode}: {lines[-1] if lines else '(no output)'}", "stderr": proc.stderr[-4000:]}
+        return {
+            "error": f"exit {proc.returncode}: {lines[-1] if lines else '(no output)'}",
+            "stderr": proc.stderr[-4000:],
+        }
     r = json.loads(Path(str(out) + ".json").read_text())
     r["wall"] = time.perf_counter() - t0
     r["S"] = np.load(str(out) + ".npy")
@@ -580,8 +756,21 @@ def grad_pass_seconds(model, train, repeats: int = 10) -> float:
     return best
 
 
-HEADER = ["system", "method", "fit s", "score s", "total s", "total /grad", "peak RSS MiB (+ over base)",
-          "rel. err vs peer-conv exact", "slope vs peer-conv exact", "Pearson vs exact", "Spearman vs exact", "LOO Pearson", "LOO Spearman"]
+HEADER = [
+    "system",
+    "method",
+    "fit s",
+    "score s",
+    "total s",
+    "total /grad",
+    "peak RSS MiB (+ over base)",
+    "rel. err vs peer-conv exact",
+    "slope vs peer-conv exact",
+    "Pearson vs exact",
+    "Spearman vs exact",
+    "LOO Pearson",
+    "LOO Spearman",
+]
 
 
 def fmt(x: Any, spec: str) -> str:
@@ -595,26 +784,46 @@ def rows_of(results: list[dict[str, Any]], unit: float) -> list[list[str]]:
             rows.append([r["system"], r["method"]] + ["—"] * (len(HEADER) - 3) + [f"FAILED: {r['error']}"])
             continue
         total = r["t_fit"] + r["t_score"]
-        rows.append([r["system"], r["method"], f"{r['t_fit']:.2f}", f"{r['t_score']:.2f}", f"{total:.2f}",
-                     f"{total / unit:.0f}", f"{r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_base_mib']:.0f})",
-                     fmt(r.get("rel_err_peer"), ".1e"), fmt(r.get("slope_peer"), ".4f"), fmt(r.get("pearson"), ".6f"), fmt(r.get("spearman"), ".6f"),
-                     fmt(r.get("loo_pearson"), ".4f"), fmt(r.get("loo_spearman"), ".4f")])
+        rows.append(
+            [
+                r["system"],
+                r["method"],
+                f"{r['t_fit']:.2f}",
+                f"{r['t_score']:.2f}",
+                f"{total:.2f}",
+                f"{total / unit:.0f}",
+                f"{r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_base_mib']:.0f})",
+                fmt(r.get("rel_err_peer"), ".1e"),
+                fmt(r.get("slope_peer"), ".4f"),
+                fmt(r.get("pearson"), ".6f"),
+                fmt(r.get("spearman"), ".6f"),
+                fmt(r.get("loo_pearson"), ".4f"),
+                fmt(r.get("loo_spearman"), ".4f"),
+            ]
+        )
     return rows
 
 
 def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADER)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths))
-                     for cells in [HEADER, ["-" * w for w in widths], *rows])
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in [HEADER, ["-" * w for w in widths], *rows]
+    )
 
 
 def md_table(rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|",
-                      *("| " + " | ".join(r) + " |" for r in rows)])
+    return "\n".join(
+        [
+            "| " + " | ".join(HEADER) + " |",
+            "|" + "|".join("---" for _ in HEADER) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows),
+        ]
+    )
 
 
-def write_markdown(path: Path, body: str, begin: str = BEGIN, end: str = END,
-                   heading: str = "## Peers: measured table") -> None:
+def write_markdown(
+    path: Path, body: str, begin: str = BEGIN, end: str = END, heading: str = "## Peers: measured table"
+) -> None:
     """Replace the text between the markers `begin` and `end`; without them, append `heading` and a new block."""
     block = f"{begin}\n{body.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else ""
@@ -629,49 +838,77 @@ def problem_line(problem: str, model: torch.nn.Module, rep: Any, unit: float) ->
     """The problem paragraph of the --write block (logreg's is the one written before the MLP existed)."""
     n_params = sum(p.numel() for p in model.parameters())
     n_test, n_train = {"cnn": (CNN_TEST, CNN_TRAIN), "wine": (178 - WINE_TRAIN, WINE_TRAIN)}.get(problem, (597, 1200))
-    tail = (f"damping {DAMPING:g} (peers: regularisation {PEER_DAMPING:g} = l2 + damping, the same matrix), "
-            f"all {n_test:,} × {n_train:,} scores. Unit of `/grad`: one per-example-gradient pass over the {n_train:,} "
-            "training points, "
-            f"{unit * 1e3:.1f} ms (best of 10, this run). Peak RSS: the worker's `VmHWM`; `+`: its rise over the memory "
-            "before fitting.")
+    tail = (
+        f"damping {DAMPING:g} (peers: regularisation {PEER_DAMPING:g} = l2 + damping, the same matrix), "
+        f"all {n_test:,} × {n_train:,} scores. Unit of `/grad`: one per-example-gradient pass over the {n_train:,} "
+        "training points, "
+        f"{unit * 1e3:.1f} ms (best of 10, this run). Peak RSS: the worker's `VmHWM`; `+`: its rise over the memory "
+        "before fitting."
+    )
     if problem == "logreg":
         return f"Problem: logistic regression on digits ({n_params} parameters, float64, l2 = {L2:g}), " + tail
     if problem == "wine":
-        return (f"Problem: 3-class logistic regression on scikit-learn's wine data ({n_params} parameters, float64, "
-                f"l2 = {L2:g}; 13 standardised features, shuffled with seed 0: {WINE_TRAIN} training points, the other "
-                f"{n_test} the test points; ||grad R|| = {rep.grad_norm:.2e}), " + tail)
+        return (
+            f"Problem: 3-class logistic regression on scikit-learn's wine data ({n_params} parameters, float64, "
+            f"l2 = {L2:g}; 13 standardised features, shuffled with seed 0: {WINE_TRAIN} training points, the other "
+            f"{n_test} the test points; ||grad R|| = {rep.grad_norm:.2e}), " + tail
+        )
     fit = ", ".join(f"{k}={v:g}" for k, v in PROBLEMS[problem]["fit"].items())
     if problem == "cnn":
         adam = ", ".join(f"{k}={v:g}" for k, v in PROBLEMS[problem]["adam"].items())
-        return (f"Problem: CNN on MNIST (`{CNN_LAYOUT}`, {n_params:,} parameters, float64, l2 = {L2:g}; the 10,000 "
-                f"t10k images of ../shared/data/mnist shuffled with seed 0, the first {CNN_TRAIN:,} for training, the "
-                f"other {CNN_TEST:,} the test points; trained from torch.manual_seed(0) by ik.fit_steps(optimizer='adam', "
-                f"{adam}) then ik.fit_lbfgs({fit}): ||grad R|| = {rep.grad_norm:.2e}, converged={rep.converged}), " + tail)
-    return (f"Problem: MLP on digits (`Linear(64, {MLP_HIDDEN})-Tanh-Linear({MLP_HIDDEN}, 10)`, {n_params:,} "
-            f"parameters, float64, l2 = {L2:g}; trained by ik.fit_lbfgs({fit}) from torch.manual_seed(0): "
-            f"{rep.iterations} iterations, ||grad R|| = {rep.grad_norm:.2e}, converged={rep.converged}), " + tail)
+        return (
+            f"Problem: CNN on MNIST (`{CNN_LAYOUT}`, {n_params:,} parameters, float64, l2 = {L2:g}; the 10,000 "
+            f"t10k images of ../shared/data/mnist shuffled with seed 0, the first {CNN_TRAIN:,} for training, the "
+            f"other {CNN_TEST:,} the test points; trained from torch.manual_seed(0) by ik.fit_steps(optimizer='adam', "
+            f"{adam}) then ik.fit_lbfgs({fit}): ||grad R|| = {rep.grad_norm:.2e}, converged={rep.converged}), " + tail
+        )
+    return (
+        f"Problem: MLP on digits (`Linear(64, {MLP_HIDDEN})-Tanh-Linear({MLP_HIDDEN}, 10)`, {n_params:,} "
+        f"parameters, float64, l2 = {L2:g}; trained by ik.fit_lbfgs({fit}) from torch.manual_seed(0): "
+        f"{rep.iterations} iterations, ||grad R|| = {rep.grad_norm:.2e}, converged={rep.converged}), " + tail
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problem", choices=list(PROBLEMS), default="logreg",
-                        help="logreg (Linear(64, 10), 650 parameters; default), mlp "
-                             "(Linear(64, 128)-Tanh-Linear(128, 10), 9,610 parameters) or cnn (2,202 parameters, "
-                             "9,000 MNIST images; needs ../shared/data/mnist)")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated, from: " + ",".join(METHODS) + ". Default: logreg "
-                             + ",".join(DEFAULT_METHODS["logreg"]) + "; mlp " + ",".join(DEFAULT_METHODS["mlp"])
-                             + "; cnn " + ",".join(DEFAULT_METHODS["cnn"]))
+    parser.add_argument(
+        "--problem",
+        choices=list(PROBLEMS),
+        default="logreg",
+        help="logreg (Linear(64, 10), 650 parameters; default), mlp "
+        "(Linear(64, 128)-Tanh-Linear(128, 10), 9,610 parameters) or cnn (2,202 parameters, "
+        "9,000 MNIST images; needs ../shared/data/mnist)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated, from: "
+        + ",".join(METHODS)
+        + ". Default: logreg "
+        + ",".join(DEFAULT_METHODS["logreg"])
+        + "; mlp "
+        + ",".join(DEFAULT_METHODS["mlp"])
+        + "; cnn "
+        + ",".join(DEFAULT_METHODS["cnn"]),
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--worker-timeout", type=float, default=300.0)
-    parser.add_argument("--loo-cache", default=str(Path(tempfile.gettempdir()) / "influencekit-peers-loo"),
-                        help="folder caching the leave-one-out retrainings (reused across runs); the MLP and the CNN use "
-                             "this folder + '-mlp' / '-cnn' (the CNN's trained state is cached beside it)")
+    parser.add_argument(
+        "--loo-cache",
+        default=str(Path(tempfile.gettempdir()) / "influencekit-peers-loo"),
+        help="folder caching the leave-one-out retrainings (reused across runs); the MLP and the CNN use "
+        "this folder + '-mlp' / '-cnn' (the CNN's trained state is cached beside it)",
+    )
     parser.add_argument("--no-loo", action="store_true", help="skip the leave-one-out ground truth")
-    parser.add_argument("--work-dir", help="keep the workers' results here and reuse finished ones (resume a killed run)")
-    parser.add_argument("--write", metavar="PATH",
-                        help="write the table into PATH between the problem's markers (PEERS GENERATED for logreg, "
-                             "PEERS MLP GENERATED for mlp, PEERS CNN GENERATED for cnn)")
+    parser.add_argument(
+        "--work-dir", help="keep the workers' results here and reuse finished ones (resume a killed run)"
+    )
+    parser.add_argument(
+        "--write",
+        metavar="PATH",
+        help="write the table into PATH between the problem's markers (PEERS GENERATED for logreg, "
+        "PEERS MLP GENERATED for mlp, PEERS CNN GENERATED for cnn)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--state", help=argparse.SUPPRESS)
@@ -708,7 +945,11 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         # --work-dir keeps every worker's result (a killed run resumes: finished methods are read back, the same
         # trained state being checked by its sha256); otherwise a temporary folder
-        work = Path(args.work_dir) if args.work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ik-peers-")))
+        work = (
+            Path(args.work_dir)
+            if args.work_dir
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ik-peers-")))
+        )
         work.mkdir(parents=True, exist_ok=True)
         state = work / f"{problem}.pt"
         torch.save(model.state_dict(), state)
@@ -730,8 +971,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.work_dir and "error" in r:
                     failed.write_text(json.dumps({"error": r["error"]}))
             r.update(key=key, system=system, method=method)
-            print(f"  {r['error']}" if "error" in r else
-                  f"  fit {r['t_fit']:.2f} s, score {r['t_score']:.2f} s, peak RSS {r['rss_peak_mib']:.0f} MiB", flush=True)
+            print(
+                f"  {r['error']}"
+                if "error" in r
+                else f"  fit {r['t_fit']:.2f} s, score {r['t_score']:.2f} s, peak RSS {r['rss_peak_mib']:.0f} MiB",
+                flush=True,
+            )
             results.append(r)
     unit = grad_pass_seconds(model, (X, y))
     print(f"reference per-example-gradient pass: {unit * 1e3:.1f} ms", flush=True)
@@ -740,7 +985,10 @@ def main(argv: list[str] | None = None) -> int:
     ref, ref_peer = by.get("ik-exact"), by.get("ik-exact-peer")
     for r in by.values():
         if ref is not None:
-            r["pearson"], r["spearman"] = pearson(r["S"].ravel(), ref["S"].ravel()), spearman(r["S"].ravel(), ref["S"].ravel())
+            r["pearson"], r["spearman"] = (
+                pearson(r["S"].ravel(), ref["S"].ravel()),
+                spearman(r["S"].ravel(), ref["S"].ravel()),
+            )
         if ref_peer is not None:
             r["rel_err_peer"] = float(np.linalg.norm(r["S"] - ref_peer["S"]) / np.linalg.norm(ref_peer["S"]))
             # least-squares slope through 0 against the peers' exact quantity: 1 when sign and 1/n are right
@@ -761,19 +1009,37 @@ def main(argv: list[str] | None = None) -> int:
         # with 500 full-batch steps, the CNN with 300 steps on mini-batches of 500 (the same draws in every run;
         # a full-batch step over 9,000 images costs 0.7 s here, 300 of these mini-batch steps 7 s)
         retrain = _loo_retrain().get(problem)
-        loo = ik.leave_one_out(inf, (Xt, yt), test_indices=tests, top_k=50, n_random=50, cache_dir=loo_cache,
-                               retrain=retrain, workers=2 if nonconvex else 1, threads=1)
+        loo = ik.leave_one_out(
+            inf,
+            (Xt, yt),
+            test_indices=tests,
+            top_k=50,
+            n_random=50,
+            cache_dir=loo_cache,
+            retrain=retrain,
+            workers=2 if nonconvex else 1,
+            threads=1,
+        )
         ti, tr = np.asarray(loo.test_index), np.asarray(loo.train_index)
         for r in by.values():
             pred = r["S"][ti, tr]
             r["loo_pearson"], r["loo_spearman"] = pearson(pred, loo.actual), spearman(pred, loo.actual)
-        how = "" if retrain is None else (
-            f", retrained with {retrain.steps} {'full-batch' if retrain.batch_size is None else f'mini-batch ({retrain.batch_size})'} "
-            f"Adam steps (lr {retrain.lr:g}) from θ̂ against a control run without removal")
-        loo_line = (f"leave-one-out: test points {tests} (highest test loss) × (top 50 by |influence| of influencekit "
-                    f"{'cg' if nonconvex else 'exact'} + 50 random) = {len(loo)} pairs{how}, with ik.leave_one_out (cache {loo_cache}; "
-                    f"{loo.metadata.get('n_from_cache', '?')} from cache) in {time.perf_counter() - t0:.1f} s; "
-                    f"{len(loo.not_converged)} not converged")
+        how = (
+            ""
+            if retrain is None
+            else (
+                f", retrained with {retrain.steps} "
+                f"{'full-batch' if retrain.batch_size is None else f'mini-batch ({retrain.batch_size})'} "
+                f"Adam steps (lr {retrain.lr:g}) from θ̂ against a control run without removal"
+            )
+        )
+        loo_line = (
+            f"leave-one-out: test points {tests} (highest test loss) × (top 50 by |influence| of influencekit "
+            f"{'cg' if nonconvex else 'exact'} + 50 random) = {len(loo)} pairs{how}, with ik.leave_one_out (cache "
+            f"{loo_cache}; "
+            f"{loo.metadata.get('n_from_cache', '?')} from cache) in {time.perf_counter() - t0:.1f} s; "
+            f"{len(loo.not_converged)} not converged"
+        )
     load_end = os.getloadavg()[0]
     total = time.perf_counter() - started
     rows = rows_of(results, unit)
@@ -787,26 +1053,33 @@ def main(argv: list[str] | None = None) -> int:
         for w in r.get("warnings", []):
             if "torch.jit.script" in w["message"]:
                 continue
-            notes.append(f"{r['system']} / {r['method']}: {w['category']} x{w['count']} from {w['origin']}: {w['message'][:300]}")
+            notes.append(
+                f"{r['system']} / {r['method']}: {w['category']} x{w['count']} from {w['origin']}: {w['message'][:300]}"
+            )
     for line in notes:
         print("note: " + line)
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s) per worker, "
-               f"Python {platform.python_version()}")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s) per worker, "
+        f"Python {platform.python_version()}"
+    )
     print(f"machine: {machine}; load {load_start:.2f} -> {load_end:.2f}; total {total:.0f} s")
     if args.write:
-        body = "\n".join([
-            f"Command: `.venv-bench/bin/python benchmarks/peers.py {shlex.join(sys.argv[1:])}`",
-            "",
-            f"Machine: {machine}; load average {load_start:.2f} at start, {load_end:.2f} at end; total {total:.0f} s. "
-            f"Source: {source_line()}.",
-            "",
-            problem_line(problem, model, rep, unit),
-            "",
-            md_table(rows),
-            "",
-            f"- {loo_line}.",
-            *(f"- {line}" for line in notes),
-        ])
+        body = "\n".join(
+            [
+                f"Command: `.venv-bench/bin/python benchmarks/peers.py {shlex.join(sys.argv[1:])}`",
+                "",
+                f"Machine: {machine}; load average {load_start:.2f} at start, {load_end:.2f} at end; total {total:.0f} "
+                "s. "
+                f"Source: {source_line()}.",
+                "",
+                problem_line(problem, model, rep, unit),
+                "",
+                md_table(rows),
+                "",
+                f"- {loo_line}.",
+                *(f"- {line}" for line in notes),
+            ]
+        )
         begin, end = PROBLEMS[problem]["markers"]
         write_markdown(Path(args.write), body, begin, end, PROBLEMS[problem]["heading"])
         print(f"wrote {args.write}")

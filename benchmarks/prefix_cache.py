@@ -39,7 +39,9 @@ def main() -> None:
     folder = minilm_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).double().eval()
-    train, test, *_ = enron_emails(args.data, tokenizer, Recipe(n_train=args.n_train, n_test=args.n_test, max_length=args.max_length))
+    train, test, *_ = enron_emails(
+        args.data, tokenizer, Recipe(n_train=args.n_train, n_test=args.n_test, max_length=args.max_length)
+    )
     task = ik.hf.SequenceClassificationTask(model, l2=1e-3, params=["bert.encoder.layer.5.*", "classifier.*"])
     start = time.perf_counter()
     memory = ik.hf.cache_prefix(task, train)
@@ -51,12 +53,22 @@ def main() -> None:
         start = time.perf_counter()
         reopened = ik.hf.cache_prefix(task, train, folder=tmp)
         t_reopen = time.perf_counter() - start
-        print(f"prefix cache of {len(train)} e-mails: memory {t_memory:.1f} s, disk {t_disk:.1f} s, reopened {t_reopen:.1f} s, "
-              f"{disk.stored_bytes / 2 ** 20:.1f} MiB on disk; plan {disk.plan.describe()}")
-        options = {"solver": "ekfac", "solver_options": {"unsupported": "diagonal"}, "damping": 1e-3, "stationarity_tol": 1e9}
+        print(
+            f"prefix cache of {len(train)} e-mails: memory {t_memory:.1f} s, disk {t_disk:.1f} s, reopened "
+            f"{t_reopen:.1f} s, "
+            f"{disk.stored_bytes / 2**20:.1f} MiB on disk; plan {disk.plan.describe()}"
+        )
+        options = {
+            "solver": "ekfac",
+            "solver_options": {"unsupported": "diagonal"},
+            "damping": 1e-3,
+            "stationarity_tol": 1e9,
+        }
         a = ik.Influence(task, memory, **options).fit().scores(test).values
         b = ik.Influence(task, reopened, **options).fit().scores(test).values
-    print(f"EK-FAC scores of {len(test)} test e-mails from disk equal those from memory bit for bit: {torch.equal(a, b)}")
+    print(
+        f"EK-FAC scores of {len(test)} test e-mails from disk equal those from memory bit for bit: {torch.equal(a, b)}"
+    )
 
 
 if __name__ == "__main__":

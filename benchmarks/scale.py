@@ -54,13 +54,22 @@ DAMPING = 1e-2
 def build_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(3136, 300), torch.nn.ReLU(), torch.nn.Linear(300, 10),
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3136, 300),
+        torch.nn.ReLU(),
+        torch.nn.Linear(300, 10),
     )
 
 
-def load_data(n_train: int, n_test: int, seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], str]:
+def load_data(
+    n_train: int, n_test: int, seed: int = 0
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], str]:
     rng = np.random.default_rng(seed)
     try:
         from influencekit.experiments.data.mnist import load_mnist
@@ -128,15 +137,22 @@ def worker(args: argparse.Namespace) -> None:
     if solver == "ekfac":
         options = {"probes": 1, "solve_dtype": None}  # rotations in the model's float32
     from scipy.stats import spearmanr
+
     out: dict[str, Any] = {"solver": solver, "options": options, "base_gb": rss_gb()}
     if args.plan:
-        inf = ik.Influence(task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget)
+        inf = ik.Influence(
+            task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget
+        )
         start = time.perf_counter()
         plan = inf.plan(n_test=args.n_test, query_rank=args.query_rank or None)
-        out.update(plan_seconds=time.perf_counter() - start, plan=str(plan), plan_dict=plan.to_dict(), peak_gb=peak_rss_gb())
+        out.update(
+            plan_seconds=time.perf_counter() - start, plan=str(plan), plan_dict=plan.to_dict(), peak_gb=peak_rss_gb()
+        )
         Path(args.out).write_text(json.dumps(out))
         return
-    inf = ik.Influence(task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget)
+    inf = ik.Influence(
+        task, train, solver=solver, damping=DAMPING, solver_options=options, memory_budget=args.memory_budget
+    )
     start = time.perf_counter()
     inf.fit()
     out["t_fit"] = time.perf_counter() - start
@@ -154,10 +170,16 @@ def worker(args: argparse.Namespace) -> None:
         out["t_full_rows"] = time.perf_counter() - start
         low = scores.values[:m]
         rhos = [float(spearmanr(low[i].numpy(), full[i].numpy())[0]) for i in range(m)]
-        top = [len(set(low[i].topk(10).indices.tolist()) & set(full[i].topk(10).indices.tolist())) / 10 for i in range(m)]
-        out["agreement"] = {"rows": m, "spearman_median": float(np.median(rhos)), "spearman_min": min(rhos),
-                            "pearson_all": float(np.corrcoef(low.flatten().numpy(), full.flatten().numpy())[0, 1]),
-                            "top10_harmful_overlap": float(np.mean(top))}
+        top = [
+            len(set(low[i].topk(10).indices.tolist()) & set(full[i].topk(10).indices.tolist())) / 10 for i in range(m)
+        ]
+        out["agreement"] = {
+            "rows": m,
+            "spearman_median": float(np.median(rhos)),
+            "spearman_min": min(rhos),
+            "pearson_all": float(np.corrcoef(low.flatten().numpy(), full.flatten().numpy())[0, 1]),
+            "top10_harmful_overlap": float(np.mean(top)),
+        }
     del scores
     grads = []
     for _ in range(2):  # the best of two passes: the first may pay for fresh pages
@@ -168,13 +190,14 @@ def worker(args: argparse.Namespace) -> None:
     out["t_grad"] = min(grads)
     out["score_space"] = space
     out["gradients"] = dict(inf.gradient_methods_)
-    vmapped = ik.GradientSource(inf.task, inf.params_, chunk=inf.chunks_.grad, method="vmap")  # the same pass through vmap(grad)
+    vmapped = ik.GradientSource(
+        inf.task, inf.params_, chunk=inf.chunks_.grad, method="vmap"
+    )  # the same pass through vmap(grad)
     start = time.perf_counter()
     for _lo, _G in vmapped.stream(inf.train_, side="train"):
         pass
     out["t_grad_vmap"] = time.perf_counter() - start
     Path(args.out).write_text(json.dumps(out))
-
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -188,23 +211,51 @@ def train_model(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     for _ in range(args.epochs):
         for idx in torch.randperm(len(y), generator=g).split(128):
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx]) + 0.5 * L2 * sum((p * p).sum() for p in model.parameters())
+            loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx]) + 0.5 * L2 * sum(
+                (p * p).sum() for p in model.parameters()
+            )
             loss.backward()
             opt.step()
     with torch.no_grad():
         acc = float((model(Xt).argmax(1) == yt).float().mean())
     torch.save(model.state_dict(), state)
-    return {"source": source, "n_params": sum(p.numel() for p in model.parameters()), "test_accuracy": acc,
-            "train_seconds": time.perf_counter() - start}
+    return {
+        "source": source,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "test_accuracy": acc,
+        "train_seconds": time.perf_counter() - start,
+    }
 
 
 def run(args: argparse.Namespace, solver: str, state: Path, plan: bool) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    cmd = [sys.executable, __file__, "--worker", solver, "--state", str(state), "--out", str(out),
-           "--n-train", str(args.n_train), "--n-test", str(args.n_test), "--rank", str(args.rank), "--examples", str(args.examples),
-           "--threads", str(args.threads), "--memory-budget", args.memory_budget, "--query-rank", str(args.query_rank),
-           "--compare", str(args.compare)] + (["--plan"] if plan else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        solver,
+        "--state",
+        str(state),
+        "--out",
+        str(out),
+        "--n-train",
+        str(args.n_train),
+        "--n-test",
+        str(args.n_test),
+        "--rank",
+        str(args.rank),
+        "--examples",
+        str(args.examples),
+        "--threads",
+        str(args.threads),
+        "--memory-budget",
+        args.memory_budget,
+        "--query-rank",
+        str(args.query_rank),
+        "--compare",
+        str(args.compare),
+    ] + (["--plan"] if plan else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
     except subprocess.TimeoutExpired:
@@ -220,14 +271,20 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=1_000)
     ap.add_argument("--solvers", default="ekfac,arnoldi")
     ap.add_argument("--rank", type=int, default=50)
-    ap.add_argument("--examples", type=int, default=0, help="arnoldi: Lanczos on a subsample of this many training points (0: all)")
+    ap.add_argument(
+        "--examples", type=int, default=0, help="arnoldi: Lanczos on a subsample of this many training points (0: all)"
+    )
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-budget", default="2GiB")
     ap.add_argument("--worker-timeout", type=int, default=660)
     ap.add_argument("--plan-only", action="store_true")
-    ap.add_argument("--query-rank", type=int, default=0, help="score with low-rank queries of this rank per layer (0: full rank)")
-    ap.add_argument("--compare", type=int, default=100, help="with --query-rank: test points also scored at full rank to compare")
+    ap.add_argument(
+        "--query-rank", type=int, default=0, help="score with low-rank queries of this rank per layer (0: full rank)"
+    )
+    ap.add_argument(
+        "--compare", type=int, default=100, help="with --query-rank: test points also scored at full rank to compare"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--state", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -239,15 +296,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp) / "cnn.pt"
         info = train_model(args, state)
-        print(f"data: {info['source']}; {args.n_train:,} train × {args.n_test:,} test; CNN {info['n_params']:,} parameters, "
-              f"float32, {args.epochs} Adam epochs in {info['train_seconds']:.0f} s, test accuracy {info['test_accuracy']:.3f}; "
-              f"l2={L2:g}, damping={DAMPING:g}, {args.threads} threads, memory_budget={args.memory_budget}", flush=True)
+        print(
+            f"data: {info['source']}; {args.n_train:,} train × {args.n_test:,} test; CNN {info['n_params']:,} "
+            "parameters, "
+            f"float32, {args.epochs} Adam epochs in {info['train_seconds']:.0f} s, test accuracy "
+            f"{info['test_accuracy']:.3f}; "
+            f"l2={L2:g}, damping={DAMPING:g}, {args.threads} threads, memory_budget={args.memory_budget}",
+            flush=True,
+        )
         for solver in args.solvers.split(","):
             p = run(args, solver, state, plan=True)
             if "error" in p:
                 print(f"{solver} plan failed: {p['error']}", flush=True)
             else:
-                print(f"\n{solver}: planner ({p['plan_seconds']:.1f} s, peak {p['peak_gb']:.2f} GB)\n{p['plan']}", flush=True)
+                print(
+                    f"\n{solver}: planner ({p['plan_seconds']:.1f} s, peak {p['peak_gb']:.2f} GB)\n{p['plan']}",
+                    flush=True,
+                )
             if args.plan_only:
                 continue
             r = run(args, solver, state, plan=False)
@@ -255,18 +320,28 @@ def main() -> None:
                 print(f"{solver}: {r['error']}", flush=True)
                 continue
             ratio = (r["t_fit"] + r["t_score"]) / r["t_grad"]
-            line = (f"{solver} {r['options']}: t_grad {r['t_grad']:.1f} s, t_fit {r['t_fit']:.1f} s ({r['t_fit'] / r['t_grad']:.2f}×), "
-                    f"t_score {r['t_score']:.1f} s ({r['t_score'] / r['t_grad']:.2f}×), (fit + score) / grad = {ratio:.2f} "
-                    f"[target < 3: {'met' if ratio < 3 else 'NOT met'}], peak RSS {r['peak_gb']:.2f} GB (base {r['base_gb']:.2f}) "
-                    f"[target < 4 GB: {'met' if r['peak_gb'] < 4 else 'NOT met'}], chunks {r['chunks']}")
-            line += (f"\n  per-example gradients: {r['gradients']}; the same pass through vmap(grad): {r['t_grad_vmap']:.1f} s "
-                     f"({r['t_grad_vmap'] / r['t_grad']:.2f}× t_grad); scored in: {r['score_space']}")
+            line = (
+                f"{solver} {r['options']}: t_grad {r['t_grad']:.1f} s, t_fit {r['t_fit']:.1f} s "
+                f"({r['t_fit'] / r['t_grad']:.2f}×), "
+                f"t_score {r['t_score']:.1f} s ({r['t_score'] / r['t_grad']:.2f}×), (fit + score) / grad = {ratio:.2f} "
+                f"[target < 3: {'met' if ratio < 3 else 'NOT met'}], peak RSS {r['peak_gb']:.2f} GB (base "
+                f"{r['base_gb']:.2f}) "
+                f"[target < 4 GB: {'met' if r['peak_gb'] < 4 else 'NOT met'}], chunks {r['chunks']}"
+            )
+            line += (
+                f"\n  per-example gradients: {r['gradients']}; the same pass through vmap(grad): "
+                f"{r['t_grad_vmap']:.1f} s "
+                f"({r['t_grad_vmap'] / r['t_grad']:.2f}× t_grad); scored in: {r['score_space']}"
+            )
             if "agreement" in r:
                 a = r["agreement"]
-                line += (f"\n  query rank {args.query_rank}: {r['layers']}; against full rank on {a['rows']} test points "
-                         f"(scored in {r['t_full_rows']:.1f} s, not in t_score): Spearman median {a['spearman_median']:.4f}, "
-                         f"min {a['spearman_min']:.4f} [target ≥ 0.95], Pearson {a['pearson_all']:.4f}, "
-                         f"top-10 harmful overlap {a['top10_harmful_overlap']:.3f}")
+                line += (
+                    f"\n  query rank {args.query_rank}: {r['layers']}; against full rank on {a['rows']} test points "
+                    f"(scored in {r['t_full_rows']:.1f} s, not in t_score): Spearman median "
+                    f"{a['spearman_median']:.4f}, "
+                    f"min {a['spearman_min']:.4f} [target ≥ 0.95], Pearson {a['pearson_all']:.4f}, "
+                    f"top-10 harmful overlap {a['top10_harmful_overlap']:.3f}"
+                )
             print(line, flush=True)
 
 

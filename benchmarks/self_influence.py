@@ -58,8 +58,10 @@ def main() -> None:
     for _ in grads.stream(inf.train_, side="train"):
         pass
     grad_pass = time.perf_counter() - start
-    print(f"{source}; {args.n_train:,} images, EK-FAC fit {fit:.1f} s, one gradient pass {grad_pass:.1f} s "
-          f"({grads.methods['train']}), gradient chunk {grads.chunk}")
+    print(
+        f"{source}; {args.n_train:,} images, EK-FAC fit {fit:.1f} s, one gradient pass {grad_pass:.1f} s "
+        f"({grads.methods['train']}), gradient chunk {grads.chunk}"
+    )
 
     start = time.perf_counter()
     taps = inf.self_influence()

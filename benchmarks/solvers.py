@@ -124,7 +124,12 @@ def worker(args: argparse.Namespace) -> None:
     task = ik.ClassificationTask(model, l2=L2)
     options = json.loads(args.options)
     base, base_peak = current_rss_mib(), rss_mib()
-    result: dict[str, Any] = {"problem": args.problem, "solver": args.solver, "options": options, "damping": DAMPING[args.problem]}
+    result: dict[str, Any] = {
+        "problem": args.problem,
+        "solver": args.solver,
+        "options": options,
+        "damping": DAMPING[args.problem],
+    }
     load_before = os.getloadavg()[0]
 
     def grad_pass_times(repeats: int) -> list[float]:
@@ -149,14 +154,26 @@ def worker(args: argparse.Namespace) -> None:
     peak = rss_mib()
     reports = scores.metadata.get("solve_reports", [])
     result.update(
-        t_fit=t_fit, t_score=t_score, t_grad=min(grad_times), t_grad_all=grad_times,
-        rss_base_mib=base, rss_base_peak_mib=base_peak, rss_peak_mib=peak, n_params=inf.n_params, grad_norm=inf.grad_norm_,
+        t_fit=t_fit,
+        t_score=t_score,
+        t_grad=min(grad_times),
+        t_grad_all=grad_times,
+        rss_base_mib=base,
+        rss_base_peak_mib=base_peak,
+        rss_peak_mib=peak,
+        n_params=inf.n_params,
+        grad_norm=inf.grad_norm_,
         chunks=vars(inf.chunks_) if hasattr(inf.chunks_, "__dict__") else str(inf.chunks_),
-        solver_describe=inf.solver_.describe(), solve_reports=reports,
-        solver_fitted={k: getattr(inf.solver_, k) for k in ("scale_", "lambda_min_", "lambda_max_") if hasattr(inf.solver_, k)},
+        solver_describe=inf.solver_.describe(),
+        solve_reports=reports,
+        solver_fitted={
+            k: getattr(inf.solver_, k) for k in ("scale_", "lambda_min_", "lambda_max_") if hasattr(inf.solver_, k)
+        },
         hvps=getattr(inf.operator_, "hvp_count", None),
         warnings=group_warnings(caught),
-        threads=torch.get_num_threads(), load_before=load_before, load_after=os.getloadavg()[0],
+        threads=torch.get_num_threads(),
+        load_before=load_before,
+        load_after=os.getloadavg()[0],
     )
     np.save(args.out + ".npy", scores.values.numpy() if hasattr(scores, "values") else np.asarray(scores))
     Path(args.out + ".json").write_text(json.dumps(result, default=str))
@@ -172,10 +189,25 @@ def group_warnings(caught: list[warnings.WarningMessage]) -> list[dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------ parent
-def run_worker(problem: str, solver: str, options: dict[str, Any], state: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_worker(
+    problem: str, solver: str, options: dict[str, Any], state: Path, out: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", "--problem", problem, "--solver", solver,
-        "--options", json.dumps(options), "--state", str(state), "--out", str(out), "--hidden", str(args.hidden),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--problem",
+        problem,
+        "--solver",
+        solver,
+        "--options",
+        json.dumps(options),
+        "--state",
+        str(state),
+        "--out",
+        str(out),
+        "--hidden",
+        str(args.hidden),
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -183,7 +215,12 @@ def run_worker(problem: str, solver: str, options: dict[str, Any], state: Path, 
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout)
     except subprocess.TimeoutExpired:
-        return {"problem": problem, "solver": solver, "options": options, "error": f"timed out after {args.worker_timeout:.0f} s"}
+        return {
+            "problem": problem,
+            "solver": solver,
+            "options": options,
+            "error": f"timed out after {args.worker_timeout:.0f} s",
+        }
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
@@ -223,7 +260,9 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     unit = reference_grad(results)
     for r in results:
         if "error" in r:
-            rows.append([r["problem"], label(r["solver"], r["options"])] + ["—"] * (len(HEADER) - 3) + [f"FAILED: {r['error']}"])
+            rows.append(
+                [r["problem"], label(r["solver"], r["options"])] + ["—"] * (len(HEADER) - 3) + [f"FAILED: {r['error']}"]
+            )
             continue
         g = unit[r["problem"]]
         reports = r["solve_reports"]
@@ -234,18 +273,41 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
             resid = max(rep["relative_residual"] for rep in reports)
             ok = all(rep["converged"] for rep in reports)
             note = f"{iters} iters, resid {resid:.1e}{'' if ok else ', NOT converged'}"
-        rows.append([
-            r["problem"], label(r["solver"], r["options"]), f"{r['t_grad'] * 1e3:.0f}",
-            f"{r['t_fit']:.2f}", f"{r['t_fit'] / g:.0f}", f"{r['t_score']:.2f}", f"{solve_s:.2f}", f"{r['t_score'] / g:.1f}",
-            f"{(r['t_fit'] + r['t_score']) / g:.0f}",
-            f"{r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_base_mib']:.0f})",
-            fmt(r.get("rel_err"), ".1e"), fmt(r.get("pearson"), ".6f"), note,
-        ])
+        rows.append(
+            [
+                r["problem"],
+                label(r["solver"], r["options"]),
+                f"{r['t_grad'] * 1e3:.0f}",
+                f"{r['t_fit']:.2f}",
+                f"{r['t_fit'] / g:.0f}",
+                f"{r['t_score']:.2f}",
+                f"{solve_s:.2f}",
+                f"{r['t_score'] / g:.1f}",
+                f"{(r['t_fit'] + r['t_score']) / g:.0f}",
+                f"{r['rss_peak_mib']:.0f} (+{r['rss_peak_mib'] - r['rss_base_mib']:.0f})",
+                fmt(r.get("rel_err"), ".1e"),
+                fmt(r.get("pearson"), ".6f"),
+                note,
+            ]
+        )
     return rows
 
 
-HEADER = ["problem", "solver", "own grad pass ms", "fit s", "fit /grad", "score s", "of which solve s", "score /grad",
-          "fit+score /grad", "peak RSS MiB (+ over base)", "rel. err vs exact", "Pearson r vs exact", "solve report"]
+HEADER = [
+    "problem",
+    "solver",
+    "own grad pass ms",
+    "fit s",
+    "fit /grad",
+    "score s",
+    "of which solve s",
+    "score /grad",
+    "fit+score /grad",
+    "peak RSS MiB (+ over base)",
+    "rel. err vs exact",
+    "Pearson r vs exact",
+    "solve report",
+]
 
 
 def text_table(rows: list[list[str]]) -> str:
@@ -271,8 +333,10 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
             continue
         ratio = ex["t_score"] / unit[problem]
         lines.append(
-            f"{problem}: exact scores in {ratio:.1f} gradient passes once fitted (target <= 3): {'MET' if ratio <= 3 else 'NOT MET'} "
-            f"({ex['t_score']:.3f} s; reference pass {unit[problem] * 1e3:.0f} ms; {ex['t_score'] / ex['t_grad']:.1f} of the exact worker's own pass)"
+            f"{problem}: exact scores in {ratio:.1f} gradient passes once fitted (target <= 3): "
+            f"{'MET' if ratio <= 3 else 'NOT MET'} "
+            f"({ex['t_score']:.3f} s; reference pass {unit[problem] * 1e3:.0f} ms; {ex['t_score'] / ex['t_grad']:.1f} "
+            "of the exact worker's own pass)"
         )
         ex_total = ex["t_fit"] + ex["t_score"]
         for r in results:
@@ -284,11 +348,17 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
                 continue
             x = (r["t_fit"] + r["t_score"]) / ex_total
             acc = f"rel. err {r['rel_err']:.1e} vs exact" if r.get("rel_err") is not None else ""
-            lines.append(f"{problem}: {solver} fit+score = {x:.2f}x exact's fit+score (target <= 10x): {'MET' if x <= 10 else 'NOT MET'} ({acc})")
+            lines.append(
+                f"{problem}: {solver} fit+score = {x:.2f}x exact's fit+score (target <= 10x): "
+                f"{'MET' if x <= 10 else 'NOT MET'} ({acc})"
+            )
     for r in results:
         for w in r.get("warnings", []):
             if w["category"] in ("ConvergenceWarning", "CurvatureWarning", "StationarityWarning"):
-                lines.append(f"note: a {w['category']} fired in {r['problem']}/{label(r['solver'], r['options'])} (see the warnings below)")
+                lines.append(
+                    f"note: a {w['category']} fired in {r['problem']}/{label(r['solver'], r['options'])} (see the "
+                    "warnings below)"
+                )
     return lines
 
 
@@ -297,7 +367,8 @@ def settings_lines(results: list[dict[str, Any]], train_info: dict[str, Any], ar
     for problem, info in train_info.items():
         lines.append(
             f"{problem}: {info['n_params']} params, trained with {info['trainer']} in {info['seconds']:.1f} s "
-            f"({info['iterations']} iterations), ||grad R|| = {info['grad_norm']:.2e} (converged={info['converged']}), train acc {info['train_acc']:.4f}, "
+            f"({info['iterations']} iterations), ||grad R|| = {info['grad_norm']:.2e} (converged={info['converged']}), "
+            f"train acc {info['train_acc']:.4f}, "
             f"test acc {info['test_acc']:.4f}, influence damping {DAMPING[problem]:g}"
         )
     for r in results:
@@ -306,9 +377,11 @@ def settings_lines(results: list[dict[str, Any]], train_info: dict[str, Any], ar
         rep = r["solve_reports"][0] if r["solve_reports"] else {}
         extra = ", ".join(f"{k}={v:.4g}" for k, v in r.get("solver_fitted", {}).items())
         lines.append(
-            f"{r['problem']}/{label(r['solver'], r['options'])}: solver settings {r['solver_describe']}; {extra + '; ' if extra else ''}"
+            f"{r['problem']}/{label(r['solver'], r['options'])}: solver settings {r['solver_describe']}; "
+            f"{extra + '; ' if extra else ''}"
             f"solve: {rep.get('iterations')} iterations, {rep.get('hvps', 0):.0f} full-data HVPs, residual "
-            f"{rep.get('relative_residual', float('nan')):.2e}, converged={rep.get('converged')}, solve {rep.get('seconds', float('nan')):.2f} s; "
+            f"{rep.get('relative_residual', float('nan')):.2e}, converged={rep.get('converged')}, solve "
+            f"{rep.get('seconds', float('nan')):.2f} s; "
             f"grad passes {', '.join(f'{t * 1e3:.0f}' for t in r['t_grad_all'])} ms; torch threads {r['threads']}; "
             f"1-min load average {r['load_before']:.2f} before, {r['load_after']:.2f} after"
         )
@@ -345,9 +418,16 @@ def source_line() -> str:
 
     root = Path(influencekit.__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=root, capture_output=True, timeout=10).returncode
-        return f"influencekit {influencekit.__version__} from {root} at commit {head}{' with uncommitted changes in src/' if dirty else ''}"
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=root, capture_output=True, timeout=10
+        ).returncode
+        return (
+            f"influencekit {influencekit.__version__} from {root} at commit "
+            f"{head}{' with uncommitted changes in src/' if dirty else ''}"
+        )
     except (OSError, subprocess.SubprocessError):
         return f"influencekit {influencekit.__version__} from {root}"
 
@@ -365,22 +445,40 @@ def write_markdown(path: Path, body: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problems", default=",".join(PROBLEMS), help="comma-separated: logreg,mlp")
     parser.add_argument("--solvers", default=",".join(SOLVERS), help="comma-separated: exact,cg,lissa,arnoldi")
     parser.add_argument("--hidden", type=int, default=128, help="MLP hidden units (128: 9,610 parameters)")
     parser.add_argument("--mlp-max-iter", type=int, default=3000, help="ik.fit_lbfgs max_iter for the MLP")
     parser.add_argument("--mlp-tol", type=float, default=1e-6, help="ik.fit_lbfgs tol (on ||grad R||) for the MLP")
-    parser.add_argument("--cg-options", action="append", metavar="JSON",
-                        help="solver_options for cg; repeat for several cg rows (default: one row with the defaults)")
-    parser.add_argument("--lissa-options", action="append", metavar="JSON",
-                        help="solver_options for lissa, e.g. '{\"depth\": 100}'; repeat for several lissa rows "
-                             "(default: one row with the defaults)")
-    parser.add_argument("--arnoldi-options", action="append", metavar="JSON",
-                        help="solver_options for arnoldi, e.g. '{\"rank\": 100, \"remainder\": \"damped\"}'; repeat for several "
-                             "arnoldi rows (default: one row with the defaults)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: stable on a shared machine; 0: torch's default)")
+    parser.add_argument(
+        "--cg-options",
+        action="append",
+        metavar="JSON",
+        help="solver_options for cg; repeat for several cg rows (default: one row with the defaults)",
+    )
+    parser.add_argument(
+        "--lissa-options",
+        action="append",
+        metavar="JSON",
+        help="solver_options for lissa, e.g. '{\"depth\": 100}'; repeat for several lissa rows "
+        "(default: one row with the defaults)",
+    )
+    parser.add_argument(
+        "--arnoldi-options",
+        action="append",
+        metavar="JSON",
+        help='solver_options for arnoldi, e.g. \'{"rank": 100, "remainder": "damped"}\'; repeat for several '
+        "arnoldi rows (default: one row with the defaults)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: stable on a shared machine; 0: torch's default)",
+    )
     parser.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
     parser.add_argument("--write", metavar="PATH", help="write the tables in markdown into PATH")
     parser.add_argument("--json", metavar="PATH", help="also save the raw measurements as JSON")
@@ -406,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown solver {s!r}; choose from {SOLVERS}")
     configs: list[tuple[str, dict[str, Any]]] = []
     for solver in solvers:
-        given = {"cg": args.cg_options, "lissa": args.lissa_options, "arnoldi": args.arnoldi_options}.get(solver) or ["{}"]
+        given = {"cg": args.cg_options, "lissa": args.lissa_options, "arnoldi": args.arnoldi_options}.get(solver) or [
+            "{}"
+        ]
         configs += [(solver, json.loads(text)) for text in given]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -434,13 +534,24 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("always")
                 kwargs = {} if problem == "logreg" else {"max_iter": args.mlp_max_iter, "tol": args.mlp_tol}
                 rep = ik.fit_lbfgs(task, (X, y), **kwargs)
-                info = {"trainer": f"ik.fit_lbfgs({', '.join(f'{k}={v:g}' for k, v in kwargs.items()) or 'defaults'})",
-                        "iterations": rep.iterations, "grad_norm": rep.grad_norm, "converged": rep.converged}
+                info = {
+                    "trainer": f"ik.fit_lbfgs({', '.join(f'{k}={v:g}' for k, v in kwargs.items()) or 'defaults'})",
+                    "iterations": rep.iterations,
+                    "grad_norm": rep.grad_norm,
+                    "converged": rep.converged,
+                }
             info["warnings"] = group_warnings(caught)
             for w in info["warnings"]:
-                print(f"note: training {problem} raised {w['category']} (x{w['count']}) from {w['origin']}: {w['message']}")
-            info.update(seconds=time.perf_counter() - t0, n_params=sum(p.numel() for p in model.parameters()),
-                        train_acc=accuracy(model, X, y), test_acc=accuracy(model, Xt, yt))
+                print(
+                    f"note: training {problem} raised {w['category']} (x{w['count']}) from {w['origin']}: "
+                    f"{w['message']}"
+                )
+            info.update(
+                seconds=time.perf_counter() - t0,
+                n_params=sum(p.numel() for p in model.parameters()),
+                train_acc=accuracy(model, X, y),
+                test_acc=accuracy(model, Xt, yt),
+            )
             train_info[problem] = info
             print(f"trained {problem}: {info}", flush=True)
             state = Path(tmp) / f"{problem}.pt"
@@ -456,8 +567,11 @@ def main(argv: list[str] | None = None) -> int:
                         ref = S
                     if ref is not None:
                         r["rel_err"], r["pearson"] = agreement(S, ref)
-                    print(f"  fit {r['t_fit']:.2f} s, score {r['t_score']:.2f} s, grad pass {r['t_grad'] * 1e3:.0f} ms, "
-                          f"peak RSS {r['rss_peak_mib']:.0f} MiB, worker wall {r['wall']:.1f} s", flush=True)
+                    print(
+                        f"  fit {r['t_fit']:.2f} s, score {r['t_score']:.2f} s, grad pass {r['t_grad'] * 1e3:.0f} ms, "
+                        f"peak RSS {r['rss_peak_mib']:.0f} MiB, worker wall {r['wall']:.1f} s",
+                        flush=True,
+                    )
                 else:
                     print(f"  {r['error']}", flush=True)
                 results.append(r)
@@ -486,39 +600,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in load_end)}; total {total:.0f} s")
 
     if args.json:
-        Path(args.json).write_text(json.dumps({"train": train_info, "results": results, "total_s": total}, indent=1, default=str))
+        Path(args.json).write_text(
+            json.dumps({"train": train_info, "results": results, "total_s": total}, indent=1, default=str)
+        )
         print(f"wrote {args.json}")
     if args.write:
-        body = "\n".join([
-            f"Command: `python benchmarks/solvers.py {shlex.join(sys.argv[1:])}`",
-            "",
-            f"Machine: {machine_line(args.threads)}; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end; "
-            f"total run time {total:.0f} s.",
-            "",
-            f"Source: {source_line()}.",
-            "",
-            "Times are wall-clock seconds, and multiples (`/grad`) of one per-example-gradient pass over the 1,200 training "
-            "points. Each worker times `list(inf.gradients_.stream(inf.train_, side='train'))` 10 times (5 after `fit`, 5 after "
-            "`scores`) and keeps the fastest (`own grad pass`); the unit of the `/grad` columns is the fastest of these "
-            f"over the problem's workers ({', '.join(f'{k}: {v * 1e3:.0f} ms' for k, v in reference_grad(results).items())}). "
-            "Peak RSS is the worker process's high-water mark (`VmHWM` from /proc; `ru_maxrss` would report the parent's "
-            "peak, inherited through fork + exec); `+` is how far it rose above the resident memory "
-            "just before `fit` (after imports, data and model).",
-            "",
-            md_table(rows),
-            "",
-            "Targets:",
-            "",
-            *(f"- {line}" for line in target_lines),
-            "",
-            "Settings and solve reports:",
-            "",
-            *(f"- {line}" for line in settings),
-            "",
-            "Warnings raised during training, fit and score (recorded, not silenced):" if warns else "No warnings were raised.",
-            "",
-            *(f"- {line}" for line in warns),
-        ])
+        body = "\n".join(
+            [
+                f"Command: `python benchmarks/solvers.py {shlex.join(sys.argv[1:])}`",
+                "",
+                f"Machine: {machine_line(args.threads)}; load average {load_start[0]:.2f} at start, {load_end[0]:.2f} "
+                "at end; "
+                f"total run time {total:.0f} s.",
+                "",
+                f"Source: {source_line()}.",
+                "",
+                "Times are wall-clock seconds, and multiples (`/grad`) of one per-example-gradient pass over the 1,200 "
+                "training "
+                "points. Each worker times `list(inf.gradients_.stream(inf.train_, side='train'))` 10 times (5 after "
+                "`fit`, 5 after "
+                "`scores`) and keeps the fastest (`own grad pass`); the unit of the `/grad` columns is the fastest of "
+                "these "
+                "over the problem's workers "
+                f"({', '.join(f'{k}: {v * 1e3:.0f} ms' for k, v in reference_grad(results).items())}). "
+                "Peak RSS is the worker process's high-water mark (`VmHWM` from /proc; `ru_maxrss` would report the "
+                "parent's "
+                "peak, inherited through fork + exec); `+` is how far it rose above the resident memory "
+                "just before `fit` (after imports, data and model).",
+                "",
+                md_table(rows),
+                "",
+                "Targets:",
+                "",
+                *(f"- {line}" for line in target_lines),
+                "",
+                "Settings and solve reports:",
+                "",
+                *(f"- {line}" for line in settings),
+                "",
+                "Warnings raised during training, fit and score (recorded, not silenced):"
+                if warns
+                else "No warnings were raised.",
+                "",
+                *(f"- {line}" for line in warns),
+            ]
+        )
         write_markdown(Path(args.write), body)
         print(f"wrote {args.write}")
     return 0

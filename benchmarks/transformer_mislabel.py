@@ -40,7 +40,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     ft = fine_tuned_minilm(ENRON, args.cache, Recipe(flip=args.flip), progress=True)
-    print(f"fine-tuned (or loaded) in {time.perf_counter() - t0:.0f} s; test accuracy {ft.test_accuracy:.3f}; {len(ft.flipped)} flipped labels", flush=True)
+    print(
+        f"fine-tuned (or loaded) in {time.perf_counter() - t0:.0f} s; test accuracy {ft.test_accuracy:.3f}; "
+        f"{len(ft.flipped)} flipped labels",
+        flush=True,
+    )
     result = detect_flipped(ft, MODULES["pooled"]["block5"], damping=args.damping, progress=True)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result, indent=1))

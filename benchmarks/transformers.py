@@ -84,7 +84,8 @@ rss_mib, current_rss_mib = _solvers.rss_mib, _solvers.current_rss_mib
 
 
 def load(args: argparse.Namespace):
-    """The model and its data: MiniLM fine-tuned on Enron1 e-mails, or for ``causal`` the GPT-2 trained on their text."""
+    """The model and its data: MiniLM fine-tuned on Enron1 e-mails, or for ``causal`` the GPT-2 trained on their
+    text."""
     from influencekit.experiments.minilm import Recipe, fine_tuned_minilm
 
     if args.case == "causal":
@@ -118,12 +119,16 @@ def queries(ft, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
 
 def describe(ft, args: argparse.Namespace) -> str:
     if args.case == "causal":
-        return (f"GPT-2 ({sum(p.numel() for p in ft.model.parameters()):,} parameters) trained on {len(ft.train)} Enron1 "
-                f"text sequences of {ft.recipe.length} tokens: held-out loss {ft.test_loss:.3f} nats/token; case causal: "
-                f"{len(tracked_modules(args))} modules; {len(queries(ft, args))} continuation tokens of {len(ft.test)} "
-                f"held-out sequences x {len(ft.train)} train")
-    return (f"MiniLM ({args.model}) fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; "
-            f"case {args.case}: {len(tracked_modules(args))} modules; {len(ft.test)} test x {len(ft.train)} train")
+        return (
+            f"GPT-2 ({sum(p.numel() for p in ft.model.parameters()):,} parameters) trained on {len(ft.train)} Enron1 "
+            f"text sequences of {ft.recipe.length} tokens: held-out loss {ft.test_loss:.3f} nats/token; case causal: "
+            f"{len(tracked_modules(args))} modules; {len(queries(ft, args))} continuation tokens of {len(ft.test)} "
+            f"held-out sequences x {len(ft.train)} train"
+        )
+    return (
+        f"MiniLM ({args.model}) fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; "
+        f"case {args.case}: {len(tracked_modules(args))} modules; {len(ft.test)} test x {len(ft.train)} train"
+    )
 
 
 def configurations(args: argparse.Namespace) -> dict[str, str]:
@@ -132,19 +137,28 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
         from influencekit.experiments.enron_lm import LMRecipe
 
         return {
-            "ours": f"EK-FAC, ik.hf.CausalLMTask (sum over tokens), fisher='sampled' (a label drawn per token), damping "
-                    f"{args.damping:g}, batch_size {args.batch_size}, memory_budget {args.memory_budget}, "
-                    "stationarity_tol=None, queries ik.hf.per_token; float32 model and rotations, float64 factors",
-            "kronfluence": f"EK-FAC, damping_factor {args.damping:g}, factor and train batch {args.batch_size}, query batch "
-                           f"{args.n_test * (LMRecipe().length - LMRecipe().prompt)} (every query row at once); Conv1D as nn.Linear (its GPT-2 example); "
-                           "summed token cross-entropy, sampled labels for the factors; float32 throughout",
+            "ours": "EK-FAC, ik.hf.CausalLMTask (sum over tokens), fisher='sampled' (a label drawn per token), "
+            "damping "
+            f"{args.damping:g}, batch_size {args.batch_size}, memory_budget {args.memory_budget}, "
+            "stationarity_tol=None, queries ik.hf.per_token; float32 model and rotations, float64 factors",
+            "kronfluence": f"EK-FAC, damping_factor {args.damping:g}, factor and train batch {args.batch_size}, "
+            "query batch "
+            f"{args.n_test * (LMRecipe().length - LMRecipe().prompt)} (every query row at once); Conv1D as nn.Linear "
+            "(its GPT-2 example); "
+            "summed token cross-entropy, sampled labels for the factors; float32 throughout",
         }
-    cache = "ik.hf.cache_prefix (frozen blocks 0-4 run once)" if args.case == "block5" else "no prefix cache (every block selected)"
+    cache = (
+        "ik.hf.cache_prefix (frozen blocks 0-4 run once)"
+        if args.case == "block5"
+        else "no prefix cache (every block selected)"
+    )
     return {
-        "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget {args.memory_budget}, "
-                f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factors",
-        "kronfluence": f"EK-FAC (FactorArguments(strategy='ekfac')), damping_factor {args.damping:g}, factor and train batch "
-                       f"{args.batch_size}, query batch {args.n_test} (all test e-mails at once); float32 throughout",
+        "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget "
+        f"{args.memory_budget}, "
+        f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factors",
+        "kronfluence": f"EK-FAC (FactorArguments(strategy='ekfac')), damping_factor {args.damping:g}, factor "
+        "and train batch "
+        f"{args.batch_size}, query batch {args.n_test} (all test e-mails at once); float32 throughout",
     }
 
 
@@ -163,8 +177,16 @@ def ours(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any])
     # a fine-tuned network is never at a minimum: no stationarity check (its gradient pass would tell nothing new)
     # fisher="sampled": one label drawn per example, Kronfluence's estimator (our default "auto" would take the exact
     # expectation over the 2 classes, at one more backward pass per chunk)
-    inf = ik.Influence(task, train, solver="ekfac", damping=args.damping, batch_size=args.batch_size, stationarity_tol=None,
-                       memory_budget=args.memory_budget, solver_options={"fisher": "sampled"})
+    inf = ik.Influence(
+        task,
+        train,
+        solver="ekfac",
+        damping=args.damping,
+        batch_size=args.batch_size,
+        stationarity_tol=None,
+        memory_budget=args.memory_budget,
+        solver_options={"fisher": "sampled"},
+    )
     if args.worker == "plan":  # the planner's estimate, in a process of its own: its probe does not set the run's peak
         plan = inf.plan(len(test))
         info.update(planned_s=plan.seconds + info["t_cache"], planned_peak_mib=plan.peak_memory / 2**20, plan=str(plan))
@@ -189,7 +211,9 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
     import influencekit as ik
 
     def logits(model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
+        )
         return out if isinstance(out, torch.Tensor) else out.logits
 
     def next_token_logits(model, batch):
@@ -244,17 +268,31 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
     if args.case == "causal":
         linear_from_conv1d(ft.model)
     model = prepare_model(ft.model, task)
-    analyzer = Analyzer("minilm", model, task, cpu=True, disable_tqdm=True, output_dir=tempfile.mkdtemp(prefix="kronfluence-"))
+    analyzer = Analyzer(
+        "minilm", model, task, cpu=True, disable_tqdm=True, output_dir=tempfile.mkdtemp(prefix="kronfluence-")
+    )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=ik.hf.pad_collate))
     t0 = time.perf_counter()
-    analyzer.fit_all_factors("ekfac", Items(ft.train), per_device_batch_size=args.batch_size, factor_args=FactorArguments(strategy="ekfac"),
-                             overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        "ekfac",
+        Items(ft.train),
+        per_device_batch_size=args.batch_size,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
     info["t_fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     test = queries(ft, args)
-    analyzer.compute_pairwise_scores("s", "ekfac", Items(test), Items(ft.train), per_device_query_batch_size=len(test),
-                                     per_device_train_batch_size=args.batch_size, score_args=ScoreArguments(damping_factor=args.damping),
-                                     overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores(
+        "s",
+        "ekfac",
+        Items(test),
+        Items(ft.train),
+        per_device_query_batch_size=len(test),
+        per_device_train_batch_size=args.batch_size,
+        score_args=ScoreArguments(damping_factor=args.damping),
+        overwrite_output_dir=True,
+    )
     S = analyzer.load_pairwise_scores("s")["all_modules"].float().numpy()
     info["t_score"] = time.perf_counter() - t0
     return -S  # Kronfluence: positive = helpful; ours: I_up,loss, negative = helpful
@@ -262,7 +300,8 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
 
 @torch.no_grad()
 def linear_from_conv1d(model: torch.nn.Module) -> None:
-    """transformers' Conv1D layers (GPT-2) replaced in place by the equal nn.Linear, as Kronfluence's GPT-2 example does."""
+    """transformers' Conv1D layers (GPT-2) replaced in place by the equal nn.Linear, as Kronfluence's GPT-2 example
+    does."""
     for name, child in model.named_children():
         if type(child).__name__ == "Conv1D":
             linear = torch.nn.Linear(*child.weight.shape)
@@ -285,10 +324,32 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any]:
     python = str(BENCH_PYTHON) if system == "kronfluence" else sys.executable
-    cmd = [python, os.path.abspath(__file__), "--worker", system, "--case", args.case, "--model", args.model, "--out", out,
-           "--threads", str(args.threads),
-           "--damping", str(args.damping), "--batch-size", str(args.batch_size), "--n-train", str(args.n_train),
-           "--n-test", str(args.n_test), "--cache", str(args.cache), "--memory-budget", args.memory_budget]
+    cmd = [
+        python,
+        os.path.abspath(__file__),
+        "--worker",
+        system,
+        "--case",
+        args.case,
+        "--model",
+        args.model,
+        "--out",
+        out,
+        "--threads",
+        str(args.threads),
+        "--damping",
+        str(args.damping),
+        "--batch-size",
+        str(args.batch_size),
+        "--n-train",
+        str(args.n_train),
+        "--n-test",
+        str(args.n_test),
+        "--cache",
+        str(args.cache),
+        "--memory-budget",
+        args.memory_budget,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -314,11 +375,15 @@ def main() -> None:
     p.add_argument("--n-test", type=int, help="test e-mails (default: 200 for block5, 50 for all)")
     p.add_argument("--damping", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--memory-budget", default="2GiB", help="ours: Influence(memory_budget=); the query blocks follow it")
+    p.add_argument(
+        "--memory-budget", default="2GiB", help="ours: Influence(memory_budget=); the query blocks follow it"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmarks")
     p.add_argument("--systems", default="ours,kronfluence")
-    p.add_argument("--reuse", default="", help="systems whose stored result of an earlier run (in --cache) is read, not rerun")
+    p.add_argument(
+        "--reuse", default="", help="systems whose stored result of an earlier run (in --cache) is read, not rerun"
+    )
     p.add_argument("--worker", choices=["ours", "kronfluence", "plan"])
     p.add_argument("--out")
     args = p.parse_args()
@@ -339,9 +404,12 @@ def main() -> None:
     del ft
     results = {}
     reuse = set(filter(None, args.reuse.split(",")))
-    key = f"{args.model}-{args.case}-{args.n_train}-{args.n_test}-{args.damping:g}-{args.batch_size}-{args.threads}-{args.memory_budget}"
+    settings = (args.model, args.case, args.n_train, args.n_test, f"{args.damping:g}", args.batch_size, args.threads)
+    key = "-".join(map(str, (*settings, args.memory_budget)))
     with tempfile.TemporaryDirectory() as tmp:
-        plan = run_worker("plan", args, os.path.join(tmp, "plan")) if "ours" in systems and "ours" not in reuse else None
+        plan = (
+            run_worker("plan", args, os.path.join(tmp, "plan")) if "ours" in systems and "ours" not in reuse else None
+        )
         for system in systems:
             stored = args.cache / f"result-{key}-{system}"
             if system in reuse:
@@ -356,18 +424,29 @@ def main() -> None:
                 np.save(stored.with_name(stored.name + ".npy"), r["S"])
                 stored.with_name(stored.name + ".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
             results[system] = r
-            extra = (f", planned {plan['planned_s']:.0f} s and {plan['planned_peak_mib']:.0f} MiB (params {r['n_params']:,})"
-                     if system == "ours" and plan else "")
-            print(f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total {r['t_fit'] + r['t_score']:8.1f} s  "
-                  f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){extra}", flush=True)
+            extra = (
+                f", planned {plan['planned_s']:.0f} s and {plan['planned_peak_mib']:.0f} MiB (params {r['n_params']:,})"
+                if system == "ours" and plan
+                else ""
+            )
+            print(
+                f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total "
+                f"{r['t_fit'] + r['t_score']:8.1f} s  "
+                f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){extra}",
+                flush=True,
+            )
     if plan:
         print(plan["plan"])
     if len(results) == 2:
         a, b = results["ours"], results["kronfluence"]
         speed = (b["t_fit"] + b["t_score"]) / (a["t_fit"] + a["t_score"])
-        print(f"ours vs Kronfluence: fit + score {speed:.2f}x faster (fit {b['t_fit'] / a['t_fit']:.2f}x, score {b['t_score'] / a['t_score']:.2f}x); "
-              f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's; Pearson r {np.corrcoef(a['S'].ravel(), b['S'].ravel())[0, 1]:.4f}; "
-              f"top-10 harmful overlap {top_overlap(a['S'], b['S']):.3f}")
+        print(
+            f"ours vs Kronfluence: fit + score {speed:.2f}x faster (fit {b['t_fit'] / a['t_fit']:.2f}x, score "
+            f"{b['t_score'] / a['t_score']:.2f}x); "
+            f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's; Pearson r "
+            f"{np.corrcoef(a['S'].ravel(), b['S'].ravel())[0, 1]:.4f}; "
+            f"top-10 harmful overlap {top_overlap(a['S'], b['S']):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -69,10 +69,10 @@ class LogisticReference:
         H = np.zeros((C * D1, C * D1))
         for c in range(C):
             for d in range(c, C):
-                a = (P[:, c] * ((c == d) - P[:, d]))  # (n,)
+                a = P[:, c] * ((c == d) - P[:, d])  # (n,)
                 block = (Xa * a[:, None]).T @ Xa / len(Xa)
-                H[c * D1:(c + 1) * D1, d * D1:(d + 1) * D1] = block
-                H[d * D1:(d + 1) * D1, c * D1:(c + 1) * D1] = block.T
+                H[c * D1 : (c + 1) * D1, d * D1 : (d + 1) * D1] = block
+                H[d * D1 : (d + 1) * D1, c * D1 : (c + 1) * D1] = block.T
         return H + self.l2 * np.eye(C * D1)
 
     def scores(self, X_test: np.ndarray, y_test: np.ndarray, damping: float = 0.0) -> np.ndarray:
@@ -143,7 +143,8 @@ def small_mlp(d_in: int = 6, hidden: int = 5, d_out: int = 3, seed: int = 0) -> 
 
 
 def digits_mlp(train: tuple[torch.Tensor, torch.Tensor], hidden: int = 12) -> ik.ClassificationTask:
-    """A tanh MLP 64-hidden-10 (L2 1e-3) trained by L-BFGS on the digits ``train``: a non-convex model near a minimum."""
+    """A tanh MLP 64-hidden-10 (L2 1e-3) trained by L-BFGS on the digits ``train``: a non-convex model near a
+    minimum."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10)).double()
     task = ik.ClassificationTask(net, l2=1e-3)
@@ -156,9 +157,15 @@ def small_cnn_problem(n: int = 120, n_test: int = 16):
     (task, train, test)."""
     torch.manual_seed(0)
     X = torch.randn(n + n_test, 1, 6, 6, dtype=torch.float64)
-    y = ((X[:, 0, :3].mean((1, 2)) > 0).long() + (X[:, 0, 3:, :3].mean((1, 2)) > 0.2).long())
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
-                                torch.nn.Linear(144, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).double()
+    y = (X[:, 0, :3].mean((1, 2)) > 0).long() + (X[:, 0, 3:, :3].mean((1, 2)) > 0.2).long()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(144, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 3),
+    ).double()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(150):
         opt.zero_grad()
@@ -167,8 +174,9 @@ def small_cnn_problem(n: int = 120, n_test: int = 16):
     return ik.ClassificationTask(model, l2=1e-2), (X[:n], y[:n]), (X[n:], y[n:])
 
 
-def token_sequences(n: int, seed: int, vocab: int, *, labels: bool = True, lengths: tuple[int, int] = (4, 12)
-                    ) -> list[dict[str, torch.Tensor]]:
+def token_sequences(
+    n: int, seed: int, vocab: int, *, labels: bool = True, lengths: tuple[int, int] = (4, 12)
+) -> list[dict[str, torch.Tensor]]:
     """Tokenised examples of ``lengths[0]`` to ``lengths[1] - 1`` tokens (ids 1..vocab-1; 0 pads), with a 0-d label
     that is 1 when low ids outnumber high ones."""
     g = torch.Generator().manual_seed(seed)

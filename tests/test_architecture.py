@@ -22,17 +22,22 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["errors", "progress", "checks", "folders", "memory"]),
     ("data and model", ["autodiff", "data", "data.*", "distributed", "spectrum", "projection", "results", "task"]),
     ("structure", ["layers", "lowrank", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
-    ("operators and gradients", ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"]),
+    (
+        "operators and gradients",
+        ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"],
+    ),
     ("solvers", ["solvers", "solvers.*"]),
     ("engine parts", ["config", "persistence", "pairwise", "engine", "perturbation", "groups", "training", "planner"]),
     ("engine", ["scoring"]),
-    ("built on the engine", ["store", "index", "index_rows", "models", "models.*", "sklearn_interop", "validation", "validation.*"]),
+    (
+        "built on the engine",
+        ["store", "index", "index_rows", "models", "models.*", "sklearn_interop", "validation", "validation.*"],
+    ),
     ("applications", ["applications", "applications.*", "serve"]),
     ("experiments", ["experiments", "experiments.*"]),
     ("command line", ["cli"]),
     ("public API", [""]),
 ]
-
 
 
 def _modules() -> dict[str, Path]:
@@ -52,7 +57,9 @@ def _layer(module: str) -> int:
     for i, (_, patterns) in enumerate(LAYERS):
         if any(fnmatch.fnmatchcase(module, p) for p in patterns):
             return i
-    raise AssertionError(f"module {module!r} is in no layer of tests/test_architecture.py: add it (and to docs/ARCHITECTURE.md)")
+    raise AssertionError(
+        f"module {module!r} is in no layer of tests/test_architecture.py: add it (and to docs/ARCHITECTURE.md)"
+    )
 
 
 def _imports(module: str) -> list[tuple[str, list[str], int]]:
@@ -67,7 +74,7 @@ def _imports(module: str) -> list[tuple[str, list[str], int]]:
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".") if package else []
-                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
                 target = ".".join(base + ([node.module] if node.module else []))
             elif node.module and (node.module == "influencekit" or node.module.startswith("influencekit.")):
                 target = node.module.removeprefix("influencekit").lstrip(".")
@@ -95,8 +102,10 @@ def test_every_module_is_in_a_layer_and_imports_only_downwards():
             if target not in MODULES:
                 continue
             if _layer(target) > mine:
-                upward.append(f"{module or 'influencekit'} (layer {LAYERS[mine][0]!r}) imports {target} "
-                              f"(layer {LAYERS[_layer(target)][0]!r}) at line {line}")
+                upward.append(
+                    f"{module or 'influencekit'} (layer {LAYERS[mine][0]!r}) imports {target} "
+                    f"(layer {LAYERS[_layer(target)][0]!r}) at line {line}"
+                )
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
@@ -109,7 +118,7 @@ def test_there_are_no_import_circles():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -121,15 +130,34 @@ def test_there_are_no_import_circles():
 
 
 def test_no_module_imports_another_modules_private_names():
-    private = [f"{m or 'influencekit'} imports {n!r} from {t} (line {line})"
-               for m in sorted(MODULES) for t, names, line in _imports(m) for n in names
-               if n.startswith("_") and not n.startswith("__")]
+    private = [
+        f"{m or 'influencekit'} imports {n!r} from {t} (line {line})"
+        for m in sorted(MODULES)
+        for t, names, line in _imports(m)
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not private, "\n".join(private)
 
 
 # the fitted state of Influence: the modules built on the engine take a FittedEngine (influencekit.engine) instead
-ENGINE_FIELDS = {"train_", "params_", "layout_", "shard_", "progress_", "provenance_", "chunks_", "gradients_",
-                 "training_side_", "grad_norm_", "train_loss_", "operator_", "solver_", "solver_loaded_", "_engine"}
+ENGINE_FIELDS = {
+    "train_",
+    "params_",
+    "layout_",
+    "shard_",
+    "progress_",
+    "provenance_",
+    "chunks_",
+    "gradients_",
+    "training_side_",
+    "grad_norm_",
+    "train_loss_",
+    "operator_",
+    "solver_",
+    "solver_loaded_",
+    "_engine",
+}
 
 
 def influence_reads() -> list[str]:
@@ -140,8 +168,11 @@ def influence_reads() -> list[str]:
         if module == "scoring":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and node.attr in ENGINE_FIELDS
-                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ENGINE_FIELDS
+                and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+            ):
                 found.append(f"{module}:{node.lineno} {node.attr}")
     return found
 
@@ -163,8 +194,11 @@ def any_annotations() -> int:
                 annotations = [a.annotation for a in arguments] + [node.returns]
             elif isinstance(node, ast.AnnAssign):
                 annotations = [node.annotation]
-            count += sum(1 for a in annotations if a is not None
-                         and any(isinstance(n, ast.Name) and n.id == "Any" for n in ast.walk(a)))
+            count += sum(
+                1
+                for a in annotations
+                if a is not None and any(isinstance(n, ast.Name) and n.id == "Any" for n in ast.walk(a))
+            )
     return count
 
 
@@ -191,7 +225,9 @@ def test_the_size_report_lists_the_largest_classes_and_functions_first():
     assert len(classes) == len(functions) == 5
     assert classes == sorted(classes, reverse=True) and functions == sorted(functions, reverse=True)
     influence = ast.parse(MODULES["scoring"].read_text())
-    size = next(n.end_lineno - n.lineno + 1 for n in influence.body if isinstance(n, ast.ClassDef) and n.name == "Influence")
+    size = next(
+        n.end_lineno - n.lineno + 1 for n in influence.body if isinstance(n, ast.ClassDef) and n.name == "Influence"
+    )
     assert classes[0] >= size  # the engine's class is among what is measured
 
 

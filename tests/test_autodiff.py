@@ -44,7 +44,7 @@ def test_per_example_grads_equal_a_loop():
     assert G.shape == (25, 53) and not G.requires_grad
     for i in range(25):
         model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(X[i:i + 1]), y[i:i + 1])
+        loss = torch.nn.functional.cross_entropy(model(X[i : i + 1]), y[i : i + 1])
         loss.backward()
         expected = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         torch.testing.assert_close(G[i], expected, rtol=1e-12, atol=1e-14)
@@ -91,7 +91,9 @@ def test_operator_matvec_and_dense_are_chunk_independent():
     H = _dense_hessian(model, X, y, 0.1)
     V = torch.randn(5, 53, dtype=torch.float64)
     for batch_size, block in [(25, 64), (4, 3), (1, 1)]:
-        op = HessianOperator(task, task.params(), Examples((X, y)), damping=0.3, batch_size=batch_size, tangent_block=block)
+        op = HessianOperator(
+            task, task.params(), Examples((X, y)), damping=0.3, batch_size=batch_size, tangent_block=block
+        )
         torch.testing.assert_close(op.matvec(V), V @ H + 0.3 * V, rtol=1e-10, atol=1e-11)
         torch.testing.assert_close(op.dense(), H, rtol=1e-10, atol=1e-11)
     idx = torch.tensor([3, 7, 7, 20])
@@ -116,7 +118,7 @@ def test_per_example_hvp_equals_one_hvp_per_example():
     V = torch.randn(7, layout.n, dtype=torch.float64)
     ours = per_example_hvp(task.loss, params, (X, y), layout, V)
     for i in range(7):
-        expected = hvp_sum(task.loss, params, (X[i:i + 1], y[i:i + 1]), layout, V[i:i + 1])[0]
+        expected = hvp_sum(task.loss, params, (X[i : i + 1], y[i : i + 1]), layout, V[i : i + 1])[0]
         torch.testing.assert_close(ours[i], expected, rtol=1e-12, atol=1e-14)
 
 
@@ -132,7 +134,9 @@ def test_third_and_second_directional_derivatives_equal_finite_differences():
     h = 1e-4
     for j, v in enumerate(V):
         plus, minus = layout.unflatten(theta + h * v), layout.unflatten(theta - h * v)
-        fd3 = (hvp_sum(task.loss, plus, (X, y), layout, v[None]) - hvp_sum(task.loss, minus, (X, y), layout, v[None]))[0] / (2 * h)
+        fd3 = (hvp_sum(task.loss, plus, (X, y), layout, v[None]) - hvp_sum(task.loss, minus, (X, y), layout, v[None]))[
+            0
+        ] / (2 * h)
         assert float((third[j] - fd3).norm() / fd3.norm()) < 1e-6
         fd2 = (task.loss(plus, (X, y)) - 2 * task.loss(params, (X, y)) + task.loss(minus, (X, y))) / h**2
         torch.testing.assert_close(second[j], fd2, rtol=1e-4, atol=1e-6)

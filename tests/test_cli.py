@@ -53,9 +53,24 @@ def test_demo_under_torchrun_with_two_processes(tmp_path):
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "influencekit.cli",
-         *args, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "influencekit.cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("influence vs actual leave-one-out retraining") == 1  # printed by rank 0 only

@@ -35,8 +35,14 @@ def _model(kind: str, device: str, dtype: torch.dtype) -> nn.Module:
     elif kind == "mlp":
         model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
     else:  # a CNN on the 8×8 digits, for the convolution taps and factors
-        model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                              nn.Flatten(), nn.Linear(64, 10))
+        model = nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
     return model.to(device=device, dtype=dtype)
 
 
@@ -103,7 +109,9 @@ def test_float32_precisions_on_the_device(trained):
 def test_gradient_store_on_the_device(tmp_path, trained):
     # the projection is drawn on the gradients' device (another random matrix than the CPU's): both stores
     # approximate the same projected-Fisher scores, and a second build on the device reuses every file
-    cpu = ik.GradientStore.build(_influence(trained, "logistic", "cpu", solver="cg"), tmp_path / "cpu", dim=2048, chunk=100)
+    cpu = ik.GradientStore.build(
+        _influence(trained, "logistic", "cpu", solver="cg"), tmp_path / "cpu", dim=2048, chunk=100
+    )
     inf = _influence(trained, "logistic", DEVICE, solver="cg")
     dev = ik.GradientStore.build(inf, tmp_path / "dev", dim=2048, chunk=100)
     a, b = cpu.scores(trained["test"]).values, dev.scores(trained["test"]).values.cpu()

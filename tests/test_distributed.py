@@ -44,7 +44,11 @@ def _cases() -> list[tuple[str, str, dict]]:
     return [
         ("logistic-exact", "exact", {}),
         ("logistic-cg", "cg", {"solver_options": {"rtol": 1e-12}}),
-        ("logistic-lissa", "lissa", {"solver_options": {"warn": False, "depth": 30, "eigen_steps": 10, "batch_size": 40}}),
+        (
+            "logistic-lissa",
+            "lissa",
+            {"solver_options": {"warn": False, "depth": 30, "eigen_steps": 10, "batch_size": 40}},
+        ),
         ("mlp-cg", "cg", {"damping": 0.01, "batch_size": 50, "solver_options": {"rtol": 1e-12}}),
         ("mlp-exact", "exact", {"damping": 0.01}),
         # K-FAC/EK-FAC: factor sums all-reduced across ranks. Sampled labels depend on the global example index
@@ -52,7 +56,11 @@ def _cases() -> list[tuple[str, str, dict]]:
         ("logistic-kfac", "kfac", {"solver_options": {"fisher": "expected"}}),
         ("logistic-ekfac", "ekfac", {"batch_size": 40, "solver_options": {"fisher": "empirical", "probes": 0}}),
         ("mlp-kfac", "kfac", {"damping": 0.01, "solver_options": {"fisher": "expected", "probes": 0}}),
-        ("mlp-ekfac", "ekfac", {"damping": 0.01, "batch_size": 50, "solver_options": {"fisher": "sampled", "samples": 2, "probes": 0}}),
+        (
+            "mlp-ekfac",
+            "ekfac",
+            {"damping": 0.01, "batch_size": 50, "solver_options": {"fisher": "sampled", "samples": 2, "probes": 0}},
+        ),
     ]
 
 
@@ -68,7 +76,8 @@ def _run_case(problem: dict, name: str, solver: str, options: dict, distributed:
     groups = {}
     if name in ("logistic-exact", "mlp-cg"):  # group effects: sums over each rank's members, all-reduced
         labels = problem[kind]["train"][1] % 3
-        # newton_tol far below TOL: a rank-summed residual a hair across the stopping line must not move the result by TOL
+        # newton_tol far below TOL: a rank-summed residual a hair across the stopping line must not move the result by
+        # TOL
         found = inf.group_influence(labels, test, order=[1, 2, "newton"], newton_tol=1e-12)
         groups = {o: r.values for o, r in found.items()}
     return {
@@ -85,8 +94,13 @@ def _run_case(problem: dict, name: str, solver: str, options: dict, distributed:
 def _worker(rank: int, world: int, folder: str, job: str) -> None:
     torch.set_num_threads(1)
     folder = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{folder / 'rendezvous'}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     try:
         problem = torch.load(folder / "problem.pt", weights_only=False)
         out = {}
@@ -98,7 +112,8 @@ def _worker(rank: int, world: int, folder: str, job: str) -> None:
         else:
             out = _error_cases(rank, problem, folder)
         torch.save(out, folder / f"rank{rank}.pt")
-        dist.barrier()  # leave together: a rank tearing its process group down while the other still ran aborted in gloo
+        # leave together: a rank tearing its process group down while the other still ran aborted in gloo
+        dist.barrier()
     except BaseException:
         (folder / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -146,7 +161,10 @@ def _error_cases(rank: int, problem: dict, folder: Path) -> dict:
         a = fitted.scores(p["test"], folder=folder / "scores", rows_per_file=7)
         b = fitted.scores(p["test"], folder=folder / "scores", rows_per_file=7)
         files = len(list((folder / "scores").glob("scores-*.npy")))
-        return f"reused {a.metadata['score_files_reused']} then {b.metadata['score_files_reused']} of {files}, same {torch.equal(a.values, b.values)}"
+        return (
+            f"reused {a.metadata['score_files_reused']} then {b.metadata['score_files_reused']} of {files}, same "
+            f"{torch.equal(a.values, b.values)}"
+        )
 
     def gradient_store() -> dict:
         # chunks of 50 rows: 7 chunks of the 301 examples, written round robin (rank 0: 0, 2, 4, 6; rank 1: 1, 3, 5)
@@ -210,7 +228,12 @@ def make_problem() -> dict:
     report = ik.fit_lbfgs(task, (Xtr, ytr), tol=1e-10)
     assert report.converged, report
     return {
-        "logistic": {"state": digits.model.state_dict(), "l2": digits.task.l2, "train": digits.train, "test": (Xte[:N_TEST], yte[:N_TEST])},
+        "logistic": {
+            "state": digits.model.state_dict(),
+            "l2": digits.task.l2,
+            "train": digits.train,
+            "test": (Xte[:N_TEST], yte[:N_TEST]),
+        },
         "mlp": {"state": mlp.state_dict(), "l2": 1e-2, "train": (Xtr, ytr), "test": (Xte[:N_TEST], yte[:N_TEST])},
     }
 
@@ -263,8 +286,12 @@ def test_error_paths_end_every_rank(problem, tmp_path):
     p = problem["logistic"]
     model = _logistic_model()
     model.load_state_dict(p["state"])
-    single = ik.GradientStore.build(ik.Influence(ik.ClassificationTask(model, l2=p["l2"]), p["train"], solver="cg").fit(),
-                                    tmp_path / "single-store", dim=32, chunk=50)
+    single = ik.GradientStore.build(
+        ik.Influence(ik.ClassificationTask(model, l2=p["l2"]), p["train"], solver="cg").fit(),
+        tmp_path / "single-store",
+        dim=32,
+        chunk=50,
+    )
     expected = {f.name: f.read_bytes() for f in sorted((tmp_path / "single-store").glob("*.npy"))}
     assert len(expected) == 7 + 1 and r0["gradient_store"]["files"].keys() == expected.keys()
     assert r0["gradient_store"]["written"] == [f"grads-{c:06d}.npy" for c in (0, 2, 4, 6)] + ["curvature.npy"]
@@ -299,7 +326,9 @@ def test_distributed_true_needs_a_process_group(problem):
     model = _logistic_model()
     model.load_state_dict(p["state"])
     inf = ik.Influence(ik.ClassificationTask(model, l2=p["l2"]), p["train"], distributed=True)
-    with pytest.raises(ik.InputError, match="`distributed` is True but torch.distributed has no initialised process group"):
+    with pytest.raises(
+        ik.InputError, match="`distributed` is True but torch.distributed has no initialised process group"
+    ):
         inf.fit()
     with pytest.raises(ik.InputTypeError, match="`distributed` must be None, True or False"):
         ik.Influence(ik.ClassificationTask(model), p["train"], distributed="yes")

@@ -90,7 +90,8 @@ def concave_problem(data):
 
 
 class InfAtTask(ik.Task):
-    """Cross-entropy, except that the loss is ``fill`` (+inf by default) for the examples whose first feature is in ``bad_x0``."""
+    """Cross-entropy, except that the loss is ``fill`` (+inf by default) for the examples whose first feature is in
+    ``bad_x0``."""
 
     def __init__(self, model, bad_x0, *, fill=math.inf, **kw):
         super().__init__(model, **kw)
@@ -118,7 +119,10 @@ class SqrtAbsTask(ik.Task):
 @pytest.mark.parametrize("side", ["train", "test"])
 def test_mismatched_lengths_of_X_and_y(task, data, fitted, side):
     X, y = data
-    pattern = r"the same number of examples \(first dimension\)\. Got lengths \[40, 39\]; check that X and y come from the same split"
+    pattern = (
+        r"the same number of examples \(first dimension\)\. Got lengths \[40, 39\]; check that X and y come from the "
+        r"same split"
+    )
     with pytest.raises(ik.InputError, match=rf"`{side}` must hold tensors with {pattern}"):
         if side == "train":
             ik.Influence(task, (X, y[:-1])).fit()
@@ -157,7 +161,10 @@ def test_float64_numpy_data_with_float32_model(data):
     X, y = data
     torch.manual_seed(0)
     task = ik.ClassificationTask(nn.Linear(D, C))  # float32 parameters
-    with pytest.raises(ik.InputError, match=r"model's dtype torch\.float32\. Got torch\.float64\. Convert the data with \.to\(torch\.float32\)"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"model's dtype torch\.float32\. Got torch\.float64\. Convert the data with \.to\(torch\.float32\)",
+    ):
         ik.Influence(task, (X.numpy(), y.numpy())).fit()
 
 
@@ -172,14 +179,19 @@ def test_float32_regression_targets_with_float64_model(data):
 def test_mixed_parameter_dtypes(data):
     model = nn.Sequential(nn.Linear(D, 4).double(), nn.Linear(4, C).float())
     task = ik.ClassificationTask(model)
-    with pytest.raises(ik.InputError, match=r"parameters must share one floating dtype\. .*convert the model with model\.to\(dtype\)"):
+    with pytest.raises(
+        ik.InputError, match=r"parameters must share one floating dtype\. .*convert the model with model\.to\(dtype\)"
+    ):
         ik.Influence(task, data).fit()
 
 
 @pytest.mark.parametrize("side", ["train", "test"])
 def test_float_labels_for_multiclass_classification(task, data, fitted, side):
     X, y = data
-    pattern = r"ClassificationTask labels in `(train|test)` must be integer class indices \(torch\.long\)\. Got dtype torch\.float64; convert them with y\.long\(\)"
+    pattern = (
+        r"ClassificationTask labels in `(train|test)` must be integer class indices \(torch\.long\)\. Got dtype "
+        r"torch\.float64; convert them with y\.long\(\)"
+    )
     with pytest.raises(ik.InputError, match=pattern):
         if side == "train":
             ik.Influence(task, (X, y.double())).fit()
@@ -234,7 +246,10 @@ def test_non_finite_train_inputs(task, data, bad):
     X, y = data
     X = X.clone()
     X[7, 2] = bad
-    with pytest.raises(ik.InputError, match=r"`train` must hold only finite values\. Got NaN/inf in example\(s\) \[7\]; remove or impute them"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`train` must hold only finite values\. Got NaN/inf in example\(s\) \[7\]; remove or impute them",
+    ):
         ik.Influence(task, (X, y)).fit()
 
 
@@ -244,7 +259,10 @@ def test_non_finite_test_inputs(fitted, data, bad, method):
     X, y = data
     Xt = X[:6].clone()
     Xt[4, 0] = bad
-    with pytest.raises(ik.InputError, match=r"`test` must hold only finite values\. Got NaN/inf in example\(s\) \[4\]; remove or impute them"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`test` must hold only finite values\. Got NaN/inf in example\(s\) \[4\]; remove or impute them",
+    ):
         getattr(fitted, method)((Xt, y[:6]))
 
 
@@ -254,7 +272,9 @@ def test_non_finite_regression_targets(data):
     y[12] = math.nan
     torch.manual_seed(0)
     task = ik.RegressionTask(nn.Linear(D, 1).double())
-    with pytest.raises(ik.InputError, match=r"`train` must hold only finite values\. Got NaN/inf in example\(s\) \[12\]"):
+    with pytest.raises(
+        ik.InputError, match=r"`train` must hold only finite values\. Got NaN/inf in example\(s\) \[12\]"
+    ):
         ik.Influence(task, (X, y)).fit()
 
 
@@ -281,7 +301,10 @@ def test_non_finite_inputs_in_a_dataset(task, data):
 def test_non_finite_parameters(task, data, bad, name):
     with torch.no_grad():
         getattr(task.model, name).view(-1)[1] = bad
-    with pytest.raises(ik.InputError, match=rf"the model parameter '{name}' holds NaN/inf values; influence needs a finite trained model"):
+    with pytest.raises(
+        ik.InputError,
+        match=rf"the model parameter '{name}' holds NaN/inf values; influence needs a finite trained model",
+    ):
         ik.Influence(task, data).fit()
 
 
@@ -292,7 +315,9 @@ def test_non_finite_frozen_parameter(data):
     with torch.no_grad():
         model[0].weight[0, 0] = math.nan
     task = ik.ClassificationTask(model, params="2")
-    with pytest.raises(ik.NumericalError, match=r"loss of the first example is not finite; check the model and the data"):
+    with pytest.raises(
+        ik.NumericalError, match=r"loss of the first example is not finite; check the model and the data"
+    ):
         ik.Influence(task, data).fit()
 
 
@@ -300,7 +325,9 @@ def test_non_finite_frozen_parameter(data):
 def test_non_finite_loss_on_a_train_example(trained_model, data):
     X, y = data
     task = InfAtTask(copy.deepcopy(trained_model), [float(X[7, 0])], l2=L2)
-    with pytest.raises(ik.NumericalError, match=r"the loss is not finite for `train` example\(s\) \[7\]: check those examples"):
+    with pytest.raises(
+        ik.NumericalError, match=r"the loss is not finite for `train` example\(s\) \[7\]: check those examples"
+    ):
         ik.Influence(task, (X, y)).fit()
 
 
@@ -323,7 +350,10 @@ def test_non_finite_loss_on_a_test_example(trained_model, data):
 def test_nan_loss_in_fit_lbfgs(trained_model, data):
     X, y = data
     task = InfAtTask(copy.deepcopy(trained_model), [float(X[7, 0])], fill=math.nan, l2=L2)
-    with pytest.raises(ik.NumericalError, match=r"training objective or its gradient is not finite during L-BFGS; check the data and the model"):
+    with pytest.raises(
+        ik.NumericalError,
+        match=r"training objective or its gradient is not finite during L-BFGS; check the data and the model",
+    ):
         ik.fit_lbfgs(task, (X, y))
 
 
@@ -331,7 +361,9 @@ def test_inf_loss_in_fit_lbfgs(trained_model, data):
     X, y = data
     task = InfAtTask(copy.deepcopy(trained_model), [float(X[7, 0])], l2=L2)
     with pytest.raises(ik.NumericalError, match=r"not finite"):
-        ik.fit_lbfgs(task, (X, y), tol=1.0, max_iter=5, warn=False)  # loose settings only keep the current (failing) run short
+        ik.fit_lbfgs(
+            task, (X, y), tol=1.0, max_iter=5, warn=False
+        )  # loose settings only keep the current (failing) run short
 
 
 def test_non_finite_gradient_on_a_train_example(data):
@@ -356,13 +388,17 @@ def test_non_finite_gradient_on_a_test_example(data):
 
 
 # ====================================================================================== empty data
-@pytest.mark.parametrize("make", [
-    lambda X, y: (X[:0], y[:0]),
-    lambda X, y: X[:0],
-    lambda X, y: {"x": X[:0], "y": y[:0]},
-    lambda X, y: TensorDataset(X[:0], y[:0]),
-    lambda X, y: DataLoader(TensorDataset(X[:0], y[:0]), shuffle=False),
-], ids=["tuple", "tensor", "dict", "dataset", "dataloader"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda X, y: (X[:0], y[:0]),
+        lambda X, y: X[:0],
+        lambda X, y: {"x": X[:0], "y": y[:0]},
+        lambda X, y: TensorDataset(X[:0], y[:0]),
+        lambda X, y: DataLoader(TensorDataset(X[:0], y[:0]), shuffle=False),
+    ],
+    ids=["tuple", "tensor", "dict", "dataset", "dataloader"],
+)
 def test_empty_train_data(task, data, make):
     with pytest.raises(ik.InputError, match=r"`train` must hold at least one example\. Got an empty data set"):
         ik.Influence(task, make(*data)).fit()
@@ -390,7 +426,11 @@ def test_empty_data_in_fit_lbfgs(task, data):
 # ================================================================ wrong types of data and objects
 @pytest.mark.parametrize("train", ["data.csv", 42, None], ids=["str", "int", "None"])
 def test_unusable_train_data_type(task, train):
-    with pytest.raises(ik.InputTypeError, match=r"`train` must be a tensor, an \(X, y\) tuple, a dict of tensors, a map-style torch Dataset or a DataLoader"):
+    with pytest.raises(
+        ik.InputTypeError,
+        match=r"`train` must be a tensor, an \(X, y\) tuple, a dict of tensors, a map-style torch Dataset or a "
+        r"DataLoader",
+    ):
         ik.Influence(task, train).fit()
 
 
@@ -402,12 +442,19 @@ def test_object_numpy_array(task, data):
 
 def test_bare_tensor_for_a_supervised_task(fitted, data):
     X, _ = data
-    with pytest.raises(ik.InputError, match=r"ClassificationTask needs batches of \(inputs, target\)\. Got a Tensor; pass the data as an \(X, y\) tuple"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"ClassificationTask needs batches of \(inputs, target\)\. Got a Tensor; pass the data as an \(X, "
+        r"y\) tuple",
+    ):
         fitted.scores(X[:3])
 
 
 def test_task_must_be_a_task(trained_model, data):
-    with pytest.raises(ik.InputTypeError, match=r"`task` must be an influencekit Task \(e\.g\. ik\.ClassificationTask\(model\)\)\. Got Linear"):
+    with pytest.raises(
+        ik.InputTypeError,
+        match=r"`task` must be an influencekit Task \(e\.g\. ik\.ClassificationTask\(model\)\)\. Got Linear",
+    ):
         ik.Influence(trained_model, data)
 
 
@@ -419,7 +466,10 @@ def test_model_must_be_a_module():
 # ============================================================================ parameter selection
 def test_model_with_no_trainable_parameters(trained_model):
     model = copy.deepcopy(trained_model).requires_grad_(False)
-    with pytest.raises(ik.InputError, match=r"`model` must have at least one trainable parameter.*unfreeze the parameters.*or pass `params=`"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`model` must have at least one trainable parameter.*unfreeze the parameters.*or pass `params=`",
+    ):
         ik.ClassificationTask(model)
 
 
@@ -429,19 +479,27 @@ def test_model_without_any_parameters():
 
 
 def test_params_names_a_missing_parameter(trained_model):
-    with pytest.raises(ik.InputError, match=r"`params` names 'fc', which is neither a parameter nor a module of the model\. Parameters are: weight, bias"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`params` names 'fc', which is neither a parameter nor a module of the model\. Parameters are: weight, "
+        r"bias",
+    ):
         ik.ClassificationTask(trained_model, params="fc")
 
 
 def test_params_names_a_missing_module_in_a_list():
     model = nn.Sequential(nn.Linear(D, 4), nn.Linear(4, C)).double()
-    with pytest.raises(ik.InputError, match=r"`params` names '2'.*Parameters are: 0\.weight, 0\.bias, 1\.weight, 1\.bias"):
+    with pytest.raises(
+        ik.InputError, match=r"`params` names '2'.*Parameters are: 0\.weight, 0\.bias, 1\.weight, 1\.bias"
+    ):
         ik.ClassificationTask(model, params=["1", "2"])
 
 
 @pytest.mark.parametrize("params", [[], lambda name, p: False], ids=["empty-list", "callable-selects-none"])
 def test_params_selects_nothing(trained_model, params):
-    with pytest.raises(ik.InputError, match=r"`params` selects no parameter of the model\. .*name at least one parameter or module"):
+    with pytest.raises(
+        ik.InputError, match=r"`params` selects no parameter of the model\. .*name at least one parameter or module"
+    ):
         ik.ClassificationTask(trained_model, params=params)
 
 
@@ -475,23 +533,32 @@ def test_k_of_the_wrong_type(fitted, data, k):
 
 
 # ===================================================================================== not fitted
-@pytest.mark.parametrize("call", [
-    lambda inf, X, y: inf.scores((X[:2], y[:2])),
-    lambda inf, X, y: inf.top_k((X[:2], y[:2]), k=3),
-    lambda inf, X, y: inf.self_influence(),
-    lambda inf, X, y: inf.params_influence([0]),
-    lambda inf, X, y: inf.unflatten(torch.zeros(18)),
-    lambda inf, X, y: inf.n_params,
-], ids=["scores", "top_k", "self_influence", "params_influence", "unflatten", "n_params"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda inf, X, y: inf.scores((X[:2], y[:2])),
+        lambda inf, X, y: inf.top_k((X[:2], y[:2]), k=3),
+        lambda inf, X, y: inf.self_influence(),
+        lambda inf, X, y: inf.params_influence([0]),
+        lambda inf, X, y: inf.unflatten(torch.zeros(18)),
+        lambda inf, X, y: inf.n_params,
+    ],
+    ids=["scores", "top_k", "self_influence", "params_influence", "unflatten", "n_params"],
+)
 def test_methods_before_fit(task, data, call):
     inf = ik.Influence(task, data)
-    with pytest.raises(ik.NotFittedError, match=r"this Influence is not fitted yet\. Call \.fit\(\) before computing scores"):
+    with pytest.raises(
+        ik.NotFittedError, match=r"this Influence is not fitted yet\. Call \.fit\(\) before computing scores"
+    ):
         call(inf, *data)
 
 
 @pytest.mark.parametrize("solver", [ik.ExactSolver(), ik.CGSolver(), ik.LissaSolver()], ids=["exact", "cg", "lissa"])
 def test_solver_solve_before_fit(solver):
-    with pytest.raises(ik.NotFittedError, match=rf"this {type(solver).__name__} is not fitted yet\. Call fit\(operator\) before solve\(\)"):
+    with pytest.raises(
+        ik.NotFittedError,
+        match=rf"this {type(solver).__name__} is not fitted yet\. Call fit\(operator\) before solve\(\)",
+    ):
         solver.solve(torch.zeros(2, 18, dtype=torch.float64))
 
 
@@ -507,17 +574,26 @@ def test_not_fitted_is_a_runtime_error(task, data):
 
 # ========================================================================================= solvers
 def test_unknown_solver_name(task, data):
-    with pytest.raises(ik.InputError, match=r"`solver` must be one of 'exact', 'cg', 'lissa', 'arnoldi', 'kfac', 'ekfac' or a Solver instance\. Got 'newton'"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`solver` must be one of 'exact', 'cg', 'lissa', 'arnoldi', 'kfac', 'ekfac' or a Solver instance\. Got "
+        r"'newton'",
+    ):
         ik.Influence(task, data, solver="newton")
 
 
 def test_solver_of_the_wrong_type(task, data):
-    with pytest.raises(ik.InputTypeError, match=r"`solver` must be a name or a Solver instance\. Got CGSolver|Got type"):
+    with pytest.raises(
+        ik.InputTypeError, match=r"`solver` must be a name or a Solver instance\. Got CGSolver|Got type"
+    ):
         ik.Influence(task, data, solver=ik.CGSolver)  # the class, not an instance
 
 
 def test_solver_instance_with_solver_options(task, data):
-    with pytest.raises(ik.InputError, match=r"`solver_options` apply only when `solver` is a name\. Got an instance and options \['rtol'\]"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`solver_options` apply only when `solver` is a name\. Got an instance and options \['rtol'\]",
+    ):
         ik.Influence(task, data, solver=ik.CGSolver(), solver_options={"rtol": 1e-6})
 
 
@@ -528,49 +604,223 @@ def test_unknown_solver_option(task, data):
 
 def test_exact_solver_above_max_params(task, data):
     inf = ik.Influence(task, data, solver="exact", solver_options={"max_params": 10})
-    with pytest.raises(ik.UnsupportedError, match=r"this model has 18 selected parameters, above `max_params`=10.*Use solver='cg' or solver='lissa', restrict `params=`"):
+    with pytest.raises(
+        ik.UnsupportedError,
+        match=r"this model has 18 selected parameters, above `max_params`=10.*Use solver='cg' or solver='lissa', "
+        r"restrict `params=`",
+    ):
         inf.fit()
 
 
 # ============================================================================ bad hyper-parameters
 BAD_SETTINGS = [
     # (id, call, exception, message pattern)
-    ("damping<0", lambda t, d: ik.Influence(t, d, damping=-0.1), ik.InputError, r"`damping` must be a float in \[0, inf\]\. Got -0\.1"),
-    ("damping=nan", lambda t, d: ik.Influence(t, d, damping=math.nan), ik.InputError, r"`damping` must be a float in \[0, inf\]\. Got nan"),
-    ("damping=inf", lambda t, d: ik.Influence(t, d, damping=math.inf), ik.InputError, r"`damping` must be a float in \[0, inf\]\. Got inf"),
-    ("damping=str", lambda t, d: ik.Influence(t, d, damping="0.1"), ik.InputTypeError, r"`damping` must be a float in \[0, inf\]\. Got '0\.1' of type str"),
-    ("l2<0", lambda t, d: ik.ClassificationTask(t.model, l2=-1e-3), ik.InputError, r"`l2` must be a float in \[0, inf\]\. Got -0\.001"),
-    ("l2=nan", lambda t, d: ik.RegressionTask(t.model, l2=math.nan), ik.InputError, r"`l2` must be a float in \[0, inf\]\. Got nan"),
+    (
+        "damping<0",
+        lambda t, d: ik.Influence(t, d, damping=-0.1),
+        ik.InputError,
+        r"`damping` must be a float in \[0, inf\]\. Got -0\.1",
+    ),
+    (
+        "damping=nan",
+        lambda t, d: ik.Influence(t, d, damping=math.nan),
+        ik.InputError,
+        r"`damping` must be a float in \[0, inf\]\. Got nan",
+    ),
+    (
+        "damping=inf",
+        lambda t, d: ik.Influence(t, d, damping=math.inf),
+        ik.InputError,
+        r"`damping` must be a float in \[0, inf\]\. Got inf",
+    ),
+    (
+        "damping=str",
+        lambda t, d: ik.Influence(t, d, damping="0.1"),
+        ik.InputTypeError,
+        r"`damping` must be a float in \[0, inf\]\. Got '0\.1' of type str",
+    ),
+    (
+        "l2<0",
+        lambda t, d: ik.ClassificationTask(t.model, l2=-1e-3),
+        ik.InputError,
+        r"`l2` must be a float in \[0, inf\]\. Got -0\.001",
+    ),
+    (
+        "l2=nan",
+        lambda t, d: ik.RegressionTask(t.model, l2=math.nan),
+        ik.InputError,
+        r"`l2` must be a float in \[0, inf\]\. Got nan",
+    ),
     ("cg-rtol=0", lambda t, d: ik.CGSolver(rtol=0.0), ik.InputError, r"`rtol` must be a float in \(0, 1\]\. Got 0\.0"),
-    ("cg-rtol<0", lambda t, d: ik.CGSolver(rtol=-1e-6), ik.InputError, r"`rtol` must be a float in \(0, 1\]\. Got -1e-06"),
+    (
+        "cg-rtol<0",
+        lambda t, d: ik.CGSolver(rtol=-1e-6),
+        ik.InputError,
+        r"`rtol` must be a float in \(0, 1\]\. Got -1e-06",
+    ),
     ("cg-rtol>1", lambda t, d: ik.CGSolver(rtol=2.0), ik.InputError, r"`rtol` must be a float in \(0, 1\]\. Got 2\.0"),
-    ("cg-atol<0", lambda t, d: ik.CGSolver(atol=-1.0), ik.InputError, r"`atol` must be a float in \[0, inf\]\. Got -1\.0"),
-    ("cg-max_iter=0", lambda t, d: ik.CGSolver(max_iter=0), ik.InputError, r"`max_iter` must be an int in \[1, inf\]\. Got 0"),
-    ("cg-max_iter=float", lambda t, d: ik.CGSolver(max_iter=10.0), ik.InputTypeError, r"`max_iter` must be an int in \[1, inf\]\. Got 10\.0 of type float"),
-    ("cg-options-via-influence", lambda t, d: ik.Influence(t, d, solver="cg", solver_options={"rtol": 0}), ik.InputError, r"`rtol` must be a float in \(0, 1\]\. Got 0"),
-    ("lissa-depth=0", lambda t, d: ik.LissaSolver(depth=0), ik.InputError, r"`depth` must be an int in \[1, inf\]\. Got 0"),
-    ("lissa-repeats=0", lambda t, d: ik.LissaSolver(repeats=0), ik.InputError, r"`repeats` must be an int in \[1, inf\]\. Got 0"),
-    ("lissa-batch_size=0", lambda t, d: ik.LissaSolver(batch_size=0), ik.InputError, r"`batch_size` must be an int in \[1, inf\]\. Got 0"),
-    ("lissa-scale<0", lambda t, d: ik.LissaSolver(scale=-10.0), ik.InputError, r"`scale` must be a float in \(0, inf\]\. Got -10\.0"),
-    ("lissa-scale=0", lambda t, d: ik.LissaSolver(scale=0.0), ik.InputError, r"`scale` must be a float in \(0, inf\]\. Got 0\.0"),
-    ("lissa-scale_margin<1", lambda t, d: ik.LissaSolver(scale_margin=0.5), ik.InputError, r"`scale_margin` must be a float in \[1, inf\]\. Got 0\.5"),
-    ("lissa-eigen_steps=1", lambda t, d: ik.LissaSolver(eigen_steps=1), ik.InputError, r"`eigen_steps` must be an int in \[2, inf\]\. Got 1"),
-    ("lissa-rtol=0", lambda t, d: ik.LissaSolver(rtol=0.0), ik.InputError, r"`rtol` must be a float in \(0, inf\]\. Got 0\.0"),
-    ("lissa-seed<0", lambda t, d: ik.LissaSolver(seed=-1), ik.InputError, r"`seed` must be an int in \[0, inf\]\. Got -1"),
-    ("exact-max_params=0", lambda t, d: ik.ExactSolver(max_params=0), ik.InputError, r"`max_params` must be an int in \[1, inf\]\. Got 0"),
-    ("exact-eig_dtype=str", lambda t, d: ik.ExactSolver(eig_dtype="float64"), ik.InputError, r"`eig_dtype` must be a floating torch\.dtype or None\. Got 'float64'"),
-    ("exact-eig_dtype=int", lambda t, d: ik.ExactSolver(eig_dtype=torch.int64), ik.InputError, r"`eig_dtype` must be a floating torch\.dtype or None\. Got torch\.int64"),
-    ("memory_budget=lots", lambda t, d: ik.Influence(t, d, memory_budget="lots"), ik.InputError, r"`memory_budget` must be a positive number of bytes or a string like '512MB' or '2GiB'\. Got 'lots'"),
-    ("memory_budget=-5MB", lambda t, d: ik.Influence(t, d, memory_budget="-5MB"), ik.InputError, r"`memory_budget` must be a positive number of bytes.*Got '-5MB'"),
-    ("memory_budget=2XB", lambda t, d: ik.Influence(t, d, memory_budget="2XB"), ik.InputError, r"`memory_budget` must be a positive number of bytes.*Got '2XB'"),
-    ("memory_budget=GB", lambda t, d: ik.Influence(t, d, memory_budget="GB"), ik.InputError, r"`memory_budget` must be a positive number of bytes.*Got 'GB'"),
-    ("memory_budget=0", lambda t, d: ik.Influence(t, d, memory_budget=0), ik.InputError, r"`memory_budget` must be an int in \[1, inf\]\. Got 0"),
-    ("memory_budget=float", lambda t, d: ik.Influence(t, d, memory_budget=1.5e9), ik.InputTypeError, r"`memory_budget` must be an int in \[1, inf\]\. Got 1500000000\.0 of type float"),
-    ("batch_size=0", lambda t, d: ik.Influence(t, d, batch_size=0), ik.InputError, r"`batch_size` must be an int in \[1, inf\]\. Got 0"),
-    ("stationarity_tol<0", lambda t, d: ik.Influence(t, d, stationarity_tol=-1.0), ik.InputError, r"`stationarity_tol` must be a float in \[0, inf\]\. Got -1\.0"),
-    ("fit_lbfgs-tol<0", lambda t, d: ik.fit_lbfgs(t, d, tol=-1.0), ik.InputError, r"`tol` must be a float in \[0, inf\]\. Got -1\.0"),
-    ("fit_lbfgs-max_iter=0", lambda t, d: ik.fit_lbfgs(t, d, max_iter=0), ik.InputError, r"`max_iter` must be an int in \[1, inf\]\. Got 0"),
-    ("fit_lbfgs-batch_size=0", lambda t, d: ik.fit_lbfgs(t, d, batch_size=0), ik.InputError, r"`batch_size` must be an int in \[1, inf\]\. Got 0"),
+    (
+        "cg-atol<0",
+        lambda t, d: ik.CGSolver(atol=-1.0),
+        ik.InputError,
+        r"`atol` must be a float in \[0, inf\]\. Got -1\.0",
+    ),
+    (
+        "cg-max_iter=0",
+        lambda t, d: ik.CGSolver(max_iter=0),
+        ik.InputError,
+        r"`max_iter` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "cg-max_iter=float",
+        lambda t, d: ik.CGSolver(max_iter=10.0),
+        ik.InputTypeError,
+        r"`max_iter` must be an int in \[1, inf\]\. Got 10\.0 of type float",
+    ),
+    (
+        "cg-options-via-influence",
+        lambda t, d: ik.Influence(t, d, solver="cg", solver_options={"rtol": 0}),
+        ik.InputError,
+        r"`rtol` must be a float in \(0, 1\]\. Got 0",
+    ),
+    (
+        "lissa-depth=0",
+        lambda t, d: ik.LissaSolver(depth=0),
+        ik.InputError,
+        r"`depth` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "lissa-repeats=0",
+        lambda t, d: ik.LissaSolver(repeats=0),
+        ik.InputError,
+        r"`repeats` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "lissa-batch_size=0",
+        lambda t, d: ik.LissaSolver(batch_size=0),
+        ik.InputError,
+        r"`batch_size` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "lissa-scale<0",
+        lambda t, d: ik.LissaSolver(scale=-10.0),
+        ik.InputError,
+        r"`scale` must be a float in \(0, inf\]\. Got -10\.0",
+    ),
+    (
+        "lissa-scale=0",
+        lambda t, d: ik.LissaSolver(scale=0.0),
+        ik.InputError,
+        r"`scale` must be a float in \(0, inf\]\. Got 0\.0",
+    ),
+    (
+        "lissa-scale_margin<1",
+        lambda t, d: ik.LissaSolver(scale_margin=0.5),
+        ik.InputError,
+        r"`scale_margin` must be a float in \[1, inf\]\. Got 0\.5",
+    ),
+    (
+        "lissa-eigen_steps=1",
+        lambda t, d: ik.LissaSolver(eigen_steps=1),
+        ik.InputError,
+        r"`eigen_steps` must be an int in \[2, inf\]\. Got 1",
+    ),
+    (
+        "lissa-rtol=0",
+        lambda t, d: ik.LissaSolver(rtol=0.0),
+        ik.InputError,
+        r"`rtol` must be a float in \(0, inf\]\. Got 0\.0",
+    ),
+    (
+        "lissa-seed<0",
+        lambda t, d: ik.LissaSolver(seed=-1),
+        ik.InputError,
+        r"`seed` must be an int in \[0, inf\]\. Got -1",
+    ),
+    (
+        "exact-max_params=0",
+        lambda t, d: ik.ExactSolver(max_params=0),
+        ik.InputError,
+        r"`max_params` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "exact-eig_dtype=str",
+        lambda t, d: ik.ExactSolver(eig_dtype="float64"),
+        ik.InputError,
+        r"`eig_dtype` must be a floating torch\.dtype or None\. Got 'float64'",
+    ),
+    (
+        "exact-eig_dtype=int",
+        lambda t, d: ik.ExactSolver(eig_dtype=torch.int64),
+        ik.InputError,
+        r"`eig_dtype` must be a floating torch\.dtype or None\. Got torch\.int64",
+    ),
+    (
+        "memory_budget=lots",
+        lambda t, d: ik.Influence(t, d, memory_budget="lots"),
+        ik.InputError,
+        r"`memory_budget` must be a positive number of bytes or a string like '512MB' or '2GiB'\. Got 'lots'",
+    ),
+    (
+        "memory_budget=-5MB",
+        lambda t, d: ik.Influence(t, d, memory_budget="-5MB"),
+        ik.InputError,
+        r"`memory_budget` must be a positive number of bytes.*Got '-5MB'",
+    ),
+    (
+        "memory_budget=2XB",
+        lambda t, d: ik.Influence(t, d, memory_budget="2XB"),
+        ik.InputError,
+        r"`memory_budget` must be a positive number of bytes.*Got '2XB'",
+    ),
+    (
+        "memory_budget=GB",
+        lambda t, d: ik.Influence(t, d, memory_budget="GB"),
+        ik.InputError,
+        r"`memory_budget` must be a positive number of bytes.*Got 'GB'",
+    ),
+    (
+        "memory_budget=0",
+        lambda t, d: ik.Influence(t, d, memory_budget=0),
+        ik.InputError,
+        r"`memory_budget` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "memory_budget=float",
+        lambda t, d: ik.Influence(t, d, memory_budget=1.5e9),
+        ik.InputTypeError,
+        r"`memory_budget` must be an int in \[1, inf\]\. Got 1500000000\.0 of type float",
+    ),
+    (
+        "batch_size=0",
+        lambda t, d: ik.Influence(t, d, batch_size=0),
+        ik.InputError,
+        r"`batch_size` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "stationarity_tol<0",
+        lambda t, d: ik.Influence(t, d, stationarity_tol=-1.0),
+        ik.InputError,
+        r"`stationarity_tol` must be a float in \[0, inf\]\. Got -1\.0",
+    ),
+    (
+        "fit_lbfgs-tol<0",
+        lambda t, d: ik.fit_lbfgs(t, d, tol=-1.0),
+        ik.InputError,
+        r"`tol` must be a float in \[0, inf\]\. Got -1\.0",
+    ),
+    (
+        "fit_lbfgs-max_iter=0",
+        lambda t, d: ik.fit_lbfgs(t, d, max_iter=0),
+        ik.InputError,
+        r"`max_iter` must be an int in \[1, inf\]\. Got 0",
+    ),
+    (
+        "fit_lbfgs-batch_size=0",
+        lambda t, d: ik.fit_lbfgs(t, d, batch_size=0),
+        ik.InputError,
+        r"`batch_size` must be an int in \[1, inf\]\. Got 0",
+    ),
 ]
 
 
@@ -587,13 +837,21 @@ def test_memory_budget_infinite_string(task, data, budget):
 
 
 # ============================================================================= data loaders
-@pytest.mark.parametrize("make", [
-    lambda ds: DataLoader(ds, batch_size=8, shuffle=True),
-    lambda ds: DataLoader(ds, batch_size=8, sampler=RandomSampler(ds)),
-], ids=["shuffle=True", "RandomSampler"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ds: DataLoader(ds, batch_size=8, shuffle=True),
+        lambda ds: DataLoader(ds, batch_size=8, sampler=RandomSampler(ds)),
+    ],
+    ids=["shuffle=True", "RandomSampler"],
+)
 def test_shuffling_dataloader(task, data, make):
     loader = make(TensorDataset(*data))
-    with pytest.raises(ik.InputError, match=r"`train` must be a DataLoader that keeps the dataset order \(shuffle=False, no sampler\)\. Got a DataLoader with a RandomSampler.*pass DataLoader\(dataset, shuffle=False\) or the dataset itself"):  # noqa: E501
+    with pytest.raises(
+        ik.InputError,
+        match=r"`train` must be a DataLoader that keeps the dataset order \(shuffle=False, no sampler\)\. Got a "
+        r"DataLoader with a RandomSampler.*pass DataLoader\(dataset, shuffle=False\) or the dataset itself",
+    ):  # noqa: E501
         ik.Influence(task, loader).fit()
 
 
@@ -616,7 +874,12 @@ def test_iterable_dataset(task, data, wrap):
     source = _Stream(*data)
     if wrap:
         source = DataLoader(source, batch_size=8)
-    with pytest.raises(ik.UnsupportedError, match=r"`train` is (a DataLoader over )?an IterableDataset, which cannot be indexed\. .*Pass a map-style Dataset \(one with __len__ and __getitem__\)"):
+    with pytest.raises(
+        ik.UnsupportedError,
+        match=r"`train` is (a DataLoader over )?an IterableDataset, which cannot be indexed\. .*Pass a "
+        r"map-style Dataset "
+        r"\(one with __len__ and __getitem__\)",
+    ):
         ik.Influence(task, source).fit()
 
 
@@ -633,7 +896,10 @@ def test_dataset_without_len(task, data):
 @pytest.mark.parametrize("side", ["train", "test"])
 def test_dict_batch_missing_keys(task, data, fitted, side):
     X, y = data
-    pattern = r"a dict batch must have the keys `input_key`='x' and `target_key`='y'\. Got keys \['features', 'label'\]; pass input_key=/target_key= to the task"
+    pattern = (
+        r"a dict batch must have the keys `input_key`='x' and `target_key`='y'\. Got keys \['features', 'label'\]; "
+        r"pass input_key=/target_key= to the task"
+    )
     with pytest.raises(ik.InputError, match=pattern):
         if side == "train":
             ik.Influence(task, {"features": X, "label": y}).fit()
@@ -650,10 +916,15 @@ def test_dict_batch_fix_from_the_message_works(trained_model, data):
 
 
 # ================================================================================ params_influence
-@pytest.mark.parametrize("idx, shown", [(N, r"\[40\]"), ([0, 5, 99], r"\[99\]"), (-1, r"\[-1\]"), (torch.tensor([3, 40]), r"\[40\]")],
-                         ids=["n", "list-99", "negative", "tensor"])
+@pytest.mark.parametrize(
+    "idx, shown",
+    [(N, r"\[40\]"), ([0, 5, 99], r"\[99\]"), (-1, r"\[-1\]"), (torch.tensor([3, 40]), r"\[40\]")],
+    ids=["n", "list-99", "negative", "tensor"],
+)
 def test_params_influence_out_of_range(fitted, idx, shown):
-    with pytest.raises(ik.InputError, match=rf"`idx` must hold indices in \[0, 39\] \(the training set has 40 points\)\. Got {shown}"):
+    with pytest.raises(
+        ik.InputError, match=rf"`idx` must hold indices in \[0, 39\] \(the training set has 40 points\)\. Got {shown}"
+    ):
         fitted.params_influence(idx)
 
 
@@ -687,8 +958,11 @@ def test_unflatten_wrong_length(fitted):
 
 
 # ===================================================================================== V for solvers
-@pytest.mark.parametrize("shape, shown", [((2, 17), "(2, 17)"), ((17,), "(1, 17)"), ((2, 3, 18), "(2, 3, 18)"), ((18, 2), "(18, 2)")],
-                         ids=["k-by-17", "vector-17", "3d", "transposed"])
+@pytest.mark.parametrize(
+    "shape, shown",
+    [((2, 17), "(2, 17)"), ((17,), "(1, 17)"), ((2, 3, 18), "(2, 3, 18)"), ((18, 2), "(18, 2)")],
+    ids=["k-by-17", "vector-17", "3d", "transposed"],
+)
 @pytest.mark.parametrize("solver", ["exact", "cg"])
 def test_solver_V_of_the_wrong_shape(trained_model, data, fitted, solver, shape, shown):
     if solver == "exact":
@@ -696,7 +970,9 @@ def test_solver_V_of_the_wrong_shape(trained_model, data, fitted, solver, shape,
     else:
         task = ik.ClassificationTask(copy.deepcopy(trained_model), l2=L2)
         s = ik.Influence(task, data, solver="cg").fit().solver_
-    with pytest.raises(ik.InputError, match=rf"`V` must have shape \(k, n_params\) = \(k, 18\)\. Got {re.escape(shown)}"):
+    with pytest.raises(
+        ik.InputError, match=rf"`V` must have shape \(k, n_params\) = \(k, 18\)\. Got {re.escape(shown)}"
+    ):
         s.solve(torch.zeros(*shape, dtype=torch.float64))
 
 
@@ -711,9 +987,15 @@ def test_solver_V_with_nan(fitted):
 def test_lissa_scale_far_too_small_diverges_quickly(task, data):
     X, y = data
     # depth=100_000 would take minutes: the divergence check must stop the recursion at once
-    inf = ik.Influence(task, data, solver="lissa", solver_options={"scale": 1e-4, "depth": 100_000, "eigen_steps": 2}).fit()
+    inf = ik.Influence(
+        task, data, solver="lissa", solver_options={"scale": 1e-4, "depth": 100_000, "eigen_steps": 2}
+    ).fit()
     start = time.perf_counter()
-    with pytest.raises(ik.SolverDivergenceError, match=r"LiSSA diverged after \d+ step\(s\) of repeat 1.*`scale`=0\.0001 is below the largest eigenvalue.*leave scale unset \(automatic\)"):
+    with pytest.raises(
+        ik.SolverDivergenceError,
+        match=r"LiSSA diverged after \d+ step\(s\) of repeat 1.*`scale`=0\.0001 is below the largest eigenvalue.*leave "
+        r"scale unset \(automatic\)",
+    ):
         inf.scores((X[:2], y[:2]))
     assert time.perf_counter() - start < 10.0
 
@@ -740,7 +1022,12 @@ def test_cg_negative_curvature_concave_loss(data):
     task, train = concave_problem(data)
     X, y = train
     inf = ik.Influence(task, train, solver="cg").fit()
-    with pytest.raises(ik.NumericalError, match=r"CG met negative curvature: .* ≤ 0, so H \+ δI is not positive definite \(δ = 0\)\. Raise `damping` above [0-9.e+-]+ \(non-convex models need it\)"):
+    with pytest.raises(
+        ik.NumericalError,
+        match=r"CG met negative curvature: .* ≤ 0, so H \+ δI is not positive definite \(δ = 0\)\. Raise "
+        r"`damping` above "
+        r"[0-9.e+-]+ \(non-convex models need it\)",
+    ):
         inf.scores((X[:2], y[:2]))
 
 
@@ -755,27 +1042,42 @@ def test_cg_negative_curvature_mlp_away_from_a_minimum(data):
 
 def test_exact_solver_warns_on_negative_eigenvalues(data):
     task, train = concave_problem(data)
-    with pytest.warns(ik.CurvatureWarning, match=r"H \+ δI has negative eigenvalues \(smallest -[0-9.e+-]+\): θ̂ is not a minimum.*use damping >= [0-9.e+-]+"):
+    with pytest.warns(
+        ik.CurvatureWarning,
+        match=r"H \+ δI has negative eigenvalues \(smallest -[0-9.e+-]+\): θ̂ is not a minimum.*use damping >= "
+        r"[0-9.e+-]+",
+    ):
         ik.Influence(task, train, solver="exact").fit()
 
 
 def test_lissa_warns_on_negative_curvature(data):
     task, train = concave_problem(data)
-    with pytest.warns(ik.CurvatureWarning, match=r"H \+ δI has negative curvature.*LiSSA diverges on it\. Use `damping=[0-9.e+-]+` or more"):
+    with pytest.warns(
+        ik.CurvatureWarning,
+        match=r"H \+ δI has negative curvature.*LiSSA diverges on it\. Use `damping=[0-9.e+-]+` or more",
+    ):
         ik.Influence(task, train, solver="lissa", solver_options={"eigen_steps": 3, "depth": 5}).fit()
 
 
 def test_exact_solver_singular_hessian(data):
     # multiclass softmax without L2: the logits are shift-invariant across classes, so H is singular
     task = untrained_task(l2=0.0)
-    with pytest.raises(ik.NumericalError, match=r"H \+ δI is singular: its smallest eigenvalue is .*Add damping \(e\.g\. damping=[0-9.e+-]+\) or an L2 term \(`l2=` of the task\)"):
+    with pytest.raises(
+        ik.NumericalError,
+        match=r"H \+ δI is singular: its smallest eigenvalue is .*Add damping \(e\.g\. damping=[0-9.e+-]+\) or an L2 "
+        r"term \(`l2=` of the task\)",
+    ):
         ik.Influence(task, data, solver="exact").fit()
 
 
 # ============================================================================ stationarity
 def test_stationarity_warning_names_the_gradient_norm(data):
     inf = ik.Influence(untrained_task(), data, solver="exact")
-    with pytest.warns(ik.StationarityWarning, match=r"far from a stationary point of the training objective: \|\|grad R\(theta\)\|\| = [0-9.e+-]+ > stationarity_tol=0\.001\..*train longer or check that `l2` matches") as record:  # noqa: E501
+    with pytest.warns(
+        ik.StationarityWarning,
+        match=r"far from a stationary point of the training objective: \|\|grad R\(theta\)\|\| = [0-9.e+-]+ > "
+        r"stationarity_tol=0\.001\..*train longer or check that `l2` matches",
+    ) as record:  # noqa: E501
         inf.fit()
     message = next(str(w.message) for w in record if issubclass(w.category, ik.StationarityWarning))
     shown = float(re.search(r"= ([0-9.e+-]+) >", message).group(1))
@@ -800,14 +1102,22 @@ def test_trained_model_gives_no_stationarity_warning(task, data):
 
 
 # ====================================================================================== fit_lbfgs
-@pytest.mark.parametrize("weights, shown", [
-    (torch.ones(N - 1), r"\(39,\)"),
-    (torch.ones(N, 1), r"\(40, 1\)"),
-    (torch.ones(2, N), r"\(2, 40\)"),
-    (torch.tensor(1.0), r"\(\)"),
-], ids=["short", "column", "2d", "scalar"])
+@pytest.mark.parametrize(
+    "weights, shown",
+    [
+        (torch.ones(N - 1), r"\(39,\)"),
+        (torch.ones(N, 1), r"\(40, 1\)"),
+        (torch.ones(2, N), r"\(2, 40\)"),
+        (torch.tensor(1.0), r"\(\)"),
+    ],
+    ids=["short", "column", "2d", "scalar"],
+)
 def test_fit_lbfgs_weights_of_the_wrong_shape(task, data, weights, shown):
-    with pytest.raises(ik.InputError, match=rf"`weights` must be a finite, non-negative tensor of shape \(40,\) with a positive sum\. Got shape {shown}"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`weights` must be a finite, non-negative tensor of shape \(40,\) with a positive sum\. Got "
+        rf"shape {shown}",
+    ):
         ik.fit_lbfgs(task, data, weights=weights)
 
 
@@ -820,5 +1130,7 @@ def test_fit_lbfgs_weights_bad_values(task, data, bad):
         w[3] = math.nan
     else:
         w.zero_()
-    with pytest.raises(ik.InputError, match=r"`weights` must be a finite, non-negative tensor of shape \(40,\) with a positive sum"):
+    with pytest.raises(
+        ik.InputError, match=r"`weights` must be a finite, non-negative tensor of shape \(40,\) with a positive sum"
+    ):
         ik.fit_lbfgs(task, data, weights=w)

@@ -17,8 +17,10 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="the page test need
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
-                                reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or DRIVER is None,
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,9 @@ def test_pick_explain_mark_export_in_a_real_browser(server, browser, tmp_path):
     assert sorted(m["train_index"] for m in exported["marked"]) == sorted({first, top})
     browser.find_element(By.ID, "export-csv").click()
     csv_text = browser.find_element(By.ID, "export-text").get_attribute("value")
-    assert csv_text.splitlines()[0] == "train_index,label,score,self_influence" and len(csv_text.splitlines()) == 1 + len({first, top})
+    assert csv_text.splitlines()[0] == "train_index,label,score,self_influence" and len(
+        csv_text.splitlines()
+    ) == 1 + len({first, top})
     assert browser.find_element(By.ID, "error").text == ""
     # a screenshot of the explain tab, checked to be a page and not blank
     browser.find_element(By.ID, "tab-explain").click()
@@ -136,7 +140,12 @@ def test_an_uploaded_image_is_explained(server, browser, tmp_path):
     _wait(lambda: browser.find_element(By.ID, "query-text").text.startswith("test #0"))
     browser.find_element(By.TAG_NAME, "summary").click()
     browser.find_element(By.ID, "upload").send_keys(str(path))
-    text = _wait(lambda: browser.find_element(By.ID, "query-text").text.startswith("new input") and browser.find_element(By.ID, "query-text").text)
+    text = _wait(
+        lambda: (
+            browser.find_element(By.ID, "query-text").text.startswith("new input")
+            and browser.find_element(By.ID, "query-text").text
+        )
+    )
     _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#harmful .card")) == 8)
     predicted = int(index.split_array("predicted", "test")[12])
     assert f"label {predicted}" in text, text  # the model reads the upload as it reads the stored digit

@@ -15,7 +15,9 @@ from influencekit.errors import CorruptFileWarning
 
 
 def _fitted(d, cache_dir=None):
-    return ik.Influence(d.task, d.train, solver="exact", damping=0.01, memory_budget=4 * 8 * 650 * 40, cache_dir=cache_dir).fit()
+    return ik.Influence(
+        d.task, d.train, solver="exact", damping=0.01, memory_budget=4 * 8 * 650 * 40, cache_dir=cache_dir
+    ).fit()
 
 
 def _replace_with_wrong_length(path):
@@ -42,9 +44,13 @@ def _drop_checksum(path):
     path.with_name(path.name + ".sha256").unlink()
 
 
-FAULTS = {"wrong length": (_replace_with_wrong_length, "changed after it was written"), "NaN": (_fill_with_nan, "changed after it was written"),
-          "truncated": (_truncate, "changed after it was written"), "one value changed": (_flip_one_value, "changed after it was written"),
-          "checksum missing": (_drop_checksum, "checksum file is missing")}
+FAULTS = {
+    "wrong length": (_replace_with_wrong_length, "changed after it was written"),
+    "NaN": (_fill_with_nan, "changed after it was written"),
+    "truncated": (_truncate, "changed after it was written"),
+    "one value changed": (_flip_one_value, "changed after it was written"),
+    "checksum missing": (_drop_checksum, "checksum file is missing"),
+}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -65,11 +71,14 @@ def test_a_damaged_score_file_is_named_and_recomputed(digits_small, tmp_path, fa
         assert torch.equal(inf.scores(d.test, folder=tmp_path).values, reference)
 
 
-@pytest.mark.parametrize("array, message", [
-    (np.full((40, 300), np.nan), r"it holds 12000 NaN/inf values"),
-    (np.zeros((3, 300)), r"it holds shape \(3, 300\) float64, expected \(40, 300\) float64"),
-    (np.zeros((40, 300), dtype=np.float32), r"it holds shape \(40, 300\) float32, expected \(40, 300\) float64"),
-])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((40, 300), np.nan), r"it holds 12000 NaN/inf values"),
+        (np.zeros((3, 300)), r"it holds shape \(3, 300\) float64, expected \(40, 300\) float64"),
+        (np.zeros((40, 300), dtype=np.float32), r"it holds shape \(40, 300\) float32, expected \(40, 300\) float64"),
+    ],
+)
 def test_a_block_written_with_a_valid_checksum_is_still_checked(digits_small, tmp_path, array, message):
     from influencekit.folders import save_array
 
@@ -86,7 +95,11 @@ def test_a_damaged_solver_cache_is_named_and_refitted(digits_small, tmp_path, fa
     d = digits_small
     first = _fitted(d, cache_dir=tmp_path)
     state = tmp_path / "solver-state.pt"
-    {"truncated": _truncate, "garbage": lambda p: p.write_bytes(b"not a torch file"), "checksum missing": _drop_checksum}[fault](state)
+    {
+        "truncated": _truncate,
+        "garbage": lambda p: p.write_bytes(b"not a torch file"),
+        "checksum missing": _drop_checksum,
+    }[fault](state)
     with pytest.warns(CorruptFileWarning, match=r"solver-state\.pt: .*refitting the solver"):
         second = _fitted(d, cache_dir=tmp_path)
     assert not second.solver_loaded_
@@ -103,10 +116,15 @@ def test_a_damaged_gradient_store_chunk_is_recomputed_by_build_and_refused_by_sc
     chunk = tmp_path / "grads-000001.npy"
     _flip_one_value(chunk)
     with pytest.warns(CorruptFileWarning, match=r"grads-000001\.npy: .*changed after it was written"):
-        rebuilt = ik.GradientStore.build(inf, tmp_path, dim=64, chunk=100, seed=0)  # resumes: recomputes that chunk only
+        rebuilt = ik.GradientStore.build(
+            inf, tmp_path, dim=64, chunk=100, seed=0
+        )  # resumes: recomputes that chunk only
     assert torch.equal(rebuilt.scores(d.test).values, reference)
     _fill_with_nan(chunk)  # damaged after the store was opened: scoring refuses it rather than reading NaN scores
-    with pytest.warns(CorruptFileWarning), pytest.raises(ik.InputError, match="lacks its chunk at rows 100:200; rerun GradientStore.build"):
+    with (
+        pytest.warns(CorruptFileWarning),
+        pytest.raises(ik.InputError, match="lacks its chunk at rows 100:200; rerun GradientStore.build"),
+    ):
         rebuilt.scores(d.test)
 
 
@@ -128,8 +146,12 @@ def test_float32_leave_one_out_with_an_unreachable_tol_is_refused_before_retrain
     inf, test = float32_logistic
     from influencekit.validation import retraining
 
-    monkeypatch.setattr(retraining.Retrainer, "run", lambda *a, **k: pytest.fail("retrained before checking the resolution"))
-    with pytest.raises(ik.InputError, match=r"`tol`=1e-09 cannot be reached in float32: .* compute in float64 \(model.double\(\)"):
+    monkeypatch.setattr(
+        retraining.Retrainer, "run", lambda *a, **k: pytest.fail("retrained before checking the resolution")
+    )
+    with pytest.raises(
+        ik.InputError, match=r"`tol`=1e-09 cannot be reached in float32: .* compute in float64 \(model.double\(\)"
+    ):
         ik.leave_one_out(inf, test, test_indices=[0], top_k=5, n_random=5)
     with pytest.raises(ik.InputError, match=r"`tol`=1e-09 cannot be reached in float32"):
         ik.validate_groups(inf, [[0, 1, 2]], test, test_indices=[0])
@@ -138,9 +160,18 @@ def test_float32_leave_one_out_with_an_unreachable_tol_is_refused_before_retrain
 def test_retraining_that_does_not_move_the_model_is_flagged(float32_logistic):
     inf, test = float32_logistic
     # a fixed budget far too small to move θ̂: the "actual" changes are float32 round-off, the predictions are not
-    with pytest.warns(ik.ConvergenceWarning, match=r"leave-one-out changes are round-off: .*the correlations of this result mean nothing"):
-        ik.leave_one_out(inf, test, test_indices=[0, 1], top_k=5, n_random=5,
-                         retrain=ik.validation.StepRetrain(steps=1, lr=1e-9, optimizer="sgd"))
+    with pytest.warns(
+        ik.ConvergenceWarning,
+        match=r"leave-one-out changes are round-off: .*the correlations of this result mean nothing",
+    ):
+        ik.leave_one_out(
+            inf,
+            test,
+            test_indices=[0, 1],
+            top_k=5,
+            n_random=5,
+            retrain=ik.validation.StepRetrain(steps=1, lr=1e-9, optimizer="sgd"),
+        )
 
 
 # ------------------------------------------------------------------------------------------ the boundary
@@ -157,8 +188,11 @@ def test_inputs_the_model_cannot_take_are_named_with_the_expected_shape(small, s
     model, X, y = small
     task = ik.ClassificationTask(model)
     wrong = torch.randn(len(y), 7, dtype=torch.float64)
-    with pytest.raises(ik.InputError, match=rf"the model cannot take the examples of `{side}`: each has \[0\] shape \(7,\) float64"
-                                            r".* expects 5 features per example, in torch.float64.*mat1 and mat2"):
+    with pytest.raises(
+        ik.InputError,
+        match=rf"the model cannot take the examples of `{side}`: each has \[0\] shape \(7,\) float64"
+        r".* expects 5 features per example, in torch.float64.*mat1 and mat2",
+    ):
         if side == "train":
             ik.Influence(task, (wrong, y), stationarity_tol=10).fit()
         else:
@@ -167,20 +201,27 @@ def test_inputs_the_model_cannot_take_are_named_with_the_expected_shape(small, s
 
 def test_integer_inputs_get_the_conversion(small):
     model, X, y = small
-    with pytest.raises(ik.InputError, match=r"shape \(5,\) int64\. .*The inputs are integers: convert them, e.g. X.to\(torch.float64\)"):
+    with pytest.raises(
+        ik.InputError, match=r"shape \(5,\) int64\. .*The inputs are integers: convert them, e.g. X.to\(torch.float64\)"
+    ):
         ik.Influence(ik.ClassificationTask(model), (X.long(), y), stationarity_tol=10).fit()
 
 
 def test_labels_of_shape_n_by_1_are_shown_as_such(small):
     model, X, y = small
-    with pytest.raises(ik.InputError, match=r"must be a 1-D tensor of shape \(n,\)\. Got shape \(n, 1\); flatten them with y.reshape\(-1\)"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"must be a 1-D tensor of shape \(n,\)\. Got shape \(n, 1\); flatten them with y.reshape\(-1\)",
+    ):
         ik.Influence(ik.ClassificationTask(model), (X, y[:, None]), stationarity_tol=10).fit()
 
 
 def test_dropout_in_training_mode_is_refused_when_the_influence_is_built(small):
     _, X, y = small
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3)).double()
-    with pytest.raises(ik.InputError, match=r"the model's Dropout '1' is in training mode .*call model.eval\(\) before building"):
+    with pytest.raises(
+        ik.InputError, match=r"the model's Dropout '1' is in training mode .*call model.eval\(\) before building"
+    ):
         ik.Influence(ik.ClassificationTask(net), (X, y))
     net.eval()
     ik.Influence(ik.ClassificationTask(net), (X, y))  # eval mode: accepted
@@ -219,12 +260,15 @@ def test_lissa_that_diverges_slowly_is_stopped_at_a_residual_check_with_no_estim
     (every 10 steps, deterministic recursion) must stop it once the residual passes 2 and grows, i.e. after about
     log(2000)/log(1.01) ≈ 764 steps, never at the end of depth=100,000."""
     op = DenseOperator(torch.cat([torch.tensor([-0.02]), torch.linspace(0.1, 1.0, 19, dtype=torch.float64)]))
-    v = (op.Q[:, 1:].sum(dim=1) / 19 ** 0.5 + 1e-3 * op.Q[:, 0])[None]
+    v = (op.Q[:, 1:].sum(dim=1) / 19**0.5 + 1e-3 * op.Q[:, 0])[None]
     with pytest.warns(ik.CurvatureWarning, match="negative curvature"):
         solver = ik.LissaSolver(depth=100_000, batch_size=1000, scale=2.0, eigen_steps=20).fit(op)
-    with pytest.raises(ik.SolverDivergenceError, match=r"LiSSA diverged after \d+ step\(s\) of repeat 1: its relative residual "
-                                                       r"went .* \(factor 1\.0(09|10|11)\d* per step\); no estimate is returned\. "
-                                                       r"H \+ δI has negative curvature .*use `damping=0\.04` or more") as info:
+    with pytest.raises(
+        ik.SolverDivergenceError,
+        match=r"LiSSA diverged after \d+ step\(s\) of repeat 1: its relative residual "
+        r"went .* \(factor 1\.0(09|10|11)\d* per step\); no estimate is returned\. "
+        r"H \+ δI has negative curvature .*use `damping=0\.04` or more",
+    ) as info:
         solver.solve(v)
     steps = int(str(info.value).split("after ")[1].split(" ")[0])
     assert 650 <= steps <= 800, steps
@@ -236,7 +280,10 @@ def test_lissa_reports_the_measured_rate_and_the_trend():
     the second half of the run must measure (to 0.002)."""
     op = DenseOperator(torch.cat([torch.tensor([0.1]), torch.linspace(0.5, 1.0, 19, dtype=torch.float64)]))
     v = torch.randn(3, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    with pytest.warns(ik.ConvergenceWarning, match=r"the residual is converging, measured factor 0\.95\d* per step \(1 − λ_min/scale predicts"):
+    with pytest.warns(
+        ik.ConvergenceWarning,
+        match=r"the residual is converging, measured factor 0\.95\d* per step \(1 − λ_min/scale predicts",
+    ):
         x, report = ik.LissaSolver(depth=100, batch_size=1000, scale=2.0, rtol=1e-9).fit(op).solve(v)
     details = report.details
     assert details["trend"] == "converging" and abs(details["measured_rate"] - 0.95) < 2e-3, details
@@ -258,7 +305,10 @@ def test_lissa_far_worse_than_zero_at_the_end_is_refused():
     op = DenseOperator(torch.linspace(0.1, 1.0, 20, dtype=torch.float64))
     op.minibatch_matvec = lambda V, idx, damped=True: 0.3 * op.matvec(V)
     op.n_examples = 10_000
-    with pytest.raises(ik.SolverDivergenceError, match=r"its relative residual went 1 at step 0, 2\.33 at step 3000.*no estimate is returned"):
+    with pytest.raises(
+        ik.SolverDivergenceError,
+        match=r"its relative residual went 1 at step 0, 2\.33 at step 3000.*no estimate is returned",
+    ):
         ik.LissaSolver(depth=3000, batch_size=10, scale=2.0).fit(op).solve(torch.ones(1, 20, dtype=torch.float64))
 
 
@@ -271,7 +321,10 @@ def test_advice_names_the_setting_where_the_user_is():
         assert setting_hint("depth", 2000) == "`--solver-option depth=2000`"
         assert setting_hint("damping", 0.1, scope="influence") == "`--damping 0.1`"
     with command_line_settings({"--solver"}):
-        assert setting_hint("batch_size", 64) == "`solver_options={'batch_size': 64}` (from Python; this command has no --solver-option)"
+        assert (
+            setting_hint("batch_size", 64)
+            == "`solver_options={'batch_size': 64}` (from Python; this command has no --solver-option)"
+        )
     assert setting_hint("depth") == "`solver_options['depth']`"  # the context is left behind
 
 
@@ -284,8 +337,23 @@ def test_inspect_with_lissa_advises_command_line_flags(tmp_path):
     x = rng.normal(size=(120, 3))
     rows = ["a,b,c,y"] + [f"{a:.4f},{b:.4f},{c:.4f},{int(a + 0.5 * b > 0)}" for a, b, c in x]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
-    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "t.csv"), "--label", "y", "--out", str(tmp_path / "o"),
-                                      "--solver", "lissa", "--solver-option", "depth=3", "--solver-option", "eigen_steps=5"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "inspect",
+            str(tmp_path / "t.csv"),
+            "--label",
+            "y",
+            "--out",
+            str(tmp_path / "o"),
+            "--solver",
+            "lissa",
+            "--solver-option",
+            "depth=3",
+            "--solver-option",
+            "eigen_steps=5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "LiSSA did not converge" in result.output and "Raise `--solver-option depth=" in result.output, result.output
     assert "solver_options" not in result.output
@@ -311,15 +379,20 @@ def test_inspect_leaves_identifier_columns_out_with_a_notice(tmp_path):
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(178, 2))
-    rows = ["patient,visit,a,b,y"] + [f"P{1000 + i},{i + 1},{a:.4f},{b:.4f},{int(a - b > 0)}" for i, (a, b) in enumerate(x)]
+    rows = ["patient,visit,a,b,y"] + [
+        f"P{1000 + i},{i + 1},{a:.4f},{b:.4f},{int(a - b > 0)}" for i, (a, b) in enumerate(x)
+    ]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     result = run_inspect(tmp_path / "t.csv", "y", out_dir=tmp_path / "o", l2=1e-2)
     kinds = {c.name: c.kind for c in result.encoder.columns_}
     assert kinds == {"patient": "identifier", "visit": "identifier", "a": "numeric", "b": "numeric"}
     assert result.metadata["n_features"] == 2
     n_train = len(result.train)
-    assert (f"notice: left out as identifiers (a value per row, nothing to learn from): 'patient' ({n_train} distinct values "
-            f"in {n_train} rows), 'visit' ({n_train} distinct values in {n_train} rows)") in result.text
+    assert (
+        f"notice: left out as identifiers (a value per row, nothing to learn from): 'patient' ({n_train} distinct "
+        "values "
+        f"in {n_train} rows), 'visit' ({n_train} distinct values in {n_train} rows)"
+    ) in result.text
     assert "looks like an identifier" in result.report_path.read_text()
     kept = run_inspect(tmp_path / "t.csv", "y", out_dir=tmp_path / "o2", l2=1e-2, numeric=("visit",))
     assert {c.name: c.kind for c in kept.encoder.columns_}["visit"] == "numeric" and kept.metadata["n_features"] == 3
@@ -335,7 +408,9 @@ def test_inspect_lists_the_misclassified_test_rows_first_then_by_loss(tmp_path):
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     result = run_inspect(tmp_path / "t.csv", "y", out_dir=tmp_path / "o", l2=1e-2, max_test_rows=25)
     wrong = [e["predicted"] != e["label"] for e in result.explained]
-    assert 0 < sum(wrong) < len(wrong) and wrong == sorted(wrong, reverse=True)  # every misclassified one before the rest
+    assert 0 < sum(wrong) < len(wrong) and wrong == sorted(
+        wrong, reverse=True
+    )  # every misclassified one before the rest
     n_wrong = sum(wrong)
     for part in (result.explained[:n_wrong], result.explained[n_wrong:]):
         losses = [e["loss"] for e in part]
@@ -354,8 +429,12 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
     out = tmp_path / "kills.json"
-    done = subprocess.run([sys.executable, str(script), "--trials", "1", "--seed", "3", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), "--trials", "1", "--seed", "3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(out.read_text())
     assert sorted(r["kind"] for r in results) == ["cache", "scores", "store"]
@@ -368,8 +447,14 @@ def test_lissa_self_influence_shows_its_progress(digits_small, capsys):
     """The issue's 580-second self_influence() ran without a bar: with progress=True the LiSSA recursion and the
     self-influence solves each show one (tqdm writes to stderr)."""
     d = digits_small
-    inf = ik.Influence(d.task, d.train, solver="lissa", damping=0.05, progress=True,
-                       solver_options={"depth": 20, "batch_size": 300, "eigen_steps": 4, "warn": False}).fit()
+    inf = ik.Influence(
+        d.task,
+        d.train,
+        solver="lissa",
+        damping=0.05,
+        progress=True,
+        solver_options={"depth": 20, "batch_size": 300, "eigen_steps": 4, "warn": False},
+    ).fit()
     capsys.readouterr()
     inf.self_influence()
     err = capsys.readouterr().err

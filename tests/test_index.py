@@ -23,10 +23,19 @@ SOLVERS = {
 
 
 def _build(d, folder, solver="exact", **options):
-    inf = ik.Influence(d.task, d.train, solver=solver, damping=0.01, solver_options=options,
-                       cache_dir=InfluenceIndex.solver_dir(folder)).fit()
+    inf = ik.Influence(
+        d.task,
+        d.train,
+        solver=solver,
+        damping=0.01,
+        solver_options=options,
+        cache_dir=InfluenceIndex.solver_dir(folder),
+    ).fit()
     Xt, yt = d.test
-    display = {"train": Display("image", d.train[0].reshape(-1, 8, 8)), "test": Display("image", Xt[:50].reshape(-1, 8, 8))}
+    display = {
+        "train": Display("image", d.train[0].reshape(-1, 8, 8)),
+        "test": Display("image", Xt[:50].reshape(-1, 8, 8)),
+    }
     return inf, InfluenceIndex.build(inf, folder, test=(Xt[:50], yt[:50]), display=display)
 
 
@@ -57,7 +66,9 @@ def test_a_new_input_is_answered_as_the_same_example_in_a_test_set(digits_small,
     new = index.explain(example, k=5)
     stored = index.explain_test([3], k=5)
     assert label == int(yt[3])
-    assert torch.equal(new.helpful.indices, stored.helpful.indices) and torch.equal(new.harmful.values, stored.harmful.values)
+    assert torch.equal(new.helpful.indices, stored.helpful.indices) and torch.equal(
+        new.harmful.values, stored.harmful.values
+    )
     # without a label: the model's own prediction is explained
     _, predicted = index.new_input(Xt[3].tolist())
     assert predicted == int(inf.task.outputs(inf.params_, (Xt[3:4], yt[3:4])).argmax())
@@ -81,10 +92,14 @@ def test_stored_arrays_match_the_influence(digits_small, tmp_path):
 def test_reopening_loads_the_solver_and_refuses_another_model(digits_small, tmp_path):
     d = digits_small
     _, index = _build(d, tmp_path)
-    again = ik.Influence(d.task, d.train, solver="exact", damping=0.01, cache_dir=InfluenceIndex.solver_dir(tmp_path)).fit()
+    again = ik.Influence(
+        d.task, d.train, solver="exact", damping=0.01, cache_dir=InfluenceIndex.solver_dir(tmp_path)
+    ).fit()
     assert again.solver_loaded_
     reopened = InfluenceIndex.open(tmp_path, again)
-    assert torch.equal(reopened.explain_test([0, 1], k=3).harmful.indices, index.explain_test([0, 1], k=3).harmful.indices)
+    assert torch.equal(
+        reopened.explain_test([0, 1], k=3).harmful.indices, index.explain_test([0, 1], k=3).harmful.indices
+    )
     other = ik.Influence(d.task, d.train, solver="exact", damping=0.1).fit()
     with pytest.raises(ik.InputError, match=r"was built from another model or configuration \(differs in: damping"):
         InfluenceIndex.open(tmp_path, other)
@@ -101,22 +116,36 @@ def test_a_damaged_rows_file_is_refused_by_a_query_and_recomputed_by_build(digit
     a[0, 0] += 1.0
     np.save(path, a)
     fresh = InfluenceIndex.open(tmp_path, inf)
-    with pytest.raises(ik.InputError, match=r"the index file .*rows-000000000\.npy: its contents changed after it was written.*Rebuild"):
+    with pytest.raises(
+        ik.InputError, match=r"the index file .*rows-000000000\.npy: its contents changed after it was written.*Rebuild"
+    ):
         fresh.explain_test([0], k=4)
     with pytest.warns(CorruptFileWarning, match=r"ignoring the index file .*rows-000000000\.npy"):
-        rebuilt = InfluenceIndex.build(inf, tmp_path, test=(d.test[0][:50], d.test[1][:50]),
-                                       display={"train": Display("image", d.train[0].reshape(-1, 8, 8)),
-                                                "test": Display("image", d.test[0][:50].reshape(-1, 8, 8))})
+        rebuilt = InfluenceIndex.build(
+            inf,
+            tmp_path,
+            test=(d.test[0][:50], d.test[1][:50]),
+            display={
+                "train": Display("image", d.train[0].reshape(-1, 8, 8)),
+                "test": Display("image", d.test[0][:50].reshape(-1, 8, 8)),
+            },
+        )
     assert torch.equal(rebuilt.explain_test([0], k=4).helpful.values, reference.helpful.values)
 
 
-@pytest.mark.parametrize("query, message", [
-    (lambda i: i.explain_test([50]), r"test index 50 is out of range: the index keeps 50 test examples \(0\.\.49\)"),
-    (lambda i: i.new_input([0.0] * 63), r"`input` must have 64 values \(one example of shape \(64,\)\)\. Got 63"),
-    (lambda i: i.new_input([float("nan")] * 64), r"`input` must hold only finite numbers"),
-    (lambda i: i.new_input("pixels"), r"`input` must be numbers shaped like one example"),
-    (lambda i: i.explain_test([0], k=0), r"`k` must be an int in \[1, 300\]\. Got 0"),
-])
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        (
+            lambda i: i.explain_test([50]),
+            r"test index 50 is out of range: the index keeps 50 test examples \(0\.\.49\)",
+        ),
+        (lambda i: i.new_input([0.0] * 63), r"`input` must have 64 values \(one example of shape \(64,\)\)\. Got 63"),
+        (lambda i: i.new_input([float("nan")] * 64), r"`input` must hold only finite numbers"),
+        (lambda i: i.new_input("pixels"), r"`input` must be numbers shaped like one example"),
+        (lambda i: i.explain_test([0], k=0), r"`k` must be an int in \[1, 300\]\. Got 0"),
+    ],
+)
 def test_bad_queries_are_named(digits_small, tmp_path, query, message):
     _, index = _build(digits_small, tmp_path)
     with pytest.raises(ik.InputError, match=message):
@@ -176,8 +205,10 @@ def test_an_index_on_a_gradient_store_answers_as_the_store(digits_small, tmp_pat
         assert torch.equal(getattr(expected, part).values, getattr(got, part).values)
     assert np.array_equal(np.asarray(index.self_influence()), store.self_influence().numpy())
     assert got.metadata["score_space"] == "index (gradient store, projected)"
-    assert torch.equal(InfluenceIndex.open(tmp_path / "index", inf, store=store).explain_test([0], k=3).harmful.indices,
-                       got.harmful.indices[:1, :3])
+    assert torch.equal(
+        InfluenceIndex.open(tmp_path / "index", inf, store=store).explain_test([0], k=3).harmful.indices,
+        got.harmful.indices[:1, :3],
+    )
     with pytest.raises(ik.InputError, match=r"was built on a gradient store .*open it with `store=` that store"):
         InfluenceIndex.open(tmp_path / "index", inf)
     other = ik.Influence(d.task, d.train, solver="exact", damping=0.01).fit()
@@ -190,14 +221,24 @@ def test_every_damaged_file_is_refused_by_a_query_and_rebuilt(digits_small, tmp_
     it (named, with the fix) and rewritten by the next build, which then answers as before."""
     d = digits_small
     inf, index = _build(d, tmp_path)
-    before = (np.array(index.self_influence()), np.array(index.split_array("loss", "train")), index.display_item("test", 3))
+    before = (
+        np.array(index.self_influence()),
+        np.array(index.split_array("loss", "train")),
+        index.display_item("test", 3),
+    )
     for name in ("self-000000000.npy", "loss-train.npy", "display-test.json"):
         path = tmp_path / name
         path.write_bytes(path.read_bytes()[:-4] + b"XXXX")
     fresh = InfluenceIndex.open(tmp_path, inf)
-    for read, name in ((fresh.self_influence, "self-000000000"), (lambda: fresh.split_array("loss", "train"), "loss-train"),
-                       (lambda: fresh.display_item("test", 3), "display-test")):
-        with pytest.raises(ik.InputError, match=rf"the index file .*{name}\.(npy|json): its contents changed after it was written.*Rebuild"):
+    for read, name in (
+        (fresh.self_influence, "self-000000000"),
+        (lambda: fresh.split_array("loss", "train"), "loss-train"),
+        (lambda: fresh.display_item("test", 3), "display-test"),
+    ):
+        with pytest.raises(
+            ik.InputError,
+            match=rf"the index file .*{name}\.(npy|json): its contents changed after it was written.*Rebuild",
+        ):
             read()
     with pytest.warns(CorruptFileWarning) as caught:
         _, rebuilt = _build(d, tmp_path)

@@ -55,8 +55,10 @@ def test_factored_rows_answer_as_influence_top_k(cnn, tmp_path, solver, rows):
     assert got.metadata["score_space"] == "index (parameters, factored rows)"
     assert _close(torch.from_numpy(np.array(index.self_influence())), inf.self_influence()) < TOL
     # storage: 40 conv entries + (145 + 12) + (13 + 3) tap values per example, against 1,819 gradient entries
-    stored = sum(np.load(p, mmap_mode="r").shape[0] * int(np.prod(np.load(p, mmap_mode="r").shape[1:]))
-                 for p in list(tmp_path.glob("rows-*.npy")) + list(tmp_path.glob("taps-*.npy")))
+    stored = sum(
+        np.load(p, mmap_mode="r").shape[0] * int(np.prod(np.load(p, mmap_mode="r").shape[1:]))
+        for p in list(tmp_path.glob("rows-*.npy")) + list(tmp_path.glob("taps-*.npy"))
+    )
     assert stored == len(train[0]) * (40 + 157 + 16)
     # reopened from the folder: the same answers
     again = InfluenceIndex.open(tmp_path, inf).explain_test([0, 5], k=6)
@@ -83,7 +85,10 @@ def test_a_damaged_taps_file_is_refused_and_rebuilt(cnn, tmp_path):
     reference = InfluenceIndex.build(inf, tmp_path, test=test).explain_test([1], k=3)
     path = tmp_path / "taps-000000000-1-a.npy"
     path.write_bytes(path.read_bytes()[:-8] + b"XXXXXXXX")
-    with pytest.raises(ik.InputError, match=r"the index file .*taps-000000000-1-a\.npy: its contents changed after it was written.*Rebuild"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"the index file .*taps-000000000-1-a\.npy: its contents changed after it was written.*Rebuild",
+    ):
         InfluenceIndex.open(tmp_path, inf).explain_test([1], k=3)
     with pytest.warns(CorruptFileWarning, match=r"taps-000000000-1-a\.npy"):
         rebuilt = InfluenceIndex.build(inf, tmp_path, test=test)
@@ -102,7 +107,9 @@ def test_rows_dense_and_bad_rows_are_named(cnn, tmp_path):
     with pytest.raises(ik.InputError, match=r"`rows` must be one of 'auto', 'dense', 'factored'\. Got 'sparse'"):
         InfluenceIndex.build(inf, tmp_path / "x", rows="sparse")
     arnoldi = _fit(task, train, "arnoldi", {"rank": 20, "remainder": "drop"})
-    with pytest.raises(ik.InputError, match=r"`rows='factored'` keeps parameter gradients, but this index stores basis rows"):
+    with pytest.raises(
+        ik.InputError, match=r"`rows='factored'` keeps parameter gradients, but this index stores basis rows"
+    ):
         InfluenceIndex.build(arnoldi, tmp_path / "y", rows="factored")
 
 
@@ -125,14 +132,20 @@ def test_low_rank_queries_scan_factored_rows_as_influence_top_k(cnn, tmp_path):
     inf = _fit(task, train, "ekfac")
     index = InfluenceIndex.build(inf, tmp_path, test=test)
     for rank in (2, 12):
-        expected, got = inf.top_k(test, k=5, query_rank=rank), index.explain_test(range(len(test[0])), k=5, query_rank=rank)
+        expected, got = (
+            inf.top_k(test, k=5, query_rank=rank),
+            index.explain_test(range(len(test[0])), k=5, query_rank=rank),
+        )
         for part in ("helpful", "harmful"):
             e, g = getattr(expected, part), getattr(got, part)
             assert torch.equal(e.indices, g.indices), (rank, part)
             assert _close(g.values, e.values) < 1e-10
         assert got.metadata["search"] == f"low-rank queries (rank {rank})"
     exact = index.explain_test(range(len(test[0])), k=5)
-    assert torch.equal(got.harmful.indices, exact.harmful.indices) and _close(got.harmful.values, exact.harmful.values) < 1e-10
+    assert (
+        torch.equal(got.harmful.indices, exact.harmful.indices)
+        and _close(got.harmful.values, exact.harmful.values) < 1e-10
+    )
     dense = InfluenceIndex.build(inf, tmp_path / "dense", rows="dense")
     with pytest.raises(ik.InputError, match=r"`query_rank` scans factored rows .*this index has parameters rows"):
         dense.explain(test, k=3, query_rank=4)

@@ -12,7 +12,9 @@ from influencekit.last_layer import CLOSED_FORM, last_linear_hessian
 
 
 def _both(task, data, weights=None):
-    op = HessianOperator(task, task.params(), Examples(data), damping=0.0, batch_size=64, tangent_block=64, weights=weights)
+    op = HessianOperator(
+        task, task.params(), Examples(data), damping=0.0, batch_size=64, tangent_block=64, weights=weights
+    )
     closed = last_linear_hessian(op)
     p = op.n_params
     H = torch.stack([op.matvec(e[None], damped=False)[0] for e in torch.eye(p, dtype=torch.float64)])

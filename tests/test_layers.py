@@ -36,11 +36,11 @@ def test_mlp_with_biases_matches_vmap():
 def test_convolutions_of_every_kind_match_vmap():
     torch.manual_seed(1)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1),                                   # zero padding, bias
+        nn.Conv2d(2, 4, 3, padding=1),  # zero padding, bias
         nn.ReLU(),
         nn.Conv2d(4, 3, (2, 3), stride=2, dilation=(1, 2), bias=False),  # no bias, stride, dilation
         nn.Tanh(),
-        nn.Conv2d(3, 3, 3, padding="same", padding_mode="reflect"),     # string padding, reflect
+        nn.Conv2d(3, 3, 3, padding="same", padding_mode="reflect"),  # string padding, reflect
         nn.Flatten(),
         nn.LazyLinear(4),
     ).double()
@@ -128,13 +128,21 @@ def test_engine_scores_equal_with_either_gradient_method(digits_small):
     model = nn.Sequential(nn.Linear(64, 12), nn.Tanh(), nn.Linear(12, 10)).double()
     results = {}
     for method in ("layers", "vmap", "auto"):
-        inf = ik.Influence(ik.ClassificationTask(model, l2=1e-2), (X[:150], y[:150]), solver="exact", damping=0.5,
-                           gradients=method, batch_size=64)
+        inf = ik.Influence(
+            ik.ClassificationTask(model, l2=1e-2),
+            (X[:150], y[:150]),
+            solver="exact",
+            damping=0.5,
+            gradients=method,
+            batch_size=64,
+        )
         with pytest.warns(ik.StationarityWarning):
             inf.fit()
         results[method] = (inf.scores((Xt[:20], yt[:20])).values, inf.self_influence())
-        assert inf.gradient_methods_ == {"train": "vmap" if method == "vmap" else "layers",
-                                         "test": "vmap" if method == "vmap" else "layers"}
+        assert inf.gradient_methods_ == {
+            "train": "vmap" if method == "vmap" else "layers",
+            "test": "vmap" if method == "vmap" else "layers",
+        }
     for method in ("layers", "auto"):
         for a, b in zip(results[method], results["vmap"]):
             assert float((a - b).norm() / b.norm()) < 1e-12
@@ -169,7 +177,7 @@ class _Text(nn.Module):
         self.head = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.conv2(torch.tanh(self.conv(x))))        # (B, 4, L')
+        h = torch.tanh(self.conv2(torch.tanh(self.conv(x))))  # (B, 4, L')
         return self.head(torch.tanh(self.mix(h.transpose(1, 2))).mean(dim=1))
 
 
@@ -210,8 +218,13 @@ def test_kfac_on_conv1d_and_transformers_conv1d_equals_the_conv2d_linear_twin():
     X, y = torch.randn(40, 3, 12, dtype=torch.float64), torch.randint(0, 3, (40,))
     fitted = []
     for m in (model, twin):
-        inf = ik.Influence(ik.ClassificationTask(m, l2=1e-2), (X, y), solver="ekfac", damping=0.1,
-                           solver_options={"fisher": "empirical", "probes": 0, "keep_factors": True})
+        inf = ik.Influence(
+            ik.ClassificationTask(m, l2=1e-2),
+            (X, y),
+            solver="ekfac",
+            damping=0.1,
+            solver_options={"fisher": "empirical", "probes": 0, "keep_factors": True},
+        )
         with pytest.warns(ik.StationarityWarning):
             fitted.append(inf.fit())
     one, two = ({layer.name: layer for layer in f.solver_.layers_} for f in fitted)
@@ -221,8 +234,12 @@ def test_kfac_on_conv1d_and_transformers_conv1d_equals_the_conv2d_linear_twin():
             a, b = getattr(one[name], factor), getattr(two[name], factor)
             assert float((a - b).norm() / b.norm()) < 1e-12, (name, factor)
     v = {k: torch.randn_like(t) for k, t in fitted[0].task.params().items()}
-    v_twin = {**v, "conv.weight": v["conv.weight"].unsqueeze(2), "conv2.weight": v["conv2.weight"].unsqueeze(2),
-              "mix.weight": v["mix.weight"].T}
+    v_twin = {
+        **v,
+        "conv.weight": v["conv.weight"].unsqueeze(2),
+        "conv2.weight": v["conv2.weight"].unsqueeze(2),
+        "mix.weight": v["mix.weight"].T,
+    }
     x1 = fitted[0].unflatten(fitted[0].solver_.solve(fitted[0].layout_.flatten(v)).x)
     x2 = fitted[1].unflatten(fitted[1].solver_.solve(fitted[1].layout_.flatten(v_twin)).x)
     torch.testing.assert_close(x1["mix.weight"], x2["mix.weight"].T, rtol=1e-11, atol=1e-13)
@@ -246,7 +263,7 @@ def test_embeddings_match_vmap_and_odd_embeddings_fall_back():
     torch.manual_seed(8)
     X = torch.randint(0, 11, (9, 6))
     X[0, :3] = 0  # padding tokens: no gradient for row 0
-    X[1] = 5      # a token repeated: its row sums six contributions
+    X[1] = 5  # a token repeated: its row sums six contributions
     y = torch.randint(0, 3, (9,))
     model = _Bag().double()
     assert _compare(model, X, y) < 1e-12
@@ -270,10 +287,19 @@ def test_scores_from_layer_pieces_equal_whole_rows_and_never_build_rows(monkeypa
     model = _Bag().double()
     results = {}
     for method in ("vmap", "layers"):
-        inf = ik.Influence(ik.ClassificationTask(model, l2=1e-2), (X, y), solver="exact", damping=0.3, gradients=method,
-                           batch_size=16, stationarity_tol=None).fit()
+        inf = ik.Influence(
+            ik.ClassificationTask(model, l2=1e-2),
+            (X, y),
+            solver="exact",
+            damping=0.3,
+            gradients=method,
+            batch_size=16,
+            stationarity_tol=None,
+        ).fit()
         if method == "layers":  # from here on a whole row of the training side would fail the test
-            monkeypatch.setattr(GradientSource, "stream", lambda *a, **k: pytest.fail("whole gradient rows were streamed"))
+            monkeypatch.setattr(
+                GradientSource, "stream", lambda *a, **k: pytest.fail("whole gradient rows were streamed")
+            )
         top = inf.top_k((Xt, yt), k=4)
         results[method] = (inf.scores((Xt, yt)).values, top.harmful.values, top.helpful.values, top.harmful.indices)
         assert inf.gradient_methods_["train"] == method

@@ -43,7 +43,9 @@ def _sequence_problem(n: int = 80, n_test: int = 10):
 def _fit(task, train, solver):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the short training is not stationary: irrelevant against the same solver
-        return ik.Influence(task, train, solver=solver, damping=1e-2, solver_options={"probes": 0} if "kfac" in solver else None).fit()
+        return ik.Influence(
+            task, train, solver=solver, damping=1e-2, solver_options={"probes": 0} if "kfac" in solver else None
+        ).fit()
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,7 +54,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_randomized_svd_is_exact_on_a_low_rank_batch_and_truncates_like_the_svd():
     g = torch.Generator().manual_seed(0)
-    M = torch.randn(5, 40, 3, generator=g, dtype=torch.float64) @ torch.randn(5, 3, 70, generator=g, dtype=torch.float64)
+    M = torch.randn(5, 40, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 3, 70, generator=g, dtype=torch.float64
+    )
     U, s, V = randomized_svd(M, 3)
     assert U.shape == (5, 40, 3) and s.shape == (5, 3) and V.shape == (5, 70, 3)
     assert float(((U * s[:, None, :]) @ V.mT - M).abs().max() / M.abs().max()) < TOL
@@ -63,7 +67,9 @@ def test_randomized_svd_is_exact_on_a_low_rank_batch_and_truncates_like_the_svd(
     U, s, V = randomized_svd(N, 33)
     u_ref, s_ref, vh_ref = torch.linalg.svd(N, full_matrices=False)
     assert float((s - s_ref[:, :33]).abs().max()) < TOL
-    assert float(((U * s[:, None, :]) @ V.mT - (u_ref[..., :33] * s_ref[:, None, :33]) @ vh_ref[:, :33]).abs().max()) < TOL
+    assert (
+        float(((U * s[:, None, :]) @ V.mT - (u_ref[..., :33] * s_ref[:, None, :33]) @ vh_ref[:, :33]).abs().max()) < TOL
+    )
 
 
 @pytest.mark.parametrize("problem", [_cnn_problem, _sequence_problem], ids=["cnn", "sequence"])
@@ -90,7 +96,8 @@ def test_query_rank_approximates_the_dense_scores_and_top_k_follows_it(solver):
     errors = {}
     for rank in (1, 2, 4):
         low = inf.scores(test, query_rank=rank)
-        # Linear(144→12) is cheaper factored, Linear(12→3) up to rank 2 (r·16 < 39); the convolution (36 positions) never
+        # Linear(144→12) is cheaper factored, Linear(12→3) up to rank 2 (r·16 < 39); the convolution (36 positions)
+        # never
         assert low.metadata["factored"] == (["3", "5"] if rank < 4 else ["3"])
         assert low.metadata["dense"] == (["0"] if rank < 4 else ["0", "5"])
         assert low.metadata["score_space"].startswith("low-rank queries")

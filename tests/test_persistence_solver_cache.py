@@ -38,7 +38,9 @@ def test_a_stored_solver_gives_the_same_scores_without_refitting(digits_small, t
 
     def fitted() -> ik.Influence:
         with pytest.warns(ik.StationarityWarning):
-            return ik.Influence(task, d.train, solver=solver, damping=1.0, solver_options=options, cache_dir=tmp_path).fit()
+            return ik.Influence(
+                task, d.train, solver=solver, damping=1.0, solver_options=options, cache_dir=tmp_path
+            ).fit()
 
     first = fitted()
     assert not first.solver_loaded_ and (tmp_path / SOLVER_STATE).exists()
@@ -69,5 +71,9 @@ def test_another_theta_or_other_data_is_refused(digits_small, tmp_path):
     moved.load_state_dict(d.model.state_dict())
     with torch.no_grad():
         moved.bias.add_(1e-9)
-    with pytest.raises(ik.InputError, match="differs in: theta_fingerprint"):  # 1e-9 keeps ||grad R|| under the tolerance
-        ik.Influence(ik.ClassificationTask(moved, l2=d.task.l2), d.train, solver="exact", damping=0.01, cache_dir=tmp_path).fit()
+    with pytest.raises(
+        ik.InputError, match="differs in: theta_fingerprint"
+    ):  # 1e-9 keeps ||grad R|| under the tolerance
+        ik.Influence(
+            ik.ClassificationTask(moved, l2=d.task.l2), d.train, solver="exact", damping=0.01, cache_dir=tmp_path
+        ).fit()

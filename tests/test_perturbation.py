@@ -31,10 +31,14 @@ def logistic():
 def _frozen_features(n: int = 80, seed: int = 0):
     """A tanh MLP feature extractor (random, frozen) under a trained linear top layer, float64."""
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(OrderedDict(
-        features=torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5), torch.nn.Tanh()),
-        top=torch.nn.Linear(5, 3),
-    )).double()
+    model = torch.nn.Sequential(
+        OrderedDict(
+            features=torch.nn.Sequential(
+                torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5), torch.nn.Tanh()
+            ),
+            top=torch.nn.Linear(5, 3),
+        )
+    ).double()
     X = torch.randn(n + 10, 6, dtype=torch.float64)
     teacher = torch.randn(6, 3, dtype=torch.float64)
     y = (X @ teacher + 0.5 * torch.randn(n + 10, 3, dtype=torch.float64)).argmax(1)
@@ -69,7 +73,7 @@ def test_matches_finite_differences_of_up_loss_on_logistic_regression(logistic):
     q = np.linalg.solve(ref.hessian(), ref.grads(test[0].numpy(), test[1].numpy(), with_l2=False).T).T
     X, y = ref.X, ref.y
     for a, i in enumerate(idx):
-        fd = _finite_difference(q, lambda x: ref.grads(x[None], y[i:i + 1], with_l2=True)[0], X[i].copy())
+        fd = _finite_difference(q, lambda x: ref.grads(x[None], y[i : i + 1], with_l2=True)[0], X[i].copy())
         assert relative_error(P[:, a].numpy(), fd) < 1e-4  # measured ≈ 6e-10 (central differences, h = 1e-5)
 
 
@@ -86,20 +90,29 @@ def test_matches_finite_differences_through_a_frozen_feature_extractor():
     shapes = [W.shape, b.shape]
 
     def loss_at(theta, x, y):
-        w, c = theta[:W.numel()].reshape(shapes[0]), theta[W.numel():]
+        w, c = theta[: W.numel()].reshape(shapes[0]), theta[W.numel() :]
         return torch.nn.functional.cross_entropy(model.features(x) @ w.T + c, y, reduction="none")
 
     theta = torch.cat([W.reshape(-1), b])
     X, y = train
     H = torch.autograd.functional.hessian(lambda t: loss_at(t, X, y).mean() + 0.5 * task.l2 * (t * t).sum(), theta)
-    G_test = torch.stack([torch.autograd.functional.jacobian(lambda t: loss_at(t, test[0][j:j + 1], test[1][j:j + 1]).sum(), theta)
-                          for j in range(len(test[1]))])
+    G_test = torch.stack(
+        [
+            torch.autograd.functional.jacobian(
+                lambda t: loss_at(t, test[0][j : j + 1], test[1][j : j + 1]).sum(), theta
+            )
+            for j in range(len(test[1]))
+        ]
+    )
     q = torch.linalg.solve(H, G_test.T).T.numpy()
 
     def grad_at(i):
         def g(x):
             xt = torch.as_tensor(x)[None]
-            return torch.autograd.functional.jacobian(lambda t: loss_at(t, xt, y[i:i + 1]).sum() + 0.5 * task.l2 * (t * t).sum(), theta).numpy()
+            return torch.autograd.functional.jacobian(
+                lambda t: loss_at(t, xt, y[i : i + 1]).sum() + 0.5 * task.l2 * (t * t).sum(), theta
+            ).numpy()
+
         return g
 
     for a, i in enumerate(idx):
@@ -117,10 +130,12 @@ def test_mixed_vjp_equals_the_dense_jacobian():
     fast = mixed_vjp(task.loss, params, (X, y), layout, V)
     assert fast.shape == (4, 12, 6)
     for i in range(12):
+
         def grad_of_x(x):
             p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-            loss = task.loss(p, (x[None], y[i:i + 1])).sum()
+            loss = task.loss(p, (x[None], y[i : i + 1])).sum()
             return layout.flatten(dict(zip(p, torch.autograd.grad(loss, list(p.values()), create_graph=True))))
+
         J = torch.autograd.functional.jacobian(grad_of_x, X[i])  # (n_params, 6)
         torch.testing.assert_close(fast[:, i], V @ J, rtol=1e-10, atol=1e-12)
 
@@ -128,10 +143,16 @@ def test_mixed_vjp_equals_the_dense_jacobian():
 def test_dict_batches_and_chunking_give_the_same_answer(logistic):
     X, y = logistic.train
     test = (logistic.test[0][:4], logistic.test[1][:4])
-    whole = ik.Influence(logistic.task, logistic.train, solver="exact").fit().perturbation_influence(test, range(0, 300, 7))
+    whole = (
+        ik.Influence(logistic.task, logistic.train, solver="exact").fit().perturbation_influence(test, range(0, 300, 7))
+    )
     engine = ik.Influence(logistic.task, {"x": X, "y": y}, solver="exact", batch_size=5).fit().engine
-    engine = dataclasses.replace(engine, chunks=Chunks(grad=5, hvp=5, tangents=3, queries=2))  # every loop runs several times
-    chunked, _ = perturbation_scores(engine, Examples({"x": test[0], "y": test[1]}, name="test"), list(range(0, 300, 7)))
+    engine = dataclasses.replace(
+        engine, chunks=Chunks(grad=5, hvp=5, tangents=3, queries=2)
+    )  # every loop runs several times
+    chunked, _ = perturbation_scores(
+        engine, Examples({"x": test[0], "y": test[1]}, name="test"), list(range(0, 300, 7))
+    )
     torch.testing.assert_close(chunked, whole, rtol=1e-9, atol=1e-12)
 
 
@@ -145,7 +166,7 @@ def test_retraining_after_a_perturbation_moves_the_test_loss_as_predicted(logist
     with torch.no_grad():
         losses = torch.nn.functional.cross_entropy(logistic.model(X_test), y_test, reduction="none")
     t = int(losses.argmax())
-    test = (X_test[t:t + 1], y_test[t:t + 1])
+    test = (X_test[t : t + 1], y_test[t : t + 1])
     P = inf.perturbation_influence(test, range(len(y)))[0]  # (300, 64)
     chosen = P.abs().sum(1).topk(5).indices
     delta = sign * 0.01 * torch.sign(P[chosen])
@@ -173,7 +194,9 @@ def test_integer_inputs_are_refused_with_advice():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2)).double()
     tokens = torch.randint(0, 10, (30, 3))
     labels = torch.randint(0, 2, (30,))
-    inf = ik.Influence(ik.ClassificationTask(model, l2=0.1), (tokens, labels), solver="exact", damping=1.0, stationarity_tol=1e9).fit()
+    inf = ik.Influence(
+        ik.ClassificationTask(model, l2=0.1), (tokens, labels), solver="exact", damping=1.0, stationarity_tol=1e9
+    ).fit()
     with pytest.raises(ik.UnsupportedError, match=r"needs continuous inputs.*torch.int64.*embeddings"):
         inf.perturbation_influence((tokens[:2], labels[:2]), [0, 1])
 

@@ -16,15 +16,24 @@ from influencekit.errors import InputError, InputTypeError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MEMORY_RTOL = 0.01  # state bytes: the formulas count every fitted array, so only the scalars are left out
-TIME_FACTOR = 10.0  # estimated fit seconds within [actual / 10, actual · 10]: probe times on a busy 2-core machine swing up to 8x (measured), and a plan is for orders of magnitude
+# estimated fit seconds within [actual / 10, actual · 10]: probe times on a busy 2-core machine swing up to 8x
+# (measured), and a plan is for orders of magnitude
+TIME_FACTOR = 10.0
 
 
-def _mlp_task(n: int = 400, hidden: int = 16, conv: bool = False) -> tuple[ik.ClassificationTask, tuple[torch.Tensor, torch.Tensor]]:
+def _mlp_task(
+    n: int = 400, hidden: int = 16, conv: bool = False
+) -> tuple[ik.ClassificationTask, tuple[torch.Tensor, torch.Tensor]]:
     (X, y), _ = load_digits_split(n, dtype=torch.float32)
     torch.manual_seed(0)
     if conv:
-        model = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(),
-                                    torch.nn.Flatten(), torch.nn.Linear(256, 10))
+        model = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, 8, 8)),
+            torch.nn.Conv2d(1, 4, 3, padding=1),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(256, 10),
+        )
     else:
         model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 10))
     return ik.ClassificationTask(model, l2=1e-3), (X, y)
@@ -80,7 +89,9 @@ def test_kfac_state_is_the_factors(solver, conv):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fitted = inf.fit().solver_
-    actual = sum(_nbytes(layer.A, layer.S, layer.QA, layer.QS, layer.eig) for layer in fitted.layers_) + _nbytes(fitted.diagonal_)
+    actual = sum(_nbytes(layer.A, layer.S, layer.QA, layer.QS, layer.eig) for layer in fitted.layers_) + _nbytes(
+        fitted.diagonal_
+    )
     assert _within(plan.solver_state, actual), (plan.solver_state, actual)
 
 
@@ -95,11 +106,14 @@ def _best_fit_seconds(inf: ik.Influence, repeats: int = 2) -> float:
     return best
 
 
-@pytest.mark.parametrize("solver,options,damping", [
-    ("exact", {}, 0.0),
-    ("arnoldi", {"rank": 30}, 0.1),
-    ("ekfac", {"probes": 2}, 0.1),
-])
+@pytest.mark.parametrize(
+    "solver,options,damping",
+    [
+        ("exact", {}, 0.0),
+        ("arnoldi", {"rank": 30}, 0.1),
+        ("ekfac", {"probes": 2}, 0.1),
+    ],
+)
 def test_fit_time_within_a_factor_of_an_actual_fit(digits_small, solver, options, damping):
     if solver == "exact":
         task, train = digits_small.task, digits_small.train
@@ -117,7 +131,14 @@ def test_scoring_blocks_follow_the_memory_budget():
     task, train = _mlp_task()
     p = sum(v.numel() for v in task.params().values())
     budget = 4 * 4 * p * 10  # queries = budget // (4·itemsize·p) = 10 test points per block
-    inf = ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10, "remainder": "damped"}, memory_budget=budget)
+    inf = ik.Influence(
+        task,
+        train,
+        solver="arnoldi",
+        damping=0.1,
+        solver_options={"rank": 10, "remainder": "damped"},
+        memory_budget=budget,
+    )
     plan = inf.plan(n_test=35)
     assert plan.chunks["queries"] == 10
     assert "B = 4 " in plan.stage("scoring").formula
@@ -125,7 +146,9 @@ def test_scoring_blocks_follow_the_memory_budget():
     # the score matrix alone is n_test × n_train values
     assert plan.stage("scoring").memory >= 35 * 400 * 4
     # remainder="drop" with rank < n_test scores in the eigenbasis: one training pass whatever the blocks
-    drop = ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10}, memory_budget=budget).plan(n_test=35)
+    drop = ik.Influence(
+        task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10}, memory_budget=budget
+    ).plan(n_test=35)
     assert drop.stage("scoring").formula.startswith("in the eigenbasis")
     assert not any("query blocks" in note for note in drop.notes)
     assert drop.stage("scoring").memory >= 35 * 400 * 4 + 400 * 10 * 4
@@ -174,8 +197,12 @@ def test_bad_input_is_refused(digits_small):
 
 def test_arnoldi_without_residual_rows_plans_no_residual_hvp():
     task, train = _mlp_task()
-    plans = {rows: ik.Influence(task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10, "residual_rows": rows}).plan(n_test=5)
-             for rows in (0, 2)}
+    plans = {
+        rows: ik.Influence(
+            task, train, solver="arnoldi", damping=0.1, solver_options={"rank": 10, "residual_rows": rows}
+        ).plan(n_test=5)
+        for rows in (0, 2)
+    }
     zero, two = plans[0].stage("query solve").seconds, plans[2].stage("query solve").seconds
     assert zero < two  # two full-data HVPs more
     assert zero < 0.5 * two

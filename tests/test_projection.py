@@ -32,9 +32,9 @@ def test_jl_squared_norms_within_eps_with_stated_probability(kind):
     assert 0.13 < delta < 0.15  # the bound is informative at this size
     allowed = int(stats.binom.isf(TEST_FAILURE, N_SEEDS, delta))
     X = _fixed_vectors(p)
-    ratios = torch.stack([
-        (Projector(p, k, kind=kind, seed=s).project(X) ** 2).sum(1) / (X**2).sum(1) for s in range(N_SEEDS)
-    ])  # (seeds, vectors)
+    ratios = torch.stack(
+        [(Projector(p, k, kind=kind, seed=s).project(X) ** 2).sum(1) / (X**2).sum(1) for s in range(N_SEEDS)]
+    )  # (seeds, vectors)
     violations = ((ratios - 1).abs() > eps).sum(0)
     assert (violations <= allowed).all(), (violations.tolist(), allowed)
     # E ratio = 1; Var ratio ≤ 2/k (equality for Gaussian; Rademacher is smaller): mean over seeds within
@@ -50,7 +50,9 @@ def test_inner_products_unbiased(kind):
     X = _fixed_vectors(p)
     x, y = X[0], X[0] + X[1] / X[1].norm() * X[0].norm()
     exact = float(x @ y)
-    vals = torch.tensor([float(Projector(p, k, kind=kind, seed=s).project(torch.stack([x, y])).prod(0).sum()) for s in range(N_SEEDS)])
+    vals = torch.tensor(
+        [float(Projector(p, k, kind=kind, seed=s).project(torch.stack([x, y])).prod(0).sum()) for s in range(N_SEEDS)]
+    )
     se = math.sqrt((float(x @ x) * float(y @ y) + exact**2) / k / N_SEEDS)
     assert abs(float(vals.mean()) - exact) < 5.5 * se, (float(vals.mean()), exact, se)
 
@@ -63,7 +65,10 @@ def test_chunk_size_does_not_change_a_bit(kind):
     for chunk in (UNIT, 2 * UNIT + 1, 10**6):
         assert torch.equal(Projector(p, 48, kind=kind, seed=7, chunk=chunk).project(G), ref)
     G32 = G.float()
-    assert torch.equal(Projector(p, 48, kind=kind, seed=7, chunk=1).project(G32), Projector(p, 48, kind=kind, seed=7, chunk=10**6).project(G32))
+    assert torch.equal(
+        Projector(p, 48, kind=kind, seed=7, chunk=1).project(G32),
+        Projector(p, 48, kind=kind, seed=7, chunk=10**6).project(G32),
+    )
 
 
 def test_project_equals_dense_matrix_product_and_rows_are_independent_of_the_batch():
@@ -73,8 +78,8 @@ def test_project_equals_dense_matrix_product_and_rows_are_independent_of_the_bat
     P = proj.matrix()
     assert P.shape == (p, k)
     assert torch.allclose(proj.project(G), G @ P, rtol=1e-12, atol=1e-12)  # the slow reference
-    assert torch.allclose(proj.matrix(UNIT - 3, UNIT + 9), P[UNIT - 3:UNIT + 9], rtol=0, atol=0)
-    rows = torch.cat([proj.project(G[i:i + 1]) for i in range(len(G))])
+    assert torch.allclose(proj.matrix(UNIT - 3, UNIT + 9), P[UNIT - 3 : UNIT + 9], rtol=0, atol=0)
+    rows = torch.cat([proj.project(G[i : i + 1]) for i in range(len(G))])
     assert torch.allclose(rows, proj.project(G), rtol=1e-13, atol=1e-13)  # batch size: round-off at most
 
 

@@ -47,7 +47,11 @@ def test_damping_matches_closed_form(digits):
 
 
 def test_predicted_loo_change_helpful_harmful(digits, reference):
-    s = ik.Influence(digits.task, digits.train, solver="exact").fit().scores((digits.test[0][:N_TEST], digits.test[1][:N_TEST]))
+    s = (
+        ik.Influence(digits.task, digits.train, solver="exact")
+        .fit()
+        .scores((digits.test[0][:N_TEST], digits.test[1][:N_TEST]))
+    )
     np.testing.assert_allclose(s.predicted_loo_change().numpy(), -reference / 1200, rtol=1e-6, atol=1e-12)
     helpful, harmful = s.helpful(k=5), s.harmful(k=5)
     np.testing.assert_array_equal(helpful.indices.numpy(), np.argsort(reference, axis=1)[:, :5])
@@ -106,12 +110,13 @@ def test_batch_and_chunk_sizes_do_not_change_scores(digits):
     assert relative_error(other.scores(test).values, base) < 1e-7
 
 
-
 def test_memory_budget_blocks_do_not_change_scores(digits_small):
     test = (digits_small.test[0][:20], digits_small.test[1][:20])
     exact_a = ik.Influence(digits_small.task, digits_small.train, solver="exact", batch_size=300).fit()
     # a budget that forces test blocks of at most 9 points, 3 tangents per HVP, and 6 gradient chunks
-    exact_b = ik.Influence(digits_small.task, digits_small.train, solver="exact", batch_size=50, memory_budget="180KB").fit()
+    exact_b = ik.Influence(
+        digits_small.task, digits_small.train, solver="exact", batch_size=50, memory_budget="180KB"
+    ).fit()
     assert exact_b.chunks_.queries < 10 and exact_b.chunks_.tangents <= 4
     torch.testing.assert_close(exact_a.scores(test).values, exact_b.scores(test).values, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(exact_a.self_influence(), exact_b.self_influence(), rtol=1e-10, atol=1e-12)
@@ -130,7 +135,12 @@ def test_data_forms_give_the_same_scores(digits):
         got = ik.Influence(digits.task, form, solver="exact").fit().scores(TensorDataset(*test)).values
         torch.testing.assert_close(got, base, rtol=1e-10, atol=1e-10, msg=name)
     dict_task = ik.ClassificationTask(digits.model, l2=1e-3, input_key="pixels", target_key="label")
-    got = ik.Influence(dict_task, {"pixels": X, "label": y}, solver="exact").fit().scores({"pixels": test[0], "label": test[1]}).values
+    got = (
+        ik.Influence(dict_task, {"pixels": X, "label": y}, solver="exact")
+        .fit()
+        .scores({"pixels": test[0], "label": test[1]})
+        .values
+    )
     torch.testing.assert_close(got, base, rtol=1e-10, atol=1e-10)
 
 
@@ -147,7 +157,9 @@ def test_last_layer_of_a_frozen_network_is_logistic_regression_on_its_features(d
         feats_test = net[1](net[0](digits_small.test[0][:10])).numpy()
     ref = LogisticReference(theta_of_linear(net[2]), feats, y.numpy(), 1e-2)
     expected = ref.scores(feats_test, digits_small.test[1][:10].numpy())
-    got = ik.Influence(task, (X, y), solver="exact").fit().scores((digits_small.test[0][:10], digits_small.test[1][:10]))
+    got = (
+        ik.Influence(task, (X, y), solver="exact").fit().scores((digits_small.test[0][:10], digits_small.test[1][:10]))
+    )
     assert got.metadata["n_params"] == 170
     assert relative_error(got.values, expected) < 1e-8
 
@@ -195,7 +207,12 @@ def test_user_task_subclass_equals_builtin_binary_task(digits_small):
     custom = SoftplusLogistic(model, l2=1e-2)
     test_x, test_y = digits_small.test[0][:8], (digits_small.test[1][:8] == 3).double()
     a = ik.Influence(builtin, (X, yb), solver="exact").fit().scores((test_x, test_y)).values
-    b = ik.Influence(custom, {"features": X, "target": yb}, solver="exact").fit().scores({"features": test_x, "target": test_y}).values
+    b = (
+        ik.Influence(custom, {"features": X, "target": yb}, solver="exact")
+        .fit()
+        .scores({"features": test_x, "target": test_y})
+        .values
+    )
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -225,10 +242,25 @@ def test_mlp_scores_match_explicit_hessian_in_float64():
         out = torch.func.functional_call(model, unflat(v), (xs,))
         return torch.nn.functional.cross_entropy(out, ys, reduction="sum") + 0.5 * l2 * (v * v).sum()
 
-    Gtr = torch.stack([torch.autograd.functional.jacobian(lambda v: per_example(v, X[i:i + 1], y[i:i + 1], 1e-2), theta) for i in range(60)])
-    Gte = torch.stack([torch.autograd.functional.jacobian(lambda v: per_example(v, X[i:i + 1], y[i:i + 1], 0.0), theta) for i in range(5)])
+    Gtr = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda v: per_example(v, X[i : i + 1], y[i : i + 1], 1e-2), theta)
+            for i in range(60)
+        ]
+    )
+    Gte = torch.stack(
+        [
+            torch.autograd.functional.jacobian(lambda v: per_example(v, X[i : i + 1], y[i : i + 1], 0.0), theta)
+            for i in range(5)
+        ]
+    )
     expected = -Gte @ torch.linalg.solve(H, Gtr.T)
-    exact = ik.Influence(task, (X, y), solver="exact", damping=0.1, stationarity_tol=1e-5).fit().scores((X[:5], y[:5])).values
+    exact = (
+        ik.Influence(task, (X, y), solver="exact", damping=0.1, stationarity_tol=1e-5)
+        .fit()
+        .scores((X[:5], y[:5]))
+        .values
+    )
     torch.testing.assert_close(exact, expected, rtol=1e-9, atol=1e-12)
     cg = ik.Influence(task, (X, y), solver="cg", damping=0.1, stationarity_tol=1e-5).fit().scores((X[:5], y[:5])).values
     assert relative_error(cg, expected) < 1e-7  # CG's rtol is 1e-8 on the residual
@@ -291,8 +323,15 @@ def test_stationarity_tol_none_skips_the_gradient_check_pass_and_changes_no_scor
     fitted = {}
     for tol in (1e9, None):
         calls[0] = 0
-        fitted[tol] = ik.Influence(task, (X, y), solver="ekfac", damping=0.01, batch_size=50, stationarity_tol=tol,
-                                   solver_options={"probes": 0}).fit()
+        fitted[tol] = ik.Influence(
+            task,
+            (X, y),
+            solver="ekfac",
+            damping=0.01,
+            batch_size=50,
+            stationarity_tol=tol,
+            solver_options={"probes": 0},
+        ).fit()
         counted[tol] = calls[0]
     chunks = -(-len(X) // fitted[None].chunks_.grad)
     assert counted[1e9] - counted[None] >= chunks  # at least the check's one forward per gradient chunk

@@ -60,33 +60,81 @@ def test_self_influence_tab(demo):
     assert values[0] == pytest.approx(float(np.max(index.self_influence())), rel=1e-15)
 
 
-@pytest.mark.parametrize("method, path, body, status, message", [
-    ("post", "/api/explain", {"split": "test", "index": 597}, 404, r"test example 597 does not exist: the index has 597 test examples \(0\.\.596\)"),
-    ("post", "/api/explain", {"split": "valid", "index": 1}, 422, r"split: Input should be 'test' or 'train'"),
-    ("post", "/api/explain", {"split": "test", "index": -1}, 422, r"index: Input should be greater than or equal to 0"),
-    ("post", "/api/explain", {"split": "test", "index": 1, "k": 10_000}, 422, r"k: Input should be less than or equal to 200"),
-    ("post", "/api/explain", {"split": "test", "index": 1, "k": 0}, 422, r"k: Input should be greater than or equal to 1"),
-    ("post", "/api/explain", {"input": [0.5] * 63}, 422, r"`input` must have 64 values \(one example of shape \(64,\)\)\. Got 63"),
-    ("post", "/api/explain", {"input": [[0.5, "x"]]}, 422, r"`input` must be numbers shaped like one example"),
-    ("post", "/api/explain", {}, 422, r"give either a stored example .* or a new one"),
-    ("post", "/api/explain", {"index": 1, "input": [1.0]}, 422, r"not both or neither"),
-    ("post", "/api/explain", {"index": 1, "colour": "red"}, 422, r"colour: Extra inputs are not permitted"),
-    ("post", "/api/explain", "{not json", 422, r"JSON decode error"),
-    ("post", "/api/explain", {"index": 1, "query_rank": 0}, 422, r"query_rank: Input should be greater than or equal to 1"),
-    ("post", "/api/explain", {"index": 1, "query_rank": 4}, 422, r"`query_rank` scans factored rows .*this index has parameters rows"),
-    ("get", "/api/examples/valid/1", None, 404, r"unknown split 'valid'"),
-    ("get", "/api/examples/train/1200", None, 404, r"train example 1200 does not exist"),
-    ("get", "/api/examples/train/x", None, 422, r"i: Input should be a valid integer"),
-    ("get", "/api/self-influence?k=100000", None, 422, r"k: Input should be less than or equal to 200"),
-    ("get", "/api/nothing", None, 404, r"Not Found"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, message",
+    [
+        (
+            "post",
+            "/api/explain",
+            {"split": "test", "index": 597},
+            404,
+            r"test example 597 does not exist: the index has 597 test examples \(0\.\.596\)",
+        ),
+        ("post", "/api/explain", {"split": "valid", "index": 1}, 422, r"split: Input should be 'test' or 'train'"),
+        (
+            "post",
+            "/api/explain",
+            {"split": "test", "index": -1},
+            422,
+            r"index: Input should be greater than or equal to 0",
+        ),
+        (
+            "post",
+            "/api/explain",
+            {"split": "test", "index": 1, "k": 10_000},
+            422,
+            r"k: Input should be less than or equal to 200",
+        ),
+        (
+            "post",
+            "/api/explain",
+            {"split": "test", "index": 1, "k": 0},
+            422,
+            r"k: Input should be greater than or equal to 1",
+        ),
+        (
+            "post",
+            "/api/explain",
+            {"input": [0.5] * 63},
+            422,
+            r"`input` must have 64 values \(one example of shape \(64,\)\)\. Got 63",
+        ),
+        ("post", "/api/explain", {"input": [[0.5, "x"]]}, 422, r"`input` must be numbers shaped like one example"),
+        ("post", "/api/explain", {}, 422, r"give either a stored example .* or a new one"),
+        ("post", "/api/explain", {"index": 1, "input": [1.0]}, 422, r"not both or neither"),
+        ("post", "/api/explain", {"index": 1, "colour": "red"}, 422, r"colour: Extra inputs are not permitted"),
+        ("post", "/api/explain", "{not json", 422, r"JSON decode error"),
+        (
+            "post",
+            "/api/explain",
+            {"index": 1, "query_rank": 0},
+            422,
+            r"query_rank: Input should be greater than or equal to 1",
+        ),
+        (
+            "post",
+            "/api/explain",
+            {"index": 1, "query_rank": 4},
+            422,
+            r"`query_rank` scans factored rows .*this index has parameters rows",
+        ),
+        ("get", "/api/examples/valid/1", None, 404, r"unknown split 'valid'"),
+        ("get", "/api/examples/train/1200", None, 404, r"train example 1200 does not exist"),
+        ("get", "/api/examples/train/x", None, 422, r"i: Input should be a valid integer"),
+        ("get", "/api/self-influence?k=100000", None, 422, r"k: Input should be less than or equal to 200"),
+        ("get", "/api/nothing", None, 404, r"Not Found"),
+    ],
+)
 def test_bad_requests_get_a_4xx_with_a_message(demo, method, path, body, status, message):
     import re
 
     _, client = demo
     if method == "post":
-        response = client.post(path, content=body, headers={"Content-Type": "application/json"}) if isinstance(body, str) \
+        response = (
+            client.post(path, content=body, headers={"Content-Type": "application/json"})
+            if isinstance(body, str)
             else client.post(path, json=body)
+        )
     else:
         response = client.get(path)
     assert response.status_code == status, response.text
@@ -114,7 +162,9 @@ def test_query_rank_on_an_index_with_factored_rows(digits_small, tmp_path):
 def test_serve_refuses_a_folder_without_an_index_or_recipe(tmp_path):
     import influencekit as ik
 
-    with pytest.raises(ik.InputError, match=r"holds no influence index \(no manifest\.json\).*influencekit index build --demo digits"):
+    with pytest.raises(
+        ik.InputError, match=r"holds no influence index \(no manifest\.json\).*influencekit index build --demo digits"
+    ):
         open_served_index(tmp_path)
     (tmp_path / "manifest.json").write_text('{"recipe": null}')
     with pytest.raises(ik.InputError, match=r"built from Python with your own model.*serve it from Python"):

@@ -58,7 +58,9 @@ def test_labels_and_refusals():
     y = np.array(["ham", "spam"] * 20)
     est = LogisticRegression().fit(X, y)
     assert sklearn_labels(est, ["spam", "ham"]).tolist() == [1, 0]
-    with pytest.raises(ik.InputError, match=r"`y` must hold labels the estimator was fitted on \(\['ham', 'spam'\]\)\. Got \['eggs'\]"):
+    with pytest.raises(
+        ik.InputError, match=r"`y` must hold labels the estimator was fitted on \(\['ham', 'spam'\]\)\. Got \['eggs'\]"
+    ):
         sklearn_labels(est, ["eggs"])
     with pytest.raises(ik.UnsupportedError, match=r"solver='liblinear'"):
         from_sklearn(LogisticRegression(solver="liblinear").fit(X, y), X, y)
@@ -76,7 +78,12 @@ def test_labels_and_refusals():
 def _refit_changes(make, X, y, X_test, y_test, removed, test_loss):
     base = test_loss(make(len(y)).fit(X, y))
     keep = lambda i: np.arange(len(y)) != i  # noqa: E731
-    return np.array([[test_loss(make(len(y) - 1).fit(X[keep(i)], y[keep(i)]))[t] - base[t] for i in removed] for t in range(len(y_test))])
+    return np.array(
+        [
+            [test_loss(make(len(y) - 1).fit(X[keep(i)], y[keep(i)]))[t] - base[t] for i in removed]
+            for t in range(len(y_test))
+        ]
+    )
 
 
 def test_ridge_matches_sklearn_leave_one_out():
@@ -92,9 +99,18 @@ def test_ridge_matches_sklearn_leave_one_out():
     inf = from_sklearn(est, X, target)
     assert inf.task.l2_weights == pytest.approx(2 * alpha / n) and inf.grad_norm_ < 1e-8
     removed = list(range(0, n, 40))
-    pred = inf.scores((torch.as_tensor(X_test), torch.as_tensor(target_test))).predicted_loo_change().numpy()[:, removed]
-    actual = _refit_changes(lambda m: Ridge(alpha=alpha * m / n), X, target, X_test, target_test, removed,
-                            lambda e: (e.predict(X_test) - target_test) ** 2)
+    pred = (
+        inf.scores((torch.as_tensor(X_test), torch.as_tensor(target_test))).predicted_loo_change().numpy()[:, removed]
+    )
+    actual = _refit_changes(
+        lambda m: Ridge(alpha=alpha * m / n),
+        X,
+        target,
+        X_test,
+        target_test,
+        removed,
+        lambda e: (e.predict(X_test) - target_test) ** 2,
+    )
     r = pearson(pred.ravel(), actual.ravel())
     assert r > 0.995, r  # first order: the exact LOO of ridge carries a 1/(1 − leverage) factor (measured r 0.9971)
     # I_up,loss itself, exactly: upweighting z_i by ε in the mean objective is sample_weight 1 + nε on z_i with
@@ -135,7 +151,9 @@ def test_linear_svc_matches_sklearn_leave_one_out(loss, r_min):
     test_loss = lambda e: np.maximum(0.0, 1 - s_test[tests] * e.decision_function(X_test[tests])) ** power  # noqa: E731
     with warnings.catch_warnings():  # liblinear may stop at max_iter short of tol=1e-12; its solution is still fine
         warnings.simplefilter("ignore", SklearnConvergenceWarning)
-        pred_all = inf.scores((torch.as_tensor(X_test[tests]), torch.as_tensor(y_test[tests]))).predicted_loo_change().numpy()
+        pred_all = (
+            inf.scores((torch.as_tensor(X_test[tests]), torch.as_tensor(y_test[tests]))).predicted_loo_change().numpy()
+        )
         removed = np.argsort(-np.abs(pred_all).max(axis=0))[:10].tolist()
         actual = _refit_changes(make, X, y, X_test[tests], y_test[tests], removed, test_loss)
     r = pearson(pred_all[:, removed].ravel(), actual.ravel())

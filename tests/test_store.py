@@ -45,7 +45,10 @@ def test_projected_scores_correlate_with_unprojected_at_dim_4096(tmp_path):
     reference = _unprojected(inf, test, store.damping).numpy()
     pooled = float(np.corrcoef(projected.ravel(), reference.ravel())[0, 1])
     per_test = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(projected, reference)]
-    print(f"\nprojected (dim 4096) vs unprojected empirical-Fisher scores: pooled r = {pooled:.4f}, per test point min {min(per_test):.4f}")
+    print(
+        f"\nprojected (dim 4096) vs unprojected empirical-Fisher scores: pooled r = {pooled:.4f}, per test point min "
+        f"{min(per_test):.4f}"
+    )
     assert pooled >= 0.95  # measured 0.9961 pooled, per test point >= 0.9925
     assert min(per_test) >= 0.95
     gauss = GradientStore.build(inf, tmp_path / "mlp-gauss", dim=4096, kind="gaussian", seed=0, chunk=400)
@@ -94,7 +97,9 @@ def test_kill_and_resume_is_bit_identical(logistic, tmp_path, monkeypatch):
     assert not list((tmp_path / "resumed").glob(".*tmp"))  # no partial file left behind
 
     saved.clear()
-    monkeypatch.setattr(store_module, "save_array", lambda path, array: (saved.append(path.name), real_save(path, array)))
+    monkeypatch.setattr(
+        store_module, "save_array", lambda path, array: (saved.append(path.name), real_save(path, array))
+    )
     resumed = GradientStore.build(inf, tmp_path / "resumed", **options)
     assert saved == ["grads-000002.npy", "grads-000003.npy", "grads-000004.npy", "curvature.npy"]  # only the rest
     for name in saved:
@@ -117,7 +122,10 @@ def test_kill_and_resume_is_bit_identical(logistic, tmp_path, monkeypatch):
 def test_different_configuration_is_refused_with_both_printed(logistic, tmp_path):
     inf, _ = logistic
     GradientStore.build(inf, tmp_path / "s", dim=32, seed=0, chunk=100)
-    with pytest.raises(ik.InputError, match=r"(?s)different configuration \(differs in: dim\).*stored: .*\"dim\": 32.*requested: .*\"dim\": 64"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"(?s)different configuration \(differs in: dim\).*stored: .*\"dim\": 32.*requested: .*\"dim\": 64",
+    ):
         GradientStore.build(inf, tmp_path / "s", dim=64, seed=0, chunk=100)
     with pytest.raises(ik.InputError, match=r"differs in: seed"):
         GradientStore.build(inf, tmp_path / "s", dim=32, seed=1, chunk=100)

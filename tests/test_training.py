@@ -21,7 +21,9 @@ def test_fit_lbfgs_matches_sklearn_logistic_regression():
     # sklearn minimises C·Σℓ + ½‖W‖² (bias unpenalised): compare with the bias penalty removed instead
     task_nobias = ik.ClassificationTask(model, l2=0.0)
     assert task_nobias.l2 == 0.0
-    clf = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-12, max_iter=10_000, fit_intercept=False).fit(X.numpy(), y.numpy())
+    clf = LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-12, max_iter=10_000, fit_intercept=False).fit(
+        X.numpy(), y.numpy()
+    )
     model2 = torch.nn.Linear(64, 10, bias=False).double()
     task2 = ik.ClassificationTask(model2, l2=l2)
     ik.fit_lbfgs(task2, (X, y), tol=1e-10)

@@ -133,11 +133,13 @@ def per_example_loop(
     G = torch.empty(B, layout.n, dtype=layout.dtype, device=layout.device)
     losses = torch.empty(B, dtype=layout.dtype, device=layout.device)
     for i in range(B):
-        example = tree_map(lambda t, i=i: t[i:i + 1] if isinstance(t, torch.Tensor) else t, batch)
+        example = tree_map(lambda t, i=i: t[i : i + 1] if isinstance(t, torch.Tensor) else t, batch)
         with torch.enable_grad():
             value = fn(live, example).reshape(())
             grads = torch.autograd.grad(value, [live[n] for n in layout.names], allow_unused=True)
-        G[i] = torch.cat([(torch.zeros_like(live[n]) if g is None else g).reshape(-1) for n, g in zip(layout.names, grads)])
+        G[i] = torch.cat(
+            [(torch.zeros_like(live[n]) if g is None else g).reshape(-1) for n, g in zip(layout.names, grads)]
+        )
         losses[i] = value.detach()
     return G, losses
 
@@ -162,7 +164,9 @@ def batch_grad_sum(
     return layout.flatten(g), losses
 
 
-def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def hvp_sum(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
+) -> torch.Tensor:
     """Hessian of the *sum* of ``fn`` over the batch times each row of ``V``: ``(k, n_params) -> (k, n_params)``.
 
     Forward-over-reverse: ``jvp(grad(Σ fn), θ, v)``, vectorised over the ``k`` tangents with ``vmap``. A single
@@ -192,7 +196,9 @@ def hvp_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: P
         return vmap(one)(V)
 
 
-def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def hvp_loop(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
+) -> torch.Tensor:
     """The same as :func:`hvp_sum` with plain autograd: one gradient graph, then one backward per tangent
     (reverse-over-reverse). Traces nothing, so it works where ``jvp``/``vmap`` cannot (e.g. transformers)."""
     live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
@@ -209,8 +215,9 @@ def hvp_loop(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: 
     return out
 
 
-def choose_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
-               ) -> tuple[Callable[..., torch.Tensor], str, torch.Tensor]:
+def choose_hvp(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
+) -> tuple[Callable[..., torch.Tensor], str, torch.Tensor]:
     """The HVP function a model supports: :func:`hvp_sum` (forward-over-reverse), or :func:`hvp_loop` when the
     model cannot be traced by jvp/vmap. Returns ``(function, name, H_batch V)`` (the product is not wasted)."""
     try:
@@ -232,7 +239,9 @@ def _per_tangent(one: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -
             return torch.stack([one(v) for v in V])
 
 
-def per_example_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def per_example_hvp(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
+) -> torch.Tensor:
     """``(B, n_params)``: row i is ∇²fn(z_i)·V[i], each example's Hessian times its own tangent (vmap over examples of
     forward-over-reverse). Raises what vmap raises on a model it cannot batch; callers fall back to :func:`hvp_sum`."""
 
@@ -244,10 +253,13 @@ def per_example_hvp(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, l
         return vmap(one)(batch, V)
 
 
-def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def third_directional_sum(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
+) -> torch.Tensor:
     """∇³(Σ fn)[v, v] for each row v of ``V``: the gradient of the second directional derivative d²/ds² Σ fn(θ + s·v),
     ``(k, n_params)``. Reverse-over-forward-over-forward: 1.4× faster than differentiating the HVP along v
-    (forward-over-forward-over-reverse) on the digits MLP (2.4 vs 3.5 s for 100 tangents × 797 examples), equal to round-off.
+    (forward-over-forward-over-reverse) on the digits MLP (2.4 vs 3.5 s for 100 tangents × 797 examples), equal to
+    round-off.
     """
 
     def one(v: torch.Tensor) -> torch.Tensor:
@@ -261,7 +273,9 @@ def third_directional_sum(fn: LossFn, params: dict[str, torch.Tensor], batch: Ba
     return _per_tangent(one, V)
 
 
-def second_directional(fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor) -> torch.Tensor:
+def second_directional(
+    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor
+) -> torch.Tensor:
     """vᵀ∇²fn(z)v of each example z of ``batch`` for each row v of ``V``: ``(k, B)``, by forward-over-forward
     ``d²/ds² fn(θ + s·v)`` (no gradient, no Hessian)."""
 
@@ -284,9 +298,14 @@ def input_leaf(batch: Batch, where: InputPath) -> torch.Tensor:
     elif isinstance(batch, dict) and where in batch:
         leaf = batch[where]
     else:
-        kind = f"a tuple of {len(batch)}" if isinstance(batch, (tuple, list)) else (
-            f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__)
-        raise InputError(f"`input` must name the input inside each batch (a tuple position or a dict key). Got {where!r} for {kind}.")
+        kind = (
+            f"a tuple of {len(batch)}"
+            if isinstance(batch, (tuple, list))
+            else (f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__)
+        )
+        raise InputError(
+            f"`input` must name the input inside each batch (a tuple position or a dict key). Got {where!r} for {kind}."
+        )
     if not isinstance(leaf, torch.Tensor):
         raise InputTypeError(f"the input to differentiate must be a tensor. Got {type(leaf).__name__}.")
     if not leaf.is_floating_point():
@@ -309,7 +328,13 @@ def _with_input(batch: Batch, where: InputPath, x: torch.Tensor) -> Any:
 
 
 def mixed_vjp(
-    fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout, V: torch.Tensor, *, where: InputPath = 0
+    fn: LossFn,
+    params: dict[str, torch.Tensor],
+    batch: Batch,
+    layout: ParamLayout,
+    V: torch.Tensor,
+    *,
+    where: InputPath = 0,
 ) -> torch.Tensor:
     """Vector–Jacobian products of the parameter gradient with respect to each example's input.
 
@@ -337,7 +362,9 @@ def mixed_vjp(
         return vmap(grad(directional), in_dims=(None, 0))(x, V)
 
 
-def input_size_per_example(fn: LossFn, params: dict[str, torch.Tensor], example_batch: Any, model: torch.nn.Module) -> int:
+def input_size_per_example(
+    fn: LossFn, params: dict[str, torch.Tensor], example_batch: Any, model: torch.nn.Module
+) -> int:
     """Number of values the model's innermost modules output for one example *downstream of the selected
     parameters* (outputs that need a gradient): a proxy for the activation memory of a gradient or HVP. A frozen
     prefix (embeddings and blocks before the selected ones, or a cached one) records no graph and does not count."""
@@ -345,7 +372,7 @@ def input_size_per_example(fn: LossFn, params: dict[str, torch.Tensor], example_
 
     def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
         nonlocal total
-        for leaf in (output if isinstance(output, (tuple, list)) else (output,)):
+        for leaf in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                 total += leaf.numel()
 

@@ -32,11 +32,14 @@ def _fmt(value: Any) -> str:
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any], *, extra: str = "") -> Any:
-    """Return ``value`` if it is one of ``choices``; else InputError "`name` must be one of 'a', 'b'<extra>. Got ..."."""
+    """Return ``value`` if it is one of ``choices``; else InputError "`name` must be one of 'a', 'b'<extra>. Got
+    ..."."""
     options = tuple(choices)
     # equal and of the choice's type (a str Enum matches its string), but True is not the choice 1
-    if not any(value is c or (isinstance(value, type(c)) and isinstance(value, bool) == isinstance(c, bool) and value == c)
-               for c in options):
+    if not any(
+        value is c or (isinstance(value, type(c)) and isinstance(value, bool) == isinstance(c, bool) and value == c)
+        for c in options
+    ):
         raise InputError(f"`{name}` must be one of {', '.join(repr(c) for c in options)}{extra}. Got {_fmt(value)}.")
     return value
 
@@ -59,7 +62,9 @@ def check_number(
         + ("]" if high_inclusive else ")")
     )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InputTypeError(f"`{name}` must be a float in {interval}. Got {_fmt(value)} of type {type(value).__name__}.")
+        raise InputTypeError(
+            f"`{name}` must be a float in {interval}. Got {_fmt(value)} of type {type(value).__name__}."
+        )
     value = float(value)
     ok = math.isfinite(value)
     if ok and low is not None:
@@ -75,7 +80,9 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     """Return ``value`` as an int after checking that it is an integer in ``[low, high]``."""
     interval = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputTypeError(f"`{name}` must be an int in {interval}. Got {_fmt(value)} of type {type(value).__name__}.")
+        raise InputTypeError(
+            f"`{name}` must be an int in {interval}. Got {_fmt(value)} of type {type(value).__name__}."
+        )
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise InputError(f"`{name}` must be an int in {interval}. Got {value}.")
@@ -90,7 +97,7 @@ def parse_bytes(name: str, value: Any) -> int:
     if isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
         number = text.rstrip("kmgib")
-        unit = text[len(number):]
+        unit = text[len(number) :]
         if unit in _UNITS and number:
             try:
                 amount = float(number)
@@ -98,7 +105,9 @@ def parse_bytes(name: str, value: Any) -> int:
                 amount = -1.0
             if amount > 0 and math.isfinite(amount * _UNITS[unit]):
                 return int(amount * _UNITS[unit])
-        raise InputError(f"`{name}` must be a positive number of bytes or a string like '512MB' or '2GiB'. Got {_fmt(value)}.")
+        raise InputError(
+            f"`{name}` must be a positive number of bytes or a string like '512MB' or '2GiB'. Got {_fmt(value)}."
+        )
     return check_int(name, value, low=1)
 
 

@@ -47,9 +47,21 @@ class InfluenceConfig:
     solver_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_arguments(cls, *, solver: str | Solver, damping: float, solver_options: dict[str, Any] | None, batch_size: int | None,
-                       memory_budget: int | str, stationarity_tol: float | None, progress: bool, distributed: bool | None,
-                       gradients: str, cache_dir: str | os.PathLike | None, precision: str) -> InfluenceConfig:
+    def from_arguments(
+        cls,
+        *,
+        solver: str | Solver,
+        damping: float,
+        solver_options: dict[str, Any] | None,
+        batch_size: int | None,
+        memory_budget: int | str,
+        stationarity_tol: float | None,
+        progress: bool,
+        distributed: bool | None,
+        gradients: str,
+        cache_dir: str | os.PathLike | None,
+        precision: str,
+    ) -> InfluenceConfig:
         """Check every argument (raising the error that names it) and make the solver."""
         damping = check_number("damping", damping, low=0.0)
         options = dict(solver_options or {})
@@ -60,8 +72,19 @@ class InfluenceConfig:
             raise InputTypeError(f"`distributed` must be None, True or False. Got {distributed!r}.")
         check_choice("gradients", gradients, GRADIENT_METHODS)
         check_choice("precision", precision, PRECISIONS)
-        return cls(make_solver(solver, **options), damping, batch_size, budget, tol, bool(progress), distributed,
-                   gradients, cache_dir, precision, options)
+        return cls(
+            make_solver(solver, **options),
+            damping,
+            batch_size,
+            budget,
+            tol,
+            bool(progress),
+            distributed,
+            gradients,
+            cache_dir,
+            precision,
+            options,
+        )
 
 
 @dataclass(frozen=True)
@@ -79,11 +102,21 @@ class Provenance:
     precision: str
 
     @classmethod
-    def of(cls, task: Task, solver: Solver, config: InfluenceConfig, params: dict[str, torch.Tensor], n_train: int) -> Provenance:
+    def of(
+        cls, task: Task, solver: Solver, config: InfluenceConfig, params: dict[str, torch.Tensor], n_train: int
+    ) -> Provenance:
         layout = ParamLayout.of(params)
-        return cls(task.describe(), solver.describe(), config.damping, str(layout.dtype),
-                   tuple((name, tuple(shape)) for name, shape in zip(layout.names, layout.shapes)), layout.n, n_train,
-                   fingerprint(params), config.precision)
+        return cls(
+            task.describe(),
+            solver.describe(),
+            config.damping,
+            str(layout.dtype),
+            tuple((name, tuple(shape)) for name, shape in zip(layout.names, layout.shapes)),
+            layout.n,
+            n_train,
+            fingerprint(params),
+            config.precision,
+        )
 
     def manifest(self, kind: str, fields: tuple[str, ...], **extra: Any) -> dict[str, Any]:
         """``{"kind", "format", <fields of this record>, **extra}`` for a folder's ``manifest.json``."""
@@ -104,8 +137,12 @@ class Provenance:
     def metadata(self, reports: list[SolveReport], grad_norm: float, **extra: Any) -> dict[str, Any]:
         """The metadata of an :class:`~influencekit.Influence` query: task, solver, damping, solve reports."""
         return self.result_metadata(
-            "I_up,loss", ("task", "solver", "damping", "dtype", "n_params"), grad_norm=grad_norm, precision=self.precision,
-            solve_reports=[r.to_dict() for r in reports], **extra,
+            "I_up,loss",
+            ("task", "solver", "damping", "dtype", "n_params"),
+            grad_norm=grad_norm,
+            precision=self.precision,
+            solve_reports=[r.to_dict() for r in reports],
+            **extra,
         )
 
     def agreement(self, config: InfluenceConfig) -> dict[str, Any]:
@@ -133,8 +170,16 @@ class Chunks:
     queries: int  # test points solved together
 
 
-def plan_chunks(task: Task, params: dict[str, torch.Tensor], first: Any, n: int, *, batch_size: int | None, memory_budget: int,
-                without_rows: bool = False) -> Chunks:
+def plan_chunks(
+    task: Task,
+    params: dict[str, torch.Tensor],
+    first: Any,
+    n: int,
+    *,
+    batch_size: int | None,
+    memory_budget: int,
+    without_rows: bool = False,
+) -> Chunks:
     """Chunk sizes for ``n`` training examples from the budget and a one-example probe ``first`` of the
     model's activation size (:func:`~influencekit.autodiff.input_size_per_example`), unless ``batch_size``.
 

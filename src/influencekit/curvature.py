@@ -59,7 +59,7 @@ class LayerData:
         flat = self.shard.all_reduce(torch.cat([t.reshape(-1) for t in sums]))
         offset = 0
         for t in sums:
-            t.copy_(flat[offset:offset + t.numel()].reshape(t.shape))
+            t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
             offset += t.numel()
 
 
@@ -92,7 +92,9 @@ class CurvatureOperator(Protocol):
         """(H + δI) V over the whole training set (H V with ``damped=False``)."""
         ...
 
-    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True, chunk: int | None = None) -> torch.Tensor:
+    def minibatch_matvec(
+        self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True, chunk: int | None = None
+    ) -> torch.Tensor:
         """(H_B + δI) V with H_B the Hessian of the mean loss over ``indices`` (plus λI), ``chunk`` examples per
         HVP call (default: the operator's HVP chunk)."""
         ...

@@ -32,9 +32,18 @@ import torch.distributed as dist
 
 from .errors import DistributedError, InputError, UnsupportedError
 
-__all__ = ["Shard", "LocalShard", "resolve_shard", "shard_bounds", "init_from_environment", "is_main_process", "DistributedError"]
+__all__ = [
+    "Shard",
+    "LocalShard",
+    "resolve_shard",
+    "shard_bounds",
+    "init_from_environment",
+    "is_main_process",
+    "DistributedError",
+]
 
 T = TypeVar("T")
+
 
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
     """``[start, stop)`` of rank ``rank``'s contiguous shard of ``n`` examples (as ``numpy.array_split``)."""
@@ -81,7 +90,7 @@ class Shard:
         """
         widths = [stop - start for start, stop in self.bounds] if widths is None else widths
         padded = torch.zeros(*block.shape[:-1], max(widths), dtype=block.dtype, device=block.device)
-        padded[..., :block.shape[-1]] = block
+        padded[..., : block.shape[-1]] = block
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1)
@@ -111,9 +120,13 @@ class Shard:
     def check_same(self, what: str, fingerprint: dict[str, Any]) -> None:
         """Raise :class:`DistributedError` on every rank unless all ranks pass an equal ``fingerprint``."""
         prints = self.all_gather_objects(fingerprint)
-        differ = sorted({key for p in prints for key in set(p) | set(fingerprint) if p.get(key) != fingerprint.get(key)})
+        differ = sorted(
+            {key for p in prints for key in set(p) | set(fingerprint) if p.get(key) != fingerprint.get(key)}
+        )
         if differ:
-            values = "; ".join(f"{key}: " + ", ".join(f"rank {r}={p.get(key)!r}" for r, p in enumerate(prints)) for key in differ[:3])
+            values = "; ".join(
+                f"{key}: " + ", ".join(f"rank {r}={p.get(key)!r}" for r, p in enumerate(prints)) for key in differ[:3]
+            )
             raise DistributedError(
                 f"the ranks of the process group disagree on {what} ({values}). Every rank must build the same "
                 "model (same trained parameters), task, training set, solver and options; load one checkpoint "
@@ -161,7 +174,7 @@ class LocalShard(Shard):
         return [obj]
 
     def gather_columns(self, block: torch.Tensor, widths: list[int] | None = None) -> torch.Tensor:
-        return block if widths is None or widths[0] >= block.shape[-1] else block[..., :widths[0]]
+        return block if widths is None or widths[0] >= block.shape[-1] else block[..., : widths[0]]
 
     def local(self, work: Callable[[], T]) -> T:
         return work()

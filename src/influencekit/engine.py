@@ -105,8 +105,14 @@ class FittedEngine:
         """A result's metadata: the configuration, the solve reports, ‖∇R(θ̂)‖, the gradient methods and ``extra``."""
         return self.provenance.metadata(reports, self.grad_norm, gradients=self.gradients.describe(), **extra)
 
-    def queries(self, test: Examples, *, block: int | None = None, skip: Callable[[int], bool] | None = None,
-                query_rank: int | None = None) -> Iterator[tuple[int, torch.Tensor | LowRankQueries, SolveReport]]:
+    def queries(
+        self,
+        test: Examples,
+        *,
+        block: int | None = None,
+        skip: Callable[[int], bool] | None = None,
+        query_rank: int | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor | LowRankQueries, SolveReport]]:
         """Blocks of preconditioned test gradients: ``(offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)``.
 
         ``block`` test points at a time (default: as the memory budget allows); blocks whose offset ``skip`` accepts
@@ -114,8 +120,14 @@ class FittedEngine:
         # each rank solves the same blocks: a different test set would hang them
         self.shard.check_same("the test set", {"n_test": len(test)})
         if query_rank is not None:  # blocks of `block` test points, or as many as half the memory budget holds
-            yield from low_rank_queries(self.gradients, self.solver, test, check_int("query_rank", query_rank, low=1),
-                                        block=block, budget=self.config.memory_budget // 2)
+            yield from low_rank_queries(
+                self.gradients,
+                self.solver,
+                test,
+                check_int("query_rank", query_rank, low=1),
+                block=block,
+                budget=self.config.memory_budget // 2,
+            )
             return
         block = block or self.chunks.queries
         if self._solves_from_taps(test):
@@ -127,8 +139,9 @@ class FittedEngine:
             hi = min(lo + block, len(test))
             # the gradients are not bound in this frame, and the solved block is unbound before the next one is
             # computed (one block of queries in memory at a time)
-            solved = self.solve(self.gradients.block(test, side="test", start=lo, stop=hi, desc="test gradients"),
-                                overwrite=True)
+            solved = self.solve(
+                self.gradients.block(test, side="test", start=lo, stop=hi, desc="test gradients"), overwrite=True
+            )
             release_freed_memory()  # the test gradients', before the training pass allocates its own
             yield (lo, *solved)
             del solved
@@ -142,8 +155,9 @@ class FittedEngine:
         self.gradients.per_example("test", self.gradients.take(data, range(min(len(data), 4))))
         return self.gradients.methods["test"] == "layers"
 
-    def _queries_from_taps(self, data: Examples, block: int, skip: Callable[[int], bool] | None
-                           ) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
+    def _queries_from_taps(
+        self, data: Examples, block: int, skip: Callable[[int], bool] | None
+    ) -> Iterator[tuple[int, torch.Tensor, SolveReport]]:
         """:meth:`queries` solved from the test layer taps chunk by chunk into the block: no gradient rows formed."""
         for lo in range(0, len(data), block):
             if skip is not None and skip(lo):
@@ -151,7 +165,7 @@ class FittedEngine:
             hi = min(lo + block, len(data))
             X = torch.empty(hi - lo, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
             factors = self.gradients.layer_factors(data, side="test", start=lo, stop=hi, desc="test layer taps")
-            report = combined([self.solver.solve_taps(f, X[c - lo:c - lo + len(f)]) for c, f in factors])
+            report = combined([self.solver.solve_taps(f, X[c - lo : c - lo + len(f)]) for c, f in factors])
             logger.info("solve: %s", report)
             release_freed_memory()  # the test taps', before the training pass allocates its own
             yield lo, X, report
@@ -164,7 +178,9 @@ def _checked_params(task: Task) -> dict[str, torch.Tensor]:
     params = {name: value.clone() for name, value in task.params().items()}
     for name, value in params.items():
         if not bool(torch.isfinite(value).all()):
-            raise InputError(f"the model parameter {name!r} holds NaN/inf values; influence needs a finite trained model.")
+            raise InputError(
+                f"the model parameter {name!r} holds NaN/inf values; influence needs a finite trained model."
+            )
     return params
 
 
@@ -182,18 +198,33 @@ def fit_engine(task: Task, train_data: Any, config: InfluenceConfig) -> FittedEn
     shard.check_same("the model, data and configuration", provenance.agreement(config))
     shard.check_solver(solver)
     first = take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch)
-    chunks = plan_chunks(task, params, first, len(train), batch_size=config.batch_size,
-                         memory_budget=config.memory_budget,
-                         without_rows=scores_without_rows(solver, config.gradients, task.model, layout))
-    gradients = GradientSource(task, params, chunk=chunks.grad, method=config.gradients, precision=config.precision,
-                               progress=progress)
+    chunks = plan_chunks(
+        task,
+        params,
+        first,
+        len(train),
+        batch_size=config.batch_size,
+        memory_budget=config.memory_budget,
+        without_rows=scores_without_rows(solver, config.gradients, task.model, layout),
+    )
+    gradients = GradientSource(
+        task, params, chunk=chunks.grad, method=config.gradients, precision=config.precision, progress=progress
+    )
     grad_norm = train_loss = float("nan")
     if config.stationarity_tol is not None:
         grad_norm, train_loss = objective_gradient_norm(gradients, train, shard)
         warn_if_not_stationary(grad_norm, config.stationarity_tol)
     logger.info("fit: n_train=%d, n_params=%d, ||grad R(theta)||=%.3g", len(train), layout.n, grad_norm)
-    operator = HessianOperator(task, params, train, damping=config.damping, batch_size=chunks.hvp,
-                               tangent_block=chunks.tangents, progress=progress, shard=shard)
+    operator = HessianOperator(
+        task,
+        params,
+        train,
+        damping=config.damping,
+        batch_size=chunks.hvp,
+        tangent_block=chunks.tangents,
+        progress=progress,
+        shard=shard,
+    )
     cache = None
     if config.cache_dir is not None:
         cache = SolverCache(config.cache_dir, provenance, data_fingerprint(gradients, train), shard)
@@ -203,7 +234,21 @@ def fit_engine(task: Task, train_data: Any, config: InfluenceConfig) -> FittedEn
         if cache is not None:
             cache.store(solver)
     release_freed_memory()  # the fit's freed chunks would otherwise stay resident under the scoring's
-    return FittedEngine(task=task, config=config, train=train, params=params, layout=layout, shard=shard,
-                        progress=progress, provenance=provenance, chunks=chunks, gradients=gradients,
-                        training_side=TrainingSide(gradients, train, shard, config.precision), operator=operator,
-                        solver=solver, grad_norm=grad_norm, train_loss=train_loss, solver_loaded=loaded)
+    return FittedEngine(
+        task=task,
+        config=config,
+        train=train,
+        params=params,
+        layout=layout,
+        shard=shard,
+        progress=progress,
+        provenance=provenance,
+        chunks=chunks,
+        gradients=gradients,
+        training_side=TrainingSide(gradients, train, shard, config.precision),
+        operator=operator,
+        solver=solver,
+        grad_norm=grad_norm,
+        train_loss=train_loss,
+        solver_loaded=loaded,
+    )

@@ -79,13 +79,16 @@ class StationarityWarning(InfluenceKitWarning):
 
 
 class CorruptFileWarning(InfluenceKitWarning):
-    """A stored file failed its checks (checksum, shape, dtype, finiteness) and is being recomputed; the message names it."""
+    """A stored file failed its checks (checksum, shape, dtype, finiteness) and is being recomputed; the message names
+    it."""
 
 
 # Advice in messages names a setting the way the user can change it: in Python a keyword of Influence or an entry
 # of `solver_options`; under the command line the flag of the running command, or, when the command has none,
 # says that the setting is reached from Python only. The command line sets the flags it offers.
-_CLI_FLAGS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar("influencekit_cli_flags", default=None)
+_CLI_FLAGS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+    "influencekit_cli_flags", default=None
+)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,16 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import InputError
 
-__all__ = ["MANIFEST", "atomic_write", "fingerprint", "open_folder", "write_checked", "verify_checked", "save_array", "load_array"]
+__all__ = [
+    "MANIFEST",
+    "atomic_write",
+    "fingerprint",
+    "open_folder",
+    "write_checked",
+    "verify_checked",
+    "save_array",
+    "load_array",
+]
 
 MANIFEST = "manifest.json"
 
@@ -70,7 +79,9 @@ def short(config: dict[str, Any]) -> str:
     return json.dumps({k: shorten(v) for k, v in config.items()}, sort_keys=True)
 
 
-def open_folder(folder: str | os.PathLike, config: dict[str, Any], *, arg: str, what: str, pattern: str) -> dict[str, Any]:
+def open_folder(
+    folder: str | os.PathLike, config: dict[str, Any], *, arg: str, what: str, pattern: str
+) -> dict[str, Any]:
     """Create ``folder`` with a manifest of ``config``, or check the manifest already there equals it.
 
     Args:
@@ -91,7 +102,9 @@ def open_folder(folder: str | os.PathLike, config: dict[str, Any], *, arg: str, 
         try:
             stored = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
-            raise InputError(f"`{arg}` {str(folder)!r} has an unreadable {MANIFEST} ({exc}); delete it or use another folder.") from None
+            raise InputError(
+                f"`{arg}` {str(folder)!r} has an unreadable {MANIFEST} ({exc}); delete it or use another folder."
+            ) from None
         if stored != config:
             keys = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
             raise InputError(
@@ -134,7 +147,8 @@ def write_checked(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def verify_checked(path: Path) -> str | None:
-    """Why the file written by :func:`write_checked` at ``path`` cannot be trusted, or None when its checksum matches."""
+    """Why the file written by :func:`write_checked` at ``path`` cannot be trusted, or None when its checksum
+    matches."""
     checksum = _checksum_path(path)
     if not checksum.is_file():
         return "its checksum file is missing (written by an interrupted run, or not by influencekit)"
@@ -152,9 +166,12 @@ def save_array(path: Path, array: np.ndarray) -> None:
     write_checked(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def load_array(path: Path, shape: tuple[int, ...], dtype: Any, *, mmap: bool = False) -> tuple[np.ndarray | None, str | None]:
+def load_array(
+    path: Path, shape: tuple[int, ...], dtype: Any, *, mmap: bool = False
+) -> tuple[np.ndarray | None, str | None]:
     """``(array, None)`` for a file written by :func:`save_array` that passes every check — checksum, shape, dtype,
-    finiteness — else ``(None, what is wrong)``, the path and expected-vs-found spelled out. Never raises for a bad file."""
+    finiteness — else ``(None, what is wrong)``, the path and expected-vs-found spelled out. Never raises for a bad
+    file."""
     problem = verify_checked(path)
     if problem is None:
         try:
@@ -163,7 +180,9 @@ def load_array(path: Path, shape: tuple[int, ...], dtype: Any, *, mmap: bool = F
             problem = f"it is not a readable .npy file ({exc})"
         else:
             if tuple(array.shape) != tuple(shape) or array.dtype != np.dtype(dtype):
-                problem = f"it holds shape {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {np.dtype(dtype)}"
+                problem = (
+                    f"it holds shape {tuple(array.shape)} {array.dtype}, expected {tuple(shape)} {np.dtype(dtype)}"
+                )
             elif not np.isfinite(array).all():
                 problem = f"it holds {int((~np.isfinite(array)).sum())} NaN/inf values"
             else:

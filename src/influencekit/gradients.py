@@ -29,7 +29,15 @@ from .lowrank import Factors, factor_blocks
 from .progress import progress_bar
 from .task import Task
 
-__all__ = ["GradientSource", "PRECISIONS", "SIDES", "check_losses", "check_grads", "matmul_precision", "objective_gradient_norm"]
+__all__ = [
+    "GradientSource",
+    "PRECISIONS",
+    "SIDES",
+    "check_losses",
+    "check_grads",
+    "matmul_precision",
+    "objective_gradient_norm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +97,16 @@ class GradientSource:
         progress: show a bar per stream.
     """
 
-    def __init__(self, task: Task, params: dict[str, torch.Tensor], *, chunk: int, method: str = "auto",
-                 precision: str = "full", progress: bool = False) -> None:
+    def __init__(
+        self,
+        task: Task,
+        params: dict[str, torch.Tensor],
+        *,
+        chunk: int,
+        method: str = "auto",
+        precision: str = "full",
+        progress: bool = False,
+    ) -> None:
         self.task = task
         self.params = params
         self.layout = ParamLayout.of(params)
@@ -111,17 +127,30 @@ class GradientSource:
         """The per-example function differentiated on ``side``: the loss (train) or the measurement (test)."""
         return self.task.loss if check_choice("side", side, SIDES) == "train" else self.task.measurement
 
-    def batches(self, data: Examples, start: int = 0, stop: int | None = None, chunk: int | None = None) -> Iterator[tuple[int, Any]]:
-        """``(offset, batch)`` chunks of ``data[start:stop]`` on the parameters' device and dtype, checked by the task."""
+    def batches(
+        self, data: Examples, start: int = 0, stop: int | None = None, chunk: int | None = None
+    ) -> Iterator[tuple[int, Any]]:
+        """``(offset, batch)`` chunks of ``data[start:stop]`` on the parameters' device and dtype, checked by the
+        task."""
         layout = self.layout
-        yield from stream(data, chunk or self.chunk, dtype=layout.dtype, device=layout.device, check=self.task.check_batch, start=start, stop=stop)
+        yield from stream(
+            data,
+            chunk or self.chunk,
+            dtype=layout.dtype,
+            device=layout.device,
+            check=self.task.check_batch,
+            start=start,
+            stop=stop,
+        )
 
     def take(self, data: Examples, indices: Sequence[int]) -> Any:
         """The examples ``indices`` of ``data`` as one batch, as :meth:`batches` would give them."""
         layout = self.layout
         return take(data, list(indices), dtype=layout.dtype, device=layout.device, check=self.task.check_batch)
 
-    def stream(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
+    def stream(
+        self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, G)`` with ``G`` the ``(chunk, n_params)`` per-example gradients of ``data[start:stop]``."""
         stop = len(data) if stop is None else stop
         bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
@@ -131,21 +160,24 @@ class GradientSource:
             yield lo, G
         bar.close()
 
-    def block(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = "") -> torch.Tensor:
+    def block(
+        self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
+    ) -> torch.Tensor:
         """The per-example gradients of ``data[start:stop]`` as one ``(stop - start, n_params)`` tensor, each chunk's
         pieces (:meth:`parts`) written into it as they come: no chunk of whole rows besides the block itself."""
         stop = len(data) if stop is None else stop
         G = torch.empty(stop - start, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
         for lo, n, pieces in self.parts(data, side=side, start=start, stop=stop, desc=desc):
-            rows = G[lo - start:lo - start + n]
+            rows = G[lo - start : lo - start + n]
             for piece in pieces:
                 piece.write(rows)
             if side == "train" and self._l2_term is not None:
                 rows += self._l2_term
         return G
 
-    def parts(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
-              ) -> Iterator[tuple[int, int, Iterator[GradientPiece]]]:
+    def parts(
+        self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
+    ) -> Iterator[tuple[int, int, Iterator[GradientPiece]]]:
         """``(offset, examples, pieces)`` per chunk of ``data[start:stop]``: the per-example gradients **without** the
         L2 term (:attr:`l2_term`), a layer's parameter at a time when they come from layer taps (each piece made as it
         is drawn: a consumer that scores them one by one never holds a chunk's whole rows), else the whole rows as one
@@ -173,7 +205,7 @@ class GradientSource:
         """The per-example gradients of the examples ``indices`` of ``data``, ``(len(indices), n_params)``."""
         rows = []
         for lo in range(0, len(indices), self.chunk):
-            part = list(indices[lo:lo + self.chunk])
+            part = list(indices[lo : lo + self.chunk])
             rows.append(self._rows(side, self.take(data, part), data.name, part[0], "full"))
         return torch.cat(rows)
 
@@ -193,7 +225,9 @@ class GradientSource:
             G += self._l2_term  # in place: the chunk is freshly allocated, a copy would double its memory traffic
         return G
 
-    def _pieces(self, side: str, batch: Batch, name: str, precision: str) -> tuple[Iterator[GradientPiece], torch.Tensor]:
+    def _pieces(
+        self, side: str, batch: Batch, name: str, precision: str
+    ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
         """One chunk's per-example gradients as pieces (:meth:`parts`) and its losses; a model that cannot take the
         data is named in words (:meth:`Task.check_forward`), else torch's error stands."""
         fn = self.function(side)
@@ -205,7 +239,9 @@ class GradientSource:
                 G, losses = per_example(fn, self.params, batch)
                 return iter([DensePiece(0, G)]), losses
         except (RuntimeError, TypeError, IndexError, ValueError):
-            self.task.check_forward(self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), name)
+            self.task.check_forward(
+                self.params, tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) else t, batch), name
+            )
             raise
 
     @property
@@ -213,8 +249,9 @@ class GradientSource:
         """λθ̂, the L2 term every training-side gradient carries (None without L2)."""
         return self._l2_term
 
-    def layer_factors(self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
-                      ) -> Iterator[tuple[int, Factors]]:
+    def layer_factors(
+        self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
+    ) -> Iterator[tuple[int, Factors]]:
         """``(offset, Factors)``: the layer taps of ``data[start:stop]`` in chunks, without the gradient rows
         (:mod:`~influencekit.lowrank`; the L2 term is not in them: see :attr:`l2_term`). Needs every selected parameter
         in a tapped layer and the taps chosen for ``side`` (they agreed with the reference on its first chunk)."""
@@ -232,8 +269,11 @@ class GradientSource:
             with LayerTaps(blocks) as taps:
                 inputs, grads, losses = taps.run(fn, self.params, batch)
             check_losses(losses, data.name, lo)
-            f = Factors(blocks, [b.inputs(x, dtype=dtype) for b, x in zip(blocks, inputs)],
-                        [b.output_grads(g, dtype=dtype) for b, g in zip(blocks, grads)])
+            f = Factors(
+                blocks,
+                [b.inputs(x, dtype=dtype) for b, x in zip(blocks, inputs)],
+                [b.output_grads(g, dtype=dtype) for b, g in zip(blocks, grads)],
+            )
             for g in f.g:
                 check_grads(g.reshape(len(f), -1), data.name, lo)
             bar.update(len(f))
@@ -244,7 +284,9 @@ class GradientSource:
         """The per-example gradient function ``(fn, params, batch) -> (G, values)`` for ``side``, chosen on its
         first batch and kept (the choice and its reason are logged; the choice is in :attr:`methods`)."""
         if side not in self._chosen:
-            chosen, method, reason = choose_per_example(self.method, self.task.model, self.function(side), self.params, self.layout, batch, side=side)
+            chosen, method, reason = choose_per_example(
+                self.method, self.task.model, self.function(side), self.params, self.layout, batch, side=side
+            )
             self.methods[side] = method
             self.reasons[side] = reason
             logger.info("per-example gradients (%s side): %s (%s)", side, method, reason)
@@ -276,8 +318,10 @@ def warn_if_not_stationary(grad_norm: float, tol: float) -> None:
     """Warn (at the caller of ``Influence.fit``) when ‖∇R(θ̂)‖ exceeds ``tol``: influence assumes θ̂ minimises R."""
     if grad_norm > tol:
         warnings.warn(
-            f"the model is far from a stationary point of the training objective: ||grad R(theta)|| = {grad_norm:.3g} > "
-            f"stationarity_tol={tol:g}. Influence assumes theta minimises R (with the same `l2`); train longer or check "
+            f"the model is far from a stationary point of the training objective: ||grad R(theta)|| = {grad_norm:.3g} "
+            "> "
+            f"stationarity_tol={tol:g}. Influence assumes theta minimises R (with the same `l2`); train longer or "
+            "check "
             "that `l2` matches the training regularisation.",
             StationarityWarning,
             stacklevel=3,

@@ -86,7 +86,10 @@ def _index_group(name: str, members: Any, n: int) -> np.ndarray:
     values = members.detach().cpu().numpy() if isinstance(members, torch.Tensor) else members
     if isinstance(values, np.ndarray) and values.dtype == np.bool_:
         if values.shape != (n,):
-            raise InputError(f"the boolean mask of group {name!r} must have one entry per training point, shape ({n},). Got {values.shape}.")
+            raise InputError(
+                f"the boolean mask of group {name!r} must have one entry per training point, shape ({n},). Got "
+                f"{values.shape}."
+            )
         values = np.flatnonzero(values)
         if len(values) == 0:
             raise InputError(f"group {name!r} is empty: its mask selects no training point.")
@@ -96,11 +99,15 @@ def _index_group(name: str, members: Any, n: int) -> np.ndarray:
 def _label_column(column: np.ndarray, n: int) -> tuple[list[np.ndarray], list[str]]:
     if column.shape != (n,):
         raise InputError(
-            f"`groups` as a label column must have one value per training point, shape ({n},). Got shape {column.shape}; "
+            f"`groups` as a label column must have one value per training point, shape ({n},). Got shape "
+            f"{column.shape}; "
             "pass a list of index arrays or an (n_groups, n_train) boolean mask instead."
         )
     if column.dtype.kind == "f" and np.isnan(column).any():
-        raise InputError(f"the group label column has missing values (NaN) at training points {np.flatnonzero(np.isnan(column))[:5].tolist()}; fill them (e.g. with -1) first.")
+        raise InputError(
+            "the group label column has missing values (NaN) at training points "
+            f"{np.flatnonzero(np.isnan(column))[:5].tolist()}; fill them (e.g. with -1) first."
+        )
     if column.dtype == object and any(v is None for v in column):
         raise InputError("the group label column has missing values (None); fill them (e.g. with 'missing') first.")
     values, codes = np.unique(column, return_inverse=True)
@@ -115,17 +122,25 @@ def parse_groups(groups: Any, n: int) -> Groups:
     if isinstance(groups, dict):
         names = [str(k) for k in groups]
         members = [_index_group(name, groups[k], n) for name, k in zip(names, groups)]
-    elif isinstance(groups, (list, tuple)) and groups and not isinstance(groups[0], (numbers.Number, str, bytes, np.generic)):
+    elif (
+        isinstance(groups, (list, tuple))
+        and groups
+        and not isinstance(groups[0], (numbers.Number, str, bytes, np.generic))
+    ):
         names = [str(g) for g in range(len(groups))]
         members = [_index_group(name, m, n) for name, m in zip(names, groups)]
     else:
         try:
             array = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
         except Exception as exc:
-            raise InputTypeError(f"`groups` must be index arrays, a boolean mask matrix or a label column. Got {type(groups).__name__}.") from exc
+            raise InputTypeError(
+                f"`groups` must be index arrays, a boolean mask matrix or a label column. Got {type(groups).__name__}."
+            ) from exc
         if array.ndim == 2 and array.dtype == np.bool_:
             if array.shape[1] != n:
-                raise InputError(f"`groups` as a boolean mask matrix must have shape (n_groups, {n}). Got {array.shape}.")
+                raise InputError(
+                    f"`groups` as a boolean mask matrix must have shape (n_groups, {n}). Got {array.shape}."
+                )
             names = [str(g) for g in range(len(array))]
             members = [_index_group(name, row, n) for name, row in zip(names, array)]
         elif array.ndim == 1:
@@ -133,7 +148,8 @@ def parse_groups(groups: Any, n: int) -> Groups:
         else:
             raise InputError(
                 "`groups` must be a list of index arrays, a {name: indices} dict, an (n_groups, n_train) boolean mask "
-                f"matrix, or a label column of length n_train. Got an array of shape {array.shape} and dtype {array.dtype}."
+                f"matrix, or a label column of length n_train. Got an array of shape {array.shape} and dtype "
+                f"{array.dtype}."
             )
     whole = [name for name, m in zip(names, members) if len(m) >= n]
     if whole:
@@ -152,7 +168,8 @@ class _Sums:
         self._pairwise = True  # per-example HVPs over (member, group) pairs until the model refuses vmap
         start, stop = self.shard.start, self.shard.stop
         self._mine = [m[(m >= start) & (m < stop)] for m in groups.members]  # this rank's members of each group
-        # the (member, group) pairs in training order, built once: the Newton solve asks for the group HVPs every iteration
+        # the (member, group) pairs in training order, built once: the Newton solve asks for the group HVPs every
+        # iteration
         pairs = sorted((int(i), g) for g, m in enumerate(self._mine) for i in m)
         self._pair_examples = [i for i, _ in pairs]
         self._pair_groups = torch.as_tensor([g for _, g in pairs], dtype=torch.long, device=self.layout.device)
@@ -166,7 +183,9 @@ class _Sums:
 
         def local() -> torch.Tensor:
             out = torch.zeros(len(self.groups.members), layout.n, dtype=layout.dtype, device=layout.device)
-            for lo, G in self.source.stream(self.engine.train, side="train", start=shard.start, stop=shard.stop, desc="group gradients"):
+            for lo, G in self.source.stream(
+                self.engine.train, side="train", start=shard.start, stop=shard.stop, desc="group gradients"
+            ):
                 out += self.groups.membership(lo, lo + len(G), layout.dtype, layout.device).T @ G
             return out
 
@@ -195,9 +214,11 @@ class _Sums:
     def _pairs(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         layout, chunk = self.layout, self.engine.chunks.grad
         for lo in range(0, len(self._pair_examples), chunk):
-            batch = self.source.take(self.engine.train, self._pair_examples[lo:lo + chunk])
-            g_idx = self._pair_groups[lo:lo + chunk]
-            out.index_add_(0, g_idx, per_example_hvp(self.engine.task.loss, self.source.params, batch, layout, V[g_idx]))
+            batch = self.source.take(self.engine.train, self._pair_examples[lo : lo + chunk])
+            g_idx = self._pair_groups[lo : lo + chunk]
+            out.index_add_(
+                0, g_idx, per_example_hvp(self.engine.task.loss, self.source.params, batch, layout, V[g_idx])
+            )
         return out
 
     def _per_group(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -206,16 +227,17 @@ class _Sums:
         for g, members in enumerate(self._mine):
             mine = members.tolist()
             for lo in range(0, len(mine), chunk):
-                batch = self.source.take(self.engine.train, mine[lo:lo + chunk])
+                batch = self.source.take(self.engine.train, mine[lo : lo + chunk])
                 if hvp is None:  # the product the model supports, chosen once (the first product kept)
-                    hvp, _, first = choose_hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])
+                    hvp, _, first = choose_hvp(task.loss, self.source.params, batch, layout, V[g : g + 1])
                     out[g] += first[0]
                 else:
-                    out[g] += hvp(task.loss, self.source.params, batch, layout, V[g:g + 1])[0]
+                    out[g] += hvp(task.loss, self.source.params, batch, layout, V[g : g + 1])[0]
         return out
 
     def third_derivatives(self, V: torch.Tensor) -> torch.Tensor:
-        """``(k, n_params)`` ∇³R[v, v] for each row v of ``V`` (the L2 term has none), one pass over the training set."""
+        """``(k, n_params)`` ∇³R[v, v] for each row v of ``V`` (the L2 term has none), one pass over the training
+        set."""
         engine, layout, shard = self.engine, self.layout, self.shard
         tangents = max(1, engine.chunks.tangents)
 
@@ -223,15 +245,18 @@ class _Sums:
             out = torch.zeros_like(V)
             for _, batch in self.source.batches(engine.train, shard.start, shard.stop, chunk=engine.chunks.hvp):
                 for t in range(0, len(V), tangents):
-                    out[t:t + tangents] += third_directional_sum(engine.task.loss, self.source.params, batch, layout, V[t:t + tangents])
+                    out[t : t + tangents] += third_directional_sum(
+                        engine.task.loss, self.source.params, batch, layout, V[t : t + tangents]
+                    )
             return out
 
         return self._reduced(local)
 
 
 # ------------------------------------------------------------------------------------------ the orders
-def _newton(sums: _Sums, solve: Callable, g: torch.Tensor, *, tol: float, max_iter: int,
-            progress: bool) -> tuple[torch.Tensor, dict[str, Any], list[SolveReport]]:
+def _newton(
+    sums: _Sums, solve: Callable, g: torch.Tensor, *, tol: float, max_iter: int, progress: bool
+) -> tuple[torch.Tensor, dict[str, Any], list[SolveReport]]:
     """Solve (M⁻¹ − H_U) x = g_U for every group by conjugate gradients preconditioned by M, the fitted solver.
 
     M⁻¹ is never applied: with search directions p = z + βp (z = M r) it is carried along as q = M⁻¹p = r + βq,
@@ -254,8 +279,10 @@ def _newton(sums: _Sums, solve: Callable, g: torch.Tensor, *, tol: float, max_it
             if bool(bad.any()):
                 names = [sums.groups.names[i] for i in torch.nonzero(bad).flatten().tolist()[:5]]
                 raise NumericalError(
-                    f"the Newton step without groups {names} is undefined: the Hessian of the remaining training points "
-                    "plus damping is not positive definite along it (pᵀAp ≤ 0). Raise `damping`, or use order=1 or order=2."
+                    f"the Newton step without groups {names} is undefined: the Hessian of the remaining training "
+                    "points "
+                    "plus damping is not positive definite along it (pᵀAp ≤ 0). Raise `damping`, or use order=1 or "
+                    "order=2."
                 )
             alpha = torch.where(active, rz / curvature.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(rz))
             x += alpha[:, None] * p
@@ -272,13 +299,19 @@ def _newton(sums: _Sums, solve: Callable, g: torch.Tensor, *, tol: float, max_it
     finally:
         bar.close()
     residual = (r.norm(dim=1) / g.norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)).max()
-    info = {"method": "conjugate gradients preconditioned by the fitted solver", "iterations": iterations,
-            "converged": not bool(active.any()), "tol": tol, "relative_residual": float(residual)}
+    info = {
+        "method": "conjugate gradients preconditioned by the fitted solver",
+        "iterations": iterations,
+        "converged": not bool(active.any()),
+        "tol": tol,
+        "relative_residual": float(residual),
+    }
     return x, info, reports
 
 
-def _moved_measurements(task: Task, params: dict[str, torch.Tensor], layout: Any, batch: Batch, deltas: torch.Tensor, block: int
-                        ) -> torch.Tensor:
+def _moved_measurements(
+    task: Task, params: dict[str, torch.Tensor], layout: Any, batch: Batch, deltas: torch.Tensor, block: int
+) -> torch.Tensor:
     """``(k, B)`` f(θ̂ + Δ_g) − f(θ̂) on ``batch`` for each row Δ_g of ``deltas``: vmap over ``block`` rows at a time, or
     one forward per row where the model cannot be batched."""
     theta = layout.flatten(params)
@@ -289,7 +322,7 @@ def _moved_measurements(task: Task, params: dict[str, torch.Tensor], layout: Any
     with torch.no_grad():
         before = task.measurement(params, batch)
         try:
-            after = torch.cat([vmap(at)(deltas[t:t + block]) for t in range(0, len(deltas), block)])
+            after = torch.cat([vmap(at)(deltas[t : t + block]) for t in range(0, len(deltas), block)])
         except InfluenceKitError:
             raise
         except Exception:
@@ -297,30 +330,47 @@ def _moved_measurements(task: Task, params: dict[str, torch.Tensor], layout: Any
     return after - before
 
 
-def _test_values(engine: FittedEngine, test: Examples, deltas: dict[str, torch.Tensor], curvature: torch.Tensor | None,
-                 newton: torch.Tensor | None) -> dict[str, torch.Tensor]:
+def _test_values(
+    engine: FittedEngine,
+    test: Examples,
+    deltas: dict[str, torch.Tensor],
+    curvature: torch.Tensor | None,
+    newton: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
     """``(k, n_test)`` per order: ∇fᵀΔ (+ ½Δ₁ᵀ∇²fΔ₁ for order 2), and f(θ̂ + Δ_N) − f(θ̂) for newton."""
     source, layout, task = engine.gradients, engine.layout, engine.task
     k = len(next(iter(deltas.values()))) if deltas else len(newton)  # type: ignore[arg-type]
-    out = {o: torch.empty(k, len(test), dtype=layout.dtype, device=layout.device) for o in [*deltas, *(["newton"] if newton is not None else [])]}
+    out = {
+        o: torch.empty(k, len(test), dtype=layout.dtype, device=layout.device)
+        for o in [*deltas, *(["newton"] if newton is not None else [])]
+    }
     for lo, G in source.stream(test, side="test", desc="test gradients"):
         for order, D in deltas.items():
-            out[order][:, lo:lo + len(G)] = D @ G.T
+            out[order][:, lo : lo + len(G)] = D @ G.T
     if curvature is None and newton is None:
         return out
     params, tangents = source.params, max(1, engine.chunks.tangents)
     for lo, batch in source.batches(test):
         if curvature is not None:
             for t in range(0, k, tangents):
-                part = second_directional(task.measurement, params, batch, layout, curvature[t:t + tangents])
-                out["2"][t:t + len(part), lo:lo + part.shape[1]] += 0.5 * part
+                part = second_directional(task.measurement, params, batch, layout, curvature[t : t + tangents])
+                out["2"][t : t + len(part), lo : lo + part.shape[1]] += 0.5 * part
         if newton is not None:
-            out["newton"][:, lo:lo + batch_size_of(batch)] = _moved_measurements(task, params, layout, batch, newton, tangents)
+            out["newton"][:, lo : lo + batch_size_of(batch)] = _moved_measurements(
+                task, params, layout, batch, newton, tangents
+            )
     return out
 
 
-def group_effects(engine: FittedEngine, groups: Groups, test: Examples, orders: Sequence[str], *,
-                  newton_tol: float = 1e-6, newton_max_iter: int = 100) -> dict[str, GroupInfluence]:
+def group_effects(
+    engine: FittedEngine,
+    groups: Groups,
+    test: Examples,
+    orders: Sequence[str],
+    *,
+    newton_tol: float = 1e-6,
+    newton_max_iter: int = 100,
+) -> dict[str, GroupInfluence]:
     """The :class:`GroupInfluence` of each of ``orders`` for ``groups`` on ``test`` (shared work computed once)."""
     start = time.perf_counter()
     solve, metadata = engine.solve, engine.metadata
@@ -338,14 +388,23 @@ def group_effects(engine: FittedEngine, groups: Groups, test: Examples, orders: 
         reports["2"], extra["2"] = [report1, report2], {}
     newton = None
     if "newton" in orders:
-        newton, info, newton_reports = _newton(sums, solve, g, tol=newton_tol, max_iter=newton_max_iter, progress=engine.progress)
+        newton, info, newton_reports = _newton(
+            sums, solve, g, tol=newton_tol, max_iter=newton_max_iter, progress=engine.progress
+        )
         reports["newton"], extra["newton"] = [report1, *newton_reports], {"newton": info}
     values = _test_values(engine, test, deltas, D1 if "2" in orders else None, newton)
     changes = {**deltas, **({"newton": newton} if newton is not None else {})}
     seconds = time.perf_counter() - start
     return {
-        order: GroupInfluence(values[order], changes[order], groups.names, groups.sizes, order, groups.n,
-                              metadata(reports[order], group_order=order, n_groups=len(groups.members), seconds=seconds, **extra[order]))
+        order: GroupInfluence(
+            values[order],
+            changes[order],
+            groups.names,
+            groups.sizes,
+            order,
+            groups.n,
+            metadata(reports[order], group_order=order, n_groups=len(groups.members), seconds=seconds, **extra[order]),
+        )
         for order in orders
     }
 
@@ -364,4 +423,3 @@ def check_orders(order: Any) -> tuple[str, ...]:
 
 def check_newton(tol: Any, max_iter: Any) -> tuple[float, int]:
     return check_number("newton_tol", tol, low=0.0, low_inclusive=False), check_int("newton_max_iter", max_iter, low=1)
-

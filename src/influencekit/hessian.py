@@ -112,7 +112,7 @@ class HessianOperator:
 
         def weighted(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
             losses = self.task.loss(params, batch)
-            return losses * w[offset:offset + losses.shape[0]]
+            return losses * w[offset : offset + losses.shape[0]]
 
         return weighted
 
@@ -159,16 +159,31 @@ class HessianOperator:
         return self.shard.all_reduce(self.shard.local(work))
 
     def _stream(self) -> Iterator[tuple[int, Any]]:
-        return stream(self.data, self.batch_size, dtype=self.dtype, device=self.device, check=self.task.check_batch,
-                      start=self.shard.start, stop=self.shard.stop)
+        return stream(
+            self.data,
+            self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+            check=self.task.check_batch,
+            start=self.shard.start,
+            stop=self.shard.stop,
+        )
 
     def layer_data(self) -> LayerData:
         """The task, θ̂ (detached) and this rank's data stream, for solvers that read the model's layers."""
-        return LayerData(self.task, {k: v.detach() for k, v in self.params.items()}, self.layout, self.n_examples,
-                         self.weights is not None, self.shard, self._stream)
+        return LayerData(
+            self.task,
+            {k: v.detach() for k, v in self.params.items()},
+            self.layout,
+            self.n_examples,
+            self.weights is not None,
+            self.shard,
+            self._stream,
+        )
 
     def matvec(self, V: torch.Tensor, *, damped: bool = True) -> torch.Tensor:
-        """(H + δI) applied to each row of ``V`` ``(k, n_params)`` over the whole training set; H V if not ``damped``."""
+        """(H + δI) applied to each row of ``V`` ``(k, n_params)`` over the whole training set; H V if not
+        ``damped``."""
         V = V.to(self.dtype)
 
         def local() -> torch.Tensor:
@@ -181,7 +196,9 @@ class HessianOperator:
         self.hvp_count += V.shape[0]
         return self._check(acc / self._total_weight + self._diagonal(damped) * V)
 
-    def minibatch_matvec(self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True, chunk: int | None = None) -> torch.Tensor:
+    def minibatch_matvec(
+        self, V: torch.Tensor, indices: torch.Tensor, *, damped: bool = True, chunk: int | None = None
+    ) -> torch.Tensor:
         """(H_B + δI) V with H_B the Hessian of the mean loss over the examples ``indices`` (plus λI); H_B V if
         not ``damped``. ``chunk``: examples per HVP call (default ``batch_size``; smaller holds less memory)."""
         if self.weights is not None:
@@ -195,7 +212,9 @@ class HessianOperator:
         def local() -> torch.Tensor:
             acc = torch.zeros_like(V)
             for lo in range(0, len(mine), step):  # in HVP chunks: a large sample must not blow the memory
-                batch = take(self.data, mine[lo:lo + step], dtype=self.dtype, device=self.device, check=self.task.check_batch)
+                batch = take(
+                    self.data, mine[lo : lo + step], dtype=self.dtype, device=self.device, check=self.task.check_batch
+                )
                 acc += self._data_hvp(batch, V)
             return acc
 
@@ -223,7 +242,11 @@ class HessianOperator:
 
         def local() -> torch.Tensor:
             H = torch.zeros(p, p, dtype=self.dtype, device=self.device)
-            bar = progress_bar(total=n_chunks * (-(-p // eye_block)), desc="dense Hessian", enabled=self.progress if progress is None else progress)
+            bar = progress_bar(
+                total=n_chunks * (-(-p // eye_block)),
+                desc="dense Hessian",
+                enabled=self.progress if progress is None else progress,
+            )
             for offset, batch in self._stream():
                 fn = self._loss_fn(offset)
                 for lo in range(0, p, eye_block):
@@ -246,11 +269,14 @@ class HessianOperator:
 def check_curvature(operator: HessianOperator, *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
     """Lanczos estimates ``(λ_min, λ_max)`` of H + δI from ``steps`` full-data HVPs; warns with
     :class:`~influencekit.errors.CurvatureWarning` and a damping that removes the negative curvature when λ_min ≤ 0."""
-    lo, hi = lanczos_extremes(operator.matvec, operator.n_params, steps=steps, dtype=operator.dtype, device=operator.device, seed=seed)
+    lo, hi = lanczos_extremes(
+        operator.matvec, operator.n_params, steps=steps, dtype=operator.dtype, device=operator.device, seed=seed
+    )
     if lo <= 0:
         warnings.warn(
             f"H + δI has negative curvature (Lanczos estimate of its smallest eigenvalue: {lo:.3g} with damping "
-            f"{operator.damping:g}); use damping >= {operator.damping - lo * 1.5:.3g} (Lanczos under-estimates |λ_min|; "
+            f"{operator.damping:g}); use damping >= {operator.damping - lo * 1.5:.3g} (Lanczos under-estimates "
+            "|λ_min|; "
             "raise `steps` for a tighter figure).",
             CurvatureWarning,
             stacklevel=3,

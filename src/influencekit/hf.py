@@ -41,7 +41,18 @@ from .errors import InputError, InputTypeError
 from .prefix import PrefixCache, PrefixPlan, is_prefix_key
 from .task import Params, ParamSelector, Task
 
-__all__ = ["cache_prefix", "PrefixCache", "PooledClassifier", "HFTask", "SequenceClassificationTask", "TokenClassificationTask", "CausalLMTask", "pad_collate", "per_token", "IGNORE_INDEX"]
+__all__ = [
+    "cache_prefix",
+    "PrefixCache",
+    "PooledClassifier",
+    "HFTask",
+    "SequenceClassificationTask",
+    "TokenClassificationTask",
+    "CausalLMTask",
+    "pad_collate",
+    "per_token",
+    "IGNORE_INDEX",
+]
 
 REDUCTIONS = ("sum", "mean")
 CHECK_CHUNK = 1024  # examples collated at a time by HFTask.check_examples
@@ -61,13 +72,20 @@ class PooledClassifier(nn.Module):
         super().__init__()
         hidden = getattr(getattr(encoder, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
-            raise InputTypeError(f"`encoder` must be a transformers model with `config.hidden_size`. Got {type(encoder).__name__}.")
+            raise InputTypeError(
+                f"`encoder` must be a transformers model with `config.hidden_size`. Got {type(encoder).__name__}."
+            )
         if not isinstance(num_labels, int) or num_labels < 2:
             raise InputError(f"`num_labels` must be an integer >= 2. Got {num_labels!r}.")
         self.encoder, self.pooling = encoder, check_choice("pooling", pooling, POOLINGS)
         self.head = nn.Linear(hidden, num_labels, dtype=next(encoder.parameters()).dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if self.pooling == "cls":
@@ -95,14 +113,18 @@ def _position_limit(model: nn.Module) -> int | None:
     """The most tokens a sequence may have: the rows of a learned absolute position embedding (``position_embeddings``,
     GPT-2's ``wpe``), less RoBERTa's offset past its padding row; None for a model without one (rotary positions)."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in ("position_embeddings", "wpe", "embed_positions"):
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in (
+            "position_embeddings",
+            "wpe",
+            "embed_positions",
+        ):
             pad = module.padding_idx
             return module.num_embeddings - (0 if pad is None else pad + 1)
     return None
 
 
 def _first(bad: torch.Tensor, offset: int) -> str:
-    """"example i" (and how many more) for the rows of a boolean ``(B,)`` tensor that are True."""
+    """ "example i" (and how many more) for the rows of a boolean ``(B,)`` tensor that are True."""
     rows = bad.nonzero().flatten().tolist()
     return f"example {offset + rows[0]}" + (f" (and {len(rows) - 1} more)" if len(rows) > 1 else "")
 
@@ -114,7 +136,9 @@ def _logits(output: Any) -> torch.Tensor:
     if logits is None and isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         logits = output[0]
     if not isinstance(logits, torch.Tensor):
-        raise InputTypeError(f"the model must return logits (a tensor, or an output with `.logits`). Got {type(output).__name__}.")
+        raise InputTypeError(
+            f"the model must return logits (a tensor, or an output with `.logits`). Got {type(output).__name__}."
+        )
     return logits
 
 
@@ -131,8 +155,15 @@ class HFTask(Task):
 
     fisher = "classification"
 
-    def __init__(self, model: nn.Module, *, l2: float = 0.0, params: ParamSelector = None, label_key: str = "labels",
-                 input_keys: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        l2: float = 0.0,
+        params: ParamSelector = None,
+        label_key: str = "labels",
+        input_keys: Sequence[str] | None = None,
+    ) -> None:
         super().__init__(model, l2=l2, params=params)
         self.label_key = label_key
         self.target_key = label_key
@@ -157,26 +188,34 @@ class HFTask(Task):
         ids, mask = batch.get("input_ids"), batch.get("attention_mask")
         if isinstance(ids, torch.Tensor):
             if ids.is_floating_point() or ids.dtype == torch.bool:
-                raise InputError(f"`input_ids` in `{name}` must be integer token ids. Got {ids.dtype}; convert them with "
-                                 ".long(), or pass the tokenizer's output as it is.")
+                raise InputError(
+                    f"`input_ids` in `{name}` must be integer token ids. Got {ids.dtype}; convert them with "
+                    ".long(), or pass the tokenizer's output as it is."
+                )
             if self.vocab_size is not None:
                 outside = (ids < 0) | (ids >= self.vocab_size)
                 if bool(outside.any()):
                     raise InputError(
-                        f"`input_ids` in `{name}` must be ids of the model's vocabulary (0..{self.vocab_size - 1}). Got "
-                        f"{int(ids[outside][0])} in {_first(outside.any(dim=-1), offset)}; tokenise with the model's own "
-                        "tokenizer, and set the padding id to one of the vocabulary.")
+                        f"`input_ids` in `{name}` must be ids of the model's vocabulary (0..{self.vocab_size - 1}). "
+                        "Got "
+                        f"{int(ids[outside][0])} in {_first(outside.any(dim=-1), offset)}; tokenise with the model's "
+                        "own "
+                        "tokenizer, and set the padding id to one of the vocabulary."
+                    )
             if self.max_positions is not None and ids.dim() == 2 and ids.shape[1] > self.max_positions:
                 lengths = mask.sum(dim=1) if isinstance(mask, torch.Tensor) else torch.full((len(ids),), ids.shape[1])
                 raise InputError(
                     f"`{name}` holds a sequence of {ids.shape[1]} tokens ({_first(lengths == lengths.max(), offset)}), "
                     f"more than the model's {self.max_positions} positions. Tokenise with truncation=True, "
-                    f"max_length={self.max_positions} (or shorter).")
+                    f"max_length={self.max_positions} (or shorter)."
+                )
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             empty = mask.sum(dim=1) == 0
             if bool(empty.any()):
-                raise InputError(f"{_first(empty, offset)} of `{name}` has an attention mask of zeros: no real token to "
-                                 "read. Remove it, or check how the batch was padded.")
+                raise InputError(
+                    f"{_first(empty, offset)} of `{name}` has an attention mask of zeros: no real token to "
+                    "read. Remove it, or check how the batch was padded."
+                )
 
     def check_examples(self, data: DataSource, name: str) -> None:
         """:meth:`check_batch` on every example of tokenised ``data`` before the model runs (collating token ids costs
@@ -191,21 +230,26 @@ class HFTask(Task):
         """Integer labels in 0..C-1 (or ``IGNORE_INDEX``) for a model whose config states its C classes."""
         classes = getattr(getattr(self.model, "config", None), "num_labels", None)
         head = getattr(self.model, "head", None)
-        classes = head.out_features if isinstance(self.model, PooledClassifier) and isinstance(head, nn.Linear) else classes
+        classes = (
+            head.out_features if isinstance(self.model, PooledClassifier) and isinstance(head, nn.Linear) else classes
+        )
         if not isinstance(classes, int) or classes < 2:
             return
         outside = ((labels < 0) | (labels >= classes)) & (labels != IGNORE_INDEX)
         if bool(outside.any()):
             rows = outside.reshape(len(labels), -1).any(dim=1)
-            raise InputError(f"labels in `{name}` must be classes 0..{classes - 1} of the model's {classes}. Got "
-                             f"{int(labels[outside][0])} in {_first(rows, offset)}; map the labels to the model's classes, "
-                             "or build the model with num_labels= the number of classes.")
+            raise InputError(
+                f"labels in `{name}` must be classes 0..{classes - 1} of the model's {classes}. Got "
+                f"{int(labels[outside][0])} in {_first(rows, offset)}; map the labels to the model's classes, "
+                "or build the model with num_labels= the number of classes."
+            )
 
     def use_prefix_plan(self, plan: PrefixPlan) -> None:
         """Replay the frozen modules of ``plan`` from batches that carry their outputs (:func:`cache_prefix`)."""
         if self.prefix_plan is not None and self.prefix_plan.describe() != plan.describe():
             raise InputError(
-                f"this task already replays the prefix {self.prefix_plan.describe()} and a new cache needs {plan.describe()}: "
+                f"this task already replays the prefix {self.prefix_plan.describe()} and a new cache needs "
+                f"{plan.describe()}: "
                 "build the caches of one Influence from the same task and parameters."
             )
         self.prefix_plan = plan
@@ -220,19 +264,28 @@ class HFTask(Task):
     def inputs(self, batch: Batch) -> dict[str, Any]:
         """The model's keyword inputs of a batch: ``input_keys``, or every accepted key but the labels."""
         if not isinstance(batch, Mapping):
-            raise InputError(f"{type(self).__name__} needs dict batches (input_ids, attention_mask, labels, ...). Got {type(batch).__name__}.")
+            raise InputError(
+                f"{type(self).__name__} needs dict batches (input_ids, attention_mask, labels, ...). Got "
+                f"{type(batch).__name__}."
+            )
         if self.input_keys is not None:
             missing = [k for k in self.input_keys if k not in batch]
             if missing:
                 raise InputError(f"the batch lacks the `input_keys` {missing}. Got keys {sorted(batch)}.")
             return {k: batch[k] for k in self.input_keys}
-        return {k: v for k, v in batch.items() if k != self.label_key and not is_prefix_key(k) and (self._accepts_any or k in self._accepted)}
+        return {
+            k: v
+            for k, v in batch.items()
+            if k != self.label_key and not is_prefix_key(k) and (self._accepts_any or k in self._accepted)
+        }
 
     def labels(self, batch: Batch) -> torch.Tensor:
         """The labels the loss is computed against, aligned with :meth:`outputs`."""
         if not isinstance(batch, Mapping) or self.label_key not in batch:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise InputError(f"{type(self).__name__} needs the labels under `label_key`={self.label_key!r}. Got {keys}.")
+            raise InputError(
+                f"{type(self).__name__} needs the labels under `label_key`={self.label_key!r}. Got {keys}."
+            )
         return batch[self.label_key]
 
     def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
@@ -291,8 +344,16 @@ class SequenceClassificationTask(HFTask):
 class _TokenLoss(HFTask):
     """The per-token cross-entropy of logits ``(B, T, C)`` against labels ``(B, T)``, reduced per sequence."""
 
-    def __init__(self, model: nn.Module, *, l2: float = 0.0, params: ParamSelector = None, label_key: str = "labels",
-                 input_keys: Sequence[str] | None = None, reduction: str = "sum") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        l2: float = 0.0,
+        params: ParamSelector = None,
+        label_key: str = "labels",
+        input_keys: Sequence[str] | None = None,
+        reduction: str = "sum",
+    ) -> None:
         super().__init__(model, l2=l2, params=params, label_key=label_key, input_keys=input_keys)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
 
@@ -306,7 +367,9 @@ class _TokenLoss(HFTask):
         safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
         # classes last, rows flattened: over a transposed (B, C, T) view the log-softmax strides through memory (1.7x
         # slower forward and backward at GPT-2's vocabulary)
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none").view(safe.shape)
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe.reshape(-1), reduction="none").view(
+            safe.shape
+        )
         return losses * mask.to(losses.dtype), mask
 
     def loss(self, params: Params, batch: Batch) -> torch.Tensor:
@@ -329,8 +392,10 @@ class TokenClassificationTask(_TokenLoss):
         super().check_batch(batch, name, offset)
         labels = self.labels(batch)
         if labels.dim() != 2 or labels.is_floating_point():
-            raise InputError(f"TokenClassificationTask labels in `{name}` must be integer classes of shape (n, T). Got "
-                             f"{labels.dtype} of shape {tuple(labels.shape)}.")
+            raise InputError(
+                f"TokenClassificationTask labels in `{name}` must be integer classes of shape (n, T). Got "
+                f"{labels.dtype} of shape {tuple(labels.shape)}."
+            )
         self._check_classes(labels, name, offset)
 
 
@@ -341,7 +406,11 @@ class CausalLMTask(_TokenLoss):
 
     def labels(self, batch: Batch) -> torch.Tensor:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
-            raise InputError("CausalLMTask needs dict batches with `input_ids`. Got " + (str(sorted(batch)) if isinstance(batch, Mapping) else type(batch).__name__) + ".")
+            raise InputError(
+                "CausalLMTask needs dict batches with `input_ids`. Got "
+                + (str(sorted(batch)) if isinstance(batch, Mapping) else type(batch).__name__)
+                + "."
+            )
         if self.label_key in batch:
             full = batch[self.label_key]
         else:
@@ -357,14 +426,18 @@ class CausalLMTask(_TokenLoss):
         if self.vocab_size is not None:
             outside = ((targets < 0) | (targets >= self.vocab_size)) & (targets != IGNORE_INDEX)
             if bool(outside.any()):
-                raise InputError(f"`{self.label_key}` in `{name}` must be token ids of the vocabulary (0..{self.vocab_size - 1}) "
-                                 f"or {IGNORE_INDEX}. Got {int(targets[outside][0])} in {_first(outside.any(dim=1), offset)}.")
+                raise InputError(
+                    f"`{self.label_key}` in `{name}` must be token ids of the vocabulary (0..{self.vocab_size - 1}) "
+                    f"or {IGNORE_INDEX}. Got {int(targets[outside][0])} in {_first(outside.any(dim=1), offset)}."
+                )
         nothing = ~(targets != IGNORE_INDEX).any(dim=1)
         if bool(nothing.any()):
             raise InputError(
-                f"{_first(nothing, offset)} of `{name}` has no token to predict: a causal LM predicts tokens 2..T from the "
+                f"{_first(nothing, offset)} of `{name}` has no token to predict: a causal LM predicts tokens 2..T from "
+                "the "
                 f"ones before, so a sequence needs two real tokens with a target (labels other than {IGNORE_INDEX}) "
-                "after the first. Remove it or join it to its neighbours.")
+                "after the first. Remove it or join it to its neighbours."
+            )
 
     def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
         first = torch.full_like(labels[:, :1], IGNORE_INDEX)
@@ -383,7 +456,9 @@ def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise InputError(f"per_token takes one example: `input_ids` of shape (T,). Got {tuple(ids.shape)}.")
     labels = torch.as_tensor(example["labels"]) if "labels" in example else ids.clone()
     if "labels" not in example and "attention_mask" in example:
-        labels = torch.where(torch.as_tensor(example["attention_mask"]).bool(), labels, torch.full_like(labels, IGNORE_INDEX))
+        labels = torch.where(
+            torch.as_tensor(example["attention_mask"]).bool(), labels, torch.full_like(labels, IGNORE_INDEX)
+        )
     targets = [t for t in range(1, len(ids)) if int(labels[t]) != IGNORE_INDEX]
     if not targets:
         raise InputError("the example has no target token (every label is -100 or masked).")
@@ -396,8 +471,14 @@ def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def cache_prefix(task: HFTask, data: DataSource, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
-                 progress: bool = False) -> PrefixCache:
+def cache_prefix(
+    task: HFTask,
+    data: DataSource,
+    *,
+    batch_size: int = 16,
+    folder: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> PrefixCache:
     """``data`` with the outputs of the model's frozen prefix attached (:class:`~influencekit.prefix.PrefixCache`):
     pass it in place of ``data`` to :class:`~influencekit.Influence`, ``scores``, ``fit_lbfgs``, and the task's
     forward runs only the part downstream of ``task``'s selected parameters. ``folder=``: keep the outputs on disk

@@ -14,7 +14,8 @@
   :class:`~influencekit.GradientStore` (``store=``: its projected empirical-Fisher scores), else the training
   gradients ∇L(z) (exact, CG, LiSSA), for K-FAC/EK-FAC factored (``rows="factored"``, :mod:`~influencekit.index_rows`:
   a layer seen once per example kept as its layer taps, k + out numbers instead of out·k, next to ``taps-<k>-*.npy``);
-- ``self-<k>.npy`` (self-influence, computed from the same gradients as the rows), ``loss-<split>.npy``, ``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
+- ``self-<k>.npy`` (self-influence, computed from the same gradients as the rows), ``loss-<split>.npy``,
+``predicted-<split>.npy`` (classification tasks), ``label-<split>.npy``;
 - ``inputs-<split>.npy`` for data given as tensors (so that a stored test example can be queried by its index),
   and ``display-<split>`` (what the explorer page shows: images as ``uint8`` arrays, or one JSON line of text or
   table fields per example).
@@ -72,7 +73,8 @@ class Display:
 
     Attributes:
         kind: ``"image"`` (``values`` a ``(n, H, W)`` or ``(n, H, W, 3)`` array, scaled to 0–255 when stored),
-            ``"text"`` (``values`` a list of strings) or ``"table"`` (``values`` a list of rows, ``columns`` their names).
+            ``"text"`` (``values`` a list of strings) or ``"table"`` (``values`` a list of rows, ``columns`` their
+            names).
         values: the examples' images, texts or rows, in the split's order.
         classes: the label names by class index (optional).
         columns: for ``"table"``: the column names.
@@ -109,7 +111,9 @@ def _image_bytes(values: Any) -> np.ndarray:
 class InfluenceIndex:
     """A folder of everything influence queries need (module docstring); build once, query many times."""
 
-    def __init__(self, folder: Path, influence: Influence, config: dict[str, Any], store: GradientStore | None = None) -> None:
+    def __init__(
+        self, folder: Path, influence: Influence, config: dict[str, Any], store: GradientStore | None = None
+    ) -> None:
         self.folder, self.influence, self.config, self.store = folder, influence, config, store
         self.engine = engine = influence.engine
         self.n_train = int(config["n_train"])
@@ -129,13 +133,24 @@ class InfluenceIndex:
     # ------------------------------------------------------------------------------------------ build and open
     @staticmethod
     def solver_dir(folder: str | os.PathLike) -> Path:
-        """Where the index keeps the fitted solver: pass it as ``Influence(..., cache_dir=...)`` to reopen without a refit."""
+        """Where the index keeps the fitted solver: pass it as ``Influence(..., cache_dir=...)`` to reopen without a
+        refit."""
         return Path(folder) / SOLVER_DIR
 
     @classmethod
-    def build(cls, influence: Influence, folder: str | os.PathLike, *, test: DataSource | None = None, display: dict[str, Display] | None = None,
-              recipe: str | None = None, sketch_dim: int | None = None, store: GradientStore | None = None,
-              rows: str = "auto", progress: bool = False) -> InfluenceIndex:
+    def build(
+        cls,
+        influence: Influence,
+        folder: str | os.PathLike,
+        *,
+        test: DataSource | None = None,
+        display: dict[str, Display] | None = None,
+        recipe: str | None = None,
+        sketch_dim: int | None = None,
+        store: GradientStore | None = None,
+        rows: str = "auto",
+        progress: bool = False,
+    ) -> InfluenceIndex:
         """Compute and store the index of a fitted ``influence`` in ``folder`` (or resume / reopen it).
 
         Args:
@@ -162,7 +177,9 @@ class InfluenceIndex:
         display = dict(display or {})
         for split, shown in display.items():
             if split not in SPLITS or not isinstance(shown, Display):
-                raise InputError(f"`display` must map 'train'/'test' to a Display. Got {split!r}: {type(shown).__name__}.")
+                raise InputError(
+                    f"`display` must map 'train'/'test' to a Display. Got {split!r}: {type(shown).__name__}."
+                )
             expected = engine.n_train if split == "train" else (0 if test_data is None else len(test_data))
             if len(shown) != expected:
                 raise InputError(f"`display['{split}']` has {len(shown)} examples; the {split} set has {expected}.")
@@ -172,24 +189,35 @@ class InfluenceIndex:
         chunk = engine.gradients.chunk
         if store is not None:
             if not isinstance(store, GradientStore) or store.influence is not influence:
-                raise InputError("`store` must be a GradientStore built from this `influence` (GradientStore.build(influence, ...)).")
+                raise InputError(
+                    "`store` must be a GradientStore built from this `influence` (GradientStore.build(influence, ...))."
+                )
             space, width, chunk = "store", store.dim, store.chunk
         factored = choose_factored(engine, rows, space=space)
         if factored is not None:
             space = "factored"
         prov = engine.provenance
-        config = _identity(engine,
-            space=space, width=width,
-            chunk=chunk, n_test=0 if test_data is None else len(test_data),
+        config = _identity(
+            engine,
+            space=space,
+            width=width,
+            chunk=chunk,
+            n_test=0 if test_data is None else len(test_data),
             test_fingerprint="" if test_data is None else engine.data_fingerprint(test_data),
-            display={s: d.kind for s, d in sorted(display.items())}, recipe=recipe,
+            display={s: d.kind for s, d in sorted(display.items())},
+            recipe=recipe,
             sketch_dim=None if sketch_dim is None else check_int("sketch_dim", sketch_dim, low=1),
             store=None if store is None else _store_config(store),
             factored=None if factored is None else [b.name for b, f in zip(*factored) if f],
         )
         config = open_folder(folder, config, arg="folder", what="an influence index", pattern="rows-*.npy")
-        if influence.config.cache_dir is None or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve():
-            SolverCache(cls.solver_dir(folder), prov, engine.data_fingerprint(engine.train), engine.shard).store(engine.solver)
+        if (
+            influence.config.cache_dir is None
+            or Path(influence.config.cache_dir).resolve() != cls.solver_dir(folder).resolve()
+        ):
+            SolverCache(cls.solver_dir(folder), prov, engine.data_fingerprint(engine.train), engine.shard).store(
+                engine.solver
+            )
         index = cls(folder, influence, config, store)
         _write_rows(index, progress)
         _write_arrays(index, "train", engine.train)
@@ -201,26 +229,35 @@ class InfluenceIndex:
         return index
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, influence: Influence, *, store: GradientStore | None = None) -> InfluenceIndex:
+    def open(
+        cls, folder: str | os.PathLike, influence: Influence, *, store: GradientStore | None = None
+    ) -> InfluenceIndex:
         """Reopen a built index with the ``influence`` it was built from (fitted; with
         ``cache_dir=InfluenceIndex.solver_dir(folder)`` its fit loads the stored solver instead of refitting), and
         the ``store`` when it was built on one."""
         folder = Path(folder)
         manifest = folder / "manifest.json"
         if not manifest.is_file() or not (folder / "complete").is_file():
-            raise InputError(f"{str(folder)!r} holds no finished influence index; build it with InfluenceIndex.build "
-                             "(or `influencekit index build`).")
+            raise InputError(
+                f"{str(folder)!r} holds no finished influence index; build it with InfluenceIndex.build "
+                "(or `influencekit index build`)."
+            )
         engine = influence.engine  # NotFittedError before fit()
         stored = json.loads(manifest.read_text())
         mine = _identity(engine)
         differs = sorted(k for k in mine if stored.get(k) != json.loads(json.dumps(mine[k], default=str)))
         if differs:
-            raise InputError(f"the index in {str(folder)!r} was built from another model or configuration (differs in: "
-                             f"{', '.join(differs)}); open it with the Influence it was built from, or build a new one.")
+            raise InputError(
+                f"the index in {str(folder)!r} was built from another model or configuration (differs in: "
+                f"{', '.join(differs)}); open it with the Influence it was built from, or build a new one."
+            )
         wanted = None if store is None else json.loads(json.dumps(_store_config(store), default=str))
         if stored.get("store") != wanted:
-            raise InputError(f"the index in {str(folder)!r} was built {'on' if stored.get('store') else 'without'} a gradient "
-                             f"store ({stored.get('store')}); open it with `store=` {'that store' if stored.get('store') else 'left out'}.")
+            raise InputError(
+                f"the index in {str(folder)!r} was built {'on' if stored.get('store') else 'without'} a gradient "
+                f"store ({stored.get('store')}); open it with `store=` "
+                f"{'that store' if stored.get('store') else 'left out'}."
+            )
         return cls(folder, influence, stored, store)
 
     # ------------------------------------------------------------------------------------------ stored arrays
@@ -235,8 +272,10 @@ class InfluenceIndex:
         if name not in self._verified:
             array, problem = load_array(self._path(name), shape, dtype, mmap=True)
             if problem is not None:
-                raise InputError(f"the index file {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
-                                 "recomputes the damaged file).")
+                raise InputError(
+                    f"the index file {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
+                    "recomputes the damaged file)."
+                )
             self._verified[name] = array
         return self._verified[name]
 
@@ -247,8 +286,12 @@ class InfluenceIndex:
             self._rows = _read_factored(self)
         if self._rows is None:
             n, chunk, width = self.n_train, self.config["chunk"], self.config["width"]
-            parts = [torch.from_numpy(np.array(self._array(f"rows-{lo:09d}.npy", (min(chunk, n - lo), width), self._dtype())))
-                     for lo in range(0, n, chunk)]
+            parts = [
+                torch.from_numpy(
+                    np.array(self._array(f"rows-{lo:09d}.npy", (min(chunk, n - lo), width), self._dtype()))
+                )
+                for lo in range(0, n, chunk)
+            ]
             self._rows = torch.cat(parts).to(self.engine.layout.device)
         return self._rows
 
@@ -269,8 +312,9 @@ class InfluenceIndex:
         """∇L(z)ᵀ(H + δI)⁻¹∇L(z) of every training example (the store's projected form on a store), ``(n_train,)``."""
         if "self-influence" not in self._verified:
             n, chunk = self.n_train, self.config["chunk"]
-            self._verified["self-influence"] = np.concatenate([
-                self._array(f"self-{lo:09d}.npy", (min(chunk, n - lo),), self._dtype()) for lo in range(0, n, chunk)])
+            self._verified["self-influence"] = np.concatenate(
+                [self._array(f"self-{lo:09d}.npy", (min(chunk, n - lo),), self._dtype()) for lo in range(0, n, chunk)]
+            )
         return self._verified["self-influence"]
 
     def _display(self, split: str) -> tuple[dict[str, Any], Any] | None:
@@ -294,7 +338,8 @@ class InfluenceIndex:
         return None if shown is None else shown[0]
 
     def display_item(self, split: str, i: int) -> Any:
-        """What the page shows of example ``i`` of ``split``: an image's rows of 0–255 values, a text, or a table row."""
+        """What the page shows of example ``i`` of ``split``: an image's rows of 0–255 values, a text, or a table
+        row."""
         shown = self._display(split)
         if shown is None:
             return None
@@ -307,7 +352,10 @@ class InfluenceIndex:
             n = self.config["n_test"]
             parts = sorted(self.folder.glob("inputs-test-*.npy"))
             if not n or not parts:
-                raise InputError("this index keeps no test inputs: build it with `test=` given as tensors to query test examples by index.")
+                raise InputError(
+                    "this index keeps no test inputs: build it with `test=` given as tensors to query test examples by "
+                    "index."
+                )
             arrays = []
             for j in range(len(parts)):
                 raw = np.load(self._path(f"inputs-test-{j}.npy"), mmap_mode="r", allow_pickle=False)
@@ -316,7 +364,9 @@ class InfluenceIndex:
         return self._test
 
     # ------------------------------------------------------------------------------------------ queries
-    def explain(self, test: DataSource, k: int = 10, *, candidates: int | None = None, query_rank: int | None = None) -> RankedInfluence:
+    def explain(
+        self, test: DataSource, k: int = 10, *, candidates: int | None = None, query_rank: int | None = None
+    ) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training examples for each example of ``test`` (any data the
         Influence takes, e.g. ``(X, y)``): one solve per block of test points, then one scan of the stored rows.
 
@@ -327,14 +377,20 @@ class InfluenceIndex:
 
         ``query_rank``: on factored rows, each query's block of a one-position layer kept as its rank-r factors
         (:meth:`~influencekit.Influence.queries`), r·(out + k) per example instead of out·k: an approximation (the
-        Spearman of rank 8 against full rank is in docs/benchmarks.md), values and ranking from the truncated queries."""
+        Spearman of rank 8 against full rank is in docs/benchmarks.md), values and ranking from the truncated
+        queries."""
         k = check_int("k", k, low=1, high=self.n_train)
         if query_rank is not None and (self._factored is None or candidates is not None):
-            raise InputError("`query_rank` scans factored rows (an index of K-FAC/EK-FAC, or built with rows='factored'), "
-                             f"without `candidates`; this index has {self.config['space']} rows{' and candidates were given' if candidates else ''}.")
+            raise InputError(
+                "`query_rank` scans factored rows (an index of K-FAC/EK-FAC, or built with rows='factored'), "
+                f"without `candidates`; this index has {self.config['space']} "
+                f"rows{' and candidates were given' if candidates else ''}."
+            )
         if candidates is not None:
             if self._projector is None:
-                raise InputError("`candidates` needs an index built with `sketch_dim` (the projected rows of the first stage).")
+                raise InputError(
+                    "`candidates` needs an index built with `sketch_dim` (the projected rows of the first stage)."
+                )
             candidates = check_int("candidates", candidates, low=k, high=self.n_train)
         rows = self.rows()
         parts: dict[str, list[torch.Tensor]] = {"hi": [], "hv": [], "xi": [], "xv": []}
@@ -347,13 +403,20 @@ class InfluenceIndex:
                 parts[key].append(value)
         if not parts["hi"]:
             raise InputError("`test` must hold at least one example.")
-        space = {"basis": "index (solver basis)", "store": "index (gradient store, projected)",
-                 "factored": "index (parameters, factored rows)"}.get(self.config["space"], "index (parameters)")
+        space = {
+            "basis": "index (solver basis)",
+            "store": "index (gradient store, projected)",
+            "factored": "index (parameters, factored rows)",
+        }.get(self.config["space"], "index (parameters)")
         search = "exact" if candidates is None else f"two-stage ({candidates} candidates)"
         search = search if query_rank is None else f"low-rank queries (rank {query_rank})"
         meta = self.engine.metadata(reports, k=k, score_space=space, search=search)
-        return RankedInfluence(TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])), TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
-                               self.n_train, meta)
+        return RankedInfluence(
+            TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"])),
+            TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"])),
+            self.n_train,
+            meta,
+        )
 
     def _queries(self, test: DataSource, query_rank: int | None = None) -> Any:
         """Blocks ``(preconditioned test gradients in the rows' space, solve report or None)``."""
@@ -365,19 +428,24 @@ class InfluenceIndex:
         if len(data):
             yield self.store.queries(data)[1].to(dtype=self.engine.layout.dtype), None
 
-    def explain_test(self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None,
-                     query_rank: int | None = None) -> RankedInfluence:
+    def explain_test(
+        self, indices: Sequence[int], k: int = 10, *, candidates: int | None = None, query_rank: int | None = None
+    ) -> RankedInfluence:
         """:meth:`explain` for stored test examples, by index."""
         data = self.test_examples()
         bad = [i for i in indices if not 0 <= int(i) < len(data)]
         if bad:
-            raise InputError(f"test index {bad[0]} is out of range: the index keeps {len(data)} test examples (0..{len(data) - 1}).")
+            raise InputError(
+                f"test index {bad[0]} is out of range: the index keeps {len(data)} test examples (0..{len(data) - 1})."
+            )
         idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
         return self.explain(tuple(t[idx] for t in data._tensors), k=k, candidates=candidates, query_rank=query_rank)
 
     def new_input(self, values: Any, label: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
-        """One new example ``(x[None], y)`` from nested lists shaped like a stored test input (or a text, for an index with
-        an :attr:`encoder`), at ``label`` or, without it, at the model's predicted class; returns it and the label used."""
+        """One new example ``(x[None], y)`` from nested lists shaped like a stored test input (or a text, for an index
+        with
+        an :attr:`encoder`), at ``label`` or, without it, at the model's predicted class; returns it and the label
+        used."""
         if isinstance(values, str):
             if self.encoder is None:
                 raise InputError("`input` must be numbers shaped like one example: this index has no encoder for text.")
@@ -387,10 +455,14 @@ class InfluenceIndex:
         try:
             x = torch.as_tensor(values, dtype=template.dtype)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputError(f"`input` must be numbers shaped like one example, {tuple(template.shape[1:])}. Got {exc}.") from None
+            raise InputError(
+                f"`input` must be numbers shaped like one example, {tuple(template.shape[1:])}. Got {exc}."
+            ) from None
         if x.numel() != template[0].numel():
-            raise InputError(f"`input` must have {template[0].numel()} values (one example of shape {tuple(template.shape[1:])}). "
-                             f"Got {x.numel()} (shape {tuple(x.shape)}).")
+            raise InputError(
+                f"`input` must have {template[0].numel()} values (one example of shape {tuple(template.shape[1:])}). "
+                f"Got {x.numel()} (shape {tuple(x.shape)})."
+            )
         if not bool(torch.isfinite(x).all()):
             raise InputError("`input` must hold only finite numbers. Got NaN/inf.")
         x = x.reshape(template.shape[1:])[None]
@@ -402,12 +474,17 @@ class InfluenceIndex:
         return (x, torch.as_tensor([int(label)], dtype=data._tensors[1].dtype)), int(label)
 
 
-def _scan(index: InfluenceIndex, Q: torch.Tensor | LowRankQueries, rows: torch.Tensor | FactoredRows, k: int,
-          candidates: int | None) -> tuple[torch.Tensor, ...]:
+def _scan(
+    index: InfluenceIndex,
+    Q: torch.Tensor | LowRankQueries,
+    rows: torch.Tensor | FactoredRows,
+    k: int,
+    candidates: int | None,
+) -> tuple[torch.Tensor, ...]:
     """(helpful indices, scores, harmful indices, scores) of one block of queries over the stored rows, chunk by chunk
     as :meth:`~influencekit.Influence.top_k` streams them."""
     chunk = index.config["chunk"]
-    blocks = ((lo, rows[lo:lo + chunk]) for lo in range(0, index.n_train, chunk))
+    blocks = ((lo, rows[lo : lo + chunk]) for lo in range(0, index.n_train, chunk))
     if isinstance(Q, LowRankQueries):
         probe = torch.empty(len(Q), 0, dtype=index.engine.layout.dtype, device=index.engine.layout.device)
         helpful, harmful = helpful_and_harmful(probe, blocks, k, lambda _q, part: part.low_rank_scores(Q))
@@ -420,8 +497,9 @@ def _scan(index: InfluenceIndex, Q: torch.Tensor | LowRankQueries, rows: torch.T
     return helpful.indices, -helpful.values, harmful.indices, harmful.values
 
 
-def _two_stage(index: InfluenceIndex, Qs: torch.Tensor, rows: torch.Tensor | FactoredRows, k: int, candidates: int
-               ) -> tuple[torch.Tensor, ...]:
+def _two_stage(
+    index: InfluenceIndex, Qs: torch.Tensor, rows: torch.Tensor | FactoredRows, k: int, candidates: int
+) -> tuple[torch.Tensor, ...]:
     """Helpful and harmful (indices, exact scores) from ``candidates`` found by the sketch, re-scored exactly."""
     phi = index._projector.project(Qs).to(torch.float32).cpu().numpy()
     sketch = _sketch_search(index)
@@ -430,7 +508,7 @@ def _two_stage(index: InfluenceIndex, Qs: torch.Tensor, rows: torch.Tensor | Fac
         ids = sketch(np.ascontiguousarray(sign * phi), candidates)
         idx = torch.as_tensor(ids, dtype=torch.long, device=Qs.device)
         if isinstance(rows, FactoredRows):  # each query against its own candidates' taps
-            S = torch.cat([rows[idx[i]].scores(Qs[i:i + 1]) for i in range(len(idx))])
+            S = torch.cat([rows[idx[i]].scores(Qs[i : i + 1]) for i in range(len(idx))])
         else:
             S = -(Qs[:, None, :] * rows[idx]).sum(dim=-1)  # exact scores of each query's candidates
         order = torch.topk(-sign * S, k, dim=1).indices
@@ -443,8 +521,10 @@ def _factored_layers(engine: FittedEngine, names: list[str]) -> tuple[list[Any],
     blocks = factor_blocks(engine.task.model, engine.layout)
     missing = sorted(set(names) - {b.name for b in blocks})
     if missing:
-        raise InputError(f"the factored index keeps the layer taps of {missing}, which this model's selection lacks; "
-                         "open it with the Influence it was built from.")
+        raise InputError(
+            f"the factored index keeps the layer taps of {missing}, which this model's selection lacks; "
+            "open it with the Influence it was built from."
+        )
     return blocks, [b.name in names for b in blocks]
 
 
@@ -479,8 +559,10 @@ def _read_factored(index: InfluenceIndex) -> FactoredRows:
     device, l2 = index.engine.layout.device, index.engine.gradients.l2_term
     parts = []
     for lo in range(0, n, chunk):
-        arrays = [torch.from_numpy(np.array(index._array(name, _file_shape(index, name, shape), dtype))).to(device)
-                  for name, shape in _chunk_files(index, lo, min(chunk, n - lo))]
+        arrays = [
+            torch.from_numpy(np.array(index._array(name, _file_shape(index, name, shape), dtype))).to(device)
+            for name, shape in _chunk_files(index, lo, min(chunk, n - lo))
+        ]
         taps = iter(arrays[1:])
         a, g = zip(*[(next(taps), next(taps)) if keep else (None, None) for keep in factored])
         parts.append(FactoredRows(blocks, factored, list(a), list(g), arrays[0], l2))
@@ -491,8 +573,12 @@ def _sketch_search(index: InfluenceIndex) -> Any:
     """``search(queries (q, d) float32, m) -> (q, m)`` indices of the largest inner products with the sketch."""
     if index._sketch is None:
         n, chunk, dim = index.n_train, index.config["chunk"], index._projector.dim
-        sketch = np.concatenate([np.asarray(index._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
-                                 for lo in range(0, n, chunk)])
+        sketch = np.concatenate(
+            [
+                np.asarray(index._array(f"sketch-{lo:09d}.npy", (min(chunk, n - lo), dim), np.float32))
+                for lo in range(0, n, chunk)
+            ]
+        )
         try:
             import faiss
         except ImportError:
@@ -507,20 +593,29 @@ def _sketch_search(index: InfluenceIndex) -> Any:
 
 # ------------------------------------------------------------------------------------------ what build writes
 def _store_config(store: GradientStore) -> dict[str, Any]:
-    return {**store.projector.describe(), "damping": store.damping, "chunk": store.chunk, "folder": str(Path(store.folder).resolve())}
+    return {
+        **store.projector.describe(),
+        "damping": store.damping,
+        "chunk": store.chunk,
+        "folder": str(Path(store.folder).resolve()),
+    }
 
 
 def _identity(engine: FittedEngine, **settings: Any) -> dict[str, Any]:
-    """The index manifest: the Influence's identity (:data:`_IDENTITY`, the training data's fingerprint) and ``settings``."""
-    return engine.provenance.manifest("influencekit influence index", _IDENTITY,
-                                      data_fingerprint=engine.data_fingerprint(engine.train), **settings)
+    """The index manifest: the Influence's identity (:data:`_IDENTITY`, the training data's fingerprint) and
+    ``settings``."""
+    return engine.provenance.manifest(
+        "influencekit influence index", _IDENTITY, data_fingerprint=engine.data_fingerprint(engine.train), **settings
+    )
 
 
 def _checked_text(path: Path) -> str:
     problem = verify_checked(path)
     if problem is not None:
-        raise InputError(f"the index file {path}: {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
-                         "rewrites it).")
+        raise InputError(
+            f"the index file {path}: {problem}. Rebuild the index (InfluenceIndex.build on the same folder "
+            "rewrites it)."
+        )
     return path.read_text()
 
 
@@ -563,14 +658,23 @@ def _write_rows(index: InfluenceIndex, progress: bool) -> None:
             R, self_values = store_rows[lo].to(engine.layout.dtype), store_self[lo:hi]
         elif index._factored is not None:
             factored, l2 = index._factored[1], engine.gradients.l2_term
-            taps = [f for _, f in engine.gradients.layer_factors(engine.train, side="train", start=lo, stop=hi, desc="index")]
+            taps = [
+                f
+                for _, f in engine.gradients.layer_factors(engine.train, side="train", start=lo, stop=hi, desc="index")
+            ]
             F = FactoredRows.cat([FactoredRows.from_factors(f, factored, l2) for f in taps])
             from_taps = engine.solver.capabilities.tap_quadratic_form
             R = F.gradients(width) if index._projector is not None or not from_taps else None  # the sketch's input
-            self_values = (torch.cat([engine.solver.tap_quadratic_form(f, l2) for f in taps]) if from_taps
-                           else self_influence_of(R, engine.solver, engine.solve)[0])
+            self_values = (
+                torch.cat([engine.solver.tap_quadratic_form(f, l2) for f in taps])
+                if from_taps
+                else self_influence_of(R, engine.solver, engine.solve)[0]
+            )
             for suffix, array in F.files():
-                save_array(index._path(f"taps-{lo:09d}{suffix}.npy" if suffix else f"rows-{lo:09d}.npy"), array.detach().cpu().numpy())
+                save_array(
+                    index._path(f"taps-{lo:09d}{suffix}.npy" if suffix else f"rows-{lo:09d}.npy"),
+                    array.detach().cpu().numpy(),
+                )
         else:
             G = engine.gradients.block(engine.train, side="train", start=lo, stop=hi, desc="index")
             R = G if index._basis is None else G @ index._basis.T
@@ -589,8 +693,9 @@ def _write_arrays(index: InfluenceIndex, split: str, data: Examples) -> None:
     when absent or damaged."""
     count, dtype = len(data), index._dtype()
     if _needed(index, f"loss-{split}.npy", (count,), dtype) or any(
-            index._path(f"{name}-{split}.npy").exists() and _needed(index, f"{name}-{split}.npy", (count,), np.int64)
-            for name in ("predicted", "label")):
+        index._path(f"{name}-{split}.npy").exists() and _needed(index, f"{name}-{split}.npy", (count,), np.int64)
+        for name in ("predicted", "label")
+    ):
         losses, predicted, labels = _evaluate(index, data)
         save_array(index._path(f"loss-{split}.npy"), losses)
         if predicted is not None:
@@ -613,8 +718,13 @@ def _evaluate(index: InfluenceIndex, data: Examples) -> tuple[np.ndarray, np.nda
     classify = getattr(task, "fisher", None) == "classification"
     with torch.no_grad():
         for lo in range(0, len(data), 4096):
-            batch = take(data, torch.arange(lo, min(lo + 4096, len(data))), dtype=layout.dtype, device=layout.device,
-                         check=task.check_batch)
+            batch = take(
+                data,
+                torch.arange(lo, min(lo + 4096, len(data))),
+                dtype=layout.dtype,
+                device=layout.device,
+                check=task.check_batch,
+            )
             losses.append(task.loss(engine.params, batch).detach().cpu())
             if classify:
                 out, y = task.outputs(engine.params, batch).detach().cpu(), task.labels(batch).detach().cpu()
@@ -625,7 +735,12 @@ def _evaluate(index: InfluenceIndex, data: Examples) -> tuple[np.ndarray, np.nda
                 labels.append(y.long())
     if not classify:
         predicted, labels = [], []
-    return torch.cat(losses).numpy(), (torch.cat(predicted).numpy() if predicted else None), (torch.cat(labels).numpy() if labels else None)
+    return (
+        torch.cat(losses).numpy(),
+        (torch.cat(predicted).numpy() if predicted else None),
+        (torch.cat(labels).numpy() if labels else None),
+    )
+
 
 def _write_display(index: InfluenceIndex, split: str, shown: Display) -> None:
     """What the page shows of a split: images as a checked uint8 array, texts and table rows as checked JSON lines."""
@@ -636,6 +751,11 @@ def _write_display(index: InfluenceIndex, split: str, shown: Display) -> None:
     else:
         lines = "\n".join(json.dumps(v if shown.kind == "text" else [str(x) for x in v]) for v in shown.values) + "\n"
         write_checked(index._path(f"display-{split}.jsonl"), lambda f: f.write(lines.encode()))
-    meta = json.dumps({"kind": shown.kind, "classes": list(shown.classes) if shown.classes else None,
-                       "columns": list(shown.columns) if shown.columns else None})
+    meta = json.dumps(
+        {
+            "kind": shown.kind,
+            "classes": list(shown.classes) if shown.classes else None,
+            "columns": list(shown.columns) if shown.columns else None,
+        }
+    )
     write_checked(index._path(f"display-{split}.json"), lambda f: f.write(meta.encode()))

@@ -43,7 +43,8 @@ def _stored_factored(f: Factors, explicit: bool) -> list[bool]:
 def choose_factored(engine: FittedEngine, rows: str, *, space: str) -> tuple[list[LayerBlock], list[bool]] | None:
     """The blocks and which of them the index keeps as taps, or None for dense rows.
 
-    ``rows="auto"`` factors for a Kronecker-factored solver (one that solves from layer taps: K-FAC, EK-FAC) when the rows would be parameter
+    ``rows="auto"`` factors for a Kronecker-factored solver (one that solves from layer taps: K-FAC, EK-FAC) when the
+    rows would be parameter
     gradients, every selected parameter is in a tapped layer and one layer qualifies; ``"factored"`` asks for it with
     any solver and names what stands in the way; ``"dense"`` never."""
     if rows not in ROWS:
@@ -53,13 +54,19 @@ def choose_factored(engine: FittedEngine, rows: str, *, space: str) -> tuple[lis
         return None
     if space != "parameters":
         if explicit:
-            raise InputError(f"`rows='factored'` keeps parameter gradients, but this index stores {space} rows "
-                             "(a solver basis or a gradient store); leave `rows` at 'auto'.")
+            raise InputError(
+                f"`rows='factored'` keeps parameter gradients, but this index stores {space} rows "
+                "(a solver basis or a gradient store); leave `rows` at 'auto'."
+            )
         return None
     source, train = engine.gradients, engine.train
     try:
         factor_blocks(source.task.model, source.layout)
-        _, probe = next(source.layer_factors(train, side="train", start=0, stop=min(len(train), 2), desc="index: probing the layer taps"))
+        _, probe = next(
+            source.layer_factors(
+                train, side="train", start=0, stop=min(len(train), 2), desc="index: probing the layer taps"
+            )
+        )
     except UnsupportedError as exc:
         if explicit:
             raise UnsupportedError(f"`rows='factored'` needs layer taps: {exc}") from None
@@ -67,8 +74,10 @@ def choose_factored(engine: FittedEngine, rows: str, *, space: str) -> tuple[lis
     factored = _stored_factored(probe, explicit)
     if not any(factored):
         if explicit:
-            raise InputError("`rows='factored'`: no selected layer has fewer tap values than gradient entries "
-                             f"(positions per example: {[a.shape[1] for a in probe.a]}); use rows='dense'.")
+            raise InputError(
+                "`rows='factored'`: no selected layer has fewer tap values than gradient entries "
+                f"(positions per example: {[a.shape[1] for a in probe.a]}); use rows='dense'."
+            )
         return None
     return probe.blocks, factored
 
@@ -95,15 +104,27 @@ class FactoredRows:
         """One chunk's rows from its layer taps."""
         dense = [f.block_gradient(j).reshape(len(f), -1) for j, keep in enumerate(factored) if not keep]
         empty = torch.zeros(len(f), 0, dtype=f.g[0].dtype, device=f.g[0].device)
-        return cls(f.blocks, factored, [x if keep else None for x, keep in zip(f.a, factored)],
-                   [x if keep else None for x, keep in zip(f.g, factored)], torch.cat(dense, dim=1) if dense else empty, l2)
+        return cls(
+            f.blocks,
+            factored,
+            [x if keep else None for x, keep in zip(f.a, factored)],
+            [x if keep else None for x, keep in zip(f.g, factored)],
+            torch.cat(dense, dim=1) if dense else empty,
+            l2,
+        )
 
     @classmethod
     def cat(cls, parts: list[FactoredRows]) -> FactoredRows:
         first = parts[0]
         join = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
-        return cls(first.blocks, first.factored, [join([p.a[j] for p in parts]) for j in range(len(first.blocks))],
-                   [join([p.g[j] for p in parts]) for j in range(len(first.blocks))], torch.cat([p.dense for p in parts]), first.l2)
+        return cls(
+            first.blocks,
+            first.factored,
+            [join([p.a[j] for p in parts]) for j in range(len(first.blocks))],
+            [join([p.g[j] for p in parts]) for j in range(len(first.blocks))],
+            torch.cat([p.dense for p in parts]),
+            first.l2,
+        )
 
     def files(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(suffix, array)`` of what a chunk stores: ``""`` the dense part, ``"-<j>-a"``/``"-<j>-g"`` the taps."""
@@ -118,7 +139,9 @@ class FactoredRows:
 
     def __getitem__(self, idx: slice | torch.Tensor) -> FactoredRows:
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return FactoredRows(self.blocks, self.factored, [pick(x) for x in self.a], [pick(x) for x in self.g], self.dense[idx], self.l2)
+        return FactoredRows(
+            self.blocks, self.factored, [pick(x) for x in self.a], [pick(x) for x in self.g], self.dense[idx], self.l2
+        )
 
     def gradients(self, n_params: int) -> torch.Tensor:
         """The rows as per-example gradients ``(n, n_params)``, the L2 term included."""
@@ -152,12 +175,15 @@ class FactoredRows:
             U, V, M = Q.U[j], Q.V[j], Q.M[j]
             if self.factored[j]:
                 taps = Factors([block], [self.a[j]], [self.g[j]])
-                S += (LowRankQueries([block], Q.rank, [U], [V], [None]).product(taps) if M is None
-                      else dense_block_product(M, self.a[j], self.g[j]))
+                S += (
+                    LowRankQueries([block], Q.rank, [U], [V], [None]).product(taps)
+                    if M is None
+                    else dense_block_product(M, self.a[j], self.g[j])
+                )
                 continue
             width = block.index.numel()
             M = U.transpose(1, 2) @ V if M is None else M  # (q, out, k)
-            S += M.reshape(q, -1) @ self.dense[:, offset:offset + width].T
+            S += M.reshape(q, -1) @ self.dense[:, offset : offset + width].T
             offset += width
         if self.l2 is not None:
             S += Q.dot(self.l2)[:, None]

@@ -43,7 +43,9 @@ def _the_layer(task: Task, names: tuple[str, ...]) -> tuple[str, nn.Linear] | No
     return None
 
 
-def _inputs_and_logits(task: Task, params: dict[str, torch.Tensor], layer: nn.Linear, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _inputs_and_logits(
+    task: Task, params: dict[str, torch.Tensor], layer: nn.Linear, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = layer.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
     try:
@@ -89,7 +91,7 @@ def last_linear_hessian(operator: Any) -> torch.Tensor | None:
             a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1) if D > d else x
             lam = _curvature(logits)
             if operator.weights is not None:
-                lam = lam * operator.weights[offset:offset + len(x)].reshape(-1, 1, 1)
+                lam = lam * operator.weights[offset : offset + len(x)].reshape(-1, 1, 1)
             K += torch.einsum("nab,nj,nk->ajbk", lam, a, a)
         return K
 
@@ -118,5 +120,7 @@ def _agrees(operator: Any, H: torch.Tensor) -> bool:
     err = float((V @ H - HV).norm() / HV.norm().clamp_min(torch.finfo(H.dtype).tiny))
     ok = err < 100 * torch.finfo(H.dtype).eps ** 0.5
     if not ok:
-        logger.info("closed-form Hessian of the final Linear layer disagrees with HVPs (relative %.3g); using HVPs", err)
+        logger.info(
+            "closed-form Hessian of the final Linear layer disagrees with HVPs (relative %.3g); using HVPs", err
+        )
     return ok

@@ -39,8 +39,19 @@ from .autodiff import LossFn, ParamLayout, per_example_grads, per_example_loop
 from .data.examples import Batch, batch_size_of
 from .errors import InfluenceKitError, UnsupportedError
 
-__all__ = ["SUPPORTED_LAYERS", "GRADIENT_METHODS", "LayerBlock", "layer_blocks", "tied_parameters", "LayerTaps", "LayerGradients",
-           "DensePiece", "EmbeddingPiece", "GradientPiece", "choose_per_example"]
+__all__ = [
+    "SUPPORTED_LAYERS",
+    "GRADIENT_METHODS",
+    "LayerBlock",
+    "layer_blocks",
+    "tied_parameters",
+    "LayerTaps",
+    "LayerGradients",
+    "DensePiece",
+    "EmbeddingPiece",
+    "GradientPiece",
+    "choose_per_example",
+]
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -49,8 +60,12 @@ def _is_transposed_linear(module: nn.Module) -> bool:
     """The transformers-style ``Conv1D`` (GPT-2): y = x W + b with W of shape (in, out), a dense layer whose
     weight is stored transposed. Recognised by its class name and attributes (transformers is not a dependency)."""
     w = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
-            and getattr(module, "nf", None) == w.shape[1])
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and getattr(module, "nf", None) == w.shape[1]
+    )
 
 
 def _supported(module: nn.Module) -> bool:
@@ -108,8 +123,13 @@ class LayerBlock:
             else:
                 padding = m.padding
             if isinstance(m, nn.Conv1d):  # a Conv2d of kernel (1, k) over (B, C, 1, L)
-                a = F.unfold(x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]),
-                             padding=(0, padding if isinstance(padding, int) else padding[0]), stride=(1, m.stride[0]))
+                a = F.unfold(
+                    x.unsqueeze(2),
+                    (1, m.kernel_size[0]),
+                    dilation=(1, m.dilation[0]),
+                    padding=(0, padding if isinstance(padding, int) else padding[0]),
+                    stride=(1, m.stride[0]),
+                )
             else:
                 a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
             a = a.transpose(1, 2)
@@ -122,7 +142,9 @@ class LayerBlock:
             parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
         return torch.cat(parts, dim=2) if len(parts) > 1 else (parts[0] if parts else a[:, :, :0])
 
-    def output_grads(self, g: torch.Tensor, *, dtype: torch.dtype | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+    def output_grads(
+        self, g: torch.Tensor, *, dtype: torch.dtype | None = None, x: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Output gradients as ``(B, T, out)``. An embedding needs its input ``x``: the positions that look up
         ``padding_idx`` get no gradient (zeroed)."""
         if self.embedding:
@@ -154,7 +176,9 @@ def tied_parameters(model: nn.Module) -> set[str]:
     return {canonical[key] for key, names in holders.items() if len(names) > 1 and key in canonical}
 
 
-def layer_blocks(model: nn.Module, layout: ParamLayout, *, embeddings: bool = False) -> tuple[list[LayerBlock], list[str]]:
+def layer_blocks(
+    model: nn.Module, layout: ParamLayout, *, embeddings: bool = False
+) -> tuple[list[LayerBlock], list[str]]:
     """The supported modules (nn.Linear, transformers' Conv1D; nn.Conv1d and nn.Conv2d with groups=1; with
     ``embeddings``, nn.Embedding without max_norm or scale_grad_by_freq) holding selected parameters, in model
     order, and the selected parameter names they leave over. A tied parameter (:func:`tied_parameters`) is left
@@ -236,20 +260,28 @@ class LayerTaps:
                 return output
             block.captured.extend([x.detach(), output])
             return None
+
         return fn
 
-    def run(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, scale: torch.Tensor | None = None
-            ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def run(
+        self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, scale: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """One forward and backward of Σ_z scale_z · fn(z): each block's raw input, the gradient of the sum with
         respect to its raw output, and the per-example values of ``fn`` (detached)."""
         losses, inputs, outs = self._forward(fn, params, batch)
         total = (losses if scale is None else scale.to(losses.dtype) * losses).sum()
         return inputs, self._backward(total, outs, retain=False), losses.detach()
 
-    def run_each(self, forward: LossFn, losses_of: Callable[[torch.Tensor], list[torch.Tensor]], params: dict[str, torch.Tensor],
-                 batch: Batch) -> tuple[list[torch.Tensor], Iterator[list[torch.Tensor]]]:
+    def run_each(
+        self,
+        forward: LossFn,
+        losses_of: Callable[[torch.Tensor], list[torch.Tensor]],
+        params: dict[str, torch.Tensor],
+        batch: Batch,
+    ) -> tuple[list[torch.Tensor], Iterator[list[torch.Tensor]]]:
         """One forward of ``forward`` (per-example outputs) and one backward per loss vector of ``losses_of(outputs)``
-        (e.g. the loss at each label of an expectation): ``(raw inputs, per loss the gradients of its sum with respect to
+        (e.g. the loss at each label of an expectation): ``(raw inputs, per loss the gradients of its sum with respect
+        to
         each block's raw output)``, each backward run as its item is drawn (the graph is kept until the last)."""
         out, inputs, outs = self._forward(forward, params, batch)
         with torch.enable_grad():
@@ -261,8 +293,9 @@ class LayerTaps:
 
         return inputs, backward_each()
 
-    def _forward(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
-                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def _forward(
+        self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """``fn`` on live copies of ``params`` with the taps recording: its value, each block's raw input and raw output
         (the blocks keep no reference to them afterwards)."""
         live = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
@@ -299,12 +332,12 @@ class DensePiece:
     rows: torch.Tensor
 
     def write(self, G: torch.Tensor) -> None:
-        G[:, self.offset:self.offset + self.rows.shape[1]] = self.rows
+        G[:, self.offset : self.offset + self.rows.shape[1]] = self.rows
 
     def dot(self, Q: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """⟨q, g⟩ on these coordinates for every row q of ``Q (q, n_params)`` and every example: ``(q, B)``, as
         ``product(Q's columns, rows)`` (a view of Q's columns, no copy)."""
-        return product(Q[:, self.offset:self.offset + self.rows.shape[1]], self.rows)
+        return product(Q[:, self.offset : self.offset + self.rows.shape[1]], self.rows)
 
     def finite(self) -> bool:
         return bool(torch.isfinite(self.rows).all())
@@ -322,14 +355,15 @@ class EmbeddingPiece:
 
     def write(self, G: torch.Tensor) -> None:
         B, dim = self.grads.shape[0], self.grads.shape[2]
-        rows = G[:, self.offset:self.offset + self.vocab * dim].view(B, self.vocab, dim)
+        rows = G[:, self.offset : self.offset + self.vocab * dim].view(B, self.vocab, dim)
         rows.zero_()
         rows.scatter_add_(1, self.ids.unsqueeze(-1).expand(-1, -1, dim), self.grads)
 
     def dot(self, Q: torch.Tensor, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """⟨q, g⟩ on the embedding's coordinates: Σ_t q[x_t] · g_t, from the gathered rows of Q (one example at a time)."""
+        """⟨q, g⟩ on the embedding's coordinates: Σ_t q[x_t] · g_t, from the gathered rows of Q (one example at a
+        time)."""
         dim = self.grads.shape[2]
-        table = Q[:, self.offset:self.offset + self.vocab * dim].view(len(Q), self.vocab, dim)
+        table = Q[:, self.offset : self.offset + self.vocab * dim].view(len(Q), self.vocab, dim)
         out = torch.empty(len(Q), len(self.ids), dtype=Q.dtype, device=Q.device)
         for b in range(len(self.ids)):
             out[:, b] = product(table[:, self.ids[b]].reshape(len(Q), -1), self.grads[b].reshape(1, -1))[:, 0]
@@ -343,7 +377,8 @@ GradientPiece = DensePiece | EmbeddingPiece
 
 
 class LayerGradients:
-    """Per-example gradients ``(B, n_params)`` of parameters that all belong to supported layers (Linear, Conv1d, Conv2d, Conv1D),
+    """Per-example gradients ``(B, n_params)`` of parameters that all belong to supported layers (Linear, Conv1d,
+    Conv2d, Conv1D),
     from layer taps: ∇_W ℓ = Σ_t g_t a_tᵀ and ∇_b ℓ = Σ_t g_t per example (see the module docstring).
 
     Raises :class:`UnsupportedError` at construction when a selected parameter belongs to another layer.
@@ -357,7 +392,8 @@ class LayerGradients:
             raise UnsupportedError(
                 f"layer taps cover nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), nn.Embedding (no max_norm, no "
                 f"scale_grad_by_freq) and transformers Conv1D only; the selected parameters "
-                f"{', '.join(repr(n) for n in leftover[:5])}{' ...' if len(leftover) > 5 else ''} belong to other layers."
+                f"{', '.join(repr(n) for n in leftover[:5])}{' ...' if len(leftover) > 5 else ''} belong to other "
+                "layers."
             )
         self.blocks = blocks
         self.layout = layout
@@ -370,8 +406,9 @@ class LayerGradients:
             piece.write(G)
         return G, values
 
-    def pieces(self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
-               ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
+    def pieces(
+        self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
+    ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
         """One tapped forward and backward: ``(pieces, values)``, the pieces made one at a time as they are drawn
         (together they cover every selected parameter once)."""
         with LayerTaps(self.blocks) as taps:
@@ -399,8 +436,15 @@ class LayerGradients:
 
 
 def choose_per_example(
-    mode: str, model: nn.Module, fn: LossFn, params: dict[str, torch.Tensor], layout: ParamLayout, batch: Batch,
-    *, side: str = "train", check_examples: int = 4,
+    mode: str,
+    model: nn.Module,
+    fn: LossFn,
+    params: dict[str, torch.Tensor],
+    layout: ParamLayout,
+    batch: Batch,
+    *,
+    side: str = "train",
+    check_examples: int = 4,
 ) -> tuple[PerExample, str, str]:
     """Pick how per-example gradients of ``fn`` are computed: ``(function, "layers" | "vmap" | "loop", reason)``.
 
@@ -456,4 +500,9 @@ def choose_per_example(
             f"(relative) on its first {m} examples, so the loss uses a selected parameter outside its layer "
             "layer (e.g. a penalty or a tied weight). Use gradients='vmap' or 'auto'."
         )
-    return ref_fn, ref_method, f"layer taps differ from {reference} by {err:.1e} (> {tol:.1e}): the loss uses a parameter outside its layer{vmap_note}"
+    return (
+        ref_fn,
+        ref_method,
+        f"layer taps differ from {reference} by {err:.1e} (> {tol:.1e}): the loss uses a parameter outside its "
+        f"layer{vmap_note}",
+    )

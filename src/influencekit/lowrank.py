@@ -99,7 +99,9 @@ class LowRankQueries:
     _dots: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_dense(cls, X: torch.Tensor, blocks: list[LayerBlock], factored: list[bool], rank: int, *, seed: int = 0) -> LowRankQueries:
+    def from_dense(
+        cls, X: torch.Tensor, blocks: list[LayerBlock], factored: list[bool], rank: int, *, seed: int = 0
+    ) -> LowRankQueries:
         """Factor the blocks of preconditioned queries ``X (q, n_params)`` marked in ``factored`` at ``rank``."""
         check_int("query_rank", rank, low=1)
         U: list[torch.Tensor | None] = []
@@ -122,7 +124,9 @@ class LowRankQueries:
         def join(lists: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
             return [None if items[0] is None else torch.cat(items) for items in zip(*lists)]
 
-        return cls(first.blocks, first.rank, join([p.U for p in parts]), join([p.V for p in parts]), join([p.M for p in parts]))
+        return cls(
+            first.blocks, first.rank, join([p.U for p in parts]), join([p.V for p in parts]), join([p.M for p in parts])
+        )
 
     def __len__(self) -> int:
         first = self.U[0] if self.U[0] is not None else self.M[0]
@@ -134,9 +138,11 @@ class LowRankQueries:
 
     def describe(self) -> dict[str, object]:
         """Which layers are factored at which rank and which are scored densely (for result metadata)."""
-        return {"query_rank": self.rank,
-                "factored": [b.name for b, u in zip(self.blocks, self.U) if u is not None],
-                "dense": [b.name for b, m in zip(self.blocks, self.M) if m is not None]}
+        return {
+            "query_rank": self.rank,
+            "factored": [b.name for b, u in zip(self.blocks, self.U) if u is not None],
+            "dense": [b.name for b, m in zip(self.blocks, self.M) if m is not None],
+        }
 
     def product(self, f: Factors) -> torch.Tensor:
         """⟨query, ∇ℓ(z)⟩ for every query and example of ``f``: ``(q, B)``."""
@@ -152,10 +158,10 @@ class LowRankQueries:
             a2, g2 = a.reshape(B * T, -1), g.reshape(B * T, -1)
             step = max(1, WORK_ELEMENTS // (B * T * r))
             for lo in range(0, q, step):
-                u, v = U[lo:lo + step], V[lo:lo + step]
+                u, v = U[lo : lo + step], V[lo : lo + step]
                 n = u.shape[0]
                 prod = (g2 @ u.reshape(n * r, -1).T) * (a2 @ v.reshape(n * r, -1).T)  # (B·T, n·r)
-                S[lo:lo + n] += prod.reshape(B, T, n, r).sum(dim=(1, 3)).T
+                S[lo : lo + n] += prod.reshape(B, T, n, r).sum(dim=(1, 3)).T
         return S
 
     def dot(self, w: torch.Tensor) -> torch.Tensor:
@@ -184,9 +190,9 @@ def factor_rows(B: torch.Tensor, rank: int, *, seed: int = 0) -> tuple[torch.Ten
     V = torch.empty(q, r, k, dtype=B.dtype, device=B.device)
     step = max(1, WORK_ELEMENTS // (o * k))
     for lo in range(0, q, step):
-        u, s, v = randomized_svd(B[lo:lo + step], rank, seed=seed)
-        U[lo:lo + step] = (u * s[:, None, :]).mT
-        V[lo:lo + step] = v.mT
+        u, s, v = randomized_svd(B[lo : lo + step], rank, seed=seed)
+        U[lo : lo + step] = (u * s[:, None, :]).mT
+        V[lo : lo + step] = v.mT
     return U, V
 
 
@@ -200,6 +206,6 @@ def dense_block_product(M: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> to
     out = torch.empty(q, B, dtype=a.dtype, device=a.device)
     step = max(1, WORK_ELEMENTS // max(1, B * T * k))
     for lo in range(0, q, step):
-        t = g2 @ M[lo:lo + step]  # (n, B·T, k): the rows g_tᵀ M_i
-        out[lo:lo + step] = (t * a2).sum(dim=-1).reshape(-1, B, T).sum(dim=-1)
+        t = g2 @ M[lo : lo + step]  # (n, B·T, k): the rows g_tᵀ M_i
+        out[lo : lo + step] = (t * a2).sum(dim=-1).reshape(-1, B, T).sum(dim=-1)
     return out

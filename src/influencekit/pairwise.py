@@ -38,8 +38,9 @@ def scores_without_rows(solver: Solver, gradients: str, model: torch.nn.Module, 
     return not layer_blocks(model, layout, embeddings=True)[1]
 
 
-def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
-                      ) -> tuple[torch.Tensor, SolveReport | None]:
+def self_influence_of(
+    G: torch.Tensor, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
+) -> tuple[torch.Tensor, SolveReport | None]:
     """gᵀ(H + δI)⁻¹g for each row of ``G``: the solver's quadratic form when it has one (no solve, no report), else
     one block solve."""
     if solver.capabilities.quadratic_form:
@@ -48,8 +49,9 @@ def self_influence_of(G: torch.Tensor, solver: Solver, solve: Callable[[torch.Te
     return (X * G).sum(dim=1), report
 
 
-def low_rank_queries(gradients: GradientSource, solver: Solver, test: Examples, rank: int, *, block: int | None, budget: int
-                     ) -> Iterator[tuple[int, LowRankQueries, SolveReport]]:
+def low_rank_queries(
+    gradients: GradientSource, solver: Solver, test: Examples, rank: int, *, block: int | None, budget: int
+) -> Iterator[tuple[int, LowRankQueries, SolveReport]]:
     """Blocks of preconditioned test gradients kept per layer at ``rank`` (:mod:`~influencekit.lowrank`), each gradient
     chunk solved from its layer taps (:meth:`Solver.low_rank_solve`): ``block`` test points per block, or (``None``)
     as many as ``budget`` bytes of low-rank queries hold. Which layers are factored is decided once, on the first
@@ -76,9 +78,15 @@ def combined(reports: list[SolveReport]) -> SolveReport:
     """One report for the solves of one query block's chunks: counts and times added, the worst residual kept."""
     if len(reports) == 1:
         return reports[0]
-    return dataclasses.replace(reports[0], iterations=max(r.iterations for r in reports), n_rhs=sum(r.n_rhs for r in reports),
-                               relative_residual=max(r.relative_residual for r in reports), converged=all(r.converged for r in reports),
-                               hvps=sum(r.hvps for r in reports), seconds=sum(r.seconds for r in reports))
+    return dataclasses.replace(
+        reports[0],
+        iterations=max(r.iterations for r in reports),
+        n_rhs=sum(r.n_rhs for r in reports),
+        relative_residual=max(r.relative_residual for r in reports),
+        converged=all(r.converged for r in reports),
+        hvps=sum(r.hvps for r in reports),
+        seconds=sum(r.seconds for r in reports),
+    )
 
 
 class Coordinates(NamedTuple):
@@ -126,12 +134,14 @@ class TrainingSide:
         c = self.coordinates
         if c is None or c.basis is not basis or (c.start, c.stop) != (start, stop):
             Z = torch.empty(stop - start, basis.shape[0], dtype=basis.dtype, device=basis.device)
-            for lo, G in self.gradients.stream(self.train, side="train", start=start, stop=stop, desc=f"{desc} (projecting onto the solver's basis)"):
-                Z[lo - start:lo - start + len(G)] = G @ basis.T
+            for lo, G in self.gradients.stream(
+                self.train, side="train", start=start, stop=stop, desc=f"{desc} (projecting onto the solver's basis)"
+            ):
+                Z[lo - start : lo - start + len(G)] = G @ basis.T
             self.coordinates = c = Coordinates(basis, start, stop, Z)
         step = self.gradients.chunk
         for lo in range(start, stop, step):
-            yield lo, c.Z[lo - start:min(lo + step, stop) - start]
+            yield lo, c.Z[lo - start : min(lo + step, stop) - start]
 
     def dot(self, Qs: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         """Qs Gᵀ of a block of queries against gradient rows (or their coordinates), in ``precision``."""
@@ -144,8 +154,11 @@ class TrainingSide:
         """Scores −Qs Gᵀ of a block of preconditioned queries against training rows, in ``precision``."""
         return -self.dot(Qs, G)
 
-    def chunk_scores(self, Q: torch.Tensor, chunk: tuple[int, Iterator[GradientPiece]], l2: torch.Tensor | None) -> torch.Tensor:
-        """Scores −Qᵀ∇L(z) of a block of queries against one chunk ``(examples, pieces)`` of :meth:`GradientSource.parts`,
+    def chunk_scores(
+        self, Q: torch.Tensor, chunk: tuple[int, Iterator[GradientPiece]], l2: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scores −Qᵀ∇L(z) of a block of queries against one chunk ``(examples, pieces)`` of
+        :meth:`GradientSource.parts`,
         a piece at a time; ``l2`` is Q's product with the L2 term λθ̂ (the pieces leave it out), or None."""
         n, pieces = chunk
         S = torch.zeros(len(Q), n, dtype=Q.dtype, device=Q.device)
@@ -155,7 +168,9 @@ class TrainingSide:
 
     def chunks(self, desc: str) -> Iterator[tuple[int, tuple[int, Iterator[GradientPiece]]]]:
         """``(offset, (examples, pieces))`` per training chunk of this shard (:meth:`GradientSource.parts`)."""
-        for lo, n, pieces in self.gradients.parts(self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc):
+        for lo, n, pieces in self.gradients.parts(
+            self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc
+        ):
             yield lo, (n, pieces)
 
     def l2_dot(self, Q: torch.Tensor) -> torch.Tensor | None:
@@ -177,11 +192,11 @@ class TrainingSide:
             if basis is None:
                 l2 = self.l2_dot(Q)
                 for lo, chunk in self.chunks("scoring"):
-                    block[:, lo - start:lo - start + chunk[0]] = self.chunk_scores(Q, chunk, l2)
+                    block[:, lo - start : lo - start + chunk[0]] = self.chunk_scores(Q, chunk, l2)
                 return block
             Qs = Q @ basis.T
             for lo, G in self.rows(basis, "scoring"):
-                block[:, lo - start:lo - start + len(G)] = self.product(Qs, G)
+                block[:, lo - start : lo - start + len(G)] = self.product(Qs, G)
             return block
 
         return self.shard.gather_columns(self.shard.local(local))
@@ -196,12 +211,14 @@ class TrainingSide:
             parts = [Q[:, g] for g in groups]
             for lo, G in self.rows(None, "scoring per module"):
                 for j, g in enumerate(groups):
-                    block[j, :, lo - start:lo - start + len(G)] = self.product(parts[j], G[:, g])
+                    block[j, :, lo - start : lo - start + len(G)] = self.product(parts[j], G[:, g])
             return block
 
         return self.shard.gather_columns(self.shard.local(local))
 
-    def top_k(self, Q: torch.Tensor | LowRankQueries, basis: torch.Tensor | None, k: int) -> tuple[StreamingTopK, StreamingTopK]:
+    def top_k(
+        self, Q: torch.Tensor | LowRankQueries, basis: torch.Tensor | None, k: int
+    ) -> tuple[StreamingTopK, StreamingTopK]:
         """The ``k`` most negative (helpful) and most positive (harmful) scores per query, over every rank."""
         if isinstance(Q, LowRankQueries):
             return self.low_rank_top_k(Q, k)
@@ -217,7 +234,9 @@ class TrainingSide:
 
     def low_rank_rows(self, queries: LowRankQueries, desc: str) -> Iterator[tuple[int, Factors]]:
         """This shard's training layer taps in chunks, for :meth:`low_rank_product`."""
-        yield from self.gradients.layer_factors(self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc)
+        yield from self.gradients.layer_factors(
+            self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc
+        )
 
     def low_rank_product(self, queries: LowRankQueries, f: Factors) -> torch.Tensor:
         """Scores −⟨query, ∇L(z)⟩ of low-rank queries against a chunk of training taps, the L2 term λθ̂ included."""
@@ -231,31 +250,41 @@ class TrainingSide:
         start, stop = self.shard.start, self.shard.stop
 
         def local() -> torch.Tensor:
-            block = torch.empty(len(queries), stop - start, dtype=self.gradients.layout.dtype, device=self.gradients.layout.device)
+            block = torch.empty(
+                len(queries), stop - start, dtype=self.gradients.layout.dtype, device=self.gradients.layout.device
+            )
             for lo, f in self.low_rank_rows(queries, "scoring (low-rank queries)"):
-                block[:, lo - start:lo - start + len(f)] = self.low_rank_product(queries, f)
+                block[:, lo - start : lo - start + len(f)] = self.low_rank_product(queries, f)
             return block
 
         return self.shard.gather_columns(self.shard.local(local))
 
     def low_rank_top_k(self, queries: LowRankQueries, k: int) -> tuple[StreamingTopK, StreamingTopK]:
         """:meth:`top_k` for low-rank queries."""
+
         def local() -> tuple[StreamingTopK, StreamingTopK]:
             n = len(queries)
             probe = torch.empty(n, 0, dtype=self.gradients.layout.dtype, device=self.gradients.layout.device)
-            return helpful_and_harmful(probe, self.low_rank_rows(queries, "top-k (low-rank queries)"), k,
-                                       lambda _q, f: self.low_rank_product(queries, f))
+            return helpful_and_harmful(
+                probe,
+                self.low_rank_rows(queries, "top-k (low-rank queries)"),
+                k,
+                lambda _q, f: self.low_rank_product(queries, f),
+            )
 
         helpful, harmful = self.shard.local(local)
         return helpful.merged(self.shard), harmful.merged(self.shard)
 
-    def _quadratic_forms(self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
-                         ) -> Iterator[tuple[int, torch.Tensor]]:
+    def _quadratic_forms(
+        self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(offset, gᵀ(H + δI)⁻¹g)`` per chunk of this shard: from layer taps when the solver takes them and the
         gradients come from taps (K-FAC/EK-FAC: no gradient is materialised), else from the gradient rows."""
         source, shard = self.gradients, self.shard
         if solver.capabilities.tap_quadratic_form:
-            taps = source.layer_factors(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence (layer taps)")
+            taps = source.layer_factors(
+                self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence (layer taps)"
+            )
             try:
                 first = next(taps)
             except StopIteration:  # an empty shard
@@ -269,8 +298,9 @@ class TrainingSide:
         for lo, G in source.stream(self.train, side="train", start=shard.start, stop=shard.stop, desc="self-influence"):
             yield lo, self_influence_of(G, solver, solve)[0]
 
-    def self_influence(self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
-                       ) -> tuple[torch.Tensor, list[SolveReport]]:
+    def self_influence(
+        self, solver: Solver, solve: Callable[[torch.Tensor], tuple[torch.Tensor, SolveReport]]
+    ) -> tuple[torch.Tensor, list[SolveReport]]:
         """∇L(z)ᵀ(H + δI)⁻¹∇L(z) for every training point on every rank, and the reports of the solves.
 
         With the solver's quadratic form: each rank its own shard, then gathered. Else one block solve per
@@ -281,10 +311,11 @@ class TrainingSide:
         out = torch.empty(n, dtype=layout.dtype, device=layout.device)
         reports: list[SolveReport] = []
         if solver.capabilities.quadratic_form:  # no solve
+
             def local() -> torch.Tensor:
                 part = torch.empty(shard.stop - shard.start, dtype=out.dtype, device=out.device)
                 for lo, values in self._quadratic_forms(solver, solve):
-                    part[lo - shard.start:lo - shard.start + len(values)] = values
+                    part[lo - shard.start : lo - shard.start + len(values)] = values
                 return part
 
             out[:] = shard.gather_columns(shard.local(local))
@@ -294,8 +325,13 @@ class TrainingSide:
             hi = min(lo + source.chunk, n)
             a, b = max(lo, shard.start), min(hi, shard.stop)
             counts = [max(0, min(hi, e) - max(lo, s)) for s, e in shard.bounds]
-            mine = shard.local(lambda a=a, b=b: source.block(self.train, side="train", start=a, stop=b, desc="self-influence")
-                               if b > a else torch.zeros(0, layout.n, dtype=out.dtype, device=out.device))
+            mine = shard.local(
+                lambda a=a, b=b: (
+                    source.block(self.train, side="train", start=a, stop=b, desc="self-influence")
+                    if b > a
+                    else torch.zeros(0, layout.n, dtype=out.dtype, device=out.device)
+                )
+            )
             G = shard.gather_rows(mine, counts)
             out[lo:hi], report = self_influence_of(G, solver, solve)
             reports.append(report)

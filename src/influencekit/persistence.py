@@ -49,21 +49,28 @@ class SolverCache:
 
     def load(self, solver: Solver, operator: CurvatureOperator) -> bool:
         """Make ``solver`` fitted from the stored state; False when there is none yet, or when the stored file fails its
-        checksum or cannot be loaded (a :class:`~influencekit.errors.CorruptFileWarning` names it): then fit and :meth:`store`."""
+        checksum or cannot be loaded (a :class:`~influencekit.errors.CorruptFileWarning` names it): then fit and
+        :meth:`store`."""
         state, problem = None, None
         if self.path.exists():
             problem = verify_checked(self.path)
             if problem is None:
                 try:
                     state = torch.load(self.path, map_location=operator.device, weights_only=True)
-                except Exception as exc:  # a truncated or foreign file: torch's reader errors name neither the folder nor the fix
+                except (
+                    Exception
+                ) as exc:  # a truncated or foreign file: torch's reader errors name neither the folder nor the fix
                     problem = f"it cannot be loaded ({type(exc).__name__}: {exc})"
         # a rank loading while another fits (with collectives) would hang them
         self.shard.check_same("the fitted-solver cache", {"state_file_usable": state is not None})
         if state is None:
             if problem is not None:
-                warnings.warn(f"ignoring the fitted-solver cache file {self.path}: {problem}; refitting the solver and "
-                              "replacing it", CorruptFileWarning, stacklevel=4)
+                warnings.warn(
+                    f"ignoring the fitted-solver cache file {self.path}: {problem}; refitting the solver and "
+                    "replacing it",
+                    CorruptFileWarning,
+                    stacklevel=4,
+                )
             return False
         solver.load_state_dict(operator, state)
         logger.info("fit: solver %r loaded from %s", solver.name, self.path)
@@ -72,7 +79,9 @@ class SolverCache:
     def store(self, solver: Solver) -> None:
         state = solver.state_dict()
         if state is None:
-            logger.info("fit: solver %r keeps no state worth storing; %s holds only the manifest", solver.name, self.folder)
+            logger.info(
+                "fit: solver %r keeps no state worth storing; %s holds only the manifest", solver.name, self.folder
+            )
             return
         self.shard.first_rank(lambda: write_checked(self.path, lambda f: torch.save(state, f)))
 
@@ -80,26 +89,45 @@ class SolverCache:
 class ScoreFolder:
     """A score matrix kept as ``scores-<first row>.npy`` row blocks of ``rows`` test points, resumable."""
 
-    def __init__(self, folder: str | os.PathLike, provenance: Provenance, *, n_test: int, rows: int,
-                 train_fingerprint: str, test_fingerprint: str, shard: Shard) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        provenance: Provenance,
+        *,
+        n_test: int,
+        rows: int,
+        train_fingerprint: str,
+        test_fingerprint: str,
+        shard: Shard,
+    ) -> None:
         self.folder = Path(folder)
         self.rows = rows
         self.shard = shard
         config = provenance.manifest(
-            "influencekit pairwise scores", ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
-            n_test=n_test, rows_per_file=rows, train_fingerprint=train_fingerprint,
-            test_fingerprint=test_fingerprint, **({"precision": provenance.precision} if provenance.precision != "full" else {}),
+            "influencekit pairwise scores",
+            ("n_train", "task", "solver", "damping", "dtype", "theta_fingerprint"),
+            n_test=n_test,
+            rows_per_file=rows,
+            train_fingerprint=train_fingerprint,
+            test_fingerprint=test_fingerprint,
+            **({"precision": provenance.precision} if provenance.precision != "full" else {}),
         )
         open_folder(self.folder, config, arg="folder", what="pairwise scores", pattern="scores-*.npy")
         self.done: dict[int, np.ndarray] = {}  # first row -> the block, verified
         for lo in range(0, n_test, rows):
             if not self.path(lo).exists():
                 continue
-            array, problem = load_array(self.path(lo), (min(rows, n_test - lo), provenance.n_train), np.dtype(str(provenance.dtype).removeprefix("torch.")))
+            array, problem = load_array(
+                self.path(lo),
+                (min(rows, n_test - lo), provenance.n_train),
+                np.dtype(str(provenance.dtype).removeprefix("torch.")),
+            )
             if problem is None:
                 self.done[lo] = array
             else:  # named, and recomputed: a replaced, truncated or NaN-filled block is never returned
-                warnings.warn(f"ignoring the score file {problem}; recomputing its rows", CorruptFileWarning, stacklevel=4)
+                warnings.warn(
+                    f"ignoring the score file {problem}; recomputing its rows", CorruptFileWarning, stacklevel=4
+                )
         # every rank must skip the same blocks, or the collectives would mismatch
         shard.check_same("the score folder's finished files", {"files": sorted(self.done)})
 

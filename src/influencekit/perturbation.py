@@ -22,8 +22,9 @@ from .solvers import SolveReport
 __all__ = ["perturbation_scores"]
 
 
-def perturbation_scores(engine: FittedEngine, test: Examples, indices: list[int], input: InputPath | str = "auto"
-                        ) -> tuple[torch.Tensor, list[SolveReport]]:
+def perturbation_scores(
+    engine: FittedEngine, test: Examples, indices: list[int], input: InputPath | str = "auto"
+) -> tuple[torch.Tensor, list[SolveReport]]:
     """I_pert,loss of the training points ``indices`` on every test point, ``(n_test, len(indices), *x.shape[1:])``.
 
     ``input`` locates the input in a training batch: ``"auto"`` takes the first element of a tuple batch, the
@@ -34,7 +35,11 @@ def perturbation_scores(engine: FittedEngine, test: Examples, indices: list[int]
     source, layout, task = engine.gradients, engine.layout, engine.task
     first = source.take(engine.train, indices[:1])
     if input == "auto":
-        input = None if isinstance(first, torch.Tensor) else (getattr(task, "input_key", "x") if isinstance(first, dict) else 0)
+        input = (
+            None
+            if isinstance(first, torch.Tensor)
+            else (getattr(task, "input_key", "x") if isinstance(first, dict) else 0)
+        )
     probe = torch.zeros(1, layout.n, dtype=layout.dtype, device=layout.device)
     x_shape = mixed_vjp(task.loss, source.params, first, layout, probe, where=input).shape[2:]
     out = torch.empty(len(test), len(indices), *x_shape, dtype=layout.dtype, device=layout.device)
@@ -43,9 +48,11 @@ def perturbation_scores(engine: FittedEngine, test: Examples, indices: list[int]
     for qlo, Q, report in engine.queries(test):
         reports.append(report)
         for lo in range(0, len(indices), chunk):
-            part = indices[lo:lo + chunk]
+            part = indices[lo : lo + chunk]
             batch = source.take(engine.train, part)
             for tlo in range(0, len(Q), tangents):
-                rows = Q[tlo:tlo + tangents]
-                out[qlo + tlo:qlo + tlo + len(rows), lo:lo + len(part)] = -mixed_vjp(task.loss, source.params, batch, layout, rows, where=input)
+                rows = Q[tlo : tlo + tangents]
+                out[qlo + tlo : qlo + tlo + len(rows), lo : lo + len(part)] = -mixed_vjp(
+                    task.loss, source.params, batch, layout, rows, where=input
+                )
     return out, reports

@@ -3,7 +3,8 @@
 :meth:`Influence.plan <influencekit.scoring.Influence.plan>` calls :func:`plan_influence`, which runs a short
 timed probe on a few training examples (never a pass over the data) and extrapolates with the formulas
 below. The probe's figures go into a :class:`~influencekit.solvers.costs.CostProbe`, from which each solver
-gives its own fit and solve (``Solver.cost``); the planner adds the stages every solver shares. Notation: n training examples, p selected parameters, b bytes per value of the model's dtype,
+gives its own fit and solve (``Solver.cost``); the planner adds the stages every solver shares. Notation: n training
+examples, p selected parameters, b bytes per value of the model's dtype,
 t_test test points solved in blocks of q = min(t_test, chunks.queries), B the number of such blocks,
 c_g / c_h the examples per gradient / HVP chunk (from ``memory_budget``, see :func:`~influencekit.config.plan_chunks`).
 
@@ -16,14 +17,15 @@ Measured by the probe (each after one untimed warm-up call, on m = min(n, probe_
 
 Stages and their time formulas:
 
-    fit: gradient check     n·τ_s                                   (‖∇R(θ̂)‖ and the training loss; none with stationarity_tol=None)
+    fit: gradient check     n·τ_s    (‖∇R(θ̂)‖ and the training loss; none with stationarity_tol=None)
     fit: <solver>           exact:    p·n·τ_h + decomposition (p³/3 flops Cholesky, 9p³ eigh) / ρ
                             cg:       nothing (its work is in the query solve)
                             lissa:    eigen_steps·n·τ_h + 90·min(batch_size, n)·τ_h (Lanczos + power iteration)
                             arnoldi:  min(n_iter or 2·rank, p)·n·τ_h
                             kfac/ekfac: (the solver's own fit on the m probe examples − eigh) × n/m + eigh
-                                      + probes·min(n, the solver's probe_examples)·τ_h, where eigh (the factors' eigendecompositions, whose
-                                      size does not depend on n) = Σ_factors t_r·(size/r)³, t_r the timed
+                                      + probes·min(n, the solver's probe_examples)·τ_h, where eigh (the
+                                      factors' eigendecompositions, whose size does not depend on n)
+                                      = Σ_factors t_r·(size/r)³, t_r the timed
                                       eigh of an r × r matrix, r = min(largest factor, 1024)
     test gradients          t_test·τ_g
     query solve             B × per block: exact 2·q·p² / ρ (+ residual rows); cg iterations·q·n·τ_h
@@ -140,17 +142,21 @@ class Plan:
         return {**asdict(self), "seconds": self.seconds, "peak_memory": self.peak_memory}
 
     def __str__(self) -> str:
-        head = (f"influence plan: solver={self.solver}, n_train={self.n_train:,}, n_test={self.n_test:,}, "
-                f"n_params={self.n_params:,}, {self.dtype}, memory_budget={_fmt_bytes(self.memory_budget)}")
+        head = (
+            f"influence plan: solver={self.solver}, n_train={self.n_train:,}, n_test={self.n_test:,}, "
+            f"n_params={self.n_params:,}, {self.dtype}, memory_budget={_fmt_bytes(self.memory_budget)}"
+        )
         width = max(len(s.name) for s in self.stages)
         lines = [head, f"{'stage':<{width}}  {'time':>9}  {'memory':>9}  formula"]
         for s in self.stages:
             lines.append(f"{s.name:<{width}}  {_fmt_seconds(s.seconds):>9}  {_fmt_bytes(s.memory):>9}  {s.formula}")
-        lines.append(f"{'total':<{width}}  {_fmt_seconds(self.seconds):>9}  {_fmt_bytes(self.peak_memory):>9}  (time: sum; memory: peak)")
+        total = f"{_fmt_seconds(self.seconds):>9}  {_fmt_bytes(self.peak_memory):>9}"
+        lines.append(f"{'total':<{width}}  {total}  (time: sum; memory: peak)")
         p = self.probe
         lines.append(
             f"probe on {int(p['examples'])} examples: per-example gradient {p['tau_grad'] * 1e3:.3g} ms/example, "
-            f"batch gradient {p['tau_sum'] * 1e3:.3g} ms/example, HVP {p['tau_hvp'] * 1e3:.3g} ms/example with one tangent, "
+            f"batch gradient {p['tau_sum'] * 1e3:.3g} ms/example, HVP {p['tau_hvp'] * 1e3:.3g} ms/example with one "
+            "tangent, "
             f"{p['tau_hvp_block'] * 1e3:.3g} ms/(example·tangent) with {int(p['block_tangents'])}, "
             f"matmul {p['flops'] / 1e9:.3g} GFLOP/s"
         )
@@ -177,8 +183,18 @@ def _fmt_seconds(s: float) -> str:
         return f"{s:.3g} s"
     return f"{s * 1e3:.3g} ms"
 
-def plan_influence(task: Task, train_data: Any, config: InfluenceConfig, solver: Solver, n_test: int, *,
-                   probe_examples: int = 256, cg_iterations: int = 100, query_rank: int | None = None) -> Plan:
+
+def plan_influence(
+    task: Task,
+    train_data: Any,
+    config: InfluenceConfig,
+    solver: Solver,
+    n_test: int,
+    *,
+    probe_examples: int = 256,
+    cg_iterations: int = 100,
+    query_rank: int | None = None,
+) -> Plan:
     """Estimate the memory and time of ``Influence(task, train_data, ...).fit()`` (its validated ``config``) followed
     by ``scores`` on ``n_test`` test points; ``solver``: an unfitted solver like the configuration's (the probe
     times its fit).
@@ -201,46 +217,99 @@ def plan_influence(task: Task, train_data: Any, config: InfluenceConfig, solver:
     params = {name: value.detach().clone() for name, value in task.params().items()}
     layout = ParamLayout.of(params)
     without_rows = scores_without_rows(solver, config.gradients, task.model, layout)
-    chunks = plan_chunks(task, params, take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch), n,
-                         batch_size=config.batch_size, memory_budget=config.memory_budget,
-                         without_rows=without_rows)
-    probe, gradient_method = _measure(task, config, train, params, layout, chunks, min(n, probe_examples), n_test, cg_iterations,
-                                      without_rows=without_rows)
+    chunks = plan_chunks(
+        task,
+        params,
+        take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch),
+        n,
+        batch_size=config.batch_size,
+        memory_budget=config.memory_budget,
+        without_rows=without_rows,
+    )
+    probe, gradient_method = _measure(
+        task,
+        config,
+        train,
+        params,
+        layout,
+        chunks,
+        min(n, probe_examples),
+        n_test,
+        cg_iterations,
+        without_rows=without_rows,
+    )
     notes = [f"per-example gradients: {gradient_method} (the method scores will use; `gradients=` of Influence)"]
     cost = solver.cost(probe)
     notes += cost.notes
     p, item, act = probe.p, probe.item, probe.activations
-    stages = [Stage("fit: gradient check", n * probe.tau_sum, probe.base + min(chunks.grad, n) * 4 * act * item + 2 * p * item,
-                    "n·τ_s (batch gradients)")] if config.stationarity_tol is not None else []
+    stages = (
+        [
+            Stage(
+                "fit: gradient check",
+                n * probe.tau_sum,
+                probe.base + min(chunks.grad, n) * 4 * act * item + 2 * p * item,
+                "n·τ_s (batch gradients)",
+            )
+        ]
+        if config.stationarity_tol is not None
+        else []
+    )
     stages.append(Stage(f"fit: {solver.name}", cost.fit_seconds, cost.fit_memory, cost.fit_formula))
     if rank is None:
         stages += _query_stages(probe, cost, notes)
     else:
-        stages += _low_rank_stages(probe, cost, solver, factor_blocks(task.model, layout), rank, config.memory_budget // 2, notes)
+        stages += _low_rank_stages(
+            probe, cost, solver, factor_blocks(task.model, layout), rank, config.memory_budget // 2, notes
+        )
     peak = max(s.memory for s in stages)
     if peak > config.memory_budget:
-        notes.append(f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(config.memory_budget)} "
-                     "(the budget sizes chunks; the solver's state and the score matrix come on top).")
+        notes.append(
+            f"the estimated peak {_fmt_bytes(peak)} exceeds memory_budget = {_fmt_bytes(config.memory_budget)} "
+            "(the budget sizes chunks; the solver's state and the score matrix come on top)."
+        )
     return Plan(
-        solver=solver.name, n_train=n, n_test=n_test, n_params=p, dtype=str(layout.dtype), memory_budget=config.memory_budget,
+        solver=solver.name,
+        n_train=n,
+        n_test=n_test,
+        n_params=p,
+        dtype=str(layout.dtype),
+        memory_budget=config.memory_budget,
         chunks={"grad": chunks.grad, "hvp": chunks.hvp, "tangents": chunks.tangents, "queries": chunks.queries},
-        stages=tuple(stages), solver_state=int(cost.state), probe=probe.as_dict(), notes=tuple(notes),
+        stages=tuple(stages),
+        solver_state=int(cost.state),
+        probe=probe.as_dict(),
+        notes=tuple(notes),
     )
 
 
-def _measure(task: Task, config: InfluenceConfig, train: Examples, params: dict[str, torch.Tensor], layout: ParamLayout, chunks: Chunks,
-             m: int, n_test: int, cg_iterations: int, *, without_rows: bool) -> tuple[CostProbe, str]:
+def _measure(
+    task: Task,
+    config: InfluenceConfig,
+    train: Examples,
+    params: dict[str, torch.Tensor],
+    layout: ParamLayout,
+    chunks: Chunks,
+    m: int,
+    n_test: int,
+    cg_iterations: int,
+    *,
+    without_rows: bool,
+) -> tuple[CostProbe, str]:
     """The probe: unit costs timed on the first m training examples, and the sizes a solver's cost needs.
     Returns it with the per-example-gradient method that scores will use."""
     n, p, dtype, device = len(train), layout.n, layout.dtype, layout.device
     batch = take(train, list(range(m)), dtype=dtype, device=device, check=task.check_batch)
-    act = input_size_per_example(task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model)
+    act = input_size_per_example(
+        task.loss, params, take(train, [0], dtype=dtype, device=device, check=task.check_batch), task.model
+    )
     holder: dict[str, torch.Tensor] = {}
     # each unit cost is timed on at most one chunk of the run's size, so the probe stays within the budget too
     mg, mh = min(m, chunks.grad), min(m, chunks.hvp)
     gbatch = batch if mg == m else take(train, list(range(mg)), dtype=dtype, device=device, check=task.check_batch)
     hbatch = batch if mh == m else take(train, list(range(mh)), dtype=dtype, device=device, check=task.check_batch)
-    per_example, gradient_method, _ = choose_per_example(config.gradients, task.model, task.loss, params, layout, gbatch)
+    per_example, gradient_method, _ = choose_per_example(
+        config.gradients, task.model, task.loss, params, layout, gbatch
+    )
 
     def grads() -> None:
         holder["G"], _ = per_example(task.loss, params, gbatch)
@@ -258,8 +327,14 @@ def _measure(task: Task, config: InfluenceConfig, train: Examples, params: dict[
 
     def fit_seconds(solver: Solver) -> float:
         """Seconds of ``solver.fit`` on the probe examples (the damping at least 1e-3, so that it is invertible)."""
-        operator = HessianOperator(task, params, Examples(batch, name="train"), damping=max(config.damping, 1e-3),
-                                   batch_size=min(chunks.hvp, m), tangent_block=chunks.tangents)
+        operator = HessianOperator(
+            task,
+            params,
+            Examples(batch, name="train"),
+            damping=max(config.damping, 1e-3),
+            batch_size=min(chunks.hvp, m),
+            tangent_block=chunks.tangents,
+        )
         start = time.perf_counter()
         solver.fit(operator)
         return time.perf_counter() - start
@@ -267,11 +342,29 @@ def _measure(task: Task, config: InfluenceConfig, train: Examples, params: dict[
     q = max(1, min(n_test, chunks.queries))
     rows = gradient_method != "layers" or not without_rows
     probe = CostProbe(
-        n=n, p=p, dtype=dtype, item=torch.finfo(dtype).bits // 8, examples=m, tau_grad=tau_g, tau_sum=tau_s, tau_hvp=tau_h1,
-        tau_hvp_block=tau_hK, block_tangents=K, flops=rate, activations=act, grad_chunk=chunks.grad, hvp_chunk=chunks.hvp,
-        tangent_chunk=chunks.tangents, query_chunk=chunks.queries, n_test=n_test, queries=q,
-        blocks=math.ceil(n_test / q) if n_test else 0, cg_iterations=cg_iterations, fit_seconds=fit_seconds,
-        layer_positions=lambda layers: _positions(layers, task, params, batch), n_outputs=lambda: _n_outputs(task, params, batch),
+        n=n,
+        p=p,
+        dtype=dtype,
+        item=torch.finfo(dtype).bits // 8,
+        examples=m,
+        tau_grad=tau_g,
+        tau_sum=tau_s,
+        tau_hvp=tau_h1,
+        tau_hvp_block=tau_hK,
+        block_tangents=K,
+        flops=rate,
+        activations=act,
+        grad_chunk=chunks.grad,
+        hvp_chunk=chunks.hvp,
+        tangent_chunk=chunks.tangents,
+        query_chunk=chunks.queries,
+        n_test=n_test,
+        queries=q,
+        blocks=math.ceil(n_test / q) if n_test else 0,
+        cg_iterations=cg_iterations,
+        fit_seconds=fit_seconds,
+        layer_positions=lambda layers: _positions(layers, task, params, batch),
+        n_outputs=lambda: _n_outputs(task, params, batch),
         rows=rows,
     )
     return probe, gradient_method
@@ -291,25 +384,49 @@ def _query_stages(probe: CostProbe, cost: SolverCost, notes: list[str]) -> list[
     rows = 4 * p if probe.rows else 0
     grad_chunk = min(probe.grad_chunk, n) * (rows + 4 * act) * item
     stages = [
-        Stage("test gradients", n_test * tau_g, held + min(probe.grad_chunk, q) * (rows + 4 * act) * item + q * p * item, "t_test·τ_g"),
-        Stage("query solve", blocks * cost.solve_seconds, held + q * p * item + cost.solve_memory, f"B = {blocks} block(s) × {cost.solve_formula}"),
+        Stage(
+            "test gradients",
+            n_test * tau_g,
+            held + min(probe.grad_chunk, q) * (rows + 4 * act) * item + q * p * item,
+            "t_test·τ_g",
+        ),
+        Stage(
+            "query solve",
+            blocks * cost.solve_seconds,
+            held + q * p * item + cost.solve_memory,
+            f"B = {blocks} block(s) × {cost.solve_formula}",
+        ),
     ]
     r = cost.basis_rank  # > 0: scores in the solver's basis of that rank
     if r:
-        stages.append(Stage("scoring", n * tau_g + 2 * n * r * p / rate + 2 * n_test * (n + p) * r / rate,
-                            held + n_test * n * item + n * r * item + q * p * item + grad_chunk,
-                            "in the eigenbasis: n·τ_g + 2·n·rank·p / ρ (projected once) + 2·t_test·(n + p)·rank / ρ"))
+        stages.append(
+            Stage(
+                "scoring",
+                n * tau_g + 2 * n * r * p / rate + 2 * n_test * (n + p) * r / rate,
+                held + n_test * n * item + n * r * item + q * p * item + grad_chunk,
+                "in the eigenbasis: n·τ_g + 2·n·rank·p / ρ (projected once) + 2·t_test·(n + p)·rank / ρ",
+            )
+        )
     else:
-        stages.append(Stage("scoring", blocks * (n * tau_g + 2 * q * n * p / rate), held + n_test * n * item + q * p * item + grad_chunk,
-                            f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)"))
+        stages.append(
+            Stage(
+                "scoring",
+                blocks * (n * tau_g + 2 * q * n * p / rate),
+                held + n_test * n * item + q * p * item + grad_chunk,
+                f"B = {blocks} × (n·τ_g + 2·q·n·p / ρ)",
+            )
+        )
     if blocks > 1 and not r:
-        notes.append(f"{blocks} query blocks of {q} test points (memory_budget allows {probe.query_chunk}): scoring makes "
-                     f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer.")
+        notes.append(
+            f"{blocks} query blocks of {q} test points (memory_budget allows {probe.query_chunk}): scoring makes "
+            f"{blocks} per-example-gradient passes over the training set; a larger memory_budget makes fewer."
+        )
     return stages
 
 
-def _low_rank_stages(probe: CostProbe, cost: SolverCost, solver: Solver, blocks: list[Any], rank: int, budget: int,
-                     notes: list[str]) -> list[Stage]:
+def _low_rank_stages(
+    probe: CostProbe, cost: SolverCost, solver: Solver, blocks: list[Any], rank: int, budget: int, notes: list[str]
+) -> list[Stage]:
     """The stages of ``scores(test, query_rank=r)``: per layer (out × k, T positions) a factored layer costs
     c = r·T·(o + k) per (query, example) pair and keeps r·(o + k) values per query, a dense one c = o·k (its gradient
     materialised once per example and block, T·o·k) and o·k values; taps passes cost τ_s per example (no gradient rows).
@@ -339,19 +456,37 @@ def _low_rank_stages(probe: CostProbe, cost: SolverCost, solver: Solver, blocks:
             solve += 4 * (o * o * k + o * k * k)
             materialise += t * o * k
     kfac_like = type(solver).low_rank_solve is not Solver.low_rank_solve
-    solve_s = 2 * n_test * (solve + svd) / rate if kfac_like else probe.blocks * cost.solve_seconds + 2 * n_test * svd / rate
+    solve_s = (
+        2 * n_test * (solve + svd) / rate if kfac_like else probe.blocks * cost.solve_seconds + 2 * n_test * svd / rate
+    )
     blocks_lr = max(1, math.ceil(n_test * values * item / max(budget, 1)))
     held = probe.base + cost.state
     names = [b.name for b, f in zip(blocks, factored) if f]
-    notes.append(f"query_rank={rank}: factored layers {names or 'none'} (the others are cheaper dense); {blocks_lr} query "
-                 f"block(s) of low-rank queries ({_fmt_bytes(int(values * item))} per query)")
+    notes.append(
+        f"query_rank={rank}: factored layers {names or 'none'} (the others are cheaper dense); {blocks_lr} query "
+        f"block(s) of low-rank queries ({_fmt_bytes(int(values * item))} per query)"
+    )
     return [
-        Stage("test layer taps", n_test * tau, held + min(probe.grad_chunk, n_test) * 4 * probe.activations * item, "t_test·τ_s"),
-        Stage("query solve (low rank)", solve_s, held + int(min(n_test, budget // max(1, int(values * item))) * values * item),
-              "from the taps in the Kronecker eigenbasis" if kfac_like else "the dense solve, then a truncated SVD per layer"),
-        Stage("scoring (low rank)", blocks_lr * n * tau + 2 * n_test * n * pair / rate + blocks_lr * n * 2 * materialise / rate,
-              held + n_test * n * item + int(min(budget, n_test * values * item)),
-              f"B = {blocks_lr} × n·τ_s + 2·t_test·n·Σ c / ρ (c per pair and layer)"),
+        Stage(
+            "test layer taps",
+            n_test * tau,
+            held + min(probe.grad_chunk, n_test) * 4 * probe.activations * item,
+            "t_test·τ_s",
+        ),
+        Stage(
+            "query solve (low rank)",
+            solve_s,
+            held + int(min(n_test, budget // max(1, int(values * item))) * values * item),
+            "from the taps in the Kronecker eigenbasis"
+            if kfac_like
+            else "the dense solve, then a truncated SVD per layer",
+        ),
+        Stage(
+            "scoring (low rank)",
+            blocks_lr * n * tau + 2 * n_test * n * pair / rate + blocks_lr * n * 2 * materialise / rate,
+            held + n_test * n * item + int(min(budget, n_test * values * item)),
+            f"B = {blocks_lr} × n·τ_s + 2·t_test·n·Σ c / ρ (c per pair and layer)",
+        ),
     ]
 
 
@@ -360,9 +495,11 @@ def _positions(layers: list[Any], task: Task, params: dict[str, torch.Tensor], b
     counts: dict[str, int] = {}
     handles = []
     for layer in layers:
+
         def hook(module: Any, inputs: Any, output: torch.Tensor, name: str = layer.name) -> None:
             channels = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
             counts[name] = max(1, output[0].numel() // channels)
+
         handles.append(layer.module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -377,4 +514,3 @@ def _n_outputs(task: Task, params: dict[str, torch.Tensor], batch: Batch) -> int
     with torch.no_grad():
         out = task.outputs(params, batch)
     return int(out[0].numel()) if out.dim() > 1 else 2
-

@@ -122,7 +122,10 @@ def _replayed(leaf: _Leaf, batch: Mapping[str, Any], B: int, T: int, device: tor
         return leaf.value
     if leaf.key is not None:
         if leaf.key not in batch:
-            raise InputError(f"the batch lacks the cached prefix output {leaf.key!r}: build every data set's cache from the same task.")
+            raise InputError(
+                f"the batch lacks the cached prefix output {leaf.key!r}: build every data set's cache from the same "
+                "task."
+            )
         return batch[leaf.key]
     return torch.zeros((B, T, *leaf.rest) if leaf.sequence else (B, *leaf.rest), dtype=leaf.dtype, device=device)
 
@@ -176,10 +179,15 @@ def _frozen_outputs(output: Any, B: int) -> bool:
 def _shorter(batch: Mapping[str, Any]) -> dict[str, Any]:
     """``batch`` without its last position (to see which outputs follow the sequence length)."""
     B, T = batch["input_ids"].shape
-    return {k: v[:, :T - 1] if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (B, T) else v for k, v in batch.items()}
+    return {
+        k: v[:, : T - 1] if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (B, T) else v
+        for k, v in batch.items()
+    }
 
 
-def _sequence_dims(names: Sequence[str], short: Mapping[str, Any], long: Mapping[str, Any]) -> dict[str, list[bool]] | None:
+def _sequence_dims(
+    names: Sequence[str], short: Mapping[str, Any], long: Mapping[str, Any]
+) -> dict[str, list[bool]] | None:
     """Per module whose output shapes follow the batch's length: which leaves have the sequence at dim 1 (T → T − 1)."""
     found = {}
     for name in names:
@@ -206,7 +214,10 @@ def find_plan(task: Task, params: dict[str, torch.Tensor], batch: Mapping[str, A
     model = task.model
     B, T = batch["input_ids"].shape
     if T < 2:
-        raise InputError("the prefix cache needs the first examples to have at least 2 tokens (to find the sequence dimension of the cached outputs).")
+        raise InputError(
+            "the prefix cache needs the first examples to have at least 2 tokens (to find the sequence dimension of "
+            "the cached outputs)."
+        )
     live = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     recorder = _Recorder(model)
     try:
@@ -216,8 +227,11 @@ def find_plan(task: Task, params: dict[str, torch.Tensor], batch: Mapping[str, A
     finally:
         recorder.close()
     owners = {name for name in dict(model.named_modules()) if name and any(_inside(p, name) for p in params)}
-    frozen = [name for name, out in recorder.outputs.items()
-              if recorder.calls.get(name) == 1 and name not in owners and _frozen_outputs(out, B)]
+    frozen = [
+        name
+        for name, out in recorder.outputs.items()
+        if recorder.calls.get(name) == 1 and name not in owners and _frozen_outputs(out, B)
+    ]
     outermost = [n for n in frozen if not any(_inside(n, other) and n != other for other in frozen)]
     shorter = _Recorder(model)
     try:
@@ -234,20 +248,30 @@ def find_plan(task: Task, params: dict[str, torch.Tensor], batch: Mapping[str, A
             "Cache a prefix only when `params=` selects the last part of the model (e.g. its last blocks and head)."
         )
     stored = {name: [isinstance(v, torch.Tensor) for v in _leaves(recorder.outputs[name])] for name in outermost}
-    if not _replays_exactly(task, live, batch, _plan_of(outermost, recorder.outputs, sequence, stored), recorder.outputs, reference):
+    if not _replays_exactly(
+        task, live, batch, _plan_of(outermost, recorder.outputs, sequence, stored), recorder.outputs, reference
+    ):
         raise UnsupportedError(
-            "the model's outputs differ when its frozen modules are replayed from their own recorded outputs: the model is "
-            "not deterministic (put it in eval mode: model.eval()) or its modules keep state between calls. Run without the prefix cache."
+            "the model's outputs differ when its frozen modules are replayed from their own recorded outputs: the "
+            "model is "
+            "not deterministic (put it in eval mode: model.eval()) or its modules keep state between calls. Run "
+            "without the prefix cache."
         )
     for name in outermost:  # keep an output only if the loss or its gradient changes without it
         trial = {**stored, name: [False] * len(stored[name])}
-        if _replays_exactly(task, live, batch, _plan_of(outermost, recorder.outputs, sequence, trial), recorder.outputs, reference):
+        if _replays_exactly(
+            task, live, batch, _plan_of(outermost, recorder.outputs, sequence, trial), recorder.outputs, reference
+        ):
             stored = trial
     return _plan_of(outermost, recorder.outputs, sequence, stored)
 
 
-def _plan_of(names: Sequence[str], outputs: Mapping[str, Any], sequence_dims: Mapping[str, list[bool]],
-             stored: Mapping[str, list[bool]]) -> PrefixPlan:
+def _plan_of(
+    names: Sequence[str],
+    outputs: Mapping[str, Any],
+    sequence_dims: Mapping[str, list[bool]],
+    stored: Mapping[str, list[bool]],
+) -> PrefixPlan:
     modules = []
     for name in names:
         values, spec = tree_flatten(outputs[name])
@@ -258,7 +282,9 @@ def _plan_of(names: Sequence[str], outputs: Mapping[str, Any], sequence_dims: Ma
                 continue
             sequence = sequence_dims[name][j]
             key = f"{PREFIX_KEY}/{name}/{j}" if stored[name][j] else None
-            leaves.append(_Leaf(key, sequence=sequence, rest=tuple(v.shape[2:] if sequence else v.shape[1:]), dtype=v.dtype))
+            leaves.append(
+                _Leaf(key, sequence=sequence, rest=tuple(v.shape[2:] if sequence else v.shape[1:]), dtype=v.dtype)
+            )
         modules.append(_Module(name, spec, tuple(leaves)))
     return PrefixPlan(tuple(modules))
 
@@ -272,9 +298,16 @@ def _stored_values(plan: PrefixPlan, outputs: Mapping[str, Any]) -> dict[str, to
     return values
 
 
-def _replays_exactly(task: Task, live: dict[str, torch.Tensor], batch: Mapping[str, Any], plan: PrefixPlan, outputs: Mapping[str, Any],
-                     reference: tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]) -> bool:
-    """The loss and its gradient on ``batch`` with ``plan`` replayed equal ``reference`` (the full model's) to round-off."""
+def _replays_exactly(
+    task: Task,
+    live: dict[str, torch.Tensor],
+    batch: Mapping[str, Any],
+    plan: PrefixPlan,
+    outputs: Mapping[str, Any],
+    reference: tuple[torch.Tensor, tuple[torch.Tensor | None, ...]],
+) -> bool:
+    """The loss and its gradient on ``batch`` with ``plan`` replayed equal ``reference`` (the full model's) to
+    round-off."""
     full, g_full = reference
     with torch.enable_grad():
         replayed = {**batch, **_stored_values(plan, outputs)}
@@ -307,27 +340,41 @@ class PrefixCache(Sequence):
 
     Args:
         task: a :class:`~influencekit.hf.HFTask` (its ``params=`` selection decides the prefix).
-        data: tokenised examples: a list of dicts of 1-D tensors, a ``datasets.Dataset``, or a dict of ``(n, T)`` tensors.
+        data: tokenised examples: a list of dicts of 1-D tensors, a ``datasets.Dataset``, or a dict of ``(n, T)``
+        tensors.
         batch_size: examples per forward pass.
         folder: keep the outputs on disk there (module docstring) instead of in memory.
         progress: show a progress bar.
     """
 
-    def __init__(self, task: Task, data: DataSource, *, batch_size: int = 16, folder: str | os.PathLike | None = None,
-                 progress: bool = False) -> None:
+    def __init__(
+        self,
+        task: Task,
+        data: DataSource,
+        *,
+        batch_size: int = 16,
+        folder: str | os.PathLike | None = None,
+        progress: bool = False,
+    ) -> None:
         if not callable(getattr(task, "use_prefix_plan", None)):  # an ik.hf task (hf builds on this module)
-            raise InputTypeError(f"`task` must be an ik.hf task (SequenceClassificationTask, ...). Got {type(task).__name__}.")
+            raise InputTypeError(
+                f"`task` must be an ik.hf task (SequenceClassificationTask, ...). Got {type(task).__name__}."
+            )
         if isinstance(data, PrefixCache):
             raise InputError("`data` is already a PrefixCache; pass the examples it was built from.")
         batch_size = check_int("batch_size", batch_size, low=1)
         if task.model.training:
-            raise InputError("the prefix cache keeps one forward of the frozen modules per example: put the model in eval mode "
-                             "(model.eval()) first, so that dropout does not make the stored outputs random.")
+            raise InputError(
+                "the prefix cache keeps one forward of the frozen modules per example: put the model in eval mode "
+                "(model.eval()) first, so that dropout does not make the stored outputs random."
+            )
         self.examples = examples = Examples(data, name="data")
         params = {k: v.detach() for k, v in task.params().items()}
         p0 = next(iter(params.values()))
         self._items = self._raw_items(data, examples)
-        first = take(examples, range(min(PLAN_EXAMPLES, len(examples))), dtype=p0.dtype, device=p0.device, check=task.check_batch)
+        first = take(
+            examples, range(min(PLAN_EXAMPLES, len(examples))), dtype=p0.dtype, device=p0.device, check=task.check_batch
+        )
         self.plan = find_plan(task, params, first)
         task.use_prefix_plan(self.plan)
         self.values: list[dict[str, torch.Tensor]] = []
@@ -337,7 +384,9 @@ class PrefixCache(Sequence):
         captured: dict[str, Any] = {}
         modules = dict(task.model.named_modules())
         for m in self.plan.modules:
-            hooks.append(modules[m.name].register_forward_hook(lambda mod, a, out, name=m.name: captured.__setitem__(name, out)))
+            hooks.append(
+                modules[m.name].register_forward_hook(lambda mod, a, out, name=m.name: captured.__setitem__(name, out))
+            )
         bar = progress_bar(total=len(examples), desc="prefix cache", enabled=progress)
         try:
             with torch.no_grad():
@@ -349,7 +398,9 @@ class PrefixCache(Sequence):
                     batch = take(examples, range(lo, hi), dtype=p0.dtype, device=p0.device, check=task.check_batch)
                     captured.clear()
                     task.outputs(params, batch)
-                    rows = [self._per_example(captured, i, len(self._items[lo + i]["input_ids"])) for i in range(hi - lo)]
+                    rows = [
+                        self._per_example(captured, i, len(self._items[lo + i]["input_ids"])) for i in range(hi - lo)
+                    ]
                     if self.disk is None:
                         self.values.extend(rows)
                     else:
@@ -364,12 +415,17 @@ class PrefixCache(Sequence):
     def _raw_items(data: DataSource, examples: Examples) -> Any:
         if isinstance(data, Mapping):
             if "input_ids" not in data:
-                raise InputError(f"the prefix cache needs tokenised examples with `input_ids`. Got keys {sorted(data)}.")
+                raise InputError(
+                    f"the prefix cache needs tokenised examples with `input_ids`. Got keys {sorted(data)}."
+                )
             n = len(examples)
             return [{k: v[i] for k, v in data.items()} for i in range(n)]
         first = data[0] if len(data) else None
         if not isinstance(first, Mapping) or "input_ids" not in first:
-            raise InputTypeError("the prefix cache needs tokenised examples (dicts with `input_ids`): a list of dicts, a datasets.Dataset or a dict of tensors.")
+            raise InputTypeError(
+                "the prefix cache needs tokenised examples (dicts with `input_ids`): a list of dicts, a "
+                "datasets.Dataset or a dict of tensors."
+            )
         return data
 
     def _per_example(self, captured: Mapping[str, Any], i: int, length: int) -> dict[str, torch.Tensor]:
@@ -406,16 +462,29 @@ class _DiskValues:
     """A :class:`PrefixCache`'s stored outputs in a folder: per batch of examples, one checked array per stored key
     (the examples' rows concatenated) and the examples' row counts."""
 
-    def __init__(self, folder: Path, task: Task, params: Mapping[str, torch.Tensor], examples: Examples, plan: PrefixPlan,
-                 batch_size: int) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        task: Task,
+        params: Mapping[str, torch.Tensor],
+        examples: Examples,
+        plan: PrefixPlan,
+        batch_size: int,
+    ) -> None:
         self.folder, self.batch_size, self.n = folder, batch_size, len(examples)
         self.keys = list(plan.stored)
         sequence = {leaf.key: leaf.sequence for m in plan.modules for leaf in m.leaves if leaf.key is not None}
         self.sequence = [bool(sequence.get(k, False)) for k in self.keys]
         head = examples.batch(range(min(PLAN_EXAMPLES, len(examples))))
-        config = {"what": "influencekit prefix cache", "plan": plan.describe(), "n": self.n, "batch_size": batch_size,
-                  "weights": fingerprint({k: v for k, v in task.model.state_dict().items()}),
-                  "data": fingerprint(head), "selected": sorted(params)}
+        config = {
+            "what": "influencekit prefix cache",
+            "plan": plan.describe(),
+            "n": self.n,
+            "batch_size": batch_size,
+            "weights": fingerprint({k: v for k, v in task.model.state_dict().items()}),
+            "data": fingerprint(head),
+            "selected": sorted(params),
+        }
         open_folder(folder, config, arg="folder", what="a prefix cache", pattern="*-lengths.npy")
         self._open: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
 
@@ -435,7 +504,9 @@ class _DiskValues:
         if problem is None:
             return True
         if self._path(lo, "lengths").exists():
-            warnings.warn(f"ignoring the prefix cache file {problem}; recomputing its batch", CorruptFileWarning, stacklevel=4)
+            warnings.warn(
+                f"ignoring the prefix cache file {problem}; recomputing its batch", CorruptFileWarning, stacklevel=4
+            )
         return False
 
     def write(self, lo: int, rows: list[dict[str, torch.Tensor]]) -> None:
@@ -455,7 +526,10 @@ class _DiskValues:
                 self._open.clear()
             lengths = np.load(self._path(lo, "lengths"), allow_pickle=False)
             starts = np.concatenate([np.zeros((1, len(self.keys)), dtype=np.int64), np.cumsum(lengths, axis=0)])
-            self._open[lo] = (starts, [np.load(self._path(lo, str(j)), mmap_mode="r", allow_pickle=False) for j in range(len(self.keys))])
+            self._open[lo] = (
+                starts,
+                [np.load(self._path(lo, str(j)), mmap_mode="r", allow_pickle=False) for j in range(len(self.keys))],
+            )
         starts, arrays = self._open[lo]
         out = {}
         for j, key in enumerate(self.keys):

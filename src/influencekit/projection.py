@@ -81,20 +81,31 @@ class Projector:
         rows = min(UNIT, self.n_params - b * UNIT)
         gen.manual_seed(_unit_seed(self.seed, b))
         if self.kind == "gaussian":
-            return torch.randn(rows, self.dim, generator=gen, dtype=dtype, device=device).mul_(1.0 / math.sqrt(self.dim))
+            return torch.randn(rows, self.dim, generator=gen, dtype=dtype, device=device).mul_(
+                1.0 / math.sqrt(self.dim)
+            )
         signs = torch.randint(0, 2, (rows, self.dim), generator=gen, device=device).to(dtype)
         return signs.mul_(2.0 / math.sqrt(self.dim)).sub_(1.0 / math.sqrt(self.dim))
 
-    def matrix(self, start: int = 0, stop: int | None = None, *, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> torch.Tensor:
+    def matrix(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
         """Rows ``start:stop`` of P, ``(stop − start, dim)`` (for inspection and tests; ``project`` never builds P)."""
         stop = self.n_params if stop is None else stop
         if not 0 <= start < stop <= self.n_params:
-            raise InputError(f"`start`/`stop` must satisfy 0 <= start < stop <= n_params = {self.n_params}. Got {start}, {stop}.")
+            raise InputError(
+                f"`start`/`stop` must satisfy 0 <= start < stop <= n_params = {self.n_params}. Got {start}, {stop}."
+            )
         device = torch.device(device)
         gen = torch.Generator(device=device)
         blocks = [self._block(b, dtype, device, gen) for b in range(start // UNIT, (stop - 1) // UNIT + 1)]
         first = (start // UNIT) * UNIT
-        return torch.cat(blocks)[start - first:stop - first]
+        return torch.cat(blocks)[start - first : stop - first]
 
     def project(self, G: torch.Tensor) -> torch.Tensor:
         """φ = G P, ``(B, n_params) -> (B, dim)``, in G's dtype and on its device.
@@ -104,7 +115,9 @@ class Projector:
         the batch size B, which the tests bound at round-off).
         """
         if not isinstance(G, torch.Tensor) or not G.is_floating_point():
-            raise InputTypeError(f"`G` must be a floating-point torch.Tensor of shape (B, {self.n_params}). Got {type(G).__name__}.")
+            raise InputTypeError(
+                f"`G` must be a floating-point torch.Tensor of shape (B, {self.n_params}). Got {type(G).__name__}."
+            )
         if G.ndim != 2 or G.shape[1] != self.n_params:
             raise InputError(f"`G` must have shape (B, n_params={self.n_params}). Got {tuple(G.shape)}.")
         out = torch.zeros(G.shape[0], self.dim, dtype=G.dtype, device=G.device)
@@ -115,5 +128,5 @@ class Projector:
             blocks = [self._block(b, G.dtype, G.device, gen) for b in range(first, min(first + per_step, n_blocks))]
             for j, P in enumerate(blocks):
                 lo = (first + j) * UNIT
-                out.addmm_(G[:, lo:lo + len(P)], P)
+                out.addmm_(G[:, lo : lo + len(P)], P)
         return out

@@ -57,17 +57,20 @@ class InfluenceScores:
         return tuple(self.values.shape)  # type: ignore[return-value]
 
     def predicted_loo_change(self) -> torch.Tensor:
-        """``-I_up,loss / n``: predicted change of each test loss when each training point is removed, ``(n_test, n_train)``."""
+        """``-I_up,loss / n``: predicted change of each test loss when each training point is removed, ``(n_test,
+        n_train)``."""
         return -self.values / self.n_train
 
     def helpful(self, k: int = 10) -> TopK:
-        """The ``k`` most helpful training points per test point (most negative I_up,loss: removing them raises the test loss)."""
+        """The ``k`` most helpful training points per test point (most negative I_up,loss: removing them raises the test
+        loss)."""
         k = check_int("k", k, low=1, high=self.values.shape[1])
         vals, idx = torch.topk(-self.values, k, dim=1)
         return TopK(idx, -vals)
 
     def harmful(self, k: int = 10) -> TopK:
-        """The ``k`` most harmful training points per test point (most positive I_up,loss: removing them lowers the test loss)."""
+        """The ``k`` most harmful training points per test point (most positive I_up,loss: removing them lowers the test
+        loss)."""
         k = check_int("k", k, low=1, high=self.values.shape[1])
         vals, idx = torch.topk(self.values, k, dim=1)
         return TopK(idx, vals)
@@ -127,5 +130,13 @@ class GroupInfluence:
         lowers the test loss, "helpful" when it raises it)."""
         mean = self.mean_change().detach().cpu().double()
         order = torch.argsort(-mean.abs(), stable=True).tolist()
-        return [{"group": self.names[g], "size": self.sizes[g], "fraction": self.sizes[g] / self.n_train,
-                 "mean_change": float(mean[g]), "effect": "harmful" if mean[g] < 0 else "helpful"} for g in order]
+        return [
+            {
+                "group": self.names[g],
+                "size": self.sizes[g],
+                "fraction": self.sizes[g] / self.n_train,
+                "mean_change": float(mean[g]),
+                "effect": "harmful" if mean[g] < 0 else "helpful",
+            }
+            for g in order
+        ]

@@ -66,7 +66,8 @@ class Influence:
 
     Args:
         task: a :class:`~influencekit.task.Task` (model, per-example loss, L2, selected parameters).
-        train: the training data the model was fitted on (tensors, tuples, dicts, Datasets: :class:`~influencekit.data.Examples`).
+        train: the training data the model was fitted on (tensors, tuples, dicts, Datasets:
+        :class:`~influencekit.data.Examples`).
         solver: a name of :data:`~influencekit.solvers.SOLVERS` (``"exact"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
             ``"kfac"``, ``"ekfac"``) or a :class:`~influencekit.solvers.Solver` instance.
         damping: δ ≥ 0 added to the Hessian's diagonal (non-convex models need δ > 0).
@@ -120,24 +121,39 @@ class Influence:
         precision: str = "full",
     ) -> None:
         if not isinstance(task, Task):
-            raise InputTypeError(f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}.")
+            raise InputTypeError(
+                f"`task` must be an influencekit Task (e.g. ik.ClassificationTask(model)). Got {type(task).__name__}."
+            )
         self.config = config = InfluenceConfig.from_arguments(
-            solver=solver, damping=damping, solver_options=solver_options, batch_size=batch_size, memory_budget=memory_budget,
-            stationarity_tol=stationarity_tol, progress=progress, distributed=distributed, gradients=gradients,
-            cache_dir=cache_dir, precision=precision,
+            solver=solver,
+            damping=damping,
+            solver_options=solver_options,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            stationarity_tol=stationarity_tol,
+            progress=progress,
+            distributed=distributed,
+            gradients=gradients,
+            cache_dir=cache_dir,
+            precision=precision,
         )
         config.solver.check_task(task)  # e.g. K-FAC needs a declared likelihood: refused now, not after a data pass
         task = config.solver.covered_task(task)  # e.g. K-FAC leaves out the parameters of layers it does not factor
         self.task, self.train, self.solver = task, train, solver
         task.check_mode()  # dropout / batch norm in training mode: refused now
         self.damping, self.solver_options, self.batch_size = config.damping, config.solver_options, config.batch_size
-        self.memory_budget, self.stationarity_tol, self.progress = config.memory_budget, config.stationarity_tol, config.progress
+        self.memory_budget, self.stationarity_tol, self.progress = (
+            config.memory_budget,
+            config.stationarity_tol,
+            config.progress,
+        )
         self.distributed, self.gradients, self.cache_dir, self.precision = distributed, gradients, cache_dir, precision
         self._engine: FittedEngine | None = None
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(self) -> Influence:
-        """Check the data and θ̂, measure ‖∇R(θ̂)‖, and fit the solver on H + δI (:func:`~influencekit.engine.fit_engine`).
+        """Check the data and θ̂, measure ‖∇R(θ̂)‖, and fit the solver on H + δI
+        (:func:`~influencekit.engine.fit_engine`).
         Returns ``self``; the fitted state is :attr:`engine`."""
         self._engine = fit_engine(self.task, self.train, self.config)
         return self
@@ -173,15 +189,26 @@ class Influence:
         """sha256 of the first ``examples`` examples of ``data`` as the engine sees them (the manifests' data check)."""
         return self.engine.data_fingerprint(data, examples)
 
-    def plan(self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100, query_rank: int | None = None) -> Plan:
-        """Estimated memory and time of ``fit()`` then ``scores(test, query_rank=)`` on ``n_test`` test points, without running them.
+    def plan(
+        self, n_test: int = 0, *, probe_examples: int = 256, cg_iterations: int = 100, query_rank: int | None = None
+    ) -> Plan:
+        """Estimated memory and time of ``fit()`` then ``scores(test, query_rank=)`` on ``n_test`` test points, without
+        running them.
 
         A short timed probe on ``probe_examples`` training examples, extrapolated to the data size; returns a
         :class:`~influencekit.planner.Plan` that prints as a table. Formulas: :mod:`influencekit.planner`.
         """
         solver = make_solver(self.solver, **self.solver_options)  # unfitted: the probe times its fit
-        return plan_influence(self.task, self.train, self.config, solver, n_test, probe_examples=probe_examples,
-                              cg_iterations=cg_iterations, query_rank=query_rank)
+        return plan_influence(
+            self.task,
+            self.train,
+            self.config,
+            solver,
+            n_test,
+            probe_examples=probe_examples,
+            cg_iterations=cg_iterations,
+            query_rank=query_rank,
+        )
 
     def check_fitted(self) -> None:
         """Raise :class:`~influencekit.errors.NotFittedError` unless :meth:`fit` has run."""
@@ -192,17 +219,30 @@ class Influence:
         return self.engine.gradients.methods
 
     # -------------------------------------------------------------------------------------- queries
-    def queries(self, test: DataSource, *, block: int | None = None, skip: Callable[[int], bool] | None = None,
-                query_rank: int | None = None) -> Iterator[tuple[int, torch.Tensor | LowRankQueries, SolveReport]]:
+    def queries(
+        self,
+        test: DataSource,
+        *,
+        block: int | None = None,
+        skip: Callable[[int], bool] | None = None,
+        query_rank: int | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor | LowRankQueries, SolveReport]]:
         """Blocks of preconditioned test gradients: ``(offset, (H + δI)⁻¹∇ℓ(z_test) rows, report)``.
 
         ``block`` test points at a time (default: as the memory budget allows); blocks whose offset ``skip`` accepts are
-        skipped (finished score files). ``query_rank``: :class:`~influencekit.lowrank.LowRankQueries` (:meth:`scores`)."""
+        skipped (finished score files). ``query_rank``: :class:`~influencekit.lowrank.LowRankQueries`
+        (:meth:`scores`)."""
         data = test if isinstance(test, Examples) else Examples(test, name="test")
         return self.engine.queries(data, block=block, skip=skip, query_rank=query_rank)
 
-    def scores(self, test: DataSource, *, folder: str | os.PathLike | None = None, rows_per_file: int | None = None,
-               query_rank: int | None = None) -> InfluenceScores:
+    def scores(
+        self,
+        test: DataSource,
+        *,
+        folder: str | os.PathLike | None = None,
+        rows_per_file: int | None = None,
+        query_rank: int | None = None,
+    ) -> InfluenceScores:
         """I_up,loss for every (test, train) pair, ``(n_test, n_train)``, as an :class:`InfluenceScores`.
 
         One block solve for the test gradients, then one streamed per-example-gradient pass over the
@@ -228,11 +268,15 @@ class Influence:
         store: ScoreFolder | None = None
         if folder is not None:
             store, extra = _open_score_folder(engine, folder, rows_per_file, test_data, out, query_rank)
-        blocks = engine.queries(test_data, block=store.rows if store else None,
-                                skip=store.done.__contains__ if store else None, query_rank=query_rank)
+        blocks = engine.queries(
+            test_data,
+            block=store.rows if store else None,
+            skip=store.done.__contains__ if store else None,
+            query_rank=query_rank,
+        )
         for qlo, Q, report in blocks:
             reports.append(report)
-            out[qlo:qlo + len(Q)] = block = side.score_rows(Q, basis)
+            out[qlo : qlo + len(Q)] = block = side.score_rows(Q, basis)
             extra.update(Q.describe() if query_rank is not None else {})
             if store is not None:
                 store.write(qlo, block)
@@ -248,15 +292,18 @@ class Influence:
         engine = self.engine
         test_data = Examples(test, name="test")
         groups = engine.layout.module_indices()
-        out = torch.empty(len(groups), len(test_data), engine.n_train, dtype=engine.layout.dtype,
-                          device=engine.layout.device)
+        out = torch.empty(
+            len(groups), len(test_data), engine.n_train, dtype=engine.layout.dtype, device=engine.layout.device
+        )
         reports: list[SolveReport] = []
         for qlo, Q, report in engine.queries(test_data):
             reports.append(report)
-            out[:, qlo:qlo + len(Q)] = engine.training_side.group_score_rows(Q, list(groups.values()))
+            out[:, qlo : qlo + len(Q)] = engine.training_side.group_score_rows(Q, list(groups.values()))
             del Q  # one block of queries in memory at a time
         meta = engine.metadata(reports, score_space="parameters")
-        return {name: InfluenceScores(out[j], engine.n_train, {**meta, "module": name}) for j, name in enumerate(groups)}
+        return {
+            name: InfluenceScores(out[j], engine.n_train, {**meta, "module": name}) for j, name in enumerate(groups)
+        }
 
     def top_k(self, test: DataSource, k: int = 10, *, query_rank: int | None = None) -> RankedInfluence:
         """The ``k`` most helpful and most harmful training points per test point, streamed (no full matrix);
@@ -272,7 +319,9 @@ class Influence:
             reports.append(report)
             helpful, harmful = side.top_k(Q, basis, k)
             del Q  # one block of queries in memory at a time
-            for key, part in zip(("hv", "hi", "xv", "xi"), (-helpful.values, helpful.indices, harmful.values, harmful.indices)):
+            for key, part in zip(
+                ("hv", "hi", "xv", "xi"), (-helpful.values, helpful.indices, harmful.values, harmful.indices)
+            ):
                 parts[key].append(part)
         helpful_k = TopK(torch.cat(parts["hi"]), torch.cat(parts["hv"]))
         harmful_k = TopK(torch.cat(parts["xi"]), torch.cat(parts["xv"]))
@@ -314,19 +363,38 @@ class Influence:
         """
         engine = self.engine
         indices = check_indices("train_idx", train_idx, engine.n_train)
-        out, self.perturbation_influence_reports_ = perturbation_scores(engine, Examples(test, name="test"), indices, input)
+        out, self.perturbation_influence_reports_ = perturbation_scores(
+            engine, Examples(test, name="test"), indices, input
+        )
         return out
 
-    def group_influence(self, groups: Any, test: DataSource, *, order: int | str | Sequence[int | str] = 1, newton_tol: float = 1e-6,
-                        newton_max_iter: int = 100) -> GroupInfluence | dict[str, GroupInfluence]:
-        """Predicted change of each test measurement when each group of training points is removed: a :class:`GroupInfluence`
-        ``(n_groups, n_test)``. ``groups``: index arrays, a ``{name: indices}`` dict, an ``(n_groups, n_train)`` bool mask or a
-        label column. ``order``: 1 (Σ_U −I_up,loss/n), 2 (plus the second-order term, Basu et al. 2020), ``"newton"`` (one
-        Newton step without the group, to ``newton_tol``), or a list (a dict by order). Formulas, costs: :mod:`influencekit.groups`."""
+    def group_influence(
+        self,
+        groups: Any,
+        test: DataSource,
+        *,
+        order: int | str | Sequence[int | str] = 1,
+        newton_tol: float = 1e-6,
+        newton_max_iter: int = 100,
+    ) -> GroupInfluence | dict[str, GroupInfluence]:
+        """Predicted change of each test measurement when each group of training points is removed: a
+        :class:`GroupInfluence`
+        ``(n_groups, n_test)``. ``groups``: index arrays, a ``{name: indices}`` dict, an ``(n_groups, n_train)`` bool
+        mask or a
+        label column. ``order``: 1 (Σ_U −I_up,loss/n), 2 (plus the second-order term, Basu et al. 2020), ``"newton"``
+        (one
+        Newton step without the group, to ``newton_tol``), or a list (a dict by order). Formulas, costs:
+        :mod:`influencekit.groups`."""
         engine = self.engine
         orders, (tol, max_iter) = check_orders(order), check_newton(newton_tol, newton_max_iter)
-        out = group_effects(engine, parse_groups(groups, engine.n_train), Examples(test, name="test"), orders,
-                            newton_tol=tol, newton_max_iter=max_iter)
+        out = group_effects(
+            engine,
+            parse_groups(groups, engine.n_train),
+            Examples(test, name="test"),
+            orders,
+            newton_tol=tol,
+            newton_max_iter=max_iter,
+        )
         return out if isinstance(order, (list, tuple)) else out[orders[0]]
 
     def eigenvalue_range(self, *, steps: int = 30, seed: int = 0) -> tuple[float, float]:
@@ -346,17 +414,30 @@ class Influence:
         return self.engine.layout.n
 
 
-def _open_score_folder(engine: FittedEngine, folder: str | os.PathLike, rows_per_file: int | None,
-                       test_data: Examples, out: torch.Tensor, query_rank: int | None
-                       ) -> tuple[ScoreFolder, dict[str, Any]]:
+def _open_score_folder(
+    engine: FittedEngine,
+    folder: str | os.PathLike,
+    rows_per_file: int | None,
+    test_data: Examples,
+    out: torch.Tensor,
+    query_rank: int | None,
+) -> tuple[ScoreFolder, dict[str, Any]]:
     """:meth:`Influence.scores`' folder: opened (or refused), its finished blocks read into ``out``."""
     if query_rank is not None:
-        raise InputError("`folder` and `query_rank` cannot be combined yet: the score folder keeps exact scores. Drop one.")
+        raise InputError(
+            "`folder` and `query_rank` cannot be combined yet: the score folder keeps exact scores. Drop one."
+        )
     rows = engine.chunks.queries if rows_per_file is None else check_int("rows_per_file", rows_per_file, low=1)
-    store = ScoreFolder(folder, engine.provenance, n_test=len(test_data), rows=rows, shard=engine.shard,
-                        train_fingerprint=engine.data_fingerprint(engine.train),
-                        test_fingerprint=engine.data_fingerprint(test_data) if len(test_data) else "")
+    store = ScoreFolder(
+        folder,
+        engine.provenance,
+        n_test=len(test_data),
+        rows=rows,
+        shard=engine.shard,
+        train_fingerprint=engine.data_fingerprint(engine.train),
+        test_fingerprint=engine.data_fingerprint(test_data) if len(test_data) else "",
+    )
     for lo in store.done:
         block = store.read(lo)
-        out[lo:lo + len(block)] = block.to(out.device)
+        out[lo : lo + len(block)] = block.to(out.device)
     return store, {"score_folder": str(folder), "score_files_reused": len(store.done)}

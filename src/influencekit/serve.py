@@ -1,4 +1,5 @@
-"""`influencekit serve`: the influence explorer, a local web application over an :class:`~influencekit.index.InfluenceIndex`.
+"""`influencekit serve`: the influence explorer, a local web application over an
+:class:`~influencekit.index.InfluenceIndex`.
 
 A FastAPI application (:func:`create_app`; run by uvicorn, :func:`serve`) with a JSON API, documented by its
 OpenAPI schema at ``/docs`` and ``/openapi.json``:
@@ -78,7 +79,10 @@ class _Explorer:
         if split not in n:
             raise _HTTPError(404, f"unknown split {split!r}: use 'train' or 'test'")
         if not 0 <= i < n[split]:
-            raise _HTTPError(404, f"{split} example {i} does not exist: the index has {n[split]} {split} examples (0..{n[split] - 1})")
+            raise _HTTPError(
+                404,
+                f"{split} example {i} does not exist: the index has {n[split]} {split} examples (0..{n[split] - 1})",
+            )
 
     def describe(self, split: str, i: int) -> dict[str, Any]:
         index = self.index
@@ -99,12 +103,22 @@ class _Explorer:
     def info(self) -> dict[str, Any]:
         config = self.index.config
         return {
-            "n_train": self.n["train"], "n_test": self.n["test"], "solver": self.solver, "solver_settings": config.get("solver"),
-            "damping": config.get("damping"), "task": config.get("task"), "space": config["space"], "width": config["width"],
-            "max_k": min(MAX_K, self.n["train"]), "display": {s: self.index.display_meta(s) for s in ("train", "test")},
-            "input": "text" if self.index.encoder is not None else "numbers", "image_input": self.image_input,
-            "convention": ("I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example "
-                           "lowers the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."),
+            "n_train": self.n["train"],
+            "n_test": self.n["test"],
+            "solver": self.solver,
+            "solver_settings": config.get("solver"),
+            "damping": config.get("damping"),
+            "task": config.get("task"),
+            "space": config["space"],
+            "width": config["width"],
+            "max_k": min(MAX_K, self.n["train"]),
+            "display": {s: self.index.display_meta(s) for s in ("train", "test")},
+            "input": "text" if self.index.encoder is not None else "numbers",
+            "image_input": self.image_input,
+            "convention": (
+                "I_up,loss: the change of the test loss per unit of upweighting; > 0 harmful (removing the example "
+                "lowers the test loss), < 0 helpful. LOO change = −I_up,loss / n_train."
+            ),
         }
 
     def self_influence(self, k: int) -> dict[str, Any]:
@@ -112,11 +126,22 @@ class _Explorer:
         order = self.index.self_influence().argsort()[::-1][:k]
         return {"k": k, "examples": [self.describe("train", int(i)) for i in order]}
 
-    def explain(self, split: str | None, i: int | None, values: list[Any] | str | None, label: int | None, k: int,
-                query_rank: int | None = None) -> dict[str, Any]:
+    def explain(
+        self,
+        split: str | None,
+        i: int | None,
+        values: list[Any] | str | None,
+        label: int | None,
+        k: int,
+        query_rank: int | None = None,
+    ) -> dict[str, Any]:
         index, n = self.index, self.n
         if (values is None) == (i is None):
-            raise _HTTPError(422, "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not both or neither")
+            raise _HTTPError(
+                422,
+                "give either a stored example ({'split': 'test', 'index': i}) or a new one ({'input': [...]}), not "
+                "both or neither",
+            )
         if k > n["train"]:
             raise _HTTPError(422, f"k={k} is above the number of training examples ({n['train']})")
         start = time.perf_counter()
@@ -129,15 +154,23 @@ class _Explorer:
                 split = split or "test"
                 self.checked(split, i)
                 engine = index.engine
-                ranked = index.explain_test([i], k=k, query_rank=query_rank) if split == "test" else index.explain(
-                    take(engine.train, [i], dtype=engine.layout.dtype, device=engine.layout.device), k=k,
-                    query_rank=query_rank)
+                ranked = (
+                    index.explain_test([i], k=k, query_rank=query_rank)
+                    if split == "test"
+                    else index.explain(
+                        take(engine.train, [i], dtype=engine.layout.dtype, device=engine.layout.device),
+                        k=k,
+                        query_rank=query_rank,
+                    )
+                )
                 query = self.describe(split, i)
         lists = {}
         for part in ("helpful", "harmful"):
             top = getattr(ranked, part)
-            lists[part] = [{**self.describe("train", int(j)), "score": float(v), "loo_change": -float(v) / n["train"]}
-                           for j, v in zip(top.indices[0].tolist(), top.values[0].tolist())]
+            lists[part] = [
+                {**self.describe("train", int(j)), "score": float(v), "loo_change": -float(v) / n["train"]}
+                for j, v in zip(top.indices[0].tolist(), top.values[0].tolist())
+            ]
         return {"query": query, **lists, "seconds": time.perf_counter() - start}
 
 
@@ -155,24 +188,38 @@ def create_app(index: InfluenceIndex) -> Any:
     from fastapi.responses import HTMLResponse, JSONResponse
     from pydantic import BaseModel, ConfigDict, Field
 
-    app = fastapi.FastAPI(title="influencekit explorer", version="1",
-                          description="Which training examples made the model predict this? Influence functions over a stored index.")
+    app = fastapi.FastAPI(
+        title="influencekit explorer",
+        version="1",
+        description="Which training examples made the model predict this? Influence functions over a stored index.",
+    )
     explorer = _Explorer(index)
 
     class ExplainRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         split: Literal["test", "train"] | None = Field(None, description="the split of a stored example to explain")
         index: int | None = Field(None, ge=0, description="its position in that split")
-        input: list[Any] | str | None = Field(None, description="a new example: numbers shaped like one stored test input, "
-                                              "or a text where the index has an encoder (GET /api/info: input)")
+        input: list[Any] | str | None = Field(
+            None,
+            description="a new example: numbers shaped like one stored test input, "
+            "or a text where the index has an encoder (GET /api/info: input)",
+        )
         label: int | None = Field(None, ge=0, description="the new example's label (default: the model's prediction)")
         k: int = Field(10, ge=1, le=MAX_K, description=f"helpful and harmful examples returned (1..{MAX_K})")
-        query_rank: int | None = Field(None, ge=1, le=MAX_QUERY_RANK, description="on an index with factored rows (GET /api/info: "
-                                       "space 'factored'): score with the query's rank-r factors per layer, faster and approximate")
+        query_rank: int | None = Field(
+            None,
+            ge=1,
+            le=MAX_QUERY_RANK,
+            description="on an index with factored rows (GET /api/info: "
+            "space 'factored'): score with the query's rank-r factors per layer, faster and approximate",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Any, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+            for e in exc.errors()
+        )
         return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
 
     @app.exception_handler(_HTTPError)
@@ -206,7 +253,9 @@ def create_app(index: InfluenceIndex) -> Any:
 
     @app.post("/api/explain")
     def explain(request: ExplainRequest) -> dict[str, Any]:
-        return explorer.explain(request.split, request.index, request.input, request.label, request.k, request.query_rank)
+        return explorer.explain(
+            request.split, request.index, request.input, request.label, request.k, request.query_rank
+        )
 
     return app
 

@@ -1,4 +1,5 @@
-"""Exact influence for a fitted scikit-learn ``LogisticRegression``, ``Ridge`` or ``LinearSVC``, without a PyTorch model.
+"""Exact influence for a fitted scikit-learn ``LogisticRegression``, ``Ridge`` or ``LinearSVC``, without a PyTorch
+model.
 
 ``Ridge`` minimises ``Σ_i (y_i − wᵀx_i − b)² + α‖w‖²``: divided by n that is the mean squared error plus
 (λ/2)‖w‖² with λ = 2α/n (intercept unpenalised). ``LinearSVC`` (liblinear, binary) minimises
@@ -131,7 +132,9 @@ def _from_ridge(estimator: Any, X: Any, y: Any, dtype: torch.dtype) -> tuple[Any
     _fitted(estimator)
     coef = np.atleast_2d(np.asarray(estimator.coef_, dtype=np.float64))
     if coef.shape[0] != 1:
-        raise UnsupportedError(f"`estimator` must be a single-output Ridge. Got {coef.shape[0]} outputs; fit one Ridge per output.")
+        raise UnsupportedError(
+            f"`estimator` must be a single-output Ridge. Got {coef.shape[0]} outputs; fit one Ridge per output."
+        )
     if np.ndim(estimator.alpha) != 0:
         raise UnsupportedError("`estimator` must have one scalar `alpha`.")
     X = _features(X, coef.shape[1], dtype)
@@ -148,7 +151,9 @@ def _from_ridge(estimator: Any, X: Any, y: Any, dtype: torch.dtype) -> tuple[Any
     return task, (X, target)
 
 
-def _from_linear_svc(estimator: Any, X: Any, y: Any, dtype: torch.dtype, temperature: float, polish: bool) -> tuple[Any, Any]:
+def _from_linear_svc(
+    estimator: Any, X: Any, y: Any, dtype: torch.dtype, temperature: float, polish: bool
+) -> tuple[Any, Any]:
     _fitted(estimator)
     coef = np.asarray(estimator.coef_, dtype=np.float64)
     params = estimator.get_params()
@@ -228,7 +233,8 @@ def sklearn_labels(estimator: Any, y: Any) -> torch.Tensor:
     unknown = classes[pos] != y
     if unknown.any():
         raise InputError(
-            f"`y` must hold labels the estimator was fitted on ({classes.tolist()[:10]}). Got {y[unknown][:5].tolist()}."
+            f"`y` must hold labels the estimator was fitted on ({classes.tolist()[:10]}). Got "
+            f"{y[unknown][:5].tolist()}."
         )
     return torch.as_tensor(pos, dtype=torch.long)
 
@@ -297,7 +303,9 @@ def from_sklearn(
         raise InputTypeError(f"`dtype` must be a floating torch dtype. Got {dtype!r}.")
     n = len(labels)
     l2 = 1.0 / (C * n) if penalised and not np.isinf(C) else 0.0
-    model = _SklearnLinear(coef, np.asarray(estimator.intercept_), fit_intercept=bool(estimator.fit_intercept), dtype=dtype)
+    model = _SklearnLinear(
+        coef, np.asarray(estimator.intercept_), fit_intercept=bool(estimator.fit_intercept), dtype=dtype
+    )
     task = _WeightPenalisedClassification(model, l2_weights=l2, source=f"sklearn LogisticRegression(C={C:g})")
     train = (X, labels)
     if polish:

@@ -156,8 +156,9 @@ def power_iteration(
     return value
 
 
-def randomized_svd(M: torch.Tensor, rank: int, *, oversample: int = 8, iterations: int = 2, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def randomized_svd(
+    M: torch.Tensor, rank: int, *, oversample: int = 8, iterations: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The leading ``rank`` singular triplets of each matrix of a batch ``M (b, m, n)``: ``U (b, m, r)``,
     ``s (b, r)``, ``V (b, n, r)`` with r = min(rank, m, n), so that ``M ≈ U diag(s) Vᵀ``.
 

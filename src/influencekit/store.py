@@ -53,12 +53,14 @@ CURVATURE = "curvature.npy"
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as .npy with its checksum (:func:`~influencekit.folders.save_array`; a hook the resumption tests interrupt)."""
+    """Write ``array`` as .npy with its checksum (:func:`~influencekit.folders.save_array`; a hook the resumption tests
+    interrupt)."""
     checked_save(path, array)
 
 
-def load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype, verified: dict[Path, tuple[int, int]] | None = None
-               ) -> np.ndarray | None:
+def load_array(
+    path: Path, shape: tuple[int, ...], dtype: np.dtype, verified: dict[Path, tuple[int, int]] | None = None
+) -> np.ndarray | None:
     """The array at ``path`` memory-mapped, or None when it is missing or fails a check (checksum, shape, dtype,
     finiteness: a :class:`~influencekit.errors.CorruptFileWarning` names the file and what is wrong). ``verified``
     remembers files already checked, by modification time and size, so a scoring pass reads each chunk once."""
@@ -69,7 +71,11 @@ def load_array(path: Path, shape: tuple[int, ...], dtype: np.dtype, verified: di
         return np.load(path, mmap_mode="r", allow_pickle=False)
     array, problem = checked_load(path, shape, dtype, mmap=True)
     if problem is not None:
-        warnings.warn(f"ignoring the gradient store file {problem}; it is recomputed (GradientStore.build)", CorruptFileWarning, stacklevel=3)
+        warnings.warn(
+            f"ignoring the gradient store file {problem}; it is recomputed (GradientStore.build)",
+            CorruptFileWarning,
+            stacklevel=3,
+        )
         return None
     if verified is not None:
         verified[path] = (stat.st_mtime_ns, stat.st_size)
@@ -90,7 +96,15 @@ class GradientStore:
         store.top_k(test, k=10).harmful.indices
     """
 
-    def __init__(self, influence: Influence, folder: Path, config: dict[str, Any], projector: Projector, damping: float, chunk: int) -> None:
+    def __init__(
+        self,
+        influence: Influence,
+        folder: Path,
+        config: dict[str, Any],
+        projector: Projector,
+        damping: float,
+        chunk: int,
+    ) -> None:
         # use build(): this only holds what build checked
         self.influence = influence
         self.engine = engine = influence.engine
@@ -138,19 +152,30 @@ class GradientStore:
         not detected).
         """
         if not isinstance(influence, Influence):
-            raise InputTypeError(f"`influence` must be a fitted influencekit Influence. Got {type(influence).__name__}.")
+            raise InputTypeError(
+                f"`influence` must be a fitted influencekit Influence. Got {type(influence).__name__}."
+            )
         engine = influence.engine  # NotFittedError before fit()
         layout = engine.layout
         chunk = check_int("chunk", chunk, low=1)
         projector = Projector(layout.n, dim, kind=kind, seed=seed, chunk=projection_chunk)
         # λ + δ of the influence's operator: the empirical Fisher replaces ∇²ℓ, the L2 term and the damping stay
         damping = engine.operator.shift if damping is None else check_number("damping", damping, low=0.0)
-        config = json.loads(json.dumps(engine.provenance.manifest(
-            "influencekit gradient store", ("n_train", "n_params", "dtype"),
-            **projector.describe(), damping=damping, chunk=chunk, task=engine.provenance.task,
-            theta_fingerprint=engine.provenance.theta_fingerprint,
-            data_fingerprint=engine.data_fingerprint(engine.train, chunk),
-        ), default=str))
+        config = json.loads(
+            json.dumps(
+                engine.provenance.manifest(
+                    "influencekit gradient store",
+                    ("n_train", "n_params", "dtype"),
+                    **projector.describe(),
+                    damping=damping,
+                    chunk=chunk,
+                    task=engine.provenance.task,
+                    theta_fingerprint=engine.provenance.theta_fingerprint,
+                    data_fingerprint=engine.data_fingerprint(engine.train, chunk),
+                ),
+                default=str,
+            )
+        )
         folder = Path(folder)
         shard = engine.shard
 
@@ -185,20 +210,28 @@ class GradientStore:
         mine = [lo for c, lo in enumerate(self._chunks()) if c % world == rank]
         curvature_missing = load_array(self.folder / CURVATURE, (self.dim, self.dim), np.dtype(np.float64)) is None
         # ranks that saw different files would enter different collectives
-        shard.check_same("the gradient store's files (the folder must be on a filesystem every rank shares)",
-                         {"curvature_missing": curvature_missing})
+        shard.check_same(
+            "the gradient store's files (the folder must be on a filesystem every rank shares)",
+            {"curvature_missing": curvature_missing},
+        )
 
         def write_mine() -> torch.Tensor | None:
             total = torch.zeros(self.dim, self.dim, dtype=torch.float64) if curvature_missing else None
-            bar = progress_bar(total=sum(min(self.chunk, self.n_train - lo) for lo in mine), desc="projected gradients",
-                               enabled=progress and rank == 0)
+            bar = progress_bar(
+                total=sum(min(self.chunk, self.n_train - lo) for lo in mine),
+                desc="projected gradients",
+                enabled=progress and rank == 0,
+            )
             try:
                 for lo in mine:
                     hi = min(lo + self.chunk, self.n_train)
                     path = self._path("grads", lo)
                     array = load_array(path, (hi - lo, self.dim), self._np_dtype)
                     if array is None:
-                        rows = [self.projector.project(G) for _, G in engine.gradients.stream(engine.train, side="train", start=lo, stop=hi)]
+                        rows = [
+                            self.projector.project(G)
+                            for _, G in engine.gradients.stream(engine.train, side="train", start=lo, stop=hi)
+                        ]
                         array = torch.cat(rows).cpu().numpy()
                         save_array(path, array)
                     if total is not None:
@@ -216,19 +249,26 @@ class GradientStore:
 
     # ------------------------------------------------------------------------------------- reading
     def gradients(self) -> Any:
-        """Yield ``(offset, Φ rows)`` chunk by chunk: projected training gradients, ``(rows, dim)`` tensors on the CPU."""
+        """Yield ``(offset, Φ rows)`` chunk by chunk: projected training gradients, ``(rows, dim)`` tensors on the
+        CPU."""
         for lo in self._chunks():
             hi = min(lo + self.chunk, self.n_train)
             array = load_array(self._path("grads", lo), (hi - lo, self.dim), self._np_dtype, self._verified)
             if array is None:
-                raise InputError(f"the gradient store {str(self.folder)!r} lacks its chunk at rows {lo}:{hi}; rerun GradientStore.build to complete it.")
+                raise InputError(
+                    f"the gradient store {str(self.folder)!r} lacks its chunk at rows {lo}:{hi}; rerun "
+                    "GradientStore.build to complete it."
+                )
             yield lo, torch.from_numpy(np.array(array))
 
     def _cholesky(self) -> torch.Tensor:
         if self._factor is None:
             stored = load_array(self.folder / CURVATURE, (self.dim, self.dim), np.dtype(np.float64))
             if stored is None:
-                raise InputError(f"the gradient store {str(self.folder)!r} lacks a valid {CURVATURE}; rerun GradientStore.build to complete it.")
+                raise InputError(
+                    f"the gradient store {str(self.folder)!r} lacks a valid {CURVATURE}; rerun GradientStore.build to "
+                    "complete it."
+                )
             ptp = torch.from_numpy(np.array(stored))
             C = ptp / self.n_train + self.damping * torch.eye(self.dim, dtype=torch.float64)
             L, info = torch.linalg.cholesky_ex(C)
@@ -245,14 +285,20 @@ class GradientStore:
         preconditioned queries that every score of this store is the product of (with −Φ rows)."""
         engine = self.engine
         data = test if isinstance(test, Examples) else Examples(test, name="test")
-        phi = torch.cat([self.projector.project(G) for _, G in engine.gradients.stream(data, side="test", desc="test gradients")])
+        phi = torch.cat(
+            [self.projector.project(G) for _, G in engine.gradients.stream(data, side="test", desc="test gradients")]
+        )
         return data, torch.cholesky_solve(phi.double().cpu().T, self._cholesky()).T
 
     def _metadata(self, **extra: Any) -> dict[str, Any]:
         return self.engine.provenance.result_metadata(
-            "I_up,loss with projected empirical-Fisher curvature (TRAK-style)", ("task", "dtype"),
+            "I_up,loss with projected empirical-Fisher curvature (TRAK-style)",
+            ("task", "dtype"),
             curvature="C = Phi^T Phi / n + damping*I in the projected space, Phi = P^T grad L(z_i)",
-            **self.projector.describe(), damping=self.damping, store=str(self.folder), **extra,
+            **self.projector.describe(),
+            damping=self.damping,
+            store=str(self.folder),
+            **extra,
         )
 
     # ---------------------------------------------------------------------------------- public API
@@ -261,7 +307,7 @@ class GradientStore:
         data, Q = self.queries(test)
         out = torch.empty(len(data), self.n_train, dtype=torch.float64)
         for lo, Phi in self.gradients():
-            out[:, lo:lo + len(Phi)] = -(Q @ Phi.double().T)
+            out[:, lo : lo + len(Phi)] = -(Q @ Phi.double().T)
         layout = self.engine.layout
         return InfluenceScores(out.to(dtype=layout.dtype, device=layout.device), self.n_train, self._metadata())
 
@@ -275,8 +321,12 @@ class GradientStore:
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=layout.device, dtype=layout.dtype if t.is_floating_point() else t.dtype)
 
-        return RankedInfluence(TopK(move(helpful.indices), move(-helpful.values)), TopK(move(harmful.indices), move(harmful.values)),
-                               self.n_train, self._metadata(k=k))
+        return RankedInfluence(
+            TopK(move(helpful.indices), move(-helpful.values)),
+            TopK(move(harmful.indices), move(harmful.values)),
+            self.n_train,
+            self._metadata(k=k),
+        )
 
     def self_influence(self, *, progress: bool = False) -> torch.Tensor:
         """φ(z)ᵀC⁻¹φ(z) for every training point, ``(n_train,)``; written chunk by chunk (resumable)."""
@@ -291,7 +341,7 @@ class GradientStore:
                     Phi = Phi.double()
                     values = (torch.cholesky_solve(Phi.T, L).T * Phi).sum(1).numpy()
                     save_array(path, values)
-                out[lo:lo + len(Phi)] = torch.from_numpy(np.array(values))
+                out[lo : lo + len(Phi)] = torch.from_numpy(np.array(values))
                 bar.update(len(Phi))
         finally:
             bar.close()

@@ -45,7 +45,9 @@ def _matches(name: str, wanted: str) -> bool:
     (``*`` also crosses dots: ``"encoder.layer.5.*"``, ``"*.attention.*.query"``), as a parameter or a module."""
     if name == wanted or name.startswith(wanted + "."):
         return True
-    return any(c in wanted for c in "*?[") and (fnmatch.fnmatchcase(name, wanted) or fnmatch.fnmatchcase(name, wanted + ".*"))
+    return any(c in wanted for c in "*?[") and (
+        fnmatch.fnmatchcase(name, wanted) or fnmatch.fnmatchcase(name, wanted + ".*")
+    )
 
 
 def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
@@ -80,30 +82,44 @@ def _select(model: nn.Module, selector: ParamSelector) -> tuple[str, ...]:
             chosen.extend(h for h in hits if h not in chosen)
         names = tuple(n for n in all_names if n in chosen)
     if not names:
-        raise InputError("`params` selects no parameter of the model. Got an empty selection; name at least one parameter or module.")
+        raise InputError(
+            "`params` selects no parameter of the model. Got an empty selection; name at least one parameter or module."
+        )
     return names
 
 
 def _describe_inputs(batch: Batch) -> str:
-    leaves = batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
-    return ", ".join(f"[{k!r}] shape {tuple(v.shape[1:])} {str(v.dtype).removeprefix('torch.')}" for k, v in leaves
-                     if isinstance(v, torch.Tensor))
+    leaves = (
+        batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (tuple, list)) else [batch])
+    )
+    return ", ".join(
+        f"[{k!r}] shape {tuple(v.shape[1:])} {str(v.dtype).removeprefix('torch.')}"
+        for k, v in leaves
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def forward_error(model: nn.Module, batch: Batch, name: str, exc: Exception) -> InputError:
     """An InputError for a model that cannot take ``batch``: the examples' shapes and dtypes (per example), what the
     model's first layer expects, and the fix for integer inputs to a floating model."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None)
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))), None
+    )
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     expects = ""
     if isinstance(first, nn.Linear):
         expects = f" The model's first layer {first!r} expects {first.in_features} features per example, in {dtype}."
     elif isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        expects = f" The model's first layer {type(first).__name__} expects {first.in_channels} input channels, in {dtype}."
+        expects = (
+            f" The model's first layer {type(first).__name__} expects {first.in_channels} input channels, in {dtype}."
+        )
     elif isinstance(first, nn.Embedding):
         expects = f" The model's first layer {first!r} expects integer token ids below {first.num_embeddings}."
-    tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch])
-               if isinstance(v, torch.Tensor)]
+    tensors = [
+        v
+        for v in (batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch])
+        if isinstance(v, torch.Tensor)
+    ]
     fix = ""
     if tensors and not tensors[0].is_floating_point() and not isinstance(first, nn.Embedding) and dtype is not None:
         fix = f" The inputs are integers: convert them, e.g. X.to({dtype})."
@@ -155,7 +171,9 @@ class Task:
         they do not factor). The model and every other setting are shared."""
         unknown = [n for n in names if n not in self.param_names]
         if unknown or not names:
-            raise InputError(f"restricted() takes a non-empty subset of the selected parameters. Got {list(names)[:5]}.")
+            raise InputError(
+                f"restricted() takes a non-empty subset of the selected parameters. Got {list(names)[:5]}."
+            )
         narrowed = copy.copy(self)
         narrowed.param_names = tuple(n for n in self.param_names if n in set(names))
         narrowed.excluded_params = self.excluded_params + tuple(n for n in self.param_names if n not in set(names))
@@ -229,7 +247,8 @@ class Task:
         return None
 
     def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """:meth:`loss` given this batch's :meth:`outputs` (computed once, e.g. by K-FAC's passes, which draw labels from
+        """:meth:`loss` given this batch's :meth:`outputs` (computed once, e.g. by K-FAC's passes, which draw labels
+        from
         the outputs of the same forward pass they back-propagate). Only where :meth:`has_loss_from_outputs`."""
         raise NotImplementedError(f"{type(self).__name__} computes its loss only from the parameters (loss()).")
 
@@ -247,12 +266,17 @@ class Task:
         """Refuse a model whose dropout or batch-norm layers are in training mode: its loss would be random or depend on
         the batch, and every influence computed from it a different wrong number. Checked when Influence is built."""
         stochastic = (nn.Dropout, nn.modules.batchnorm._BatchNorm)
-        active = [f"{type(m).__name__} {name!r}" if name else type(m).__name__
-                  for name, m in self.model.named_modules() if isinstance(m, stochastic) and m.training]
+        active = [
+            f"{type(m).__name__} {name!r}" if name else type(m).__name__
+            for name, m in self.model.named_modules()
+            if isinstance(m, stochastic) and m.training
+        ]
         if active:
             raise InputError(
-                f"the model's {', '.join(active[:3])}{' ...' if len(active) > 3 else ''} {'is' if len(active) == 1 else 'are'} in "
-                "training mode (dropout or batch norm), so its loss is random or depends on the batch; call model.eval() "
+                f"the model's {', '.join(active[:3])}{' ...' if len(active) > 3 else ''} "
+                f"{'is' if len(active) == 1 else 'are'} in "
+                "training mode (dropout or batch norm), so its loss is random or depends on the batch; call "
+                "model.eval() "
                 "before building the Influence."
             )
 
@@ -315,7 +339,8 @@ class _SupervisedTask(Task):
 
     @property
     def fisher(self) -> str | None:  # type: ignore[override]
-        """The likelihood of :class:`ClassificationTask`/:class:`RegressionTask`, unless a subclass redefines the loss."""
+        """The likelihood of :class:`ClassificationTask`/:class:`RegressionTask`, unless a subclass redefines the
+        loss."""
         for cls, kind in ((ClassificationTask, "classification"), (RegressionTask, "regression")):
             if isinstance(self, cls) and type(self).loss is cls.loss:
                 return kind
@@ -373,7 +398,9 @@ class ClassificationTask(_SupervisedTask):
     def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         logits, target = outputs, self.labels(batch)
         if not isinstance(logits, torch.Tensor):
-            raise InputTypeError(f"the model must return a logits tensor for ClassificationTask. Got {type(logits).__name__}.")
+            raise InputTypeError(
+                f"the model must return a logits tensor for ClassificationTask. Got {type(logits).__name__}."
+            )
         if logits.dim() == 2 and logits.shape[1] > 1:
             if target.is_floating_point() or target.is_complex():
                 raise InputError(
@@ -450,7 +477,9 @@ class SmoothHingeTask(_SupervisedTask):
         super().__init__(model, l2=l2, params=params, input_key=input_key, target_key=target_key)
         self.temperature = check_number("temperature", temperature, low=0.0)
         self.measurement_temperature = (
-            self.temperature if measurement_temperature is None else check_number("measurement_temperature", measurement_temperature, low=0.0)
+            self.temperature
+            if measurement_temperature is None
+            else check_number("measurement_temperature", measurement_temperature, low=0.0)
         )
 
     def check_batch(self, batch: Batch, name: str, offset: int) -> None:
@@ -467,7 +496,9 @@ class SmoothHingeTask(_SupervisedTask):
         if out.dim() == 2 and out.shape[1] == 1:
             out = out[:, 0]
         if out.dim() != 1:
-            raise InputError(f"SmoothHingeTask needs one output per example, shape (B,) or (B, 1). Got {tuple(out.shape)}.")
+            raise InputError(
+                f"SmoothHingeTask needs one output per example, shape (B,) or (B, 1). Got {tuple(out.shape)}."
+            )
         return (2.0 * target.to(out.dtype) - 1.0) * out
 
     def loss(self, params: Params, batch: Batch) -> torch.Tensor:
@@ -477,4 +508,8 @@ class SmoothHingeTask(_SupervisedTask):
         return smooth_hinge(self.margins(params, batch), self.measurement_temperature)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "temperature": self.temperature, "measurement_temperature": self.measurement_temperature}
+        return {
+            **super().describe(),
+            "temperature": self.temperature,
+            "measurement_temperature": self.measurement_temperature,
+        }

@@ -51,8 +51,9 @@ class StreamingTopK:
         return out
 
 
-def helpful_and_harmful(Q: torch.Tensor, blocks: Iterable[tuple[int, Rows]], k: int,
-                        product: Callable[[torch.Tensor, Rows], torch.Tensor]) -> tuple[StreamingTopK, StreamingTopK]:
+def helpful_and_harmful(
+    Q: torch.Tensor, blocks: Iterable[tuple[int, Rows]], k: int, product: Callable[[torch.Tensor, Rows], torch.Tensor]
+) -> tuple[StreamingTopK, StreamingTopK]:
     """The ``k`` most negative (helpful, kept as the top-k of −S) and most positive (harmful) scores per query, over
     ``blocks`` ``(first column, rows)`` whose scores are ``S = product(Q, rows)``."""
     helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)

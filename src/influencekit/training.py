@@ -38,7 +38,12 @@ class TrainReport:
 
 
 def objective_and_grad(
-    task: Task, params: dict[str, torch.Tensor], data: Examples, layout: ParamLayout, weights: torch.Tensor | None, batch_size: int
+    task: Task,
+    params: dict[str, torch.Tensor],
+    data: Examples,
+    layout: ParamLayout,
+    weights: torch.Tensor | None,
+    batch_size: int,
 ) -> tuple[float, torch.Tensor]:
     """R_w(θ) = Σᵢ wᵢ L(zᵢ, θ) / Σᵢ wᵢ + (l2/2)‖θ‖² and its flat gradient at ``params``, streamed over ``data``.
 
@@ -48,7 +53,7 @@ def objective_and_grad(
     grad = torch.zeros(layout.n, dtype=layout.dtype, device=layout.device)
     value = 0.0
     for lo, batch in stream(data, batch_size, dtype=layout.dtype, device=layout.device, check=task.check_batch):
-        w = None if weights is None else weights[lo:lo + batch_size].to(layout.device, layout.dtype)
+        w = None if weights is None else weights[lo : lo + batch_size].to(layout.device, layout.dtype)
         g, losses = batch_grad_sum(task.loss, params, batch, layout, w)
         grad += g
         value += float(losses.sum() if w is None else (w * losses).sum())
@@ -67,9 +72,15 @@ def _start_point(task: Task) -> tuple[dict[str, torch.nn.Parameter], dict[str, t
 def _checked_weights(weights: Any, n: int) -> torch.Tensor:
     """``weights`` as a tensor, refused unless finite, non-negative, of shape ``(n,)`` and with a positive sum."""
     weights = torch.as_tensor(weights)
-    if weights.shape != (n,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+    if (
+        weights.shape != (n,)
+        or not bool(torch.isfinite(weights).all())
+        or bool((weights < 0).any())
+        or float(weights.sum()) <= 0
+    ):
         raise InputError(
-            f"`weights` must be a finite, non-negative tensor of shape ({n},) with a positive sum. Got shape {tuple(weights.shape)}."
+            f"`weights` must be a finite, non-negative tensor of shape ({n},) with a positive sum. Got shape "
+            f"{tuple(weights.shape)}."
         )
     return weights
 
@@ -137,7 +148,8 @@ def fit_lbfgs(
     report = TrainReport(objective.grad_norm, objective.value, int(iterations), objective.grad_norm <= tol)
     if warn and not report.converged:
         warnings.warn(
-            f"L-BFGS stopped with ||grad R|| = {report.grad_norm:.3g} > tol={tol:g} after {report.iterations} iterations; "
+            f"L-BFGS stopped with ||grad R|| = {report.grad_norm:.3g} > tol={tol:g} after {report.iterations} "
+            "iterations; "
             "raise `max_iter`, compute in float64, or raise `tol`.",
             ConvergenceWarning,
             stacklevel=2,
@@ -153,7 +165,13 @@ class _Objective:
     """
 
     def __init__(
-        self, task: Task, data: Examples, layout: ParamLayout, weights: torch.Tensor | None, batch_size: int, theta: torch.Tensor
+        self,
+        task: Task,
+        data: Examples,
+        layout: ParamLayout,
+        weights: torch.Tensor | None,
+        batch_size: int,
+        theta: torch.Tensor,
     ) -> None:
         self.task = task
         self.data = data
@@ -169,7 +187,9 @@ class _Objective:
         current = self.layout.unflatten(self.theta.detach())
         value, grad = objective_and_grad(self.task, current, self.data, self.layout, self.weights, self.batch_size)
         if not bool(torch.isfinite(grad).all()) or not math.isfinite(value):
-            raise NumericalError("the training objective or its gradient is not finite during L-BFGS; check the data and the model.")
+            raise NumericalError(
+                "the training objective or its gradient is not finite during L-BFGS; check the data and the model."
+            )
         self.theta.grad = grad
         self.value, self.grad_norm, self.evals = value, float(grad.norm()), self.evals + 1
         return torch.tensor(value, dtype=self.layout.dtype)
@@ -202,14 +222,22 @@ def _chord_newton_steps(objective: _Objective, curvature: Solver, *, tol: float,
 
 
 def _lbfgs_restarts(objective: _Objective, *, tol: float, max_iter: int, iterations: int) -> int:
-    """L-BFGS until ‖∇R‖ ≤ tol or the budget ``max_iter`` is spent; return the iteration count, ``iterations`` included."""
+    """L-BFGS until ‖∇R‖ ≤ tol or the budget ``max_iter`` is spent; return the iteration count, ``iterations``
+    included."""
     theta = objective.theta
-    for _ in range(20 if objective.grad_norm > tol else 0):  # L-BFGS stops early when its line search stalls; restart from where it stopped
+    for _ in range(
+        20 if objective.grad_norm > tol else 0
+    ):  # L-BFGS stops early when its line search stalls; restart from where it stopped
         if iterations >= max_iter:
             break
         optimizer = torch.optim.LBFGS(
-            [theta], lr=1.0, max_iter=max_iter - iterations, tolerance_grad=tol / 10, tolerance_change=0.0,
-            history_size=50, line_search_fn="strong_wolfe",
+            [theta],
+            lr=1.0,
+            max_iter=max_iter - iterations,
+            tolerance_grad=tol / 10,
+            tolerance_change=0.0,
+            history_size=50,
+            line_search_fn="strong_wolfe",
         )
         before = objective.grad_norm
         optimizer.step(objective.closure)
@@ -234,11 +262,18 @@ def _newton_polish(objective: _Objective, *, tol: float, max_iter: int, iteratio
         saved, saved_norm = theta.detach().clone(), objective.grad_norm
         current = layout.unflatten(theta.detach())
         operator = HessianOperator(
-            objective.task, current, objective.data, damping=0.0, batch_size=objective.batch_size,
-            tangent_block=min(layout.n, 1024), weights=objective.weights,
+            objective.task,
+            current,
+            objective.data,
+            damping=0.0,
+            batch_size=objective.batch_size,
+            tangent_block=min(layout.n, 1024),
+            weights=objective.weights,
         )
         # small models: one dense Hessian beats hundreds of single-vector CG products
-        solver = ExactSolver() if layout.n <= 3000 else CGSolver(rtol=1e-12, max_iter=max(100, 2 * layout.n), warn=False)
+        solver = (
+            ExactSolver() if layout.n <= 3000 else CGSolver(rtol=1e-12, max_iter=max(100, 2 * layout.n), warn=False)
+        )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CurvatureWarning)
@@ -319,8 +354,18 @@ def fit_steps(
     weights = _checked_weights(weights, n).to(layout.device, layout.dtype)
     theta = layout.flatten(params).clone().requires_grad_(True)
     _optimiser_steps(
-        task, data, layout, weights, theta, steps=steps, lr=lr, optimizer=optimizer, momentum=momentum,
-        batch_size=batch_size, seed=seed, chunk_size=chunk_size,
+        task,
+        data,
+        layout,
+        weights,
+        theta,
+        steps=steps,
+        lr=lr,
+        optimizer=optimizer,
+        momentum=momentum,
+        batch_size=batch_size,
+        seed=seed,
+        chunk_size=chunk_size,
     )
     value, grad = objective_and_grad(task, layout.unflatten(theta.detach()), data, layout, weights, chunk_size)
     _write_back(named, layout, theta)
@@ -328,13 +373,26 @@ def fit_steps(
 
 
 def _optimiser_steps(
-    task: Task, data: Examples, layout: ParamLayout, weights: torch.Tensor, theta: torch.Tensor, *, steps: int, lr: float,
-    optimizer: str, momentum: float, batch_size: int | None, seed: int, chunk_size: int,
+    task: Task,
+    data: Examples,
+    layout: ParamLayout,
+    weights: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    momentum: float,
+    batch_size: int | None,
+    seed: int,
+    chunk_size: int,
 ) -> None:
     """The ``steps`` optimiser steps of :func:`fit_steps` on the flat ``theta``, in place (arguments checked there)."""
     n = len(data)
     total_w = float(weights.sum())
-    opt = torch.optim.Adam([theta], lr=lr) if optimizer == "adam" else torch.optim.SGD([theta], lr=lr, momentum=momentum)
+    opt = (
+        torch.optim.Adam([theta], lr=lr) if optimizer == "adam" else torch.optim.SGD([theta], lr=lr, momentum=momentum)
+    )
     generator = torch.Generator().manual_seed(seed)
 
     for _ in range(steps):
@@ -348,7 +406,8 @@ def _optimiser_steps(
             grad = g * (n / (batch_size * total_w)) + task.l2 * theta.detach()
         if not bool(torch.isfinite(grad).all()):
             raise NumericalError(
-                f"the training gradient became NaN/inf during {optimizer} steps; lower `lr` (got {lr:g}) or check the data."
+                f"the training gradient became NaN/inf during {optimizer} steps; lower `lr` (got {lr:g}) or check the "
+                "data."
             )
         theta.grad = grad
         opt.step()

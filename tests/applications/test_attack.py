@@ -42,8 +42,15 @@ def test_perturbation_stays_within_eps_and_the_input_range(problem):
     j = _correct(problem)[0]
     eps = 0.05
     # 5 steps of 0.02 would move a pixel by 0.1 without the projection: the eps bound must be what stops them
-    result = training_set_attack(problem.task, (X, y), (problem.test[0][j:j + 1], problem.test[1][j:j + 1]),
-                                 eps=eps, step=0.02, n_perturb=10, max_iter=5)
+    result = training_set_attack(
+        problem.task,
+        (X, y),
+        (problem.test[0][j : j + 1], problem.test[1][j : j + 1]),
+        eps=eps,
+        step=0.02,
+        n_perturb=10,
+        max_iter=5,
+    )
     delta = result.delta
     assert delta.shape == (10, 1, 8, 8) and result.perturbed.shape == (10, 1, 8, 8)
     assert float(delta.abs().max()) <= eps + 1e-12  # every pixel of every perturbed image
@@ -64,8 +71,15 @@ def test_the_attack_flips_a_target_and_retraining_confirms_it(problem):
     X_test, y_test = problem.test
     flipped = []
     for j in _correct(problem)[:6]:
-        result = training_set_attack(problem.task, problem.train, (X_test[j:j + 1], y_test[j:j + 1]),
-                                     eps=0.1, step=0.01, n_perturb=10, max_iter=30)
+        result = training_set_attack(
+            problem.task,
+            problem.train,
+            (X_test[j : j + 1], y_test[j : j + 1]),
+            eps=0.1,
+            step=0.01,
+            n_perturb=10,
+            max_iter=30,
+        )
         if result.flipped:
             flipped.append(j)
             break
@@ -76,7 +90,7 @@ def test_the_attack_flips_a_target_and_retraining_confirms_it(problem):
     saved = {k: v.clone() for k, v in problem.task.params().items()}
     try:
         assert ik.fit_lbfgs(problem.task, (result.apply(problem.train[0]), problem.train[1]), tol=1e-9).converged
-        assert int(predict_labels(problem.task, X_test[j:j + 1])[0]) != int(y_test[j])
+        assert int(predict_labels(problem.task, X_test[j : j + 1])[0]) != int(y_test[j])
     finally:
         with torch.no_grad():
             for name, p in problem.model.named_parameters():
@@ -88,8 +102,9 @@ def test_the_attack_flips_a_target_and_retraining_confirms_it(problem):
 def test_multi_target_attack_reports_every_target(problem):
     X_test, y_test = problem.test
     group = [j for j in _correct(problem) if int(y_test[j]) == 1][:3]
-    result = training_set_attack(problem.task, problem.train, (X_test[group], y_test[group]), eps=0.1, step=0.02,
-                                 n_perturb=2, max_iter=4)
+    result = training_set_attack(
+        problem.task, problem.train, (X_test[group], y_test[group]), eps=0.1, step=0.02, n_perturb=2, max_iter=4
+    )
     assert result.losses.shape == (result.iterations + 1, 3)
     assert result.flipped_targets.shape == (3,) and result.flipped == bool(result.flipped_targets.all())
     assert float(result.losses[-1].sum()) > float(result.losses[0].sum())  # the summed target loss rose
@@ -98,14 +113,18 @@ def test_multi_target_attack_reports_every_target(problem):
 def test_bad_input_is_refused(problem):
     X_test, y_test = problem.test
     j = _correct(problem)[0]
-    target = (X_test[j:j + 1], y_test[j:j + 1])
+    target = (X_test[j : j + 1], y_test[j : j + 1])
     with pytest.raises(ik.InputError, match=r"`eps` must be a float in \(0, inf\]. Got 0.0"):
         training_set_attack(problem.task, problem.train, target, eps=0.0, step=0.01)
     with pytest.raises(ik.InputError, match=r"`step` must be a float in \(0, inf\]. Got -0.01"):
         training_set_attack(problem.task, problem.train, target, eps=0.1, step=-0.01)
     wrong = [i for i in range(len(y_test)) if i not in set(_correct(problem))][0]
-    with pytest.raises(ik.InputError, match=rf"`target` example 0 is already misclassified \(label {int(y_test[wrong])}"):
-        training_set_attack(problem.task, problem.train, (X_test[wrong:wrong + 1], y_test[wrong:wrong + 1]), eps=0.1, step=0.01)
+    with pytest.raises(
+        ik.InputError, match=rf"`target` example 0 is already misclassified \(label {int(y_test[wrong])}"
+    ):
+        training_set_attack(
+            problem.task, problem.train, (X_test[wrong : wrong + 1], y_test[wrong : wrong + 1]), eps=0.1, step=0.01
+        )
     with pytest.raises(ik.InputError, match=r"`train` inputs must lie in `input_range`=\(0.0, 0.5\)"):
         training_set_attack(problem.task, problem.train, target, eps=0.1, step=0.01, input_range=(0.0, 0.5))
     with pytest.raises(ik.InputError, match=r"`train` inputs must be continuous .* Got dtype torch.int64"):
@@ -114,7 +133,19 @@ def test_bad_input_is_refused(problem):
 
 def test_cli_attack_writes_a_report_and_figures(tmp_path):
     out = tmp_path / "attack"
-    args = ["attack", "--out", str(out), "--max-targets", "2", "--n-perturb", "1,10", "--max-iter", "4", "--multi-size", "2"]
+    args = [
+        "attack",
+        "--out",
+        str(out),
+        "--max-targets",
+        "2",
+        "--n-perturb",
+        "1,10",
+        "--max-iter",
+        "4",
+        "--multi-size",
+        "2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)%", result.output, flags=re.M)

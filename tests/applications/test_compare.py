@@ -128,8 +128,14 @@ def test_kernel_svm_influence_matches_leave_one_out_resolving(problem):
     b = on_features.scores((svm.features(X_t[[t]]), y_t[[t]])).values
     assert float((a - b).abs().max() / b.abs().max()) < 1e-9  # measured 0 (identical gradients)
     loo = leave_one_out(
-        on_features, (svm.features(X_t), y_t), test_indices=[t], top_k=20, n_random=10, seed=0,
-        retrain=HingeSVMRetrain(svm.solution, l2=l2), tol=1e-12,
+        on_features,
+        (svm.features(X_t), y_t),
+        test_indices=[t],
+        top_k=20,
+        n_random=10,
+        seed=0,
+        retrain=HingeSVMRetrain(svm.solution, l2=l2),
+        tol=1e-12,
     )
     assert not loo.not_converged
     # measured Pearson r = 0.986 (Spearman 0.973) on 30 (test, removed point) pairs, 76 of 80 support vectors
@@ -153,7 +159,9 @@ def test_models_on_different_training_sets_are_refused(problem):
 def test_test_points_of_another_shape_are_refused(problem):
     feature_inf = ik.Influence(problem.task, problem.train, solver="exact")
     X_t, y_t = problem.test
-    with pytest.raises(ik.InputError, match=r"`test` inputs must have the shape of the training inputs, \(n_test, 1, 8, 8\)"):
+    with pytest.raises(
+        ik.InputError, match=r"`test` inputs must have the shape of the training inputs, \(n_test, 1, 8, 8\)"
+    ):
         compare_models({"a": feature_inf}, (X_t.reshape(len(X_t), -1), y_t))
     with pytest.raises(ik.InputError, match=r"`test` must hold inputs X \(n, ...\) and labels y \(n,\)"):
         compare_models({"a": feature_inf}, (X_t, y_t[:3]))
@@ -173,7 +181,12 @@ def test_cli_fig4_writes_figures_and_prints_the_correlations(tmp_path):
     result = CliRunner().invoke(app, ["paper", "fig4", "--out", str(out), "--n-plot", "2"])
     assert result.exit_code == 0, result.output
     assert "exact RBF kernel map" in result.output
-    rho = {m: float(v) for m, v in __import__("re").findall(r"(RBF SVM \(pixels\)|logistic on CNN features)\s+all ([+-][0-9.]+)", result.output)}
+    rho = {
+        m: float(v)
+        for m, v in __import__("re").findall(
+            r"(RBF SVM \(pixels\)|logistic on CNN features)\s+all ([+-][0-9.]+)", result.output
+        )
+    }
     assert rho["RBF SVM (pixels)"] < -0.4 and abs(rho["logistic on CNN features"]) < 0.15
     names = sorted(p.name for p in out.iterdir())
     assert names == ["helpful.png", "influence_vs_distance_0.png", "influence_vs_distance_1.png", "report.md"]

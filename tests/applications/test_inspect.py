@@ -84,7 +84,14 @@ def test_flipped_labels_rank_at_the_top_of_the_mislabel_list(flipped_run):
 def test_report_folder_holds_tables_figures_and_the_influence_lists(flipped_run):
     result, flipped_rows = flipped_run
     out = result.out_dir
-    for name in ("report.html", "mislabeled.csv", "influence.csv", "self_influence.png", "test_influence.png", "inspect.json"):
+    for name in (
+        "report.html",
+        "mislabeled.csv",
+        "influence.csv",
+        "self_influence.png",
+        "test_influence.png",
+        "inspect.json",
+    ):
         assert (out / name).is_file(), name
     page = (out / "report.html").read_text()
     assert page.count("<table>") >= 3 + len(result.explained)
@@ -121,7 +128,9 @@ def test_missing_values_are_imputed_and_reported(flipped_run, tmp_path):
     assert abs(value[~rows].mean()) < 1e-12 and abs(value[~rows].std() - 1) < 1e-12
     assert np.all(train.X[np.arange(300) % 23 == 5, color.features[-1]] == 1.0)
     described = {s["column"]: s["encoding"] for s in enc.summary()}
-    assert "18 missing imputed by the mean" in described["x2"] and "13 missing as their own category" in described["color"]
+    assert (
+        "18 missing imputed by the mean" in described["x2"] and "13 missing as their own category" in described["color"]
+    )
 
     # the workflow reports them: here only the test file has missing values (the training file has none)
     result, _ = flipped_run
@@ -132,8 +141,15 @@ def test_missing_values_are_imputed_and_reported(flipped_run, tmp_path):
 
 
 def test_test_file_is_encoded_with_training_statistics(tmp_path):
-    train = write_csv(tmp_path / "train.csv", [["a", "1", "10", "red", "yes"], ["b", "3", "", "blue", "no"], ["c", "5", "30", "red", "no"]])
-    test = write_csv(tmp_path / "test.csv", [["7", "purple", "no", "9"], ["3", "", "yes", "x"]], header=["x1", "color", "bought", "extra"])
+    train = write_csv(
+        tmp_path / "train.csv",
+        [["a", "1", "10", "red", "yes"], ["b", "3", "", "blue", "no"], ["c", "5", "30", "red", "no"]],
+    )
+    test = write_csv(
+        tmp_path / "test.csv",
+        [["7", "purple", "no", "9"], ["3", "", "yes", "x"]],
+        header=["x1", "color", "bought", "extra"],
+    )
     enc = TabularEncoder("bought", ignore=["id", "x2"])
     enc.fit(train)
     data = enc.transform(test)
@@ -182,7 +198,15 @@ def test_mlp_model_finds_the_flipped_rows(tmp_path):
     train = write_csv(tmp_path / "train.csv", table(200, seed=4, flip=flips, missing=False))
     test = write_csv(tmp_path / "test.csv", table(60, seed=12))
     result = run_inspect(
-        train, "bought", test=test, out_dir=tmp_path / "mlp", model="mlp", hidden=8, steps=300, lr=0.02, ignore=("id",),
+        train,
+        "bought",
+        test=test,
+        out_dir=tmp_path / "mlp",
+        model="mlp",
+        hidden=8,
+        steps=300,
+        lr=0.02,
+        ignore=("id",),
     )
     assert result.metadata["damping"] == 0.01 and result.test_accuracy > 0.85  # measured 0.967
     # a fixed budget of Adam steps stops short of the minimum: the warning is recorded, not lost
@@ -197,7 +221,9 @@ def test_three_numeric_classes_softmax_and_a_held_out_split(tmp_path):
     rng = np.random.default_rng(10)
     x = rng.normal(size=(150, 2))
     cls = np.where(x[:, 0] > 0.5, "10", np.where(x[:, 1] > 0, "2", "1"))
-    path = write_csv(tmp_path / "three.csv", [[f"{a:.3f}", f"{b:.3f}", c] for (a, b), c in zip(x, cls)], header=["a", "b", "grade"])
+    path = write_csv(
+        tmp_path / "three.csv", [[f"{a:.3f}", f"{b:.3f}", c] for (a, b), c in zip(x, cls)], header=["a", "b", "grade"]
+    )
     result = run_inspect(path, "grade", out_dir=tmp_path / "out", l2=1e-2)
     assert result.encoder.classes_ == ["1", "2", "10"]
     assert len(result.train) == 120 and not set(result.train.rows.tolist()) & set(result.test.rows.tolist())
@@ -218,7 +244,20 @@ def test_cli_writes_the_report(tmp_path):
     train = write_csv(tmp_path / "train.csv", table(120, seed=5, flip=[7], missing=False))
     test = write_csv(tmp_path / "test.csv", table(4, seed=6))
     out = tmp_path / "out"
-    args = ["inspect", str(train), "--label", "bought", "--test", str(test), "--out", str(out), "--ignore", "id", "--k", "3"]
+    args = [
+        "inspect",
+        str(train),
+        "--label",
+        "bought",
+        "--test",
+        str(test),
+        "--out",
+        str(out),
+        "--ignore",
+        "id",
+        "--k",
+        "3",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     shown = re.search(r"most likely mislabeled \(row: label, self-influence\): (.*)", result.output).group(1)
@@ -240,25 +279,30 @@ def run_main(monkeypatch, capsys, args):
 
 BROKEN = {
     "wrong type": (
-        lambda rows: rows[:9] + [[*rows[9][:2], "fifty", *rows[9][3:]]] + rows[10:], None,
+        lambda rows: rows[:9] + [[*rows[9][:2], "fifty", *rows[9][3:]]] + rows[10:],
+        None,
         r"train\.csv\), row 10 \(line 11\), column 'x2': 'fifty' is not a number",
     ),
     "unknown test label": (
-        lambda rows: rows, [["t1", "0.1", "50", "red", "maybe"]],
+        lambda rows: rows,
+        [["t1", "0.1", "50", "red", "maybe"]],
         r"`test` \(test\.csv\), row 1 \(line 2\): the label 'bought' is 'maybe', a class not in the training data",
     ),
     "empty file": (lambda rows: None, None, r"`data` \(train\.csv\) is empty"),
     "missing label column": (
-        lambda rows: [r[:4] for r in rows], None,
+        lambda rows: [r[:4] for r in rows],
+        None,
         r"`label` must name a column of train\.csv\. Got 'bought'; the columns are \['id', 'x1', 'x2', 'color'\]",
     ),
     "header only": (lambda rows: [], None, r"`data` \(train\.csv\) has a header but no data rows"),
     "short row": (
-        lambda rows: rows[:3] + [rows[3][:4]] + rows[4:], None,
+        lambda rows: rows[:3] + [rows[3][:4]] + rows[4:],
+        None,
         r"`data` \(train\.csv\), row 4 \(line 5\) has 4 fields but the header has 5 columns",
     ),
     "test value not a number": (
-        lambda rows: rows, [["t1", "0.1", "n/a?", "red", "yes"]],
+        lambda rows: rows,
+        [["t1", "0.1", "n/a?", "red", "yes"]],
         r"`test` \(test\.csv\), row 1 \(line 2\), column 'x2': 'n/a\?' is not a number",
     ),
 }
@@ -279,7 +323,7 @@ def test_broken_csv_exits_2_with_a_clear_message_and_no_report(tmp_path, monkeyp
     code, err = run_main(monkeypatch, capsys, args)
     assert code == 2
     assert re.search(message, err), err
-    assert "Traceback" not in err and re.search(message, err[err.index("error: "):])  # after the progress bars
+    assert "Traceback" not in err and re.search(message, err[err.index("error: ") :])  # after the progress bars
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -323,12 +367,18 @@ def _sourced(tmp_path):
         label = ("no" if row[4] == "yes" else "yes") if s == "d" else row[4]
         out.append([*row[:4], s, label])
     header = [*HEADER[:4], "source", "bought"]
-    return write_csv(tmp_path / "train.csv", out, header), write_csv(tmp_path / "test.csv", table(100, seed=8, missing=False)), sources
+    return (
+        write_csv(tmp_path / "train.csv", out, header),
+        write_csv(tmp_path / "test.csv", table(100, seed=8, missing=False)),
+        sources,
+    )
 
 
 def test_group_by_ranks_the_flipped_source_as_the_most_harmful(tmp_path):
     train, test, sources = _sourced(tmp_path)
-    result = run_inspect(train, "bought", test=test, out_dir=tmp_path / "report", ignore=("id", "source"), group_by="source")
+    result = run_inspect(
+        train, "bought", test=test, out_dir=tmp_path / "report", ignore=("id", "source"), group_by="source"
+    )
     rows = result.groups.rows  # largest |predicted change| first
     assert [abs(r["newton"]) for r in rows] == sorted((abs(r["newton"]) for r in rows), reverse=True)
     assert {r["group"]: r["size"] for r in rows} == {s: int((sources == s).sum()) for s in "abcd"}
@@ -358,28 +408,55 @@ def test_group_by_ranks_the_flipped_source_as_the_most_harmful(tmp_path):
 
 def test_group_by_a_missing_column_is_refused_before_training(tmp_path, monkeypatch):
     train, test, _ = _sourced(tmp_path)
-    monkeypatch.setattr(inspect_app, "_train_and_score", lambda *a, **k: pytest.fail("trained before checking --group-by"))
-    with pytest.raises(InputError, match=r"`group_by` names no column of the data: 'sourse'; the columns are \['id', 'x1', .*'bought'\]; did you mean 'source'\?"):
+    monkeypatch.setattr(
+        inspect_app, "_train_and_score", lambda *a, **k: pytest.fail("trained before checking --group-by")
+    )
+    with pytest.raises(
+        InputError,
+        match=r"`group_by` names no column of the data: 'sourse'; the columns are \['id', 'x1', .*'bought'\]; did you "
+        r"mean 'source'\?",
+    ):
         run_inspect(train, "bought", test=test, out_dir=tmp_path / "r", group_by="sourse")
     with pytest.raises(InputError, match="must not be the label column"):
         run_inspect(train, "bought", test=test, out_dir=tmp_path / "r", group_by="bought")
     monkeypatch.undo()
     with pytest.raises(InputError, match="looks like an identifier"):
-        run_inspect(train, "bought", test=test, out_dir=tmp_path / "r", ignore=("id", "source"), group_by="id", max_test_rows=2)
+        run_inspect(
+            train, "bought", test=test, out_dir=tmp_path / "r", ignore=("id", "source"), group_by="id", max_test_rows=2
+        )
 
 
 def test_cli_group_by(tmp_path):
     train, test, _ = _sourced(tmp_path)
-    args = ["inspect", str(train), "--label", "bought", "--test", str(test), "--out", str(tmp_path / "out"), "--ignore", "id,source",
-            "--group-by", "source", "--k", "2"]
+    args = [
+        "inspect",
+        str(train),
+        "--label",
+        "bought",
+        "--test",
+        str(test),
+        "--out",
+        str(tmp_path / "out"),
+        "--ignore",
+        "id,source",
+        "--group-by",
+        "source",
+        "--k",
+        "2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert re.search(r"groups of 'source' by predicted effect on the mean test loss: .*d \(\d+\): -", result.output), result.output
+    assert re.search(r"groups of 'source' by predicted effect on the mean test loss: .*d \(\d+\): -", result.output), (
+        result.output
+    )
 
 
 def test_a_misspelled_label_lists_every_column_and_the_closest(tmp_path):
     header = [f"feature_{j}" for j in range(14)] + ["churned"]
     rows = [[str(j * i % 7) for j in range(14)] + ["yes" if i % 2 else "no"] for i in range(30)]
     train = write_csv(tmp_path / "wide.csv", rows, header)
-    with pytest.raises(InputError, match=r"Got 'churnd'; the columns are \['feature_0', .*'feature_13', 'churned'\]; did you mean 'churned'\?"):
+    with pytest.raises(
+        InputError,
+        match=r"Got 'churnd'; the columns are \['feature_0', .*'feature_13', 'churned'\]; did you mean 'churned'\?",
+    ):
         run_inspect(train, "churnd", out_dir=tmp_path / "r")

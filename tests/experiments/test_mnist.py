@@ -32,7 +32,9 @@ def test_round_trip_of_synthetic_idx_files(tmp_path):
 
 
 def test_missing_files_are_named(tmp_path):
-    with pytest.raises(ik.InputError, match=r"lacks the MNIST test files t10k-images-idx3-ubyte\.gz, t10k-labels-idx1-ubyte\.gz"):
+    with pytest.raises(
+        ik.InputError, match=r"lacks the MNIST test files t10k-images-idx3-ubyte\.gz, t10k-labels-idx1-ubyte\.gz"
+    ):
         load_mnist(tmp_path, "test")
     with pytest.raises(ik.InputError, match=r"is not a directory"):
         load_mnist(tmp_path / "nowhere")
@@ -50,7 +52,9 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
         read_idx(path)
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="../shared/data/mnist is absent (real MNIST files are read from there)")
+@pytest.mark.skipif(
+    not SHARED_MNIST.is_dir(), reason="../shared/data/mnist is absent (real MNIST files are read from there)"
+)
 def test_real_mnist_test_set_matches_its_canonical_checksums():
     images, labels = load_mnist(SHARED_MNIST, "test")
     assert images.shape == (10000, 28, 28) and labels.shape == (10000,)

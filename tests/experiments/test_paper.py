@@ -4,7 +4,6 @@ Fast tests use scikit-learn's bundled digits; the full-size MNIST runs are marke
 ../shared/data/mnist, skipping with a reason where it is absent.
 """
 
-
 import numpy as np
 import pytest
 import torch
@@ -94,10 +93,12 @@ def test_smooth_hinge_task_values_derivatives_and_labels():
         assert (loss >= hinge).all() and (loss - hinge).max() <= t * np.log(2) + 1e-15
         assert torch.allclose(task.measurement(task.params(), (X, y)), hinge)
         # second derivative in the margin: (1/t) σ(u)(1 − σ(u)), u = (1 − m)/t, times x xᵀ
-        H = torch.autograd.functional.hessian(lambda w: task.loss({"weight": w}, (X[:1], y[:1])).sum(), task.params()["weight"])
+        H = torch.autograd.functional.hessian(
+            lambda w: task.loss({"weight": w}, (X[:1], y[:1])).sum(), task.params()["weight"]
+        )
         u = (1 - 0.2) / t
         sig = 1 / (1 + np.exp(-u))
-        assert float(H.reshape(2, 2)[0, 0]) == pytest.approx(sig * (1 - sig) / t * 0.2 ** 2, rel=1e-9)
+        assert float(H.reshape(2, 2)[0, 0]) == pytest.approx(sig * (1 - sig) / t * 0.2**2, rel=1e-9)
     task = ik.SmoothHingeTask(model, temperature=0.01)
     with pytest.raises(ik.InputError, match="0 or 1"):
         ik.Influence(task, (X, torch.tensor([1, 2, 0]))).fit()
@@ -121,11 +122,15 @@ def test_smooth_hinge_influence_predicts_svm_retraining_better_than_the_subgradi
     def influence(t):
         # θ̂ minimises the true hinge, so the smooth (and the subgradient) objective is not stationary there
         with pytest.warns(ik.StationarityWarning):
-            return ik.Influence(ik.SmoothHingeTask(model, temperature=t, measurement_temperature=0.0, l2=l2), train, solver="exact").fit()
+            return ik.Influence(
+                ik.SmoothHingeTask(model, temperature=t, measurement_temperature=0.0, l2=l2), train, solver="exact"
+            ).fit()
 
     sel = influence(1e-3)
     worst = int(torch.argmax(sel.task.measurement(sel.task.params(), test)))
-    loo = leave_one_out(sel, test, test_indices=[worst], top_k=20, n_random=10, retrain=HingeSVMRetrain(svm, l2=l2), tol=1e-12)
+    loo = leave_one_out(
+        sel, test, test_indices=[worst], top_k=20, n_random=10, retrain=HingeSVMRetrain(svm, l2=l2), tol=1e-12
+    )
     assert not loo.not_converged and len(loo) == 30
     r = {}
     for t in (0.0, 1e-3, 0.1):
@@ -137,7 +142,10 @@ def test_smooth_hinge_influence_predicts_svm_retraining_better_than_the_subgradi
 
 
 # ------------------------------------------------------------------------------- full-size MNIST
-needs_mnist = pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").exists(), reason=f"MNIST IDX files not found in {MNIST} (../shared/data/mnist)")
+needs_mnist = pytest.mark.skipif(
+    not (MNIST / "t10k-images-idx3-ubyte.gz").exists(),
+    reason=f"MNIST IDX files not found in {MNIST} (../shared/data/mnist)",
+)
 
 
 @pytest.mark.slow

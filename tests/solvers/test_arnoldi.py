@@ -18,7 +18,9 @@ from problems import pearson, relative_error, small_mlp
 
 def operator_of(d, damping):
     X, y = d.train
-    return HessianOperator(d.task, d.task.params(), Examples((X, y)), damping=damping, batch_size=300, tangent_block=256)
+    return HessianOperator(
+        d.task, d.task.params(), Examples((X, y)), damping=damping, batch_size=300, tangent_block=256
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,10 @@ def rhs():
 def exact_scores(digits_small):
     """Exact I_up,loss on the digits test split, per damping."""
     return {
-        damping: ik.Influence(digits_small.task, digits_small.train, solver="exact", damping=damping).fit().scores(digits_small.test).values
+        damping: ik.Influence(digits_small.task, digits_small.train, solver="exact", damping=damping)
+        .fit()
+        .scores(digits_small.test)
+        .values
         for damping in (0.0, 0.01)
     }
 
@@ -91,15 +96,24 @@ def test_lanczos_stays_orthonormal_through_invariant_subspaces_in_float32(digits
 def test_rank_100_scores_correlate_with_exact(digits_small, exact_scores):
     """Rank 100 of 650 on digits logistic regression: Pearson r ≥ 0.9 without damping (measured 0.9099);
     with damping 0.01, drop ≥ 0.99 (0.9928) and damped ≥ 0.999 (0.99976), damped closer than drop."""
+
     def scores(damping, remainder):
-        inf = ik.Influence(digits_small.task, digits_small.train, solver="arnoldi", damping=damping,
-                           solver_options={"rank": 100, "remainder": remainder}).fit()
+        inf = ik.Influence(
+            digits_small.task,
+            digits_small.train,
+            solver="arnoldi",
+            damping=damping,
+            solver_options={"rank": 100, "remainder": remainder},
+        ).fit()
         return inf.scores(digits_small.test).values
 
     r_drop0 = pearson(scores(0.0, "drop"), exact_scores[0.0])
     r_drop = pearson(scores(0.01, "drop"), exact_scores[0.01])
     r_damped = pearson(scores(0.01, "damped"), exact_scores[0.01])
-    print(f"digits logreg rank 100: drop (damping 0) r={r_drop0:.4f}; damping 0.01: drop r={r_drop:.4f}, damped r={r_damped:.5f}")
+    print(
+        f"digits logreg rank 100: drop (damping 0) r={r_drop0:.4f}; damping 0.01: drop r={r_drop:.4f}, damped "
+        f"r={r_damped:.5f}"
+    )
     assert r_drop0 >= 0.9
     assert r_drop >= 0.99
     assert r_damped >= 0.999
@@ -115,7 +129,9 @@ def test_quadratic_form_and_batching_agree_with_solve(digits_small, rhs, remaind
     torch.testing.assert_close(x, torch.stack([solver.solve(r).x for r in rhs]), rtol=1e-12, atol=1e-14)
     assert report.details["remainder"] == remainder and len(report.details["ritz_values"]) == 30
     # the reported residual is the full operator's, recomputed here independently
-    assert report.relative_residual == pytest.approx(float(relative_residuals(solver.operator_, x, rhs).max()), rel=1e-10)
+    assert report.relative_residual == pytest.approx(
+        float(relative_residuals(solver.operator_, x, rhs).max()), rel=1e-10
+    )
     # random right-hand sides lie mostly off a rank-30 subspace: dropping that part leaves most of the residual
     # (measured 0.96), damping it removes much of it (measured 0.14)
     if remainder == "drop":
@@ -149,8 +165,13 @@ def test_float32_model_keeps_its_dtype(digits_small):
 
 def test_scoring_engine_uses_the_quadratic_form(digits_small):
     """self_influence goes through quadratic_form (no solve reports) and equals the solve-based value."""
-    inf = ik.Influence(digits_small.task, digits_small.train, solver="arnoldi", damping=0.01,
-                       solver_options={"rank": 50, "remainder": "damped"}).fit()
+    inf = ik.Influence(
+        digits_small.task,
+        digits_small.train,
+        solver="arnoldi",
+        damping=0.01,
+        solver_options={"rank": 50, "remainder": "damped"},
+    ).fit()
     si = inf.self_influence()
     assert inf.self_influence_reports_ == []
     G = next(iter(inf.gradients_.stream(inf.train_, side="train")))[1]
@@ -164,7 +185,9 @@ def test_drop_scores_in_the_eigenbasis_once_and_equal_the_direct_route(digits_sm
     in a basis and scores with full gradients."""
     d = digits_small
     Xt, yt = d.test
-    inf = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "drop"}).fit()
+    inf = ik.Influence(
+        d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "drop"}
+    ).fit()
     scores = inf.scores((Xt[:100], yt[:100]))
     assert scores.metadata["score_space"] == "solver basis (rank 40)"
     Q = inf.solver_.solve(inf.gradients_.gather(Examples((Xt[:100], yt[:100]), name="test"), range(100), side="test")).x
@@ -176,8 +199,12 @@ def test_drop_scores_in_the_eigenbasis_once_and_equal_the_direct_route(digits_sm
     assert one.metadata["score_space"] == "solver basis (rank 40)" and inf.training_side_.coordinates[3] is kept
     assert relative_error(one.values, scores.values[:1]) < 1e-12
     top = inf.top_k((Xt[:100], yt[:100]), k=5)
-    torch.testing.assert_close(top.helpful.values, torch.topk(-scores.values, 5, dim=1).values.neg(), rtol=1e-12, atol=0.0)
-    damped = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "damped"}).fit()
+    torch.testing.assert_close(
+        top.helpful.values, torch.topk(-scores.values, 5, dim=1).values.neg(), rtol=1e-12, atol=0.0
+    )
+    damped = ik.Influence(
+        d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 40, "remainder": "damped"}
+    ).fit()
     assert damped.scores((Xt[:100], yt[:100])).metadata["score_space"] == "parameters"
 
 
@@ -222,7 +249,14 @@ def test_rank_above_n_params_and_damped_without_damping_are_refused_at_fit(digit
 def test_registered_by_name():
     solver = make_solver("arnoldi", rank=7, remainder="damped")
     assert isinstance(solver, ik.ArnoldiSolver) and solver.rank == 7 and "low_rank" in solver.capabilities
-    assert solver.describe() == {"solver": "arnoldi", "rank": 7, "n_iter": None, "remainder": "damped", "seed": 0, "examples": None}
+    assert solver.describe() == {
+        "solver": "arnoldi",
+        "rank": 7,
+        "n_iter": None,
+        "remainder": "damped",
+        "seed": 0,
+        "examples": None,
+    }
     with pytest.raises(ik.InputError, match=r"solver 'arnoldi' must use the options rank, n_iter, remainder, seed"):
         make_solver("arnoldi", depth=3)
 
@@ -244,8 +278,9 @@ def test_mlp_rank_100_correlates_with_exact():
     assert max(r["relative_residual"] for r in ref.metadata["solve_reports"]) < 1e-9
     r = {}
     for remainder in ("drop", "damped"):
-        inf = ik.Influence(task, (X, y), solver="arnoldi", damping=0.01,
-                           solver_options={"rank": 100, "remainder": remainder}).fit()
+        inf = ik.Influence(
+            task, (X, y), solver="arnoldi", damping=0.01, solver_options={"rank": 100, "remainder": remainder}
+        ).fit()
         r[remainder] = pearson(inf.scores(test).values, ref.values)
     print(f"MLP 9,610 params rank 100: drop r={r['drop']:.4f}, damped r={r['damped']:.4f}")
     assert r["drop"] >= 0.9
@@ -258,12 +293,19 @@ def test_lanczos_on_a_subsample(digits):
     d = digits
     exact = ik.Influence(d.task, d.train, solver="exact", damping=0.01).fit().scores(d.test).values
     for remainder, threshold in (("damped", 0.98), ("drop", 0.965)):
-        inf = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01,
-                           solver_options={"rank": 100, "remainder": remainder, "examples": 600}).fit()
+        inf = ik.Influence(
+            d.task,
+            d.train,
+            solver="arnoldi",
+            damping=0.01,
+            solver_options={"rank": 100, "remainder": remainder, "examples": 600},
+        ).fit()
         assert len(inf.solver_.sample_) == 600 and inf.solver_.examples_used_ == 600
         assert pearson(inf.scores(d.test).values.numpy().ravel(), exact.numpy().ravel()) >= threshold
     full = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 20}).fit()
-    every = ik.Influence(d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 20, "examples": 5000}).fit()
+    every = ik.Influence(
+        d.task, d.train, solver="arnoldi", damping=0.01, solver_options={"rank": 20, "examples": 5000}
+    ).fit()
     assert every.solver_.sample_ is None
     assert torch.equal(full.solver_.eigenvalues_, every.solver_.eigenvalues_)
 

@@ -56,7 +56,7 @@ def test_score_rtol_stops_earlier_with_scores_within_the_stated_tolerance(mlp_op
     rows = []  # every 25th training example's gradient, by plain autograd
     for i in range(0, len(y), 25):
         params = {k: v.detach().requires_grad_(True) for k, v in task.params().items()}
-        loss = task.loss(params, (X[i:i + 1], y[i:i + 1])).sum()
+        loss = task.loss(params, (X[i : i + 1], y[i : i + 1])).sum()
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
     G = torch.stack(rows)
     exact = torch.linalg.solve(A, mlp_rhs.T).T @ G.T
@@ -64,15 +64,24 @@ def test_score_rtol_stops_earlier_with_scores_within_the_stated_tolerance(mlp_op
     x, loose = ik.CGSolver(rtol=1e-8, score_rtol=1e-4).fit(op).solve(mlp_rhs)
     assert loose.details["stopped_by_scores"] == 5 and loose.iterations < full.iterations, (loose, full)
     assert float((x @ G.T - exact).norm() / exact.norm()) < 1e-3
-    assert len(loose.details["relative_residuals"]) == 5 and loose.relative_residual == max(loose.details["relative_residuals"])
+    assert len(loose.details["relative_residuals"]) == 5 and loose.relative_residual == max(
+        loose.details["relative_residuals"]
+    )
     assert full.details["stopped_by_scores"] == 0
 
 
-@pytest.mark.parametrize("value, error, message", [
-    ("jacobi", ik.InputError, r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got 'jacobi'\."),
-    (3, ik.InputTypeError, r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got int\."),
-    (ik.CGSolver(), ik.InputError, r"must be a direct approximate inverse .* not another CG solver"),
-])
+@pytest.mark.parametrize(
+    "value, error, message",
+    [
+        (
+            "jacobi",
+            ik.InputError,
+            r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got 'jacobi'\.",
+        ),
+        (3, ik.InputTypeError, r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got int\."),
+        (ik.CGSolver(), ik.InputError, r"must be a direct approximate inverse .* not another CG solver"),
+    ],
+)
 def test_a_bad_preconditioner_is_refused_at_construction(value, error, message):
     with pytest.raises(error, match=message):
         ik.CGSolver(preconditioner=value)
@@ -91,6 +100,9 @@ def test_an_ekfac_preconditioner_checks_the_task_when_the_influence_is_built(dig
             return torch.nn.functional.cross_entropy(out, y, reduction="none")
 
     task = OwnTask(torch.nn.Linear(64, 10).double())
-    with pytest.raises(ik.UnsupportedError, match=r"CG's preconditioner 'ekfac' cannot work with this task: the kfac/ekfac solvers "
-                                                  r"need .*Got OwnTask.*leave the preconditioner out"):
+    with pytest.raises(
+        ik.UnsupportedError,
+        match=r"CG's preconditioner 'ekfac' cannot work with this task: the kfac/ekfac solvers "
+        r"need .*Got OwnTask.*leave the preconditioner out",
+    ):
         ik.Influence(task, digits_small.train, solver="cg", solver_options={"preconditioner": "ekfac"})

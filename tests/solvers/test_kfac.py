@@ -24,7 +24,9 @@ torch.set_num_threads(1)
 
 
 def operator_of(task, train, damping=0.0, batch_size=128):
-    return HessianOperator(task, task.params(), Examples(train), damping=damping, batch_size=batch_size, tangent_block=256)
+    return HessianOperator(
+        task, task.params(), Examples(train), damping=damping, batch_size=batch_size, tangent_block=256
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,9 @@ def test_regression_single_output_linear_is_exact_and_sampled_fisher_is_close():
     # 10 Gaussian labels per example (n = 200): S = 2·mean(ε²) has standard deviation 2·sqrt(2/2000) = 0.063, so
     # 0.3 is 4.7σ (seeds 0-19: mean 2.02, largest deviation 0.17)
     assert abs(float(sampled.layers_[0].S.squeeze()) - 2.0) < 0.3
-    inf = ik.Influence(task, (X, target), solver="ekfac", solver_options={"fisher": "expected"}, stationarity_tol=1e9).fit()
+    inf = ik.Influence(
+        task, (X, target), solver="ekfac", solver_options={"fisher": "expected"}, stationarity_tol=1e9
+    ).fit()
     exact = ik.Influence(task, (X, target), solver="exact", stationarity_tol=1e9).fit()
     test = (X[:5], target[:5])
     assert relative_error(inf.scores(test).values, exact.scores(test).values) < 1e-9
@@ -116,8 +120,13 @@ def test_sampled_labels_depend_on_the_global_index_only():
     whole = solver.passes.draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
     for lo, B in [(0, 1), (255, 2), (300, 37), (511, 189)]:
         part = solver.passes.draws(lo, B, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
-        assert torch.equal(part, whole[:, lo:lo + B]), (lo, B)
-    assert not torch.equal(KFACSolver(seed=4, samples=2).passes.draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu")), whole)
+        assert torch.equal(part, whole[:, lo : lo + B]), (lo, B)
+    assert not torch.equal(
+        KFACSolver(seed=4, samples=2).passes.draws(
+            0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu")
+        ),
+        whole,
+    )
 
 
 # ------------------------------------------------------------------ MLP and CNN against dense Gauss-Newton
@@ -239,7 +248,9 @@ def test_unsupported_layer_is_named_and_the_options_work():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 10)).double()
     task = ik.ClassificationTask(model, l2=1e-2)
-    with pytest.raises(ik.UnsupportedError, match=r"'1\.weight', '1\.bias' belong to other layers.*params=.*'unsupported': 'diagonal'"):
+    with pytest.raises(
+        ik.UnsupportedError, match=r"'1\.weight', '1\.bias' belong to other layers.*params=.*'unsupported': 'diagonal'"
+    ):
         KFACSolver().fit(operator_of(task, (X, y)))
     with pytest.warns(ik.InfluenceKitWarning, match=r"'1\.weight', '1\.bias' are outside supported layers"):
         solver = EKFACSolver(unsupported="diagonal", probes=0).fit(operator_of(task, (X, y), damping=0.01))
@@ -254,10 +265,17 @@ def test_unsupported_layer_is_named_and_the_options_work():
     assert len(KFACSolver(probes=0).fit(operator_of(excluded, (X, y))).layers_) == 2
     # the default (unsupported="exclude"): the Influence is built on the task restricted to the factored layers,
     # and its scores equal those of the task that names them itself
-    with pytest.warns(ik.InfluenceKitWarning, match=r"influence over the 4 parameter tensors .*2 others left out \('1\.weight', '1\.bias'"):
-        inf = ik.Influence(task, (X, y), solver="kfac", damping=0.01, solver_options={"probes": 0}, stationarity_tol=1e9)
+    with pytest.warns(
+        ik.InfluenceKitWarning,
+        match=r"influence over the 4 parameter tensors .*2 others left out \('1\.weight', '1\.bias'",
+    ):
+        inf = ik.Influence(
+            task, (X, y), solver="kfac", damping=0.01, solver_options={"probes": 0}, stationarity_tol=1e9
+        )
     assert inf.task.param_names == excluded.param_names and inf.task.excluded_params == ("1.weight", "1.bias")
-    named = ik.Influence(excluded, (X, y), solver="kfac", damping=0.01, solver_options={"probes": 0}, stationarity_tol=1e9)
+    named = ik.Influence(
+        excluded, (X, y), solver="kfac", damping=0.01, solver_options={"probes": 0}, stationarity_tol=1e9
+    )
     scores = inf.fit().scores((X[:5], y[:5]))
     assert torch.equal(scores.values, named.fit().scores((X[:5], y[:5])).values)
     assert scores.metadata["params_excluded"] == ["1.weight", "1.bias"]
@@ -266,13 +284,21 @@ def test_unsupported_layer_is_named_and_the_options_work():
 def test_unsupported_loss_and_options_are_refused(digits_small):
     svm = ik.SmoothHingeTask(nn.Linear(64, 1).double())
     (X, y), _ = load_digits_split(50, seed=0)
-    with pytest.raises(ik.UnsupportedError, match=r"ClassificationTask.*RegressionTask.*Got SmoothHingeTask; use solver='cg'"):
+    with pytest.raises(
+        ik.UnsupportedError, match=r"ClassificationTask.*RegressionTask.*Got SmoothHingeTask; use solver='cg'"
+    ):
         KFACSolver().fit(operator_of(svm, (X, (y > 4).long())))
-    with pytest.raises(ik.InputError, match=r"`fisher` must be one of 'auto', 'sampled', 'expected', 'empirical'\. Got 'true'"):
+    with pytest.raises(
+        ik.InputError, match=r"`fisher` must be one of 'auto', 'sampled', 'expected', 'empirical'\. Got 'true'"
+    ):
         make_solver("kfac", fisher="true")
-    with pytest.raises(ik.InputError, match=r"`unsupported` must be one of 'exclude', 'diagonal', 'error'\. Got 'ignore'"):
+    with pytest.raises(
+        ik.InputError, match=r"`unsupported` must be one of 'exclude', 'diagonal', 'error'\. Got 'ignore'"
+    ):
         make_solver("ekfac", unsupported="ignore")
-    singular = operator_of(ik.ClassificationTask(digits_small.model), digits_small.train)  # constant-zero pixels, λ = δ = 0
+    singular = operator_of(
+        ik.ClassificationTask(digits_small.model), digits_small.train
+    )  # constant-zero pixels, λ = δ = 0
     with pytest.raises(ik.NumericalError, match=r"singular.*Add damping"):
         KFACSolver(probes=0).fit(singular)
 
@@ -295,7 +321,8 @@ def test_battery_fit_returns_self_batched_equals_columns_dtype_kept(digits_small
 
 
 def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
-    """A float32 model: solve_dtype=None (default) rotates in float32 and agrees with float64 rotations to 1e-5 relative."""
+    """A float32 model: solve_dtype=None (default) rotates in float32 and agrees with float64 rotations to 1e-5
+    relative."""
     X, y = digits_small.train
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
@@ -347,7 +374,9 @@ def test_embedding_factors_equal_its_one_hot_linear_twin_and_kfac_solves_equal()
     solvers = []
     for model in (emb, twin):
         task = ik.ClassificationTask(model, l2=1e-3)
-        solvers.append(KFACSolver(fisher="expected", probes=0, keep_factors=True).fit(operator_of(task, (x, y), damping=0.05)))
+        solvers.append(
+            KFACSolver(fisher="expected", probes=0, keep_factors=True).fit(operator_of(task, (x, y), damping=0.05))
+        )
     e, t = solvers[0].layers_[0], solvers[1].layers_[0]
     assert e.embedding and e.A.shape == (12,) and e.QA is None
     assert relative_error(torch.diag(e.A), t.A) < 1e-12
@@ -378,7 +407,9 @@ def test_embedding_ekfac_eigenvalues_are_the_gauss_newton_diagonal_and_padding_i
     # the padding row's solve is the damped identity: 1 / (λ + δ)
     V = torch.zeros(1, len(G), dtype=torch.float64)
     V[0, :4] = 1.0
-    assert torch.allclose(solver.solve(V).x[0, :4], torch.full((4,), 1 / (1e-3 + 0.05), dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(
+        solver.solve(V).x[0, :4], torch.full((4,), 1 / (1e-3 + 0.05), dtype=torch.float64), rtol=1e-12
+    )
 
 
 # Pearson r against exact Gauss-Newton influence, 200 training × 20 test bags of 12 tokens, 3 classes, λ = 1e-3,
@@ -423,9 +454,14 @@ def test_probe_residual_uses_an_even_subsample_of_the_data(digits_small):
     assert full.probe_residual_ == pytest.approx(float(full_by_hand), rel=1e-12)
     assert sub.probe_residual_ != full.probe_residual_
     half = EKFACSolver(probes=3, probe_examples=n // 2).fit(op).probe_residual_
-    print(f"probe residual: all {n} examples {full.probe_residual_:.4f}, {n // 2}: {half:.4f}, 40: {sub.probe_residual_:.4f}")
+    print(
+        f"probe residual: all {n} examples {full.probe_residual_:.4f}, {n // 2}: {half:.4f}, 40: "
+        f"{sub.probe_residual_:.4f}"
+    )
     assert abs(half - full.probe_residual_) < 0.2 * full.probe_residual_
-    assert EKFACSolver(probes=3, probe_examples=10_000).fit(op).probe_residual_ == pytest.approx(full.probe_residual_, rel=1e-12)
+    assert EKFACSolver(probes=3, probe_examples=10_000).fit(op).probe_residual_ == pytest.approx(
+        full.probe_residual_, rel=1e-12
+    )
     with pytest.raises(ik.InputError, match="probe_examples"):
         make_solver("ekfac", probe_examples=0)
 
@@ -446,7 +482,9 @@ def test_quadratic_forms_equal_the_solve_and_dot_product(name):
     G = torch.cat([g for _, g in source.stream(inf.train_, side="train")])
     reference = (G * solver.solve(G).x).sum(dim=1)
     assert relative_error(solver.quadratic_form(G), reference) < 1e-12
-    taps = torch.cat([solver.tap_quadratic_form(f, source.l2_term) for _, f in source.layer_factors(inf.train_, side="train")])
+    taps = torch.cat(
+        [solver.tap_quadratic_form(f, source.l2_term) for _, f in source.layer_factors(inf.train_, side="train")]
+    )
     assert source.l2_term is not None and relative_error(taps, reference) < 1e-12
     assert relative_error(inf.self_influence(), reference) < 1e-12  # the engine takes the taps route
     assert [a.shape[1] for a in next(source.layer_factors(inf.train_, side="train"))[1].a] == [36, 1, 1]
@@ -456,15 +494,21 @@ def test_quadratic_forms_equal_the_solve_and_dot_product(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 10)).double()
     with pytest.warns(ik.InfluenceKitWarning, match="outside supported layers"):
-        inf = ik.Influence(ik.ClassificationTask(model, l2=1e-2), (X, y), solver=name, damping=1e-2,
-                           solver_options={"probes": 0, "unsupported": "diagonal"}).fit()
+        inf = ik.Influence(
+            ik.ClassificationTask(model, l2=1e-2),
+            (X, y),
+            solver=name,
+            damping=1e-2,
+            solver_options={"probes": 0, "unsupported": "diagonal"},
+        ).fit()
     G = torch.cat([g for _, g in inf.gradients_.stream(inf.train_, side="train")])
     assert relative_error(inf.solver_.quadratic_form(G), (G * inf.solver_.solve(G).x).sum(dim=1)) < 1e-12
     assert relative_error(inf.self_influence(), (G * inf.solver_.solve(G).x).sum(dim=1)) < 1e-12  # the rows route
 
 
 def test_labels_drawn_inside_the_tapped_pass_give_the_factors_of_the_two_forward_path():
-    """One sampled label per example: the passes draw it from the outputs of the forward they back-propagate (one forward
+    """One sampled label per example: the passes draw it from the outputs of the forward they back-propagate (one
+    forward
     per chunk). A task that redefines loss() alone takes the general path (a no-grad forward for the labels, then the
     tapped one): the same labels, factors and eigenvalue corrections to round-off, at half the forwards."""
     (X, y), _ = load_digits_split(120, seed=0)
@@ -548,9 +592,16 @@ def test_auto_fisher_takes_the_expectation_over_few_labels_and_samples_many():
     digits = load_digits_split(200, seed=0)[0]
     ten = ik.ClassificationTask(nn.Linear(64, 10).double())
     op10 = operator_of(ten, digits, damping=0.01)
-    sampled_auto, sampled = KFACSolver(keep_factors=True).fit(op10), KFACSolver(fisher="sampled", keep_factors=True).fit(op10)
+    sampled_auto, sampled = (
+        KFACSolver(keep_factors=True).fit(op10),
+        KFACSolver(fisher="sampled", keep_factors=True).fit(op10),
+    )
     assert torch.equal(sampled_auto.layers_[0].S, sampled.layers_[0].S)
-    assert sampled_auto.solve(torch.ones(1, op10.n_params, dtype=torch.float64))[1].details["fisher"].startswith("sampled (auto: 10 label")
+    assert (
+        sampled_auto.solve(torch.ones(1, op10.n_params, dtype=torch.float64))[1]
+        .details["fisher"]
+        .startswith("sampled (auto: 10 label")
+    )
 
 
 def test_ekfac_with_the_expected_fisher_is_closer_to_exact_influence_on_small_data():
@@ -561,8 +612,14 @@ def test_ekfac_with_the_expected_fisher_is_closer_to_exact_influence_on_small_da
     test = (train[0][:30], train[1][:30])
     exact = ik.Influence(task, train, solver="exact", damping=0.01).fit().scores(test).values.numpy().ravel()
     auto = ik.Influence(task, train, solver="ekfac", damping=0.01).fit().scores(test).values.numpy().ravel()
-    sampled = [ik.Influence(task, train, solver="ekfac", damping=0.01, solver_options={"fisher": "sampled", "seed": s})
-               .fit().scores(test).values.numpy().ravel() for s in range(5)]
+    sampled = [
+        ik.Influence(task, train, solver="ekfac", damping=0.01, solver_options={"fisher": "sampled", "seed": s})
+        .fit()
+        .scores(test)
+        .values.numpy()
+        .ravel()
+        for s in range(5)
+    ]
     r_auto, r_sampled = pearson(auto, exact), [pearson(s, exact) for s in sampled]
     print(f"EK-FAC vs exact influence: expected (auto) r = {r_auto:.4f}, sampled r = {np.round(r_sampled, 4)}")
     assert r_auto >= 0.95 and r_auto > max(r_sampled)
@@ -573,6 +630,7 @@ def test_the_fused_label_passes_equal_the_general_path():
     general path (a no-grad forward for the labels, then a tapped forward and backward per label, taken when a subclass
     redefines `loss`): the same factors and EK-FAC eigenvalues to 1e-12, for the expectation over 3 classes and for
     sampled labels (the same seeded draws)."""
+
     class OwnLoss(ik.ClassificationTask):
         fisher = "classification"  # declared: this loss is still cross-entropy on the outputs
 
@@ -583,8 +641,16 @@ def test_the_fused_label_passes_equal_the_general_path():
     general = OwnLoss(task.model, l2=1e-3)
     assert task.has_loss_from_outputs() and not general.has_loss_from_outputs()
     for fisher in ("expected", "sampled"):
-        fused = EKFACSolver(fisher=fisher, keep_factors=True).fit(operator_of(task, train, damping=0.01, batch_size=50)).layers_[0]
-        plain = EKFACSolver(fisher=fisher, keep_factors=True).fit(operator_of(general, train, damping=0.01, batch_size=50)).layers_[0]
+        fused = (
+            EKFACSolver(fisher=fisher, keep_factors=True)
+            .fit(operator_of(task, train, damping=0.01, batch_size=50))
+            .layers_[0]
+        )
+        plain = (
+            EKFACSolver(fisher=fisher, keep_factors=True)
+            .fit(operator_of(general, train, damping=0.01, batch_size=50))
+            .layers_[0]
+        )
         for name in ("A", "S", "eig"):
             assert relative_error(getattr(fused, name), getattr(plain, name)) < 1e-12, (fisher, name)
 
@@ -594,7 +660,11 @@ def test_the_factors_are_dropped_after_their_eigendecomposition_unless_kept(digi
     (bit for bit), the saved state holds no factors, and ``keep_factors=True`` keeps them."""
     op = operator_of(digits_small.task, digits_small.train, damping=0.05)
     dropped, kept = EKFACSolver(fisher="expected").fit(op), EKFACSolver(fisher="expected", keep_factors=True).fit(op)
-    assert dropped.layers_[0].A is None and dropped.layers_[0].S is None and "A" not in next(iter(dropped.state_dict()["layers"].values()))
+    assert (
+        dropped.layers_[0].A is None
+        and dropped.layers_[0].S is None
+        and "A" not in next(iter(dropped.state_dict()["layers"].values()))
+    )
     assert kept.layers_[0].A is not None and kept.layers_[0].S is not None
     V = torch.randn(3, op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert torch.equal(dropped.solve(V).x, kept.solve(V).x)

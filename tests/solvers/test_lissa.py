@@ -50,7 +50,11 @@ def test_defaults_converge_with_the_heavy_ball_step_on_the_full_data(problem, re
         x, report = ik.LissaSolver().fit(op).solve(V)
     details = report.details
     assert report.converged and report.relative_residual <= 0.05 and details["trend"] == "converged"
-    assert details["batch_size"] == op.n_examples and details["momentum"] > 0 and details["why"].startswith("deterministic")
+    assert (
+        details["batch_size"] == op.n_examples
+        and details["momentum"] > 0
+        and details["why"].startswith("deterministic")
+    )
     expected = torch.linalg.solve(A, V.T).T
     assert relative_error(x, expected) < 0.1
     # the reported residual is that of the returned estimate, from the full operator

@@ -25,7 +25,9 @@ SOLVERS = {
 @pytest.fixture(scope="module")
 def operator(digits_small):
     X, y = digits_small.train
-    return HessianOperator(digits_small.task, digits_small.task.params(), Examples((X, y)), damping=0.05, batch_size=300, tangent_block=256)
+    return HessianOperator(
+        digits_small.task, digits_small.task.params(), Examples((X, y)), damping=0.05, batch_size=300, tangent_block=256
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,9 @@ def test_batched_solve_equals_column_by_column(name, operator, rhs):
         # block CG shares its Krylov space across right-hand sides: the same answer within the stated
         # tolerance, not the same round-off (and in fewer iterations)
         assert relative_error(batched, columns) < tol
-        assert solver.solve(rhs).report.iterations < max(solver.solve(rhs[j]).report.iterations for j in range(len(rhs)))
+        assert solver.solve(rhs).report.iterations < max(
+            solver.solve(rhs[j]).report.iterations for j in range(len(rhs))
+        )
     else:
         torch.testing.assert_close(batched, columns, rtol=1e-9, atol=1e-12)
 
@@ -92,7 +96,15 @@ def test_solution_is_a_namedtuple_with_report_fields(operator, rhs):
     solution = ik.CGSolver().fit(operator).solve(rhs)
     x, report = solution
     assert x is solution.x
-    assert set(report.to_dict()) >= {"solver", "iterations", "relative_residual", "converged", "n_rhs", "hvps", "seconds"}
+    assert set(report.to_dict()) >= {
+        "solver",
+        "iterations",
+        "relative_residual",
+        "converged",
+        "n_rhs",
+        "hvps",
+        "seconds",
+    }
 
 
 @pytest.mark.parametrize(
@@ -128,7 +140,12 @@ def test_cg_matches_scipy_cg(operator, dense, rhs):
 
 
 def test_cg_warns_when_max_iter_is_too_small(operator, rhs):
-    with pytest.warns(ik.ConvergenceWarning, match=r"CG stopped after max_iter=3 iterations.*Raise `solver_options=\{'max_iter': 6\}`, or raise `damping` if H is ill-conditioned\."):
+    with pytest.warns(
+        ik.ConvergenceWarning,
+        match=r"CG stopped after max_iter=3 iterations.*Raise `solver_options=\{'max_iter': 6\}`, or raise "
+        r"`damping` if "
+        r"H is ill-conditioned\.",
+    ):
         _, report = ik.CGSolver(max_iter=3).fit(operator).solve(rhs)
     assert not report.converged and report.iterations == 3
 
@@ -195,10 +212,17 @@ def test_exact_cholesky_falls_back_to_eigh_when_not_positive_definite():
 def test_lissa_warning_names_the_knob_that_helps(operator, rhs):
     """Too shallow a recursion is told to raise depth (with the steps needed); a deep one whose residual is
     mini-batch noise is told to raise batch_size or repeats instead."""
-    with pytest.warns(ik.ConvergenceWarning, match=r"converging, measured factor 0\.\d+ per step.*Raise `solver_options=\{'depth': \d+\}` \(reaches rtol at the measured factor\)"):
+    with pytest.warns(
+        ik.ConvergenceWarning,
+        match=r"converging, measured factor 0\.\d+ per step.*Raise `solver_options=\{'depth': \d+\}` \(reaches rtol at "
+        r"the measured factor\)",
+    ):
         ik.LissaSolver(depth=5, batch_size=10_000).fit(operator).solve(rhs[:2])
-    with pytest.warns(ik.ConvergenceWarning, match=r"stalled.*mini-batch noise, which more depth does not remove: raise "
-                                               r"`solver_options=\{'batch_size': \d+\}` \(now 4\) or `solver_options=\{'repeats': 4\}`"):
+    with pytest.warns(
+        ik.ConvergenceWarning,
+        match=r"stalled.*mini-batch noise, which more depth does not remove: raise "
+        r"`solver_options=\{'batch_size': \d+\}` \(now 4\) or `solver_options=\{'repeats': 4\}`",
+    ):
         ik.LissaSolver(depth=3000, batch_size=4, rtol=1e-6).fit(operator).solve(rhs[:1])
 
 
@@ -208,8 +232,10 @@ def test_capabilities_are_typed_flags_and_the_set_spelling_is_converted_with_a_w
     assert "tap_solve" in caps and "dense" not in caps and "no_such_flag" not in caps  # the former spelling answers
     assert ik.ExactSolver.capabilities.dense and not ik.CGSolver.capabilities.quadratic_form
     with pytest.warns(DeprecationWarning, match=r"Capabilities\(quadratic_form=True, sharded=True\)"):
+
         class OldStyle(ik.ExactSolver):
             capabilities = frozenset({"quadratic_form", "sharded"})
+
     assert OldStyle.capabilities == ik.solvers.Capabilities(quadratic_form=True, sharded=True, batched=False)
     with pytest.raises(ik.InputError, match=r"unknown solver capabilities \['fast'\]"):
         ik.solvers.Capabilities.of({"fast"})

@@ -57,8 +57,10 @@ def test_predicted_loo_change_matches_retraining_as_well_as_the_closed_form(loo)
     _, rows = loo
     ours, closed, actual = rows[:, 2], rows[:, 3], rows[:, 4]
     r_ours, r_closed = pearson(ours, actual), pearson(closed, actual)
-    print(f"pooled Pearson r: influencekit {r_ours:.4f}, closed form {r_closed:.4f}; "
-          f"Spearman {scipy.stats.spearmanr(ours, actual)[0]:.4f}")
+    print(
+        f"pooled Pearson r: influencekit {r_ours:.4f}, closed form {r_closed:.4f}; "
+        f"Spearman {scipy.stats.spearmanr(ours, actual)[0]:.4f}"
+    )
     # the same r to 3 decimals as an independent closed form: the code adds no error of its own
     assert round(r_ours, 3) == round(r_closed, 3)
     # the first-order approximation at n = 1,200, pixels in [0, 1], λ = 1e-3: measured r = 0.9985 pooled

@@ -123,7 +123,9 @@ def test_step_retraining_with_control_predicts_loo_on_a_nonconvex_model(mlp, tmp
     assert again.metadata["n_retrained"] == 0 and np.array_equal(again.actual, result.actual)
     # without the control the drift is not subtracted, and the cache refuses to mix the two
     with pytest.raises(ik.InputError, match="drift_control"):
-        leave_one_out(inf, test, test_indices=[worst], top_k=10, n_random=5, retrain=retrain, control=False, cache_dir=tmp_path)
+        leave_one_out(
+            inf, test, test_indices=[worst], top_k=10, n_random=5, retrain=retrain, control=False, cache_dir=tmp_path
+        )
 
 
 def test_workers_give_the_same_results(mlp):

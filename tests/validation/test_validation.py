@@ -18,7 +18,15 @@ import threadpoolctl
 import torch
 
 import influencekit as ik
-from influencekit.validation import LDSResult, LOOResult, leave_one_out, linear_datamodeling_score, pearson, plot_loo, spearman
+from influencekit.validation import (
+    LDSResult,
+    LOOResult,
+    leave_one_out,
+    linear_datamodeling_score,
+    pearson,
+    plot_loo,
+    spearman,
+)
 from problems import LogisticReference, softmax
 
 # Lipschitz constant of one example's cross-entropy in Θ: ‖∇ℓ‖ = ‖p − e_y‖·‖x̃‖ ≤ √2·√65 (pixels in [0, 1]).
@@ -26,7 +34,8 @@ LIPSCHITZ_TEST_LOSS = math.sqrt(2.0) * math.sqrt(65.0)
 
 
 def weighted_hessian(theta: np.ndarray, X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float) -> np.ndarray:
-    """∇²R_w = Σᵢ (wᵢ/Σw) (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + λI, Θ flattened row-major (LogisticReference.hessian, weighted)."""
+    """∇²R_w = Σᵢ (wᵢ/Σw) (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + λI, Θ flattened row-major (LogisticReference.hessian,
+    weighted)."""
     Xa = np.concatenate([X, np.ones((len(X), 1))], axis=1)
     P = softmax(Xa @ theta.T)
     C, D1 = theta.shape
@@ -177,7 +186,10 @@ def test_actual_changes_equal_independent_numpy_retraining(digits, influence, wo
             i = int(loo.train_index[k])
             expected, norm = _numpy_loo_change(digits, reference, int(t), i)
             assert norm < 1e-12
-            print(f"test {t}, without {i}: actual {loo.actual[k]:.10f}, numpy {expected:.10f}, |difference| {abs(loo.actual[k] - expected):.1g}")
+            print(
+                f"test {t}, without {i}: actual {loo.actual[k]:.10f}, numpy {expected:.10f}, |difference| "
+                f"{abs(loo.actual[k] - expected):.1g}"
+            )
             assert abs(loo.actual[k] - expected) <= _bound(digits, norms[i], norm)
     # every pair, through the `retrain=` path with the numpy retrainer
     theirs = leave_one_out(influence, digits.test, test_indices=worst_tests, top_k=10, n_random=5, retrain=reference)
@@ -206,7 +218,9 @@ def test_not_converged_retraining_is_reported_or_raises(digits, influence, worst
     assert list(res.not_converged) == [7] and res.not_converged[7] > 2e-15
     assert len(res.predicted) == len(res.actual) == 0 and math.isnan(res.pearson)
     with pytest.raises(ik.NumericalError, match=r"retraining without training point 7 did not reach .*strict=False"):
-        leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=2e-15, max_iter=1, strict=True)
+        leave_one_out(
+            influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=2e-15, max_iter=1, strict=True
+        )
     # a tolerance below the dtype's round-off is refused before any retraining
     with pytest.raises(ik.InputError, match=r"`tol`=1e-30 cannot be reached in float64: .*pass tol >= 1.\de-15"):
         leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[7], tol=1e-30)
@@ -247,9 +261,13 @@ def test_retrain_callable_contract(digits, influence, worst_tests):
             digits.model.bias.add_(1.0)
 
     kw = dict(test_indices=worst_tests, train_indices=[0])
-    with pytest.raises(ik.InputError, match=r"`retrain` must update the selected parameters .* in place and return None. Got a dict"):
+    with pytest.raises(
+        ik.InputError, match=r"`retrain` must update the selected parameters .* in place and return None. Got a dict"
+    ):
         leave_one_out(influence, digits.test, retrain=returns_params, **kw)
-    with pytest.raises(ik.InputError, match=r"keep the shape.* Got 'weight' with shape \(10, 63\).*expected \(10, 64\)"):
+    with pytest.raises(
+        ik.InputError, match=r"keep the shape.* Got 'weight' with shape \(10, 63\).*expected \(10, 64\)"
+    ):
         leave_one_out(influence, digits.test, retrain=wrong_shape, **kw)
     with pytest.raises(ik.InputError, match=r"left the task's parameters at theta-hat"):
         leave_one_out(influence, digits.test, retrain=retrains_nothing, **kw)
@@ -278,21 +296,49 @@ def test_cache_resumes_and_retrains_only_what_is_missing(digits, influence, wors
     resumed = leave_one_out(influence, digits.test, train_indices=[3, 5, 8, 13, 21, 34, 55], progress=True, **kw)
     assert retrain.calls == 8  # only 34 and 55 were missing
     assert resumed.metadata["n_from_cache"] == 5 and resumed.metadata["n_retrained"] == 2
-    fresh = leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[3, 5, 8, 13, 21, 34, 55], retrain=numpy_retrain())
+    fresh = leave_one_out(
+        influence,
+        digits.test,
+        test_indices=worst_tests,
+        train_indices=[3, 5, 8, 13, 21, 34, 55],
+        retrain=numpy_retrain(),
+    )
     np.testing.assert_array_equal(resumed.actual, fresh.actual)
     np.testing.assert_array_equal(resumed.predicted, fresh.predicted)
     again = leave_one_out(influence, digits.test, train_indices=[55, 3], **kw)
     assert retrain.calls == 8 and again.metadata["n_from_cache"] == 2
     names = sorted(os.listdir(folder))
-    assert names == ["loo-13.npz", "loo-21.npz", "loo-3.npz", "loo-34.npz", "loo-5.npz", "loo-55.npz", "loo-8.npz", "manifest.json"]
+    assert names == [
+        "loo-13.npz",
+        "loo-21.npz",
+        "loo-3.npz",
+        "loo-34.npz",
+        "loo-5.npz",
+        "loo-55.npz",
+        "loo-8.npz",
+        "manifest.json",
+    ]
 
 
 def test_cache_refuses_another_configuration(digits, influence, worst_tests, numpy_retrain, tmp_path):
     folder = tmp_path / "loo"
     retrain = numpy_retrain()
-    leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[1], retrain=retrain, cache_dir=folder)
-    with pytest.raises(ik.InputError, match=r"(?s)different configuration \(differs in: tol\).*stored: .*\"tol\": 1e-09.*requested: .*\"tol\": 1e-10"):
-        leave_one_out(influence, digits.test, test_indices=worst_tests, train_indices=[1], retrain=retrain, cache_dir=folder, tol=1e-10)
+    leave_one_out(
+        influence, digits.test, test_indices=worst_tests, train_indices=[1], retrain=retrain, cache_dir=folder
+    )
+    with pytest.raises(
+        ik.InputError,
+        match=r"(?s)different configuration \(differs in: tol\).*stored: .*\"tol\": 1e-09.*requested: .*\"tol\": 1e-10",
+    ):
+        leave_one_out(
+            influence,
+            digits.test,
+            test_indices=worst_tests,
+            train_indices=[1],
+            retrain=retrain,
+            cache_dir=folder,
+            tol=1e-10,
+        )
     with pytest.raises(ik.InputError, match=r"differs in: test_fingerprint, test_indices"):
         leave_one_out(influence, digits.test, test_indices=[0, 1], train_indices=[1], retrain=retrain, cache_dir=folder)
     with pytest.raises(ik.InputError, match=r"differs in: retrain"):
@@ -333,7 +379,10 @@ def test_linear_datamodeling_score(digits, influence):
     assert isinstance(res, LDSResult) and not res.not_converged and res.metadata["retrain"] == "influencekit.fit_lbfgs"
     # measured: LDS = 0.928 (mean over the 597 test points; per test point min 0.455, median 0.952), 10 subsets
     # of 600 of the 1,200 training digits
-    print(f"LDS = {res.mean:.4f} (per test point: min {np.nanmin(res.per_test):.3f}, median {np.nanmedian(res.per_test):.3f}); {seconds:.1f} s")
+    print(
+        f"LDS = {res.mean:.4f} (per test point: min {np.nanmin(res.per_test):.3f}, median "
+        f"{np.nanmedian(res.per_test):.3f}); {seconds:.1f} s"
+    )
     assert res.mean > 0.5
     # the retrainings agree with independent numpy ones on the same subsets (Newton with each subset's Hessian)
     retrain = NumpyNewton(digits.ref)

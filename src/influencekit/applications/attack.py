@@ -83,7 +83,9 @@ class AttackResult:
         return out
 
 
-def predict_labels(task: ClassificationTask, X: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def predict_labels(
+    task: ClassificationTask, X: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Predicted classes ``(B,)``: ``logit > 0`` for one output (binary logistic), ``argmax`` otherwise."""
     with torch.no_grad():
         logits = task.forward(task.params() if params is None else params, X)
@@ -102,7 +104,9 @@ def _pair(name: str, value: Any) -> tuple[torch.Tensor, torch.Tensor]:
             f"Got dtype {X.dtype}; for token ids attack the embeddings instead."
         )
     if len(X) != len(y) or len(X) == 0:
-        raise InputError(f"`{name}` must hold as many inputs as labels, at least one. Got {len(X)} inputs and {len(y)} labels.")
+        raise InputError(
+            f"`{name}` must hold as many inputs as labels, at least one. Got {len(X)} inputs and {len(y)} labels."
+        )
     return X, y
 
 
@@ -150,7 +154,9 @@ def training_set_attack(
         prediction(s) flipped.
     """
     if not isinstance(task, ClassificationTask):
-        raise InputTypeError(f"`task` must be an ik.ClassificationTask (the attack flips predicted classes). Got {type(task).__name__}.")
+        raise InputTypeError(
+            f"`task` must be an ik.ClassificationTask (the attack flips predicted classes). Got {type(task).__name__}."
+        )
     X, y = _pair("train", train)
     X_t, y_t = _pair("target", target)
     eps = check_number("eps", eps, low=0.0, low_inclusive=False)
@@ -170,7 +176,17 @@ def training_set_attack(
         if bounds is not None:
             low, high = low.clamp(min=bounds[0]), high.clamp(max=bounds[1])
         losses, flipped_targets, iterations = _iterate(
-            task, inf, X_cur, y, targets, idx, (low, high), step=step, max_iter=max_iter, tol=tol, settings=settings,
+            task,
+            inf,
+            X_cur,
+            y,
+            targets,
+            idx,
+            (low, high),
+            step=step,
+            max_iter=max_iter,
+            tol=tol,
+            settings=settings,
             progress=progress,
         )
         params = {k: v.clone() for k, v in task.params().items()}
@@ -178,12 +194,24 @@ def training_set_attack(
         if restore:
             _restore(task, saved)
     result = AttackResult(
-        train_idx=idx, original=original, perturbed=X_cur[idx].clone(), losses=torch.stack(losses),
-        flipped_targets=flipped_targets, flipped=bool(flipped_targets.all()), iterations=iterations,
-        params=params, eps=eps, step=step,
+        train_idx=idx,
+        original=original,
+        perturbed=X_cur[idx].clone(),
+        losses=torch.stack(losses),
+        flipped_targets=flipped_targets,
+        flipped=bool(flipped_targets.all()),
+        iterations=iterations,
+        params=params,
+        eps=eps,
+        step=step,
     )
-    logger.info("attack on %d target(s) with %d training point(s): flipped=%s after %d iterations",
-                len(y_t), len(idx), result.flipped, iterations)
+    logger.info(
+        "attack on %d target(s) with %d training point(s): flipped=%s after %d iterations",
+        len(y_t),
+        len(idx),
+        result.flipped,
+        iterations,
+    )
     return result
 
 
@@ -209,7 +237,8 @@ def _check_correct(task: ClassificationTask, X_t: torch.Tensor, y_t: torch.Tenso
     if wrong:
         j = wrong[0]
         raise InputError(
-            f"`target` example {j} is already misclassified (label {int(y_t[j])}, predicted {int(predicted[j])}); the attack "
+            f"`target` example {j} is already misclassified (label {int(y_t[j])}, predicted {int(predicted[j])}); the "
+            "attack "
             "flips correct predictions only. Pass correctly classified test points"
             + (f" ({len(wrong)} of {len(y_t)} are not)." if len(wrong) > 1 else ".")
         )
@@ -218,7 +247,8 @@ def _check_correct(task: ClassificationTask, X_t: torch.Tensor, y_t: torch.Tenso
 def _attacked_points(
     inf: Influence, targets: tuple[torch.Tensor, torch.Tensor], train_idx: Any, n_perturb: int, n: int
 ) -> torch.Tensor:
-    """The training points to perturb: ``train_idx`` when given, else the ``n_perturb`` largest ‖Σ_t I_pert‖₁, sorted."""
+    """The training points to perturb: ``train_idx`` when given, else the ``n_perturb`` largest ‖Σ_t I_pert‖₁,
+    sorted."""
     if train_idx is not None:
         return torch.as_tensor(check_indices("train_idx", train_idx, n, unique=True), dtype=torch.long)
     n_perturb = check_int("n_perturb", n_perturb, low=1, high=n)

@@ -26,7 +26,11 @@ from ..training import TrainReport, fit_lbfgs
 from ..validation import spearman
 
 __all__ = [
-    "explain_digits", "DigitsModel", "train_digits_logistic", "compare_models", "ModelComparison",
+    "explain_digits",
+    "DigitsModel",
+    "train_digits_logistic",
+    "compare_models",
+    "ModelComparison",
 ]
 
 
@@ -62,8 +66,14 @@ def train_digits_logistic(*, l2: float = 1e-3, seed: int = 0) -> DigitsModel:
 
 
 def explain_digits(
-    *, n_test: int = 3, k: int = 5, solver: str = "cg", solver_options: dict[str, Any] | None = None, l2: float = 1e-3,
-    seed: int = 0, progress: bool = False,
+    *,
+    n_test: int = 3,
+    k: int = 5,
+    solver: str = "cg",
+    solver_options: dict[str, Any] | None = None,
+    l2: float = 1e-3,
+    seed: int = 0,
+    progress: bool = False,
 ) -> str:
     """Train multiclass logistic regression on bundled digits and explain its highest-loss test digits.
 
@@ -78,7 +88,9 @@ def explain_digits(
     with torch.no_grad():
         logits = model(X_test)
     chosen = digits.hardest(n_test)
-    influence = Influence(digits.task, digits.train, solver=solver, solver_options=solver_options, progress=progress).fit()
+    influence = Influence(
+        digits.task, digits.train, solver=solver, solver_options=solver_options, progress=progress
+    ).fit()
     ranked = influence.top_k((X_test[chosen], y_test[chosen]), k=k)
     n = len(y_train)
     lines = [
@@ -137,7 +149,9 @@ class ModelComparison:
         if subset == "all":
             values = self.spearman[name]
         elif subset in ("same", "other"):
-            values = _rank_correlations(self.influence[name], self.distance, self.same_class if subset == "same" else ~self.same_class)
+            values = _rank_correlations(
+                self.influence[name], self.distance, self.same_class if subset == "same" else ~self.same_class
+            )
         else:
             raise InputError(f"`subset` must be 'all', 'same' or 'other'. Got {subset!r}.")
         finite = values[np.isfinite(values)]
@@ -146,15 +160,19 @@ class ModelComparison:
     def summary(self) -> str:
         """One line per model: the mean rank correlation between |influence| and pixel distance."""
         lines = list(self.notes)
-        lines.append(f"Spearman(|I_up,loss|, Euclidean distance), mean over {self.distance.shape[0]} test point(s) "
-                     "(negative: nearer training inputs matter more):")
+        lines.append(
+            f"Spearman(|I_up,loss|, Euclidean distance), mean over {self.distance.shape[0]} test point(s) "
+            "(negative: nearer training inputs matter more):"
+        )
         for name in self.names:
             rho = self.spearman[name]
             finite = rho[np.isfinite(rho)]
             spread = f" (range {finite.min():+.3f} .. {finite.max():+.3f})" if len(finite) > 1 else ""
             lines.append(
-                f"  {name:24s} all {self.mean_spearman(name):+.3f}{spread}   same class {self.mean_spearman(name, 'same'):+.3f}   "
-                f"other class {self.mean_spearman(name, 'other'):+.3f}" + ("" if len(finite) == len(rho) else f"   [{len(rho) - len(finite)} undefined]")
+                f"  {name:24s} all {self.mean_spearman(name):+.3f}{spread}   same class "
+                f"{self.mean_spearman(name, 'same'):+.3f}   "
+                f"other class {self.mean_spearman(name, 'other'):+.3f}"
+                + ("" if len(finite) == len(rho) else f"   [{len(rho) - len(finite)} undefined]")
             )
         return "\n".join(lines)
 
@@ -177,7 +195,8 @@ def _xy(name: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     X, y = data
     if X.dim() < 2 or y.dim() != 1 or len(X) != len(y) or len(X) == 0:
         raise InputError(
-            f"`{name}` must hold inputs X (n, ...) and labels y (n,) with n >= 1. Got X {tuple(X.shape)} and y {tuple(y.shape)}."
+            f"`{name}` must hold inputs X (n, ...) and labels y (n,) with n >= 1. Got X {tuple(X.shape)} and y "
+            f"{tuple(y.shape)}."
         )
     return X, y
 
@@ -222,7 +241,8 @@ def compare_models(
     X_t, y_t = _xy("test", test)
     if X_t.shape[1:] != X.shape[1:]:
         raise InputError(
-            f"`test` inputs must have the shape of the training inputs, (n_test, {', '.join(map(str, X.shape[1:]))}). Got "
+            f"`test` inputs must have the shape of the training inputs, (n_test, {', '.join(map(str, X.shape[1:]))}). "
+            "Got "
             f"{tuple(X_t.shape)}; reshape the test inputs the way the training inputs are."
         )
     k = check_int("k", k, low=1, high=len(y))
@@ -242,12 +262,20 @@ def compare_models(
         vals, idx = torch.topk(-values, k, dim=1)
         helpful[name] = TopK(idx, -vals)
     result = ModelComparison(
-        names, scores, distance, same, {name: _rank_correlations(v, distance) for name, v in scores.items()}, helpful,
-        len(y), notes=list(notes or []),
+        names,
+        scores,
+        distance,
+        same,
+        {name: _rank_correlations(v, distance) for name, v in scores.items()},
+        helpful,
+        len(y),
+        notes=list(notes or []),
     )
     if out_dir is not None and n_plot > 0:
         shown_y, shown_y_t = (y, y_t) if label_names is None else (_named(label_names, y), _named(label_names, y_t))
-        result.figures = _comparison_figures(result, flat, shown_y, flat_t, shown_y_t, Path(out_dir), n_plot, image_shape or _image_shape(X))
+        result.figures = _comparison_figures(
+            result, flat, shown_y, flat_t, shown_y_t, Path(out_dir), n_plot, image_shape or _image_shape(X)
+        )
     result.text = result.summary()
     return result
 
@@ -264,10 +292,14 @@ def _shared_training_set(models: Any) -> tuple[list[str], torch.Tensor, torch.Te
     for name in names[1:]:
         Xo, yo = _xy(f"models[{name!r}].train", models[name].train)
         if Xo.shape != X.shape or not torch.equal(Xo.to(X), X) or not torch.equal(yo.to(y), y):
-            what = (f"inputs {tuple(Xo.shape)} vs {tuple(X.shape)}" if Xo.shape != X.shape
-                    else "the same shapes but different values (inputs or labels)")
+            what = (
+                f"inputs {tuple(Xo.shape)} vs {tuple(X.shape)}"
+                if Xo.shape != X.shape
+                else "the same shapes but different values (inputs or labels)"
+            )
             raise InputError(
-                f"`models` must be trained on the same training set: {name!r} and {names[0]!r} differ ({what}). Give every "
+                f"`models` must be trained on the same training set: {name!r} and {names[0]!r} differ ({what}). Give "
+                "every "
                 "model the same (X, y) tensors and put any fixed feature map inside the model."
             )
     return names, X, y
@@ -277,7 +309,9 @@ def _named(label_names: Any, y: torch.Tensor) -> torch.Tensor:
     try:
         return torch.as_tensor([int(label_names[int(c)]) for c in y])
     except (IndexError, KeyError, TypeError, ValueError):
-        raise InputError(f"`label_names` must map every label to an integer name, e.g. (3, 8). Got {label_names!r}.") from None
+        raise InputError(
+            f"`label_names` must map every label to an integer name, e.g. (3, 8). Got {label_names!r}."
+        ) from None
 
 
 def _image_shape(X: torch.Tensor) -> tuple[int, int]:
@@ -289,8 +323,16 @@ def _image_shape(X: torch.Tensor) -> tuple[int, int]:
     return side, side
 
 
-def _comparison_figures(result: ModelComparison, flat: torch.Tensor, y: torch.Tensor, flat_t: torch.Tensor, y_t: torch.Tensor,
-                        out: Path, n_plot: int, image_shape: tuple[int, int]) -> list[Path]:
+def _comparison_figures(
+    result: ModelComparison,
+    flat: torch.Tensor,
+    y: torch.Tensor,
+    flat_t: torch.Tensor,
+    y_t: torch.Tensor,
+    out: Path,
+    n_plot: int,
+    image_shape: tuple[int, int],
+) -> list[Path]:
     from ..report.comparison import plot_helpful_by_model, plot_influence_vs_distance
 
     out.mkdir(parents=True, exist_ok=True)
@@ -299,16 +341,24 @@ def _comparison_figures(result: ModelComparison, flat: torch.Tensor, y: torch.Te
     for t in shown:
         path = out / f"influence_vs_distance_{t}.png"
         plot_influence_vs_distance(
-            result.distance[t].numpy(), {n: (-result.influence[n][t] / result.n_train).numpy() for n in result.names},
-            result.same_class[t].numpy(), correlations={n: float(result.spearman[n][t]) for n in result.names},
-            title=f"test point {t} (label {int(y_t[t])}): influence of every training point vs pixel distance", path=path,
+            result.distance[t].numpy(),
+            {n: (-result.influence[n][t] / result.n_train).numpy() for n in result.names},
+            result.same_class[t].numpy(),
+            correlations={n: float(result.spearman[n][t]) for n in result.names},
+            title=f"test point {t} (label {int(y_t[t])}): influence of every training point vs pixel distance",
+            path=path,
         )
         figures.append(path)
     path = out / "helpful.png"
     plot_helpful_by_model(
-        flat_t[shown].numpy(), y_t[shown].numpy(), flat.numpy(), y.numpy(),
+        flat_t[shown].numpy(),
+        y_t[shown].numpy(),
+        flat.numpy(),
+        y.numpy(),
         {n: (result.helpful[n].indices[shown].numpy(), result.helpful[n].values[shown].numpy()) for n in result.names},
-        n_train=result.n_train, image_shape=image_shape, path=path,
+        n_train=result.n_train,
+        image_shape=image_shape,
+        path=path,
     )
     figures.append(path)
     return figures

@@ -13,7 +13,8 @@ The workflow a data scientist runs on their own table (Koh & Liang 2017, §5.4 a
 3. rank the training rows by self-influence ∇L(z)ᵀ(H + δI)⁻¹∇L(z)
    (:func:`~influencekit.applications.mislabel.rank_training_points`): the top rows are the ones most
    likely mislabeled;
-4. for each reported test row (the misclassified first, then by loss), the ``k`` most helpful (I_up,loss < 0: removing them raises its loss) and
+4. for each reported test row (the misclassified first, then by loss), the ``k`` most helpful (I_up,loss < 0: removing
+them raises its loss) and
    most harmful (I_up,loss > 0) training rows (:meth:`~influencekit.Influence.top_k`);
 5. with ``group_by``: the predicted effect of removing each group of training rows (each value of that column)
    on the mean test loss, at order 1 and by the Newton step (:mod:`~influencekit.applications.groups`);
@@ -145,7 +146,8 @@ def run_inspect(
         n_suspicious: training rows listed as most likely mislabeled.
         max_test_rows: test rows explained at most: the misclassified first, then by loss (so too the report).
         test_fraction: the held-out share of ``data`` when ``test`` is not given.
-        categorical, numeric, ignore, max_categories, delimiter, chunk_size: as in :class:`~influencekit.data.tabular.TabularEncoder`.
+        categorical, numeric, ignore, max_categories, delimiter, chunk_size: as in
+        :class:`~influencekit.data.tabular.TabularEncoder`.
         seed: seed of the held-out split and of the MLP's initialisation.
         group_by: a column whose values group the training rows (a data source, an annotator, a site): the report
             ranks the groups by the predicted effect of removing each on the mean test loss.
@@ -153,29 +155,61 @@ def run_inspect(
     """
     started = time.perf_counter()
     l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed = _check_arguments(
-        model, l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed)
+        model, l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed
+    )
     out = Path(out_dir)
     _check_out_dir(out)
     if group_by is not None:
         check_group_column(group_by, read_header(data, delimiter=delimiter), label)
     encoder = TabularEncoder(
-        label, categorical=categorical, numeric=numeric, ignore=ignore, max_categories=max_categories,
-        delimiter=delimiter, chunk_size=chunk_size, progress=progress,
+        label,
+        categorical=categorical,
+        numeric=numeric,
+        ignore=ignore,
+        max_categories=max_categories,
+        delimiter=delimiter,
+        chunk_size=chunk_size,
+        progress=progress,
     )
-    train, test_data, test_source, test_path = _encode(encoder, data, test, test_fraction=test_fraction, delimiter=delimiter, seed=seed)
+    train, test_data, test_source, test_path = _encode(
+        encoder, data, test, test_fraction=test_fraction, delimiter=delimiter, seed=seed
+    )
     fitted = _train_and_score(
-        model, train, test_data, len(encoder.classes_), l2=l2, damping=damping, solver=solver, solver_options=solver_options,
-        hidden=hidden, steps=steps,
-        lr=lr, k=k, max_test_rows=max_test_rows, seed=seed, progress=progress,
+        model,
+        train,
+        test_data,
+        len(encoder.classes_),
+        l2=l2,
+        damping=damping,
+        solver=solver,
+        solver_options=solver_options,
+        hidden=hidden,
+        steps=steps,
+        lr=lr,
+        k=k,
+        max_test_rows=max_test_rows,
+        seed=seed,
+        progress=progress,
     )
     header, suspicious, explained = _tables(fitted, encoder, train, test_data, data, test_path, n_suspicious, delimiter)
-    settings = {"data": str(Path(data)), "test": test_source, "label": label, "model": _describe_model(model, hidden, steps, lr),
-                "l2": l2, "damping": damping, "solver": solver,
-                "solver_options": dict(solver_options or {})}
+    settings = {
+        "data": str(Path(data)),
+        "test": test_source,
+        "label": label,
+        "model": _describe_model(model, hidden, steps, lr),
+        "l2": l2,
+        "damping": damping,
+        "solver": solver,
+        "solver_options": dict(solver_options or {}),
+    }
     result = _result(out, encoder, train, test_data, fitted, suspicious, explained, settings)
     if group_by is not None:
-        result.groups = summarise_groups(fitted.influence, read_column(data, group_by, train.rows.tolist(), delimiter=delimiter),
-                                         test_data.tensors(), group_by)
+        result.groups = summarise_groups(
+            fitted.influence,
+            read_column(data, group_by, train.rows.tolist(), delimiter=delimiter),
+            test_data.tensors(),
+            group_by,
+        )
         result.metadata["groups"] = {**result.groups.metadata, "table": result.groups.rows}
     _write_in_place(out, result, header, fitted, test_source, started)
     result.metadata["seconds"] = time.perf_counter() - started
@@ -183,26 +217,44 @@ def run_inspect(
     return result
 
 
-def _check_arguments(model: str, l2: float, damping: float | None, hidden: int, k: int, n_suspicious: int, max_test_rows: int,
-                     test_fraction: float, seed: int) -> tuple[float, float, int, int, int, int, float, int]:
+def _check_arguments(
+    model: str,
+    l2: float,
+    damping: float | None,
+    hidden: int,
+    k: int,
+    n_suspicious: int,
+    max_test_rows: int,
+    test_fraction: float,
+    seed: int,
+) -> tuple[float, float, int, int, int, int, float, int]:
     """The checked numeric arguments of :func:`run_inspect` (``damping`` defaulted by the model)."""
     if model not in MODELS:
         raise InputError(f"`model` must be one of {', '.join(map(repr, MODELS))}. Got {model!r}.")
     l2 = check_number("l2", l2, low=0.0, low_inclusive=False)
     damping = (0.0 if model == "logreg" else 0.01) if damping is None else check_number("damping", damping, low=0.0)
     if model == "mlp" and damping == 0.0:
-        raise InputError("`damping` must be > 0 for model='mlp': its Hessian need not be positive definite. Got 0; try 0.01.")
+        raise InputError(
+            "`damping` must be > 0 for model='mlp': its Hessian need not be positive definite. Got 0; try 0.01."
+        )
     hidden = check_int("hidden", hidden, low=1)
     k = check_int("k", k, low=1)
     n_suspicious = check_int("n_suspicious", n_suspicious, low=1)
     max_test_rows = check_int("max_test_rows", max_test_rows, low=1)
-    test_fraction = check_number("test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    test_fraction = check_number(
+        "test_fraction", test_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
     seed = check_int("seed", seed, low=0)
     return l2, damping, hidden, k, n_suspicious, max_test_rows, test_fraction, seed
 
 
 def _encode(
-    encoder: TabularEncoder, data: str | os.PathLike, test: str | os.PathLike | None, *, test_fraction: float, delimiter: str,
+    encoder: TabularEncoder,
+    data: str | os.PathLike,
+    test: str | os.PathLike | None,
+    *,
+    test_fraction: float,
+    delimiter: str,
     seed: int,
 ) -> tuple[TabularData, TabularData, str, Path]:
     """Fit the encoder on the training rows and encode them and the test rows (``test``, or a seeded held-out share of
@@ -214,7 +266,8 @@ def _encode(
         n_held = int(np.floor(test_fraction * n + 0.5))
         if n_held < 1 or n - n_held < 2:
             raise InputError(
-                f"`data` has {n} rows, too few to hold out {test_fraction:.0%} for testing; pass a test file (`test=` / --test) "
+                f"`data` has {n} rows, too few to hold out {test_fraction:.0%} for testing; pass a test file (`test=` "
+                "/ --test) "
                 "or more rows."
             )
         held = np.zeros(n, dtype=bool)
@@ -248,8 +301,22 @@ class _Fitted:
 
 
 def _train_and_score(
-    model: str, train: TabularData, test_data: TabularData, n_classes: int, *, l2: float, damping: float, solver: str,
-    solver_options: dict[str, Any] | None, hidden: int, steps: int, lr: float, k: int, max_test_rows: int, seed: int, progress: bool,
+    model: str,
+    train: TabularData,
+    test_data: TabularData,
+    n_classes: int,
+    *,
+    l2: float,
+    damping: float,
+    solver: str,
+    solver_options: dict[str, Any] | None,
+    hidden: int,
+    steps: int,
+    lr: float,
+    k: int,
+    max_test_rows: int,
+    seed: int,
+    progress: bool,
 ) -> _Fitted:
     """Train the model, rank the training rows by self-influence and find the helpful and harmful rows of the
     test rows explained (misclassified first, then by loss, at most ``max_test_rows``), recording warnings."""
@@ -262,7 +329,9 @@ def _train_and_score(
             train_report = fit_lbfgs(task, (X, y))
         else:
             train_report = fit_steps(task, (X, y), steps=steps, lr=lr, optimizer="adam")
-        influence = Influence(task, (X, y), solver=solver, solver_options=solver_options, damping=damping, progress=progress).fit()
+        influence = Influence(
+            task, (X, y), solver=solver, solver_options=solver_options, damping=damping, progress=progress
+        ).fit()
         order_t, values_t = rank_training_points(influence, by="self_influence", return_scores=True)
         order = order_t.numpy()
         self_inf = values_t.detach().cpu().numpy()
@@ -273,31 +342,51 @@ def _train_and_score(
         chosen = np.lexsort((p_test, pred_test == test_data.y))[:max_test_rows]
         k = min(k, len(train))
         ranked = influence.top_k((X_test[chosen], y_test[chosen]), k=k)
-    caught = list(dict.fromkeys(  # each distinct warning once; library deprecations are not about this run
-        f"{w.category.__name__}: {w.message}" for w in records
-        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
-    ))
-    return _Fitted(net, train_report, influence, order, self_inf, p_train, pred_train, p_test, pred_test, chosen, ranked, caught)
+    caught = list(
+        dict.fromkeys(  # each distinct warning once; library deprecations are not about this run
+            f"{w.category.__name__}: {w.message}"
+            for w in records
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+        )
+    )
+    return _Fitted(
+        net, train_report, influence, order, self_inf, p_train, pred_train, p_test, pred_test, chosen, ranked, caught
+    )
 
 
 def _tables(
-    fitted: _Fitted, encoder: TabularEncoder, train: TabularData, test_data: TabularData, data: str | os.PathLike,
-    test_path: Path, n_suspicious: int, delimiter: str,
+    fitted: _Fitted,
+    encoder: TabularEncoder,
+    train: TabularData,
+    test_data: TabularData,
+    data: str | os.PathLike,
+    test_path: Path,
+    n_suspicious: int,
+    delimiter: str,
 ) -> tuple[list[str], list[dict[str, Any]], list[dict[str, Any]]]:
     """The CSV header, the suspicious training rows and the explained test rows, with their raw fields."""
     n_show = min(n_suspicious, len(train))
     top = fitted.order[:n_show]
     ranked, chosen = fitted.ranked, fitted.chosen
     helpful_idx, harmful_idx = ranked.helpful.indices.numpy(), ranked.harmful.indices.numpy()
-    wanted_train = set(train.rows[top].tolist()) | set(train.rows[helpful_idx].ravel().tolist()) | set(train.rows[harmful_idx].ravel().tolist())
+    wanted_train = (
+        set(train.rows[top].tolist())
+        | set(train.rows[helpful_idx].ravel().tolist())
+        | set(train.rows[harmful_idx].ravel().tolist())
+    )
     header, raw_train = read_rows(data, wanted_train, delimiter=delimiter)
     _, raw_test = read_rows(test_path, test_data.rows[chosen].tolist(), delimiter=delimiter)
     classes = encoder.classes_
     suspicious = [
         {
-            "rank": r + 1, "row": int(train.rows[i]), "line": int(train.lines[i]), "label": classes[int(train.y[i])],
-            "predicted": classes[int(fitted.pred_train[i])], "p_label": float(fitted.p_train[i]),
-            "self_influence": float(fitted.self_influence[i]), "values": raw_train[int(train.rows[i])],
+            "rank": r + 1,
+            "row": int(train.rows[i]),
+            "line": int(train.lines[i]),
+            "label": classes[int(train.y[i])],
+            "predicted": classes[int(fitted.pred_train[i])],
+            "p_label": float(fitted.p_train[i]),
+            "self_influence": float(fitted.self_influence[i]),
+            "values": raw_train[int(train.rows[i])],
         }
         for r, i in enumerate(top.tolist())
     ]
@@ -306,15 +395,24 @@ def _tables(
     for q, t in enumerate(chosen.tolist()):
         p_t = fitted.p_test[t]
         entry = {
-            "row": int(test_data.rows[t]), "line": int(test_data.lines[t]), "label": classes[int(test_data.y[t])],
-            "predicted": classes[int(fitted.pred_test[t])], "p_label": float(p_t), "loss": float(-np.log(max(p_t, 1e-300))),
+            "row": int(test_data.rows[t]),
+            "line": int(test_data.lines[t]),
+            "label": classes[int(test_data.y[t])],
+            "predicted": classes[int(fitted.pred_test[t])],
+            "p_label": float(p_t),
+            "loss": float(-np.log(max(p_t, 1e-300))),
             "values": raw_test[int(test_data.rows[t])],
         }
         for kind, part in (("helpful", ranked.helpful), ("harmful", ranked.harmful)):
             entry[kind] = [
                 {
-                    "rank": j + 1, "row": int(train.rows[i]), "line": int(train.lines[i]), "label": classes[int(train.y[i])],
-                    "influence": float(v), "loo_change": -float(v) / n_train, "values": raw_train[int(train.rows[i])],
+                    "rank": j + 1,
+                    "row": int(train.rows[i]),
+                    "line": int(train.lines[i]),
+                    "label": classes[int(train.y[i])],
+                    "influence": float(v),
+                    "loo_change": -float(v) / n_train,
+                    "values": raw_train[int(train.rows[i])],
                 }
                 for j, (i, v) in enumerate(zip(part.indices[q].tolist(), part.values[q].tolist()))
             ]
@@ -323,35 +421,70 @@ def _tables(
 
 
 def _result(
-    out: Path, encoder: TabularEncoder, train: TabularData, test_data: TabularData, fitted: _Fitted,
-    suspicious: list[dict[str, Any]], explained: list[dict[str, Any]], settings: dict[str, Any],
+    out: Path,
+    encoder: TabularEncoder,
+    train: TabularData,
+    test_data: TabularData,
+    fitted: _Fitted,
+    suspicious: list[dict[str, Any]],
+    explained: list[dict[str, Any]],
+    settings: dict[str, Any],
 ) -> InspectResult:
     """The :class:`InspectResult` (accuracies and metadata included; ``seconds`` and ``text`` still to come)."""
     train_acc = float((fitted.pred_train == train.y).mean())
     test_acc = float((fitted.pred_test == test_data.y).mean())
     ranked = fitted.ranked
     metadata = {
-        "data": settings["data"], "test": settings["test"], "label": settings["label"], "classes": encoder.classes_,
-        "n_train": len(train), "n_test": len(test_data), "n_features": len(encoder.feature_names_),
-        "model": settings["model"], "l2": settings["l2"], "damping": settings["damping"], "solver": settings["solver"],
-        "train_report": fitted.train_report.__dict__, "grad_norm": fitted.influence.engine.grad_norm, "train_accuracy": train_acc,
-        "test_accuracy": test_acc, "warnings": fitted.caught, "convention": CONVENTION, "seconds": None,
+        "data": settings["data"],
+        "test": settings["test"],
+        "label": settings["label"],
+        "classes": encoder.classes_,
+        "n_train": len(train),
+        "n_test": len(test_data),
+        "n_features": len(encoder.feature_names_),
+        "model": settings["model"],
+        "l2": settings["l2"],
+        "damping": settings["damping"],
+        "solver": settings["solver"],
+        "train_report": fitted.train_report.__dict__,
+        "grad_norm": fitted.influence.engine.grad_norm,
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "warnings": fitted.caught,
+        "convention": CONVENTION,
+        "seconds": None,
         "influence": {key: v for key, v in ranked.metadata.items() if key not in ("convention",)},
     }
     return InspectResult(
-        out_dir=out, report_path=out / "report.html", encoder=encoder, model=fitted.net, train=train, test=test_data,
-        self_influence=fitted.self_influence, order=fitted.order, suspicious=suspicious, explained=explained, ranked=ranked,
-        train_accuracy=train_acc, test_accuracy=test_acc, warnings=fitted.caught, metadata=metadata,
+        out_dir=out,
+        report_path=out / "report.html",
+        encoder=encoder,
+        model=fitted.net,
+        train=train,
+        test=test_data,
+        self_influence=fitted.self_influence,
+        order=fitted.order,
+        suspicious=suspicious,
+        explained=explained,
+        ranked=ranked,
+        train_accuracy=train_acc,
+        test_accuracy=test_acc,
+        warnings=fitted.caught,
+        metadata=metadata,
     )
 
 
-def _write_in_place(out: Path, result: InspectResult, header: list[str], fitted: _Fitted, test_source: str, started: float) -> None:
+def _write_in_place(
+    out: Path, result: InspectResult, header: list[str], fitted: _Fitted, test_source: str, started: float
+) -> None:
     """Write the outputs beside ``out`` and rename them into place only when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        _write_outputs(staging, result, header, fitted.train_report, test_source, fitted.p_train, fitted.pred_train, started)
+        _write_outputs(
+            staging, result, header, fitted.train_report, test_source, fitted.p_train, fitted.pred_train, started
+        )
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -400,30 +533,40 @@ def _make_model(model: str, d: int, n_classes: int, hidden: int, seed: int) -> n
 
 def _describe_model(model: str, hidden: int, steps: int, lr: float) -> str:
     if model == "logreg":
-        return "logistic regression (one logit for two classes, softmax otherwise), float64, L-BFGS to ||grad R|| <= 1e-9"
+        return (
+            "logistic regression (one logit for two classes, softmax otherwise), float64, L-BFGS to ||grad R|| <= 1e-9"
+        )
     return f"MLP with one tanh hidden layer of {hidden} units, float64, {steps} full-batch Adam steps (lr {lr:g})"
 
 
-def _probabilities(net: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def _probabilities(
+    net: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """The model's probability of each row's given label and its predicted class, ``(n,)`` each."""
     p_label, predicted = [], []
     with torch.no_grad():
         for lo in range(0, len(y), chunk):
-            logits = net(X[lo:lo + chunk])
+            logits = net(X[lo : lo + chunk])
             if logits.dim() == 1 or logits.shape[1] == 1:
                 p1 = torch.sigmoid(logits.reshape(-1))
                 probs = torch.stack([1 - p1, p1], dim=1)
             else:
                 probs = torch.softmax(logits, dim=1)
-            p_label.append(probs.gather(1, y[lo:lo + chunk, None]).squeeze(1))
+            p_label.append(probs.gather(1, y[lo : lo + chunk, None]).squeeze(1))
             predicted.append(probs.argmax(dim=1))
     return torch.cat(p_label).numpy(), torch.cat(predicted).numpy()
 
 
 # ------------------------------------------------------------------------------------------ outputs
 def _write_outputs(
-    folder: Path, result: InspectResult, header: list[str], train_report: TrainReport, test_source: str,
-    p_train: np.ndarray, pred_train: np.ndarray, started: float,
+    folder: Path,
+    result: InspectResult,
+    header: list[str],
+    train_report: TrainReport,
+    test_source: str,
+    p_train: np.ndarray,
+    pred_train: np.ndarray,
+    started: float,
 ) -> None:
     import csv
 
@@ -431,16 +574,53 @@ def _write_outputs(
         w = csv.writer(f)
         w.writerow(["rank", "row", "line", "label", "predicted", "p_label", "self_influence", *header])
         for s in result.suspicious:
-            w.writerow([s["rank"], s["row"], s["line"], s["label"], s["predicted"], repr(s["p_label"]), repr(s["self_influence"]), *s["values"]])
+            w.writerow(
+                [
+                    s["rank"],
+                    s["row"],
+                    s["line"],
+                    s["label"],
+                    s["predicted"],
+                    repr(s["p_label"]),
+                    repr(s["self_influence"]),
+                    *s["values"],
+                ]
+            )
     with open(folder / "influence.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["test_row", "test_line", "test_label", "test_predicted", "kind", "rank", "train_row", "train_line", "train_label",
-                    "influence", "predicted_loo_change"])
+        w.writerow(
+            [
+                "test_row",
+                "test_line",
+                "test_label",
+                "test_predicted",
+                "kind",
+                "rank",
+                "train_row",
+                "train_line",
+                "train_label",
+                "influence",
+                "predicted_loo_change",
+            ]
+        )
         for e in result.explained:
             for kind in ("helpful", "harmful"):
                 for h in e[kind]:
-                    w.writerow([e["row"], e["line"], e["label"], e["predicted"], kind, h["rank"], h["row"], h["line"], h["label"],
-                                repr(h["influence"]), repr(h["loo_change"])])
+                    w.writerow(
+                        [
+                            e["row"],
+                            e["line"],
+                            e["label"],
+                            e["predicted"],
+                            kind,
+                            h["rank"],
+                            h["row"],
+                            h["line"],
+                            h["label"],
+                            repr(h["influence"]),
+                            repr(h["loo_change"]),
+                        ]
+                    )
     _plot_self_influence(result, p_train, pred_train, folder / "self_influence.png")
     if result.explained:
         _plot_test_influence(result, folder / "test_influence.png")
@@ -448,7 +628,9 @@ def _write_outputs(
         write_group_outputs(result.groups, folder, _figure)
     seconds = time.perf_counter() - started
     result.metadata["seconds"] = seconds
-    (folder / "report.html").write_text(_html_report(result, header, train_report, test_source, seconds), encoding="utf-8")
+    (folder / "report.html").write_text(
+        _html_report(result, header, train_report, test_source, seconds), encoding="utf-8"
+    )
     (folder / MARKER).write_text(json.dumps(result.metadata, indent=2, default=str), encoding="utf-8")
 
 
@@ -479,7 +661,9 @@ def _plot_self_influence(result: InspectResult, p_train: np.ndarray, pred_train:
     right.scatter(p_train[~wrong], values[~wrong], s=5, alpha=0.5, color="tab:gray", label="predicted = given label")
     right.scatter(p_train[wrong], values[wrong], s=7, alpha=0.7, color="tab:orange", label="predicted ≠ given label")
     top = result.order[:n_show]
-    right.scatter(p_train[top], values[top], s=30, facecolors="none", edgecolors="tab:red", label="listed as suspicious")
+    right.scatter(
+        p_train[top], values[top], s=30, facecolors="none", edgecolors="tab:red", label="listed as suspicious"
+    )
     right.set_xlabel("model's probability of the given label")
     right.set_ylabel("self-influence")
     right.legend(fontsize=8)
@@ -491,7 +675,8 @@ def _plot_self_influence(result: InspectResult, p_train: np.ndarray, pred_train:
 
 
 def _plot_test_influence(result: InspectResult, path: Path) -> None:
-    """For the first test rows explained: the predicted change of their loss when each listed training row is removed."""
+    """For the first test rows explained: the predicted change of their loss when each listed training row is
+    removed."""
     shown = result.explained[:_FIGURE_ROWS]
     cols = min(3, len(shown))
     rows = (len(shown) + cols - 1) // cols
@@ -511,9 +696,11 @@ def _plot_test_influence(result: InspectResult, path: Path) -> None:
         ax.set_title(f"test row {entry['row']}: label {entry['label']}, predicted {entry['predicted']}", fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
-    for ax in axes[len(shown):]:
+    for ax in axes[len(shown) :]:
         ax.set_visible(False)
-    fig.suptitle("Predicted change of the test loss if the training row is removed (green: helpful, red: harmful)", fontsize=9)
+    fig.suptitle(
+        "Predicted change of the test loss if the training row is removed (green: helpful, red: harmful)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -529,16 +716,25 @@ def _columns_section(enc: TabularEncoder, result: InspectResult) -> list[str]:
         rows.append([name, s["kind"], s["missing"], test_missing.get(name, 0), unseen.get(name, 0), s["encoding"]])
     if enc.identifiers_:
         parts.append(html.paragraph(identifier_notice(enc).removeprefix("notice: ").capitalize() + "."))
-    parts.append(html.table(["column", "kind", "missing (train)", "missing (test)", "unseen values (test)", "encoding"], rows))
-    parts.append(html.paragraph(
-        "Numeric: missing values are imputed by the training mean (0 after standardising) and marked in a 0/1 column. "
-        "Categorical: missing values are their own category; test values never seen in training go to '(other)' when "
-        "the column has one, else to no category.", note=True,
-    ))
+    parts.append(
+        html.table(["column", "kind", "missing (train)", "missing (test)", "unseen values (test)", "encoding"], rows)
+    )
+    parts.append(
+        html.paragraph(
+            "Numeric: missing values are imputed by the training mean (0 after standardising) and marked in a 0/1 "
+            "column. "
+            "Categorical: missing values are their own category; test values never seen in training go to '(other)' "
+            "when "
+            "the column has one, else to no category.",
+            note=True,
+        )
+    )
     return parts
 
 
-def _html_report(result: InspectResult, header: list[str], train_report: TrainReport, test_source: str, seconds: float) -> str:
+def _html_report(
+    result: InspectResult, header: list[str], train_report: TrainReport, test_source: str, seconds: float
+) -> str:
     enc, meta = result.encoder, result.metadata
     data_name = Path(meta["data"]).name
     n_train, n_test = len(result.train), len(result.test)
@@ -546,12 +742,15 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
         html.paragraph(
             f"{n_train:,} training rows from {data_name}; {n_test:,} test rows ({test_source}). "
             f"{len(enc.feature_names_)} features after encoding. Label {meta['label']!r} with classes "
-            + ", ".join(f"{c} ({enc.label_counts_[c]:,})" for c in enc.classes_) + " in the training rows."
+            + ", ".join(f"{c} ({enc.label_counts_[c]:,})" for c in enc.classes_)
+            + " in the training rows."
         ),
         html.paragraph(
-            f"Model: {meta['model']}; L2 λ = {meta['l2']:g} inside each example's loss; influence with the {meta['solver']} "
+            f"Model: {meta['model']}; L2 λ = {meta['l2']:g} inside each example's loss; influence with the "
+            f"{meta['solver']} "
             f"solver, damping δ = {meta['damping']:g}. After training ||∇R(θ̂)|| = {meta['grad_norm']:.3g} "
-            f"({train_report.iterations} iterations). Accuracy: training {result.train_accuracy:.4f}, test {result.test_accuracy:.4f}. "
+            f"({train_report.iterations} iterations). Accuracy: training {result.train_accuracy:.4f}, test "
+            f"{result.test_accuracy:.4f}. "
             f"Computed in {seconds:.1f} s."
         ),
     ]
@@ -561,66 +760,107 @@ def _html_report(result: InspectResult, header: list[str], train_report: TrainRe
     parts += _columns_section(enc, result)
 
     parts.append(html.heading(f"Training rows most likely mislabeled ({len(result.suspicious)} of {n_train:,})"))
-    parts.append(html.paragraph(
-        "Ranked by self-influence ∇L(z)ᵀ(H + δI)⁻¹∇L(z) (Koh & Liang 2017, §5.4): how much the row moves the model "
-        "along directions the rest of the data does not pin down. Check the labels of these rows first; the "
-        "rows the model itself disagrees with are highlighted. Also in mislabeled.csv."
-    ))
+    parts.append(
+        html.paragraph(
+            "Ranked by self-influence ∇L(z)ᵀ(H + δI)⁻¹∇L(z) (Koh & Liang 2017, §5.4): how much the row moves the model "
+            "along directions the rest of the data does not pin down. Check the labels of these rows first; the "
+            "rows the model itself disagrees with are highlighted. Also in mislabeled.csv."
+        )
+    )
     parts.append(html.image("self_influence.png", "self-influence of the training rows"))
-    parts.append(html.table(
-        ["rank", "row", "line", "label", "predicted", "p(label)", "self-influence", *header],
-        [[s["rank"], s["row"], s["line"], s["label"], s["predicted"], s["p_label"], s["self_influence"], *s["values"]]
-         for s in result.suspicious],
-        row_classes=["bad" if s["predicted"] != s["label"] else "" for s in result.suspicious],
-    ))
+    parts.append(
+        html.table(
+            ["rank", "row", "line", "label", "predicted", "p(label)", "self-influence", *header],
+            [
+                [
+                    s["rank"],
+                    s["row"],
+                    s["line"],
+                    s["label"],
+                    s["predicted"],
+                    s["p_label"],
+                    s["self_influence"],
+                    *s["values"],
+                ]
+                for s in result.suspicious
+            ],
+            row_classes=["bad" if s["predicted"] != s["label"] else "" for s in result.suspicious],
+        )
+    )
 
     capped = n_test > len(result.explained)
     parts.append(html.heading(f"Most helpful and harmful training rows for {len(result.explained)} test rows"))
-    parts.append(html.paragraph(
-        ("The misclassified test rows, then those with the highest loss" if capped
-         else "Every test row, the misclassified first, then by loss (highest first)")
-        + f". For each, the {len(result.explained[0]['helpful']) if result.explained else 0} most helpful training rows "
-        "(I_up,loss < 0: removing one would raise this test row's loss) and the most harmful (I_up,loss > 0: removing "
-        "one would lower it). 'LOO change' = −I_up,loss / n, the predicted change of the test loss if the training row "
-        "were removed and the model retrained. Also in influence.csv."
-    ))
+    parts.append(
+        html.paragraph(
+            (
+                "The misclassified test rows, then those with the highest loss"
+                if capped
+                else "Every test row, the misclassified first, then by loss (highest first)"
+            )
+            + f". For each, the {len(result.explained[0]['helpful']) if result.explained else 0} most helpful "
+            "training rows "
+            "(I_up,loss < 0: removing one would raise this test row's loss) and the most harmful (I_up,loss > 0: "
+            "removing "
+            "one would lower it). 'LOO change' = −I_up,loss / n, the predicted change of the test loss if the training "
+            "row "
+            "were removed and the model retrained. Also in influence.csv."
+        )
+    )
     if result.explained:
         parts.append(html.image("test_influence.png", "helpful and harmful training rows"))
     for e in result.explained:
-        parts.append(html.heading(
-            f"Test row {e['row']} (line {e['line']}): label {e['label']}, predicted {e['predicted']}, "
-            f"p(label) = {e['p_label']:.3g}, loss {e['loss']:.3g}", level=3,
-        ))
+        parts.append(
+            html.heading(
+                f"Test row {e['row']} (line {e['line']}): label {e['label']}, predicted {e['predicted']}, "
+                f"p(label) = {e['p_label']:.3g}, loss {e['loss']:.3g}",
+                level=3,
+            )
+        )
         parts.append(html.table(header, [e["values"]]))
         table_rows, css = [], []
         for kind in ("helpful", "harmful"):
             for h in e[kind]:
-                table_rows.append([kind, h["rank"], h["row"], h["line"], h["label"], h["influence"], h["loo_change"], *h["values"]])
+                table_rows.append(
+                    [kind, h["rank"], h["row"], h["line"], h["label"], h["influence"], h["loo_change"], *h["values"]]
+                )
                 css.append("good" if kind == "helpful" else "bad")
-        parts.append(html.table(["", "rank", "row", "line", "label", "I_up,loss", "LOO change", *header], table_rows, row_classes=css))
+        parts.append(
+            html.table(
+                ["", "rank", "row", "line", "label", "I_up,loss", "LOO change", *header], table_rows, row_classes=css
+            )
+        )
 
     if result.groups is not None:
         parts += group_section(result.groups)
     parts.append(html.heading("Convention"))
     parts.append(html.paragraph(CONVENTION, note=True))
-    parts.append(html.paragraph(
-        "Rows are numbered from 1 for the first record after the header; 'line' is the file line on which the record "
-        "starts (the header is line 1).", note=True,
-    ))
+    parts.append(
+        html.paragraph(
+            "Rows are numbered from 1 for the first record after the header; 'line' is the file line on which the "
+            "record "
+            "starts (the header is line 1).",
+            note=True,
+        )
+    )
     return html.page(f"influencekit inspect: {data_name}", parts)
 
 
 def identifier_notice(encoder: TabularEncoder) -> str:
     """The notice on the columns left out as identifiers, with how to keep them."""
-    named = ", ".join(f"{c.name!r} ({c.n_distinct} distinct values in {c.n_present} rows)" for c in encoder.identifiers_)
-    return (f"notice: left out as identifiers (a value per row, nothing to learn from): {named}; name a column in "
-            "--categorical or --numeric to use it as a feature, or in --ignore to silence this notice")
+    named = ", ".join(
+        f"{c.name!r} ({c.n_distinct} distinct values in {c.n_present} rows)" for c in encoder.identifiers_
+    )
+    return (
+        f"notice: left out as identifiers (a value per row, nothing to learn from): {named}; name a column in "
+        "--categorical or --numeric to use it as a feature, or in --ignore to silence this notice"
+    )
 
 
 def _summary(result: InspectResult) -> str:
     meta = result.metadata
     lines = [
-        f"{meta['n_train']:,} training rows, {meta['n_test']:,} test rows ({meta['test']}), {meta['n_features']} features; "
+        f"{meta['n_train']:,} training rows, {meta['n_test']:,} test rows ({meta['test']}), {meta['n_features']} "
+        "features; "
         f"classes {', '.join(map(str, meta['classes']))}",
         f"{meta['model']}; l2={meta['l2']:g}, damping={meta['damping']:g}; accuracy train {result.train_accuracy:.4f}, "
         f"test {result.test_accuracy:.4f}",
@@ -628,17 +868,25 @@ def _summary(result: InspectResult) -> str:
     if result.encoder.identifiers_:
         lines.append(identifier_notice(result.encoder))
     if result.train.missing or result.test.missing:
-        lines.append("missing values imputed: " + ", ".join(
-            f"{c} {result.train.missing.get(c, 0)} train / {result.test.missing.get(c, 0)} test"
-            for c in sorted(set(result.train.missing) | set(result.test.missing))
-        ))
-    lines.append("most likely mislabeled (row: label, self-influence): " + ", ".join(
-        f"{s['row']}: {s['label']}, {s['self_influence']:.3g}" for s in result.suspicious[:5]
-    ) + (" ..." if len(result.suspicious) > 5 else ""))
+        lines.append(
+            "missing values imputed: "
+            + ", ".join(
+                f"{c} {result.train.missing.get(c, 0)} train / {result.test.missing.get(c, 0)} test"
+                for c in sorted(set(result.train.missing) | set(result.test.missing))
+            )
+        )
+    lines.append(
+        "most likely mislabeled (row: label, self-influence): "
+        + ", ".join(f"{s['row']}: {s['label']}, {s['self_influence']:.3g}" for s in result.suspicious[:5])
+        + (" ..." if len(result.suspicious) > 5 else "")
+    )
     if result.groups is not None:
         change = "newton" if result.groups.newton_error is None else "order1"
-        lines.append(f"groups of {result.groups.column!r} by predicted effect on the mean test loss: " + ", ".join(
-            f"{r['group']} ({r['size']}): {r[change]:+.3g}" for r in result.groups.rows[:5]) + (" ..." if len(result.groups.rows) > 5 else ""))
+        lines.append(
+            f"groups of {result.groups.column!r} by predicted effect on the mean test loss: "
+            + ", ".join(f"{r['group']} ({r['size']}): {r[change]:+.3g}" for r in result.groups.rows[:5])
+            + (" ..." if len(result.groups.rows) > 5 else "")
+        )
     lines += [f"warning: {w}" for w in result.warnings]
     lines.append(f"report: {result.report_path.resolve()} ({meta['seconds']:.1f} s)")
     return "\n".join(lines)

@@ -64,7 +64,9 @@ def _check_fractions(name: str, fractions: Any) -> np.ndarray:
     try:
         values = list(fractions)
     except TypeError:
-        raise InputTypeError(f"`{name}` must be a sequence of floats in (0, 1]. Got {type(fractions).__name__}.") from None
+        raise InputTypeError(
+            f"`{name}` must be a sequence of floats in (0, 1]. Got {type(fractions).__name__}."
+        ) from None
     if not values:
         raise InputError(f"`{name}` must hold at least one fraction in (0, 1]. Got an empty sequence.")
     out = np.array([check_number(name, v, low=0.0, high=1.0, low_inclusive=False) for v in values], dtype=np.float64)
@@ -92,11 +94,15 @@ def _check_xy(name: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise InputTypeError(
             f"`{name}` must be an (X, y) pair of tensors or arrays (labels are changed and restored, so the "
-            f"data must be in memory). Got {type(data).__name__}" + (f" of length {len(data)}." if isinstance(data, (tuple, list)) else ".")
+            f"data must be in memory). Got {type(data).__name__}"
+            + (f" of length {len(data)}." if isinstance(data, (tuple, list)) else ".")
         )
     X, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
     if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise InputError(f"the labels of `{name}` must be a 1-D tensor of integer classes. Got shape {tuple(y.shape)}, dtype {y.dtype}.")
+        raise InputError(
+            f"the labels of `{name}` must be a 1-D tensor of integer classes. Got shape {tuple(y.shape)}, dtype "
+            f"{y.dtype}."
+        )
     if len(y) == 0:
         raise InputError(f"`{name}` must hold at least one example. Got an empty data set.")
     if X.shape[0] != len(y):
@@ -127,7 +133,9 @@ def flip_labels(
     if not isinstance(y, torch.Tensor):
         y = torch.as_tensor(np.asarray(y))
     if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        raise InputError(f"`y` must be a 1-D tensor of integer class labels. Got shape {tuple(y.shape)}, dtype {y.dtype}.")
+        raise InputError(
+            f"`y` must be a 1-D tensor of integer class labels. Got shape {tuple(y.shape)}, dtype {y.dtype}."
+        )
     if len(y) == 0:
         raise InputError("`y` must hold at least one label. Got an empty tensor.")
     fraction = check_number("fraction", fraction, low=0.0, high=1.0, low_inclusive=False)
@@ -138,7 +146,9 @@ def flip_labels(
     n = len(y)
     k = int(np.floor(fraction * n + 0.5))
     if k == 0:
-        raise InputError(f"`fraction` x n = {fraction:g} x {n} rounds to 0 labels to flip; raise `fraction` or use more data.")
+        raise InputError(
+            f"`fraction` x n = {fraction:g} x {n} rounds to 0 labels to flip; raise `fraction` or use more data."
+        )
     rng = np.random.default_rng(seed)
     flipped = np.sort(rng.choice(n, size=k, replace=False))
     old = y.cpu().numpy()[flipped]
@@ -181,7 +191,13 @@ def _training_losses(influence: Influence) -> torch.Tensor:
     layout, task = influence.engine.layout, influence.task
     parts = []
     with torch.no_grad():
-        for _, batch in stream(influence.engine.train, influence.engine.chunks.grad, dtype=layout.dtype, device=layout.device, check=task.check_batch):
+        for _, batch in stream(
+            influence.engine.train,
+            influence.engine.chunks.grad,
+            dtype=layout.dtype,
+            device=layout.device,
+            check=task.check_batch,
+        ):
             parts.append(task.loss(influence.engine.params, batch))
     return torch.cat(parts)
 
@@ -213,7 +229,12 @@ def fraction_found(order: Any, flipped: Any, fractions: Sequence[float] | np.nda
     flipped = np.asarray(flipped.cpu() if isinstance(flipped, torch.Tensor) else flipped).reshape(-1)
     if len(flipped) == 0:
         raise InputError("`flipped` must name at least one mislabeled training point. Got none.")
-    if not np.issubdtype(flipped.dtype, np.integer) or flipped.min() < 0 or flipped.max() >= n or len(np.unique(flipped)) != len(flipped):
+    if (
+        not np.issubdtype(flipped.dtype, np.integer)
+        or flipped.min() < 0
+        or flipped.max() >= n
+        or len(np.unique(flipped)) != len(flipped)
+    ):
         raise InputError(f"`flipped` must hold distinct indices in [0, {n - 1}]. Got {flipped[:5].tolist()}...")
     ks = n_checked(fractions, n)
     is_flipped = np.zeros(n, dtype=bool)
@@ -268,7 +289,10 @@ def accuracy_after_fixing(
     X_test, y_test = _check_xy("test", test)
     y_true = torch.as_tensor(np.asarray(true_labels.cpu() if isinstance(true_labels, torch.Tensor) else true_labels))
     if y_true.shape != y_noisy.shape:
-        raise InputError(f"`true_labels` must have one label per training example, shape {tuple(y_noisy.shape)}. Got {tuple(y_true.shape)}.")
+        raise InputError(
+            f"`true_labels` must have one label per training example, shape {tuple(y_noisy.shape)}. Got "
+            f"{tuple(y_true.shape)}."
+        )
     y_true = y_true.long().to(y_noisy.device)
     order = torch.as_tensor(np.asarray(order.cpu() if isinstance(order, torch.Tensor) else order)).long()
     if len(order) != len(y_noisy):
@@ -344,7 +368,9 @@ class MislabelCurves:
         """``(F,)`` test accuracy after fixing, averaged over seeds."""
         method = self._method(method)
         if method not in self.accuracy:
-            raise InputError("these curves were computed without retraining (`retrain=False`): no test accuracy after fixing.")
+            raise InputError(
+                "these curves were computed without retraining (`retrain=False`): no test accuracy after fixing."
+            )
         return self.accuracy[method].mean(axis=0)
 
     def _method(self, method: str) -> str:
@@ -353,7 +379,8 @@ class MislabelCurves:
         return method
 
     def table(self) -> str:
-        """A fixed-width table: one row per fraction checked, fraction found (and accuracy) per method, means over seeds."""
+        """A fixed-width table: one row per fraction checked, fraction found (and accuracy) per method, means over
+        seeds."""
         head = f"{'checked':>8s}" + "".join(f" {'found ' + m:>21s}" for m in self.methods)
         if self.accuracy:
             head += "".join(f" {'acc ' + m:>19s}" for m in self.methods)
@@ -372,12 +399,16 @@ class MislabelCurves:
 
     def markdown(self) -> str:
         """The same table as Markdown, with the spread over seeds (±1 standard deviation)."""
-        cols = [f"found, {m}" for m in self.methods] + ([f"test acc., {m}" for m in self.methods] if self.accuracy else [])
+        cols = [f"found, {m}" for m in self.methods] + (
+            [f"test acc., {m}" for m in self.methods] if self.accuracy else []
+        )
         lines = ["| checked | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for j, f in enumerate(self.fractions):
             cells = [f"{self.found[m][:, j].mean():.3f} ± {self.found[m][:, j].std():.3f}" for m in self.methods]
             if self.accuracy:
-                cells += [f"{self.accuracy[m][:, j].mean():.4f} ± {self.accuracy[m][:, j].std():.4f}" for m in self.methods]
+                cells += [
+                    f"{self.accuracy[m][:, j].mean():.4f} ± {self.accuracy[m][:, j].std():.4f}" for m in self.methods
+                ]
             lines.append(f"| {f:.0%} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -418,7 +449,8 @@ class MislabelCurves:
             a.set_xlim(0, x[-1])
             a.grid(alpha=0.3)
         fig.suptitle(
-            title or f"{self.flip_fraction:.0%} of {self.n_train} training labels flipped, mean of {len(self.seeds)} seeds",
+            title
+            or f"{self.flip_fraction:.0%} of {self.n_train} training labels flipped, mean of {len(self.seeds)} seeds",
             fontsize=10,
         )
         fig.tight_layout()
@@ -487,8 +519,21 @@ def flip_and_detect(
     fit_lbfgs(ClassificationTask(clean, l2=l2), (X, y), tol=tol)
     acc_clean = _accuracy(clean, X_test, y_test)
     runs = _flip_runs(
-        model, (X, y), (X_test, y_test), l2=l2, flip_fraction=flip_fraction, fractions=fractions, seeds=seeds, methods=methods,
-        n_classes=n_classes, solver=solver, damping=damping, retrain=retrain, tol=tol, retrain_tol=retrain_tol, progress=progress,
+        model,
+        (X, y),
+        (X_test, y_test),
+        l2=l2,
+        flip_fraction=flip_fraction,
+        fractions=fractions,
+        seeds=seeds,
+        methods=methods,
+        n_classes=n_classes,
+        solver=solver,
+        damping=damping,
+        retrain=retrain,
+        tol=tol,
+        retrain_tol=retrain_tol,
+        progress=progress,
     )
     metadata = {
         **runs.task.describe(),
@@ -500,10 +545,17 @@ def flip_and_detect(
         "train_reports": [r.__dict__ for r in runs.reports],
     }
     return MislabelCurves(
-        fractions=fractions, found={m: np.stack(v) for m, v in runs.found.items()},
+        fractions=fractions,
+        found={m: np.stack(v) for m, v in runs.found.items()},
         accuracy={m: np.stack(v) for m, v in runs.accuracy.items()} if retrain else {},
-        accuracy_clean=np.full(len(seeds), acc_clean), accuracy_noisy=np.array(runs.accuracy_noisy), seeds=seeds,
-        flip_fraction=flip_fraction, n_train=len(y), n_test=len(y_test), n_flipped=runs.n_flipped, metadata=metadata,
+        accuracy_clean=np.full(len(seeds), acc_clean),
+        accuracy_noisy=np.array(runs.accuracy_noisy),
+        seeds=seeds,
+        flip_fraction=flip_fraction,
+        n_train=len(y),
+        n_test=len(y_test),
+        n_flipped=runs.n_flipped,
+        metadata=metadata,
     )
 
 
@@ -567,10 +619,19 @@ def _flip_runs(
             order = rank_training_points(influence, by=m, seed=seed)
             found[m].append(fraction_found(order, flipped, fractions))
             if retrain:
-                accuracy[m].append(accuracy_after_fixing(
-                    task, (X, y_noisy), y, order, fractions, (X_test, y_test), curvature=influence.engine.solver, tol=retrain_tol,
-                    progress=progress,
-                ))
+                accuracy[m].append(
+                    accuracy_after_fixing(
+                        task,
+                        (X, y_noisy),
+                        y,
+                        order,
+                        fractions,
+                        (X_test, y_test),
+                        curvature=influence.engine.solver,
+                        tol=retrain_tol,
+                        progress=progress,
+                    )
+                )
         bar.update()
     bar.close()
     return _FlipRuns(found, accuracy, acc_noisy, reports, n_flipped, task, influence)
@@ -609,6 +670,14 @@ def bundled_flip_and_detect(
         model.weight.zero_()
         model.bias.zero_()
     return flip_and_detect(
-        model, train, test, l2=l2, flip_fraction=flip_fraction, fractions=fractions, seeds=seeds, methods=methods,
-        retrain=retrain, progress=progress,
+        model,
+        train,
+        test,
+        l2=l2,
+        flip_fraction=flip_fraction,
+        fractions=fractions,
+        seeds=seeds,
+        methods=methods,
+        retrain=retrain,
+        progress=progress,
     )

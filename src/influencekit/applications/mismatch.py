@@ -93,19 +93,30 @@ class FeatureExplanation:
         header = f"{'rank':>4}  {'train':>7}  {'I_up,loss':>11}  {'LOO change':>11}  leading features ({key})"
         lines = [header, "-" * len(header)]
         for row in self.rows(n):
-            feats = ", ".join(f"{name} {(gx if self.rank_by == 'gradient_x_input' else g):+.3g}" for name, g, gx in row["features"])
-            lines.append(f"{row['rank']:>4}  {row['train_index']:>7}  {row['influence']:>+11.4g}  {row['loo_change']:>+11.3g}  {feats}")
+            feats = ", ".join(
+                f"{name} {(gx if self.rank_by == 'gradient_x_input' else g):+.3g}" for name, g, gx in row["features"]
+            )
+            lines.append(
+                f"{row['rank']:>4}  {row['train_index']:>7}  {row['influence']:>+11.4g}  {row['loo_change']:>+11.3g}  "
+                f"{feats}"
+            )
         return "\n".join(lines)
 
     def markdown(self, n: int | None = None) -> str:
         """The same table in Markdown."""
         key = "I_pert · x" if self.rank_by == "gradient_x_input" else "I_pert"
-        lines = [f"| rank | train index | I_up,loss | predicted LOO change | leading features ({key}) |", "|---|---|---|---|---|"]
+        lines = [
+            f"| rank | train index | I_up,loss | predicted LOO change | leading features ({key}) |",
+            "|---|---|---|---|---|",
+        ]
         for row in self.rows(n):
             feats = "; ".join(
                 f"`{name}` {(gx if self.rank_by == 'gradient_x_input' else g):+.3g}" for name, g, gx in row["features"]
             )
-            lines.append(f"| {row['rank']} | {row['train_index']} | {row['influence']:+.4g} | {row['loo_change']:+.3g} | {feats} |")
+            lines.append(
+                f"| {row['rank']} | {row['train_index']} | {row['influence']:+.4g} | {row['loo_change']:+.3g} | "
+                f"{feats} |"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -158,7 +169,9 @@ def explain_features(
     n_show = check_int("n_show", n_show, low=1)
     n_test = len(Examples(test_point, name="test_point"))
     if n_test != 1:
-        raise InputError(f"`test_point` must hold exactly one example. Got {n_test}; pass a slice such as (X[j:j+1], y[j:j+1]).")
+        raise InputError(
+            f"`test_point` must hold exactly one example. Got {n_test}; pass a slice such as (X[j:j+1], y[j:j+1])."
+        )
 
     scores = influence.scores(test_point)
     values = scores.values[0]
@@ -169,9 +182,15 @@ def explain_features(
     d = pert.shape[1]
 
     layout = influence.engine.layout
-    batch = take(influence.engine.train, top.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch)
+    batch = take(
+        influence.engine.train, top.tolist(), dtype=layout.dtype, device=layout.device, check=influence.task.check_batch
+    )
     if input == "auto":  # the same resolution as Influence.perturbation_influence
-        input = None if isinstance(batch, torch.Tensor) else (getattr(influence.task, "input_key", "x") if isinstance(batch, dict) else 0)
+        input = (
+            None
+            if isinstance(batch, torch.Tensor)
+            else (getattr(influence.task, "input_key", "x") if isinstance(batch, dict) else 0)
+        )
     inputs = input_leaf(batch, input).reshape(k, -1).to(pert.dtype)
 
     if feature_names is None:
@@ -180,13 +199,22 @@ def explain_features(
         names = [str(name) for name in feature_names]
         if len(names) != d:
             raise InputError(
-                f"`feature_names` must name each of the {d} input coordinates (the input has shape {x_shape}, flattened). "
+                f"`feature_names` must name each of the {d} input coordinates (the input has shape {x_shape}, "
+                "flattened). "
                 f"Got {len(names)} names."
             )
     key = pert * inputs if rank_by == "gradient_x_input" else pert
     order = torch.as_tensor(np.argsort(-key.abs().detach().cpu().numpy(), axis=1, kind="stable"))
     metadata = {**scores.metadata, "method": "I_up,loss and I_pert,loss", "rank_by": rank_by, "input_shape": x_shape}
     return FeatureExplanation(
-        train_indices=top.cpu(), influence=values[top].detach().cpu(), values=pert.detach().cpu(), inputs=inputs.detach().cpu(),
-        feature_names=names, rank_by=rank_by, order=order, n_train=n_train, n_show=min(n_show, d), metadata=metadata,
+        train_indices=top.cpu(),
+        influence=values[top].detach().cpu(),
+        values=pert.detach().cpu(),
+        inputs=inputs.detach().cpu(),
+        feature_names=names,
+        rank_by=rank_by,
+        order=order,
+        n_train=n_train,
+        n_show=min(n_show, d),
+        metadata=metadata,
     )

@@ -35,13 +35,18 @@ def _as_tensor(name: str, value: Any) -> torch.Tensor:
         return value
     if isinstance(value, np.ndarray):
         if value.dtype == object:
-            raise InputTypeError(f"`{name}` must be a numeric array. Got a numpy array of dtype object; convert it with astype(float).")
+            raise InputTypeError(
+                f"`{name}` must be a numeric array. Got a numpy array of dtype object; convert it with astype(float)."
+            )
         return torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (torch.Tensor, np.ndarray)):
         try:
             return torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise InputTypeError(f"`{name}` must be a tensor or an array. Got a {type(value).__name__} that torch cannot convert ({exc}).") from None
+            raise InputTypeError(
+                f"`{name}` must be a tensor or an array. Got a {type(value).__name__} that torch cannot convert "
+                f"({exc})."
+            ) from None
     raise InputTypeError(
         f"`{name}` must be a tensor, a numpy array, or a tuple/dict of them. Got {type(value).__name__}."
     )
@@ -52,8 +57,12 @@ def _as_tree(name: str, value: Any) -> Any:
     (a list of numbers is one tensor, a list of tensors is a tuple)."""
     if isinstance(value, Mapping):
         return {k: _as_tree(f"{name}[{k!r}]", v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (torch.Tensor, np.ndarray, Mapping, list, tuple)) \
-            and not _numeric(value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and isinstance(value[0], (torch.Tensor, np.ndarray, Mapping, list, tuple))
+        and not _numeric(value)
+    ):
         return tuple(_as_tree(f"{name}[{i}]", v) for i, v in enumerate(value))
     return _as_tensor(name, value)
 
@@ -76,7 +85,8 @@ def pad_collate(items: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0) ->
     if odd is not None:  # a field only some examples have would be dropped, or fail, depending on the batch's first
         raise InputError(
             f"tokenised examples must all have the same fields. Got {sorted(fields)} in the batch's first example and "
-            f"{sorted(items[odd])} in its example {odd}; give every example the same keys (e.g. `labels` on all or none)."
+            f"{sorted(items[odd])} in its example {odd}; give every example the same keys (e.g. `labels` on all or "
+            "none)."
         )
     out: dict[str, Any] = {}
     for key, first in items[0].items():
@@ -155,7 +165,9 @@ class Examples:
             self._dataset, self._collate = _Items(source), pad_collate  # tokenised examples, one dict each
         elif isinstance(source, (torch.Tensor, np.ndarray)):
             self._tensors = _as_tensor(name, source)
-        elif isinstance(source, Mapping):  # a dict of tensors, possibly nested ({"inputs": {"input_ids": ...}, "labels": ...})
+        elif isinstance(
+            source, Mapping
+        ):  # a dict of tensors, possibly nested ({"inputs": {"input_ids": ...}, "labels": ...})
             self._tensors = _as_tree(name, source)
         elif isinstance(source, Sequence) and not isinstance(source, str):
             self._tensors = tuple(_as_tensor(f"{name}[{i}]", v) for i, v in enumerate(source))
@@ -167,7 +179,9 @@ class Examples:
 
         if self._dataset is not None:
             if not hasattr(self._dataset, "__len__"):
-                raise InputTypeError(f"`{name}` must be a Dataset with __len__. Got {type(self._dataset).__name__} without it.")
+                raise InputTypeError(
+                    f"`{name}` must be a Dataset with __len__. Got {type(self._dataset).__name__} without it."
+                )
             self._n = len(self._dataset)  # type: ignore[arg-type]
         else:
             leaves, _ = tree_flatten(self._tensors)
@@ -248,8 +262,10 @@ def prepare_batch(
                 )
             # a finite sum proves every entry finite, ~15x faster than isfinite().all() on CPU; the exact
             # per-entry check runs only when the sum is not finite (NaN/inf, or a finite overflow)
-            finite = None if bool(torch.isfinite(leaf.sum())) else torch.isfinite(
-                leaf.reshape(leaf.shape[0], -1) if leaf.dim() > 0 else leaf.reshape(1, 1)
+            finite = (
+                None
+                if bool(torch.isfinite(leaf.sum()))
+                else torch.isfinite(leaf.reshape(leaf.shape[0], -1) if leaf.dim() > 0 else leaf.reshape(1, 1))
             )
             if finite is not None and not bool(finite.all()):
                 bad_rows = (~finite).any(dim=1).nonzero().flatten().tolist()
@@ -292,4 +308,6 @@ def take(
     """The examples at ``indices``, checked and moved by :func:`prepare_batch` (errors name the first index)."""
     indices = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     batch = data.batch(indices)
-    return prepare_batch(batch, name=data.name, offset=indices[0] if indices else 0, dtype=dtype, device=device, check=check)
+    return prepare_batch(
+        batch, name=data.name, offset=indices[0] if indices else 0, dtype=dtype, device=device, check=check
+    )

@@ -82,14 +82,18 @@ class _Reader:
         first = self._next()
         if first is None:
             self.close()
-            raise InputError(f"`{name}` ({self.path.name}) is empty: a CSV file needs a header row and at least one data row.")
+            raise InputError(
+                f"`{name}` ({self.path.name}) is empty: a CSV file needs a header row and at least one data row."
+            )
         _, _, header = first
         self.header = [h.strip() or f"(column {j + 1})" for j, h in enumerate(header)]
         seen = Counter(self.header)
         dup = [h for h, c in seen.items() if c > 1]
         if dup:
             self.close()
-            raise InputError(f"the header of `{name}` ({self.path.name}) must name each column once. Got {dup[:5]} more than once.")
+            raise InputError(
+                f"the header of `{name}` ({self.path.name}) must name each column once. Got {dup[:5]} more than once."
+            )
         self.row = 0
 
     def _next(self) -> tuple[int, int, list[str]] | None:
@@ -101,11 +105,14 @@ class _Reader:
                 return None
             except UnicodeDecodeError as exc:
                 raise InputError(
-                    f"`{self.name}` ({self.path.name}) must be UTF-8 text. Got bytes that are not UTF-8 ({exc.reason}); "
+                    f"`{self.name}` ({self.path.name}) must be UTF-8 text. Got bytes that are not UTF-8 "
+                    f"({exc.reason}); "
                     "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
                 ) from None
             except csv.Error as exc:
-                raise InputError(f"`{self.name}` ({self.path.name}), line {start}: the CSV cannot be parsed ({exc}).") from None
+                raise InputError(
+                    f"`{self.name}` ({self.path.name}), line {start}: the CSV cannot be parsed ({exc})."
+                ) from None
             self._last_line = self._reader.line_num
             if fields and any(f.strip() for f in fields):
                 return 0, start, fields
@@ -120,7 +127,8 @@ class _Reader:
             _, line, fields = record
             if len(fields) != width:
                 raise InputError(
-                    f"`{self.name}` ({self.path.name}), row {self.row} (line {line}) has {len(fields)} fields but the header "
+                    f"`{self.name}` ({self.path.name}), row {self.row} (line {line}) has {len(fields)} fields but the "
+                    "header "
                     f"has {width} columns; check the delimiter and the quoting of that line."
                 )
             yield self.row, line, fields
@@ -153,7 +161,9 @@ def count_rows(path: str | os.PathLike, *, delimiter: str = ",", name: str = "da
     return n
 
 
-def read_rows(path: str | os.PathLike, rows: Iterable[int], *, delimiter: str = ",") -> tuple[list[str], dict[int, list[str]]]:
+def read_rows(
+    path: str | os.PathLike, rows: Iterable[int], *, delimiter: str = ","
+) -> tuple[list[str], dict[int, list[str]]]:
     """The header and the raw fields of the given data rows (numbered from 1), in one pass over the file."""
     wanted = set(int(r) for r in rows)
     out: dict[int, list[str]] = {}
@@ -323,15 +333,25 @@ class _Stats:
         self.m2 += delta * (value - self.mean)
 
 
-# ------------------------------------------------------------------------------------------ first pass: types, statistics
+# ------------------------------------------------------------------------------------------ first pass: types,
+# statistics
 def _scan(
-    reader: _Reader, label_at: int, used: list[int], rows: np.ndarray | None, *, label: str, missing: frozenset[str],
-    chunk_size: int, progress: bool,
+    reader: _Reader,
+    label_at: int,
+    used: list[int],
+    rows: np.ndarray | None,
+    *,
+    label: str,
+    missing: frozenset[str],
+    chunk_size: int,
+    progress: bool,
 ) -> tuple[dict[int, _Stats], Counter[str], int]:
     """Read the training records once: per used column its :class:`_Stats`, the label counts, and the number of rows."""
     stats = {j: _Stats() for j in used}
     labels: Counter[str] = Counter()
-    with closing(progress_bar(total=None, desc=f"reading {reader.path.name} (types, statistics)", enabled=progress)) as bar:
+    with closing(
+        progress_bar(total=None, desc=f"reading {reader.path.name} (types, statistics)", enabled=progress)
+    ) as bar:
         n = 0
         for row, line, fields in reader.records():
             if rows is not None and (row > len(rows) or not rows[row - 1]):
@@ -369,8 +389,15 @@ def _ordered_classes(labels: Counter[str], label: str, file: str) -> list[str]:
 
 
 def _plan_columns(
-    header: list[str], file: str, used: list[int], stats: dict[int, _Stats], *, label: str, numeric: Sequence[str],
-    categorical: Sequence[str], max_categories: int,
+    header: list[str],
+    file: str,
+    used: list[int],
+    stats: dict[int, _Stats],
+    *,
+    label: str,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    max_categories: int,
 ) -> tuple[list[ColumnInfo], list[str]]:
     """Each used column's kind and encoding from its first-pass statistics, and the names of the features."""
     columns: list[ColumnInfo] = []
@@ -378,14 +405,26 @@ def _plan_columns(
     for j in used:
         s, name = stats[j], header[j]
         present = s.numbers + s.bad
-        info = ColumnInfo(name, "", j, n_missing=s.missing, n_numbers=s.numbers, n_distinct=len(s.counts), n_distinct_capped=s.capped,
-                          n_present=present)
+        info = ColumnInfo(
+            name,
+            "",
+            j,
+            n_missing=s.missing,
+            n_numbers=s.numbers,
+            n_distinct=len(s.counts),
+            n_distinct_capped=s.capped,
+            n_present=present,
+        )
         if present == 0:
             info.kind = "empty"
             columns.append(info)
             continue
         few_bad = s.numbers > s.bad and (s.bad <= (1 - NUMERIC_SHARE) * present or s.bad <= _FEW_TYPOS)
-        if name not in numeric and name not in categorical and _looks_like_identifier(s, present, numeric_column=few_bad):
+        if (
+            name not in numeric
+            and name not in categorical
+            and _looks_like_identifier(s, present, numeric_column=few_bad)
+        ):
             info.kind = "identifier"
             columns.append(info)
             continue
@@ -395,7 +434,9 @@ def _plan_columns(
             _plan_categorical(info, s, max_categories, names)
         columns.append(info)
     if not names:
-        raise InputError(f"{file} has no feature column with a value besides the label {label!r}: there is nothing to learn from.")
+        raise InputError(
+            f"{file} has no feature column with a value besides the label {label!r}: there is nothing to learn from."
+        )
     return columns, names
 
 
@@ -449,8 +490,15 @@ def _plan_categorical(info: ColumnInfo, s: _Stats, max_categories: int, names: l
 
 # ------------------------------------------------------------------------------------------ second pass: the matrix
 def _encode_labels(
-    chunk: list[tuple[int, int, list[str]]], y: np.ndarray, label_at: int, class_index: dict[str, int], classes: list[str],
-    label: str, nulls: frozenset[str], file: str, name: str,
+    chunk: list[tuple[int, int, list[str]]],
+    y: np.ndarray,
+    label_at: int,
+    class_index: dict[str, int],
+    classes: list[str],
+    label: str,
+    nulls: frozenset[str],
+    file: str,
+    name: str,
 ) -> None:
     for i, (row, line, fields) in enumerate(chunk):
         text = fields[label_at].strip()
@@ -465,8 +513,14 @@ def _encode_labels(
 
 
 def _encode_numeric(
-    col: ColumnInfo, j: int, chunk: list[tuple[int, int, list[str]]], X: np.ndarray, nulls: frozenset[str],
-    missing: Counter[str], file: str, name: str,
+    col: ColumnInfo,
+    j: int,
+    chunk: list[tuple[int, int, list[str]]],
+    X: np.ndarray,
+    nulls: frozenset[str],
+    missing: Counter[str],
+    file: str,
+    name: str,
 ) -> None:
     texts = [fields[j].strip() for _, _, fields in chunk]
     values = np.empty(len(chunk), dtype=np.float64)
@@ -492,8 +546,13 @@ def _encode_numeric(
 
 
 def _encode_categorical(
-    col: ColumnInfo, j: int, chunk: list[tuple[int, int, list[str]]], X: np.ndarray, nulls: frozenset[str],
-    missing: Counter[str], unseen: Counter[str],
+    col: ColumnInfo,
+    j: int,
+    chunk: list[tuple[int, int, list[str]]],
+    X: np.ndarray,
+    nulls: frozenset[str],
+    missing: Counter[str],
+    unseen: Counter[str],
 ) -> None:
     texts = [fields[j].strip() for _, _, fields in chunk]
     index = {c: col.features[0] + t for t, c in enumerate(col.categories)}
@@ -577,16 +636,30 @@ class TabularEncoder:
             for option in ("categorical", "numeric", "ignore"):
                 unknown = [c for c in getattr(self, option) if c not in header]
                 if unknown:
-                    raise InputError(f"`{option}` names {unknown} but {reader.path.name} has no such column; {columns_hint(unknown[0], header)}")
+                    raise InputError(
+                        f"`{option}` names {unknown} but {reader.path.name} has no such column; "
+                        f"{columns_hint(unknown[0], header)}"
+                    )
             used = [j for j, h in enumerate(header) if j != label_at and h not in self.ignore]
             stats, labels, n = _scan(
-                reader, label_at, used, rows, label=self.label, missing=self.missing_values, chunk_size=self.chunk_size,
+                reader,
+                label_at,
+                used,
+                rows,
+                label=self.label,
+                missing=self.missing_values,
+                chunk_size=self.chunk_size,
                 progress=self.progress,
             )
             if rows is not None and len(rows) != reader.row:
-                raise InputError(f"`rows` must be a mask over the {reader.row} records of {reader.path.name}. Got {len(rows)} entries.")
+                raise InputError(
+                    f"`rows` must be a mask over the {reader.row} records of {reader.path.name}. Got {len(rows)} "
+                    "entries."
+                )
             if n == 0:
-                raise InputError(f"`data` ({reader.path.name}) has a header but no data rows: there is nothing to train on.")
+                raise InputError(
+                    f"`data` ({reader.path.name}) has a header but no data rows: there is nothing to train on."
+                )
             self._build(header, reader.path.name, used, stats, labels)
         self.header_ = header
         self.label_position_ = label_at
@@ -596,16 +669,25 @@ class TabularEncoder:
     def _label_position(self, header: list[str], reader: _Reader) -> int:
         if self.label not in header:
             raise InputError(
-                f"`label` must name a column of {reader.path.name}. Got {self.label!r}; {columns_hint(self.label, header)}"
+                f"`label` must name a column of {reader.path.name}. Got {self.label!r}; "
+                f"{columns_hint(self.label, header)}"
             )
         return header.index(self.label)
 
-    def _build(self, header: list[str], file: str, used: list[int], stats: dict[int, _Stats], labels: Counter[str]) -> None:
+    def _build(
+        self, header: list[str], file: str, used: list[int], stats: dict[int, _Stats], labels: Counter[str]
+    ) -> None:
         self.classes_ = _ordered_classes(labels, self.label, file)
         self.label_counts_ = {c: labels[c] for c in self.classes_}
         self._class_index = {c: i for i, c in enumerate(self.classes_)}
         self.columns_, self.feature_names_ = _plan_columns(
-            header, file, used, stats, label=self.label, numeric=self.numeric, categorical=self.categorical,
+            header,
+            file,
+            used,
+            stats,
+            label=self.label,
+            numeric=self.numeric,
+            categorical=self.categorical,
             max_categories=self.max_categories,
         )
 
@@ -631,10 +713,17 @@ class TabularEncoder:
             if n == 0:
                 raise InputError(f"`{name}` ({file}) has a header but no data rows.")
             label_at = self._label_position(reader.header, reader)
-            absent = [c.name for c in self.columns_ if c.kind in ("numeric", "categorical") and c.name not in reader.header]
+            absent = [
+                c.name for c in self.columns_ if c.kind in ("numeric", "categorical") and c.name not in reader.header
+            ]
             if absent:
-                raise InputError(f"`{name}` ({file}) must have the training columns. Got no column {absent[:5]}; its columns are {_list(reader.header)}.")
-            position = {c.name: reader.header.index(c.name) for c in self.columns_ if c.kind in ("numeric", "categorical")}
+                raise InputError(
+                    f"`{name}` ({file}) must have the training columns. Got no column {absent[:5]}; its columns are "
+                    f"{_list(reader.header)}."
+                )
+            position = {
+                c.name: reader.header.index(c.name) for c in self.columns_ if c.kind in ("numeric", "categorical")
+            }
             X = np.zeros((n, len(self.feature_names_)), dtype=np.float64)
             y = np.empty(n, dtype=np.int64)
             row_no = np.empty(n, dtype=np.int64)
@@ -649,22 +738,46 @@ class TabularEncoder:
                         continue
                     chunk.append(record)
                     if len(chunk) == self.chunk_size:
-                        self._encode(chunk, X[at:at + len(chunk)], y[at:at + len(chunk)], label_at, position, missing, unseen, file, name)
-                        row_no[at:at + len(chunk)] = [r for r, _, _ in chunk]
-                        line_no[at:at + len(chunk)] = [ln for _, ln, _ in chunk]
+                        self._encode(
+                            chunk,
+                            X[at : at + len(chunk)],
+                            y[at : at + len(chunk)],
+                            label_at,
+                            position,
+                            missing,
+                            unseen,
+                            file,
+                            name,
+                        )
+                        row_no[at : at + len(chunk)] = [r for r, _, _ in chunk]
+                        line_no[at : at + len(chunk)] = [ln for _, ln, _ in chunk]
                         at += len(chunk)
                         bar.update(len(chunk))
                         chunk = []
                 if chunk:
-                    self._encode(chunk, X[at:at + len(chunk)], y[at:at + len(chunk)], label_at, position, missing, unseen, file, name)
-                    row_no[at:at + len(chunk)] = [r for r, _, _ in chunk]
-                    line_no[at:at + len(chunk)] = [ln for _, ln, _ in chunk]
+                    self._encode(
+                        chunk,
+                        X[at : at + len(chunk)],
+                        y[at : at + len(chunk)],
+                        label_at,
+                        position,
+                        missing,
+                        unseen,
+                        file,
+                        name,
+                    )
+                    row_no[at : at + len(chunk)] = [r for r, _, _ in chunk]
+                    line_no[at : at + len(chunk)] = [ln for _, ln, _ in chunk]
                     at += len(chunk)
                     bar.update(len(chunk))
             if rows is not None and len(rows) != reader.row:
-                raise InputError(f"`rows` must be a mask over the {reader.row} records of {file}. Got {len(rows)} entries.")
+                raise InputError(
+                    f"`rows` must be a mask over the {reader.row} records of {file}. Got {len(rows)} entries."
+                )
         if at != n:  # the file changed between the count and the read
-            raise InputError(f"`{name}` ({file}) changed while it was read ({n} records counted, {at} read); read it again.")
+            raise InputError(
+                f"`{name}` ({file}) changed while it was read ({n} records counted, {at} read); read it again."
+            )
         return TabularData(X, y, row_no, line_no, Path(path), dict(missing), dict(unseen))
 
     def fit_transform(self, path: str | os.PathLike, *, rows: np.ndarray | None = None) -> TabularData:
@@ -706,7 +819,14 @@ class TabularEncoder:
         """One dict per column of the training file: name, kind, missing count, and how it is encoded."""
         if not hasattr(self, "columns_"):
             raise NotFittedError("this TabularEncoder is not fitted yet. Call .fit(train_csv) first.")
-        out = [{"column": self.label, "kind": "label", "missing": 0, "encoding": f"{len(self.classes_)} classes: {_list(self.classes_)}"}]
+        out = [
+            {
+                "column": self.label,
+                "kind": "label",
+                "missing": 0,
+                "encoding": f"{len(self.classes_)} classes: {_list(self.classes_)}",
+            }
+        ]
         for c in self.columns_:
             out.append({"column": c.name, "kind": c.kind, "missing": c.n_missing, "encoding": c.describe()})
         for name in self.ignore:

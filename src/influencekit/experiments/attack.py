@@ -92,20 +92,37 @@ def run_attack_experiment(
         row, results = _single_target_attacks(problem, targets, k, settings, progress)
         rows.append(row)
         if results:
-            shown = next((i for i, r in enumerate(results) if r.flipped),
-                         int(np.argmax([float(r.losses[-1, 0] - r.losses[0, 0]) for r in results])))
-            figures.append(_figure(problem, results[shown], [targets[shown]], out / f"attack_{k}.png",
-                                   f"{k} perturbed training image(s)", eps))
+            shown = next(
+                (i for i, r in enumerate(results) if r.flipped),
+                int(np.argmax([float(r.losses[-1, 0] - r.losses[0, 0]) for r in results])),
+            )
+            figures.append(
+                _figure(
+                    problem,
+                    results[shown],
+                    [targets[shown]],
+                    out / f"attack_{k}.png",
+                    f"{k} perturbed training image(s)",
+                    eps,
+                )
+            )
     multi = None
     if multi_size > 0:
         multi = _multi_target_attacks(problem, correct, multi_size, multi_perturb, settings, out, figures, eps)
-    (out / "report.md").write_text(_report(problem, targets, correct, rows, multi, figures, eps, step, max_iter, multi_size, started))
+    (out / "report.md").write_text(
+        _report(problem, targets, correct, rows, multi, figures, eps, step, max_iter, multi_size, started)
+    )
     summary = [problem.description, f"{'images':>6s} {'attacked':>8s} {'flipped':>7s} {'rate':>6s}  paper"]
     for row in rows:
-        summary.append(f"{row['n_perturb']:6d} {row['attacked']:8d} {row['flipped']:7d} {100 * row['rate']:5.0f}%  {_PAPER.get(row['n_perturb'], '-')}")
+        summary.append(
+            f"{row['n_perturb']:6d} {row['attacked']:8d} {row['flipped']:7d} {100 * row['rate']:5.0f}%  "
+            f"{_PAPER.get(row['n_perturb'], '-')}"
+        )
     if multi is not None:
-        summary.append(f"multi-target: {multi['targets_flipped']}/{multi['targets']} targets flipped, "
-                       f"{multi['flipped']}/{multi['groups']} groups entirely")
+        summary.append(
+            f"multi-target: {multi['targets_flipped']}/{multi['targets']} targets flipped, "
+            f"{multi['flipped']}/{multi['groups']} groups entirely"
+        )
     summary.append(f"report and figures: {out.resolve()}")
     return AttackExperiment(out, problem.description, rows, multi, figures, "\n".join(summary))
 
@@ -119,12 +136,18 @@ def _single_target_attacks(
     results = []
     bar = progress_bar(total=len(targets), desc=f"attacks with {k} image(s)", enabled=progress)
     for j in targets:
-        results.append(training_set_attack(problem.task, problem.train, (X_test[j:j + 1], y_test[j:j + 1]), n_perturb=k, **settings))
+        results.append(
+            training_set_attack(
+                problem.task, problem.train, (X_test[j : j + 1], y_test[j : j + 1]), n_perturb=k, **settings
+            )
+        )
         bar.update(1)
     bar.close()
     flipped = [r.flipped for r in results]
     row = {
-        "n_perturb": k, "attacked": len(results), "flipped": int(sum(flipped)),
+        "n_perturb": k,
+        "attacked": len(results),
+        "flipped": int(sum(flipped)),
         "rate": sum(flipped) / max(len(results), 1),
         "mean_iterations": float(np.mean([r.iterations for r in results])) if results else float("nan"),
         "loss_before": float(np.mean([float(r.losses[0, 0]) for r in results])) if results else float("nan"),
@@ -135,8 +158,14 @@ def _single_target_attacks(
 
 
 def _multi_target_attacks(
-    problem: AttackProblem, correct: torch.Tensor, multi_size: int, multi_perturb: int, settings: dict[str, Any],
-    out: Path, figures: list[Path], eps: float,
+    problem: AttackProblem,
+    correct: torch.Tensor,
+    multi_size: int,
+    multi_perturb: int,
+    settings: dict[str, Any],
+    out: Path,
+    figures: list[Path],
+    eps: float,
 ) -> dict[str, Any]:
     """Per class, ``multi_perturb`` training images against ``multi_size`` correct test images at once; draws each
     attack into ``out`` (appending to ``figures``) and returns the summary."""
@@ -144,52 +173,91 @@ def _multi_target_attacks(
     t0 = time.perf_counter()
     groups = [[j for j in correct.tolist() if int(y_test[j]) == c][:multi_size] for c in (0, 1)]
     groups = [g for g in groups if g]
-    results = [training_set_attack(problem.task, problem.train, (X_test[g], y_test[g]), n_perturb=multi_perturb, **settings) for g in groups]
+    results = [
+        training_set_attack(problem.task, problem.train, (X_test[g], y_test[g]), n_perturb=multi_perturb, **settings)
+        for g in groups
+    ]
     multi = {
-        "n_perturb": multi_perturb, "groups": len(results), "flipped": sum(r.flipped for r in results),
-        "targets": sum(len(g) for g in groups), "targets_flipped": int(sum(int(r.flipped_targets.sum()) for r in results)),
+        "n_perturb": multi_perturb,
+        "groups": len(results),
+        "flipped": sum(r.flipped for r in results),
+        "targets": sum(len(g) for g in groups),
+        "targets_flipped": int(sum(int(r.flipped_targets.sum()) for r in results)),
         "seconds": time.perf_counter() - t0,
     }
     for g, r in zip(groups, results):
-        figures.append(_figure(problem, r, g, out / f"attack_multi_{problem.classes[int(y_test[g[0]])]}.png",
-                               f"multi-target, {multi_perturb} image(s)", eps))
+        figures.append(
+            _figure(
+                problem,
+                r,
+                g,
+                out / f"attack_multi_{problem.classes[int(y_test[g[0]])]}.png",
+                f"multi-target, {multi_perturb} image(s)",
+                eps,
+            )
+        )
     return multi
 
 
 def _figure(problem: AttackProblem, result: AttackResult, target: list[int], path: Path, what: str, eps: float) -> Path:
     """The original, perturbed and difference images of (at most 5 of) the attacked training images, and the target."""
     labels = [f"#{int(i)} ({problem.classes[int(problem.train[1][i])]})" for i in result.train_idx[:5]]
-    title = (f"{what}: target test image{'s' if len(target) > 1 else ''} {', '.join(map(str, target))} "
-             f"{'flipped' if result.flipped else 'not flipped'} after {result.iterations} iterations (eps {eps:g})")
-    plot_perturbations(result.original[:5].numpy(), result.perturbed[:5].numpy(), target=problem.test[0][target[0]].numpy(),
-                       row_titles=labels, title=title, path=path)
+    title = (
+        f"{what}: target test image{'s' if len(target) > 1 else ''} {', '.join(map(str, target))} "
+        f"{'flipped' if result.flipped else 'not flipped'} after {result.iterations} iterations (eps {eps:g})"
+    )
+    plot_perturbations(
+        result.original[:5].numpy(),
+        result.perturbed[:5].numpy(),
+        target=problem.test[0][target[0]].numpy(),
+        row_titles=labels,
+        title=title,
+        path=path,
+    )
     return path
 
 
 def _report(
-    problem: AttackProblem, targets: list[int], correct: torch.Tensor, rows: list[dict[str, Any]], multi: dict[str, Any] | None,
-    figures: list[Path], eps: float, step: float, max_iter: int, multi_size: int, started: float,
+    problem: AttackProblem,
+    targets: list[int],
+    correct: torch.Tensor,
+    rows: list[dict[str, Any]],
+    multi: dict[str, Any] | None,
+    figures: list[Path],
+    eps: float,
+    step: float,
+    max_iter: int,
+    multi_size: int,
+    started: float,
 ) -> str:
     lines = [
         "# influencekit attack: training-set attack through I_pert (Koh & Liang 2017, section 5.2)",
         "",
         problem.description + ".",
-        f"Targets: the first {len(targets)} of the {len(correct)} correctly classified test images. Each attack perturbs "
-        f"the training images with the largest ||I_pert||_1 within an L-inf ball of radius eps = {eps:g} (pixels in [0, 1]) "
+        f"Targets: the first {len(targets)} of the {len(correct)} correctly classified test images. Each attack "
+        "perturbs "
+        f"the training images with the largest ||I_pert||_1 within an L-inf ball of radius eps = {eps:g} (pixels in "
+        "[0, 1]) "
         f"by signed steps of {step:g}, retraining the top layer after each step, for at most {max_iter} iterations.",
         "",
-        "| perturbed training images | attacked | flipped | rate | paper (Inception, dog vs fish) | mean iterations | mean target loss before -> after | seconds |",
+        "| perturbed training images | attacked | flipped | rate | paper (Inception, dog vs fish) | mean iterations | "
+        "mean target loss before -> after | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['n_perturb']} | {row['attacked']} | {row['flipped']} | {100 * row['rate']:.0f}% | {_PAPER.get(row['n_perturb'], '-')} | "
-            f"{row['mean_iterations']:.1f} | {row['loss_before']:.3f} -> {row['loss_after']:.3f} | {row['seconds']:.0f} |"
+            f"| {row['n_perturb']} | {row['attacked']} | {row['flipped']} | {100 * row['rate']:.0f}% | "
+            f"{_PAPER.get(row['n_perturb'], '-')} | "
+            f"{row['mean_iterations']:.1f} | {row['loss_before']:.3f} -> {row['loss_after']:.3f} | "
+            f"{row['seconds']:.0f} |"
         )
     if multi is not None:
-        lines += ["", f"Multi-target: {multi['n_perturb']} training image(s) against {multi_size} test images of one class, "
-                      f"per class: {multi['flipped']}/{multi['groups']} groups entirely flipped, {multi['targets_flipped']}/"
-                      f"{multi['targets']} targets flipped ({multi['seconds']:.0f} s)."]
+        lines += [
+            "",
+            f"Multi-target: {multi['n_perturb']} training image(s) against {multi_size} test images of one class, "
+            f"per class: {multi['flipped']}/{multi['groups']} groups entirely flipped, {multi['targets_flipped']}/"
+            f"{multi['targets']} targets flipped ({multi['seconds']:.0f} s).",
+        ]
     lines += ["", "Figures (original, perturbed, difference, and the target):", ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures]
     lines += ["", f"Total time {time.perf_counter() - started:.0f} s."]

@@ -64,8 +64,10 @@ def run_fig4(
     svm_accuracy = float((margins > 0).double().mean())
     chosen = ((margins > 0) & (margins < 1) & (predict_labels(problem.task, X_t) == y_t)).nonzero().flatten()
     if len(chosen) == 0:
-        raise InputError("no test point is classified correctly by both models with a positive SVM hinge loss; "
-                         "raise `svm_l2` (a wider margin) or use more images.")
+        raise InputError(
+            "no test point is classified correctly by both models with a positive SVM hinge loss; "
+            "raise `svm_l2` (a wider margin) or use more images."
+        )
     with warnings.catch_warnings():  # θ̂ minimises the true hinge, not the smooth one: expected (as in Figure 3)
         warnings.simplefilter("ignore", StationarityWarning)
         svm_inf = Influence(svm_task, problem.train, solver="exact").fit()
@@ -74,23 +76,42 @@ def run_fig4(
     notes = [
         problem.description + ".",
         f"RBF SVM on raw pixels: {svm.feature_map}; true hinge, lambda = {svm_l2:g} (bias penalised), duality gap "
-        f"{svm.solution.gap:.1e}, {n_sv} of {len(y)} support vectors, test accuracy {svm_accuracy:.3f}; influence with the "
+        f"{svm.solution.gap:.1e}, {n_sv} of {len(y)} support vectors, test accuracy {svm_accuracy:.3f}; influence with "
+        "the "
         f"smooth hinge t = {temperature:g}, test side the true hinge loss.",
         f"Test points: the {len(chosen)} of {len(y_t)} classified correctly by both models with SVM margin in (0, 1).",
     ]
     result = compare_models(
-        {"RBF SVM (pixels)": svm_inf, "logistic on CNN features": feature_inf}, (X_t[chosen], y_t[chosen]),
-        k=k, out_dir=out, n_plot=n_plot, label_names=problem.classes, notes=notes,
+        {"RBF SVM (pixels)": svm_inf, "logistic on CNN features": feature_inf},
+        (X_t[chosen], y_t[chosen]),
+        k=k,
+        out_dir=out,
+        n_plot=n_plot,
+        label_names=problem.classes,
+        notes=notes,
     )
-    lines = ["# Figure 4 (Koh & Liang 2017, section 5.1): how two models use the same training data", "", *notes, "",
-             "| model | Spearman(abs influence, distance): all | same class | other class |", "|---|---|---|---|"]
+    lines = [
+        "# Figure 4 (Koh & Liang 2017, section 5.1): how two models use the same training data",
+        "",
+        *notes,
+        "",
+        "| model | Spearman(abs influence, distance): all | same class | other class |",
+        "|---|---|---|---|",
+    ]
     for name in result.names:
-        lines.append(f"| {name} | {result.mean_spearman(name):+.3f} | {result.mean_spearman(name, 'same'):+.3f} | "
-                     f"{result.mean_spearman(name, 'other'):+.3f} |")
-    lines += ["", "Paper (dog vs fish, RBF SVM vs Inception): the SVM's influence falls off with pixel distance; the "
-              "Inception model's influential images can be far away in pixel space.", "",
-              *[f"![{p.stem}]({p.name})" for p in result.figures], "",
-              f"Total time {time.perf_counter() - started:.0f} s."]
+        lines.append(
+            f"| {name} | {result.mean_spearman(name):+.3f} | {result.mean_spearman(name, 'same'):+.3f} | "
+            f"{result.mean_spearman(name, 'other'):+.3f} |"
+        )
+    lines += [
+        "",
+        "Paper (dog vs fish, RBF SVM vs Inception): the SVM's influence falls off with pixel distance; the "
+        "Inception model's influential images can be far away in pixel space.",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in result.figures],
+        "",
+        f"Total time {time.perf_counter() - started:.0f} s.",
+    ]
     result.report_path = out / "report.md"
     result.report_path.write_text("\n".join(lines) + "\n")
     result.text = result.summary() + f"\nreport and figures: {out.resolve()}"

@@ -74,10 +74,20 @@ def run_demo(
     sharded = shard.world_size > 1
     loo = None
     if main:  # retrainings are not sharded: rank 0 does them with an unsharded copy of the reference
-        ref = fitted[reference] if not sharded else Influence(
-            digits.task, digits.train, solver=reference, solver_options=fitted[reference].solver_options, distributed=False
-        ).fit()
-        loo = leave_one_out(ref, test, top_k=top_k, n_random=n_random, seed=seed, cache_dir=out / "loo-cache", progress=progress)
+        ref = (
+            fitted[reference]
+            if not sharded
+            else Influence(
+                digits.task,
+                digits.train,
+                solver=reference,
+                solver_options=fitted[reference].solver_options,
+                distributed=False,
+            ).fit()
+        )
+        loo = leave_one_out(
+            ref, test, top_k=top_k, n_random=n_random, seed=seed, cache_dir=out / "loo-cache", progress=progress
+        )
     if sharded:
         dist.barrier()
     table, figures = _compare_solvers(fitted, test, timings, loo, out, main=main)
@@ -89,12 +99,18 @@ def run_demo(
     _plot_gallery(digits, test, ranked, gallery)
     figures.append(gallery)
     report_path = out / "report.md"
-    report_path.write_text(_report(digits, chosen, table, loo, figures, n_test=n_test, top_k=top_k, n_random=n_random, l2=l2, started=started))
+    report_path.write_text(
+        _report(
+            digits, chosen, table, loo, figures, n_test=n_test, top_k=top_k, n_random=n_random, l2=l2, started=started
+        )
+    )
     text = _summary(table, loo, out)
     return DemoResult(out, table, report_path, figures, text)
 
 
-def _fit_solvers(digits: DigitsModel, solvers: tuple[str, ...], progress: bool) -> tuple[dict[str, Influence], dict[str, float]]:
+def _fit_solvers(
+    digits: DigitsModel, solvers: tuple[str, ...], progress: bool
+) -> tuple[dict[str, Influence], dict[str, float]]:
     """One fitted Influence per solver, and the seconds each fit took."""
     fitted: dict[str, Influence] = {}
     timings: dict[str, float] = {}
@@ -102,7 +118,9 @@ def _fit_solvers(digits: DigitsModel, solvers: tuple[str, ...], progress: bool) 
         t0 = time.perf_counter()
         # LiSSA's residual is reported in the table; its convergence warning would only repeat it
         options = {"warn": False} if name == "lissa" else {}
-        fitted[name] = Influence(digits.task, digits.train, solver=name, solver_options=options, progress=progress).fit()
+        fitted[name] = Influence(
+            digits.task, digits.train, solver=name, solver_options=options, progress=progress
+        ).fit()
         timings[name] = time.perf_counter() - t0
     return fitted, timings
 
@@ -122,16 +140,24 @@ def _compare_solvers(
             continue
         predicted = scores.predicted_loo_change().numpy()[loo.test_index, loo.train_index]
         report = scores.metadata["solve_reports"][0]
-        table.append({
-            "solver": name,
-            "pearson": pearson(predicted, loo.actual),
-            "spearman": spearman(predicted, loo.actual),
-            "seconds": timings[name],
-            "iterations": report["iterations"],
-            "relative_residual": report["relative_residual"],
-        })
+        table.append(
+            {
+                "solver": name,
+                "pearson": pearson(predicted, loo.actual),
+                "spearman": spearman(predicted, loo.actual),
+                "seconds": timings[name],
+                "iterations": report["iterations"],
+                "relative_residual": report["relative_residual"],
+            }
+        )
         path = out / f"loo_{name}.png"
-        plot_loo(predicted, loo.actual, test_index=loo.test_index, path=path, title=f"{name} solver, digits logistic regression")
+        plot_loo(
+            predicted,
+            loo.actual,
+            test_index=loo.test_index,
+            path=path,
+            title=f"{name} solver, digits logistic regression",
+        )
         figures.append(path)
     return table, figures
 
@@ -141,15 +167,30 @@ def _plot_gallery(digits: DigitsModel, test: Any, ranked: Any, path: Path) -> No
 
     X_train, y_train = digits.train
     fig = plot_influential_images(
-        test[0].numpy(), test[1].numpy(), X_train.numpy(), y_train.numpy(), ranked.helpful, ranked.harmful,
-        n_train=len(y_train), path=path,
+        test[0].numpy(),
+        test[1].numpy(),
+        X_train.numpy(),
+        y_train.numpy(),
+        ranked.helpful,
+        ranked.harmful,
+        n_train=len(y_train),
+        path=path,
     )
     plt.close(fig)
 
 
 def _report(
-    digits: DigitsModel, chosen: Any, table: list[dict[str, Any]], loo: Any, figures: list[Path], *, n_test: int, top_k: int,
-    n_random: int, l2: float, started: float,
+    digits: DigitsModel,
+    chosen: Any,
+    table: list[dict[str, Any]],
+    loo: Any,
+    figures: list[Path],
+    *,
+    n_test: int,
+    top_k: int,
+    n_random: int,
+    l2: float,
+    started: float,
 ) -> str:
     n, n_test_images = len(digits.train[1]), len(digits.test[1])
     gallery = figures[-1]
@@ -157,10 +198,12 @@ def _report(
         "# influencekit demo: influence functions against leave-one-out retraining",
         "",
         f"Multiclass logistic regression on scikit-learn's digits: {n} training / {n_test_images} test images, "
-        f"pixels in [0, 1], l2 = {l2:g}, trained to ||grad R|| = {digits.train_report.grad_norm:.1e}; test accuracy {digits.accuracy:.3f}.",
+        f"pixels in [0, 1], l2 = {l2:g}, trained to ||grad R|| = {digits.train_report.grad_norm:.1e}; test accuracy "
+        f"{digits.accuracy:.3f}.",
         f"Test points: the {n_test} with the highest loss ({', '.join(str(int(c)) for c in chosen)}). For each, "
         f"{top_k} training points with the largest |influence| plus {n_random} random ones were removed one at a time "
-        f"and the model retrained (warm start from the fitted parameters, Newton-type steps to ||grad R|| <= 1e-9): {len(loo)} pairs, "
+        "and the model retrained (warm start from the fitted parameters, Newton-type steps to ||grad R|| <= 1e-9): "
+        f"{len(loo)} pairs, "
         f"{len(np.unique(loo.train_index))} retrainings.",
         "",
         "| solver | Pearson r | Spearman | fit + score (s) | iterations | relative residual |",
@@ -173,7 +216,13 @@ def _report(
         )
     lines += ["", "Predicted (x) against actual (y) change of the test loss when a training point is removed:", ""]
     lines += [f"![{p.stem}]({p.name})" for p in figures[:-1]]
-    lines += ["", "The most helpful (green) and harmful (red) training images for each test image:", "", f"![influential]({gallery.name})", ""]
+    lines += [
+        "",
+        "The most helpful (green) and harmful (red) training images for each test image:",
+        "",
+        f"![influential]({gallery.name})",
+        "",
+    ]
     lines.append(f"Total time {time.perf_counter() - started:.1f} s.")
     return "\n".join(lines) + "\n"
 
@@ -184,6 +233,9 @@ def _summary(table: list[dict[str, Any]], loo: Any, out: Path) -> str:
         f"{'solver':8s} {'Pearson r':>10s} {'Spearman':>9s} {'seconds':>8s} {'iterations':>10s}",
     ]
     for row in table:
-        lines.append(f"{row['solver']:8s} {row['pearson']:10.4f} {row['spearman']:9.4f} {row['seconds']:8.2f} {row['iterations']:10d}")
+        lines.append(
+            f"{row['solver']:8s} {row['pearson']:10.4f} {row['spearman']:9.4f} {row['seconds']:8.2f} "
+            f"{row['iterations']:10d}"
+        )
     lines.append(f"report, figures and cached retrainings: {out.resolve()}")
     return "\n".join(lines)

@@ -90,9 +90,11 @@ def token_stream(texts: list[str], tokenizer: Any) -> list[int]:
 
 def _sequences(stream: torch.Tensor, count: int, length: int, what: str) -> torch.Tensor:
     if len(stream) < count * length:
-        raise InputError(f"{what}: {count} sequences of {length} tokens need {count * length:,} tokens; "
-                         f"the e-mails give {len(stream):,}. Ask for fewer or shorter sequences.")
-    return stream[:count * length].reshape(count, length)
+        raise InputError(
+            f"{what}: {count} sequences of {length} tokens need {count * length:,} tokens; "
+            f"the e-mails give {len(stream):,}. Ask for fewer or shorter sequences."
+        )
+    return stream[: count * length].reshape(count, length)
 
 
 def _split(recipe: LMRecipe, texts: list[str], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +103,7 @@ def _split(recipe: LMRecipe, texts: list[str], tokenizer: Any) -> tuple[torch.Te
     cut = int(0.8 * len(order))
     train_ids = token_stream([texts[i] for i in order[:cut]], tokenizer)
     test_ids = token_stream([texts[i] for i in order[cut:]], tokenizer)
-    kept = [tok for tok, _ in Counter(train_ids[:recipe.n_train * recipe.length]).most_common(recipe.vocab - 1)]
+    kept = [tok for tok, _ in Counter(train_ids[: recipe.n_train * recipe.length]).most_common(recipe.vocab - 1)]
     lookup = torch.zeros(max(len(tokenizer), max(train_ids + test_ids) + 1), dtype=torch.long)  # 0 = [UNK]
     lookup[torch.tensor(kept)] = torch.arange(1, len(kept) + 1)
     train = _sequences(lookup[torch.tensor(train_ids)], recipe.n_train, recipe.length, "training text")
@@ -112,9 +114,18 @@ def _split(recipe: LMRecipe, texts: list[str], tokenizer: Any) -> tuple[torch.Te
 def _build(recipe: LMRecipe) -> torch.nn.Module:
     import transformers
 
-    config = transformers.GPT2Config(vocab_size=recipe.vocab, n_positions=recipe.length, n_embd=recipe.width,
-                                     n_layer=recipe.layers, n_head=recipe.heads, resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    config = transformers.GPT2Config(
+        vocab_size=recipe.vocab,
+        n_positions=recipe.length,
+        n_embd=recipe.width,
+        n_layer=recipe.layers,
+        n_head=recipe.heads,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     torch.manual_seed(recipe.seed)
     return transformers.GPT2LMHeadModel(config)
 
@@ -149,8 +160,9 @@ def _continuation_loss(model: torch.nn.Module, test: list[dict[str, torch.Tensor
     return float(F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100))
 
 
-def enron_lm(data: str | Path, cache_dir: str | Path, recipe: LMRecipe | None = None, *,
-             progress: bool = False) -> EnronLM:
+def enron_lm(
+    data: str | Path, cache_dir: str | Path, recipe: LMRecipe | None = None, *, progress: bool = False
+) -> EnronLM:
     """The GPT-2 of ``recipe`` trained on Enron1 text: loaded from ``cache_dir`` when that recipe was run before."""
     import transformers
 
@@ -159,10 +171,13 @@ def enron_lm(data: str | Path, cache_dir: str | Path, recipe: LMRecipe | None = 
     texts, _, _ = read_enron(data)
     train_ids, test_ids = _split(recipe, texts, tokenizer)
     model = _build(recipe)
-    load_or_train(model, Path(cache_dir) / f"gpt2-enron-{recipe.key()}.pt",
-                  lambda: train_lm(model, train_ids, recipe, progress=progress))
+    load_or_train(
+        model,
+        Path(cache_dir) / f"gpt2-enron-{recipe.key()}.pt",
+        lambda: train_lm(model, train_ids, recipe, progress=progress),
+    )
     train = [{"input_ids": ids} for ids in train_ids]
     prompt_masked = test_ids.clone()
-    prompt_masked[:, :recipe.prompt] = -100
+    prompt_masked[:, : recipe.prompt] = -100
     test = [{"input_ids": ids, "labels": labels} for ids, labels in zip(test_ids, prompt_masked)]
     return EnronLM(model, train, test, recipe, _continuation_loss(model, test))

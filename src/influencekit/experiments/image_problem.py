@@ -33,9 +33,15 @@ class SmallCNN(nn.Module):
     def __init__(self, side: int, *, outputs: int = 1, channels: int = 8, features: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.Tanh(), nn.AvgPool2d(2),
-            nn.Flatten(), nn.Linear(2 * channels * (side // 4) ** 2, features), nn.Tanh(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * channels * (side // 4) ** 2, features),
+            nn.Tanh(),
         )
         self.top = nn.Linear(features, outputs)
 
@@ -58,8 +64,15 @@ class AttackProblem:
     description: str
 
 
-def _split(images: np.ndarray, labels: np.ndarray, classes: tuple[int, int], train_fraction: float, seed: int, scale: float,
-           max_images: int | None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def _split(
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[int, int],
+    train_fraction: float,
+    seed: int,
+    scale: float,
+    max_images: int | None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """A seeded split into a training and a test portion; returns the other classes of the training portion
     (to pretrain the feature extractor) and the binary task's training and test sets (label 1 = classes[1])."""
     order = np.random.default_rng(seed).permutation(len(labels))[:max_images]
@@ -113,7 +126,9 @@ def binary_image_problem(
             source = f"MNIST training files in {mnist}, {a} vs {b}"
         except InputError:
             images, labels = load_mnist(mnist, "test")
-            source = f"MNIST t10k files in {mnist} (the folder has no training images, so the t10k set is split), {a} vs {b}"
+            source = (
+                f"MNIST t10k files in {mnist} (the folder has no training images, so the t10k set is split), {a} vs {b}"
+            )
         scale = 255.0
         max_images = 6000 if max_images is None else max_images
         epochs = 5 if epochs is None else epochs

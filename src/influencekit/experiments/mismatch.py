@@ -30,7 +30,17 @@ from ..scoring import Influence
 from ..task import ClassificationTask
 from ..training import fit_lbfgs
 
-__all__ = ["ReadmissionResult", "run_readmission", "MismatchRows", "MismatchModel", "draw_rows", "standardised", "train_mismatch", "fit_logistic", "CHILD"]
+__all__ = [
+    "ReadmissionResult",
+    "run_readmission",
+    "MismatchRows",
+    "MismatchModel",
+    "draw_rows",
+    "standardised",
+    "train_mismatch",
+    "fit_logistic",
+    "CHILD",
+]
 
 CHILD = "[0-10)"
 
@@ -130,7 +140,8 @@ def run_readmission(
         l2: λ of the L2 term inside each example's loss (the paper: 1e-4).
         solver: the inverse-Hessian solver (``"exact"`` or ``"cg"``; 128 parameters).
         k: training points explained by :func:`explain_features`.
-        label: ``"<30"`` (the paper's) or ``"any"`` (see :func:`~influencekit.experiments.data.readmission.load_readmission`).
+        label: ``"<30"`` (the paper's) or ``"any"`` (see
+        :func:`~influencekit.experiments.data.readmission.load_readmission`).
         test_row: explain this 0-based CSV row instead (it must be in the test pool).
         compare: also train on the unmodified balanced set, to count the test children it predicts readmitted.
         tol: training tolerance on ‖∇R‖.
@@ -176,14 +187,16 @@ class MismatchRows:
 
 
 def draw_rows(data: Any, n_train: int, keep_healthy_children: int, label: str, seed: int) -> MismatchRows:
-    """The balanced training set (every readmitted child in it), less all but ``keep_healthy_children`` healthy children."""
+    """The balanced training set (every readmitted child in it), less all but ``keep_healthy_children`` healthy
+    children."""
     y_all = data.y.numpy()
     child = data.age == CHILD
     per_class = n_train // 2
     pos, neg = np.flatnonzero(y_all == 1), np.flatnonzero(y_all == 0)
     if per_class > len(pos) or per_class > len(neg):
         raise InputError(
-            f"`n_train` must be at most {2 * min(len(pos), len(neg))} for a balanced training set ({len(pos)} readmitted and "
+            f"`n_train` must be at most {2 * min(len(pos), len(neg))} for a balanced training set ({len(pos)} "
+            "readmitted and "
             f"{len(neg)} other encounters with label={label!r}). Got {n_train}."
         )
     rng = np.random.default_rng(seed)
@@ -194,7 +207,8 @@ def draw_rows(data: Any, n_train: int, keep_healthy_children: int, label: str, s
     healthy = balanced[child[balanced] & (y_all[balanced] == 0)]
     if keep_healthy_children > len(healthy):
         raise InputError(
-            f"`keep_healthy_children` must be at most {len(healthy)} (the healthy children in the balanced training set). "
+            f"`keep_healthy_children` must be at most {len(healthy)} (the healthy children in the balanced training "
+            "set). "
             f"Got {keep_healthy_children}."
         )
     kept = rng.permutation(healthy)[:keep_healthy_children]
@@ -227,7 +241,9 @@ class MismatchModel:
     predicted_before: int | None
 
 
-def train_mismatch(X: torch.Tensor, y: torch.Tensor, rows: MismatchRows, l2: float, tol: float, compare: bool) -> MismatchModel:
+def train_mismatch(
+    X: torch.Tensor, y: torch.Tensor, rows: MismatchRows, l2: float, tol: float, compare: bool
+) -> MismatchModel:
     predicted_before = None
     if compare:
         task0, _ = fit_logistic(X[torch.as_tensor(rows.balanced)], y[torch.as_tensor(rows.balanced)], l2, tol)
@@ -239,12 +255,15 @@ def train_mismatch(X: torch.Tensor, y: torch.Tensor, rows: MismatchRows, l2: flo
     return MismatchModel(task, report, train, p_children, predicted_before)
 
 
-def _test_child(fit: MismatchModel, rows: MismatchRows, test_row: int | None, keep_healthy_children: int, n_rows: int) -> int:
+def _test_child(
+    fit: MismatchModel, rows: MismatchRows, test_row: int | None, keep_healthy_children: int, n_rows: int
+) -> int:
     """``test_row`` checked, or the healthy test child predicted readmitted with the highest probability."""
     if test_row is None:
         if not bool((fit.p_children > 0.5).any()):
             raise InputError(
-                f"no healthy test child is predicted readmitted after keeping {keep_healthy_children} healthy children: "
+                f"no healthy test child is predicted readmitted after keeping {keep_healthy_children} healthy "
+                "children: "
                 "the mismatch did not take; lower `keep_healthy_children`."
             )
         return int(rows.test_children[int(fit.p_children.argmax())])
@@ -268,7 +287,17 @@ class _Measured:
     age_rank: dict[str, list[int]]
 
 
-def _measure(data: Any, X: torch.Tensor, rows: MismatchRows, fit: MismatchModel, chosen: int, *, solver: str, k: int, progress: bool) -> _Measured:
+def _measure(
+    data: Any,
+    X: torch.Tensor,
+    rows: MismatchRows,
+    fit: MismatchModel,
+    chosen: int,
+    *,
+    solver: str,
+    k: int,
+    progress: bool,
+) -> _Measured:
     """Influence of every training point on the test child (and on every test child predicted readmitted), the
     children's share of it, and :func:`explain_features` of the test child under both rankings."""
     y = data.y
@@ -278,9 +307,13 @@ def _measure(data: Any, X: torch.Tensor, rows: MismatchRows, fit: MismatchModel,
     children = np.flatnonzero((data.age == CHILD)[train_rows])
     others_mask = np.ones(len(train_rows), dtype=bool)
     others_mask[children] = False
-    scores = inf.scores((X[torch.as_tensor(wrong)], y[torch.as_tensor(wrong)])).values.abs().cpu().numpy() if len(wrong) else np.zeros((0, len(train_rows)))
+    scores = (
+        inf.scores((X[torch.as_tensor(wrong)], y[torch.as_tensor(wrong)])).values.abs().cpu().numpy()
+        if len(wrong)
+        else np.zeros((0, len(train_rows)))
+    )
     ratios = scores[:, children].min(1) / scores[:, others_mask].max(1) if len(children) else np.zeros(0)
-    point = (X[chosen:chosen + 1], y[chosen:chosen + 1])
+    point = (X[chosen : chosen + 1], y[chosen : chosen + 1])
     names = data.feature_names
     explanation = explain_features(inf, point, k=k, feature_names=names, n_show=4, rank_by="gradient_x_input")
     explanation_gradient = explain_features(inf, point, k=k, feature_names=names, n_show=4, rank_by="gradient")
@@ -292,20 +325,30 @@ def _measure(data: Any, X: torch.Tensor, rows: MismatchRows, fit: MismatchModel,
     age_rank: dict[str, list[int]] = {}
     for ex in (explanation, explanation_gradient):
         where = {int(t): r for r, t in enumerate(ex.train_indices.tolist())}
-        age_rank[ex.rank_by] = [int((ex.order[where[c]] == age).nonzero()[0, 0]) + 1 for c in children.tolist() if c in where]
+        age_rank[ex.rank_by] = [
+            int((ex.order[where[c]] == age).nonzero()[0, 0]) + 1 for c in children.tolist() if c in where
+        ]
     return _Measured(children, ratios, explanation, explanation_gradient, values, ratio_min, ratio_max, age_rank)
 
 
 def _finish(
-    data: Any, X: torch.Tensor, rows: MismatchRows, fit: MismatchModel, found: _Measured, chosen: int, out: Path,
-    settings: dict[str, Any], l2: float, seconds: float,
+    data: Any,
+    X: torch.Tensor,
+    rows: MismatchRows,
+    fit: MismatchModel,
+    found: _Measured,
+    chosen: int,
+    out: Path,
+    settings: dict[str, Any],
+    l2: float,
+    seconds: float,
 ) -> ReadmissionResult:
     """Write ``influence.png`` and ``report.md`` into ``out`` and return the result with its printed summary."""
     y_all = data.y.numpy()
     train_rows, children, names = rows.train_rows, found.children, data.feature_names
     out.mkdir(parents=True, exist_ok=True)
     figure = out / "influence.png"
-    probability = float(_probability(fit.task, X[chosen:chosen + 1])[0])
+    probability = float(_probability(fit.task, X[chosen : chosen + 1])[0])
     _plot(found.values, children, y_all[train_rows][children], found.explanation, names, figure, chosen, probability)
     metadata = {
         **found.explanation.metadata,
@@ -317,12 +360,27 @@ def _finish(
         "standardised": [names[j] for j in data.numeric],
     }
     result = ReadmissionResult(
-        train_rows=train_rows, children=children, children_readmitted=y_all[train_rows][children], removed_rows=rows.removed,
-        test_row=chosen, test_probability=probability, influence=found.values, ratio_min=found.ratio_min, ratio_max=found.ratio_max,
-        ratios=found.ratios, test_children=len(rows.test_children), predicted_before=fit.predicted_before,
-        predicted_after=int((fit.p_children > 0.5).sum()), explanation=found.explanation,
-        explanation_gradient=found.explanation_gradient, age_rank=found.age_rank, out_dir=out,
-        report_path=out / "report.md", figure_path=figure, text="", metadata=metadata,
+        train_rows=train_rows,
+        children=children,
+        children_readmitted=y_all[train_rows][children],
+        removed_rows=rows.removed,
+        test_row=chosen,
+        test_probability=probability,
+        influence=found.values,
+        ratio_min=found.ratio_min,
+        ratio_max=found.ratio_max,
+        ratios=found.ratios,
+        test_children=len(rows.test_children),
+        predicted_before=fit.predicted_before,
+        predicted_after=int((fit.p_children > 0.5).sum()),
+        explanation=found.explanation,
+        explanation_gradient=found.explanation_gradient,
+        age_rank=found.age_rank,
+        out_dir=out,
+        report_path=out / "report.md",
+        figure_path=figure,
+        text="",
+        metadata=metadata,
     )
     result.report_path.write_text(_report(result, data, rows.healthy, l2, seconds))
     result.text = _summary(result, seconds)
@@ -339,11 +397,15 @@ def _summary(r: ReadmissionResult, seconds: float) -> str:
         + f"{r.predicted_after} of {r.test_children} after",
         f"explained: test row {r.test_row} (a healthy child, P(readmitted) = {r.test_probability:.3f})",
         f"|I_up,loss| of the children / largest of any other training point: {r.ratio_min:.1f}x (smallest child) to "
-        f"{r.ratio_max:.1f}x (largest); over all {len(r.ratios)} test children predicted readmitted, the smallest-child "
+        f"{r.ratio_max:.1f}x (largest); over all {len(r.ratios)} test children predicted readmitted, the "
+        "smallest-child "
         f"ratio is {np.median(r.ratios):.1f}x median (min {r.ratios.min():.1f}x, max {r.ratios.max():.1f}x)"
-        if len(r.ratios) else "no test child is predicted readmitted",
-        "rank of age=[0-10) among each child's features: by |I_pert*x| " + str(r.age_rank.get("gradient_x_input"))
-        + ", by |I_pert| " + str(r.age_rank.get("gradient")),
+        if len(r.ratios)
+        else "no test child is predicted readmitted",
+        "rank of age=[0-10) among each child's features: by |I_pert*x| "
+        + str(r.age_rank.get("gradient_x_input"))
+        + ", by |I_pert| "
+        + str(r.age_rank.get("gradient")),
         "",
         r.explanation.table(),
         "",
@@ -359,10 +421,15 @@ def _report(r: ReadmissionResult, data: Any, healthy: np.ndarray, l2: float, sec
     rank_of = {int(t): i + 1 for i, t in enumerate(order.tolist())}
     others = np.delete(np.abs(r.influence), r.children)
     outcome = "readmitted <30" if data.label == "<30" else "readmitted"
-    child_table = [f"| training position | CSV row | encounter_id | {outcome} | I_up,loss | rank by abs(I_up,loss) | x largest other |", "|---|---|---|---|---|---|---|"]
+    child_table = [
+        f"| training position | CSV row | encounter_id | {outcome} | I_up,loss | rank by abs(I_up,loss) | x largest "
+        "other |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c, row in zip(r.children.tolist(), child_rows.tolist()):
         child_table.append(
-            f"| {c} | {row} | {int(data.encounter_id[row])} | {'yes' if data.y[row] else 'no'} | {r.influence[c]:+.4g} | "
+            f"| {c} | {row} | {int(data.encounter_id[row])} | {'yes' if data.y[row] else 'no'} | {r.influence[c]:+.4g} "
+            "| "
             f"{rank_of[c]} | {abs(r.influence[c]) / others.max():.1f} |"
         )
     meta = r.metadata
@@ -370,23 +437,33 @@ def _report(r: ReadmissionResult, data: Any, healthy: np.ndarray, l2: float, sec
         "# Domain mismatch on hospital readmission (Koh & Liang 2017, §5.3)",
         "",
         f"Data: `{data.source}` ({len(data)} encounters), the paper's {len(data.feature_names)} features (8 counts, "
-        f"standardised with the balanced training set's mean and s.d., and one-hot demographics, discharge disposition, "
+        "standardised with the balanced training set's mean and s.d., and one-hot demographics, discharge "
+        "disposition, "
         f"lab results and medications). Label: readmitted {'within 30 days' if data.label == '<30' else 'at all'}. "
-        f"Balanced training set of {meta['n_balanced']} encounters (seed {meta['seed']}; every readmitted child put in it), "
-        f"holding {len(healthy) + n_sick} children [0-10), {n_sick} readmitted. The mismatch: {len(r.removed_rows)} of its "
+        f"Balanced training set of {meta['n_balanced']} encounters (seed {meta['seed']}; every readmitted child put in "
+        "it), "
+        f"holding {len(healthy) + n_sick} children [0-10), {n_sick} readmitted. The mismatch: {len(r.removed_rows)} of "
+        "its "
         f"{len(healthy)} healthy children are removed, leaving {len(r.children)} children, {n_sick} readmitted "
-        f"[paper: 3 of 24 becomes 3 of 4]. Binary logistic regression in float64, L2 λ = {l2:g} inside each example's loss, "
+        f"[paper: 3 of 24 becomes 3 of 4]. Binary logistic regression in float64, L2 λ = {l2:g} inside each example's "
+        "loss, "
         f"trained with fit_lbfgs to ‖∇R‖ = {meta['train_report']['grad_norm']:.1e} on {len(r.train_rows)} encounters; "
         f"{meta['solver']} inverse Hessian.",
         "",
         "Healthy test children (not in the training set) predicted readmitted: "
-        + (f"**{r.predicted_before} of {r.test_children}** trained on the balanced set, " if r.predicted_before is not None else "")
+        + (
+            f"**{r.predicted_before} of {r.test_children}** trained on the balanced set, "
+            if r.predicted_before is not None
+            else ""
+        )
         + f"**{r.predicted_after} of {r.test_children}** after the removal.",
         "",
         f"## The highest-loss test child: CSV row {r.test_row} (encounter_id {int(data.encounter_id[r.test_row])})",
         "",
-        f"Healthy, predicted readmitted with P = {r.test_probability:.3f}. The children left in the training set are the "
-        f"{len(r.children)} most influential training points; the least of them has **{r.ratio_min:.1f}×** and the most "
+        f"Healthy, predicted readmitted with P = {r.test_probability:.3f}. The children left in the training set are "
+        "the "
+        f"{len(r.children)} most influential training points; the least of them has **{r.ratio_min:.1f}×** and the "
+        "most "
         f"**{r.ratio_max:.1f}×** the |I_up,loss| of the most influential other training point [paper: 30–40×]. "
         "Readmitted children are harmful to this test point (I_up,loss > 0: they push it towards 'readmitted'), the "
         "healthy one is helpful.",
@@ -394,20 +471,26 @@ def _report(r: ReadmissionResult, data: Any, healthy: np.ndarray, l2: float, sec
         *child_table,
         "",
         f"Over all {len(r.ratios)} healthy test children predicted readmitted, the least influential child has "
-        + (f"{np.median(r.ratios):.1f}× (median; min {r.ratios.min():.1f}×, max {r.ratios.max():.1f}×) "
-           if len(r.ratios) else "— ")
+        + (
+            f"{np.median(r.ratios):.1f}× (median; min {r.ratios.min():.1f}×, max {r.ratios.max():.1f}×) "
+            if len(r.ratios)
+            else "— "
+        )
         + "the |I_up,loss| of the most influential other training point.",
         "",
         "## Through which features they act (`explain_features`)",
         "",
-        "I_pert,loss of each of the most influential training points, ranked by |I_pert · x| (the first-order change of "
+        "I_pert,loss of each of the most influential training points, ranked by |I_pert · x| (the first-order change "
+        "of "
         "its influence if the feature were set to 0, i.e. among the features the encounter has):",
         "",
         r.explanation.markdown(),
         "",
         f"Rank of `age=[0-10)` among each child's 127 features: {r.age_rank.get('gradient_x_input')} by |I_pert · x|, "
-        f"{r.age_rank.get('gradient')} by the raw |I_pert|. The raw ranking also counts features a child does not have: "
-        "raising an absent indicator moves the point's margin by that feature's weight, so the discharge codes with the "
+        f"{r.age_rank.get('gradient')} by the raw |I_pert|. The raw ranking also counts features a child does not "
+        "have: "
+        "raising an absent indicator moves the point's margin by that feature's weight, so the discharge codes with "
+        "the "
         "largest weights come first there:",
         "",
         r.explanation_gradient.markdown(),
@@ -421,8 +504,14 @@ def _report(r: ReadmissionResult, data: Any, healthy: np.ndarray, l2: float, sec
 
 
 def _plot(
-    values: np.ndarray, children: np.ndarray, readmitted: np.ndarray, explanation: FeatureExplanation, names: list[str],
-    path: Path, test_row: int, probability: float,
+    values: np.ndarray,
+    children: np.ndarray,
+    readmitted: np.ndarray,
+    explanation: FeatureExplanation,
+    names: list[str],
+    path: Path,
+    test_row: int,
+    probability: float,
 ) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -431,10 +520,18 @@ def _plot(
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     others = np.setdiff1d(np.arange(len(values)), children)
-    left.scatter(others, values[others], s=3, color="tab:gray", alpha=0.5, label="other training points", rasterized=True)
+    left.scatter(
+        others, values[others], s=3, color="tab:gray", alpha=0.5, label="other training points", rasterized=True
+    )
     for c, sick in zip(children.tolist(), readmitted.tolist()):
         left.scatter([c], [values[c]], s=40, color="tab:red" if sick else "tab:green", zorder=3)
-        left.annotate("readmitted child" if sick else "healthy child", (c, values[c]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        left.annotate(
+            "readmitted child" if sick else "healthy child",
+            (c, values[c]),
+            fontsize=7,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
     left.axhline(0, color="black", lw=0.5)
     left.set_xlabel("training point")
     left.set_ylabel("I_up,loss on the test child (> 0: harmful)")
@@ -446,7 +543,11 @@ def _plot(
     if rows:
         attribution = explanation.attribution()[rows].abs().mean(0).numpy()
         top = np.argsort(-attribution)[:8][::-1]
-        right.barh([names[j] for j in top], attribution[top], color=["tab:red" if names[j].startswith("age=") else "tab:blue" for j in top])
+        right.barh(
+            [names[j] for j in top],
+            attribution[top],
+            color=["tab:red" if names[j].startswith("age=") else "tab:blue" for j in top],
+        )
         right.set_xlabel("mean over the children of |I_pert · x|")
         right.set_title("features through which the children act", fontsize=9)
         right.tick_params(axis="y", labelsize=7)

@@ -44,7 +44,9 @@ def plot_perturbations(
     original = np.asarray(original, dtype=np.float64)
     perturbed = np.asarray(perturbed, dtype=np.float64)
     if original.shape != perturbed.shape or original.ndim < 2:
-        raise InputError(f"`original` and `perturbed` must have the same shape (k, ...). Got {original.shape} and {perturbed.shape}.")
+        raise InputError(
+            f"`original` and `perturbed` must have the same shape (k, ...). Got {original.shape} and {perturbed.shape}."
+        )
     k = len(original)
     side = int(round(np.sqrt(original[0].size)))
     if side * side != original[0].size:
@@ -58,12 +60,20 @@ def plot_perturbations(
         diff = (perturbed[r] - original[r]).reshape(side, side)
         bound = float(np.abs(diff).max()) or 1.0
         panels = [
-            (original[r].reshape(side, side), "gray_r", lo, hi, "original" if row_titles is None else f"original {row_titles[r]}"),
+            (
+                original[r].reshape(side, side),
+                "gray_r",
+                lo,
+                hi,
+                "original" if row_titles is None else f"original {row_titles[r]}",
+            ),
             (perturbed[r].reshape(side, side), "gray_r", lo, hi, "perturbed"),
             (diff, "RdBu_r", -bound, bound, f"difference (max |d| {bound:.3g})"),
         ]
         if target is not None:
-            panels.append((np.asarray(target, dtype=np.float64).reshape(side, side), "gray_r", lo, hi, "target test image"))
+            panels.append(
+                (np.asarray(target, dtype=np.float64).reshape(side, side), "gray_r", lo, hi, "target test image")
+            )
         for c, (image, cmap, vmin, vmax, label) in enumerate(panels):
             ax = axes[r, c]
             if r > 0 and c == 3:

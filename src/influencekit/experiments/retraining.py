@@ -83,31 +83,61 @@ def _pick_test(task: Task, test: tuple[torch.Tensor, torch.Tensor], test_index: 
 
 
 def _plot(predicted: np.ndarray, loo: LOOResult, path: Path, title: str) -> Path:
-    plot_loo(predicted, loo.actual, test_index=loo.test_index, path=path, title=title)  # a bare Figure: nothing to close
+    plot_loo(
+        predicted, loo.actual, test_index=loo.test_index, path=path, title=title
+    )  # a bare Figure: nothing to close
     return path
 
 
 def _row(name: str, predicted: np.ndarray, loo: LOOResult, **extra: Any) -> dict[str, Any]:
-    return {"method": name, "pearson": pearson(predicted, loo.actual), "spearman": spearman(predicted, loo.actual), **extra}
+    return {
+        "method": name,
+        "pearson": pearson(predicted, loo.actual),
+        "spearman": spearman(predicted, loo.actual),
+        **extra,
+    }
 
 
 def _finish(
-    out: Path, title: str, intro: list[str], table: list[dict[str, Any]], columns: list[tuple[str, str, str]],
-    loo: LOOResult, figures: list[Path], source: str, started: float, paper: str,
+    out: Path,
+    title: str,
+    intro: list[str],
+    table: list[dict[str, Any]],
+    columns: list[tuple[str, str, str]],
+    loo: LOOResult,
+    figures: list[Path],
+    source: str,
+    started: float,
+    paper: str,
 ) -> PaperResult:
     header = "| " + " | ".join(c[1] for c in columns) + " |"
     lines = [f"# {title}", "", f"Data: {source}.", "", *intro, "", header, "|" + "---|" * len(columns)]
     for row in table:
-        lines.append("| " + " | ".join(format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns) + " |")
-    lines += ["", f"Paper: {paper}", "", *[f"![{p.stem}]({p.name})" for p in figures], "",
-              f"{len(loo)} (test, removed training point) pairs; total time {time.perf_counter() - started:.0f} s."]
+        lines.append(
+            "| " + " | ".join(format(row[key], fmt) if fmt else str(row[key]) for key, _, fmt in columns) + " |"
+        )
+    lines += [
+        "",
+        f"Paper: {paper}",
+        "",
+        *[f"![{p.stem}]({p.name})" for p in figures],
+        "",
+        f"{len(loo)} (test, removed training point) pairs; total time {time.perf_counter() - started:.0f} s.",
+    ]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    text = "\n".join([
-        f"{title}", f"data: {source}",
-        *[f"  {row['method']:28s} Pearson r {row['pearson']:.4f}   Spearman {row['spearman']:.4f}" for row in table],
-        f"paper: {paper}", f"report, figures and cached retrainings: {out.resolve()}",
-    ])
+    text = "\n".join(
+        [
+            f"{title}",
+            f"data: {source}",
+            *[
+                f"  {row['method']:28s} Pearson r {row['pearson']:.4f}   Spearman {row['spearman']:.4f}"
+                for row in table
+            ],
+            f"paper: {paper}",
+            f"report, figures and cached retrainings: {out.resolve()}",
+        ]
+    )
     return PaperResult(out, table, loo, report, figures, source, text)
 
 
@@ -153,11 +183,19 @@ def run_fig2_logistic(
     seconds: dict[str, float] = {}
     for name in solvers:
         t0 = time.perf_counter()
-        fitted[name] = Influence(task, train, solver=name, solver_options={"warn": False} if name == "lissa" else {}, progress=progress).fit()
+        fitted[name] = Influence(
+            task, train, solver=name, solver_options={"warn": False} if name == "lissa" else {}, progress=progress
+        ).fit()
         seconds[name] = time.perf_counter() - t0
     loo = leave_one_out(
-        fitted[solvers[0]], test, test_indices=[t], top_k=top_k, n_random=n_random, seed=seed,
-        cache_dir=out / "loo-cache", progress=progress,
+        fitted[solvers[0]],
+        test,
+        test_indices=[t],
+        top_k=top_k,
+        n_random=n_random,
+        seed=seed,
+        cache_dir=out / "loo-cache",
+        progress=progress,
     )
     table, figures = [], []
     for name, inf in fitted.items():
@@ -167,19 +205,47 @@ def run_fig2_logistic(
             scores = inf.scores((test[0][[t]], test[1][[t]]))
             predicted = scores.predicted_loo_change().numpy()[0, loo.train_index]
             rep = scores.metadata["solve_reports"][0]
-        table.append(_row(name, predicted, loo, seconds=seconds[name], iterations=rep["iterations"], residual=rep["relative_residual"]))
-        figures.append(_plot(predicted, loo, out / f"fig2_logistic_{name}.png", f"MNIST logistic regression, {name} solver"))
+        table.append(
+            _row(
+                name,
+                predicted,
+                loo,
+                seconds=seconds[name],
+                iterations=rep["iterations"],
+                residual=rep["relative_residual"],
+            )
+        )
+        figures.append(
+            _plot(predicted, loo, out / f"fig2_logistic_{name}.png", f"MNIST logistic regression, {name} solver")
+        )
     intro = [
         f"10-class logistic regression on {len(train[1]):,} training images (pixels/255, bias, λ = {l2:g}, float64), "
         f"trained to ||grad R|| = {report.grad_norm:.1e}; test accuracy {accuracy:.4f} on {len(test[1]):,} images.",
         f"Test image {t} (label {int(test[1][t])}, the highest loss unless chosen): its top {top_k} training images by "
-        f"|influence| ({solvers[0]} solver){f' and {n_random} random ones' if n_random else ''} were removed one at a time "
+        f"|influence| ({solvers[0]} solver){f' and {n_random} random ones' if n_random else ''} were removed one at a "
+        "time "
         f"and the model retrained from the fitted parameters to ||grad R|| <= 1e-9.",
     ]
-    columns = [("method", "solver", ""), ("pearson", "Pearson r", ".4f"), ("spearman", "Spearman", ".4f"),
-               ("seconds", "fit (s)", ".1f"), ("iterations", "iterations", ""), ("residual", "relative residual", ".1e")]
-    return _finish(out, "Figure 2 (left): influence vs leave-one-out retraining, MNIST logistic regression", intro, table,
-                   columns, loo, figures, source, started, "exact (CG) and LiSSA points on the diagonal (Fig. 2 left, middle)")
+    columns = [
+        ("method", "solver", ""),
+        ("pearson", "Pearson r", ".4f"),
+        ("spearman", "Spearman", ".4f"),
+        ("seconds", "fit (s)", ".1f"),
+        ("iterations", "iterations", ""),
+        ("residual", "relative residual", ".1e"),
+    ]
+    return _finish(
+        out,
+        "Figure 2 (left): influence vs leave-one-out retraining, MNIST logistic regression",
+        intro,
+        table,
+        columns,
+        loo,
+        figures,
+        source,
+        started,
+        "exact (CG) and LiSSA points on the diagonal (Fig. 2 left, middle)",
+    )
 
 
 # ------------------------------------------------------------------------------------ Figure 2, right
@@ -190,9 +256,12 @@ class TanhCNN(torch.nn.Module):
         super().__init__()
         a, b = channels
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, a, 5, stride=2), torch.nn.Tanh(),
-            torch.nn.Conv2d(a, b, 5, stride=2), torch.nn.Tanh(),
-            torch.nn.Flatten(), torch.nn.Linear(b * 16, classes),
+            torch.nn.Conv2d(1, a, 5, stride=2),
+            torch.nn.Tanh(),
+            torch.nn.Conv2d(a, b, 5, stride=2),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(b * 16, classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,25 +312,51 @@ def run_fig2_cnn(
     inf = Influence(task, train, solver="cg", damping=damping, progress=progress).fit()
     retrain = StepRetrain(steps=retrain_steps, lr=lr)
     loo = leave_one_out(
-        inf, test, test_indices=[t], top_k=top_k, n_random=n_random, seed=seed, retrain=retrain, workers=workers,
-        cache_dir=out / "loo-cache", progress=progress,
+        inf,
+        test,
+        test_indices=[t],
+        top_k=top_k,
+        n_random=n_random,
+        seed=seed,
+        retrain=retrain,
+        workers=workers,
+        cache_dir=out / "loo-cache",
+        progress=progress,
     )
     seconds = time.perf_counter() - t0
     figures = [_plot(loo.predicted, loo, out / "fig2_cnn.png", f"MNIST tanh CNN, CG, damping {damping:g}")]
     table = [_row(f"cg, damping {damping:g}", loo.predicted, loo, seconds=seconds, drift=loo.metadata["drift"][0])]
     n_params = sum(p.numel() for p in model.parameters())
     intro = [
-        f"Tanh CNN ({n_params:,} parameters, float64) on {len(train[1]):,} training images, λ = {l2:g}: {train_steps} Adam "
-        f"steps then L-BFGS to ||grad R|| = {report.grad_norm:.1e}; test accuracy {accuracy:.4f} on {len(test[1]):,} images.",
-        f"Test image {t} (label {int(test[1][t])}): its top {top_k} training images by |influence| (CG on H + {damping:g} I) "
-        f"were removed one at a time and the network retrained with {retrain_steps} full-batch Adam steps (lr {lr:g}) from "
+        f"Tanh CNN ({n_params:,} parameters, float64) on {len(train[1]):,} training images, λ = {l2:g}: {train_steps} "
+        "Adam "
+        f"steps then L-BFGS to ||grad R|| = {report.grad_norm:.1e}; test accuracy {accuracy:.4f} on {len(test[1]):,} "
+        "images.",
+        f"Test image {t} (label {int(test[1][t])}): its top {top_k} training images by |influence| (CG on H + "
+        f"{damping:g} I) "
+        f"were removed one at a time and the network retrained with {retrain_steps} full-batch Adam steps (lr {lr:g}) "
+        "from "
         f"the fitted parameters; a control run of the same steps without removal moved the test loss by "
         f"{loo.metadata['drift'][0]:.2e}, subtracted from every actual change.",
     ]
-    columns = [("method", "influence", ""), ("pearson", "Pearson r", ".4f"), ("spearman", "Spearman", ".4f"),
-               ("seconds", "influence + retraining (s)", ".0f")]
-    return _finish(out, "Figure 2 (right): damped influence vs retraining, MNIST tanh CNN", intro, table, columns, loo,
-                   figures, source, started, "Pearson r = 0.86 (CNN, damping 0.01, top 100 removed, 30,000 Adam steps)")
+    columns = [
+        ("method", "influence", ""),
+        ("pearson", "Pearson r", ".4f"),
+        ("spearman", "Spearman", ".4f"),
+        ("seconds", "influence + retraining (s)", ".0f"),
+    ]
+    return _finish(
+        out,
+        "Figure 2 (right): damped influence vs retraining, MNIST tanh CNN",
+        intro,
+        table,
+        columns,
+        loo,
+        figures,
+        source,
+        started,
+        "Pearson r = 0.86 (CNN, damping 0.01, top 100 removed, 30,000 Adam steps)",
+    )
 
 
 # ------------------------------------------------------------------------------------------ Figure 3
@@ -315,8 +410,16 @@ def run_fig3(
     selector = influence(select_temperature)
     t_test = _pick_test(selector.task, test, test_index)
     loo = leave_one_out(
-        selector, test, test_indices=[t_test], top_k=top_k, n_random=n_random, seed=seed, retrain=retrain,
-        tol=1e-12, cache_dir=out / "loo-cache", progress=progress,
+        selector,
+        test,
+        test_indices=[t_test],
+        top_k=top_k,
+        n_random=n_random,
+        seed=seed,
+        retrain=retrain,
+        tol=1e-12,
+        cache_dir=out / "loo-cache",
+        progress=progress,
     )
     table, figures = [], []
     for t in temperatures:
@@ -324,21 +427,43 @@ def run_fig3(
             inf, predicted = selector, loo.predicted
         else:
             inf = influence(t)
-            predicted = inf.scores((test[0][[t_test]], test[1][[t_test]])).predicted_loo_change().numpy()[0, loo.train_index]
+            predicted = (
+                inf.scores((test[0][[t_test]], test[1][[t_test]])).predicted_loo_change().numpy()[0, loo.train_index]
+            )
         table.append(_row(f"t = {t:g}", predicted, loo, grad_norm=inf.engine.grad_norm))
-        figures.append(_plot(predicted, loo, out / f"fig3_t{t:g}.png", f"smooth hinge t = {t:g}, linear SVM, MNIST 1 vs 7"))
+        figures.append(
+            _plot(predicted, loo, out / f"fig3_t{t:g}.png", f"smooth hinge t = {t:g}, linear SVM, MNIST 1 vs 7")
+        )
     n_sv = int((svm.alpha > 0).sum())
     with torch.no_grad():
         margin = float(selector.task.margins(selector.task.params(), (test[0][[t_test]], test[1][[t_test]]))[0])
     intro = [
-        f"Linear SVM (784 weights + bias, λ = {l2:g}) on {len(train[1]):,} training images of 1s and 7s, solved with the true "
-        f"hinge to a duality gap of {svm.gap:.1e} ({n_sv} support vectors); test accuracy {accuracy:.4f} on {len(test[1]):,}.",
-        f"Test image {t_test} (a {'7' if int(test[1][t_test]) else '1'}, margin {margin:.3f}); the actual change is that of its "
-        f"true hinge loss when the SVM is re-solved exactly without a training point (top {top_k} by |influence| at t = "
+        f"Linear SVM (784 weights + bias, λ = {l2:g}) on {len(train[1]):,} training images of 1s and 7s, solved with "
+        "the true "
+        f"hinge to a duality gap of {svm.gap:.1e} ({n_sv} support vectors); test accuracy {accuracy:.4f} on "
+        f"{len(test[1]):,}.",
+        f"Test image {t_test} (a {'7' if int(test[1][t_test]) else '1'}, margin {margin:.3f}); the actual change is "
+        "that of its "
+        f"true hinge loss when the SVM is re-solved exactly without a training point (top {top_k} by |influence| at t "
+        "= "
         f"{select_temperature:g} plus {n_random} random). ||grad R_t(theta)|| is how far the smooth objective is from "
         "stationary at the hinge optimum.",
     ]
-    columns = [("method", "smooth hinge", ""), ("pearson", "Pearson r", ".4f"), ("spearman", "Spearman", ".4f"),
-               ("grad_norm", "‖∇R_t(θ̂)‖", ".1e")]
-    return _finish(out, "Figure 3: smooth-hinge influence of a linear SVM vs exact retraining, MNIST 1 vs 7", intro, table,
-                   columns, loo, figures, source, started, "Pearson r = 0.63 at t = 0 and 0.95 at t = 0.001")
+    columns = [
+        ("method", "smooth hinge", ""),
+        ("pearson", "Pearson r", ".4f"),
+        ("spearman", "Spearman", ".4f"),
+        ("grad_norm", "‖∇R_t(θ̂)‖", ".1e"),
+    ]
+    return _finish(
+        out,
+        "Figure 3: smooth-hinge influence of a linear SVM vs exact retraining, MNIST 1 vs 7",
+        intro,
+        table,
+        columns,
+        loo,
+        figures,
+        source,
+        started,
+        "Pearson r = 0.63 at t = 0 and 0.95 at t = 0.001",
+    )

@@ -62,7 +62,9 @@ def run_spam(
         progress: show progress bars.
     """
     started = time.perf_counter()
-    train_fraction = check_number("train_fraction", train_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    train_fraction = check_number(
+        "train_fraction", train_fraction, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
+    )
     split_seed = check_int("split_seed", split_seed)
     data = load_enron(enron, min_df=min_df)
     n = len(data.y)
@@ -75,7 +77,14 @@ def run_spam(
         model.weight.zero_()
         model.bias.zero_()
     curves = flip_and_detect(
-        model, train, test, l2=l2, flip_fraction=flip_fraction, fractions=fractions, seeds=seeds, solver="exact",
+        model,
+        train,
+        test,
+        l2=l2,
+        flip_fraction=flip_fraction,
+        fractions=fractions,
+        seeds=seeds,
+        solver="exact",
         progress=progress,
     )
     seconds = time.perf_counter() - started
@@ -83,7 +92,10 @@ def run_spam(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure = out / "mislabel.png"
-    curves.plot(figure, title=f"Enron1 spam: {flip_fraction:.0%} of {n_train} training labels flipped, {len(curves.seeds)} seeds")
+    curves.plot(
+        figure,
+        title=f"Enron1 spam: {flip_fraction:.0%} of {n_train} training labels flipped, {len(curves.seeds)} seeds",
+    )
     report = out / "report.md"
     report.write_text(_report(curves, data, n_train, n - n_train, l2, split_seed, seconds, figure.name))
     text = (
@@ -94,7 +106,16 @@ def run_spam(
     return SpamResult(curves, out, report, figure, text)
 
 
-def _report(curves: MislabelCurves, data: Any, n_train: int, n_test: int, l2: float, split_seed: int, seconds: float, figure: str) -> str:
+def _report(
+    curves: MislabelCurves,
+    data: Any,
+    n_train: int,
+    n_test: int,
+    l2: float,
+    split_seed: int,
+    seconds: float,
+    figure: str,
+) -> str:
     at = {f: j for j, f in enumerate(np.round(curves.fractions, 6))}
     j = at.get(0.2, len(curves.fractions) - 1)
     order = sorted(curves.methods, key=lambda m: -curves.mean_found(m)[j])
@@ -103,9 +124,12 @@ def _report(curves: MislabelCurves, data: Any, n_train: int, n_test: int, l2: fl
         "",
         f"{n_train} training / {n_test} test e-mails (seeded split, seed {split_seed}); features: presence of the "
         f"{data.X.shape[1]} words that occur in at least {data.min_df} e-mails; binary logistic regression in float64, "
-        f"L2 λ = {l2:g} inside each example's loss, trained to ||grad R|| <= 1e-8. For each of {len(curves.seeds)} seeds, "
-        f"{curves.n_flipped} training labels ({curves.flip_fraction:.0%}) are flipped, the model is retrained on them, and the "
-        "training set is checked in the order of self-influence (exact Hessian), training loss, or at random. Checking a "
+        f"L2 λ = {l2:g} inside each example's loss, trained to ||grad R|| <= 1e-8. For each of {len(curves.seeds)} "
+        "seeds, "
+        f"{curves.n_flipped} training labels ({curves.flip_fraction:.0%}) are flipped, the model is retrained on them, "
+        "and the "
+        "training set is checked in the order of self-influence (exact Hessian), training loss, or at random. Checking "
+        "a "
         "point restores its label; the test accuracy is measured after retraining on the fixed labels.",
         "",
         f"Test accuracy with clean labels {curves.accuracy_clean.mean():.4f}; with {curves.flip_fraction:.0%} flipped "

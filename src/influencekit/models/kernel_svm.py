@@ -61,8 +61,10 @@ class RBFFeatures(nn.Module):
         keep = lam > rtol * lam.max()
         basis = U[:, keep] / lam[keep].sqrt()
         m = int(keep.sum())
-        text = (f"exact RBF kernel map (eigendecomposition of the {len(flat)}x{len(flat)} Gram matrix, {m} eigenvalues "
-                f"above {rtol:g} x max kept), gamma = {gamma:.4g}")
+        text = (
+            f"exact RBF kernel map (eigendecomposition of the {len(flat)}x{len(flat)} Gram matrix, {m} eigenvalues "
+            f"above {rtol:g} x max kept), gamma = {gamma:.4g}"
+        )
         return cls("exact", gamma, flat, basis, text)
 
     @classmethod
@@ -142,7 +144,10 @@ def fit_rbf_svm(
         l2=l2, params="top")`` computes its influence with the paper's smooth hinge.
     """
     if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor) or X.dim() < 2 or y.shape != (len(X),):
-        raise InputError(f"`X` must be a tensor (n, ...) and `y` a tensor (n,). Got {getattr(X, 'shape', type(X))} and {getattr(y, 'shape', type(y))}.")
+        raise InputError(
+            f"`X` must be a tensor (n, ...) and `y` a tensor (n,). Got {getattr(X, 'shape', type(X))} and "
+            f"{getattr(y, 'shape', type(y))}."
+        )
     if feature_map not in ("auto", "exact", "fourier"):
         raise InputError(f"`feature_map` must be 'auto', 'exact' or 'fourier'. Got {feature_map!r}.")
     l2 = check_number("l2", l2, low=0.0, low_inclusive=False)
@@ -152,7 +157,9 @@ def fit_rbf_svm(
     if kind == "exact":
         features = RBFFeatures.exact(X, gamma)
     else:
-        features = RBFFeatures.fourier(X[0].numel(), gamma, n_features=check_int("n_features", n_features, low=1), seed=seed)
+        features = RBFFeatures.fourier(
+            X[0].numel(), gamma, n_features=check_int("n_features", n_features, low=1), seed=seed
+        )
     model = KernelSVM(features)
     with torch.no_grad():
         Phi = features(X).numpy()

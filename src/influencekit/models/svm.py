@@ -44,7 +44,9 @@ class HingeSVM:
     polished: bool
 
 
-def _objectives(X: np.ndarray, s: np.ndarray, C: np.ndarray, theta: np.ndarray, alpha: np.ndarray) -> tuple[float, float]:
+def _objectives(
+    X: np.ndarray, s: np.ndarray, C: np.ndarray, theta: np.ndarray, alpha: np.ndarray
+) -> tuple[float, float]:
     hinge = np.maximum(0.0, 1.0 - s * (X @ theta))
     primal = 0.5 * float(theta @ theta) + float(C @ hinge)
     w = (alpha * s) @ X
@@ -162,7 +164,15 @@ class HingeSVMRetrain:
     def __call__(self, task: Task, train: DataSource, weights: torch.Tensor) -> TrainReport:
         layer = _linear_of(task.model)
         X, y = _features(train, layer)
-        svm = fit_hinge_svm(X, y, l2=self.l2, weights=weights.cpu().numpy(), alpha0=self.alpha0, tol=self.tol, max_epochs=self.max_epochs)
+        svm = fit_hinge_svm(
+            X,
+            y,
+            l2=self.l2,
+            weights=weights.cpu().numpy(),
+            alpha0=self.alpha0,
+            tol=self.tol,
+            max_epochs=self.max_epochs,
+        )
         set_linear(layer, svm.theta)
         return TrainReport(svm.gap, svm.objective, svm.epochs, svm.gap <= self.tol)
 
@@ -190,4 +200,4 @@ def set_linear(layer: torch.nn.Linear, theta: np.ndarray) -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(theta[:d], dtype=layer.weight.dtype).reshape(1, d))
         if layer.bias is not None:
-            layer.bias.copy_(torch.as_tensor(theta[d:d + 1], dtype=layer.bias.dtype))
+            layer.bias.copy_(torch.as_tensor(theta[d : d + 1], dtype=layer.bias.dtype))

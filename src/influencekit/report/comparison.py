@@ -55,7 +55,10 @@ def plot_influence_vs_distance(
             ax.set_ylabel("−I_up,loss / n  (> 0: helpful)")
             ax.legend(loc="upper right", fontsize="small", frameon=False)
         rho = None if correlations is None else correlations.get(name)
-        ax.set_title(name + (f"\nSpearman(|influence|, distance) = {rho:.3f}" if rho is not None and np.isfinite(rho) else ""), fontsize=9)
+        ax.set_title(
+            name + (f"\nSpearman(|influence|, distance) = {rho:.3f}" if rho is not None and np.isfinite(rho) else ""),
+            fontsize=9,
+        )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -99,7 +102,9 @@ def plot_helpful_by_model(
             idx, vals = (np.asarray(a) for a in helpful[name])
             for j in range(k):
                 i = int(idx[row, j])
-                text = (f"{name}\n" if row == 0 and j == 0 else "") + f"#{i} y={int(train_labels[i])}\n{-vals[row, j] / n_train:+.1e}"
+                text = (
+                    f"{name}\n" if row == 0 and j == 0 else ""
+                ) + f"#{i} y={int(train_labels[i])}\n{-vals[row, j] / n_train:+.1e}"
                 show(axes[row, 1 + m * k + j], train_images[i], text, colors[m % len(colors)])
     fig.suptitle(f"most helpful training images per model ({', '.join(names)}); number = -I_up,loss / n", fontsize=8)
     fig.tight_layout()

@@ -14,7 +14,9 @@ __all__ = ["heading", "paragraph", "table", "image", "items", "page"]
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; } h3 { font-size: 1.05em; }
+h1 { font-size: 1.5em; }
+h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1.05em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
 th, td { border: 1px solid #ddd; padding: 3px 7px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -61,22 +63,22 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, row_classes: 
         cells = []
         for value in row:
             text, numeric = _cell(value)
-            cells.append(f"<td class=\"num\">{text}</td>" if numeric else f"<td>{text}</td>")
-        out.append((f"<tr class=\"{css}\">" if css else "<tr>") + "".join(cells) + "</tr>")
+            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
+        out.append((f'<tr class="{css}">' if css else "<tr>") + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 
 
 def image(src: str, alt: str) -> str:
     """An image by relative path."""
-    return f"<p><img src=\"{_html.escape(src, quote=True)}\" alt=\"{_html.escape(alt, quote=True)}\"></p>"
+    return f'<p><img src="{_html.escape(src, quote=True)}" alt="{_html.escape(alt, quote=True)}"></p>'
 
 
 def page(title: str, parts: Iterable[str]) -> str:
     """A complete HTML document with ``title`` as its heading and the given parts in order."""
     body = "\n".join(parts)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{_html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
         f"<h1>{_html.escape(title)}</h1>\n{body}\n</body></html>\n"
     )

@@ -1,4 +1,5 @@
-"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa" | "arnoldi" | "kfac" | "ekfac"``) or passed as an instance."""
+"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa" | "arnoldi" | "kfac" | "ekfac"``) or passed as an
+instance."""
 
 from __future__ import annotations
 
@@ -15,16 +16,40 @@ from .exact import ExactSolver
 from .kfac import EKFACSolver, KFACSolver
 from .lissa import LissaSolver
 
-__all__ = ["Solver", "SolveReport", "Solution", "Capabilities", "CostProbe", "SolverCost", "ExactSolver", "CGSolver", "LissaSolver", "ArnoldiSolver", "KFACSolver", "EKFACSolver", "make_solver", "SOLVERS"]
+__all__ = [
+    "Solver",
+    "SolveReport",
+    "Solution",
+    "Capabilities",
+    "CostProbe",
+    "SolverCost",
+    "ExactSolver",
+    "CGSolver",
+    "LissaSolver",
+    "ArnoldiSolver",
+    "KFACSolver",
+    "EKFACSolver",
+    "make_solver",
+    "SOLVERS",
+]
 
-SOLVERS: dict[str, type[Solver]] = {"exact": ExactSolver, "cg": CGSolver, "lissa": LissaSolver, "arnoldi": ArnoldiSolver, "kfac": KFACSolver, "ekfac": EKFACSolver}
+SOLVERS: dict[str, type[Solver]] = {
+    "exact": ExactSolver,
+    "cg": CGSolver,
+    "lissa": LissaSolver,
+    "arnoldi": ArnoldiSolver,
+    "kfac": KFACSolver,
+    "ekfac": EKFACSolver,
+}
 
 
 def make_solver(solver: Any, **options: Any) -> Solver:
     """A solver from its name (with ``options`` passed to its constructor) or a ready instance."""
     if isinstance(solver, Solver):
         if options:
-            raise InputError(f"`solver_options` apply only when `solver` is a name. Got an instance and options {sorted(options)}.")
+            raise InputError(
+                f"`solver_options` apply only when `solver` is a name. Got an instance and options {sorted(options)}."
+            )
         return solver
     if isinstance(solver, str):
         check_choice("solver", solver, SOLVERS, extra=" or a Solver instance")
@@ -33,7 +58,8 @@ def make_solver(solver: Any, **options: Any) -> Solver:
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise InputError(
-                f"`solver_options` for solver {solver!r} must use the options {', '.join(allowed)}. Got unknown {unknown}."
+                f"`solver_options` for solver {solver!r} must use the options {', '.join(allowed)}. Got unknown "
+                f"{unknown}."
             )
         return cls(**options)
     raise InputTypeError(f"`solver` must be a name or a Solver instance. Got {type(solver).__name__}.")

@@ -69,8 +69,17 @@ class ArnoldiSolver(Solver):
 
     name = "arnoldi"
     capabilities = Capabilities(low_rank=True, quadratic_form=True, sharded=True, stochastic=True)
-    _state_fields = ("eigenvalues_", "eigenvectors_", "_inv", "ritz_values_", "ritz_residuals_", "n_iter_", "converged_",
-                     "sample_", "examples_used_")
+    _state_fields = (
+        "eigenvalues_",
+        "eigenvectors_",
+        "_inv",
+        "ritz_values_",
+        "ritz_residuals_",
+        "n_iter_",
+        "converged_",
+        "sample_",
+        "examples_used_",
+    )
 
     def __init__(
         self,
@@ -97,15 +106,21 @@ class ArnoldiSolver(Solver):
         Scores in the eigenbasis when remainder="drop" and rank < min(n_test, n_params)."""
         n, p, q, item = probe.n, probe.p, probe.queries, probe.item
         if self.rank > p:
-            raise InputError(f"`rank` must be an int in [1, n_params] = [1, {p}]. Got {self.rank}. Lower `rank` or use solver='exact'.")
+            raise InputError(
+                f"`rank` must be an int in [1, n_params] = [1, {p}]. Got {self.rank}. Lower `rank` or use "
+                "solver='exact'."
+            )
         steps = min(self.n_iter if self.n_iter is not None else 2 * self.rank, p)
         state = self.rank * p * item
         m_l = min(self.examples or n, n)  # Lanczos on a subsample of m_l examples when `examples` is set
         rows = min(q, self.residual_rows)
         return SolverCost(
-            fit_seconds=steps * m_l * probe.tau_hvp, fit_memory=probe.base + state + steps * p * item,
-            fit_formula=f"{steps} Lanczos steps · {'n' if m_l == n else 'examples'}·τ_h; state rank·p·b", state=state,
-            solve_seconds=4 * q * self.rank * p / probe.flops + probe.hvp_seconds(rows), solve_memory=2 * q * p * item,
+            fit_seconds=steps * m_l * probe.tau_hvp,
+            fit_memory=probe.base + state + steps * p * item,
+            fit_formula=f"{steps} Lanczos steps · {'n' if m_l == n else 'examples'}·τ_h; state rank·p·b",
+            state=state,
+            solve_seconds=4 * q * self.rank * p / probe.flops + probe.hvp_seconds(rows),
+            solve_memory=2 * q * p * item,
             solve_formula="4·q·rank·p / ρ + residual_rows·n·τ_h",
             # scores in the eigenbasis (Influence._score_basis)
             basis_rank=self.rank if self.remainder == "drop" and self.rank < min(probe.n_test, p) else 0,
@@ -129,7 +144,7 @@ class ArnoldiSolver(Solver):
         n = operator.n_examples
         if self.examples is not None and self.examples < n:
             gen = torch.Generator().manual_seed(self.seed)
-            sample = torch.randperm(n, generator=gen)[:self.examples].sort().values
+            sample = torch.randperm(n, generator=gen)[: self.examples].sort().values
             self.sample_ = sample
 
             def h_matvec(V: torch.Tensor) -> torch.Tensor:  # H of the subsample, without δ
@@ -155,8 +170,10 @@ class ArnoldiSolver(Solver):
         lowest = float(operator.damp(theta[:1])[0])
         if lowest < 0:
             warnings.warn(
-                f"H + δI has negative curvature (smallest Ritz value of H {float(theta[0]):.3g}, δ = {delta:g}): θ̂ is not a "
-                f"minimum, or the model is non-convex. Influence then has no meaning as a leave-one-out prediction; use "
+                f"H + δI has negative curvature (smallest Ritz value of H {float(theta[0]):.3g}, δ = {delta:g}): θ̂ is "
+                "not a "
+                "minimum, or the model is non-convex. Influence then has no meaning as a leave-one-out prediction; "
+                "use "
                 f"damping >= {-float(theta[0]) * 1.01:.3g} (Koh & Liang add damping for non-convex models).",
                 CurvatureWarning,
                 stacklevel=4,
@@ -174,7 +191,11 @@ class ArnoldiSolver(Solver):
         self._inv = (1.0 / shifted).to(device=operator.device, dtype=operator.dtype)
         logger.info(
             "arnoldi solver: %d Lanczos steps, kept %d Ritz values in [%.3g, %.3g], largest Ritz residual %.3g",
-            steps, self.rank, float(evals[-1]), float(evals[0]), float(self.ritz_residuals_.max()),
+            steps,
+            self.rank,
+            float(evals[-1]),
+            float(evals[0]),
+            float(self.ritz_residuals_.max()),
         )
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
@@ -227,5 +248,11 @@ class ArnoldiSolver(Solver):
         return out.to(G.dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "rank": self.rank, "n_iter": self.n_iter, "remainder": self.remainder, "seed": self.seed,
-                "examples": self.examples}
+        return {
+            "solver": self.name,
+            "rank": self.rank,
+            "n_iter": self.n_iter,
+            "remainder": self.remainder,
+            "seed": self.seed,
+            "examples": self.examples,
+        }

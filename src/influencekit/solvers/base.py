@@ -114,8 +114,14 @@ class Solution(NamedTuple):
     report: SolveReport
 
 
-def relative_residuals(operator: CurvatureOperator, X: torch.Tensor, V: torch.Tensor, *, examples: int | None = None,
-                       chunk: int | None = None) -> torch.Tensor:
+def relative_residuals(
+    operator: CurvatureOperator,
+    X: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    examples: int | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """‖(H + δI)x − v‖ / ‖v‖ per row, with one batched product over the full training set, or with H the mean
     over ``examples`` evenly spaced training examples when that is fewer than all (a cheaper estimate), in HVP
     calls of ``chunk`` examples (default: the operator's)."""
@@ -144,9 +150,12 @@ class Solver:
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__.get("capabilities")
         if isinstance(declared, (set, frozenset)):
-            warnings.warn(f"{cls.__name__}.capabilities: a set of names is deprecated; declare "
-                          f"Capabilities({', '.join(f'{n}=True' for n in sorted(declared))}).",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                f"{cls.__name__}.capabilities: a set of names is deprecated; declare "
+                f"Capabilities({', '.join(f'{n}=True' for n in sorted(declared))}).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             cls.capabilities = Capabilities.of(declared)
         # a cost model describes one algorithm: a renamed subclass without its own gets none (the base answer)
         owner = next(c for c in cls.__mro__ if "cost" in c.__dict__)
@@ -154,7 +163,8 @@ class Solver:
             cls.cost = Solver.cost  # type: ignore[method-assign]
 
     def cost(self, probe: CostProbe) -> SolverCost:
-        """Estimated seconds and bytes of ``fit`` and of one block solve on the planner's ``probe``; here unknown (nan)."""
+        """Estimated seconds and bytes of ``fit`` and of one block solve on the planner's ``probe``; here unknown
+        (nan)."""
         return unknown_cost(self.name, probe)
 
     def fit(self, operator: CurvatureOperator) -> Solver:
@@ -173,9 +183,7 @@ class Solver:
         if squeeze:
             V = V.unsqueeze(0)
         if V.dim() != 2 or V.shape[1] != op.n_params:
-            raise InputError(
-                f"`V` must have shape (k, n_params) = (k, {op.n_params}). Got {tuple(V.shape)}."
-            )
+            raise InputError(f"`V` must have shape (k, n_params) = (k, {op.n_params}). Got {tuple(V.shape)}.")
         if not bool(torch.isfinite(V).all()):
             raise InputError("`V` must hold only finite values. Got NaN/inf; check the gradients it came from.")
         start = time.perf_counter()
@@ -186,8 +194,9 @@ class Solver:
         X = X.to(V.dtype)
         return Solution(X[0] if squeeze else X, report)
 
-    def low_rank_solve(self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
-                       ) -> tuple[LowRankQueries, SolveReport]:
+    def low_rank_solve(
+        self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
+    ) -> tuple[LowRankQueries, SolveReport]:
         """The preconditioned queries of the test gradients given as layer ``factors``, their ``factored`` layer blocks
         kept at ``rank`` (:mod:`~influencekit.lowrank`). Here: the dense solve, then each block's truncated SVD; a
         solver that can precondition the factors directly (K-FAC) overrides it."""
@@ -210,7 +219,9 @@ class Solver:
         """Become fitted on ``operator`` from a :meth:`state_dict` of the same solver, settings and problem."""
         missing = [name for name in self._state_fields if name not in state]
         if not self._state_fields or missing:
-            raise InputError(f"the stored state of solver {self.name!r} is incomplete (missing {missing}); delete it and refit.")
+            raise InputError(
+                f"the stored state of solver {self.name!r} is incomplete (missing {missing}); delete it and refit."
+            )
         self.operator_ = operator
         for name in self._state_fields:
             setattr(self, name, state[name])

@@ -93,20 +93,41 @@ class CGSolver(Solver):
     name = "cg"
     capabilities = Capabilities(sharded=True)
 
-    def __init__(self, *, rtol: float | None = None, atol: float = 0.0, max_iter: int = 1000, preconditioner: Any = None,
-                 score_rtol: float | None = None, warn: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_iter: int = 1000,
+        preconditioner: Any = None,
+        score_rtol: float | None = None,
+        warn: bool = True,
+    ) -> None:
         super().__init__()
         self.rtol = None if rtol is None else check_number("rtol", rtol, low=0.0, high=1.0, low_inclusive=False)
         self.atol = check_number("atol", atol, low=0.0)
         self.max_iter = check_int("max_iter", max_iter, low=1)
         if preconditioner is not None and not isinstance(preconditioner, (str, Solver)):
-            raise InputTypeError(f"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance. Got {type(preconditioner).__name__}.")
+            raise InputTypeError(
+                "`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance. Got "
+                f"{type(preconditioner).__name__}."
+            )
         if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
-            raise InputError(f"`preconditioner` must be None, {', '.join(map(repr, PRECONDITIONERS))} or a Solver instance. Got {preconditioner!r}.")
+            raise InputError(
+                f"`preconditioner` must be None, {', '.join(map(repr, PRECONDITIONERS))} or a Solver instance. Got "
+                f"{preconditioner!r}."
+            )
         if isinstance(preconditioner, CGSolver):
-            raise InputError("`preconditioner` must be a direct approximate inverse (kfac, ekfac, arnoldi, exact), not another CG solver.")
+            raise InputError(
+                "`preconditioner` must be a direct approximate inverse (kfac, ekfac, arnoldi, exact), not another CG "
+                "solver."
+            )
         self.preconditioner = preconditioner
-        self.score_rtol = None if score_rtol is None else check_number("score_rtol", score_rtol, low=0.0, high=1.0, low_inclusive=False)
+        self.score_rtol = (
+            None
+            if score_rtol is None
+            else check_number("score_rtol", score_rtol, low=0.0, high=1.0, low_inclusive=False)
+        )
         self.warn = bool(warn)
 
     def _preconditioner_solver(self) -> Solver | None:
@@ -132,10 +153,17 @@ class CGSolver(Solver):
         """Nothing to fit; a solve cg_iterations·q·n·τ_H, with the iteration count an assumption of the planner."""
         it = probe.cg_iterations
         return SolverCost(
-            fit_seconds=0.0, fit_memory=probe.base, fit_formula="nothing to fit", state=0,
-            solve_seconds=it * probe.hvp_seconds(probe.queries), solve_memory=6 * probe.queries * probe.p * probe.item,
+            fit_seconds=0.0,
+            fit_memory=probe.base,
+            fit_formula="nothing to fit",
+            state=0,
+            solve_seconds=it * probe.hvp_seconds(probe.queries),
+            solve_memory=6 * probe.queries * probe.p * probe.item,
             solve_formula=f"cg_iterations·q·n·τ_H, cg_iterations = {it} assumed",
-            notes=(f"cg: {it} block iterations assumed (set cg_iterations=); the real count depends on the conditioning of H + δI.",),
+            notes=(
+                f"cg: {it} block iterations assumed (set cg_iterations=); the real count depends on the conditioning "
+                "of H + δI.",
+            ),
         )
 
     def _fit(self, operator: CurvatureOperator) -> None:
@@ -156,7 +184,9 @@ class CGSolver(Solver):
         threshold = torch.clamp(self.rtol_ * V.norm(dim=1), min=self.atol)
         done = R.norm(dim=1) <= threshold
         by_scores = torch.zeros_like(done)
-        x_energy = torch.zeros(k, dtype=V.dtype, device=V.device)  # ‖x_j‖²_A, accumulated: the directions are A-conjugate
+        x_energy = torch.zeros(
+            k, dtype=V.dtype, device=V.device
+        )  # ‖x_j‖²_A, accumulated: the directions are A-conjugate
         P = orthonormal_rows(self._precondition(R[~done]) if bool((~done).any()) else R[:0], drop=drop)
         iterations = 0
         hvps = 0
@@ -180,7 +210,7 @@ class CGSolver(Solver):
             if self.score_rtol is not None:
                 step_energy = (alpha * (PQ @ alpha)).sum(dim=0)  # ‖Pα_j‖²_A
                 x_energy += step_energy
-                small = (step_energy <= self.score_rtol ** 2 * x_energy) & ~done
+                small = (step_energy <= self.score_rtol**2 * x_energy) & ~done
                 by_scores |= small
                 done = done | small
             done = done | (R.norm(dim=1) <= threshold)
@@ -195,7 +225,8 @@ class CGSolver(Solver):
             warnings.warn(
                 f"CG stopped after max_iter={self.max_iter} iterations with {int((~done).sum())} of {k} right-hand "
                 f"sides above rtol={self.rtol_:g} (worst relative residual {float(rel.max()):.3g}). Raise "
-                f"{setting_hint('max_iter', 2 * self.max_iter)}, or raise {setting_hint('damping', scope='influence')} if H is "
+                f"{setting_hint('max_iter', 2 * self.max_iter)}, or raise {setting_hint('damping', scope='influence')} "
+                "if H is "
                 "ill-conditioned.",
                 ConvergenceWarning,
                 stacklevel=4,
@@ -206,13 +237,24 @@ class CGSolver(Solver):
             "converged": converged,
             "hvps": float(hvps + k),
             "details": {
-                "rtol": self.rtol_, "atol": self.atol, "score_rtol": self.score_rtol,
-                "method": "breakdown-free block CG" + (f", preconditioned by {self.preconditioner_.name}" if self.preconditioner_ else ""),
-                "stopped_by_scores": int(by_scores.sum()), "relative_residuals": rel.tolist(),
+                "rtol": self.rtol_,
+                "atol": self.atol,
+                "score_rtol": self.score_rtol,
+                "method": "breakdown-free block CG"
+                + (f", preconditioned by {self.preconditioner_.name}" if self.preconditioner_ else ""),
+                "stopped_by_scores": int(by_scores.sum()),
+                "relative_residuals": rel.tolist(),
             },
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "rtol": self.rtol, "atol": self.atol, "max_iter": self.max_iter,
-                "preconditioner": self.preconditioner if isinstance(self.preconditioner, (str, type(None))) else self.preconditioner.describe(),
-                "score_rtol": self.score_rtol}
+        return {
+            "solver": self.name,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "max_iter": self.max_iter,
+            "preconditioner": self.preconditioner
+            if isinstance(self.preconditioner, (str, type(None)))
+            else self.preconditioner.describe(),
+            "score_rtol": self.score_rtol,
+        }

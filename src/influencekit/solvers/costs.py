@@ -99,9 +99,16 @@ class CostProbe:
 
     def as_dict(self) -> dict[str, float]:
         """The measured figures, as :attr:`Plan.probe <influencekit.planner.Plan.probe>` holds them."""
-        return {"examples": float(self.examples), "tau_grad": self.tau_grad, "tau_sum": self.tau_sum, "tau_hvp": self.tau_hvp,
-                "tau_hvp_block": self.tau_hvp_block, "block_tangents": float(self.block_tangents), "flops": self.flops,
-                "activations_per_example": float(self.activations)}
+        return {
+            "examples": float(self.examples),
+            "tau_grad": self.tau_grad,
+            "tau_sum": self.tau_sum,
+            "tau_hvp": self.tau_hvp,
+            "tau_hvp_block": self.tau_hvp_block,
+            "block_tangents": float(self.block_tangents),
+            "flops": self.flops,
+            "activations_per_example": float(self.activations),
+        }
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,12 @@ class SolverCost:
 def unknown_cost(name: str, probe: CostProbe) -> SolverCost:
     """The answer for a solver without a cost model: nan seconds and a note saying so."""
     return SolverCost(
-        fit_seconds=float("nan"), fit_memory=probe.base, fit_formula="unknown solver: no estimate", state=0,
-        solve_seconds=float("nan"), solve_memory=2 * probe.queries * probe.p * probe.item, solve_formula="unknown",
+        fit_seconds=float("nan"),
+        fit_memory=probe.base,
+        fit_formula="unknown solver: no estimate",
+        state=0,
+        solve_seconds=float("nan"),
+        solve_memory=2 * probe.queries * probe.p * probe.item,
+        solve_formula="unknown",
         notes=(f"solver {name!r} has no cost model in the planner; its stages show nan.",),
     )

@@ -107,7 +107,9 @@ class ExactSolver(Solver):
         self.eigenvalues_ = evals
         self.eigenvectors_ = evecs
         self._inv = 1.0 / shifted
-        logger.info("exact solver: %d parameters, eigenvalues in [%.3g, %.3g]", p, float(evals.min()), float(evals.max()))
+        logger.info(
+            "exact solver: %d parameters, eigenvalues in [%.3g, %.3g]", p, float(evals.min()), float(evals.max())
+        )
 
     def _fit_cholesky(self, shifted: torch.Tensor) -> bool:
         """Factorise H + δI = LLᵀ; False (use eigh) when it is not numerically positive definite."""
@@ -125,7 +127,12 @@ class ExactSolver(Solver):
         self.eigenvalues_ = None
         self.eigenvectors_ = None
         self._inv = None
-        logger.info("exact solver: %d parameters, Cholesky pivots² in [%.3g, %.3g]", len(H), float(pivots.min()), float(pivots.max()))
+        logger.info(
+            "exact solver: %d parameters, Cholesky pivots² in [%.3g, %.3g]",
+            len(H),
+            float(pivots.min()),
+            float(pivots.max()),
+        )
         return True
 
     def _solve(self, V: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -148,8 +155,11 @@ class ExactSolver(Solver):
             "relative_residual": float(rel.max()) if len(rel) else 0.0,
             "converged": True,
             "hvps": 0.0,
-            "details": {"residual_checked_rows": len(rows), "method": "cholesky" if self.factor_ is not None else "eigh",
-                        "hessian": getattr(self, "hessian_method_", "") or "loaded from the solver cache"},
+            "details": {
+                "residual_checked_rows": len(rows),
+                "method": "cholesky" if self.factor_ is not None else "eigh",
+                "hessian": getattr(self, "hessian_method_", "") or "loaded from the solver cache",
+            },
         }
 
     def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
@@ -162,22 +172,35 @@ class ExactSolver(Solver):
         return ((proj * proj) * self._inv).sum(dim=1).to(G.dtype)
 
     def cost(self, probe: CostProbe) -> SolverCost:
-        """Fit p·n·τ_h + the decomposition (Cholesky p³/3 or eigh 9p³ flops) / ρ; a solve 2·(q + residual rows)·p² / ρ."""
+        """Fit p·n·τ_h + the decomposition (Cholesky p³/3 or eigh 9p³ flops) / ρ; a solve 2·(q + residual rows)·p² /
+        ρ."""
         p, q, item = probe.p, probe.queries, probe.item
         eig_item = torch.finfo(self.eig_dtype or probe.dtype).bits // 8
         state = 2 * p * p * eig_item + p * eig_item
         cholesky = self.method == "cholesky" or (self.method == "auto" and p > self.eigh_max_params)
-        decomposition = (p ** 3 / 3 if cholesky else 9 * p ** 3) / probe.flops
+        decomposition = (p**3 / 3 if cholesky else 9 * p**3) / probe.flops
         assembling = p * p * item if eig_item != item else 0
         rows = min(q, self.residual_rows)
-        notes = (f"the exact solver refuses this model: n_params = {p:,} > max_params = {self.max_params:,}.",) if p > self.max_params else ()
+        notes = (
+            (f"the exact solver refuses this model: n_params = {p:,} > max_params = {self.max_params:,}.",)
+            if p > self.max_params
+            else ()
+        )
         return SolverCost(
             fit_seconds=probe.hvp_seconds(p) + decomposition,
             fit_memory=probe.base + state + assembling + (p * p * eig_item if cholesky else 0),
-            fit_formula=f"p·n·τ_H + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e", state=state,
-            solve_seconds=2 * (q + rows) * p * p / probe.flops, solve_memory=2 * q * p * eig_item,
-            solve_formula="2·(q + residual rows)·p² / ρ", notes=notes,
+            fit_formula=f"p·n·τ_H + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e",
+            state=state,
+            solve_seconds=2 * (q + rows) * p * p / probe.flops,
+            solve_memory=2 * q * p * eig_item,
+            solve_formula="2·(q + residual rows)·p² / ρ",
+            notes=notes,
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "max_params": self.max_params, "eig_dtype": str(self.eig_dtype), "method": self.method}
+        return {
+            "solver": self.name,
+            "max_params": self.max_params,
+            "eig_dtype": str(self.eig_dtype),
+            "method": self.method,
+        }

@@ -70,12 +70,12 @@ def with_target(task: Task, batch: Batch, target: torch.Tensor) -> Any:
     return task.with_labels(batch, target)
 
 
-
 def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The class drawn by each uniform ``u`` (shape ``cdf.shape[:-1]``) from the cumulative probabilities ``cdf`` over
     the last dimension: the number of classes whose cdf lies below u (cdf is non-decreasing), found by a binary search
     instead of a comparison with every class; the last class where round-off leaves the total below u."""
     return torch.searchsorted(cdf, u.unsqueeze(-1).contiguous()).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
 
 class FisherPasses:
     """Label variants and tapped backward passes for one ``fisher`` kind, ``samples`` and ``seed``."""
@@ -97,7 +97,9 @@ class FisherPasses:
         self.used = f"{chosen} (auto: {what}; the expectation up to {EXPECTED_MAX_LABELS})"
         return chosen
 
-    def draws(self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def draws(
+        self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
 
         Example i's numbers come from the generator of block i // DRAW_BLOCK, seeded by (seed, block), at a
@@ -107,14 +109,24 @@ class FisherPasses:
         blocks = []
         for b in range(first, last + 1):
             gen = torch.Generator(device=device)
-            gen.manual_seed(int(np.random.SeedSequence([abs(self.seed), int(self.seed < 0), b]).generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            gen.manual_seed(
+                int(
+                    np.random.SeedSequence([abs(self.seed), int(self.seed < 0), b]).generate_state(1, np.uint64)[0]
+                    >> np.uint64(1)
+                )
+            )
             shape = (DRAW_BLOCK, self.samples, width)
-            blocks.append(torch.randn(shape, dtype=dtype, device=device, generator=gen) if normal
-                          else torch.rand(shape, dtype=dtype, device=device, generator=gen))
-        rows = torch.cat(blocks)[lo - first * DRAW_BLOCK:lo - first * DRAW_BLOCK + B]
+            blocks.append(
+                torch.randn(shape, dtype=dtype, device=device, generator=gen)
+                if normal
+                else torch.rand(shape, dtype=dtype, device=device, generator=gen)
+            )
+        rows = torch.cat(blocks)[lo - first * DRAW_BLOCK : lo - first * DRAW_BLOCK + B]
         return rows.transpose(0, 1)
 
-    def variants(self, kind: str, batch: Batch, out: torch.Tensor, task: Task, lo: int) -> list[tuple[Any, torch.Tensor]]:
+    def variants(
+        self, kind: str, batch: Batch, out: torch.Tensor, task: Task, lo: int
+    ) -> list[tuple[Any, torch.Tensor]]:
         """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
 
         ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
@@ -142,8 +154,16 @@ class FisherPasses:
             variants.append((with_target(task, batch, f + e.reshape(f.shape[1:])), ones))
         return variants
 
-    def _classification(self, fisher: str, batch: Batch, out: torch.Tensor, task: Task, lo: int, target: torch.Tensor,
-                        ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+    def _classification(
+        self,
+        fisher: str,
+        batch: Batch,
+        out: torch.Tensor,
+        task: Task,
+        lo: int,
+        target: torch.Tensor,
+        ones: torch.Tensor,
+    ) -> list[tuple[Any, torch.Tensor]]:
         B = out.shape[0]
         if out.dim() == 2 and out.shape[1] > 1:
             p = torch.softmax(out, dim=1)
@@ -157,10 +177,21 @@ class FisherPasses:
         if fisher == "sampled":
             U = self.draws(lo, B, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
             return [(with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
-        return [(with_target(task, batch, torch.ones_like(target)), q), (with_target(task, batch, torch.zeros_like(target)), 1 - q)]
+        return [
+            (with_target(task, batch, torch.ones_like(target)), q),
+            (with_target(task, batch, torch.zeros_like(target)), 1 - q),
+        ]
 
-    def _sequence(self, fisher: str, batch: Batch, out: torch.Tensor, task: Task, lo: int, target: torch.Tensor,
-                  ones: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
+    def _sequence(
+        self,
+        fisher: str,
+        batch: Batch,
+        out: torch.Tensor,
+        task: Task,
+        lo: int,
+        target: torch.Tensor,
+        ones: torch.Tensor,
+    ) -> list[tuple[Any, torch.Tensor]]:
         """Labels drawn per position of ``(B, T, C)`` logits; positions without a loss keep their label."""
         if fisher != "sampled":
             raise UnsupportedError(
@@ -179,15 +210,18 @@ class FisherPasses:
             variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
         return variants
 
-    def _leftover_grads(self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout) -> torch.Tensor:
+    def _leftover_grads(
+        self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout
+    ) -> torch.Tensor:
         """Per-example gradients of the parameters outside supported layers, by the method
         :func:`~influencekit.layers.choose_per_example` picks on the first chunk (vmap, or the autograd loop)."""
         if self._leftover is None:
             self._leftover = choose_per_example("auto", model, fn, params, layout, batch, side="kfac leftover")[0]
         return self._leftover(fn, params, batch)[0]
 
-    def _tapped(self, taps: LayerTaps, task: Task, kind: str, params: dict[str, torch.Tensor], batch: Batch, lo: int
-                ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+    def _tapped(
+        self, taps: LayerTaps, task: Task, kind: str, params: dict[str, torch.Tensor], batch: Batch, lo: int
+    ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Per label variant of a chunk: (relabelled batch, weights w, layer inputs, output gradients of Σ √w ℓ).
 
         With a loss computable from the outputs (:meth:`~influencekit.task.Task.has_loss_from_outputs`), the labels
@@ -225,9 +259,12 @@ class FisherPasses:
                     G_out = [layer.output_grads(g, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
                     extra = None
                     if leftover_layout is not None:
+
                         def weighted(p: dict[str, torch.Tensor], b: Any) -> torch.Tensor:
                             inner, sw_ = b
                             return sw_ * task.loss({**params, **p}, inner)
 
-                        extra = self._leftover_grads(task.model, weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout)
+                        extra = self._leftover_grads(
+                            task.model, weighted, {n: params[n] for n in leftover}, (vbatch, w.sqrt()), leftover_layout
+                        )
                     yield A_in, G_out, extra, mask

@@ -47,13 +47,15 @@ Layers (:mod:`~influencekit.layers`): ``nn.Linear`` (any leading dimensions), ``
 no ``scale_grad_by_freq``), a dense layer on one-hot inputs: its A is the diagonal of row frequencies
 (1/n) Σ_i (1/T) Σ_t e_{x_t} (no eigendecomposition, Q_A = I, the ``padding_idx`` row gets no gradient), S the
 (d × d) second moment of the output gradients, and EK-FAC's Λ sums each example's rotated output gradients per
-looked-up row before squaring. A selected parameter of any other layer raises :class:`~influencekit.errors.UnsupportedError` naming it,
+looked-up row before squaring. A selected parameter of any other layer raises
+:class:`~influencekit.errors.UnsupportedError` naming it,
 unless ``unsupported="diagonal"``: those parameters then get the damped diagonal of the same Fisher,
 1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.task.ClassificationTask` (cross-entropy,
 logistic) and :class:`~influencekit.task.RegressionTask` (squared error averaged over outputs).
 
 Sampled labels depend only on ``seed`` and the example's global index (one generator per block of
-``DRAW_BLOCK`` consecutive examples, :mod:`~influencekit.solvers.fisher`), so neither the chunk size nor sharding changes them. Under a
+``DRAW_BLOCK`` consecutive examples, :mod:`~influencekit.solvers.fisher`), so neither the chunk size nor sharding
+changes them. Under a
 ``torch.distributed`` process group (the operator's ``shard``) each rank streams its own examples, the sums
 behind A, S, the diagonal and EK-FAC's Λ are added across ranks with one ``all_reduce`` each and divided by
 the global n, and every rank eigendecomposes the same summed factors.
@@ -85,8 +87,10 @@ __all__ = ["KFACSolver", "EKFACSolver", "UNSUPPORTED"]
 logger = logging.getLogger(__name__)
 
 UNSUPPORTED = ("exclude", "diagonal", "error")
-FACTORED_LAYERS = ("nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), untied nn.Embedding (no max_norm, no scale_grad_by_freq) "
-                   "and transformers Conv1D")
+FACTORED_LAYERS = (
+    "nn.Linear, nn.Conv1d, nn.Conv2d (groups=1), untied nn.Embedding (no max_norm, no scale_grad_by_freq) "
+    "and transformers Conv1D"
+)
 
 
 def _names(names: list[str], most: int = 4) -> str:
@@ -159,7 +163,9 @@ def _add_masked_inputs(layer: _Layer, a: torch.Tensor, mask: torch.Tensor) -> No
     weighted = flat * weights.to(flat.dtype)
     layer.A[:kw, :kw] += (flat.T @ weighted).to(torch.float64)
     if layer.has_bias:
-        col = weighted.sum(0).to(torch.float64)  # in the rows' dtype, as the product above; summed in float64 across chunks
+        col = weighted.sum(0).to(
+            torch.float64
+        )  # in the rows' dtype, as the product above; summed in float64 across chunks
         layer.A[:kw, kw] += col
         layer.A[kw, :kw] += col
         layer.A[kw, kw] += float(weights.sum())
@@ -181,7 +187,7 @@ def _add_corrected(layer: _Layer, aq: torch.Tensor, gq: torch.Tensor, block_elem
         return
     step = max(1, block_elements // max(1, layer.eig.numel()))
     for lo in range(0, aq.shape[0], step):
-        M = torch.einsum("bto,btk->bok", gq[lo:lo + step], aq[lo:lo + step])
+        M = torch.einsum("bto,btk->bok", gq[lo : lo + step], aq[lo : lo + step])
         layer.eig += M.square_().sum(0).to(torch.float64)  # a block's sum in the model's dtype, the chunks' in float64
 
 
@@ -197,17 +203,29 @@ def _rotated_in(layer: _Layer, a: torch.Tensor, g: torch.Tensor, dtype: torch.dt
     return QS.T @ torch.einsum("bto,btk->bok", g, a).to(dtype) @ QA
 
 
-def _solved_from_taps(layer: _Layer, a: torch.Tensor, g: torch.Tensor, *, shift: float, dtype: torch.dtype) -> torch.Tensor:
+def _solved_from_taps(
+    layer: _Layer, a: torch.Tensor, g: torch.Tensor, *, shift: float, dtype: torch.dtype
+) -> torch.Tensor:
     """The layer's block of the solution for examples given by their taps: Q_S [(Q_Sᵀ ∇W Q_A) / (Λ + shift)] Q_Aᵀ,
     ``(B, out, k)`` in ``dtype``, rotated in by :func:`_rotated_in`."""
     QS, QA = layer.QS.to(dtype), layer.QA.to(dtype)
     return QS @ (_rotated_in(layer, a, g, dtype) / (layer.eig + shift).to(dtype)) @ QA.T
 
 
-def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list[bool], rank: int, *, shift: float,
-                          dtype: torch.dtype, out_dtype: torch.dtype, block_elements: int, seed: int
-                          ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """:meth:`KFACSolver.low_rank_solve`'s per-layer work: ``(U, V, M)`` as :class:`~influencekit.lowrank.LowRankQueries` holds them."""
+def _precondition_factors(
+    layers: list[_Layer],
+    factors: Factors,
+    factored: list[bool],
+    rank: int,
+    *,
+    shift: float,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    block_elements: int,
+    seed: int,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """:meth:`KFACSolver.low_rank_solve`'s per-layer work: ``(U, V, M)`` as
+    :class:`~influencekit.lowrank.LowRankQueries` holds them."""
     by_name = {layer.name: layer for layer in layers}
     U: list[torch.Tensor | None] = []
     V: list[torch.Tensor | None] = []
@@ -217,13 +235,23 @@ def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list
         QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
         rows = max(1, block_elements // layer.index.numel())
         if not f:
-            M.append(torch.cat([_solved_from_taps(layer, a[lo:lo + rows], g[lo:lo + rows], shift=shift, dtype=dtype).to(out_dtype)
-                                for lo in range(0, len(factors), rows)]))
+            M.append(
+                torch.cat(
+                    [
+                        _solved_from_taps(layer, a[lo : lo + rows], g[lo : lo + rows], shift=shift, dtype=dtype).to(
+                            out_dtype
+                        )
+                        for lo in range(0, len(factors), rows)
+                    ]
+                )
+            )
             U.append(None), V.append(None)
             continue
         us, vs = [], []
         for lo in range(0, len(factors), rows):
-            rotated = torch.einsum("bto,btk->bok", g[lo:lo + rows].to(dtype) @ QS, a[lo:lo + rows].to(dtype) @ QA) / denom
+            rotated = (
+                torch.einsum("bto,btk->bok", g[lo : lo + rows].to(dtype) @ QS, a[lo : lo + rows].to(dtype) @ QA) / denom
+            )
             u, v = factor_rows(rotated, rank, seed=seed)  # (n, r, out), (n, r, k) in the eigenbasis
             us.append((u @ QS.T).to(out_dtype))
             vs.append((v @ QA.T).to(out_dtype))
@@ -231,15 +259,18 @@ def _precondition_factors(layers: list[_Layer], factors: Factors, factored: list
     return U, V, M
 
 
-def _solve_taps(layers: list[_Layer], factors: Factors, out: torch.Tensor, *, shift: float, dtype: torch.dtype,
-                block_elements: int) -> None:
+def _solve_taps(
+    layers: list[_Layer], factors: Factors, out: torch.Tensor, *, shift: float, dtype: torch.dtype, block_elements: int
+) -> None:
     """:meth:`KFACSolver.solve_taps`'s work: each layer's block of the solution, written into ``out``."""
     by_name = {layer.name: layer for layer in layers}
     for block, a, g in zip(factors.blocks, factors.a, factors.g):
         layer = by_name[block.name]
         rows = max(1, block_elements // layer.index.numel())
         for lo in range(0, len(factors), rows):
-            out[lo:lo + rows, layer.index] = _solved_from_taps(layer, a[lo:lo + rows], g[lo:lo + rows], shift=shift, dtype=dtype).to(out.dtype)
+            out[lo : lo + rows, layer.index] = _solved_from_taps(
+                layer, a[lo : lo + rows], g[lo : lo + rows], shift=shift, dtype=dtype
+            ).to(out.dtype)
 
 
 def _eigendecompose(layers: list[_Layer]) -> None:
@@ -261,8 +292,9 @@ def _drop_factors(layers: list[_Layer]) -> None:
             layer.A = layer.S = None
 
 
-def _quadratic_form(layers: list[_Layer], G: torch.Tensor, *, shift: float, dtype: torch.dtype, block_elements: int
-                    ) -> torch.Tensor:
+def _quadratic_form(
+    layers: list[_Layer], G: torch.Tensor, *, shift: float, dtype: torch.dtype, block_elements: int
+) -> torch.Tensor:
     """gᵀ(G_kfac + shift·I)⁻¹g of each row of ``G`` over the factored layers: Σ (Q_Sᵀ g Q_A)² / (Λ + shift), one
     rotation per example instead of a solve's two and a dot product."""
     out = torch.zeros(G.shape[0], dtype=torch.float64, device=G.device)
@@ -271,14 +303,15 @@ def _quadratic_form(layers: list[_Layer], G: torch.Tensor, *, shift: float, dtyp
         QA = None if layer.QA is None else layer.QA.to(dtype)
         rows = max(1, block_elements // layer.index.numel())
         for lo in range(0, G.shape[0], rows):
-            block = G[lo:lo + rows, layer.index].to(dtype)
+            block = G[lo : lo + rows, layer.index].to(dtype)
             rotated = block @ QS if QA is None else QS.T @ block @ QA
-            out[lo:lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
+            out[lo : lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
     return out
 
 
-def _tap_quadratic_form(layers: list[_Layer], f: Factors, l2: torch.Tensor | None, *, shift: float, dtype: torch.dtype,
-                        block_elements: int) -> torch.Tensor:
+def _tap_quadratic_form(
+    layers: list[_Layer], f: Factors, l2: torch.Tensor | None, *, shift: float, dtype: torch.dtype, block_elements: int
+) -> torch.Tensor:
     """:func:`_quadratic_form` of the gradients g ãᵀ (+ λW) given by a chunk's layer taps. A one-position layer's
     rotated gradient is the outer product (Q_Sᵀg)(Q_Aᵀã)ᵀ: its form is (g̃²)ᵀD⁻¹(ã²) + 2λ g̃ᵀ(W̃/D)ã + λ²ΣW̃²/D
     (D = Λ + shift, W̃ = Q_SᵀWQ_A): out·k multiply-adds per example instead of a rotation's out·k·(out + k)."""
@@ -291,9 +324,9 @@ def _tap_quadratic_form(layers: list[_Layer], f: Factors, l2: torch.Tensor | Non
         if f.a[j].shape[1] > 1:
             rows = max(1, block_elements // layer.index.numel())
             for lo in range(0, len(f), rows):
-                part = Factors([block], [f.a[j][lo:lo + rows]], [f.g[j][lo:lo + rows]]).block_gradient(0).to(dtype)
+                part = Factors([block], [f.a[j][lo : lo + rows]], [f.g[j][lo : lo + rows]]).block_gradient(0).to(dtype)
                 rotated = QS.T @ (part if W is None else part + W) @ QA
-                out[lo:lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
+                out[lo : lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
             continue
         g, a = f.g[j][:, 0].to(dtype) @ QS, f.a[j][:, 0].to(dtype) @ QA  # (B, out), (B, k)
         value = ((g * g) @ (1.0 / denom) * (a * a)).sum(dim=1)
@@ -343,7 +376,9 @@ class KFACSolver(Solver):
     """
 
     name = "kfac"
-    capabilities = Capabilities(quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True)
+    capabilities = Capabilities(
+        quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True
+    )
     _corrected = False
 
     def __init__(
@@ -399,14 +434,17 @@ class KFACSolver(Solver):
             f"{self.name}: influence over the {len(kept)} parameter tensors of factored layers "
             f"({sum(sizes[n] for n in kept):,} values); {len(leftover)} others left out ({_names(leftover)}; "
             f"{sum(sizes[n] for n in leftover):,} values; solver_options={{'unsupported': 'diagonal'}} keeps them).",
-            InfluenceKitWarning, stacklevel=3,
+            InfluenceKitWarning,
+            stacklevel=3,
         )
         return task.restricted(kept)
 
     @staticmethod
     def _layer_data(operator: CurvatureOperator) -> LayerData:
         if "layers" not in operator.capabilities:
-            raise UnsupportedError(f"the kfac/ekfac solvers need an operator with the 'layers' capability. Got {type(operator).__name__}.")
+            raise UnsupportedError(
+                f"the kfac/ekfac solvers need an operator with the 'layers' capability. Got {type(operator).__name__}."
+            )
         return operator.layer_data()
 
     def _layers(self, data: LayerData) -> tuple[list[_Layer], list[str]]:
@@ -423,7 +461,9 @@ class KFACSolver(Solver):
         data = self._layer_data(operator)
         loss_kind(data.task)
         if data.weighted:
-            raise UnsupportedError("the kfac/ekfac solvers do not support a weighted objective (`weights`); use solver='cg'.")
+            raise UnsupportedError(
+                "the kfac/ekfac solvers do not support a weighted objective (`weights`); use solver='cg'."
+            )
         layers, leftover = self._layers(data)
         self._check_leftover(leftover)
         diag = self._factors(data, layers, leftover, operator.device)
@@ -441,13 +481,23 @@ class KFACSolver(Solver):
         self.probe_residual_ = float("nan")
         if self.probes:
             g = torch.Generator(device="cpu").manual_seed(self.seed + 1)
-            V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(operator.device, operator.dtype)
+            V = torch.randn(self.probes, operator.n_params, dtype=torch.float64, generator=g).to(
+                operator.device, operator.dtype
+            )
             # a diagnostic must not set the fit's peak: an HVP (forward-over-reverse) holds several times the
             # activations of the factor passes' backward, so the probe's products run on a third of the HVP chunk
             hvp_chunk = getattr(operator, "batch_size", None)
             chunk = None if hvp_chunk is None else max(1, hvp_chunk // 3)
-            self.probe_residual_ = float(relative_residuals(operator, self._apply(V), V, examples=self.probe_examples, chunk=chunk).max())
-        logger.info("%s: %d layers, %d diagonal parameters, probe residual %.3g", self.name, len(layers), len(diag), self.probe_residual_)
+            self.probe_residual_ = float(
+                relative_residuals(operator, self._apply(V), V, examples=self.probe_examples, chunk=chunk).max()
+            )
+        logger.info(
+            "%s: %d layers, %d diagonal parameters, probe residual %.3g",
+            self.name,
+            len(layers),
+            len(diag),
+            self.probe_residual_,
+        )
 
     def _keep_in(self, dtype: torch.dtype) -> None:
         """Keep each layer's factors, eigenvectors and eigenvalues in the rotations' dtype: summed and eigendecomposed
@@ -464,13 +514,15 @@ class KFACSolver(Solver):
             # (a solver fitted directly, a CG preconditioner) cannot drop its own parameters
             raise UnsupportedError(
                 f"the kfac/ekfac solvers factor {FACTORED_LAYERS} layers only; the selected parameters "
-                f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's `params=` "
+                f"{', '.join(repr(n) for n in leftover)} belong to other layers. Exclude them with the task's "
+                "`params=` "
                 "(e.g. params=['fc1', 'fc2']; ik.Influence does so itself with the default unsupported='exclude'), or "
                 "pass solver_options={'unsupported': 'diagonal'} for a damped diagonal Fisher on them."
             )
         if leftover:
             warnings.warn(
-                f"kfac/ekfac: the parameters {', '.join(repr(n) for n in leftover)} are outside supported layers and get "
+                f"kfac/ekfac: the parameters {', '.join(repr(n) for n in leftover)} are outside supported layers and "
+                "get "
                 "a damped diagonal Fisher 1/(E[g²] + λ + δ), a cruder curvature than the Kronecker factors.",
                 InfluenceKitWarning,
                 stacklevel=5,
@@ -509,19 +561,27 @@ class KFACSolver(Solver):
 
     def _index_leftover(self, layout: Any, device: torch.device) -> None:
         if self.leftover_:
-            self._leftover_index = torch.cat([
-                off + torch.arange(numel)
-                for name, off, numel in zip(layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist(), layout.numels)
-                if name in self.leftover_
-            ]).to(device)
+            self._leftover_index = torch.cat(
+                [
+                    off + torch.arange(numel)
+                    for name, off, numel in zip(
+                        layout.names, torch.tensor((0, *layout.numels[:-1])).cumsum(0).tolist(), layout.numels
+                    )
+                    if name in self.leftover_
+                ]
+            ).to(device)
 
     def state_dict(self) -> dict[str, Any]:
         """Per layer (by module name) the factors A, S, their eigenvectors and the eigenvalues in use; the
         diagonal of the leftover parameters; the probe residual."""
         self._require_fitted()
         return {
-            "layers": {layer.name: {k: getattr(layer, k) for k in ("A", "S", "QA", "QS", "eig") if getattr(layer, k) is not None}
-                       for layer in self.layers_},
+            "layers": {
+                layer.name: {
+                    k: getattr(layer, k) for k in ("A", "S", "QA", "QS", "eig") if getattr(layer, k) is not None
+                }
+                for layer in self.layers_
+            },
             "leftover": list(self.leftover_),
             "diagonal": self.diagonal_,
             "probe_residual": self.probe_residual_,
@@ -533,7 +593,8 @@ class KFACSolver(Solver):
         stored = state.get("layers", {})
         if sorted(stored) != sorted(layer.name for layer in layers) or list(state.get("leftover", [])) != leftover:
             raise InputError(
-                f"the stored {self.name} state covers the layers {sorted(stored)} and leftover {state.get('leftover')}, "
+                f"the stored {self.name} state covers the layers {sorted(stored)} and leftover "
+                f"{state.get('leftover')}, "
                 f"but this model has {sorted(layer.name for layer in layers)} and {leftover}; delete it and refit."
             )
         for layer in layers:
@@ -555,7 +616,9 @@ class KFACSolver(Solver):
             A_keep: list[torch.Tensor] | None = None
             for A_in, G_out, _, _ in self.passes.run(data, self.layers_, [], _layer_inputs):
                 if A_in is not None:
-                    A_keep = [a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)]
+                    A_keep = [
+                        a if layer.embedding else _rotate_inputs(layer, a) for a, layer in zip(A_in, self.layers_)
+                    ]
                 for i, layer in enumerate(self.layers_):
                     _add_corrected(layer, A_keep[i], G_out[i] @ layer.QS.to(G_out[i].dtype), self.block_elements)
 
@@ -569,7 +632,8 @@ class KFACSolver(Solver):
             smallest.append(float(self.diagonal_.min()))
         if shift <= 0 and smallest and min(smallest) <= 0:
             raise NumericalError(
-                f"the Kronecker-factored curvature is singular (smallest eigenvalue {min(smallest):.3g}) and λ + δ = 0. "
+                f"the Kronecker-factored curvature is singular (smallest eigenvalue {min(smallest):.3g}) and λ + δ = "
+                "0. "
                 "Add damping (e.g. damping=1e-3) or an L2 term (`l2=` of the task)."
             )
 
@@ -588,27 +652,39 @@ class KFACSolver(Solver):
             QA = None if layer.QA is None else layer.QA.to(dt)
             rows = max(1, self.block_elements // layer.index.numel())
             for lo in range(0, V.shape[0], rows):
-                block = V[lo:lo + rows, layer.index].to(dt)  # (r, out, k_in); an embedding's (r, V, d)
+                block = V[lo : lo + rows, layer.index].to(dt)  # (r, out, k_in); an embedding's (r, V, d)
                 if QA is None:  # embedding: the row side is already diagonal
-                    X[lo:lo + rows, layer.index] = (((block @ QS) / denom) @ QS.T).to(V.dtype)
+                    X[lo : lo + rows, layer.index] = (((block @ QS) / denom) @ QS.T).to(V.dtype)
                     continue
                 rotated = QS.T @ block @ QA
-                X[lo:lo + rows, layer.index] = (QS @ (rotated / denom) @ QA.T).to(V.dtype)
+                X[lo : lo + rows, layer.index] = (QS @ (rotated / denom) @ QA.T).to(V.dtype)
         if self.leftover_:
             idx = self._leftover_index
             X[:, idx] = (V[:, idx].to(torch.float64) / (self.diagonal_ + shift)).to(V.dtype)
         return X
 
-    def low_rank_solve(self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
-                       ) -> tuple[LowRankQueries, SolveReport]:
+    def low_rank_solve(
+        self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
+    ) -> tuple[LowRankQueries, SolveReport]:
         """Queries from test layer taps: a factored layer's block is rotated as (g Q_S)ᵀ(ã Q_A) (T·(out² + k²) flops,
         not out²k + out·k²), divided by the eigenvalues, truncated there, only the factors rotated back."""
         op = self._require_fitted()
         if self.leftover_:
-            raise UnsupportedError(f"`query_rank` with {self.name}: {self.leftover_} have no layer factors; exclude them with `params=`.")
+            raise UnsupportedError(
+                f"`query_rank` with {self.name}: {self.leftover_} have no layer factors; exclude them with `params=`."
+            )
         start = time.perf_counter()
-        U, V, M = _precondition_factors(self.layers_, factors, factored, rank, shift=op.shift, dtype=self.solve_dtype or op.dtype,
-                                        out_dtype=op.dtype, block_elements=self.block_elements, seed=seed)
+        U, V, M = _precondition_factors(
+            self.layers_,
+            factors,
+            factored,
+            rank,
+            shift=op.shift,
+            dtype=self.solve_dtype or op.dtype,
+            out_dtype=op.dtype,
+            block_elements=self.block_elements,
+            seed=seed,
+        )
         report = SolveReport(solver=self.name, n_rhs=len(factors), seconds=time.perf_counter() - start, **self._info())
         return LowRankQueries(factors.blocks, rank, U, V, M), report
 
@@ -619,9 +695,18 @@ class KFACSolver(Solver):
         against its width), so no gradient row is formed. Needs every parameter in a factored, non-embedding layer."""
         op = self._require_fitted()
         if not self.tap_solvable():
-            raise UnsupportedError(f"{self.name}: solving from layer taps needs every parameter in a factored dense layer.")
+            raise UnsupportedError(
+                f"{self.name}: solving from layer taps needs every parameter in a factored dense layer."
+            )
         start = time.perf_counter()
-        _solve_taps(self.layers_, factors, out, shift=op.shift, dtype=self.solve_dtype or op.dtype, block_elements=self.block_elements)
+        _solve_taps(
+            self.layers_,
+            factors,
+            out,
+            shift=op.shift,
+            dtype=self.solve_dtype or op.dtype,
+            block_elements=self.block_elements,
+        )
         return SolveReport(solver=self.name, n_rhs=len(factors), seconds=time.perf_counter() - start, **self._info())
 
     def tap_solvable(self) -> bool:
@@ -636,7 +721,9 @@ class KFACSolver(Solver):
 
     def quadratic_form(self, G: torch.Tensor) -> torch.Tensor:
         op = self._require_fitted()
-        out = _quadratic_form(self.layers_, G, shift=op.shift, dtype=self.solve_dtype or G.dtype, block_elements=self.block_elements)
+        out = _quadratic_form(
+            self.layers_, G, shift=op.shift, dtype=self.solve_dtype or G.dtype, block_elements=self.block_elements
+        )
         if self.leftover_:
             out += (G[:, self._leftover_index].to(torch.float64) ** 2 / (self.diagonal_ + op.shift)).sum(dim=1)
         return out.to(G.dtype)
@@ -647,7 +734,14 @@ class KFACSolver(Solver):
         if self.leftover_:
             raise UnsupportedError(f"{self.name}: {self.leftover_} have no layer taps; exclude them with `params=`.")
         dtype = self.solve_dtype or f.g[0].dtype
-        return _tap_quadratic_form(self.layers_, f, l2, shift=op.shift, dtype=dtype, block_elements=self.block_elements).to(f.g[0].dtype)
+        return _tap_quadratic_form(
+            self.layers_, f, l2, shift=op.shift, dtype=dtype, block_elements=self.block_elements
+        ).to(f.g[0].dtype)
+
+    def _probed_examples(self) -> str:
+        """How many training examples the fit's residual probe used: "all", or the count."""
+        everything = self.probe_examples is None or self.probe_examples >= self.operator_.n_examples
+        return "all" if everything else str(self.probe_examples)
 
     def _info(self) -> dict[str, Any]:
         return {
@@ -660,15 +754,24 @@ class KFACSolver(Solver):
                 "layers": [layer.name for layer in self.layers_],
                 "diagonal_params": list(self.leftover_),
                 "residual": f"approximation error of the factored Gauss-Newton against H + δI, measured at fit on "
-                f"{self.probes} random directions (NaN when probes=0), H over "
-                f"{'all' if self.probe_examples is None or self.probe_examples >= self.operator_.n_examples else self.probe_examples} training examples",
+                f"{self.probes} random directions (NaN when probes=0), H over {self._probed_examples()} "
+                "training examples",
             },
         }
 
     def describe(self) -> dict[str, Any]:
-        return {"solver": self.name, "fisher": self.fisher, "samples": self.samples, "seed": self.seed, "unsupported": self.unsupported,
-                "solve_dtype": str(self.solve_dtype), "probes": self.probes, "probe_examples": self.probe_examples,
-                "keep_factors": self.keep_factors, "curvature": "gauss-newton"}
+        return {
+            "solver": self.name,
+            "fisher": self.fisher,
+            "samples": self.samples,
+            "seed": self.seed,
+            "unsupported": self.unsupported,
+            "solve_dtype": str(self.solve_dtype),
+            "probes": self.probes,
+            "probe_examples": self.probe_examples,
+            "keep_factors": self.keep_factors,
+            "curvature": "gauss-newton",
+        }
 
 
 class EKFACSolver(KFACSolver):
@@ -678,7 +781,9 @@ class EKFACSolver(KFACSolver):
     """
 
     name = "ekfac"
-    capabilities = Capabilities(quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True)
+    capabilities = Capabilities(
+        quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True
+    )
     _corrected = True
 
     def cost(self, probe: CostProbe) -> SolverCost:
@@ -692,22 +797,35 @@ def kfac_cost(solver: KFACSolver, probe: CostProbe) -> SolverCost:
     probe_hvps = probe.hvp_seconds(solver.probes) * min(n, solver.probe_examples or n) / n
     state, fit_seconds, fit_work, solve_flops, largest, taps = _kfac_fit(solver, probe, probe_hvps)
     return SolverCost(
-        fit_seconds=fit_seconds, fit_memory=probe.base + state + fit_work,
-        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state b_r·Σ(k² + o² + ok), + b_r·Σ(k² + o²) with keep_factors",
-        state=state, solve_seconds=q * solve_flops / probe.flops,
+        fit_seconds=fit_seconds,
+        fit_memory=probe.base + state + fit_work,
+        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state "
+        "b_r·Σ(k² + o² + "
+        "ok), + b_r·Σ(k² + o²) with keep_factors",
+        state=state,
+        solve_seconds=q * solve_flops / probe.flops,
         # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
         # (the solve works layer by layer in row blocks of at most block_elements values)
         solve_memory=q * p * item + 4 * min(solver.block_elements, q * largest) * 8,
-        solve_formula=("q·Σ[2·min(T(o² + k²) + Tok, ok(o + k)) + 2·ok(o + k)] / ρ (from the test taps)" if taps
-                       else "4·q·Σ(o²k + ok²) / ρ") + f" ({'float64' if solver.solve_dtype == torch.float64 else 'solve_dtype'})",
+        solve_formula=(
+            "q·Σ[2·min(T(o² + k²) + Tok, ok(o + k)) + 2·ok(o + k)] / ρ (from the test taps)"
+            if taps
+            else "4·q·Σ(o²k + ok²) / ρ"
+        )
+        + f" ({'float64' if solver.solve_dtype == torch.float64 else 'solve_dtype'})",
     )
 
 
 def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[int, float, int, float, int, bool]:
     """Returns (state bytes, fit seconds, working bytes of a factor pass, flops per right-hand side of a solve,
     values o·k of the largest layer block, whether the queries are solved from the test taps)."""
-    options = {"fisher": solver.fisher, "samples": solver.samples, "seed": solver.seed, "unsupported": solver.unsupported,
-               "block_elements": solver.block_elements}
+    options = {
+        "fisher": solver.fisher,
+        "samples": solver.samples,
+        "seed": solver.seed,
+        "unsupported": solver.unsupported,
+        "block_elements": solver.block_elements,
+    }
     probe_solver = type(solver)(**{**options, "probes": 0})
     total = probe.fit_seconds(probe_solver)
     # the eigendecompositions do not grow with n: estimate them from one timed eigh of a matrix of at most
@@ -721,20 +839,39 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
     eig = sum(unit * (d / r) ** 3 for d in sizes)
     positions = probe.layer_positions(probe_solver.layers_)
     outputs = probe.n_outputs()
-    auto = outputs if max(outputs, 2) <= EXPECTED_MAX_LABELS else solver.samples  # "auto": per-token outputs count as many
+    auto = (
+        outputs if max(outputs, 2) <= EXPECTED_MAX_LABELS else solver.samples
+    )  # "auto": per-token outputs count as many
     variants = {"sampled": solver.samples, "expected": outputs, "empirical": 1, "auto": auto}[solver.fisher]
     kept = torch.finfo(solver.solve_dtype or probe.dtype).bits // 8  # b_r: the state is kept in the rotations' dtype
     taps = not probe.rows and probe_solver.tap_solvable()  # the queries solved from the test taps (solve_taps)
-    state, work, flops = _kfac_layers(probe_solver.layers_, positions, variants, min(probe.hvp_chunk, probe.n),
-                                      2 if solver._corrected else 1, kept, taps=taps, factors=solver.keep_factors)
+    state, work, flops = _kfac_layers(
+        probe_solver.layers_,
+        positions,
+        variants,
+        min(probe.hvp_chunk, probe.n),
+        2 if solver._corrected else 1,
+        kept,
+        taps=taps,
+        factors=solver.keep_factors,
+    )
     state += 8 * len(probe_solver.diagonal_)
     seconds = max(total - eig, 0.1 * total) * probe.n / probe.examples + eig + probe_hvps
     largest = max((int(layer.index.numel()) for layer in probe_solver.layers_), default=0)
     return state, seconds, work, flops, largest, taps
 
 
-def _kfac_layers(layers: list[Any], positions: dict[str, int], variants: int, c: int, passes: int, kept: int, *,
-                 taps: bool = False, factors: bool = False) -> tuple[int, int, float]:
+def _kfac_layers(
+    layers: list[Any],
+    positions: dict[str, int],
+    variants: int,
+    c: int,
+    passes: int,
+    kept: int,
+    *,
+    taps: bool = False,
+    factors: bool = False,
+) -> tuple[int, int, float]:
     """(state bytes, ``kept`` bytes a value, working bytes of a factor pass over c examples, flops per right-hand side)
     summed over the layers; ``taps``: a layer's test gradient is rotated in from its taps where that is cheaper;
     ``factors``: the dense layers' A and S are kept beside their eigenvectors (``keep_factors``)."""

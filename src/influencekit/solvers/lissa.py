@@ -47,7 +47,8 @@ __all__ = ["LissaSolver"]
 def _diverging(history: list[tuple[int, float]], limit: float = 2.0, *, streak: bool = True) -> bool:
     """The residual is above ``limit`` times that of the estimate 0 and still growing, or (``streak``) above 1 after
     growing at each of the last three checks. (A mini-batch recursion at its noise floor wanders, also upwards, but
-    stays bounded; a heavy-ball recursion's residual rises for a while before it falls: no streak rule, a higher limit.)"""
+    stays bounded; a heavy-ball recursion's residual rises for a while before it falls: no streak rule, a higher
+    limit.)"""
     (_, a), (_, b) = history[-2:] if len(history) > 1 else ((0, 1.0), history[-1])
     if b > limit and b > a:
         return True
@@ -70,7 +71,9 @@ def _fitted_rate(history: list[tuple[int, float]]) -> tuple[float, int] | None:
     return math.exp(slope), points[-1][0] - points[0][0]
 
 
-def _trend(history: list[tuple[int, float]], fitted: tuple[float, int] | None, *, noise_bound: float | None = None) -> str:
+def _trend(
+    history: list[tuple[int, float]], fitted: tuple[float, int] | None, *, noise_bound: float | None = None
+) -> str:
     """'diverging' (the fitted factor above 1 and the residual above 1), 'stalled' (the fit shrinks the residual by
     less than 10% over the steps it spans, or, for a mini-batch recursion, ``noise_bound`` — the deterministic
     recursion's error bound rate**depth — is below a tenth of the residual: what is left is noise) or 'converging'."""
@@ -81,7 +84,7 @@ def _trend(history: list[tuple[int, float]], fitted: tuple[float, int] | None, *
         return "diverging"
     if noise_bound is not None and noise_bound < 0.1 * history[-1][1]:
         return "stalled"
-    return "stalled" if rate ** span > 0.9 else "converging"
+    return "stalled" if rate**span > 0.9 else "converging"
 
 
 # the mini-batch of the stochastic recursion when batch_size is automatic and the data are many
@@ -95,7 +98,8 @@ class LissaSolver(Solver):
 
     * ``batch_size=None``: the full training set (the deterministic recursion, no sampling noise) when
       n ≤ 2·√κ·128, κ = λ_max/λ_min — there a deterministic step with momentum reaches rtol in fewer example-products
-      than plain mini-batch steps of 128 (about √κ/2 against κ·128/n full products per e-fold) — else mini-batches of 128;
+      than plain mini-batch steps of 128 (about √κ/2 against κ·128/n full products per e-fold) — else mini-batches of
+      128;
     * ``momentum=None``: the heavy-ball step of the deterministic recursion, x ← x + α(v − Ax) + β(x − x_prev) with
       α = 4/(√a + √b)², β = ((√b − √a)/(√b + √a))² for the estimated interval [a, b] = [λ_min, scale] (the error
       shrinks by about (√κ − 1)/(√κ + 1) per step instead of 1 − 1/κ); none on mini-batches, where it would amplify
@@ -142,8 +146,9 @@ class LissaSolver(Solver):
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, low=1)
         self.scale = None if scale is None else check_number("scale", scale, low=0.0, low_inclusive=False)
         self.scale_margin = check_number("scale_margin", scale_margin, low=1.0)
-        self.momentum = None if momentum is None else check_number("momentum", momentum, low=0.0, high=1.0,
-                                                                    high_inclusive=False)
+        self.momentum = (
+            None if momentum is None else check_number("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+        )
         self.eigen_steps = check_int("eigen_steps", eigen_steps, low=2)
         self.rtol = check_number("rtol", rtol, low=0.0, low_inclusive=False)
         self.seed = check_int("seed", seed, low=0)
@@ -158,21 +163,32 @@ class LissaSolver(Solver):
         repeats = 1 if b >= n else self.repeats
         return SolverCost(
             fit_seconds=self.eigen_steps * probe.hvp_seconds(1) + (90 * b * probe.tau_hvp if b < n else 0.0),
-            fit_memory=probe.base + 3 * p * item, fit_formula="eigen_steps·n·τ_h + 90·batch·τ_h (mini-batches)", state=0,
-            solve_seconds=(repeats * depth * b / n + 1) * probe.hvp_seconds(q), solve_memory=5 * q * p * item,
-            solve_formula="(repeats·depth·batch + n)·q·τ_H" + (" (depth 100 assumed: chosen by rtol)" if self.depth is None else ""),
+            fit_memory=probe.base + 3 * p * item,
+            fit_formula="eigen_steps·n·τ_h + 90·batch·τ_h (mini-batches)",
+            state=0,
+            solve_seconds=(repeats * depth * b / n + 1) * probe.hvp_seconds(q),
+            solve_memory=5 * q * p * item,
+            solve_formula="(repeats·depth·batch + n)·q·τ_H"
+            + (" (depth 100 assumed: chosen by rtol)" if self.depth is None else ""),
         )
 
     def _fit(self, operator: CurvatureOperator) -> None:
         n = operator.n_examples
         lo, hi = lanczos_extremes(
-            operator.matvec, operator.n_params, steps=self.eigen_steps, dtype=operator.dtype, device=operator.device, seed=self.seed
+            operator.matvec,
+            operator.n_params,
+            steps=self.eigen_steps,
+            dtype=operator.dtype,
+            device=operator.device,
+            seed=self.seed,
         )
         self.lambda_min_, self.lambda_max_ = lo, hi
         if lo <= 0:
             warnings.warn(
-                f"H + δI has negative curvature (Lanczos estimate of its smallest eigenvalue: {lo:.3g}); LiSSA diverges "
-                f"on it. Use {setting_hint('damping', abs(lo) + operator.damping, scope='influence')} or more (non-convex models need damping).",
+                f"H + δI has negative curvature (Lanczos estimate of its smallest eigenvalue: {lo:.3g}); LiSSA "
+                "diverges "
+                f"on it. Use {setting_hint('damping', abs(lo) + operator.damping, scope='influence')} or more "
+                "(non-convex models need damping).",
                 CurvatureWarning,
                 stacklevel=4,
             )
@@ -182,11 +198,13 @@ class LissaSolver(Solver):
             self.why_ = f"batch_size={self.batch_size} set"
         elif n <= 2 * math.sqrt(kappa) * STOCHASTIC_BATCH:
             self.batch_size_ = n
-            self.why_ = (f"deterministic: n={n} ≤ 2·√κ·{STOCHASTIC_BATCH} = {2 * math.sqrt(kappa) * STOCHASTIC_BATCH:.0f} "
-                         f"(κ ≈ {kappa:.3g}): full-data steps with momentum need fewer example-products")
+            self.why_ = (
+                f"deterministic: n={n} ≤ 2·√κ·{STOCHASTIC_BATCH} = {2 * math.sqrt(kappa) * STOCHASTIC_BATCH:.0f} "
+                f"(κ ≈ {kappa:.3g}): full-data steps with momentum need fewer example-products"
+            )
         else:
             self.batch_size_ = STOCHASTIC_BATCH
-            self.why_ = (f"mini-batches of {STOCHASTIC_BATCH}: n={n} > 2·√κ·{STOCHASTIC_BATCH} (κ ≈ {kappa:.3g})")
+            self.why_ = f"mini-batches of {STOCHASTIC_BATCH}: n={n} > 2·√κ·{STOCHASTIC_BATCH} (κ ≈ {kappa:.3g})"
         deterministic = self.batch_size_ >= n
         self.scale_ = self.scale if self.scale is not None else self.scale_margin * self._top_eigenvalue(operator, hi)
         if self.momentum is not None:
@@ -206,10 +224,20 @@ class LissaSolver(Solver):
         top = full
         for probe in range(3):
             idx = torch.randint(n, (self.batch_size_,), generator=gen)
-            top = max(top, abs(power_iteration(
-                lambda V, idx=idx: operator.minibatch_matvec(V, idx), operator.n_params, iters=30, rtol=1e-3,
-                dtype=operator.dtype, device=operator.device, seed=self.seed + 1 + probe,
-            )))
+            top = max(
+                top,
+                abs(
+                    power_iteration(
+                        lambda V, idx=idx: operator.minibatch_matvec(V, idx),
+                        operator.n_params,
+                        iters=30,
+                        rtol=1e-3,
+                        dtype=operator.dtype,
+                        device=operator.device,
+                        seed=self.seed + 1 + probe,
+                    )
+                ),
+            )
         return top
 
     def rate(self) -> float:
@@ -268,8 +296,11 @@ class LissaSolver(Solver):
         bound = rate ** (steps // repeats) if not deterministic and rate < 1.0 else None
         trend = "converged" if converged else _trend(history, fitted, noise_bound=bound)
         if not converged and self.warn:
-            warnings.warn(self._unconverged_message(worst, steps // repeats, measured, trend, self.batch_size_, n),
-                          ConvergenceWarning, stacklevel=4)
+            warnings.warn(
+                self._unconverged_message(worst, steps // repeats, measured, trend, self.batch_size_, n),
+                ConvergenceWarning,
+                stacklevel=4,
+            )
         minibatch = 0.0 if deterministic else steps * self.batch_size_ / n
         return X, {
             "iterations": steps,
@@ -277,17 +308,27 @@ class LissaSolver(Solver):
             "converged": converged,
             "hvps": float(V.shape[0] * (minibatch + full)),
             "details": {
-                "scale": s, "lambda_max": self.lambda_max_, "lambda_min": self.lambda_min_, "rate": rate,
-                "step": self.step_, "momentum": self.momentum_, "batch_size": self.batch_size_, "why": self.why_,
-                "measured_rate": measured, "trend": trend, "residual_history": history,
+                "scale": s,
+                "lambda_max": self.lambda_max_,
+                "lambda_min": self.lambda_min_,
+                "rate": rate,
+                "step": self.step_,
+                "momentum": self.momentum_,
+                "batch_size": self.batch_size_,
+                "why": self.why_,
+                "measured_rate": measured,
+                "trend": trend,
+                "residual_history": history,
             },
         }
 
-    def _recursion(self, V: torch.Tensor, gen: torch.Generator, cap: int, rep: int, bar: Any
-                   ) -> tuple[torch.Tensor, list[tuple[int, float]], int, int]:
+    def _recursion(
+        self, V: torch.Tensor, gen: torch.Generator, cap: int, rep: int, bar: Any
+    ) -> tuple[torch.Tensor, list[tuple[int, float]], int, int]:
         """One repeat: x ← x + α(v − A_B x) + β(x − x_prev) from x = 0, for ``cap`` steps or, with ``depth=None``, until
         a residual check reads rtol. Returns x, the residual history, the steps run and the full-data products it spent
-        (each deterministic step's, the mini-batch runs' checks). The deterministic recursion's residual comes with each step's product; mini-batch runs check every
+        (each deterministic step's, the mini-batch runs' checks). The deterministic recursion's residual comes with each
+        step's product; mini-batch runs check every
         max(10, 10·n/batch) steps (about a tenth of the recursion's cost)."""
         op = self.operator_
         n = op.n_examples
@@ -295,7 +336,9 @@ class LissaSolver(Solver):
         alpha, beta = self.step_, self.momentum_
         vnorm = V.norm(dim=1)
         safe = vnorm.clamp_min(torch.finfo(V.dtype).tiny)
-        every = 10 if deterministic else max(10, math.ceil(10 * n / self.batch_size_))  # steps between recorded residuals
+        every = (
+            10 if deterministic else max(10, math.ceil(10 * n / self.batch_size_))
+        )  # steps between recorded residuals
         # a contracting plain recursion keeps ‖x_j‖ ≤ (j + 1)·α·‖v‖; momentum's transient may exceed it by ~√κ
         slack = 2.0 if beta == 0 else 2.0 * (1.0 + 1.0 / max(1.0 - math.sqrt(beta), 1e-12))
         history = [(0, 1.0)]  # the estimate 0 has relative residual 1
@@ -330,7 +373,9 @@ class LissaSolver(Solver):
                 self._check_divergence(history, slack, beta, step + 1, rep)
         return X, history, cap, products
 
-    def _check_divergence(self, history: list[tuple[int, float]], limit: float, beta: float, step: int, rep: int) -> None:
+    def _check_divergence(
+        self, history: list[tuple[int, float]], limit: float, beta: float, step: int, rep: int
+    ) -> None:
         if _diverging(history, limit, streak=beta == 0):
             raise SolverDivergenceError(self._divergence_message(step, rep + 1, self.scale_, history))
 
@@ -357,7 +402,8 @@ class LissaSolver(Solver):
         speed = measured if measured is not None and 0.0 < measured < 1.0 else rate
         needed = math.ceil(depth + math.log(self.rtol / worst) / math.log(speed)) if 0.0 < speed < 1.0 else None
         return head + (
-            f"Raise {setting_hint('depth', needed)}{' (reaches rtol at the measured factor)' if needed else ''}, or raise "
+            f"Raise {setting_hint('depth', needed)}{' (reaches rtol at the measured factor)' if needed else ''}, or "
+            "raise "
             f"{setting_hint('damping', scope='influence')} to improve the conditioning."
         )
 
@@ -366,14 +412,18 @@ class LissaSolver(Solver):
         measured = None if fitted is None else fitted[0]
         if len(history) > 1:
             shown = ", ".join(f"{r:.3g} at step {j}" for j, r in history[-3:])
-            why = f"its relative residual went {shown}{f' (factor {measured:.4f} per step)' if measured is not None else ''}"
+            why = (
+                "its relative residual went "
+                f"{shown}{f' (factor {measured:.4f} per step)' if measured is not None else ''}"
+            )
         else:
             why = "‖x_j‖ exceeded 2·j·‖v‖/scale, which a contracting recursion never reaches"
         head = f"LiSSA diverged after {steps} step(s) of repeat {repeat}: {why}; no estimate is returned. "
         if self.lambda_min_ < 0:
             return head + (
                 f"H + δI has negative curvature (smallest eigenvalue ≈ {self.lambda_min_:.3g}): use "
-                f"{setting_hint('damping', self.operator_.damping + 2 * abs(self.lambda_min_), scope='influence')} or more."
+                f"{setting_hint('damping', self.operator_.damping + 2 * abs(self.lambda_min_), scope='influence')} or "
+                "more."
             )
         suggested = max(2.0 * s, 1.5 * self.lambda_max_)
         return head + (
@@ -384,6 +434,12 @@ class LissaSolver(Solver):
 
     def describe(self) -> dict[str, Any]:
         return {
-            "solver": self.name, "depth": self.depth, "repeats": self.repeats, "batch_size": self.batch_size,
-            "scale": self.scale, "scale_margin": self.scale_margin, "momentum": self.momentum, "seed": self.seed,
+            "solver": self.name,
+            "depth": self.depth,
+            "repeats": self.repeats,
+            "batch_size": self.batch_size,
+            "scale": self.scale,
+            "scale_margin": self.scale_margin,
+            "momentum": self.momentum,
+            "seed": self.seed,
         }

@@ -2,7 +2,8 @@
 
 - :func:`leave_one_out`: −I_up,loss/n against leave-one-out retraining (Koh & Liang 2017, Figure 2),
   resumable through an on-disk cache, in parallel worker processes if asked; :class:`StepRetrain` retrains
-  a non-convex model with a fixed budget of optimiser steps against a no-removal control run; returns a :class:`LOOResult` with Pearson/Spearman and ``.plot()``.
+  a non-convex model with a fixed budget of optimiser steps against a no-removal control run; returns a
+  :class:`LOOResult` with Pearson/Spearman and ``.plot()``.
 - :func:`validate_groups`: group-removal retraining against each order of the group-influence prediction
   (Koh et al. 2019; Basu et al. 2020); a :class:`GroupValidation` with the metrics per order and ``.plot()``.
 - :func:`linear_datamodeling_score`: the LDS of Park et al. (2023, TRAK) over random training subsets.

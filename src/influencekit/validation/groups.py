@@ -83,7 +83,9 @@ class GroupValidation:
         from .plot import plot_groups
 
         keep = np.isfinite(self.actual).all(axis=1)
-        return plot_groups({o: v[keep].ravel() for o, v in self.predicted.items()}, self.actual[keep].ravel(), path=path, title=title)
+        return plot_groups(
+            {o: v[keep].ravel() for o, v in self.predicted.items()}, self.actual[keep].ravel(), path=path, title=title
+        )
 
 
 def metrics_of(predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -140,30 +142,65 @@ def validate_groups(
         :class:`GroupValidation` with the metrics per order and ``.plot()``.
     """
     start = time.perf_counter()
-    settings = check_retrain_settings(influence, tol=tol, max_iter=max_iter, seed=0, retrain=retrain, control=control,
-                                      strict=strict, workers=workers, threads=threads)
+    settings = check_retrain_settings(
+        influence,
+        tol=tol,
+        max_iter=max_iter,
+        seed=0,
+        retrain=retrain,
+        control=control,
+        strict=strict,
+        workers=workers,
+        threads=threads,
+    )
     tol, max_iter, control = settings.tol, settings.max_iter, settings.control
     order_names = check_orders(list(orders) if isinstance(orders, (list, tuple)) else orders)
     parsed = parse_groups(groups, influence.engine.n_train)
     tests = select_tests(influence.engine, test, test_indices)
     predictions = influence.group_influence(parsed.mask(), tests.raw_batch, order=list(order_names))
     predicted = {o: r.values.detach().cpu().to(torch.float64).numpy() for o, r in predictions.items()}
-    retrainer = Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter,
-                          newton_start=influence.engine.layout.n <= NEWTON_START_PARAMS)
+    retrainer = Retrainer(
+        influence,
+        tests.batch,
+        retrain=retrain,
+        tol=tol,
+        max_iter=max_iter,
+        newton_start=influence.engine.layout.n <= NEWTON_START_PARAMS,
+    )
     check_resolution(retrainer, predicted[order_names[0]], tol=tol, what="group retraining")
     cache = None
     if cache_dir is not None:
         config = influence.engine.provenance.manifest(
-            "influencekit group retraining", ("n_train", "task"), groups=parsed.fingerprint(), test_indices=tests.indices.tolist(),
-            test_fingerprint=tests.fingerprint, theta_fingerprint=fingerprint(retrainer.theta_hat), dtype=str(retrainer.dtype),
-            tol=tol, retrain=retrainer.name, drift_control=control)
+            "influencekit group retraining",
+            ("n_train", "task"),
+            groups=parsed.fingerprint(),
+            test_indices=tests.indices.tolist(),
+            test_fingerprint=tests.fingerprint,
+            theta_fingerprint=fingerprint(retrainer.theta_hat),
+            dtype=str(retrainer.dtype),
+            tol=tol,
+            retrain=retrainer.name,
+            drift_control=control,
+        )
         cache = RetrainingCache(cache_dir, config, prefix="group", what="group retraining results")
-    runs = Retrainings(retrainer, cache, settings, weights_of=functools.partial(_group_weights, groups=parsed, dtype=retrainer.dtype),
-                       describe=lambda g: f"retraining without group {parsed.names[g]!r}", desc="group retraining")
+    runs = Retrainings(
+        retrainer,
+        cache,
+        settings,
+        weights_of=functools.partial(_group_weights, groups=parsed, dtype=retrainer.dtype),
+        describe=lambda g: f"retraining without group {parsed.names[g]!r}",
+        desc="group retraining",
+    )
     runs.load(list(range(len(parsed.members))), len(tests.indices))
     runs.run(progress=progress)
     runs.require_control()
-    after, grad_norms, failed, from_cache, baseline = runs.after, runs.grad_norms, runs.not_converged, runs.from_cache, runs.baseline
+    after, grad_norms, failed, from_cache, baseline = (
+        runs.after,
+        runs.grad_norms,
+        runs.not_converged,
+        runs.from_cache,
+        runs.baseline,
+    )
     actual = np.full((len(parsed.members), len(tests.indices)), np.nan)
     for g in range(len(parsed.members)):
         if g in after:
@@ -173,15 +210,29 @@ def validate_groups(
         raise NumericalError(f"no group's retraining reached ||grad R|| <= tol={tol:g}; raise `max_iter` or `tol`.")
     not_converged = {parsed.names[g]: v for g, v in failed.items() if g != CONTROL}
     if not_converged:
-        warnings.warn(f"{len(not_converged)} of {len(parsed.members)} group retrainings did not reach ||grad R|| <= tol={tol:g} "
-                      f"(groups {list(not_converged)[:10]}): they are left out of the metrics.", ConvergenceWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(not_converged)} of {len(parsed.members)} group retrainings did not reach ||grad R|| <= tol={tol:g} "
+            f"(groups {list(not_converged)[:10]}): they are left out of the metrics.",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
     metrics = {o: metrics_of(v[keep], actual[keep]) for o, v in predicted.items()}
     first = next(iter(predictions.values()))
-    metadata = {**first.metadata, "validation": "group removal retraining (Koh et al. 2019; Basu et al. 2020)",
-                "orders": list(order_names), "retrain": retrainer.name, "tol": tol, "retrain_max_iter": max_iter,
-                "retrain_grad_norms": {parsed.names[g]: v for g, v in grad_norms.items() if g != CONTROL},
-                "n_from_cache": from_cache, "drift_control": control, "workers": settings.workers,
-                "prediction_seconds": {o: r.metadata.get("seconds") for o, r in predictions.items()},
-                "seconds": time.perf_counter() - start}
+    metadata = {
+        **first.metadata,
+        "validation": "group removal retraining (Koh et al. 2019; Basu et al. 2020)",
+        "orders": list(order_names),
+        "retrain": retrainer.name,
+        "tol": tol,
+        "retrain_max_iter": max_iter,
+        "retrain_grad_norms": {parsed.names[g]: v for g, v in grad_norms.items() if g != CONTROL},
+        "n_from_cache": from_cache,
+        "drift_control": control,
+        "workers": settings.workers,
+        "prediction_seconds": {o: r.metadata.get("seconds") for o, r in predictions.items()},
+        "seconds": time.perf_counter() - start,
+    }
     changes = {o: r.params_change for o, r in predictions.items()}
-    return GroupValidation(actual, predicted, parsed.names, parsed.sizes, tests.indices, metrics, changes, not_converged, metadata)
+    return GroupValidation(
+        actual, predicted, parsed.names, parsed.sizes, tests.indices, metrics, changes, not_converged, metadata
+    )

@@ -158,10 +158,13 @@ def _recipe_selection(pred_loo: np.ndarray, *, top_k: int, n_random: int, seed: 
     return selection
 
 
-def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrainer, settings: RetrainSettings) -> dict[str, Any]:
+def _cache_config(
+    influence: Influence, tests: SelectedTests, retrainer: Retrainer, settings: RetrainSettings
+) -> dict[str, Any]:
     """The configuration a cache folder of retrainings belongs to (its ``manifest.json``)."""
     return influence.engine.provenance.manifest(
-        "influencekit leave-one-out retraining", ("n_train", "task"),
+        "influencekit leave-one-out retraining",
+        ("n_train", "task"),
         test_indices=tests.indices.tolist(),
         test_fingerprint=tests.fingerprint,
         theta_fingerprint=fingerprint(retrainer.theta_hat),
@@ -174,18 +177,37 @@ def _cache_config(influence: Influence, tests: SelectedTests, retrainer: Retrain
     )
 
 
-def _prepare(influence: Influence, tests: SelectedTests, plan: _Plan, settings: RetrainSettings, cache_dir: str | os.PathLike | None
-             ) -> Retrainings:
+def _prepare(
+    influence: Influence,
+    tests: SelectedTests,
+    plan: _Plan,
+    settings: RetrainSettings,
+    cache_dir: str | os.PathLike | None,
+) -> Retrainings:
     """Set up the retrainer (refusing a run whose changes its dtype cannot resolve) and the cache, take what the cache
     holds and list the retrainings left to run."""
-    retrainer = Retrainer(influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter)
-    chosen = np.concatenate([plan.pred_loo[r, sel] for r, sel in enumerate(plan.selection)]) if plan.selection else np.zeros(0)
+    retrainer = Retrainer(
+        influence, tests.batch, retrain=settings.retrain, tol=settings.tol, max_iter=settings.max_iter
+    )
+    chosen = (
+        np.concatenate([plan.pred_loo[r, sel] for r, sel in enumerate(plan.selection)])
+        if plan.selection
+        else np.zeros(0)
+    )
     check_resolution(retrainer, chosen, tol=settings.tol, what="leave-one-out retraining")
     cache = None
     if cache_dir is not None:
-        cache = RetrainingCache(cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results")
-    runs = Retrainings(retrainer, cache, settings, weights_of=functools.partial(_weights, n=influence.engine.n_train, dtype=retrainer.dtype),
-                       describe=lambda i: f"retraining without training point {i}", desc="leave-one-out retraining")
+        cache = RetrainingCache(
+            cache_dir, _cache_config(influence, tests, retrainer, settings), prefix="loo", what="leave-one-out results"
+        )
+    runs = Retrainings(
+        retrainer,
+        cache,
+        settings,
+        weights_of=functools.partial(_weights, n=influence.engine.n_train, dtype=retrainer.dtype),
+        describe=lambda i: f"retraining without training point {i}",
+        desc="leave-one-out retraining",
+    )
     runs.load(plan.removals, len(tests.indices))
     return runs
 
@@ -201,7 +223,8 @@ def _finish(runs: Retrainings, n_removed: int) -> None:
     if not_converged:
         worst = max(not_converged.values())
         warnings.warn(
-            f"{len(not_converged)} of {n_removed} leave-one-out retrainings did not reach ||grad R|| <= tol={runs.settings.tol:g} "
+            f"{len(not_converged)} of {n_removed} leave-one-out retrainings did not reach ||grad R|| <= "
+            f"tol={runs.settings.tol:g} "
             f"(training points {sorted(not_converged)[:10]}{' ...' if len(not_converged) > 10 else ''}; worst "
             f"{worst:.3g}): their pairs are left out of `predicted`, `actual` and the correlations and listed in "
             "`result.not_converged`. Raise `max_iter` or `tol`, or compute in float64.",
@@ -211,7 +234,13 @@ def _finish(runs: Retrainings, n_removed: int) -> None:
 
 
 def _assemble_result(
-    influence: Influence, tests: SelectedTests, plan: _Plan, runs: Retrainings, *, cache_dir: str | os.PathLike | None, start: float
+    influence: Influence,
+    tests: SelectedTests,
+    plan: _Plan,
+    runs: Retrainings,
+    *,
+    cache_dir: str | os.PathLike | None,
+    start: float,
 ) -> LOOResult:
     """The :class:`LOOResult` of the converged retrainings' (test, train) pairs."""
     after, baseline = runs.after, runs.baseline
@@ -222,8 +251,14 @@ def _assemble_result(
     predicted = plan.pred_loo[row_of, train_index] if rows else np.zeros(0)
     actual = np.array([after[i][r] - baseline[r] for r, i in rows], dtype=np.float64)
     warn_if_round_off(runs.retrainer, actual, predicted, what="leave-one-out")
-    per_test = {int(t): correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
-    per_test_s = {int(t): correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r]) for r, t in enumerate(tests.indices)}
+    per_test = {
+        int(t): correlation_or_nan(pearson, predicted[row_of == r], actual[row_of == r])
+        for r, t in enumerate(tests.indices)
+    }
+    per_test_s = {
+        int(t): correlation_or_nan(spearman, predicted[row_of == r], actual[row_of == r])
+        for r, t in enumerate(tests.indices)
+    }
     metadata = _result_metadata(influence, plan, runs, cache_dir=cache_dir, start=start)
     for arr in (predicted, actual, test_index, train_index):
         arr.setflags(write=False)
@@ -341,11 +376,20 @@ def leave_one_out(
     """
     start = time.perf_counter()
     settings = check_retrain_settings(
-        influence, tol=tol, max_iter=max_iter, seed=seed, retrain=retrain, control=control, strict=strict,
-        workers=workers, threads=threads,
+        influence,
+        tol=tol,
+        max_iter=max_iter,
+        seed=seed,
+        retrain=retrain,
+        control=control,
+        strict=strict,
+        workers=workers,
+        threads=threads,
     )
     tests = select_tests(influence.engine, test, test_indices)
-    plan = _plan_removals(influence, tests, train_indices=train_indices, top_k=top_k, n_random=n_random, seed=settings.seed)
+    plan = _plan_removals(
+        influence, tests, train_indices=train_indices, top_k=top_k, n_random=n_random, seed=settings.seed
+    )
     runs = _prepare(influence, tests, plan, settings, cache_dir)
     runs.run(progress=progress)
     _finish(runs, len(plan.removals))

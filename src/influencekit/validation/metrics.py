@@ -98,7 +98,8 @@ class LDSResult:
 def _check_lds_arguments(
     influence: Any, *, n_subsets: int, alpha: float, seed: int, tol: float, max_iter: int, retrain: Any
 ) -> tuple[int, float, int, float, int]:
-    """Check the arguments of :func:`linear_datamodeling_score`; return the checked ``n_subsets, alpha, seed, tol, max_iter``."""
+    """Check the arguments of :func:`linear_datamodeling_score`; return the checked ``n_subsets, alpha, seed, tol,
+    max_iter``."""
     check_influence(influence)
     n_subsets = check_int("n_subsets", n_subsets, low=3)
     alpha = check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
@@ -158,8 +159,19 @@ def _retrain_subsets(
 
 
 def _lds_metadata(
-    score_metadata: dict[str, Any], retrainer: Retrainer, *, alpha: float, keep: int, n_subsets: int, n_used: int,
-    seed: int, tol: float, max_iter: int, grad_norms: dict[int, float], undefined: list[int], start: float,
+    score_metadata: dict[str, Any],
+    retrainer: Retrainer,
+    *,
+    alpha: float,
+    keep: int,
+    n_subsets: int,
+    n_used: int,
+    seed: int,
+    tol: float,
+    max_iter: int,
+    grad_norms: dict[int, float],
+    undefined: list[int],
+    start: float,
 ) -> dict[str, Any]:
     """The LDS result's metadata: the scores', the subsets', the retrainings' and the timing."""
     return {
@@ -252,8 +264,18 @@ def linear_datamodeling_score(
     finite = np.isfinite(per_test)
     mean = float(per_test[finite].mean()) if finite.any() else float("nan")
     metadata = _lds_metadata(
-        scores.metadata, retrainer, alpha=alpha, keep=keep, n_subsets=n_subsets, n_used=int(ok.sum()), seed=seed,
-        tol=tol, max_iter=max_iter, grad_norms=grad_norms, undefined=tests.indices[~finite].tolist(), start=start,
+        scores.metadata,
+        retrainer,
+        alpha=alpha,
+        keep=keep,
+        n_subsets=n_subsets,
+        n_used=int(ok.sum()),
+        seed=seed,
+        tol=tol,
+        max_iter=max_iter,
+        grad_norms=grad_norms,
+        undefined=tests.indices[~finite].tolist(),
+        start=start,
     )
     for arr in (per_test, tests.indices, predicted, actual, subsets):
         arr.setflags(write=False)

@@ -58,16 +58,35 @@ def plot_loo(
 
     fig = Figure(figsize=(5.0, 5.0), dpi=120)
     FigureCanvasAgg(fig)
-    scatter_panel(fig.add_subplot(), x, y, groups, xlabel="Predicted change in test loss  (−I_up,loss / n)",
-                  ylabel="Actual change in test loss  (retrained)", title=title, what="test point", unit="pairs")
+    scatter_panel(
+        fig.add_subplot(),
+        x,
+        y,
+        groups,
+        xlabel="Predicted change in test loss  (−I_up,loss / n)",
+        ylabel="Actual change in test loss  (retrained)",
+        title=title,
+        what="test point",
+        unit="pairs",
+    )
     fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), format="png")
     return fig
 
 
-def scatter_panel(ax: Any, x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, xlabel: str, ylabel: str,
-                  title: str | None, what: str, unit: str) -> None:
+def scatter_panel(
+    ax: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None,
+    what: str,
+    unit: str,
+) -> None:
     """Actual (y) against predicted (x) on one axis: shared ranges, the diagonal, colours by ``groups`` (2 to 10
     of them, labelled "<what> <label>"), Pearson's r in the title."""
     labels = np.unique(groups)
@@ -95,9 +114,12 @@ def scatter_panel(ax: Any, x: np.ndarray, y: np.ndarray, groups: np.ndarray, *, 
     ax.set_title(f"{title}\n{line}" if title else line)
 
 
-def plot_groups(predicted: dict[str, Any], actual: Any, *, path: str | os.PathLike | None = None, title: str | None = None) -> Any:
+def plot_groups(
+    predicted: dict[str, Any], actual: Any, *, path: str | os.PathLike | None = None, title: str | None = None
+) -> Any:
     """One panel per order: the actual change of the test loss when a group is removed (y, retrained) against the
-    predicted one (x), each point a (group, test point) pair (Koh, Ang, Teo & Liang 2019, Figure 1). Returns the Figure."""
+    predicted one (x), each point a (group, test point) pair (Koh, Ang, Teo & Liang 2019, Figure 1). Returns the
+    Figure."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -113,8 +135,17 @@ def plot_groups(predicted: dict[str, Any], actual: Any, *, path: str | os.PathLi
         if len(x) != len(y):
             raise InputError(f"`predicted[{order!r}]` must have one entry per pair ({len(y)}). Got {len(x)}.")
         name = "Newton step" if order == "newton" else f"order {order}"
-        scatter_panel(fig.add_subplot(1, len(predicted), j + 1), x, y, np.zeros(len(x)), xlabel=f"Predicted change ({name})",
-                      ylabel="Actual change (retrained without the group)", title=title, what="", unit="pairs")
+        scatter_panel(
+            fig.add_subplot(1, len(predicted), j + 1),
+            x,
+            y,
+            np.zeros(len(x)),
+            xlabel=f"Predicted change ({name})",
+            ylabel="Actual change (retrained without the group)",
+            title=title,
+            what="",
+            unit="pairs",
+        )
     fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), format="png")

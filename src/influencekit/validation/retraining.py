@@ -96,8 +96,15 @@ class StepRetrain:
 
     def __call__(self, task: Task, train: DataSource, weights: torch.Tensor) -> TrainReport:
         return fit_steps(
-            task, train, steps=self.steps, lr=self.lr, optimizer=self.optimizer, momentum=self.momentum,
-            batch_size=self.batch_size, seed=self.seed, weights=weights,
+            task,
+            train,
+            steps=self.steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            momentum=self.momentum,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            weights=weights,
         )
 
 
@@ -106,7 +113,8 @@ def check_influence(influence: Any) -> None:
     """Refuse anything but a fitted :class:`~influencekit.Influence`."""
     if not isinstance(influence, Influence):
         raise InputTypeError(
-            f"`influence` must be a fitted ik.Influence (ik.Influence(task, train).fit()). Got {type(influence).__name__}."
+            "`influence` must be a fitted ik.Influence (ik.Influence(task, train).fit()). Got "
+            f"{type(influence).__name__}."
         )
     influence.check_fitted()
 
@@ -114,7 +122,9 @@ def check_influence(influence: Any) -> None:
 def check_retrain(retrain: Any) -> None:
     """Refuse a ``retrain`` that is neither None nor callable."""
     if retrain is not None and not callable(retrain):
-        raise InputTypeError(f"`retrain` must be None or a callable retrain(task, train, weights) -> None. Got {type(retrain).__name__}.")
+        raise InputTypeError(
+            f"`retrain` must be None or a callable retrain(task, train, weights) -> None. Got {type(retrain).__name__}."
+        )
 
 
 def index_array(name: str, idx: Any, n: int, what: str) -> np.ndarray:
@@ -137,7 +147,9 @@ def select_tests(engine: FittedEngine, test: DataSource, test_indices: Any) -> S
     """The test points at ``test_indices`` of ``test`` (all of them for ``None``)."""
     data = test if isinstance(test, Examples) else Examples(test, name="test")
     n = len(data)
-    indices = np.arange(n, dtype=np.int64) if test_indices is None else index_array("test_indices", test_indices, n, "test")
+    indices = (
+        np.arange(n, dtype=np.int64) if test_indices is None else index_array("test_indices", test_indices, n, "test")
+    )
     raw = data.batch(indices.tolist())
     layout = engine.layout
     batch = take(data, indices.tolist(), dtype=layout.dtype, device=layout.device, check=engine.task.check_batch)
@@ -158,8 +170,16 @@ class Retrainer:
     retraining. Convergence means ‖∇R_w(θ)‖ ≤ tol for R_w(θ) = Σ w_i L(z_i, θ) / Σ w_i.
     """
 
-    def __init__(self, influence: Influence, test_batch: Any, *, retrain: RetrainFn | None, tol: float, max_iter: int,
-                 newton_start: bool = False) -> None:
+    def __init__(
+        self,
+        influence: Influence,
+        test_batch: Any,
+        *,
+        retrain: RetrainFn | None,
+        tol: float,
+        max_iter: int,
+        newton_start: bool = False,
+    ) -> None:
         check_retrain(retrain)
         self.influence = influence
         self.engine = engine = influence.engine
@@ -175,7 +195,11 @@ class Retrainer:
         self.max_iter = max_iter
         self.batch_size = engine.chunks.hvp  # fit_lbfgs's Newton polish streams HVPs in chunks of this size
         self.grad_batch_size = engine.chunks.grad
-        self.name = "influencekit.fit_lbfgs" if retrain is None else (repr(retrain) if isinstance(retrain, StepRetrain) else _describe_callable(retrain))
+        self.name = (
+            "influencekit.fit_lbfgs"
+            if retrain is None
+            else (repr(retrain) if isinstance(retrain, StepRetrain) else _describe_callable(retrain))
+        )
         # With a factorised (dense) solver, fit_lbfgs starts with chord-Newton steps on the influence's own
         # (H + δI): from θ̂ they contract at a rate of about ‖I − (H + δI)⁻¹H_w‖ (O(1/n) for one removed point)
         # for one gradient and one cheap solve each, and fit_lbfgs falls back to L-BFGS when they do not. An
@@ -192,7 +216,10 @@ class Retrainer:
         values = values.detach()
         n_test = batch_size_of(self.test_batch)
         if values.shape != (n_test,):
-            raise InputError(f"the task's measurement must return one value per test example, shape ({n_test},). Got {tuple(values.shape)}.")
+            raise InputError(
+                f"the task's measurement must return one value per test example, shape ({n_test},). Got "
+                f"{tuple(values.shape)}."
+            )
         return values.cpu().to(torch.float64).numpy()
 
     def run(self, weights: torch.Tensor) -> tuple[np.ndarray, float, bool]:
@@ -200,8 +227,15 @@ class Retrainer:
         self.work.model.load_state_dict(self.snapshot)
         if self.retrain is None:
             report = fit_lbfgs(
-                self.work, self.engine.train, weights=weights, tol=self.tol, max_iter=self.max_iter,
-                batch_size=self.batch_size, warn=False, curvature=self.curvature, newton_start=self.newton_start,
+                self.work,
+                self.engine.train,
+                weights=weights,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                batch_size=self.batch_size,
+                warn=False,
+                curvature=self.curvature,
+                newton_start=self.newton_start,
             )
             grad_norm = report.grad_norm
         else:
@@ -236,11 +270,16 @@ class Retrainer:
         for name, ref in self.theta_hat.items():
             p = named.get(name)
             if p is None:
-                raise InputError(f"`retrain` removed the parameter {name!r} from the model; it must update the task's parameters in place.")
+                raise InputError(
+                    f"`retrain` removed the parameter {name!r} from the model; it must update the task's parameters in "
+                    "place."
+                )
             if p.shape != ref.shape or p.dtype != ref.dtype or p.device != ref.device:
                 raise InputError(
-                    f"`retrain` must keep the shape, dtype and device of each selected parameter. Got {name!r} with shape "
-                    f"{tuple(p.shape)}, {p.dtype}, {p.device} after retraining; expected {tuple(ref.shape)}, {ref.dtype}, "
+                    f"`retrain` must keep the shape, dtype and device of each selected parameter. Got {name!r} with "
+                    "shape "
+                    f"{tuple(p.shape)}, {p.dtype}, {p.device} after retraining; expected {tuple(ref.shape)}, "
+                    f"{ref.dtype}, "
                     f"{ref.device}."
                 )
             if not bool(torch.isfinite(p).all()):
@@ -254,13 +293,16 @@ class Retrainer:
     def _grad_norm(self, weights: torch.Tensor) -> float:
         """‖∇R_w(θ)‖ at the copy's current parameters, the same quantity fit_lbfgs stops on."""
         params = self.work.params()
-        _, grad = objective_and_grad(self.work, params, self.engine.train, ParamLayout.of(params), weights, self.grad_batch_size)
+        _, grad = objective_and_grad(
+            self.work, params, self.engine.train, ParamLayout.of(params), weights, self.grad_batch_size
+        )
         return float(grad.norm())
 
 
 @dataclass(frozen=True)
 class RetrainSettings:
-    """The checked retraining arguments of :func:`~influencekit.leave_one_out` and :func:`~influencekit.validate_groups`."""
+    """The checked retraining arguments of :func:`~influencekit.leave_one_out` and
+    :func:`~influencekit.validate_groups`."""
 
     tol: float
     max_iter: int
@@ -273,8 +315,16 @@ class RetrainSettings:
 
 
 def check_retrain_settings(
-    influence: Influence, *, tol: float, max_iter: int, seed: int, retrain: RetrainFn | None, control: bool | None,
-    strict: bool, workers: int, threads: int | None,
+    influence: Influence,
+    *,
+    tol: float,
+    max_iter: int,
+    seed: int,
+    retrain: RetrainFn | None,
+    control: bool | None,
+    strict: bool,
+    workers: int,
+    threads: int | None,
 ) -> RetrainSettings:
     """Check the retraining arguments (before the test data, in the order leave_one_out always checked them)."""
     check_influence(influence)
@@ -321,8 +371,10 @@ def check_resolution(retrainer: Retrainer, predicted: np.ndarray, *, tol: float,
     if len(pred) and float(np.median(pred)) < floor:
         raise InputError(
             f"{what} cannot be measured in {str(dtype).removeprefix('torch.')}: the median predicted change "
-            f"{float(np.median(pred)):.3g} is below {RESOLUTION_ULPS} units in the last place of test measurements of about "
-            f"{scale:.3g} ({floor:.3g}), so the retrained changes would be round-off. Compute in float64: model.double() and "
+            f"{float(np.median(pred)):.3g} is below {RESOLUTION_ULPS} units in the last place of test measurements of "
+            "about "
+            f"{scale:.3g} ({floor:.3g}), so the retrained changes would be round-off. Compute in float64: "
+            "model.double() and "
             "float64 data, then build the Influence again."
         )
     if retrainer.retrain is None:
@@ -330,11 +382,16 @@ def check_resolution(retrainer: Retrainer, predicted: np.ndarray, *, tol: float,
         sample = engine.gradients.gather(engine.train, list(range(min(engine.n_train, 256))), side="train")
         reachable = 10 * eps * float(sample.norm(dim=1).mean())
         if tol < reachable:
-            fix = (f"pass tol >= {reachable:.2g}" if dtype == torch.float64 else
-                   f"compute in float64 (model.double() and float64 data), or pass tol >= {reachable:.2g} knowing the "
-                   "retrained changes are then that coarse")
+            fix = (
+                f"pass tol >= {reachable:.2g}"
+                if dtype == torch.float64
+                else f"compute in float64 (model.double() and float64 data), or pass tol >= {reachable:.2g} "
+                "knowing the "
+                "retrained changes are then that coarse"
+            )
             raise InputError(
-                f"`tol`={tol:g} cannot be reached in {str(dtype).removeprefix('torch.')}: the round-off of ||grad R|| is about "
+                f"`tol`={tol:g} cannot be reached in {str(dtype).removeprefix('torch.')}: the round-off of ||grad R|| "
+                "is about "
                 f"{reachable:.2g} (eps times the mean per-example gradient norm, ×10); {fix}."
             )
 
@@ -347,9 +404,11 @@ def warn_if_round_off(retrainer: Retrainer, actual: np.ndarray, predicted: np.nd
     floor = RESOLUTION_ULPS * eps * scale
     if len(actual) and float(np.median(np.abs(actual))) < floor <= float(np.median(np.abs(predicted))):
         warnings.warn(
-            f"the {what} changes are round-off: median |actual| {float(np.median(np.abs(actual))):.3g} is below {RESOLUTION_ULPS} "
+            f"the {what} changes are round-off: median |actual| {float(np.median(np.abs(actual))):.3g} is below "
+            f"{RESOLUTION_ULPS} "
             f"units in the last place of the test measurements ({floor:.3g}) while the median prediction is "
-            f"{float(np.median(np.abs(predicted))):.3g}; the retraining did not move the model. Use more steps or a larger "
+            f"{float(np.median(np.abs(predicted))):.3g}; the retraining did not move the model. Use more steps or a "
+            "larger "
             "learning rate (StepRetrain), or compute in float64; the correlations of this result mean nothing.",
             ConvergenceWarning,
             stacklevel=4,
@@ -371,8 +430,14 @@ def _worker_job(job: Any) -> tuple[Any, np.ndarray, float, bool]:
     return (job, *retrainer.run(weights_of(job)))
 
 
-def run_retrainings(retrainer: Retrainer, jobs: list[Any], weights_of: Callable[[Any], torch.Tensor], *, workers: int,
-                    threads: int | None) -> Iterator[tuple[Any, np.ndarray, float, bool]]:
+def run_retrainings(
+    retrainer: Retrainer,
+    jobs: list[Any],
+    weights_of: Callable[[Any], torch.Tensor],
+    *,
+    workers: int,
+    threads: int | None,
+) -> Iterator[tuple[Any, np.ndarray, float, bool]]:
     """Yield ``(job, measurements, ‖∇R‖, converged)`` for each job, retrained under ``weights_of(job)``, in this
     process or in forked workers.
 
@@ -391,8 +456,10 @@ def run_retrainings(retrainer: Retrainer, jobs: list[Any], weights_of: Callable[
     per_worker = threads if threads is not None else max(1, torch.get_num_threads() // workers)
     _JOBS = (retrainer, weights_of)
     pool = cf.ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork"),
-        initializer=_worker_start, initargs=(per_worker,),
+        max_workers=min(workers, len(jobs)),
+        mp_context=mp.get_context("fork"),
+        initializer=_worker_start,
+        initargs=(per_worker,),
     )
     try:
         futures = [pool.submit(_worker_job, job) for job in jobs]
@@ -426,7 +493,9 @@ class RetrainingCache:
             logger.warning("ignoring unreadable cache file %s (%s); retraining", path, exc)
             return None
         if after.shape != (n_test,) or not np.isfinite(after).all():
-            logger.warning("ignoring cache file %s with shape %s (expected (%d,)); retraining", path, after.shape, n_test)
+            logger.warning(
+                "ignoring cache file %s with shape %s (expected (%d,)); retraining", path, after.shape, n_test
+            )
             return None
         return after, grad_norm
 
@@ -442,8 +511,16 @@ class Retrainings:
     ``grad_norms`` the final ‖∇R‖ of all of them, ``not_converged`` those above ``tol``.
     """
 
-    def __init__(self, retrainer: Retrainer, cache: RetrainingCache | None, settings: RetrainSettings, *,
-                 weights_of: Callable[[Any], torch.Tensor], describe: Callable[[Any], str], desc: str) -> None:
+    def __init__(
+        self,
+        retrainer: Retrainer,
+        cache: RetrainingCache | None,
+        settings: RetrainSettings,
+        *,
+        weights_of: Callable[[Any], torch.Tensor],
+        describe: Callable[[Any], str],
+        desc: str,
+    ) -> None:
         self.retrainer, self.cache, self.settings = retrainer, cache, settings
         self.weights_of, self.describe, self.desc = weights_of, describe, desc
         self.after: dict[Any, np.ndarray] = {}
@@ -461,7 +538,9 @@ class Retrainings:
                 if hit is not None:
                     self.after[job], self.grad_norms[job] = hit
         self.from_cache = len([j for j in self.after if j != CONTROL])
-        self.jobs = ([CONTROL] if control and CONTROL not in self.after else []) + [j for j in removals if j not in self.after]
+        self.jobs = ([CONTROL] if control and CONTROL not in self.after else []) + [
+            j for j in removals if j not in self.after
+        ]
 
     def record(self, job: Any, values: np.ndarray, grad_norm: float, converged: bool) -> None:
         """Keep (and cache) a converged retraining; note one that did not, or raise in strict mode."""
@@ -475,7 +554,8 @@ class Retrainings:
         if self.settings.strict:
             what = "the control run (no removal)" if job == CONTROL else self.describe(job)
             raise NumericalError(
-                f"{what} did not reach ||grad R|| <= tol={self.settings.tol:g} (got {grad_norm:.3g}). Raise `max_iter` or `tol`, "
+                f"{what} did not reach ||grad R|| <= tol={self.settings.tol:g} (got {grad_norm:.3g}). Raise `max_iter` "
+                "or `tol`, "
                 "compute in float64, or pass strict=False to report it in `result.not_converged` instead."
             )
 
@@ -484,8 +564,9 @@ class Retrainings:
         settings = self.settings
         bar = progress_bar(total=len(self.jobs), desc=self.desc, enabled=bool(progress))
         try:
-            for job, values, grad_norm, converged in run_retrainings(self.retrainer, self.jobs, self.weights_of,
-                                                                     workers=settings.workers, threads=settings.threads):
+            for job, values, grad_norm, converged in run_retrainings(
+                self.retrainer, self.jobs, self.weights_of, workers=settings.workers, threads=settings.threads
+            ):
                 self.record(job, values, grad_norm, converged)
                 bar.update(1)
         finally:
@@ -495,7 +576,8 @@ class Retrainings:
         """Raise when there should be a control run and it did not converge."""
         if self.settings.control and CONTROL not in self.after:
             raise NumericalError(
-                f"the control retraining (no removal) did not converge (||grad R|| = {self.not_converged.get(CONTROL, float('nan')):.3g}); "
+                "the control retraining (no removal) did not converge (||grad R|| = "
+                f"{self.not_converged.get(CONTROL, float('nan')):.3g}); "
                 "without it the drift of the trainer cannot be subtracted. Check the trainer's settings."
             )
 

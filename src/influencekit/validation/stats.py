@@ -28,7 +28,9 @@ def as_vector(name: str, x: Any) -> np.ndarray:
     except (TypeError, ValueError) as exc:
         raise InputTypeError(f"`{name}` must be a 1-D array of real numbers. Got {type(x).__name__} ({exc}).") from None
     if arr.ndim != 1:
-        raise InputError(f"`{name}` must be a 1-D array of real numbers. Got shape {arr.shape}; flatten it with .ravel().")
+        raise InputError(
+            f"`{name}` must be a 1-D array of real numbers. Got shape {arr.shape}; flatten it with .ravel()."
+        )
     if not np.isfinite(arr).all():
         bad = np.flatnonzero(~np.isfinite(arr))
         raise InputError(f"`{name}` must hold only finite values. Got NaN/inf at position(s) {bad[:5].tolist()}.")

@@ -54,7 +54,8 @@ def _tarball(path: str | Path) -> Path:
         return candidate
     if not path.is_file():
         raise InputError(
-            f"`path` must be the Enron1 tarball {TARBALL} or a folder holding it. Got {str(path)!r}, which does not exist."
+            f"`path` must be the Enron1 tarball {TARBALL} or a folder holding it. Got {str(path)!r}, which does not "
+            "exist."
         )
     return path
 
@@ -69,12 +70,19 @@ def read_enron(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
     try:
         archive = tarfile.open(tarball, "r:*")
     except (tarfile.TarError, OSError) as exc:
-        raise InputError(f"{str(tarball)!r} is not a readable tar archive ({exc}); expected the Enron1 {TARBALL}.") from None
+        raise InputError(
+            f"{str(tarball)!r} is not a readable tar archive ({exc}); expected the Enron1 {TARBALL}."
+        ) from None
     emails: dict[str, tuple[str, int]] = {}
     with archive:
         for member in archive:
             parts = member.name.split("/")
-            if not member.isfile() or len(parts) < 2 or parts[-2] not in ("ham", "spam") or not parts[-1].endswith(".txt"):
+            if (
+                not member.isfile()
+                or len(parts) < 2
+                or parts[-2] not in ("ham", "spam")
+                or not parts[-1].endswith(".txt")
+            ):
                 continue
             raw = archive.extractfile(member).read()
             try:
@@ -112,6 +120,8 @@ def load_enron(path: str | Path, *, min_df: int = 20, dtype: torch.dtype = torch
     try:
         counts = vectorizer.fit_transform(texts)
     except ValueError as exc:  # no word occurs often enough
-        raise InputError(f"`min_df`={min_df} leaves no word in the vocabulary of {len(texts)} e-mails; lower it ({exc}).") from None
+        raise InputError(
+            f"`min_df`={min_df} leaves no word in the vocabulary of {len(texts)} e-mails; lower it ({exc})."
+        ) from None
     X = torch.as_tensor(counts.toarray(), dtype=dtype)
     return EnronSpam(X, torch.as_tensor(labels), list(vectorizer.get_feature_names_out()), names, min_df)

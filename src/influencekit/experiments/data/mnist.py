@@ -40,10 +40,14 @@ def read_idx(path: str | Path) -> np.ndarray:
         _, _, rows, cols = struct.unpack(">IIII", data[:16])
         body, shape = data[16:], (n, rows, cols)
     else:
-        raise InputError(f"`{path}` is not an MNIST IDX file: magic number {magic:#x}, expected 0x801 (labels) or 0x803 (images).")
+        raise InputError(
+            f"`{path}` is not an MNIST IDX file: magic number {magic:#x}, expected 0x801 (labels) or 0x803 (images)."
+        )
     expected = int(np.prod(shape))
     if len(body) != expected:
-        raise InputError(f"`{path}` is truncated or corrupt: its header promises {expected} values, the file holds {len(body)}.")
+        raise InputError(
+            f"`{path}` is truncated or corrupt: its header promises {expected} values, the file holds {len(body)}."
+        )
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
@@ -63,7 +67,9 @@ def load_mnist(folder: str | Path, split: str = "test") -> tuple[np.ndarray, np.
         raise InputError(f"`split` must be 'train' or 'test'. Got {split!r}.")
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(f"`folder` must be a directory holding MNIST IDX files. Got {str(folder)!r}, which is not a directory.")
+        raise InputError(
+            f"`folder` must be a directory holding MNIST IDX files. Got {str(folder)!r}, which is not a directory."
+        )
     stems = _SPLITS[split]
     found = [_find(folder, s) for s in stems]
     missing = [s for s, f in zip(stems, found) if f is None]
@@ -74,7 +80,9 @@ def load_mnist(folder: str | Path, split: str = "test") -> tuple[np.ndarray, np.
         )
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise InputError(f"the MNIST {split} files in {str(folder)!r} do not match: {images.shape} images, {labels.shape} labels.")
+        raise InputError(
+            f"the MNIST {split} files in {str(folder)!r} do not match: {images.shape} images, {labels.shape} labels."
+        )
     return images, labels
 
 
@@ -125,7 +133,9 @@ def load_mnist_split(
         if k is None:
             return images, labels
         if k > len(labels):
-            raise InputError(f"`{what}` = {k} but the MNIST data in {str(folder)!r} has only {len(labels)} such images.")
+            raise InputError(
+                f"`{what}` = {k} but the MNIST data in {str(folder)!r} has only {len(labels)} such images."
+            )
         idx = np.sort(rng.choice(len(labels), k, replace=False))
         return images[idx], labels[idx]
 
@@ -150,7 +160,7 @@ def load_mnist_split(
             "train-labels-idx1-ubyte.gz."
         )
     order = rng.permutation(n)
-    tr, te = order[:k], order[k:] if n_test is None else order[k:k + n_test]
+    tr, te = order[:k], order[k:] if n_test is None else order[k : k + n_test]
     source = (
         f"only the 10,000-image MNIST test file was found, so its {n:,} images{what} were shuffled (seed {seed}) and "
         f"split into {len(tr):,} training / {len(te):,} test images"

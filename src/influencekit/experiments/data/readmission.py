@@ -60,17 +60,50 @@ __all__ = [
 ZIP_NAME = "dataset_diabetes.zip"
 CSV_NAME = "diabetic_data.csv"
 NUMERIC_COLUMNS = (
-    "time_in_hospital", "num_lab_procedures", "num_procedures", "num_medications",
-    "number_outpatient", "number_emergency", "number_inpatient", "number_diagnoses",
+    "time_in_hospital",
+    "num_lab_procedures",
+    "num_procedures",
+    "num_medications",
+    "number_outpatient",
+    "number_emergency",
+    "number_inpatient",
+    "number_diagnoses",
 )
 MEDICATIONS = (
-    "metformin", "repaglinide", "nateglinide", "chlorpropamide", "glimepiride", "acetohexamide", "glipizide",
-    "glyburide", "tolbutamide", "pioglitazone", "rosiglitazone", "acarbose", "miglitol", "troglitazone",
-    "tolazamide", "examide", "citoglipton", "insulin", "glyburide-metformin", "glipizide-metformin",
-    "glimepiride-pioglitazone", "metformin-rosiglitazone", "metformin-pioglitazone",
+    "metformin",
+    "repaglinide",
+    "nateglinide",
+    "chlorpropamide",
+    "glimepiride",
+    "acetohexamide",
+    "glipizide",
+    "glyburide",
+    "tolbutamide",
+    "pioglitazone",
+    "rosiglitazone",
+    "acarbose",
+    "miglitol",
+    "troglitazone",
+    "tolazamide",
+    "examide",
+    "citoglipton",
+    "insulin",
+    "glyburide-metformin",
+    "glipizide-metformin",
+    "glimepiride-pioglitazone",
+    "metformin-rosiglitazone",
+    "metformin-pioglitazone",
 )
 CATEGORICAL_COLUMNS = (
-    "gender", "race", "age", "discharge_disposition_id", "max_glu_serum", "A1Cresult", *MEDICATIONS, "change", "diabetesMed",
+    "gender",
+    "race",
+    "age",
+    "discharge_disposition_id",
+    "max_glu_serum",
+    "A1Cresult",
+    *MEDICATIONS,
+    "change",
+    "diabetesMed",
 )
 _INTEGER_CODED = ("discharge_disposition_id",)  # sorted as numbers, as pandas does with an int column
 _LABELS = {"<30": ("<30",), "any": ("<30", ">30")}
@@ -91,7 +124,8 @@ class Readmission:
         feature_names: ``(127,)`` names: the count column's name, or ``"column=value"`` for a one-hot feature.
         numeric: positions in ``X`` of the count columns (the ones to standardise).
         age: ``(n,)`` the age group of each encounter (``"[0-10)"`` … ``"[90-100)"``).
-        admission_source: ``(n,)`` the raw ``admission_source_id`` of each encounter (``"7"`` = emergency room; not a feature).
+        admission_source: ``(n,)`` the raw ``admission_source_id`` of each encounter (``"7"`` = emergency room; not a
+        feature).
         readmitted: ``(n,)`` the raw outcome (``"NO"``, ``">30"``, ``"<30"``).
         encounter_id, patient_nbr: ``(n,)`` int64 identifiers (a patient may have several encounters).
         label: which outcomes count as readmitted (``"<30"`` or ``"any"``).
@@ -118,7 +152,9 @@ class Readmission:
         try:
             return self.feature_names.index(name)
         except ValueError:
-            raise InputError(f"`name` must be one of the {len(self.feature_names)} feature names (e.g. 'age=[0-10)'). Got {name!r}.") from None
+            raise InputError(
+                f"`name` must be one of the {len(self.feature_names)} feature names (e.g. 'age=[0-10)'). Got {name!r}."
+            ) from None
 
 
 def _locate(path: str | os.PathLike) -> tuple[Path, str | None]:
@@ -184,16 +220,30 @@ def load_readmission(path: str | os.PathLike, *, label: str = "<30", dtype: torc
     X, names, numeric = _features(columns, name, lines, dtype)
     y = torch.as_tensor(np.isin(outcome, _LABELS[label]).astype(np.int64))
     return Readmission(
-        X=X, y=y, feature_names=names, numeric=numeric, age=np.array(columns["age"]),
-        admission_source=np.array(columns["admission_source_id"]), readmitted=outcome,
-        encounter_id=_integers(columns["encounter_id"], "encounter_id", name, lines), patient_nbr=_integers(columns["patient_nbr"], "patient_nbr", name, lines),
-        label=label, source=source,
+        X=X,
+        y=y,
+        feature_names=names,
+        numeric=numeric,
+        age=np.array(columns["age"]),
+        admission_source=np.array(columns["admission_source_id"]),
+        readmitted=outcome,
+        encounter_id=_integers(columns["encounter_id"], "encounter_id", name, lines),
+        patient_nbr=_integers(columns["patient_nbr"], "patient_nbr", name, lines),
+        label=label,
+        source=source,
     )
 
 
 def _read_columns(file: Path, member: str | None, name: str) -> tuple[dict[str, list[str]], list[int]]:
     """The raw (stripped) texts of the columns used, and the file line of each record."""
-    wanted = ("encounter_id", "patient_nbr", *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS, "admission_source_id", "readmitted")
+    wanted = (
+        "encounter_id",
+        "patient_nbr",
+        *NUMERIC_COLUMNS,
+        *CATEGORICAL_COLUMNS,
+        "admission_source_id",
+        "readmitted",
+    )
     columns: dict[str, list[str]] = {c: [] for c in wanted}
     lines: list[int] = []
     with _open_text(file, member) as text:
@@ -207,7 +257,8 @@ def _read_columns(file: Path, member: str | None, name: str) -> tuple[dict[str, 
         absent = [c for c in wanted if c not in header]
         if absent:
             raise InputError(
-                f"{name} lacks the column(s) {absent[:6]}{' ...' if len(absent) > 6 else ''}: expected the 50 columns of the "
+                f"{name} lacks the column(s) {absent[:6]}{' ...' if len(absent) > 6 else ''}: expected the 50 columns "
+                "of the "
                 f"UCI {CSV_NAME} (encounter_id, patient_nbr, race, gender, age, ..., readmitted)."
             )
         at = [header.index(c) for c in wanted]
@@ -218,7 +269,8 @@ def _read_columns(file: Path, member: str | None, name: str) -> tuple[dict[str, 
                     continue
                 if len(fields) != width:
                     raise InputError(
-                        f"{name}, line {reader.line_num}: {len(fields)} fields where the header has {width}; the file is cut "
+                        f"{name}, line {reader.line_num}: {len(fields)} fields where the header has {width}; the file "
+                        "is cut "
                         f"or is not the UCI {CSV_NAME}."
                     )
                 for c, j in zip(wanted, at):
