@@ -78,7 +78,7 @@ def run(
 
     import influencekit as ik
     from influencekit.index import Display, InfluenceIndex
-    from influencekit.serve import serving
+    from influencekit.index.serve import serving
 
     if kind == "cnn":
         task, train, test = cnn_problem(n)

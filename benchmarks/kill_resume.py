@@ -49,7 +49,7 @@ def _problem(cache_dir: Path | None = None):
 
     import influencekit as ik
     from influencekit.data.bundled import load_digits_split
-    from influencekit.training import fit_lbfgs
+    from influencekit.engine.training import fit_lbfgs
 
     torch.set_num_threads(1)
     (X, y), (Xt, yt) = load_digits_split(600)
@@ -63,7 +63,7 @@ def _problem(cache_dir: Path | None = None):
 
 def work(kind: str, folder: Path) -> np.ndarray:
     """Run (or resume) the stored work of ``kind`` in ``folder`` and return what it computed, as one array."""
-    from influencekit.store import GradientStore
+    from influencekit.index.store import GradientStore
 
     if kind == "cache":
         inf, test = _problem(cache_dir=folder)
@@ -135,7 +135,7 @@ def _files(folder: Path, kind: str) -> dict[str, bytes]:
 
 def trial(kind: str, folder: Path, at: float, reference: np.ndarray, reference_files: dict[str, bytes]) -> dict:
     """Kill a child ``at`` seconds after it is ready, resume here, compare with the reference."""
-    from influencekit.errors import CorruptFileWarning
+    from influencekit.core.errors import CorruptFileWarning
 
     proc, ready = _spawn(kind, folder)
     while time.perf_counter() - ready < at and proc.poll() is None:

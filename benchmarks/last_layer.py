@@ -12,7 +12,7 @@ import time
 import torch
 
 import influencekit as ik
-import influencekit.last_layer as last_layer
+import influencekit.engine.last_layer as last_layer
 from influencekit.data.bundled import load_digits_split
 
 

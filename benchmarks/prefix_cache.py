@@ -33,7 +33,7 @@ def main() -> None:
 
     import influencekit as ik
     import transformers
-    from influencekit.experiments.minilm import Recipe, enron_emails, minilm_folder
+    from influencekit_paper.minilm import Recipe, enron_emails, minilm_folder
 
     torch.manual_seed(0)
     folder = minilm_folder()

@@ -72,7 +72,7 @@ def load_data(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], str]:
     rng = np.random.default_rng(seed)
     try:
-        from influencekit.experiments.data.mnist import load_mnist
+        from influencekit_paper.data.mnist import load_mnist
 
         images, labels = load_mnist(MNIST, "test")
         source = f"MNIST t10k from {MNIST}"

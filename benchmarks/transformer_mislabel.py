@@ -1,7 +1,7 @@
 """Mislabel detection on a real transformer (the paper's §5.4 with all-MiniLM-L6-v2 instead of logistic regression).
 
 Flip 10% of 2,000 Enron1 training labels (seeded), fine-tune MiniLM + a mean-pooled head on them (AdamW, 2 epochs;
-``influencekit.experiments.minilm``, cached in ``--cache``), rank the training e-mails by EK-FAC self-influence
+``influencekit_paper.minilm``, cached in ``--cache``), rank the training e-mails by EK-FAC self-influence
 over block 5's Linear layers and the head (1,773,698 parameters, the frozen prefix cached), by training loss and
 at random, and print the fraction of the flipped labels among the first 5/10/20/30% of each ranking.
 
@@ -27,7 +27,7 @@ ENRON = ROOT.parent / "shared" / "data" / "enron"
 
 
 def main() -> None:
-    from influencekit.experiments.minilm import MODULES, Recipe, detect_flipped, fine_tuned_minilm
+    from influencekit_paper.minilm import MODULES, Recipe, detect_flipped, fine_tuned_minilm
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flip", type=float, default=0.1)

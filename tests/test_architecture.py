@@ -19,24 +19,56 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "influencekit"
 # Bottom to top: a module may import modules of its own layer or of the layers below, never above.
 # Patterns name modules relative to the package ("solvers.*" is every module of the solvers folder).
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["errors", "progress", "checks", "folders", "memory"]),
-    ("data and model", ["autodiff", "data", "data.*", "distributed", "spectrum", "projection", "results", "task"]),
-    ("structure", ["layers", "lowrank", "topk", "curvature", "prefix", "hf", "report", "report.*"]),
+    ("foundations", ["core", "core.errors", "core.progress", "core.checks", "core.folders", "core.memory"]),
+    (
+        "data and model",
+        [
+            "core.autodiff",
+            "data",
+            "data.*",
+            "core.distributed",
+            "core.spectrum",
+            "core.projection",
+            "core.results",
+            "core.task",
+        ],
+    ),
+    ("structure", ["core.layers", "core.lowrank", "core.topk", "core.curvature", "hf", "hf.*", "report", "report.*"]),
     (
         "operators and gradients",
-        ["hessian", "last_layer", "gradients", "solvers.base", "solvers.costs", "solvers.fisher"],
+        ["engine.hessian", "engine.last_layer", "engine.gradients", "solvers.base", "solvers.costs", "solvers.fisher"],
     ),
     ("solvers", ["solvers", "solvers.*"]),
-    ("engine parts", ["config", "persistence", "pairwise", "engine", "perturbation", "groups", "training", "planner"]),
-    ("engine", ["scoring"]),
+    (
+        "engine parts",
+        [
+            "engine.config",
+            "engine.persistence",
+            "engine.pairwise",
+            "engine.fitted",
+            "engine.perturbation",
+            "engine.groups",
+            "engine.training",
+            "engine.planner",
+        ],
+    ),
+    ("engine", ["engine", "engine.scoring"]),
     (
         "built on the engine",
-        ["store", "index", "index_rows", "models", "models.*", "sklearn_interop", "validation", "validation.*"],
+        [
+            "index",
+            "index.store",
+            "index.influence_index",
+            "index.rows",
+            "models",
+            "models.*",
+            "validation",
+            "validation.*",
+        ],
     ),
-    ("applications", ["applications", "applications.*", "serve"]),
-    ("experiments", ["experiments", "experiments.*"]),
+    ("applications", ["applications", "applications.*", "index.serve"]),
     ("command line", ["cli"]),
-    ("public API", [""]),
+    ("public API", ["", "deprecated_paths"]),
 ]
 
 
@@ -129,6 +161,24 @@ def test_there_are_no_import_circles():
     assert not cycles, "import circles:\n" + "\n".join(cycles)
 
 
+def _paper_imports(module: str) -> list[int]:
+    """Lines where ``module`` imports the paper's package (``influencekit_paper``)."""
+    lines = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if any(n == "influencekit_paper" or n.startswith("influencekit_paper.") for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_library_never_imports_the_papers_experiments():
+    # the command line's `paper` commands run them; nothing else of the library may depend on them
+    found = [f"{m or 'influencekit'}:{line}" for m in sorted(MODULES) if m != "cli" for line in _paper_imports(m)]
+    assert not found, "imports of influencekit_paper outside the command line: " + ", ".join(found)
+    assert _paper_imports("cli"), "the checker should see the CLI's imports of the paper's runners"
+
+
 def test_no_module_imports_another_modules_private_names():
     private = [
         f"{m or 'influencekit'} imports {n!r} from {t} (line {line})"
@@ -165,7 +215,7 @@ def influence_reads() -> list[str]:
     ``self``: solvers' own ``self.operator_`` is theirs)."""
     found = []
     for module, path in MODULES.items():
-        if module == "scoring":
+        if module == "engine.scoring":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if (
@@ -224,7 +274,7 @@ def test_the_size_report_lists_the_largest_classes_and_functions_first():
     functions = [int(r.split()[0]) for r in rows if r.split()[1] == "function"]
     assert len(classes) == len(functions) == 5
     assert classes == sorted(classes, reverse=True) and functions == sorted(functions, reverse=True)
-    influence = ast.parse(MODULES["scoring"].read_text())
+    influence = ast.parse(MODULES["engine.scoring"].read_text())
     size = next(
         n.end_lineno - n.lineno + 1 for n in influence.body if isinstance(n, ast.ClassDef) and n.name == "Influence"
     )
@@ -233,8 +283,10 @@ def test_the_size_report_lists_the_largest_classes_and_functions_first():
 
 def test_the_checker_sees_a_known_import_and_refuses_an_unplaced_module():
     # the checker itself: scoring's import of the solvers must be found, and a module in no layer refused
-    assert any(t == "solvers" for t, _, _ in _imports("scoring"))
-    assert _layer("solvers.cg") == _layer("solvers") and _layer("errors") < _layer("scoring") < _layer("cli")
+    assert any(t == "solvers" for t, _, _ in _imports("engine.scoring"))
+    assert _layer("solvers.cg") == _layer("solvers") and _layer("core.errors") < _layer("engine.scoring") < _layer(
+        "cli"
+    )
     with pytest.raises(AssertionError, match="in no layer"):
         _layer("no_such_module")
 

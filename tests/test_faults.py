@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import influencekit as ik
-from influencekit.errors import CorruptFileWarning
+from influencekit.core.errors import CorruptFileWarning
 
 
 def _fitted(d, cache_dir=None):
@@ -80,7 +80,7 @@ def test_a_damaged_score_file_is_named_and_recomputed(digits_small, tmp_path, fa
     ],
 )
 def test_a_block_written_with_a_valid_checksum_is_still_checked(digits_small, tmp_path, array, message):
-    from influencekit.folders import save_array
+    from influencekit.core.folders import save_array
 
     d = digits_small
     inf = _fitted(d)
@@ -313,7 +313,7 @@ def test_lissa_far_worse_than_zero_at_the_end_is_refused():
 
 
 def test_advice_names_the_setting_where_the_user_is():
-    from influencekit.errors import command_line_settings, setting_hint
+    from influencekit.core.errors import command_line_settings, setting_hint
 
     assert setting_hint("depth", 2000) == "`solver_options={'depth': 2000}`"
     assert setting_hint("damping", scope="influence") == "`damping`"

@@ -3,8 +3,8 @@
 Koh & Liang, "Understanding Black-box Predictions via Influence Functions", ICML 2017.
 """
 
-from . import hf, solvers, validation
-from .errors import (
+from . import deprecated_paths, hf, solvers, validation
+from .core.errors import (
     ConvergenceWarning,
     CorruptFileWarning,
     CurvatureWarning,
@@ -19,21 +19,23 @@ from .errors import (
     StationarityWarning,
     UnsupportedError,
 )
-from .gradients import GradientSource
-from .hessian import HessianOperator
-from .index import Display, InfluenceIndex
-from .projection import Projector
-from .results import CONVENTION, GROUP_CONVENTION, GroupInfluence, InfluenceScores, RankedInfluence, TopK
-from .scoring import Influence
-from .sklearn_interop import from_sklearn, sklearn_labels
+from .core.projection import Projector
+from .core.results import CONVENTION, GROUP_CONVENTION, GroupInfluence, InfluenceScores, RankedInfluence, TopK
+from .core.spectrum import lanczos_extremes, power_iteration
+from .core.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
+from .engine.gradients import GradientSource
+from .engine.hessian import HessianOperator
+from .engine.scoring import Influence
+from .engine.training import TrainReport, fit_lbfgs, fit_steps
+from .index.influence_index import Display, InfluenceIndex
+from .index.store import GradientStore
+from .models.sklearn import from_sklearn, sklearn_labels
 from .solvers import ArnoldiSolver, CGSolver, ExactSolver, LissaSolver, Solver, SolveReport
-from .spectrum import lanczos_extremes, power_iteration
-from .store import GradientStore
-from .task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
-from .training import TrainReport, fit_lbfgs, fit_steps
 from .validation import GroupValidation, LDSResult, LOOResult, leave_one_out, linear_datamodeling_score, validate_groups
 
 __version__ = "0.1.0"
+
+deprecated_paths.install()  # the flat layout's module paths, as deprecated aliases
 
 __all__ = [
     "Influence",

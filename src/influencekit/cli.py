@@ -62,7 +62,7 @@ def index_build(
     self-influence."""
     import time
 
-    from .experiments.index_demo import build_demo_index
+    from influencekit_paper.index_demo import build_demo_index
 
     start = time.perf_counter()
     index = build_demo_index(demo, out, data=data, solver=solver, progress=True)
@@ -84,8 +84,9 @@ def serve_command(
     port: int = typer.Option(8000, help="Port to listen on."),
 ) -> None:
     """Serve the influence explorer: a page and a JSON API (see /docs) over an index."""
-    from .experiments.index_demo import open_served_index
-    from .serve import serve
+    from influencekit_paper.index_demo import open_served_index
+
+    from .index.serve import serve
 
     opened = open_served_index(index)
     typer.echo(f"influencekit explorer on http://{host}:{port}/ (API schema at /docs); Ctrl-C stops it")
@@ -94,7 +95,7 @@ def serve_command(
 
 def _advise_with_flags(ctx: typer.Context) -> None:
     """Advice in errors and warnings names the flags of the command about to run (``setting_hint``)."""
-    from .errors import command_line_settings
+    from .core.errors import command_line_settings
 
     group = ctx.command
     command = getattr(group, "commands", {}).get(ctx.invoked_subcommand or "")
@@ -108,7 +109,7 @@ def _advise_with_flags(ctx: typer.Context) -> None:
 
 def _solver_options(items: list[str]) -> dict[str, object]:
     """``--solver-option NAME=VALUE`` items as solver options: whole numbers, decimals, true/false/none, else text."""
-    from .errors import InputError
+    from .core.errors import InputError
 
     options: dict[str, object] = {}
     for item in items:
@@ -148,7 +149,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the split and of the random training points."),
 ) -> None:
     """Influence vs actual leave-one-out retraining on scikit-learn's digits, with a report and figures."""
-    from .experiments.demo import run_demo
+    from influencekit_paper.demo import run_demo
 
     result = run_demo(
         out,
@@ -201,7 +202,7 @@ def spam(
     split_seed: int = typer.Option(0, help="Seed of the 80/20 train/test split."),
 ) -> None:
     """Mislabel detection on Enron1 spam: self-influence vs training loss vs random (paper Fig. 6)."""
-    from .experiments.spam import run_spam
+    from influencekit_paper.spam import run_spam
 
     try:
         checked = tuple(float(f) for f in fractions.split(",") if f.strip())
@@ -246,8 +247,9 @@ def fig2(
     seed: int = typer.Option(0, help="Seed of the train/test split and the CNN's initialisation."),
 ) -> None:
     """Figure 2: influence vs leave-one-out retraining on MNIST (logistic regression; tanh CNN with damping)."""
-    from .errors import InputError
-    from .experiments.retraining import run_fig2_cnn, run_fig2_logistic
+    from influencekit_paper.retraining import run_fig2_cnn, run_fig2_logistic
+
+    from .core.errors import InputError
 
     if part not in ("logistic", "cnn", "both"):
         raise InputError(f"`--part` must be logistic, cnn or both. Got {part!r}.")
@@ -295,8 +297,9 @@ def fig3(
     seed: int = typer.Option(0, help="Seed of the train/test split and the random training points."),
 ) -> None:
     """Figure 3: smooth-hinge influence of a true-hinge linear SVM (MNIST 1 vs 7) vs exact retraining."""
-    from .errors import InputError
-    from .experiments.retraining import run_fig3
+    from influencekit_paper.retraining import run_fig3
+
+    from .core.errors import InputError
 
     try:
         temps = tuple(float(t) for t in temperatures.split(",") if t.strip())
@@ -339,7 +342,7 @@ def readmission(
 ) -> None:
     """Domain mismatch (paper section 5.3): the few children left in the training set drive a child's wrong
     prediction."""
-    from .experiments.mismatch import run_readmission
+    from influencekit_paper.mismatch import run_readmission
 
     result = run_readmission(
         csv,
@@ -374,7 +377,7 @@ def groups(
 ) -> None:
     """Group effects: predicted (orders 1, 2, Newton) against retrained effect of removing each group of training
     points."""
-    from .experiments.group_effects import run_group_effects
+    from influencekit_paper.group_effects import run_group_effects
 
     typer.echo(run_group_effects(problem, data, out, seed=seed, progress=True).text)
 
@@ -394,7 +397,7 @@ def fig4(
     seed: int = typer.Option(0, help="Seed of the split and of the feature extractor's training."),
 ) -> None:
     """Figure 4 (paper section 5.1): influence vs pixel distance for an RBF SVM and a model on learned features."""
-    from .experiments.compare import run_fig4
+    from influencekit_paper.compare import run_fig4
 
     try:
         pair = tuple(int(c) for c in classes.split(","))
@@ -433,7 +436,7 @@ def attack(
     seed: int = typer.Option(0, help="Seed of the split and of the feature extractor's training."),
 ) -> None:
     """Training-set attack through I_pert (paper section 5.2): flip test predictions by perturbing training images."""
-    from .experiments.attack import run_attack_experiment
+    from influencekit_paper.attack import run_attack_experiment
 
     try:
         pair, sizes = (
@@ -554,8 +557,8 @@ def main() -> None:
     import contextlib
     import os
 
-    from .distributed import init_from_environment, is_main_process
-    from .errors import InfluenceKitError
+    from .core.distributed import init_from_environment, is_main_process
+    from .core.errors import InfluenceKitError
 
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     rank = int(os.environ.get("RANK") or 0)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import influencekit as ik
 from influencekit.applications.attack import predict_labels, training_set_attack
 from influencekit.cli import app
-from influencekit.experiments.image_problem import binary_image_problem
+from influencekit_paper.image_problem import binary_image_problem
 from problems import SHARED_DATA
 
 torch.set_num_threads(1)

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 import influencekit as ik
 from influencekit.applications.explain import compare_models
 from influencekit.cli import app
-from influencekit.errors import StationarityWarning
-from influencekit.experiments.image_problem import binary_image_problem
+from influencekit.core.errors import StationarityWarning
 from influencekit.models.kernel_svm import RBFFeatures, fit_rbf_svm, rbf_gamma
 from influencekit.models.svm import HingeSVMRetrain
 from influencekit.validation import leave_one_out
+from influencekit_paper.image_problem import binary_image_problem
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

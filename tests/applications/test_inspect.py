@@ -15,8 +15,8 @@ from influencekit import ClassificationTask
 from influencekit.applications import inspect as inspect_app
 from influencekit.applications.inspect import run_inspect
 from influencekit.cli import app, main
+from influencekit.core.errors import InputError
 from influencekit.data.tabular import OTHER, TabularEncoder, read_rows
-from influencekit.errors import InputError
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,7 @@ from influencekit.applications.mislabel import (
 )
 from influencekit.cli import app
 from influencekit.data.bundled import load_breast_cancer_split
-from influencekit.experiments.data.enron import load_enron, read_enron
+from influencekit_paper.data.enron import load_enron, read_enron
 from problems import SHARED_DATA
 
 SHARED_ENRON = SHARED_DATA / "enron"

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import influencekit as ik
 from influencekit.applications.mismatch import explain_features
 from influencekit.cli import app
-from influencekit.experiments.data.readmission import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, load_readmission
-from influencekit.experiments.mismatch import run_readmission
+from influencekit_paper.data.readmission import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS, load_readmission
+from influencekit_paper.mismatch import run_readmission
 from problems import SHARED_DATA
 
 SHARED_DIABETES = SHARED_DATA / "diabetes"

@@ -10,7 +10,7 @@ import torch
 
 import influencekit as ik
 from influencekit.data import Examples, load_digits_split
-from influencekit.hessian import HessianOperator
+from influencekit.engine.hessian import HessianOperator
 from influencekit.solvers import make_solver
 from influencekit.solvers.base import relative_residuals
 from problems import pearson, relative_error, small_mlp
@@ -77,7 +77,7 @@ def test_lanczos_stays_orthonormal_through_invariant_subspaces_in_float32(digits
     """Digits pixels that are always 0 make H's Krylov space invariant well before n_params steps; the basis
     must stay orthonormal (max |QQᵀ − I| < 1e-5 in float32; it reached 1.0 with plain two-pass
     reorthogonalisation) and the Ritz values must stay inside H's spectrum."""
-    from influencekit.spectrum import lanczos
+    from influencekit.core.spectrum import lanczos
 
     X, y = digits_small.train
     model32 = torch.nn.Linear(64, 10)

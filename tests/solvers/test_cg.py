@@ -8,7 +8,7 @@ import torch
 
 import influencekit as ik
 from influencekit.data import Examples
-from influencekit.hessian import HessianOperator
+from influencekit.engine.hessian import HessianOperator
 from problems import digits_mlp
 
 
@@ -38,6 +38,14 @@ def test_preconditioned_cg_solves_to_the_residual_rule(mlp_operator, mlp_rhs, pr
     assert float((x - expected).norm() / expected.norm()) < 1e-7
     assert report.converged and report.relative_residual < 1e-9
     assert report.details["method"] == f"breakdown-free block CG, preconditioned by {preconditioner}"
+
+
+def test_a_preconditioner_named_from_the_registry_by_capability(mlp_operator, mlp_rhs):
+    """'exact' by name (any registered approximate inverse is accepted by name): one iteration, as the instance."""
+    _, op, A = mlp_operator
+    x, report = ik.CGSolver(preconditioner="exact").fit(op).solve(mlp_rhs)
+    assert report.iterations == 1 and report.relative_residual < 1e-11
+    assert float((x - torch.linalg.solve(A, mlp_rhs.T).T).norm() / x.norm()) < 1e-11
 
 
 def test_an_exact_preconditioner_converges_in_one_iteration(mlp_operator, mlp_rhs):
@@ -76,10 +84,18 @@ def test_score_rtol_stops_earlier_with_scores_within_the_stated_tolerance(mlp_op
         (
             "jacobi",
             ik.InputError,
-            r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got 'jacobi'\.",
+            r"`preconditioner` must be None, one of 'exact', 'arnoldi', 'kfac', 'ekfac' or a Solver instance\. "
+            r"Got 'jacobi'\.",
         ),
-        (3, ik.InputTypeError, r"`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance\. Got int\."),
-        (ik.CGSolver(), ik.InputError, r"must be a direct approximate inverse .* not another CG solver"),
+        ("lissa", ik.InputError, r"one of 'exact', 'arnoldi', 'kfac', 'ekfac' or a Solver instance\. Got 'lissa'"),
+        (3, ik.InputTypeError, r"`preconditioner` must be None, one of .* or a Solver instance\. Got int\."),
+        (
+            ik.CGSolver(),
+            ik.InputError,
+            r"must be a direct approximate inverse \(exact, arnoldi, kfac, ekfac\), not "
+            r"an iterative cg solver",
+        ),
+        (ik.LissaSolver(), ik.InputError, r"not an iterative lissa solver"),
     ],
 )
 def test_a_bad_preconditioner_is_refused_at_construction(value, error, message):

@@ -14,9 +14,9 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import influencekit as ik
-from influencekit.autodiff import ParamLayout
+from influencekit.core.autodiff import ParamLayout
 from influencekit.data import Examples, load_digits_split
-from influencekit.hessian import HessianOperator
+from influencekit.engine.hessian import HessianOperator
 from influencekit.solvers import EKFACSolver, KFACSolver, make_solver
 from problems import pearson, relative_error, softmax
 
@@ -473,7 +473,7 @@ def test_quadratic_forms_equal_the_solve_and_dot_product(name):
     (`quadratic_form`), and from layer taps (`tap_quadratic_form`: the rank-one formula of a one-position Linear with
     the L2 term λθ̂ added to every gradient, a rotated block for the 36-position convolution); 1e-12 relative. With a
     LayerNorm on the damped diagonal, `quadratic_form` covers it too and the taps are refused by name."""
-    from influencekit.lowrank import factor_blocks
+    from influencekit.core.lowrank import factor_blocks
     from problems import small_cnn_problem
 
     task, train, _ = small_cnn_problem(n=60)

@@ -13,7 +13,7 @@ import torch
 
 import influencekit as ik
 from influencekit.data import Examples
-from influencekit.hessian import HessianOperator
+from influencekit.engine.hessian import HessianOperator
 from problems import digits_mlp, relative_error
 
 

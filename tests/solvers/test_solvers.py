@@ -7,10 +7,10 @@ import torch
 
 import influencekit as ik
 from influencekit.data import Examples
-from influencekit.hessian import HessianOperator
+from influencekit.engine.hessian import HessianOperator
 from problems import relative_error
 
-# solver factory, and the relative error to the exact inverse the solver promises on this problem
+# solver factory, and the relative error to the exact inverse the solver promises on its battery problem
 SOLVERS = {
     "exact": (lambda: ik.ExactSolver(), 1e-10),
     "cg": (lambda: ik.CGSolver(rtol=1e-10), 1e-7),
@@ -19,15 +19,51 @@ SOLVERS = {
     "lissa": (lambda: ik.LissaSolver(depth=300, batch_size=300, warn=False), 1e-8),
     # full rank: the Lanczos basis spans the whole space (measured 1.4e-13 relative)
     "arnoldi": (lambda: ik.ArnoldiSolver(rank=650), 1e-9),
+    # on a one-output linear regression the Gauss-Newton matrix is S ⊗ A with S a scalar: exact (measured ~1e-14);
+    # the residual probe on all examples (its default subsample of 64 measures the subsample's own Hessian: 0.75)
+    "kfac": (lambda: ik.solvers.KFACSolver(fisher="expected", probes=2, probe_examples=None), 1e-10),
+    "ekfac": (lambda: ik.solvers.EKFACSolver(fisher="expected", probes=2, probe_examples=None), 1e-10),
 }
+KRONECKER = ("kfac", "ekfac")  # their battery problem: where they are exact (the others': the digits logistic)
+
+
+def digits_regression(dtype):
+    """A one-output linear regression on 200 digits (l2 1e-2, damping 0.05): K-FAC and EK-FAC are exact on it."""
+    (X, y), _ = ik.data.load_digits_split(200, seed=1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 1).to(dtype)
+    task = ik.RegressionTask(model, l2=1e-2)
+    data = Examples((X.to(dtype), (y.to(dtype) / 9.0)))
+    return HessianOperator(task, task.params(), data, damping=0.05, batch_size=200, tangent_block=256)
 
 
 @pytest.fixture(scope="module")
-def operator(digits_small):
+def logistic_operator(digits_small):
     X, y = digits_small.train
     return HessianOperator(
         digits_small.task, digits_small.task.params(), Examples((X, y)), damping=0.05, batch_size=300, tangent_block=256
     )
+
+
+@pytest.fixture(scope="module")
+def regression_operator():
+    return digits_regression(torch.float64)
+
+
+@pytest.fixture
+def problem(request, logistic_operator, regression_operator):
+    """(operator, dense H + δI, right-hand sides) of the battery problem of solver ``request.param``."""
+    op = regression_operator if request.param in KRONECKER else logistic_operator
+    H = op.dense()
+    dense = H + 0.05 * torch.eye(H.shape[0], dtype=H.dtype)
+    rhs = torch.randn(6, op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return op, dense, rhs
+
+
+# the tests below that take `operator`/`dense`/`rhs` are about the digits logistic regression only
+@pytest.fixture(scope="module")
+def operator(logistic_operator):
+    return logistic_operator
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +77,23 @@ def rhs(digits_small):
     return torch.randn(6, 650, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("name", SOLVERS)
-def test_fit_returns_self_and_solve_before_fit_errors(name, operator):
+battery = pytest.mark.parametrize("name, problem", [(n, n) for n in SOLVERS], indirect=["problem"])
+
+
+@battery
+def test_fit_returns_self_and_solve_before_fit_errors(name, problem):
+    op = problem[0]
     solver = SOLVERS[name][0]()
     with pytest.raises(ik.NotFittedError, match=r"not fitted yet\. Call fit\(operator\)"):
-        solver.solve(torch.zeros(1, 650, dtype=torch.float64))
-    assert solver.fit(operator) is solver
+        solver.solve(torch.zeros(1, op.n_params, dtype=torch.float64))
+    assert solver.fit(op) is solver
 
 
-@pytest.mark.parametrize("name", SOLVERS)
-def test_agrees_with_dense_inverse_within_stated_tolerance(name, operator, dense, rhs):
+@battery
+def test_agrees_with_dense_inverse_within_stated_tolerance(name, problem):
+    op, dense, rhs = problem
     factory, tol = SOLVERS[name]
-    x, report = factory().fit(operator).solve(rhs)
+    x, report = factory().fit(op).solve(rhs)
     expected = torch.linalg.solve(dense, rhs.T).T
     assert relative_error(x, expected) < tol
     assert report.solver == name and report.n_rhs == 6
@@ -60,10 +101,11 @@ def test_agrees_with_dense_inverse_within_stated_tolerance(name, operator, dense
     assert report.converged
 
 
-@pytest.mark.parametrize("name", SOLVERS)
-def test_batched_solve_equals_column_by_column(name, operator, rhs):
+@battery
+def test_batched_solve_equals_column_by_column(name, problem):
+    op, _, rhs = problem
     factory, tol = SOLVERS[name]
-    solver = factory().fit(operator)
+    solver = factory().fit(op)
     batched = solver.solve(rhs).x
     columns = torch.stack([solver.solve(rhs[j]).x for j in range(len(rhs))])
     if name == "cg":
@@ -77,17 +119,47 @@ def test_batched_solve_equals_column_by_column(name, operator, rhs):
         torch.testing.assert_close(batched, columns, rtol=1e-9, atol=1e-12)
 
 
+@battery
+def test_a_saved_state_loads_into_a_fresh_solver_and_solves_the_same(name, problem):
+    """state_dict() -> a new instance's load_state_dict(operator, state): the same solution, bit for bit (what
+    ``Influence(cache_dir=)`` relies on); a solver with nothing worth keeping (CG) says None."""
+    op, _, rhs = problem
+    fitted = SOLVERS[name][0]().fit(op)
+    state = fitted.state_dict()
+    if name == "cg":
+        assert state is None
+        return
+    loaded = SOLVERS[name][0]().load_state_dict(op, state)
+    torch.testing.assert_close(loaded.solve(rhs).x, fitted.solve(rhs).x, rtol=0, atol=0)
+
+
+@battery
+def test_the_report_has_its_fields_and_capabilities_are_declared(name, problem):
+    op, _, rhs = problem
+    report = SOLVERS[name][0]().fit(op).solve(rhs[:2]).report
+    fields = report.to_dict()
+    assert {"solver", "iterations", "relative_residual", "converged", "n_rhs", "hvps", "seconds"} <= set(fields)
+    assert fields["solver"] == name and fields["n_rhs"] == 2 and fields["seconds"] >= 0
+    caps = ik.solvers.SOLVERS[name].capabilities
+    assert isinstance(caps, ik.solvers.Capabilities) and caps.batched and caps.sharded
+
+
 @pytest.mark.parametrize("name", SOLVERS)
 def test_dtype_is_kept(name, digits_small):
-    X, y = digits_small.train
-    model32 = torch.nn.Linear(64, 10)
-    model32.load_state_dict({k: v.float() for k, v in digits_small.model.state_dict().items()})
-    task = ik.ClassificationTask(model32, l2=1e-3)
-    op = HessianOperator(task, task.params(), Examples((X.float(), y)), damping=0.05, batch_size=300, tangent_block=256)
+    if name in KRONECKER:
+        op = digits_regression(torch.float32)
+    else:
+        X, y = digits_small.train
+        model32 = torch.nn.Linear(64, 10)
+        model32.load_state_dict({k: v.float() for k, v in digits_small.model.state_dict().items()})
+        task = ik.ClassificationTask(model32, l2=1e-3)
+        op = HessianOperator(
+            task, task.params(), Examples((X.float(), y)), damping=0.05, batch_size=300, tangent_block=256
+        )
     solver = SOLVERS[name][0]()
     if name == "cg":
         solver = ik.CGSolver()  # the float32 default rtol (1e-5)
-    x, report = solver.fit(op).solve(torch.ones(2, 650))
+    x, report = solver.fit(op).solve(torch.ones(2, op.n_params))
     assert x.dtype == torch.float32
     assert report.relative_residual < 1e-2
 
@@ -116,6 +188,12 @@ def test_solution_is_a_namedtuple_with_report_fields(operator, rhs):
         (lambda: ik.LissaSolver(scale=-1.0), r"`scale` must be a float in \(0, inf\]\. Got -1\.0"),
         (lambda: ik.LissaSolver(scale_margin=0.5), r"`scale_margin` must be a float in \[1, inf\]\. Got 0\.5"),
         (lambda: ik.ExactSolver(max_params=0), r"`max_params` must be an int in \[1, inf\]\. Got 0"),
+        (lambda: ik.ArnoldiSolver(rank=0), r"`rank` must be an int in \[1, inf\]\. Got 0"),
+        (
+            lambda: ik.solvers.KFACSolver(fisher="true"),
+            r"`fisher` must be one of 'auto', 'sampled', 'expected', 'empirical'\. Got 'true'",
+        ),
+        (lambda: ik.solvers.EKFACSolver(samples=0), r"`samples` must be an int in \[1, inf\]\. Got 0"),
     ],
 )
 def test_bad_hyper_parameters_give_the_documented_message(factory, message):

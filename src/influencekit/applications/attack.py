@@ -15,7 +15,7 @@ retraining after x → x + δ changes it by about I_pert,loss · δ / n. The att
 With several targets the attacked quantity is the sum of their test losses (the multi-target variant).
 The paper's experiment on two classes of digits or MNIST (a small CNN trained there, frozen, under a binary
 logistic top layer; the paper froze Inception features instead) is
-:func:`~influencekit.experiments.attack.run_attack_experiment`.
+:func:`~influencekit_paper.attack.run_attack_experiment`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 
-from ..checks import check_indices, check_int, check_number
-from ..errors import InputError, InputTypeError, StationarityWarning
-from ..progress import progress_bar
-from ..scoring import Influence
-from ..task import ClassificationTask
-from ..training import fit_lbfgs
+from ..core.checks import check_indices, check_int, check_number
+from ..core.errors import InputError, InputTypeError, StationarityWarning
+from ..core.progress import progress_bar
+from ..core.task import ClassificationTask
+from ..engine.scoring import Influence
+from ..engine.training import fit_lbfgs
 
 __all__ = [
     "AttackResult",

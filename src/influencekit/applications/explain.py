@@ -2,7 +2,7 @@
 
 :func:`compare_models` puts two or more models trained on the same data side by side (Koh & Liang 2017,
 §5.1, Figure 4): the influence of every training point against its pixel distance to the test input, and
-each model's most helpful training inputs; :func:`~influencekit.experiments.compare.run_fig4` is the paper's
+each model's most helpful training inputs; :func:`~influencekit_paper.compare.run_fig4` is the paper's
 RBF SVM vs feature-model experiment on two digit classes (``influencekit paper fig4``).
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int
+from ..core.checks import check_int
+from ..core.errors import InputError, InputTypeError
+from ..core.results import TopK
+from ..core.task import ClassificationTask
 from ..data.bundled import load_digits_split
-from ..errors import InputError, InputTypeError
-from ..results import TopK
-from ..scoring import Influence
-from ..task import ClassificationTask
-from ..training import TrainReport, fit_lbfgs
+from ..engine.scoring import Influence
+from ..engine.training import TrainReport, fit_lbfgs
 from ..validation import spearman
 
 __all__ = [
@@ -125,7 +125,8 @@ class ModelComparison:
         same_class: whether the training label equals the test label ``(n_test, n_train)``.
         spearman: name -> Spearman(|I_up,loss|, distance) per test point ``(n_test,)``; NaN where every
             |I_up,loss| is equal (e.g. a test loss with zero gradient, such as a hinge loss beyond the margin).
-        helpful: name -> the ``k`` most helpful training points per test point (:class:`~influencekit.results.TopK`).
+        helpful: name -> the ``k`` most helpful training points per test point
+        (:class:`~influencekit.core.results.TopK`).
         n_train: the training-set size (−I_up,loss / n is the predicted leave-one-out change).
         figures: the PNGs written (when ``out_dir`` was given).
         notes: lines describing the models (e.g. which kernel feature map), shown in :meth:`summary`.

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from ..core.errors import InputError, NumericalError
 from ..data.examples import DataSource
 from ..data.tabular import columns_hint
-from ..errors import InputError, NumericalError
+from ..engine.scoring import Influence
 from ..report import html
-from ..scoring import Influence
 
 __all__ = ["GroupSummary", "summarise_groups", "MISSING_GROUP", "MAX_GROUPS"]
 

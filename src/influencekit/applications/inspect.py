@@ -7,9 +7,9 @@ The workflow a data scientist runs on their own table (Koh & Liang 2017, §5.4 a
    chunks (columns that look like identifiers are left out, with a notice); the test rows come from ``test=``
    or, without it, from a seeded held-out share of the file;
 2. train a model on the mean objective with L2 λ inside each example's loss, in float64:
-   ``"logreg"`` (logistic or softmax regression, :func:`~influencekit.training.fit_lbfgs` to ‖∇R‖ ≤ 1e-9,
+   ``"logreg"`` (logistic or softmax regression, :func:`~influencekit.engine.training.fit_lbfgs` to ‖∇R‖ ≤ 1e-9,
    exact influence) or ``"mlp"`` (one tanh hidden layer, a fixed budget of full-batch Adam steps with
-   :func:`~influencekit.training.fit_steps`; non-convex, so influence uses damping δ > 0);
+   :func:`~influencekit.engine.training.fit_steps`; non-convex, so influence uses damping δ > 0);
 3. rank the training rows by self-influence ∇L(z)ᵀ(H + δI)⁻¹∇L(z)
    (:func:`~influencekit.applications.mislabel.rank_training_points`): the top rows are the ones most
    likely mislabeled;
@@ -42,14 +42,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int, check_number
+from ..core.checks import check_int, check_number
+from ..core.errors import InputError
+from ..core.results import CONVENTION, RankedInfluence
+from ..core.task import ClassificationTask
 from ..data.tabular import TabularData, TabularEncoder, count_rows, read_column, read_header, read_rows
-from ..errors import InputError
+from ..engine.scoring import Influence
+from ..engine.training import TrainReport, fit_lbfgs, fit_steps
 from ..report import html
-from ..results import CONVENTION, RankedInfluence
-from ..scoring import Influence
-from ..task import ClassificationTask
-from ..training import TrainReport, fit_lbfgs, fit_steps
 from .groups import GroupSummary, check_group_column, group_section, summarise_groups, write_group_outputs
 from .mislabel import rank_training_points
 

@@ -13,7 +13,7 @@ k = ⌊f·n + ½⌋ points of a ranking — record
 
 - the fraction of the flipped labels among those k points (:func:`fraction_found`), and
 - the test accuracy after restoring the true labels of the flipped points among them and retraining
-  (:func:`accuracy_after_fixing`, :func:`~influencekit.training.fit_lbfgs` warm-started from θ̂).
+  (:func:`accuracy_after_fixing`, :func:`~influencekit.engine.training.fit_lbfgs` warm-started from θ̂).
 
 With your own data, where nobody knows which labels are wrong, :func:`rank_training_points` gives the
 order in which to check them.
@@ -30,14 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int, check_number
+from ..core.checks import check_int, check_number
+from ..core.errors import InputError, InputTypeError
+from ..core.progress import progress_bar
+from ..core.task import ClassificationTask, Task
 from ..data.examples import DataSource, stream
-from ..errors import InputError, InputTypeError
-from ..progress import progress_bar
-from ..scoring import Influence
+from ..engine.scoring import Influence
+from ..engine.training import fit_lbfgs
 from ..solvers import Solver
-from ..task import ClassificationTask, Task
-from ..training import fit_lbfgs
 
 __all__ = [
     "METHODS",
@@ -268,7 +268,7 @@ def accuracy_after_fixing(
     """Test accuracy after checking the first k = ⌊f·n + ½⌋ points of ``order`` and retraining, per fraction.
 
     Checking a point restores its true label. The model is retrained with
-    :func:`~influencekit.training.fit_lbfgs` from the task's current parameters (θ̂ on the noisy labels),
+    :func:`~influencekit.engine.training.fit_lbfgs` from the task's current parameters (θ̂ on the noisy labels),
     which are put back afterwards; retrainings with the same set of fixed labels are done once.
 
     Args:
@@ -481,7 +481,7 @@ def flip_and_detect(
     """Flip labels, train, rank by self-influence / loss / at random, and measure what checking finds.
 
     For each seed: flip ``flip_fraction`` of the training labels (:func:`flip_labels`), train a copy of
-    ``model`` from its given parameters with :func:`~influencekit.training.fit_lbfgs` on the noisy labels
+    ``model`` from its given parameters with :func:`~influencekit.engine.training.fit_lbfgs` on the noisy labels
     (cross-entropy, or the logistic loss for one output, with L2 ``l2`` — :class:`ClassificationTask`),
     rank the training points by each method (:func:`rank_training_points`; the seed also seeds
     ``"random"``), and record :func:`fraction_found` and, when ``retrain``, :func:`accuracy_after_fixing`.

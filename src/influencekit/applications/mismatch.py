@@ -4,7 +4,7 @@ When a model errs on a test point, the training points with the largest |I_up,lo
 "responsible" for the error; their per-feature input influence I_pert,loss (the gradient of I_up,loss with
 respect to each training point's features) says *through which features* they act.
 :func:`explain_features` does both for any model and data;
-:func:`~influencekit.experiments.mismatch.run_readmission` re-creates the paper's experiment on the UCI
+:func:`~influencekit_paper.mismatch.run_readmission` re-creates the paper's experiment on the UCI
 diabetes data (``influencekit paper readmission``).
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import InputPath, input_leaf
-from ..checks import check_int
+from ..core.autodiff import InputPath, input_leaf
+from ..core.checks import check_int
+from ..core.errors import InputError, InputTypeError
 from ..data.examples import Examples, take
-from ..errors import InputError, InputTypeError
-from ..scoring import Influence
+from ..engine.scoring import Influence
 
 __all__ = ["FeatureExplanation", "explain_features"]
 

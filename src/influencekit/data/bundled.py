@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..checks import check_int
+from ..core.checks import check_int
 
 __all__ = ["load_digits_split", "load_breast_cancer_split"]
 

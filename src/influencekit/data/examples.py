@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
-from ..errors import InputError, InputTypeError, UnsupportedError
+from ..core.errors import InputError, InputTypeError, UnsupportedError
 
 __all__ = ["Examples", "Batch", "DataSource", "pad_collate", "IGNORE_INDEX"]
 

@@ -21,7 +21,7 @@ Files are read with the standard library's ``csv`` module, ``chunk_size`` record
 passes over the training file (types, categories and statistics; then the matrix) and two over a test
 file (a count; then the matrix), so that memory holds little beyond the final matrix. Rows are numbered
 from 1 for the first record after the header; ``line`` is the line of the file on which a record starts
-(the header is line 1). Every problem raises :class:`~influencekit.errors.InputError` naming the file,
+(the header is line 1). Every problem raises :class:`~influencekit.core.errors.InputError` naming the file,
 the row and line, the column and the value.
 """
 
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int
-from ..errors import InputError, InputTypeError, NotFittedError
-from ..progress import progress_bar
+from ..core.checks import check_int
+from ..core.errors import InputError, InputTypeError, NotFittedError
+from ..core.progress import progress_bar
 
 __all__ = [
     "DEFAULT_MISSING",

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_int, check_number
-from ..errors import InputError
+from ..core.checks import check_int, check_number
+from ..core.errors import InputError
 from .svm import HingeSVM, fit_hinge_svm, set_linear
 
 __all__ = ["RBFFeatures", "KernelSVM", "fit_rbf_svm", "rbf_gamma"]

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int, check_number
+from ..core.checks import check_int, check_number
+from ..core.errors import InputError
+from ..core.task import Task
 from ..data.examples import DataSource
-from ..errors import InputError
-from ..task import Task
-from ..training import TrainReport
+from ..engine.training import TrainReport
 
 __all__ = ["HingeSVM", "fit_hinge_svm", "HingeSVMRetrain"]
 

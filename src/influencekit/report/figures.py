@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..results import TopK
+from ..core.results import TopK
 
 __all__ = ["plot_influential_images"]
 

@@ -2,7 +2,7 @@
 
 Schioppa, Zablotskaia, Vilar & Sokolov (2022), "Scaling Up Influence Functions", AAAI
 (https://arxiv.org/abs/2112.03052). H is symmetric, so Arnoldi's iteration is Lanczos'; it runs with
-full reorthogonalisation (:func:`~influencekit.spectrum.lanczos`) on H *without* damping, one
+full reorthogonalisation (:func:`~influencekit.core.spectrum.lanczos`) on H *without* damping, one
 Hessian-vector product per iteration::
 
     n_iter Lanczos steps:  Q (m, n_params) orthonormal,  T = Q H Qᵀ (m, m) tridiagonal, float64
@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from ..checks import check_int
-from ..curvature import CurvatureOperator
-from ..errors import CurvatureWarning, InputError, NumericalError
-from ..spectrum import lanczos
+from ..core.checks import check_int
+from ..core.curvature import CurvatureOperator
+from ..core.errors import CurvatureWarning, InputError, NumericalError
+from ..core.spectrum import lanczos
 from .base import Capabilities, Solver, relative_residuals
 from .costs import CostProbe, SolverCost
+from .registry import register
 
 __all__ = ["ArnoldiSolver"]
 
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 RITZ_RTOL = 1e-3
 
 
+@register
 class ArnoldiSolver(Solver):
     """Top-`rank` eigenpairs of H by Lanczos with full reorthogonalisation, inverted with the damping.
 
@@ -68,7 +70,9 @@ class ArnoldiSolver(Solver):
     """
 
     name = "arnoldi"
-    capabilities = Capabilities(low_rank=True, quadratic_form=True, sharded=True, stochastic=True)
+    capabilities = Capabilities(
+        approximate_inverse=True, low_rank=True, quadratic_form=True, sharded=True, stochastic=True
+    )
     _state_fields = (
         "eigenvalues_",
         "eigenvectors_",

@@ -8,7 +8,7 @@ right-hand side per row) together with a :class:`SolveReport`. The engine reads 
 - ``batched``: ``solve`` handles many right-hand sides at once efficiently (all solvers here).
 - ``quadratic_form``: ``quadratic_form(G)`` gives ``gᵀ(H + δI)⁻¹g`` per row without a solve.
 - ``tap_quadratic_form``: ``tap_quadratic_form(factors, l2)`` gives the same from a chunk's layer taps
-  (:class:`~influencekit.lowrank.Factors`), never materialising the gradients (K-FAC/EK-FAC).
+  (:class:`~influencekit.core.lowrank.Factors`), never materialising the gradients (K-FAC/EK-FAC).
 - ``in_place``: ``solve(V, overwrite=True)`` writes the result into ``V`` (one block in memory, not two).
 - ``tap_solve``: ``solve_taps(factors, out)`` writes the solutions for a chunk's layer taps into ``out`` without
   forming the gradients (K-FAC/EK-FAC; they rotate a transformer layer's taps, cheaper than its gradient).
@@ -19,6 +19,8 @@ right-hand side per row) together with a :class:`SolveReport`. The engine reads 
 - ``sharded``: the result under torch.distributed sharding equals the single-process one (the engine refuses
   other solvers under a process group). It must be declared by the solver's own class, not inherited: a subclass
   may change the algorithm.
+- ``approximate_inverse``: after ``fit`` the solver applies a fixed approximation of ``(H + δI)⁻¹`` without
+  iterating to a tolerance (exact, Arnoldi, K-FAC, EK-FAC): CG can use it as a preconditioner by name.
 
 ``"tap_solve" in solver.capabilities`` (the former frozenset spelling) still answers; a subclass that declares a
 frozenset of names gets it converted, with a DeprecationWarning.
@@ -27,7 +29,8 @@ The dry-run planner asks ``cost(probe)`` for the solver's estimated fit and solv
 (:mod:`~influencekit.solvers.costs`). A subclass that takes a new ``name`` does not inherit its parent's cost model
 (it may change the algorithm): it defines its own ``cost`` or gets the base answer, no estimate.
 
-A solver reads the training objective only through the operator (:class:`~influencekit.curvature.CurvatureOperator`),
+A solver reads the training objective only through the operator
+(:class:`~influencekit.core.curvature.CurvatureOperator`),
 which owns the damping: it asks for undamped products (``damped=False``) and adds δ with ``operator.damp``.
 """
 
@@ -41,10 +44,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ..curvature import CurvatureOperator
-from ..errors import InputError, NotFittedError
-from ..lowrank import Factors, LowRankQueries
-from ..task import Task
+from ..core.curvature import CurvatureOperator
+from ..core.errors import InputError, NotFittedError
+from ..core.lowrank import Factors, LowRankQueries
+from ..core.task import Task
 from .costs import CostProbe, SolverCost, unknown_cost
 
 __all__ = ["Solver", "SolveReport", "Solution", "Capabilities"]
@@ -63,6 +66,7 @@ class Capabilities:
     low_rank: bool = False
     stochastic: bool = False
     sharded: bool = False
+    approximate_inverse: bool = False
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Capabilities:
@@ -168,7 +172,7 @@ class Solver:
         return unknown_cost(self.name, probe)
 
     def fit(self, operator: CurvatureOperator) -> Solver:
-        """Do the expensive preparation on ``operator`` (an :class:`~influencekit.hessian.HessianOperator`)."""
+        """Do the expensive preparation on ``operator`` (an :class:`~influencekit.engine.hessian.HessianOperator`)."""
         self.operator_ = operator
         self._fit(operator)
         return self
@@ -198,7 +202,7 @@ class Solver:
         self, factors: Factors, factored: list[bool], rank: int, *, seed: int = 0
     ) -> tuple[LowRankQueries, SolveReport]:
         """The preconditioned queries of the test gradients given as layer ``factors``, their ``factored`` layer blocks
-        kept at ``rank`` (:mod:`~influencekit.lowrank`). Here: the dense solve, then each block's truncated SVD; a
+        kept at ``rank`` (:mod:`~influencekit.core.lowrank`). Here: the dense solve, then each block's truncated SVD; a
         solver that can precondition the factors directly (K-FAC) overrides it."""
         X, report = self.solve(factors.dense(self._require_fitted().n_params))
         return LowRankQueries.from_dense(X, factors.blocks, factored, rank, seed=seed), report
@@ -233,7 +237,8 @@ class Solver:
 
     def covered_task(self, task: Task) -> Task:
         """The task this solver computes influence for: ``task`` itself (default), or a copy restricted to the
-        parameters the solver covers (:meth:`~influencekit.task.Task.restricted`). Called with :meth:`check_task`."""
+        parameters the solver covers (:meth:`~influencekit.core.task.Task.restricted`). Called with
+        :meth:`check_task`."""
         return task
 
     def solution_basis(self) -> torch.Tensor | None:

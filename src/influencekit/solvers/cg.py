@@ -16,7 +16,8 @@ The solve stops when every right-hand side meets it; the true residual is then r
 operator and reported. CG needs H + δI positive definite: a block with a non-positive Rayleigh quotient
 stops the solve with an error that suggests a damping.
 
-**Preconditioning** (``preconditioner="ekfac" | "kfac"`` or a Solver instance): each residual block is passed
+**Preconditioning** (``preconditioner=`` the name of an approximate inverse, ``"ekfac"``, ``"kfac"``, ``"arnoldi"``
+or ``"exact"``, or a Solver instance): each residual block is passed
 through an approximate inverse M⁻¹ ≈ (H + δI)⁻¹ — a K-FAC/EK-FAC solver fitted on the same operator (Gauss-Newton
 curvature, so for non-convex models it is a preconditioner, not the answer) — and the search directions are
 built from Z = M⁻¹R (the preconditioned breakdown-free block CG of Ji & Li 2017, Algorithm 3):
@@ -43,16 +44,15 @@ from typing import Any
 
 import torch
 
-from ..checks import check_int, check_number
-from ..curvature import CurvatureOperator
-from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError, setting_hint
-from ..task import Task
+from ..core.checks import check_int, check_number
+from ..core.curvature import CurvatureOperator
+from ..core.errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError, setting_hint
+from ..core.task import Task
 from .base import Capabilities, Solver, relative_residuals
 from .costs import CostProbe, SolverCost
+from .registry import SOLVERS, preconditioner_names, register
 
-__all__ = ["CGSolver", "PRECONDITIONERS"]
-
-PRECONDITIONERS = ("kfac", "ekfac")
+__all__ = ["CGSolver"]
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -74,6 +74,7 @@ def orthonormal_rows(M: torch.Tensor, *, drop: float) -> torch.Tensor:
     return M
 
 
+@register
 class CGSolver(Solver):
     """Breakdown-free block conjugate gradient over Hessian-vector products.
 
@@ -81,12 +82,13 @@ class CGSolver(Solver):
         rtol: relative tolerance of the stopping rule; ``None`` picks 1e-8 (float64) or 1e-5 (float32).
         atol: absolute tolerance of the stopping rule.
         max_iter: most block iterations.
-        preconditioner: ``None``, ``"kfac"``, ``"ekfac"`` (fitted on the same operator in ``fit``; needs a
-            ``ClassificationTask``/``RegressionTask`` or a task that declares how to sample labels) or an unfitted
-            :class:`Solver` instance used as M⁻¹.
+        preconditioner: ``None``; the name of a solver with ``capabilities.approximate_inverse`` (``"kfac"``,
+            ``"ekfac"``, ``"arnoldi"``, ``"exact"``), fitted on the same operator in ``fit`` (K-FAC needs a
+            ``ClassificationTask``/``RegressionTask`` or a task that declares how to sample labels); or an unfitted
+            :class:`Solver` instance of that kind, used as M⁻¹.
         score_rtol: also stop a right-hand side once an iteration changes its solution by less than this,
             relative, in the norm the scores see (see the module docstring); ``None``: the residual rule only.
-        warn: warn with a :class:`~influencekit.errors.ConvergenceWarning` when a right-hand side did not
+        warn: warn with a :class:`~influencekit.core.errors.ConvergenceWarning` when a right-hand side did not
             meet the rule within ``max_iter``.
     """
 
@@ -107,20 +109,21 @@ class CGSolver(Solver):
         self.rtol = None if rtol is None else check_number("rtol", rtol, low=0.0, high=1.0, low_inclusive=False)
         self.atol = check_number("atol", atol, low=0.0)
         self.max_iter = check_int("max_iter", max_iter, low=1)
+        names = preconditioner_names()
         if preconditioner is not None and not isinstance(preconditioner, (str, Solver)):
             raise InputTypeError(
-                "`preconditioner` must be None, 'kfac', 'ekfac' or a Solver instance. Got "
+                f"`preconditioner` must be None, one of {', '.join(map(repr, names))} or a Solver instance. Got "
                 f"{type(preconditioner).__name__}."
             )
-        if isinstance(preconditioner, str) and preconditioner not in PRECONDITIONERS:
+        if isinstance(preconditioner, str) and preconditioner not in names:
             raise InputError(
-                f"`preconditioner` must be None, {', '.join(map(repr, PRECONDITIONERS))} or a Solver instance. Got "
+                f"`preconditioner` must be None, one of {', '.join(map(repr, names))} or a Solver instance. Got "
                 f"{preconditioner!r}."
             )
-        if isinstance(preconditioner, CGSolver):
+        if isinstance(preconditioner, Solver) and not preconditioner.capabilities.approximate_inverse:
             raise InputError(
-                "`preconditioner` must be a direct approximate inverse (kfac, ekfac, arnoldi, exact), not another CG "
-                "solver."
+                f"`preconditioner` must be a direct approximate inverse ({', '.join(names)}), not an iterative "
+                f"{preconditioner.name} solver."
             )
         self.preconditioner = preconditioner
         self.score_rtol = (
@@ -133,9 +136,7 @@ class CGSolver(Solver):
     def _preconditioner_solver(self) -> Solver | None:
         if self.preconditioner is None or isinstance(self.preconditioner, Solver):
             return self.preconditioner
-        from .kfac import EKFACSolver, KFACSolver  # not the package's registry: it imports this module (a circle)
-
-        return {"kfac": KFACSolver, "ekfac": EKFACSolver}[self.preconditioner]()
+        return SOLVERS[self.preconditioner]()
 
     def check_task(self, task: Task) -> None:
         """With a K-FAC/EK-FAC preconditioner, its own check of the task (when the Influence is built)."""

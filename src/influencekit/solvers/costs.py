@@ -1,4 +1,4 @@
-"""What a solver tells the dry-run planner (:mod:`influencekit.planner`): its cost on the measured unit costs.
+"""What a solver tells the dry-run planner (:mod:`influencekit.engine.planner`): its cost on the measured unit costs.
 
 The planner measures the unit costs once, on a few training examples, into a :class:`CostProbe` and asks the
 solver for its :class:`SolverCost` with ``solver.cost(probe)``: the seconds, peak bytes and formula of its fit,
@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..curvature import CurvatureOperator
+from ..core.curvature import CurvatureOperator
 
 __all__ = ["CostProbe", "SolverCost", "timed", "unknown_cost", "Fittable"]
 
@@ -56,7 +56,7 @@ class CostProbe:
         layer_positions: ``layer_positions(layers)``: positions T per example of each layer, by name.
         n_outputs: ``n_outputs()``: values the model outputs per example.
         rows: scoring forms chunks of whole gradient rows (False: layer taps scored a layer at a time and written
-            into the query block, :func:`~influencekit.pairwise.scores_without_rows`).
+            into the query block, :func:`~influencekit.engine.pairwise.scores_without_rows`).
     """
 
     n: int
@@ -98,7 +98,7 @@ class CostProbe:
         return self.n * k * (self.tau_hvp_block if self.block_tangents > 1 else self.tau_hvp)
 
     def as_dict(self) -> dict[str, float]:
-        """The measured figures, as :attr:`Plan.probe <influencekit.planner.Plan.probe>` holds them."""
+        """The measured figures, as :attr:`Plan.probe <influencekit.engine.planner.Plan.probe>` holds them."""
         return {
             "examples": float(self.examples),
             "tau_grad": self.tau_grad,

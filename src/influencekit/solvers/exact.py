@@ -4,7 +4,7 @@
     H + δI = L Lᵀ,      (H + δI)⁻¹ V = L⁻ᵀ L⁻¹ V                         (method="cholesky")
 
 The Hessian is assembled from batched HVPs with identity blocks (see
-:meth:`~influencekit.hessian.HessianOperator.dense`), never from a whole-objective ``hessian()`` call, and
+:meth:`~influencekit.engine.hessian.HessianOperator.dense`), never from a whole-objective ``hessian()`` call, and
 decomposed in float64 by default: ``eigh`` for small models (it gives every eigenvalue), Cholesky for
 large ones (15–30× faster than ``eigh`` at a few thousand parameters, measured 6 s against 195 s at 7,850),
 falling back to ``eigh`` when H + δI is not positive definite so that the curvature warning can name the
@@ -20,17 +20,19 @@ from typing import Any
 
 import torch
 
-from ..checks import check_choice, check_int
-from ..curvature import CurvatureOperator
-from ..errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
+from ..core.checks import check_choice, check_int
+from ..core.curvature import CurvatureOperator
+from ..core.errors import CurvatureWarning, InputError, NumericalError, UnsupportedError
 from .base import Capabilities, Solver
 from .costs import CostProbe, SolverCost
+from .registry import register
 
 __all__ = ["ExactSolver"]
 
 logger = logging.getLogger(__name__)
 
 
+@register
 class ExactSolver(Solver):
     """Dense Hessian + ``eigh``: the reference every other solver is tested against.
 
@@ -49,7 +51,7 @@ class ExactSolver(Solver):
     """
 
     name = "exact"
-    capabilities = Capabilities(dense=True, quadratic_form=True, sharded=True)
+    capabilities = Capabilities(approximate_inverse=True, dense=True, quadratic_form=True, sharded=True)
     _state_fields = ("hessian_", "factor_", "eigenvalues_", "eigenvectors_", "_inv")
 
     def __init__(

@@ -8,8 +8,9 @@ output, a few regression outputs), a sampled label otherwise (per-token outputs,
 labels depend only on the seed and the example's global index (one generator per block of ``DRAW_BLOCK``
 consecutive examples), so neither the chunk size nor sharding changes them.
 
-Where the task computes its loss from the model's outputs (:meth:`~influencekit.task.Task.has_loss_from_outputs`),
-a chunk runs one tapped forward and one backward per label variant (:meth:`~influencekit.layers.LayerTaps.run_each`):
+Where the task computes its loss from the model's outputs (:meth:`~influencekit.core.task.Task.has_loss_from_outputs`),
+a chunk runs one tapped forward and one backward per label variant
+(:meth:`~influencekit.core.layers.LayerTaps.run_each`):
 the expectation over C labels costs one forward and C backwards, a sampled label one of each.
 """
 
@@ -22,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import ParamLayout
-from ..curvature import LayerData
+from ..core.autodiff import ParamLayout
+from ..core.curvature import LayerData
+from ..core.errors import UnsupportedError
+from ..core.layers import LayerBlock, LayerTaps, choose_per_example
+from ..core.task import Task
 from ..data.examples import Batch
-from ..errors import UnsupportedError
-from ..layers import LayerBlock, LayerTaps, choose_per_example
-from ..task import Task
 
 __all__ = ["FisherPasses", "FISHERS", "EXPECTED_MAX_LABELS", "DRAW_BLOCK", "loss_kind"]
 
@@ -214,7 +215,7 @@ class FisherPasses:
         self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout
     ) -> torch.Tensor:
         """Per-example gradients of the parameters outside supported layers, by the method
-        :func:`~influencekit.layers.choose_per_example` picks on the first chunk (vmap, or the autograd loop)."""
+        :func:`~influencekit.core.layers.choose_per_example` picks on the first chunk (vmap, or the autograd loop)."""
         if self._leftover is None:
             self._leftover = choose_per_example("auto", model, fn, params, layout, batch, side="kfac leftover")[0]
         return self._leftover(fn, params, batch)[0]
@@ -224,7 +225,7 @@ class FisherPasses:
     ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Per label variant of a chunk: (relabelled batch, weights w, layer inputs, output gradients of Σ √w ℓ).
 
-        With a loss computable from the outputs (:meth:`~influencekit.task.Task.has_loss_from_outputs`), the labels
+        With a loss computable from the outputs (:meth:`~influencekit.core.task.Task.has_loss_from_outputs`), the labels
         come from the outputs of the very forward pass that is back-propagated, once per variant: one forward per chunk,
         where the general path runs a no-grad forward for the labels and a tapped forward and backward per variant."""
         if task.has_loss_from_outputs():

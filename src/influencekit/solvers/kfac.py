@@ -42,16 +42,16 @@ the sums over chunks, the factors and their eigendecompositions are float64. For
 passes' working memory and doubles their matmul speed, at float32 round-off within a chunk (relative ~1e-6,
 far below the sampling noise of the factors); a float64 model computes in float64 throughout.
 
-Layers (:mod:`~influencekit.layers`): ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``
+Layers (:mod:`~influencekit.core.layers`): ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``
 (``groups=1``) and the transformers-style ``Conv1D``, weight and/or bias; and ``nn.Embedding`` (no ``max_norm``,
 no ``scale_grad_by_freq``), a dense layer on one-hot inputs: its A is the diagonal of row frequencies
 (1/n) Σ_i (1/T) Σ_t e_{x_t} (no eigendecomposition, Q_A = I, the ``padding_idx`` row gets no gradient), S the
 (d × d) second moment of the output gradients, and EK-FAC's Λ sums each example's rotated output gradients per
 looked-up row before squaring. A selected parameter of any other layer raises
-:class:`~influencekit.errors.UnsupportedError` naming it,
+:class:`~influencekit.core.errors.UnsupportedError` naming it,
 unless ``unsupported="diagonal"``: those parameters then get the damped diagonal of the same Fisher,
-1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.task.ClassificationTask` (cross-entropy,
-logistic) and :class:`~influencekit.task.RegressionTask` (squared error averaged over outputs).
+1 / (E[g²] + λ + δ), with a warning. Losses: :class:`~influencekit.core.task.ClassificationTask` (cross-entropy,
+logistic) and :class:`~influencekit.core.task.RegressionTask` (squared error averaged over outputs).
 
 Sampled labels depend only on ``seed`` and the example's global index (one generator per block of
 ``DRAW_BLOCK`` consecutive examples, :mod:`~influencekit.solvers.fisher`), so neither the chunk size nor sharding
@@ -71,16 +71,17 @@ from typing import Any
 
 import torch
 
-from ..autodiff import ParamLayout
-from ..checks import check_choice, check_int
-from ..curvature import CurvatureOperator, LayerData
-from ..errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
-from ..layers import LayerBlock, layer_blocks
-from ..lowrank import Factors, LowRankQueries, factor_rows
-from ..task import Task
+from ..core.autodiff import ParamLayout
+from ..core.checks import check_choice, check_int
+from ..core.curvature import CurvatureOperator, LayerData
+from ..core.errors import InfluenceKitWarning, InputError, NumericalError, UnsupportedError
+from ..core.layers import LayerBlock, layer_blocks
+from ..core.lowrank import Factors, LowRankQueries, factor_rows
+from ..core.task import Task
 from .base import Capabilities, Solver, SolveReport, relative_residuals
 from .costs import CostProbe, SolverCost, timed
 from .fisher import EXPECTED_MAX_LABELS, FISHERS, FisherPasses, loss_kind
+from .registry import register
 
 __all__ = ["KFACSolver", "EKFACSolver", "UNSUPPORTED"]
 
@@ -99,7 +100,7 @@ def _names(names: list[str], most: int = 4) -> str:
 
 @dataclass
 class _Layer(LayerBlock):
-    """A layer block (:class:`~influencekit.layers.LayerBlock`) with its Kronecker factors. For an embedding
+    """A layer block (:class:`~influencekit.core.layers.LayerBlock`) with its Kronecker factors. For an embedding
     (``LayerBlock.embedding``) A is the diagonal (V,) of row frequencies, S is (d, d) and QA is None (= I)."""
 
     A: torch.Tensor | None = None  # (k, k)
@@ -225,7 +226,7 @@ def _precondition_factors(
     seed: int,
 ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], list[torch.Tensor | None]]:
     """:meth:`KFACSolver.low_rank_solve`'s per-layer work: ``(U, V, M)`` as
-    :class:`~influencekit.lowrank.LowRankQueries` holds them."""
+    :class:`~influencekit.core.lowrank.LowRankQueries` holds them."""
     by_name = {layer.name: layer for layer in layers}
     U: list[torch.Tensor | None] = []
     V: list[torch.Tensor | None] = []
@@ -337,6 +338,7 @@ def _tap_quadratic_form(
     return out
 
 
+@register
 class KFACSolver(Solver):
     """Kronecker-factored Gauss-Newton/Fisher (K-FAC) per layer, eigendecomposed in float64.
 
@@ -377,7 +379,12 @@ class KFACSolver(Solver):
 
     name = "kfac"
     capabilities = Capabilities(
-        quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True
+        approximate_inverse=True,
+        quadratic_form=True,
+        tap_quadratic_form=True,
+        sharded=True,
+        in_place=True,
+        tap_solve=True,
     )
     _corrected = False
 
@@ -774,6 +781,7 @@ class KFACSolver(Solver):
         }
 
 
+@register
 class EKFACSolver(KFACSolver):
     """K-FAC with the eigenvalue correction of George et al. (2018): Λ = E[(Q_Sᵀ ∇_W ℓ Q_A)²] replaces λ_S λ_Aᵀ.
 
@@ -782,7 +790,12 @@ class EKFACSolver(KFACSolver):
 
     name = "ekfac"
     capabilities = Capabilities(
-        quadratic_form=True, tap_quadratic_form=True, sharded=True, in_place=True, tap_solve=True
+        approximate_inverse=True,
+        quadratic_form=True,
+        tap_quadratic_form=True,
+        sharded=True,
+        in_place=True,
+        tap_solve=True,
     )
     _corrected = True
 

@@ -13,7 +13,8 @@ the heavy-ball step (Polyak 1964: α, β from the interval [λ_min, s], error fa
 the depth by the residual (see :class:`LissaSolver`). ``scale`` defaults to ``scale_margin`` times the largest
 eigenvalue found by Lanczos on the full Hessian and, with mini-batches, by power iteration on a few mini-batch
 Hessians. While it runs, ‖x_j‖ can never exceed j‖v‖/s if the plain recursion contracts (√κ times more for the
-heavy-ball one's transient); twice that bound stops it at once with :class:`~influencekit.errors.SolverDivergenceError`
+heavy-ball one's transient); twice that bound stops it at once with
+:class:`~influencekit.core.errors.SolverDivergenceError`
 naming the setting to raise. The true relative residual of the running estimate comes with every step's product of
 the deterministic recursion and is checked every max(10, 10·n/batch) steps of a mini-batch one (the checks cost about
 a tenth of the recursion): one above 2 (twice that of the estimate 0; the transient's bound with momentum) that is
@@ -33,13 +34,14 @@ from typing import Any
 
 import torch
 
-from ..checks import check_int, check_number
-from ..curvature import CurvatureOperator
-from ..errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError, setting_hint
-from ..progress import progress_bar
-from ..spectrum import lanczos_extremes, power_iteration
+from ..core.checks import check_int, check_number
+from ..core.curvature import CurvatureOperator
+from ..core.errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError, setting_hint
+from ..core.progress import progress_bar
+from ..core.spectrum import lanczos_extremes, power_iteration
 from .base import Capabilities, Solver, relative_residuals
 from .costs import CostProbe, SolverCost
+from .registry import register
 
 __all__ = ["LissaSolver"]
 
@@ -91,6 +93,7 @@ def _trend(
 STOCHASTIC_BATCH = 128
 
 
+@register
 class LissaSolver(Solver):
     """The paper's stochastic inverse-HVP estimator, many right-hand sides at once.
 

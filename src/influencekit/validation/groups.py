@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.errors import ConvergenceWarning, NumericalError
+from ..core.folders import fingerprint
 from ..data.examples import DataSource
-from ..errors import ConvergenceWarning, NumericalError
-from ..folders import fingerprint
-from ..groups import Groups, check_orders, parse_groups
-from ..scoring import Influence
+from ..engine.groups import Groups, check_orders, parse_groups
+from ..engine.scoring import Influence
 from .metrics import pearson, spearman
 from .retraining import (
     CONTROL,

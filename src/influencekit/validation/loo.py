@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import check_int
+from ..core.checks import check_int
+from ..core.errors import ConvergenceWarning, InputError
+from ..core.folders import fingerprint
 from ..data.examples import DataSource
-from ..errors import ConvergenceWarning, InputError
-from ..folders import fingerprint
-from ..scoring import Influence
+from ..engine.scoring import Influence
 from .metrics import pearson, spearman
 from .retraining import (
     CONTROL,

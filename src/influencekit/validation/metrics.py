@@ -23,15 +23,15 @@ import numpy as np
 import scipy.stats
 import torch
 
-from ..checks import check_int, check_number
+from ..core.checks import check_int, check_number
+from ..core.errors import ConvergenceWarning, InputError, NumericalError
+from ..core.progress import progress_bar
 from ..data.examples import DataSource
-from ..errors import ConvergenceWarning, InputError, NumericalError
-from ..progress import progress_bar
 from .retraining import Retrainer, check_influence, check_retrain, select_tests
 from .stats import as_vector, correlation_or_nan
 
 if TYPE_CHECKING:
-    from ..scoring import Influence
+    from ..engine.scoring import Influence
 
 __all__ = ["pearson", "spearman", "linear_datamodeling_score", "LDSResult"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 from .metrics import pearson
 from .stats import as_vector, correlation_or_nan
 

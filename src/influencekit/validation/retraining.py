@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..autodiff import ParamLayout
-from ..checks import check_indices, check_int, check_number
+from ..core.autodiff import ParamLayout
+from ..core.checks import check_indices, check_int, check_number
+from ..core.errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
+from ..core.folders import atomic_write, fingerprint, open_folder
+from ..core.progress import progress_bar
+from ..core.task import Task
 from ..data.examples import Batch, DataSource, Examples, batch_size_of, take
-from ..engine import FittedEngine
-from ..errors import ConvergenceWarning, InputError, InputTypeError, NumericalError, UnsupportedError
-from ..folders import atomic_write, fingerprint, open_folder
-from ..progress import progress_bar
-from ..scoring import Influence
-from ..task import Task
-from ..training import TrainReport, fit_lbfgs, fit_steps, objective_and_grad
+from ..engine.fitted import FittedEngine
+from ..engine.scoring import Influence
+from ..engine.training import TrainReport, fit_lbfgs, fit_steps, objective_and_grad
 
 __all__ = [
     "RetrainFn",

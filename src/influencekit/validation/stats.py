@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError, InputTypeError
+from ..core.errors import InputError, InputTypeError
 
 __all__ = ["as_vector", "correlation_or_nan"]
 
