@@ -5,7 +5,6 @@ May import: ``influencekit.core`` and ``influencekit.data``. Imported by the eng
 everything above it.
 """
 
-from . import tasks
 from .prefix import PrefixCache
 from .tasks import (
     IGNORE_INDEX,
@@ -19,4 +18,15 @@ from .tasks import (
     per_token,
 )
 
-__all__ = list(tasks.__all__)  # the names of ik.hf are those of its tasks module (PrefixCache included)
+__all__ = [
+    "cache_prefix",
+    "PrefixCache",
+    "PooledClassifier",
+    "HFTask",
+    "SequenceClassificationTask",
+    "TokenClassificationTask",
+    "CausalLMTask",
+    "pad_collate",
+    "per_token",
+    "IGNORE_INDEX",
+]
