@@ -52,7 +52,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "engine.planner",
         ],
     ),
-    ("engine", ["engine", "engine.scoring"]),
+    ("engine", ["engine", "engine.scoring", "engine.attributors"]),
     (
         "built on the engine",
         [

@@ -23,6 +23,7 @@ from .core.projection import Projector
 from .core.results import CONVENTION, GROUP_CONVENTION, GroupInfluence, InfluenceScores, RankedInfluence, TopK
 from .core.spectrum import lanczos_extremes, power_iteration
 from .core.task import ClassificationTask, RegressionTask, SmoothHingeTask, Task
+from .engine.attributors import TRAK, Ensemble, TracIn
 from .engine.gradients import GradientSource
 from .engine.hessian import HessianOperator
 from .engine.scoring import Influence
@@ -39,6 +40,9 @@ deprecated_paths.install()  # the flat layout's module paths, as deprecated alia
 
 __all__ = [
     "Influence",
+    "TracIn",
+    "TRAK",
+    "Ensemble",
     "GradientStore",
     "InfluenceIndex",
     "Display",

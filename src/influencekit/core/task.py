@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..data.examples import Batch, DataSource
-from .checks import check_number
+from .checks import check_choice, check_number
 from .errors import InfluenceKitError, InputError, InputTypeError
 
 __all__ = ["Task", "ClassificationTask", "RegressionTask", "SmoothHingeTask", "smooth_hinge", "Params"]
@@ -347,12 +347,51 @@ class _SupervisedTask(Task):
         return None
 
 
+MEASUREMENTS = ("loss", "margin")
+
+
 class ClassificationTask(_SupervisedTask):
     """Cross-entropy on logits ``(B, C)`` with integer labels, or logistic loss on one logit ``(B,)``/``(B, 1)``.
 
     With a single output the labels must be 0/1 and the loss is ``log(1 + exp(-s·f(x)))`` with s = ±1,
     the binary logistic regression of the paper.
+
+    ``measurement``: what the test side measures, ``"loss"`` (default, the paper's I_up,loss) or ``"margin"``: the
+    correct class's logit minus the log-sum-exp of the others (s·f(x) for one logit), the output the linear
+    datamodeling score is usually measured on (Park et al. 2023); influence then predicts the change of the margin.
     """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        l2: float = 0.0,
+        params: ParamSelector = None,
+        input_key: str = "x",
+        target_key: str = "y",
+        measurement: str = "loss",
+    ) -> None:
+        super().__init__(model, l2=l2, params=params, input_key=input_key, target_key=target_key)
+        self.measured = check_choice("measurement", measurement, MEASUREMENTS)
+
+    def measurement(self, params: Params, batch: Batch) -> torch.Tensor:
+        if self.measured == "loss":
+            return self.loss(params, batch)
+        return self.margins(params, batch)
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        return out if self.measured == "loss" else {**out, "measurement": self.measured}
+
+    def margins(self, params: Params, batch: Batch) -> torch.Tensor:
+        """Per example, the correct class's logit minus the log-sum-exp of the other logits, ``(B,)``."""
+        logits, target = self.outputs(params, batch), self.labels(batch)
+        if logits.dim() == 2 and logits.shape[1] > 1:
+            correct = logits.gather(1, target.long()[:, None])[:, 0]
+            others = logits.scatter(1, target.long()[:, None], float("-inf"))
+            return correct - torch.logsumexp(others, dim=1)
+        logits = logits.reshape(-1)
+        return torch.where(target.reshape(-1) > 0, logits, -logits)
 
     def _n_outputs(self, inputs: tuple[Any, ...], name: str = "the data") -> int:
         # the number of logits per example, from one forward pass on one example (cached)

@@ -7,14 +7,17 @@
 - :func:`validate_groups`: group-removal retraining against each order of the group-influence prediction
   (Koh et al. 2019; Basu et al. 2020); a :class:`GroupValidation` with the metrics per order and ``.plot()``.
 - :func:`linear_datamodeling_score`: the LDS of Park et al. (2023, TRAK) over random training subsets.
+- :func:`subset_outputs` and :func:`datamodel_score`: the LDS of a deep network as the field measures it, against
+  models trained from scratch with the user's own recipe on random subsets (kept in a resumable folder).
 - :func:`pearson`, :func:`spearman`: checked correlation coefficients.
 - :func:`plot_loo`: the Figure-2 scatter (matplotlib, Agg canvas).
 
 Inside the package the imports go one way: :mod:`.stats` (checked vectors, NaN-safe correlations) and
 :mod:`.retraining` (the retrainer, its checks, the test selection, :class:`StepRetrain`) at the bottom;
-:mod:`.metrics` above them; :mod:`.plot`, :mod:`.loo` and :mod:`.groups` above that.
+:mod:`.metrics` above them; :mod:`.plot`, :mod:`.loo`, :mod:`.groups` and :mod:`.datamodels` above that.
 """
 
+from .datamodels import DatamodelScore, SubsetOutputs, datamodel_score, subset_outputs
 from .groups import GroupValidation, validate_groups
 from .loo import LOOResult, leave_one_out
 from .metrics import LDSResult, linear_datamodeling_score, pearson, spearman
@@ -33,4 +36,8 @@ __all__ = [
     "plot_groups",
     "validate_groups",
     "GroupValidation",
+    "subset_outputs",
+    "SubsetOutputs",
+    "datamodel_score",
+    "DatamodelScore",
 ]

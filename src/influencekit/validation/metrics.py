@@ -33,7 +33,7 @@ from .stats import as_vector, correlation_or_nan
 if TYPE_CHECKING:
     from ..engine.scoring import Influence
 
-__all__ = ["pearson", "spearman", "linear_datamodeling_score", "LDSResult"]
+__all__ = ["pearson", "spearman", "linear_datamodeling_score", "LDSResult", "draw_subsets", "subset_size"]
 
 
 def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +110,7 @@ def _check_lds_arguments(
     return n_subsets, alpha, seed, tol, max_iter
 
 
-def _subset_size(alpha: float, n: int) -> int:
+def subset_size(alpha: float, n: int) -> int:
     """How many of the ``n`` training points a subset keeps: ``round(alpha * n)``, between 1 and n - 1."""
     keep = int(round(alpha * n))
     if not 1 <= keep <= n - 1:
@@ -121,7 +121,7 @@ def _subset_size(alpha: float, n: int) -> int:
     return keep
 
 
-def _draw_subsets(n_subsets: int, n: int, keep: int, seed: int) -> np.ndarray:
+def draw_subsets(n_subsets: int, n: int, keep: int, seed: int) -> np.ndarray:
     """``(n_subsets, n)`` bool, each row True at ``keep`` training points drawn without replacement (seeded)."""
     rng = np.random.default_rng(seed)
     subsets = np.zeros((n_subsets, n), dtype=bool)
@@ -237,11 +237,11 @@ def linear_datamodeling_score(
         influence, n_subsets=n_subsets, alpha=alpha, seed=seed, tol=tol, max_iter=max_iter, retrain=retrain
     )
     n = influence.engine.n_train
-    keep = _subset_size(alpha, n)
+    keep = subset_size(alpha, n)
     tests = select_tests(influence.engine, test, test_indices)
     scores = influence.scores(tests.raw_batch)
     pred_loo = scores.predicted_loo_change().detach().cpu().double().numpy()  # (n_test, n_train)
-    subsets = _draw_subsets(n_subsets, n, keep, seed)
+    subsets = draw_subsets(n_subsets, n, keep, seed)
     predicted = (~subsets).astype(np.float64) @ pred_loo.T  # (n_subsets, n_test)
 
     retrainer = Retrainer(influence, tests.batch, retrain=retrain, tol=tol, max_iter=max_iter)
