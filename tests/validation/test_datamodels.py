@@ -35,7 +35,8 @@ def convex_problem(n_train=300):
 
 def test_exact_influence_on_a_convex_problem_scores_an_lds_above_0_9(tmp_path):
     """40 subsets of 50%: exact influence of the margin (the linear prediction of a convex model's retraining)
-    reaches LDS ≥ 0.9 (measured 0.972; the same on the loss, a monotone function of the margin), and its 95% bootstrap interval holds the mean."""
+    reaches LDS ≥ 0.9 (measured 0.972; the same on the loss, a monotone function of the margin), and its 95% bootstrap
+    interval holds the mean."""
     task, train, test, train_on_subset = convex_problem()
     truth = ik.validation.subset_outputs(
         train_on_subset, n_train=300, n_test=20, folder=tmp_path, n_subsets=40, recipe={"model": "logistic", "l2": 1e-2}
