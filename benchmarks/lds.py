@@ -1,0 +1,220 @@
+"""The linear datamodeling score (LDS) of each attribution method on a deep network trained the usual way.
+
+Problem (a) of issue 33: an MLP 784-128-10 (ReLU, 101,770 parameters) trained with Adam (lr 1e-3, batch 64,
+10 epochs, float32) on 5,000 MNIST images; 500 test images (../shared/data/mnist: the 10,000-image test file split
+at random, seed 0). The ground truth: 100 models trained from scratch with the same recipe, each on a random half
+of the training set (its own seed), their test margins kept by ``ik.validation.subset_outputs`` in
+``--cache``/lds-mlp-truth (one checked file per subset: an interrupted build resumes). The attributions predict the
+margin (the correct logit minus the log-sum-exp of the others: ``ClassificationTask(measurement="margin")``).
+
+Each method runs in a fresh process (``--worker``) on the same cached models: ``--models`` (10) trained on the full
+training set with seeds 0..9, and the checkpoints at the end of each epoch of the first. Printed per method: the
+LDS with its 95% bootstrap interval over the test points, the seconds of the attribution (fit + scores; the models'
+training is not counted), and the worker's peak resident memory (VmHWM).
+
+    python benchmarks/lds.py                      # build (or reuse) the ground truth, then every method
+    python benchmarks/lds.py --methods trak-1,ekfac-1 --subsets 20   # a quick look
+
+Methods: ``trak-1``/``trak-10`` (ik.TRAK, dim 2,048, over 1 or 10 independently trained models), ``tracin`` (ik.TracIn
+over the 10 epoch checkpoints of model 0, η = 1e-3), ``grad-dot`` (TracIn with the final model only),
+``ekfac-1``/``ekfac-10`` (Influence with EK-FAC, damping 1e-3, on 1 model, or the mean over 10 models:
+ik.Ensemble).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import influencekit as ik  # noqa: E402
+from influencekit_paper.data.mnist import load_mnist_split  # noqa: E402
+
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+RECIPE = {
+    "model": "MLP 784-128-10 ReLU float32",
+    "optimizer": "Adam",
+    "lr": 1e-3,
+    "batch_size": 64,
+    "epochs": 10,
+    "data": "MNIST t10k split seed 0: 5,000 train / 500 test, pixels / 255",
+}
+METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10")
+
+
+def data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    split = load_mnist_split(MNIST, n_train=5000, n_test=500, seed=0)
+
+    def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        X = torch.as_tensor(images.reshape(len(images), -1), dtype=torch.float32) / 255.0
+        return X, torch.as_tensor(labels, dtype=torch.long)
+
+    return tensors(*split.train), tensors(*split.test)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def train(X: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """The recipe: a fresh MLP (seeded), Adam, mini-batches of 64 in a seeded order; the parameters after each
+    epoch."""
+    torch.manual_seed(seed)
+    model = mlp()
+    optimiser = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
+    generator = torch.Generator().manual_seed(seed)
+    checkpoints = []
+    for _ in range(RECIPE["epochs"]):
+        order = torch.randperm(len(y), generator=generator)
+        for lo in range(0, len(y), RECIPE["batch_size"]):
+            idx = order[lo : lo + RECIPE["batch_size"]]
+            optimiser.zero_grad()
+            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            optimiser.step()
+        checkpoints.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    return model, checkpoints
+
+
+def task_of(model: nn.Module) -> ik.ClassificationTask:
+    return ik.ClassificationTask(model, measurement="margin")
+
+
+def ground_truth(args: argparse.Namespace, train_set, test_set) -> ik.validation.SubsetOutputs:
+    X, y = train_set
+
+    def train_on_subset(kept: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        model, _ = train(X[kept], y[kept], seed)
+        task = task_of(model)
+        with torch.no_grad():
+            return task.measurement(task.params(), test_set), task.loss(task.params(), test_set)
+
+    return ik.validation.subset_outputs(
+        train_on_subset,
+        n_train=len(y),
+        n_test=len(test_set[1]),
+        folder=Path(args.cache) / "lds-mlp-truth",
+        recipe=RECIPE,
+        n_subsets=args.subsets,
+        progress=True,
+    )
+
+
+def models(args: argparse.Namespace, train_set) -> list[list[dict[str, torch.Tensor]]]:
+    """The epoch checkpoints of ``--models`` models trained on the full training set (cached)."""
+    path = Path(args.cache) / f"lds-mlp-models-{args.models}.pt"
+    if path.exists():
+        return torch.load(path)
+    runs = [train(*train_set, seed)[1] for seed in range(args.models)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(runs, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return runs
+
+
+def with_params(params: dict[str, torch.Tensor]) -> ik.ClassificationTask:
+    model = mlp()
+    model.load_state_dict(params)
+    return task_of(model)
+
+
+def attribute(method: str, runs, train_set, test_set) -> ik.InfluenceScores:
+    finals = [run[-1] for run in runs]
+    if method.startswith("trak-"):
+        k = int(method.split("-")[1])
+        return ik.TRAK(with_params(finals[0]), train_set, checkpoints=finals[:k], dim=2048).scores(test_set)
+    if method == "tracin":
+        return ik.TracIn(with_params(finals[0]), train_set, checkpoints=runs[0], learning_rates=1e-3).scores(test_set)
+    if method == "grad-dot":
+        return ik.TracIn(with_params(finals[0]), train_set, checkpoints=finals[:1]).scores(test_set)
+    if method.startswith("ekfac-"):
+        k = int(method.split("-")[1])
+        members = [
+            ik.Influence(with_params(p), train_set, solver="ekfac", damping=1e-3, stationarity_tol=None).fit()
+            for p in finals[:k]
+        ]
+        return ik.Ensemble(members).scores(test_set)
+    raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    train_set, test_set = data()
+    runs = models(args, train_set)
+    start = time.perf_counter()
+    scores = attribute(args.worker, runs, train_set, test_set)
+    seconds = time.perf_counter() - start
+    np.save(args.out, scores.predicted_loo_change().detach().double().numpy())
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak_mib()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--subsets", type=int, default=100)
+    parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=str(ROOT / ".cache" / "benchmarks"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    torch.set_num_threads(args.threads)
+    train_set, test_set = data()
+    truth = ground_truth(args, train_set, test_set)
+    models(args, train_set)
+    print(
+        f"MNIST MLP: {len(train_set[1])} train / {len(test_set[1])} test, {args.subsets} subsets of 50%, "
+        f"recipe {RECIPE}; {args.threads} threads; output: the margin"
+    )
+    print(f"{'method':<10} {'LDS':>6}  {'95% interval':>15}  {'seconds':>8}  {'peak MiB':>8}")
+    for method in args.methods.split(","):
+        out = Path(args.cache) / f"lds-mlp-{method}.npy"
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                "--out",
+                str(out),
+                "--models",
+                str(args.models),
+                "--threads",
+                str(args.threads),
+                "--cache",
+                args.cache,
+            ],
+            check=True,
+        )
+        cost = json.loads(out.with_suffix(".json").read_text())
+        score = ik.validation.datamodel_score(np.load(out), truth, output="margin")
+        print(
+            f"{method:<10} {score.mean:6.3f}  [{score.low:6.3f}, {score.high:6.3f}]  {cost['seconds']:8.1f}  "
+            f"{cost['peak_mib']:8.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
