@@ -15,10 +15,13 @@ training is not counted), and the worker's peak resident memory (VmHWM).
     python benchmarks/lds.py                      # build (or reuse) the ground truth, then every method
     python benchmarks/lds.py --methods trak-1,ekfac-1 --subsets 20   # a quick look
 
-Methods: ``trak-1``/``trak-10`` (ik.TRAK, dim 2,048, over 1 or 10 independently trained models), ``tracin`` (ik.TracIn
+Methods: ``trak-1``/``trak-10`` (ik.TRAK, dim 512 (its default; ``LDS_TRAK_DIM`` sets another), over 1 or 10
+independently trained models), ``tracin`` (ik.TracIn
 over the 10 epoch checkpoints of model 0, η = 1e-3), ``grad-dot`` (TracIn with the final model only),
 ``ekfac-1``/``ekfac-10`` (Influence with EK-FAC, damping 1e-3, on 1 model, or the mean over 10 models:
-ik.Ensemble).
+ik.Ensemble). The peer: ``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv
+(``.venv-bench``) at its documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as
+the target, the probability p as ``correct_probability_func``, as its TRAK example), on the same models.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ RECIPE = {
     "epochs": 10,
     "data": "MNIST t10k split seed 0: 5,000 train / 500 test, pixels / 255",
 }
-METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10")
+METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10", "dattri-trak-1", "dattri-trak-10")
+PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
 
 
 def data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -128,11 +132,38 @@ def with_params(params: dict[str, torch.Tensor]) -> ik.ClassificationTask:
     return task_of(model)
 
 
+def dattri_trak(finals, k: int, train_set, test_set) -> torch.Tensor:
+    """dattri's TRAK over the first ``k`` models, as its documentation sets it up; the predicted change of each test
+    margin when each training point is removed, ``(n_test, n_train)`` (the negated attribution)."""
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    model = mlp()
+
+    def margin(params, data):
+        image, label = data
+        logp = -nn.CrossEntropyLoss()(torch.func.functional_call(model, params, image.unsqueeze(0)), label.unsqueeze(0))
+        return logp - torch.log(1 - torch.exp(logp))
+
+    def probability(params, data):
+        image, label = data
+        loss = nn.CrossEntropyLoss()(torch.func.functional_call(model, params, image.unsqueeze(0)), label.unsqueeze(0))
+        return torch.exp(-loss)
+
+    task = AttributionTask(loss_func=margin, model=model, checkpoints=list(finals[:k]))
+    attributor = TRAKAttributor(task=task, correct_probability_func=probability, device="cpu")
+    loader = torch.utils.data.DataLoader
+    attributor.cache(loader(torch.utils.data.TensorDataset(*train_set), batch_size=64, shuffle=False))
+    score = attributor.attribute(loader(torch.utils.data.TensorDataset(*test_set), batch_size=64, shuffle=False))
+    return -score.T / len(train_set[1])  # (n_train, n_test) attribution of the margin -> its predicted LOO change
+
+
 def attribute(method: str, runs, train_set, test_set) -> ik.InfluenceScores:
     finals = [run[-1] for run in runs]
     if method.startswith("trak-"):
         k = int(method.split("-")[1])
-        return ik.TRAK(with_params(finals[0]), train_set, checkpoints=finals[:k], dim=2048).scores(test_set)
+        dim = int(os.environ.get("LDS_TRAK_DIM", "512"))
+        return ik.TRAK(with_params(finals[0]), train_set, checkpoints=finals[:k], dim=dim).scores(test_set)
     if method == "tracin":
         return ik.TracIn(with_params(finals[0]), train_set, checkpoints=runs[0], learning_rates=1e-3).scores(test_set)
     if method == "grad-dot":
@@ -160,9 +191,12 @@ def worker(args: argparse.Namespace) -> None:
     train_set, test_set = data()
     runs = models(args, train_set)
     start = time.perf_counter()
-    scores = attribute(args.worker, runs, train_set, test_set)
+    if args.worker.startswith("dattri-trak-"):
+        predicted = dattri_trak([run[-1] for run in runs], int(args.worker.split("-")[2]), train_set, test_set)
+    else:
+        predicted = attribute(args.worker, runs, train_set, test_set).predicted_loo_change()
     seconds = time.perf_counter() - start
-    np.save(args.out, scores.predicted_loo_change().detach().double().numpy())
+    np.save(args.out, predicted.detach().double().numpy())
     Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak_mib()}))
 
 
@@ -190,23 +224,13 @@ def main() -> None:
     print(f"{'method':<10} {'LDS':>6}  {'95% interval':>15}  {'seconds':>8}  {'peak MiB':>8}")
     for method in args.methods.split(","):
         out = Path(args.cache) / f"lds-mlp-{method}.npy"
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--worker",
-                method,
-                "--out",
-                str(out),
-                "--models",
-                str(args.models),
-                "--threads",
-                str(args.threads),
-                "--cache",
-                args.cache,
-            ],
-            check=True,
-        )
+        peer = method.startswith("dattri-")
+        if peer and not PEERS_PYTHON.exists():
+            print(f"{method:<10} skipped: no peers' venv at {PEERS_PYTHON} (see benchmarks/peers.py)")
+            continue
+        python = str(PEERS_PYTHON) if peer else sys.executable
+        worker_args = ["--out", str(out), "--models", str(args.models), "--threads", str(args.threads)]
+        subprocess.run([python, __file__, "--worker", method, *worker_args, "--cache", args.cache], check=True)
         cost = json.loads(out.with_suffix(".json").read_text())
         score = ik.validation.datamodel_score(np.load(out), truth, output="margin")
         print(
