@@ -1,11 +1,13 @@
 """The linear datamodeling score (LDS) of each attribution method on a deep network trained the usual way.
 
-Problem (a) of issue 33: an MLP 784-128-10 (ReLU, 101,770 parameters) trained with Adam (lr 1e-3, batch 64,
-10 epochs, float32) on 5,000 MNIST images; 500 test images (../shared/data/mnist: the 10,000-image test file split
-at random, seed 0). The ground truth: 100 models trained from scratch with the same recipe, each on a random half
-of the training set (its own seed), their test margins kept by ``ik.validation.subset_outputs`` in
-``--cache``/lds-mlp-truth (one checked file per subset: an interrupted build resumes). The attributions predict the
-margin (the correct logit minus the log-sum-exp of the others: ``ClassificationTask(measurement="margin")``).
+Problems (a) and (b) of issue 33 (``--problem mlp|cnn``): an MLP 784-128-10 (ReLU, 101,770 parameters), or a CNN
+(two 5×5 convolutions of 8 and 16 channels, each with ReLU and 2×2 max-pooling, then a Linear layer: 5,994
+parameters), trained with Adam (lr 1e-3, batch 64, 10 epochs, float32) on 5,000 MNIST images; 500 test images
+(../shared/data/mnist: the 10,000-image test file split at random, seed 0). The ground truth: 100 models trained
+from scratch with the same recipe, each on a random half of the training set (its own seed), their test margins kept
+by ``ik.validation.subset_outputs`` in ``--cache``/lds-<problem>-truth (one checked file per subset: an interrupted
+build resumes). The attributions predict the margin (the correct logit minus the log-sum-exp of the others:
+``ClassificationTask(measurement="margin")``).
 
 Each method runs in a fresh process (``--worker``) on the same cached models: ``--models`` (10) trained on the full
 training set with seeds 0..9, and the checkpoints at the end of each epoch of the first. Printed per method: the
@@ -57,25 +59,42 @@ METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10", "da
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
 
 
-def data() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+CNN_RECIPE = {**RECIPE, "model": "CNN conv(1→8, 5) ReLU maxpool2 conv(8→16, 5) ReLU maxpool2 linear(256→10) float32"}
+RECIPES = {"mlp": RECIPE, "cnn": CNN_RECIPE}
+
+
+def data(problem: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The images as (n, 784) rows for the MLP, (n, 1, 28, 28) for the CNN; pixels / 255."""
     split = load_mnist_split(MNIST, n_train=5000, n_test=500, seed=0)
+    shape = (-1,) if problem == "mlp" else (1, 28, 28)
 
     def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        X = torch.as_tensor(images.reshape(len(images), -1), dtype=torch.float32) / 255.0
+        X = torch.as_tensor(images.reshape(len(images), *shape), dtype=torch.float32) / 255.0
         return X, torch.as_tensor(labels, dtype=torch.long)
 
     return tensors(*split.train), tensors(*split.test)
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+def network(problem: str) -> nn.Module:
+    if problem == "mlp":
+        return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
 
 
-def train(X: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
-    """The recipe: a fresh MLP (seeded), Adam, mini-batches of 64 in a seeded order; the parameters after each
+def train(problem: str, X: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
+    """The recipe: a fresh network (seeded), Adam, mini-batches of 64 in a seeded order; the parameters after each
     epoch."""
     torch.manual_seed(seed)
-    model = mlp()
+    model = network(problem)
     optimiser = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
     generator = torch.Generator().manual_seed(seed)
     checkpoints = []
@@ -98,7 +117,7 @@ def ground_truth(args: argparse.Namespace, train_set, test_set) -> ik.validation
     X, y = train_set
 
     def train_on_subset(kept: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        model, _ = train(X[kept], y[kept], seed)
+        model, _ = train(args.problem, X[kept], y[kept], seed)
         task = task_of(model)
         with torch.no_grad():
             return task.measurement(task.params(), test_set), task.loss(task.params(), test_set)
@@ -107,8 +126,8 @@ def ground_truth(args: argparse.Namespace, train_set, test_set) -> ik.validation
         train_on_subset,
         n_train=len(y),
         n_test=len(test_set[1]),
-        folder=Path(args.cache) / "lds-mlp-truth",
-        recipe=RECIPE,
+        folder=Path(args.cache) / f"lds-{args.problem}-truth",
+        recipe=RECIPES[args.problem],
         n_subsets=args.subsets,
         progress=True,
     )
@@ -116,29 +135,29 @@ def ground_truth(args: argparse.Namespace, train_set, test_set) -> ik.validation
 
 def models(args: argparse.Namespace, train_set) -> list[list[dict[str, torch.Tensor]]]:
     """The epoch checkpoints of ``--models`` models trained on the full training set (cached)."""
-    path = Path(args.cache) / f"lds-mlp-models-{args.models}.pt"
+    path = Path(args.cache) / f"lds-{args.problem}-models-{args.models}.pt"
     if path.exists():
         return torch.load(path)
-    runs = [train(*train_set, seed)[1] for seed in range(args.models)]
+    runs = [train(args.problem, *train_set, seed)[1] for seed in range(args.models)]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(runs, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     return runs
 
 
-def with_params(params: dict[str, torch.Tensor]) -> ik.ClassificationTask:
-    model = mlp()
+def with_params(problem: str, params: dict[str, torch.Tensor]) -> ik.ClassificationTask:
+    model = network(problem)
     model.load_state_dict(params)
     return task_of(model)
 
 
-def dattri_trak(finals, k: int, train_set, test_set) -> torch.Tensor:
+def dattri_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tensor:
     """dattri's TRAK over the first ``k`` models, as its documentation sets it up; the predicted change of each test
     margin when each training point is removed, ``(n_test, n_train)`` (the negated attribution)."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
 
-    model = mlp()
+    model = network(problem)
 
     def margin(params, data):
         image, label = data
@@ -158,20 +177,22 @@ def dattri_trak(finals, k: int, train_set, test_set) -> torch.Tensor:
     return -score.T / len(train_set[1])  # (n_train, n_test) attribution of the margin -> its predicted LOO change
 
 
-def attribute(method: str, runs, train_set, test_set) -> ik.InfluenceScores:
+def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.InfluenceScores:
     finals = [run[-1] for run in runs]
     if method.startswith("trak-"):
         k = int(method.split("-")[1])
         dim = int(os.environ.get("LDS_TRAK_DIM", "512"))
-        return ik.TRAK(with_params(finals[0]), train_set, checkpoints=finals[:k], dim=dim).scores(test_set)
+        return ik.TRAK(with_params(problem, finals[0]), train_set, checkpoints=finals[:k], dim=dim).scores(test_set)
     if method == "tracin":
-        return ik.TracIn(with_params(finals[0]), train_set, checkpoints=runs[0], learning_rates=1e-3).scores(test_set)
+        return ik.TracIn(with_params(problem, finals[0]), train_set, checkpoints=runs[0], learning_rates=1e-3).scores(
+            test_set
+        )
     if method == "grad-dot":
-        return ik.TracIn(with_params(finals[0]), train_set, checkpoints=finals[:1]).scores(test_set)
+        return ik.TracIn(with_params(problem, finals[0]), train_set, checkpoints=finals[:1]).scores(test_set)
     if method.startswith("ekfac-"):
         k = int(method.split("-")[1])
         members = [
-            ik.Influence(with_params(p), train_set, solver="ekfac", damping=1e-3, stationarity_tol=None).fit()
+            ik.Influence(with_params(problem, p), train_set, solver="ekfac", damping=1e-3, stationarity_tol=None).fit()
             for p in finals[:k]
         ]
         return ik.Ensemble(members).scores(test_set)
@@ -188,13 +209,15 @@ def peak_mib() -> float:
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    train_set, test_set = data()
+    train_set, test_set = data(args.problem)
     runs = models(args, train_set)
     start = time.perf_counter()
     if args.worker.startswith("dattri-trak-"):
-        predicted = dattri_trak([run[-1] for run in runs], int(args.worker.split("-")[2]), train_set, test_set)
+        predicted = dattri_trak(
+            args.problem, [run[-1] for run in runs], int(args.worker.split("-")[2]), train_set, test_set
+        )
     else:
-        predicted = attribute(args.worker, runs, train_set, test_set).predicted_loo_change()
+        predicted = attribute(args.problem, args.worker, runs, train_set, test_set).predicted_loo_change()
     seconds = time.perf_counter() - start
     np.save(args.out, predicted.detach().double().numpy())
     Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak_mib()}))
@@ -202,6 +225,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--problem", choices=sorted(RECIPES), default="mlp")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--models", type=int, default=10)
@@ -214,22 +238,23 @@ def main() -> None:
         worker(args)
         return
     torch.set_num_threads(args.threads)
-    train_set, test_set = data()
+    train_set, test_set = data(args.problem)
     truth = ground_truth(args, train_set, test_set)
     models(args, train_set)
     print(
-        f"MNIST MLP: {len(train_set[1])} train / {len(test_set[1])} test, {args.subsets} subsets of 50%, "
-        f"recipe {RECIPE}; {args.threads} threads; output: the margin"
+        f"MNIST {args.problem.upper()}: {len(train_set[1])} train / {len(test_set[1])} test, {args.subsets} subsets of "
+        f"50%, recipe {RECIPES[args.problem]}; {args.threads} threads; output: the margin"
     )
     print(f"{'method':<10} {'LDS':>6}  {'95% interval':>15}  {'seconds':>8}  {'peak MiB':>8}")
     for method in args.methods.split(","):
-        out = Path(args.cache) / f"lds-mlp-{method}.npy"
+        out = Path(args.cache) / f"lds-{args.problem}-{method}.npy"
         peer = method.startswith("dattri-")
         if peer and not PEERS_PYTHON.exists():
             print(f"{method:<10} skipped: no peers' venv at {PEERS_PYTHON} (see benchmarks/peers.py)")
             continue
         python = str(PEERS_PYTHON) if peer else sys.executable
         worker_args = ["--out", str(out), "--models", str(args.models), "--threads", str(args.threads)]
+        worker_args += ["--problem", args.problem]
         subprocess.run([python, __file__, "--worker", method, *worker_args, "--cache", args.cache], check=True)
         cost = json.loads(out.with_suffix(".json").read_text())
         score = ik.validation.datamodel_score(np.load(out), truth, output="margin")

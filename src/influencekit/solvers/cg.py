@@ -55,6 +55,18 @@ from .registry import SOLVERS, preconditioner_names, register
 __all__ = ["CGSolver"]
 
 
+def __getattr__(name: str) -> object:
+    if name == "PRECONDITIONERS":  # the former constant: the names now come from the registry
+        warnings.warn(
+            "`influencekit.solvers.cg.PRECONDITIONERS` is deprecated; use "
+            "influencekit.solvers.registry.preconditioner_names().",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return tuple(preconditioner_names())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def default_rtol(dtype: torch.dtype) -> float:
     """1e-8 in float64, 1e-5 in float32, 1e-3 below (what the dtype can reach with an HVP's round-off)."""
     return {torch.float64: 1e-8, torch.float32: 1e-5}.get(dtype, 1e-3)
