@@ -1,6 +1,7 @@
 """The linear datamodeling score (LDS) of each attribution method on a deep network trained the usual way.
 
-Problems (a) and (b) of issue 33 (``--problem mlp|cnn``): an MLP 784-128-10 (ReLU, 101,770 parameters), or a CNN
+Problems (a) and (b) of issue 33 (``--problem mlp|cnn``, and ``logistic``: multinomial logistic regression, the
+convex reference): an MLP 784-128-10 (ReLU, 101,770 parameters), or a CNN
 (two 5×5 convolutions of 8 and 16 channels, each with ReLU and 2×2 max-pooling, then a Linear layer: 5,994
 parameters), trained with Adam (lr 1e-3, batch 64, 10 epochs, float32) on 5,000 MNIST images; 500 test images
 (../shared/data/mnist: the 10,000-image test file split at random, seed 0). The ground truth: 100 models trained
@@ -21,9 +22,10 @@ Methods: ``trak-1``/``trak-10`` (ik.TRAK, dim 512 (its default; ``LDS_TRAK_DIM``
 independently trained models), ``tracin`` (ik.TracIn
 over the 10 epoch checkpoints of model 0, η = 1e-3), ``grad-dot`` (TracIn with the final model only),
 ``ekfac-1``/``ekfac-10`` (Influence with EK-FAC, damping 1e-3, on 1 model, or the mean over 10 models:
-ik.Ensemble). The peer: ``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv
-(``.venv-bench``) at its documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as
-the target, the probability p as ``correct_probability_func``, as its TRAK example), on the same models.
+ik.Ensemble), ``cg-1`` (Influence with CG, damping 1e-3: exact quality; for the convex problem). The peer:
+``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv (``.venv-bench``) at its
+documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as the target, the
+probability p as ``correct_probability_func``, as its TRAK example), on the same models.
 """
 
 from __future__ import annotations
@@ -55,18 +57,19 @@ RECIPE = {
     "epochs": 10,
     "data": "MNIST t10k split seed 0: 5,000 train / 500 test, pixels / 255",
 }
-METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10", "dattri-trak-1", "dattri-trak-10")
+METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10", "cg-1", "dattri-trak-1", "dattri-trak-10")
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
 
 
 CNN_RECIPE = {**RECIPE, "model": "CNN conv(1→8, 5) ReLU maxpool2 conv(8→16, 5) ReLU maxpool2 linear(256→10) float32"}
-RECIPES = {"mlp": RECIPE, "cnn": CNN_RECIPE}
+LOGISTIC_RECIPE = {**RECIPE, "model": "multinomial logistic regression 784→10 float32"}
+RECIPES = {"mlp": RECIPE, "cnn": CNN_RECIPE, "logistic": LOGISTIC_RECIPE}
 
 
 def data(problem: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The images as (n, 784) rows for the MLP, (n, 1, 28, 28) for the CNN; pixels / 255."""
     split = load_mnist_split(MNIST, n_train=5000, n_test=500, seed=0)
-    shape = (-1,) if problem == "mlp" else (1, 28, 28)
+    shape = (1, 28, 28) if problem == "cnn" else (-1,)
 
     def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         X = torch.as_tensor(images.reshape(len(images), *shape), dtype=torch.float32) / 255.0
@@ -78,6 +81,8 @@ def data(problem: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
 def network(problem: str) -> nn.Module:
     if problem == "mlp":
         return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    if problem == "logistic":
+        return nn.Sequential(nn.Linear(784, 10))
     return nn.Sequential(
         nn.Conv2d(1, 8, 5),
         nn.ReLU(),
@@ -189,6 +194,9 @@ def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.Influe
         )
     if method == "grad-dot":
         return ik.TracIn(with_params(problem, finals[0]), train_set, checkpoints=finals[:1]).scores(test_set)
+    if method == "cg-1":  # influence at exact quality (CG to its tolerance) on the final model
+        task = with_params(problem, finals[0])
+        return ik.Influence(task, train_set, solver="cg", damping=1e-3, stationarity_tol=None).fit().scores(test_set)
     if method.startswith("ekfac-"):
         k = int(method.split("-")[1])
         members = [

@@ -12,8 +12,9 @@ influencekit's sign convention — a value > 0 means up-weighting the training p
   leave-one-out prediction, their order is what they offer.
 - :class:`TRAK` (Park et al. 2023): per checkpoint (an independently trained model, or a checkpoint of one run)
   the gradients of the measurement (the margin, ``ClassificationTask(measurement="margin")``) projected to ``dim``
-  dimensions, φ = P∇f; the scores φ_test (ΦᵀΦ + λI)⁻¹ Φᵀ averaged over checkpoints, times the mean over checkpoints of
-  each training point's 1 − p (p its probability of the correct class), TRAK's logistic weighting.
+  dimensions by a projection of its own, φ = P_c∇f; the scores φ_test (ΦᵀΦ + λI)⁻¹ Φᵀ averaged over checkpoints,
+  times the mean over checkpoints of each training point's 1 − p (p its probability of the correct class), TRAK's
+  logistic weighting.
 - :class:`Ensemble`: the mean of the scores of several attributors (Influence objects fitted on independently
   trained models, TracIn, TRAK, …), with each member's seconds in the metadata.
 
@@ -169,7 +170,7 @@ class TRAK:
             the kernel; larger training sets call for larger k.
         damping: λ of the kernel (ΦᵀΦ + λI)⁻¹, relative to its mean diagonal (a small ridge keeps it invertible when
             k is close to n).
-        seed: the projection's seed (the same projection for every checkpoint).
+        seed: the projections' seed: checkpoint c is projected with seed + c (a projection of its own, as TRAK's).
         batch_size: examples per gradient chunk.
         progress: progress bars.
     """
@@ -198,7 +199,7 @@ class TRAK:
         self.seed = check_int("seed", seed, low=0)
         self.batch_size = check_int("batch_size", batch_size, low=1)
         self.progress = bool(progress)
-        self._fitted: list[tuple[GradientSource, torch.Tensor, torch.Tensor]] | None = None
+        self._fitted: list[tuple[GradientSource, Projector, torch.Tensor, torch.Tensor]] | None = None
         self._weights: torch.Tensor | None = None
         self.fit_seconds_ = math.nan
 
@@ -206,9 +207,11 @@ class TRAK:
         """Per checkpoint: the projected training gradients Φ and the Cholesky factor of ΦᵀΦ + λI; the weights 1 − p."""
         start = time.perf_counter()
         layout = ParamLayout.of(self.checkpoints[0])
-        projector = Projector(layout.n, self.dim, seed=self.seed)
         fitted, weights = [], []
-        for theta in self.checkpoints:
+        for c, theta in enumerate(self.checkpoints):
+            # a projection of its own per checkpoint (seed + c), as TRAK's: the projections' errors then average out
+            # over the ensemble instead of repeating (on models that barely differ, a shared projection gains nothing)
+            projector = Projector(layout.n, self.dim, seed=self.seed + c)
             source = GradientSource(self.task, theta, chunk=self.batch_size, progress=self.progress)
             Phi = torch.cat(
                 [projector.project(G) for _, G in source.stream(self.train, side="test", desc="training gradients")]
@@ -221,10 +224,9 @@ class TRAK:
                     f"TRAK's kernel ΦᵀΦ + λI is singular at dim={self.dim} with damping={self.damping:g}; raise "
                     "`damping` (e.g. 1e-3) or lower `dim` below the number of training examples."
                 )
-            fitted.append((source, Phi, L))
+            fitted.append((source, projector, Phi, L))
             weights.append(1 - _correct_class_probability(self.task, theta, source, self.train))
         self._fitted, self._weights = fitted, torch.stack(weights).mean(0)
-        self._projector = projector
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
@@ -234,9 +236,9 @@ class TRAK:
         start = time.perf_counter()
         test_data = Examples(test, name="test")
         values = None
-        for source, Phi, L in self._fitted:
+        for source, projector, Phi, L in self._fitted:
             phi = torch.cat(
-                [self._projector.project(G) for _, G in source.stream(test_data, side="test", desc="test gradients")]
+                [projector.project(G) for _, G in source.stream(test_data, side="test", desc="test gradients")]
             )
             part = torch.cholesky_solve(phi.T, L).T @ Phi.T  # φ_test (ΦᵀΦ + λI)⁻¹ Φᵀ
             values = part if values is None else values.add_(part)
