@@ -369,3 +369,30 @@ def test_examples_with_different_fields_are_refused_before_the_model_runs():
     ):
         ik.Influence(ik.hf.CausalLMTask(model), data, solver="cg").fit()
     assert calls[0] == 0
+
+
+def test_the_correction_pass_reuses_the_first_pass_per_token_labels(monkeypatch):
+    """EK-FAC on a causal LM draws one label per position in its factor pass and keeps them for the correction pass
+    (one draw per fit, not two): the fitted eigenvalues equal, bit for bit, those of a fit that draws them again
+    (the cache turned off), and the second pass computes no softmax over the vocabulary."""
+    import influencekit.solvers.fisher as fisher
+
+    model, task, train, _ = trained("gpt2")
+    draws = []
+    original = fisher.FisherPasses._draw_tokens
+
+    def counted(self, out, lo, B, T):
+        draws.append(lo)
+        return original(self, out, lo, B, T)
+
+    monkeypatch.setattr(fisher.FisherPasses, "_draw_tokens", counted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ik.InfluenceKitWarning)
+        cached = ik.Influence(task, train, solver="ekfac", damping=DAMPING, stationarity_tol=None, batch_size=8).fit()
+        n_chunks = len(draws)
+        monkeypatch.setattr(fisher, "LABEL_CACHE_BYTES", 0)
+        again = ik.Influence(task, train, solver="ekfac", damping=DAMPING, stationarity_tol=None, batch_size=8).fit()
+    assert n_chunks == 3 and len(draws) == 3 + 6  # 24 sequences in chunks of 8: drawn once, then in both passes
+    for a, b in zip(cached.solver_.layers_, again.solver_.layers_):
+        torch.testing.assert_close(a.eig, b.eig, rtol=0, atol=0)
+    assert not cached.solver_.passes._drawn  # the kept labels are dropped when the fit ends

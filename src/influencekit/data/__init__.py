@@ -1,4 +1,6 @@
-"""Data: the adapter that turns what a user passes into indexable examples, and bundled loaders."""
+"""Data: the adapter that turns what a user passes into indexable examples, and bundled loaders.
+
+May import: ``influencekit.core``'s foundations (errors, checks, progress). Imported by everything above it."""
 
 from .bundled import load_digits_split
 from .examples import Examples

@@ -1,4 +1,6 @@
-"""Figures and reports (matplotlib, Agg backend: never opens a window)."""
+"""Figures and reports (matplotlib, Agg backend: never opens a window).
+
+May import: ``influencekit.core``. Imported by the applications and the paper's package."""
 
 from .figures import plot_influential_images
 

@@ -1,5 +1,8 @@
-"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa" | "arnoldi" | "kfac" | "ekfac"``) or passed as an
-instance."""
+"""Inverse-Hessian solvers, chosen by name (``"exact" | "cg" | "lissa" | "arnoldi" | "kfac" | "ekfac"``, the
+registry of ``registry.py``) or passed as an instance.
+
+May import: ``influencekit.core`` and ``influencekit.data`` (a solver sees the objective only through the
+``core.curvature.CurvatureOperator`` protocol). Imported by the engine and everything above it."""
 
 from __future__ import annotations
 

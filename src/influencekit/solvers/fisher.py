@@ -39,6 +39,10 @@ FISHERS = ("auto", "sampled", "expected", "empirical")
 EXPECTED_MAX_LABELS = 4
 # examples per seeded generator of sampled labels: the draws of example i come from block i // DRAW_BLOCK
 DRAW_BLOCK = 256
+# the sampled per-token labels of a fit's first pass are kept for its second (EK-FAC's correction) up to this many
+# bytes: the draw (a softmax and a cumulative sum over the vocabulary per position) is then done once; past it, the
+# second pass draws them again (the same labels: they depend on the seed, the example's index and θ̂ only)
+LABEL_CACHE_BYTES = 256 * 2**20
 
 Pass = tuple["list[torch.Tensor] | None", "list[torch.Tensor]", "torch.Tensor | None", "torch.Tensor | None"]
 
@@ -85,6 +89,13 @@ class FisherPasses:
         self.fisher, self.samples, self.seed = fisher, samples, seed
         self._leftover: Any = None  # the per-example gradient function of the leftover parameters, once chosen
         self.used: str | None = None  # what "auto" chose, and why (for the report), once a chunk was seen
+        self._drawn: dict[int, torch.Tensor] = {}  # first index of a chunk -> its sampled per-token labels (this fit)
+        self._drawn_bytes = 0
+
+    def forget_labels(self) -> None:
+        """Drop the labels kept between a fit's passes (call at the start and the end of a fit: θ̂ may change)."""
+        self._drawn.clear()
+        self._drawn_bytes = 0
 
     def resolve(self, kind: str, out: torch.Tensor) -> str:
         """The Fisher used for outputs like ``out`` (B, ...): ``fisher`` itself, or what ``"auto"`` picks for them
@@ -200,16 +211,29 @@ class FisherPasses:
                 "weight every position by its own probability. Use fisher='sampled' (default) or 'empirical'."
             )
         B, T = out.shape[:2]
+        mask = task.label_mask(target)
+        keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+        drawn = self._drawn.get(lo)
+        if drawn is None or tuple(drawn.shape) != (self.samples, B, T):
+            drawn = self._draw_tokens(out, lo, B, T)
+        return [
+            (with_target(task, batch, torch.where(keep, y.to(target.dtype), target)), ones / self.samples)
+            for y in drawn
+        ]
+
+    def _draw_tokens(self, out: torch.Tensor, lo: int, B: int, T: int) -> torch.Tensor:
+        """One label per position and sample, ``(samples, B, T)``, from the logits ``out`` (B, T, C) by the inverse
+        cdf of each position's own uniform draw; kept for the fit's next pass while the cache has room."""
         p = torch.softmax(out, dim=-1)
         U = self.draws(lo, B, T, normal=False, dtype=p.dtype, device=p.device)  # (samples, B, T)
         cdf = p.cumsum(dim=-1)
-        mask = task.label_mask(target)
-        keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
-        variants = []
-        for u in U:
-            y = _inverse_cdf(cdf, u).to(target.dtype)
-            variants.append((with_target(task, batch, torch.where(keep, y, target)), ones / self.samples))
-        return variants
+        dtype = torch.int32 if out.shape[-1] < 2**31 else torch.int64
+        drawn = torch.stack([_inverse_cdf(cdf, u).to(dtype) for u in U])
+        size = drawn.numel() * drawn.element_size()
+        if self._drawn_bytes + size <= LABEL_CACHE_BYTES:
+            self._drawn[lo] = drawn
+            self._drawn_bytes += size
+        return drawn
 
     def _leftover_grads(
         self, model: Any, fn: Any, params: dict[str, torch.Tensor], batch: Batch, layout: ParamLayout

@@ -473,6 +473,16 @@ class KFACSolver(Solver):
             )
         layers, leftover = self._layers(data)
         self._check_leftover(leftover)
+        self.passes.forget_labels()  # the labels kept between this fit's two passes, never another fit's
+        try:
+            self._fit_passes(operator, data, layers, leftover)
+        finally:
+            self.passes.forget_labels()
+
+    def _fit_passes(
+        self, operator: CurvatureOperator, data: LayerData, layers: list[_Layer], leftover: list[str]
+    ) -> None:
+        """The factor pass, the eigendecompositions, EK-FAC's correction pass, the checks and the residual probe."""
         diag = self._factors(data, layers, leftover, operator.device)
         _eigendecompose(layers)
         if not self.keep_factors:

@@ -1,5 +1,8 @@
 """Validation: influence predictions against actual retraining.
 
+May import: everything below it (``core``, ``data``, ``solvers``, ``engine``). Imported by the applications, the
+paper's package and the CLI.
+
 - :func:`leave_one_out`: −I_up,loss/n against leave-one-out retraining (Koh & Liang 2017, Figure 2),
   resumable through an on-disk cache, in parallel worker processes if asked; :class:`StepRetrain` retrains
   a non-convex model with a fixed budget of optimiser steps against a no-removal control run; returns a
