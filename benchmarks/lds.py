@@ -25,7 +25,9 @@ over the 10 epoch checkpoints of model 0, η = 1e-3), ``grad-dot`` (TracIn with 
 ik.Ensemble), ``cg-1`` (Influence with CG, damping 1e-3: exact quality; for the convex problem). The peer:
 ``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv (``.venv-bench``) at its
 documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as the target, the
-probability p as ``correct_probability_func``, as its TRAK example), on the same models.
+probability p as ``correct_probability_func``, as its TRAK example), on the same models; ``kronfluence-ekfac-1``,
+Kronfluence 1.0's EK-FAC on model 0 (its classifier set-up: summed cross-entropy, sampled labels for the factors,
+the summed margin as the measurement, damping 1e-3 as ours).
 """
 
 from __future__ import annotations
@@ -57,7 +59,19 @@ RECIPE = {
     "epochs": 10,
     "data": "MNIST t10k split seed 0: 5,000 train / 500 test, pixels / 255",
 }
-METHODS = ("trak-1", "trak-10", "tracin", "grad-dot", "ekfac-1", "ekfac-10", "cg-1", "dattri-trak-1", "dattri-trak-10")
+METHODS = (
+    "trak-1",
+    "trak-10",
+    "tracin",
+    "grad-dot",
+    "ekfac-1",
+    "ekfac-10",
+    "cg-1",
+    "dattri-trak-1",
+    "dattri-trak-10",
+    "kronfluence-ekfac-1",
+)
+PEERS = ("dattri-", "kronfluence-")  # run in the peers' own venv
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
 
 
@@ -182,6 +196,61 @@ def dattri_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tens
     return -score.T / len(train_set[1])  # (n_train, n_test) attribution of the margin -> its predicted LOO change
 
 
+def kronfluence_ekfac(problem: str, params: dict[str, torch.Tensor], train_set, test_set) -> torch.Tensor:
+    """Kronfluence 1.0's EK-FAC on the final model of seed 0, as its documentation sets up a classifier: the summed
+    cross-entropy as the training loss (labels sampled from the model for the factors), the summed margin as the
+    measurement, every Linear/Conv2d layer tracked, damping 1e-3 (ours'; its default 1e-8 leaves the damping to the
+    eigenvalues), all 500 queries in one batch; the predicted change of each margin, ``(n_test, n_train)``."""
+    import tempfile
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    class Classifier(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            inputs, labels = batch
+            logits = model(inputs)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
+            return nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            inputs, labels = batch
+            logits = model(inputs)
+            correct = logits.gather(1, labels[:, None])[:, 0]
+            others = logits.scatter(1, labels[:, None], float("-inf"))
+            return (correct - torch.logsumexp(others, dim=1)).sum()
+
+    model = network(problem)
+    model.load_state_dict(params)
+    task = Classifier()
+    model = prepare_model(model, task)
+    folder = tempfile.mkdtemp(prefix="kronfluence-")
+    analyzer = Analyzer("lds", model, task, cpu=True, disable_tqdm=True, output_dir=folder)
+    train_data = torch.utils.data.TensorDataset(*train_set)
+    analyzer.fit_all_factors(
+        "ekfac",
+        train_data,
+        per_device_batch_size=64,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
+    analyzer.compute_pairwise_scores(
+        "s",
+        "ekfac",
+        torch.utils.data.TensorDataset(*test_set),
+        train_data,
+        per_device_query_batch_size=len(test_set[1]),
+        per_device_train_batch_size=64,
+        score_args=ScoreArguments(damping_factor=1e-3),
+        overwrite_output_dir=True,
+    )
+    scores = analyzer.load_pairwise_scores("s")["all_modules"]
+    return scores / len(train_set[1])  # ∇m (H + λ)⁻¹ ∇L: the margin's predicted change when the point is removed
+
+
 def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.InfluenceScores:
     finals = [run[-1] for run in runs]
     if method.startswith("trak-"):
@@ -220,7 +289,9 @@ def worker(args: argparse.Namespace) -> None:
     train_set, test_set = data(args.problem)
     runs = models(args, train_set)
     start = time.perf_counter()
-    if args.worker.startswith("dattri-trak-"):
+    if args.worker == "kronfluence-ekfac-1":
+        predicted = kronfluence_ekfac(args.problem, runs[0][-1], train_set, test_set)
+    elif args.worker.startswith("dattri-trak-"):
         predicted = dattri_trak(
             args.problem, [run[-1] for run in runs], int(args.worker.split("-")[2]), train_set, test_set
         )
@@ -256,7 +327,7 @@ def main() -> None:
     print(f"{'method':<10} {'LDS':>6}  {'95% interval':>15}  {'seconds':>8}  {'peak MiB':>8}")
     for method in args.methods.split(","):
         out = Path(args.cache) / f"lds-{args.problem}-{method}.npy"
-        peer = method.startswith("dattri-")
+        peer = method.startswith(PEERS)
         if peer and not PEERS_PYTHON.exists():
             print(f"{method:<10} skipped: no peers' venv at {PEERS_PYTHON} (see benchmarks/peers.py)")
             continue
