@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import influencekit as ik  # noqa: E402
 from influencekit_paper.data.mnist import load_mnist_split  # noqa: E402
+from solvers import rss_mib  # noqa: E402  (VmHWM, as every benchmark reports it)
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 RECIPE = {
@@ -276,14 +277,6 @@ def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.Influe
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     train_set, test_set = data(args.problem)
@@ -299,7 +292,7 @@ def worker(args: argparse.Namespace) -> None:
         predicted = attribute(args.problem, args.worker, runs, train_set, test_set).predicted_loo_change()
     seconds = time.perf_counter() - start
     np.save(args.out, predicted.detach().double().numpy())
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": peak_mib()}))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": rss_mib()}))
 
 
 def main() -> None:

@@ -84,7 +84,11 @@ def test_bad_predictions_and_outputs_are_refused(tmp_path):
     def nan_outputs(kept, seed):
         return torch.full((5,), float("nan")), torch.zeros(5)
 
-    with pytest.raises(ik.InputError, match=r"must return finite margins for the 5 test points"):
+    with pytest.raises(
+        ik.InputError,
+        match=r"`train_on_subset's margins` must hold only finite values\. "
+        r"Got NaN/inf at position\(s\) \[0, 1, 2, 3, 4\]",
+    ):
         ik.validation.subset_outputs(nan_outputs, n_train=30, n_test=5, folder=tmp_path, n_subsets=3, recipe={})
 
     def fine(kept, seed):

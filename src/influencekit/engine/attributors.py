@@ -129,10 +129,10 @@ class TracIn:
         for theta, rate in zip(self.checkpoints, self.learning_rates):
             source = GradientSource(self.task, theta, chunk=self.batch_size, progress=self.progress)
             Q = source.block(test_data, side="test", desc="test gradients")
-            part = torch.empty(len(test_data), len(self.train), dtype=Q.dtype, device=Q.device)
+            if values is None:
+                values = torch.zeros(len(test_data), len(self.train), dtype=Q.dtype, device=Q.device)
             for lo, G in source.stream(self.train, side="train", desc="training gradients"):
-                part[:, lo : lo + len(G)] = Q @ G.T
-            values = -rate * part if values is None else values.sub_(rate * part)
+                values[:, lo : lo + len(G)].addmm_(Q, G.T, alpha=-rate)  # −η ∇f·∇L, into the sum in place
         metadata = {
             "method": "tracin",
             "checkpoints": len(self.checkpoints),
@@ -143,18 +143,13 @@ class TracIn:
         return InfluenceScores(values, len(self.train), metadata)
 
 
-def _correct_class_probability(task: Task, params: Params, source: GradientSource, data: Examples) -> torch.Tensor:
-    """p_i, each example's predicted probability of its own label, ``(n,)`` (softmax, or sigmoid of one logit)."""
-    parts = []
+def _one_minus_correct_probability(
+    task: ClassificationTask, params: Params, source: GradientSource, data: Examples
+) -> torch.Tensor:
+    """1 − p_i, each example's probability of another label than its own, ``(n,)``: σ(−margin), since the margin is
+    log(p / (1 − p)) (:meth:`~influencekit.ClassificationTask.margins`, one logit or many)."""
     with torch.no_grad():
-        for _, batch in source.batches(data):
-            logits, labels = task.outputs(params, batch), task.labels(batch)
-            if logits.dim() == 2 and logits.shape[1] > 1:
-                parts.append(torch.softmax(logits, dim=1).gather(1, labels.long()[:, None])[:, 0])
-            else:
-                q = torch.sigmoid(logits.reshape(-1))
-                parts.append(torch.where(labels.reshape(-1) > 0, q, 1 - q))
-    return torch.cat(parts)
+        return torch.cat([torch.sigmoid(-task.margins(params, batch)) for _, batch in source.batches(data)])
 
 
 class TRAK:
@@ -225,7 +220,7 @@ class TRAK:
                     "`damping` (e.g. 1e-3) or lower `dim` below the number of training examples."
                 )
             fitted.append((source, projector, Phi, L))
-            weights.append(1 - _correct_class_probability(self.task, theta, source, self.train))
+            weights.append(_one_minus_correct_probability(self.task, theta, source, self.train))
         self._fitted, self._weights = fitted, torch.stack(weights).mean(0)
         self.fit_seconds_ = time.perf_counter() - start
         return self

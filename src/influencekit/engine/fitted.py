@@ -39,8 +39,6 @@ __all__ = ["FittedEngine", "fit_engine", "data_fingerprint"]
 
 logger = logging.getLogger(__name__)
 
-Solve = Callable[..., tuple[torch.Tensor, SolveReport]]
-
 
 def data_fingerprint(gradients: GradientSource, data: Examples, examples: int = DATA_HEAD) -> str:
     """sha256 of the first ``examples`` examples of ``data`` as the engine sees them (the manifests' data check)."""

@@ -30,8 +30,8 @@ from ..core.errors import InputError, InputTypeError
 from ..core.folders import load_array, open_folder, save_array
 from ..core.progress import progress_bar
 from ..core.results import InfluenceScores
-from .metrics import draw_subsets, spearman, subset_size
-from .stats import correlation_or_nan
+from .metrics import draw_subsets, per_test_spearman, subset_size
+from .stats import as_vector
 
 __all__ = ["SubsetOutputs", "DatamodelScore", "subset_outputs", "datamodel_score"]
 
@@ -113,12 +113,10 @@ def subset_outputs(
 
 
 def _checked(values: torch.Tensor, n_test: int, what: str) -> np.ndarray:
-    array = torch.as_tensor(values).detach().cpu().double().numpy().reshape(-1)
-    if array.shape != (n_test,) or not np.isfinite(array).all():
-        raise InputError(
-            f"`train_on_subset` must return finite {what} for the {n_test} test points. Got shape {array.shape}"
-            f"{'' if np.isfinite(array).all() else ' with NaN/inf'}."
-        )
+    """``train_on_subset``'s ``what`` as a finite float64 vector of the ``n_test`` test points."""
+    array = as_vector(f"train_on_subset's {what}", values)
+    if array.shape != (n_test,):
+        raise InputError(f"`train_on_subset` must return {what} for the {n_test} test points. Got {len(array)}.")
     return array
 
 
@@ -172,7 +170,7 @@ def datamodel_score(
     if not np.isfinite(pred).all():
         raise InputError("`predicted_loo` holds NaN/inf values.")
     predicted = (~truth.subsets).astype(np.float64) @ pred.T  # (n_subsets, n_test): Σ over the removed points
-    per_test = np.array([correlation_or_nan(spearman, predicted[:, t], actual[:, t]) for t in range(pred.shape[0])])
+    per_test = per_test_spearman(predicted, actual)
     finite = per_test[np.isfinite(per_test)]
     if not len(finite):
         raise InputError("the LDS is undefined at every test point (constant predictions or outputs).")

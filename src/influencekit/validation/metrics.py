@@ -33,7 +33,15 @@ from .stats import as_vector, correlation_or_nan
 if TYPE_CHECKING:
     from ..engine.scoring import Influence
 
-__all__ = ["pearson", "spearman", "linear_datamodeling_score", "LDSResult", "draw_subsets", "subset_size"]
+__all__ = [
+    "pearson",
+    "spearman",
+    "linear_datamodeling_score",
+    "LDSResult",
+    "draw_subsets",
+    "subset_size",
+    "per_test_spearman",
+]
 
 
 def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +116,12 @@ def _check_lds_arguments(
     max_iter = check_int("max_iter", max_iter, low=1)
     check_retrain(retrain)
     return n_subsets, alpha, seed, tol, max_iter
+
+
+def per_test_spearman(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """``(n_test,)`` Spearman ρ across subsets (rows) of ``predicted`` and ``actual`` ``(n_subsets, n_test)``, per test
+    point (column); NaN where undefined (a constant column)."""
+    return np.array([correlation_or_nan(spearman, predicted[:, t], actual[:, t]) for t in range(predicted.shape[1])])
 
 
 def subset_size(alpha: float, n: int) -> int:
@@ -258,9 +272,7 @@ def linear_datamodeling_score(
         )
 
     ok = ~np.isnan(actual[:, 0])  # the converged subsets
-    per_test = np.array(
-        [correlation_or_nan(spearman, predicted[ok, t], actual[ok, t]) for t in range(len(tests.indices))]
-    )
+    per_test = per_test_spearman(predicted[ok], actual[ok])
     finite = np.isfinite(per_test)
     mean = float(per_test[finite].mean()) if finite.any() else float("nan")
     metadata = _lds_metadata(
