@@ -197,6 +197,15 @@ def dattri_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tens
     return -score.T / len(train_set[1])  # (n_train, n_test) attribution of the margin -> its predicted LOO change
 
 
+def _kronfluence_damping() -> float | None:
+    """1e-3 (ours) unless ``LDS_KRONFLUENCE_DAMPING`` says otherwise: ``default`` for its default 1e-8, ``heuristic``
+    for None (0.1 × the mean eigenvalue, its documented alternative)."""
+    value = os.environ.get("LDS_KRONFLUENCE_DAMPING", "1e-3")
+    if value == "heuristic":
+        return None
+    return 1e-8 if value == "default" else float(value)
+
+
 def kronfluence_ekfac(problem: str, params: dict[str, torch.Tensor], train_set, test_set) -> torch.Tensor:
     """Kronfluence 1.0's EK-FAC on the final model of seed 0, as its documentation sets up a classifier: the summed
     cross-entropy as the training loss (labels sampled from the model for the factors), the summed margin as the
@@ -245,7 +254,7 @@ def kronfluence_ekfac(problem: str, params: dict[str, torch.Tensor], train_set, 
         train_data,
         per_device_query_batch_size=len(test_set[1]),
         per_device_train_batch_size=64,
-        score_args=ScoreArguments(damping_factor=1e-3),
+        score_args=ScoreArguments(damping_factor=_kronfluence_damping()),
         overwrite_output_dir=True,
     )
     scores = analyzer.load_pairwise_scores("s")["all_modules"]
