@@ -117,15 +117,16 @@ def test_chunk_size_does_not_change_factors_or_sampled_labels(logistic, fisher):
 
 def test_sampled_labels_depend_on_the_global_index_only():
     solver = KFACSolver(seed=3, samples=2)
-    whole = solver.passes.draws(0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    whole = solver.passes.draws(range(700), 4, normal=True, dtype=torch.float64, device=cpu)
     for lo, B in [(0, 1), (255, 2), (300, 37), (511, 189)]:
-        part = solver.passes.draws(lo, B, 4, normal=True, dtype=torch.float64, device=torch.device("cpu"))
+        part = solver.passes.draws(range(lo, lo + B), 4, normal=True, dtype=torch.float64, device=cpu)
         assert torch.equal(part, whole[:, lo : lo + B]), (lo, B)
+    scattered = [699, 3, 256, 255, 512, 4]  # a length-grouped batch: indices from several blocks, in any order
+    part = solver.passes.draws(scattered, 4, normal=True, dtype=torch.float64, device=cpu)
+    assert torch.equal(part, whole[:, scattered])
     assert not torch.equal(
-        KFACSolver(seed=4, samples=2).passes.draws(
-            0, 700, 4, normal=True, dtype=torch.float64, device=torch.device("cpu")
-        ),
-        whole,
+        KFACSolver(seed=4, samples=2).passes.draws(range(700), 4, normal=True, dtype=torch.float64, device=cpu), whole
     )
 
 
@@ -668,3 +669,22 @@ def test_the_factors_are_dropped_after_their_eigendecomposition_unless_kept(digi
     assert kept.layers_[0].A is not None and kept.layers_[0].S is not None
     V = torch.randn(3, op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert torch.equal(dropped.solve(V).x, kept.solve(V).x)
+
+
+@pytest.mark.parametrize("C", [1000, 1024])  # a last partial block of 104 classes, and whole blocks only
+def test_a_draw_from_many_classes_by_blocks_equals_the_plain_inverse_cdf(C):
+    """Over more than 2 · CDF_BLOCK classes a label is drawn by its block first, then inside the block: the same class
+    as the inverse cdf over all classes for every one of 20,000 uniforms (float64, random probabilities over 1,000
+    and 1,024 classes, a few of them zero, never drawn)."""
+    from influencekit.solvers.fisher import CDF_BLOCK, _draw_classes, _inverse_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    assert C > 2 * CDF_BLOCK
+    p = torch.rand(C, generator=gen, dtype=torch.float64) ** 4
+    p[[0, 500, C - 1]] = 0.0
+    p /= p.sum()
+    u = torch.rand(20_000, generator=gen, dtype=torch.float64)
+    P = p.expand(len(u), C)
+    blocked = _draw_classes(P, u)
+    assert torch.equal(blocked, _inverse_cdf(P.cumsum(dim=1), u))
+    assert not torch.isin(blocked, torch.tensor([0, 500, C - 1])).any()  # classes of probability 0 are never drawn

@@ -14,7 +14,7 @@ solver computed itself. Optional abilities are declared in ``capabilities``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,7 +38,8 @@ class LayerData:
         n_examples: the size of the whole training set.
         weighted: whether the objective weights its examples (solvers may refuse it).
         shard: this process's part of the data and the collectives.
-        batches: ``batches()`` yields ``(global offset, batch)`` over this process's examples.
+        batches: ``batches()`` yields ``(global indices, batch)`` over this process's examples, each once, in an
+            order of its choosing (batches of similar lengths for padded sequences): for sums over the data.
     """
 
     task: Task
@@ -47,7 +48,7 @@ class LayerData:
     n_examples: int
     weighted: bool
     shard: Shard
-    batches: Callable[[], Iterator[tuple[int, Any]]]
+    batches: Callable[[], Iterator[tuple[Sequence[int], Any]]]
 
     def summed(self, work: Callable[[], None], sums: list[torch.Tensor]) -> None:
         """Run ``work()`` (which adds this rank's examples into ``sums``), then add ``sums`` across the ranks, in

@@ -7,7 +7,7 @@ Used by :meth:`Influence.top_k <influencekit.Influence.top_k>` (per rank, then m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -34,10 +34,14 @@ class StreamingTopK:
         top, pos = torch.topk(vals, min(self.k, vals.shape[1]), dim=1)
         self.values, self.indices = top, torch.gather(idx, 1, pos)
 
-    def add_block(self, values: torch.Tensor, first: int) -> None:
-        """Merge a block ``values`` ``(rows, m)`` of the consecutive columns ``first .. first + m − 1``."""
-        idx = torch.arange(first, first + values.shape[1], device=values.device).expand(values.shape[0], -1)
-        self.update(values, idx)
+    def add_block(self, values: torch.Tensor, first: int | Sequence[int]) -> None:
+        """Merge a block ``values`` ``(rows, m)`` of the consecutive columns ``first .. first + m − 1``, or of the
+        columns ``first`` given one by one (a batch of similar lengths)."""
+        if isinstance(first, int):
+            cols = torch.arange(first, first + values.shape[1], device=values.device)
+        else:
+            cols = torch.as_tensor(list(first), dtype=torch.long, device=values.device)
+        self.update(values, cols.expand(values.shape[0], -1))
 
     def merged(self, shard: Shard) -> StreamingTopK:
         """Every rank's top-k of its own shard's columns merged into the top-k over all columns (on every rank):
@@ -52,10 +56,13 @@ class StreamingTopK:
 
 
 def helpful_and_harmful(
-    Q: torch.Tensor, blocks: Iterable[tuple[int, Rows]], k: int, product: Callable[[torch.Tensor, Rows], torch.Tensor]
+    Q: torch.Tensor,
+    blocks: Iterable[tuple[int | Sequence[int], Rows]],
+    k: int,
+    product: Callable[[torch.Tensor, Rows], torch.Tensor],
 ) -> tuple[StreamingTopK, StreamingTopK]:
     """The ``k`` most negative (helpful, kept as the top-k of −S) and most positive (harmful) scores per query, over
-    ``blocks`` ``(first column, rows)`` whose scores are ``S = product(Q, rows)``."""
+    ``blocks`` ``(first column or the columns, rows)`` whose scores are ``S = product(Q, rows)``."""
     helpful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
     harmful = StreamingTopK(len(Q), k, dtype=Q.dtype, device=Q.device)
     for lo, rows in blocks:

@@ -19,7 +19,16 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..core.errors import InputError, InputTypeError, UnsupportedError
 
-__all__ = ["Examples", "Batch", "DataSource", "pad_collate", "IGNORE_INDEX"]
+__all__ = [
+    "Examples",
+    "Batch",
+    "DataSource",
+    "pad_collate",
+    "length_groups",
+    "grouped_stream",
+    "columns",
+    "IGNORE_INDEX",
+]
 
 IGNORE_INDEX = -100  # the label of positions that carry no loss (the transformers convention)
 
@@ -223,6 +232,24 @@ class Examples:
         batch = self._collate(items)
         return tree_map(lambda v: _as_tensor(self.name, v) if isinstance(v, np.ndarray) else v, batch)
 
+    def lengths(self, field: str = "input_ids") -> np.ndarray | None:
+        """Each example's length: the size of its 1-D ``field`` (token ids), where examples are dicts padded per
+        batch (a list of tokenised examples, a ``datasets.Dataset``, a :class:`~influencekit.hf.PrefixCache`); None
+        for data stored as tensors (padded to one length already) or whose examples lack the field."""
+        if not isinstance(self._dataset, _Items):
+            return None
+        items = self._dataset.items
+        if hasattr(items, "column_names"):  # a datasets.Dataset: one column read
+            if field not in items.column_names:
+                return None
+            return np.fromiter((len(v) for v in items[field]), dtype=np.int64, count=self._n)
+        own = getattr(items, "example_lengths", None)
+        if callable(own):
+            return own(field)
+        if not all(isinstance(item, Mapping) and field in item for item in items):
+            return None
+        return np.fromiter((len(item[field]) for item in items), dtype=np.int64, count=self._n)
+
     def batches(self, batch_size: int, *, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Batch]]:
         """Yield ``(offset, batch)`` over examples ``start:stop`` in order, ``batch_size`` at a time."""
         stop = self._n if stop is None else stop
@@ -295,6 +322,48 @@ def stream(
     """Yield ``(offset, batch)`` with each batch checked and moved by :func:`prepare_batch`."""
     for lo, batch in data.batches(batch_size, start=start, stop=stop):
         yield lo, prepare_batch(batch, name=data.name, offset=lo, dtype=dtype, device=device, check=check)
+
+
+def length_groups(lengths: np.ndarray, batch_size: int, *, start: int = 0, stop: int | None = None) -> list[list[int]]:
+    """The examples ``start .. stop-1`` as batches of similar lengths (a batch is padded to its longest example):
+    sorted by length, longest first (the largest batch comes first, so a memory limit shows at once), ties in
+    index order; each batch is a list of global indices in increasing order."""
+    stop = len(lengths) if stop is None else stop
+    order = start + np.argsort(-lengths[start:stop], kind="stable")
+    return [sorted(order[lo : lo + batch_size].tolist()) for lo in range(0, len(order), batch_size)]
+
+
+def grouped_stream(
+    data: Examples,
+    batch_size: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    start: int = 0,
+    stop: int | None = None,
+    check: BatchCheck | None = None,
+) -> Iterator[tuple[Sequence[int], Batch]]:
+    """``(indices, batch)`` over ``data[start:stop]``, each example once, for passes whose order does not matter:
+    where the examples have unequal lengths (token sequences padded per batch: :meth:`Examples.lengths`), in batches
+    of similar lengths (:func:`length_groups`: less padding to run through the model; errors name a batch's first
+    index), else in order (``indices`` a range)."""
+    stop = len(data) if stop is None else stop
+    lengths = data.lengths()
+    mine = None if lengths is None else lengths[start:stop]
+    if mine is None or len(mine) == 0 or mine.min() == mine.max():
+        for lo, batch in stream(data, batch_size, dtype=dtype, device=device, start=start, stop=stop, check=check):
+            yield range(lo, lo + batch_size_of(batch)), batch
+        return
+    for indices in length_groups(lengths, batch_size, start=start, stop=stop):
+        yield indices, take(data, indices, dtype=dtype, device=device, check=check)
+
+
+def columns(indices: Sequence[int], start: int = 0) -> slice | torch.Tensor:
+    """Where the examples ``indices`` of a :func:`grouped_stream` batch go in a block whose first column is example
+    ``start``: a slice for a range (a view), else an index tensor."""
+    if isinstance(indices, range):
+        return slice(indices.start - start, indices.stop - start)
+    return torch.as_tensor(list(indices), dtype=torch.long) - start
 
 
 def take(

@@ -27,7 +27,7 @@ from ..core.layers import GRADIENT_METHODS, DensePiece, GradientPiece, LayerGrad
 from ..core.lowrank import Factors, factor_blocks
 from ..core.progress import progress_bar
 from ..core.task import Task
-from ..data.examples import Batch, Examples, batch_size_of, stream, take
+from ..data.examples import Batch, Examples, batch_size_of, columns, grouped_stream, stream, take
 
 __all__ = [
     "GradientSource",
@@ -167,8 +167,8 @@ class GradientSource:
         pieces (:meth:`parts`) written into it as they come: no chunk of whole rows besides the block itself."""
         stop = len(data) if stop is None else stop
         G = torch.empty(stop - start, self.layout.n, dtype=self.layout.dtype, device=self.layout.device)
-        for lo, n, pieces in self.parts(data, side=side, start=start, stop=stop, desc=desc):
-            rows = G[lo - start : lo - start + n]
+        for indices, pieces in self.parts(data, side=side, start=start, stop=stop, desc=desc, in_order=True):
+            rows = G[columns(indices, start)]
             for piece in pieces:
                 piece.write(rows)
             if side == "train" and self._l2_term is not None:
@@ -176,18 +176,43 @@ class GradientSource:
         return G
 
     def parts(
-        self, data: Examples, *, side: str, start: int = 0, stop: int | None = None, desc: str = ""
-    ) -> Iterator[tuple[int, int, Iterator[GradientPiece]]]:
-        """``(offset, examples, pieces)`` per chunk of ``data[start:stop]``: the per-example gradients **without** the
-        L2 term (:attr:`l2_term`), a layer's parameter at a time when they come from layer taps (each piece made as it
-        is drawn: a consumer that scores them one by one never holds a chunk's whole rows), else the whole rows as one
-        piece. Draw a chunk's pieces before the next chunk. Every piece is checked to be finite."""
+        self,
+        data: Examples,
+        *,
+        side: str,
+        start: int = 0,
+        stop: int | None = None,
+        desc: str = "",
+        in_order: bool = False,
+    ) -> Iterator[tuple[Sequence[int], Iterator[GradientPiece]]]:
+        """``(indices, pieces)`` per chunk of ``data[start:stop]``: the per-example gradients **without** the L2 term
+        (:attr:`l2_term`), a layer's parameter at a time when they come from layer taps (each piece made as it is
+        drawn: a consumer that scores them one by one never holds a chunk's whole rows), else the whole rows as one
+        piece. Draw a chunk's pieces before the next chunk. Every piece is checked to be finite.
+
+        Token sequences of unequal lengths come in chunks of similar lengths
+        (:func:`~influencekit.data.examples.grouped_stream`: less padding through the model), place them with
+        :func:`~influencekit.data.examples.columns`; ``in_order``: chunks in data order (``indices`` ranges)."""
         stop = len(data) if stop is None else stop
         bar = progress_bar(total=stop - start, desc=desc or f"{data.name} gradients", enabled=self.progress)
-        for lo, batch in self.batches(data, start, stop):
+        layout = self.layout
+        chunks = (
+            ((range(lo, lo + batch_size_of(batch)), batch) for lo, batch in self.batches(data, start, stop))
+            if in_order
+            else grouped_stream(
+                data,
+                self.chunk,
+                dtype=layout.dtype,
+                device=layout.device,
+                check=self.task.check_batch,
+                start=start,
+                stop=stop,
+            )
+        )
+        for indices, batch in chunks:
             pieces, losses = self._pieces(side, batch, data.name, self.precision)
-            check_losses(losses, data.name, lo)
-            yield lo, len(losses), self._checked(pieces, data.name, lo)
+            check_losses(losses, data.name, indices[0])
+            yield indices, self._checked(pieces, data.name, indices[0])
             bar.update(len(losses))
         bar.close()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from ..core.errors import CurvatureWarning, NumericalError
 from ..core.progress import progress_bar
 from ..core.spectrum import lanczos_extremes
 from ..core.task import Task
-from ..data.examples import Batch, Examples, stream, take
+from ..data.examples import Batch, Examples, grouped_stream, stream, take
 
 __all__ = ["HessianOperator", "check_curvature"]
 
@@ -170,6 +170,20 @@ class HessianOperator:
             stop=self.shard.stop,
         )
 
+    def _layer_stream(self) -> Iterator[tuple[Sequence[int], Any]]:
+        """``(indices, batch)`` over this rank's examples for the layer solvers' sums, whose order does not matter:
+        token sequences of unequal lengths in batches of similar lengths
+        (:func:`~influencekit.data.examples.grouped_stream`)."""
+        return grouped_stream(
+            self.data,
+            self.batch_size,
+            dtype=self.dtype,
+            device=self.device,
+            check=self.task.check_batch,
+            start=self.shard.start,
+            stop=self.shard.stop,
+        )
+
     def layer_data(self) -> LayerData:
         """The task, θ̂ (detached) and this rank's data stream, for solvers that read the model's layers."""
         return LayerData(
@@ -179,7 +193,7 @@ class HessianOperator:
             self.n_examples,
             self.weights is not None,
             self.shard,
-            self._stream,
+            self._layer_stream,
         )
 
     def matvec(self, V: torch.Tensor, *, damped: bool = True) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -22,9 +22,12 @@ from ..core.layers import GradientPiece, layer_blocks
 from ..core.lowrank import Factors, LowRankQueries, factored_layers
 from ..core.progress import progress_bar
 from ..core.topk import StreamingTopK, helpful_and_harmful
-from ..data.examples import Examples
+from ..data.examples import Examples, columns
 from ..solvers import Solver, SolveReport
 from .gradients import GradientSource, matmul_precision
+
+# a training chunk as GradientSource.parts gives it: its examples' indices and their gradient pieces
+ChunkPieces = tuple[Sequence[int], Iterator[GradientPiece]]
 
 __all__ = ["TrainingSide", "Coordinates", "low_rank_queries", "scores_without_rows"]
 
@@ -155,24 +158,23 @@ class TrainingSide:
         """Scores −Qs Gᵀ of a block of preconditioned queries against training rows, in ``precision``."""
         return -self.dot(Qs, G)
 
-    def chunk_scores(
-        self, Q: torch.Tensor, chunk: tuple[int, Iterator[GradientPiece]], l2: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Scores −Qᵀ∇L(z) of a block of queries against one chunk ``(examples, pieces)`` of
-        :meth:`GradientSource.parts`,
-        a piece at a time; ``l2`` is Q's product with the L2 term λθ̂ (the pieces leave it out), or None."""
-        n, pieces = chunk
-        S = torch.zeros(len(Q), n, dtype=Q.dtype, device=Q.device)
+    def chunk_scores(self, Q: torch.Tensor, chunk: ChunkPieces, l2: torch.Tensor | None) -> torch.Tensor:
+        """Scores −Qᵀ∇L(z) of a block of queries against one chunk ``(indices, pieces)`` of
+        :meth:`GradientSource.parts`, a piece at a time; ``l2`` is Q's product with the L2 term λθ̂ (the pieces
+        leave it out), or None."""
+        indices, pieces = chunk
+        S = torch.zeros(len(Q), len(indices), dtype=Q.dtype, device=Q.device)
         for piece in pieces:
             S += piece.dot(Q, self.dot)
         return -(S if l2 is None else S + l2[:, None])
 
-    def chunks(self, desc: str) -> Iterator[tuple[int, tuple[int, Iterator[GradientPiece]]]]:
-        """``(offset, (examples, pieces))`` per training chunk of this shard (:meth:`GradientSource.parts`)."""
-        for lo, n, pieces in self.gradients.parts(
+    def chunks(self, desc: str) -> Iterator[tuple[Sequence[int], ChunkPieces]]:
+        """``(indices, (indices, pieces))`` per training chunk of this shard (:meth:`GradientSource.parts`, in
+        batches of similar lengths for token sequences)."""
+        for indices, pieces in self.gradients.parts(
             self.train, side="train", start=self.shard.start, stop=self.shard.stop, desc=desc
         ):
-            yield lo, (n, pieces)
+            yield indices, (indices, pieces)
 
     def l2_dot(self, Q: torch.Tensor) -> torch.Tensor | None:
         """Qλθ̂, the L2 term's part of every training example's score (None without L2)."""
@@ -192,8 +194,8 @@ class TrainingSide:
             block = torch.empty(len(Q), stop - start, dtype=Q.dtype, device=Q.device)
             if basis is None:
                 l2 = self.l2_dot(Q)
-                for lo, chunk in self.chunks("scoring"):
-                    block[:, lo - start : lo - start + chunk[0]] = self.chunk_scores(Q, chunk, l2)
+                for indices, chunk in self.chunks("scoring"):
+                    block[:, columns(indices, start)] = self.chunk_scores(Q, chunk, l2)
                 return block
             Qs = Q @ basis.T
             for lo, G in self.rows(basis, "scoring"):

@@ -444,6 +444,13 @@ class PrefixCache(Sequence):
             return self.disk.stored_bytes()
         return sum(t.numel() * t.element_size() for v in self.values for t in v.values())
 
+    def example_lengths(self, field: str) -> np.ndarray | None:
+        """Each example's length in ``field`` (its token ids), read without loading the stored outputs
+        (:meth:`~influencekit.data.Examples.lengths`); None where an example lacks the field."""
+        if not all(field in item for item in self._items):
+            return None
+        return np.fromiter((len(item[field]) for item in self._items), dtype=np.int64, count=len(self))
+
     def __len__(self) -> int:
         return len(self.examples)
 

@@ -402,7 +402,11 @@ class TokenClassificationTask(_TokenLoss):
 class CausalLMTask(_TokenLoss):
     """Next-token prediction: the logits at position t predict token t + 1; the loss of a sequence is the sum (or
     mean) of the cross-entropies of its target tokens. Targets are ``labels`` when the batch has them (``-100``
-    excluded, as in transformers), else ``input_ids`` where ``attention_mask`` is 1."""
+    excluded, as in transformers), else ``input_ids`` where ``attention_mask`` is 1.
+
+    :meth:`outputs` are the model's logits at every position ``(B, T, C)`` and :meth:`labels` the next tokens
+    ``(B, T)``, the last position's ``-100`` (nothing follows it): the logits are used as the model returns them
+    (slicing off the last position would copy them, a ``T × vocabulary`` tensor per sequence, at every loss)."""
 
     def labels(self, batch: Batch) -> torch.Tensor:
         if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -418,7 +422,7 @@ class CausalLMTask(_TokenLoss):
             mask = batch.get("attention_mask")
             if mask is not None:
                 full = torch.where(mask.bool(), full, torch.full_like(full, IGNORE_INDEX))
-        return full[:, 1:]
+        return torch.cat([full[:, 1:], torch.full_like(full[:, :1], IGNORE_INDEX)], dim=1)
 
     def check_batch(self, batch: Batch, name: str, offset: int) -> None:
         super().check_batch(batch, name, offset)
@@ -441,10 +445,7 @@ class CausalLMTask(_TokenLoss):
 
     def with_labels(self, batch: Batch, labels: torch.Tensor) -> Any:
         first = torch.full_like(labels[:, :1], IGNORE_INDEX)
-        return {**batch, self.label_key: torch.cat([first, labels.to(batch["input_ids"].dtype)], dim=1)}
-
-    def outputs(self, params: Params, batch: Batch) -> torch.Tensor:
-        return super().outputs(params, batch)[:, :-1]
+        return {**batch, self.label_key: torch.cat([first, labels[:, :-1].to(batch["input_ids"].dtype)], dim=1)}
 
 
 def per_token(example: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

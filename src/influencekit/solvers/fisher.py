@@ -6,7 +6,8 @@ every label weighted by its probability (``"expected"``), the true labels (``"em
 the expectation where an example has at most :data:`EXPECTED_MAX_LABELS` labels to weigh (a few classes, a binary
 output, a few regression outputs), a sampled label otherwise (per-token outputs, many classes). Sampled
 labels depend only on the seed and the example's global index (one generator per block of ``DRAW_BLOCK``
-consecutive examples), so neither the chunk size nor sharding changes them.
+consecutive examples), so neither the chunk size, the order of the batches nor sharding changes them (per-token
+labels also depend on the padded length of the batch, the width of the draw).
 
 Where the task computes its loss from the model's outputs (:meth:`~influencekit.core.task.Task.has_loss_from_outputs`),
 a chunk runs one tapped forward and one backward per label variant
@@ -17,11 +18,12 @@ the expectation over C labels costs one forward and C backwards, a sampled label
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..core.autodiff import ParamLayout
 from ..core.curvature import LayerData
@@ -75,6 +77,37 @@ def with_target(task: Task, batch: Batch, target: torch.Tensor) -> Any:
     return task.with_labels(batch, target)
 
 
+# a draw from more classes than this finds its block of CDF_BLOCK classes first, then the class inside it: two short
+# cumulative sums instead of one over every class (a cumulative sum is a sequential scan: 29 ms for 2,048 rows of a
+# 8,192-token vocabulary on 2 cores, against 1.4 ms for the blocks' sums)
+CDF_BLOCK = 128
+
+
+def _draw_classes(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The class drawn by each uniform ``u`` (shape ``p.shape[:-1]``) from the probabilities ``p`` over the last
+    dimension, by the inverse cdf; with many classes the block of :data:`CDF_BLOCK` classes holding u first (the
+    blocks are views of ``p``, no copy; a last partial block is padded with zeros)."""
+    C = p.shape[-1]
+    if C <= 2 * CDF_BLOCK:
+        return _inverse_cdf(p.cumsum(dim=-1), u)
+    p = p.contiguous()
+    full = C // CDF_BLOCK
+    blocks = p.unfold(-1, CDF_BLOCK, CDF_BLOCK)  # (..., full, CDF_BLOCK), a view
+    block_mass = blocks.sum(dim=-1)
+    tail = None
+    if C % CDF_BLOCK:  # the last classes, padded to a block with zeros (a small copy)
+        tail = F.pad(p[..., full * CDF_BLOCK :], (0, CDF_BLOCK - C % CDF_BLOCK))
+        block_mass = torch.cat([block_mass, tail.sum(dim=-1, keepdim=True)], dim=-1)
+    block_cdf = block_mass.cumsum(dim=-1)
+    block = _inverse_cdf(block_cdf, u)
+    before = (block_cdf - block_mass).gather(-1, block.unsqueeze(-1)).squeeze(-1)  # the mass of the blocks before it
+    index = block.clamp_max(full - 1).reshape(*block.shape, 1, 1).expand(*block.shape, 1, CDF_BLOCK)
+    inside = blocks.gather(-2, index).squeeze(-2)  # (..., CDF_BLOCK): the chosen block's probabilities
+    if tail is not None:
+        inside = torch.where((block == full).unsqueeze(-1), tail, inside)
+    return (block * CDF_BLOCK + _inverse_cdf(inside.cumsum(dim=-1), u - before)).clamp_max(C - 1)
+
+
 def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The class drawn by each uniform ``u`` (shape ``cdf.shape[:-1]``) from the cumulative probabilities ``cdf`` over
     the last dimension: the number of classes whose cdf lies below u (cdf is non-decreasing), found by a binary search
@@ -110,16 +143,18 @@ class FisherPasses:
         return chosen
 
     def draws(
-        self, lo: int, B: int, width: int, *, normal: bool, dtype: torch.dtype, device: torch.device
+        self, indices: Sequence[int], width: int, *, normal: bool, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor:
-        """Random numbers ``(samples, B, width)`` for the examples ``lo .. lo+B-1`` (global indices).
+        """Random numbers ``(samples, len(indices), width)`` for the examples of global ``indices`` (in that order).
 
         Example i's numbers come from the generator of block i // DRAW_BLOCK, seeded by (seed, block), at a
-        fixed place in it: they depend on ``seed`` and i only, not on the chunking or on a rank's shard.
+        fixed place in it: they depend on ``seed`` and i only, not on the chunking, the order of the batches or on
+        a rank's shard.
         """
-        first, last = lo // DRAW_BLOCK, (lo + B - 1) // DRAW_BLOCK
-        blocks = []
-        for b in range(first, last + 1):
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        block_of = index // DRAW_BLOCK
+        rows = torch.empty(len(index), self.samples, width, dtype=dtype, device=device)
+        for b in block_of.unique().tolist():
             gen = torch.Generator(device=device)
             gen.manual_seed(
                 int(
@@ -128,20 +163,26 @@ class FisherPasses:
                 )
             )
             shape = (DRAW_BLOCK, self.samples, width)
-            blocks.append(
+            block = (
                 torch.randn(shape, dtype=dtype, device=device, generator=gen)
                 if normal
                 else torch.rand(shape, dtype=dtype, device=device, generator=gen)
             )
-        rows = torch.cat(blocks)[lo - first * DRAW_BLOCK : lo - first * DRAW_BLOCK + B]
+            here = (block_of == b).nonzero().flatten()
+            rows[here.to(device)] = block[(index[here] - b * DRAW_BLOCK).to(device)]
         return rows.transpose(0, 1)
 
     def variants(
-        self, kind: str, batch: Batch, out: torch.Tensor, task: Task, lo: int
+        self,
+        kind: str,
+        batch: Batch,
+        out: torch.Tensor,
+        task: Task,
+        indices: Sequence[int],
     ) -> list[tuple[Any, torch.Tensor]]:
         """Batches whose label-gradients build the Fisher, with per-example weights w (the loss is Σ √w ℓ).
 
-        ``lo`` is the global index of the batch's first example (it fixes the sampled labels)."""
+        ``indices``: the global indices of the batch's examples (they fix the sampled labels)."""
         target = task.labels(batch)
         B = out.shape[0]
         ones = torch.ones(B, dtype=out.dtype, device=out.device)
@@ -149,15 +190,15 @@ class FisherPasses:
         if fisher == "empirical":
             return [(batch, ones)]
         if kind == "classification" and out.dim() == 3:
-            return self._sequence(fisher, batch, out, task, lo, target, ones)
+            return self._sequence(fisher, batch, out, task, indices, target)
         if kind == "classification":
-            return self._classification(fisher, batch, out, task, lo, target, ones)
+            return self._classification(fisher, batch, out, task, indices, target, ones)
         # squared error averaged over m outputs = Gaussian likelihood with variance m/2 (up to a constant)
         f = out.reshape(target.shape).to(out.dtype)
         m = f[0].numel()
         scale = math.sqrt(m / 2.0)
         if fisher == "sampled":
-            eps = self.draws(lo, B, m, normal=True, dtype=f.dtype, device=f.device)
+            eps = self.draws(indices, m, normal=True, dtype=f.dtype, device=f.device)
             return [(with_target(task, batch, f + scale * e.reshape(f.shape)), ones / self.samples) for e in eps]
         variants = []
         for j in range(m):
@@ -172,7 +213,7 @@ class FisherPasses:
         batch: Batch,
         out: torch.Tensor,
         task: Task,
-        lo: int,
+        indices: Sequence[int],
         target: torch.Tensor,
         ones: torch.Tensor,
     ) -> list[tuple[Any, torch.Tensor]]:
@@ -180,14 +221,13 @@ class FisherPasses:
         if out.dim() == 2 and out.shape[1] > 1:
             p = torch.softmax(out, dim=1)
             if fisher == "sampled":  # inverse CDF of each example's own uniform draw
-                U = self.draws(lo, B, 1, normal=False, dtype=p.dtype, device=p.device)
-                cdf = p.cumsum(dim=1)
-                Y = [_inverse_cdf(cdf, u.squeeze(-1)) for u in U]
+                U = self.draws(indices, 1, normal=False, dtype=p.dtype, device=p.device)
+                Y = [_draw_classes(p, u.squeeze(-1)) for u in U]
                 return [(with_target(task, batch, y.to(target.dtype)), ones / self.samples) for y in Y]
             return [(with_target(task, batch, torch.full_like(target, c)), p[:, c]) for c in range(p.shape[1])]
         q = torch.sigmoid(out.reshape(B))
         if fisher == "sampled":
-            U = self.draws(lo, B, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
+            U = self.draws(indices, 1, normal=False, dtype=q.dtype, device=q.device).squeeze(2)
             return [(with_target(task, batch, (u < q).to(target.dtype)), ones / self.samples) for u in U]
         return [
             (with_target(task, batch, torch.ones_like(target)), q),
@@ -200,9 +240,8 @@ class FisherPasses:
         batch: Batch,
         out: torch.Tensor,
         task: Task,
-        lo: int,
+        indices: Sequence[int],
         target: torch.Tensor,
-        ones: torch.Tensor,
     ) -> list[tuple[Any, torch.Tensor]]:
         """Labels drawn per position of ``(B, T, C)`` logits; positions without a loss keep their label."""
         if fisher != "sampled":
@@ -213,25 +252,25 @@ class FisherPasses:
         B, T = out.shape[:2]
         mask = task.label_mask(target)
         keep = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
-        drawn = self._drawn.get(lo)
+        drawn = self._drawn.get(indices[0])
         if drawn is None or tuple(drawn.shape) != (self.samples, B, T):
-            drawn = self._draw_tokens(out, lo, B, T)
+            drawn = self._draw_tokens(out, indices, T)
+        ones = torch.ones(B, dtype=out.dtype, device=out.device)
         return [
             (with_target(task, batch, torch.where(keep, y.to(target.dtype), target)), ones / self.samples)
             for y in drawn
         ]
 
-    def _draw_tokens(self, out: torch.Tensor, lo: int, B: int, T: int) -> torch.Tensor:
+    def _draw_tokens(self, out: torch.Tensor, indices: Sequence[int], T: int) -> torch.Tensor:
         """One label per position and sample, ``(samples, B, T)``, from the logits ``out`` (B, T, C) by the inverse
         cdf of each position's own uniform draw; kept for the fit's next pass while the cache has room."""
         p = torch.softmax(out, dim=-1)
-        U = self.draws(lo, B, T, normal=False, dtype=p.dtype, device=p.device)  # (samples, B, T)
-        cdf = p.cumsum(dim=-1)
+        U = self.draws(indices, T, normal=False, dtype=p.dtype, device=p.device)  # (samples, B, T)
         dtype = torch.int32 if out.shape[-1] < 2**31 else torch.int64
-        drawn = torch.stack([_inverse_cdf(cdf, u).to(dtype) for u in U])
+        drawn = torch.stack([_draw_classes(p, u).to(dtype) for u in U])
         size = drawn.numel() * drawn.element_size()
         if self._drawn_bytes + size <= LABEL_CACHE_BYTES:
-            self._drawn[lo] = drawn
+            self._drawn[indices[0]] = drawn
             self._drawn_bytes += size
         return drawn
 
@@ -245,7 +284,13 @@ class FisherPasses:
         return self._leftover(fn, params, batch)[0]
 
     def _tapped(
-        self, taps: LayerTaps, task: Task, kind: str, params: dict[str, torch.Tensor], batch: Batch, lo: int
+        self,
+        taps: LayerTaps,
+        task: Task,
+        kind: str,
+        params: dict[str, torch.Tensor],
+        batch: Batch,
+        indices: Sequence[int],
     ) -> Iterator[tuple[Any, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
         """Per label variant of a chunk: (relabelled batch, weights w, layer inputs, output gradients of Σ √w ℓ).
 
@@ -256,7 +301,7 @@ class FisherPasses:
             variants: list[tuple[Any, torch.Tensor]] = []
 
             def losses_of(out: torch.Tensor) -> list[torch.Tensor]:
-                variants.extend(self.variants(kind, batch, out.detach(), task, lo))
+                variants.extend(self.variants(kind, batch, out.detach(), task, indices))
                 return [task.loss_from_outputs(out, vbatch) * w.sqrt().to(out.dtype) for vbatch, w in variants]
 
             raw_in, grads_each = taps.run_each(task.outputs, losses_of, params, batch)
@@ -265,7 +310,7 @@ class FisherPasses:
             return
         with torch.no_grad():
             out = task.outputs(params, batch)
-        for vbatch, w in self.variants(kind, batch, out, task, lo):
+        for vbatch, w in self.variants(kind, batch, out, task, indices):
             raw_in, raw_grads, _ = taps.run(task.loss, params, vbatch, scale=w.sqrt())
             yield vbatch, w, raw_in, raw_grads
 
@@ -277,9 +322,11 @@ class FisherPasses:
         kind = loss_kind(task)
         leftover_layout = ParamLayout.of({n: params[n] for n in leftover}) if leftover else None
         with LayerTaps(layers) as taps:
-            for lo, batch in data.batches():
+            for indices, batch in data.batches():
                 mask = task.position_mask(batch)
-                for v, (vbatch, w, raw_in, raw_grads) in enumerate(self._tapped(taps, task, kind, params, batch, lo)):
+                for v, (vbatch, w, raw_in, raw_grads) in enumerate(
+                    self._tapped(taps, task, kind, params, batch, indices)
+                ):
                     A_in = [layer_inputs(layer, x) for layer, x in zip(layers, raw_in)] if v == 0 else None
                     G_out = [layer.output_grads(g, x=x) for layer, g, x in zip(layers, raw_grads, raw_in)]
                     extra = None
