@@ -9,7 +9,10 @@ batch 16; ``influencekit_paper.minilm``, kept in ``--cache``). ``--model pooled`
 
 * ``--case block5``: the six Linear layers of block 5, the pooler and the classifier (1.92M parameters), by default
   on 1,000 training × 200 test e-mails;
-* ``--case all``: every Linear layer of the model (38 layers, 10.8M parameters), by default 300 × 50;
+* ``--case all``: every Linear layer of the model (38 layers, 10.8M parameters), by default 300 × 50; at 1,000 × 200
+  (``--n-train 1000 --n-test 200``) the queries alone would take 8.6 GB: ``--query-rank 32`` turns on query
+  batching on both sides (ours ``scores(query_rank=32)``, Kronfluence's ``query_gradient_low_rank=32`` with query
+  batches of 50, whose full gradients it forms before their SVD);
 * ``--case causal``: a causal language model, per-token influence. A small GPT-2 (``GPT2LMHeadModel``, 4 blocks of
   width 128, tied ``lm_head``, 1.85M parameters) trained here from scratch on Enron1 text
   (:mod:`influencekit_paper.enron_lm`: MiniLM's WordPiece tokens cut to an 8,192-token vocabulary, sequences of
@@ -40,6 +43,7 @@ Run (the first run fine-tunes, a few minutes on 2 cores, later runs load the cac
     .venv-bench/bin/pip uninstall -y torchvision
     .venv/bin/python benchmarks/transformers.py --case block5
     .venv/bin/python benchmarks/transformers.py --case all
+    .venv/bin/python benchmarks/transformers.py --case all --n-train 1000 --n-test 200 --query-rank 32
 """
 
 from __future__ import annotations
@@ -152,14 +156,26 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
         if args.case == "block5"
         else "no prefix cache (every block selected)"
     )
+    low_rank = f", query_rank {args.query_rank}" if args.query_rank else ""
+    kron_low_rank = (
+        f", query_gradient_low_rank {args.query_rank}, query batch {kronfluence_query_batch(args)}"
+        if args.query_rank
+        else f", query batch {args.n_test} (all test e-mails at once)"
+    )
     return {
         "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget "
-        f"{args.memory_budget}, "
-        f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factors",
+        f"{args.memory_budget}{low_rank}, "
+        f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factor sums",
         "kronfluence": f"EK-FAC (FactorArguments(strategy='ekfac')), damping_factor {args.damping:g}, factor "
-        "and train batch "
-        f"{args.batch_size}, query batch {args.n_test} (all test e-mails at once); float32 throughout",
+        f"and train batch {args.batch_size}{kron_low_rank}; float32 throughout",
     }
+
+
+def kronfluence_query_batch(args: argparse.Namespace) -> int:
+    """Kronfluence's query batch: every query at once (its docs: the largest batch that fits), but with query
+    batching (``--query-rank``) at most 50, whose full per-example gradients it forms before their SVD (MiniLM's
+    10.8M parameters: 2.2 GB per 50 queries)."""
+    return min(args.n_test, 50) if args.query_rank else args.n_test
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -188,14 +204,14 @@ def ours(ft, modules: list[str], args: argparse.Namespace, info: dict[str, Any])
         solver_options={"fisher": "sampled"},
     )
     if args.worker == "plan":  # the planner's estimate, in a process of its own: its probe does not set the run's peak
-        plan = inf.plan(len(test))
+        plan = inf.plan(len(test), query_rank=args.query_rank)
         info.update(planned_s=plan.seconds + info["t_cache"], planned_peak_mib=plan.peak_memory / 2**20, plan=str(plan))
         return np.zeros((0, 0))
     t0 = time.perf_counter()
     inf.fit()
     info["t_fit"] = time.perf_counter() - t0 + info["t_cache"]
     t0 = time.perf_counter()
-    S = inf.scores(test).values.numpy()
+    S = inf.scores(test, query_rank=args.query_rank).values.numpy()
     info["t_score"] = time.perf_counter() - t0
     info["n_params"] = inf.n_params
     return S
@@ -288,9 +304,9 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
         "ekfac",
         Items(test),
         Items(ft.train),
-        per_device_query_batch_size=len(test),
+        per_device_query_batch_size=len(test) if not args.query_rank else kronfluence_query_batch(args),
         per_device_train_batch_size=args.batch_size,
-        score_args=ScoreArguments(damping_factor=args.damping),
+        score_args=ScoreArguments(damping_factor=args.damping, query_gradient_low_rank=args.query_rank),
         overwrite_output_dir=True,
     )
     S = analyzer.load_pairwise_scores("s")["all_modules"].float().numpy()
@@ -349,6 +365,7 @@ def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any
         str(args.cache),
         "--memory-budget",
         args.memory_budget,
+        *(["--query-rank", str(args.query_rank)] if args.query_rank else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     t0 = time.perf_counter()
@@ -378,6 +395,11 @@ def main() -> None:
     p.add_argument(
         "--memory-budget", default="2GiB", help="ours: Influence(memory_budget=); the query blocks follow it"
     )
+    p.add_argument(
+        "--query-rank",
+        type=int,
+        help="query batching: ours scores(query_rank=), Kronfluence's query_gradient_low_rank (same rank per layer)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmarks")
     p.add_argument("--systems", default="ours,kronfluence")
@@ -405,7 +427,7 @@ def main() -> None:
     results = {}
     reuse = set(filter(None, args.reuse.split(",")))
     settings = (args.model, args.case, args.n_train, args.n_test, f"{args.damping:g}", args.batch_size, args.threads)
-    key = "-".join(map(str, (*settings, args.memory_budget)))
+    key = "-".join(map(str, (*settings, args.memory_budget, *([f"r{args.query_rank}"] if args.query_rank else []))))
     with tempfile.TemporaryDirectory() as tmp:
         plan = (
             run_worker("plan", args, os.path.join(tmp, "plan")) if "ours" in systems and "ours" not in reuse else None

@@ -340,6 +340,28 @@ def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
         make_solver("ekfac", solve_dtype="float32")
 
 
+def test_ekfac_eigendecomposes_a_float32_models_factors_in_float32(digits_small):
+    """EK-FAC uses only the eigenvectors (the correction pass measures the eigenvalues): for a float32 model its
+    default eigendecomposes in float32, and its solutions agree with float64 eigendecompositions to 1e-4 relative
+    (the eigenvalues are summed in float64 both ways); K-FAC, whose eigenvalues are the curvature, stays in float64,
+    bit for bit; a float64 model is decomposed in float64. Other dtypes are refused."""
+    X, y = digits_small.train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    task = ik.ClassificationTask(model, l2=1e-3)
+    op = operator_of(task, (X.float(), y), damping=0.1)
+    V = torch.randn(5, op.n_params, generator=torch.Generator().manual_seed(3))
+    fast, accurate = (make_solver("ekfac", eigh_dtype=d).fit(op) for d in (None, torch.float64))
+    assert fast._eigh_dtype(torch.float32) == torch.float32 and fast.describe()["eigh_dtype"] == "None"
+    a, b = fast.solve(V).x, accurate.solve(V).x
+    assert 0 < float((a - b).norm() / b.norm()) < 1e-4
+    kfac, kfac64 = (make_solver("kfac", eigh_dtype=d).fit(op) for d in (None, torch.float64))
+    assert torch.equal(kfac.solve(V).x, kfac64.solve(V).x)
+    assert make_solver("ekfac")._eigh_dtype(torch.float64) == torch.float64
+    with pytest.raises(ik.InputError, match="`eigh_dtype` must be torch.float32, torch.float64 or None"):
+        make_solver("ekfac", eigh_dtype=torch.float16)
+
+
 # ---------------------------------------------------------------------------------------- embeddings
 class BagOfTokens(nn.Module):
     """Embedding(V, d) averaged over T tokens, tanh, Linear(d, C): its embedding is a dense layer on one-hot inputs."""

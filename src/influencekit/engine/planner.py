@@ -48,8 +48,8 @@ once it exists, and the stage's working set:
     exact state                  2·p²·b_e + p·b_e  (H and its eigenvectors or Cholesky factor, b_e bytes of
                                  eig_dtype; + p²·b while the Hessian is assembled when dtypes differ)
     arnoldi                      state rank·p·b; during fit the Lanczos basis min(n_iter, p)·p·b on top
-    kfac/ekfac state             b_r·Σ_layers (k² + o² + o·k)  (Q_A, Q_S and the eigenvalues, summed and
-                                 eigendecomposed in float64, kept in the rotations' dtype, b_r bytes: solve_dtype or
+    kfac/ekfac state             b_r·Σ_layers (k² + o² + o·k)  (Q_A, Q_S and the eigenvalues, summed in float64,
+                                 eigendecomposed in eigh_dtype, kept in the rotations' dtype, b_r bytes: solve_dtype or
                                  the model's; k inputs (+1 for a bias) and o outputs per layer; A and S too with
                                  keep_factors: + b_r·Σ(k² + o²)) + 8 per leftover parameter
     cg / lissa working set       6·q·p·b / 4·q·p·b  (block iterates, residuals, directions)

@@ -274,16 +274,23 @@ def _solve_taps(
             ).to(out.dtype)
 
 
-def _eigendecompose(layers: list[_Layer]) -> None:
+def _eigendecompose(layers: list[_Layer], dtype: torch.dtype) -> None:
+    """Each layer's Q_S, Q_A (eigenvectors of its float64 factors, computed in ``dtype``) and λ_S λ_Aᵀ in float64."""
     for layer in layers:
-        lS, layer.QS = torch.linalg.eigh(layer.S)
+        lS, layer.QS = _eigh(layer.S, dtype)
         if layer.embedding:  # A diagonal: its eigenvectors are the rows themselves (QA = I, kept as None)
             layer.QA = None
             layer.eig = layer.A[:, None] * lS.clamp_min(0)[None, :]  # (V, d), as the weight
             continue
-        lA, layer.QA = torch.linalg.eigh(layer.A)
+        lA, layer.QA = _eigh(layer.A, dtype)
         # the factors are PSD: negative eigenvalues are round-off
         layer.eig = lS.clamp_min(0)[:, None] * lA.clamp_min(0)[None, :]
+
+
+def _eigh(factor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (float64) and eigenvectors (``dtype``) of a symmetric float64 factor, decomposed in ``dtype``."""
+    values, vectors = torch.linalg.eigh(factor.to(dtype))
+    return values.to(torch.float64), vectors
 
 
 def _drop_factors(layers: list[_Layer]) -> None:
@@ -340,7 +347,7 @@ def _tap_quadratic_form(
 
 @register
 class KFACSolver(Solver):
-    """Kronecker-factored Gauss-Newton/Fisher (K-FAC) per layer, eigendecomposed in float64.
+    """Kronecker-factored Gauss-Newton/Fisher (K-FAC) per layer: factors summed in float64, eigendecomposed.
 
     Args:
         fisher: which output gradients build S and the corrections: ``"auto"`` (default: ``"expected"`` where an
@@ -368,10 +375,14 @@ class KFACSolver(Solver):
             a 54 s fit (each costs four double-backward passes); a diagnostic should not dominate the fit.
         block_elements: largest number of values of a temporary per-example tensor (memory knob).
         solve_dtype: precision of the solve's rotations into and out of the Kronecker eigenbasis: ``None``
-            (default) for the model's dtype, or e.g. ``torch.float64``. The factors are always eigendecomposed in
-            float64; rotating a float32 model's queries in float32 agrees with float64 rotations to 1e-5 relative
-            (tests/solvers/test_kfac.py) and is 2× faster: on MiniLM's last block the float64 rotations of 200
-            test e-mails took half the scoring time.
+            (default) for the model's dtype, or e.g. ``torch.float64``. Rotating a float32 model's queries in
+            float32 agrees with float64 rotations to 1e-5 relative (tests/solvers/test_kfac.py) and is 2× faster: on
+            MiniLM's last block the float64 rotations of 200 test e-mails took half the scoring time.
+        eigh_dtype: precision of the factors' eigendecompositions (the factors are summed in float64 either way).
+            ``None`` (default): float64 for K-FAC, whose eigenvalues are the curvature; for EK-FAC the model's dtype
+            (float32 at least), since only its eigenvectors are used (the correction pass measures the eigenvalues
+            in that basis, summed in float64): on MiniLM's 38 layers float32 took 3.0 s against 7.0 s, with scores
+            5e-5 relative apart (Pearson 1 − 1e-9; tests/solvers/test_kfac.py states the bound on a float32 MLP).
         keep_factors: keep each dense layer's Kronecker factors A and S after their eigendecomposition (in
             ``layers_`` and the saved state). The solves use only the eigenvectors and eigenvalues: by default the
             factors are dropped (MiniLM's 38 layers: 148 MB of the fitted state).
@@ -400,6 +411,7 @@ class KFACSolver(Solver):
         solve_dtype: torch.dtype | None = None,
         probe_examples: int | None = 64,
         keep_factors: bool = False,
+        eigh_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_choice("fisher", fisher, FISHERS)
@@ -413,6 +425,9 @@ class KFACSolver(Solver):
         if solve_dtype is not None and (not isinstance(solve_dtype, torch.dtype) or not solve_dtype.is_floating_point):
             raise InputError(f"`solve_dtype` must be a floating torch.dtype or None. Got {solve_dtype!r}.")
         self.solve_dtype = solve_dtype
+        if eigh_dtype not in (None, torch.float32, torch.float64):
+            raise InputError(f"`eigh_dtype` must be torch.float32, torch.float64 or None. Got {eigh_dtype!r}.")
+        self.eigh_dtype = eigh_dtype
         self.keep_factors = bool(keep_factors)
         self.passes = FisherPasses(fisher, self.samples, self.seed)
 
@@ -484,7 +499,7 @@ class KFACSolver(Solver):
     ) -> None:
         """The factor pass, the eigendecompositions, EK-FAC's correction pass, the checks and the residual probe."""
         diag = self._factors(data, layers, leftover, operator.device)
-        _eigendecompose(layers)
+        _eigendecompose(layers, self._eigh_dtype(operator.dtype))
         if not self.keep_factors:
             _drop_factors(layers)
         self.diagonal_ = diag / data.n_examples
@@ -515,6 +530,12 @@ class KFACSolver(Solver):
             len(diag),
             self.probe_residual_,
         )
+
+    def _eigh_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The eigendecompositions' dtype (``eigh_dtype``, or its default: see the class docstring)."""
+        if self.eigh_dtype is not None:
+            return self.eigh_dtype
+        return torch.float64 if not self._corrected or model_dtype == torch.float64 else torch.float32
 
     def _keep_in(self, dtype: torch.dtype) -> None:
         """Keep each layer's factors, eigenvectors and eigenvalues in the rotations' dtype: summed and eigendecomposed
@@ -627,7 +648,7 @@ class KFACSolver(Solver):
     def _correct(self, data: LayerData) -> None:
         """EK-FAC's second pass: Λ = (1/n) Σ_i (Q_Sᵀ ∇_W ℓ_i Q_A)² per layer (the same labels as the first pass)."""
         for layer in self.layers_:
-            layer.eig = torch.zeros_like(layer.eig)
+            layer.eig = torch.zeros_like(layer.eig, dtype=torch.float64)  # summed in float64 whatever the eigh's dtype
 
         def local_sums() -> None:
             A_keep: list[torch.Tensor] | None = None
@@ -784,6 +805,7 @@ class KFACSolver(Solver):
             "seed": self.seed,
             "unsupported": self.unsupported,
             "solve_dtype": str(self.solve_dtype),
+            "eigh_dtype": str(self.eigh_dtype),
             "probes": self.probes,
             "probe_examples": self.probe_examples,
             "keep_factors": self.keep_factors,
@@ -848,6 +870,7 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
         "seed": solver.seed,
         "unsupported": solver.unsupported,
         "block_elements": solver.block_elements,
+        "eigh_dtype": solver.eigh_dtype,
     }
     probe_solver = type(solver)(**{**options, "probes": 0})
     total = probe.fit_seconds(probe_solver)
@@ -857,7 +880,7 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
     sizes = [d for layer in probe_solver.layers_ for d in layer.index.shape]
     r = max(1, min(1024, max(sizes, default=1)))
     M = torch.randn(r, r, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    M = M @ M.T
+    M = (M @ M.T).to(probe_solver._eigh_dtype(probe.dtype))
     unit = timed(lambda: torch.linalg.eigh(M))
     eig = sum(unit * (d / r) ** 3 for d in sizes)
     positions = probe.layer_positions(probe_solver.layers_)
