@@ -269,8 +269,9 @@ def test_prefix_cache_replays_the_frozen_blocks_exactly(bert):
 
 
 def test_prefix_cache_on_disk_equals_the_one_in_memory_and_resumes(bert, tmp_path):
-    """folder=: the same examples bit for bit (hence the same scores), read memory-mapped; a second build reuses every
-    batch (no forward of the frozen blocks), a damaged batch file is named and recomputed, another model refused."""
+    """folder=: the same examples (to 1e-12: in memory the batches are formed by length, on disk in data order, so the
+    padded shapes differ) and scores, read memory-mapped; a second build reuses every batch (no forward of the frozen
+    blocks), a damaged batch file is named and recomputed, another model refused."""
     import warnings
 
     model, train, test = bert
@@ -280,12 +281,14 @@ def test_prefix_cache_on_disk_equals_the_one_in_memory_and_resumes(bert, tmp_pat
     assert len(disk) == len(memory) and disk.stored_bytes >= memory.stored_bytes
     for i in (0, 7, len(train) - 1, -1):
         a, b = memory[i], disk[i]
-        assert sorted(a) == sorted(b) and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+        assert sorted(a) == sorted(b)
+        for k in a:
+            torch.testing.assert_close(torch.as_tensor(a[k]), torch.as_tensor(b[k]), rtol=1e-12, atol=1e-12)
     plain = (
         ik.Influence(task, memory, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
     )
     fast = ik.Influence(task, disk, solver="exact", damping=DAMPING, stationarity_tol=BRIEF).fit().scores(test).values
-    assert torch.equal(plain, fast)
+    assert relative_error(fast, plain) < 1e-10
     calls = []  # forwards of block 0 (finding the plan runs a few on the first examples, each build alike)
     hook = model.bert.encoder.layer[0].register_forward_hook(lambda *args: calls.append(1))
     batches = -(-len(train) // 5)

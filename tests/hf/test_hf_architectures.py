@@ -402,17 +402,18 @@ def test_the_correction_pass_reuses_the_first_pass_per_token_labels(monkeypatch)
     assert not cached.solver_.passes._drawn  # the kept labels are dropped when the fit ends
 
 
-def test_the_fit_runs_batches_of_similar_lengths_and_gets_the_in_order_factors(monkeypatch):
-    """The factor passes take unpadded sequences in batches of similar lengths (less padding through the model): every
-    example once, the longest batch first; the factors and eigenvalues equal those of a fit in data order (float64,
-    1e-10), with the expected Fisher and with sampled labels (drawn per example index, whatever the batch)."""
+def test_batches_of_similar_lengths_give_the_in_order_factors_and_scores(monkeypatch):
+    """The factor passes and the training side of scoring take unpadded sequences in batches of similar lengths (less
+    padding through the model): every example once, the longest batch first; the factors and eigenvalues equal those
+    of a fit in data order (float64, 1e-10), with the expected Fisher and with sampled labels (drawn per example
+    index, whatever the batch), and so do the scores and the top-k, each placed at its example's index."""
     from influencekit.data.examples import Examples, length_groups
 
     lengths = np.array([5, 3, 7, 7, 4, 6, 3])
     assert length_groups(lengths, 3) == [[2, 3, 5], [0, 1, 4], [6]]  # longest first, ties in index order
     assert length_groups(lengths, 2, start=2, stop=5) == [[2, 3], [4]]
 
-    model, task, train, _ = trained("bert")
+    model, task, train, test = trained("bert")
     assert len(set(Examples(train).lengths().tolist())) > 1
     for fisher in ("expected", "sampled"):
 
@@ -429,12 +430,19 @@ def test_the_fit_runs_batches_of_similar_lengths_and_gets_the_in_order_factors(m
                     batch_size=5,
                     solver_options=options,
                 )
-                return inf.fit().solver_.layers_
+                inf.fit()
+                return inf.solver_.layers_, inf.scores(test).values, inf.top_k(test, k=3)
 
-        grouped = fit()
+        grouped, scores, top = fit()
         with monkeypatch.context() as m:
             m.setattr(Examples, "lengths", lambda self, field="input_ids": None)
-            in_order = fit()
+            in_order, in_order_scores, in_order_top = fit()
         for a, b in zip(grouped, in_order):
             for name in ("A", "S", "eig"):
                 torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(scores, in_order_scores, rtol=1e-10, atol=1e-14)
+        for side in ("helpful", "harmful"):
+            assert torch.equal(getattr(top, side).indices, getattr(in_order_top, side).indices)
+            torch.testing.assert_close(
+                getattr(top, side).values, getattr(in_order_top, side).values, rtol=1e-10, atol=1e-14
+            )

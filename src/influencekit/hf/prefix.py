@@ -45,7 +45,7 @@ from ..core.errors import CorruptFileWarning, InputError, InputTypeError, Unsupp
 from ..core.folders import fingerprint, load_array, open_folder, save_array, verify_checked
 from ..core.progress import progress_bar
 from ..core.task import Task
-from ..data.examples import DataSource, Examples, take
+from ..data.examples import DataSource, Examples, grouped_stream, take
 
 __all__ = ["PrefixCache", "PrefixPlan", "PREFIX_KEY", "is_prefix_key"]
 
@@ -390,26 +390,38 @@ class PrefixCache(Sequence):
         bar = progress_bar(total=len(examples), desc="prefix cache", enabled=progress)
         try:
             with torch.no_grad():
-                for lo, _ in examples.batches(batch_size):
-                    hi = min(lo + batch_size, len(examples))
-                    if self.disk is not None and self.disk.done(lo):
-                        bar.update(hi - lo)
-                        continue
-                    batch = take(examples, range(lo, hi), dtype=p0.dtype, device=p0.device, check=task.check_batch)
-                    captured.clear()
-                    task.outputs(params, batch)
-                    rows = [
-                        self._per_example(captured, i, len(self._items[lo + i]["input_ids"])) for i in range(hi - lo)
-                    ]
-                    if self.disk is None:
-                        self.values.extend(rows)
-                    else:
-                        self.disk.write(lo, rows)
-                    bar.update(hi - lo)
+                if self.disk is None:  # in memory: batches of similar lengths (less padding), stored by index
+                    self.values = [{} for _ in range(len(examples))]
+                    for indices, batch in grouped_stream(
+                        examples, batch_size, dtype=p0.dtype, device=p0.device, check=task.check_batch
+                    ):
+                        for i, row in zip(indices, self._rows(task, params, batch, captured, indices)):
+                            self.values[i] = row
+                        bar.update(len(indices))
+                else:  # on disk: in order, a file per batch (an interrupted build resumes at the first missing one)
+                    for lo in range(0, len(examples), batch_size):
+                        indices = range(lo, min(lo + batch_size, len(examples)))
+                        if not self.disk.done(lo):
+                            batch = take(examples, indices, dtype=p0.dtype, device=p0.device, check=task.check_batch)
+                            self.disk.write(lo, self._rows(task, params, batch, captured, indices))
+                        bar.update(len(indices))
         finally:
             bar.close()
             for h in hooks:
                 h.remove()
+
+    def _rows(
+        self,
+        task: Task,
+        params: dict[str, torch.Tensor],
+        batch: Any,
+        captured: dict[str, Any],
+        indices: Sequence[int],
+    ) -> list[dict[str, torch.Tensor]]:
+        """The stored outputs of one batch's examples (``indices``), each cut to its own length."""
+        captured.clear()
+        task.outputs(params, batch)
+        return [self._per_example(captured, j, len(self._items[i]["input_ids"])) for j, i in enumerate(indices)]
 
     @staticmethod
     def _raw_items(data: DataSource, examples: Examples) -> Any:
