@@ -321,15 +321,19 @@ def test_battery_fit_returns_self_batched_equals_columns_dtype_kept(digits_small
     assert unmeasured.relative_residual != unmeasured.relative_residual and "probes=0" in unmeasured.details["residual"]
 
 
-def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
-    """A float32 model: solve_dtype=None (default) rotates in float32 and agrees with float64 rotations to 1e-5
-    relative."""
+def _float32_mlp(digits_small):
+    """The operator of a float32 tanh MLP on digits (damping 0.1) and 5 random right-hand sides."""
     X, y = digits_small.train
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-    task = ik.ClassificationTask(model, l2=1e-3)
-    op = operator_of(task, (X.float(), y), damping=0.1)
-    V = torch.randn(5, op.n_params, generator=torch.Generator().manual_seed(3))
+    op = operator_of(ik.ClassificationTask(model, l2=1e-3), (X.float(), y), damping=0.1)
+    return op, torch.randn(5, op.n_params, generator=torch.Generator().manual_seed(3))
+
+
+def test_solve_dtype_none_rotates_in_the_models_float32(digits_small):
+    """A float32 model: solve_dtype=None (default) rotates in float32 and agrees with float64 rotations to 1e-5
+    relative."""
+    op, V = _float32_mlp(digits_small)
     fast = make_solver("ekfac", solve_dtype=None, probes=0).fit(op)
     accurate = make_solver("ekfac", solve_dtype=torch.float64, probes=0).fit(op)
     a, b = fast.solve(V).x, accurate.solve(V).x
@@ -345,12 +349,7 @@ def test_ekfac_eigendecomposes_a_float32_models_factors_in_float32(digits_small)
     default eigendecomposes in float32, and its solutions agree with float64 eigendecompositions to 1e-4 relative
     (the eigenvalues are summed in float64 both ways); K-FAC, whose eigenvalues are the curvature, stays in float64,
     bit for bit; a float64 model is decomposed in float64. Other dtypes are refused."""
-    X, y = digits_small.train
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
-    task = ik.ClassificationTask(model, l2=1e-3)
-    op = operator_of(task, (X.float(), y), damping=0.1)
-    V = torch.randn(5, op.n_params, generator=torch.Generator().manual_seed(3))
+    op, V = _float32_mlp(digits_small)
     fast, accurate = (make_solver("ekfac", eigh_dtype=d).fit(op) for d in (None, torch.float64))
     assert fast._eigh_dtype(torch.float32) == torch.float32 and fast.describe()["eigh_dtype"] == "None"
     a, b = fast.solve(V).x, accurate.solve(V).x

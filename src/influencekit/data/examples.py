@@ -140,6 +140,7 @@ class Examples:
 
     def __init__(self, source: Any, *, name: str = "data") -> None:
         self.name = name
+        self._lengths: dict[str, np.ndarray | None] = {}
         self._tensors: Any = None
         self._dataset: Dataset | None = None
         self._collate = default_collate
@@ -235,7 +236,13 @@ class Examples:
     def lengths(self, field: str = "input_ids") -> np.ndarray | None:
         """Each example's length: the size of its 1-D ``field`` (token ids), where examples are dicts padded per
         batch (a list of tokenised examples, a ``datasets.Dataset``, a :class:`~influencekit.hf.PrefixCache`); None
-        for data stored as tensors (padded to one length already) or whose examples lack the field."""
+        for data stored as tensors (padded to one length already) or whose examples lack the field. Read once per
+        field (every pass over the data asks again: a ``datasets.Dataset`` would read its column each time)."""
+        if field not in self._lengths:
+            self._lengths[field] = self._read_lengths(field)
+        return self._lengths[field]
+
+    def _read_lengths(self, field: str) -> np.ndarray | None:
         if not isinstance(self._dataset, _Items):
             return None
         items = self._dataset.items

@@ -159,30 +159,24 @@ class HessianOperator:
         """``work()`` (a sum over this process's data), summed over the ranks of the process group."""
         return self.shard.all_reduce(self.shard.local(work))
 
+    def _stream_options(self) -> dict[str, Any]:
+        """This rank's examples, on the parameters' device and dtype, checked by the task: what both streams take."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "check": self.task.check_batch,
+            "start": self.shard.start,
+            "stop": self.shard.stop,
+        }
+
     def _stream(self) -> Iterator[tuple[int, Any]]:
-        return stream(
-            self.data,
-            self.batch_size,
-            dtype=self.dtype,
-            device=self.device,
-            check=self.task.check_batch,
-            start=self.shard.start,
-            stop=self.shard.stop,
-        )
+        return stream(self.data, self.batch_size, **self._stream_options())
 
     def _layer_stream(self) -> Iterator[tuple[Sequence[int], Any]]:
         """``(indices, batch)`` over this rank's examples for the layer solvers' sums, whose order does not matter:
         token sequences of unequal lengths in batches of similar lengths
         (:func:`~influencekit.data.examples.grouped_stream`)."""
-        return grouped_stream(
-            self.data,
-            self.batch_size,
-            dtype=self.dtype,
-            device=self.device,
-            check=self.task.check_batch,
-            start=self.shard.start,
-            stop=self.shard.stop,
-        )
+        return grouped_stream(self.data, self.batch_size, **self._stream_options())
 
     def layer_data(self) -> LayerData:
         """The task, θ̂ (detached) and this rank's data stream, for solvers that read the model's layers."""
