@@ -57,6 +57,9 @@ import influencekit as ik  # noqa: E402
 from influencekit_paper.data.mnist import load_mnist_split  # noqa: E402
 from solvers import rss_mib  # noqa: E402  (VmHWM, as every benchmark reports it)
 
+# this folder's transformers.py would shadow the Hugging Face package (--problem minilm): drop the folder now
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 RECIPE = {
     "model": "MLP 784-128-10 ReLU float32",
@@ -406,7 +409,15 @@ def main() -> None:
         python = str(PEERS_PYTHON) if peer else sys.executable
         worker_args = ["--out", str(out), "--models", str(args.models), "--threads", str(args.threads)]
         worker_args += ["--problem", args.problem]
-        subprocess.run([python, __file__, "--worker", method, *worker_args, "--cache", args.cache], check=True)
+        run = subprocess.run(
+            [python, __file__, "--worker", method, *worker_args, "--cache", args.cache],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if run.returncode != 0:  # a method that cannot answer here (CG on an indefinite Hessian): say why, go on
+            last = [line for line in run.stderr.strip().splitlines() if line.strip()][-1:] or ["no message"]
+            print(f"{method:<10} failed: {last[0][:300]}", flush=True)
+            continue
         cost = json.loads(out.with_suffix(".json").read_text())
         score = ik.validation.datamodel_score(np.load(out), truth, output="margin")
         print(
