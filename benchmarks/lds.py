@@ -28,7 +28,10 @@ Methods: ``trak-1``/``trak-10`` (ik.TRAK, dim 512 (its default; ``LDS_TRAK_DIM``
 independently trained models), ``tracin`` (ik.TracIn
 over the 10 epoch checkpoints of model 0, η = 1e-3), ``grad-dot`` (TracIn with the final model only),
 ``ekfac-1``/``ekfac-10`` (Influence with EK-FAC, damping 1e-3, on 1 model, or the mean over 10 models:
-ik.Ensemble), ``cg-1`` (Influence with CG, damping 1e-3: exact quality; for the convex problem). The peer:
+ik.Ensemble), ``ekfac-1-heldout`` (EK-FAC on model 0 with the damping from {1e-4, 1e-3, 1e-2, 1e-1} chosen by
+``ik.validation.choose_held_out`` on a random half of the subsets; printed with every damping's LDS on the other
+half; its seconds include the four fits), ``cg-1`` (Influence with CG, damping 1e-3: exact quality; for the
+convex problem). The peer:
 ``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv (``.venv-bench``) at its
 documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as the target, the
 probability p as ``correct_probability_func``, as its TRAK example), on the same models; ``kronfluence-ekfac-1``,
@@ -76,6 +79,7 @@ METHODS = (
     "grad-dot",
     "ekfac-1",
     "ekfac-10",
+    "ekfac-1-heldout",
     "cg-1",
     "dattri-trak-1",
     "dattri-trak-10",
@@ -356,12 +360,37 @@ def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.Influe
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+HELD_OUT_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def ekfac_held_out(args: argparse.Namespace, params, train_set, test_set, info: dict) -> np.ndarray:
+    """EK-FAC on model 0 with the damping chosen from HELD_OUT_DAMPINGS by the LDS on half of the subsets
+    (``ik.validation.choose_held_out``); ``info`` gets the choice and every damping's LDS on the other half."""
+    truth = ground_truth(args, train_set, test_set)
+
+    def predicted(damping: float) -> torch.Tensor:
+        task = with_params(args.problem, params)
+        inf = ik.Influence(task, train_set, solver="ekfac", damping=damping, stationarity_tol=None)
+        return inf.fit().scores(test_set).predicted_loo_change()
+
+    choice = ik.validation.choose_held_out(HELD_OUT_DAMPINGS, predicted, truth)
+    info.update(
+        chosen=choice.best,
+        selection={str(d): round(v, 4) for d, v in choice.selection.items()},
+        held_out={str(d): round(v.mean, 4) for d, v in choice.held_out.items()},
+    )
+    return torch.as_tensor(choice.predicted_loo)
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     train_set, test_set = data(args.problem, Path(args.cache))
     runs = models(args, train_set)
+    info: dict = {}
     start = time.perf_counter()
-    if args.worker == "kronfluence-ekfac-1":
+    if args.worker == "ekfac-1-heldout":
+        predicted = ekfac_held_out(args, runs[0][-1], train_set, test_set, info)
+    elif args.worker == "kronfluence-ekfac-1":
         predicted = kronfluence_ekfac(args.problem, runs[0][-1], train_set, test_set)
     elif args.worker.startswith("dattri-trak-"):
         predicted = dattri_trak(
@@ -371,7 +400,7 @@ def worker(args: argparse.Namespace) -> None:
         predicted = attribute(args.problem, args.worker, runs, train_set, test_set).predicted_loo_change()
     seconds = time.perf_counter() - start
     np.save(args.out, predicted.detach().double().numpy())
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": rss_mib()}))
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"seconds": seconds, "peak_mib": rss_mib(), **info}))
 
 
 def main() -> None:
@@ -425,6 +454,12 @@ def main() -> None:
             f"{cost['peak_mib']:8.0f}",
             flush=True,
         )
+        if "chosen" in cost:  # the held-out figures: the choice never saw these subsets
+            print(
+                f"{'':<10} damping {cost['chosen']:g} chosen on half the subsets (LDS there {cost['selection']}); "
+                f"on the other half: {cost['held_out']}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -99,3 +99,33 @@ def test_bad_predictions_and_outputs_are_refused(tmp_path):
         ik.validation.datamodel_score(np.zeros((5, 29)), truth)
     with pytest.raises(ik.InputError, match=r"`output` must be one of 'margin', 'loss'"):
         ik.validation.datamodel_score(np.zeros((5, 30)), truth, output="accuracy")
+
+
+def test_a_damping_chosen_on_some_subsets_is_scored_on_the_others(tmp_path):
+    """choose_held_out on the convex problem (40 subsets, 20 to choose on, 20 held out): exact influence's damping
+    from {1e-4, 10, 1e3}: the smallest is the influence of the model's own Hessian (λ = 1e-2 already makes it
+    positive definite) and wins on the selection subsets (measured LDS 0.959 against 0.663 and 0.660: a large damping
+    turns influence into a gradient dot product); its held-out LDS is ≥ 0.9 (measured 0.969); the two sets of subsets
+    are disjoint and cover all 40; each candidate is run once."""
+    task, train, test, train_on_subset = convex_problem()
+    truth = ik.validation.subset_outputs(
+        train_on_subset, n_train=300, n_test=20, folder=tmp_path, n_subsets=40, recipe={"model": "logistic", "l2": 1e-2}
+    )
+    runs = []
+
+    def predicted(damping):
+        runs.append(damping)
+        return ik.Influence(task, train, solver="exact", damping=damping).fit().scores(test).predicted_loo_change()
+
+    choice = ik.validation.choose_held_out([1e-4, 10.0, 1e3], predicted, truth, seed=1)
+    assert runs == [1e-4, 10.0, 1e3] and choice.best == 1e-4
+    assert choice.selection[1e-4] > max(choice.selection[10.0], choice.selection[1e3]) + 0.2
+    assert choice.score.mean >= 0.9 and choice.score is choice.held_out[1e-4]
+    rows = np.concatenate([choice.selection_subsets, choice.held_out_subsets])
+    assert len(choice.selection_subsets) == 20 and sorted(rows.tolist()) == list(range(40))
+    alone = ik.validation.datamodel_score(choice.predicted_loo, truth.select(choice.held_out_subsets))
+    assert alone.mean == choice.score.mean and str(choice).startswith("chose 0.0001")
+    with pytest.raises(ik.InputError, match="`candidates` is empty"):
+        ik.validation.choose_held_out([], predicted, truth)
+    with pytest.raises(ik.InputError, match="each needs at least 3"):
+        ik.validation.choose_held_out([1e-4], predicted, truth, selection=0.05)

@@ -11,7 +11,8 @@ paper's package and the CLI.
   (Koh et al. 2019; Basu et al. 2020); a :class:`GroupValidation` with the metrics per order and ``.plot()``.
 - :func:`linear_datamodeling_score`: the LDS of Park et al. (2023, TRAK) over random training subsets.
 - :func:`subset_outputs` and :func:`datamodel_score`: the LDS of a deep network as the field measures it, against
-  models trained from scratch with the user's own recipe on random subsets (kept in a resumable folder).
+  models trained from scratch with the user's own recipe on random subsets (kept in a resumable folder);
+  :func:`choose_held_out`: a setting (e.g. the damping) chosen on some of those subsets, scored on the others.
 - :func:`pearson`, :func:`spearman`: checked correlation coefficients.
 - :func:`plot_loo`: the Figure-2 scatter (matplotlib, Agg canvas).
 
@@ -20,7 +21,7 @@ Inside the package the imports go one way: :mod:`.stats` (checked vectors, NaN-s
 :mod:`.metrics` above them; :mod:`.plot`, :mod:`.loo`, :mod:`.groups` and :mod:`.datamodels` above that.
 """
 
-from .datamodels import DatamodelScore, SubsetOutputs, datamodel_score, subset_outputs
+from .datamodels import DatamodelScore, HeldOutChoice, SubsetOutputs, choose_held_out, datamodel_score, subset_outputs
 from .groups import GroupValidation, validate_groups
 from .loo import LOOResult, leave_one_out
 from .metrics import LDSResult, linear_datamodeling_score, pearson, spearman
@@ -43,4 +44,6 @@ __all__ = [
     "SubsetOutputs",
     "datamodel_score",
     "DatamodelScore",
+    "choose_held_out",
+    "HeldOutChoice",
 ]

@@ -33,7 +33,7 @@ from ..core.results import InfluenceScores
 from .metrics import draw_subsets, per_test_spearman, subset_size
 from .stats import as_vector
 
-__all__ = ["SubsetOutputs", "DatamodelScore", "subset_outputs", "datamodel_score"]
+__all__ = ["SubsetOutputs", "DatamodelScore", "HeldOutChoice", "subset_outputs", "datamodel_score", "choose_held_out"]
 
 OUTPUTS = ("margin", "loss")
 TrainOnSubset = Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
@@ -59,6 +59,11 @@ class SubsetOutputs:
 
     def outputs(self, output: str) -> np.ndarray:
         return self.margins if check_choice("output", output, OUTPUTS) == "margin" else self.losses
+
+    def select(self, rows: np.ndarray) -> SubsetOutputs:
+        """The ground truth of the subsets ``rows`` only (indices or a boolean mask over the subsets)."""
+        rows = np.asarray(rows)
+        return SubsetOutputs(self.subsets[rows], self.margins[rows], self.losses[rows], self.seconds[rows], self.folder)
 
 
 def subset_outputs(
@@ -180,3 +185,70 @@ def datamodel_score(
     per_test.setflags(write=False)
     meta = {"bootstrap": bootstrap, "seed": seed, "n_subsets": n_subsets, "n_defined": len(finite)}
     return DatamodelScore(float(finite.mean()), float(low), float(high), per_test, output, meta)
+
+
+@dataclass(frozen=True)
+class HeldOutChoice:
+    """A setting chosen by the LDS on some subsets and scored on the others (:func:`choose_held_out`).
+
+    Attributes:
+        best: the candidate with the highest LDS on the selection subsets.
+        selection: per candidate (in the order given), its LDS on the selection subsets.
+        held_out: per candidate, its :class:`DatamodelScore` on the held-out subsets (the chosen one's is the figure
+            to report; the others show what choosing cost or gained).
+        predicted_loo: the chosen candidate's ``(n_test, n_train)`` prediction.
+        selection_subsets, held_out_subsets: the subsets' indices in the ground truth.
+    """
+
+    best: Any
+    selection: dict[Any, float]
+    held_out: dict[Any, DatamodelScore]
+    predicted_loo: np.ndarray
+    selection_subsets: np.ndarray
+    held_out_subsets: np.ndarray
+
+    @property
+    def score(self) -> DatamodelScore:
+        """The chosen candidate's LDS on the held-out subsets."""
+        return self.held_out[self.best]
+
+    def __str__(self) -> str:
+        tried = ", ".join(f"{c!r}: {v:.3f}" for c, v in self.selection.items())
+        return f"chose {self.best!r} (selection LDS {tried}); held out: {self.score}"
+
+
+def choose_held_out(
+    candidates: Any,
+    predicted_loo: Callable[[Any], Any],
+    truth: SubsetOutputs,
+    *,
+    selection: float = 0.5,
+    output: str = "margin",
+    seed: int = 0,
+) -> HeldOutChoice:
+    """Choose a setting of an attribution method (a damping, a projection size, a number of models) by the LDS on a
+    random ``selection`` fraction of ``truth``'s subsets, and score every candidate on the remaining, held-out ones:
+    the chosen candidate's held-out LDS is a figure its choice has not seen. ``predicted_loo(candidate)`` returns
+    the ``(n_test, n_train)`` predicted leave-one-out change (e.g. ``scores.predicted_loo_change()`` of an
+    ``Influence`` fitted with that damping); it runs once per candidate."""
+    candidates = list(candidates)
+    if not candidates:
+        raise InputError("`candidates` is empty: give at least one setting to choose from.")
+    selection = check_number("selection", selection, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    n_subsets = truth.subsets.shape[0]
+    n_select = int(round(selection * n_subsets))
+    if n_select < 3 or n_subsets - n_select < 3:
+        raise InputError(
+            f"`selection`={selection:g} of {n_subsets} subsets leaves {n_select} to choose on and "
+            f"{n_subsets - n_select} to score on; each needs at least 3 (build more subsets)."
+        )
+    order = np.random.default_rng(check_int("seed", seed, low=0)).permutation(n_subsets)
+    chosen_rows, held_rows = np.sort(order[:n_select]), np.sort(order[n_select:])
+    choose_on, score_on = truth.select(chosen_rows), truth.select(held_rows)
+    predictions, on_selection, held_out = {}, {}, {}
+    for candidate in candidates:
+        predictions[candidate] = torch.as_tensor(predicted_loo(candidate)).detach().cpu().double().numpy()
+        on_selection[candidate] = datamodel_score(predictions[candidate], choose_on, output=output).mean
+        held_out[candidate] = datamodel_score(predictions[candidate], score_on, output=output)
+    best = max(candidates, key=lambda c: on_selection[c])
+    return HeldOutChoice(best, on_selection, held_out, predictions[best], chosen_rows, held_rows)
