@@ -34,7 +34,11 @@ half; its seconds include the four fits), ``cg-1`` (Influence with CG, damping 1
 convex problem). The peer:
 ``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv (``.venv-bench``) at its
 documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as the target, the
-probability p as ``correct_probability_func``, as its TRAK example), on the same models; ``kronfluence-ekfac-1``,
+probability p as ``correct_probability_func``, as its TRAK example), on the same models; ``dattri-tracin``, its
+TracInAttributor over the same epoch checkpoints as ours (η = 1e-3 each, its default 512-dimensional projection, the
+margin as the target); ``captum-tracincp``, Captum 0.9's TracInCP on the same checkpoints as its tutorial
+sets it up (summed cross-entropy, layer-hook per-example gradients, batches of 2,048; the summed margin as the test
+loss); ``kronfluence-ekfac-1``,
 Kronfluence 1.0's EK-FAC on model 0 (its classifier set-up: summed cross-entropy, sampled labels for the factors,
 the summed margin as the measurement, damping 1e-3 as ours).
 """
@@ -83,9 +87,11 @@ METHODS = (
     "cg-1",
     "dattri-trak-1",
     "dattri-trak-10",
+    "dattri-tracin",
+    "captum-tracincp",
     "kronfluence-ekfac-1",
 )
-PEERS = ("dattri-", "kronfluence-")  # run in the peers' own venv
+PEERS = ("dattri-", "kronfluence-", "captum-")  # run in the peers' own venv
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
 
 
@@ -271,6 +277,86 @@ def dattri_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tens
     return -score.T / len(train_set[1])  # (n_train, n_test) attribution of the margin -> its predicted LOO change
 
 
+def dattri_tracin(problem: str, checkpoints, train_set, test_set) -> torch.Tensor:
+    """dattri's TracInAttributor over the epoch checkpoints of model 0 at its documented settings (the learning rate
+    1e-3 as every checkpoint's weight, no gradient normalisation, its default random projection to 512 dimensions),
+    the margin as the test target and the cross-entropy as the training loss (as ``ik.TracIn`` here); the predicted
+    change of each test margin when each training point is removed, ``(n_test, n_train)`` (the negated score)."""
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    model = network(problem)
+
+    def logits(params, image):
+        return torch.func.functional_call(model, params, image.unsqueeze(0))[0]
+
+    def loss(params, data):
+        image, label = data
+        return nn.functional.cross_entropy(logits(params, image)[None], label[None])
+
+    def margin(params, data):
+        image, label = data
+        out = logits(params, image)
+        others = out.scatter(0, label[None], float("-inf"))  # gather/scatter, not out[label]: vmap cannot index so
+        return out.gather(0, label[None])[0] - torch.logsumexp(others, dim=0)
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=list(checkpoints), target_func=margin)
+    attributor = TracInAttributor(
+        task=task, weight_list=torch.full((len(checkpoints),), RECIPE["lr"]), normalized_grad=False, device="cpu"
+    )
+    loader = torch.utils.data.DataLoader
+    score = attributor.attribute(
+        loader(torch.utils.data.TensorDataset(*train_set), batch_size=64, shuffle=False),
+        loader(torch.utils.data.TensorDataset(*test_set), batch_size=64, shuffle=False),
+    )
+    # training on z moved the margin by −η∇m·∇L(z): leaving z out moves it by +η∇m·∇L(z), the score itself
+    return score.T
+
+
+class _SummedMargin(nn.Module):
+    """The test margin (correct logit minus the log-sum-exp of the others) summed over a batch, as Captum's
+    TracInCP takes a test "loss" with ``reduction="sum"``."""
+
+    reduction = "sum"
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        correct = logits.gather(1, labels[:, None])[:, 0]
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return (correct - torch.logsumexp(others, dim=1)).sum()
+
+
+def captum_tracincp(problem: str, checkpoints, train_set, test_set) -> torch.Tensor:
+    """Captum 0.9's TracInCP over the epoch checkpoints of model 0 as its tutorial sets it up (the summed
+    cross-entropy as the training loss, per-example gradients from layer hooks, ``sample_wise_grads_per_batch``,
+    batches of 2,048; each checkpoint's learning rate 1e-3), the summed margin as the test loss; the predicted change
+    of each test margin, ``(n_test, n_train)`` (the score: see :func:`dattri_tracin`)."""
+    import tempfile
+
+    from captum.influence import TracInCP
+
+    folder = Path(tempfile.mkdtemp(prefix="captum-tracin-"))
+    paths = []
+    for k, params in enumerate(checkpoints):
+        paths.append(str(folder / f"epoch-{k}.pt"))
+        torch.save(params, paths[-1])
+
+    def load(model: nn.Module, path: str) -> float:
+        model.load_state_dict(torch.load(path))
+        return RECIPE["lr"]
+
+    tracin = TracInCP(
+        network(problem),
+        torch.utils.data.TensorDataset(*train_set),
+        paths,
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+        test_loss_fn=_SummedMargin(),
+        batch_size=2048,
+        sample_wise_grads_per_batch=True,
+    )
+    return tracin.influence(test_set)
+
+
 def _kronfluence_damping() -> float | None:
     """1e-3 (ours) unless ``LDS_KRONFLUENCE_DAMPING`` says otherwise: ``default`` for its default 1e-8, ``heuristic``
     for None (0.1 × the mean eigenvalue, its documented alternative)."""
@@ -392,6 +478,10 @@ def worker(args: argparse.Namespace) -> None:
         predicted = ekfac_held_out(args, runs[0][-1], train_set, test_set, info)
     elif args.worker == "kronfluence-ekfac-1":
         predicted = kronfluence_ekfac(args.problem, runs[0][-1], train_set, test_set)
+    elif args.worker == "captum-tracincp":
+        predicted = captum_tracincp(args.problem, runs[0], train_set, test_set)
+    elif args.worker == "dattri-tracin":
+        predicted = dattri_tracin(args.problem, runs[0], train_set, test_set)
     elif args.worker.startswith("dattri-trak-"):
         predicted = dattri_trak(
             args.problem, [run[-1] for run in runs], int(args.worker.split("-")[2]), train_set, test_set

@@ -195,7 +195,9 @@ class LissaSolver(Solver):
             fit_formula="eigen_steps·n·τ_h + 90·batch·τ_h (mini-batches)",
             state=0,
             solve_seconds=(repeats * depth * b / n + 1) * probe.hvp_seconds(q),
-            solve_memory=5 * q * p * item,
+            # an explicit H + δI where products="auto" may build one (an upper bound: the HVP route needs none)
+            solve_memory=5 * q * p * item
+            + (p * p * item if self.products != "hvp" and p <= self.dense_max_params else 0),
             solve_formula="(repeats·depth·batch + n)·q·τ_H"
             + (" (depth 100 assumed: chosen by rtol)" if self.depth is None else ""),
         )
