@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import influencekit as ik  # noqa: E402
+from influencekit.core.task import logit_margins  # noqa: E402
 from influencekit_paper.data.mnist import load_mnist_split  # noqa: E402
 from solvers import rss_mib  # noqa: E402  (VmHWM, as every benchmark reports it)
 
@@ -296,9 +297,7 @@ def dattri_tracin(problem: str, checkpoints, train_set, test_set) -> torch.Tenso
 
     def margin(params, data):
         image, label = data
-        out = logits(params, image)
-        others = out.scatter(0, label[None], float("-inf"))  # gather/scatter, not out[label]: vmap cannot index so
-        return out.gather(0, label[None])[0] - torch.logsumexp(others, dim=0)
+        return logit_margins(logits(params, image)[None], label[None])[0]
 
     task = AttributionTask(loss_func=loss, model=model, checkpoints=list(checkpoints), target_func=margin)
     attributor = TracInAttributor(
@@ -320,9 +319,7 @@ class _SummedMargin(nn.Module):
     reduction = "sum"
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        correct = logits.gather(1, labels[:, None])[:, 0]
-        others = logits.scatter(1, labels[:, None], float("-inf"))
-        return (correct - torch.logsumexp(others, dim=1)).sum()
+        return logit_margins(logits, labels).sum()
 
 
 def captum_tracincp(problem: str, checkpoints, train_set, test_set) -> torch.Tensor:
@@ -388,10 +385,7 @@ def kronfluence_ekfac(problem: str, params: dict[str, torch.Tensor], train_set, 
 
         def compute_measurement(self, batch, model):
             inputs, labels = batch
-            logits = model(inputs)
-            correct = logits.gather(1, labels[:, None])[:, 0]
-            others = logits.scatter(1, labels[:, None], float("-inf"))
-            return (correct - torch.logsumexp(others, dim=1)).sum()
+            return logit_margins(model(inputs), labels).sum()
 
     model = network(problem)
     model.load_state_dict(params)

@@ -26,6 +26,7 @@ therefore compares the result with ``vmap(grad)`` on a few examples before using
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,18 +112,24 @@ class LayerBlock:
         """The block's coordinates of each row of ``M (B, n)`` as views of contiguous runs of its columns, each with
         the part of the ``(B, out, k)`` block it holds: the weight's (transposed for Conv1D), then the bias's."""
         B, (out, k) = M.shape[0], self.index.shape
+        weight_start, bias_start = self._run_starts
         runs = []
         if self.has_weight:
             kin = k - self.has_bias
-            start = int(self.index[0, 0])
-            flat = M[:, start : start + out * kin]
+            flat = M[:, weight_start : weight_start + out * kin]
             runs.append(
                 (flat.view(B, kin, out).transpose(1, 2) if self.transposed else flat.view(B, out, kin), slice(0, kin))
             )
         if self.has_bias:
-            start = int(self.index[0, k - 1])
-            runs.append((M[:, start : start + out, None], slice(k - 1, k)))
+            runs.append((M[:, bias_start : bias_start + out, None], slice(k - 1, k)))
         return runs
+
+    @functools.cached_property
+    def _run_starts(self) -> tuple[int, int]:
+        """The first flat column of the weight's and of the bias's run (read from ``index`` once: on a GPU each read
+        waits for the device)."""
+        first = self.index[0].tolist()
+        return first[0], first[-1]
 
     def read(self, M: torch.Tensor) -> torch.Tensor:
         """``M[:, index]``, the block of each row of ``M (B, n)`` as ``(B, out, k)``, by slices of the contiguous

@@ -387,9 +387,7 @@ class ClassificationTask(_SupervisedTask):
         """Per example, the correct class's logit minus the log-sum-exp of the other logits, ``(B,)``."""
         logits, target = self.outputs(params, batch), self.labels(batch)
         if logits.dim() == 2 and logits.shape[1] > 1:
-            correct = logits.gather(1, target.long()[:, None])[:, 0]
-            others = logits.scatter(1, target.long()[:, None], float("-inf"))
-            return correct - torch.logsumexp(others, dim=1)
+            return logit_margins(logits, target)
         logits = logits.reshape(-1)
         return torch.where(target.reshape(-1) > 0, logits, -logits)
 
@@ -474,6 +472,14 @@ class RegressionTask(_SupervisedTask):
                 )
         err = (pred - target) ** 2
         return err.reshape(err.shape[0], -1).mean(dim=1)
+
+
+def logit_margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row of ``logits (B, C)``, the ``target`` class's logit minus the log-sum-exp of the others, ``(B,)`` (by
+    gather and scatter, so that it also runs under ``vmap``)."""
+    correct = logits.gather(1, target.long()[:, None])[:, 0]
+    others = logits.scatter(1, target.long()[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, dim=1)
 
 
 def smooth_hinge(margin: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -245,10 +245,12 @@ def choose_held_out(
     order = np.random.default_rng(check_int("seed", seed, low=0)).permutation(n_subsets)
     chosen_rows, held_rows = np.sort(order[:n_select]), np.sort(order[n_select:])
     choose_on, score_on = truth.select(chosen_rows), truth.select(held_rows)
-    predictions, on_selection, held_out = {}, {}, {}
+    on_selection, held_out = {}, {}
+    best, kept = None, None  # only the leading candidate's (n_test, n_train) prediction is held
     for candidate in candidates:
-        predictions[candidate] = torch.as_tensor(predicted_loo(candidate)).detach().cpu().double().numpy()
-        on_selection[candidate] = datamodel_score(predictions[candidate], choose_on, output=output).mean
-        held_out[candidate] = datamodel_score(predictions[candidate], score_on, output=output)
-    best = max(candidates, key=lambda c: on_selection[c])
-    return HeldOutChoice(best, on_selection, held_out, predictions[best], chosen_rows, held_rows)
+        prediction = torch.as_tensor(predicted_loo(candidate)).detach().cpu().double().numpy()
+        on_selection[candidate] = datamodel_score(prediction, choose_on, output=output).mean
+        held_out[candidate] = datamodel_score(prediction, score_on, output=output)
+        if kept is None or on_selection[candidate] > on_selection[best]:
+            best, kept = candidate, prediction
+    return HeldOutChoice(best, on_selection, held_out, kept, chosen_rows, held_rows)
