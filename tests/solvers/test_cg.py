@@ -122,3 +122,20 @@ def test_an_ekfac_preconditioner_checks_the_task_when_the_influence_is_built(dig
         r"need .*Got OwnTask.*leave the preconditioner out",
     ):
         ik.Influence(task, digits_small.train, solver="cg", solver_options={"preconditioner": "ekfac"})
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-10])
+def test_the_reported_residuals_are_the_true_ones_without_the_extra_products(mlp_operator, mlp_rhs, rtol):
+    """The recursion's residuals (the default) match ‖v − (H + δI)x‖/‖v‖ from the dense matrix to 1e-6 relative
+    (round-off of a few iterations in float64), and check_residuals computes them with one more product per
+    right-hand side, reported in ``hvps``."""
+    _, op, A = mlp_operator
+    x, report = ik.CGSolver(rtol=rtol).fit(op).solve(mlp_rhs)
+    true = (mlp_rhs - x @ A).norm(dim=1) / mlp_rhs.norm(dim=1)
+    recursive = torch.tensor(report.details["relative_residuals"], dtype=torch.float64)
+    assert torch.allclose(recursive, true, rtol=1e-6, atol=1e-14)
+    assert report.details["residuals"] == "the recursion's"
+    x_checked, checked = ik.CGSolver(rtol=rtol, check_residuals=True).fit(op).solve(mlp_rhs)
+    assert torch.allclose(x_checked, x, rtol=0, atol=0)
+    assert torch.allclose(torch.tensor(checked.details["relative_residuals"], dtype=torch.float64), true, rtol=1e-6)
+    assert checked.hvps == report.hvps + len(mlp_rhs)
