@@ -102,6 +102,8 @@ METHODS = (
     "dattri-tracin",
     "captum-tracincp",
     "kronfluence-ekfac-1",
+    "dattri-arnoldi-1",
+    "dattri-datainf-1",
 )
 PEERS = ("dattri-", "kronfluence-", "captum-", "traker-")  # run in the peers' own venv
 PEERS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"  # the peers' own venv (benchmarks/peers.py says how to build it)
@@ -375,6 +377,49 @@ def dattri_tracin(problem: str, checkpoints, train_set, test_set) -> torch.Tenso
     return score.T
 
 
+DATTRI_INFLUENCE = {"dattri-arnoldi-1": "IFAttributorArnoldi", "dattri-datainf-1": "IFAttributorDataInf"}
+
+
+def dattri_influence(problem: str, method: str, params: dict[str, torch.Tensor], train_set, test_set) -> torch.Tensor:
+    """dattri 0.3's influence-function attributors on model 0 (``DATTRI_INFLUENCE``) at their defaults (Arnoldi:
+    ``proj_dim`` 100 with ``max_iter`` 100; DataInf: the whole training set for its Fisher estimate) with ours' damping
+    1e-3 as ``regularization`` (the problem's L2 term added), the cross-entropy as the training loss and the margin as
+    the test target, training set in one batch for the curvature, scores under ``no_grad`` (peers.py says why); the
+    predicted change of each test margin when each training point is removed, ``(n_test, n_train)``. dattri's EK-FAC is
+    left out: it estimates its covariances from the test target's function, here the margin (peers.py lists its other
+    departures)."""
+    import dattri.algorithm.influence_function as dif
+    from dattri.task import AttributionTask
+
+    model = network(problem)
+    model.load_state_dict(params)
+    shape = train_set[0].shape[1:]
+
+    # dattri calls the loss on one example (per-example gradients) and on the whole batch (the Hessian): both as a mean
+    def logits(params, images):
+        return torch.func.functional_call(model, params, images.reshape(-1, *shape))
+
+    def loss(params, data):
+        images, labels = data
+        return nn.functional.cross_entropy(logits(params, images), labels.reshape(-1))
+
+    def margin(params, data):
+        images, labels = data
+        return logit_margins(logits(params, images), labels.reshape(-1)).sum()
+
+    torch.manual_seed(0)
+    damping = 1e-3 + L2.get(problem, 0.0)
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=params, target_func=margin)
+    attributor = getattr(dif, DATTRI_INFLUENCE[method])(task=task, device="cpu", regularization=damping)
+    loader = torch.utils.data.DataLoader
+    full = loader(torch.utils.data.TensorDataset(*train_set), batch_size=len(train_set[1]), shuffle=False)
+    attributor.cache(full)
+    with torch.no_grad():
+        score = attributor.attribute(full, loader(torch.utils.data.TensorDataset(*test_set), batch_size=64))
+    # ∇L(train)ᵀ(H + rI)⁻¹∇m(test): removing the point moves the margin by +score/n
+    return score.T / len(train_set[1])
+
+
 class _SummedMargin(nn.Module):
     """The test margin (correct logit minus the log-sum-exp of the others) summed over a batch, as Captum's
     TracInCP takes a test "loss" with ``reduction="sum"``."""
@@ -544,6 +589,8 @@ def worker(args: argparse.Namespace) -> None:
         predicted = captum_tracincp(args.problem, runs[0], train_set, test_set)
     elif args.worker == "dattri-tracin":
         predicted = dattri_tracin(args.problem, runs[0], train_set, test_set)
+    elif args.worker in DATTRI_INFLUENCE:
+        predicted = dattri_influence(args.problem, args.worker, runs[0][-1], train_set, test_set)
     elif args.worker.startswith("traker-"):
         predicted = traker_trak(
             args.problem, [run[-1] for run in runs], int(args.worker.split("-")[1]), train_set, test_set

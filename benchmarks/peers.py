@@ -804,6 +804,27 @@ def rows_of(results: list[dict[str, Any]], unit: float) -> list[list[str]]:
     return rows
 
 
+EXACT_QUALITY = 0.9999  # Pearson against our exact influence from which a row counts as exact quality
+
+
+def exact_quality_line(results: list[dict[str, Any]]) -> str:
+    """The speed ratio at exact quality: the fastest of our rows and the fastest peer row whose scores correlate with
+    our exact influence at Pearson ≥ EXACT_QUALITY, fit + score, in this run."""
+    exact = [r for r in results if "error" not in r and (r.get("pearson") or 0.0) >= EXACT_QUALITY]
+    ours = [r for r in exact if r["system"] == "influencekit"]
+    peers = [r for r in exact if r["system"] != "influencekit"]
+    if not ours or not peers:
+        missing = "peer" if ours else "row of ours"
+        return f"exact quality (Pearson ≥ {EXACT_QUALITY} against our exact): no {missing} reached it"
+    a = min(ours, key=lambda r: r["t_fit"] + r["t_score"])
+    b = min(peers, key=lambda r: r["t_fit"] + r["t_score"])
+    ta, tb = a["t_fit"] + a["t_score"], b["t_fit"] + b["t_score"]
+    return (
+        f"exact quality (Pearson ≥ {EXACT_QUALITY} against our exact): the fastest of ours, {a['method']}, "
+        f"{ta:.2f} s; the fastest peer, {b['system']} {b['method']}, {tb:.2f} s: ours {tb / ta:.2f}x faster"
+    )
+
+
 def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADER)]
     return "\n".join(
@@ -1045,6 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_of(results, unit)
     print()
     print(text_table(rows))
+    ratio_line = exact_quality_line(results)
+    print(ratio_line)
     print(loo_line)
     notes = []
     for r in results:
@@ -1076,6 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 md_table(rows),
                 "",
+                f"- {ratio_line}.",
                 f"- {loo_line}.",
                 *(f"- {line}" for line in notes),
             ]
