@@ -408,6 +408,7 @@ def dattri_influence(problem: str, method: str, params: dict[str, torch.Tensor],
         return logit_margins(logits(params, images), labels.reshape(-1)).sum()
 
     torch.manual_seed(0)
+    torch.set_default_dtype(next(iter(params.values())).dtype)  # dattri allocates Arnoldi's start vector with it
     damping = 1e-3 + L2.get(problem, 0.0)
     task = AttributionTask(loss_func=loss, model=model, checkpoints=params, target_func=margin)
     attributor = getattr(dif, DATTRI_INFLUENCE[method])(task=task, device="cpu", regularization=damping)
