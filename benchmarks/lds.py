@@ -652,7 +652,11 @@ def main() -> None:
             print(f"{method:<10} failed: {last[0][:300]}", flush=True)
             continue
         cost = json.loads(out.with_suffix(".json").read_text())
-        score = ik.validation.datamodel_score(np.load(out), truth, output="margin")
+        predicted = np.load(out)
+        if not np.isfinite(predicted).all():  # e.g. an eigenvalue of an indefinite Hessian under a square root
+            print(f"{method:<10} failed: {int((~np.isfinite(predicted)).sum())} NaN/inf attributions", flush=True)
+            continue
+        score = ik.validation.datamodel_score(predicted, truth, output="margin")
         print(
             f"{method:<10} {score.mean:6.3f}  [{score.low:6.3f}, {score.high:6.3f}]  {cost['seconds']:8.1f}  "
             f"{cost['peak_mib']:8.0f}",
