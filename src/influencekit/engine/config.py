@@ -161,7 +161,7 @@ class Provenance:
 
 
 CHUNK_BYTES = 512 * 2**20  # the most a chunk of per-example gradients (rows, activations) takes without batch_size
-VMAP_TENSOR_BYTES = 32 * 2**20  # the most activations one vectorised HVP call holds per layer's copy (plan_chunks)
+VMAP_TENSOR_BYTES = 32 * 2**20  # the most bytes of activations a vectorised HVP call holds per copy (plan_chunks)
 
 
 @dataclass(frozen=True)
