@@ -7,7 +7,8 @@ Environment (never the main test venv: pyDVL 0.10 pins numpy<2, the peers pull m
     .venv-bench/bin/pip uninstall -y torchvision    # pulled by kronfluence, cannot import beside torch 2.13, unused
     .venv-bench/bin/python benchmarks/peers.py --write docs/benchmarks.md
 
-The ``bench`` extra pins captum==0.9.0, kronfluence==1.0.1, dattri==0.3.0 and pydvl[influence]==0.10.0.
+The ``bench`` extra pins captum==0.9.0, kronfluence==1.0.1, dattri==0.3.0, pydvl[influence]==0.10.0 and traker==0.3.2
+(the last for benchmarks/lds.py).
 
 Problems (``--problem``), influence ``damping=0.01`` throughout. The first two on scikit-learn's digits, float64,
 ``l2=1e-3``, all 597 test × 1,200 training points:
