@@ -59,6 +59,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import influencekit as ik  # noqa: E402
+from influencekit.core.errors import InputError  # noqa: E402
 from influencekit.core.task import logit_margins  # noqa: E402
 from influencekit_paper.data.mnist import load_mnist_split  # noqa: E402
 from solvers import rss_mib  # noqa: E402  (VmHWM, as every benchmark reports it)
@@ -343,6 +345,25 @@ def traker_trak(problem: str, finals, k: int, train_set, test_set) -> torch.Tens
     return -score.T / n_train  # (n_train, n_test) attribution of the margin -> its predicted LOO change
 
 
+def dattri_functions(model: nn.Module, shape: torch.Size) -> tuple[Callable, Callable]:
+    """dattri's ``loss_func`` (the mean cross-entropy) and ``target_func`` (the summed margin) of ``model`` on inputs
+    of ``shape``. dattri calls them on one example (per-example gradients, under vmap) and on a whole batch (the
+    Hessian of its influence attributors), so both take either."""
+
+    def logits(params, images):
+        return torch.func.functional_call(model, params, images.reshape(-1, *shape))
+
+    def loss(params, data):
+        images, labels = data
+        return nn.functional.cross_entropy(logits(params, images), labels.reshape(-1))
+
+    def margin(params, data):
+        images, labels = data
+        return logit_margins(logits(params, images), labels.reshape(-1)).sum()
+
+    return loss, margin
+
+
 def dattri_tracin(problem: str, checkpoints, train_set, test_set) -> torch.Tensor:
     """dattri's TracInAttributor over the epoch checkpoints of model 0 at its documented settings (the learning rate
     1e-3 as every checkpoint's weight, no gradient normalisation, its default random projection to 512 dimensions),
@@ -352,18 +373,7 @@ def dattri_tracin(problem: str, checkpoints, train_set, test_set) -> torch.Tenso
     from dattri.task import AttributionTask
 
     model = network(problem)
-
-    def logits(params, image):
-        return torch.func.functional_call(model, params, image.unsqueeze(0))[0]
-
-    def loss(params, data):
-        image, label = data
-        return nn.functional.cross_entropy(logits(params, image)[None], label[None])
-
-    def margin(params, data):
-        image, label = data
-        return logit_margins(logits(params, image)[None], label[None])[0]
-
+    loss, margin = dattri_functions(model, train_set[0].shape[1:])
     task = AttributionTask(loss_func=loss, model=model, checkpoints=list(checkpoints), target_func=margin)
     attributor = TracInAttributor(
         task=task, weight_list=torch.full((len(checkpoints),), RECIPE["lr"]), normalized_grad=False, device="cpu"
@@ -393,20 +403,7 @@ def dattri_influence(problem: str, method: str, params: dict[str, torch.Tensor],
 
     model = network(problem)
     model.load_state_dict(params)
-    shape = train_set[0].shape[1:]
-
-    # dattri calls the loss on one example (per-example gradients) and on the whole batch (the Hessian): both as a mean
-    def logits(params, images):
-        return torch.func.functional_call(model, params, images.reshape(-1, *shape))
-
-    def loss(params, data):
-        images, labels = data
-        return nn.functional.cross_entropy(logits(params, images), labels.reshape(-1))
-
-    def margin(params, data):
-        images, labels = data
-        return logit_margins(logits(params, images), labels.reshape(-1)).sum()
-
+    loss, margin = dattri_functions(model, train_set[0].shape[1:])
     torch.manual_seed(0)
     torch.set_default_dtype(next(iter(params.values())).dtype)  # dattri allocates Arnoldi's start vector with it
     damping = 1e-3 + L2.get(problem, 0.0)
@@ -652,11 +649,11 @@ def main() -> None:
             print(f"{method:<10} failed: {last[0][:300]}", flush=True)
             continue
         cost = json.loads(out.with_suffix(".json").read_text())
-        predicted = np.load(out)
-        if not np.isfinite(predicted).all():  # e.g. an eigenvalue of an indefinite Hessian under a square root
-            print(f"{method:<10} failed: {int((~np.isfinite(predicted)).sum())} NaN/inf attributions", flush=True)
+        try:
+            score = ik.validation.datamodel_score(np.load(out), truth, output="margin")
+        except InputError as exc:  # NaN attributions (dattri's Arnoldi on an indefinite Hessian): say so, go on
+            print(f"{method:<10} failed: {exc}", flush=True)
             continue
-        score = ik.validation.datamodel_score(predicted, truth, output="margin")
         print(
             f"{method:<10} {score.mean:6.3f}  [{score.low:6.3f}, {score.high:6.3f}]  {cost['seconds']:8.1f}  "
             f"{cost['peak_mib']:8.0f}",

@@ -59,23 +59,29 @@ _BLOCK = (
     "intermediate.dense",
     "output.dense",
 )
-# the Linear layers influence covers, by model and case: block 5 (the last) and the head; all six blocks and the head.
+BLOCKS = {"pooled": 6, "stock": 6, "bert-base": 12}  # transformer blocks per model
+
+
+def _linear_layers(encoder: str, blocks: range, head: list[str]) -> list[str]:
+    """The Linear layers of ``blocks`` of the encoder at ``encoder`` (a module path prefix), then the ``head``'s."""
+    return [f"{encoder}.layer.{i}.{m}" for i in blocks for m in _BLOCK] + head
+
+
+# the Linear layers influence covers, by model and case: the last block and the head; every block and the head.
 # "pooled": PooledClassifier (mean pooling, `head`); "stock": AutoModelForSequenceClassification ([CLS] pooler,
-# `classifier`)
+# `classifier`); "bert-base": the stock class at BERT-base's size (the GPU case: every layer only)
+_STOCK_HEAD = ["bert.pooler.dense", "classifier"]
 MODULES = {
     "pooled": {
-        "block5": [f"encoder.encoder.layer.5.{m}" for m in _BLOCK] + ["head"],
-        "all": [f"encoder.encoder.layer.{i}.{m}" for i in range(6) for m in _BLOCK] + ["head"],
+        "block5": _linear_layers("encoder.encoder", range(5, 6), ["head"]),
+        "all": _linear_layers("encoder.encoder", range(6), ["head"]),
     },
     "stock": {
-        "block5": [f"bert.encoder.layer.5.{m}" for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
-        "all": [f"bert.encoder.layer.{i}.{m}" for i in range(6) for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
+        "block5": _linear_layers("bert.encoder", range(5, 6), _STOCK_HEAD),
+        "all": _linear_layers("bert.encoder", range(6), _STOCK_HEAD),
     },
-    "bert-base": {
-        "all": [f"bert.encoder.layer.{i}.{m}" for i in range(12) for m in _BLOCK] + ["bert.pooler.dense", "classifier"],
-    },
+    "bert-base": {"all": _linear_layers("bert.encoder", range(12), _STOCK_HEAD)},
 }
-BLOCKS = {"pooled": 6, "stock": 6, "bert-base": 12}  # transformer blocks per model
 MODELS = tuple(MODULES)
 
 
@@ -241,19 +247,12 @@ def load_or_train(model: torch.nn.Module, path: Path, train: Callable[[], None])
 
 
 def bert_base(vocab_size: int) -> torch.nn.Module:
-    """A seeded ``BertForSequenceClassification`` of BERT-base's size (12 blocks, width 768, 12 heads, 3,072 wide
-    feed-forward, 2 labels) over a vocabulary of ``vocab_size``: 109.5M parameters with MiniLM's 30,522 tokens."""
+    """A ``BertForSequenceClassification`` of BERT-base's size (``BertConfig``'s defaults: 12 blocks, width 768, 12
+    heads, 3,072 wide feed-forward) with 2 labels over a vocabulary of ``vocab_size``, initialised from torch's
+    current seed: 109.5M parameters with MiniLM's 30,522 tokens."""
     import transformers
 
-    config = transformers.BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=vocab_size, num_labels=2))
 
 
 def fine_tuned_minilm(
