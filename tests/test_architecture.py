@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "engine.groups",
             "engine.training",
             "engine.planner",
+            "engine.choice",
         ],
     ),
     ("engine", ["engine", "engine.scoring", "engine.attributors"]),

@@ -23,7 +23,7 @@ from torch import nn
 from ..core.task import Task
 from ..data.examples import Batch
 
-__all__ = ["last_linear_hessian", "CLOSED_FORM"]
+__all__ = ["last_linear_hessian", "closed_form_applies", "CLOSED_FORM"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,13 @@ def _curvature(logits: torch.Tensor) -> torch.Tensor:
         return (s * (1 - s)).reshape(-1, 1, 1)
     p = torch.softmax(logits, dim=1)
     return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+
+
+def closed_form_applies(task: Task, names: tuple[str, ...]) -> bool:
+    """Whether the selection ``names`` is exactly a final Linear layer's parameters under a classification loss:
+    the structural test only (no data pass). :func:`last_linear_hessian` still checks the layer's role on the data
+    and falls back to HVPs where it is not the model's last layer."""
+    return _the_layer(task, tuple(names)) is not None
 
 
 def last_linear_hessian(operator: Any) -> torch.Tensor | None:

@@ -19,7 +19,8 @@ Measured by the probe (each after one untimed warm-up call, on m = min(n, probe_
 Stages and their time formulas:
 
     fit: gradient check     n·τ_s    (‖∇R(θ̂)‖ and the training loss; none with stationarity_tol=None)
-    fit: <solver>           exact:    p·n·τ_h + decomposition (p³/3 flops Cholesky, 9p³ eigh) / ρ
+    fit: <solver>           exact:    p·n·τ_h + decomposition (p³/3 flops Cholesky, 9p³ eigh) / ρ; a final Linear
+                                      layer's H in closed form: n·τ_s + 2·n·τ_h (one pass, two checking HVPs)
                             cg:       nothing (its work is in the query solve)
                             lissa:    eigen_steps·n·τ_h + 90·min(batch_size, n)·τ_h (Lanczos + power iteration)
                             arnoldi:  min(n_iter or 2·rank, p)·n·τ_h
@@ -84,6 +85,7 @@ from ..solvers import Solver
 from ..solvers.costs import CostProbe, SolverCost, timed
 from .config import Chunks, InfluenceConfig, plan_chunks
 from .hessian import HessianOperator
+from .last_layer import closed_form_applies
 from .pairwise import scores_without_rows
 
 __all__ = ["Plan", "Stage", "plan_influence"]
@@ -108,6 +110,7 @@ class Plan:
         solver_state: bytes of the solver's fitted state (what ``fit`` leaves behind).
         probe: the measured unit costs (seconds per example τ_g, τ_s, τ_h; matmul rate ρ) and probe size.
         notes: assumptions and warnings (e.g. a stage that would exceed the memory budget).
+        refused: why the solver would refuse this model at fit (empty when it runs).
     """
 
     solver: str
@@ -121,6 +124,7 @@ class Plan:
     solver_state: int
     probe: dict[str, float]
     notes: tuple[str, ...] = field(default=())
+    refused: str = ""
 
     @property
     def seconds(self) -> float:
@@ -280,6 +284,7 @@ def plan_influence(
         solver_state=int(cost.state),
         probe=probe.as_dict(),
         notes=tuple(notes),
+        refused=cost.refused,
     )
 
 
@@ -367,6 +372,7 @@ def _measure(
         layer_positions=lambda layers: _positions(layers, task, params, batch),
         n_outputs=lambda: _n_outputs(task, params, batch),
         rows=rows,
+        closed_form_hessian=closed_form_applies(task, tuple(layout.names)),
     )
     return probe, gradient_method
 

@@ -30,7 +30,8 @@ from ..core.lowrank import LowRankQueries
 from ..core.results import GroupInfluence, InfluenceScores, RankedInfluence, TopK
 from ..core.task import Task
 from ..data.examples import DataSource, Examples
-from ..solvers import SolveReport, make_solver
+from ..solvers import Solver, SolveReport, make_solver
+from .choice import SolverChoice, choose_solver
 from .config import InfluenceConfig
 from .fitted import FittedEngine, fit_engine
 from .groups import check_newton, check_orders, group_effects, parse_groups
@@ -209,6 +210,32 @@ class Influence:
             probe_examples=probe_examples,
             cg_iterations=cg_iterations,
             query_rank=query_rank,
+        )
+
+    def choose_solver(
+        self,
+        test: DataSource,
+        *,
+        candidates: tuple[str | Solver, ...] = ("exact", "cg"),
+        pilot_examples: int = 256,
+        probe_examples: int = 256,
+    ) -> SolverChoice:
+        """The candidate solver with the least estimated time for ``fit()`` then ``scores(test)`` on this task, data
+        and configuration (damping, memory budget, gradients), without running them.
+
+        Each candidate is planned (:meth:`plan`); CG's block iterations, which the planner cannot know, are measured
+        by a pilot solve on ``pilot_examples`` random training examples with the first block of ``test``'s gradients
+        (:mod:`influencekit.engine.choice`). Returns a :class:`~influencekit.engine.choice.SolverChoice`; build the
+        Influence with ``solver=choice.solver``. This Influence's own solver is not touched.
+        """
+        return choose_solver(
+            self.task,
+            self.train,
+            self.config,
+            test,
+            candidates=candidates,
+            pilot_examples=pilot_examples,
+            probe_examples=probe_examples,
         )
 
     def check_fitted(self) -> None:

@@ -21,6 +21,9 @@ right-hand side per row) together with a :class:`SolveReport`. The engine reads 
   may change the algorithm.
 - ``approximate_inverse``: after ``fit`` the solver applies a fixed approximation of ``(H + δI)⁻¹`` without
   iterating to a tolerance (exact, Arnoldi, K-FAC, EK-FAC): CG can use it as a preconditioner by name.
+- ``iterative``: a solve iterates to a tolerance, and its cost is (iterations) × (products), with an iteration count
+  set by the spectrum and the block of right-hand sides: the solver's ``cost`` reads it from the probe's
+  ``cg_iterations``, which :func:`~influencekit.engine.choice.choose_solver` measures with a pilot solve.
 
 ``"tap_solve" in solver.capabilities`` (the former frozenset spelling) still answers; a subclass that declares a
 frozenset of names gets it converted, with a DeprecationWarning.
@@ -67,6 +70,7 @@ class Capabilities:
     stochastic: bool = False
     sharded: bool = False
     approximate_inverse: bool = False
+    iterative: bool = False
 
     @classmethod
     def of(cls, names: Iterable[str]) -> Capabilities:

@@ -108,7 +108,7 @@ class CGSolver(Solver):
     """
 
     name = "cg"
-    capabilities = Capabilities(sharded=True)
+    capabilities = Capabilities(sharded=True, iterative=True)
 
     def __init__(
         self,

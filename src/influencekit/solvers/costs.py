@@ -57,6 +57,8 @@ class CostProbe:
         n_outputs: ``n_outputs()``: values the model outputs per example.
         rows: scoring forms chunks of whole gradient rows (False: layer taps scored a layer at a time and written
             into the query block, :func:`~influencekit.engine.pairwise.scores_without_rows`).
+        closed_form_hessian: the selection is a final Linear layer under a classification loss, whose explicit
+            Hessian is built in one data pass (:mod:`~influencekit.engine.last_layer`) instead of p HVPs.
     """
 
     n: int
@@ -83,6 +85,7 @@ class CostProbe:
     layer_positions: Callable[[list[Any]], dict[str, int]] = field(repr=False, compare=False)
     n_outputs: Callable[[], int] = field(repr=False, compare=False)
     rows: bool = True
+    closed_form_hessian: bool = False
 
     @property
     def base(self) -> int:
@@ -122,6 +125,7 @@ class SolverCost:
             of the state, θ̂ and the block of gradients.
         notes: assumptions and warnings for the plan.
         basis_rank: > 0 when scores are computed in the solver's basis of that rank (see ``Solver.solution_basis``).
+        refused: why the solver would refuse this model at fit (empty when it runs).
     """
 
     fit_seconds: float
@@ -133,6 +137,7 @@ class SolverCost:
     solve_formula: str
     notes: tuple[str, ...] = ()
     basis_rank: int = 0
+    refused: str = ""
 
 
 def unknown_cost(name: str, probe: CostProbe) -> SolverCost:

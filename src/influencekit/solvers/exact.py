@@ -174,8 +174,8 @@ class ExactSolver(Solver):
         return ((proj * proj) * self._inv).sum(dim=1).to(G.dtype)
 
     def cost(self, probe: CostProbe) -> SolverCost:
-        """Fit p·n·τ_h + the decomposition (Cholesky p³/3 or eigh 9p³ flops) / ρ; a solve 2·(q + residual rows)·p² /
-        ρ."""
+        """Fit p·n·τ_h (closed form: n·τ_s + 2·n·τ_h) + the decomposition (Cholesky p³/3 or eigh 9p³ flops) / ρ;
+        a solve 2·(q + residual rows)·p² / ρ."""
         p, q, item = probe.p, probe.queries, probe.item
         eig_item = torch.finfo(self.eig_dtype or probe.dtype).bits // 8
         state = 2 * p * p * eig_item + p * eig_item
@@ -183,20 +183,21 @@ class ExactSolver(Solver):
         decomposition = (p**3 / 3 if cholesky else 9 * p**3) / probe.flops
         assembling = p * p * item if eig_item != item else 0
         rows = min(q, self.residual_rows)
-        notes = (
-            (f"the exact solver refuses this model: n_params = {p:,} > max_params = {self.max_params:,}.",)
-            if p > self.max_params
-            else ()
-        )
+        refused = f"n_params = {p:,} > max_params = {self.max_params:,}" if p > self.max_params else ""
+        notes = (f"the exact solver refuses this model: {refused}.",) if refused else ()
+        # H in closed form (a final Linear layer): one pass over the data, checked against two HVPs
+        assembly = probe.n * probe.tau_sum + probe.hvp_seconds(2) if probe.closed_form_hessian else probe.hvp_seconds(p)
+        how = "n·τ_s + 2·n·τ_H (closed form)" if probe.closed_form_hessian else "p·n·τ_H"
         return SolverCost(
-            fit_seconds=probe.hvp_seconds(p) + decomposition,
+            fit_seconds=assembly + decomposition,
             fit_memory=probe.base + state + assembling + (p * p * eig_item if cholesky else 0),
-            fit_formula=f"p·n·τ_H + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e",
+            fit_formula=f"{how} + {'Cholesky p³/3' if cholesky else 'eigh 9p³'} / ρ; state 2p²·b_e",
             state=state,
             solve_seconds=2 * (q + rows) * p * p / probe.flops,
             solve_memory=2 * q * p * eig_item,
             solve_formula="2·(q + residual rows)·p² / ρ",
             notes=notes,
+            refused=refused,
         )
 
     def describe(self) -> dict[str, Any]:
