@@ -95,6 +95,57 @@ def test_kfac_state_is_the_factors(solver, conv):
     assert _within(plan.solver_state, actual), (plan.solver_state, actual)
 
 
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_kfac_fit_memory_covers_the_arrays_at_the_eigendecompositions(solver, monkeypatch):
+    """The fit's peak is after the eigendecompositions: the float64 factor sums, the eigenvectors and the float64
+    eigenvalues at once (not the state the fit ends with, which is converted to the model's dtype)."""
+    from influencekit.solvers import kfac
+
+    task, train = _mlp_task(200, hidden=512)  # factors large enough to set the fit's peak (not a pass's taps)
+    held: list[int] = []
+    original = kfac._eigendecompose
+
+    def counted(layers, dtype):
+        original(layers, dtype)
+        held.append(sum(_nbytes(layer.A, layer.S, layer.QA, layer.QS, layer.eig) for layer in layers))
+
+    monkeypatch.setattr(kfac, "_eigendecompose", counted)
+    inf = ik.Influence(task, train, solver=solver, damping=0.1, solver_options={"probes": 0})
+    plan = inf.plan()
+    held.clear()  # the probe's own fit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inf.fit()
+    fit = plan.stage(f"fit: {solver}").memory - plan.n_params * 4  # without the copy of θ̂
+    largest = 513 * 513  # the largest factor: A of Linear(512, 10) with its bias column
+    eigh_bytes = 8 if solver == "kfac" else 4  # K-FAC decomposes in float64, EK-FAC of a float32 model in float32
+    # the formula adds one factor's copy, eigenvectors and workspace (3 × the largest) to the arrays held
+    assert held[0] <= fit <= held[0] + 3 * eigh_bytes * largest + MEMORY_RTOL * held[0], (fit, held[0])
+    assert held[0] > 1.5 * plan.solver_state  # the float64 sums and eigenvalues: well above the kept state
+
+
+def test_hvps_are_timed_only_for_solvers_that_make_them(monkeypatch):
+    """A forward-over-reverse HVP of a whole transformer held 8 GB in a probe of 8 examples where EK-FAC makes
+    none: the probe times HVPs only when a solver's cost asks for them."""
+    from influencekit.engine import planner
+
+    task, train = _mlp_task(100)
+    calls: list[int] = []
+    original = planner.choose_hvp
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "choose_hvp", counted)
+    ekfac = ik.Influence(task, train, solver="ekfac", damping=0.1).plan(n_test=10)
+    assert not calls and "tau_hvp" not in ekfac.probe and "HVP not timed" in str(ekfac)
+    cg = ik.Influence(task, train, solver="cg", damping=0.1).plan(n_test=10)
+    assert len(calls) == 1 and cg.probe["tau_hvp"] > 0 and "ms/example with one tangent" in str(cg)
+    probed = ik.Influence(task, train, solver="ekfac", damping=0.1, solver_options={"probes": 2}).plan(n_test=10)
+    assert len(calls) == 2 and probed.probe["tau_hvp"] > 0  # EK-FAC's residual probes are HVPs
+
+
 def _best_fit_seconds(inf: ik.Influence, repeats: int = 2) -> float:
     best = float("inf")
     for _ in range(repeats):

@@ -13,7 +13,9 @@ Measured by the probe (each after one untimed warm-up call, on m = min(n, probe_
 
     τ_g   seconds of one example's per-example gradient (vmap∘grad)
     τ_s   seconds of one example in a summed batch gradient (forward + backward)
-    τ_h   seconds of one example × one tangent in a batched HVP (forward-over-reverse)
+    τ_h   seconds of one example × one tangent in a batched HVP (forward-over-reverse), timed only when the
+          solver's cost uses HVPs (not for K-FAC/EK-FAC without residual probes: on a transformer that pass alone
+          holds several times a gradient's activations)
     ρ     matmul rate, flop/s, of a (m, p) × (p, m) product in the model's dtype
 
 Stages and their time formulas:
@@ -53,6 +55,10 @@ once it exists, and the stage's working set:
                                  eigendecomposed in eigh_dtype, kept in the rotations' dtype, b_r bytes: solve_dtype or
                                  the model's; k inputs (+1 for a bias) and o outputs per layer; A and S too with
                                  keep_factors: + b_r·Σ(k² + o²)) + 8 per leftover parameter
+    kfac/ekfac fit               the largest of: the factor pass 8·Σ(k² + o²) + its taps; the eigendecompositions
+                                 8·Σ(k² + o²) + b_e·Σ(k² + o²) + 8·Σok + 3·b_e·(largest factor) (float64 sums,
+                                 eigenvectors in the eigh dtype, float64 eigenvalues, one factor's copy and
+                                 workspace); EK-FAC's correction pass b_e·Σ(k² + o²) + 8·Σok + its taps
     cg / lissa working set       6·q·p·b / 4·q·p·b  (block iterates, residuals, directions)
     query block                  q·p·b gradients + q·p·b preconditioned
     kfac/ekfac query solve       q·p·b + 4·min(block_elements, q·max_layer(o·k))·8  (the result, and one row block
@@ -158,12 +164,15 @@ class Plan:
         total = f"{_fmt_seconds(self.seconds):>9}  {_fmt_bytes(self.peak_memory):>9}"
         lines.append(f"{'total':<{width}}  {total}  (time: sum; memory: peak)")
         p = self.probe
+        hvp = (
+            f"HVP {p['tau_hvp'] * 1e3:.3g} ms/example with one tangent, {p['tau_hvp_block'] * 1e3:.3g} "
+            f"ms/(example·tangent) with {int(p['block_tangents'])}"
+            if "tau_hvp" in p
+            else "HVP not timed (the plan needs none)"
+        )
         lines.append(
             f"probe on {int(p['examples'])} examples: per-example gradient {p['tau_grad'] * 1e3:.3g} ms/example, "
-            f"batch gradient {p['tau_sum'] * 1e3:.3g} ms/example, HVP {p['tau_hvp'] * 1e3:.3g} ms/example with one "
-            "tangent, "
-            f"{p['tau_hvp_block'] * 1e3:.3g} ms/(example·tangent) with {int(p['block_tangents'])}, "
-            f"matmul {p['flops'] / 1e9:.3g} GFLOP/s"
+            f"batch gradient {p['tau_sum'] * 1e3:.3g} ms/example, {hvp}, matmul {p['flops'] / 1e9:.3g} GFLOP/s"
         )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -322,14 +331,18 @@ def _measure(
 
     tau_g = timed(grads) / mg
     tau_s = timed(lambda: batch_grad_sum(task.loss, params, hbatch, layout)) / mh
-    gen = torch.Generator(device=device).manual_seed(0)
-    K = max(1, min(chunks.tangents, p, 32))
-    V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
-    hvp = choose_hvp(task.loss, params, hbatch, layout, V[:1])[0]
-    tau_h1 = timed(lambda: hvp(task.loss, params, hbatch, layout, V[:1])) / mh
-    tau_hK = timed(lambda: hvp(task.loss, params, hbatch, layout, V)) / (mh * K) if K > 1 else tau_h1
     rate = 2.0 * mg * mg * p / max(timed(lambda: holder["G"] @ holder["G"].T), 1e-9)
     holder.clear()
+
+    def hvp_timing() -> tuple[float, float, int]:
+        """τ_h with one tangent and per tangent with K; run only for a solver whose cost needs HVPs."""
+        gen = torch.Generator(device=device).manual_seed(0)
+        K = max(1, min(chunks.tangents, p, 32))
+        V = torch.randn(K, p, dtype=dtype, device=device, generator=gen)
+        hvp = choose_hvp(task.loss, params, hbatch, layout, V[:1])[0]
+        tau_h1 = timed(lambda: hvp(task.loss, params, hbatch, layout, V[:1])) / mh
+        tau_hK = timed(lambda: hvp(task.loss, params, hbatch, layout, V)) / (mh * K) if K > 1 else tau_h1
+        return tau_h1, tau_hK, K
 
     def fit_seconds(solver: Solver) -> float:
         """Seconds of ``solver.fit`` on the probe examples (the damping at least 1e-3, so that it is invertible)."""
@@ -355,9 +368,7 @@ def _measure(
         examples=m,
         tau_grad=tau_g,
         tau_sum=tau_s,
-        tau_hvp=tau_h1,
-        tau_hvp_block=tau_hK,
-        block_tangents=K,
+        hvp_timing=hvp_timing,
         flops=rate,
         activations=act,
         grad_chunk=chunks.grad,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
@@ -45,8 +46,11 @@ class CostProbe:
         n, p, dtype, item: training examples, selected parameters, the model's dtype and its bytes per value (b).
         examples: m, the probe examples the times were measured on.
         tau_grad, tau_sum: τ_g and τ_s, seconds per example of a per-example and of a summed batch gradient.
-        tau_hvp, tau_hvp_block: τ_h, seconds per example of an HVP with one tangent, and per example·tangent
-            with ``block_tangents`` (K) tangents.
+        hvp_timing: ``hvp_timing()`` times the HVPs: (τ_h, seconds per example of an HVP with one tangent; the
+            seconds per example·tangent with K tangents; K). Called once, on first use of :attr:`tau_hvp`,
+            :attr:`tau_hvp_block` or :attr:`block_tangents`: a solver that makes no HVPs (K-FAC without residual
+            probes) never pays for a forward-over-reverse pass, which on a transformer holds several times the
+            activations of a gradient.
         flops: ρ, the matmul rate in flop/s.
         activations: a, values the modules output per example.
         grad_chunk, hvp_chunk, tangent_chunk, query_chunk: the chunk sizes from the memory budget.
@@ -68,9 +72,6 @@ class CostProbe:
     examples: int
     tau_grad: float
     tau_sum: float
-    tau_hvp: float
-    tau_hvp_block: float
-    block_tangents: int
     flops: float
     activations: int
     grad_chunk: int
@@ -81,11 +82,31 @@ class CostProbe:
     queries: int
     blocks: int
     cg_iterations: int
+    hvp_timing: Callable[[], tuple[float, float, int]] = field(repr=False, compare=False)
     fit_seconds: Callable[[Fittable], float] = field(repr=False, compare=False)
     layer_positions: Callable[[list[Any]], dict[str, int]] = field(repr=False, compare=False)
     n_outputs: Callable[[], int] = field(repr=False, compare=False)
     rows: bool = True
     closed_form_hessian: bool = False
+
+    @cached_property
+    def _hvp_times(self) -> tuple[float, float, int]:
+        return self.hvp_timing()
+
+    @property
+    def tau_hvp(self) -> float:
+        """τ_h: seconds per example of an HVP with one tangent (timed on first use)."""
+        return self._hvp_times[0]
+
+    @property
+    def tau_hvp_block(self) -> float:
+        """Seconds per example·tangent of an HVP with :attr:`block_tangents` tangents (timed on first use)."""
+        return self._hvp_times[1]
+
+    @property
+    def block_tangents(self) -> int:
+        """K, the tangents of the timed block HVP."""
+        return self._hvp_times[2]
 
     @property
     def base(self) -> int:
@@ -102,13 +123,16 @@ class CostProbe:
 
     def as_dict(self) -> dict[str, float]:
         """The measured figures, as :attr:`Plan.probe <influencekit.engine.planner.Plan.probe>` holds them."""
+        hvp = (
+            dict(zip(("tau_hvp", "tau_hvp_block", "block_tangents"), map(float, self._hvp_times)))
+            if "_hvp_times" in self.__dict__  # timed only where a solver's cost needed it
+            else {}
+        )
         return {
             "examples": float(self.examples),
             "tau_grad": self.tau_grad,
             "tau_sum": self.tau_sum,
-            "tau_hvp": self.tau_hvp,
-            "tau_hvp_block": self.tau_hvp_block,
-            "block_tangents": float(self.block_tangents),
+            **hvp,
             "flops": self.flops,
             "activations_per_example": float(self.activations),
         }

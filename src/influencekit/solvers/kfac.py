@@ -840,13 +840,13 @@ def kfac_cost(solver: KFACSolver, probe: CostProbe) -> SolverCost:
     """K-FAC/EK-FAC: fit a copy of ``solver`` on the probe examples (no residual probes) and scale its passes to n."""
     n, p, q, item = probe.n, probe.p, probe.queries, probe.item
     probe_hvps = probe.hvp_seconds(solver.probes) * min(n, solver.probe_examples or n) / n
-    state, fit_seconds, fit_work, solve_flops, largest, taps = _kfac_fit(solver, probe, probe_hvps)
+    state, fit_seconds, fit_peak, solve_flops, largest, taps = _kfac_fit(solver, probe, probe_hvps)
     return SolverCost(
         fit_seconds=fit_seconds,
-        fit_memory=probe.base + state + fit_work,
-        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; state "
-        "b_r·Σ(k² + o² + "
-        "ok), + b_r·Σ(k² + o²) with keep_factors",
+        fit_memory=probe.base + fit_peak,
+        fit_formula="(probe fit − eigh) × n/m + eigh + probes·min(n, the solver's probe_examples)·τ_h; peak the "
+        "float64 factors, eigenvectors and eigenvalues at the eigendecompositions (_kfac_layers); state "
+        "b_r·Σ(k² + o² + ok), + b_r·Σ(k² + o²) with keep_factors",
         state=state,
         solve_seconds=q * solve_flops / probe.flops,
         # the result block, plus one row block of the largest layer gathered, rotated, scaled and rotated back
@@ -862,7 +862,7 @@ def kfac_cost(solver: KFACSolver, probe: CostProbe) -> SolverCost:
 
 
 def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[int, float, int, float, int, bool]:
-    """Returns (state bytes, fit seconds, working bytes of a factor pass, flops per right-hand side of a solve,
+    """Returns (state bytes, fit seconds, bytes the fit holds at its peak, flops per right-hand side of a solve,
     values o·k of the largest layer block, whether the queries are solved from the test taps)."""
     options = {
         "fisher": solver.fisher,
@@ -891,20 +891,22 @@ def _kfac_fit(solver: KFACSolver, probe: CostProbe, probe_hvps: float) -> tuple[
     variants = {"sampled": solver.samples, "expected": outputs, "empirical": 1, "auto": auto}[solver.fisher]
     kept = torch.finfo(solver.solve_dtype or probe.dtype).bits // 8  # b_r: the state is kept in the rotations' dtype
     taps = not probe.rows and probe_solver.tap_solvable()  # the queries solved from the test taps (solve_taps)
-    state, work, flops = _kfac_layers(
+    state, work, flops, fit_peak = _kfac_layers(
         probe_solver.layers_,
         positions,
         variants,
         min(probe.hvp_chunk, probe.n),
         2 if solver._corrected else 1,
         kept,
+        torch.finfo(probe_solver._eigh_dtype(probe.dtype)).bits // 8,
         taps=taps,
         factors=solver.keep_factors,
+        corrected=solver._corrected,
     )
     state += 8 * len(probe_solver.diagonal_)
     seconds = max(total - eig, 0.1 * total) * probe.n / probe.examples + eig + probe_hvps
     largest = max((int(layer.index.numel()) for layer in probe_solver.layers_), default=0)
-    return state, seconds, work, flops, largest, taps
+    return state, seconds, fit_peak + 8 * len(probe_solver.diagonal_), flops, largest, taps
 
 
 def _kfac_layers(
@@ -914,14 +916,24 @@ def _kfac_layers(
     c: int,
     passes: int,
     kept: int,
+    eigh: int,
     *,
     taps: bool = False,
     factors: bool = False,
-) -> tuple[int, int, float]:
-    """(state bytes, ``kept`` bytes a value, working bytes of a factor pass over c examples, flops per right-hand side)
-    summed over the layers; ``taps``: a layer's test gradient is rotated in from its taps where that is cheaper;
-    ``factors``: the dense layers' A and S are kept beside their eigenvectors (``keep_factors``)."""
+    corrected: bool = True,
+) -> tuple[int, int, float, int]:
+    """(state bytes, ``kept`` bytes a value; working bytes of a factor pass over c examples; flops per right-hand side;
+    bytes held at the fit's peak) summed over the layers. ``eigh``: bytes a value of the eigendecompositions;
+    ``taps``: a layer's test gradient is rotated in from its taps where that is cheaper; ``factors``: the dense
+    layers' A and S are kept beside their eigenvectors (``keep_factors``); ``corrected``: EK-FAC's second pass.
+
+    The fit's arrays, by phase (F = Σ(k² + o²) factor values, O = Σ ok eigenvalues, Q the eigenvectors):
+    the factor pass holds the float64 sums (8F) and a pass's taps; the eigendecompositions add Q (``eigh`` bytes a
+    value), the float64 eigenvalues (8·O) and one factor's copy, eigenvectors and workspace (3 of the largest, in
+    ``eigh`` bytes); EK-FAC's correction pass holds Q, its float64 sums (8·O) and a pass's taps (the factors only
+    with keep_factors); the state is then converted to ``kept`` bytes."""
     state, work, flops = 0, 0, 0.0
+    sums = eigvecs = eigvals = largest = 0  # values of A and S, of Q_A and Q_S, of the eigenvalues; largest factor
     for layer in layers:
         t = positions[layer.name]
         if layer.embedding:  # A diagonal (V,), S and Q_S (d, d), eigenvalues (V, d); a pass holds indices and d grads
@@ -929,10 +941,15 @@ def _kfac_layers(
             state += kept * (V + 2 * d * d + V * d)
             work += 8 * c * t * (1 + d * variants) * passes
             flops += 4.0 * V * d * d
+            sums, eigvecs, eigvals, largest = sums + V + d * d, eigvecs + d * d, eigvals + V * d, max(largest, d * d)
             continue
         o, k = layer.index.shape
         state += kept * ((2 if factors else 1) * (k * k + o * o) + o * k)
         work += 8 * c * t * (k + o * variants) * passes
         rotate_in = min(t * (o * o + k * k) + t * o * k, o * k * (o + k)) if taps else o * k * (o + k)
         flops += 2.0 * (rotate_in + o * k * (o + k))
-    return state, work, flops
+        sums, eigvecs, eigvals = sums + k * k + o * o, eigvecs + k * k + o * o, eigvals + o * k
+        largest = max(largest, k * k, o * o)
+    decomposed = 8 * sums + eigh * eigvecs + 8 * eigvals + 3 * eigh * largest
+    correcting = eigh * eigvecs + 8 * eigvals + (8 * sums if factors else 0) + work if corrected else 0
+    return state, work, flops, max(8 * sums + work, decomposed, correcting, state)
