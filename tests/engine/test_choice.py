@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import influencekit as ik
-from influencekit.core.errors import InputError, InputTypeError
+from influencekit.core.errors import InputError, InputTypeError, NumericalError
 from influencekit.data.bundled import load_digits_split
 from problems import digits_mlp
 
@@ -77,3 +77,29 @@ def test_bad_input_is_refused(digits_small):
         inf.choose_solver((d.test[0][:0], d.test[1][:0]))
     with pytest.raises(InputError, match="pilot_examples"):
         inf.choose_solver(d.test, pilot_examples=0)
+
+
+class _CurvedBelow(ik.solvers.CGSolver):
+    """CG that meets negative curvature on fewer than ``examples`` training examples (as a random subsample's
+    Hessian can where the whole one has none)."""
+
+    def __init__(self, examples: int) -> None:
+        super().__init__()
+        self.examples = examples
+
+    def _fit(self, operator):
+        if len(operator.data) < self.examples:
+            raise NumericalError("CG met negative curvature (test)")
+        super()._fit(operator)
+
+
+def test_the_pilot_doubles_its_examples_after_negative_curvature(mlp):
+    task, train, test = mlp
+    inf = ik.Influence(task, train, damping=1e-2, stationarity_tol=None)
+    choice = inf.choose_solver(test, candidates=(_CurvedBelow(400), "exact"))
+    assert "on 512 training examples" in choice.candidate("cg").basis  # 256 failed, 512 ran
+    choice = inf.choose_solver(test, candidates=(_CurvedBelow(600), "exact"))
+    assert "on 600 training examples" in choice.candidate("cg").basis  # 256, 512 failed: the whole training set
+    choice = inf.choose_solver(test, candidates=(_CurvedBelow(10**6), "exact"))
+    assert choice.solver == "exact"
+    assert "fails on the whole training set" in choice.candidate("cg").refused
