@@ -75,6 +75,8 @@ def test_bad_input_is_refused(digits_small):
         inf.choose_solver(d.test, candidates=(3,))
     with pytest.raises(InputError, match="at least one example"):
         inf.choose_solver((d.test[0][:0], d.test[1][:0]))
+    with pytest.raises(InputError, match="`train` must hold at least one example"):
+        ik.Influence(d.task, (d.train[0][:0], d.train[1][:0])).choose_solver(d.test)
     with pytest.raises(InputError, match="pilot_examples"):
         inf.choose_solver(d.test, pilot_examples=0)
 

@@ -30,17 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.autodiff import ParamLayout
 from ..core.checks import check_int
 from ..core.errors import InputError, InputTypeError, NumericalError
 from ..core.task import Task
 from ..data.examples import DataSource, Examples, take
 from ..solvers import SOLVERS, Solver, make_solver
-from .config import InfluenceConfig, plan_chunks
+from .config import InfluenceConfig
 from .gradients import GradientSource
 from .hessian import HessianOperator
-from .pairwise import scores_without_rows
-from .planner import Plan, plan_influence
+from .planner import Plan, plan_influence, planned_chunks
 
 __all__ = ["Candidate", "SolverChoice", "choose_solver"]
 
@@ -164,21 +162,9 @@ def _pilot_iterations(
     """Block-CG iterations measured on the Hessian of ``pilot_examples`` random training examples (twice as many
     after negative curvature, up to all), with the first query block's test gradients as right-hand sides;
     (iterations, how they were found, why the solver is refused: empty unless it fails on all examples)."""
-    params = {name: value.detach().clone() for name, value in task.params().items()}
-    layout = ParamLayout.of(params)
+    params, layout, chunks, _ = planned_chunks(task, train, config, solver)
     n = len(train)
     m = min(n, pilot_examples)
-    first = take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch)
-    without_rows = scores_without_rows(solver, config.gradients, task.model, layout)
-    chunks = plan_chunks(
-        task,
-        params,
-        first,
-        n,
-        batch_size=config.batch_size,
-        memory_budget=config.memory_budget,
-        without_rows=without_rows,
-    )
     q = max(1, min(len(test), chunks.queries))
     source = GradientSource(task, params, chunk=chunks.grad, method=config.gradients)
     G = source.gather(test, list(range(q)), side="test")

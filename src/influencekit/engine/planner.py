@@ -228,18 +228,7 @@ def plan_influence(
     n = len(train)
     if n == 0:
         raise InputError("`train` must hold at least one example. Got an empty training set.")
-    params = {name: value.detach().clone() for name, value in task.params().items()}
-    layout = ParamLayout.of(params)
-    without_rows = scores_without_rows(solver, config.gradients, task.model, layout)
-    chunks = plan_chunks(
-        task,
-        params,
-        take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch),
-        n,
-        batch_size=config.batch_size,
-        memory_budget=config.memory_budget,
-        without_rows=without_rows,
-    )
+    params, layout, chunks, without_rows = planned_chunks(task, train, config, solver)
     probe, gradient_method = _measure(
         task,
         config,
@@ -295,6 +284,26 @@ def plan_influence(
         notes=tuple(notes),
         refused=cost.refused,
     )
+
+
+def planned_chunks(
+    task: Task, train: Examples, config: InfluenceConfig, solver: Solver
+) -> tuple[dict[str, torch.Tensor], ParamLayout, Chunks, bool]:
+    """A copy of θ̂, its layout, the chunk sizes a fit with ``solver`` would use, and whether scoring forms no gradient
+    rows (what :func:`plan_influence` and the solver choice's pilot both start from)."""
+    params = {name: value.detach().clone() for name, value in task.params().items()}
+    layout = ParamLayout.of(params)
+    without_rows = scores_without_rows(solver, config.gradients, task.model, layout)
+    chunks = plan_chunks(
+        task,
+        params,
+        take(train, [0], dtype=layout.dtype, device=layout.device, check=task.check_batch),
+        len(train),
+        batch_size=config.batch_size,
+        memory_budget=config.memory_budget,
+        without_rows=without_rows,
+    )
+    return params, layout, chunks, without_rows
 
 
 def _measure(
