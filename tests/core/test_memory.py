@@ -27,3 +27,18 @@ def test_freed_heap_memory_is_returned():
     after = _rss_mib()
     assert before - after > 100, (before, after)  # measured: 188 MiB returned
     assert float(last.sum()) == 16 * 1024  # what is still in use is untouched
+
+
+def test_workspace_reuses_one_buffer_per_name_and_grows_when_asked_for_more():
+    from influencekit.core.memory import Workspace
+
+    ws = Workspace()
+    first = ws.take("rows", (4, 6), dtype=torch.float32, device=torch.device("cpu"))
+    second = ws.take("rows", (3, 5), dtype=torch.float32, device=torch.device("cpu"))
+    assert second.shape == (3, 5) and second.data_ptr() == first.data_ptr()  # the same memory, a smaller view
+    other = ws.take("other", (3, 5), dtype=torch.float32, device=torch.device("cpu"))
+    assert other.data_ptr() != first.data_ptr()  # names do not share
+    larger = ws.take("rows", (10, 10), dtype=torch.float32, device=torch.device("cpu"))
+    assert larger.shape == (10, 10) and larger.is_contiguous()
+    wider = ws.take("rows", (2, 2), dtype=torch.float64, device=torch.device("cpu"))
+    assert wider.dtype == torch.float64  # a dtype change gets a buffer of that dtype

@@ -709,3 +709,19 @@ def test_a_draw_from_many_classes_by_blocks_equals_the_plain_inverse_cdf(C):
     blocked = _draw_classes(P, u)
     assert torch.equal(blocked, _inverse_cdf(P.cumsum(dim=1), u))
     assert not torch.isin(blocked, torch.tensor([0, 500, C - 1])).any()  # classes of probability 0 are never drawn
+
+
+@pytest.mark.parametrize("k", [100, 1100, 1536])
+def test_wide_factor_sums_by_stripes_equal_the_whole_product(k):
+    """A factor k ≥ 1,024 wide is summed by stripes on and above the diagonal and mirrored; it equals the whole
+    product xᵀ diag(w) x to float64 round-off (1e-12 relative), symmetric to the same."""
+    from influencekit.solvers.kfac import _add_gram
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(300, k, generator=g, dtype=torch.float64)
+    w = torch.rand(300, 1, generator=g, dtype=torch.float64)
+    target = torch.full((k, k), 2.0, dtype=torch.float64)
+    _add_gram(target, x, x * w, scale=0.25)
+    expected = 2.0 + 0.25 * x.T @ (x * w)
+    assert torch.allclose(target, expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(target, target.T, rtol=1e-12, atol=1e-12)

@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_map
 from ..data.examples import Batch, batch_size_of
 from .autodiff import LossFn, ParamLayout, per_example_grads, per_example_loop
 from .errors import InfluenceKitError, UnsupportedError
+from .memory import Workspace
 
 __all__ = [
     "SUPPORTED_LAYERS",
@@ -448,15 +449,18 @@ class LayerGradients:
         return G, values
 
     def pieces(
-        self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
+        self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch, workspace: Workspace | None = None
     ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
         """One tapped forward and backward: ``(pieces, values)``, the pieces made one at a time as they are drawn
-        (together they cover every selected parameter once)."""
+        (together they cover every selected parameter once). With a ``workspace``, a weight's rows are made in its
+        buffer ``"rows"``: each piece is then valid only until the next one is drawn."""
         with LayerTaps(self.blocks) as taps:
             inputs, grads, values = taps.run(fn, params, batch)
-        return self._pieces(inputs, grads), values
+        return self._pieces(inputs, grads, workspace), values
 
-    def _pieces(self, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> Iterator[GradientPiece]:
+    def _pieces(
+        self, inputs: list[torch.Tensor], grads: list[torch.Tensor], workspace: Workspace | None
+    ) -> Iterator[GradientPiece]:
         dtype = self.layout.dtype
         for block, x, g in zip(self.blocks, inputs, grads):
             if block.embedding:
@@ -469,8 +473,12 @@ class LayerGradients:
                 left, right = (a, go) if block.transposed else (go, a)  # the weight's row-major (rows, cols)
                 if go.shape[1] == 1:  # one position: an outer product, no reduction
                     rows = left[:, 0, :, None] * right[:, 0, None, :]
-                else:
+                elif workspace is None:
                     rows = torch.bmm(left.transpose(1, 2), right)
+                else:
+                    shape = (left.shape[0], left.shape[2], right.shape[2])
+                    rows = workspace.take("rows", shape, dtype=right.dtype, device=right.device)
+                    torch.bmm(left.transpose(1, 2), right, out=rows)
                 yield DensePiece(self._offsets[block.weight], rows.reshape(rows.shape[0], -1))
             if block.bias is not None:
                 yield DensePiece(self._offsets[block.bias], go.sum(dim=1))

@@ -25,6 +25,7 @@ from ..core.distributed import Shard
 from ..core.errors import NumericalError, StationarityWarning, UnsupportedError
 from ..core.layers import GRADIENT_METHODS, DensePiece, GradientPiece, LayerGradients, LayerTaps, choose_per_example
 from ..core.lowrank import Factors, factor_blocks
+from ..core.memory import Workspace
 from ..core.progress import progress_bar
 from ..core.task import Task
 from ..data.examples import Batch, Examples, batch_size_of, columns, grouped_stream, stream, take
@@ -188,7 +189,8 @@ class GradientSource:
         """``(indices, pieces)`` per chunk of ``data[start:stop]``: the per-example gradients **without** the L2 term
         (:attr:`l2_term`), a layer's parameter at a time when they come from layer taps (each piece made as it is
         drawn: a consumer that scores them one by one never holds a chunk's whole rows), else the whole rows as one
-        piece. Draw a chunk's pieces before the next chunk. Every piece is checked to be finite.
+        piece. Use each piece before drawing the next (layer taps' rows share one buffer). Every piece is checked to be
+        finite.
 
         Token sequences of unequal lengths come in chunks of similar lengths
         (:func:`~influencekit.data.examples.grouped_stream`: less padding through the model), place them with
@@ -209,8 +211,9 @@ class GradientSource:
                 stop=stop,
             )
         )
+        workspace = Workspace()  # the pieces are drawn one at a time: a layer's rows reuse one buffer
         for indices, batch in chunks:
-            pieces, losses = self._pieces(side, batch, data.name, self.precision)
+            pieces, losses = self._pieces(side, batch, data.name, self.precision, workspace)
             check_losses(losses, data.name, indices[0])
             yield indices, self._checked(pieces, data.name, indices[0])
             bar.update(len(losses))
@@ -251,16 +254,17 @@ class GradientSource:
         return G
 
     def _pieces(
-        self, side: str, batch: Batch, name: str, precision: str
+        self, side: str, batch: Batch, name: str, precision: str, workspace: Workspace | None = None
     ) -> tuple[Iterator[GradientPiece], torch.Tensor]:
         """One chunk's per-example gradients as pieces (:meth:`parts`) and its losses; a model that cannot take the
-        data is named in words (:meth:`Task.check_forward`), else torch's error stands."""
+        data is named in words (:meth:`Task.check_forward`), else torch's error stands. With a ``workspace``, layer
+        taps' pieces reuse its buffers: each is valid until the next is drawn."""
         fn = self.function(side)
         try:
             with matmul_precision(precision):
                 per_example = self.per_example(side, batch)
                 if isinstance(per_example, LayerGradients):
-                    return per_example.pieces(fn, self.params, batch)
+                    return per_example.pieces(fn, self.params, batch, workspace)
                 G, losses = per_example(fn, self.params, batch)
                 return iter([DensePiece(0, G)]), losses
         except (RuntimeError, TypeError, IndexError, ValueError):
