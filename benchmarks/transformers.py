@@ -41,7 +41,9 @@ fresh process, one at a time, with ``--threads`` torch threads, and reports its 
 cache), score time (all test × train scores) and peak memory (VmHWM). The parent prints both configurations, the
 ratios, Pearson r over all pairs and the mean top-10 overlap of the most harmful training e-mails per test e-mail,
 with our planner's estimate of fit + score and peak beside the measured ones (``Influence.plan`` runs in a process of
-its own, untimed, so that its probe does not count in our peak).
+its own, untimed, so that its probe does not count in our peak). On this 2-core machine one system's time moves by
+10–15% between runs: ``--repeat N`` runs N rounds, the systems alternating, prints each round and then each system's
+median run and the ratios of the medians.
 
 Kronfluence sums its training loss and reports ∇f(test)ᵀ(G + δI)⁻¹∇ℓ(train), positive = helpful; ours is
 I_up,loss = −∇ℓ(test)ᵀ(G + δI)⁻¹∇ℓ(train): the comparison negates Kronfluence's scores.
@@ -432,6 +434,13 @@ def main() -> None:
     p.add_argument(
         "--reuse", default="", help="systems whose stored result of an earlier run (in --cache) is read, not rerun"
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds, the systems alternating in each (a system's time moves by ~10%% between runs on 2 cores): "
+        "every round is printed, then the medians and their ratios",
+    )
     p.add_argument("--worker", choices=["ours", "kronfluence", "plan"])
     p.add_argument("--out")
     args = p.parse_args()
@@ -452,7 +461,6 @@ def main() -> None:
     for system, settings in configurations(args).items():
         print(f"  {system}: {settings}")
     del ft
-    results = {}
     reuse = set(filter(None, args.reuse.split(",")))
     settings = (args.model, args.case, args.n_train, args.n_test, f"{args.damping:g}", args.batch_size, args.threads)
     settings += (args.device,) if args.device != "cpu" else ()
@@ -461,49 +469,80 @@ def main() -> None:
         plan = (
             run_worker("plan", args, os.path.join(tmp, "plan")) if "ours" in systems and "ours" not in reuse else None
         )
-        for system in systems:
-            stored = args.cache / f"result-{key}-{system}"
-            if system in reuse:
-                if not stored.with_name(stored.name + ".json").exists():
-                    raise SystemExit(f"--reuse {system}: no stored run {stored}.json; run it first")
-                r = json.loads(stored.with_name(stored.name + ".json").read_text())
-                r["S"] = np.load(stored.with_name(stored.name + ".npy"))
-                print(f"{system}: the stored run of {r['when']} (same case, data, damping, batch size, threads)")
-            else:
-                r = run_worker(system, args, os.path.join(tmp, system))
-                r["when"] = time.strftime("%Y-%m-%d %H:%M")
-                np.save(stored.with_name(stored.name + ".npy"), r["S"])
-                stored.with_name(stored.name + ".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
-            results[system] = r
-            extra = (
-                f", planned {plan['planned_s']:.0f} s and {plan['planned_peak_mib']:.0f} MiB (params {r['n_params']:,})"
-                if system == "ours" and plan
-                else ""
-            )
-            print(
-                f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total "
-                f"{r['t_fit'] + r['t_score']:8.1f} s  "
-                f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){device_peak(r)}{extra}",
-                flush=True,
-            )
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for round_ in range(max(1, args.repeat)):
+            if args.repeat > 1:
+                print(f"round {round_ + 1} of {args.repeat}", flush=True)
+            results = {}
+            for system in systems:
+                results[system] = run_system(system, args, key, reuse, tmp)
+                print(result_line(system, results[system], plan), flush=True)
+            if len(results) == 2:
+                print(comparison(results["ours"], results["kronfluence"]), flush=True)
+            rounds.append(results)
     if plan:
         print(plan["plan"])
-    if len(results) == 2:
-        a, b = results["ours"], results["kronfluence"]
-        speed = (b["t_fit"] + b["t_score"]) / (a["t_fit"] + a["t_score"])
-        print(
-            f"ours vs Kronfluence: fit + score {speed:.2f}x faster (fit {b['t_fit'] / a['t_fit']:.2f}x, score "
-            f"{b['t_score'] / a['t_score']:.2f}x); "
-            f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's"
-            + (
-                f", device peak {a['device_peak_mib'] / b['device_peak_mib']:.2f}x"
-                if "device_peak_mib" in a and "device_peak_mib" in b
-                else ""
-            )
-            + "; Pearson r "
-            f"{np.corrcoef(a['S'].ravel(), b['S'].ravel())[0, 1]:.4f}; "
-            f"top-10 harmful overlap {top_overlap(a['S'], b['S']):.3f}"
+    if len(rounds) > 1 and len(rounds[0]) == 2:
+        print(f"medians of {len(rounds)} rounds:")
+        medians = {system: median_result([r[system] for r in rounds]) for system in rounds[0]}
+        for system, r in medians.items():
+            print(result_line(system, r, None))
+        print(comparison(medians["ours"], medians["kronfluence"]))
+
+
+def run_system(system: str, args: argparse.Namespace, key: str, reuse: set[str], tmp: str) -> dict[str, Any]:
+    """One system's run in a fresh process (or its stored result with ``--reuse``), stored in ``--cache``."""
+    stored = args.cache / f"result-{key}-{system}"
+    if system in reuse:
+        if not stored.with_name(stored.name + ".json").exists():
+            raise SystemExit(f"--reuse {system}: no stored run {stored}.json; run it first")
+        r = json.loads(stored.with_name(stored.name + ".json").read_text())
+        r["S"] = np.load(stored.with_name(stored.name + ".npy"))
+        print(f"{system}: the stored run of {r['when']} (same case, data, damping, batch size, threads)")
+        return r
+    r = run_worker(system, args, os.path.join(tmp, system))
+    r["when"] = time.strftime("%Y-%m-%d %H:%M")
+    np.save(stored.with_name(stored.name + ".npy"), r["S"])
+    stored.with_name(stored.name + ".json").write_text(json.dumps({k: v for k, v in r.items() if k != "S"}))
+    return r
+
+
+def result_line(system: str, r: dict[str, Any], plan: dict[str, Any] | None) -> str:
+    extra = (
+        f", planned {plan['planned_s']:.0f} s and {plan['planned_peak_mib']:.0f} MiB (params {r['n_params']:,})"
+        if system == "ours" and plan
+        else ""
+    )
+    return (
+        f"{system:12s} fit {r['t_fit']:8.1f} s  score {r['t_score']:8.1f} s  total "
+        f"{r['t_fit'] + r['t_score']:8.1f} s  "
+        f"peak RSS {r['rss_peak_mib']:7.0f} MiB (base {r['rss_base_mib']:.0f}){device_peak(r)}{extra}"
+    )
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median fit + score time (an odd count; the lower middle one otherwise): its times, peaks
+    and scores together, not medians mixed from different runs."""
+    ordered = sorted(runs, key=lambda r: r["t_fit"] + r["t_score"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def comparison(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Ours (``a``) against Kronfluence (``b``): speed and memory ratios, agreement of the scores."""
+    speed = (b["t_fit"] + b["t_score"]) / (a["t_fit"] + a["t_score"])
+    return (
+        f"ours vs Kronfluence: fit + score {speed:.2f}x faster (fit {b['t_fit'] / a['t_fit']:.2f}x, score "
+        f"{b['t_score'] / a['t_score']:.2f}x); "
+        f"peak RSS {a['rss_peak_mib'] / b['rss_peak_mib']:.2f}x of Kronfluence's"
+        + (
+            f", device peak {a['device_peak_mib'] / b['device_peak_mib']:.2f}x"
+            if "device_peak_mib" in a and "device_peak_mib" in b
+            else ""
         )
+        + "; Pearson r "
+        f"{np.corrcoef(a['S'].ravel(), b['S'].ravel())[0, 1]:.4f}; "
+        f"top-10 harmful overlap {top_overlap(a['S'], b['S']):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -337,9 +337,10 @@ class LayerTaps:
     def _forward(
         self, fn: LossFn, params: dict[str, torch.Tensor], batch: Batch
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """``fn`` on live copies of ``params`` with the taps recording: its value, each block's raw input and raw output
-        (the blocks keep no reference to them afterwards)."""
-        live = {k: t.detach().clone().requires_grad_(True) for k, t in params.items()}
+        """``fn`` on live aliases of ``params`` (new leaves on the same memory: a copy would add the selected
+        parameters' size to every chunk, 342 MB on BERT-base) with the taps recording: its value, each block's raw
+        input and raw output (the blocks keep no reference to them afterwards)."""
+        live = {k: t.detach().requires_grad_(True) for k, t in params.items()}
         for block in self.blocks:
             block.captured.clear()
         self._batch = batch_size_of(batch)
