@@ -725,3 +725,30 @@ def test_wide_factor_sums_by_stripes_equal_the_whole_product(k):
     expected = 2.0 + 0.25 * x.T @ (x * w)
     assert torch.allclose(target, expected, rtol=1e-12, atol=1e-12)
     assert torch.allclose(target, target.T, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("T", [3, 40], ids=["rotate-taps", "rotate-formed-gradient"])
+def test_solution_from_taps_in_a_workspace_equals_the_formula_and_reuses_its_buffers(T):
+    """The query solve from taps, Q_S [(Q_Sᵀ Σ_t g_t ã_tᵀ Q_A) / (Λ + δ)] Q_Aᵀ, made in a Workspace: equal to the
+    explicit float64 formula to 1e-12 relative on both of its branches (few positions: the taps are rotated; many: the
+    formed gradient is), and a second, smaller call writes into the same memory (no fresh block per layer)."""
+    from types import SimpleNamespace
+
+    from influencekit.core.memory import Workspace
+    from influencekit.solvers.kfac import _solved_from_taps
+
+    gen = torch.Generator().manual_seed(0)
+    out, k, shift = 6, 5, 1e-2
+    QS = torch.linalg.qr(torch.randn(out, out, generator=gen, dtype=torch.float64))[0]
+    QA = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64))[0]
+    layer = SimpleNamespace(QS=QS, QA=QA, eig=torch.rand(out, k, generator=gen, dtype=torch.float64) + 0.1)
+    a = torch.randn(4, T, k, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, T, out, generator=gen, dtype=torch.float64)
+    expected = torch.stack([QS @ ((QS.T @ g[b].T @ a[b] @ QA) / (layer.eig + shift)) @ QA.T for b in range(4)])
+    workspace = Workspace()
+    got = _solved_from_taps(layer, a, g, shift=shift, dtype=torch.float64, workspace=workspace)
+    assert relative_error(got, expected) < 1e-12
+    first = got.data_ptr()
+    again = _solved_from_taps(layer, a[:2], g[:2], shift=shift, dtype=torch.float64, workspace=workspace)
+    assert again.data_ptr() == first
+    assert relative_error(again, expected[:2]) < 1e-12

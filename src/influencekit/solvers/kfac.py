@@ -217,19 +217,16 @@ def _add_corrected(
 
 
 def _rotated_in(
-    layer: _Layer, a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, workspace: Workspace | None = None
+    layer: _Layer, a: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, workspace: Workspace
 ) -> torch.Tensor:
     """Q_Sᵀ (Σ_t g_t ã_tᵀ) Q_A per example, ``(B, out, k)``, from taps ``a (B, T, k)`` (the bias's 1 appended) and
     ``g (B, T, out)``: as (g Q_S)ᵀ(ã Q_A) where that is cheaper (T·(out² + k²) + T·out·k multiply-adds per example
     against out·k·(out + k + T) for forming the gradient and rotating it: a transformer's T < out, k), else rotating the
-    formed gradient. With a ``workspace`` the temporaries and the result are its buffers ``"gq"``, ``"aq"``, ``"x"``
-    (valid until the next call)."""
+    formed gradient. The temporaries and the result are ``workspace``'s buffers ``"gq"``, ``"aq"``, ``"y"``, ``"x"``
+    (the result is valid until the next call): a fresh 64 MB block per layer and chunk would be page faults, about a
+    tenth of the products' time on this project's machine."""
     QS, QA = layer.QS.to(dtype), layer.QA.to(dtype)
     B, T, k, out = a.shape[0], a.shape[1], a.shape[2], g.shape[2]
-    if workspace is None:
-        if T * (out * out + k * k) < out * k * (out + k):
-            return torch.einsum("bto,btk->bok", g.to(dtype) @ QS, a.to(dtype) @ QA)
-        return QS.T @ torch.einsum("bto,btk->bok", g, a).to(dtype) @ QA
 
     def take(name: str, *shape: int) -> torch.Tensor:
         return workspace.take(name, shape, dtype=dtype, device=a.device)
@@ -245,22 +242,13 @@ def _rotated_in(
 
 
 def _solved_from_taps(
-    layer: _Layer,
-    a: torch.Tensor,
-    g: torch.Tensor,
-    *,
-    shift: float,
-    dtype: torch.dtype,
-    workspace: Workspace | None = None,
+    layer: _Layer, a: torch.Tensor, g: torch.Tensor, *, shift: float, dtype: torch.dtype, workspace: Workspace
 ) -> torch.Tensor:
     """The layer's block of the solution for examples given by their taps: Q_S [(Q_Sᵀ ∇W Q_A) / (Λ + shift)] Q_Aᵀ,
-    ``(B, out, k)`` in ``dtype``, rotated in by :func:`_rotated_in`. With a ``workspace`` every temporary and the
-    result are its buffers (the result valid until the next call): the fresh pages of a new 64 MB block per layer
-    and query chunk are page faults, about a tenth of the product's time on this project's machine."""
+    ``(B, out, k)`` in ``dtype``, rotated in by :func:`_rotated_in`; every temporary and the result are
+    ``workspace``'s buffers (the result is valid until the next call)."""
     QS, QA = layer.QS.to(dtype), layer.QA.to(dtype)
     X = _rotated_in(layer, a, g, dtype, workspace).div_((layer.eig + shift).to(dtype))
-    if workspace is None:
-        return QS @ X @ QA.T
     B, out, k = X.shape
     Y = torch.matmul(QS, X, out=workspace.take("y", (B, out, k), dtype=dtype, device=X.device))
     return torch.matmul(Y.view(B * out, k), QA.T, out=X.view(B * out, k)).view(B, out, k)
@@ -284,28 +272,23 @@ def _precondition_factors(
     U: list[torch.Tensor | None] = []
     V: list[torch.Tensor | None] = []
     M: list[torch.Tensor | None] = []
+    workspace = Workspace()  # the per-layer temporaries; each block is copied out of it before the next is made
     for block, a, g, f in zip(factors.blocks, factors.a, factors.g, factored):
         layer = by_name[block.name]
         QS, QA, denom = layer.QS.to(dtype), layer.QA.to(dtype), (layer.eig + shift).to(dtype)
         rows = max(1, block_elements // layer.index.numel())
         if not f:
-            M.append(
-                torch.cat(
-                    [
-                        _solved_from_taps(layer, a[lo : lo + rows], g[lo : lo + rows], shift=shift, dtype=dtype).to(
-                            out_dtype
-                        )
-                        for lo in range(0, len(factors), rows)
-                    ]
+            solved = torch.empty(len(factors), *layer.eig.shape, dtype=out_dtype, device=denom.device)
+            for lo in range(0, len(factors), rows):
+                solved[lo : lo + rows] = _solved_from_taps(
+                    layer, a[lo : lo + rows], g[lo : lo + rows], shift=shift, dtype=dtype, workspace=workspace
                 )
-            )
+            M.append(solved)
             U.append(None), V.append(None)
             continue
         us, vs = [], []
         for lo in range(0, len(factors), rows):
-            rotated = (
-                torch.einsum("bto,btk->bok", g[lo : lo + rows].to(dtype) @ QS, a[lo : lo + rows].to(dtype) @ QA) / denom
-            )
+            rotated = _rotated_in(layer, a[lo : lo + rows], g[lo : lo + rows], dtype, workspace) / denom
             u, v = factor_rows(rotated, rank, seed=seed)  # (n, r, out), (n, r, k) in the eigenbasis
             us.append((u @ QS.T).to(out_dtype))
             vs.append((v @ QA.T).to(out_dtype))
